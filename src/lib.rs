@@ -1,0 +1,8 @@
+//! dreampipe: Stable Diffusion fine-tuning experiments as cached YAML pipelines.
+//!
+//! Data flow: `pipeline` (YAML → validated stages) → `plan` (DAG + fingerprints) → `exec`
+//! (concurrent executor, events) → `cache` (content-addressed store). `sd` is the Stable
+//! Diffusion implementation the GPU stages run on; `device` picks CPU/CUDA.
+pub mod cli;
+pub mod device;
+pub mod sd;

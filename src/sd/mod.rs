@@ -1,0 +1,2 @@
+//! Stable Diffusion on libtorch, matching Hugging Face diffusers numerically.
+pub mod weights;
