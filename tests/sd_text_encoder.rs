@@ -11,7 +11,10 @@ const ATOL: f64 = 1e-4;
 const RTOL: f64 = 1e-4;
 
 fn golden() -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(GOLDEN).unwrap().into_iter().collect()
+    Tensor::read_safetensors(GOLDEN)
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
@@ -22,16 +25,31 @@ fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
         .double_value(&[]);
     let max_diff = (&actual - expected).abs().max().double_value(&[]);
     eprintln!("{what}: max diff {max_diff}");
-    assert!(excess <= 0.0, "{what}: max |diff| {max_diff} exceeds atol {ATOL} rtol {RTOL}");
+    assert!(
+        excess <= 0.0,
+        "{what}: max |diff| {max_diff} exceeds atol {ATOL} rtol {RTOL}"
+    );
 }
 
 fn check_against_golden(model: &ClipTextModel) {
     let golden = golden();
     let output = tch::no_grad(|| model.forward(&golden["input_ids"]).unwrap());
-    assert_close(&output.last_hidden_state, &golden["last_hidden_state"], "last_hidden_state");
-    assert_close(&output.pooler_output, &golden["pooler_output"], "pooler_output");
+    assert_close(
+        &output.last_hidden_state,
+        &golden["last_hidden_state"],
+        "last_hidden_state",
+    );
+    assert_close(
+        &output.pooler_output,
+        &golden["pooler_output"],
+        "pooler_output",
+    );
     assert_eq!(output.hidden_states.len(), 6);
-    assert_close(&Tensor::stack(&output.hidden_states, 0), &golden["hidden_states"], "hidden_states");
+    assert_close(
+        &Tensor::stack(&output.hidden_states, 0),
+        &golden["hidden_states"],
+        "hidden_states",
+    );
 }
 
 #[test]
@@ -43,11 +61,21 @@ fn tiny_text_encoder_matches_transformers() {
 }
 
 /// Copies config.json and writes the weights with keys rewritten by `rename` (None drops a key).
-fn write_variant(dir: &Path, file_name: &str, rename: impl Fn(&str, Tensor) -> Option<(String, Tensor)>) {
-    std::fs::copy(Path::new(MODEL_DIR).join("config.json"), dir.join("config.json")).unwrap();
+fn write_variant(
+    dir: &Path,
+    file_name: &str,
+    rename: impl Fn(&str, Tensor) -> Option<(String, Tensor)>,
+) {
+    std::fs::copy(
+        Path::new(MODEL_DIR).join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
     let tensors = Tensor::read_safetensors(Path::new(MODEL_DIR).join("model.safetensors")).unwrap();
-    let rewritten: Vec<(String, Tensor)> =
-        tensors.into_iter().filter_map(|(key, tensor)| rename(&key, tensor)).collect();
+    let rewritten: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .filter_map(|(key, tensor)| rename(&key, tensor))
+        .collect();
     Tensor::write_safetensors(&rewritten, dir.join(file_name)).unwrap();
 }
 
@@ -59,7 +87,10 @@ fn weights_without_text_model_prefix_and_with_position_ids_load() {
     });
     // Add the int64 position_ids buffer real SD1.x checkpoints carry.
     let mut tensors = Tensor::read_safetensors(dir.path().join("model.safetensors")).unwrap();
-    tensors.push(("embeddings.position_ids".to_string(), Tensor::arange(77, (Kind::Int64, Device::Cpu)).unsqueeze(0)));
+    tensors.push((
+        "embeddings.position_ids".to_string(),
+        Tensor::arange(77, (Kind::Int64, Device::Cpu)).unsqueeze(0),
+    ));
     Tensor::write_safetensors(&tensors, dir.path().join("model.safetensors")).unwrap();
     let (_vs, model) = ClipTextModel::load(dir.path(), Device::Cpu, Kind::Float, None).unwrap();
     check_against_golden(&model);
@@ -77,9 +108,15 @@ fn fp16_variant_file_loads_into_float_model() {
     let golden = golden();
     let output = tch::no_grad(|| model.forward(&golden["input_ids"]).unwrap());
     // Half-precision weights: compare at fp16 resolution.
-    let diff = (&output.last_hidden_state - &golden["last_hidden_state"]).abs().max().double_value(&[]);
+    let diff = (&output.last_hidden_state - &golden["last_hidden_state"])
+        .abs()
+        .max()
+        .double_value(&[]);
     assert!(diff < 2e-2, "fp16 weights diverge by {diff}");
-    assert!(diff > 0.0, "fp16 rounding should be visible; was the fp32 file loaded?");
+    assert!(
+        diff > 0.0,
+        "fp16 rounding should be visible; was the fp32 file loaded?"
+    );
 }
 
 #[test]
@@ -123,7 +160,11 @@ fn misshaped_tensor_error_names_tensor_file_and_shapes() {
 fn unsupported_activation_names_key_and_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = std::fs::read_to_string(Path::new(MODEL_DIR).join("config.json")).unwrap();
-    std::fs::write(dir.path().join("config.json"), config.replace("\"quick_gelu\"", "\"relu\"")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        config.replace("\"quick_gelu\"", "\"relu\""),
+    )
+    .unwrap();
     let error = ClipTextModel::load(dir.path(), Device::Cpu, Kind::Float, None).unwrap_err();
     assert!(matches!(error, ClipError::UnsupportedActivation { .. }));
     assert_eq!(
@@ -139,7 +180,12 @@ fn unsupported_activation_names_key_and_file() {
 fn appended_embedding_rows_resize_the_var_store_variable() {
     let (vs, mut model) =
         ClipTextModel::load(Path::new(MODEL_DIR), Device::Cpu, Kind::Float, None).unwrap();
-    let dog_row = model.token_embedding().get(1929).unsqueeze(0).detach().copy();
+    let dog_row = model
+        .token_embedding()
+        .get(1929)
+        .unsqueeze(0)
+        .detach()
+        .copy();
     assert_eq!(model.append_token_embeddings(&dog_row).unwrap(), 2015);
     let variable = &vs.variables()["text_model.embeddings.token_embedding.weight"];
     assert_eq!(variable.size(), vec![2015, 32]);
@@ -150,11 +196,25 @@ fn appended_embedding_rows_resize_the_var_store_variable() {
     let dog_ids = Tensor::from_slice(&[2012i64, 1929, 2013]).unsqueeze(0);
     let with_placeholder = tch::no_grad(|| model.forward(&ids).unwrap());
     let with_dog = tch::no_grad(|| model.forward(&dog_ids).unwrap());
-    assert!(with_placeholder.last_hidden_state.allclose(&with_dog.last_hidden_state, 0.0, 0.0, false));
+    assert!(with_placeholder.last_hidden_state.allclose(
+        &with_dog.last_hidden_state,
+        0.0,
+        0.0,
+        false
+    ));
     let too_big = Tensor::from_slice(&[2012i64, 2015]).unsqueeze(0);
-    assert!(matches!(model.forward(&too_big), Err(ClipError::InputId { found: 2015, vocab_size: 2015 })));
+    assert!(matches!(
+        model.forward(&too_big),
+        Err(ClipError::InputId {
+            found: 2015,
+            vocab_size: 2015
+        })
+    ));
     let bad_rows = Tensor::zeros([1, 31], (Kind::Float, Device::Cpu));
-    assert!(matches!(model.append_token_embeddings(&bad_rows), Err(ClipError::EmbeddingRows { .. })));
+    assert!(matches!(
+        model.append_token_embeddings(&bad_rows),
+        Err(ClipError::EmbeddingRows { .. })
+    ));
 }
 
 #[test]
@@ -173,9 +233,16 @@ fn gradients_reach_the_token_embedding() {
 fn pooled_position(eos_token_id: i64) -> i64 {
     let dir = tempfile::tempdir().unwrap();
     let config = std::fs::read_to_string(Path::new(MODEL_DIR).join("config.json")).unwrap();
-    let config = config.replace("\"eos_token_id\": 2013", &format!("\"eos_token_id\": {eos_token_id}"));
+    let config = config.replace(
+        "\"eos_token_id\": 2013",
+        &format!("\"eos_token_id\": {eos_token_id}"),
+    );
     std::fs::write(dir.path().join("config.json"), config).unwrap();
-    std::fs::copy(Path::new(MODEL_DIR).join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(
+        Path::new(MODEL_DIR).join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
     let (_vs, mut model) = ClipTextModel::load(dir.path(), Device::Cpu, Kind::Float, None).unwrap();
     assert_eq!(model.config().eos_token_id, eos_token_id);
     let row = model.token_embedding().get(5).unsqueeze(0).detach().copy();

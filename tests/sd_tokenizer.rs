@@ -26,18 +26,29 @@ fn check_cases(tokenizer: &ClipTokenizer, cases_file: &str) -> usize {
     assert_eq!(tokenizer.pad_id(), cases["pad_id"].as_i64().unwrap());
     assert_eq!(tokenizer.bos_id(), cases["bos_id"].as_i64().unwrap());
     assert_eq!(tokenizer.eos_id(), cases["eos_id"].as_i64().unwrap());
-    assert_eq!(tokenizer.len() as u64, cases["vocab_size"].as_u64().unwrap());
+    assert_eq!(
+        tokenizer.len() as u64,
+        cases["vocab_size"].as_u64().unwrap()
+    );
     let cases = cases["cases"].as_array().unwrap();
     for case in cases {
         let prompt = case["prompt"].as_str().unwrap();
         let encoding = tokenizer.encode(prompt);
-        assert_eq!(encoding.ids, ids(&case["input_ids"]), "input_ids of {prompt:?}");
+        assert_eq!(
+            encoding.ids,
+            ids(&case["input_ids"]),
+            "input_ids of {prompt:?}"
+        );
         assert_eq!(
             encoding.ids_unpadded,
             ids(&case["input_ids_unpadded"]),
             "unpadded ids of {prompt:?}"
         );
-        assert_eq!(encoding.truncated, case["truncated"].as_bool().unwrap(), "{prompt:?}");
+        assert_eq!(
+            encoding.truncated,
+            case["truncated"].as_bool().unwrap(),
+            "{prompt:?}"
+        );
         assert_eq!(
             encoding.num_tokens_untruncated as u64,
             case["num_tokens_untruncated"].as_u64().unwrap(),
@@ -49,7 +60,11 @@ fn check_cases(tokenizer: &ClipTokenizer, cases_file: &str) -> usize {
             .iter()
             .map(|t| t.as_str())
             .collect();
-        assert_eq!(tokenizer.tokens(&encoding.ids_unpadded), expected_tokens, "{prompt:?}");
+        assert_eq!(
+            tokenizer.tokens(&encoding.ids_unpadded),
+            expected_tokens,
+            "{prompt:?}"
+        );
     }
     cases.len()
 }
@@ -76,7 +91,10 @@ fn added_placeholder_token_matches_textual_inversion_ids() {
     let mut tokenizer = ClipTokenizer::from_dir(Path::new(TINY_TOKENIZER)).unwrap();
     let id = tokenizer.add_token("<sks>").unwrap();
     assert_eq!(id, golden["placeholder_id"].as_i64().unwrap());
-    assert_eq!(tokenizer.len() as u64, golden["vocab_size_after_add"].as_u64().unwrap());
+    assert_eq!(
+        tokenizer.len() as u64,
+        golden["vocab_size_after_add"].as_u64().unwrap()
+    );
     assert_eq!(tokenizer.token_id("<sks>"), Some(id));
     let encoding = tokenizer.encode(golden["prompt"].as_str().unwrap());
     assert_eq!(encoding.ids, ids(&golden["input_ids"]));
@@ -90,7 +108,10 @@ fn added_placeholder_token_matches_textual_inversion_ids() {
 fn adding_an_existing_token_is_an_error() {
     let mut tokenizer = ClipTokenizer::from_dir(Path::new(TINY_TOKENIZER)).unwrap();
     let error = tokenizer.add_token("dog</w>").unwrap_err();
-    assert!(matches!(error, TokenizerError::TokenExists { id: 1929, .. }));
+    assert!(matches!(
+        error,
+        TokenizerError::TokenExists { id: 1929, .. }
+    ));
     assert_eq!(
         error.to_string(),
         "token 'dog</w>' already exists in the vocabulary (id 1929); choose a placeholder that is not a word, e.g. '<my-token>'"
@@ -114,7 +135,10 @@ fn sd2_style_pad_token_pads_with_its_id() {
     let encoding = tokenizer.encode("dog");
     assert_eq!(encoding.ids, vec![2012, 1929, 2013, 0, 0, 0, 0, 0]);
     let long = tokenizer.encode("dog dog dog dog dog dog dog");
-    assert_eq!(long.ids, vec![2012, 1929, 1929, 1929, 1929, 1929, 1929, 2013]);
+    assert_eq!(
+        long.ids,
+        vec![2012, 1929, 1929, 1929, 1929, 1929, 1929, 2013]
+    );
     assert!(long.truncated);
     assert_eq!(long.num_tokens_untruncated, 9);
 }
@@ -123,10 +147,24 @@ fn sd2_style_pad_token_pads_with_its_id() {
 fn loading_errors_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let missing = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
-    assert!(missing.starts_with(&format!("{}: cannot read", dir.path().join("vocab.json").display())), "{missing}");
+    assert!(
+        missing.starts_with(&format!(
+            "{}: cannot read",
+            dir.path().join("vocab.json").display()
+        )),
+        "{missing}"
+    );
 
-    std::fs::copy(Path::new(TINY_TOKENIZER).join("vocab.json"), dir.path().join("vocab.json")).unwrap();
-    std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\ni n\nnot-a-merge\n").unwrap();
+    std::fs::copy(
+        Path::new(TINY_TOKENIZER).join("vocab.json"),
+        dir.path().join("vocab.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("merges.txt"),
+        "#version: 0.2\ni n\nnot-a-merge\n",
+    )
+    .unwrap();
     let bad_line = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
     assert_eq!(
         bad_line,
@@ -137,10 +175,17 @@ fn loading_errors_name_the_file() {
     );
 
     std::fs::write(dir.path().join("merges.txt"), "i n\n").unwrap();
-    std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"pad_token": "<pad>"}"#).unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"pad_token": "<pad>"}"#,
+    )
+    .unwrap();
     let bad_pad = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
     assert_eq!(
         bad_pad,
-        format!("{}: pad token '<pad>' is not in vocab.json", dir.path().join("vocab.json").display())
+        format!(
+            "{}: pad token '<pad>' is not in vocab.json",
+            dir.path().join("vocab.json").display()
+        )
     );
 }

@@ -15,7 +15,7 @@ const LEGACY_EOS_TOKEN_ID: i64 = 2;
 /// Coefficient of quick_gelu, `x * sigmoid(1.702 x)` (transformers' QuickGELUActivation).
 const QUICK_GELU_COEFFICIENT: f64 = 1.702;
 /// File name stem of a transformers model's weights (`model.safetensors`, `model.fp16.safetensors`).
-const WEIGHTS_STEM: &str = "model";
+const WEIGHTS_STEM: &str = crate::sd::folder::TRANSFORMERS_WEIGHTS_STEM;
 /// Buffer some SD checkpoints store; it is recomputed, not loaded.
 const POSITION_IDS_KEY: &str = "embeddings.position_ids";
 
@@ -30,9 +30,7 @@ pub enum ClipError {
         "{file}: key 'hidden_act' is '{found}'; supported activations are 'quick_gelu' (SD1.x) and 'gelu' (SD2.x)"
     )]
     UnsupportedActivation { file: PathBuf, found: String },
-    #[error(
-        "{file}: hidden_size {hidden_size} is not divisible by num_attention_heads {heads}"
-    )]
+    #[error("{file}: hidden_size {hidden_size} is not divisible by num_attention_heads {heads}")]
     HeadSplit {
         file: PathBuf,
         hidden_size: i64,
@@ -296,14 +294,10 @@ impl ClipTextModel {
         let model = root / ROOT;
         let embeddings = &model / "embeddings";
         let hidden = config.hidden_size;
-        let token_embedding = (&embeddings / "token_embedding").zeros(
-            "weight",
-            &[config.vocab_size, hidden],
-        );
-        let position_embedding = (&embeddings / "position_embedding").zeros(
-            "weight",
-            &[config.max_position_embeddings, hidden],
-        );
+        let token_embedding =
+            (&embeddings / "token_embedding").zeros("weight", &[config.vocab_size, hidden]);
+        let position_embedding = (&embeddings / "position_embedding")
+            .zeros("weight", &[config.max_position_embeddings, hidden]);
         let layers_path = &model / "encoder" / "layers";
         let layers = (0..config.num_hidden_layers)
             .map(|index| EncoderLayer::new(&layers_path / index, &config))
@@ -405,7 +399,10 @@ impl ClipTextModel {
             return Err(ClipError::InputShape { shape, max_length });
         }
         let vocab_size = self.config.vocab_size;
-        let (low, high) = (input_ids.min().int64_value(&[]), input_ids.max().int64_value(&[]));
+        let (low, high) = (
+            input_ids.min().int64_value(&[]),
+            input_ids.max().int64_value(&[]),
+        );
         let out_of_range = if low < 0 { low } else { high };
         if low < 0 || high >= vocab_size {
             return Err(ClipError::InputId {
@@ -449,9 +446,18 @@ mod tests {
     #[test]
     fn checkpoint_keys_with_and_without_prefix_map_to_the_same_variable() {
         let expected = Some("text_model.final_layer_norm.weight".to_string());
-        assert_eq!(checkpoint_key_to_variable("text_model.final_layer_norm.weight"), expected);
-        assert_eq!(checkpoint_key_to_variable("final_layer_norm.weight"), expected);
-        assert_eq!(checkpoint_key_to_variable("text_model.embeddings.position_ids"), None);
+        assert_eq!(
+            checkpoint_key_to_variable("text_model.final_layer_norm.weight"),
+            expected
+        );
+        assert_eq!(
+            checkpoint_key_to_variable("final_layer_norm.weight"),
+            expected
+        );
+        assert_eq!(
+            checkpoint_key_to_variable("text_model.embeddings.position_ids"),
+            None
+        );
         assert_eq!(checkpoint_key_to_variable("embeddings.position_ids"), None);
     }
 }

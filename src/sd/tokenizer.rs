@@ -19,6 +19,11 @@ const DEFAULT_BOS: &str = "<|startoftext|>";
 const DEFAULT_EOS: &str = "<|endoftext|>";
 /// `model_max_length` of every SD1.x/SD2.x tokenizer_config.json (CLIP's context length).
 const DEFAULT_MAX_LENGTH: usize = 77;
+/// transformers' `VERY_LARGE_INTEGER` (int(1e30)) marks "no model_max_length"; anything this big
+/// is treated as unset.
+const UNSET_MAX_LENGTH_SENTINEL: f64 = 1e18;
+/// Upper bound accepted for model_max_length (far above any CLIP context length).
+const MAX_SUPPORTED_LENGTH: u64 = 1 << 20;
 /// Header line of a merges.txt written by tokenizers/transformers.
 const MERGES_HEADER: &str = "#version";
 
@@ -479,7 +484,8 @@ fn apply_special_tokens(
         ("unk_token", &mut special.unk),
     ] {
         if let Some(value) = json.get(field).filter(|v| !v.is_null()) {
-            *slot = token_content(value).ok_or_else(|| field_error(file, field, "a string or {\"content\": ...}"))?;
+            *slot = token_content(value)
+                .ok_or_else(|| field_error(file, field, "a string or {\"content\": ...}"))?;
         }
     }
     if let Some(decoder) = json.get("added_tokens_decoder").and_then(|v| v.as_object()) {
@@ -488,10 +494,17 @@ fn apply_special_tokens(
             .extend(decoder.values().filter_map(token_content));
     }
     if let Some(value) = json.get("model_max_length") {
+        // transformers writes a huge float sentinel when no limit is set; keep CLIP's default.
+        if value
+            .as_f64()
+            .is_some_and(|n| n >= UNSET_MAX_LENGTH_SENTINEL)
+        {
+            return Ok(());
+        }
         let length = value
             .as_u64()
-            .filter(|&n| n >= 2 && n <= 1 << 20)
-            .ok_or_else(|| field_error(file, "model_max_length", "an integer >= 2"))?;
+            .filter(|n| (2..=MAX_SUPPORTED_LENGTH).contains(n))
+            .ok_or_else(|| field_error(file, "model_max_length", "an integer from 2 to 1048576"))?;
         special.max_length = length as usize;
     }
     Ok(())
