@@ -263,3 +263,59 @@ fn pooling_uses_first_eos_or_legacy_argmax() {
     // transformers' legacy rule for eos_token_id == 2: the largest id (here the placeholder).
     assert_eq!(pooled_position(2), 1);
 }
+
+fn json(path: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Tokenizer + text encoder end to end: the pipeline's `encode_prompt` goldens.
+#[test]
+fn tiny_folder_reproduces_pipeline_prompt_embeds() {
+    use dreampipe::sd::tokenizer::ClipTokenizer;
+    // pipeline.json holds Python's -Infinity elsewhere, which serde_json rejects; patch it out.
+    let text = std::fs::read_to_string("tests/fixtures/sd-tiny/pipeline/pipeline.json").unwrap();
+    let pipeline: serde_json::Value =
+        serde_json::from_str(&text.replace("-Infinity", "null")).unwrap();
+    let golden: HashMap<String, Tensor> =
+        Tensor::read_safetensors("tests/fixtures/sd-tiny/pipeline/prompt_embeds.safetensors")
+            .unwrap()
+            .into_iter()
+            .collect();
+    let tokenizer = ClipTokenizer::from_dir(Path::new("models/tiny-sd/tokenizer")).unwrap();
+    let (_vs, model) =
+        ClipTextModel::load(Path::new(MODEL_DIR), Device::Cpu, Kind::Float, None).unwrap();
+    for (prompt_key, prefix) in [("prompt", "prompt"), ("negative_prompt", "negative_prompt")] {
+        let prompt = pipeline[prompt_key].as_str().unwrap();
+        let ids = Tensor::from_slice(&tokenizer.encode(prompt).ids).unsqueeze(0);
+        assert!(
+            ids.equal(&golden[&format!("{prefix}_ids")]),
+            "ids of {prompt:?}"
+        );
+        let output = tch::no_grad(|| model.forward(&ids).unwrap());
+        assert_close(
+            &output.last_hidden_state,
+            &golden[&format!("{prefix}_embeds")],
+            prefix,
+        );
+    }
+}
+
+/// The DreamBooth batch's ids come from the same tokenizer.
+#[test]
+fn dreambooth_prompts_tokenize_to_the_training_ids() {
+    use dreampipe::sd::tokenizer::ClipTokenizer;
+    let dreambooth = json("tests/fixtures/sd-tiny/training/dreambooth.json");
+    let golden: HashMap<String, Tensor> =
+        Tensor::read_safetensors("tests/fixtures/sd-tiny/training/dreambooth.safetensors")
+            .unwrap()
+            .into_iter()
+            .collect();
+    let tokenizer = ClipTokenizer::from_dir(Path::new("models/tiny-sd/tokenizer")).unwrap();
+    let rows: Vec<Tensor> = dreambooth["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Tensor::from_slice(&tokenizer.encode(p.as_str().unwrap()).ids))
+        .collect();
+    assert!(Tensor::stack(&rows, 0).equal(&golden["input_ids"]));
+}
