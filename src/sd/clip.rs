@@ -236,12 +236,17 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let inner = self.fc1.forward(x);
-        let activated = match self.activation {
-            Activation::QuickGelu => &inner * (&inner * QUICK_GELU_COEFFICIENT).sigmoid(),
-            Activation::Gelu => inner.gelu("none"),
-        };
-        self.fc2.forward(&activated)
+        self.fc2
+            .forward(&self.activation.apply(&self.fc1.forward(x)))
+    }
+}
+
+impl Activation {
+    fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Activation::QuickGelu => x * (x * QUICK_GELU_COEFFICIENT).sigmoid(),
+            Activation::Gelu => x.gelu("none"),
+        }
     }
 }
 
@@ -442,6 +447,25 @@ fn checkpoint_key_to_variable(key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activations_match_their_formulas() {
+        // Expected values from math.erf / math.exp: gelu(x) = x/2 (1 + erf(x/sqrt 2)),
+        // quick_gelu(x) = x / (1 + exp(-1.702 x)).
+        let x = Tensor::from_slice(&[-0.5f64, 2.0]);
+        let gelu = Tensor::from_slice(&[-0.15426876936299344f64, 1.9544997361036416]);
+        let quick = Tensor::from_slice(&[-0.1496115633936199f64, 1.9356586231442083]);
+        assert!(
+            Activation::Gelu
+                .apply(&x)
+                .allclose(&gelu, 1e-12, 1e-12, false)
+        );
+        assert!(
+            Activation::QuickGelu
+                .apply(&x)
+                .allclose(&quick, 1e-12, 1e-12, false)
+        );
+    }
 
     #[test]
     fn checkpoint_keys_with_and_without_prefix_map_to_the_same_variable() {
