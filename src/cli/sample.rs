@@ -1,0 +1,124 @@
+//! `dreampipe sample`: txt2img from a diffusers folder to PNG files carrying their parameters.
+use super::Context;
+use crate::sd::pipeline::{DEFAULT_GUIDANCE, DEFAULT_STEPS, StableDiffusion, Txt2Img};
+use crate::sd::png::{GenerationParameters, tensor_to_rgb_bytes, write_rgb_png};
+use crate::sd::schedulers::SchedulerKind;
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Arguments of `dreampipe sample` (the exact CLI other tools call).
+#[derive(Debug, clap::Args)]
+pub struct SampleArgs {
+    /// A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    #[arg(long, default_value = "models/tiny-sd")]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = DEFAULT_STEPS)]
+    pub steps: usize,
+    #[arg(long, default_value_t = DEFAULT_GUIDANCE)]
+    pub guidance: f64,
+    /// ddim|pndm|lms|euler|euler-a|dpm++|ddpm; default: the model's own scheduler.
+    #[arg(long)]
+    pub scheduler: Option<SchedulerKind>,
+    /// Default: unet.sample_size × VAE factor (512 for SD 1.5).
+    #[arg(long)]
+    pub width: Option<i64>,
+    #[arg(long)]
+    pub height: Option<i64>,
+    /// With N > 1, images are written as FILE-0.png … FILE-(N-1).png.
+    #[arg(long, default_value_t = 1)]
+    pub batch: i64,
+    #[arg(long, default_value = "f32")]
+    pub dtype: DType,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Weight precision for inference.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DType {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            DType::F32 => tch::Kind::Float,
+            DType::F16 => tch::Kind::Half,
+            DType::Bf16 => tch::Kind::BFloat16,
+        }
+    }
+}
+
+pub fn run(context: &Context, args: &SampleArgs) -> anyhow::Result<ExitCode> {
+    let model = StableDiffusion::load(&args.model, context.device, args.dtype.kind())
+        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let request = Txt2Img {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        seed: args.seed,
+        steps: args.steps,
+        guidance: args.guidance,
+        scheduler: args.scheduler,
+        width: args.width,
+        height: args.height,
+        batch: args.batch,
+    };
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let output = model.txt2img(&request, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let hash = crate::sd::folder::short_weights_hash(&args.model).unwrap_or_default();
+    for index in 0..args.batch {
+        let path = output_path(&args.out, index, args.batch);
+        let parameters = GenerationParameters {
+            prompt: args.prompt.clone(),
+            negative_prompt: args.negative_prompt.clone(),
+            steps: args.steps,
+            sampler: output.scheduler.a1111_name().to_string(),
+            guidance: args.guidance,
+            seed: args.seed,
+            width: output.width,
+            height: output.height,
+            model_hash: hash.clone(),
+            model_name: model_name(&args.model),
+            extra: vec![],
+        };
+        let rgb = tensor_to_rgb_bytes(&output.images.get(index));
+        write_rgb_png(&path, &rgb, output.width as u32, output.height as u32, Some(&parameters))?;
+        println!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// FILE.png for one image; FILE-i.png for a batch.
+pub fn output_path(out: &Path, index: i64, batch: i64) -> PathBuf {
+    if batch == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let extension = out.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    out.with_file_name(format!("{stem}-{index}.{extension}"))
+}
+
+fn model_name(dir: &Path) -> String {
+    std::path::absolute(dir)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| dir.display().to_string())
+}

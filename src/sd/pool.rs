@@ -1,0 +1,33 @@
+//! The model pool: each model folder is loaded once per process (per device and dtype) and
+//! shared by every stage and verb that uses it.
+use crate::sd::pipeline::{PipelineError, StableDiffusion};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use tch::{Device, Kind};
+
+type PoolKey = (PathBuf, String, String);
+
+fn pool() -> &'static Mutex<HashMap<PoolKey, Arc<StableDiffusion>>> {
+    static POOL: OnceLock<Mutex<HashMap<PoolKey, Arc<StableDiffusion>>>> = OnceLock::new();
+    POOL.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Returns the loaded model for `dir` on `device` in `kind`, loading it on first use.
+/// Folders produced by the cache are immutable, so the canonical path identifies the weights.
+pub fn get(dir: &Path, device: Device, kind: Kind) -> Result<Arc<StableDiffusion>, PipelineError> {
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let key = (canonical.clone(), format!("{device:?}"), format!("{kind:?}"));
+    let mut models = pool().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(model) = models.get(&key) {
+        return Ok(Arc::clone(model));
+    }
+    let model = Arc::new(StableDiffusion::load(&canonical, device, kind)?);
+    models.insert(key, Arc::clone(&model));
+    Ok(model)
+}
+
+/// Drops every pooled model (frees memory between unrelated stages).
+pub fn clear() {
+    pool().lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+}
