@@ -1,0 +1,236 @@
+//! UNet2DConditionModel against the diffusers 0.42.1 goldens in tests/fixtures/sd-tiny/unet.safetensors
+//! (tiny SD 1.x-style model in models/tiny-sd/unet), plus config / weight error cases and the
+//! parameter counts of real SD 1.5 / SD 2.1 configs.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use dreampipe::sd::model_config::ModelError;
+use dreampipe::sd::unet::{UNet2DConditionModel, UNetConfig};
+use tch::{Device, Kind, Tensor, nn::VarStore};
+
+/// Tolerances the fixture README suggests for UNet outputs.
+const ATOL: f64 = 1e-4;
+const RTOL: f64 = 1e-4;
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn fixtures() -> HashMap<String, Tensor> {
+    let file = repo_path("tests/fixtures/sd-tiny/unet.safetensors");
+    Tensor::read_safetensors(&file).unwrap().into_iter().collect()
+}
+
+fn tiny_unet() -> UNet2DConditionModel {
+    let dir = repo_path("models/tiny-sd/unet");
+    UNet2DConditionModel::load(&dir, Device::Cpu, Kind::Float, None).unwrap().1
+}
+
+fn assert_close(name: &str, actual: &Tensor, expected: &Tensor) {
+    assert_eq!(actual.size(), expected.size(), "{name}: shape");
+    let difference = (actual - expected).abs();
+    let allowed = expected.abs() * RTOL + ATOL;
+    let worst = (&difference - &allowed).max().double_value(&[]);
+    let max_difference = difference.max().double_value(&[]);
+    assert!(worst <= 0.0, "{name}: max |difference| {max_difference:e} exceeds atol {ATOL} + rtol {RTOL}");
+}
+
+fn run(timesteps: &Tensor) -> Tensor {
+    let golden = fixtures();
+    let _guard = tch::no_grad_guard();
+    tiny_unet().forward(&golden["sample"], timesteps, &golden["encoder_hidden_states"])
+}
+
+#[test]
+fn every_intermediate_activation_matches_diffusers() {
+    let golden = fixtures();
+    let _guard = tch::no_grad_guard();
+    let (output, intermediates) = tiny_unet().forward_with_intermediates(
+        &golden["sample"],
+        &golden["timesteps"],
+        &golden["encoder_hidden_states"],
+    );
+    let expected_names: Vec<&String> = {
+        let mut names: Vec<&String> = golden.keys().filter(|k| k.starts_with("intermediate.")).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(expected_names.len(), 9);
+    let produced: HashMap<String, Tensor> = intermediates.into_iter().collect();
+    for name in expected_names {
+        let short = name.trim_start_matches("intermediate.");
+        let actual = produced.get(short).unwrap_or_else(|| panic!("no intermediate '{short}'"));
+        assert_close(name, actual, &golden[name.as_str()]);
+    }
+    assert_close("noise_pred", &output, &golden["noise_pred"]);
+}
+
+#[test]
+fn noise_prediction_for_integer_timestep_tensor() {
+    let golden = fixtures();
+    assert_close("noise_pred", &run(&golden["timesteps"]), &golden["noise_pred"]);
+}
+
+#[test]
+fn scalar_timestep_is_broadcast_to_the_batch() {
+    let golden = fixtures();
+    let scalar = golden["timestep_scalar"].reshape(Vec::<i64>::new());
+    assert_eq!(scalar.dim(), 0);
+    assert_close("noise_pred_scalar_t1", &run(&scalar), &golden["noise_pred_scalar_t1"]);
+}
+
+#[test]
+fn float_timesteps_match() {
+    let golden = fixtures();
+    assert_eq!(golden["timesteps_float"].kind(), Kind::Float);
+    assert_close("noise_pred_float_t", &run(&golden["timesteps_float"]), &golden["noise_pred_float_t"]);
+}
+
+#[test]
+fn gradients_flow_through_forward() {
+    let golden = fixtures();
+    let dir = repo_path("models/tiny-sd/unet");
+    let (vs, unet) = UNet2DConditionModel::load(&dir, Device::Cpu, Kind::Float, None).unwrap();
+    let output = unet.forward(&golden["sample"], &golden["timesteps"], &golden["encoder_hidden_states"]);
+    output.square().mean(Kind::Float).backward();
+    let conv_in = &vs.variables()["conv_in.weight"];
+    assert!(conv_in.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+}
+
+#[test]
+fn parameter_count_of_tiny_model_matches_readme() {
+    let dir = repo_path("models/tiny-sd/unet");
+    let (vs, _) = UNet2DConditionModel::load(&dir, Device::Cpu, Kind::Float, None).unwrap();
+    assert_eq!(parameter_count(&vs), 1_427_012);
+}
+
+fn parameter_count(vs: &VarStore) -> i64 {
+    vs.variables().values().map(Tensor::numel).map(|n| n as i64).sum()
+}
+
+/// Copies the tiny unet folder to a temp dir, letting `edit` change config text / tensors.
+fn copied_unet(edit_config: impl Fn(&str) -> String) -> tempfile::TempDir {
+    let source = repo_path("models/tiny-sd/unet");
+    let dir = tempfile::tempdir().unwrap();
+    let config = std::fs::read_to_string(source.join("config.json")).unwrap();
+    std::fs::write(dir.path().join("config.json"), edit_config(&config)).unwrap();
+    let weights = "diffusion_pytorch_model.safetensors";
+    std::fs::copy(source.join(weights), dir.path().join(weights)).unwrap();
+    dir
+}
+
+#[test]
+fn unknown_block_type_is_an_error_naming_key_and_file() {
+    let dir = copied_unet(|text| text.replace("\"CrossAttnDownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\""));
+    let error = UNet2DConditionModel::load(dir.path(), Device::Cpu, Kind::Float, None).unwrap_err();
+    let file = dir.path().join("config.json");
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "{}: config key 'down_block_types' = [\"DownBlock2D\",\"SimpleCrossAttnDownBlock2D\"] is not supported; \
+             supported block types: DownBlock2D, CrossAttnDownBlock2D",
+            file.display()
+        )
+    );
+}
+
+#[test]
+fn class_embeddings_are_an_error_naming_key() {
+    let dir = copied_unet(|text| text.replace("\"class_embed_type\": null", "\"class_embed_type\": \"timestep\""));
+    let error = UNet2DConditionModel::load(dir.path(), Device::Cpu, Kind::Float, None).unwrap_err();
+    assert!(matches!(&error, ModelError::Unsupported { key, .. } if key == "class_embed_type"), "{error}");
+    assert!(error.to_string().contains("only null is supported"));
+}
+
+#[test]
+fn mis_shaped_tensor_is_an_error_naming_tensor_and_file() {
+    let dir = copied_unet(|text| text.to_string());
+    let weights = dir.path().join("diffusion_pytorch_model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&weights).unwrap();
+    for (name, tensor) in tensors.iter_mut() {
+        if name == "conv_in.weight" {
+            *tensor = Tensor::zeros([32, 4, 1, 1], (Kind::Float, Device::Cpu));
+        }
+    }
+    Tensor::write_safetensors(&tensors, &weights).unwrap();
+    let error = UNet2DConditionModel::load(dir.path(), Device::Cpu, Kind::Float, None).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "{}: tensor 'conv_in.weight' has shape [32, 4, 1, 1], the config implies [32, 4, 3, 3]",
+            weights.display()
+        )
+    );
+}
+
+/// runwayml/stable-diffusion-v1-5 `unet/config.json`.
+const SD15_UNET_CONFIG: &str = r#"{
+  "_class_name": "UNet2DConditionModel",
+  "_diffusers_version": "0.6.0",
+  "act_fn": "silu",
+  "attention_head_dim": 8,
+  "block_out_channels": [320, 640, 1280, 1280],
+  "center_input_sample": false,
+  "cross_attention_dim": 768,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1,
+  "flip_sin_to_cos": true,
+  "freq_shift": 0,
+  "in_channels": 4,
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-05,
+  "norm_num_groups": 32,
+  "out_channels": 4,
+  "sample_size": 64,
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+}"#;
+
+/// stabilityai/stable-diffusion-2-1 `unet/config.json`.
+const SD21_UNET_CONFIG: &str = r#"{
+  "_class_name": "UNet2DConditionModel",
+  "_diffusers_version": "0.10.0.dev0",
+  "act_fn": "silu",
+  "attention_head_dim": [5, 10, 20, 20],
+  "block_out_channels": [320, 640, 1280, 1280],
+  "center_input_sample": false,
+  "cross_attention_dim": 1024,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1,
+  "dual_cross_attention": false,
+  "flip_sin_to_cos": true,
+  "freq_shift": 0,
+  "in_channels": 4,
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-05,
+  "norm_num_groups": 32,
+  "num_class_embeds": null,
+  "only_cross_attention": false,
+  "out_channels": 4,
+  "sample_size": 96,
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+  "upcast_attention": true,
+  "use_linear_projection": true
+}"#;
+
+fn build_from_config_text(text: &str) -> (UNetConfig, i64) {
+    let config = UNetConfig::from_json_str(text, Path::new("unet/config.json")).unwrap();
+    let vs = VarStore::new(Device::Cpu);
+    let _unet = UNet2DConditionModel::new(vs.root(), config.clone());
+    (config, parameter_count(&vs))
+}
+
+#[test]
+fn sd15_and_sd21_configs_build_models_with_the_real_parameter_counts() {
+    let (sd15, sd15_params) = build_from_config_text(SD15_UNET_CONFIG);
+    assert_eq!(sd15.attention_heads, vec![8, 8, 8, 8]);
+    assert_eq!(sd15.cross_attention_dim, 768);
+    assert!(!sd15.use_linear_projection && !sd15.upcast_attention);
+    assert_eq!(sd15_params, 859_520_964);
+
+    let (sd21, sd21_params) = build_from_config_text(SD21_UNET_CONFIG);
+    assert_eq!(sd21.attention_heads, vec![5, 10, 20, 20]);
+    assert!(sd21.use_linear_projection && sd21.upcast_attention);
+    assert_eq!(sd21_params, 865_910_724);
+}
