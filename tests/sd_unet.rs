@@ -18,12 +18,17 @@ fn repo_path(relative: &str) -> PathBuf {
 
 fn fixtures() -> HashMap<String, Tensor> {
     let file = repo_path("tests/fixtures/sd-tiny/unet.safetensors");
-    Tensor::read_safetensors(&file).unwrap().into_iter().collect()
+    Tensor::read_safetensors(&file)
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 fn tiny_unet() -> UNet2DConditionModel {
     let dir = repo_path("models/tiny-sd/unet");
-    UNet2DConditionModel::load(&dir, Device::Cpu, Kind::Float, None).unwrap().1
+    UNet2DConditionModel::load(&dir, Device::Cpu, Kind::Float, None)
+        .unwrap()
+        .1
 }
 
 fn assert_close(name: &str, actual: &Tensor, expected: &Tensor) {
@@ -32,13 +37,20 @@ fn assert_close(name: &str, actual: &Tensor, expected: &Tensor) {
     let allowed = expected.abs() * RTOL + ATOL;
     let worst = (&difference - &allowed).max().double_value(&[]);
     let max_difference = difference.max().double_value(&[]);
-    assert!(worst <= 0.0, "{name}: max |difference| {max_difference:e} exceeds atol {ATOL} + rtol {RTOL}");
+    assert!(
+        worst <= 0.0,
+        "{name}: max |difference| {max_difference:e} exceeds atol {ATOL} + rtol {RTOL}"
+    );
 }
 
 fn run(timesteps: &Tensor) -> Tensor {
     let golden = fixtures();
     let _guard = tch::no_grad_guard();
-    tiny_unet().forward(&golden["sample"], timesteps, &golden["encoder_hidden_states"])
+    tiny_unet().forward(
+        &golden["sample"],
+        timesteps,
+        &golden["encoder_hidden_states"],
+    )
 }
 
 #[test]
@@ -51,7 +63,10 @@ fn every_intermediate_activation_matches_diffusers() {
         &golden["encoder_hidden_states"],
     );
     let expected_names: Vec<&String> = {
-        let mut names: Vec<&String> = golden.keys().filter(|k| k.starts_with("intermediate.")).collect();
+        let mut names: Vec<&String> = golden
+            .keys()
+            .filter(|k| k.starts_with("intermediate."))
+            .collect();
         names.sort();
         names
     };
@@ -59,7 +74,9 @@ fn every_intermediate_activation_matches_diffusers() {
     let produced: HashMap<String, Tensor> = intermediates.into_iter().collect();
     for name in expected_names {
         let short = name.trim_start_matches("intermediate.");
-        let actual = produced.get(short).unwrap_or_else(|| panic!("no intermediate '{short}'"));
+        let actual = produced
+            .get(short)
+            .unwrap_or_else(|| panic!("no intermediate '{short}'"));
         assert_close(name, actual, &golden[name.as_str()]);
     }
     assert_close("noise_pred", &output, &golden["noise_pred"]);
@@ -68,7 +85,11 @@ fn every_intermediate_activation_matches_diffusers() {
 #[test]
 fn noise_prediction_for_integer_timestep_tensor() {
     let golden = fixtures();
-    assert_close("noise_pred", &run(&golden["timesteps"]), &golden["noise_pred"]);
+    assert_close(
+        "noise_pred",
+        &run(&golden["timesteps"]),
+        &golden["noise_pred"],
+    );
 }
 
 #[test]
@@ -76,14 +97,22 @@ fn scalar_timestep_is_broadcast_to_the_batch() {
     let golden = fixtures();
     let scalar = golden["timestep_scalar"].reshape(Vec::<i64>::new());
     assert_eq!(scalar.dim(), 0);
-    assert_close("noise_pred_scalar_t1", &run(&scalar), &golden["noise_pred_scalar_t1"]);
+    assert_close(
+        "noise_pred_scalar_t1",
+        &run(&scalar),
+        &golden["noise_pred_scalar_t1"],
+    );
 }
 
 #[test]
 fn float_timesteps_match() {
     let golden = fixtures();
     assert_eq!(golden["timesteps_float"].kind(), Kind::Float);
-    assert_close("noise_pred_float_t", &run(&golden["timesteps_float"]), &golden["noise_pred_float_t"]);
+    assert_close(
+        "noise_pred_float_t",
+        &run(&golden["timesteps_float"]),
+        &golden["noise_pred_float_t"],
+    );
 }
 
 #[test]
@@ -91,7 +120,11 @@ fn gradients_flow_through_forward() {
     let golden = fixtures();
     let dir = repo_path("models/tiny-sd/unet");
     let (vs, unet) = UNet2DConditionModel::load(&dir, Device::Cpu, Kind::Float, None).unwrap();
-    let output = unet.forward(&golden["sample"], &golden["timesteps"], &golden["encoder_hidden_states"]);
+    let output = unet.forward(
+        &golden["sample"],
+        &golden["timesteps"],
+        &golden["encoder_hidden_states"],
+    );
     output.square().mean(Kind::Float).backward();
     let conv_in = &vs.variables()["conv_in.weight"];
     assert!(conv_in.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
@@ -105,7 +138,11 @@ fn parameter_count_of_tiny_model_matches_readme() {
 }
 
 fn parameter_count(vs: &VarStore) -> i64 {
-    vs.variables().values().map(Tensor::numel).map(|n| n as i64).sum()
+    vs.variables()
+        .values()
+        .map(Tensor::numel)
+        .map(|n| n as i64)
+        .sum()
 }
 
 /// Copies the tiny unet folder to a temp dir, letting `edit` change config text / tensors.
@@ -121,7 +158,9 @@ fn copied_unet(edit_config: impl Fn(&str) -> String) -> tempfile::TempDir {
 
 #[test]
 fn unknown_block_type_is_an_error_naming_key_and_file() {
-    let dir = copied_unet(|text| text.replace("\"CrossAttnDownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\""));
+    let dir = copied_unet(|text| {
+        text.replace("\"CrossAttnDownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\"")
+    });
     let error = UNet2DConditionModel::load(dir.path(), Device::Cpu, Kind::Float, None).unwrap_err();
     let file = dir.path().join("config.json");
     assert_eq!(
@@ -136,9 +175,17 @@ fn unknown_block_type_is_an_error_naming_key_and_file() {
 
 #[test]
 fn class_embeddings_are_an_error_naming_key() {
-    let dir = copied_unet(|text| text.replace("\"class_embed_type\": null", "\"class_embed_type\": \"timestep\""));
+    let dir = copied_unet(|text| {
+        text.replace(
+            "\"class_embed_type\": null",
+            "\"class_embed_type\": \"timestep\"",
+        )
+    });
     let error = UNet2DConditionModel::load(dir.path(), Device::Cpu, Kind::Float, None).unwrap_err();
-    assert!(matches!(&error, ModelError::Unsupported { key, .. } if key == "class_embed_type"), "{error}");
+    assert!(
+        matches!(&error, ModelError::Unsupported { key, .. } if key == "class_embed_type"),
+        "{error}"
+    );
     assert!(error.to_string().contains("only null is supported"));
 }
 
@@ -233,4 +280,45 @@ fn sd15_and_sd21_configs_build_models_with_the_real_parameter_counts() {
     assert_eq!(sd21.attention_heads, vec![5, 10, 20, 20]);
     assert!(sd21.use_linear_projection && sd21.upcast_attention);
     assert_eq!(sd21_params, 865_910_724);
+}
+
+/// Half-precision runs (the CUDA fp16/bf16 path) keep the parameter kind end to end and stay
+/// near the float32 golden; SD 2.1-style upcast attention is exercised too.
+fn reduced_precision_prediction(kind: Kind, upcast_attention: bool) -> Tensor {
+    let dir = copied_unet(|text| {
+        text.replace(
+            "\"upcast_attention\": false",
+            &format!("\"upcast_attention\": {upcast_attention}"),
+        )
+    });
+    let (_vs, unet) = UNet2DConditionModel::load(dir.path(), Device::Cpu, kind, None).unwrap();
+    assert_eq!(unet.config().upcast_attention, upcast_attention);
+    let golden = fixtures();
+    let _guard = tch::no_grad_guard();
+    let output = unet.forward(
+        &golden["sample"].to_kind(kind),
+        &golden["timesteps"],
+        &golden["encoder_hidden_states"].to_kind(kind),
+    );
+    assert_eq!(output.kind(), kind);
+    output.to_kind(Kind::Float)
+}
+
+#[test]
+fn bfloat16_and_half_runs_stay_near_the_float32_golden() {
+    let golden = &fixtures()["noise_pred"];
+    for (kind, upcast) in [
+        (Kind::BFloat16, false),
+        (Kind::BFloat16, true),
+        (Kind::Half, true),
+    ] {
+        let output = reduced_precision_prediction(kind, upcast);
+        let max_difference = (&output - golden).abs().max().double_value(&[]);
+        let scale = golden.abs().max().double_value(&[]);
+        eprintln!("{kind:?} upcast={upcast}: max diff {max_difference:e} (golden max {scale:e})");
+        assert!(
+            max_difference < 0.05 * scale,
+            "{kind:?}: max |difference| {max_difference:e}"
+        );
+    }
 }

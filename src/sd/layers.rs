@@ -15,7 +15,14 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// `Conv2d(in_channels, out_channels, kernel, stride, padding)` under `path`.
-    pub fn new(path: nn::Path, in_channels: i64, out_channels: i64, kernel: i64, stride: i64, padding: i64) -> Self {
+    pub fn new(
+        path: nn::Path,
+        in_channels: i64,
+        out_channels: i64,
+        kernel: i64,
+        stride: i64,
+        padding: i64,
+    ) -> Self {
         Self {
             weight: path.zeros("weight", &[out_channels, in_channels, kernel, kernel]),
             bias: path.zeros("bias", &[out_channels]),
@@ -81,7 +88,13 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+        x.group_norm(
+            self.groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 
@@ -105,6 +118,12 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+        x.layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }

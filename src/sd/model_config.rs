@@ -155,14 +155,22 @@ impl ConfigReader {
     }
 
     /// An integer applying to every block, or a list with one integer per block.
-    pub fn int_per_block(&self, key: &str, default: i64, blocks: usize) -> Result<Vec<i64>, ModelError> {
+    pub fn int_per_block(
+        &self,
+        key: &str,
+        default: i64,
+        blocks: usize,
+    ) -> Result<Vec<i64>, ModelError> {
         match self.value(key) {
             Some(Value::Array(_)) => {
                 let values = self.int_list(key, &[])?;
                 if values.len() != blocks {
                     return Err(self.invalid(
                         key,
-                        format!("has {} entries but there are {blocks} down blocks", values.len()),
+                        format!(
+                            "has {} entries but there are {blocks} down blocks",
+                            values.len()
+                        ),
                     ));
                 }
                 Ok(values)
@@ -194,7 +202,12 @@ impl ConfigReader {
     }
 
     /// Fails unless `key` (default `default`) equals one of `allowed`.
-    pub fn require_string(&self, key: &str, default: &str, allowed: &[&str]) -> Result<(), ModelError> {
+    pub fn require_string(
+        &self,
+        key: &str,
+        default: &str,
+        allowed: &[&str],
+    ) -> Result<(), ModelError> {
         let value = self.string(key, default)?;
         if allowed.contains(&value.as_str()) {
             Ok(())

@@ -59,8 +59,12 @@ impl VaeConfig {
         config.require_null("shift_factor")?;
         config.require_null("latents_mean")?;
         config.require_null("latents_std")?;
-        let block_out_channels = config.int_list("block_out_channels", &DEFAULT_BLOCK_OUT_CHANNELS)?;
-        for (key, expected) in [("down_block_types", DOWN_BLOCK_TYPE), ("up_block_types", UP_BLOCK_TYPE)] {
+        let block_out_channels =
+            config.int_list("block_out_channels", &DEFAULT_BLOCK_OUT_CHANNELS)?;
+        for (key, expected) in [
+            ("down_block_types", DOWN_BLOCK_TYPE),
+            ("up_block_types", UP_BLOCK_TYPE),
+        ] {
             let types = config.string_list(key, &[expected])?;
             if types.len() != block_out_channels.len() || types.iter().any(|t| t != expected) {
                 return Err(config.unsupported(
@@ -108,10 +112,17 @@ impl VaeMidBlock {
     fn new(path: nn::Path, config: &VaeConfig, channels: i64) -> Self {
         Self {
             resnets: (0..2)
-                .map(|i| ResnetBlock2D::new(&path / "resnets" / i, config.resnet(channels, channels)))
+                .map(|i| {
+                    ResnetBlock2D::new(&path / "resnets" / i, config.resnet(channels, channels))
+                })
                 .collect(),
             attention: config.mid_block_add_attention.then(|| {
-                SpatialSelfAttention::new(&path / "attentions" / 0, channels, config.norm_num_groups, VAE_NORM_EPS)
+                SpatialSelfAttention::new(
+                    &path / "attentions" / 0,
+                    channels,
+                    config.norm_num_groups,
+                    VAE_NORM_EPS,
+                )
             }),
         }
     }
@@ -135,7 +146,13 @@ struct VaeBlock {
 }
 
 impl VaeBlock {
-    fn resnets(path: &nn::Path, config: &VaeConfig, layers: i64, in_channels: i64, out_channels: i64) -> Vec<ResnetBlock2D> {
+    fn resnets(
+        path: &nn::Path,
+        config: &VaeConfig,
+        layers: i64,
+        in_channels: i64,
+        out_channels: i64,
+    ) -> Vec<ResnetBlock2D> {
         (0..layers)
             .map(|i| {
                 let input = if i == 0 { in_channels } else { out_channels };
@@ -178,9 +195,17 @@ impl Encoder {
                 let block_path = &path / "down_blocks" / i;
                 let input = if i == 0 { channels[0] } else { channels[i - 1] };
                 VaeBlock {
-                    resnets: VaeBlock::resnets(&block_path, config, config.layers_per_block, input, channels[i]),
+                    resnets: VaeBlock::resnets(
+                        &block_path,
+                        config,
+                        config.layers_per_block,
+                        input,
+                        channels[i],
+                    ),
                     // DownEncoderBlock2D uses downsample_padding 0 (pad right/bottom, then conv).
-                    downsampler: (i != last).then(|| Downsample2D::new(&block_path / "downsamplers" / 0, channels[i], 0)),
+                    downsampler: (i != last).then(|| {
+                        Downsample2D::new(&block_path / "downsamplers" / 0, channels[i], 0)
+                    }),
                     upsampler: None,
                 }
             })
@@ -189,8 +214,18 @@ impl Encoder {
             conv_in: Conv2d::same(&path / "conv_in", config.in_channels, channels[0], 3),
             down_blocks,
             mid_block: VaeMidBlock::new(&path / "mid_block", config, channels[last]),
-            conv_norm_out: GroupNorm::new(&path / "conv_norm_out", config.norm_num_groups, channels[last], VAE_NORM_EPS),
-            conv_out: Conv2d::same(&path / "conv_out", channels[last], 2 * config.latent_channels, 3),
+            conv_norm_out: GroupNorm::new(
+                &path / "conv_norm_out",
+                config.norm_num_groups,
+                channels[last],
+                VAE_NORM_EPS,
+            ),
+            conv_out: Conv2d::same(
+                &path / "conv_out",
+                channels[last],
+                2 * config.latent_channels,
+                3,
+            ),
         }
     }
 
@@ -200,7 +235,8 @@ impl Encoder {
             hidden = block.forward(&hidden);
         }
         let hidden = self.mid_block.forward(&hidden);
-        self.conv_out.forward(&self.conv_norm_out.forward(&hidden).silu())
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&hidden).silu())
     }
 }
 
@@ -223,9 +259,16 @@ impl Decoder {
                 let block_path = &path / "up_blocks" / i;
                 let input = if i == 0 { reversed[0] } else { reversed[i - 1] };
                 VaeBlock {
-                    resnets: VaeBlock::resnets(&block_path, config, config.layers_per_block + 1, input, reversed[i]),
+                    resnets: VaeBlock::resnets(
+                        &block_path,
+                        config,
+                        config.layers_per_block + 1,
+                        input,
+                        reversed[i],
+                    ),
                     downsampler: None,
-                    upsampler: (i != last).then(|| Upsample2D::new(&block_path / "upsamplers" / 0, reversed[i])),
+                    upsampler: (i != last)
+                        .then(|| Upsample2D::new(&block_path / "upsamplers" / 0, reversed[i])),
                 }
             })
             .collect();
@@ -233,7 +276,12 @@ impl Decoder {
             conv_in: Conv2d::same(&path / "conv_in", config.latent_channels, reversed[0], 3),
             mid_block: VaeMidBlock::new(&path / "mid_block", config, reversed[0]),
             up_blocks,
-            conv_norm_out: GroupNorm::new(&path / "conv_norm_out", config.norm_num_groups, reversed[last], VAE_NORM_EPS),
+            conv_norm_out: GroupNorm::new(
+                &path / "conv_norm_out",
+                config.norm_num_groups,
+                reversed[last],
+                VAE_NORM_EPS,
+            ),
             conv_out: Conv2d::same(&path / "conv_out", reversed[last], config.out_channels, 3),
         }
     }
@@ -243,7 +291,8 @@ impl Decoder {
         for block in &self.up_blocks {
             hidden = block.forward(&hidden);
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&hidden).silu())
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&hidden).silu())
     }
 }
 
@@ -296,7 +345,12 @@ impl AutoencoderKL {
     /// Builds the VAE from `dir/config.json` and loads `dir/diffusion_pytorch_model[.variant].safetensors`.
     /// Checkpoints saved with the deprecated attention names (`query`, `key`, `value`,
     /// `proj_attn`) are renamed on the fly as diffusers does.
-    pub fn load(dir: &Path, device: Device, kind: Kind, variant: Option<&str>) -> Result<(VarStore, Self), ModelError> {
+    pub fn load(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        variant: Option<&str>,
+    ) -> Result<(VarStore, Self), ModelError> {
         let config = VaeConfig::from_file(&dir.join(CONFIG_FILE))?;
         let file = weights::find_weights_file(dir, WEIGHTS_STEM, variant)?;
         let mut vs = VarStore::new(device);

@@ -15,16 +15,25 @@ const FEED_FORWARD_MULT: i64 = 4;
 
 /// Scaled dot-product attention over `[batch, tokens, heads * head_dim]` inputs. With
 /// `upcast` and a half-precision input the attention itself runs in float32.
-fn multi_head_attention(query: &Tensor, key: &Tensor, value: &Tensor, heads: i64, upcast: bool) -> Tensor {
+fn multi_head_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    heads: i64,
+    upcast: bool,
+) -> Tensor {
     let kind = query.kind();
     let upcast = upcast && matches!(kind, Kind::Half | Kind::BFloat16);
     let split = |x: &Tensor| {
         let (batch, tokens, width) = x.size3().unwrap_or_default();
-        let x = x.view([batch, tokens, heads, width / heads]).transpose(1, 2);
+        let x = x
+            .view([batch, tokens, heads, width / heads])
+            .transpose(1, 2);
         if upcast { x.to_kind(Kind::Float) } else { x }
     };
     let (q, k, v) = (split(query), split(key), split(value));
-    let attended = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+    let attended =
+        Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
     let (batch, _, tokens, head_dim) = attended.size4().unwrap_or_default();
     attended
         .transpose(1, 2)
@@ -114,7 +123,10 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, hidden: &Tensor, context: &Tensor) -> Tensor {
         let hidden = self.attn1.forward(&self.norm1.forward(hidden), None) + hidden;
-        let hidden = self.attn2.forward(&self.norm2.forward(&hidden), Some(context)) + hidden;
+        let hidden = self
+            .attn2
+            .forward(&self.norm2.forward(&hidden), Some(context))
+            + hidden;
         self.ff.forward(&self.norm3.forward(&hidden)) + hidden
     }
 }
@@ -163,11 +175,22 @@ impl Transformer2DModel {
         let blocks = (0..spec.layers)
             .map(|i| {
                 let block_path = &path / "transformer_blocks" / i;
-                BasicTransformerBlock::new(block_path, channels, spec.context_dim, spec.heads, spec.upcast_attention)
+                BasicTransformerBlock::new(
+                    block_path,
+                    channels,
+                    spec.context_dim,
+                    spec.heads,
+                    spec.upcast_attention,
+                )
             })
             .collect();
         Self {
-            norm: GroupNorm::new(&path / "norm", spec.groups, channels, TRANSFORMER_GROUP_NORM_EPS),
+            norm: GroupNorm::new(
+                &path / "norm",
+                spec.groups,
+                channels,
+                TRANSFORMER_GROUP_NORM_EPS,
+            ),
             proj_in: Projection::new(&path / "proj_in", channels, spec.use_linear_projection),
             blocks,
             proj_out: Projection::new(&path / "proj_out", channels, spec.use_linear_projection),
@@ -176,8 +199,15 @@ impl Transformer2DModel {
 
     pub fn forward(&self, input: &Tensor, context: &Tensor) -> Tensor {
         let (batch, channels, height, width) = input.size4().unwrap_or_default();
-        let to_tokens = |x: Tensor| x.permute([0, 2, 3, 1]).reshape([batch, height * width, channels]);
-        let to_image = |x: Tensor| x.reshape([batch, height, width, channels]).permute([0, 3, 1, 2]).contiguous();
+        let to_tokens = |x: Tensor| {
+            x.permute([0, 2, 3, 1])
+                .reshape([batch, height * width, channels])
+        };
+        let to_image = |x: Tensor| {
+            x.reshape([batch, height, width, channels])
+                .permute([0, 3, 1, 2])
+                .contiguous()
+        };
         let normed = self.norm.forward(input);
         let mut hidden = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(conv.forward(&normed)),
@@ -219,11 +249,18 @@ impl SpatialSelfAttention {
     pub fn forward(&self, input: &Tensor) -> Tensor {
         let (batch, channels, height, width) = input.size4().unwrap_or_default();
         let normed = self.group_norm.forward(input);
-        let tokens = normed.view([batch, channels, height * width]).transpose(1, 2);
+        let tokens = normed
+            .view([batch, channels, height * width])
+            .transpose(1, 2);
         let query = self.to_q.forward(&tokens);
         let key = self.to_k.forward(&tokens);
         let value = self.to_v.forward(&tokens);
-        let attended = self.to_out.forward(&multi_head_attention(&query, &key, &value, 1, false));
-        attended.transpose(-1, -2).reshape([batch, channels, height, width]) + input
+        let attended = self
+            .to_out
+            .forward(&multi_head_attention(&query, &key, &value, 1, false));
+        attended
+            .transpose(-1, -2)
+            .reshape([batch, channels, height, width])
+            + input
     }
 }

@@ -75,7 +75,8 @@ fn attentions(path: &nn::Path, ctx: &BlockContext, spec: &BlockSpec) -> Vec<Tran
     }
     (0..spec.layers)
         .map(|i| {
-            let transformer = ctx.transformer(spec.out_channels, spec.heads, spec.transformer_layers);
+            let transformer =
+                ctx.transformer(spec.out_channels, spec.heads, spec.transformer_layers);
             Transformer2DModel::new(path / "attentions" / i, transformer)
         })
         .collect()
@@ -94,21 +95,33 @@ impl DownBlock {
     pub fn new(path: nn::Path, ctx: &BlockContext, spec: &BlockSpec) -> Self {
         let resnets = (0..spec.layers)
             .map(|i| {
-                let in_channels = if i == 0 { spec.in_channels } else { spec.out_channels };
-                ResnetBlock2D::new(&path / "resnets" / i, ctx.resnet(in_channels, spec.out_channels, 1.0))
+                let in_channels = if i == 0 {
+                    spec.in_channels
+                } else {
+                    spec.out_channels
+                };
+                ResnetBlock2D::new(
+                    &path / "resnets" / i,
+                    ctx.resnet(in_channels, spec.out_channels, 1.0),
+                )
             })
             .collect();
         Self {
             resnets,
             attentions: attentions(&path, ctx, spec),
-            downsampler: spec
-                .resample
-                .map(|padding| Downsample2D::new(&path / "downsamplers" / 0, spec.out_channels, padding)),
+            downsampler: spec.resample.map(|padding| {
+                Downsample2D::new(&path / "downsamplers" / 0, spec.out_channels, padding)
+            }),
         }
     }
 
     /// Returns the block output and the states it contributes to the skip connections.
-    pub fn forward(&self, input: &Tensor, temb: &Tensor, context: &Tensor) -> (Tensor, Vec<Tensor>) {
+    pub fn forward(
+        &self,
+        input: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+    ) -> (Tensor, Vec<Tensor>) {
         let mut hidden = input.shallow_clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
@@ -141,7 +154,9 @@ impl MidBlock {
         let scale = config.mid_block_scale_factor;
         Self {
             resnets: (0..2)
-                .map(|i| ResnetBlock2D::new(&path / "resnets" / i, ctx.resnet(channels, channels, scale)))
+                .map(|i| {
+                    ResnetBlock2D::new(&path / "resnets" / i, ctx.resnet(channels, channels, scale))
+                })
                 .collect(),
             attentions: vec![Transformer2DModel::new(
                 &path / "attentions" / 0,
@@ -173,8 +188,16 @@ impl UpBlock {
     pub fn new(path: nn::Path, ctx: &BlockContext, spec: &BlockSpec) -> Self {
         let resnets = (0..spec.layers)
             .map(|i| {
-                let skip_channels = if i == spec.layers - 1 { spec.in_channels } else { spec.out_channels };
-                let hidden_channels = if i == 0 { spec.prev_out_channels } else { spec.out_channels };
+                let skip_channels = if i == spec.layers - 1 {
+                    spec.in_channels
+                } else {
+                    spec.out_channels
+                };
+                let hidden_channels = if i == 0 {
+                    spec.prev_out_channels
+                } else {
+                    spec.out_channels
+                };
                 let resnet = ctx.resnet(hidden_channels + skip_channels, spec.out_channels, 1.0);
                 ResnetBlock2D::new(&path / "resnets" / i, resnet)
             })

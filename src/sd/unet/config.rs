@@ -87,18 +87,36 @@ impl UNetConfig {
 
     fn from_reader(config: &ConfigReader) -> Result<Self, ModelError> {
         reject_unsupported(config)?;
-        let block_out_channels = config.int_list("block_out_channels", &defaults::BLOCK_OUT_CHANNELS)?;
-        let down_blocks = block_kinds(config, "down_block_types", &defaults::DOWN_BLOCK_TYPES, "DownBlock2D", "CrossAttnDownBlock2D")?;
-        let up_blocks = block_kinds(config, "up_block_types", &defaults::UP_BLOCK_TYPES, "UpBlock2D", "CrossAttnUpBlock2D")?;
+        let block_out_channels =
+            config.int_list("block_out_channels", &defaults::BLOCK_OUT_CHANNELS)?;
+        let down_blocks = block_kinds(
+            config,
+            "down_block_types",
+            &defaults::DOWN_BLOCK_TYPES,
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+        )?;
+        let up_blocks = block_kinds(
+            config,
+            "up_block_types",
+            &defaults::UP_BLOCK_TYPES,
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+        )?;
         check_block_counts(config, &block_out_channels, &down_blocks, &up_blocks)?;
         let blocks = down_blocks.len();
         Ok(Self {
             in_channels: config.int("in_channels", defaults::CHANNELS)?,
             out_channels: config.int("out_channels", defaults::CHANNELS)?,
             layers_per_block: config.int("layers_per_block", defaults::LAYERS_PER_BLOCK)?,
-            cross_attention_dim: config.int("cross_attention_dim", defaults::CROSS_ATTENTION_DIM)?,
+            cross_attention_dim: config
+                .int("cross_attention_dim", defaults::CROSS_ATTENTION_DIM)?,
             attention_heads: attention_heads(config, &block_out_channels)?,
-            transformer_layers_per_block: config.int_per_block("transformer_layers_per_block", 1, blocks)?,
+            transformer_layers_per_block: config.int_per_block(
+                "transformer_layers_per_block",
+                1,
+                blocks,
+            )?,
             use_linear_projection: config.bool("use_linear_projection", false)?,
             upcast_attention: config.bool("upcast_attention", false)?,
             norm_num_groups: config.int("norm_num_groups", defaults::NORM_NUM_GROUPS)?,
@@ -148,7 +166,11 @@ fn reject_unsupported(config: &ConfigReader) -> Result<(), ModelError> {
     ] {
         config.require_false(key)?;
     }
-    config.require_string("mid_block_type", "UNetMidBlock2DCrossAttn", &["UNetMidBlock2DCrossAttn"])?;
+    config.require_string(
+        "mid_block_type",
+        "UNetMidBlock2DCrossAttn",
+        &["UNetMidBlock2DCrossAttn"],
+    )?;
     config.require_string("act_fn", "silu", &["silu"])?;
     config.require_string("time_embedding_type", "positional", &["positional"])?;
     config.require_string("resnet_time_scale_shift", "default", &["default"])?;
@@ -156,7 +178,10 @@ fn reject_unsupported(config: &ConfigReader) -> Result<(), ModelError> {
     if config.float("resnet_out_scale_factor", 1.0)? != 1.0 {
         return Err(config.unsupported("resnet_out_scale_factor", "only 1.0 is supported"));
     }
-    if config.int("norm_num_groups", defaults::NORM_NUM_GROUPS).is_ok_and(|g| g <= 0) {
+    if config
+        .int("norm_num_groups", defaults::NORM_NUM_GROUPS)
+        .is_ok_and(|g| g <= 0)
+    {
         return Err(config.unsupported("norm_num_groups", "a positive group count is required"));
     }
     Ok(())
@@ -175,7 +200,10 @@ fn block_kinds(
         .map(|name| match name.as_str() {
             n if n == plain => Ok(BlockKind::Plain),
             n if n == cross_attention => Ok(BlockKind::CrossAttention),
-            _ => Err(config.unsupported(key, format!("supported block types: {plain}, {cross_attention}"))),
+            _ => Err(config.unsupported(
+                key,
+                format!("supported block types: {plain}, {cross_attention}"),
+            )),
         })
         .collect()
 }
@@ -189,13 +217,19 @@ fn check_block_counts(
     if down_blocks.is_empty() || down_blocks.len() != block_out_channels.len() {
         return Err(config.unsupported(
             "down_block_types",
-            format!("need one down block per block_out_channels entry ({})", block_out_channels.len()),
+            format!(
+                "need one down block per block_out_channels entry ({})",
+                block_out_channels.len()
+            ),
         ));
     }
     if up_blocks.len() != down_blocks.len() {
         return Err(config.unsupported(
             "up_block_types",
-            format!("need as many up blocks as down blocks ({})", down_blocks.len()),
+            format!(
+                "need as many up blocks as down blocks ({})",
+                down_blocks.len()
+            ),
         ));
     }
     Ok(())
@@ -204,9 +238,13 @@ fn check_block_counts(
 /// Head counts per down block. diffusers reads `attention_head_dim` as the number of heads
 /// (`num_attention_heads = num_attention_heads or attention_head_dim`); each block's channels
 /// must divide evenly.
-fn attention_heads(config: &ConfigReader, block_out_channels: &[i64]) -> Result<Vec<i64>, ModelError> {
+fn attention_heads(
+    config: &ConfigReader,
+    block_out_channels: &[i64],
+) -> Result<Vec<i64>, ModelError> {
     let key = "attention_head_dim";
-    let heads = config.int_per_block(key, defaults::ATTENTION_HEAD_DIM, block_out_channels.len())?;
+    let heads =
+        config.int_per_block(key, defaults::ATTENTION_HEAD_DIM, block_out_channels.len())?;
     let divides = heads
         .iter()
         .zip(block_out_channels)
@@ -214,6 +252,9 @@ fn attention_heads(config: &ConfigReader, block_out_channels: &[i64]) -> Result<
     if divides {
         Ok(heads)
     } else {
-        Err(config.unsupported(key, "each block's channel count must be divisible by its head count"))
+        Err(config.unsupported(
+            key,
+            "each block's channel count must be divisible by its head count",
+        ))
     }
 }

@@ -9,7 +9,12 @@ const MAX_PERIOD: f64 = 10_000.0;
 
 /// Sinusoidal embedding of `timesteps` (shape `[n]`, any numeric kind) into `[n, dim]` float32,
 /// computed in the same order of operations as diffusers so results agree to the last bits.
-pub fn timestep_embedding(timesteps: &Tensor, dim: i64, flip_sin_to_cos: bool, freq_shift: f64) -> Tensor {
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: i64,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Tensor {
     let half_dim = dim / 2;
     let device = timesteps.device();
     let exponent = Tensor::arange(half_dim, (Kind::Float, device)) * (-MAX_PERIOD.ln());

@@ -40,7 +40,12 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// Builds the model from `dir/config.json` and loads `dir/diffusion_pytorch_model[.variant].safetensors`
     /// into a fresh `VarStore` on `device` with parameters of `kind`.
-    pub fn load(dir: &Path, device: Device, kind: Kind, variant: Option<&str>) -> Result<(VarStore, Self), ModelError> {
+    pub fn load(
+        dir: &Path,
+        device: Device,
+        kind: Kind,
+        variant: Option<&str>,
+    ) -> Result<(VarStore, Self), ModelError> {
         let config = UNetConfig::from_file(&dir.join(CONFIG_FILE))?;
         let file = weights::find_weights_file(dir, WEIGHTS_STEM, variant)?;
         let mut vs = VarStore::new(device);
@@ -56,13 +61,32 @@ impl UNet2DConditionModel {
         let channels = &config.block_out_channels;
         let first = channels[0];
         Self {
-            conv_in: Conv2d::same(&path / "conv_in", config.in_channels, first, config.conv_in_kernel),
-            time_embedding: TimestepEmbedding::new(&path / "time_embedding", first, config.time_embed_dim),
+            conv_in: Conv2d::same(
+                &path / "conv_in",
+                config.in_channels,
+                first,
+                config.conv_in_kernel,
+            ),
+            time_embedding: TimestepEmbedding::new(
+                &path / "time_embedding",
+                first,
+                config.time_embed_dim,
+            ),
             down_blocks: down_blocks(&path, &ctx, &config),
             mid_block: MidBlock::new(&path / "mid_block", &ctx, &config),
             up_blocks: up_blocks(&path, &ctx, &config),
-            conv_norm_out: GroupNorm::new(&path / "conv_norm_out", config.norm_num_groups, first, config.norm_eps),
-            conv_out: Conv2d::same(&path / "conv_out", first, config.out_channels, config.conv_out_kernel),
+            conv_norm_out: GroupNorm::new(
+                &path / "conv_norm_out",
+                config.norm_num_groups,
+                first,
+                config.norm_eps,
+            ),
+            conv_out: Conv2d::same(
+                &path / "conv_out",
+                first,
+                config.out_channels,
+                config.conv_out_kernel,
+            ),
             config,
         }
     }
@@ -73,7 +97,12 @@ impl UNet2DConditionModel {
 
     /// Predicts the noise (or v) for `sample` `[b, c, h, w]` at `timesteps` (0-d or `[b]`,
     /// integer or float) conditioned on `encoder_hidden_states` `[b, tokens, dim]`.
-    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Tensor {
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Tensor {
         self.run(sample, timesteps, encoder_hidden_states, None)
     }
 
@@ -87,7 +116,12 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
     ) -> (Tensor, Intermediates) {
         let mut intermediates = Vec::new();
-        let output = self.run(sample, timesteps, encoder_hidden_states, Some(&mut intermediates));
+        let output = self.run(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            Some(&mut intermediates),
+        );
         (output, intermediates)
     }
 
@@ -107,7 +141,11 @@ impl UNet2DConditionModel {
         keep("time_proj".into(), &time_proj);
         let temb = self.time_embedding.forward(&time_proj);
         keep("time_embedding".into(), &temb);
-        let sample = if self.config.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
+        let sample = if self.config.center_input_sample {
+            sample * 2.0 - 1.0
+        } else {
+            sample.shallow_clone()
+        };
         let mut hidden = self.conv_in.forward(&sample);
         keep("conv_in".into(), &hidden);
         let mut skips = vec![hidden.shallow_clone()];
@@ -135,12 +173,21 @@ impl UNet2DConditionModel {
 
     /// The sinusoidal projection of the timesteps, broadcast to the batch, in the sample's kind.
     fn time_proj(&self, sample: &Tensor, timesteps: &Tensor) -> Tensor {
-        let timesteps = if timesteps.dim() == 0 { timesteps.unsqueeze(0) } else { timesteps.shallow_clone() };
+        let timesteps = if timesteps.dim() == 0 {
+            timesteps.unsqueeze(0)
+        } else {
+            timesteps.shallow_clone()
+        };
         let batch = sample.size()[0];
         let timesteps = timesteps.to_device(sample.device()).expand([batch], false);
         let first = self.config.block_out_channels[0];
-        timestep_embedding(&timesteps, first, self.config.flip_sin_to_cos, self.config.freq_shift)
-            .to_kind(sample.kind())
+        timestep_embedding(
+            &timesteps,
+            first,
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )
+        .to_kind(sample.kind())
     }
 }
 
@@ -170,7 +217,12 @@ fn down_blocks(path: &nn::Path, ctx: &BlockContext, config: &UNetConfig) -> Vec<
 fn up_blocks(path: &nn::Path, ctx: &BlockContext, config: &UNetConfig) -> Vec<UpBlock> {
     let reversed: Vec<i64> = config.block_out_channels.iter().rev().copied().collect();
     let heads: Vec<i64> = config.attention_heads.iter().rev().copied().collect();
-    let transformer_layers: Vec<i64> = config.transformer_layers_per_block.iter().rev().copied().collect();
+    let transformer_layers: Vec<i64> = config
+        .transformer_layers_per_block
+        .iter()
+        .rev()
+        .copied()
+        .collect();
     let last = reversed.len() - 1;
     config
         .up_blocks
@@ -191,5 +243,3 @@ fn up_blocks(path: &nn::Path, ctx: &BlockContext, config: &UNetConfig) -> Vec<Up
         })
         .collect()
 }
-
-

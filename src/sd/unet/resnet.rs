@@ -31,7 +31,13 @@ pub struct ResnetBlock2D {
 
 impl ResnetBlock2D {
     pub fn new(path: nn::Path, spec: ResnetSpec) -> Self {
-        let ResnetSpec { in_channels, out_channels, groups, eps, .. } = spec;
+        let ResnetSpec {
+            in_channels,
+            out_channels,
+            groups,
+            eps,
+            ..
+        } = spec;
         Self {
             norm1: GroupNorm::new(&path / "norm1", groups, in_channels, eps),
             conv1: Conv2d::same(&path / "conv1", in_channels, out_channels, 3),
@@ -47,10 +53,13 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, input: &Tensor, temb: Option<&Tensor>) -> Tensor {
-        let mut hidden = self.conv1.forward(&self.norm1.forward(input).silu());
-        if let (Some(projection), Some(temb)) = (&self.time_emb_proj, temb) {
-            hidden = hidden + projection.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
-        }
+        let convolved = self.conv1.forward(&self.norm1.forward(input).silu());
+        let hidden = match (&self.time_emb_proj, temb) {
+            (Some(projection), Some(temb)) => {
+                convolved + projection.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1)
+            }
+            _ => convolved,
+        };
         let hidden = self.conv2.forward(&self.norm2.forward(&hidden).silu());
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(input),
