@@ -322,3 +322,143 @@ fn bfloat16_and_half_runs_stay_near_the_float32_golden() {
         );
     }
 }
+
+#[test]
+fn linear_projection_equals_the_conv_projection_with_the_same_weights() {
+    // A 1x1 conv over pixels is a linear layer over tokens: squeezing proj_in/proj_out weights
+    // to [out, in] and setting use_linear_projection (the SD 2.x layout) must give the golden.
+    let dir = copied_unet(|text| {
+        text.replace(
+            "\"use_linear_projection\": false",
+            "\"use_linear_projection\": true",
+        )
+    });
+    let weights = dir.path().join("diffusion_pytorch_model.safetensors");
+    let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(&weights)
+        .unwrap()
+        .into_iter()
+        .map(|(name, tensor)| {
+            let is_projection = name.contains("proj_in.weight") || name.contains("proj_out.weight");
+            let tensor = if is_projection {
+                tensor.flatten(1, -1)
+            } else {
+                tensor
+            };
+            (name, tensor)
+        })
+        .collect();
+    Tensor::write_safetensors(&tensors, &weights).unwrap();
+    let (_vs, unet) =
+        UNet2DConditionModel::load(dir.path(), Device::Cpu, Kind::Float, None).unwrap();
+    assert!(unet.config().use_linear_projection);
+    let golden = fixtures();
+    let _guard = tch::no_grad_guard();
+    let output = unet.forward(
+        &golden["sample"],
+        &golden["timesteps"],
+        &golden["encoder_hidden_states"],
+    );
+    assert_close(
+        "noise_pred (linear projection)",
+        &output,
+        &golden["noise_pred"],
+    );
+}
+
+#[test]
+fn fp16_variant_file_is_used_when_asked_for() {
+    let source = repo_path("models/tiny-sd/unet");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(source.join("config.json"), dir.path().join("config.json")).unwrap();
+    let half: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(source.join("diffusion_pytorch_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(name, tensor)| (name, tensor.to_kind(Kind::Half)))
+            .collect();
+    Tensor::write_safetensors(
+        &half,
+        dir.path().join("diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .unwrap();
+
+    let error = UNet2DConditionModel::load(dir.path(), Device::Cpu, Kind::Float, None).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("no weights file: expected diffusion_pytorch_model.safetensors"),
+        "{error}"
+    );
+
+    let (vs, unet) =
+        UNet2DConditionModel::load(dir.path(), Device::Cpu, Kind::Float, Some("fp16")).unwrap();
+    assert_eq!(vs.variables()["conv_in.weight"].kind(), Kind::Float);
+    let golden = fixtures();
+    let _guard = tch::no_grad_guard();
+    let output = unet.forward(
+        &golden["sample"],
+        &golden["timesteps"],
+        &golden["encoder_hidden_states"],
+    );
+    let max_difference = (&output - &golden["noise_pred"])
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(
+        max_difference > 0.0 && max_difference < 1e-2,
+        "fp16 weights: max |difference| {max_difference:e}"
+    );
+}
+
+#[test]
+fn per_block_head_counts_are_read_and_checked() {
+    let file = Path::new("unet/config.json");
+    let tiny = std::fs::read_to_string(repo_path("models/tiny-sd/unet/config.json")).unwrap();
+    let per_block = tiny.replace(
+        "\"attention_head_dim\": 8",
+        "\"attention_head_dim\": [2, 4]",
+    );
+    assert_eq!(
+        UNetConfig::from_json_str(&per_block, file)
+            .unwrap()
+            .attention_heads,
+        vec![2, 4]
+    );
+
+    let wrong_length = tiny.replace(
+        "\"attention_head_dim\": 8",
+        "\"attention_head_dim\": [2, 4, 8]",
+    );
+    assert_eq!(
+        UNetConfig::from_json_str(&wrong_length, file)
+            .unwrap_err()
+            .to_string(),
+        "unet/config.json: config key 'attention_head_dim' has 3 entries but there are 2 down blocks"
+    );
+    let indivisible = tiny.replace("\"attention_head_dim\": 8", "\"attention_head_dim\": 7");
+    assert_eq!(
+        UNetConfig::from_json_str(&indivisible, file)
+            .unwrap_err()
+            .to_string(),
+        "unet/config.json: config key 'attention_head_dim' = 7 is not supported; \
+         each block's channel count must be divisible by its head count"
+    );
+    let groups = tiny.replace("\"norm_num_groups\": 2", "\"norm_num_groups\": 3");
+    assert_eq!(
+        UNetConfig::from_json_str(&groups, file)
+            .unwrap_err()
+            .to_string(),
+        "unet/config.json: config key 'block_out_channels' = [32,64] is not supported; \
+         every entry must be a positive multiple of norm_num_groups"
+    );
+    let heads_key = tiny.replace(
+        "\"num_attention_heads\": null",
+        "\"num_attention_heads\": 8",
+    );
+    assert_eq!(
+        UNetConfig::from_json_str(&heads_key, file)
+            .unwrap_err()
+            .to_string(),
+        "unet/config.json: config key 'num_attention_heads' = 8 is not supported; only null is supported"
+    );
+}

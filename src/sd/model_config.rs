@@ -179,6 +179,15 @@ impl ConfigReader {
         }
     }
 
+    /// Fails with "`key` = value is not supported; `requirement`" unless `holds`.
+    pub fn check(&self, key: &str, holds: bool, requirement: &str) -> Result<(), ModelError> {
+        if holds {
+            Ok(())
+        } else {
+            Err(self.unsupported(key, requirement))
+        }
+    }
+
     /// Fails unless `key` is missing or `null` (a feature this port does not implement).
     pub fn require_null(&self, key: &str) -> Result<(), ModelError> {
         match self.value(key) {

@@ -61,6 +61,20 @@ impl VaeConfig {
         config.require_null("latents_std")?;
         let block_out_channels =
             config.int_list("block_out_channels", &DEFAULT_BLOCK_OUT_CHANNELS)?;
+        let groups = config.int("norm_num_groups", DEFAULT_NORM_NUM_GROUPS)?;
+        config.check("norm_num_groups", groups >= 1, "must be at least 1")?;
+        let channels_ok = !block_out_channels.is_empty()
+            && block_out_channels.iter().all(|&c| c > 0 && c % groups == 0);
+        config.check(
+            "block_out_channels",
+            channels_ok,
+            "need at least one entry, each a positive multiple of norm_num_groups",
+        )?;
+        config.check(
+            "layers_per_block",
+            config.int("layers_per_block", 1)? >= 1,
+            "must be at least 1",
+        )?;
         for (key, expected) in [
             ("down_block_types", DOWN_BLOCK_TYPE),
             ("up_block_types", UP_BLOCK_TYPE),

@@ -60,6 +60,8 @@ pub struct UNetConfig {
     pub transformer_layers_per_block: Vec<i64>,
     pub use_linear_projection: bool,
     /// Run attention in float32 when the model runs in half precision (SD 2.1 sets it).
+    /// diffusers 0.42.1's SDPA processor ignores the flag (relying on the fused kernels'
+    /// float32 accumulation); upcasting here is the safer reading and changes nothing in float32.
     pub upcast_attention: bool,
     pub norm_num_groups: i64,
     pub norm_eps: f64,
@@ -105,7 +107,7 @@ impl UNetConfig {
         )?;
         check_block_counts(config, &block_out_channels, &down_blocks, &up_blocks)?;
         let blocks = down_blocks.len();
-        Ok(Self {
+        let parsed = Self {
             in_channels: config.int("in_channels", defaults::CHANNELS)?,
             out_channels: config.int("out_channels", defaults::CHANNELS)?,
             layers_per_block: config.int("layers_per_block", defaults::LAYERS_PER_BLOCK)?,
@@ -135,7 +137,52 @@ impl UNetConfig {
             block_out_channels,
             down_blocks,
             up_blocks,
-        })
+        };
+        parsed.validate(config)?;
+        Ok(parsed)
+    }
+
+    /// Rejects sizes the model cannot be built with (they would fail deep inside libtorch).
+    fn validate(&self, config: &ConfigReader) -> Result<(), ModelError> {
+        let groups = self.norm_num_groups;
+        let channels_ok = self
+            .block_out_channels
+            .iter()
+            .all(|&c| c > 0 && c % groups == 0);
+        config.check(
+            "block_out_channels",
+            channels_ok,
+            "every entry must be a positive multiple of norm_num_groups",
+        )?;
+        config.check(
+            "layers_per_block",
+            self.layers_per_block >= 1,
+            "must be at least 1",
+        )?;
+        config.check("in_channels", self.in_channels >= 1, "must be at least 1")?;
+        config.check("out_channels", self.out_channels >= 1, "must be at least 1")?;
+        config.check(
+            "cross_attention_dim",
+            self.cross_attention_dim >= 1,
+            "must be at least 1",
+        )?;
+        let layers_ok = self.transformer_layers_per_block.iter().all(|&n| n >= 1);
+        config.check(
+            "transformer_layers_per_block",
+            layers_ok,
+            "must be at least 1",
+        )?;
+        for (key, kernel) in [
+            ("conv_in_kernel", self.conv_in_kernel),
+            ("conv_out_kernel", self.conv_out_kernel),
+        ] {
+            config.check(
+                key,
+                kernel >= 1 && kernel % 2 == 1,
+                "must be a positive odd number",
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -178,12 +225,8 @@ fn reject_unsupported(config: &ConfigReader) -> Result<(), ModelError> {
     if config.float("resnet_out_scale_factor", 1.0)? != 1.0 {
         return Err(config.unsupported("resnet_out_scale_factor", "only 1.0 is supported"));
     }
-    if config
-        .int("norm_num_groups", defaults::NORM_NUM_GROUPS)
-        .is_ok_and(|g| g <= 0)
-    {
-        return Err(config.unsupported("norm_num_groups", "a positive group count is required"));
-    }
+    let groups = config.int("norm_num_groups", defaults::NORM_NUM_GROUPS)?;
+    config.check("norm_num_groups", groups >= 1, "must be at least 1")?;
     Ok(())
 }
 

@@ -53,3 +53,23 @@ impl TimestepEmbedding {
         self.linear_2.forward(&self.linear_1.forward(x).silu())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn odd_widths_are_zero_padded_and_flip_swaps_halves() {
+        let timesteps = Tensor::from_slice(&[0i64, 10]);
+        let flipped = timestep_embedding(&timesteps, 5, true, 0.0);
+        assert_eq!(flipped.size(), vec![2, 5]);
+        assert_eq!(flipped.double_value(&[1, 4]), 0.0);
+        // t = 0: cos(0) = 1 comes first when flipped, sin(0) = 0 first otherwise.
+        assert_eq!(flipped.double_value(&[0, 0]), 1.0);
+        let plain = timestep_embedding(&timesteps, 4, false, 1.0);
+        assert_eq!(plain.double_value(&[0, 0]), 0.0);
+        // freq_shift 1 with half_dim 2: frequencies exp(-ln(1e4) * i / 1) = 1, 1e-4.
+        let expected = (10.0f32 * 1e-4).sin() as f64;
+        assert!((plain.double_value(&[1, 1]) - expected).abs() < 1e-7);
+    }
+}

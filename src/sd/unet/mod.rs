@@ -97,6 +97,8 @@ impl UNet2DConditionModel {
 
     /// Predicts the noise (or v) for `sample` `[b, c, h, w]` at `timesteps` (0-d or `[b]`,
     /// integer or float) conditioned on `encoder_hidden_states` `[b, tokens, dim]`.
+    /// `sample` and `encoder_hidden_states` must have the parameters' kind and device; like
+    /// diffusers, a timestep batch that is neither 1 nor `b` is a (libtorch) panic.
     pub fn forward(
         &self,
         sample: &Tensor,
