@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use dreampipe::sd::vae::{AutoencoderKL, VaeConfig};
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
+/// tch's generator is global and tests run in parallel: seeding and drawing hold this lock.
+static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Tolerances the fixture README suggests for VAE outputs.
 const ATOL: f64 = 1e-4;
 const RTOL: f64 = 1e-4;
@@ -209,5 +212,35 @@ fn bfloat16_decode_keeps_its_kind_and_stays_near_the_float32_golden() {
     assert!(
         max_difference < 0.05 * scale,
         "max |difference| {max_difference:e} (golden max {scale:e})"
+    );
+}
+
+/// The DreamBooth fixture encodes its batch with `latent_dist.sample(Generator().manual_seed(32))`.
+#[test]
+fn dreambooth_batch_encodes_like_diffusers() {
+    let file = repo_path("tests/fixtures/sd-tiny/training/dreambooth.safetensors");
+    let golden: HashMap<String, Tensor> = Tensor::read_safetensors(&file)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let (_vs, vae) = tiny_vae();
+    let _guard = tch::no_grad_guard();
+    let posterior = vae.encode(&golden["pixel_values"]);
+    assert_close("latent_mean", &posterior.mean, &golden["latent_mean"]);
+    assert_close("latent_std", &posterior.std, &golden["latent_std"]);
+    let sampled = {
+        let _rng = GLOBAL_RNG.lock().unwrap();
+        tch::manual_seed(32);
+        posterior.sample()
+    };
+    assert_close(
+        "latents_sampled_unscaled",
+        &sampled,
+        &golden["latents_sampled_unscaled"],
+    );
+    assert_close(
+        "latents",
+        &(sampled * vae.scaling_factor()),
+        &golden["latents"],
     );
 }
