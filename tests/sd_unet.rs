@@ -517,3 +517,40 @@ fn dreambooth_prediction_loss_and_gradients_match() {
         );
     }
 }
+
+/// Every UNet call of the recorded StableDiffusionPipeline runs (batch [uncond, cond], the
+/// scheduler's 0-d timestep, integer for DDIM/PNDM and float for Euler) matches.
+#[test]
+fn pipeline_unet_calls_match_for_ddim_pndm_and_euler() {
+    let embeds_file = repo_path("tests/fixtures/sd-tiny/pipeline/prompt_embeds.safetensors");
+    let embeds: HashMap<String, Tensor> = Tensor::read_safetensors(&embeds_file)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let context = Tensor::cat(
+        &[&embeds["negative_prompt_embeds"], &embeds["prompt_embeds"]],
+        0,
+    );
+    let unet = tiny_unet();
+    let _guard = tch::no_grad_guard();
+    for scheduler in ["ddim", "pndm", "euler"] {
+        let file = repo_path(&format!(
+            "tests/fixtures/sd-tiny/pipeline/{scheduler}.safetensors"
+        ));
+        let golden: HashMap<String, Tensor> = Tensor::read_safetensors(&file)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let calls = golden["step_unet_input"].size()[0];
+        assert_eq!(golden["timesteps"].size()[0], calls);
+        for call in 0..calls {
+            let timestep = golden["timesteps"].get(call);
+            let output = unet.forward(&golden["step_unet_input"].get(call), &timestep, &context);
+            assert_close(
+                &format!("{scheduler} call {call}"),
+                &output,
+                &golden["step_unet_output"].get(call),
+            );
+        }
+    }
+}
