@@ -1,6 +1,10 @@
 //! Stable Diffusion on libtorch, matching Hugging Face diffusers numerically.
 pub mod clip;
 pub mod folder;
-pub mod tokenizer;
-pub mod weights;
+pub mod layers;
+pub mod model_config;
 pub mod png;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
