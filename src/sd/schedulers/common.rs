@@ -1,0 +1,375 @@
+//! What all schedulers share: the training noise schedule (betas, alphas_cumprod) built exactly
+//! as diffusers builds it (torch float32 ops), the option enums, and the numpy helpers
+//! (`linspace`, `arange`, `interp`, round-half-even) the timestep spacings are made of.
+use super::SchedulerError;
+use super::config::SchedulerConfig;
+use tch::{Device, Kind, Tensor};
+
+/// diffusers' defaults for the training schedule (every scheduler's `__init__` signature).
+const DEFAULT_NUM_TRAIN_TIMESTEPS: usize = 1000;
+const DEFAULT_BETA_START: f64 = 0.0001;
+const DEFAULT_BETA_END: f64 = 0.02;
+const DEFAULT_BETA_SCHEDULE: &str = "linear";
+/// `betas_for_alpha_bar`'s cap on each beta (diffusers `max_beta=0.999`).
+const MAX_BETA: f64 = 0.999;
+/// Euler/EulerA/DPM set the last alphas_cumprod to 2**-24 under zero-terminal-SNR rescaling.
+const ZERO_SNR_LAST_ALPHA_CUMPROD: f64 = 1.0 / 16_777_216.0;
+
+/// What the model predicts (`prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+/// How inference timesteps are spread over the training range (`timestep_spacing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepSpacing {
+    Leading,
+    Linspace,
+    Trailing,
+}
+
+pub(crate) const PREDICTION_TYPES: &[(&str, PredictionType)] = &[
+    ("epsilon", PredictionType::Epsilon),
+    ("v_prediction", PredictionType::VPrediction),
+    ("sample", PredictionType::Sample),
+];
+
+pub(crate) const SPACINGS: &[(&str, TimestepSpacing)] = &[
+    ("leading", TimestepSpacing::Leading),
+    ("linspace", TimestepSpacing::Linspace),
+    ("trailing", TimestepSpacing::Trailing),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum BetaSchedule {
+    Linear,
+    ScaledLinear,
+    SquaredCosCapV2,
+}
+
+const BETA_SCHEDULES: &[(&str, BetaSchedule)] = &[
+    ("linear", BetaSchedule::Linear),
+    ("scaled_linear", BetaSchedule::ScaledLinear),
+    ("squaredcos_cap_v2", BetaSchedule::SquaredCosCapV2),
+];
+
+/// Whether a scheduler class knows `rescale_betas_zero_snr`, and what it does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ZeroSnr {
+    /// The class has no such option (PNDM, LMS): the key is ignored.
+    NotAnOption,
+    /// Rescale the betas (DDPM, DDIM).
+    RescaleBetas,
+    /// Rescale, then set the last alphas_cumprod to 2**-24 (Euler, EulerA, DPM-Solver).
+    RescaleAndFloorLast,
+}
+
+/// The training noise schedule: betas and their cumulative alpha product (float32, CPU).
+pub(crate) struct TrainSchedule {
+    pub num_train_timesteps: usize,
+    pub betas: Tensor,
+    pub alphas_cumprod: Tensor,
+    /// `alphas_cumprod` as numbers, for the per-step scalar math.
+    pub alphas_cumprod_values: Vec<f32>,
+}
+
+impl TrainSchedule {
+    pub fn new(
+        config: &SchedulerConfig,
+        scheduler: &'static str,
+        zero_snr: ZeroSnr,
+    ) -> Result<Self, SchedulerError> {
+        let num_train_timesteps = config
+            .num_train_timesteps
+            .unwrap_or(DEFAULT_NUM_TRAIN_TIMESTEPS);
+        if num_train_timesteps < 2 {
+            return Err(config.unsupported(scheduler, "num_train_timesteps", num_train_timesteps));
+        }
+        let mut betas = match &config.trained_betas {
+            Some(values) => trained_betas(config, scheduler, values, num_train_timesteps)?,
+            None => schedule_betas(config, scheduler, num_train_timesteps)?,
+        };
+        let rescale = config.rescale_betas_zero_snr == Some(true);
+        if rescale && zero_snr != ZeroSnr::NotAnOption {
+            betas = rescale_zero_terminal_snr(&betas)?;
+        }
+        let alphas = betas.f_neg()?.f_add_scalar(1.0)?;
+        let alphas_cumprod = alphas.f_cumprod(0, Kind::Float)?;
+        if rescale && zero_snr == ZeroSnr::RescaleAndFloorLast {
+            let _last_filled = alphas_cumprod
+                .f_get(num_train_timesteps as i64 - 1)?
+                .f_fill_(ZERO_SNR_LAST_ALPHA_CUMPROD)?;
+        }
+        let alphas_cumprod_values = Vec::<f32>::try_from(&alphas_cumprod)?;
+        Ok(Self {
+            num_train_timesteps,
+            betas,
+            alphas_cumprod,
+            alphas_cumprod_values,
+        })
+    }
+
+    /// `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5` in float32 (the Karras-style sigmas of
+    /// every training timestep, index = timestep).
+    pub fn train_sigmas(&self) -> Result<Vec<f32>, SchedulerError> {
+        let one_minus = self.alphas_cumprod.f_neg()?.f_add_scalar(1.0)?;
+        let sigmas = one_minus.f_div(&self.alphas_cumprod)?.f_sqrt()?;
+        Ok(Vec::<f32>::try_from(&sigmas)?)
+    }
+
+    /// alphas_cumprod[t] as float32.
+    pub fn alpha_cumprod(&self, timestep: i64) -> f32 {
+        self.alphas_cumprod_values[timestep as usize]
+    }
+}
+
+fn trained_betas(
+    config: &SchedulerConfig,
+    scheduler: &'static str,
+    values: &[f64],
+    num_train_timesteps: usize,
+) -> Result<Tensor, SchedulerError> {
+    if values.len() != num_train_timesteps {
+        return Err(config.unsupported(
+            scheduler,
+            "trained_betas",
+            format!(
+                "a list of {} values (num_train_timesteps is {num_train_timesteps})",
+                values.len()
+            ),
+        ));
+    }
+    Ok(Tensor::from_slice(values).f_to_kind(Kind::Float)?)
+}
+
+fn schedule_betas(
+    config: &SchedulerConfig,
+    scheduler: &'static str,
+    num_train_timesteps: usize,
+) -> Result<Tensor, SchedulerError> {
+    let schedule = config.choice(
+        scheduler,
+        "beta_schedule",
+        config.beta_schedule.as_deref(),
+        DEFAULT_BETA_SCHEDULE,
+        BETA_SCHEDULES,
+    )?;
+    let start = config.beta_start.unwrap_or(DEFAULT_BETA_START);
+    let end = config.beta_end.unwrap_or(DEFAULT_BETA_END);
+    let steps = num_train_timesteps as i64;
+    let options = (Kind::Float, Device::Cpu);
+    Ok(match schedule {
+        BetaSchedule::Linear => Tensor::f_linspace(start, end, steps, options)?,
+        BetaSchedule::ScaledLinear => {
+            Tensor::f_linspace(start.sqrt(), end.sqrt(), steps, options)?.f_pow_tensor_scalar(2)?
+        }
+        BetaSchedule::SquaredCosCapV2 => {
+            Tensor::from_slice(&cosine_betas(num_train_timesteps)).f_to_kind(Kind::Float)?
+        }
+    })
+}
+
+/// diffusers `betas_for_alpha_bar(n)` with the cosine alpha_bar (Python float64 math).
+fn cosine_betas(num_train_timesteps: usize) -> Vec<f64> {
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
+    (0..num_train_timesteps)
+        .map(|i| {
+            let t1 = i as f64 / num_train_timesteps as f64;
+            let t2 = (i + 1) as f64 / num_train_timesteps as f64;
+            (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(MAX_BETA)
+        })
+        .collect()
+}
+
+/// diffusers `rescale_zero_terminal_snr` (float32 tensor ops).
+fn rescale_zero_terminal_snr(betas: &Tensor) -> Result<Tensor, SchedulerError> {
+    let alphas = betas.f_neg()?.f_add_scalar(1.0)?;
+    let sqrt_cumprod = alphas.f_cumprod(0, Kind::Float)?.f_sqrt()?;
+    let first = sqrt_cumprod.f_get(0)?.f_detach_copy()?;
+    let last = sqrt_cumprod.f_get(-1)?.f_detach_copy()?;
+    let scale = first.f_div(&first.f_sub(&last)?)?;
+    let shifted = sqrt_cumprod.f_sub(&last)?.f_mul(&scale)?;
+    let alphas_bar = shifted.f_pow_tensor_scalar(2)?;
+    let n = alphas_bar.size()[0];
+    let ratios = alphas_bar
+        .f_narrow(0, 1, n - 1)?
+        .f_div(&alphas_bar.f_narrow(0, 0, n - 1)?)?;
+    let alphas = Tensor::f_cat(&[alphas_bar.f_narrow(0, 0, 1)?, ratios], 0)?;
+    Ok(alphas.f_neg()?.f_add_scalar(1.0)?)
+}
+
+/// `np.linspace(start, stop, num)` (float64, endpoint included).
+pub(crate) fn numpy_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    if num == 1 {
+        return vec![start];
+    }
+    let step = (stop - start) / (num - 1) as f64;
+    let mut values: Vec<f64> = (0..num).map(|i| i as f64 * step + start).collect();
+    if let Some(last) = values.last_mut() {
+        *last = stop;
+    }
+    values
+}
+
+/// `np.arange(start, stop, step)` for a float step (numpy fills `start + i * delta`, with
+/// `delta = (start + step) - start`).
+pub(crate) fn numpy_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let len = ((stop - start) / step).ceil().max(0.0) as usize;
+    let delta = (start + step) - start;
+    (0..len)
+        .map(|i| match i {
+            0 => start,
+            1 => start + step,
+            _ => start + i as f64 * delta,
+        })
+        .collect()
+}
+
+/// `np.interp(x, arange(len(table)), table)` in float64.
+pub(crate) fn numpy_interp(x: f64, table: &[f32]) -> f64 {
+    let last = table.len() - 1;
+    if x <= 0.0 {
+        return f64::from(table[0]);
+    }
+    if x >= last as f64 {
+        return f64::from(table[last]);
+    }
+    let j = x.floor() as usize;
+    if x == j as f64 {
+        return f64::from(table[j]);
+    }
+    let slope = f64::from(table[j + 1]) - f64::from(table[j]);
+    slope * (x - j as f64) + f64::from(table[j])
+}
+
+/// Integer timesteps of DDPM/DDIM (`set_timesteps` without custom timesteps), descending.
+pub(crate) fn integer_timesteps(
+    spacing: TimestepSpacing,
+    num_train_timesteps: usize,
+    num_inference_steps: usize,
+    steps_offset: i64,
+) -> Vec<i64> {
+    let train = num_train_timesteps as f64;
+    match spacing {
+        TimestepSpacing::Linspace => numpy_linspace(0.0, train - 1.0, num_inference_steps)
+            .into_iter()
+            .rev()
+            .map(|t| t.round_ties_even() as i64)
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = (num_train_timesteps / num_inference_steps) as i64;
+            (0..num_inference_steps as i64)
+                .rev()
+                .map(|i| i * ratio + steps_offset)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            numpy_arange(train, 0.0, -(train / num_inference_steps as f64))
+                .into_iter()
+                .map(|t| t.round_ties_even() as i64 - 1)
+                .collect()
+        }
+    }
+}
+
+/// Float timesteps of LMS/Euler/EulerAncestral (numpy float32), descending.
+pub(crate) fn float_timesteps(
+    spacing: TimestepSpacing,
+    num_train_timesteps: usize,
+    num_inference_steps: usize,
+    steps_offset: i64,
+) -> Vec<f32> {
+    let train = num_train_timesteps as f64;
+    match spacing {
+        TimestepSpacing::Linspace => numpy_linspace(0.0, train - 1.0, num_inference_steps)
+            .into_iter()
+            .rev()
+            .map(|t| t as f32)
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = num_train_timesteps / num_inference_steps;
+            (0..num_inference_steps)
+                .rev()
+                .map(|i| (i * ratio) as f32 + steps_offset as f32)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            numpy_arange(train, 0.0, -(train / num_inference_steps as f64))
+                .into_iter()
+                .map(|t| t.round_ties_even() as f32 - 1.0)
+                .collect()
+        }
+    }
+}
+
+/// Sigmas at (fractional) timesteps by linear interpolation of the training sigmas, then a
+/// final `last` entry, rounded to float32 (LMS/Euler/EulerA/DPM `set_timesteps`).
+pub(crate) fn interpolated_sigmas(timesteps: &[f64], train_sigmas: &[f32], last: f64) -> Vec<f32> {
+    timesteps
+        .iter()
+        .map(|&t| numpy_interp(t, train_sigmas))
+        .chain(std::iter::once(last))
+        .map(|sigma| sigma as f32)
+        .collect()
+}
+
+/// `sigmas.max()` for linspace/trailing, `(max**2 + 1) ** 0.5` for leading (float32).
+pub(crate) fn sigma_init_noise(sigmas: &[f32], spacing: TimestepSpacing) -> f64 {
+    let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    match spacing {
+        TimestepSpacing::Leading => f64::from((max * max + 1.0).sqrt()),
+        _ => f64::from(max),
+    }
+}
+
+/// Checks `1 <= n <= num_train_timesteps`.
+pub(crate) fn check_steps(
+    scheduler: &'static str,
+    num_inference_steps: usize,
+    num_train_timesteps: usize,
+) -> Result<(), SchedulerError> {
+    if num_inference_steps == 0 || num_inference_steps > num_train_timesteps {
+        return Err(SchedulerError::InvalidSteps {
+            scheduler,
+            steps: num_inference_steps,
+            max: num_train_timesteps,
+        });
+    }
+    Ok(())
+}
+
+/// Standard normal noise like diffusers' `randn_tensor(shape, generator=cpu_generator)`: drawn
+/// from tch's global CPU generator (seed it with `tch::manual_seed`), then moved to `like`'s device.
+pub(crate) fn cpu_noise_like(like: &Tensor) -> Result<Tensor, SchedulerError> {
+    let noise = Tensor::f_randn(like.size(), (Kind::Float, Device::Cpu))?;
+    Ok(noise.f_to_device(like.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numpy_round_is_half_to_even() {
+        // np.linspace(0, 999, 5) = [0, 249.75, 499.5, 749.25, 999] -> round -> 500 at the tie.
+        assert_eq!(
+            integer_timesteps(TimestepSpacing::Linspace, 1000, 5, 1),
+            vec![999, 749, 500, 250, 0]
+        );
+    }
+
+    #[test]
+    fn interp_hits_table_points_and_midpoints() {
+        let table = [1.0f32, 3.0, 7.0];
+        assert_eq!(numpy_interp(1.0, &table), 3.0);
+        assert_eq!(numpy_interp(1.5, &table), 5.0);
+        assert_eq!(numpy_interp(9.0, &table), 7.0);
+    }
+}
