@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod doctor;
+pub mod sample;
 
 /// Global options every verb sees.
 #[derive(Debug, Parser)]
@@ -29,6 +30,8 @@ pub struct Cli {
 pub enum Command {
     /// Print libtorch's version and location, CUDA availability and devices, the cache root.
     Doctor,
+    /// Generate images from a prompt (txt2img) with a diffusers model folder.
+    Sample(sample::SampleArgs),
 }
 
 /// Everything a verb needs from the global flags, resolved once.
@@ -52,5 +55,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     match cli.command {
         Command::Doctor => doctor::run(&context),
+        Command::Sample(args) => sample::run(&context, &args),
     }
 }

@@ -61,7 +61,7 @@ impl DType {
 
 pub fn run(context: &Context, args: &SampleArgs) -> anyhow::Result<ExitCode> {
     let model = StableDiffusion::load(&args.model, context.device, args.dtype.kind())
-        .with_context(|| format!("loading model {}", args.model.display()))?;
+        .with_context(|| format!("cannot load model {}", args.model.display()))?;
     let request = Txt2Img {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
@@ -78,19 +78,19 @@ pub fn run(context: &Context, args: &SampleArgs) -> anyhow::Result<ExitCode> {
         ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps {per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let output = model.txt2img(&request, &mut |done, total| {
+    let output = model.txt2img(&request, &mut |done, total, _| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
-    let hash = crate::sd::folder::short_weights_hash(&args.model).unwrap_or_default();
+    let hash = short_weights_hash(&args.model);
     for index in 0..args.batch {
         let path = output_path(&args.out, index, args.batch);
         let parameters = GenerationParameters {
             prompt: args.prompt.clone(),
             negative_prompt: args.negative_prompt.clone(),
             steps: args.steps,
-            sampler: output.scheduler.a1111_name().to_string(),
+            sampler: a1111_sampler_name(output.scheduler).to_string(),
             guidance: args.guidance,
             seed: args.seed,
             width: output.width,
@@ -121,4 +121,32 @@ fn model_name(dir: &Path) -> String {
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| dir.display().to_string())
+}
+
+/// A1111-style short model hash: the first 10 hex digits of the blake3 of the UNet weights.
+fn short_weights_hash(model: &Path) -> String {
+    let unet = model.join("unet");
+    let file = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"]
+        .iter()
+        .map(|name| unet.join(name))
+        .find(|path| path.is_file());
+    let Some(file) = file else { return String::new() };
+    let mut hasher = blake3::Hasher::new();
+    match hasher.update_mmap_rayon(&file) {
+        Ok(_) => hasher.finalize().to_hex()[..10].to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+/// The sampler names AUTOMATIC1111 writes for these schedulers.
+pub fn a1111_sampler_name(kind: SchedulerKind) -> &'static str {
+    match kind {
+        SchedulerKind::Ddim => "DDIM",
+        SchedulerKind::Pndm => "PLMS",
+        SchedulerKind::Lms => "LMS",
+        SchedulerKind::Euler => "Euler",
+        SchedulerKind::EulerAncestral => "Euler a",
+        SchedulerKind::DpmSolverMultistep => "DPM++ 2M",
+        SchedulerKind::Ddpm => "DDPM",
+    }
 }

@@ -13,6 +13,8 @@ use tch::{Device, Kind, Tensor, nn::VarStore};
 /// diffusers StableDiffusionPipeline defaults.
 pub const DEFAULT_STEPS: usize = 50;
 pub const DEFAULT_GUIDANCE: f64 = 7.5;
+/// diffusers' fallback latent size when the UNet config has no `sample_size`.
+const DEFAULT_SAMPLE_SIZE: i64 = 128;
 
 /// A loaded Stable Diffusion model: every component of a diffusers folder.
 pub struct StableDiffusion {
@@ -100,7 +102,7 @@ impl StableDiffusion {
 
     /// The image size diffusers uses when none is given: unet.sample_size × VAE factor.
     pub fn default_size(&self) -> i64 {
-        self.unet.config().sample_size * self.vae_scale_factor()
+        self.unet.config().sample_size.unwrap_or(DEFAULT_SAMPLE_SIZE) * self.vae_scale_factor()
     }
 
     /// 2^(number of VAE blocks − 1), as diffusers computes `vae_scale_factor`.
@@ -122,8 +124,8 @@ impl StableDiffusion {
         Ok(hidden.to_kind(self.kind).repeat([batch, 1, 1]))
     }
 
-    /// Runs txt2img; `on_step(done, total)` is called after each UNet call.
-    pub fn txt2img(&self, request: &Txt2Img, on_step: &mut dyn FnMut(usize, usize)) -> Result<Txt2ImgOutput, PipelineError> {
+    /// Runs txt2img; `on_step(done, total, latents)` is called after each scheduler step.
+    pub fn txt2img(&self, request: &Txt2Img, on_step: &mut dyn FnMut(usize, usize, &Tensor)) -> Result<Txt2ImgOutput, PipelineError> {
         let _no_grad = tch::no_grad_guard();
         let (width, height) = self.checked_size(request)?;
         if request.batch < 1 {
@@ -132,7 +134,10 @@ impl StableDiffusion {
         if request.steps < 1 {
             return Err(PipelineError::BadSteps(request.steps));
         }
-        let kind = request.scheduler.unwrap_or_else(|| self.scheduler_config.own_kind());
+        let kind = match request.scheduler {
+            Some(kind) => kind,
+            None => SchedulerKind::of_config(&self.scheduler_config).map_err(model_error)?,
+        };
         let mut scheduler = schedulers::build(kind, &self.scheduler_config).map_err(model_error)?;
         let guided = request.guidance > 1.0;
         let cond = self.encode_prompt(&request.prompt, request.batch)?;
@@ -141,7 +146,7 @@ impl StableDiffusion {
         } else {
             cond
         };
-        scheduler.set_timesteps(request.steps);
+        scheduler.set_timesteps(request.steps).map_err(model_error)?;
         let factor = self.vae_scale_factor();
         let latent_shape = [request.batch, self.unet.config().in_channels, height / factor, width / factor];
         tch::manual_seed(request.seed as i64);
@@ -153,7 +158,7 @@ impl StableDiffusion {
         for index in 0..total {
             let t = timesteps.get(index as i64);
             let model_input = if guided { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
-            let model_input = scheduler.scale_model_input(&model_input, index);
+            let model_input = scheduler.scale_model_input(&model_input, index).map_err(model_error)?;
             let prediction = self.unet.forward(&model_input, &t.to_device(self.device), &context);
             let prediction = if guided {
                 let halves = prediction.chunk(2, 0);
@@ -161,8 +166,8 @@ impl StableDiffusion {
             } else {
                 prediction
             };
-            latents = scheduler.step(&prediction, index, &latents).prev_sample;
-            on_step(index + 1, total);
+            latents = scheduler.step(&prediction, index, &latents).map_err(model_error)?.prev_sample;
+            on_step(index + 1, total, &latents);
         }
         let images = self.decode(&latents);
         Ok(Txt2ImgOutput { latents, images, width, height, scheduler: kind })

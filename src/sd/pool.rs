@@ -8,21 +8,25 @@ use tch::{Device, Kind};
 
 type PoolKey = (PathBuf, String, String);
 
-fn pool() -> &'static Mutex<HashMap<PoolKey, Arc<StableDiffusion>>> {
-    static POOL: OnceLock<Mutex<HashMap<PoolKey, Arc<StableDiffusion>>>> = OnceLock::new();
+/// A pooled model. libtorch tensors are `Send` but not `Sync`, so users take the lock while
+/// they run it (stages on one device are serialized by the executor's device slot anyway).
+pub type SharedModel = Arc<Mutex<StableDiffusion>>;
+
+fn pool() -> &'static Mutex<HashMap<PoolKey, SharedModel>> {
+    static POOL: OnceLock<Mutex<HashMap<PoolKey, SharedModel>>> = OnceLock::new();
     POOL.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
 /// Returns the loaded model for `dir` on `device` in `kind`, loading it on first use.
 /// Folders produced by the cache are immutable, so the canonical path identifies the weights.
-pub fn get(dir: &Path, device: Device, kind: Kind) -> Result<Arc<StableDiffusion>, PipelineError> {
+pub fn get(dir: &Path, device: Device, kind: Kind) -> Result<SharedModel, PipelineError> {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let key = (canonical.clone(), format!("{device:?}"), format!("{kind:?}"));
     let mut models = pool().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(model) = models.get(&key) {
         return Ok(Arc::clone(model));
     }
-    let model = Arc::new(StableDiffusion::load(&canonical, device, kind)?);
+    let model = Arc::new(Mutex::new(StableDiffusion::load(&canonical, device, kind)?));
     models.insert(key, Arc::clone(&model));
     Ok(model)
 }
