@@ -478,3 +478,109 @@ fn pndm_prk_and_plms_runs_end_close_to_each_other() {
     let (plms, prk) = (run(true), run(false));
     assert_close("pndm.prk_vs_plms", &prk, &plms, 0.05);
 }
+
+/// The training sigmas `sqrt((1 - acp) / acp)` of the model config, in float64.
+fn train_sigmas() -> Vec<f64> {
+    let ddpm = DdpmScheduler::new(&model_config()).expect("ddpm");
+    values(ddpm.alphas_cumprod())
+        .into_iter()
+        .map(|a| ((1.0 - a) / a).sqrt())
+        .collect()
+}
+
+/// The training sigma at fractional timestep `t`, interpolated in log space.
+fn sigma_at(train: &[f64], t: f64) -> f64 {
+    let low = (t.floor() as usize).min(train.len() - 2);
+    let w = t - low as f64;
+    ((1.0 - w) * train[low].ln() + w * train[low + 1].ln()).exp()
+}
+
+#[test]
+fn karras_sigmas_follow_the_rho_7_ramp_and_map_back_to_their_timesteps() {
+    let train = train_sigmas();
+    let (sigma_max, sigma_min) = (train[999], train[0]);
+    let mut config = model_config();
+    config.use_karras_sigmas = Some(true);
+    for kind in [
+        SchedulerKind::Euler,
+        SchedulerKind::Lms,
+        SchedulerKind::DpmSolverMultistep,
+    ] {
+        let scheduler = built(kind, &config, 20);
+        let sigmas = values(scheduler.sigmas().expect("sigmas"));
+        assert_eq!(sigmas.len(), 21, "{kind}: sigmas");
+        assert_eq!(sigmas[20], 0.0, "{kind}: final sigma");
+        assert_same_values(
+            &format!("{kind}.karras.ends"),
+            &[sigmas[0], sigmas[19]],
+            &[sigma_max, sigma_min],
+            1e-6,
+        );
+        let roots: Vec<f64> = sigmas[..20].iter().map(|s| s.powf(1.0 / 7.0)).collect();
+        let step = (roots[19] - roots[0]) / 19.0;
+        for (i, root) in roots.iter().enumerate() {
+            let expected = roots[0] + step * i as f64;
+            assert!(
+                (root - expected).abs() < 1e-6,
+                "{kind}: sigma {i} off the rho-7 ramp"
+            );
+        }
+        let timesteps = values(scheduler.timesteps());
+        assert_eq!(timesteps.len(), 20, "{kind}: timesteps");
+        assert!(
+            timesteps.windows(2).all(|w| w[0] > w[1]),
+            "{kind}: {timesteps:?}"
+        );
+        for (i, (&t, &sigma)) in timesteps.iter().zip(&sigmas).enumerate() {
+            if kind == SchedulerKind::DpmSolverMultistep {
+                // Rounded to the nearest training timestep.
+                let exact_t = (0..999)
+                    .map(|k| k as f64)
+                    .find(|&k| sigma_at(&train, k + 1.0) >= sigma)
+                    .map(|k| {
+                        k + (sigma.ln() - train[k as usize].ln())
+                            / (train[k as usize + 1].ln() - train[k as usize].ln())
+                    })
+                    .unwrap_or(999.0);
+                assert!(
+                    (t - exact_t).abs() <= 0.5 + 1e-6,
+                    "{kind}: t[{i}] = {t}, sigma's t = {exact_t}"
+                );
+            } else {
+                let back = sigma_at(&train, t);
+                assert!(
+                    (back - sigma).abs() <= 1e-4 * sigma,
+                    "{kind}: t[{i}] = {t} gives sigma {back}, not {sigma}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        values(built(SchedulerKind::DpmSolverMultistep, &config, 20).timesteps())[0],
+        999.0
+    );
+}
+
+#[test]
+fn dpm_solver_karras_20_steps_lands_near_the_50_step_reference() {
+    // Same ODE, different discretisation: DPM-Solver++(2M) with 20 Karras steps should end close
+    // to diffusers' 50-step DPM-Solver++ result from the fixture.
+    let golden = load_tensors("dpmsolver_multistep.safetensors");
+    let mut config = model_config();
+    config.use_karras_sigmas = Some(true);
+    let mut scheduler = built(SchedulerKind::DpmSolverMultistep, &config, 20);
+    let mut sample = get(&golden, "n50.initial_noise").shallow_clone();
+    for (i, t) in values(scheduler.timesteps()).into_iter().enumerate() {
+        let model_output = &sample * 0.1 + 0.001 * t;
+        sample = scheduler
+            .step(&model_output, i, &sample)
+            .unwrap()
+            .prev_sample;
+    }
+    assert_close(
+        "dpm++.karras20_vs_n50",
+        &sample,
+        get(&golden, "n50.final_sample"),
+        2e-2,
+    );
+}
