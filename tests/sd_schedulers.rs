@@ -45,12 +45,16 @@ fn load_tensors(file: &str) -> HashMap<String, Tensor> {
 }
 
 fn schedulers_json() -> Value {
-    let path = Path::new(FIXTURES).join("schedulers.json");
-    let text = std::fs::read_to_string(&path).expect("schedulers.json");
+    python_json(&Path::new(FIXTURES).join("schedulers.json"))
+}
+
+/// Reads a JSON file written by Python's json module.
+fn python_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     // Python's json writes DPM-Solver's lambda_min_clipped as a bare -Infinity; quote it
     // (SchedulerConfig accepts the quoted form as well as the bare one).
     let text = text.replace("-Infinity", "\"-Infinity\"");
-    serde_json::from_str(&text).expect("schedulers.json parses")
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn model_config() -> SchedulerConfig {
@@ -583,4 +587,35 @@ fn dpm_solver_karras_20_steps_lands_near_the_50_step_reference() {
         get(&golden, "n50.final_sample"),
         2e-2,
     );
+}
+
+#[test]
+fn pipeline_runs_get_the_timesteps_and_unet_call_counts_diffusers_used() {
+    let path = Path::new("tests/fixtures/sd-tiny/pipeline/pipeline.json");
+    let json = python_json(path);
+    let steps = json["num_inference_steps"]
+        .as_u64()
+        .expect("num_inference_steps") as usize;
+    for (kind, name) in SCHEDULERS {
+        let run = &json["runs"][name];
+        let scheduler = built(kind, &model_config(), steps);
+        let timesteps = values(scheduler.timesteps());
+        let key = format!("pipeline.{name}");
+        let expected = json_f64s(&run["timesteps_passed_to_unet"]);
+        assert_same_values(
+            &format!("{key}.timesteps"),
+            &timesteps,
+            &expected,
+            JSON_EXACT,
+        );
+        let calls = run["num_unet_calls"].as_u64().expect("num_unet_calls") as usize;
+        assert_eq!(timesteps.len(), calls, "{key}: UNet calls");
+        let init = run["init_noise_sigma"].as_f64().expect("init_noise_sigma");
+        assert_same_values(
+            &format!("{key}.init"),
+            &[scheduler.init_noise_sigma()],
+            &[init],
+            SIGMA_TOL,
+        );
+    }
 }
