@@ -619,3 +619,30 @@ fn pipeline_runs_get_the_timesteps_and_unet_call_counts_diffusers_used() {
         );
     }
 }
+
+#[test]
+fn zero_terminal_snr_rescaling_keeps_the_first_alpha_and_zeroes_the_last() {
+    let plain = values(
+        DdpmScheduler::new(&model_config())
+            .unwrap()
+            .alphas_cumprod(),
+    );
+    let mut config = model_config();
+    config.rescale_betas_zero_snr = Some(true);
+    let rescaled = values(DdpmScheduler::new(&config).unwrap().alphas_cumprod());
+    assert_same_values("rescaled.acp[0]", &[rescaled[0]], &[plain[0]], 1e-6);
+    assert!(
+        rescaled[999].abs() < 1e-12,
+        "terminal alphas_cumprod {}",
+        rescaled[999]
+    );
+    assert!(
+        rescaled.windows(2).all(|w| w[0] > w[1]),
+        "alphas_cumprod must decrease"
+    );
+    // Euler floors the terminal alphas_cumprod at 2**-24, so its largest sigma is finite:
+    // sqrt((1 - 2^-24) / 2^-24) = 4096 (to float32 precision).
+    let euler = built(SchedulerKind::Euler, &config, 10);
+    let first_sigma = values(euler.sigmas().unwrap())[0];
+    assert_same_values("rescaled.euler.sigma_max", &[first_sigma], &[4096.0], 1e-6);
+}
