@@ -397,14 +397,18 @@ impl DpmSolverMultistepScheduler {
         if order == 1 {
             return Ok((m0.shallow_clone(), None, None));
         }
-        let s1 = Point::of_sigma(at(&self.sigma_values, step_index - 1, NAME)?);
+        let earlier = |back: usize| {
+            let index = step_index.checked_sub(back).unwrap_or(usize::MAX);
+            at(&self.sigma_values, index, NAME).map(Point::of_sigma)
+        };
+        let s1 = earlier(1)?;
         let m1 = self.history(1)?;
         let r0 = (s0.lambda - s1.lambda) / h;
         let d1_0 = m0.f_sub(m1)?.f_mul_scalar(f64::from(1.0 / r0))?;
         if order == 2 {
             return Ok((m0.shallow_clone(), Some(d1_0), None));
         }
-        let s2 = Point::of_sigma(at(&self.sigma_values, step_index - 2, NAME)?);
+        let s2 = earlier(2)?;
         let m2 = self.history(2)?;
         let r1 = (s1.lambda - s2.lambda) / h;
         let d1_1 = m1.f_sub(m2)?.f_mul_scalar(f64::from(1.0 / r1))?;
