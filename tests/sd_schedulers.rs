@@ -6,6 +6,7 @@ use dreampipe::sd::schedulers::{
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Mutex;
 use tch::{Kind, Tensor};
 
 const FIXTURES: &str = "tests/fixtures/sd-tiny/schedulers";
@@ -19,6 +20,10 @@ const SIGMA_TOL: f64 = 1e-6;
 const JSON_EXACT: f64 = 1e-12;
 /// Seeds from schedulers.json (`initial_noise_seed`) and the README (`step_generator_seed`).
 const STEP_GENERATOR_SEED: i64 = 101;
+
+/// tch's global CPU generator is process-wide and tests run on parallel threads: loops that
+/// seed it and draw from it hold this lock.
+static GLOBAL_RNG: Mutex<()> = Mutex::new(());
 
 /// (kind, fixture name) of every scheduler.
 const SCHEDULERS: [(SchedulerKind, &str); 7] = [
@@ -40,12 +45,16 @@ fn load_tensors(file: &str) -> HashMap<String, Tensor> {
 }
 
 fn schedulers_json() -> Value {
-    let path = Path::new(FIXTURES).join("schedulers.json");
-    let text = std::fs::read_to_string(&path).expect("schedulers.json");
+    python_json(&Path::new(FIXTURES).join("schedulers.json"))
+}
+
+/// Reads a JSON file written by Python's json module.
+fn python_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     // Python's json writes DPM-Solver's lambda_min_clipped as a bare -Infinity; quote it
     // (SchedulerConfig accepts the quoted form as well as the bare one).
     let text = text.replace("-Infinity", "\"-Infinity\"");
-    serde_json::from_str(&text).expect("schedulers.json parses")
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn model_config() -> SchedulerConfig {
@@ -168,6 +177,9 @@ fn run_loop(name: &str, kind: SchedulerKind, n: usize, per_step: bool) {
         initial,
         STEP_TOL,
     );
+    let _rng = GLOBAL_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     tch::manual_seed(STEP_GENERATOR_SEED);
     let timesteps = values(scheduler.timesteps());
     for (i, &t) in timesteps.iter().enumerate() {
@@ -376,4 +388,261 @@ fn out_of_range_step_index_and_step_counts_are_errors() {
             .contains("num_inference_steps = 1001 is invalid"),
         "{error}"
     );
+}
+
+/// A config like the model's with `prediction_type` (and optionally the spacing) replaced.
+fn config_with(prediction: &str, spacing: Option<&str>) -> SchedulerConfig {
+    let mut config = model_config();
+    config.prediction_type = Some(prediction.to_string());
+    config.timestep_spacing = spacing.map(str::to_string);
+    config
+}
+
+#[test]
+fn exact_model_outputs_recover_the_clean_sample_for_every_prediction_type() {
+    // x_t = add_noise(x0, eps, t); a model that outputs the exact eps / v / x0 target must make
+    // pred_original_sample == x0 (DDIM, DDPM; Euler and LMS in sigma space, x = x_t * sqrt(1 + sigma^2)).
+    let golden = load_tensors("add_noise.safetensors");
+    let x0 = get(&golden, "original").narrow(0, 0, 1);
+    let eps = get(&golden, "noise").narrow(0, 0, 1);
+    let ddpm = DdpmScheduler::new(&model_config()).expect("ddpm");
+    let _rng = GLOBAL_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for kind in [
+        SchedulerKind::Ddim,
+        SchedulerKind::Ddpm,
+        SchedulerKind::Euler,
+        SchedulerKind::Lms,
+    ] {
+        for prediction in ["epsilon", "v_prediction", "sample"] {
+            let mut scheduler = built(kind, &config_with(prediction, Some("leading")), 10);
+            let step = 3;
+            let t = values(scheduler.timesteps())[step] as i64;
+            let timesteps = Tensor::from_slice(&[t]);
+            let x_t = ddpm.add_noise(&x0, &eps, &timesteps).unwrap();
+            let target = match prediction {
+                "epsilon" => eps.shallow_clone(),
+                "v_prediction" => ddpm.get_velocity(&x0, &eps, &timesteps).unwrap(),
+                _ => x0.shallow_clone(),
+            };
+            let sample = match scheduler.sigmas() {
+                Some(sigmas) => {
+                    let sigma = values(sigmas)[step];
+                    &x_t * (sigma * sigma + 1.0).sqrt()
+                }
+                None => x_t,
+            };
+            let output = scheduler.step(&target, step, &sample).expect("step");
+            let pred = output.pred_original_sample.expect("pred_original_sample");
+            assert_close(
+                &format!("{kind}.{prediction}.pred_original"),
+                &pred,
+                &x0,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn pndm_without_skip_prk_steps_runs_the_runge_kutta_warm_up_first() {
+    // Expected values derived by hand from diffusers' PNDMScheduler.set_timesteps (N=10,
+    // leading, steps_offset 1): 12 PRK timesteps around the 4 highest, then PLMS from 601.
+    let mut config = model_config();
+    config.skip_prk_steps = Some(false);
+    let scheduler = built(SchedulerKind::Pndm, &config, 10);
+    let expected = [
+        901, 851, 851, 801, 801, 751, 751, 701, 701, 651, 651, 601, 601, 501, 401, 301, 201, 101, 1,
+    ];
+    let expected: Vec<f64> = expected.iter().map(|&t| t as f64).collect();
+    assert_eq!(values(scheduler.timesteps()), expected);
+}
+
+#[test]
+fn pndm_prk_and_plms_runs_end_close_to_each_other() {
+    // Both integrate the same ODE: with the fixture's smooth model the 10-step results agree to
+    // within the methods' discretisation difference.
+    let golden = load_tensors("pndm.safetensors");
+    let noise = get(&golden, "n10.initial_noise");
+    let run = |skip_prk: bool| {
+        let mut config = model_config();
+        config.skip_prk_steps = Some(skip_prk);
+        let mut scheduler = built(SchedulerKind::Pndm, &config, 10);
+        let mut sample = noise.shallow_clone();
+        for (i, t) in values(scheduler.timesteps()).into_iter().enumerate() {
+            let model_output = &sample * 0.1 + 0.001 * t;
+            sample = scheduler
+                .step(&model_output, i, &sample)
+                .unwrap()
+                .prev_sample;
+        }
+        sample
+    };
+    let (plms, prk) = (run(true), run(false));
+    assert_close("pndm.prk_vs_plms", &prk, &plms, 0.05);
+}
+
+/// The training sigmas `sqrt((1 - acp) / acp)` of the model config, in float64.
+fn train_sigmas() -> Vec<f64> {
+    let ddpm = DdpmScheduler::new(&model_config()).expect("ddpm");
+    values(ddpm.alphas_cumprod())
+        .into_iter()
+        .map(|a| ((1.0 - a) / a).sqrt())
+        .collect()
+}
+
+/// The training sigma at fractional timestep `t`, interpolated in log space.
+fn sigma_at(train: &[f64], t: f64) -> f64 {
+    let low = (t.floor() as usize).min(train.len() - 2);
+    let w = t - low as f64;
+    ((1.0 - w) * train[low].ln() + w * train[low + 1].ln()).exp()
+}
+
+#[test]
+fn karras_sigmas_follow_the_rho_7_ramp_and_map_back_to_their_timesteps() {
+    let train = train_sigmas();
+    let (sigma_max, sigma_min) = (train[999], train[0]);
+    let mut config = model_config();
+    config.use_karras_sigmas = Some(true);
+    for kind in [
+        SchedulerKind::Euler,
+        SchedulerKind::Lms,
+        SchedulerKind::DpmSolverMultistep,
+    ] {
+        let scheduler = built(kind, &config, 20);
+        let sigmas = values(scheduler.sigmas().expect("sigmas"));
+        assert_eq!(sigmas.len(), 21, "{kind}: sigmas");
+        assert_eq!(sigmas[20], 0.0, "{kind}: final sigma");
+        assert_same_values(
+            &format!("{kind}.karras.ends"),
+            &[sigmas[0], sigmas[19]],
+            &[sigma_max, sigma_min],
+            1e-6,
+        );
+        let roots: Vec<f64> = sigmas[..20].iter().map(|s| s.powf(1.0 / 7.0)).collect();
+        let step = (roots[19] - roots[0]) / 19.0;
+        for (i, root) in roots.iter().enumerate() {
+            let expected = roots[0] + step * i as f64;
+            assert!(
+                (root - expected).abs() < 1e-6,
+                "{kind}: sigma {i} off the rho-7 ramp"
+            );
+        }
+        let timesteps = values(scheduler.timesteps());
+        assert_eq!(timesteps.len(), 20, "{kind}: timesteps");
+        assert!(
+            timesteps.windows(2).all(|w| w[0] > w[1]),
+            "{kind}: {timesteps:?}"
+        );
+        for (i, (&t, &sigma)) in timesteps.iter().zip(&sigmas).enumerate() {
+            if kind == SchedulerKind::DpmSolverMultistep {
+                // Rounded to the nearest training timestep.
+                let exact_t = (0..999)
+                    .map(|k| k as f64)
+                    .find(|&k| sigma_at(&train, k + 1.0) >= sigma)
+                    .map(|k| {
+                        k + (sigma.ln() - train[k as usize].ln())
+                            / (train[k as usize + 1].ln() - train[k as usize].ln())
+                    })
+                    .unwrap_or(999.0);
+                assert!(
+                    (t - exact_t).abs() <= 0.5 + 1e-6,
+                    "{kind}: t[{i}] = {t}, sigma's t = {exact_t}"
+                );
+            } else {
+                let back = sigma_at(&train, t);
+                assert!(
+                    (back - sigma).abs() <= 1e-4 * sigma,
+                    "{kind}: t[{i}] = {t} gives sigma {back}, not {sigma}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        values(built(SchedulerKind::DpmSolverMultistep, &config, 20).timesteps())[0],
+        999.0
+    );
+}
+
+#[test]
+fn dpm_solver_karras_20_steps_lands_near_the_50_step_reference() {
+    // Same ODE, different discretisation: DPM-Solver++(2M) with 20 Karras steps should end close
+    // to diffusers' 50-step DPM-Solver++ result from the fixture.
+    let golden = load_tensors("dpmsolver_multistep.safetensors");
+    let mut config = model_config();
+    config.use_karras_sigmas = Some(true);
+    let mut scheduler = built(SchedulerKind::DpmSolverMultistep, &config, 20);
+    let mut sample = get(&golden, "n50.initial_noise").shallow_clone();
+    for (i, t) in values(scheduler.timesteps()).into_iter().enumerate() {
+        let model_output = &sample * 0.1 + 0.001 * t;
+        sample = scheduler
+            .step(&model_output, i, &sample)
+            .unwrap()
+            .prev_sample;
+    }
+    assert_close(
+        "dpm++.karras20_vs_n50",
+        &sample,
+        get(&golden, "n50.final_sample"),
+        2e-2,
+    );
+}
+
+#[test]
+fn pipeline_runs_get_the_timesteps_and_unet_call_counts_diffusers_used() {
+    let path = Path::new("tests/fixtures/sd-tiny/pipeline/pipeline.json");
+    let json = python_json(path);
+    let steps = json["num_inference_steps"]
+        .as_u64()
+        .expect("num_inference_steps") as usize;
+    for (kind, name) in SCHEDULERS {
+        let run = &json["runs"][name];
+        let scheduler = built(kind, &model_config(), steps);
+        let timesteps = values(scheduler.timesteps());
+        let key = format!("pipeline.{name}");
+        let expected = json_f64s(&run["timesteps_passed_to_unet"]);
+        assert_same_values(
+            &format!("{key}.timesteps"),
+            &timesteps,
+            &expected,
+            JSON_EXACT,
+        );
+        let calls = run["num_unet_calls"].as_u64().expect("num_unet_calls") as usize;
+        assert_eq!(timesteps.len(), calls, "{key}: UNet calls");
+        let init = run["init_noise_sigma"].as_f64().expect("init_noise_sigma");
+        assert_same_values(
+            &format!("{key}.init"),
+            &[scheduler.init_noise_sigma()],
+            &[init],
+            SIGMA_TOL,
+        );
+    }
+}
+
+#[test]
+fn zero_terminal_snr_rescaling_keeps_the_first_alpha_and_zeroes_the_last() {
+    let plain = values(
+        DdpmScheduler::new(&model_config())
+            .unwrap()
+            .alphas_cumprod(),
+    );
+    let mut config = model_config();
+    config.rescale_betas_zero_snr = Some(true);
+    let rescaled = values(DdpmScheduler::new(&config).unwrap().alphas_cumprod());
+    assert_same_values("rescaled.acp[0]", &[rescaled[0]], &[plain[0]], 1e-6);
+    assert!(
+        rescaled[999].abs() < 1e-12,
+        "terminal alphas_cumprod {}",
+        rescaled[999]
+    );
+    assert!(
+        rescaled.windows(2).all(|w| w[0] > w[1]),
+        "alphas_cumprod must decrease"
+    );
+    // Euler floors the terminal alphas_cumprod at 2**-24, so its largest sigma is finite:
+    // sqrt((1 - 2^-24) / 2^-24) = 4096 (to float32 precision).
+    let euler = built(SchedulerKind::Euler, &config, 10);
+    let first_sigma = values(euler.sigmas().unwrap())[0];
+    assert_same_values("rescaled.euler.sigma_max", &[first_sigma], &[4096.0], 1e-6);
 }

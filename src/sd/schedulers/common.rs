@@ -309,15 +309,96 @@ pub(crate) fn float_timesteps(
     }
 }
 
-/// Sigmas at (fractional) timesteps by linear interpolation of the training sigmas, then a
-/// final `last` entry, rounded to float32 (LMS/Euler/EulerA/DPM `set_timesteps`).
-pub(crate) fn interpolated_sigmas(timesteps: &[f64], train_sigmas: &[f32], last: f64) -> Vec<f32> {
-    timesteps
-        .iter()
-        .map(|&t| numpy_interp(t, train_sigmas))
-        .chain(std::iter::once(last))
-        .map(|sigma| sigma as f32)
-        .collect()
+/// diffusers' `_convert_to_karras` exponent (rho = 7, "the value used in the paper").
+const KARRAS_RHO: f64 = 7.0;
+/// `_sigma_to_t` floors sigma at this before taking its log.
+const MIN_SIGMA_FOR_LOG: f64 = 1e-10;
+
+/// How the inference sigmas are spaced (`use_karras_sigmas` / `use_exponential_sigmas`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SigmaSpacing {
+    /// The training sigmas at the spaced timesteps.
+    Interpolated,
+    /// Karras et al. (2022) rho-spacing between sigma_max and sigma_min.
+    Karras,
+    /// Log-linear spacing between sigma_max and sigma_min.
+    Exponential,
+}
+
+impl SigmaSpacing {
+    /// Reads the `use_*_sigmas` flags; `use_beta_sigmas` (scipy's beta ppf) is not ported and
+    /// setting more than one flag is an error, as in diffusers.
+    pub(crate) fn from_config(
+        config: &SchedulerConfig,
+        scheduler: &'static str,
+    ) -> Result<Self, SchedulerError> {
+        config.reject_true(scheduler, &[("use_beta_sigmas", config.use_beta_sigmas)])?;
+        let karras = config.use_karras_sigmas == Some(true);
+        let exponential = config.use_exponential_sigmas == Some(true);
+        match (karras, exponential) {
+            (true, true) => Err(config.unsupported(
+                scheduler,
+                "use_exponential_sigmas",
+                "true together with use_karras_sigmas (diffusers allows only one)",
+            )),
+            (true, false) => Ok(Self::Karras),
+            (false, true) => Ok(Self::Exponential),
+            (false, false) => Ok(Self::Interpolated),
+        }
+    }
+
+    /// Respaces descending `in_sigmas` into `n` sigmas (float64), with optional bounds
+    /// (`sigma_min`/`sigma_max`, which only Euler's config carries).
+    pub(crate) fn respace(
+        self,
+        in_sigmas: &[f64],
+        n: usize,
+        bounds: (Option<f64>, Option<f64>),
+    ) -> Vec<f64> {
+        let sigma_min = bounds.0.unwrap_or(in_sigmas[in_sigmas.len() - 1]);
+        let sigma_max = bounds.1.unwrap_or(in_sigmas[0]);
+        match self {
+            Self::Interpolated => in_sigmas.to_vec(),
+            Self::Karras => {
+                let min_inv_rho = sigma_min.powf(1.0 / KARRAS_RHO);
+                let max_inv_rho = sigma_max.powf(1.0 / KARRAS_RHO);
+                numpy_linspace(0.0, 1.0, n)
+                    .into_iter()
+                    .map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(KARRAS_RHO))
+                    .collect()
+            }
+            Self::Exponential => numpy_linspace(sigma_max.ln(), sigma_min.ln(), n)
+                .into_iter()
+                .map(f64::exp)
+                .collect(),
+        }
+    }
+}
+
+/// diffusers `_sigma_to_t`: the fractional training timestep whose sigma is `sigma`, by linear
+/// interpolation in log-sigma (`log_sigmas` = float32 `np.log` of the training sigmas).
+pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(MIN_SIGMA_FOR_LOG).ln();
+    // argmax of cumsum(dists >= 0): the first index where the running count peaks.
+    let (mut count, mut best, mut low_idx) = (0usize, 0usize, 0usize);
+    for (i, &log) in log_sigmas.iter().enumerate() {
+        if log_sigma - f64::from(log) >= 0.0 {
+            count += 1;
+        }
+        if count > best {
+            best = count;
+            low_idx = i;
+        }
+    }
+    let low_idx = low_idx.min(log_sigmas.len() - 2);
+    let (low, high) = (log_sigmas[low_idx], log_sigmas[low_idx + 1]);
+    let w = ((f64::from(low) - log_sigma) / f64::from(low - high)).clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f64 + w * (low_idx + 1) as f64
+}
+
+/// float32 natural logs of the training sigmas (numpy `np.log` on a float32 array).
+pub(crate) fn log_sigmas(train_sigmas: &[f32]) -> Vec<f32> {
+    train_sigmas.iter().map(|s| s.ln()).collect()
 }
 
 /// `sigmas.max()` for linspace/trailing, `(max**2 + 1) ** 0.5` for leading (float32).

@@ -32,6 +32,8 @@ pub struct SchedulerConfig {
     pub use_lu_lambdas: Option<bool>,
     pub use_flow_sigmas: Option<bool>,
     pub use_dynamic_shifting: Option<bool>,
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
     pub interpolation_type: Option<String>,
     pub timestep_type: Option<String>,
     pub final_sigmas_type: Option<String>,

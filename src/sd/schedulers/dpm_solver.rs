@@ -3,8 +3,9 @@
 //! `lower_order_final`). Also the first/second/third-order updates of `dpmsolver`, and the SDE
 //! variants (noise from tch's global CPU generator).
 use super::common::{
-    PREDICTION_TYPES, PredictionType, SPACINGS, TimestepSpacing, TrainSchedule, ZeroSnr,
-    check_steps, cpu_noise_like, interpolated_sigmas, numpy_arange, numpy_linspace,
+    PREDICTION_TYPES, PredictionType, SPACINGS, SigmaSpacing, TimestepSpacing, TrainSchedule,
+    ZeroSnr, check_steps, cpu_noise_like, log_sigmas, numpy_arange, numpy_interp, numpy_linspace,
+    sigma_to_t,
 };
 use super::euler::{FINAL_SIGMA_TYPES, FinalSigma};
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
@@ -110,6 +111,9 @@ pub struct DpmSolverMultistepScheduler {
     euler_at_final: bool,
     final_sigma: FinalSigma,
     lambda_min_clipped: f64,
+    sigma_spacing: SigmaSpacing,
+    /// `beta_schedule` is squaredcos_cap_v2: Karras timesteps are then truncated, not rounded.
+    cosine_schedule: bool,
     sigma_values: Vec<f32>,
     sigmas: Tensor,
     timesteps: Tensor,
@@ -170,6 +174,8 @@ impl DpmSolverMultistepScheduler {
             euler_at_final: config.euler_at_final.unwrap_or(false),
             final_sigma,
             lambda_min_clipped: config.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY),
+            sigma_spacing: SigmaSpacing::from_config(config, NAME)?,
+            cosine_schedule: config.beta_schedule.as_deref() == Some("squaredcos_cap_v2"),
             sigma_values: Vec::new(),
             sigmas: Tensor::from_slice::<f32>(&[]),
             timesteps: Tensor::from_slice::<i64>(&[]),
@@ -217,6 +223,33 @@ impl DpmSolverMultistepScheduler {
                     .collect()
             }
         })
+    }
+
+    /// (timesteps, sigmas without the final one) for `n` steps.
+    fn schedule(&self, n: usize) -> Result<(Vec<i64>, Vec<f64>), SchedulerError> {
+        let train_sigmas = self.train.train_sigmas()?;
+        if self.sigma_spacing == SigmaSpacing::Interpolated {
+            let timesteps = self.integer_timesteps(n)?;
+            let sigmas = timesteps
+                .iter()
+                .map(|&t| numpy_interp(t as f64, &train_sigmas))
+                .collect();
+            return Ok((timesteps, sigmas));
+        }
+        let descending: Vec<f64> = train_sigmas.iter().rev().map(|&s| f64::from(s)).collect();
+        let sigmas = self.sigma_spacing.respace(&descending, n, (None, None));
+        let logs = log_sigmas(&train_sigmas);
+        let round = self.sigma_spacing == SigmaSpacing::Karras && !self.cosine_schedule;
+        let timesteps = sigmas
+            .iter()
+            .map(|&sigma| {
+                let t = sigma_to_t(sigma, &logs);
+                // diffusers rounds Karras timesteps (except for cosine betas); the int64
+                // conversion then truncates.
+                (if round { t.round_ties_even() } else { t }) as i64
+            })
+            .collect();
+        Ok((timesteps, sigmas))
     }
 
     /// diffusers `convert_model_output`: x0 (dpmsolver++) or epsilon (dpmsolver).
@@ -364,14 +397,18 @@ impl DpmSolverMultistepScheduler {
         if order == 1 {
             return Ok((m0.shallow_clone(), None, None));
         }
-        let s1 = Point::of_sigma(at(&self.sigma_values, step_index - 1, NAME)?);
+        let earlier = |back: usize| {
+            let index = step_index.checked_sub(back).unwrap_or(usize::MAX);
+            at(&self.sigma_values, index, NAME).map(Point::of_sigma)
+        };
+        let s1 = earlier(1)?;
         let m1 = self.history(1)?;
         let r0 = (s0.lambda - s1.lambda) / h;
         let d1_0 = m0.f_sub(m1)?.f_mul_scalar(f64::from(1.0 / r0))?;
         if order == 2 {
             return Ok((m0.shallow_clone(), Some(d1_0), None));
         }
-        let s2 = Point::of_sigma(at(&self.sigma_values, step_index - 2, NAME)?);
+        let s2 = earlier(2)?;
         let m2 = self.history(2)?;
         let r1 = (s1.lambda - s2.lambda) / h;
         let d1_1 = m1.f_sub(m2)?.f_mul_scalar(f64::from(1.0 / r1))?;
@@ -387,9 +424,6 @@ fn reject_unsupported(config: &SchedulerConfig) -> Result<(), SchedulerError> {
         NAME,
         &[
             ("thresholding", config.thresholding),
-            ("use_karras_sigmas", config.use_karras_sigmas),
-            ("use_exponential_sigmas", config.use_exponential_sigmas),
-            ("use_beta_sigmas", config.use_beta_sigmas),
             ("use_lu_lambdas", config.use_lu_lambdas),
             ("use_flow_sigmas", config.use_flow_sigmas),
             ("use_dynamic_shifting", config.use_dynamic_shifting),
@@ -426,10 +460,13 @@ impl Scheduler for DpmSolverMultistepScheduler {
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
         check_steps(NAME, num_inference_steps, self.train.num_train_timesteps)?;
-        let timesteps = self.integer_timesteps(num_inference_steps)?;
-        let at_points: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+        let (timesteps, sigmas) = self.schedule(num_inference_steps)?;
         let last = self.final_sigma.value(&self.train);
-        let sigmas = interpolated_sigmas(&at_points, &self.train.train_sigmas()?, last);
+        let sigmas: Vec<f32> = sigmas
+            .into_iter()
+            .chain(std::iter::once(last))
+            .map(|sigma| sigma as f32)
+            .collect();
         self.timesteps = Tensor::from_slice(&timesteps).f_to_kind(Kind::Int64)?;
         self.sigmas = Tensor::from_slice(&sigmas);
         self.sigma_values = sigmas;

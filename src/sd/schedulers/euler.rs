@@ -1,10 +1,11 @@
 //! Euler (diffusers `EulerDiscreteScheduler`), deterministic (`s_churn = 0`, as the SD
 //! pipelines call it): one Euler step of the probability-flow ODE in sigma space.
+use super::common::SigmaSpacing;
 use super::common::{
     PREDICTION_TYPES, PredictionType, SPACINGS, TimestepSpacing, TrainSchedule, ZeroSnr,
     check_steps, sigma_init_noise,
 };
-use super::lms::{sigma_pred_original, sigma_scale_input, sigma_schedule};
+use super::lms::{SigmaOptions, sigma_pred_original, sigma_scale_input, sigma_schedule};
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
 
@@ -43,6 +44,9 @@ pub struct EulerScheduler {
     spacing: TimestepSpacing,
     steps_offset: i64,
     final_sigma: FinalSigma,
+    sigma_spacing: SigmaSpacing,
+    /// `sigma_min` / `sigma_max` config overrides of the Karras/exponential bounds.
+    sigma_bounds: (Option<f64>, Option<f64>),
     sigma_values: Vec<f32>,
     sigmas: Tensor,
     timesteps: Tensor,
@@ -51,14 +55,7 @@ pub struct EulerScheduler {
 impl EulerScheduler {
     /// `EulerDiscreteScheduler.from_config(config)`.
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
-        config.reject_true(
-            NAME,
-            &[
-                ("use_karras_sigmas", config.use_karras_sigmas),
-                ("use_exponential_sigmas", config.use_exponential_sigmas),
-                ("use_beta_sigmas", config.use_beta_sigmas),
-            ],
-        )?;
+        let sigma_spacing = SigmaSpacing::from_config(config, NAME)?;
         let interpolation = config.interpolation_type.as_deref();
         config.choice(
             NAME,
@@ -96,6 +93,8 @@ impl EulerScheduler {
             spacing,
             steps_offset: config.steps_offset.unwrap_or(0),
             final_sigma,
+            sigma_spacing,
+            sigma_bounds: (config.sigma_min, config.sigma_max),
             sigma_values: Vec::new(),
             sigmas: Tensor::from_slice::<f32>(&[]),
             timesteps: Tensor::from_slice::<f32>(&[]),
@@ -113,13 +112,17 @@ impl Scheduler for EulerScheduler {
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
         check_steps(NAME, num_inference_steps, self.train.num_train_timesteps)?;
-        let last = self.final_sigma.value(&self.train);
+        let options = SigmaOptions {
+            spacing: self.sigma_spacing,
+            bounds: self.sigma_bounds,
+            final_sigma: self.final_sigma.value(&self.train),
+        };
         let (timesteps, sigmas) = sigma_schedule(
             &self.train,
             self.spacing,
             self.steps_offset,
             num_inference_steps,
-            last,
+            &options,
         )?;
         self.timesteps = Tensor::from_slice(&timesteps);
         self.sigmas = Tensor::from_slice(&sigmas);

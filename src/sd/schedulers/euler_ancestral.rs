@@ -1,11 +1,12 @@
 //! Euler ancestral (diffusers `EulerAncestralDiscreteScheduler`): an Euler step down to
 //! sigma_down, then fresh noise of size sigma_up (drawn from tch's global CPU generator at every
 //! step, the last one included, like diffusers).
+use super::common::SigmaSpacing;
 use super::common::{
     PredictionType, SPACINGS, TimestepSpacing, TrainSchedule, ZeroSnr, check_steps, cpu_noise_like,
     sigma_init_noise,
 };
-use super::lms::{sigma_pred_original, sigma_scale_input, sigma_schedule};
+use super::lms::{SigmaOptions, sigma_pred_original, sigma_scale_input, sigma_schedule};
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
 
@@ -71,7 +72,11 @@ impl Scheduler for EulerAncestralScheduler {
             self.spacing,
             self.steps_offset,
             num_inference_steps,
-            0.0,
+            &SigmaOptions {
+                spacing: SigmaSpacing::Interpolated,
+                bounds: (None, None),
+                final_sigma: 0.0,
+            },
         )?;
         self.timesteps = Tensor::from_slice(&timesteps);
         self.sigmas = Tensor::from_slice(&sigmas);

@@ -1,8 +1,8 @@
 //! LMS (diffusers `LMSDiscreteScheduler`): linear multistep on the sigma schedule, order 4,
 //! with coefficients integrated exactly (the Lagrange basis polynomials have degree <= 3).
 use super::common::{
-    PREDICTION_TYPES, PredictionType, SPACINGS, TimestepSpacing, TrainSchedule, ZeroSnr,
-    check_steps, float_timesteps, interpolated_sigmas, sigma_init_noise,
+    PREDICTION_TYPES, PredictionType, SPACINGS, SigmaSpacing, TimestepSpacing, TrainSchedule,
+    ZeroSnr, check_steps, float_timesteps, log_sigmas, numpy_interp, sigma_init_noise, sigma_to_t,
 };
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
@@ -31,6 +31,7 @@ pub struct LmsScheduler {
     prediction: PredictionType,
     spacing: TimestepSpacing,
     steps_offset: i64,
+    sigma_spacing: SigmaSpacing,
     sigma_values: Vec<f32>,
     sigmas: Tensor,
     timesteps: Tensor,
@@ -40,14 +41,7 @@ pub struct LmsScheduler {
 impl LmsScheduler {
     /// `LMSDiscreteScheduler.from_config(config)`.
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
-        config.reject_true(
-            NAME,
-            &[
-                ("use_karras_sigmas", config.use_karras_sigmas),
-                ("use_exponential_sigmas", config.use_exponential_sigmas),
-                ("use_beta_sigmas", config.use_beta_sigmas),
-            ],
-        )?;
+        let sigma_spacing = SigmaSpacing::from_config(config, NAME)?;
         let train = TrainSchedule::new(config, NAME, ZeroSnr::NotAnOption)?;
         let pred = config.prediction_type.as_deref();
         let prediction =
@@ -60,6 +54,7 @@ impl LmsScheduler {
             prediction,
             spacing,
             steps_offset: config.steps_offset.unwrap_or(0),
+            sigma_spacing,
             sigma_values: Vec::new(),
             sigmas: Tensor::from_slice::<f32>(&[]),
             timesteps: Tensor::from_slice::<f32>(&[]),
@@ -115,22 +110,47 @@ pub(crate) fn sigma_scale_input(sample: &Tensor, sigma: f32) -> Result<Tensor, S
     Ok(sample.f_div_scalar(f64::from((sigma * sigma + 1.0).sqrt()))?)
 }
 
+/// How LMS/Euler/EulerA space their sigmas and end the schedule.
+pub(crate) struct SigmaOptions {
+    pub spacing: SigmaSpacing,
+    /// (`sigma_min`, `sigma_max`) overrides (Euler only).
+    pub bounds: (Option<f64>, Option<f64>),
+    /// The appended final sigma.
+    pub final_sigma: f64,
+}
+
 /// Timesteps and sigmas of LMS/Euler/EulerA for `n` steps: (float32 timesteps, sigmas + final).
 pub(crate) fn sigma_schedule(
     train: &TrainSchedule,
     spacing: TimestepSpacing,
     steps_offset: i64,
     num_inference_steps: usize,
-    final_sigma: f64,
+    options: &SigmaOptions,
 ) -> Result<(Vec<f32>, Vec<f32>), SchedulerError> {
-    let timesteps = float_timesteps(
-        spacing,
-        train.num_train_timesteps,
-        num_inference_steps,
-        steps_offset,
-    );
-    let at_points: Vec<f64> = timesteps.iter().map(|&t| f64::from(t)).collect();
-    let sigmas = interpolated_sigmas(&at_points, &train.train_sigmas()?, final_sigma);
+    let n = num_inference_steps;
+    let timesteps = float_timesteps(spacing, train.num_train_timesteps, n, steps_offset);
+    let train_sigmas = train.train_sigmas()?;
+    let interpolated: Vec<f64> = timesteps
+        .iter()
+        .map(|&t| numpy_interp(f64::from(t), &train_sigmas))
+        .collect();
+    let (timesteps, sigmas) = match options.spacing {
+        SigmaSpacing::Interpolated => (timesteps, interpolated),
+        respacing => {
+            let sigmas = respacing.respace(&interpolated, n, options.bounds);
+            let logs = log_sigmas(&train_sigmas);
+            let timesteps = sigmas
+                .iter()
+                .map(|&s| sigma_to_t(s, &logs) as f32)
+                .collect();
+            (timesteps, sigmas)
+        }
+    };
+    let sigmas = sigmas
+        .into_iter()
+        .chain(std::iter::once(options.final_sigma))
+        .map(|sigma| sigma as f32)
+        .collect();
     Ok((timesteps, sigmas))
 }
 
@@ -146,7 +166,11 @@ impl Scheduler for LmsScheduler {
             self.spacing,
             self.steps_offset,
             num_inference_steps,
-            0.0,
+            &SigmaOptions {
+                spacing: self.sigma_spacing,
+                bounds: (None, None),
+                final_sigma: 0.0,
+            },
         )?;
         self.timesteps = Tensor::from_slice(&timesteps);
         self.sigmas = Tensor::from_slice(&sigmas);

@@ -8,7 +8,8 @@
 //! x = step(eps, i, x).prev_sample }`, starting from `noise * init_noise_sigma()`.
 //! Schedulers that draw noise (DDPM, Euler ancestral) use tch's global CPU generator, in the
 //! order and shapes diffusers' CPU `generator` would, so `tch::manual_seed(s)` reproduces
-//! `torch.Generator().manual_seed(s)`.
+//! `torch.Generator().manual_seed(s)`. That generator is process-wide: runs that must be
+//! reproducible must not draw from it concurrently.
 use std::str::FromStr;
 use tch::Tensor;
 
@@ -96,25 +97,6 @@ pub enum SchedulerKind {
     Ddpm,
 }
 
-/// (CLI name, diffusers class name) of every kind.
-const KIND_NAMES: &[(SchedulerKind, &str, &str)] = &[
-    (SchedulerKind::Ddim, "ddim", "DDIMScheduler"),
-    (SchedulerKind::Pndm, "pndm", "PNDMScheduler"),
-    (SchedulerKind::Lms, "lms", "LMSDiscreteScheduler"),
-    (SchedulerKind::Euler, "euler", "EulerDiscreteScheduler"),
-    (
-        SchedulerKind::EulerAncestral,
-        "euler-a",
-        "EulerAncestralDiscreteScheduler",
-    ),
-    (
-        SchedulerKind::DpmSolverMultistep,
-        "dpm++",
-        "DPMSolverMultistepScheduler",
-    ),
-    (SchedulerKind::Ddpm, "ddpm", "DDPMScheduler"),
-];
-
 impl SchedulerKind {
     /// All kinds, in a stable order.
     pub const ALL: [SchedulerKind; 7] = [
@@ -129,27 +111,35 @@ impl SchedulerKind {
 
     /// The CLI / YAML name ("euler-a").
     pub fn name(self) -> &'static str {
-        self.names().1
+        match self {
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Pndm => "pndm",
+            SchedulerKind::Lms => "lms",
+            SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerAncestral => "euler-a",
+            SchedulerKind::DpmSolverMultistep => "dpm++",
+            SchedulerKind::Ddpm => "ddpm",
+        }
     }
 
     /// The diffusers class name ("EulerAncestralDiscreteScheduler").
     pub fn class_name(self) -> &'static str {
-        self.names().2
-    }
-
-    fn names(self) -> &'static (SchedulerKind, &'static str, &'static str) {
-        KIND_NAMES
-            .iter()
-            .find(|(kind, _, _)| *kind == self)
-            .unwrap_or(&KIND_NAMES[0])
+        match self {
+            SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Pndm => "PNDMScheduler",
+            SchedulerKind::Lms => "LMSDiscreteScheduler",
+            SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            SchedulerKind::Ddpm => "DDPMScheduler",
+        }
     }
 
     /// The kind a config's `_class_name` names (`None` when it is not one we implement).
     pub fn from_class_name(class_name: &str) -> Option<Self> {
-        KIND_NAMES
-            .iter()
-            .find(|(_, _, class)| *class == class_name)
-            .map(|(kind, _, _)| *kind)
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.class_name() == class_name)
     }
 
     /// The model's own scheduler: the kind named by the config's `_class_name`.
@@ -168,10 +158,9 @@ impl FromStr for SchedulerKind {
     /// Parses "ddim", "pndm", "lms", "euler", "euler-a", "dpm++", "ddpm" (also the diffusers
     /// class names).
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        KIND_NAMES
-            .iter()
-            .find(|(_, name, class)| *name == text || *class == text)
-            .map(|(kind, _, _)| *kind)
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.name() == text || kind.class_name() == text)
             .ok_or_else(|| SchedulerError::UnknownKind {
                 name: text.to_string(),
             })
