@@ -1,2 +1,3 @@
 //! Stable Diffusion on libtorch, matching Hugging Face diffusers numerically.
+pub mod train;
 pub mod weights;
