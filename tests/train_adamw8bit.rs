@@ -14,12 +14,18 @@ const FIXTURE: &str = "tests/fixtures/train/adamw8bit.safetensors";
 const ATOL: f64 = 1e-6;
 
 fn goldens() -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(FIXTURE).expect("fixture").into_iter().collect()
+    Tensor::read_safetensors(FIXTURE)
+        .expect("fixture")
+        .into_iter()
+        .collect()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max().double_value(&[])
+    (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
+        .abs()
+        .max()
+        .double_value(&[])
 }
 
 fn set_grad(param: &Tensor, grad: &Tensor) {
@@ -57,12 +63,20 @@ fn blockwise_quantization_round_trips_within_half_a_code_gap() {
     assert_eq!(q.codes.kind(), Kind::Uint8);
     let back = dequantize_blockwise(&q, &code, &[5000]);
     // The largest gap of the signed map is between its two top codes (0.9930 -> 1.0 is smaller).
-    let max_gap = (code.narrow(0, 1, 255) - code.narrow(0, 0, 255)).max().double_value(&[]);
+    let max_gap = (code.narrow(0, 1, 255) - code.narrow(0, 0, 255))
+        .max()
+        .double_value(&[]);
     let absmax = q.absmax.max().double_value(&[]);
     let err = max_abs_diff(&x, &back);
-    assert!(err <= 0.5 * max_gap * absmax + 1e-7, "err {err}, gap {max_gap}");
+    assert!(
+        err <= 0.5 * max_gap * absmax + 1e-7,
+        "err {err}, gap {max_gap}"
+    );
     // Independent check of the rounding rule: brute-force nearest code of x / absmax.
-    let absmax_per_element = q.absmax.repeat_interleave_self_int(BLOCK_SIZE, 0, None).narrow(0, 0, 5000);
+    let absmax_per_element = q
+        .absmax
+        .repeat_interleave_self_int(BLOCK_SIZE, 0, None)
+        .narrow(0, 0, 5000);
     let scaled = (&x / absmax_per_element).unsqueeze(1);
     let nearest = (scaled - code.unsqueeze(0)).abs().argmin(1, false);
     assert!(nearest.equal(&q.codes.to_kind(Kind::Int64)));
@@ -72,7 +86,11 @@ fn blockwise_quantization_round_trips_within_half_a_code_gap() {
 fn adamw8bit_matches_bitsandbytes_over_three_steps() {
     let g = goldens();
     let params: Vec<Tensor> = (0..2)
-        .map(|i| g[&format!("param{i}.initial")].copy().set_requires_grad(true))
+        .map(|i| {
+            g[&format!("param{i}.initial")]
+                .copy()
+                .set_requires_grad(true)
+        })
         .collect();
     let mut opt = AdamW8bit::new(&params, config());
     assert!(opt.is_quantized(0) && !opt.is_quantized(1));
@@ -89,7 +107,10 @@ fn adamw8bit_matches_bitsandbytes_over_three_steps() {
     let (m, v) = opt.quantized_moments(0).expect("8-bit state");
     for (ours, key) in [(m, "1"), (v, "2")] {
         let theirs = &g[&format!("final.state{key}.0")].flatten(0, -1);
-        assert!(ours.codes.equal(theirs), "state{key} codes differ from bitsandbytes");
+        assert!(
+            ours.codes.equal(theirs),
+            "state{key} codes differ from bitsandbytes"
+        );
         let absmax = &g[&format!("final.absmax{key}.0")];
         assert!(max_abs_diff(&ours.absmax, absmax) <= ATOL, "absmax{key}");
     }
@@ -99,7 +120,13 @@ fn adamw8bit_matches_bitsandbytes_over_three_steps() {
 }
 
 /// Linear least squares with ~100k trainable weights; returns the loss of each step.
-fn regression_losses(step: &mut dyn FnMut(), w: &Tensor, x: &Tensor, y: &Tensor, steps: usize) -> Vec<f64> {
+fn regression_losses(
+    step: &mut dyn FnMut(),
+    w: &Tensor,
+    x: &Tensor,
+    y: &Tensor,
+    steps: usize,
+) -> Vec<f64> {
     (0..steps)
         .map(|_| {
             let mut grad = w.grad();
@@ -141,7 +168,10 @@ fn adamw8bit_tracks_f32_adamw_with_a_quarter_of_the_state() {
     let (first, last32, last8) = (losses32[0], losses32[steps - 1], losses8[steps - 1]);
     println!("loss {first} -> f32 {last32}, 8-bit {last8}");
     assert!(last32 < 0.2 * first, "the problem must actually train");
-    assert!((last8 - last32).abs() <= 0.05 * last32, "final loss 8-bit {last8} vs f32 {last32}");
+    assert!(
+        (last8 - last32).abs() <= 0.05 * last32,
+        "final loss 8-bit {last8} vs f32 {last32}"
+    );
     let worst = losses32
         .iter()
         .zip(&losses8)
@@ -150,7 +180,11 @@ fn adamw8bit_tracks_f32_adamw_with_a_quarter_of_the_state() {
     println!("worst per-step relative loss gap {worst}");
     assert!(worst <= 0.05);
     let ratio = opt8.state_bytes() as f64 / opt32.state_bytes() as f64;
-    println!("state bytes: 8-bit {} f32 {} ratio {ratio}", opt8.state_bytes(), opt32.state_bytes());
+    println!(
+        "state bytes: 8-bit {} f32 {} ratio {ratio}",
+        opt8.state_bytes(),
+        opt32.state_bytes()
+    );
     assert_eq!(opt32.state_bytes(), 2 * 4 * 100_000);
     assert_eq!(opt8.state_bytes(), 2 * (100_000 + 4 * 391));
     assert!(ratio < 0.3);
@@ -163,33 +197,52 @@ fn adamw8bit_save_load_resume_is_bit_exact() {
     let run = |opt: &mut AdamW8bit, w: &Tensor, small: &Tensor, steps: usize| {
         for _ in 0..steps {
             opt.zero_grad();
-            let loss = (x.matmul(w) - &y).square().mean(Kind::Float) + small.square().sum(Kind::Float) * 1e-3;
+            let loss = (x.matmul(w) - &y).square().mean(Kind::Float)
+                + small.square().sum(Kind::Float) * 1e-3;
             loss.backward();
             opt.step();
         }
     };
-    let (w_full, s_full) = (w0.copy().set_requires_grad(true), small0.copy().set_requires_grad(true));
+    let (w_full, s_full) = (
+        w0.copy().set_requires_grad(true),
+        small0.copy().set_requires_grad(true),
+    );
     let mut full = AdamW8bit::new(&[w_full.shallow_clone(), s_full.shallow_clone()], config());
     run(&mut full, &w_full, &s_full, 6);
 
     let dir = tempfile::tempdir().unwrap();
-    let (w_res, s_res) = (w0.copy().set_requires_grad(true), small0.copy().set_requires_grad(true));
+    let (w_res, s_res) = (
+        w0.copy().set_requires_grad(true),
+        small0.copy().set_requires_grad(true),
+    );
     let mut first = AdamW8bit::new(&[w_res.shallow_clone(), s_res.shallow_clone()], config());
     run(&mut first, &w_res, &s_res, 3);
     first.save(dir.path()).unwrap();
-    let mut second = AdamW8bit::new(&[w_res.shallow_clone(), s_res.shallow_clone()], AdamWConfig::default());
+    let mut second = AdamW8bit::new(
+        &[w_res.shallow_clone(), s_res.shallow_clone()],
+        AdamWConfig::default(),
+    );
     second.load(dir.path()).unwrap();
     assert_eq!(second.state_bytes(), first.state_bytes());
     run(&mut second, &w_res, &s_res, 3);
     assert!(w_full.equal(&w_res) && s_full.equal(&s_res));
-    let (a, b) = (full.quantized_moments(0).unwrap(), second.quantized_moments(0).unwrap());
+    let (a, b) = (
+        full.quantized_moments(0).unwrap(),
+        second.quantized_moments(0).unwrap(),
+    );
     assert!(a.0.codes.equal(&b.0.codes) && a.1.absmax.equal(&b.1.absmax));
 
     // An f32 AdamW state cannot be loaded into the 8-bit optimizer.
     let f32_dir = tempfile::tempdir().unwrap();
-    AdamW::new(&[w_res.shallow_clone()], config()).save(f32_dir.path()).unwrap();
+    AdamW::new(&[w_res.shallow_clone()], config())
+        .save(f32_dir.path())
+        .unwrap();
     let err = AdamW8bit::new(&[w_res.shallow_clone()], config())
         .load(f32_dir.path())
         .unwrap_err();
-    assert!(err.to_string().contains("saved by optimizer 'adamw', loading into 'adamw8bit'"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("saved by optimizer 'adamw', loading into 'adamw8bit'"),
+        "{err}"
+    );
 }

@@ -49,7 +49,9 @@ fn set_grad(param: &Tensor, grad: &Tensor) {
 #[test]
 fn adamw_matches_torch_over_three_steps_with_lr_change() {
     let g = goldens("adamw.safetensors");
-    let params: Vec<Tensor> = (0..3).map(|i| leaf(&g[&format!("param{i}.initial")])).collect();
+    let params: Vec<Tensor> = (0..3)
+        .map(|i| leaf(&g[&format!("param{i}.initial")]))
+        .collect();
     let mut opt = AdamW::new(&params, golden_config());
     for step in 0..3 {
         if step == 2 {
@@ -123,7 +125,10 @@ fn adamw_save_load_resume_is_bit_exact() {
     second.load(dir.path()).unwrap();
     assert_eq!(second.config(), config);
     run(&w_resumed, &mut second, 3);
-    assert!(w_full.equal(&w_resumed), "resumed run differs from the uninterrupted one");
+    assert!(
+        w_full.equal(&w_resumed),
+        "resumed run differs from the uninterrupted one"
+    );
     let (m_full, v_full) = full.moments(0).unwrap();
     let (m_res, v_res) = second.moments(0).unwrap();
     assert!(m_full.equal(m_res) && v_full.equal(v_res));
@@ -134,7 +139,9 @@ fn adamw_save_load_resume_is_bit_exact() {
 fn adamw_load_rejects_other_shapes_and_kinds() {
     let dir = tempfile::tempdir().unwrap();
     let p = Tensor::zeros([2, 3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-    AdamW::new(&[p], AdamWConfig::default()).save(dir.path()).unwrap();
+    AdamW::new(&[p], AdamWConfig::default())
+        .save(dir.path())
+        .unwrap();
     let other = Tensor::zeros([3, 2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
     let err = AdamW::new(&[other], AdamWConfig::default())
         .load(dir.path())
@@ -148,7 +155,11 @@ fn adamw_load_rejects_other_shapes_and_kinds() {
         .load(&dir.path().join("nope"))
         .unwrap_err();
     assert!(matches!(missing, TrainError::Io { .. }), "{missing}");
-    assert!(missing.to_string().contains("nope/optimizer.json: cannot read optimizer metadata"));
+    assert!(
+        missing
+            .to_string()
+            .contains("nope/optimizer.json: cannot read optimizer metadata")
+    );
 }
 
 #[test]
@@ -157,8 +168,11 @@ fn clip_grad_norm_matches_torch() {
     for tag in ["active", "inactive"] {
         let params: Vec<Tensor> = (0..3)
             .map(|i| {
-                let p = Tensor::zeros(g[&format!("{tag}.grad{i}")].size(), (Kind::Float, tch::Device::Cpu))
-                    .set_requires_grad(true);
+                let p = Tensor::zeros(
+                    g[&format!("{tag}.grad{i}")].size(),
+                    (Kind::Float, tch::Device::Cpu),
+                )
+                .set_requires_grad(true);
                 set_grad(&p, &g[&format!("{tag}.grad{i}")]);
                 p
             })
@@ -166,7 +180,10 @@ fn clip_grad_norm_matches_torch() {
         let max_norm = g[&format!("{tag}.max_norm")].double_value(&[0]);
         let total = clip_grad_norm(&params, max_norm);
         let expected = g[&format!("{tag}.total_norm")].double_value(&[0]);
-        assert!((total - expected).abs() <= ATOL, "{tag}: {total} vs {expected}");
+        assert!(
+            (total - expected).abs() <= ATOL,
+            "{tag}: {total} vs {expected}"
+        );
         for (i, p) in params.iter().enumerate() {
             let diff = max_abs_diff(&p.grad(), &g[&format!("{tag}.clipped{i}")]);
             assert!(diff <= ATOL, "{tag} grad {i}: {diff}");

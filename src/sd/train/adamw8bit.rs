@@ -31,7 +31,11 @@ const ADAMW8BIT_NAME: &str = "adamw8bit";
 pub fn create_dynamic_map(signed: bool) -> Tensor {
     let mut data: Vec<f32> = Vec::with_capacity(CODE_ENTRIES);
     for i in 0..DYNAMIC_MAP_EXPONENT_BITS {
-        let fraction_items = if signed { (1 << i) + 1 } else { (1 << (i + 1)) + 1 };
+        let fraction_items = if signed {
+            (1 << i) + 1
+        } else {
+            (1 << (i + 1)) + 1
+        };
         let boundaries = Tensor::linspace(0.1, 1.0, fraction_items, (Kind::Float, Device::Cpu));
         let means = (boundaries.narrow(0, 0, fraction_items - 1)
             + boundaries.narrow(0, 1, fraction_items - 1))
@@ -50,7 +54,9 @@ pub fn create_dynamic_map(signed: bool) -> Tensor {
 
 fn to_f32_vec(tensor: &Tensor) -> Vec<f32> {
     let flat = tensor.to_kind(Kind::Float).flatten(0, -1);
-    (0..flat.numel() as i64).map(|i| flat.double_value(&[i]) as f32).collect()
+    (0..flat.numel() as i64)
+        .map(|i| flat.double_value(&[i]) as f32)
+        .collect()
 }
 
 /// A code table plus the midpoints between neighbouring codes (the rounding boundaries).
@@ -94,8 +100,13 @@ fn quantize_with(values: &Tensor, midpoints: &Tensor) -> Quantized {
     let blocks = padded_blocks(&values.flatten(0, -1));
     let absmax = blocks.abs().amax([1].as_slice(), false);
     let inverse = absmax.clamp_min(ABSMAX_FLOOR).reciprocal().unsqueeze(1);
-    let scaled = (blocks * inverse).clamp(-1.0, 1.0).flatten(0, -1).narrow(0, 0, numel);
-    let codes = scaled.bucketize(midpoints, false, false).to_kind(Kind::Uint8);
+    let scaled = (blocks * inverse)
+        .clamp(-1.0, 1.0)
+        .flatten(0, -1)
+        .narrow(0, 0, numel);
+    let codes = scaled
+        .bucketize(midpoints, false, false)
+        .to_kind(Kind::Uint8);
     Quantized { codes, absmax }
 }
 
@@ -121,8 +132,14 @@ fn block_count(numel: i64) -> i64 {
 
 /// How one parameter's moments are stored.
 enum Moments8 {
-    Full { exp_avg: Tensor, exp_avg_sq: Tensor },
-    Blockwise { exp_avg: Quantized, exp_avg_sq: Quantized },
+    Full {
+        exp_avg: Tensor,
+        exp_avg_sq: Tensor,
+    },
+    Blockwise {
+        exp_avg: Quantized,
+        exp_avg_sq: Quantized,
+    },
 }
 
 struct ParamState8 {
@@ -210,8 +227,8 @@ impl AdamW8bit {
                     continue;
                 }
                 let grad = grad.to_kind(Kind::Float);
-                let state = self.states[index]
-                    .get_or_insert_with(|| initial_state(&self.params[index]));
+                let state =
+                    self.states[index].get_or_insert_with(|| initial_state(&self.params[index]));
                 state.step += 1;
                 let param = &mut self.params[index];
                 match &mut state.moments {
@@ -224,7 +241,14 @@ impl AdamW8bit {
                         exp_avg_sq,
                     } => {
                         let tables = (&self.signed, &self.unsigned);
-                        update_blockwise(param, &grad, (exp_avg, exp_avg_sq), tables, state.step, &config)
+                        update_blockwise(
+                            param,
+                            &grad,
+                            (exp_avg, exp_avg_sq),
+                            tables,
+                            state.step,
+                            &config,
+                        )
                     }
                 }
             }
@@ -298,7 +322,12 @@ impl AdamW8bit {
         let mut loaded = state_io::read_state(dir, ADAMW8BIT_NAME, &shapes)?;
         let config = AdamWConfig::from_slice(&loaded.hyperparams(AdamWConfig::FIELD_NAMES.len())?);
         let mut states = Vec::with_capacity(self.params.len());
-        for (index, (param, meta)) in self.params.iter().zip(loaded.meta.params.clone()).enumerate() {
+        for (index, (param, meta)) in self
+            .params
+            .iter()
+            .zip(loaded.meta.params.clone())
+            .enumerate()
+        {
             states.push(load_param_state(&mut loaded, index, param, &meta)?);
         }
         self.config = config;
@@ -336,7 +365,12 @@ fn initial_state(param: &Tensor) -> ParamState8 {
 
 /// Moment updates shared by both paths (bitsandbytes: `m.mul_(b1).add_(g, alpha=1-b1)`,
 /// `v.mul_(b2).addcmul_(g, g, value=1-b2)`).
-fn update_moments(grad: &Tensor, exp_avg: &mut Tensor, exp_avg_sq: &mut Tensor, config: &AdamWConfig) {
+fn update_moments(
+    grad: &Tensor,
+    exp_avg: &mut Tensor,
+    exp_avg_sq: &mut Tensor,
+    config: &AdamWConfig,
+) {
     let _ = exp_avg.g_mul_scalar_(config.beta1);
     let _ = exp_avg.g_add_(&grad.g_mul_scalar(1.0 - config.beta1));
     let _ = exp_avg_sq.g_mul_scalar_(config.beta2);
@@ -423,13 +457,12 @@ fn load_param_state(
         }
     };
     let mut take = |name: String, kind: Kind, count: usize| {
-        loaded
-            .take(&name, kind, count)
-            .map(|t| t.to_device(device))
+        loaded.take(&name, kind, count).map(|t| t.to_device(device))
     };
     let moments = if expected == "f32" {
         Moments8::Full {
-            exp_avg: take(format!("{index}.exp_avg"), Kind::Float, numel)?.view(param.size().as_slice()),
+            exp_avg: take(format!("{index}.exp_avg"), Kind::Float, numel)?
+                .view(param.size().as_slice()),
             exp_avg_sq: take(format!("{index}.exp_avg_sq"), Kind::Float, numel)?
                 .view(param.size().as_slice()),
         }

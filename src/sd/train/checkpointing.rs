@@ -68,7 +68,11 @@ impl CheckpointedForward {
 
 /// Recomputes `block(input)` with grad and backpropagates `grad_output` through it; returns the
 /// grad with respect to `input` (None when the output does not depend on the input).
-pub fn recompute_and_backward(block: Block, input: &Tensor, grad_output: &Tensor) -> Option<Tensor> {
+pub fn recompute_and_backward(
+    block: Block,
+    input: &Tensor,
+    grad_output: &Tensor,
+) -> Option<Tensor> {
     let input = input.detach().set_requires_grad(true);
     let output = block(&input);
     (output * grad_output).sum(grad_output.kind()).backward();

@@ -49,10 +49,18 @@ pub fn split_instance_prior(batch: &Tensor) -> Result<(Tensor, Tensor), TrainErr
 /// (the square roots are taken on the whole table first, in its dtype, then cast to f32).
 pub fn compute_snr(alphas_cumprod: &Tensor, timesteps: &Tensor) -> Result<Tensor, TrainError> {
     check_timesteps(alphas_cumprod, timesteps)?;
-    let index = timesteps.to_kind(Kind::Int64).to_device(alphas_cumprod.device());
-    let alpha = alphas_cumprod.sqrt().index_select(0, &index).to_kind(Kind::Float);
+    let index = timesteps
+        .to_kind(Kind::Int64)
+        .to_device(alphas_cumprod.device());
+    let alpha = alphas_cumprod
+        .sqrt()
+        .index_select(0, &index)
+        .to_kind(Kind::Float);
     let one_minus = alphas_cumprod.ones_like() - alphas_cumprod;
-    let sigma = one_minus.sqrt().index_select(0, &index).to_kind(Kind::Float);
+    let sigma = one_minus
+        .sqrt()
+        .index_select(0, &index)
+        .to_kind(Kind::Float);
     Ok((alpha / sigma).square())
 }
 

@@ -44,7 +44,8 @@ impl Default for AdamWConfig {
 }
 
 impl AdamWConfig {
-    pub(crate) const FIELD_NAMES: [&'static str; 5] = ["lr", "beta1", "beta2", "eps", "weight_decay"];
+    pub(crate) const FIELD_NAMES: [&'static str; 5] =
+        ["lr", "beta1", "beta2", "eps", "weight_decay"];
 
     pub(crate) fn to_array(self) -> [f64; 5] {
         [self.lr, self.beta1, self.beta2, self.eps, self.weight_decay]
@@ -191,7 +192,12 @@ impl AdamW {
         let mut loaded = state_io::read_state(dir, ADAMW_NAME, &shapes)?;
         let config = AdamWConfig::from_slice(&loaded.hyperparams(AdamWConfig::FIELD_NAMES.len())?);
         let mut moments = Vec::with_capacity(self.params.len());
-        for (index, (param, meta)) in self.params.iter().zip(loaded.meta.params.clone()).enumerate() {
+        for (index, (param, meta)) in self
+            .params
+            .iter()
+            .zip(loaded.meta.params.clone())
+            .enumerate()
+        {
             moments.push(match meta.storage.as_str() {
                 "none" => None,
                 _ => Some(Moments {
@@ -214,7 +220,9 @@ fn take_like(
     param: &Tensor,
 ) -> Result<Tensor, TrainError> {
     let tensor = loaded.take(name, Kind::Float, param.numel())?;
-    Ok(tensor.view(param.size().as_slice()).to_device(param.device()))
+    Ok(tensor
+        .view(param.size().as_slice())
+        .to_device(param.device()))
 }
 
 /// torch `_single_tensor_adam` with `decoupled_weight_decay=True`; the operation order mirrors
@@ -233,7 +241,10 @@ fn adamw_update(param: &mut Tensor, grad: &Tensor, moments: &mut Moments, config
     let bias_correction1 = 1.0 - config.beta1.powf(step);
     let bias_correction2 = 1.0 - config.beta2.powf(step);
     let step_size = config.lr / bias_correction1;
-    let mut denom = moments.exp_avg_sq.sqrt().g_div_scalar(bias_correction2.sqrt());
+    let mut denom = moments
+        .exp_avg_sq
+        .sqrt()
+        .g_div_scalar(bias_correction2.sqrt());
     let _ = denom.g_add_scalar_(config.eps);
     let _ = param.g_add_(&(moments.exp_avg.g_mul_scalar(-step_size) / denom));
 }

@@ -57,7 +57,10 @@ pub(crate) fn write_state(
     mut tensors: Vec<(String, Tensor)>,
 ) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| io_error(dir, "create the directory", e))?;
-    tensors.push((HYPERPARAMS_TENSOR.to_string(), Tensor::from_slice(hyperparams)));
+    tensors.push((
+        HYPERPARAMS_TENSOR.to_string(),
+        Tensor::from_slice(hyperparams),
+    ));
     let tensor_path = dir.join(TENSORS_FILE);
     Tensor::write_safetensors(&tensors, &tensor_path)
         .map_err(|e| io_error(&tensor_path, "write optimizer tensors", e))?;
@@ -134,11 +137,19 @@ fn check_meta(
 
 impl LoadedState {
     /// Removes and returns tensor `name`, checking its dtype and element count.
-    pub(crate) fn take(&mut self, name: &str, kind: Kind, numel: usize) -> Result<Tensor, TrainError> {
-        let tensor = self.tensors.remove(name).ok_or_else(|| TrainError::StateMismatch {
-            path: self.dir.join(TENSORS_FILE),
-            detail: format!("tensor '{name}' is missing"),
-        })?;
+    pub(crate) fn take(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        numel: usize,
+    ) -> Result<Tensor, TrainError> {
+        let tensor = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| TrainError::StateMismatch {
+                path: self.dir.join(TENSORS_FILE),
+                detail: format!("tensor '{name}' is missing"),
+            })?;
         if tensor.kind() != kind || tensor.numel() != numel {
             return Err(TrainError::StateMismatch {
                 path: self.dir.join(TENSORS_FILE),
