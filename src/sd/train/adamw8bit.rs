@@ -372,9 +372,15 @@ fn update_moments(
     config: &AdamWConfig,
 ) {
     let _ = exp_avg.g_mul_scalar_(config.beta1);
-    let _ = exp_avg.g_add_(&grad.g_mul_scalar(1.0 - config.beta1));
+    let _ = exp_avg.addcmul_(grad, &scalar_like(grad, 1.0 - config.beta1));
     let _ = exp_avg_sq.g_mul_scalar_(config.beta2);
-    let _ = exp_avg_sq.g_add_(&(grad.g_mul_scalar(1.0 - config.beta2) * grad));
+    let _ = exp_avg_sq.addcmul_(&grad.g_mul_scalar(1.0 - config.beta2), grad);
+}
+
+/// A 0-d f32 tensor on `like`'s device: `a.addcmul_(b, scalar)` reproduces torch's
+/// `a.add_(b, alpha=scalar)` rounding (both are one fused multiply-add per element on CPU).
+fn scalar_like(like: &Tensor, value: f64) -> Tensor {
+    Tensor::from(value as f32).to_device(like.device())
 }
 
 fn decay_weight(param: &mut Tensor, config: &AdamWConfig) {
@@ -399,7 +405,7 @@ fn update_full(
     let step_size = -config.lr * correction2 / correction1;
     decay_weight(param, config);
     let update = &*exp_avg / (exp_avg_sq.sqrt() + config.eps * correction2);
-    let _ = param.g_add_(&update.g_mul_scalar(step_size));
+    let _ = param.addcmul_(&update, &scalar_like(&update, step_size));
 }
 
 /// bitsandbytes' blockwise 8-bit Adam path: dequantize, f32 update, requantize.
@@ -420,7 +426,7 @@ fn update_blockwise(
     let mut denom = v.sqrt().g_div_scalar(correction2);
     let _ = denom.g_add_scalar_(config.eps);
     decay_weight(param, config);
-    let _ = param.g_add_(&(m.g_mul_scalar(-config.lr / correction1) / denom));
+    let _ = param.addcdiv_(&m.g_mul_scalar(-config.lr / correction1), &denom);
     *exp_avg = quantize_with(&m, &signed.midpoints);
     *exp_avg_sq = quantize_with(&v, &unsigned.midpoints);
 }
