@@ -147,7 +147,8 @@ struct ParamState8 {
     moments: Moments8,
 }
 
-/// bitsandbytes-style 8-bit AdamW over a list of trainable f32 tensors.
+/// bitsandbytes-style 8-bit AdamW over a list of trainable f32 tensors (all on one device: the
+/// code tables live on the first parameter's device).
 pub struct AdamW8bit {
     config: AdamWConfig,
     params: Vec<Tensor>,
@@ -336,23 +337,18 @@ impl AdamW8bit {
     }
 }
 
+/// Fresh moments: zero codes with zero absmax (dequantize to 0, as bitsandbytes' zeroed
+/// buffers do) for large tensors, f32 zeros otherwise.
 fn initial_state(param: &Tensor) -> ParamState8 {
+    let numel = param.numel() as i64;
+    let zero_quantized = || Quantized {
+        codes: Tensor::zeros([numel], (Kind::Uint8, param.device())),
+        absmax: Tensor::zeros([block_count(numel)], (Kind::Float, param.device())),
+    };
     let moments = if param.numel() >= MIN_8BIT_SIZE {
-        let zero_codes = |signed_zero: i64| Quantized {
-            codes: Tensor::full(
-                [param.numel() as i64],
-                signed_zero,
-                (Kind::Uint8, param.device()),
-            ),
-            absmax: Tensor::zeros(
-                [block_count(param.numel() as i64)],
-                (Kind::Float, param.device()),
-            ),
-        };
-        // Zero absmax makes every code dequantize to 0, whatever the code.
         Moments8::Blockwise {
-            exp_avg: zero_codes(0),
-            exp_avg_sq: zero_codes(0),
+            exp_avg: zero_quantized(),
+            exp_avg_sq: zero_quantized(),
         }
     } else {
         Moments8::Full {
