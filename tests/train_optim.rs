@@ -245,3 +245,76 @@ fn unknown_schedule_lists_valid_names() {
         "lr scheduler 'polynomial': lr_end (0.0000001) must be smaller than the initial lr (0.00000001); raise learning_rate"
     );
 }
+
+/// README tolerance of tests/fixtures/sd-tiny for updated weights.
+const UPDATED_WEIGHTS_ATOL: f64 = 1e-5;
+
+#[derive(serde::Deserialize)]
+struct DreamBoothStep {
+    grad_total_norm_before_clip: f64,
+    clip_coef: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct DreamBoothJson {
+    steps: Vec<DreamBoothStep>,
+    grad_norms_step1_per_param: std::collections::BTreeMap<String, f64>,
+}
+
+/// The sd-tiny DreamBooth fixture's first update of `conv_out.weight`: clip over all 388
+/// parameters (from their per-parameter grad norms), then one AdamW step.
+#[test]
+fn clip_and_adamw_reproduce_the_dreambooth_fixture_update() {
+    let dir = Path::new("tests/fixtures/sd-tiny/training");
+    let json: DreamBoothJson =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("dreambooth.json")).unwrap())
+            .unwrap();
+    assert_eq!(json.grad_norms_step1_per_param.len(), 388);
+    // One-element stand-ins carry each parameter's grad norm; the global clip only sees norms.
+    let stand_ins: Vec<Tensor> = json
+        .grad_norms_step1_per_param
+        .values()
+        .map(|norm| {
+            let p = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+            set_grad(&p, &Tensor::from_slice(&[*norm as f32]));
+            p
+        })
+        .collect();
+    let total = clip_grad_norm(&stand_ins, 1.0);
+    let step = &json.steps[0];
+    assert!((total - step.grad_total_norm_before_clip).abs() <= 1e-6 * total);
+    let first = json.grad_norms_step1_per_param.values().next().unwrap();
+    let coef = stand_ins[0].grad().double_value(&[0]) / first;
+    assert!(
+        (coef - step.clip_coef).abs() <= 1e-6 * coef,
+        "{coef} vs {}",
+        step.clip_coef
+    );
+
+    let unet = goldens_at("models/tiny-sd/unet/diffusion_pytorch_model.safetensors");
+    let after = goldens_at(dir.join("dreambooth_unet_after_step1.safetensors"));
+    let training = goldens_at(dir.join("dreambooth.safetensors"));
+    let weight = leaf(&unet["conv_out.weight"]);
+    set_grad(&weight, &(&training["grad.unet.conv_out.weight"] * coef));
+    let mut opt = AdamW::new(
+        &[weight.shallow_clone()],
+        AdamWConfig {
+            lr: 1e-3,
+            weight_decay: 1e-2,
+            ..AdamWConfig::default()
+        },
+    );
+    opt.step();
+    let diff = max_abs_diff(&weight, &after["conv_out.weight"]);
+    assert!(
+        diff <= UPDATED_WEIGHTS_ATOL,
+        "conv_out.weight after step 1: {diff}"
+    );
+}
+
+fn goldens_at(path: impl AsRef<Path>) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .expect("fixture readable")
+        .into_iter()
+        .collect()
+}
