@@ -8,6 +8,7 @@ pub mod png;
 pub mod pool;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod train;
 pub mod unet;
 pub mod vae;
 pub mod weights;
