@@ -1,6 +1,7 @@
 //! Labeled grid PNG: exact layout, pixel-exact cells, text only inside label boxes, errors.
 use dreampipe::report::grid::{
-    BACKGROUND, CELL_GAP, COLUMN_LABEL_HEIGHT, GridSpec, LABEL_GAP, MARGIN, ROW_LABEL_WIDTH, TITLE_HEIGHT, write_grid_png,
+    BACKGROUND, CELL_GAP, COLUMN_LABEL_HEIGHT, GridSpec, LABEL_GAP, MARGIN, ROW_LABEL_WIDTH,
+    TITLE_HEIGHT, write_grid_png,
 };
 use dreampipe::sd::png::{GenerationParameters, read_parameters_text};
 use image::{Rgb, RgbImage};
@@ -11,7 +12,11 @@ const CELL_H: u32 = 40;
 /// A distinct synthetic image per cell.
 fn cell_image(row: u32, column: u32) -> RgbImage {
     RgbImage::from_fn(CELL_W, CELL_H, |x, y| {
-        Rgb([(row * 90 + x * 5) as u8, (column * 70 + y * 6) as u8, ((x * y + row + column) % 251) as u8])
+        Rgb([
+            (row * 90 + x * 5) as u8,
+            (column * 70 + y * 6) as u8,
+            ((x * y + row + column) % 251) as u8,
+        ])
     })
 }
 
@@ -54,15 +59,29 @@ fn write_and_decode(spec: &GridSpec) -> (RgbImage, tempfile::TempDir) {
 fn grid_has_exact_size_and_cells_at_their_offsets() {
     let (grid, _dir) = write_and_decode(&spec(Some("DreamBooth <sweep> & seeds")));
     let width = MARGIN + ROW_LABEL_WIDTH + LABEL_GAP + 3 * CELL_W + 2 * CELL_GAP + MARGIN;
-    let height = MARGIN + TITLE_HEIGHT + LABEL_GAP + COLUMN_LABEL_HEIGHT + LABEL_GAP + 2 * CELL_H + CELL_GAP + MARGIN;
+    let height = MARGIN
+        + TITLE_HEIGHT
+        + LABEL_GAP
+        + COLUMN_LABEL_HEIGHT
+        + LABEL_GAP
+        + 2 * CELL_H
+        + CELL_GAP
+        + MARGIN;
     assert_eq!(grid.dimensions(), (width, height));
-    assert_eq!(grid.dimensions(), (16 + 220 + 8 + 144 + 16 + 16, 16 + 36 + 8 + 40 + 8 + 88 + 16));
+    assert_eq!(
+        grid.dimensions(),
+        (16 + 220 + 8 + 144 + 16 + 16, 16 + 36 + 8 + 40 + 8 + 88 + 16)
+    );
     for row in 0..2 {
         for column in 0..3 {
             let (x0, y0) = expected_cell_origin(row, column, true);
             let source = cell_image(row, column);
             for (x, y, pixel) in source.enumerate_pixels() {
-                assert_eq!(grid.get_pixel(x0 + x, y0 + y), pixel, "cell ({row}, {column}) pixel ({x}, {y})");
+                assert_eq!(
+                    grid.get_pixel(x0 + x, y0 + y),
+                    pixel,
+                    "cell ({row}, {column}) pixel ({x}, {y})"
+                );
             }
         }
     }
@@ -80,10 +99,29 @@ fn labels_have_ink_inside_their_boxes_and_nothing_else_outside_cells() {
         .collect();
     let title = (MARGIN, MARGIN, grid.width() - 2 * MARGIN, TITLE_HEIGHT);
     let column_labels: Vec<_> = (0..3)
-        .map(|c| (expected_cell_origin(0, c, true).0, MARGIN + TITLE_HEIGHT + LABEL_GAP, CELL_W, COLUMN_LABEL_HEIGHT))
+        .map(|c| {
+            (
+                expected_cell_origin(0, c, true).0,
+                MARGIN + TITLE_HEIGHT + LABEL_GAP,
+                CELL_W,
+                COLUMN_LABEL_HEIGHT,
+            )
+        })
         .collect();
-    let row_labels: Vec<_> = (0..2).map(|r| (MARGIN, expected_cell_origin(r, 0, true).1, ROW_LABEL_WIDTH, CELL_H)).collect();
-    let label_boxes: Vec<_> = std::iter::once(title).chain(column_labels.iter().copied()).chain(row_labels.iter().copied()).collect();
+    let row_labels: Vec<_> = (0..2)
+        .map(|r| {
+            (
+                MARGIN,
+                expected_cell_origin(r, 0, true).1,
+                ROW_LABEL_WIDTH,
+                CELL_H,
+            )
+        })
+        .collect();
+    let label_boxes: Vec<_> = std::iter::once(title)
+        .chain(column_labels.iter().copied())
+        .chain(row_labels.iter().copied())
+        .collect();
 
     for &label in &label_boxes {
         let ink = (label.0..label.0 + label.2)
@@ -96,7 +134,10 @@ fn labels_have_ink_inside_their_boxes_and_nothing_else_outside_cells() {
         let in_cell = cells.iter().any(|&c| within(x, y, c));
         let in_label = label_boxes.iter().any(|&l| within(x, y, l));
         if !in_cell && !in_label {
-            assert_eq!(*pixel, BACKGROUND, "gap/margin pixel ({x}, {y}) is not background");
+            assert_eq!(
+                *pixel, BACKGROUND,
+                "gap/margin pixel ({x}, {y}) is not background"
+            );
         }
     }
 }
@@ -124,8 +165,14 @@ fn without_title_the_title_band_is_gone_and_parameters_are_kept() {
     assert_eq!(grid.height(), height);
     assert_eq!((layout.width(), layout.height()), grid.dimensions());
     let (x0, y0) = expected_cell_origin(1, 2, false);
-    assert_eq!(grid.get_pixel(x0 + 5, y0 + 7), cell_image(1, 2).get_pixel(5, 7));
-    assert_eq!(read_parameters_text(&path).unwrap(), Some(parameters.to_a1111_text()));
+    assert_eq!(
+        grid.get_pixel(x0 + 5, y0 + 7),
+        cell_image(1, 2).get_pixel(5, 7)
+    );
+    assert_eq!(
+        read_parameters_text(&path).unwrap(),
+        Some(parameters.to_a1111_text())
+    );
 }
 
 #[test]
@@ -133,7 +180,9 @@ fn a_cell_of_another_size_is_an_error_naming_the_cell() {
     let mut bad = spec(None);
     bad.cells[1][2] = RgbImage::new(32, 32);
     let dir = tempfile::tempdir().unwrap();
-    let err = write_grid_png(&bad, &dir.path().join("g.png"), None).unwrap_err().to_string();
+    let err = write_grid_png(&bad, &dir.path().join("g.png"), None)
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         err,
         "image grid cell (row 1 \"db[learning_rate=5e-6, max_train_steps=800, prior_loss_weight=1.0] a label far too long \
@@ -158,6 +207,14 @@ fn shape_errors_say_what_to_give() {
         unlabeled.layout().unwrap_err().to_string(),
         "image grid has 2 rows of images but 1 row labels; give one label per row"
     );
-    let empty = GridSpec { title: None, row_labels: vec![], column_labels: vec![], cells: vec![] };
-    assert_eq!(empty.layout().unwrap_err().to_string(), "image grid has no cells; give at least one row and one column");
+    let empty = GridSpec {
+        title: None,
+        row_labels: vec![],
+        column_labels: vec![],
+        cells: vec![],
+    };
+    assert_eq!(
+        empty.layout().unwrap_err().to_string(),
+        "image grid has no cells; give at least one row and one column"
+    );
 }

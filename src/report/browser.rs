@@ -48,41 +48,81 @@ pub struct BrowserCheck {
 impl BrowserCheck {
     /// Loaded, verified, every image decoded, nothing logged.
     pub fn is_clean(&self) -> bool {
-        self.verified && self.broken_images.is_empty() && self.page_errors.is_empty() && self.console_messages.is_empty()
+        self.verified
+            && self.broken_images.is_empty()
+            && self.page_errors.is_empty()
+            && self.console_messages.is_empty()
     }
 }
 
 /// The Chromium binary: `$DREAMPIPE_CHROMIUM`, else the first of `chromium`, `chromium-browser`,
 /// `google-chrome` found in PATH.
 pub fn find_chromium() -> Result<PathBuf, ReportError> {
-    if let Some(explicit) = std::env::var_os(CHROMIUM_ENV) {
+    find_chromium_in(
+        std::env::var_os(CHROMIUM_ENV),
+        std::env::var_os("PATH").unwrap_or_default(),
+    )
+}
+
+/// [`find_chromium`] with the override and the search path given explicitly.
+fn find_chromium_in(
+    override_path: Option<std::ffi::OsString>,
+    search_path: std::ffi::OsString,
+) -> Result<PathBuf, ReportError> {
+    if let Some(explicit) = override_path {
         let path = PathBuf::from(explicit);
         if path.is_file() {
             return Ok(path);
         }
-        return Err(ReportError::BrowserMissing { tried: format!("{CHROMIUM_ENV}={}", path.display()) });
+        return Err(ReportError::BrowserMissing {
+            tried: format!("{CHROMIUM_ENV}={}", path.display()),
+        });
     }
-    let search_path = std::env::var_os("PATH").unwrap_or_default();
     for name in CHROMIUM_NAMES {
-        if let Some(found) = std::env::split_paths(&search_path).map(|dir| dir.join(name)).find(|p| p.is_file()) {
+        if let Some(found) = std::env::split_paths(&search_path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+        {
             return Ok(found);
         }
     }
-    Err(ReportError::BrowserMissing { tried: format!("{} in PATH", CHROMIUM_NAMES.join(", ")) })
+    Err(ReportError::BrowserMissing {
+        tried: format!("{} in PATH", CHROMIUM_NAMES.join(", ")),
+    })
 }
 
 /// Loads `page` and reports what its verify script and the console said.
 pub fn check_page(page: &Path) -> Result<BrowserCheck, ReportError> {
     let url = file_url(page)?;
     let budget = format!("--virtual-time-budget={VIRTUAL_TIME_BUDGET_MS}");
-    let run = run_chromium(page, &["--enable-logging=stderr", "--v=0", &budget, "--dump-dom", &url])?;
+    let run = run_chromium(
+        page,
+        &[
+            "--enable-logging=stderr",
+            "--v=0",
+            &budget,
+            "--dump-dom",
+            &url,
+        ],
+    )?;
     let markers = html_element_attributes(&run.stdout);
     let split = |name: &str| -> Vec<String> {
-        markers.get(name).map(|v| v.split(" | ").filter(|s| !s.is_empty()).map(str::to_string).collect()).unwrap_or_default()
+        markers
+            .get(name)
+            .map(|v| {
+                v.split(" | ")
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
     };
     Ok(BrowserCheck {
-        verified: markers.get("data-images-ok").is_some(),
-        images_checked: markers.get("data-images-checked").and_then(|n| n.parse().ok()).unwrap_or(0),
+        verified: markers.contains_key("data-images-ok"),
+        images_checked: markers
+            .get("data-images-checked")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
         broken_images: split("data-images-broken"),
         page_errors: split("data-page-errors"),
         console_messages: console_lines(&run.stderr),
@@ -92,13 +132,20 @@ pub fn check_page(page: &Path) -> Result<BrowserCheck, ReportError> {
 /// Renders `page` into a PNG screenshot of `width`×`height` CSS pixels.
 pub fn screenshot(page: &Path, png: &Path, width: u32, height: u32) -> Result<(), ReportError> {
     let url = file_url(page)?;
-    let target = std::path::absolute(png).map_err(|e| browser_error(page, format!("bad screenshot path {}: {e}", png.display())))?;
+    let target = std::path::absolute(png)
+        .map_err(|e| browser_error(page, format!("bad screenshot path {}: {e}", png.display())))?;
     let screenshot = format!("--screenshot={}", target.display());
     let size = format!("--window-size={width},{height}");
     let budget = format!("--virtual-time-budget={VIRTUAL_TIME_BUDGET_MS}");
     run_chromium(page, &[&budget, &size, &screenshot, &url])?;
     if !target.is_file() {
-        return Err(browser_error(page, format!("Chromium exited without writing the screenshot {}", target.display())));
+        return Err(browser_error(
+            page,
+            format!(
+                "Chromium exited without writing the screenshot {}",
+                target.display()
+            ),
+        ));
     }
     Ok(())
 }
@@ -111,7 +158,8 @@ struct BrowserRun {
 /// Runs Chromium with a throw-away profile and a wall-clock limit.
 fn run_chromium(page: &Path, args: &[&str]) -> Result<BrowserRun, ReportError> {
     let chromium = find_chromium()?;
-    let profile = tempfile::tempdir().map_err(|e| browser_error(page, format!("cannot create a browser profile folder: {e}")))?;
+    let profile = tempfile::tempdir()
+        .map_err(|e| browser_error(page, format!("cannot create a browser profile folder: {e}")))?;
     let child = Command::new(&chromium)
         .args(HEADLESS_FLAGS)
         .arg(format!("--user-data-dir={}", profile.path().display()))
@@ -136,22 +184,49 @@ fn wait_with_timeout(mut child: Child, page: &Path) -> Result<BrowserRun, Report
             Ok(None) if started.elapsed() > BROWSER_TIMEOUT => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(browser_error(page, format!("no result within {} s; the browser was stopped", BROWSER_TIMEOUT.as_secs())));
+                return Err(browser_error(
+                    page,
+                    format!(
+                        "no result within {} s; the browser was stopped",
+                        BROWSER_TIMEOUT.as_secs()
+                    ),
+                ));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(browser_error(page, format!("cannot wait for the browser: {e}"))),
+            Err(e) => {
+                return Err(browser_error(
+                    page,
+                    format!("cannot wait for the browser: {e}"),
+                ));
+            }
         }
     };
-    let collect = |reader: Option<std::thread::JoinHandle<String>>| reader.and_then(|r| r.join().ok()).unwrap_or_default();
-    let run = BrowserRun { stdout: collect(stdout), stderr: collect(stderr) };
+    let collect = |reader: Option<std::thread::JoinHandle<String>>| {
+        reader.and_then(|r| r.join().ok()).unwrap_or_default()
+    };
+    let run = BrowserRun {
+        stdout: collect(stdout),
+        stderr: collect(stderr),
+    };
     if !status.success() {
-        let tail: String = run.stderr.lines().rev().take(5).collect::<Vec<_>>().join(" / ");
-        return Err(browser_error(page, format!("the browser exited with {status}: {tail}")));
+        let tail: String = run
+            .stderr
+            .lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join(" / ");
+        return Err(browser_error(
+            page,
+            format!("the browser exited with {status}: {tail}"),
+        ));
     }
     Ok(run)
 }
 
-fn spawn_reader(mut source: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
+fn spawn_reader(
+    mut source: impl std::io::Read + Send + 'static,
+) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
         let mut bytes = Vec::new();
         let _ = source.read_to_end(&mut bytes);
@@ -161,7 +236,8 @@ fn spawn_reader(mut source: impl std::io::Read + Send + 'static) -> std::thread:
 
 /// `file://` URL of `page` (absolute, percent-encoding bytes that are not URL-safe).
 pub fn file_url(page: &Path) -> Result<String, ReportError> {
-    let absolute = std::path::absolute(page).map_err(|e| browser_error(page, format!("cannot make the path absolute: {e}")))?;
+    let absolute = std::path::absolute(page)
+        .map_err(|e| browser_error(page, format!("cannot make the path absolute: {e}")))?;
     let mut url = String::from("file://");
     for byte in absolute.to_string_lossy().bytes() {
         if byte.is_ascii_alphanumeric() || b"/-_.~".contains(&byte) {
@@ -188,19 +264,30 @@ fn html_element_attributes(dom: &str) -> std::collections::HashMap<String, Strin
 }
 
 fn decode_entities(text: &str) -> String {
-    text.replace("&quot;", "\"").replace("&lt;", "<").replace("&gt;", ">").replace("&#39;", "'").replace("&amp;", "&")
+    text.replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&")
 }
 
 /// The quoted messages of Chromium's `:CONSOLE` log lines.
 fn console_lines(log: &str) -> Vec<String> {
     log.lines()
         .filter_map(|line| line.split_once(":CONSOLE").map(|(_, rest)| rest))
-        .map(|rest| rest.split_once("] ").map_or(rest, |(_, message)| message).to_string())
+        .map(|rest| {
+            rest.split_once("] ")
+                .map_or(rest, |(_, message)| message)
+                .to_string()
+        })
         .collect()
 }
 
 fn browser_error(page: &Path, reason: String) -> ReportError {
-    ReportError::Browser { page: page.to_path_buf(), reason }
+    ReportError::Browser {
+        page: page.to_path_buf(),
+        reason,
+    }
 }
 
 #[cfg(test)]
@@ -219,11 +306,38 @@ mod tests {
     fn extracts_console_messages() {
         let log = "[1:1:1126/100955.1:ERROR:dbus/bus.cc:405] Failed to connect\n\
                    [2:2:1126/100955.6:INFO:CONSOLE:4] \"boom\", source: file:///tmp/t.html (4)\n";
-        assert_eq!(console_lines(log), vec!["\"boom\", source: file:///tmp/t.html (4)"]);
+        assert_eq!(
+            console_lines(log),
+            vec!["\"boom\", source: file:///tmp/t.html (4)"]
+        );
+    }
+
+    #[test]
+    fn a_missing_browser_says_how_to_install_it() {
+        let empty = tempfile::tempdir().unwrap();
+        let err = find_chromium_in(None, empty.path().as_os_str().to_owned()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "headless Chromium not found (tried chromium, chromium-browser, google-chrome in PATH); install it \
+             (Debian/Ubuntu: `apt-get install -y chromium`) or set DREAMPIPE_CHROMIUM to the browser binary"
+        );
+        let err = find_chromium_in(Some("/nonexistent/chrome".into()), "".into()).unwrap_err();
+        assert!(err.to_string().starts_with(
+            "headless Chromium not found (tried DREAMPIPE_CHROMIUM=/nonexistent/chrome)"
+        ));
+        let fake = empty.path().join("chromium-browser");
+        std::fs::write(&fake, "").unwrap();
+        assert_eq!(
+            find_chromium_in(None, empty.path().as_os_str().to_owned()).unwrap(),
+            fake
+        );
     }
 
     #[test]
     fn file_urls_are_absolute_and_escaped() {
-        assert_eq!(file_url(Path::new("/tmp/my report/index.html")).unwrap(), "file:///tmp/my%20report/index.html");
+        assert_eq!(
+            file_url(Path::new("/tmp/my report/index.html")).unwrap(),
+            "file:///tmp/my%20report/index.html"
+        );
     }
 }

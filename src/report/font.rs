@@ -12,7 +12,9 @@ const ELLIPSIS: &str = "…";
 
 /// The embedded font could not be parsed (a corrupted `assets/fonts/DejaVuSans.ttf`).
 #[derive(Debug, thiserror::Error)]
-#[error("the embedded font assets/fonts/DejaVuSans.ttf is not a valid TrueType font ({0}); restore it from /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf and rebuild")]
+#[error(
+    "the embedded font assets/fonts/DejaVuSans.ttf is not a valid TrueType font ({0}); restore it from /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf and rebuild"
+)]
 pub struct FontError(String);
 
 /// A pixel rectangle on an image.
@@ -92,7 +94,11 @@ impl LabelFont {
         for paragraph in text.split('\n') {
             let mut line = String::new();
             for word in paragraph.split_whitespace() {
-                let candidate = if line.is_empty() { word.to_string() } else { format!("{line} {word}") };
+                let candidate = if line.is_empty() {
+                    word.to_string()
+                } else {
+                    format!("{line} {word}")
+                };
                 if self.text_width(&candidate, px) <= max_width {
                     line = candidate;
                     continue;
@@ -108,7 +114,13 @@ impl LabelFont {
     }
 
     /// Pushes full-width pieces of `word` onto `lines` and returns the remainder.
-    fn break_long_word(&self, word: &str, px: f32, max_width: f32, lines: &mut Vec<String>) -> String {
+    fn break_long_word(
+        &self,
+        word: &str,
+        px: f32,
+        max_width: f32,
+        lines: &mut Vec<String>,
+    ) -> String {
         let mut piece = String::new();
         for c in word.chars() {
             piece.push(c);
@@ -164,7 +176,14 @@ impl LabelFont {
     }
 
     /// Draws fitted lines vertically centred in `rect`, clipped to it.
-    pub fn draw(&self, image: &mut RgbImage, text: &FittedText, rect: PixelRect, align: Align, color: Rgb<u8>) {
+    pub fn draw(
+        &self,
+        image: &mut RgbImage,
+        text: &FittedText,
+        rect: PixelRect,
+        align: Align,
+        color: Rgb<u8>,
+    ) {
         let line_height = self.line_height(text.px);
         let block_height = line_height * text.lines.len() as f32;
         let mut top = rect.y as f32 + ((rect.height as f32 - block_height) / 2.0).max(0.0);
@@ -182,7 +201,15 @@ impl LabelFont {
     }
 
     /// Draws one line whose top-left corner is `origin`, blending glyph coverage into `image`.
-    fn draw_line(&self, image: &mut RgbImage, line: &str, origin: (f32, f32), px: f32, clip: PixelRect, color: Rgb<u8>) {
+    fn draw_line(
+        &self,
+        image: &mut RgbImage,
+        line: &str,
+        origin: (f32, f32),
+        px: f32,
+        clip: PixelRect,
+        color: Rgb<u8>,
+    ) {
         let scaled = self.font.as_scaled(PxScale::from(px));
         let baseline = origin.1 + scaled.ascent();
         let mut x = origin.0;
@@ -208,8 +235,16 @@ impl LabelFont {
 }
 
 /// Mixes `color` into the pixel at `at` with weight `coverage`, if it lies inside `clip`.
-fn blend_pixel(image: &mut RgbImage, at: (i64, i64), clip: PixelRect, color: Rgb<u8>, coverage: f32) {
-    let (Ok(x), Ok(y)) = (u32::try_from(at.0), u32::try_from(at.1)) else { return };
+fn blend_pixel(
+    image: &mut RgbImage,
+    at: (i64, i64),
+    clip: PixelRect,
+    color: Rgb<u8>,
+    coverage: f32,
+) {
+    let (Ok(x), Ok(y)) = (u32::try_from(at.0), u32::try_from(at.1)) else {
+        return;
+    };
     if !clip.contains(x, y) || x >= image.width() || y >= image.height() {
         return;
     }
@@ -241,7 +276,11 @@ mod tests {
     #[test]
     fn wrap_keeps_words_and_breaks_overlong_ones() {
         let font = font();
-        let lines = font.wrap("alpha beta gamma", 16.0, font.text_width("alpha beta", 16.0));
+        let lines = font.wrap(
+            "alpha beta gamma",
+            16.0,
+            font.text_width("alpha beta", 16.0),
+        );
         assert_eq!(lines, vec!["alpha beta", "gamma"]);
         let long = "db[learning_rate=2e-6,max_train_steps=400]";
         let lines = font.wrap(long, 16.0, 60.0);
@@ -253,9 +292,18 @@ mod tests {
     #[test]
     fn fit_shrinks_then_truncates_with_ellipsis() {
         let font = font();
-        let sizes = SizeRange { max_px: 20.0, min_px: 10.0 };
+        let sizes = SizeRange {
+            max_px: 20.0,
+            min_px: 10.0,
+        };
         let roomy = font.fit("seed 1", sizes, 200, 40);
-        assert_eq!(roomy, FittedText { px: 20.0, lines: vec!["seed 1".to_string()] });
+        assert_eq!(
+            roomy,
+            FittedText {
+                px: 20.0,
+                lines: vec!["seed 1".to_string()]
+            }
+        );
         let tight = font.fit("a rather long label text", sizes, 120, 24);
         assert!(tight.px < 20.0 && tight.px >= 10.0);
         let hopeless = font.fit(&"word ".repeat(50), sizes, 60, 14);
@@ -269,13 +317,24 @@ mod tests {
     fn drawing_is_clipped_to_the_rect() {
         let font = font();
         let mut image = RgbImage::from_pixel(100, 40, Rgb([255, 255, 255]));
-        let rect = PixelRect { x: 10, y: 10, width: 30, height: 20 };
-        let text = FittedText { px: 18.0, lines: vec!["WWWWWWWW".to_string()] };
+        let rect = PixelRect {
+            x: 10,
+            y: 10,
+            width: 30,
+            height: 20,
+        };
+        let text = FittedText {
+            px: 18.0,
+            lines: vec!["WWWWWWWW".to_string()],
+        };
         font.draw(&mut image, &text, rect, Align::Left, Rgb([0, 0, 0]));
         let mut dark_inside = 0;
         for (x, y, pixel) in image.enumerate_pixels() {
             let dark = pixel.0 != [255, 255, 255];
-            assert!(!dark || rect.contains(x, y), "ink outside the rect at ({x}, {y})");
+            assert!(
+                !dark || rect.contains(x, y),
+                "ink outside the rect at ({x}, {y})"
+            );
             dark_inside += usize::from(dark);
         }
         assert!(dark_inside > 50);

@@ -31,9 +31,15 @@ pub const COLUMN_LABEL_HEIGHT: u32 = 40;
 /// Height of the title band: one line of 24 px text (line height ≈ 28 px) plus breathing room.
 pub const TITLE_HEIGHT: u32 = 36;
 /// Label sizes: start large and shrink until the wrapped label fits its box.
-pub const LABEL_SIZES: SizeRange = SizeRange { max_px: 16.0, min_px: 9.0 };
+pub const LABEL_SIZES: SizeRange = SizeRange {
+    max_px: 16.0,
+    min_px: 9.0,
+};
 /// Title sizes.
-pub const TITLE_SIZES: SizeRange = SizeRange { max_px: 24.0, min_px: 12.0 };
+pub const TITLE_SIZES: SizeRange = SizeRange {
+    max_px: 24.0,
+    min_px: 12.0,
+};
 /// Page colour behind labels and in gaps.
 pub const BACKGROUND: Rgb<u8> = Rgb([255, 255, 255]);
 /// Label ink.
@@ -60,7 +66,11 @@ pub struct GridLayout {
 
 impl GridLayout {
     fn title_band(&self) -> u32 {
-        if self.has_title { TITLE_HEIGHT + LABEL_GAP } else { 0 }
+        if self.has_title {
+            TITLE_HEIGHT + LABEL_GAP
+        } else {
+            0
+        }
     }
 
     fn first_cell_x(&self) -> u32 {
@@ -98,13 +108,23 @@ impl GridLayout {
     /// The label box left of `row`.
     pub fn row_label(&self, row: u32) -> PixelRect {
         let cell = self.cell(row, 0);
-        PixelRect { x: MARGIN, y: cell.y, width: ROW_LABEL_WIDTH, height: self.cell_height }
+        PixelRect {
+            x: MARGIN,
+            y: cell.y,
+            width: ROW_LABEL_WIDTH,
+            height: self.cell_height,
+        }
     }
 
     /// The label box above `column`.
     pub fn column_label(&self, column: u32) -> PixelRect {
         let cell = self.cell(0, column);
-        PixelRect { x: cell.x, y: MARGIN + self.title_band(), width: self.cell_width, height: COLUMN_LABEL_HEIGHT }
+        PixelRect {
+            x: cell.x,
+            y: MARGIN + self.title_band(),
+            width: self.cell_width,
+            height: COLUMN_LABEL_HEIGHT,
+        }
     }
 
     /// The title band, if the grid has a title.
@@ -123,9 +143,18 @@ impl GridLayout {
 pub enum GridError {
     #[error("image grid has no cells; give at least one row and one column")]
     Empty,
-    #[error("image grid row {row} ({label:?}) has {found} images but the grid has {expected} column labels; give one image per column")]
-    RaggedRow { row: usize, label: String, found: usize, expected: usize },
-    #[error("image grid has {found} rows of images but {expected} row labels; give one label per row")]
+    #[error(
+        "image grid row {row} ({label:?}) has {found} images but the grid has {expected} column labels; give one image per column"
+    )]
+    RaggedRow {
+        row: usize,
+        label: String,
+        found: usize,
+        expected: usize,
+    },
+    #[error(
+        "image grid has {found} rows of images but {expected} row labels; give one label per row"
+    )]
     RowLabelCount { found: usize, expected: usize },
     #[error(
         "image grid cell (row {row} {row_label:?}, column {column} {column_label:?}) is {found_width}x{found_height} \
@@ -146,9 +175,16 @@ pub enum GridError {
 impl GridSpec {
     /// Checks the shape and that every cell has the size of the first; returns the layout.
     pub fn layout(&self) -> Result<GridLayout, GridError> {
-        let first = self.cells.first().and_then(|row| row.first()).ok_or(GridError::Empty)?;
+        let first = self
+            .cells
+            .first()
+            .and_then(|row| row.first())
+            .ok_or(GridError::Empty)?;
         if self.cells.len() != self.row_labels.len() {
-            return Err(GridError::RowLabelCount { found: self.cells.len(), expected: self.row_labels.len() });
+            return Err(GridError::RowLabelCount {
+                found: self.cells.len(),
+                expected: self.row_labels.len(),
+            });
         }
         for (row, images) in self.cells.iter().enumerate() {
             self.check_row(row, images, first)?;
@@ -162,12 +198,24 @@ impl GridSpec {
         })
     }
 
-    fn check_row(&self, row: usize, images: &[RgbImage], first: &RgbImage) -> Result<(), GridError> {
+    fn check_row(
+        &self,
+        row: usize,
+        images: &[RgbImage],
+        first: &RgbImage,
+    ) -> Result<(), GridError> {
         if images.len() != self.column_labels.len() {
             let label = self.row_labels[row].clone();
-            return Err(GridError::RaggedRow { row, label, found: images.len(), expected: self.column_labels.len() });
+            return Err(GridError::RaggedRow {
+                row,
+                label,
+                found: images.len(),
+                expected: self.column_labels.len(),
+            });
         }
-        let mismatch = images.iter().position(|image| image.dimensions() != first.dimensions());
+        let mismatch = images
+            .iter()
+            .position(|image| image.dimensions() != first.dimensions());
         match mismatch {
             None => Ok(()),
             Some(column) => Err(GridError::CellSize {
@@ -185,7 +233,10 @@ impl GridSpec {
 }
 
 /// Composes the grid into one image.
-pub fn compose_grid(spec: &GridSpec, font: &LabelFont) -> Result<(RgbImage, GridLayout), GridError> {
+pub fn compose_grid(
+    spec: &GridSpec,
+    font: &LabelFont,
+) -> Result<(RgbImage, GridLayout), GridError> {
     let layout = spec.layout()?;
     let mut canvas = RgbImage::from_pixel(layout.width(), layout.height(), BACKGROUND);
     if let (Some(title), Some(rect)) = (&spec.title, layout.title()) {
@@ -217,7 +268,13 @@ pub fn write_grid_png(
 ) -> Result<GridLayout, ReportError> {
     let font = LabelFont::embedded()?;
     let (canvas, layout) = compose_grid(spec, &font)?;
-    write_rgb_png(path, canvas.as_raw(), canvas.width(), canvas.height(), parameters)?;
+    write_rgb_png(
+        path,
+        canvas.as_raw(),
+        canvas.width(),
+        canvas.height(),
+        parameters,
+    )?;
     Ok(layout)
 }
 

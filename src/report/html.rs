@@ -25,8 +25,7 @@ pub const IMAGES_DIR: &str = "images";
 const CHART_SIZE: (u32, u32) = (520, 260);
 
 /// Forbids every network fetch: only inline styles/scripts, and images from data URIs or files.
-const CONTENT_SECURITY_POLICY: &str =
-    "default-src 'none'; img-src 'self' data: file:; style-src 'unsafe-inline'; script-src 'unsafe-inline'";
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; img-src 'self' data: file:; style-src 'unsafe-inline'; script-src 'unsafe-inline'";
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:24px;color:#111;max-width:1400px}\
 table{border-collapse:collapse;margin:8px 0 24px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}\
@@ -34,7 +33,7 @@ th{background:#f3f3f3}code{font-size:12px;white-space:pre-wrap}.status-failed{co
 .status-cached{color:#555}.status-ran{color:#0a6b2c}.status-skipped{color:#888}\
 figure{display:inline-block;margin:0 12px 12px 0;vertical-align:top}figure img{max-width:100%;height:auto;image-rendering:auto}\
 .samples img{max-width:256px}.compare img{max-width:256px}.missing{color:#b00020}.charts{display:flex;flex-wrap:wrap;gap:16px}\
-svg.chart{font-size:11px;background:#fff}svg .chart-title{font-size:13px;font-weight:bold}";
+td.duration{white-space:nowrap}svg.chart{font-size:11px;background:#fff}svg .chart-title{font-size:13px;font-weight:bold}";
 
 /// Runs after load and records, on `<html>`, whether every image decoded
 /// (`data-images-ok`, `data-images-checked`, `data-images-broken`) and any script or resource
@@ -130,7 +129,8 @@ pub fn write_report(input: &ReportInput, out_dir: &Path) -> Result<ReportSummary
     let mut store = ImageStore::new(out_dir, INLINE_IMAGE_MAX_BYTES);
     let page = render_report(input, &mut store)?;
     let page_path = out_dir.join(REPORT_FILE);
-    std::fs::write(&page_path, page).map_err(|e| io_error(&page_path, "write the report page", e))?;
+    std::fs::write(&page_path, page)
+        .map_err(|e| io_error(&page_path, "write the report page", e))?;
     Ok(ReportSummary {
         page: page_path,
         inlined_images: store.inlined,
@@ -162,7 +162,12 @@ pub fn render_report(input: &ReportInput, store: &mut ImageStore) -> Result<Stri
 
 fn render_header(input: &ReportInput) -> String {
     let count = |status: StageStatus| input.stages.iter().filter(|s| s.status == status).count();
-    let total_s: f64 = input.stages.iter().map(|s| s.duration_s).filter(|d| d.is_finite()).sum();
+    let total_s: f64 = input
+        .stages
+        .iter()
+        .map(|s| s.duration_s)
+        .filter(|d| d.is_finite())
+        .sum();
     format!(
         "<header><h1>{}</h1><p>Pipeline file <code>{}</code> · generated {}</p>\
          <p class=\"totals\">{} stages: {} ran, {} cached, {} failed, {} skipped · total stage time {}</p></header>",
@@ -185,11 +190,19 @@ fn render_stage_table(stages: &[StageReport]) -> String {
     );
     for stage in stages {
         let status = stage.status.as_str();
-        let error = stage.error.as_deref().map(|e| format!("<br>{}", escape_html(e))).unwrap_or_default();
-        let output = stage.output_dir.as_ref().map(|p| escape_html(&p.display().to_string())).unwrap_or_default();
+        let error = stage
+            .error
+            .as_deref()
+            .map(|e| format!("<br>{}", escape_html(e)))
+            .unwrap_or_default();
+        let output = stage
+            .output_dir
+            .as_ref()
+            .map(|p| escape_html(&p.display().to_string()))
+            .unwrap_or_default();
         let _ = write!(
             html,
-            "<tr id=\"stage-{}\"><td>{}</td><td>{}</td><td class=\"status-{status}\">{status}{error}</td><td>{}</td>\
+            "<tr id=\"stage-{}\"><td>{}</td><td>{}</td><td class=\"status-{status}\">{status}{error}</td><td class=\"duration\">{}</td>\
              <td><code>{}</code></td><td><code>{output}</code></td></tr>",
             escape_html(&stage.id),
             escape_html(&stage.id),
@@ -209,7 +222,11 @@ fn format_params(params: &serde_json::Value) -> String {
         other => other.to_string(),
     };
     match params {
-        serde_json::Value::Object(map) => map.iter().map(|(k, v)| format!("{k}: {}", show(v))).collect::<Vec<_>>().join("\n"),
+        serde_json::Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", show(v)))
+            .collect::<Vec<_>>()
+            .join("\n"),
         serde_json::Value::Null => String::new(),
         other => show(other),
     }
@@ -248,20 +265,31 @@ fn render_sweeps(stages: &[StageReport], store: &mut ImageStore) -> Result<Strin
     Ok(html)
 }
 
-fn render_sweep_table(group: &str, variants: &[&StageReport], store: &mut ImageStore) -> Result<String, ReportError> {
+fn render_sweep_table(
+    group: &str,
+    variants: &[&StageReport],
+    store: &mut ImageStore,
+) -> Result<String, ReportError> {
     let mut columns: Vec<&str> = Vec::new();
     for image in variants.iter().flat_map(|v| final_images(v)) {
         if !columns.contains(&image.caption.as_str()) {
             columns.push(&image.caption);
         }
     }
-    let mut html = format!("<h3>{}</h3><table class=\"compare\"><tr><th>variant</th>", escape_html(group));
+    let mut html = format!(
+        "<h3>{}</h3><table class=\"compare\"><tr><th>variant</th>",
+        escape_html(group)
+    );
     for column in &columns {
         let _ = write!(html, "<th>{}</th>", escape_html(column));
     }
     html.push_str("</tr>");
     for variant in variants {
-        let _ = write!(html, "<tr><th>{}</th>", escape_html(&variant_label(variant)));
+        let _ = write!(
+            html,
+            "<tr><th>{}</th>",
+            escape_html(&variant_label(variant))
+        );
         for column in &columns {
             let cell = match final_images(variant).find(|image| image.caption == *column) {
                 Some(image) => store.img_tag(image)?,
@@ -284,7 +312,12 @@ fn variant_label(stage: &StageReport) -> String {
     if stage.sweep_values.is_empty() {
         return stage.id.clone();
     }
-    stage.sweep_values.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
+    stage
+        .sweep_values
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Loss and learning-rate charts for every stage with metrics.
@@ -295,8 +328,21 @@ fn render_curves(stages: &[StageReport]) -> String {
     }
     let mut html = String::from("<h2>Training curves</h2>");
     for stage in trained {
-        let _ = write!(html, "<h3>{}</h3><div class=\"charts\">", escape_html(&stage.id));
-        let series = [("loss", stage.metrics.iter().map(|m| m.loss).collect::<Vec<_>>()), ("learning rate", stage.metrics.iter().map(|m| m.lr).collect())];
+        let _ = write!(
+            html,
+            "<h3>{}</h3><div class=\"charts\">",
+            escape_html(&stage.id)
+        );
+        let series = [
+            (
+                "loss",
+                stage.metrics.iter().map(|m| m.loss).collect::<Vec<_>>(),
+            ),
+            (
+                "learning rate",
+                stage.metrics.iter().map(|m| m.lr).collect(),
+            ),
+        ];
         for (name, values) in series {
             if values.iter().all(Option::is_none) {
                 continue;
@@ -322,15 +368,26 @@ fn render_curves(stages: &[StageReport]) -> String {
 }
 
 /// Validation samples of each stage, in step order.
-fn render_validation(stages: &[StageReport], store: &mut ImageStore) -> Result<String, ReportError> {
+fn render_validation(
+    stages: &[StageReport],
+    store: &mut ImageStore,
+) -> Result<String, ReportError> {
     let mut html = String::new();
     for stage in stages {
-        let mut samples: Vec<&ImageRef> = stage.images.iter().filter(|image| image.step.is_some()).collect();
+        let mut samples: Vec<&ImageRef> = stage
+            .images
+            .iter()
+            .filter(|image| image.step.is_some())
+            .collect();
         if samples.is_empty() {
             continue;
         }
         samples.sort_by_key(|image| image.step);
-        let _ = write!(html, "<h3>{}</h3><div class=\"samples\">", escape_html(&stage.id));
+        let _ = write!(
+            html,
+            "<h3>{}</h3><div class=\"samples\">",
+            escape_html(&stage.id)
+        );
         for sample in samples {
             let step = sample.step.unwrap_or_default();
             let caption = format!("step {step} · {}", sample.caption);
@@ -352,7 +409,11 @@ fn render_outputs(stages: &[StageReport], store: &mut ImageStore) -> Result<Stri
         if images.is_empty() {
             continue;
         }
-        let _ = write!(html, "<h3>{}</h3><div class=\"outputs\">", escape_html(&stage.id));
+        let _ = write!(
+            html,
+            "<h3>{}</h3><div class=\"outputs\">",
+            escape_html(&stage.id)
+        );
         for image in images {
             html.push_str(&store.figure(image, &image.caption)?);
         }
@@ -389,7 +450,10 @@ impl ImageStore {
 
     fn figure(&mut self, image: &ImageRef, caption: &str) -> Result<String, ReportError> {
         let img = self.img_tag(image)?;
-        Ok(format!("<figure>{img}<figcaption>{}</figcaption></figure>", escape_html(caption)))
+        Ok(format!(
+            "<figure>{img}<figcaption>{}</figcaption></figure>",
+            escape_html(caption)
+        ))
     }
 
     /// An `<img>` for `image`, or a visible note when the file does not exist.
@@ -401,7 +465,9 @@ impl ImageStore {
                 escape_html(&src),
                 escape_html(&image.caption)
             )),
-            None => Ok(format!("<span class=\"missing\">image missing: {name}</span>")),
+            None => Ok(format!(
+                "<span class=\"missing\">image missing: {name}</span>"
+            )),
         }
     }
 
@@ -433,20 +499,33 @@ impl ImageStore {
     fn copy_next_to_report(&mut self, path: &Path) -> Result<String, ReportError> {
         let images_dir = self.out_dir.join(IMAGES_DIR);
         create_dir(&images_dir)?;
-        let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let file_name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let safe: String = file_name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let relative = format!("{IMAGES_DIR}/{:03}-{safe}", self.copied);
-        std::fs::copy(path, self.out_dir.join(&relative)).map_err(|e| io_error(path, "copy the image next to the report", e))?;
+        std::fs::copy(path, self.out_dir.join(&relative))
+            .map_err(|e| io_error(path, "copy the image next to the report", e))?;
         self.copied += 1;
         Ok(relative)
     }
 }
 
 fn image_mime(path: &Path) -> Result<&'static str, ReportError> {
-    let extension = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let extension = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
     match extension.as_str() {
         "png" => Ok("image/png"),
         "jpg" | "jpeg" => Ok("image/jpeg"),
@@ -463,5 +542,44 @@ fn create_dir(path: &Path) -> Result<(), ReportError> {
 }
 
 fn io_error(path: &Path, action: &'static str, error: std::io::Error) -> ReportError {
-    ReportError::Io { path: path.to_path_buf(), action, reason: error.to_string() }
+    ReportError::Io {
+        path: path.to_path_buf(),
+        action,
+        reason: error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(format_duration(0.04), "0.0 s");
+        assert_eq!(format_duration(59.94), "59.9 s");
+        assert_eq!(format_duration(65.0), "1 min 05 s");
+        assert_eq!(format_duration(7260.0), "2 h 01 min");
+        assert_eq!(format_duration(f64::NAN), "—");
+    }
+
+    #[test]
+    fn input_deserializes_from_a_minimal_run_record() {
+        let json = r#"{"pipeline":"demo","pipeline_file":"p.yaml","generated_at":"now","stages":[
+            {"id":"db","kind":"dreambooth","status":"cached","duration_s":1.5}]}"#;
+        let input: ReportInput = serde_json::from_str(json).unwrap();
+        assert_eq!(input.stages[0].status, StageStatus::Cached);
+        assert!(input.stages[0].images.is_empty() && input.stages[0].sweep_group.is_none());
+        let bad = serde_json::from_str::<ReportInput>(&json.replace("cached", "done")).unwrap_err();
+        assert!(bad.to_string().contains("unknown variant `done`"), "{bad}");
+    }
+
+    #[test]
+    fn params_show_one_key_per_line() {
+        let params = serde_json::json!({"learning_rate": "2e-6", "steps": 400, "flags": [1, 2]});
+        assert_eq!(
+            format_params(&params),
+            "flags: [1,2]\nlearning_rate: 2e-6\nsteps: 400"
+        );
+        assert_eq!(format_params(&serde_json::Value::Null), "");
+    }
 }

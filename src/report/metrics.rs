@@ -52,7 +52,9 @@ pub fn parse_metrics_jsonl(text: &str, path: &Path) -> Result<MetricsLog, Report
                 return Err(ReportError::Metrics {
                     path: PathBuf::from(path),
                     line: index + 1,
-                    reason: format!("{e}; expected an object like {{\"step\": 10, \"loss\": 0.12, \"lr\": 2e-6}}"),
+                    reason: format!(
+                        "{e}; expected an object like {{\"step\": 10, \"loss\": 0.12, \"lr\": 2e-6}}"
+                    ),
                 });
             }
         }
@@ -70,12 +72,23 @@ mod tests {
 
     #[test]
     fn parses_points_nulls_and_extra_fields() {
-        let log = parse("{\"step\":1,\"loss\":0.5,\"lr\":2e-6}\n\n{\"step\":2,\"loss\":null,\"epoch\":0}\n").unwrap();
+        let log = parse(
+            "{\"step\":1,\"loss\":0.5,\"lr\":2e-6}\n\n{\"step\":2,\"loss\":null,\"epoch\":0}\n",
+        )
+        .unwrap();
         assert_eq!(
             log.points,
             vec![
-                MetricPoint { step: 1, loss: Some(0.5), lr: Some(2e-6) },
-                MetricPoint { step: 2, loss: None, lr: None },
+                MetricPoint {
+                    step: 1,
+                    loss: Some(0.5),
+                    lr: Some(2e-6)
+                },
+                MetricPoint {
+                    step: 2,
+                    loss: None,
+                    lr: None
+                },
             ]
         );
         assert!(!log.truncated_last_line);
@@ -93,10 +106,15 @@ mod tests {
 
     #[test]
     fn a_bad_line_in_the_middle_is_an_error_naming_file_and_line() {
-        let err = parse("{\"step\":1}\nnot json\n{\"step\":3}\n").unwrap_err().to_string();
+        let err = parse("{\"step\":1}\nnot json\n{\"step\":3}\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("run/metrics.jsonl:2: "), "{err}");
         assert!(err.contains("expected an object like"), "{err}");
         let terminated_bad_last = parse("{\"step\":1}\n{\"step\":\n").unwrap_err().to_string();
-        assert!(terminated_bad_last.starts_with("run/metrics.jsonl:2: "), "{terminated_bad_last}");
+        assert!(
+            terminated_bad_last.starts_with("run/metrics.jsonl:2: "),
+            "{terminated_bad_last}"
+        );
     }
 }

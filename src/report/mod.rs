@@ -23,9 +23,17 @@ pub enum ReportError {
     #[error("{path}: cannot read image: {reason}; give a PNG, JPEG or WebP file")]
     ImageRead { path: PathBuf, reason: String },
     #[error("{path}: cannot {action}: {reason}")]
-    Io { path: PathBuf, action: &'static str, reason: String },
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        reason: String,
+    },
     #[error("{path}:{line}: bad metrics line: {reason}")]
-    Metrics { path: PathBuf, line: usize, reason: String },
+    Metrics {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
     #[error(
         "headless Chromium not found (tried {tried}); install it (Debian/Ubuntu: `apt-get install -y chromium`) \
          or set DREAMPIPE_CHROMIUM to the browser binary"

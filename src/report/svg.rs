@@ -51,15 +51,33 @@ pub fn line_chart(points: &[(f64, f64)], spec: &ChartSpec) -> String {
         PAD_LEFT,
         escape_html(&spec.title)
     );
-    let finite: Vec<(f64, f64)> = points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
-    let plot = Plot { left: PAD_LEFT, top: PAD_TOP, right: width - PAD_RIGHT, bottom: height - PAD_BOTTOM };
+    let finite: Vec<(f64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
+    let plot = Plot {
+        left: PAD_LEFT,
+        top: PAD_TOP,
+        right: width - PAD_RIGHT,
+        bottom: height - PAD_BOTTOM,
+    };
     if finite.is_empty() || plot.right <= plot.left || plot.bottom <= plot.top {
-        let _ = write!(svg, "<text class=\"no-data\" x=\"{}\" y=\"{}\">no finite data</text></svg>", width / 2.0, height / 2.0);
+        let _ = write!(
+            svg,
+            "<text class=\"no-data\" x=\"{}\" y=\"{}\">no finite data</text></svg>",
+            width / 2.0,
+            height / 2.0
+        );
         return svg;
     }
     let x_ticks = nice_ticks(value_range(finite.iter().map(|p| p.0)));
     let y_ticks = nice_ticks(value_range(finite.iter().map(|p| p.1)));
-    let frame = Frame { plot, x: tick_range(&x_ticks), y: tick_range(&y_ticks) };
+    let frame = Frame {
+        plot,
+        x: tick_range(&x_ticks),
+        y: tick_range(&y_ticks),
+    };
     frame.draw_axes(&mut svg, &x_ticks, &y_ticks, spec);
     for run in finite_runs(points) {
         frame.draw_run(&mut svg, &decimate(run, frame.plot.width()));
@@ -94,12 +112,23 @@ impl Frame {
     fn to_svg(&self, (x, y): (f64, f64)) -> (f64, f64) {
         let fx = (x - self.x.min) / (self.x.max - self.x.min);
         let fy = (y - self.y.min) / (self.y.max - self.y.min);
-        (self.plot.left + fx * self.plot.width(), self.plot.bottom - fy * (self.plot.bottom - self.plot.top))
+        (
+            self.plot.left + fx * self.plot.width(),
+            self.plot.bottom - fy * (self.plot.bottom - self.plot.top),
+        )
     }
 
     fn draw_axes(&self, svg: &mut String, x_ticks: &[f64], y_ticks: &[f64], spec: &ChartSpec) {
-        let Plot { left, top, right, bottom } = self.plot;
-        let _ = write!(svg, "<path class=\"axis\" d=\"M{left},{top}V{bottom}H{right}\" fill=\"none\" stroke=\"#444\"/>");
+        let Plot {
+            left,
+            top,
+            right,
+            bottom,
+        } = self.plot;
+        let _ = write!(
+            svg,
+            "<path class=\"axis\" d=\"M{left},{top}V{bottom}H{right}\" fill=\"none\" stroke=\"#444\"/>"
+        );
         let x_step = tick_step(x_ticks);
         for &tick in x_ticks {
             let (x, _) = self.to_svg((tick, self.y.min));
@@ -139,7 +168,10 @@ impl Frame {
     fn draw_run(&self, svg: &mut String, run: &[(f64, f64)]) {
         if let [single] = run {
             let (x, y) = self.to_svg(*single);
-            let _ = write!(svg, "<circle class=\"series\" cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"2\" fill=\"#1f6feb\"/>");
+            let _ = write!(
+                svg,
+                "<circle class=\"series\" cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"2\" fill=\"#1f6feb\"/>"
+            );
             return;
         }
         svg.push_str("<polyline class=\"series\" fill=\"none\" stroke=\"#1f6feb\" stroke-width=\"1.5\" points=\"");
@@ -153,12 +185,17 @@ impl Frame {
 
 /// Min and max of the values; a single value is widened so the axis has a non-zero span.
 fn value_range(values: impl Iterator<Item = f64>) -> Range {
-    let (min, max) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (min, max) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
     if min < max {
         return Range { min, max };
     }
     let pad = if min == 0.0 { 1.0 } else { min.abs() * 0.1 };
-    Range { min: min - pad, max: max + pad }
+    Range {
+        min: min - pad,
+        max: max + pad,
+    }
 }
 
 /// Ticks at 1, 2 or 5 × 10^k spacing covering `range`, about `TARGET_TICKS` of them.
@@ -177,7 +214,10 @@ fn nice_ticks(range: Range) -> Vec<f64> {
 }
 
 fn tick_range(ticks: &[f64]) -> Range {
-    Range { min: ticks.first().copied().unwrap_or(0.0), max: ticks.last().copied().unwrap_or(1.0) }
+    Range {
+        min: ticks.first().copied().unwrap_or(0.0),
+        max: ticks.last().copied().unwrap_or(1.0),
+    }
 }
 
 fn tick_step(ticks: &[f64]) -> f64 {
@@ -195,7 +235,8 @@ pub fn format_tick(value: f64, step: f64) -> String {
     }
     let magnitude = value.abs().max(step.abs());
     if !(1e-3..1e6).contains(&magnitude) {
-        let digits = ((magnitude.log10().floor() - step.abs().log10().floor()).max(0.0) as usize).min(6);
+        let digits =
+            ((magnitude.log10().floor() - step.abs().log10().floor()).max(0.0) as usize).min(6);
         let text = format!("{value:.digits$e}");
         return trim_mantissa_zeros(&text);
     }
@@ -207,7 +248,10 @@ pub fn format_tick(value: f64, step: f64) -> String {
 fn trim_mantissa_zeros(text: &str) -> String {
     match text.split_once('e') {
         Some((mantissa, exponent)) if mantissa.contains('.') => {
-            format!("{}e{exponent}", mantissa.trim_end_matches('0').trim_end_matches('.'))
+            format!(
+                "{}e{exponent}",
+                mantissa.trim_end_matches('0').trim_end_matches('.')
+            )
         }
         _ => text.to_string(),
     }
@@ -229,17 +273,27 @@ fn decimate(run: &[(f64, f64)], plot_width: f64) -> Vec<(f64, f64)> {
         return run.to_vec();
     }
     let range = value_range(run.iter().map(|p| p.0));
-    let column_of = |x: f64| (((x - range.min) / (range.max - range.min)) * (columns - 1) as f64).round() as usize;
+    let column_of = |x: f64| {
+        (((x - range.min) / (range.max - range.min)) * (columns - 1) as f64).round() as usize
+    };
     let mut keep = vec![false; run.len()];
     let mut start = 0;
     while start < run.len() {
         let column = column_of(run[start].0);
-        let end = start + run[start..].iter().take_while(|p| column_of(p.0) == column).count();
+        let end = start
+            + run[start..]
+                .iter()
+                .take_while(|p| column_of(p.0) == column)
+                .count();
         mark_extremes(&run[start..end], start, &mut keep);
         start = end;
     }
     keep[run.len() - 1] = true;
-    run.iter().zip(keep).filter(|(_, k)| *k).map(|(p, _)| *p).collect()
+    run.iter()
+        .zip(keep)
+        .filter(|(_, k)| *k)
+        .map(|(p, _)| *p)
+        .collect()
 }
 
 fn mark_extremes(bucket: &[(f64, f64)], offset: usize, keep: &mut [bool]) {
@@ -284,9 +338,25 @@ mod tests {
 
     #[test]
     fn ticks_are_nice_and_cover_the_range() {
-        assert_eq!(nice_ticks(Range { min: 0.0, max: 199.0 }), vec![0.0, 50.0, 100.0, 150.0, 200.0]);
-        assert_eq!(nice_ticks(Range { min: 0.13, max: 0.61 }).len(), 7);
-        let lr = nice_ticks(Range { min: 0.0, max: 2e-6 });
+        assert_eq!(
+            nice_ticks(Range {
+                min: 0.0,
+                max: 199.0
+            }),
+            vec![0.0, 50.0, 100.0, 150.0, 200.0]
+        );
+        assert_eq!(
+            nice_ticks(Range {
+                min: 0.13,
+                max: 0.61
+            })
+            .len(),
+            7
+        );
+        let lr = nice_ticks(Range {
+            min: 0.0,
+            max: 2e-6,
+        });
         assert_eq!(lr.len(), 5);
         assert!((lr[1] - 5e-7).abs() < 1e-18);
     }
@@ -304,7 +374,9 @@ mod tests {
 
     #[test]
     fn points_map_into_the_plot_area() {
-        let points: Vec<(f64, f64)> = (0..=200).map(|i| (f64::from(i), 1.0 - f64::from(i) / 400.0)).collect();
+        let points: Vec<(f64, f64)> = (0..=200)
+            .map(|i| (f64::from(i), 1.0 - f64::from(i) / 400.0))
+            .collect();
         let svg = line_chart(&points, &spec());
         let runs = polyline_points(&svg);
         assert_eq!(runs.len(), 1);
@@ -312,16 +384,34 @@ mod tests {
         let (right, bottom) = (480.0 - PAD_RIGHT, 240.0 - PAD_BOTTOM);
         assert_eq!(runs[0][0].0, PAD_LEFT);
         assert_eq!(runs[0][200].0, right);
-        assert!(runs[0].iter().all(|(x, y)| (PAD_LEFT..=right).contains(x) && (PAD_TOP..=bottom).contains(y)));
+        assert!(
+            runs[0]
+                .iter()
+                .all(|(x, y)| (PAD_LEFT..=right).contains(x) && (PAD_TOP..=bottom).contains(y))
+        );
         assert!(svg.contains("<title>loss &lt;train&gt;</title>"));
         assert!(svg.contains(">200</text>"));
     }
 
     #[test]
     fn nan_values_split_the_line_and_all_nan_says_no_data() {
-        let points = vec![(0.0, 1.0), (1.0, 0.9), (2.0, f64::NAN), (3.0, 0.7), (4.0, 0.6), (5.0, f64::INFINITY), (6.0, 0.5)];
+        let points = vec![
+            (0.0, 1.0),
+            (1.0, 0.9),
+            (2.0, f64::NAN),
+            (3.0, 0.7),
+            (4.0, 0.6),
+            (5.0, f64::INFINITY),
+            (6.0, 0.5),
+        ];
         let svg = line_chart(&points, &spec());
-        assert_eq!(polyline_points(&svg).iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 2]);
+        assert_eq!(
+            polyline_points(&svg)
+                .iter()
+                .map(Vec::len)
+                .collect::<Vec<_>>(),
+            vec![2, 2]
+        );
         assert_eq!(svg.matches("<circle").count(), 1);
         assert!(!svg.contains("NaN") && !svg.contains("inf"));
         let empty = line_chart(&[(0.0, f64::NAN)], &spec());
@@ -331,14 +421,20 @@ mod tests {
 
     #[test]
     fn ten_thousand_points_are_decimated_keeping_extremes() {
-        let mut points: Vec<(f64, f64)> = (0..10_000).map(|i| (f64::from(i), (f64::from(i) * 0.01).sin())).collect();
+        let mut points: Vec<(f64, f64)> = (0..10_000)
+            .map(|i| (f64::from(i), (f64::from(i) * 0.01).sin()))
+            .collect();
         // 60 is the top tick of the y axis (-1..60 → ticks -20..60), so it maps onto PAD_TOP.
         points[5_000].1 = 60.0;
         let svg = line_chart(&points, &spec());
         let runs = polyline_points(&svg);
         assert_eq!(runs.len(), 1);
         let plot_columns = (480.0 - PAD_LEFT - PAD_RIGHT) as usize;
-        assert!(runs[0].len() <= 3 * plot_columns + 1, "{} points", runs[0].len());
+        assert!(
+            runs[0].len() <= 3 * plot_columns + 1,
+            "{} points",
+            runs[0].len()
+        );
         let top = runs[0].iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
         assert_eq!(top, PAD_TOP, "the spike must survive decimation");
         assert!(svg.len() < 40_000, "{} bytes", svg.len());
