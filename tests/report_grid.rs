@@ -218,3 +218,41 @@ fn shape_errors_say_what_to_give() {
         "image grid has no cells; give at least one row and one column"
     );
 }
+
+#[test]
+fn a_spec_loads_from_image_files_and_names_unreadable_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<Vec<std::path::PathBuf>> = (0..2)
+        .map(|r| {
+            (0..3)
+                .map(|c| {
+                    let path = dir.path().join(format!("r{r}c{c}.png"));
+                    cell_image(r, c).save(&path).unwrap();
+                    path
+                })
+                .collect()
+        })
+        .collect();
+    let reference = spec(None);
+    let loaded = GridSpec::from_paths(
+        None,
+        reference.row_labels.clone(),
+        reference.column_labels.clone(),
+        &paths,
+    )
+    .unwrap();
+    assert_eq!(loaded.cells, reference.cells);
+
+    let broken = dir.path().join("broken.png");
+    std::fs::write(&broken, b"not a png").unwrap();
+    let mut bad_paths = paths.clone();
+    bad_paths[1][0] = broken.clone();
+    let err = GridSpec::from_paths(None, vec![], vec![], &bad_paths)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with(&format!("{}: cannot read image: ", broken.display())),
+        "{err}"
+    );
+    assert!(err.ends_with("; give a PNG, JPEG or WebP file"), "{err}");
+}

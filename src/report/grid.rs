@@ -173,6 +173,29 @@ pub enum GridError {
 }
 
 impl GridSpec {
+    /// Loads `paths[row][column]` (PNG, JPEG or WebP) into a spec.
+    pub fn from_paths(
+        title: Option<String>,
+        row_labels: Vec<String>,
+        column_labels: Vec<String>,
+        paths: &[Vec<PathBuf>],
+    ) -> Result<Self, ReportError> {
+        let cells = paths
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .map(|path| load_rgb(path))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            title,
+            row_labels,
+            column_labels,
+            cells,
+        })
+    }
+
     /// Checks the shape and that every cell has the size of the first; returns the layout.
     pub fn layout(&self) -> Result<GridLayout, GridError> {
         let first = self
