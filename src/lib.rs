@@ -5,4 +5,5 @@
 //! Diffusion implementation the GPU stages run on; `device` picks CPU/CUDA.
 pub mod cli;
 pub mod device;
+pub mod report;
 pub mod sd;
