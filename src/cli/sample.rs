@@ -1,9 +1,8 @@
 //! `dreampipe sample`: txt2img from a diffusers folder to PNG files carrying their parameters.
 use super::Context;
-use crate::sd::pipeline::{DEFAULT_GUIDANCE, DEFAULT_STEPS, StableDiffusion, Txt2Img};
+use crate::sd::pipeline::{DEFAULT_GUIDANCE, DEFAULT_STEPS, Event, StableDiffusion, Txt2Img};
 use crate::sd::png::{GenerationParameters, tensor_to_rgb_bytes, write_rgb_png};
 use crate::sd::schedulers::SchedulerKind;
-use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -60,8 +59,7 @@ impl DType {
 }
 
 pub fn run(context: &Context, args: &SampleArgs) -> anyhow::Result<ExitCode> {
-    let model = StableDiffusion::load(&args.model, context.device, args.dtype.kind())
-        .with_context(|| format!("cannot load model {}", args.model.display()))?;
+    let model = StableDiffusion::load(&args.model, context.device, args.dtype.kind())?;
     let request = Txt2Img {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
@@ -78,9 +76,11 @@ pub fn run(context: &Context, args: &SampleArgs) -> anyhow::Result<ExitCode> {
         ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps {per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let output = model.txt2img(&request, &mut |done, total, _| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
+    let output = model.txt2img(&request, &mut |event| {
+        if let Event::Step { done, total, .. } = event {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
     })?;
     bar.finish_and_clear();
     let hash = short_weights_hash(&args.model);
@@ -100,7 +100,13 @@ pub fn run(context: &Context, args: &SampleArgs) -> anyhow::Result<ExitCode> {
             extra: vec![],
         };
         let rgb = tensor_to_rgb_bytes(&output.images.get(index));
-        write_rgb_png(&path, &rgb, output.width as u32, output.height as u32, Some(&parameters))?;
+        write_rgb_png(
+            &path,
+            &rgb,
+            output.width as u32,
+            output.height as u32,
+            Some(&parameters),
+        )?;
         println!("{}", path.display());
     }
     Ok(ExitCode::SUCCESS)
@@ -111,8 +117,14 @@ pub fn output_path(out: &Path, index: i64, batch: i64) -> PathBuf {
     if batch == 1 {
         return out.to_path_buf();
     }
-    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let extension = out.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let extension = out
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
     out.with_file_name(format!("{stem}-{index}.{extension}"))
 }
 
@@ -126,11 +138,16 @@ fn model_name(dir: &Path) -> String {
 /// A1111-style short model hash: the first 10 hex digits of the blake3 of the UNet weights.
 fn short_weights_hash(model: &Path) -> String {
     let unet = model.join("unet");
-    let file = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"]
-        .iter()
-        .map(|name| unet.join(name))
-        .find(|path| path.is_file());
-    let Some(file) = file else { return String::new() };
+    let file = [
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+    ]
+    .iter()
+    .map(|name| unet.join(name))
+    .find(|path| path.is_file());
+    let Some(file) = file else {
+        return String::new();
+    };
     let mut hasher = blake3::Hasher::new();
     match hasher.update_mmap_rayon(&file) {
         Ok(_) => hasher.finalize().to_hex()[..10].to_string(),

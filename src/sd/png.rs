@@ -45,7 +45,11 @@ impl GenerationParameters {
             format!("Model hash: {}", self.model_hash),
             format!("Model: {}", self.model_name),
         ];
-        settings.extend(self.extra.iter().map(|(k, v)| format!("{k}: {}", quote_if_needed(v))));
+        settings.extend(
+            self.extra
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", quote_if_needed(v))),
+        );
         let mut text = self.prompt.clone();
         if !self.negative_prompt.is_empty() {
             text.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
@@ -82,7 +86,10 @@ pub fn write_rgb_png(
     height: u32,
     parameters: Option<&GenerationParameters>,
 ) -> Result<(), PngError> {
-    let write_error = |reason: String| PngError::Write { path: path.to_path_buf(), reason };
+    let write_error = |reason: String| PngError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
     let file = File::create(path).map_err(|e| write_error(e.to_string()))?;
     let mut encoder = png::Encoder::new(BufWriter::new(file), width, height);
     encoder.set_color(png::ColorType::Rgb);
@@ -96,8 +103,12 @@ pub fn write_rgb_png(
         };
         added.map_err(|e| write_error(e.to_string()))?;
     }
-    let mut writer = encoder.write_header().map_err(|e| write_error(e.to_string()))?;
-    writer.write_image_data(rgb).map_err(|e| write_error(e.to_string()))?;
+    let mut writer = encoder
+        .write_header()
+        .map_err(|e| write_error(e.to_string()))?;
+    writer
+        .write_image_data(rgb)
+        .map_err(|e| write_error(e.to_string()))?;
     writer.finish().map_err(|e| write_error(e.to_string()))
 }
 
@@ -107,16 +118,30 @@ fn is_latin1(text: &str) -> bool {
 
 /// Reads the "parameters" text chunk of a PNG, if it has one.
 pub fn read_parameters_text(path: &Path) -> Result<Option<String>, PngError> {
-    let read_error = |reason: String| PngError::Read { path: path.to_path_buf(), reason };
+    let read_error = |reason: String| PngError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
     let file = File::open(path).map_err(|e| read_error(e.to_string()))?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
     let reader = decoder.read_info().map_err(|e| read_error(e.to_string()))?;
     let info = reader.info();
-    if let Some(chunk) = info.uncompressed_latin1_text.iter().find(|c| c.keyword == PARAMETERS_KEYWORD) {
+    if let Some(chunk) = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|c| c.keyword == PARAMETERS_KEYWORD)
+    {
         return Ok(Some(chunk.text.clone()));
     }
-    match info.utf8_text.iter().find(|c| c.keyword == PARAMETERS_KEYWORD) {
-        Some(chunk) => chunk.get_text().map(Some).map_err(|e| read_error(e.to_string())),
+    match info
+        .utf8_text
+        .iter()
+        .find(|c| c.keyword == PARAMETERS_KEYWORD)
+    {
+        Some(chunk) => chunk
+            .get_text()
+            .map(Some)
+            .map_err(|e| read_error(e.to_string())),
         None => Ok(None),
     }
 }
@@ -128,7 +153,10 @@ pub fn tensor_to_rgb_bytes(image: &tch::Tensor) -> Vec<u8> {
         .clamp(0.0, 1.0)
         .permute([1, 2, 0])
         .contiguous();
-    let bytes = (pixels * 255.0).round().to_kind(tch::Kind::Uint8).flatten(0, -1);
+    let bytes = (pixels * 255.0)
+        .round()
+        .to_kind(tch::Kind::Uint8)
+        .flatten(0, -1);
     Vec::<u8>::try_from(&bytes).unwrap_or_default()
 }
 

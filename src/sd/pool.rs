@@ -21,8 +21,14 @@ fn pool() -> &'static Mutex<HashMap<PoolKey, SharedModel>> {
 /// Folders produced by the cache are immutable, so the canonical path identifies the weights.
 pub fn get(dir: &Path, device: Device, kind: Kind) -> Result<SharedModel, PipelineError> {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let key = (canonical.clone(), format!("{device:?}"), format!("{kind:?}"));
-    let mut models = pool().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let key = (
+        canonical.clone(),
+        format!("{device:?}"),
+        format!("{kind:?}"),
+    );
+    let mut models = pool()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(model) = models.get(&key) {
         return Ok(Arc::clone(model));
     }
@@ -33,5 +39,8 @@ pub fn get(dir: &Path, device: Device, kind: Kind) -> Result<SharedModel, Pipeli
 
 /// Drops every pooled model (frees memory between unrelated stages).
 pub fn clear() {
-    pool().lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+    pool()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clear();
 }

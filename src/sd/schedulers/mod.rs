@@ -135,6 +135,11 @@ impl SchedulerKind {
         }
     }
 
+    /// Whether `step` draws noise from the global generator (DDPM's variance, Euler ancestral).
+    pub fn draws_step_noise(self) -> bool {
+        matches!(self, SchedulerKind::Ddpm | SchedulerKind::EulerAncestral)
+    }
+
     /// The kind a config's `_class_name` names (`None` when it is not one we implement).
     pub fn from_class_name(class_name: &str) -> Option<Self> {
         Self::ALL
