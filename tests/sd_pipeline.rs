@@ -22,7 +22,6 @@ const PROMPT: &str = "a photo of sks dog in a bucket";
 const SEED: u64 = 1234;
 const STEPS: usize = 4;
 const GUIDANCE: f64 = 7.5;
-const LATENT_SHAPE: [i64; 4] = [1, 4, 32, 32];
 
 fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)

@@ -21,7 +21,7 @@ pub struct GlobalRngGuard {
 /// numbers nobody needs to reproduce (such as the random init of modules about to be overwritten
 /// by loaded weights) while a seeded run may be in progress on another thread.
 pub fn lock_global() -> GlobalRngGuard {
-    // A run that panicked while holding the lock leaves no state worth protecting: we re-seed.
+    // A run that panicked while holding the lock leaves no state worth protecting: seeded runs re-seed.
     let lock = GLOBAL_RNG
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -31,13 +31,10 @@ pub fn lock_global() -> GlobalRngGuard {
 /// Waits for exclusive use of the global CPU generator, then seeds it with `seed`
 /// (`torch.Generator().manual_seed(seed)` on CPU draws the same numbers).
 pub fn seed_global(seed: u64) -> GlobalRngGuard {
-    // A run that panicked while holding the lock leaves no state worth protecting: we re-seed.
-    let lock = GLOBAL_RNG
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let guard = lock_global();
     // libtorch takes the seed as a uint64; the cast keeps the bit pattern.
     tch::manual_seed(seed as i64);
-    GlobalRngGuard { _lock: lock }
+    guard
 }
 
 #[cfg(test)]
