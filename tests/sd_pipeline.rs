@@ -626,3 +626,20 @@ fn loading_a_model_draws_no_random_numbers() {
     };
     assert!(draw(true).equal(&draw(false)));
 }
+
+/// Any multiple of the VAE factor works, also when the latent size (35) is odd: the UNet's
+/// upsamplers take the skip connections' sizes.
+#[test]
+fn odd_latent_widths_give_images_of_the_requested_size() {
+    let model = pool::get(&model_dir(), Device::Cpu, Kind::Float).unwrap();
+    let model = lock(&model);
+    let req = Txt2Img {
+        width: Some(70),
+        steps: 1,
+        ..request(SchedulerKind::Ddim)
+    };
+    let (output, _) = run(&model, &req);
+    assert_eq!(output.latents.size(), [1, 4, 32, 35]);
+    assert_eq!(output.images.size(), [1, 3, 64, 70]);
+    assert!(bool::try_from(output.images.isfinite().all()).unwrap());
+}

@@ -173,37 +173,53 @@ impl StableDiffusion {
     }
 
     /// Runs txt2img. `on_event` sees the initial noise, every UNet call and every finished step.
-    /// Holds the global RNG lock (see [`rng`]) from seeding to the last scheduler step.
+    /// Holds the global RNG lock (see [`rng`]) while the run draws from the generator: for the
+    /// initial noise, and to the last step when the scheduler draws step noise.
     pub fn txt2img(
         &self,
         request: &Txt2Img,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Txt2ImgOutput, PipelineError> {
         let _no_grad = tch::no_grad_guard();
-        let (width, height) = self.checked_size(request)?;
-        if request.batch < 1 {
-            return Err(PipelineError::BadBatch(request.batch));
-        }
-        if request.steps < 1 {
-            return Err(PipelineError::BadSteps(request.steps));
-        }
+        let (width, height) = self.checked_request(request)?;
+        let mut scheduler = self.scheduler_for(request)?;
+        let guidance = (request.guidance > GUIDANCE_THRESHOLD).then_some(request.guidance);
+        let context = self.conditioning(request, guidance.is_some())?;
+        let rng_guard = rng::seed_global(request.seed);
+        let shape = self.latent_shape(request.batch, width, height);
+        let latents = self.initial_latents(shape, scheduler.as_ref(), on_event);
+        let step_noise_guard = scheduler.kind().draws_step_noise().then_some(rng_guard);
+        let latents = self.denoise(scheduler.as_mut(), latents, &context, guidance, on_event)?;
+        drop(step_noise_guard);
+        Ok(Txt2ImgOutput {
+            images: self.decode(&latents),
+            latents,
+            width,
+            height,
+            scheduler: scheduler.kind(),
+        })
+    }
+
+    /// The request's scheduler (default: the model's own), ready for `request.steps` steps.
+    fn scheduler_for(&self, request: &Txt2Img) -> Result<Box<dyn Scheduler>, PipelineError> {
         let kind = match request.scheduler {
             Some(kind) => kind,
             None => SchedulerKind::of_config(&self.scheduler_config)?,
         };
         let mut scheduler = schedulers::build(kind, &self.scheduler_config)?;
         scheduler.set_timesteps(request.steps)?;
-        let guidance = (request.guidance > GUIDANCE_THRESHOLD).then_some(request.guidance);
-        let context = self.conditioning(request, guidance.is_some())?;
-        // The seeded global generator stays locked while this run draws from it: for the initial
-        // noise, and for every step when the scheduler draws step noise.
-        let mut rng_guard = Some(rng::seed_global(request.seed));
-        let shape = self.latent_shape(request.batch, width, height);
-        // diffusers draws the initial noise from the CPU generator, then moves it.
+        Ok(scheduler)
+    }
+
+    /// `noise * init_noise_sigma`, the noise drawn (like diffusers) from the seeded CPU generator
+    /// in float32 and then moved to the model's device and kind.
+    fn initial_latents(
+        &self,
+        shape: [i64; 4],
+        scheduler: &dyn Scheduler,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Tensor {
         let noise = Tensor::randn(shape, (Kind::Float, Device::Cpu));
-        if !kind.draws_step_noise() {
-            rng_guard = None;
-        }
         let latents = (&noise * scheduler.init_noise_sigma())
             .to_device(self.device)
             .to_kind(self.kind);
@@ -211,16 +227,7 @@ impl StableDiffusion {
             noise: &noise,
             latents: &latents,
         });
-        let latents = self.denoise(scheduler.as_mut(), latents, &context, guidance, on_event)?;
-        drop(rng_guard);
-        let images = self.decode(&latents);
-        Ok(Txt2ImgOutput {
-            latents,
-            images,
-            width,
-            height,
-            scheduler: kind,
-        })
+        latents
     }
 
     /// The UNet's `encoder_hidden_states`: [negative..., prompt...] with guidance, else the prompt.
@@ -291,9 +298,16 @@ impl StableDiffusion {
             .to_kind(Kind::Float)
     }
 
-    /// Width and height (defaults filled in), each a positive multiple of the VAE factor (the
-    /// UNet takes any latent size: its upsamplers follow the skip connections' sizes).
-    fn checked_size(&self, request: &Txt2Img) -> Result<(i64, i64), PipelineError> {
+    /// Checks batch and steps, and returns width and height (defaults filled in), each a
+    /// positive multiple of the VAE factor (the UNet takes any latent size: its upsamplers follow
+    /// the skip connections' sizes).
+    fn checked_request(&self, request: &Txt2Img) -> Result<(i64, i64), PipelineError> {
+        if request.batch < 1 {
+            return Err(PipelineError::BadBatch(request.batch));
+        }
+        if request.steps < 1 {
+            return Err(PipelineError::BadSteps(request.steps));
+        }
         let default = self.default_size();
         let width = request.width.unwrap_or(default);
         let height = request.height.unwrap_or(default);
