@@ -8,8 +8,8 @@
 //! x = step(eps, i, x).prev_sample }`, starting from `noise * init_noise_sigma()`.
 //! Schedulers that draw noise (DDPM, Euler ancestral) use tch's global CPU generator, in the
 //! order and shapes diffusers' CPU `generator` would, so `tch::manual_seed(s)` reproduces
-//! `torch.Generator().manual_seed(s)`. That generator is process-wide: runs that must be
-//! reproducible must not draw from it concurrently.
+//! `torch.Generator().manual_seed(s)`. That generator is process-wide: a run that must be
+//! reproducible seeds it with `sd::rng::seed_global` and holds the guard until its last step.
 use std::str::FromStr;
 use tch::Tensor;
 
