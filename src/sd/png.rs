@@ -39,7 +39,7 @@ impl GenerationParameters {
         let mut settings = vec![
             format!("Steps: {}", self.steps),
             format!("Sampler: {}", self.sampler),
-            format!("CFG scale: {}", self.guidance),
+            format!("CFG scale: {}", python_float(self.guidance)),
             format!("Seed: {}", self.seed),
             format!("Size: {}x{}", self.width, self.height),
             format!("Model hash: {}", self.model_hash),
@@ -57,6 +57,15 @@ impl GenerationParameters {
         text.push('\n');
         text.push_str(&settings.join(", "));
         text
+    }
+}
+
+/// Formats like Python's `str(float)` (A1111 writes "CFG scale: 7.0", not "7").
+fn python_float(value: f64) -> String {
+    if value.is_finite() && value.fract() == 0.0 {
+        format!("{value:.1}")
+    } else {
+        value.to_string()
     }
 }
 
@@ -187,6 +196,13 @@ mod tests {
             "a photo of sks dog\nNegative prompt: blurry\nSteps: 50, Sampler: DDIM, CFG scale: 7.5, \
              Seed: 1234, Size: 512x512, Model hash: 0123456789, Model: tiny-sd, dreampipe pipeline: demo"
         );
+    }
+
+    #[test]
+    fn whole_guidance_scales_keep_their_decimal_point() {
+        let mut parameters = sample_parameters();
+        parameters.guidance = 7.0;
+        assert!(parameters.to_a1111_text().contains(", CFG scale: 7.0, "));
     }
 
     #[test]
