@@ -5,7 +5,15 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod cache;
+mod common;
+mod dag;
 mod doctor;
+mod explain;
+mod plan;
+mod run;
+mod show;
+mod validate;
 
 /// Global options every verb sees.
 #[derive(Debug, Parser)]
@@ -29,6 +37,20 @@ pub struct Cli {
 pub enum Command {
     /// Print libtorch's version and location, CUDA availability and devices, the cache root.
     Doctor,
+    /// Run a pipeline: only stages whose inputs changed.
+    Run(run::RunArgs),
+    /// What a run would do with each stage, and why.
+    Plan(plan::PlanArgs),
+    /// Why a stage will rerun, field by field.
+    Explain(explain::ExplainArgs),
+    /// The stage graph as mermaid or Graphviz dot.
+    Dag(dag::DagArgs),
+    /// Check a pipeline file and report every error.
+    Validate(validate::ValidateArgs),
+    /// Inspect and maintain the cache.
+    Cache(cache::CacheArgs),
+    /// Print the output folder of a stage's current result.
+    Show(show::ShowArgs),
 }
 
 /// Everything a verb needs from the global flags, resolved once.
@@ -52,5 +74,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     match cli.command {
         Command::Doctor => doctor::run(&context),
+        Command::Run(args) => run::run(&context, &args),
+        Command::Plan(args) => plan::run(&context, &args),
+        Command::Explain(args) => explain::run(&context, &args),
+        Command::Dag(args) => dag::run(&context, &args),
+        Command::Validate(args) => validate::run(&context, &args),
+        Command::Cache(args) => cache::run(&context, &args),
+        Command::Show(args) => show::run(&context, &args),
     }
 }
