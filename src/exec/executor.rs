@@ -426,6 +426,9 @@ fn resolve_inputs(shared: &Shared, stage: &crate::pipeline::StageInstance, upstr
 
 /// The absolute folder of the pipeline file.
 fn absolute_dir(file: &std::path::Path) -> PathBuf {
-    let dir = file.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let dir = match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     std::path::absolute(&dir).unwrap_or(dir)
 }

@@ -478,8 +478,8 @@ impl Checker<'_> {
                 }
             }
         }
-        if let Ok(order) = petgraph::algo::toposort(&graph, None) {
-            return Some(order.into_iter().map(|n| graph[n]).collect());
+        if petgraph::algo::toposort(&graph, None).is_ok() {
+            return Some(declaration_order_topological(drafts, &index));
         }
         for component in petgraph::algo::tarjan_scc(&graph) {
             if component.len() < 2 {
@@ -493,6 +493,30 @@ impl Checker<'_> {
         }
         None
     }
+}
+
+/// Kahn's algorithm picking the earliest-declared ready stage first, so output order follows
+/// the file wherever the edges allow.
+fn declaration_order_topological(drafts: &[StageDraft], index: &BTreeMap<&str, usize>) -> Vec<usize> {
+    let upstreams: Vec<BTreeSet<usize>> = drafts
+        .iter()
+        .map(|d| d.refs.values().flatten().filter_map(|u| index.get(u.as_str()).copied()).collect())
+        .collect();
+    let mut waiting: Vec<usize> = upstreams.iter().map(BTreeSet::len).collect();
+    let mut ready: BTreeSet<usize> = (0..drafts.len()).filter(|&i| waiting[i] == 0).collect();
+    let mut order = Vec::with_capacity(drafts.len());
+    while let Some(next) = ready.pop_first() {
+        order.push(next);
+        for (dependent, ups) in upstreams.iter().enumerate() {
+            if ups.contains(&next) {
+                waiting[dependent] -= 1;
+                if waiting[dependent] == 0 {
+                    ready.insert(dependent);
+                }
+            }
+        }
+    }
+    order
 }
 
 /// Walks a strongly connected component from its first-declared stage back to it.
