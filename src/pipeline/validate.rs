@@ -72,8 +72,8 @@ pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     let limit = (word.chars().count() / 3).max(1);
     candidates
         .into_iter()
-        .map(|c| (strsim::levenshtein(word, c), c))
-        .filter(|(distance, _)| *distance <= limit)
+        .map(|c| (strsim::osa_distance(word, c), c))
+        .filter(|(distance, _)| *distance <= limit && *distance < word.chars().count())
         .min()
         .map(|(_, c)| c)
 }
@@ -292,10 +292,13 @@ impl Checker<'_> {
         let mut values = serde_json::Map::new();
         let mut matrix = Vec::new();
         let mut ok = true;
+        // Fields present (even if invalid) or suggested for a typo are not also "missing".
+        let mut accounted: BTreeSet<&str> = BTreeSet::new();
         for (field, raw_value) in &raw.fields {
-            if field == "kind" {
+            if field == "kind" || field == "use" {
                 continue;
             }
+            accounted.insert(field.as_str());
             let value = match yaml_to_json(raw_value).and_then(|v| substitute_params(v, params)) {
                 Ok(value) => value,
                 Err(message) => {
@@ -313,6 +316,9 @@ impl Checker<'_> {
                 ok &= self.check_value(stage, field, spec, &value);
                 values.insert(field.clone(), value);
             } else {
+                if let Some(best) = suggest(field, field_names.iter().copied()) {
+                    accounted.insert(best);
+                }
                 let hint = did_you_mean(field, &field_names);
                 self.stage_error(stage, field, format!("unknown field for kind `{}`{hint}", kind.kind()));
                 ok = false;
@@ -326,7 +332,7 @@ impl Checker<'_> {
         }
         for spec in &schema {
             let swept = matrix.iter().any(|(f, _)| f == spec.name);
-            if values.contains_key(spec.name) || swept {
+            if values.contains_key(spec.name) || swept || accounted.contains(spec.name) {
                 continue;
             }
             if let Some(default) = defaults.get(spec.name) {
@@ -339,16 +345,19 @@ impl Checker<'_> {
                 ok = false;
             }
         }
+        let (refs, paths) = self.resolve_inputs(stage, &schema, &values, names)?;
         if !ok {
             return None;
         }
-        let (refs, paths) = self.resolve_inputs(stage, &schema, &values, names)?;
         Some(StageDraft { name: stage.to_string(), kind, params: values, matrix, refs, paths })
     }
 
     fn stage_kind(&mut self, raw: &RawStage) -> Option<Arc<dyn Stage>> {
         let stage = raw.name.as_str();
         let Some((_, kind_value)) = raw.fields.iter().find(|(k, _)| k == "kind") else {
+            if raw.fields.iter().any(|(k, _)| k == "use") {
+                return None; // the `use:` preset could not be merged; that error names the cause
+            }
             let hint = format!("(known kinds: {})", self.registry.names().join(", "));
             self.report(&["stages", stage], Some(stage), None, format!("missing `kind:` {hint}"));
             return None;
