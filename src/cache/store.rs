@@ -218,7 +218,7 @@ impl Store {
             if let Some(parent) = object.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| CacheError::io("create", parent, e))?;
             }
-            let temp = object.with_extension(format!("in-{}", std::process::id()));
+            let temp = object.with_extension(unique_suffix("in"));
             std::fs::hard_link(path, &temp)
                 .or_else(|_| std::fs::copy(path, &temp).map(|_| ()))
                 .map_err(|e| CacheError::io("store", &temp, e))?;
@@ -226,7 +226,7 @@ impl Store {
             std::fs::rename(&temp, &object).map_err(|e| CacheError::io("store", &object, e))?;
             return Ok(());
         }
-        let temp = path.with_extension(format!("link-{}", std::process::id()));
+        let temp = path.with_extension(unique_suffix("link"));
         if std::fs::hard_link(&object, &temp).is_ok() {
             std::fs::rename(&temp, path).map_err(|e| CacheError::io("link", path, e))?;
         }
@@ -265,7 +265,7 @@ impl Store {
             std::fs::create_dir_all(parent).map_err(|e| CacheError::io("create", parent, e))?;
         }
         let target = Path::new("../../results").join(key).join("out");
-        let temp = link.with_extension(format!("tmp{}", std::process::id()));
+        let temp = link.with_extension(unique_suffix("tmp"));
         let _ = std::fs::remove_file(&temp);
         std::os::unix::fs::symlink(&target, &temp).map_err(|e| CacheError::io("link", &temp, e))?;
         std::fs::rename(&temp, &link).map_err(|e| CacheError::io("link", &link, e))
@@ -296,8 +296,14 @@ pub struct Commit<'a, M: Serialize> {
     pub duration_s: f64,
 }
 
+/// A temporary-file suffix unique within this process and across processes.
+fn unique_suffix(what: &str) -> String {
+    let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{what}-{}-{n}", std::process::id())
+}
+
 fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
-    let temp = path.with_extension(format!("tmp{}", std::process::id()));
+    let temp = path.with_extension(unique_suffix("tmp"));
     std::fs::write(&temp, bytes).map_err(|e| CacheError::io("write", &temp, e))?;
     std::fs::rename(&temp, path).map_err(|e| CacheError::io("rename", path, e))
 }
