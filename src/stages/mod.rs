@@ -240,3 +240,31 @@ pub fn registry() -> Registry {
         .with(Arc::new(command::CommandStage))
         .with(Arc::new(images::ImagesStage))
 }
+
+/// The parameter table of a kind's reference page (`stages/<kind>.md`), generated from its
+/// schema; a test keeps the pages in sync with the code.
+pub fn reference_table(stage: &dyn Stage) -> String {
+    let mut text = String::from("| field | type | default | range | in key | description |\n|---|---|---|---|---|---|\n");
+    for spec in stage.schema() {
+        let default = match &spec.default {
+            None => "required".to_string(),
+            Some(Value::Null) => "unset".to_string(),
+            Some(value) => format!("`{value}`"),
+        };
+        let range = match (spec.min, spec.max) {
+            (Some(min), Some(max)) => format!("{min} – {max}"),
+            (Some(min), None) => format!("≥ {min}"),
+            (None, Some(max)) => format!("≤ {max}"),
+            (None, None) => String::new(),
+        };
+        let in_key = if !spec.in_key {
+            "no"
+        } else if spec.ty.is_input() {
+            "content digest"
+        } else {
+            "yes"
+        };
+        text.push_str(&format!("| `{}` | {} | {default} | {range} | {in_key} | {} |\n", spec.name, spec.ty.describe(), spec.doc.replace('|', "\\|")));
+    }
+    text
+}
