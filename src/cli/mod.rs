@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bench;
 mod cache;
 mod common;
 mod dag;
@@ -51,6 +52,9 @@ pub enum Command {
     Cache(cache::CacheArgs),
     /// Print the output folder of a stage's current result.
     Show(show::ShowArgs),
+    /// Benchmark hashing, planning and no-op reruns (figures for the docs).
+    #[command(hide = true)]
+    BenchCache(bench::BenchArgs),
 }
 
 /// Everything a verb needs from the global flags, resolved once.
@@ -81,5 +85,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate(args) => validate::run(&context, &args),
         Command::Cache(args) => cache::run(&context, &args),
         Command::Show(args) => show::run(&context, &args),
+        Command::BenchCache(args) => bench::run(&context, &args),
     }
 }
