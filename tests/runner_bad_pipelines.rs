@@ -20,7 +20,9 @@ fn cases() -> Vec<PathBuf> {
 
 fn message_for(path: &Path) -> String {
     let options = LoadOptions::default();
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(path, &options).map(|_| ()))) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        load(path, &options).map(|_| ())
+    })) {
         Ok(Ok(())) => "VALID".to_string(),
         Ok(Err(error)) => error.to_string(),
         Err(_) => "PANICKED".to_string(),
@@ -37,15 +39,23 @@ fn each_bad_pipeline_reports_its_expected_message() {
         let actual = message_for(case);
         assert_ne!(actual, "PANICKED", "{} panicked", case.display());
         assert_ne!(actual, "VALID", "{} was accepted", case.display());
-        assert!(!actual.contains("Error {") && !actual.contains("Some("), "Debug dump in {}: {actual}", case.display());
+        assert!(
+            !actual.contains("Error {") && !actual.contains("Some("),
+            "Debug dump in {}: {actual}",
+            case.display()
+        );
         let expected_path = case.with_extension("expected");
         if update {
             std::fs::write(&expected_path, format!("{actual}\n")).expect("write expected");
             continue;
         }
-        let expected = std::fs::read_to_string(&expected_path).unwrap_or_else(|_| format!("missing {}", expected_path.display()));
+        let expected = std::fs::read_to_string(&expected_path)
+            .unwrap_or_else(|_| format!("missing {}", expected_path.display()));
         if expected.trim_end_matches('\n') != actual {
-            mismatches.push(format!("{}:\n--- expected\n{expected}--- actual\n{actual}\n", case.display()));
+            mismatches.push(format!(
+                "{}:\n--- expected\n{expected}--- actual\n{actual}\n",
+                case.display()
+            ));
         }
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
@@ -53,11 +63,23 @@ fn each_bad_pipeline_reports_its_expected_message() {
 
 #[test]
 fn set_overrides_with_bad_targets_are_reported() {
-    let options = LoadOptions { overrides: vec!["nostage".to_string(), "b.run=x".to_string(), "a.rn=x".to_string()], ..LoadOptions::default() };
-    let error = dreampipe::pipeline::load_str("stages:\n  a:\n    kind: command\n    run: echo\n", Path::new("p.yaml"), Path::new("."), &options)
-        .err()
-        .expect("invalid")
-        .to_string();
+    let options = LoadOptions {
+        overrides: vec![
+            "nostage".to_string(),
+            "b.run=x".to_string(),
+            "a.rn=x".to_string(),
+        ],
+        ..LoadOptions::default()
+    };
+    let error = dreampipe::pipeline::load_str(
+        "stages:\n  a:\n    kind: command\n    run: echo\n",
+        Path::new("p.yaml"),
+        Path::new("."),
+        &options,
+    )
+    .err()
+    .expect("invalid")
+    .to_string();
     assert_eq!(
         error,
         "pipeline `p.yaml` is invalid (3 errors):\n  p.yaml: --set `nostage`: expected STAGE.FIELD=VALUE (or params.NAME=VALUE)\n  p.yaml: --set `b.run=x`: no stage named `b` (expected one of: a)\n  p.yaml:2:3: stage `a`, field `rn`: unknown field for kind `command`; did you mean `run`?"
@@ -67,7 +89,12 @@ fn set_overrides_with_bad_targets_are_reported() {
 #[test]
 fn the_binary_prints_the_message_and_exits_non_zero() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_dreampipe"))
-        .args(["--device", "cpu", "validate", "tests/bad-pipelines/13-unknown-kind-typo.yaml"])
+        .args([
+            "--device",
+            "cpu",
+            "validate",
+            "tests/bad-pipelines/13-unknown-kind-typo.yaml",
+        ])
         .output()
         .expect("run");
     assert_eq!(output.status.code(), Some(1));

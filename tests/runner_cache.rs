@@ -81,10 +81,23 @@ fn touching_or_rewriting_an_input_with_same_content_reruns_nothing() {
 fn early_cutoff_keeps_dependents_when_upstream_bytes_are_identical() {
     let project = chain_project();
     assert!(project.run("p.yaml", &[]).success());
-    let rerun = project.run("p.yaml", &["--set", "d.run=printf 'independent\\n' > $OUT/d.txt"]);
+    let rerun = project.run(
+        "p.yaml",
+        &["--set", "d.run=printf 'independent\\n' > $OUT/d.txt"],
+    );
     assert_eq!(rerun.with_status("ran"), ["d"]);
-    let rerun = project.run("p.yaml", &["--set", "a.run=cat $PIPELINE_DIR/data/x.txt > $OUT/a.txt; printf 'hello\\n' >> $OUT/a.txt"]);
-    assert_eq!(rerun.with_status("ran"), ["a"], "a's bytes did not change, so b and c are reused");
+    let rerun = project.run(
+        "p.yaml",
+        &[
+            "--set",
+            "a.run=cat $PIPELINE_DIR/data/x.txt > $OUT/a.txt; printf 'hello\\n' >> $OUT/a.txt",
+        ],
+    );
+    assert_eq!(
+        rerun.with_status("ran"),
+        ["a"],
+        "a's bytes did not change, so b and c are reused"
+    );
     assert_eq!(rerun.with_status("cached"), ["b", "c", "d"]);
 }
 
@@ -96,7 +109,11 @@ fn force_until_and_only_select_stages() {
     assert_eq!(until.with_status("not_selected"), ["c", "d"]);
     let only = project.run("p.yaml", &["--only", "c"]);
     assert_eq!(only.with_status("ran"), ["c"]);
-    assert_eq!(only.with_status("cached"), ["a", "b"], "upstreams are looked up, not run");
+    assert_eq!(
+        only.with_status("cached"),
+        ["a", "b"],
+        "upstreams are looked up, not run"
+    );
     let forced = project.run("p.yaml", &["--force", "b"]);
     assert_eq!(forced.with_status("ran"), ["b", "d"]);
     assert_eq!(forced.with_status("cached"), ["a", "c"]);
@@ -109,7 +126,13 @@ fn only_fails_when_an_upstream_is_not_cached() {
     assert!(!only.success());
     assert_eq!(only.status("a"), "failed");
     let error = only.stage_field("a", "error");
-    assert!(error.as_str().unwrap_or_default().starts_with("not in the cache and not selected by --only/--until"), "{error}");
+    assert!(
+        error
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("not in the cache and not selected by --only/--until"),
+        "{error}"
+    );
     assert_eq!(only.status("b"), "skipped");
 }
 
@@ -138,26 +161,46 @@ stages:
     // `run` is both set and swept: a validation error naming it.
     let (ok, _, stderr) = project.dreampipe(&["validate", "p.yaml"]);
     assert!(!ok);
-    assert!(stderr.contains("stage `train`, field `run`: is both set and swept in `matrix`; keep one"), "{stderr}");
-    project.write("p.yaml", &project.read("p.yaml").replace("    run: echo x > $OUT/t.txt\n", ""));
+    assert!(
+        stderr.contains("stage `train`, field `run`: is both set and swept in `matrix`; keep one"),
+        "{stderr}"
+    );
+    project.write(
+        "p.yaml",
+        &project
+            .read("p.yaml")
+            .replace("    run: echo x > $OUT/t.txt\n", ""),
+    );
     let run = project.run("p.yaml", &[]);
     assert!(run.success(), "{}{}", run.stdout, run.stderr);
     let a = "train[run=echo lr=2e-6 > $OUT/t.txt]";
     let b = "train[run=echo lr=5e-6 > $OUT/t.txt]";
     let ea = "eval[run=echo lr=2e-6 > $OUT/t.txt]";
     let eb = "eval[run=echo lr=5e-6 > $OUT/t.txt]";
-    let mut expected = vec![ea.to_string(), eb.to_string(), "prep".to_string(), a.to_string(), b.to_string()];
+    let mut expected = vec![
+        ea.to_string(),
+        eb.to_string(),
+        "prep".to_string(),
+        a.to_string(),
+        b.to_string(),
+    ];
     expected.sort();
     assert_eq!(run.with_status("ran"), expected);
     let output = run.stage_field(eb, "output");
-    let text = std::fs::read_to_string(std::path::Path::new(output.as_str().expect("output")).join("e.txt")).expect("e.txt");
+    let text = std::fs::read_to_string(
+        std::path::Path::new(output.as_str().expect("output")).join("e.txt"),
+    )
+    .expect("e.txt");
     assert_eq!(text.trim(), "lr=5e-6");
 }
 
 #[test]
 fn presets_are_merged_and_overridden() {
     let project = Project::new();
-    project.write("stages/greeter.yaml", "kind: command\nrun: echo preset > $OUT/g.txt\n");
+    project.write(
+        "stages/greeter.yaml",
+        "kind: command\nrun: echo preset > $OUT/g.txt\n",
+    );
     project.write("pipelines/p.yaml", "stages:\n  plain:\n    use: greeter\n  custom:\n    use: greeter\n    run: echo own > $OUT/g.txt\n");
     let run = project.run("pipelines/p.yaml", &[]);
     assert!(run.success(), "{}{}", run.stdout, run.stderr);
@@ -177,11 +220,19 @@ fn failed_stage_stops_dependents_but_not_independent_branches() {
     assert_eq!(run.status("bad"), "failed");
     assert_eq!(run.status("after"), "skipped");
     assert_eq!(run.status("other"), "ran");
-    assert_eq!(run.stage_field("bad", "error"), "command exited with status 3");
+    assert_eq!(
+        run.stage_field("bad", "error"),
+        "command exited with status 3"
+    );
     let log = run.stage_field("bad", "log");
     let log_text = std::fs::read_to_string(log.as_str().expect("log path")).expect("log");
     assert!(log_text.contains("oops"), "{log_text}");
-    assert!(run.stdout.contains("stage `bad` failed: command exited with status 3 (log: "), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("stage `bad` failed: command exited with status 3 (log: "),
+        "{}",
+        run.stdout
+    );
     assert_eq!(project.result_count(), 1, "only `other` is committed");
 }
 
@@ -190,7 +241,8 @@ fn explain_names_changed_fields_files_and_upstreams() {
     let project = chain_project();
     assert!(project.run("p.yaml", &[]).success());
     project.write("data/x.txt", "x2\n");
-    let (ok, stdout, _) = project.dreampipe(&["explain", "p.yaml", "a", "--set", "params.greeting=bye"]);
+    let (ok, stdout, _) =
+        project.dreampipe(&["explain", "p.yaml", "a", "--set", "params.greeting=bye"]);
     assert!(ok);
     let lines: Vec<&str> = stdout.lines().skip(1).collect();
     assert_eq!(
@@ -201,12 +253,18 @@ fn explain_names_changed_fields_files_and_upstreams() {
         ]
     );
     let (_, stdout, _) = project.dreampipe(&["explain", "p.yaml", "b"]);
-    assert_eq!(stdout.lines().nth(1), Some("  - upstream `a` will run first"));
+    assert_eq!(
+        stdout.lines().nth(1),
+        Some("  - upstream `a` will run first")
+    );
     assert!(project.run("p.yaml", &[]).success());
     project.write("data/x.txt", "x3\n");
     let (_, stdout, _) = project.dreampipe(&["plan", "p.yaml"]);
     assert!(stdout.contains("  fresh  d  "), "{stdout}");
-    assert!(stdout.contains("  run    a  file `data/x.txt` changed"), "{stdout}");
+    assert!(
+        stdout.contains("  run    a  file `data/x.txt` changed"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -220,7 +278,13 @@ fn locked_run_fails_naming_the_stage_whose_key_differs() {
     let locked = project.run("p.yaml", &["--locked"]);
     assert!(!locked.success());
     let error = locked.stage_field("a", "error");
-    assert!(error.as_str().unwrap_or_default().starts_with("--locked: stage `a` has key "), "{error}");
+    assert!(
+        error
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("--locked: stage `a` has key "),
+        "{error}"
+    );
     assert_eq!(locked.status("d"), "cached");
 }
 
@@ -229,11 +293,17 @@ fn show_prints_the_current_output_folder() {
     let project = chain_project();
     let (ok, _, stderr) = project.dreampipe(&["show", "p.yaml", "d"]);
     assert!(!ok);
-    assert!(stderr.contains("no result for the current inputs of d; run `dreampipe run p.yaml` first"), "{stderr}");
+    assert!(
+        stderr.contains("no result for the current inputs of d; run `dreampipe run p.yaml` first"),
+        "{stderr}"
+    );
     let run = project.run("p.yaml", &[]);
     let (ok, stdout, _) = project.dreampipe(&["show", "p.yaml", "d"]);
     assert!(ok);
-    assert_eq!(stdout.trim(), run.stage_field("d", "output").as_str().expect("output"));
+    assert_eq!(
+        stdout.trim(),
+        run.stage_field("d", "output").as_str().expect("output")
+    );
 }
 
 #[test]
@@ -241,7 +311,13 @@ fn dag_prints_mermaid_and_dot() {
     let project = chain_project();
     let (_, mermaid, _) = project.dreampipe(&["dag", "p.yaml"]);
     assert!(mermaid.starts_with("flowchart LR\n"));
-    assert!(mermaid.contains("  s0 --> s1\n") && mermaid.contains("  s1 --> s2\n"), "{mermaid}");
+    assert!(
+        mermaid.contains("  s0 --> s1\n") && mermaid.contains("  s1 --> s2\n"),
+        "{mermaid}"
+    );
     let (_, dot, _) = project.dreampipe(&["dag", "p.yaml", "--format", "dot"]);
-    assert!(dot.contains("  \"a\" -> \"b\";\n") && dot.contains("  \"b\" -> \"c\";\n"), "{dot}");
+    assert!(
+        dot.contains("  \"a\" -> \"b\";\n") && dot.contains("  \"b\" -> \"c\";\n"),
+        "{dot}"
+    );
 }

@@ -2,8 +2,8 @@
 //! fits `--max-size`), never a result whose key is in `protected` (the keys the given pipelines
 //! reference), then deletes objects no result links any more (link count 1) and staging
 //! folders of dead processes.
-use super::store::{ResultRecord, Store, pid_alive};
 use super::CacheError;
+use super::store::{ResultRecord, Store, pid_alive};
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
 
@@ -82,7 +82,12 @@ fn objects_size(store: &Store) -> u64 {
 
 fn sweep_objects(store: &Store, report: &mut GcReport) -> Result<(), CacheError> {
     let objects = store.root().join("objects");
-    for entry in walkdir::WalkDir::new(&objects).min_depth(2).max_depth(2).into_iter().flatten() {
+    for entry in walkdir::WalkDir::new(&objects)
+        .min_depth(2)
+        .max_depth(2)
+        .into_iter()
+        .flatten()
+    {
         let Ok(meta) = entry.metadata() else { continue };
         if meta.is_file() && meta.nlink() == 1 {
             std::fs::remove_file(entry.path())
@@ -97,7 +102,11 @@ fn sweep_objects(store: &Store, report: &mut GcReport) -> Result<(), CacheError>
 /// Removes `staging/<key>-<pid>-<n>` folders whose process is gone.
 fn sweep_staging(store: &Store) -> usize {
     let mut removed = 0;
-    for entry in std::fs::read_dir(store.root().join("staging")).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(store.root().join("staging"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = entry.file_name().to_string_lossy().to_string();
         let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
         if pid.is_some_and(|pid| !pid_alive(pid)) && std::fs::remove_dir_all(entry.path()).is_ok() {

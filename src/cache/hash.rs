@@ -101,7 +101,9 @@ impl HashMemo {
     }
 
     fn lock_entries(&self) -> std::sync::MutexGuard<'_, HashMap<FileIdentity, String>> {
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The blake3 hex digest of one file, from the memo when its identity is unchanged.
@@ -127,7 +129,10 @@ impl HashMemo {
             tree.insert(String::new(), self.hash_file(path)?);
             return Ok(tree);
         }
-        for entry in walkdir::WalkDir::new(path).follow_links(true).sort_by_file_name() {
+        for entry in walkdir::WalkDir::new(path)
+            .follow_links(true)
+            .sort_by_file_name()
+        {
             let entry = entry.map_err(|e| {
                 let at = e.path().unwrap_or(path).to_path_buf();
                 CacheError::io("walk", &at, e.into())
@@ -182,7 +187,7 @@ pub fn tree_digest(tree: &TreeDigest) -> String {
         hasher.update(name.as_bytes());
         hasher.update(&[0]);
         hasher.update(digest.as_bytes());
-        hasher.update(&[b'\n']);
+        hasher.update(b"\n");
     }
     hasher.finalize().to_hex().to_string()
 }
@@ -205,9 +210,15 @@ mod tests {
         );
         assert_eq!(first["a.txt"], blake3::hash(b"alpha").to_hex().to_string());
         std::fs::write(dir.path().join("a.txt"), b"alpha").expect("rewrite");
-        assert_eq!(tree_digest(&memo.hash_tree(dir.path()).expect("hash")), tree_digest(&first));
+        assert_eq!(
+            tree_digest(&memo.hash_tree(dir.path()).expect("hash")),
+            tree_digest(&first)
+        );
         std::fs::rename(dir.path().join("a.txt"), dir.path().join("c.txt")).expect("rename");
-        assert_ne!(tree_digest(&memo.hash_tree(dir.path()).expect("hash")), tree_digest(&first));
+        assert_ne!(
+            tree_digest(&memo.hash_tree(dir.path()).expect("hash")),
+            tree_digest(&first)
+        );
     }
 
     #[test]

@@ -93,7 +93,10 @@ mod tests {
         };
         std::thread::sleep(Duration::from_millis(200));
         drop(first);
-        assert!(handle.join().expect("join"), "second acquirer must have waited");
+        assert!(
+            handle.join().expect("join"),
+            "second acquirer must have waited"
+        );
     }
 
     #[test]

@@ -35,7 +35,9 @@ pub enum CacheError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cache: `{path}` is not valid JSON ({source}); delete it or run `dreampipe cache verify`")]
+    #[error(
+        "cache: `{path}` is not valid JSON ({source}); delete it or run `dreampipe cache verify`"
+    )]
     Json {
         path: PathBuf,
         source: serde_json::Error,

@@ -1,9 +1,9 @@
 //! The result store: staging folders, atomic commit of a stage's output under its key, files
 //! stored once in `objects/` and hard-linked into each result, the per-stage index `explain`
 //! reads, and the human `runs/<pipeline>/<stage>` links.
+use super::CacheError;
 use super::hash::{TreeDigest, hash_file_uncached, relative_name, tree_digest};
 use super::lock::{self, Acquired};
-use super::CacheError;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,7 +11,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Sub-folders of the cache root (see the module doc of `cache`).
 const SUBDIRS: [&str; 10] = [
-    "objects", "results", "staging", "work", "locks", "logs", "index", "runs", "records",
+    "objects",
+    "results",
+    "staging",
+    "work",
+    "locks",
+    "logs",
+    "index",
+    "runs",
+    "records",
     "quarantine",
 ];
 
@@ -125,7 +133,11 @@ impl Store {
         cancel: &AtomicBool,
         on_wait: impl FnOnce(),
     ) -> Result<Acquired, CacheError> {
-        lock::acquire(&self.root.join("locks").join(format!("{key}.lock")), cancel, on_wait)
+        lock::acquire(
+            &self.root.join("locks").join(format!("{key}.lock")),
+            cancel,
+            on_wait,
+        )
     }
 
     /// A fresh staging folder for `key` with an empty `out/` inside.
@@ -254,7 +266,12 @@ impl Store {
 
     /// Remembers `key` as the latest result of `stage_id` and points `runs/<pipeline>/<stage>`
     /// at its output.
-    pub fn record_stage(&self, pipeline: &str, stage_id: &str, key: &str) -> Result<(), CacheError> {
+    pub fn record_stage(
+        &self,
+        pipeline: &str,
+        stage_id: &str,
+        key: &str,
+    ) -> Result<(), CacheError> {
         let index = self.index_path(pipeline, stage_id);
         if let Some(parent) = index.parent() {
             std::fs::create_dir_all(parent).map_err(|e| CacheError::io("create", parent, e))?;
@@ -345,7 +362,13 @@ mod tests {
             std::fs::write(staging.join("out/vae.bin"), b"shared weights").expect("write");
             std::fs::write(staging.join("out/extra.txt"), extra).expect("write");
             let material = serde_json::json!({"k": key});
-            let commit = Commit { key, stage_id: "s", kind: "command", material: &material, duration_s: 0.0 };
+            let commit = Commit {
+                key,
+                stage_id: "s",
+                kind: "command",
+                material: &material,
+                duration_s: 0.0,
+            };
             store.commit(&commit, &staging, false).expect("commit");
             keys.push(key);
         }
@@ -354,6 +377,12 @@ mod tests {
         let b = std::fs::metadata(store.output_dir("k2").join("vae.bin")).expect("meta");
         assert_eq!(a.ino(), b.ino());
         assert_eq!(a.nlink(), 3, "object + two results");
-        assert!(!dir.path().join("staging").read_dir().expect("ls").any(|_| true));
+        assert!(
+            !dir.path()
+                .join("staging")
+                .read_dir()
+                .expect("ls")
+                .any(|_| true)
+        );
     }
 }

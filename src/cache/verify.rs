@@ -1,9 +1,9 @@
 //! `cache verify`: rehash every object and every result file; a mismatch is reported, the
 //! object and each result containing it are moved to `quarantine/`, so the next run misses
 //! and recomputes them.
+use super::CacheError;
 use super::hash::hash_file_uncached;
 use super::store::{ResultRecord, Store};
-use super::CacheError;
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -36,7 +36,10 @@ pub fn verify(store: &Store) -> Result<VerifyReport, CacheError> {
     Ok(report)
 }
 
-fn verify_objects(store: &Store, report: &mut VerifyReport) -> Result<BTreeSet<String>, CacheError> {
+fn verify_objects(
+    store: &Store,
+    report: &mut VerifyReport,
+) -> Result<BTreeSet<String>, CacheError> {
     let mut corrupt = BTreeSet::new();
     let objects = store.root().join("objects");
     for entry in walkdir::WalkDir::new(&objects).min_depth(2).max_depth(2) {
@@ -59,12 +62,19 @@ fn verify_objects(store: &Store, report: &mut VerifyReport) -> Result<BTreeSet<S
 }
 
 /// The first file of `record` that is missing, changed, or linked to a corrupt object.
-fn first_problem(store: &Store, record: &ResultRecord, corrupt: &BTreeSet<String>) -> Option<String> {
+fn first_problem(
+    store: &Store,
+    record: &ResultRecord,
+    corrupt: &BTreeSet<String>,
+) -> Option<String> {
     let out = store.output_dir(&record.key);
     for (name, digest) in &record.files {
         let path = out.join(name);
         let Ok(meta) = std::fs::metadata(&path) else {
-            return Some(format!("result {} ({}): file {name} is missing", record.key, record.stage_id));
+            return Some(format!(
+                "result {} ({}): file {name} is missing",
+                record.key, record.stage_id
+            ));
         };
         let bad = corrupt.contains(digest)
             || (!same_inode(&meta, &store.object_path(digest))

@@ -56,24 +56,55 @@ fn bench_all(context: &Context, args: &BenchArgs, root: &Path) -> anyhow::Result
     memo.hash_file(&big)?;
     let memoized = started.elapsed();
     let gb = (args.file_gib * GIB) as f64 / 1e9;
-    println!("blake3 {} GiB file (page cache): {:.2} s, {:.2} GB/s", args.file_gib, cold.as_secs_f64(), gb / cold.as_secs_f64());
-    println!("blake3 {} GiB file, memoized rerun: {:.3} ms", args.file_gib, memoized.as_secs_f64() * 1e3);
+    println!(
+        "blake3 {} GiB file (page cache): {:.2} s, {:.2} GB/s",
+        args.file_gib,
+        cold.as_secs_f64(),
+        gb / cold.as_secs_f64()
+    );
+    println!(
+        "blake3 {} GiB file, memoized rerun: {:.3} ms",
+        args.file_gib,
+        memoized.as_secs_f64() * 1e3
+    );
     std::fs::remove_file(&big)?;
     bench_plan(context, args.sweep, root)?;
     bench_noop_rerun(args.model_gib, root)
 }
 
 fn bench_plan(context: &Context, stages: usize, root: &Path) -> anyhow::Result<()> {
-    let values: Vec<String> = (0..stages).map(|i| format!("'echo {i} > $OUT/x'")).collect();
-    let text = format!("stages:\n  sweep:\n    kind: command\n    matrix:\n      run: [{}]\n", values.join(", "));
+    let values: Vec<String> = (0..stages)
+        .map(|i| format!("'echo {i} > $OUT/x'"))
+        .collect();
+    let text = format!(
+        "stages:\n  sweep:\n    kind: command\n    matrix:\n      run: [{}]\n",
+        values.join(", ")
+    );
     let started = Instant::now();
-    let pipeline = load_str(&text, &root.join("sweep.yaml"), root, &LoadOptions::default())?;
+    let pipeline = load_str(
+        &text,
+        &root.join("sweep.yaml"),
+        root,
+        &LoadOptions::default(),
+    )?;
     let plan = Plan::new(pipeline);
     let loaded = started.elapsed();
     let store = Store::open(&root.join("plan-cache"))?;
     let all = vec![true; plan.len()];
-    assess(&plan, &store, &HashMemo::in_memory(), context.device, &all, &vec![false; plan.len()])?;
-    println!("plan of a {}-stage sweep: load+validate+expand {:.1} ms, with cache lookups {:.1} ms", plan.len(), loaded.as_secs_f64() * 1e3, started.elapsed().as_secs_f64() * 1e3);
+    assess(
+        &plan,
+        &store,
+        &HashMemo::in_memory(),
+        context.device,
+        &all,
+        &vec![false; plan.len()],
+    )?;
+    println!(
+        "plan of a {}-stage sweep: load+validate+expand {:.1} ms, with cache lookups {:.1} ms",
+        plan.len(),
+        loaded.as_secs_f64() * 1e3,
+        started.elapsed().as_secs_f64() * 1e3
+    );
     Ok(())
 }
 
@@ -81,14 +112,22 @@ fn bench_noop_rerun(model_gib: u64, root: &Path) -> anyhow::Result<()> {
     let model = root.join("model");
     std::fs::create_dir_all(&model)?;
     for part in 0..4 {
-        write_file(&model.join(format!("part-{part}.safetensors")), model_gib * GIB / 4)?;
+        write_file(
+            &model.join(format!("part-{part}.safetensors")),
+            model_gib * GIB / 4,
+        )?;
     }
-    std::fs::write(root.join("p.yaml"), "stages:\n  train:\n    kind: command\n    inputs: model\n    run: echo trained > $OUT/weights.txt\n")?;
+    std::fs::write(
+        root.join("p.yaml"),
+        "stages:\n  train:\n    kind: command\n    inputs: model\n    run: echo trained > $OUT/weights.txt\n",
+    )?;
     let run = || -> anyhow::Result<Duration> {
         let started = Instant::now();
         let status = std::process::Command::new(std::env::current_exe()?)
             .current_dir(root)
-            .args(["--device", "cpu", "--cache", "cache", "run", "p.yaml", "--plain"])
+            .args([
+                "--device", "cpu", "--cache", "cache", "run", "p.yaml", "--plain",
+            ])
             .stdout(std::process::Stdio::null())
             .status()?;
         anyhow::ensure!(status.success(), "the benchmark pipeline failed");
@@ -99,7 +138,10 @@ fn bench_noop_rerun(model_gib: u64, root: &Path) -> anyhow::Result<()> {
     let in_process = noop_plan_in_process(root)?;
     let startup = {
         let started = Instant::now();
-        std::process::Command::new(std::env::current_exe()?).arg("--help").stdout(std::process::Stdio::null()).status()?;
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("--help")
+            .stdout(std::process::Stdio::null())
+            .status()?;
         started.elapsed()
     };
     println!(
@@ -119,9 +161,15 @@ fn noop_plan_in_process(root: &Path) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let store = Store::open(&root.join("cache"))?;
     let memo = HashMemo::load(&store.memo_path());
-    let plan = Plan::new(crate::pipeline::load(&root.join("p.yaml"), &LoadOptions::default())?);
+    let plan = Plan::new(crate::pipeline::load(
+        &root.join("p.yaml"),
+        &LoadOptions::default(),
+    )?);
     let statuses = assess(&plan, &store, &memo, tch::Device::Cpu, &[true], &[false])?;
-    anyhow::ensure!(matches!(statuses[0], crate::plan::dirty::Status::Fresh { .. }), "the benchmark stage should be fresh");
+    anyhow::ensure!(
+        matches!(statuses[0], crate::plan::dirty::Status::Fresh { .. }),
+        "the benchmark stage should be fresh"
+    );
     Ok(started.elapsed())
 }
 

@@ -21,7 +21,10 @@ pub struct PipelineArgs {
 
 impl PipelineArgs {
     pub fn load(&self) -> anyhow::Result<Pipeline> {
-        let options = LoadOptions { overrides: self.set.clone(), ..LoadOptions::default() };
+        let options = LoadOptions {
+            overrides: self.set.clone(),
+            ..LoadOptions::default()
+        };
         Ok(load(&self.pipeline, &options)?)
     }
 

@@ -17,12 +17,23 @@ pub fn run(context: &Context, args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     let plan = args.pipeline.plan()?;
     let targets = plan.find(&args.stage)?;
     let (store, memo) = open_cache(context)?;
-    let statuses = assess(&plan, &store, &memo, context.device, &vec![true; plan.len()], &vec![false; plan.len()])?;
+    let statuses = assess(
+        &plan,
+        &store,
+        &memo,
+        context.device,
+        &vec![true; plan.len()],
+        &vec![false; plan.len()],
+    )?;
     let _ = memo.save();
     for index in targets {
         let id = &plan.pipeline.stages[index].id;
         match &statuses[index] {
-            Status::Fresh { key, output } => println!("{id}: fresh (key {}), output {}", &key[..12], output.display()),
+            Status::Fresh { key, output } => println!(
+                "{id}: fresh (key {}), output {}",
+                &key[..12],
+                output.display()
+            ),
             Status::Dirty { key, reasons } => {
                 println!("{id}: will run (key {}) because:", &key[..12]);
                 reasons.iter().for_each(|r| println!("  - {r}"));

@@ -50,17 +50,40 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let selected = plan.selection(&args.until, &args.only)?;
     let forced = flags(&plan, &args.force)?;
     if args.dry_run {
-        print!("{}", super::plan::render(context, &plan, &selected, &forced)?);
+        print!(
+            "{}",
+            super::plan::render(context, &plan, &selected, &forced)?
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let lock_path = lockfile::path_for(&args.pipeline.pipeline);
-    let locked = if args.locked { Some(lockfile::read(&lock_path)?) } else { None };
+    let locked = if args.locked {
+        Some(lockfile::read(&lock_path)?)
+    } else {
+        None
+    };
     let devices = resolve_devices(context, &args.devices)?;
-    let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let jobs = args.jobs.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     let (store, memo) = open_cache(context)?;
-    let style = if args.plain { Style::Plain } else { progress::style_for_stdout() };
-    let options = ExecOptions { jobs, devices, selected, forced, locked };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let style = if args.plain {
+        Style::Plain
+    } else {
+        progress::style_for_stdout()
+    };
+    let options = ExecOptions {
+        jobs,
+        devices,
+        selected,
+        forced,
+        locked,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let record = runtime.block_on(async {
         let cancel = CancelFlag::default();
         let on_interrupt = cancel.clone();
@@ -72,7 +95,15 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
         });
         let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
         let reporter = tokio::spawn(progress::report(receiver, style));
-        let record = execute(plan.clone(), store.clone(), memo.clone(), options, sender, cancel).await;
+        let record = execute(
+            plan.clone(),
+            store.clone(),
+            memo.clone(),
+            options,
+            sender,
+            cancel,
+        )
+        .await;
         let _ = reporter.await;
         record
     });
@@ -95,19 +126,39 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn resolve_devices(context: &Context, requests: &[DeviceRequest]) -> anyhow::Result<Vec<tch::Device>> {
+fn resolve_devices(
+    context: &Context,
+    requests: &[DeviceRequest],
+) -> anyhow::Result<Vec<tch::Device>> {
     if requests.is_empty() {
         return Ok(vec![context.device]);
     }
-    requests.iter().map(|r| device::resolve(*r, &context.cuda).map_err(anyhow::Error::msg)).collect()
+    requests
+        .iter()
+        .map(|r| device::resolve(*r, &context.cuda).map_err(anyhow::Error::msg))
+        .collect()
 }
 
 /// Merges this run's keys and output digests into `<pipeline>.lock`.
 fn update_lock_file(path: &std::path::Path, record: &RunRecord) -> anyhow::Result<()> {
-    let mut lock = lockfile::read(path).ok().filter(|l| l.pipeline == record.pipeline).unwrap_or_else(|| LockFile { pipeline: record.pipeline.clone(), ..LockFile::default() });
+    let mut lock = lockfile::read(path)
+        .ok()
+        .filter(|l| l.pipeline == record.pipeline)
+        .unwrap_or_else(|| LockFile {
+            pipeline: record.pipeline.clone(),
+            ..LockFile::default()
+        });
     for stage in &record.stages {
-        if let (Outcome::Cached | Outcome::Ran, Some(key), Some(output)) = (stage.status, &stage.key, &stage.output_digest) {
-            lock.stages.insert(stage.id.clone(), LockEntry { key: key.clone(), output: output.clone() });
+        if let (Outcome::Cached | Outcome::Ran, Some(key), Some(output)) =
+            (stage.status, &stage.key, &stage.output_digest)
+        {
+            lock.stages.insert(
+                stage.id.clone(),
+                LockEntry {
+                    key: key.clone(),
+                    output: output.clone(),
+                },
+            );
         }
     }
     lockfile::write(path, &lock)?;

@@ -16,7 +16,14 @@ pub fn run(context: &Context, args: &ShowArgs) -> anyhow::Result<ExitCode> {
     let plan = args.pipeline.plan()?;
     let targets = plan.find(&args.stage)?;
     let (store, memo) = open_cache(context)?;
-    let statuses = assess(&plan, &store, &memo, context.device, &vec![true; plan.len()], &vec![false; plan.len()])?;
+    let statuses = assess(
+        &plan,
+        &store,
+        &memo,
+        context.device,
+        &vec![true; plan.len()],
+        &vec![false; plan.len()],
+    )?;
     let mut missing = Vec::new();
     for index in targets {
         match &statuses[index] {
@@ -27,5 +34,9 @@ pub fn run(context: &Context, args: &ShowArgs) -> anyhow::Result<ExitCode> {
     if missing.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
-    anyhow::bail!("no result for the current inputs of {}; run `dreampipe run {}` first", missing.join(", "), args.pipeline.pipeline.display())
+    anyhow::bail!(
+        "no result for the current inputs of {}; run `dreampipe run {}` first",
+        missing.join(", "),
+        args.pipeline.pipeline.display()
+    )
 }

@@ -14,6 +14,11 @@ pub struct ValidateArgs {
 pub fn run(_context: &Context, args: &ValidateArgs) -> anyhow::Result<ExitCode> {
     let pipeline = args.pipeline.load()?;
     let names: BTreeSet<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
-    println!("pipeline `{}` is valid: {} stage(s), {} after sweep expansion", pipeline.name, names.len(), pipeline.stages.len());
+    println!(
+        "pipeline `{}` is valid: {} stage(s), {} after sweep expansion",
+        pipeline.name,
+        names.len(),
+        pipeline.stages.len()
+    );
     Ok(ExitCode::SUCCESS)
 }

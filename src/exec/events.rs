@@ -8,16 +8,45 @@ use tokio::sync::mpsc::UnboundedSender;
 /// One thing that happened during a run.
 #[derive(Debug, Clone)]
 pub enum Event {
-    RunStarted { pipeline: String, stages: usize },
+    RunStarted {
+        pipeline: String,
+        stages: usize,
+    },
     /// The result was already in the cache.
-    Cached { id: String, key: String, output: PathBuf },
+    Cached {
+        id: String,
+        key: String,
+        output: PathBuf,
+    },
     /// Another run holds this key's lock; this run waits and reuses its result.
-    Waiting { id: String, key: String },
-    Started { id: String, key: String },
-    Progress { id: String, step: u64, total: u64, metric: Option<(String, f64)> },
-    Finished { id: String, seconds: f64, output: PathBuf },
-    Failed { id: String, error: String, log: Option<PathBuf> },
-    Skipped { id: String, reason: String },
+    Waiting {
+        id: String,
+        key: String,
+    },
+    Started {
+        id: String,
+        key: String,
+    },
+    Progress {
+        id: String,
+        step: u64,
+        total: u64,
+        metric: Option<(String, f64)>,
+    },
+    Finished {
+        id: String,
+        seconds: f64,
+        output: PathBuf,
+    },
+    Failed {
+        id: String,
+        error: String,
+        log: Option<PathBuf>,
+    },
+    Skipped {
+        id: String,
+        reason: String,
+    },
 }
 
 /// Where events go.
@@ -32,7 +61,10 @@ pub struct ProgressReporter {
 
 impl ProgressReporter {
     pub fn new(id: &str, sender: Option<EventSender>) -> Self {
-        Self { id: id.to_string(), sender }
+        Self {
+            id: id.to_string(),
+            sender,
+        }
     }
 
     /// Reports `step` of `total` done.
@@ -47,7 +79,12 @@ impl ProgressReporter {
 
     fn send(&self, step: u64, total: u64, metric: Option<(String, f64)>) {
         if let Some(sender) = &self.sender {
-            let _ = sender.send(Event::Progress { id: self.id.clone(), step, total, metric });
+            let _ = sender.send(Event::Progress {
+                id: self.id.clone(),
+                step,
+                total,
+                metric,
+            });
         }
     }
 }

@@ -90,7 +90,11 @@ struct DeviceSlot {
 
 impl Drop for DeviceSlot {
     fn drop(&mut self) {
-        self.pool.free.lock().unwrap_or_else(|p| p.into_inner()).push(self.device);
+        self.pool
+            .free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.device);
     }
 }
 
@@ -111,10 +115,21 @@ struct Shared {
 type Done = (String, String);
 
 /// Runs the selected stages of `plan` and returns the run record.
-pub async fn execute(plan: Arc<Plan>, store: Store, memo: Arc<HashMemo>, options: ExecOptions, events: EventSender, cancel: CancelFlag) -> RunRecord {
+pub async fn execute(
+    plan: Arc<Plan>,
+    store: Store,
+    memo: Arc<HashMemo>,
+    options: ExecOptions,
+    events: EventSender,
+    cancel: CancelFlag,
+) -> RunRecord {
     let started = Instant::now();
     let started_unix = now_unix();
-    let devices = if options.devices.is_empty() { vec![tch::Device::Cpu] } else { options.devices.clone() };
+    let devices = if options.devices.is_empty() {
+        vec![tch::Device::Cpu]
+    } else {
+        options.devices.clone()
+    };
     let shared = Arc::new(Shared {
         plan: plan.clone(),
         store,
@@ -122,16 +137,29 @@ pub async fn execute(plan: Arc<Plan>, store: Store, memo: Arc<HashMemo>, options
         events: events.clone(),
         cancel: cancel.clone(),
         cpu: Arc::new(Semaphore::new(options.jobs.max(1))),
-        gpus: Arc::new(DevicePool { permits: Arc::new(Semaphore::new(devices.len())), free: Mutex::new(devices.iter().rev().copied().collect()) }),
+        gpus: Arc::new(DevicePool {
+            permits: Arc::new(Semaphore::new(devices.len())),
+            free: Mutex::new(devices.iter().rev().copied().collect()),
+        }),
         key_device: devices[0],
         forced: options.forced.clone(),
         locked: options.locked.clone(),
     });
     let active = active_stages(&plan, &options.selected);
-    let _ = events.send(Event::RunStarted { pipeline: plan.pipeline.name.clone(), stages: options.selected.iter().filter(|s| **s).count() });
+    let _ = events.send(Event::RunStarted {
+        pipeline: plan.pipeline.name.clone(),
+        stages: options.selected.iter().filter(|s| **s).count(),
+    });
     let mut records: Vec<Option<StageRecord>> = vec![None; plan.len()];
     let mut done: BTreeMap<usize, Done> = BTreeMap::new();
-    let mut waiting: Vec<usize> = (0..plan.len()).map(|i| plan.upstream(i).iter().filter(|u| active.contains(u)).count()).collect();
+    let mut waiting: Vec<usize> = (0..plan.len())
+        .map(|i| {
+            plan.upstream(i)
+                .iter()
+                .filter(|u| active.contains(u))
+                .count()
+        })
+        .collect();
     let mut tasks = JoinSet::new();
     for &index in &active {
         if waiting[index] == 0 {
@@ -139,7 +167,9 @@ pub async fn execute(plan: Arc<Plan>, store: Store, memo: Arc<HashMemo>, options
         }
     }
     while let Some(joined) = tasks.join_next().await {
-        let Ok((index, record, finished)) = joined else { continue };
+        let Ok((index, record, finished)) = joined else {
+            continue;
+        };
         records[index] = Some(record);
         let Some(result) = finished else {
             block_dependents(&plan, index, &mut records, &events, &options.selected);
@@ -148,11 +178,21 @@ pub async fn execute(plan: Arc<Plan>, store: Store, memo: Arc<HashMemo>, options
         done.insert(index, result);
         for dependent in plan.downstream(index) {
             waiting[dependent] = waiting[dependent].saturating_sub(1);
-            if waiting[dependent] == 0 && records[dependent].is_none() && active.contains(&dependent) {
+            if waiting[dependent] == 0
+                && records[dependent].is_none()
+                && active.contains(&dependent)
+            {
                 if cancel.is_cancelled() {
-                    records[dependent] = Some(skipped(&plan, dependent, "cancelled".to_string(), &events));
+                    records[dependent] =
+                        Some(skipped(&plan, dependent, "cancelled".to_string(), &events));
                 } else {
-                    spawn_stage(&mut tasks, &shared, dependent, options.selected[dependent], &done);
+                    spawn_stage(
+                        &mut tasks,
+                        &shared,
+                        dependent,
+                        options.selected[dependent],
+                        &done,
+                    );
                 }
             }
         }
@@ -162,7 +202,12 @@ pub async fn execute(plan: Arc<Plan>, store: Store, memo: Arc<HashMemo>, options
         .enumerate()
         .map(|(i, r)| r.unwrap_or_else(|| base_record(&plan, i, Outcome::NotSelected)))
         .collect();
-    let success = stages.iter().all(|s| matches!(s.status, Outcome::Cached | Outcome::Ran | Outcome::NotSelected));
+    let success = stages.iter().all(|s| {
+        matches!(
+            s.status,
+            Outcome::Cached | Outcome::Ran | Outcome::NotSelected
+        )
+    });
     RunRecord {
         pipeline: plan.pipeline.name.clone(),
         file: plan.pipeline.file.clone(),
@@ -184,18 +229,32 @@ fn active_stages(plan: &Plan, selected: &[bool]) -> BTreeSet<usize> {
     active
 }
 
-fn block_dependents(plan: &Plan, failed: usize, records: &mut [Option<StageRecord>], events: &EventSender, selected: &[bool]) {
+fn block_dependents(
+    plan: &Plan,
+    failed: usize,
+    records: &mut [Option<StageRecord>],
+    events: &EventSender,
+    selected: &[bool],
+) {
     let failed_id = plan.pipeline.stages[failed].id.clone();
     for dependent in plan.descendants(failed) {
         if dependent != failed && records[dependent].is_none() && selected[dependent] {
-            records[dependent] = Some(skipped(plan, dependent, format!("upstream `{failed_id}` did not finish"), events));
+            records[dependent] = Some(skipped(
+                plan,
+                dependent,
+                format!("upstream `{failed_id}` did not finish"),
+                events,
+            ));
         }
     }
 }
 
 fn skipped(plan: &Plan, index: usize, reason: String, events: &EventSender) -> StageRecord {
     let mut record = base_record(plan, index, Outcome::Skipped);
-    let _ = events.send(Event::Skipped { id: record.id.clone(), reason: reason.clone() });
+    let _ = events.send(Event::Skipped {
+        id: record.id.clone(),
+        reason: reason.clone(),
+    });
     record.error = Some(reason);
     record
 }
@@ -220,9 +279,20 @@ fn base_record(plan: &Plan, index: usize, status: Outcome) -> StageRecord {
 
 type TaskResult = (usize, StageRecord, Option<Done>);
 
-fn spawn_stage(tasks: &mut JoinSet<TaskResult>, shared: &Arc<Shared>, index: usize, selected: bool, done: &BTreeMap<usize, Done>) {
+fn spawn_stage(
+    tasks: &mut JoinSet<TaskResult>,
+    shared: &Arc<Shared>,
+    index: usize,
+    selected: bool,
+    done: &BTreeMap<usize, Done>,
+) {
     let shared = shared.clone();
-    let upstream: BTreeMap<usize, Done> = shared.plan.upstream(index).into_iter().filter_map(|u| done.get(&u).map(|d| (u, d.clone()))).collect();
+    let upstream: BTreeMap<usize, Done> = shared
+        .plan
+        .upstream(index)
+        .into_iter()
+        .filter_map(|u| done.get(&u).map(|d| (u, d.clone())))
+        .collect();
     tasks.spawn(async move {
         let started = Instant::now();
         let mut record = base_record(&shared.plan, index, Outcome::Failed);
@@ -232,7 +302,11 @@ fn spawn_stage(tasks: &mut JoinSet<TaskResult>, shared: &Arc<Shared>, index: usi
             Ok(done) => (index, record, Some(done)),
             Err(error) => {
                 record.status = Outcome::Failed;
-                let _ = shared.events.send(Event::Failed { id: record.id.clone(), error: error.clone(), log: record.log.clone() });
+                let _ = shared.events.send(Event::Failed {
+                    id: record.id.clone(),
+                    error: error.clone(),
+                    log: record.log.clone(),
+                });
                 record.error = Some(error);
                 (index, record, None)
             }
@@ -240,12 +314,22 @@ fn spawn_stage(tasks: &mut JoinSet<TaskResult>, shared: &Arc<Shared>, index: usi
     });
 }
 
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| format!("internal error: the stage's thread panicked ({e})"))
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| format!("internal error: the stage's thread panicked ({e})"))
 }
 
 /// Key → cache hit, or lock → recheck → slot → run → commit.
-async fn run_stage(shared: &Arc<Shared>, index: usize, selected: bool, upstream: &BTreeMap<usize, Done>, record: &mut StageRecord) -> Result<Done, String> {
+async fn run_stage(
+    shared: &Arc<Shared>,
+    index: usize,
+    selected: bool,
+    upstream: &BTreeMap<usize, Done>,
+    record: &mut StageRecord,
+) -> Result<Done, String> {
     let stage = shared.plan.pipeline.stages[index].clone();
     let new = compute_material(shared, index, upstream).await?;
     let key = new.key();
@@ -256,7 +340,10 @@ async fn run_stage(shared: &Arc<Shared>, index: usize, selected: bool, upstream:
         return Ok(done);
     }
     if !selected {
-        return Err(format!("not in the cache and not selected by --only/--until (key {}); run it first", short(&key)));
+        return Err(format!(
+            "not in the cache and not selected by --only/--until (key {}); run it first",
+            short(&key)
+        ));
     }
     let waiting = {
         let (events, id, key) = (shared.events.clone(), stage.id.clone(), key.clone());
@@ -265,27 +352,50 @@ async fn run_stage(shared: &Arc<Shared>, index: usize, selected: bool, upstream:
         }
     };
     let (store, cancel, lock_key) = (shared.store.clone(), shared.cancel.clone(), key.clone());
-    let lock = blocking(move || store.lock_key(&lock_key, cancel.as_atomic(), waiting)).await?.map_err(|e| e.to_string())?;
+    let lock = blocking(move || store.lock_key(&lock_key, cancel.as_atomic(), waiting))
+        .await?
+        .map_err(|e| e.to_string())?;
     let (_lock, waited) = match lock {
         Acquired::Immediately(lock) => (lock, false),
         Acquired::AfterWaiting(lock) => (lock, true),
     };
-    if (!forced || waited) && let Some(done) = reuse(shared, index, &key, record) {
+    if (!forced || waited)
+        && let Some(done) = reuse(shared, index, &key, record)
+    {
         return Ok(done);
     }
-    record.reasons = if forced { vec!["forced with --force".to_string()] } else { explain_miss(&shared.store, &shared.plan.pipeline.name, &stage.id, &new) };
+    record.reasons = if forced {
+        vec!["forced with --force".to_string()]
+    } else {
+        explain_miss(&shared.store, &shared.plan.pipeline.name, &stage.id, &new)
+    };
     let done = compute(shared, index, upstream, &new, &key, record).await?;
     check_locked_output(shared, &stage.id, &done.1)?;
     Ok(done)
 }
 
-async fn compute_material(shared: &Arc<Shared>, index: usize, upstream: &BTreeMap<usize, Done>) -> Result<KeyMaterial, String> {
+async fn compute_material(
+    shared: &Arc<Shared>,
+    index: usize,
+    upstream: &BTreeMap<usize, Done>,
+) -> Result<KeyMaterial, String> {
     let (plan, memo, device) = (shared.plan.clone(), shared.memo.clone(), shared.key_device);
-    let digests: BTreeMap<usize, String> = upstream.iter().map(|(i, (_, d))| (*i, d.clone())).collect();
-    let built = blocking(move || material(&plan.pipeline.stages[index], &|i| digests.get(&i).cloned(), &memo, device)).await?;
+    let digests: BTreeMap<usize, String> =
+        upstream.iter().map(|(i, (_, d))| (*i, d.clone())).collect();
+    let built = blocking(move || {
+        material(
+            &plan.pipeline.stages[index],
+            &|i| digests.get(&i).cloned(),
+            &memo,
+            device,
+        )
+    })
+    .await?;
     match built {
         Ok(Ok(material)) => Ok(material),
-        Ok(Err(upstream)) => Err(format!("internal error: upstream `{upstream}` has no output")),
+        Ok(Err(upstream)) => Err(format!(
+            "internal error: upstream `{upstream}` has no output"
+        )),
         Err(error) => Err(format!("hashing inputs: {error}")),
     }
 }
@@ -294,9 +404,15 @@ async fn compute_material(shared: &Arc<Shared>, index: usize, upstream: &BTreeMa
 fn reuse(shared: &Shared, index: usize, key: &str, record: &mut StageRecord) -> Option<Done> {
     let found = shared.store.lookup(key)?;
     let id = &shared.plan.pipeline.stages[index].id;
-    let _ = shared.store.record_stage(&shared.plan.pipeline.name, id, key);
+    let _ = shared
+        .store
+        .record_stage(&shared.plan.pipeline.name, id, key);
     let output = shared.store.output_dir(key);
-    let _ = shared.events.send(Event::Cached { id: id.clone(), key: key.to_string(), output: output.clone() });
+    let _ = shared.events.send(Event::Cached {
+        id: id.clone(),
+        key: key.to_string(),
+        output: output.clone(),
+    });
     record.status = Outcome::Cached;
     record.output = Some(output);
     record.output_digest = Some(found.output_digest.clone());
@@ -308,7 +424,9 @@ fn short(key: &str) -> &str {
 }
 
 fn check_locked_key(shared: &Shared, id: &str, key: &str) -> Result<(), String> {
-    let Some(lock) = &shared.locked else { return Ok(()) };
+    let Some(lock) = &shared.locked else {
+        return Ok(());
+    };
     match lock.stages.get(id) {
         None => Err(format!("--locked: stage `{id}` is not in the lock file")),
         Some(entry) if entry.key != key => Err(format!(
@@ -321,11 +439,17 @@ fn check_locked_key(shared: &Shared, id: &str, key: &str) -> Result<(), String> 
 }
 
 fn check_locked_output(shared: &Shared, id: &str, digest: &str) -> Result<(), String> {
-    let Some(entry) = shared.locked.as_ref().and_then(|l| l.stages.get(id)) else { return Ok(()) };
+    let Some(entry) = shared.locked.as_ref().and_then(|l| l.stages.get(id)) else {
+        return Ok(());
+    };
     if entry.output == digest {
         return Ok(());
     }
-    Err(format!("--locked: stage `{id}` produced output {} but the lock file has {}; the stage is not reproducible here", short(digest), short(&entry.output)))
+    Err(format!(
+        "--locked: stage `{id}` produced output {} but the lock file has {}; the stage is not reproducible here",
+        short(digest),
+        short(&entry.output)
+    ))
 }
 
 /// A held CPU permit or device; released on drop.
@@ -338,17 +462,46 @@ enum Slot {
 async fn take_slot(shared: &Shared, class: DeviceClass) -> Result<(Slot, tch::Device), String> {
     let closed = |_| "internal error: the executor's slots were closed".to_string();
     match class {
-        DeviceClass::Cpu => Ok((Slot::Cpu(shared.cpu.clone().acquire_owned().await.map_err(closed)?), tch::Device::Cpu)),
+        DeviceClass::Cpu => Ok((
+            Slot::Cpu(shared.cpu.clone().acquire_owned().await.map_err(closed)?),
+            tch::Device::Cpu,
+        )),
         DeviceClass::Gpu => {
-            let permit = shared.gpus.permits.clone().acquire_owned().await.map_err(closed)?;
-            let device = shared.gpus.free.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or(shared.key_device);
-            Ok((Slot::Gpu(DeviceSlot { pool: shared.gpus.clone(), device, _permit: permit }), device))
+            let permit = shared
+                .gpus
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(closed)?;
+            let device = shared
+                .gpus
+                .free
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+                .unwrap_or(shared.key_device);
+            Ok((
+                Slot::Gpu(DeviceSlot {
+                    pool: shared.gpus.clone(),
+                    device,
+                    _permit: permit,
+                }),
+                device,
+            ))
         }
     }
 }
 
 /// Runs the stage in a staging folder and commits its output.
-async fn compute(shared: &Arc<Shared>, index: usize, upstream: &BTreeMap<usize, Done>, new: &KeyMaterial, key: &str, record: &mut StageRecord) -> Result<Done, String> {
+async fn compute(
+    shared: &Arc<Shared>,
+    index: usize,
+    upstream: &BTreeMap<usize, Done>,
+    new: &KeyMaterial,
+    key: &str,
+    record: &mut StageRecord,
+) -> Result<Done, String> {
     let stage = shared.plan.pipeline.stages[index].clone();
     let (slot, device) = take_slot(shared, stage.kind.device_class()).await?;
     if shared.cancel.is_cancelled() {
@@ -361,16 +514,34 @@ async fn compute(shared: &Arc<Shared>, index: usize, upstream: &BTreeMap<usize, 
     let log_path = store.log_path(key);
     record.log = Some(log_path.clone());
     let inputs = resolve_inputs(shared, &stage, upstream);
-    let _ = shared.events.send(Event::Started { id: stage.id.clone(), key: key.to_string() });
+    let _ = shared.events.send(Event::Started {
+        id: stage.id.clone(),
+        key: key.to_string(),
+    });
     let started = Instant::now();
-    let (events, cancel, out) = (shared.events.clone(), shared.cancel.clone(), staging.join("out"));
+    let (events, cancel, out) = (
+        shared.events.clone(),
+        shared.cancel.clone(),
+        staging.join("out"),
+    );
     let run_stage = stage.clone();
     let work_dir = work.clone();
     let pipeline_dir = absolute_dir(&shared.plan.pipeline.file);
     let outcome = blocking(move || {
         let log = StageLog::create(&log_path);
         let progress = ProgressReporter::new(&run_stage.id, Some(events));
-        let context = StageContext { stage_id: &run_stage.id, params: &run_stage.params, inputs: &inputs, out_dir: &out, work_dir: &work_dir, pipeline_dir: &pipeline_dir, progress: &progress, cancel: &cancel, device, log: &log };
+        let context = StageContext {
+            stage_id: &run_stage.id,
+            params: &run_stage.params,
+            inputs: &inputs,
+            out_dir: &out,
+            work_dir: &work_dir,
+            pipeline_dir: &pipeline_dir,
+            progress: &progress,
+            cancel: &cancel,
+            device,
+            log: &log,
+        };
         let result = run_stage.kind.run(&context);
         if let Err(error) = &result {
             log.line(&format!("dreampipe: stage failed: {error}"));
@@ -390,9 +561,22 @@ async fn compute(shared: &Arc<Shared>, index: usize, upstream: &BTreeMap<usize, 
         let _ = store.discard(&staging);
         return Err(text);
     }
-    let (commit_store, material, commit_key, id, kind, forced) = (store.clone(), new.clone(), key.to_string(), stage.id.clone(), stage.kind.kind(), shared.forced[index]);
+    let (commit_store, material, commit_key, id, kind, forced) = (
+        store.clone(),
+        new.clone(),
+        key.to_string(),
+        stage.id.clone(),
+        stage.kind.kind(),
+        shared.forced[index],
+    );
     let committed = blocking(move || {
-        let commit = Commit { key: &commit_key, stage_id: &id, kind, material: &material, duration_s: seconds };
+        let commit = Commit {
+            key: &commit_key,
+            stage_id: &id,
+            kind,
+            material: &material,
+            duration_s: seconds,
+        };
         commit_store.commit(&commit, &staging, forced)
     })
     .await?
@@ -400,25 +584,45 @@ async fn compute(shared: &Arc<Shared>, index: usize, upstream: &BTreeMap<usize, 
     let _ = std::fs::remove_dir_all(&work);
     let _ = store.record_stage(&shared.plan.pipeline.name, &stage.id, key);
     let output = store.output_dir(key);
-    let _ = shared.events.send(Event::Finished { id: stage.id.clone(), seconds, output: output.clone() });
+    let _ = shared.events.send(Event::Finished {
+        id: stage.id.clone(),
+        seconds,
+        output: output.clone(),
+    });
     record.status = Outcome::Ran;
     record.output = Some(output);
     record.output_digest = Some(committed.output_digest.clone());
     Ok((key.to_string(), committed.output_digest))
 }
 
-fn resolve_inputs(shared: &Shared, stage: &crate::pipeline::StageInstance, upstream: &BTreeMap<usize, Done>) -> BTreeMap<String, Vec<ResolvedInput>> {
+fn resolve_inputs(
+    shared: &Shared,
+    stage: &crate::pipeline::StageInstance,
+    upstream: &BTreeMap<usize, Done>,
+) -> BTreeMap<String, Vec<ResolvedInput>> {
     let mut inputs: BTreeMap<String, Vec<ResolvedInput>> = BTreeMap::new();
     for (field, refs) in &stage.refs {
         for (name, index) in refs {
             if let Some((key, _)) = upstream.get(index) {
-                inputs.entry(field.clone()).or_default().push(ResolvedInput { upstream: Some(name.clone()), path: shared.store.output_dir(key) });
+                inputs
+                    .entry(field.clone())
+                    .or_default()
+                    .push(ResolvedInput {
+                        upstream: Some(name.clone()),
+                        path: shared.store.output_dir(key),
+                    });
             }
         }
     }
     for (field, paths) in &stage.paths {
         for (_, path) in paths {
-            inputs.entry(field.clone()).or_default().push(ResolvedInput { upstream: None, path: path.clone() });
+            inputs
+                .entry(field.clone())
+                .or_default()
+                .push(ResolvedInput {
+                    upstream: None,
+                    path: path.clone(),
+                });
         }
     }
     inputs

@@ -21,11 +21,20 @@ pub struct LockFile {
 #[derive(Debug, thiserror::Error)]
 pub enum LockFileError {
     #[error("--locked: cannot read `{path}`: {source}; run once without --locked to create it")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("--locked: `{path}` is not a valid lock file: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("cannot write `{path}`: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// `pipelines/x.yaml` → `pipelines/x.lock`.
@@ -34,12 +43,21 @@ pub fn path_for(pipeline_file: &Path) -> PathBuf {
 }
 
 pub fn read(path: &Path) -> Result<LockFile, LockFileError> {
-    let bytes = std::fs::read(path).map_err(|source| LockFileError::Read { path: path.to_path_buf(), source })?;
-    serde_json::from_slice(&bytes).map_err(|source| LockFileError::Parse { path: path.to_path_buf(), source })
+    let bytes = std::fs::read(path).map_err(|source| LockFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|source| LockFileError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 pub fn write(path: &Path, lock: &LockFile) -> Result<(), LockFileError> {
     let mut text = serde_json::to_string_pretty(lock).unwrap_or_default();
     text.push('\n');
-    std::fs::write(path, text).map_err(|source| LockFileError::Write { path: path.to_path_buf(), source })
+    std::fs::write(path, text).map_err(|source| LockFileError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }

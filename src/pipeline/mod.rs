@@ -55,7 +55,11 @@ impl fmt::Display for PipelineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let count = self.diagnostics.len();
         let plural = if count == 1 { "" } else { "s" };
-        write!(f, "pipeline `{}` is invalid ({count} error{plural}):", self.file.display())?;
+        write!(
+            f,
+            "pipeline `{}` is invalid ({count} error{plural}):",
+            self.file.display()
+        )?;
         for diagnostic in &self.diagnostics {
             write!(f, "\n  {diagnostic}")?;
         }

@@ -4,7 +4,11 @@ use std::path::{Path, PathBuf};
 
 /// Where `stages/<name>.yaml` is, searching from `dir` upwards.
 pub fn find(dir: &Path, name: &str) -> Option<PathBuf> {
-    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !name.contains("..");
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !name.contains("..");
     if !valid {
         return None;
     }
@@ -15,10 +19,17 @@ pub fn find(dir: &Path, name: &str) -> Option<PathBuf> {
 
 /// Reads a preset; the error names the file.
 pub fn read(path: &Path) -> Result<serde_yaml::Mapping, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read preset `{}`: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read preset `{}`: {e}", path.display()))?;
     match serde_yaml::from_str::<serde_yaml::Value>(&text) {
         Ok(serde_yaml::Value::Mapping(map)) => Ok(map),
-        Ok(_) => Err(format!("preset `{}` must be a mapping of stage fields", path.display())),
-        Err(e) => Err(format!("preset `{}` is not valid YAML: {e}", path.display())),
+        Ok(_) => Err(format!(
+            "preset `{}` must be a mapping of stage fields",
+            path.display()
+        )),
+        Err(e) => Err(format!(
+            "preset `{}` is not valid YAML: {e}",
+            path.display()
+        )),
     }
 }

@@ -21,13 +21,17 @@ pub fn yaml_to_json(value: &serde_yaml::Value) -> Result<Value, String> {
         serde_yaml::Value::Mapping(map) => {
             let mut out = serde_json::Map::new();
             for (key, item) in map {
-                let key = key_text(key).ok_or_else(|| "mapping keys must be strings".to_string())?;
+                let key =
+                    key_text(key).ok_or_else(|| "mapping keys must be strings".to_string())?;
                 out.insert(key, yaml_to_json(item)?);
             }
             Value::Object(out)
         }
         serde_yaml::Value::Tagged(tagged) => {
-            return Err(format!("YAML tags are not supported (found `{}`)", tagged.tag));
+            return Err(format!(
+                "YAML tags are not supported (found `{}`)",
+                tagged.tag
+            ));
         }
     })
 }
@@ -89,7 +93,9 @@ impl KeyLocator {
                 indent += 2;
                 content = rest.trim_start_matches(' ');
             }
-            let Some(key) = leading_key(content) else { continue };
+            let Some(key) = leading_key(content) else {
+                continue;
+            };
             pop_to(&mut stack, indent);
             stack.push((indent, key));
             let path: Vec<String> = stack.iter().map(|(_, k)| k.clone()).collect();

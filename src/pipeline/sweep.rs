@@ -31,19 +31,24 @@ pub fn expand(drafts: Vec<StageDraft>, order: &[usize]) -> Result<Vec<StageInsta
         if count > MAX_VARIANTS_PER_STAGE {
             return Err(SweepError {
                 stage: draft.name.clone(),
-                message: format!("the sweep expands to {count} stages, more than the limit of {MAX_VARIANTS_PER_STAGE}; sweep fewer values"),
+                message: format!(
+                    "the sweep expands to {count} stages, more than the limit of {MAX_VARIANTS_PER_STAGE}; sweep fewer values"
+                ),
             });
         }
         if stages.len() + count > MAX_TOTAL_STAGES {
             return Err(SweepError {
                 stage: draft.name.clone(),
-                message: format!("the pipeline expands to more than {MAX_TOTAL_STAGES} stages; sweep fewer values"),
+                message: format!(
+                    "the pipeline expands to more than {MAX_TOTAL_STAGES} stages; sweep fewer values"
+                ),
             });
         }
         let mut ids = Vec::new();
         for base in &upstream_combos {
             for (own_coords, own_values) in &own {
-                let instance = instantiate(draft, base, own_coords, own_values, &variants_of, &stages);
+                let instance =
+                    instantiate(draft, base, own_coords, own_values, &variants_of, &stages);
                 ids.push(stages.len());
                 stages.push(instance);
             }
@@ -54,13 +59,19 @@ pub fn expand(drafts: Vec<StageDraft>, order: &[usize]) -> Result<Vec<StageInsta
 }
 
 fn compatible(a: &[Coord], b: &[Coord]) -> bool {
-    a.iter().all(|x| b.iter().all(|y| x.origin != y.origin || x.field != y.field || x.value == y.value))
+    a.iter().all(|x| {
+        b.iter()
+            .all(|y| x.origin != y.origin || x.field != y.field || x.value == y.value)
+    })
 }
 
 fn merge(a: &[Coord], b: &[Coord]) -> Vec<Coord> {
     let mut merged = a.to_vec();
     for coord in b {
-        if !merged.iter().any(|m| m.origin == coord.origin && m.field == coord.field) {
+        if !merged
+            .iter()
+            .any(|m| m.origin == coord.origin && m.field == coord.field)
+        {
             merged.push(coord.clone());
         }
     }
@@ -68,7 +79,11 @@ fn merge(a: &[Coord], b: &[Coord]) -> Vec<Coord> {
 }
 
 /// The coordinate sets this stage fans out over: one per compatible choice of upstream variants.
-fn upstream_combinations(draft: &StageDraft, variants_of: &BTreeMap<String, Vec<usize>>, stages: &[StageInstance]) -> Vec<Vec<Coord>> {
+fn upstream_combinations(
+    draft: &StageDraft,
+    variants_of: &BTreeMap<String, Vec<usize>>,
+    stages: &[StageInstance],
+) -> Vec<Vec<Coord>> {
     let mut combos: Vec<Vec<Coord>> = vec![Vec::new()];
     let mut upstream_names: Vec<&String> = draft.refs.values().flatten().collect();
     upstream_names.sort();
@@ -100,7 +115,9 @@ fn own_combinations(draft: &StageDraft) -> Result<Vec<OwnCombination>, SweepErro
     if count > MAX_VARIANTS_PER_STAGE {
         return Err(SweepError {
             stage: draft.name.clone(),
-            message: format!("the sweep expands to {count} stages, more than the limit of {MAX_VARIANTS_PER_STAGE}; sweep fewer values"),
+            message: format!(
+                "the sweep expands to {count} stages, more than the limit of {MAX_VARIANTS_PER_STAGE}; sweep fewer values"
+            ),
         });
     }
     let mut combos: Vec<OwnCombination> = vec![(Vec::new(), Vec::new())];
@@ -109,7 +126,11 @@ fn own_combinations(draft: &StageDraft) -> Result<Vec<OwnCombination>, SweepErro
         for (coords, assigned) in &combos {
             for value in values {
                 let mut coords = coords.clone();
-                coords.push(Coord { origin: draft.name.clone(), field: field.clone(), value: display_value(value) });
+                coords.push(Coord {
+                    origin: draft.name.clone(),
+                    field: field.clone(),
+                    value: display_value(value),
+                });
                 let mut assigned = assigned.clone();
                 assigned.push((field.clone(), value.clone()));
                 next.push((coords, assigned));
@@ -120,7 +141,14 @@ fn own_combinations(draft: &StageDraft) -> Result<Vec<OwnCombination>, SweepErro
     Ok(combos)
 }
 
-fn instantiate(draft: &StageDraft, base: &[Coord], own_coords: &[Coord], own_values: &[(String, Value)], variants_of: &BTreeMap<String, Vec<usize>>, stages: &[StageInstance]) -> StageInstance {
+fn instantiate(
+    draft: &StageDraft,
+    base: &[Coord],
+    own_coords: &[Coord],
+    own_values: &[(String, Value)],
+    variants_of: &BTreeMap<String, Vec<usize>>,
+    stages: &[StageInstance],
+) -> StageInstance {
     let coords = merge(base, own_coords);
     let mut params = draft.params.clone();
     for (field, value) in own_values {
@@ -134,7 +162,10 @@ fn instantiate(draft: &StageDraft, base: &[Coord], own_coords: &[Coord], own_val
                 .iter()
                 .filter_map(|name| {
                     let variants = variants_of.get(name)?;
-                    let chosen = variants.iter().copied().find(|&v| stages[v].coords.iter().all(|c| coords.contains(c)))?;
+                    let chosen = variants
+                        .iter()
+                        .copied()
+                        .find(|&v| stages[v].coords.iter().all(|c| coords.contains(c)))?;
                     Some((name.clone(), chosen))
                 })
                 .collect();
@@ -157,6 +188,9 @@ pub fn stage_id(name: &str, coords: &[Coord]) -> String {
     if coords.is_empty() {
         return name.to_string();
     }
-    let parts: Vec<String> = coords.iter().map(|c| format!("{}={}", c.field, c.value)).collect();
+    let parts: Vec<String> = coords
+        .iter()
+        .map(|c| format!("{}={}", c.field, c.value))
+        .collect();
     format!("{name}[{}]", parts.join(","))
 }

@@ -20,7 +20,10 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { overrides: Vec::new(), registry: crate::stages::registry() }
+        Self {
+            overrides: Vec::new(),
+            registry: crate::stages::registry(),
+        }
     }
 }
 
@@ -52,7 +55,12 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<Pipeline, PipelineErro
 }
 
 /// Validates pipeline text; `file` names it in messages, `dir` anchors relative paths.
-pub fn load_str(text: &str, file: &Path, dir: &Path, options: &LoadOptions) -> Result<Pipeline, PipelineError> {
+pub fn load_str(
+    text: &str,
+    file: &Path,
+    dir: &Path,
+    options: &LoadOptions,
+) -> Result<Pipeline, PipelineError> {
     let mut checker = Checker {
         file: file.to_path_buf(),
         dir: dir.to_path_buf(),
@@ -63,7 +71,10 @@ pub fn load_str(text: &str, file: &Path, dir: &Path, options: &LoadOptions) -> R
     let pipeline = checker.check(text, &options.overrides);
     match pipeline {
         Some(pipeline) if checker.diagnostics.is_empty() => Ok(pipeline),
-        _ => Err(PipelineError { file: file.to_path_buf(), diagnostics: checker.diagnostics }),
+        _ => Err(PipelineError {
+            file: file.to_path_buf(),
+            diagnostics: checker.diagnostics,
+        }),
     }
 }
 
@@ -87,7 +98,10 @@ fn did_you_mean(word: &str, candidates: &[&str]) -> String {
 
 /// Characters allowed in stage names (they become ids, paths and `$IN_<NAME>` variables).
 fn valid_stage_name(name: &str) -> bool {
-    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 struct Checker<'a> {
@@ -105,7 +119,13 @@ struct RawStage {
 }
 
 impl Checker<'_> {
-    fn report(&mut self, key_path: &[&str], stage: Option<&str>, field: Option<&str>, message: String) {
+    fn report(
+        &mut self,
+        key_path: &[&str],
+        stage: Option<&str>,
+        field: Option<&str>,
+        message: String,
+    ) {
         self.diagnostics.push(Diagnostic {
             file: self.file.clone(),
             location: self.locator.find(key_path),
@@ -116,7 +136,10 @@ impl Checker<'_> {
     }
 
     fn stage_error(&mut self, stage: &str, field: &str, message: String) {
-        let path: Vec<&str> = ["stages", stage].into_iter().chain(field.split('.')).collect();
+        let path: Vec<&str> = ["stages", stage]
+            .into_iter()
+            .chain(field.split('.'))
+            .collect();
         self.report(&path, Some(stage), Some(field), message);
     }
 
@@ -126,12 +149,23 @@ impl Checker<'_> {
             Err(error) => {
                 let location = error.location().map(|l| (l.line(), l.column()));
                 let message = format!("invalid YAML: {}", strip_location(&error.to_string()));
-                self.diagnostics.push(Diagnostic { file: self.file.clone(), location, stage: None, field: None, message });
+                self.diagnostics.push(Diagnostic {
+                    file: self.file.clone(),
+                    location,
+                    stage: None,
+                    field: None,
+                    message,
+                });
                 return None;
             }
         };
         let serde_yaml::Value::Mapping(top) = root else {
-            self.report(&[], None, None, "a pipeline must be a mapping with a `stages:` section".to_string());
+            self.report(
+                &[],
+                None,
+                None,
+                "a pipeline must be a mapping with a `stages:` section".to_string(),
+            );
             return None;
         };
         self.check_top_keys(&top);
@@ -150,7 +184,11 @@ impl Checker<'_> {
         }
         let order = self.check_cycles(&drafts)?;
         match sweep::expand(drafts, &order) {
-            Ok(stages) => Some(Pipeline { name, file: self.file.clone(), stages }),
+            Ok(stages) => Some(Pipeline {
+                name,
+                file: self.file.clone(),
+                stages,
+            }),
             Err(error) => {
                 self.stage_error(&error.stage, "matrix", error.message);
                 None
@@ -163,29 +201,56 @@ impl Checker<'_> {
             let key = key_text(key).unwrap_or_default();
             if !TOP_LEVEL_KEYS.contains(&key.as_str()) {
                 let hint = did_you_mean(&key, &TOP_LEVEL_KEYS);
-                self.report(&[&key], None, None, format!("unknown top-level section `{key}`{hint}"));
+                self.report(
+                    &[&key],
+                    None,
+                    None,
+                    format!("unknown top-level section `{key}`{hint}"),
+                );
             }
         }
     }
 
     fn pipeline_name(&mut self, top: &serde_yaml::Mapping) -> String {
-        let stem = self.file.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "pipeline".to_string());
+        let stem = self
+            .file
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "pipeline".to_string());
         match top.get("name") {
             None => stem,
             Some(serde_yaml::Value::String(name)) if valid_stage_name(name) => name.clone(),
             Some(_) => {
-                self.report(&["name"], None, Some("name"), "the pipeline name must be a string of letters, digits, `_` and `-`".to_string());
+                self.report(
+                    &["name"],
+                    None,
+                    Some("name"),
+                    "the pipeline name must be a string of letters, digits, `_` and `-`"
+                        .to_string(),
+                );
                 stem
             }
         }
     }
 
-    fn section_map(&mut self, top: &serde_yaml::Mapping, section: &str) -> serde_json::Map<String, Value> {
+    fn section_map(
+        &mut self,
+        top: &serde_yaml::Mapping,
+        section: &str,
+    ) -> serde_json::Map<String, Value> {
         match top.get(section).map(yaml_to_json) {
             None | Some(Ok(Value::Null)) => serde_json::Map::new(),
             Some(Ok(Value::Object(map))) => map,
             Some(Ok(other)) => {
-                self.report(&[section], None, Some(section), format!("expected a mapping of names to values, found {}", describe(&other)));
+                self.report(
+                    &[section],
+                    None,
+                    Some(section),
+                    format!(
+                        "expected a mapping of names to values, found {}",
+                        describe(&other)
+                    ),
+                );
                 serde_json::Map::new()
             }
             Some(Err(message)) => {
@@ -199,11 +264,22 @@ impl Checker<'_> {
         let stages = match top.get("stages") {
             Some(serde_yaml::Value::Mapping(map)) if !map.is_empty() => map,
             Some(serde_yaml::Value::Mapping(_)) | Some(serde_yaml::Value::Null) | None => {
-                self.report(&["stages"], None, Some("stages"), "the pipeline has no stages: add a `stages:` mapping from stage name to stage".to_string());
+                self.report(
+                    &["stages"],
+                    None,
+                    Some("stages"),
+                    "the pipeline has no stages: add a `stages:` mapping from stage name to stage"
+                        .to_string(),
+                );
                 return None;
             }
             Some(_) => {
-                self.report(&["stages"], None, Some("stages"), "`stages` must be a mapping from stage name to stage".to_string());
+                self.report(
+                    &["stages"],
+                    None,
+                    Some("stages"),
+                    "`stages` must be a mapping from stage name to stage".to_string(),
+                );
                 return None;
             }
         };
@@ -211,11 +287,21 @@ impl Checker<'_> {
         for (key, value) in stages {
             let name = key_text(key).unwrap_or_default();
             if !valid_stage_name(&name) {
-                self.report(&["stages", &name], Some(&name), None, "stage names may only hold letters, digits, `_` and `-`".to_string());
+                self.report(
+                    &["stages", &name],
+                    Some(&name),
+                    None,
+                    "stage names may only hold letters, digits, `_` and `-`".to_string(),
+                );
                 continue;
             }
             let Some(mapping) = value.as_mapping() else {
-                self.report(&["stages", &name], Some(&name), None, "a stage must be a mapping with at least `kind:`".to_string());
+                self.report(
+                    &["stages", &name],
+                    Some(&name),
+                    None,
+                    "a stage must be a mapping with at least `kind:`".to_string(),
+                );
                 continue;
             };
             let fields = self.merge_preset(&name, mapping);
@@ -225,11 +311,24 @@ impl Checker<'_> {
     }
 
     /// The stage's fields with a `use:` preset's fields underneath.
-    fn merge_preset(&mut self, stage: &str, mapping: &serde_yaml::Mapping) -> Vec<(String, serde_yaml::Value)> {
-        let own: Vec<(String, serde_yaml::Value)> = mapping.iter().map(|(k, v)| (key_text(k).unwrap_or_default(), v.clone())).collect();
-        let Some((_, used)) = own.iter().find(|(k, _)| k == "use") else { return own };
+    fn merge_preset(
+        &mut self,
+        stage: &str,
+        mapping: &serde_yaml::Mapping,
+    ) -> Vec<(String, serde_yaml::Value)> {
+        let own: Vec<(String, serde_yaml::Value)> = mapping
+            .iter()
+            .map(|(k, v)| (key_text(k).unwrap_or_default(), v.clone()))
+            .collect();
+        let Some((_, used)) = own.iter().find(|(k, _)| k == "use") else {
+            return own;
+        };
         let Some(preset_name) = used.as_str() else {
-            self.stage_error(stage, "use", "expected the name of a preset in `stages/`".to_string());
+            self.stage_error(
+                stage,
+                "use",
+                "expected the name of a preset in `stages/`".to_string(),
+            );
             return own;
         };
         let Some(path) = presets::find(&self.dir, preset_name) else {
@@ -247,7 +346,11 @@ impl Checker<'_> {
         for (key, value) in preset {
             let key = key_text(&key).unwrap_or_default();
             if key == "use" {
-                self.stage_error(stage, "use", format!("preset `{}` may not `use:` another preset", path.display()));
+                self.stage_error(
+                    stage,
+                    "use",
+                    format!("preset `{}` may not `use:` another preset", path.display()),
+                );
             } else if !own.iter().any(|(k, _)| *k == key) {
                 merged.push((key, value));
             }
@@ -256,27 +359,52 @@ impl Checker<'_> {
         merged
     }
 
-    fn apply_overrides(&mut self, overrides: &[String], stages: &mut [RawStage], params: &mut serde_json::Map<String, Value>) {
+    fn apply_overrides(
+        &mut self,
+        overrides: &[String],
+        stages: &mut [RawStage],
+        params: &mut serde_json::Map<String, Value>,
+    ) {
         for text in overrides {
-            let parsed = text.split_once('=').and_then(|(target, value)| target.split_once('.').map(|(stage, field)| (stage, field, value)));
-            let Some((stage, field, value_text)) = parsed.filter(|(s, f, _)| !s.is_empty() && !f.is_empty()) else {
-                self.report(&[], None, None, format!("--set `{text}`: expected STAGE.FIELD=VALUE (or params.NAME=VALUE)"));
+            let parsed = text.split_once('=').and_then(|(target, value)| {
+                target
+                    .split_once('.')
+                    .map(|(stage, field)| (stage, field, value))
+            });
+            let Some((stage, field, value_text)) =
+                parsed.filter(|(s, f, _)| !s.is_empty() && !f.is_empty())
+            else {
+                self.report(
+                    &[],
+                    None,
+                    None,
+                    format!("--set `{text}`: expected STAGE.FIELD=VALUE (or params.NAME=VALUE)"),
+                );
                 continue;
             };
-            let value = serde_yaml::from_str::<serde_yaml::Value>(value_text).unwrap_or_else(|_| serde_yaml::Value::String(value_text.to_string()));
+            let value = serde_yaml::from_str::<serde_yaml::Value>(value_text)
+                .unwrap_or_else(|_| serde_yaml::Value::String(value_text.to_string()));
             if stage == "params" {
                 match yaml_to_json(&value) {
                     Ok(json) => {
                         params.insert(field.to_string(), json);
                     }
-                    Err(message) => self.report(&[], None, None, format!("--set `{text}`: {message}")),
+                    Err(message) => {
+                        self.report(&[], None, None, format!("--set `{text}`: {message}"))
+                    }
                 }
                 continue;
             }
             let Some(target) = stages.iter_mut().find(|s| s.name == stage) else {
                 let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
-                let hint = did_you_mean(stage, &names.iter().map(String::as_str).collect::<Vec<_>>());
-                self.report(&[], None, None, format!("--set `{text}`: no stage named `{stage}`{hint}"));
+                let hint =
+                    did_you_mean(stage, &names.iter().map(String::as_str).collect::<Vec<_>>());
+                self.report(
+                    &[],
+                    None,
+                    None,
+                    format!("--set `{text}`: no stage named `{stage}`{hint}"),
+                );
                 continue;
             };
             target.fields.retain(|(k, _)| k != field);
@@ -284,11 +412,21 @@ impl Checker<'_> {
         }
     }
 
-    fn check_stage(&mut self, raw: &RawStage, names: &BTreeSet<String>, params: &serde_json::Map<String, Value>, defaults: &serde_json::Map<String, Value>) -> Option<StageDraft> {
+    fn check_stage(
+        &mut self,
+        raw: &RawStage,
+        names: &BTreeSet<String>,
+        params: &serde_json::Map<String, Value>,
+        defaults: &serde_json::Map<String, Value>,
+    ) -> Option<StageDraft> {
         let stage = raw.name.as_str();
         let kind = self.stage_kind(raw)?;
         let schema = kind.schema();
-        let field_names: Vec<&str> = STAGE_KEYS.iter().copied().chain(schema.iter().map(|p| p.name)).collect();
+        let field_names: Vec<&str> = STAGE_KEYS
+            .iter()
+            .copied()
+            .chain(schema.iter().map(|p| p.name))
+            .collect();
         let mut values = serde_json::Map::new();
         let mut matrix = Vec::new();
         let mut ok = true;
@@ -308,10 +446,12 @@ impl Checker<'_> {
                 }
             };
             if field == "matrix" {
-                matrix = self.check_matrix(stage, &value, &schema).unwrap_or_else(|| {
-                    ok = false;
-                    Vec::new()
-                });
+                matrix = self
+                    .check_matrix(stage, &value, &schema)
+                    .unwrap_or_else(|| {
+                        ok = false;
+                        Vec::new()
+                    });
             } else if let Some(spec) = schema.iter().find(|p| p.name == field) {
                 ok &= self.check_value(stage, field, spec, &value);
                 values.insert(field.clone(), value);
@@ -320,13 +460,21 @@ impl Checker<'_> {
                     accounted.insert(best);
                 }
                 let hint = did_you_mean(field, &field_names);
-                self.stage_error(stage, field, format!("unknown field for kind `{}`{hint}", kind.kind()));
+                self.stage_error(
+                    stage,
+                    field,
+                    format!("unknown field for kind `{}`{hint}", kind.kind()),
+                );
                 ok = false;
             }
         }
         for (field, _) in &matrix {
             if values.contains_key(field) {
-                self.stage_error(stage, field, "is both set and swept in `matrix`; keep one".to_string());
+                self.stage_error(
+                    stage,
+                    field,
+                    "is both set and swept in `matrix`; keep one".to_string(),
+                );
                 ok = false;
             }
         }
@@ -341,7 +489,12 @@ impl Checker<'_> {
             } else if let Some(default) = &spec.default {
                 values.insert(spec.name.to_string(), default.clone());
             } else {
-                self.report(&["stages", stage], Some(stage), Some(spec.name), format!("missing required field ({})", spec.doc));
+                self.report(
+                    &["stages", stage],
+                    Some(stage),
+                    Some(spec.name),
+                    format!("missing required field ({})", spec.doc),
+                );
                 ok = false;
             }
         }
@@ -349,7 +502,14 @@ impl Checker<'_> {
         if !ok {
             return None;
         }
-        Some(StageDraft { name: stage.to_string(), kind, params: values, matrix, refs, paths })
+        Some(StageDraft {
+            name: stage.to_string(),
+            kind,
+            params: values,
+            matrix,
+            refs,
+            paths,
+        })
     }
 
     fn stage_kind(&mut self, raw: &RawStage) -> Option<Arc<dyn Stage>> {
@@ -359,11 +519,23 @@ impl Checker<'_> {
                 return None; // the `use:` preset could not be merged; that error names the cause
             }
             let hint = format!("(known kinds: {})", self.registry.names().join(", "));
-            self.report(&["stages", stage], Some(stage), None, format!("missing `kind:` {hint}"));
+            self.report(
+                &["stages", stage],
+                Some(stage),
+                None,
+                format!("missing `kind:` {hint}"),
+            );
             return None;
         };
         let Some(kind) = kind_value.as_str() else {
-            self.stage_error(stage, "kind", format!("expected the name of a stage kind (known kinds: {})", self.registry.names().join(", ")));
+            self.stage_error(
+                stage,
+                "kind",
+                format!(
+                    "expected the name of a stage kind (known kinds: {})",
+                    self.registry.names().join(", ")
+                ),
+            );
             return None;
         };
         if let Some(found) = self.registry.get(kind) {
@@ -374,9 +546,21 @@ impl Checker<'_> {
         None
     }
 
-    fn check_matrix(&mut self, stage: &str, value: &Value, schema: &[ParamSpec]) -> Option<Vec<(String, Vec<Value>)>> {
+    fn check_matrix(
+        &mut self,
+        stage: &str,
+        value: &Value,
+        schema: &[ParamSpec],
+    ) -> Option<Vec<(String, Vec<Value>)>> {
         let Value::Object(map) = value else {
-            self.stage_error(stage, "matrix", format!("expected a mapping from field to a list of values, found {}", describe(value)));
+            self.stage_error(
+                stage,
+                "matrix",
+                format!(
+                    "expected a mapping from field to a list of values, found {}",
+                    describe(value)
+                ),
+            );
             return None;
         };
         let mut axes = Vec::new();
@@ -385,22 +569,44 @@ impl Checker<'_> {
             let path = format!("matrix.{field}");
             let Some(spec) = schema.iter().find(|p| p.name == field) else {
                 let names: Vec<&str> = schema.iter().map(|p| p.name).collect();
-                self.stage_error(stage, &path, format!("cannot sweep unknown field `{field}`{}", did_you_mean(field, &names)));
+                self.stage_error(
+                    stage,
+                    &path,
+                    format!(
+                        "cannot sweep unknown field `{field}`{}",
+                        did_you_mean(field, &names)
+                    ),
+                );
                 ok = false;
                 continue;
             };
             if spec.ty.is_input() {
-                self.stage_error(stage, &path, "input fields (paths, stage references) cannot be swept".to_string());
+                self.stage_error(
+                    stage,
+                    &path,
+                    "input fields (paths, stage references) cannot be swept".to_string(),
+                );
                 ok = false;
                 continue;
             }
             let Value::Array(list) = values else {
-                self.stage_error(stage, &path, format!("expected a list of values to sweep, found {}", describe(values)));
+                self.stage_error(
+                    stage,
+                    &path,
+                    format!(
+                        "expected a list of values to sweep, found {}",
+                        describe(values)
+                    ),
+                );
                 ok = false;
                 continue;
             };
             if list.is_empty() {
-                self.stage_error(stage, &path, "the list of values to sweep is empty".to_string());
+                self.stage_error(
+                    stage,
+                    &path,
+                    "the list of values to sweep is empty".to_string(),
+                );
                 ok = false;
                 continue;
             }
@@ -424,7 +630,16 @@ impl Checker<'_> {
     }
 
     #[allow(clippy::type_complexity)]
-    fn resolve_inputs(&mut self, stage: &str, schema: &[ParamSpec], values: &serde_json::Map<String, Value>, names: &BTreeSet<String>) -> Option<(BTreeMap<String, Vec<String>>, BTreeMap<String, Vec<(String, PathBuf)>>)> {
+    fn resolve_inputs(
+        &mut self,
+        stage: &str,
+        schema: &[ParamSpec],
+        values: &serde_json::Map<String, Value>,
+        names: &BTreeSet<String>,
+    ) -> Option<(
+        BTreeMap<String, Vec<String>>,
+        BTreeMap<String, Vec<(String, PathBuf)>>,
+    )> {
         let mut refs = BTreeMap::new();
         let mut paths = BTreeMap::new();
         let mut ok = true;
@@ -441,7 +656,11 @@ impl Checker<'_> {
                 } else {
                     let resolved = self.dir.join(&item);
                     if !resolved.exists() {
-                        let also = if spec.ty == ParamType::PathOrStageRef { " and is not a stage name" } else { "" };
+                        let also = if spec.ty == ParamType::PathOrStageRef {
+                            " and is not a stage name"
+                        } else {
+                            ""
+                        };
                         self.stage_error(stage, spec.name, format!("input `{item}` does not exist{also} (paths are relative to the pipeline's folder)"));
                         ok = false;
                     }
@@ -458,7 +677,13 @@ impl Checker<'_> {
         ok.then_some((refs, paths))
     }
 
-    fn check_reference(&mut self, stage: &str, field: &str, target: &str, names: &BTreeSet<String>) -> bool {
+    fn check_reference(
+        &mut self,
+        stage: &str,
+        field: &str,
+        target: &str,
+        names: &BTreeSet<String>,
+    ) -> bool {
         if target == stage {
             self.stage_error(stage, field, "a stage cannot depend on itself".to_string());
             return false;
@@ -471,13 +696,21 @@ impl Checker<'_> {
             Some(best) => format!("; did you mean `{best}`?"),
             None => String::new(),
         };
-        self.stage_error(stage, field, format!("refers to stage `{target}`, which does not exist{hint}"));
+        self.stage_error(
+            stage,
+            field,
+            format!("refers to stage `{target}`, which does not exist{hint}"),
+        );
         false
     }
 
     /// Orders stages so every upstream comes first; reports each cycle by its stages.
     fn check_cycles(&mut self, drafts: &[StageDraft]) -> Option<Vec<usize>> {
-        let index: BTreeMap<&str, usize> = drafts.iter().enumerate().map(|(i, d)| (d.name.as_str(), i)).collect();
+        let index: BTreeMap<&str, usize> = drafts
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.name.as_str(), i))
+            .collect();
         let mut graph = petgraph::graph::DiGraph::<usize, ()>::new();
         let nodes: Vec<_> = (0..drafts.len()).map(|i| graph.add_node(i)).collect();
         for (i, draft) in drafts.iter().enumerate() {
@@ -497,8 +730,17 @@ impl Checker<'_> {
             let members: BTreeSet<usize> = component.iter().map(|n| graph[*n]).collect();
             let cycle = cycle_path(drafts, &members, &index);
             let first = &drafts[cycle[0]].name;
-            let text: Vec<&str> = cycle.iter().chain(cycle.first()).map(|&i| drafts[i].name.as_str()).collect();
-            self.report(&["stages", first], Some(first), None, format!("stages form a cycle: {}", text.join(" → ")));
+            let text: Vec<&str> = cycle
+                .iter()
+                .chain(cycle.first())
+                .map(|&i| drafts[i].name.as_str())
+                .collect();
+            self.report(
+                &["stages", first],
+                Some(first),
+                None,
+                format!("stages form a cycle: {}", text.join(" → ")),
+            );
         }
         None
     }
@@ -506,10 +748,19 @@ impl Checker<'_> {
 
 /// Kahn's algorithm picking the earliest-declared ready stage first, so output order follows
 /// the file wherever the edges allow.
-fn declaration_order_topological(drafts: &[StageDraft], index: &BTreeMap<&str, usize>) -> Vec<usize> {
+fn declaration_order_topological(
+    drafts: &[StageDraft],
+    index: &BTreeMap<&str, usize>,
+) -> Vec<usize> {
     let upstreams: Vec<BTreeSet<usize>> = drafts
         .iter()
-        .map(|d| d.refs.values().flatten().filter_map(|u| index.get(u.as_str()).copied()).collect())
+        .map(|d| {
+            d.refs
+                .values()
+                .flatten()
+                .filter_map(|u| index.get(u.as_str()).copied())
+                .collect()
+        })
         .collect();
     let mut waiting: Vec<usize> = upstreams.iter().map(BTreeSet::len).collect();
     let mut ready: BTreeSet<usize> = (0..drafts.len()).filter(|&i| waiting[i] == 0).collect();
@@ -529,14 +780,25 @@ fn declaration_order_topological(drafts: &[StageDraft], index: &BTreeMap<&str, u
 }
 
 /// Walks a strongly connected component from its first-declared stage back to it.
-fn cycle_path(drafts: &[StageDraft], members: &BTreeSet<usize>, index: &BTreeMap<&str, usize>) -> Vec<usize> {
-    let Some(&start) = members.iter().next() else { return Vec::new() };
+fn cycle_path(
+    drafts: &[StageDraft],
+    members: &BTreeSet<usize>,
+    index: &BTreeMap<&str, usize>,
+) -> Vec<usize> {
+    let Some(&start) = members.iter().next() else {
+        return Vec::new();
+    };
     let mut path = vec![start];
     let mut current = start;
     // Follow downstream edges (stage → a member that depends on it), preferring the lowest index.
     loop {
         let next = members.iter().copied().find(|&m| {
-            drafts[m].refs.values().flatten().any(|u| index.get(u.as_str()) == Some(&current)) && (m == start || !path.contains(&m))
+            drafts[m]
+                .refs
+                .values()
+                .flatten()
+                .any(|u| index.get(u.as_str()) == Some(&current))
+                && (m == start || !path.contains(&m))
         });
         match next {
             Some(m) if m == start => break,
@@ -553,7 +815,10 @@ fn cycle_path(drafts: &[StageDraft], members: &BTreeSet<usize>, index: &BTreeMap
 fn string_items(value: Option<&Value>) -> Vec<String> {
     match value {
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -564,39 +829,68 @@ pub fn type_error(spec: &ParamSpec, value: &Value) -> Option<String> {
         return None;
     }
     let fits = match spec.ty {
-        ParamType::String | ParamType::Path | ParamType::StageRef | ParamType::PathOrStageRef => value.is_string(),
+        ParamType::String | ParamType::Path | ParamType::StageRef | ParamType::PathOrStageRef => {
+            value.is_string()
+        }
         ParamType::Integer => value.is_i64() || value.is_u64(),
         ParamType::Number => value.is_number(),
         ParamType::Bool => value.is_boolean(),
-        ParamType::StringList => value.as_array().is_some_and(|a| a.iter().all(Value::is_string)),
+        ParamType::StringList => value
+            .as_array()
+            .is_some_and(|a| a.iter().all(Value::is_string)),
         ParamType::PathList | ParamType::StageRefList => {
-            value.is_string() || value.as_array().is_some_and(|a| a.iter().all(Value::is_string))
+            value.is_string()
+                || value
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(Value::is_string))
         }
     };
     if !fits {
-        return Some(format!("expected {}, found {}", spec.ty.describe(), describe(value)));
+        return Some(format!(
+            "expected {}, found {}",
+            spec.ty.describe(),
+            describe(value)
+        ));
     }
     let number = value.as_f64()?;
     let below = spec.min.is_some_and(|min| number < min);
     let above = spec.max.is_some_and(|max| number > max);
     (below || above).then(|| {
-        let (min, max) = (spec.min.map(super::display_float), spec.max.map(super::display_float));
+        let (min, max) = (
+            spec.min.map(super::display_float),
+            spec.max.map(super::display_float),
+        );
         let bounds = match (min, max) {
             (Some(min), Some(max)) => format!("between {min} and {max}"),
             (Some(min), None) => format!("at least {min}"),
             (None, Some(max)) => format!("at most {max}"),
             (None, None) => String::new(),
         };
-        format!("{} is out of range: must be {bounds}", super::display_value(value))
+        format!(
+            "{} is out of range: must be {bounds}",
+            super::display_value(value)
+        )
     })
 }
 
 /// Replaces `${params.NAME}`: a whole-string reference keeps the value's type.
-fn substitute_params(value: Value, params: &serde_json::Map<String, Value>) -> Result<Value, String> {
+fn substitute_params(
+    value: Value,
+    params: &serde_json::Map<String, Value>,
+) -> Result<Value, String> {
     match value {
         Value::String(text) => substitute_text(&text, params),
-        Value::Array(items) => Ok(Value::Array(items.into_iter().map(|v| substitute_params(v, params)).collect::<Result<_, _>>()?)),
-        Value::Object(map) => Ok(Value::Object(map.into_iter().map(|(k, v)| substitute_params(v, params).map(|v| (k, v))).collect::<Result<_, _>>()?)),
+        Value::Array(items) => Ok(Value::Array(
+            items
+                .into_iter()
+                .map(|v| substitute_params(v, params))
+                .collect::<Result<_, _>>()?,
+        )),
+        Value::Object(map) => Ok(Value::Object(
+            map.into_iter()
+                .map(|(k, v)| substitute_params(v, params).map(|v| (k, v)))
+                .collect::<Result<_, _>>()?,
+        )),
         other => Ok(other),
     }
 }
@@ -616,7 +910,11 @@ fn substitute_text(text: &str, params: &serde_json::Map<String, Value>) -> Resul
             format!("unknown parameter `${{params.{name}}}`{hint}")
         })
     };
-    if let Some(name) = text.strip_prefix(PARAM_PREFIX).and_then(|rest| rest.strip_suffix('}')).filter(|n| !n.contains('}')) {
+    if let Some(name) = text
+        .strip_prefix(PARAM_PREFIX)
+        .and_then(|rest| rest.strip_suffix('}'))
+        .filter(|n| !n.contains('}'))
+    {
         return lookup(name);
     }
     let mut out = String::new();

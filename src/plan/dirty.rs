@@ -23,22 +23,37 @@ pub enum Status {
 }
 
 /// The status of every stage, in pipeline order.
-pub fn assess(plan: &Plan, store: &Store, memo: &HashMemo, device: tch::Device, selected: &[bool], forced: &[bool]) -> Result<Vec<Status>, CacheError> {
+pub fn assess(
+    plan: &Plan,
+    store: &Store,
+    memo: &HashMemo,
+    device: tch::Device,
+    selected: &[bool],
+    forced: &[bool],
+) -> Result<Vec<Status>, CacheError> {
     let mut digests: BTreeMap<usize, String> = BTreeMap::new();
     let mut statuses = Vec::with_capacity(plan.len());
     for (index, stage) in plan.pipeline.stages.iter().enumerate() {
         let lookup = |i: usize| digests.get(&i).cloned();
         let built = material(stage, &lookup, memo, device)?;
         let status = match built {
-            Err(upstream) => Status::Pending { reasons: vec![format!("upstream `{upstream}` will run first")] },
+            Err(upstream) => Status::Pending {
+                reasons: vec![format!("upstream `{upstream}` will run first")],
+            },
             Ok(new) => {
                 let key = new.key();
                 match store.lookup(&key) {
                     Some(record) if !forced[index] => {
                         digests.insert(index, record.output_digest);
-                        Status::Fresh { output: store.output_dir(&key), key }
+                        Status::Fresh {
+                            output: store.output_dir(&key),
+                            key,
+                        }
                     }
-                    Some(_) => Status::Dirty { key, reasons: vec!["forced with --force".to_string()] },
+                    Some(_) => Status::Dirty {
+                        key,
+                        reasons: vec!["forced with --force".to_string()],
+                    },
                     None => {
                         let reasons = explain_miss(store, &plan.pipeline.name, &stage.id, &new);
                         Status::Dirty { key, reasons }
@@ -46,25 +61,44 @@ pub fn assess(plan: &Plan, store: &Store, memo: &HashMemo, device: tch::Device, 
                 }
             }
         };
-        statuses.push(if selected[index] { status } else { Status::NotSelected });
+        statuses.push(if selected[index] {
+            status
+        } else {
+            Status::NotSelected
+        });
     }
     Ok(statuses)
 }
 
 /// Why `new` has no result: compared with the stage's last recorded key.
-pub fn explain_miss(store: &Store, pipeline: &str, stage_id: &str, new: &KeyMaterial) -> Vec<String> {
+pub fn explain_miss(
+    store: &Store,
+    pipeline: &str,
+    stage_id: &str,
+    new: &KeyMaterial,
+) -> Vec<String> {
     let Some(last) = store.last_key(pipeline, stage_id) else {
         return vec!["never run before (no earlier result for this stage)".to_string()];
     };
     if last == new.key() {
-        return vec!["its result is gone from the cache (removed by gc or quarantined by verify)".to_string()];
+        return vec![
+            "its result is gone from the cache (removed by gc or quarantined by verify)"
+                .to_string(),
+        ];
     }
     match store.load_key_material::<KeyMaterial>(&last) {
         Some(old) => {
             let reasons = reasons(&old, new);
-            if reasons.is_empty() { vec!["the key changed".to_string()] } else { reasons }
+            if reasons.is_empty() {
+                vec!["the key changed".to_string()]
+            } else {
+                reasons
+            }
         }
-        None => vec![format!("the previous result (key {}) is gone from the cache", &last[..12.min(last.len())])],
+        None => vec![format!(
+            "the previous result (key {}) is gone from the cache",
+            &last[..12.min(last.len())]
+        )],
     }
 }
 
@@ -75,14 +109,24 @@ pub fn reasons(old: &KeyMaterial, new: &KeyMaterial) -> Vec<String> {
         out.push(format!("kind changed `{}` → `{}`", old.kind, new.kind));
     }
     if old.version != new.version {
-        out.push(format!("the `{}` implementation version changed {} → {}", new.kind, old.version, new.version));
+        out.push(format!(
+            "the `{}` implementation version changed {} → {}",
+            new.kind, old.version, new.version
+        ));
     }
     if old.device_class != new.device_class {
-        out.push(format!("device class changed {} → {}", old.device_class, new.device_class));
+        out.push(format!(
+            "device class changed {} → {}",
+            old.device_class, new.device_class
+        ));
     }
     for (field, (before, after)) in pair_up(&old.params, &new.params) {
         match (before, after) {
-            (Some(b), Some(a)) if b != a => out.push(format!("`{field}` changed {} → {}", display_value(b), display_value(a))),
+            (Some(b), Some(a)) if b != a => out.push(format!(
+                "`{field}` changed {} → {}",
+                display_value(b),
+                display_value(a)
+            )),
             (None, Some(a)) => out.push(format!("`{field}` added (= {})", display_value(a))),
             (Some(b), None) => out.push(format!("`{field}` removed (was {})", display_value(b))),
             _ => {}
@@ -115,7 +159,11 @@ pub fn reasons(old: &KeyMaterial, new: &KeyMaterial) -> Vec<String> {
 
 fn file_reasons(root: &str, before: &TreeDigest, after: &TreeDigest, out: &mut Vec<String>) {
     for (name, (b, a)) in pair_up(before, after) {
-        let shown = if name.is_empty() { root.to_string() } else { format!("{}/{name}", root.trim_end_matches('/')) };
+        let shown = if name.is_empty() {
+            root.to_string()
+        } else {
+            format!("{}/{name}", root.trim_end_matches('/'))
+        };
         match (b, a) {
             (Some(b), Some(a)) if b != a => out.push(format!("file `{shown}` changed")),
             (None, Some(_)) => out.push(format!("file `{shown}` added")),
@@ -126,7 +174,10 @@ fn file_reasons(root: &str, before: &TreeDigest, after: &TreeDigest, out: &mut V
 }
 
 #[allow(clippy::type_complexity)]
-fn pair_up<'a, V>(a: &'a BTreeMap<String, V>, b: &'a BTreeMap<String, V>) -> BTreeMap<&'a str, (Option<&'a V>, Option<&'a V>)> {
+fn pair_up<'a, V>(
+    a: &'a BTreeMap<String, V>,
+    b: &'a BTreeMap<String, V>,
+) -> BTreeMap<&'a str, (Option<&'a V>, Option<&'a V>)> {
     let mut pairs: BTreeMap<&str, (Option<&V>, Option<&V>)> = BTreeMap::new();
     for (k, v) in a {
         pairs.entry(k).or_default().0 = Some(v);

@@ -62,7 +62,12 @@ pub fn material(
     let params = schema
         .iter()
         .filter(|spec| spec.in_key && !spec.ty.is_input())
-        .filter_map(|spec| instance.params.get(spec.name).map(|v| (spec.name.to_string(), v.clone())))
+        .filter_map(|spec| {
+            instance
+                .params
+                .get(spec.name)
+                .map(|v| (spec.name.to_string(), v.clone()))
+        })
         .collect();
     let mut upstream = BTreeMap::new();
     for (field, refs) in &instance.refs {

@@ -24,13 +24,19 @@ pub struct UnknownStage {
 impl Plan {
     pub fn new(pipeline: Pipeline) -> Self {
         let mut graph = DiGraph::new();
-        let nodes: Vec<NodeIndex> = (0..pipeline.stages.len()).map(|i| graph.add_node(i)).collect();
+        let nodes: Vec<NodeIndex> = (0..pipeline.stages.len())
+            .map(|i| graph.add_node(i))
+            .collect();
         for (index, stage) in pipeline.stages.iter().enumerate() {
             for (_, upstream) in stage.refs.values().flatten() {
                 graph.update_edge(nodes[*upstream], nodes[index], ());
             }
         }
-        Self { pipeline, graph, nodes }
+        Self {
+            pipeline,
+            graph,
+            nodes,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -52,7 +58,11 @@ impl Plan {
     }
 
     fn neighbors(&self, index: usize, direction: Direction) -> Vec<usize> {
-        let mut list: Vec<usize> = self.graph.neighbors_directed(self.nodes[index], direction).map(|n| self.graph[n]).collect();
+        let mut list: Vec<usize> = self
+            .graph
+            .neighbors_directed(self.nodes[index], direction)
+            .map(|n| self.graph[n])
+            .collect();
         list.sort_unstable();
         list
     }
@@ -84,9 +94,18 @@ impl Plan {
     pub fn find(&self, pattern: &str) -> Result<Vec<usize>, UnknownStage> {
         let found = self.pipeline.select(pattern);
         if found.is_empty() {
-            let mut names: Vec<&str> = self.pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+            let mut names: Vec<&str> = self
+                .pipeline
+                .stages
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
             names.dedup();
-            return Err(UnknownStage { pipeline: self.pipeline.name.clone(), pattern: pattern.to_string(), known: names.join(", ") });
+            return Err(UnknownStage {
+                pipeline: self.pipeline.name.clone(),
+                pattern: pattern.to_string(),
+                known: names.join(", "),
+            });
         }
         Ok(found)
     }
@@ -116,7 +135,11 @@ impl Plan {
     pub fn mermaid(&self) -> String {
         let mut text = String::from("flowchart LR\n");
         for (index, stage) in self.pipeline.stages.iter().enumerate() {
-            text.push_str(&format!("  s{index}[\"{} ({})\"]\n", stage.id.replace('"', "'"), stage.kind.kind()));
+            text.push_str(&format!(
+                "  s{index}[\"{} ({})\"]\n",
+                stage.id.replace('"', "'"),
+                stage.kind.kind()
+            ));
         }
         for edge in self.graph.edge_indices() {
             if let Some((a, b)) = self.graph.edge_endpoints(edge) {
@@ -130,11 +153,19 @@ impl Plan {
     pub fn dot(&self) -> String {
         let mut text = format!("digraph \"{}\" {{\n  rankdir=LR;\n", self.pipeline.name);
         for stage in &self.pipeline.stages {
-            text.push_str(&format!("  \"{}\" [label=\"{}\\n{}\"];\n", stage.id, stage.id, stage.kind.kind()));
+            text.push_str(&format!(
+                "  \"{}\" [label=\"{}\\n{}\"];\n",
+                stage.id,
+                stage.id,
+                stage.kind.kind()
+            ));
         }
         for edge in self.graph.edge_indices() {
             if let Some((a, b)) = self.graph.edge_endpoints(edge) {
-                let (a, b) = (&self.pipeline.stages[self.graph[a]].id, &self.pipeline.stages[self.graph[b]].id);
+                let (a, b) = (
+                    &self.pipeline.stages[self.graph[a]].id,
+                    &self.pipeline.stages[self.graph[b]].id,
+                );
                 text.push_str(&format!("  \"{a}\" -> \"{b}\";\n"));
             }
         }

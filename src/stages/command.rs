@@ -18,7 +18,13 @@ pub struct CommandStage;
 pub fn input_env_name(stage: &str) -> String {
     let upper: String = stage
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("IN_{upper}")
 }
@@ -35,9 +41,23 @@ impl Stage for CommandStage {
     }
     fn schema(&self) -> Vec<ParamSpec> {
         vec![
-            ParamSpec::required("run", ParamType::String, "shell text, run with `sh -c` in `$OUT`"),
-            ParamSpec::optional("inputs", ParamType::PathList, json!([]), "files/folders whose content enters the key"),
-            ParamSpec::optional("needs", ParamType::StageRefList, json!([]), "upstream stages; each output folder is `$IN_<NAME>`"),
+            ParamSpec::required(
+                "run",
+                ParamType::String,
+                "shell text, run with `sh -c` in `$OUT`",
+            ),
+            ParamSpec::optional(
+                "inputs",
+                ParamType::PathList,
+                json!([]),
+                "files/folders whose content enters the key",
+            ),
+            ParamSpec::optional(
+                "needs",
+                ParamType::StageRefList,
+                json!([]),
+                "upstream stages; each output folder is `$IN_<NAME>`",
+            ),
         ]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
@@ -62,7 +82,9 @@ impl Stage for CommandStage {
             .create(true)
             .open(ctx.log.path())
             .map_err(|e| StageError::io("open log", ctx.log.path(), e))?;
-        let err_file = log_file.try_clone().map_err(|e| StageError::io("open log", ctx.log.path(), e))?;
+        let err_file = log_file
+            .try_clone()
+            .map_err(|e| StageError::io("open log", ctx.log.path(), e))?;
         command.stdout(log_file).stderr(err_file);
         // SAFETY: prctl is async-signal-safe; it makes the kernel kill the command if this
         // thread's process dies, so a killed run leaves no orphan writing into staging.
@@ -73,13 +95,22 @@ impl Stage for CommandStage {
             });
         }
         ctx.log.line(&format!("$ {script}"));
-        let mut child = command.spawn().map_err(|e| StageError::io("start `sh`", ctx.out_dir, e))?;
+        let mut child = command
+            .spawn()
+            .map_err(|e| StageError::io("start `sh`", ctx.out_dir, e))?;
         loop {
-            if let Some(status) = child.try_wait().map_err(|e| StageError::io("wait for", ctx.out_dir, e))? {
+            if let Some(status) = child
+                .try_wait()
+                .map_err(|e| StageError::io("wait for", ctx.out_dir, e))?
+            {
                 return match status.code() {
                     Some(0) => Ok(()),
-                    Some(code) => Err(StageError::Failed(format!("command exited with status {code}"))),
-                    None => Err(StageError::Failed("command was killed by a signal".to_string())),
+                    Some(code) => Err(StageError::Failed(format!(
+                        "command exited with status {code}"
+                    ))),
+                    None => Err(StageError::Failed(
+                        "command was killed by a signal".to_string(),
+                    )),
                 };
             }
             if ctx.cancel.is_cancelled() {

@@ -25,10 +25,24 @@ impl Stage for ImagesStage {
     }
     fn schema(&self) -> Vec<ParamSpec> {
         vec![
-            ParamSpec::required("path", ParamType::Path, "folder of images (every non-hidden file must decode)"),
-            ParamSpec::optional("resolution", ParamType::Integer, Value::Null, "shorter side after resizing; unset keeps the size")
-                .range(MIN_RESOLUTION, MAX_RESOLUTION),
-            ParamSpec::optional("center_crop", ParamType::Bool, json!(true), "crop a centered square after resizing"),
+            ParamSpec::required(
+                "path",
+                ParamType::Path,
+                "folder of images (every non-hidden file must decode)",
+            ),
+            ParamSpec::optional(
+                "resolution",
+                ParamType::Integer,
+                Value::Null,
+                "shorter side after resizing; unset keeps the size",
+            )
+            .range(MIN_RESOLUTION, MAX_RESOLUTION),
+            ParamSpec::optional(
+                "center_crop",
+                ParamType::Bool,
+                json!(true),
+                "crop a centered square after resizing",
+            ),
         ]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
@@ -39,22 +53,31 @@ impl Stage for ImagesStage {
             .ok_or_else(|| StageError::Failed("images: no input folder".to_string()))?;
         let files = image_files(&folder)?;
         if files.is_empty() {
-            return Err(StageError::Failed(format!("images: `{}` holds no image files", folder.display())));
+            return Err(StageError::Failed(format!(
+                "images: `{}` holds no image files",
+                folder.display()
+            )));
         }
         let images_dir = ctx.out_dir.join("images");
-        std::fs::create_dir_all(&images_dir).map_err(|e| StageError::io("create", &images_dir, e))?;
+        std::fs::create_dir_all(&images_dir)
+            .map_err(|e| StageError::io("create", &images_dir, e))?;
         let resolution = ctx.i64_param("resolution").map(|r| r as u32);
         let crop = ctx.bool_param("center_crop").unwrap_or(true);
         let mut manifest = Vec::new();
         for (index, source) in files.iter().enumerate() {
             ctx.check_cancelled()?;
             let decoded = image::open(source).map_err(|e| {
-                StageError::Failed(format!("images: `{}` does not decode as an image: {e}", source.display()))
+                StageError::Failed(format!(
+                    "images: `{}` does not decode as an image: {e}",
+                    source.display()
+                ))
             })?;
             let converted = transform(decoded.to_rgb8(), resolution, crop);
             let name = format!("{index:04}.png");
             let target = images_dir.join(&name);
-            converted.save(&target).map_err(|e| StageError::Failed(format!("images: writing `{}`: {e}", target.display())))?;
+            converted.save(&target).map_err(|e| {
+                StageError::Failed(format!("images: writing `{}`: {e}", target.display()))
+            })?;
             manifest.push(json!({
                 "file": format!("images/{name}"),
                 "source": source.file_name().map(|n| n.to_string_lossy().to_string()),
@@ -89,7 +112,10 @@ fn transform(image: image::RgbImage, resolution: Option<u32>, crop: bool) -> ima
     let Some(size) = resolution else { return image };
     let (w, h) = image.dimensions();
     let scale = size as f64 / w.min(h) as f64;
-    let (nw, nh) = (((w as f64 * scale).round() as u32).max(size), ((h as f64 * scale).round() as u32).max(size));
+    let (nw, nh) = (
+        ((w as f64 * scale).round() as u32).max(size),
+        ((h as f64 * scale).round() as u32).max(size),
+    );
     let resized = image::imageops::resize(&image, nw, nh, FilterType::Lanczos3);
     if !crop {
         return resized;

@@ -56,7 +56,11 @@ impl ParamType {
     pub fn is_input(self) -> bool {
         matches!(
             self,
-            Self::Path | Self::PathList | Self::StageRef | Self::StageRefList | Self::PathOrStageRef
+            Self::Path
+                | Self::PathList
+                | Self::StageRef
+                | Self::StageRefList
+                | Self::PathOrStageRef
         )
     }
 }
@@ -77,10 +81,21 @@ pub struct ParamSpec {
 
 impl ParamSpec {
     pub fn required(name: &'static str, ty: ParamType, doc: &'static str) -> Self {
-        Self { name, ty, default: None, min: None, max: None, in_key: true, doc }
+        Self {
+            name,
+            ty,
+            default: None,
+            min: None,
+            max: None,
+            in_key: true,
+            doc,
+        }
     }
     pub fn optional(name: &'static str, ty: ParamType, default: Value, doc: &'static str) -> Self {
-        Self { default: Some(default), ..Self::required(name, ty, doc) }
+        Self {
+            default: Some(default),
+            ..Self::required(name, ty, doc)
+        }
     }
     pub fn range(mut self, min: f64, max: f64) -> Self {
         self.min = Some(min);
@@ -110,12 +125,20 @@ pub enum StageError {
     #[error("cancelled")]
     Cancelled,
     #[error("{action} `{path}`: {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl StageError {
     pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Io { action, path: path.to_path_buf(), source }
+        Self::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -135,7 +158,10 @@ pub struct StageLog {
 impl StageLog {
     pub fn create(path: &Path) -> Self {
         let file = std::fs::File::create(path).ok();
-        Self { path: path.to_path_buf(), file: Mutex::new(file) }
+        Self {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+        }
     }
     pub fn path(&self) -> &Path {
         &self.path
@@ -170,10 +196,16 @@ pub struct StageContext<'a> {
 
 impl StageContext<'_> {
     fn missing(&self, name: &str, what: &str) -> StageError {
-        StageError::Failed(format!("stage `{}`: parameter `{name}` is not {what}", self.stage_id))
+        StageError::Failed(format!(
+            "stage `{}`: parameter `{name}` is not {what}",
+            self.stage_id
+        ))
     }
     pub fn str_param(&self, name: &str) -> Result<&str, StageError> {
-        self.params.get(name).and_then(Value::as_str).ok_or_else(|| self.missing(name, "a string"))
+        self.params
+            .get(name)
+            .and_then(Value::as_str)
+            .ok_or_else(|| self.missing(name, "a string"))
     }
     pub fn i64_param(&self, name: &str) -> Option<i64> {
         self.params.get(name).and_then(Value::as_i64)
@@ -186,10 +218,19 @@ impl StageContext<'_> {
     }
     /// The resolved paths of an input parameter (empty when it has none).
     pub fn input_paths(&self, name: &str) -> Vec<&Path> {
-        self.inputs.get(name).into_iter().flatten().map(|i| i.path.as_path()).collect()
+        self.inputs
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|i| i.path.as_path())
+            .collect()
     }
     pub fn check_cancelled(&self) -> Result<(), StageError> {
-        if self.cancel.is_cancelled() { Err(StageError::Cancelled) } else { Ok(()) }
+        if self.cancel.is_cancelled() {
+            Err(StageError::Cancelled)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -217,7 +258,9 @@ pub struct Registry {
 impl Registry {
     /// An empty registry (tests add their own kinds).
     pub fn empty() -> Self {
-        Self { kinds: BTreeMap::new() }
+        Self {
+            kinds: BTreeMap::new(),
+        }
     }
     pub fn with(mut self, stage: Arc<dyn Stage>) -> Self {
         self.kinds.insert(stage.kind(), stage);
@@ -244,7 +287,9 @@ pub fn registry() -> Registry {
 /// The parameter table of a kind's reference page (`stages/<kind>.md`), generated from its
 /// schema; a test keeps the pages in sync with the code.
 pub fn reference_table(stage: &dyn Stage) -> String {
-    let mut text = String::from("| field | type | default | range | in key | description |\n|---|---|---|---|---|---|\n");
+    let mut text = String::from(
+        "| field | type | default | range | in key | description |\n|---|---|---|---|---|---|\n",
+    );
     for spec in stage.schema() {
         let default = match &spec.default {
             None => "required".to_string(),
@@ -264,7 +309,12 @@ pub fn reference_table(stage: &dyn Stage) -> String {
         } else {
             "yes"
         };
-        text.push_str(&format!("| `{}` | {} | {default} | {range} | {in_key} | {} |\n", spec.name, spec.ty.describe(), spec.doc.replace('|', "\\|")));
+        text.push_str(&format!(
+            "| `{}` | {} | {default} | {range} | {in_key} | {} |\n",
+            spec.name,
+            spec.ty.describe(),
+            spec.doc.replace('|', "\\|")
+        ));
     }
     text
 }
