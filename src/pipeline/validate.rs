@@ -175,6 +175,7 @@ impl Checker<'_> {
         let mut raw_stages = self.raw_stages(&top)?;
         self.apply_overrides(overrides, &mut raw_stages, &mut params);
         let names: BTreeSet<String> = raw_stages.iter().map(|s| s.name.clone()).collect();
+        self.check_defaults_used(&defaults, &raw_stages);
         let drafts: Vec<StageDraft> = raw_stages
             .iter()
             .filter_map(|raw| self.check_stage(raw, &names, &params, &defaults))
@@ -230,6 +231,24 @@ impl Checker<'_> {
                 );
                 stem
             }
+        }
+    }
+
+    /// A default no stage's kind has as a field is most likely a typo.
+    fn check_defaults_used(&mut self, defaults: &serde_json::Map<String, Value>, stages: &[RawStage]) {
+        let fields: BTreeSet<&'static str> = stages
+            .iter()
+            .filter_map(|s| s.fields.iter().find(|(k, _)| k == "kind").and_then(|(_, v)| v.as_str()))
+            .filter_map(|kind| self.registry.get(kind))
+            .flat_map(|kind| kind.schema().into_iter().map(|spec| spec.name))
+            .collect();
+        for key in defaults.keys().filter(|k| !fields.contains(k.as_str())) {
+            let hint = match suggest(key, fields.iter().copied()) {
+                Some(best) => format!("; did you mean `{best}`?"),
+                None => String::new(),
+            };
+            let message = format!("no stage in this pipeline has a field `{key}`, so the default applies nowhere{hint}");
+            self.report(&["defaults", key], None, Some(&format!("defaults.{key}")), message);
         }
     }
 
