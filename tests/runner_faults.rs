@@ -239,7 +239,12 @@ fn ctrl_c_cancels_running_stages_promptly_and_commits_nothing_partial() {
         "p.yaml",
         "stages:\n  slow:\n    kind: command\n    run: echo partial > $OUT/partial.txt; echo started > $WORK/started; sleep 60\n  after:\n    kind: command\n    needs: slow\n    run: echo no > $OUT/x\n",
     );
-    let child = project.command(&["run", "p.yaml", "--plain"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawn");
+    let child = project
+        .command(&["run", "p.yaml", "--plain"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let started = Instant::now();
     while find_file_named(&project.cache().join("work"), "started").is_none() {
         assert!(started.elapsed() < WAIT_LIMIT, "the stage never started");
@@ -249,12 +254,27 @@ fn ctrl_c_cancels_running_stages_promptly_and_commits_nothing_partial() {
     // SAFETY: sends SIGINT to the child this test spawned.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let run = to_result(child.wait_with_output().expect("wait"));
-    assert!(interrupted.elapsed() < Duration::from_secs(5), "took {:?}", interrupted.elapsed());
-    assert_eq!(run.output.status.code(), Some(130), "{}{}", run.stdout, run.stderr);
+    assert!(
+        interrupted.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        interrupted.elapsed()
+    );
+    assert_eq!(
+        run.output.status.code(),
+        Some(130),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
     assert_eq!(run.status("slow"), "failed");
     assert_eq!(run.stage_field("slow", "error"), "cancelled");
     assert_eq!(run.status("after"), "skipped");
     assert_eq!(project.result_count(), 0);
-    let staging: Vec<_> = std::fs::read_dir(project.cache().join("staging")).expect("staging").collect();
-    assert!(staging.is_empty(), "the cancelled stage's staging folder is removed");
+    let staging: Vec<_> = std::fs::read_dir(project.cache().join("staging"))
+        .expect("staging")
+        .collect();
+    assert!(
+        staging.is_empty(),
+        "the cancelled stage's staging folder is removed"
+    );
 }

@@ -17,6 +17,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// faster (blake3's docs: multithreading pays off from roughly 128 KiB; 1 MiB leaves margin).
 const MMAP_THRESHOLD_BYTES: u64 = 1 << 20;
 
+/// Above this many entries, saving keeps only the files hashed by this process (the memo of
+/// a long-lived cache would otherwise grow with every file ever hashed).
+const MAX_MEMO_ENTRIES: usize = 100_000;
+
 /// A file modified this recently is not memoized: another write within the same mtime tick
 /// with the same size would be invisible (git's "racy clean" problem).
 const RACY_WINDOW_NS: i128 = 2_000_000_000;
@@ -51,6 +55,7 @@ struct MemoEntry {
 pub struct HashMemo {
     path: Option<PathBuf>,
     entries: Mutex<HashMap<FileIdentity, String>>,
+    used: Mutex<std::collections::HashSet<FileIdentity>>,
 }
 
 /// A file or folder's content: relative path (empty for a single file) → blake3 hex digest.
@@ -62,6 +67,7 @@ impl HashMemo {
         Self {
             path: None,
             entries: Mutex::new(HashMap::new()),
+            used: Mutex::default(),
         }
     }
 
@@ -75,6 +81,7 @@ impl HashMemo {
         Self {
             path: Some(path.to_path_buf()),
             entries: Mutex::new(entries),
+            used: Mutex::default(),
         }
     }
 
@@ -83,9 +90,12 @@ impl HashMemo {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let list: Vec<MemoEntry> = self
-            .lock_entries()
+        let used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = self.lock_entries();
+        let prune = entries.len() > MAX_MEMO_ENTRIES;
+        let list: Vec<MemoEntry> = entries
             .iter()
+            .filter(|(id, _)| !prune || used.contains(id))
             .map(|(id, digest)| MemoEntry {
                 id: *id,
                 digest: digest.clone(),
@@ -110,6 +120,10 @@ impl HashMemo {
     pub fn hash_file(&self, path: &Path) -> Result<String, CacheError> {
         let meta = std::fs::metadata(path).map_err(|e| CacheError::io("read", path, e))?;
         let id = FileIdentity::of(&meta);
+        self.used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
         if let Some(digest) = self.lock_entries().get(&id) {
             return Ok(digest.clone());
         }

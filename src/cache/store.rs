@@ -101,7 +101,8 @@ impl Store {
     }
 
     pub fn object_path(&self, digest: &str) -> PathBuf {
-        self.root.join("objects").join(&digest[..2]).join(digest)
+        let prefix = digest.get(..2).unwrap_or("__");
+        self.root.join("objects").join(prefix).join(digest)
     }
 
     pub fn work_dir(&self, key: &str) -> PathBuf {

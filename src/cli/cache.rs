@@ -71,7 +71,7 @@ pub fn run(context: &Context, args: &CacheArgs) -> anyhow::Result<ExitCode> {
             for record in store.results() {
                 println!(
                     "{}  {:30} {:>10} bytes  {:>6}s ago",
-                    &record.key[..16],
+                    record.key.get(..16).unwrap_or(&record.key),
                     record.stage_id,
                     record.size_bytes,
                     now.saturating_sub(record.created_unix)

@@ -31,11 +31,14 @@ pub fn run(context: &Context, args: &ExplainArgs) -> anyhow::Result<ExitCode> {
         match &statuses[index] {
             Status::Fresh { key, output } => println!(
                 "{id}: fresh (key {}), output {}",
-                &key[..12],
+                key.get(..12).unwrap_or(key),
                 output.display()
             ),
             Status::Dirty { key, reasons } => {
-                println!("{id}: will run (key {}) because:", &key[..12]);
+                println!(
+                    "{id}: will run (key {}) because:",
+                    key.get(..12).unwrap_or(key)
+                );
                 reasons.iter().for_each(|r| println!("  - {r}"));
             }
             Status::Pending { reasons } => {

@@ -235,10 +235,19 @@ impl Checker<'_> {
     }
 
     /// A default no stage's kind has as a field is most likely a typo.
-    fn check_defaults_used(&mut self, defaults: &serde_json::Map<String, Value>, stages: &[RawStage]) {
+    fn check_defaults_used(
+        &mut self,
+        defaults: &serde_json::Map<String, Value>,
+        stages: &[RawStage],
+    ) {
         let fields: BTreeSet<&'static str> = stages
             .iter()
-            .filter_map(|s| s.fields.iter().find(|(k, _)| k == "kind").and_then(|(_, v)| v.as_str()))
+            .filter_map(|s| {
+                s.fields
+                    .iter()
+                    .find(|(k, _)| k == "kind")
+                    .and_then(|(_, v)| v.as_str())
+            })
             .filter_map(|kind| self.registry.get(kind))
             .flat_map(|kind| kind.schema().into_iter().map(|spec| spec.name))
             .collect();
@@ -247,8 +256,15 @@ impl Checker<'_> {
                 Some(best) => format!("; did you mean `{best}`?"),
                 None => String::new(),
             };
-            let message = format!("no stage in this pipeline has a field `{key}`, so the default applies nowhere{hint}");
-            self.report(&["defaults", key], None, Some(&format!("defaults.{key}")), message);
+            let message = format!(
+                "no stage in this pipeline has a field `{key}`, so the default applies nowhere{hint}"
+            );
+            self.report(
+                &["defaults", key],
+                None,
+                Some(&format!("defaults.{key}")),
+                message,
+            );
         }
     }
 

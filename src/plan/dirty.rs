@@ -97,7 +97,7 @@ pub fn explain_miss(
         }
         None => vec![format!(
             "the previous result (key {}) is gone from the cache",
-            &last[..12.min(last.len())]
+            last.get(..12).unwrap_or(&last)
         )],
     }
 }

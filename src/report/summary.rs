@@ -1,5 +1,6 @@
 //! The end-of-run summary table and the JSON run record written under
 //! `<cache>/records/<pipeline>/`.
+use crate::cache::store::file_name_for;
 use crate::exec::executor::{Outcome, RunRecord};
 use std::path::{Path, PathBuf};
 
@@ -31,8 +32,8 @@ pub fn table(record: &RunRecord) -> String {
             Outcome::Cached | Outcome::Ran => record
                 .cache_root
                 .join("runs")
-                .join(&record.pipeline)
-                .join(&stage.id)
+                .join(file_name_for(&record.pipeline))
+                .join(file_name_for(&stage.id))
                 .display()
                 .to_string(),
             Outcome::Failed => stage
@@ -77,7 +78,7 @@ pub fn table(record: &RunRecord) -> String {
 pub fn write_record(cache_root: &Path, record: &RunRecord) -> std::io::Result<PathBuf> {
     let dir = cache_root
         .join("records")
-        .join(crate::cache::store::file_name_for(&record.pipeline));
+        .join(file_name_for(&record.pipeline));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!(
         "{}-{}.json",
