@@ -321,3 +321,28 @@ fn dag_prints_mermaid_and_dot() {
         "{dot}"
     );
 }
+
+#[test]
+fn a_file_kept_from_an_input_is_stored_once_and_the_users_file_is_untouched() {
+    let project = Project::new();
+    project.write("models/base/vae.bin", "base vae weights");
+    project.write(
+        "p.yaml",
+        "stages:\n  ft1:\n    kind: command\n    inputs: models/base\n    run: ln $PIPELINE_DIR/models/base/vae.bin $OUT/vae.bin; echo 1 > $OUT/unet.bin\n  ft2:\n    kind: command\n    inputs: models/base\n    run: ln $PIPELINE_DIR/models/base/vae.bin $OUT/vae.bin; echo 2 > $OUT/unet.bin\n",
+    );
+    let run = project.run("p.yaml", &[]);
+    assert!(run.success(), "{}{}", run.stdout, run.stderr);
+    use std::os::unix::fs::MetadataExt;
+    let a = std::fs::metadata(project.path("cache/runs/p/ft1/vae.bin")).expect("ft1 vae");
+    let b = std::fs::metadata(project.path("cache/runs/p/ft2/vae.bin")).expect("ft2 vae");
+    assert_eq!(a.ino(), b.ino(), "one object for both results");
+    assert_eq!(a.nlink(), 3, "the object and two results");
+    let user = std::fs::metadata(project.path("models/base/vae.bin")).expect("user vae");
+    assert_ne!(
+        user.ino(),
+        a.ino(),
+        "the store does not share the user's inode"
+    );
+    assert_eq!(user.nlink(), 1);
+    assert!(!user.permissions().readonly());
+}

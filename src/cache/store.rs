@@ -5,6 +5,7 @@ use super::CacheError;
 use super::hash::{TreeDigest, hash_file_uncached, relative_name, tree_digest};
 use super::lock::{self, Acquired};
 use serde::{Deserialize, Serialize};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -224,7 +225,9 @@ impl Store {
     }
 
     /// Puts `path`'s content into `objects/` (unless already there) and replaces `path` by a
-    /// hard link to the object. Falls back to keeping the file when linking is impossible.
+    /// hard link to the object. A file the stage hard-linked from elsewhere (an input such as
+    /// a base model's VAE; link count > 1) is reflinked or copied into the store once rather
+    /// than linked, so the store never shares an inode with a user's file.
     fn store_object(&self, path: &Path, digest: &str) -> Result<(), CacheError> {
         let object = self.object_path(digest);
         if !object.exists() {
@@ -232,12 +235,18 @@ impl Store {
                 std::fs::create_dir_all(parent).map_err(|e| CacheError::io("create", parent, e))?;
             }
             let temp = object.with_extension(unique_suffix("in"));
-            std::fs::hard_link(path, &temp)
-                .or_else(|_| std::fs::copy(path, &temp).map(|_| ()))
-                .map_err(|e| CacheError::io("store", &temp, e))?;
+            let shared = std::fs::metadata(path)
+                .map(|m| m.nlink() > 1)
+                .unwrap_or(true);
+            let linked = !shared && std::fs::hard_link(path, &temp).is_ok();
+            if !linked {
+                reflink_or_copy(path, &temp).map_err(|e| CacheError::io("store", &temp, e))?;
+            }
             set_read_only(&temp);
             std::fs::rename(&temp, &object).map_err(|e| CacheError::io("store", &object, e))?;
-            return Ok(());
+            if linked {
+                return Ok(());
+            }
         }
         let temp = path.with_extension(unique_suffix("link"));
         if std::fs::hard_link(&object, &temp).is_ok() {
@@ -332,6 +341,20 @@ fn files_size(out: &Path, files: &TreeDigest) -> u64 {
         .filter_map(|name| std::fs::metadata(out.join(name)).ok())
         .map(|m| m.len())
         .sum()
+}
+
+/// A copy-on-write clone (FICLONE: btrfs, XFS) when the file system allows, else a copy.
+pub fn reflink_or_copy(source: &Path, target: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let from = std::fs::File::open(source)?;
+    let to = std::fs::File::create(target)?;
+    // SAFETY: both descriptors are open for the duration of the call.
+    let rc = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
+    if rc == 0 {
+        return Ok(());
+    }
+    drop(to);
+    std::fs::copy(source, target).map(|_| ())
 }
 
 fn set_read_only(path: &Path) {

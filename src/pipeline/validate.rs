@@ -974,3 +974,40 @@ fn strip_location(message: &str) -> String {
         None => message.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn suggestions_allow_typos_and_transpositions_but_not_unrelated_words() {
+        assert_eq!(suggest("comand", ["command", "images"]), Some("command"));
+        assert_eq!(suggest("rnu", ["run", "needs"]), Some("run"));
+        assert_eq!(
+            suggest("learnign_rate", ["learning_rate", "steps"]),
+            Some("learning_rate")
+        );
+        assert_eq!(suggest("b", ["a"]), None);
+        assert_eq!(suggest("zzz", ["prep", "train"]), None);
+    }
+
+    #[test]
+    fn params_substitute_typed_when_whole_and_as_text_inside() {
+        let params = json!({"lr": 2e-6, "steps": 400, "name": "dog"});
+        let params = params.as_object().expect("object");
+        assert_eq!(substitute_text("${params.steps}", params), Ok(json!(400)));
+        assert_eq!(
+            substitute_text("train --lr ${params.lr} ${params.name}", params),
+            Ok(json!("train --lr 2e-6 dog"))
+        );
+        assert_eq!(
+            substitute_text("echo ${HOME}", params),
+            Ok(json!("echo ${HOME}"))
+        );
+        assert_eq!(
+            substitute_text("${params.lrr}", params),
+            Err("unknown parameter `${params.lrr}`; did you mean `lr`?".to_string())
+        );
+    }
+}

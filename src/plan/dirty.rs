@@ -187,3 +187,67 @@ fn pair_up<'a, V>(
     }
     pairs
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn material() -> KeyMaterial {
+        KeyMaterial {
+            kind: "train".to_string(),
+            version: 1,
+            device_class: "cuda".to_string(),
+            params: [
+                ("learning_rate".to_string(), json!(2e-6)),
+                ("steps".to_string(), json!(400)),
+            ]
+            .into(),
+            upstream: [(
+                "model".to_string(),
+                [("ti".to_string(), "d1".to_string())].into(),
+            )]
+            .into(),
+            inputs: [(
+                "images".to_string(),
+                [(
+                    "dog".to_string(),
+                    [("3.png".to_string(), "f1".to_string())].into(),
+                )]
+                .into(),
+            )]
+            .into(),
+        }
+    }
+
+    #[test]
+    fn reasons_name_each_changed_field_file_and_upstream() {
+        let old = material();
+        let mut new = material();
+        new.params.insert("learning_rate".to_string(), json!(5e-6));
+        new.params.remove("steps");
+        new.upstream
+            .get_mut("model")
+            .expect("model")
+            .insert("ti".to_string(), "d2".to_string());
+        new.inputs
+            .get_mut("images")
+            .expect("images")
+            .get_mut("dog")
+            .expect("dog")
+            .insert("3.png".to_string(), "f2".to_string());
+        new.version = 2;
+        assert_eq!(
+            reasons(&old, &new),
+            [
+                "the `train` implementation version changed 1 → 2",
+                "`learning_rate` changed 2e-6 → 5e-6",
+                "`steps` removed (was 400)",
+                "upstream `ti` changed",
+                "file `dog/3.png` changed",
+            ]
+        );
+        assert!(reasons(&old, &old).is_empty());
+        assert_ne!(old.key(), new.key());
+    }
+}
