@@ -2,11 +2,15 @@
 //! run (stage table, loss / learning-rate curves as inline SVG, validation samples, grids, sweep
 //! comparisons), the `metrics.jsonl` reader, and a headless-Chromium check / screenshot of the
 //! report. Independent of the runner and the SD code: the runner fills [`html::ReportInput`].
+//! Also the live reporters: `progress` (indicatif bars on a terminal, plain lines otherwise) and
+//! the end-of-run `summary` table; they only consume executor events/records.
 pub mod browser;
 pub mod font;
 pub mod grid;
 pub mod html;
 pub mod metrics;
+pub mod progress;
+pub mod summary;
 pub mod svg;
 
 use std::path::PathBuf;
