@@ -34,8 +34,7 @@ stages:
       else
         echo partial > $OUT/partial.txt
         echo step-1 > $WORK/checkpoint
-        sleep 60
-        echo finished > $OUT/status.txt
+        exec sleep 60  # exec: the kernel's parent-death signal then reaches the sleep itself
       fi
 "#,
     );
