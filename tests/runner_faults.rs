@@ -216,6 +216,12 @@ fn gc_keeps_what_pipelines_reference_and_removes_old_results() {
             .success()
     );
     assert_eq!(project.result_count(), 2);
+    let (_, listing, _) = project.dreampipe(&["cache", "ls"]);
+    let stages: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(stages, ["a", "a"], "{listing}");
     let (ok, stdout, _) = project.dreampipe(&["cache", "gc", "p.yaml", "--keep-last", "0"]);
     assert!(ok);
     assert_eq!(
