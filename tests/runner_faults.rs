@@ -283,3 +283,31 @@ fn ctrl_c_cancels_running_stages_promptly_and_commits_nothing_partial() {
         "the cancelled stage's staging folder is removed"
     );
 }
+
+#[test]
+fn gc_keeps_results_a_running_stage_is_reading() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: echo a > $OUT/a.txt\n  b:\n    kind: command\n    needs: a\n    run: touch $WORK/started; sleep 1; cat $IN_A/a.txt > $OUT/b.txt\n",
+    );
+    let child = project
+        .command(&["run", "p.yaml", "--plain"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    while find_file_named(&project.cache().join("work"), "started").is_none() {
+        assert!(started.elapsed() < WAIT_LIMIT, "b never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, stdout, _) = project.dreampipe(&["cache", "gc", "--keep-last", "0"]);
+    assert!(ok);
+    assert_eq!(
+        stdout,
+        "removed 0 result(s), 0 object(s) (0 bytes), 0 stale staging folder(s)\nkept 1 result(s) in use by a running stage\n"
+    );
+    let run = to_result(child.wait_with_output().expect("wait"));
+    assert!(run.success(), "{}", run.stdout);
+    assert_eq!(project.read("cache/runs/p/b/b.txt"), "a\n");
+}

@@ -526,6 +526,7 @@ async fn compute(
     std::fs::create_dir_all(&work).map_err(|e| format!("creating `{}`: {e}", work.display()))?;
     let log_path = store.log_path(key);
     record.log = Some(log_path.clone());
+    let _readers = lock_upstream_results(&store, upstream).await?;
     let inputs = resolve_inputs(shared, &stage, upstream);
     let _ = shared.events.send(Event::Started {
         id: stage.id.clone(),
@@ -606,6 +607,30 @@ async fn compute(
     record.output = Some(output);
     record.output_digest = Some(committed.output_digest.clone());
     Ok((key.to_string(), committed.output_digest))
+}
+
+/// Shared locks on the upstream results this stage reads, so `cache gc` keeps them; fails
+/// when one disappeared before the lock was taken.
+async fn lock_upstream_results(
+    store: &Store,
+    upstream: &BTreeMap<usize, Done>,
+) -> Result<Vec<crate::cache::lock::KeyLock>, String> {
+    let keys: Vec<String> = upstream.values().map(|(key, _)| key.clone()).collect();
+    let store = store.clone();
+    blocking(move || {
+        let mut locks = Vec::new();
+        for key in &keys {
+            locks.push(store.lock_key_shared(key).map_err(|e| e.to_string())?);
+            if store.lookup(key).is_none() {
+                return Err(format!(
+                    "the upstream result {} was removed while this run needed it (cache gc?); run again",
+                    short(key)
+                ));
+            }
+        }
+        Ok(locks)
+    })
+    .await?
 }
 
 fn resolve_inputs(
