@@ -12,6 +12,7 @@ mod dag;
 mod doctor;
 mod explain;
 mod plan;
+mod report;
 mod run;
 pub mod sample;
 mod show;
@@ -53,6 +54,8 @@ pub enum Command {
     Validate(validate::ValidateArgs),
     /// Inspect and maintain the cache.
     Cache(cache::CacheArgs),
+    /// Write the HTML report of a pipeline's latest run.
+    Report(report::ReportArgs),
     /// Print the output folder of a stage's current result.
     Show(show::ShowArgs),
     /// Benchmark hashing, planning and no-op reruns (figures for the docs).
@@ -88,6 +91,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dag(args) => dag::run(&context, &args),
         Command::Validate(args) => validate::run(&context, &args),
         Command::Cache(args) => cache::run(&context, &args),
+        Command::Report(args) => report::run(&context, &args),
         Command::Show(args) => show::run(&context, &args),
         Command::BenchCache(args) => bench_cache::run(&context, &args),
     }
