@@ -154,3 +154,25 @@ fn report_of_a_pipeline_never_run_says_so() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_no_op_rerun_keeps_the_report_and_a_changed_result_replaces_it() {
+    let project = project();
+    assert!(project.run("p.yaml", &[]).success());
+    let second = project.run("p.yaml", &[]);
+    assert!(second.success(), "{}", second.stderr);
+    let page_path = printed_report(&second.stdout);
+    let after_second = std::fs::read_to_string(&page_path).unwrap();
+    assert!(after_second.contains("4 stages: 0 ran, 4 cached"), "{after_second}");
+    std::fs::write(&page_path, "marker").unwrap();
+    let third = project.run("p.yaml", &[]);
+    assert!(third.success(), "{}", third.stderr);
+    assert_eq!(std::fs::read_to_string(&page_path).unwrap(), "marker");
+    // A new result of `data` (other bytes) reruns its dependents: the report is rebuilt.
+    write_png(&project.path("assets/red.png"), [250, 0, 0]);
+    let fourth = project.run("p.yaml", &[]);
+    assert!(fourth.success(), "{}", fourth.stderr);
+    let rebuilt = std::fs::read_to_string(&page_path).unwrap();
+    assert!(rebuilt.contains("4 stages: 3 ran, 1 cached"), "{rebuilt}");
+    assert!(rebuilt.contains(&data_uri(&project.path("assets/red.png"))));
+}

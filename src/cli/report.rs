@@ -7,7 +7,8 @@ use crate::exec::executor::RunRecord;
 use crate::pipeline::Pipeline;
 use crate::report::browser::check_page;
 use crate::report::build::{
-    build_input, default_report_dir, latest_record, publish_replacing, write_report_link,
+    build_input, current_report, default_report_dir, latest_record, publish_replacing,
+    report_fingerprint, write_report_link,
 };
 use crate::report::html::write_report;
 use clap::Args;
@@ -52,8 +53,9 @@ pub fn run(context: &Context, args: &ReportArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Builds and writes the report (to `out`, or the default folder plus its `runs/` link) and
-/// returns the page; warnings about single stages go to stderr.
+/// Builds and writes the report (to `out`, or the default folder plus its `runs/` link, kept
+/// as it is when still current) and returns the page; warnings about single stages go to
+/// stderr.
 pub fn write(
     pipeline: &Pipeline,
     record: Option<&RunRecord>,
@@ -67,8 +69,12 @@ pub fn write(
     let summary = match out {
         Some(dir) => write_report(&built.input, dir)?,
         None => {
-            let summary =
-                publish_replacing(&built.input, &default_report_dir(store, &pipeline.name))?;
+            let dir = default_report_dir(store, &pipeline.name);
+            let fingerprint = report_fingerprint(&built);
+            if let Some(page) = current_report(&dir, &fingerprint) {
+                return Ok(page);
+            }
+            let summary = publish_replacing(&built.input, &fingerprint, &dir)?;
             write_report_link(store, &pipeline.name)?;
             summary
         }

@@ -53,6 +53,9 @@ struct ImageEntry {
 pub struct BuiltInput {
     pub input: ReportInput,
     pub warnings: Vec<String>,
+    /// Each stage's result key (None: no result), in stage order; with the input it decides
+    /// whether an existing report is still current (see [`report_fingerprint`]).
+    pub keys: Vec<Option<String>>,
 }
 
 /// The newest run record of `pipeline` in the cache, if any.
@@ -88,12 +91,17 @@ pub fn build_input(
 ) -> Result<BuiltInput, ReportError> {
     let mut warnings = Vec::new();
     let mut stages = Vec::with_capacity(pipeline.stages.len());
+    let mut keys = Vec::with_capacity(pipeline.stages.len());
     for instance in &pipeline.stages {
         let recorded = record.and_then(|r| r.stages.iter().find(|s| s.id == instance.id));
-        let mut stage = match recorded.filter(|s| s.status != Outcome::NotSelected) {
-            Some(recorded) => from_record(pipeline, instance, recorded, store),
+        let (mut stage, key) = match recorded.filter(|s| s.status != Outcome::NotSelected) {
+            Some(recorded) => (
+                from_record(pipeline, instance, recorded, store),
+                recorded.key.clone(),
+            ),
             None => from_cache(pipeline, instance, store),
         };
+        keys.push(key);
         if let Some(output) = stage.output_dir.clone() {
             attach_outputs(&mut stage, &output, &mut warnings);
         }
@@ -118,7 +126,24 @@ pub fn build_input(
             stages,
         },
         warnings,
+        keys,
     })
+}
+
+/// Identifies what a report shows: the input without its time stamp, the result keys (image
+/// paths under `runs/` stay the same when a result changes) and this dreampipe's version (the
+/// page layout). Equal fingerprints mean an existing report can be kept as it is.
+pub fn report_fingerprint(built: &BuiltInput) -> String {
+    let input = ReportInput {
+        generated_at: String::new(),
+        ..built.input.clone()
+    };
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "input": input,
+        "keys": built.keys,
+    })
+    .to_string()
 }
 
 fn base_report(instance: &StageInstance, status: StageStatus) -> StageReport {
@@ -152,6 +177,12 @@ fn from_record(
     };
     let mut stage = base_report(instance, status);
     stage.duration_s = recorded.duration_s;
+    if let (StageStatus::Cached, Some(key)) = (status, &recorded.key) {
+        // What the result took to compute, not the (varying) look-up time of this run.
+        if let Some(result) = store.lookup(key) {
+            stage.duration_s = result.duration_s;
+        }
+    }
     stage.params = recorded.params.clone();
     stage.error = recorded.error.clone();
     if let (Some(key), Some(output)) = (&recorded.key, &recorded.output) {
@@ -160,21 +191,26 @@ fn from_record(
     stage
 }
 
-/// A stage the record did not cover: its latest committed result, if the cache has one.
-fn from_cache(pipeline: &Pipeline, instance: &StageInstance, store: &Store) -> StageReport {
+/// A stage the record did not cover: its latest committed result (and key), if the cache has
+/// one.
+fn from_cache(
+    pipeline: &Pipeline,
+    instance: &StageInstance,
+    store: &Store,
+) -> (StageReport, Option<String>) {
     let latest = store
         .last_key(&pipeline.name, &instance.id)
         .and_then(|key| store.lookup(&key).map(|result| (key, result)));
     let Some((key, result)) = latest else {
         let mut stage = base_report(instance, StageStatus::Skipped);
         stage.error = Some("not run yet".to_string());
-        return stage;
+        return (stage, None);
     };
     let mut stage = base_report(instance, StageStatus::Cached);
     stage.duration_s = result.duration_s;
     let output = store.output_dir(&key);
     stage.output_dir = Some(readable_output(pipeline, instance, store, &key, &output));
-    stage
+    (stage, Some(key))
 }
 
 /// `runs/<pipeline>/<stage>` when that link shows this result, else the result folder itself.
@@ -328,11 +364,26 @@ pub fn default_report_dir(store: &Store, pipeline: &str) -> PathBuf {
     store.root().join(REPORTS_DIR).join(file_name_for(pipeline))
 }
 
+/// Beside the default report: the fingerprint it was built from.
+pub const FINGERPRINT_FILE: &str = "fingerprint.json";
+
+/// The default report's page when `dir` holds one built from `fingerprint` (a no-op rerun then
+/// rewrites nothing, however many images the report holds).
+pub fn current_report(dir: &Path, fingerprint: &str) -> Option<PathBuf> {
+    let page = dir.join(REPORT_FILE);
+    let stored = std::fs::read_to_string(dir.join(FINGERPRINT_FILE)).ok()?;
+    (stored == fingerprint && page.is_file()).then_some(page)
+}
+
 /// Writes the report into the default folder `dir`, replacing an earlier report there as a
 /// whole (built beside it, then swapped in), so no stale copied image survives and a reader never
 /// sees half a page. (`report --out DIR` writes into DIR with [`write_report`] instead, leaving
 /// the folder's other files alone.)
-pub fn publish_replacing(input: &ReportInput, dir: &Path) -> Result<ReportSummary, ReportError> {
+pub fn publish_replacing(
+    input: &ReportInput,
+    fingerprint: &str,
+    dir: &Path,
+) -> Result<ReportSummary, ReportError> {
     let io = |path: &Path, action: &'static str, e: std::io::Error| ReportError::Io {
         path: path.to_path_buf(),
         action,
@@ -343,6 +394,8 @@ pub fn publish_replacing(input: &ReportInput, dir: &Path) -> Result<ReportSummar
     let old = dir.with_extension(format!("old-{suffix}"));
     let _ = std::fs::remove_dir_all(&fresh);
     let written = write_report(input, &fresh)?;
+    let stamp = fresh.join(FINGERPRINT_FILE);
+    std::fs::write(&stamp, fingerprint).map_err(|e| io(&stamp, "write", e))?;
     if dir.exists() {
         std::fs::rename(dir, &old).map_err(|e| io(dir, "move the earlier report aside", e))?;
     }
