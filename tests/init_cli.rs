@@ -36,7 +36,10 @@ fn init_writes_the_starter_and_never_overwrites() {
     let dir = study_folder(root.path());
     let (ok, stdout, stderr) = dreampipe(root.path(), &["init", "my study", "--class", "cat"]);
     assert!(ok, "{stderr}");
-    assert!(stdout.starts_with("wrote my study/dreampipe.yaml\n"), "{stdout}");
+    assert!(
+        stdout.starts_with("wrote my study/dreampipe.yaml\n"),
+        "{stdout}"
+    );
     let text = std::fs::read_to_string(dir.join("dreampipe.yaml")).unwrap();
     for line in [
         "name: my-study\n",

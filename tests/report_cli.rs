@@ -102,7 +102,11 @@ fn run_writes_a_report_with_stages_sweep_chart_and_images_that_chromium_loads() 
     // Images: the listed ones (sweep table, validation, outputs), the top-level PNG of `data`.
     let red = data_uri(&project.path("assets/red.png"));
     let blue = data_uri(&project.path("assets/blue.png"));
-    assert_eq!(page.matches(&red).count(), 4, "sweep cell, validation, output, input.png");
+    assert_eq!(
+        page.matches(&red).count(),
+        4,
+        "sweep cell, validation, output, input.png"
+    );
     assert_eq!(page.matches(&blue).count(), 3);
     assert!(page.contains("<figcaption>step 2 · validation</figcaption>"));
     assert!(page.contains("<figcaption>input.png</figcaption>"));
@@ -116,7 +120,10 @@ fn run_writes_a_report_with_stages_sweep_chart_and_images_that_chromium_loads() 
     );
     // The stable link redirects to the page.
     let link = project.read("cache/runs/study/report.html");
-    assert!(link.contains("url=../../reports/study/index.html"), "{link}");
+    assert!(
+        link.contains("url=../../reports/study/index.html"),
+        "{link}"
+    );
 
     let check = check_page(&page_path).expect("headless chromium");
     assert!(check.is_clean(), "{check:?}");
@@ -133,7 +140,10 @@ fn report_after_only_shows_the_other_stages_from_the_cache() {
     assert!(ok, "{stderr}");
     assert_eq!(printed_report(&stdout), PathBuf::from("out/index.html"));
     let page = project.read("out/index.html");
-    assert!(page.contains("4 stages: 1 ran, 3 cached, 0 failed, 0 skipped"), "{page}");
+    assert!(
+        page.contains("4 stages: 1 ran, 3 cached, 0 failed, 0 skipped"),
+        "{page}"
+    );
     assert!(page.contains(&format!(
         "<tr id=\"stage-{RED_ID}\"><td>{RED_ID}</td><td>command</td><td class=\"status-cached\">cached</td>"
     )));
@@ -163,7 +173,10 @@ fn a_no_op_rerun_keeps_the_report_and_a_changed_result_replaces_it() {
     assert!(second.success(), "{}", second.stderr);
     let page_path = printed_report(&second.stdout);
     let after_second = std::fs::read_to_string(&page_path).unwrap();
-    assert!(after_second.contains("4 stages: 0 ran, 4 cached"), "{after_second}");
+    assert!(
+        after_second.contains("4 stages: 0 ran, 4 cached"),
+        "{after_second}"
+    );
     std::fs::write(&page_path, "marker").unwrap();
     let third = project.run("p.yaml", &[]);
     assert!(third.success(), "{}", third.stderr);

@@ -9,10 +9,10 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::html::{ImageRef, REPORT_FILE, ReportInput, ReportSummary, StageReport, StageStatus};
-use super::metrics::read_metrics_jsonl;
 use super::ReportError;
 use super::html::write_report;
+use super::html::{ImageRef, REPORT_FILE, ReportInput, ReportSummary, StageReport, StageStatus};
+use super::metrics::read_metrics_jsonl;
 use crate::cache::store::{Store, file_name_for, read_json};
 use crate::exec::executor::{Outcome, RunRecord, StageRecord};
 use crate::pipeline::{Pipeline, StageInstance};
