@@ -136,9 +136,13 @@ fn report_after_only_shows_the_other_stages_from_the_cache() {
     assert!(project.run("p.yaml", &[]).success());
     let only = project.run("p.yaml", &["--only", "data", "--force", "data"]);
     assert!(only.success(), "{}{}", only.stdout, only.stderr);
-    let (ok, stdout, stderr) = project.dreampipe(&["report", "p.yaml", "--out", "out"]);
+    let (ok, stdout, stderr) = project.dreampipe(&["report", "p.yaml", "--out", "out", "--check"]);
     assert!(ok, "{stderr}");
     assert_eq!(printed_report(&stdout), PathBuf::from("out/index.html"));
+    assert!(
+        stdout.ends_with("browser check: clean (7 images loaded)\n"),
+        "{stdout}"
+    );
     let page = project.read("out/index.html");
     assert!(
         page.contains("4 stages: 1 ran, 3 cached, 0 failed, 0 skipped"),
@@ -188,4 +192,24 @@ fn a_no_op_rerun_keeps_the_report_and_a_changed_result_replaces_it() {
     let rebuilt = std::fs::read_to_string(&page_path).unwrap();
     assert!(rebuilt.contains("4 stages: 3 ran, 1 cached"), "{rebuilt}");
     assert!(rebuilt.contains(&data_uri(&project.path("assets/red.png"))));
+}
+
+#[test]
+fn a_failed_run_still_gets_a_report_showing_the_error() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "name: failing\nstages:\n  ok:\n    kind: command\n    run: echo fine > $OUT/a.txt\n  bad:\n    kind: command\n    needs: ok\n    run: exit 3\n  after:\n    kind: command\n    needs: bad\n    run: echo never > $OUT/b.txt\n",
+    );
+    let run = project.run("p.yaml", &[]);
+    assert_eq!(run.output.status.code(), Some(1), "{}", run.stderr);
+    let page = std::fs::read_to_string(printed_report(&run.stdout)).expect("report page");
+    assert!(
+        page.contains("3 stages: 1 ran, 0 cached, 1 failed, 1 skipped"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<td class=\"status-failed\">failed<br>command exited with status 3</td>"),
+        "{page}"
+    );
 }
