@@ -60,8 +60,10 @@ fn bench_unet(args: &UnetArgs, context: &Context) -> anyhow::Result<ExitCode> {
     let side = args.size / VAE_SCALE_FACTOR;
     let options = (Kind::Float, device);
     let latents = Tensor::randn([args.batch, config.in_channels, side, side], options);
-    let context_states =
-        Tensor::randn([args.batch, PROMPT_TOKENS, config.cross_attention_dim], options);
+    let context_states = Tensor::randn(
+        [args.batch, PROMPT_TOKENS, config.cross_attention_dim],
+        options,
+    );
     let timestep = Tensor::from(BENCH_TIMESTEP).to_device(device);
     let _guard = tch::no_grad_guard();
     let step = || {
