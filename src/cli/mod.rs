@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 mod bench;
 mod doctor;
-pub mod sample;
 mod model;
+pub mod sample;
 
 /// Global options every verb sees.
 #[derive(Debug, Parser)]
