@@ -33,12 +33,12 @@ pub struct UnetArgs {
     /// Batch of the UNet call (2 = one image with classifier-free guidance).
     #[arg(long, default_value_t = 2)]
     pub batch: i64,
-    /// Timed forwards (after the warm-up ones).
-    #[arg(long, default_value_t = 3)]
-    pub steps: usize,
+    /// Timed forwards (after the warm-up ones); at least 1.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps: u64,
     /// Untimed forwards first (allocator and kernel warm-up).
     #[arg(long, default_value_t = 1)]
-    pub warmup: usize,
+    pub warmup: u64,
     /// CPU threads for libtorch (intra-op).
     #[arg(long, default_value_t = 2)]
     pub threads: i32,
@@ -54,8 +54,10 @@ fn bench_unet(args: &UnetArgs, context: &Context) -> anyhow::Result<ExitCode> {
     tch::set_num_threads(args.threads);
     let device = context.device;
     let unet_dir = args.model.join("unet");
+    let load_started = Instant::now();
     let (_vs, unet) = UNet2DConditionModel::load(&unet_dir, device, Kind::Float, None)
         .with_context(|| format!("loading the UNet of {}", args.model.display()))?;
+    let load_seconds = load_started.elapsed().as_secs_f64();
     let config = unet.config();
     let side = args.size / VAE_SCALE_FACTOR;
     let options = (Kind::Float, device);
@@ -78,6 +80,7 @@ fn bench_unet(args: &UnetArgs, context: &Context) -> anyhow::Result<ExitCode> {
     let times: Vec<f64> = (0..args.steps).map(|_| step()).collect();
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    println!("unet load: {load_seconds:.1} s");
     println!(
         "unet forward: batch {} at {}x{} latents ({}x{} px), {:?}, {} threads",
         args.batch, side, side, args.size, args.size, device, args.threads
