@@ -220,7 +220,9 @@ pub enum InitError {
     Write { path: PathBuf, reason: String },
     #[error("{file}: invalid config: {reason}")]
     Config { file: PathBuf, reason: String },
-    #[error("internal error: no initialisation rule for variable '{variable}' of the {component}")]
+    #[error(
+        "internal error: no initialisation rule for variable '{variable}' of the {component} (please report this)"
+    )]
     NoInitRule {
         variable: String,
         component: &'static str,
@@ -234,8 +236,9 @@ pub enum InitError {
 }
 
 /// Writes a complete random-weight model folder to `out`, which must not exist or be empty.
-/// Everything is written to a sibling staging folder first and renamed into place at the end,
-/// so a failure leaves no half-written `out`.
+/// Everything is written to a sibling staging folder `<out>.partial` first (replacing one left
+/// by an interrupted run) and renamed into place at the end, so a failure leaves no
+/// half-written `out`.
 pub fn write_model_folder(
     out: &Path,
     options: &InitOptions,
@@ -298,8 +301,9 @@ pub fn write_configs(out: &Path, architecture: Architecture) -> Result<(), InitE
     Ok(())
 }
 
-/// Builds the zero-filled parameters of `component` from `root/<component>/config.json`
-/// (as written by [`write_configs`]) on the CPU, in float32.
+/// Builds the parameters of `component` from `root/<component>/config.json` (as written by
+/// [`write_configs`]) on the CPU, in float32, with placeholder values (zeros; tch's default
+/// init for the text encoder's linear layers, which draws from the global generator).
 pub fn build_component(root: &Path, component: Component) -> Result<VarStore, InitError> {
     let config = root.join(component.folder()).join(CONFIG_FILE);
     let vs = VarStore::new(Device::Cpu);
