@@ -5,12 +5,14 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bench;
 mod bench_cache;
 mod cache;
 mod common;
 mod dag;
 mod doctor;
 mod explain;
+mod model;
 mod plan;
 mod run;
 pub mod sample;
@@ -58,6 +60,11 @@ pub enum Command {
     /// Benchmark hashing, planning and no-op reruns (figures for the docs).
     #[command(hide = true)]
     BenchCache(bench_cache::BenchArgs),
+    /// Model-folder utilities (`model init`: random-weight folders in a known architecture).
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    #[command(subcommand, hide = true)]
+    Bench(bench::BenchCommand),
 }
 
 /// Everything a verb needs from the global flags, resolved once.
@@ -90,5 +97,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cache(args) => cache::run(&context, &args),
         Command::Show(args) => show::run(&context, &args),
         Command::BenchCache(args) => bench_cache::run(&context, &args),
+        Command::Model(command) => model::run(command, &context),
+        Command::Bench(command) => bench::run(command, &context),
     }
 }
