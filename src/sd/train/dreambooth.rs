@@ -316,13 +316,23 @@ impl DreamBoothTrainer {
         Tensor::from_slice(&self.tokenizer.encode(prompt).ids).unsqueeze(0)
     }
 
-    /// One optimizer step over `micro_batches` (one per gradient-accumulation step): loss,
-    /// `backward(loss / n)`, clip the global grad norm over the trainable parameters, AdamW
-    /// with this step's learning rate, zero the grads. Fails on a NaN/inf loss before any
-    /// update.
+    /// One optimizer step over `micro_batches` (one per gradient-accumulation step):
+    /// [`accumulate_gradients`](Self::accumulate_gradients) then
+    /// [`apply_gradients`](Self::apply_gradients) with this step's learning rate.
     pub fn train_step(&mut self, micro_batches: &[StepBatch]) -> Result<StepReport, TrainError> {
         let lr = self.schedule.lr_at(self.step);
-        self.optimizer.set_lr(lr);
+        let loss = self.accumulate_gradients(micro_batches)?;
+        let grad_norm = self.apply_gradients(lr);
+        Ok(StepReport {
+            loss,
+            grad_norm: Some(grad_norm),
+            lr,
+        })
+    }
+
+    /// Loss of each micro-batch and `backward(loss / n)`; returns the mean loss. A NaN/inf
+    /// loss zeroes the grads and fails before any update.
+    pub fn accumulate_gradients(&mut self, micro_batches: &[StepBatch]) -> Result<f64, TrainError> {
         let count = micro_batches.len().max(1) as f64;
         let mut total = 0.0;
         for batch in micro_batches {
@@ -335,16 +345,19 @@ impl DreamBoothTrainer {
             (loss / count).backward();
             total += value;
         }
+        Ok(total / count)
+    }
+
+    /// Clips the global grad norm over the trainable parameters to `max_grad_norm`, takes an
+    /// AdamW step with `lr`, zeroes the grads. Returns the norm before clipping.
+    pub fn apply_gradients(&mut self, lr: f64) -> f64 {
         let params: Vec<Tensor> = self.trainables.iter().map(|(_, t)| t.shallow_clone()).collect();
         let grad_norm = clip_grad_norm(&params, self.max_grad_norm);
+        self.optimizer.set_lr(lr);
         self.optimizer.step();
         self.optimizer.zero_grad();
         self.step += 1;
-        Ok(StepReport {
-            loss: total / count,
-            grad_norm: Some(grad_norm),
-            lr,
-        })
+        grad_norm
     }
 
     /// The loss of one batch (graph attached when something is trainable).
