@@ -34,7 +34,10 @@ fn fixture_json() -> serde_json::Value {
 
 fn assert_rel(name: &str, found: f64, expected: f64, rtol: f64) {
     let error = (found - expected).abs() / expected.abs();
-    assert!(error <= rtol, "{name}: found {found}, expected {expected} (rel error {error:e})");
+    assert!(
+        error <= rtol,
+        "{name}: found {found}, expected {expected} (rel error {error:e})"
+    );
 }
 
 fn scalar(t: &Tensor) -> f64 {
@@ -102,7 +105,10 @@ fn assert_state_matches(
             "{file}: {name} differs by up to {:e} where the gradient is well-conditioned",
             diff.max().double_value(&[])
         );
-        assert!(diff.max().double_value(&[]) <= lr, "{file}: {name} moved by more than lr");
+        assert!(
+            diff.max().double_value(&[]) <= lr,
+            "{file}: {name} moved by more than lr"
+        );
         elements += diff.numel() as i64;
         exceptions += beyond.sum(Kind::Int64).int64_value(&[]);
     }
@@ -126,8 +132,16 @@ fn two_steps_match_diffusers() {
     assert!(ids.equal(&golden["input_ids"]));
     // The VAE posterior of the stored pixels (what the loop samples latents from).
     let posterior = trainer.vae().encode(&golden["pixel_values"]);
-    assert!(posterior.mean.allclose(&golden["latent_mean"], 1e-4, 1e-4, false));
-    assert!(posterior.std.allclose(&golden["latent_std"], 1e-4, 1e-4, false));
+    assert!(
+        posterior
+            .mean
+            .allclose(&golden["latent_mean"], 1e-4, 1e-4, false)
+    );
+    assert!(
+        posterior
+            .std
+            .allclose(&golden["latent_std"], 1e-4, 1e-4, false)
+    );
     let batch = || StepBatch {
         latents: golden["latents"].shallow_clone(),
         noise: golden["noise"].shallow_clone(),
@@ -138,22 +152,40 @@ fn two_steps_match_diffusers() {
     let lr = json["hyper"]["lr"].as_f64().unwrap();
 
     let loss1 = trainer.accumulate_gradients(&[batch()]).unwrap();
-    assert_rel("loss_step1", loss1, scalar(&golden["loss_step1"]), LOSS_RTOL);
+    assert_rel(
+        "loss_step1",
+        loss1,
+        scalar(&golden["loss_step1"]),
+        LOSS_RTOL,
+    );
     let unet = trainer.unet_store().variables();
     let text = trainer.text_encoder_store().variables();
     let (unet_grads, text_grads) = (snapshot_grads(&unet), snapshot_grads(&text));
-    assert!(unet_grads["conv_out.weight"].allclose(&golden["grad.unet.conv_out.weight"], 1e-4, 1e-6, false));
-    assert!(text_grads["text_model.embeddings.token_embedding.weight"].allclose(
-        &golden["grad.text_encoder.token_embedding"],
+    assert!(unet_grads["conv_out.weight"].allclose(
+        &golden["grad.unet.conv_out.weight"],
         1e-4,
         1e-6,
         false
     ));
+    assert!(
+        text_grads["text_model.embeddings.token_embedding.weight"].allclose(
+            &golden["grad.text_encoder.token_embedding"],
+            1e-4,
+            1e-6,
+            false
+        )
+    );
     let norm1 = trainer.apply_gradients(lr);
     let expected_norm1 = steps[0]["grad_total_norm_before_clip"].as_f64().unwrap();
     assert_rel("grad norm step 1", norm1, expected_norm1, LOSS_RTOL);
     let coef = steps[0]["clip_coef"].as_f64().unwrap();
-    let (n1, e1) = assert_state_matches("dreambooth_unet_after_step1.safetensors", &unet, &unet_grads, coef, lr);
+    let (n1, e1) = assert_state_matches(
+        "dreambooth_unet_after_step1.safetensors",
+        &unet,
+        &unet_grads,
+        coef,
+        lr,
+    );
     let (n2, e2) = assert_state_matches(
         "dreambooth_text_encoder_after_step1.safetensors",
         &text,
@@ -161,16 +193,40 @@ fn two_steps_match_diffusers() {
         coef,
         lr,
     );
-    println!("{} of {} updated elements beyond atol (ill-conditioned)", e1 + e2, n1 + n2);
+    println!(
+        "{} of {} updated elements beyond atol (ill-conditioned)",
+        e1 + e2,
+        n1 + n2
+    );
     let fraction = (e1 + e2) as f64 / (n1 + n2) as f64;
-    assert!(fraction <= MAX_EXCEPTION_FRACTION, "{} of {} elements beyond atol", e1 + e2, n1 + n2);
+    assert!(
+        fraction <= MAX_EXCEPTION_FRACTION,
+        "{} of {} elements beyond atol",
+        e1 + e2,
+        n1 + n2
+    );
 
     let second = trainer.train_step(&[batch()]).unwrap();
-    assert_rel("loss_step2", second.loss, scalar(&golden["loss_step2"]), LOSS_RTOL);
+    assert_rel(
+        "loss_step2",
+        second.loss,
+        scalar(&golden["loss_step2"]),
+        LOSS_RTOL,
+    );
     let norm2 = steps[1]["grad_total_norm_before_clip"].as_f64().unwrap();
-    assert_rel("grad norm step 2", second.grad_norm.unwrap(), norm2, LOSS_RTOL);
+    assert_rel(
+        "grad norm step 2",
+        second.grad_norm.unwrap(),
+        norm2,
+        LOSS_RTOL,
+    );
     let after = trainer.batch_loss(&batch()).unwrap().double_value(&[]);
-    assert_rel("loss_after_step2", after, scalar(&golden["loss_after_step2"]), LOSS_RTOL);
+    assert_rel(
+        "loss_after_step2",
+        after,
+        scalar(&golden["loss_after_step2"]),
+        LOSS_RTOL,
+    );
 }
 
 /// Writes `count` smooth synthetic RGB images of `width x height` into `dir`.
@@ -218,7 +274,11 @@ fn synthetic_data() -> tempfile::TempDir {
     data
 }
 
-fn run(config: &DreamBoothConfig, cancel: &AtomicBool, cancel_at: Option<u64>) -> Result<Vec<Progress>, TrainError> {
+fn run(
+    config: &DreamBoothConfig,
+    cancel: &AtomicBool,
+    cancel_at: Option<u64>,
+) -> Result<Vec<Progress>, TrainError> {
     let mut seen = Vec::new();
     let mut on_progress = |p: &Progress| {
         seen.push(*p);
@@ -241,12 +301,18 @@ fn a_run_writes_a_loadable_model_and_metrics() {
     let out = tempfile::tempdir().unwrap();
     let config = tiny_run_config(data.path(), out.path(), 4);
     let progress = run(&config, &AtomicBool::new(false), None).unwrap();
-    assert_eq!(progress.iter().map(|p| p.step).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(
+        progress.iter().map(|p| p.step).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
     // linear schedule, warmup 2 of 4 steps: lr * [0, 0.5, 1, 0.5]
     let lrs: Vec<f64> = progress.iter().map(|p| p.lr).collect();
     assert_eq!(lrs, [0.0, 0.5e-4, 1e-4, 0.5e-4]);
     let metrics = std::fs::read_to_string(config.output_dir.join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 4);
     for (line, p) in lines.iter().zip(&progress) {
         assert_eq!(line["step"].as_u64(), Some(p.step));
@@ -269,17 +335,31 @@ fn a_run_writes_a_loadable_model_and_metrics() {
     assert_eq!(result.images.size(), [1, 3, 64, 64]);
     assert!(bool::try_from(result.images.isfinite().all()).unwrap());
     // The UNet and text encoder changed; the VAE is the base's.
-    let base_unet = tensors(Path::new("models/tiny-sd/unet/diffusion_pytorch_model.safetensors"));
-    let new_unet = tensors(&config.output_dir.join("unet/diffusion_pytorch_model.safetensors"));
+    let base_unet = tensors(Path::new(
+        "models/tiny-sd/unet/diffusion_pytorch_model.safetensors",
+    ));
+    let new_unet = tensors(
+        &config
+            .output_dir
+            .join("unet/diffusion_pytorch_model.safetensors"),
+    );
     let changed = new_unet
         .iter()
         .filter(|(name, t)| !t.equal(&base_unet[*name]))
         .count();
-    assert!(changed > new_unet.len() / 2, "only {changed} UNet tensors changed");
+    assert!(
+        changed > new_unet.len() / 2,
+        "only {changed} UNet tensors changed"
+    );
     let te = tensors(&config.output_dir.join("text_encoder/model.safetensors"));
     assert!(te.contains_key("text_model.embeddings.token_embedding.weight"));
     let vae_base = std::fs::read("models/tiny-sd/vae/diffusion_pytorch_model.safetensors").unwrap();
-    let vae_new = std::fs::read(config.output_dir.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let vae_new = std::fs::read(
+        config
+            .output_dir
+            .join("vae/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
     assert_eq!(vae_base, vae_new);
 }
 
@@ -308,11 +388,17 @@ fn resuming_after_a_crash_gives_the_uninterrupted_weights() {
     );
     assert!(!resumed.output_dir.join("unet").exists());
     let after_resume = run(&resumed, &AtomicBool::new(false), None).unwrap();
-    assert_eq!(after_resume.iter().map(|p| p.step).collect::<Vec<_>>(), [4, 5, 6]);
+    assert_eq!(
+        after_resume.iter().map(|p| p.step).collect::<Vec<_>>(),
+        [4, 5, 6]
+    );
     for (a, b) in straight_progress[3..].iter().zip(&after_resume) {
         assert_eq!(a.loss, b.loss, "loss at step {}", a.step);
     }
-    for file in ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"] {
+    for file in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
         let expected = tensors(&straight.output_dir.join(file));
         let found = tensors(&resumed.output_dir.join(file));
         for (name, t) in &expected {
@@ -321,7 +407,8 @@ fn resuming_after_a_crash_gives_the_uninterrupted_weights() {
         }
     }
     let metrics = std::fs::read_to_string(resumed.output_dir.join("metrics.jsonl")).unwrap();
-    let straight_metrics = std::fs::read_to_string(straight.output_dir.join("metrics.jsonl")).unwrap();
+    let straight_metrics =
+        std::fs::read_to_string(straight.output_dir.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics, straight_metrics);
 }
 
@@ -337,7 +424,11 @@ fn a_non_finite_loss_stops_and_names_the_last_checkpoint() {
     let error = run(&config, &AtomicBool::new(false), None).unwrap_err();
     let checkpoint = config.work_dir.join("checkpoint-1");
     match &error {
-        TrainError::NonFiniteLoss { step, checkpoint: Some(dir), .. } => {
+        TrainError::NonFiniteLoss {
+            step,
+            checkpoint: Some(dir),
+            ..
+        } => {
             assert_eq!(*step, 2);
             assert_eq!(dir, &checkpoint);
         }
@@ -399,7 +490,10 @@ fn benchmark(train_text_encoder: bool) {
     dreambooth::train(&config, &mut callbacks).unwrap();
     let steady: f64 = times[2..].iter().sum::<f64>() / (times.len() - 2) as f64;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let peak = status.lines().find(|l| l.starts_with("VmHWM")).unwrap_or("VmHWM: ?");
+    let peak = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .unwrap_or("VmHWM: ?");
     println!(
         "dreambooth tiny cpu train_text_encoder={train_text_encoder}: {steady:.3} s/step (steps 3-10), total {:.1} s, {peak}",
         start.elapsed().as_secs_f64()
@@ -417,4 +511,3 @@ fn benchmark_unet_only() {
 fn benchmark_with_text_encoder() {
     benchmark(true);
 }
-

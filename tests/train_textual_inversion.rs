@@ -33,7 +33,10 @@ fn fixture_json() -> serde_json::Value {
 
 fn assert_rel(name: &str, found: f64, expected: f64) {
     let error = (found - expected).abs() / expected.abs();
-    assert!(error <= LOSS_RTOL, "{name}: found {found}, expected {expected} (rel error {error:e})");
+    assert!(
+        error <= LOSS_RTOL,
+        "{name}: found {found}, expected {expected} (rel error {error:e})"
+    );
 }
 
 fn config(dir: &Path, placeholder: &str, initializer: &str) -> TextualInversionConfig {
@@ -56,12 +59,22 @@ fn two_steps_match_diffusers() {
     config.learning_rate = json["lr"].as_f64().unwrap();
     let mut trainer = TextualInversionTrainer::new(&config, 2).unwrap();
     let placeholder_id = json["placeholder_id"].as_i64().unwrap();
-    assert_eq!(trainer.placeholder_ids(), [("<sks>".to_string(), placeholder_id)]);
+    assert_eq!(
+        trainer.placeholder_ids(),
+        [("<sks>".to_string(), placeholder_id)]
+    );
     let ids = Tensor::from_slice(&trainer.tokenizer().encode("a photo of a <sks>").ids);
     assert!(ids.equal(&golden["input_ids"].get(0)));
     let original = trainer.text_encoder().token_embedding().detach().copy();
-    assert_eq!(original.size()[0], json["vocab_size_after_add"].as_i64().unwrap());
-    assert!(original.get(placeholder_id).equal(&golden["embedding_initial"]));
+    assert_eq!(
+        original.size()[0],
+        json["vocab_size_after_add"].as_i64().unwrap()
+    );
+    assert!(
+        original
+            .get(placeholder_id)
+            .equal(&golden["embedding_initial"])
+    );
     let steps = json["steps"].as_array().unwrap();
     for (index, step) in steps.iter().enumerate() {
         let key = |name: &str| golden[&format!("step{index}.{name}")].shallow_clone();
@@ -72,15 +85,26 @@ fn two_steps_match_diffusers() {
             input_ids: golden["input_ids"].shallow_clone(),
         };
         let report = trainer.train_step(&[batch]).unwrap();
-        assert_rel(&format!("step {index} loss"), report.loss, step["loss"].as_f64().unwrap());
+        assert_rel(
+            &format!("step {index} loss"),
+            report.loss,
+            step["loss"].as_f64().unwrap(),
+        );
         assert_eq!(report.grad_norm, None);
         let learned = trainer.learned_embeddings();
         assert_eq!(learned.size(), [1, 32]);
-        let diff = (learned.get(0) - key("embedding_after")).abs().max().double_value(&[]);
-        assert!(diff <= EMBEDDING_ATOL, "step {index}: embedding differs by {diff:e}");
+        let diff = (learned.get(0) - key("embedding_after"))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(
+            diff <= EMBEDDING_ATOL,
+            "step {index}: embedding differs by {diff:e}"
+        );
         let now = trainer.text_encoder().token_embedding().detach();
         assert!(
-            now.narrow(0, 0, placeholder_id).equal(&original.narrow(0, 0, placeholder_id)),
+            now.narrow(0, 0, placeholder_id)
+                .equal(&original.narrow(0, 0, placeholder_id)),
             "step {index}: a non-placeholder row changed"
         );
     }
@@ -161,14 +185,32 @@ fn a_run_writes_embeddings_and_a_loadable_model() {
     // The full model: tokenizer knows both placeholders, the text encoder has their rows.
     let model_dir = out.join("model");
     let tokenizer = ClipTokenizer::from_dir(&model_dir.join("tokenizer")).unwrap();
-    assert_eq!(tokenizer.encode_without_specials("a <cat-toy> <cat-toy>_1"), [320, 2014, 2015]);
-    let (_vs, text_encoder) =
-        ClipTextModel::load(&model_dir.join("text_encoder"), Device::Cpu, Kind::Float, None).unwrap();
+    assert_eq!(
+        tokenizer.encode_without_specials("a <cat-toy> <cat-toy>_1"),
+        [320, 2014, 2015]
+    );
+    let (_vs, text_encoder) = ClipTextModel::load(
+        &model_dir.join("text_encoder"),
+        Device::Cpu,
+        Kind::Float,
+        None,
+    )
+    .unwrap();
     let rows = text_encoder.token_embedding().narrow(0, 2014, 2);
     assert!(rows.equal(&learned["<cat-toy>"]));
-    let (_base_vs, base) =
-        ClipTextModel::load(Path::new("models/tiny-sd/text_encoder"), Device::Cpu, Kind::Float, None).unwrap();
-    assert!(text_encoder.token_embedding().narrow(0, 0, 2014).equal(base.token_embedding()));
+    let (_base_vs, base) = ClipTextModel::load(
+        Path::new("models/tiny-sd/text_encoder"),
+        Device::Cpu,
+        Kind::Float,
+        None,
+    )
+    .unwrap();
+    assert!(
+        text_encoder
+            .token_embedding()
+            .narrow(0, 0, 2014)
+            .equal(base.token_embedding())
+    );
     let sd = StableDiffusion::load(&model_dir, Device::Cpu, Kind::Float).unwrap();
     let request = Txt2Img {
         prompt: "a photo of <cat-toy> <cat-toy>_1".to_string(),

@@ -50,7 +50,12 @@ impl Checkpoint {
     }
 
     /// Checks that the resuming run is the same run (method, seed, data).
-    pub fn check_matches(&self, method: &str, seed: u64, sizes: &[usize]) -> Result<(), TrainError> {
+    pub fn check_matches(
+        &self,
+        method: &str,
+        seed: u64,
+        sizes: &[usize],
+    ) -> Result<(), TrainError> {
         let state = &self.state;
         if state.method != method || state.seed != seed || state.dataset_sizes != sizes {
             return Err(TrainError::Data {
@@ -120,13 +125,16 @@ pub fn write(
         .map(|(name, t)| (name.clone(), t.detach().to_device(tch::Device::Cpu)))
         .collect();
     let weights_file = tmp.join(WEIGHTS_FILE);
-    Tensor::write_safetensors(&cpu, &weights_file).map_err(|e| io_error(&weights_file, "write", e))?;
+    Tensor::write_safetensors(&cpu, &weights_file)
+        .map_err(|e| io_error(&weights_file, "write", e))?;
     optimizer.save(&tmp.join(OPTIMIZER_DIR))?;
     let state_file = tmp.join(STATE_FILE);
-    let json = serde_json::to_string_pretty(state).map_err(|e| io_error(&state_file, "encode", e))?;
+    let json =
+        serde_json::to_string_pretty(state).map_err(|e| io_error(&state_file, "encode", e))?;
     std::fs::write(&state_file, json).map_err(|e| io_error(&state_file, "write", e))?;
     remove_dir_if_present(&final_dir)?;
-    std::fs::rename(&tmp, &final_dir).map_err(|e| io_error(&final_dir, "move the new checkpoint to", e))?;
+    std::fs::rename(&tmp, &final_dir)
+        .map_err(|e| io_error(&final_dir, "move the new checkpoint to", e))?;
     if let Some(limit) = total_limit {
         prune(work_dir, limit.max(1))?;
     }

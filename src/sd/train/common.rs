@@ -17,6 +17,9 @@ use tch::{Device, Kind, Tensor, nn::VarStore};
 pub const METRICS_FILE: &str = "metrics.jsonl";
 /// train_dreambooth.py adds `0.1 * randn(b, c, 1, 1)` with `--offset_noise`.
 pub const OFFSET_NOISE_SCALE: f64 = 0.1;
+/// Training resolutions must be multiples of this (SD's VAE downsamples by 8; 8 also covers
+/// the tiny test model's factor 4).
+pub const RESOLUTION_MULTIPLE: u32 = 8;
 /// Salts that keep the derived random streams of one step apart.
 const SALT_TENSORS: u64 = 0x7465_6e73_6f72_7321;
 const SALT_SAMPLE: u64 = 0x7361_6d70_6c65_7321;

@@ -60,8 +60,7 @@ impl Transform {
                 } else {
                     random_crop_origin(resized.width(), resized.height(), resolution, rng)
                 };
-                let cropped =
-                    imageops::crop_imm(&resized, x, y, resolution, resolution).to_image();
+                let cropped = imageops::crop_imm(&resized, x, y, resolution, resolution).to_image();
                 let flipped = random_flip && rng.unit() < 0.5;
                 let cropped = if flipped {
                     imageops::flip_horizontal(&cropped)
@@ -153,9 +152,15 @@ pub fn load_folder(dir: &Path, what: &str) -> Result<Vec<RgbImage>, TrainError> 
 pub fn resize_shorter_side(image: &RgbImage, size: u32) -> RgbImage {
     let (width, height) = image.dimensions();
     let (new_width, new_height) = if width <= height {
-        (size, (size as u64 * height as u64 / width.max(1) as u64) as u32)
+        (
+            size,
+            (size as u64 * height as u64 / width.max(1) as u64) as u32,
+        )
     } else {
-        ((size as u64 * width as u64 / height.max(1) as u64) as u32, size)
+        (
+            (size as u64 * width as u64 / height.max(1) as u64) as u32,
+            size,
+        )
     };
     if (new_width, new_height) == (width, height) {
         return image.clone();
@@ -180,14 +185,7 @@ fn random_crop_origin(width: u32, height: u32, size: u32, rng: &mut SampleRng) -
 fn square_center_crop(image: &RgbImage) -> RgbImage {
     let (width, height) = image.dimensions();
     let crop = width.min(height);
-    imageops::crop_imm(
-        image,
-        (width - crop) / 2,
-        (height - crop) / 2,
-        crop,
-        crop,
-    )
-    .to_image()
+    imageops::crop_imm(image, (width - crop) / 2, (height - crop) / 2, crop, crop).to_image()
 }
 
 /// HWC u8 -> CHW float32 in [-1, 1] (`(x / 255 - 0.5) / 0.5`).
@@ -267,7 +265,10 @@ mod tests {
             message.starts_with(&format!("{}: cannot decode this image:", bad.display())),
             "{message}"
         );
-        assert!(message.ends_with("; remove or replace the file"), "{message}");
+        assert!(
+            message.ends_with("; remove or replace the file"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -17,8 +17,8 @@
 //!   batch's weights against the instance half).
 use super::TrainError;
 use super::common::{
-    self, Callbacks, DiffusionModel, LossSpec, MixedPrecision, Optimizer, OptimizerKind,
-    SampleRng, StepBatch, StepReport, TrainOutcome,
+    self, Callbacks, DiffusionModel, LossSpec, MixedPrecision, Optimizer, OptimizerKind, SampleRng,
+    StepBatch, StepReport, TrainOutcome,
 };
 use super::data::{self, Transform};
 use super::driver::{self, DriverSettings, TrainingMethod};
@@ -184,7 +184,7 @@ impl DreamBoothConfig {
         if self.checkpointing_steps == 0 {
             return fail("checkpointing_steps", "must be at least 1");
         }
-        if self.resolution == 0 || self.resolution % 8 != 0 {
+        if self.resolution == 0 || !self.resolution.is_multiple_of(common::RESOLUTION_MULTIPLE) {
             return fail("resolution", "must be a positive multiple of 8");
         }
         self.mixed_precision.weight_kind(self.device).map(|_| ())
@@ -193,7 +193,9 @@ impl DreamBoothConfig {
     /// The learning rate after `--scale_lr` (times accumulation and batch size).
     pub fn effective_learning_rate(&self) -> f64 {
         if self.scale_lr {
-            self.learning_rate * self.gradient_accumulation_steps as f64 * self.train_batch_size as f64
+            self.learning_rate
+                * self.gradient_accumulation_steps as f64
+                * self.train_batch_size as f64
         } else {
             self.learning_rate
         }
@@ -227,24 +229,37 @@ impl DreamBoothTrainer {
         config.validate()?;
         let device = config.device;
         let weight_kind = config.mixed_precision.weight_kind(device)?;
-        let folder = ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
-        let tokenizer = ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(TrainError::model)?;
-        let text_kind = if config.train_text_encoder { Kind::Float } else { weight_kind };
+        let folder =
+            ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
+        let tokenizer =
+            ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(TrainError::model)?;
+        let text_kind = if config.train_text_encoder {
+            Kind::Float
+        } else {
+            weight_kind
+        };
         let (mut text_encoder_store, text_encoder) =
-            ClipTextModel::load(&folder.text_encoder_dir(), device, text_kind, None).map_err(TrainError::model)?;
+            ClipTextModel::load(&folder.text_encoder_dir(), device, text_kind, None)
+                .map_err(TrainError::model)?;
         let (unet_store, unet) =
-            UNet2DConditionModel::load(&folder.unet_dir(), device, Kind::Float, None).map_err(TrainError::model)?;
+            UNet2DConditionModel::load(&folder.unet_dir(), device, Kind::Float, None)
+                .map_err(TrainError::model)?;
         let (mut vae_store, vae) =
-            AutoencoderKL::load(&folder.vae_dir(), device, weight_kind, None).map_err(TrainError::model)?;
+            AutoencoderKL::load(&folder.vae_dir(), device, weight_kind, None)
+                .map_err(TrainError::model)?;
         vae_store.freeze();
         if !config.train_text_encoder {
             text_encoder_store.freeze();
         }
-        let scheduler_config = SchedulerConfig::from_file(&folder.scheduler_dir().join("scheduler_config.json"))
-            .map_err(TrainError::model)?;
+        let scheduler_config =
+            SchedulerConfig::from_file(&folder.scheduler_dir().join("scheduler_config.json"))
+                .map_err(TrainError::model)?;
         let prediction = common::prediction_type(&scheduler_config)?;
         let scheduler = DdpmScheduler::new(&scheduler_config).map_err(TrainError::model)?;
-        let trainables = named_trainables(&unet_store, config.train_text_encoder.then_some(&text_encoder_store));
+        let trainables = named_trainables(
+            &unet_store,
+            config.train_text_encoder.then_some(&text_encoder_store),
+        );
         let lr = config.effective_learning_rate();
         let params: Vec<Tensor> = trainables.iter().map(|(_, t)| t.shallow_clone()).collect();
         let optimizer = Optimizer::new(
@@ -279,7 +294,9 @@ impl DreamBoothTrainer {
             weight_kind,
             train_text_encoder: config.train_text_encoder,
             loss_spec: LossSpec {
-                prior_loss_weight: config.with_prior_preservation.then_some(config.prior_loss_weight),
+                prior_loss_weight: config
+                    .with_prior_preservation
+                    .then_some(config.prior_loss_weight),
                 snr_gamma: config.snr_gamma,
             },
             max_grad_norm: config.max_grad_norm,
@@ -351,7 +368,11 @@ impl DreamBoothTrainer {
     /// Clips the global grad norm over the trainable parameters to `max_grad_norm`, takes an
     /// AdamW step with `lr`, zeroes the grads. Returns the norm before clipping.
     pub fn apply_gradients(&mut self, lr: f64) -> f64 {
-        let params: Vec<Tensor> = self.trainables.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let params: Vec<Tensor> = self
+            .trainables
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
         let grad_norm = clip_grad_norm(&params, self.max_grad_norm);
         self.optimizer.set_lr(lr);
         self.optimizer.step();
@@ -365,7 +386,10 @@ impl DreamBoothTrainer {
         let device = batch.latents.device();
         let ids = batch.input_ids.to_device(device);
         let hidden = if self.train_text_encoder {
-            self.text_encoder.forward(&ids).map_err(TrainError::model)?.last_hidden_state
+            self.text_encoder
+                .forward(&ids)
+                .map_err(TrainError::model)?
+                .last_hidden_state
         } else {
             tch::no_grad(|| self.text_encoder.forward(&ids))
                 .map_err(TrainError::model)?
@@ -384,7 +408,10 @@ impl DreamBoothTrainer {
     fn encode_moments(&self, pixels: &Tensor) -> (Tensor, Tensor) {
         tch::no_grad(|| {
             let posterior = self.vae.encode(&pixels.to_kind(self.weight_kind));
-            (posterior.mean.to_kind(Kind::Float), posterior.std.to_kind(Kind::Float))
+            (
+                posterior.mean.to_kind(Kind::Float),
+                posterior.std.to_kind(Kind::Float),
+            )
         })
     }
 }
@@ -404,6 +431,9 @@ fn named_trainables(unet: &VarStore, text_encoder: Option<&VarStore>) -> Vec<(St
     named
 }
 
+/// VAE posterior (mean, std) of one image, float32.
+type Moments = (Tensor, Tensor);
+
 /// Decoded images and prompts of a run, with cached VAE moments when augmentation is off.
 struct DreamBoothData {
     instances: Vec<RgbImage>,
@@ -412,7 +442,7 @@ struct DreamBoothData {
     class_ids: Option<Tensor>,
     transform: Transform,
     /// (mean, std) per instance image, then per class image, when the transform is fixed.
-    cache: Option<(Vec<(Tensor, Tensor)>, Vec<(Tensor, Tensor)>)>,
+    cache: Option<(Vec<Moments>, Vec<Moments>)>,
 }
 
 impl DreamBoothData {
@@ -441,16 +471,26 @@ impl DreamBoothData {
             cache: None,
         };
         if !transform.is_random() {
-            loaded.cache = Some((loaded.encode_all(&loaded.instances, trainer, config.device), loaded.encode_all(&loaded.classes, trainer, config.device)));
+            loaded.cache = Some((
+                loaded.encode_all(&loaded.instances, trainer, config.device),
+                loaded.encode_all(&loaded.classes, trainer, config.device),
+            ));
         }
         Ok(loaded)
     }
 
-    fn encode_all(&self, images: &[RgbImage], trainer: &DreamBoothTrainer, device: Device) -> Vec<(Tensor, Tensor)> {
+    fn encode_all(
+        &self,
+        images: &[RgbImage],
+        trainer: &DreamBoothTrainer,
+        device: Device,
+    ) -> Vec<(Tensor, Tensor)> {
         images
             .iter()
             .map(|image| {
-                let pixels = self.transform.apply(image, &mut SampleRng::for_sample(0, 0));
+                let pixels = self
+                    .transform
+                    .apply(image, &mut SampleRng::for_sample(0, 0));
                 trainer.encode_moments(&pixels.unsqueeze(0).to_device(device))
             })
             .collect()
@@ -491,12 +531,14 @@ impl DreamBoothData {
                 None => {
                     let mut rng = SampleRng::for_sample(config.seed, sample);
                     instance_pixels.push(self.transform.apply(&self.instances[instance], &mut rng));
-                    class_pixels.extend(class.map(|c| self.transform.apply(&self.classes[c], &mut rng)));
+                    class_pixels
+                        .extend(class.map(|c| self.transform.apply(&self.classes[c], &mut rng)));
                 }
             }
         }
         let (mean, std) = if self.cache.is_some() {
-            let all: Vec<&(Tensor, Tensor)> = instance_moments.into_iter().chain(class_moments).collect();
+            let all: Vec<&(Tensor, Tensor)> =
+                instance_moments.into_iter().chain(class_moments).collect();
             let means: Vec<&Tensor> = all.iter().map(|(m, _)| m).collect();
             let stds: Vec<&Tensor> = all.iter().map(|(_, s)| s).collect();
             (Tensor::cat(&means, 0), Tensor::cat(&stds, 0))
@@ -572,7 +614,10 @@ impl TrainingMethod for Run<'_> {
 
 /// Runs DreamBooth training: resumes from the latest checkpoint in `work_dir` when asked,
 /// writes `metrics.jsonl` and, at the end, a complete diffusers folder into `output_dir`.
-pub fn train(config: &DreamBoothConfig, callbacks: &mut Callbacks) -> Result<TrainOutcome, TrainError> {
+pub fn train(
+    config: &DreamBoothConfig,
+    callbacks: &mut Callbacks,
+) -> Result<TrainOutcome, TrainError> {
     config.validate()?;
     let instance_count = data::list_images(&config.instance_data_dir, "instance_data_dir")?.len();
     let class_count = match (&config.class_data_dir, config.with_prior_preservation) {
@@ -598,16 +643,23 @@ pub fn train(config: &DreamBoothConfig, callbacks: &mut Callbacks) -> Result<Tra
         seed: config.seed,
         dataset_sizes: data.sizes(),
     };
-    let mut run = Run { trainer, data, config };
+    let mut run = Run {
+        trainer,
+        data,
+        config,
+    };
     let result = driver::run(&mut run, &settings, callbacks)?;
-    let base = ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
+    let base =
+        ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
     let trainer = &run.trainer;
     output::write_model_folder(
         &base,
         &config.output_dir,
         &NewWeights {
             unet: Some(&trainer.unet_store),
-            text_encoder: config.train_text_encoder.then_some(&trainer.text_encoder_store),
+            text_encoder: config
+                .train_text_encoder
+                .then_some(&trainer.text_encoder_store),
             added_tokens: &[],
         },
     )?;

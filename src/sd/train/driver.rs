@@ -51,7 +51,8 @@ pub(crate) fn run(
     } else {
         None
     };
-    let mut last_checkpoint = resumed_from.map(|step| checkpoint::checkpoint_dir(settings.work_dir, step));
+    let mut last_checkpoint =
+        resumed_from.map(|step| checkpoint::checkpoint_dir(settings.work_dir, step));
     let metrics = MetricsLog::open(settings.metrics_dir, trainer.step())?;
     let mut final_loss = None;
     while trainer.step() < settings.total_steps {
@@ -80,7 +81,10 @@ pub(crate) fn run(
         metrics.append(&progress)?;
         (callbacks.on_progress)(&progress);
         final_loss = Some(report.loss);
-        if trainer.step() % settings.checkpointing_steps.max(1) == 0 {
+        if trainer
+            .step()
+            .is_multiple_of(settings.checkpointing_steps.max(1))
+        {
             last_checkpoint = Some(save(trainer, settings, Some(report.lr))?);
         }
     }
@@ -90,7 +94,10 @@ pub(crate) fn run(
     })
 }
 
-fn resume(trainer: &mut dyn TrainingMethod, settings: &DriverSettings) -> Result<Option<u64>, TrainError> {
+fn resume(
+    trainer: &mut dyn TrainingMethod,
+    settings: &DriverSettings,
+) -> Result<Option<u64>, TrainError> {
     let Some(found) = checkpoint::latest(settings.work_dir)? else {
         return Ok(None);
     };

@@ -40,7 +40,10 @@ pub enum TrainError {
     #[error("gradient checkpointing: {0}")]
     Checkpointing(String),
     #[error("training option '{field}': {problem}")]
-    Config { field: &'static str, problem: String },
+    Config {
+        field: &'static str,
+        problem: String,
+    },
     #[error("{path}: {problem}")]
     Data { path: PathBuf, problem: String },
     #[error("{0}")]
@@ -64,7 +67,10 @@ fn checkpoint_hint(checkpoint: &Option<PathBuf>) -> String {
             "The last good checkpoint is {}; lower learning_rate (or check the data) and resume from it",
             dir.display()
         ),
-        None => "No checkpoint was written yet; lower learning_rate (or check the data) and start again".to_string(),
+        None => {
+            "No checkpoint was written yet; lower learning_rate (or check the data) and start again"
+                .to_string()
+        }
     }
 }
 

@@ -29,7 +29,11 @@ pub struct NewWeights<'a> {
 
 /// Writes a diffusers folder at `out` from `base` with `new` weights (float32). Components
 /// without new weights are copied file by file.
-pub fn write_model_folder(base: &ModelFolder, out: &Path, new: &NewWeights) -> Result<(), TrainError> {
+pub fn write_model_folder(
+    base: &ModelFolder,
+    out: &Path,
+    new: &NewWeights,
+) -> Result<(), TrainError> {
     create_dir(out)?;
     copy_file(&base.root().join(MODEL_INDEX), &out.join(MODEL_INDEX))?;
     copy_dir(&base.vae_dir(), &out.join("vae"))?;
@@ -116,7 +120,10 @@ pub fn add_tokens_to_tokenizer_dir(dir: &Path, tokens: &[(String, i64)]) -> Resu
 
 /// `learned_embeds.safetensors`: `{placeholder_token: [num_vectors, dim]}` (diffusers).
 pub fn write_learned_embeds(file: &Path, token: &str, embeds: &Tensor) -> Result<(), TrainError> {
-    write_tensors(file, &[(token.to_string(), embeds.detach().to_kind(Kind::Float))])
+    write_tensors(
+        file,
+        &[(token.to_string(), embeds.detach().to_kind(Kind::Float))],
+    )
 }
 
 /// An A1111 / ComfyUI embedding: one tensor `emb_params` [num_vectors, dim]; the prompt word
@@ -124,7 +131,10 @@ pub fn write_learned_embeds(file: &Path, token: &str, embeds: &Tensor) -> Result
 pub fn write_a1111_embedding(file: &Path, embeds: &Tensor) -> Result<(), TrainError> {
     write_tensors(
         file,
-        &[(A1111_EMBEDDING_KEY.to_string(), embeds.detach().to_kind(Kind::Float))],
+        &[(
+            A1111_EMBEDDING_KEY.to_string(),
+            embeds.detach().to_kind(Kind::Float),
+        )],
     )
 }
 

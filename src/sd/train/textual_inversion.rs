@@ -14,8 +14,8 @@
 //! learning rate is 5e-4 (the README's recipe; the script's argparse default is 1e-4).
 use super::TrainError;
 use super::common::{
-    self, Callbacks, DiffusionModel, LossSpec, MixedPrecision, Optimizer, OptimizerKind,
-    SampleRng, StepBatch, StepReport, TrainOutcome,
+    self, Callbacks, DiffusionModel, LossSpec, MixedPrecision, Optimizer, OptimizerKind, SampleRng,
+    StepBatch, StepReport, TrainOutcome,
 };
 use super::data::{self, Transform};
 use super::driver::{self, DriverSettings, TrainingMethod};
@@ -242,7 +242,7 @@ impl TextualInversionConfig {
         if self.checkpointing_steps == 0 {
             return fail("checkpointing_steps", "must be at least 1");
         }
-        if self.resolution == 0 || self.resolution % 8 != 0 {
+        if self.resolution == 0 || !self.resolution.is_multiple_of(common::RESOLUTION_MULTIPLE) {
             return fail("resolution", "must be a positive multiple of 8");
         }
         self.mixed_precision.weight_kind(self.device).map(|_| ())
@@ -250,7 +250,9 @@ impl TextualInversionConfig {
 
     pub fn effective_learning_rate(&self) -> f64 {
         if self.scale_lr {
-            self.learning_rate * self.gradient_accumulation_steps as f64 * self.train_batch_size as f64
+            self.learning_rate
+                * self.gradient_accumulation_steps as f64
+                * self.train_batch_size as f64
         } else {
             self.learning_rate
         }
@@ -292,8 +294,10 @@ impl TextualInversionTrainer {
         config.validate()?;
         let device = config.device;
         let weight_kind = config.mixed_precision.weight_kind(device)?;
-        let folder = ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
-        let mut tokenizer = ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(TrainError::model)?;
+        let folder =
+            ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
+        let mut tokenizer =
+            ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(TrainError::model)?;
         let initializer_id = single_token_id(&tokenizer, &config.initializer_token)?;
         let placeholder_tokens = config.placeholder_tokens();
         let mut ids = Vec::with_capacity(placeholder_tokens.len());
@@ -304,24 +308,30 @@ impl TextualInversionTrainer {
             })?);
         }
         let (mut text_encoder_store, mut text_encoder) =
-            ClipTextModel::load(&folder.text_encoder_dir(), device, Kind::Float, None).map_err(TrainError::model)?;
+            ClipTextModel::load(&folder.text_encoder_dir(), device, Kind::Float, None)
+                .map_err(TrainError::model)?;
         let initial_rows = text_encoder
             .token_embedding()
             .get(initializer_id)
             .detach()
             .unsqueeze(0)
             .repeat([ids.len() as i64, 1]);
-        text_encoder.append_token_embeddings(&initial_rows).map_err(TrainError::model)?;
+        text_encoder
+            .append_token_embeddings(&initial_rows)
+            .map_err(TrainError::model)?;
         text_encoder_store.freeze();
         let embedding = text_encoder.token_embedding().set_requires_grad(true);
         let (mut unet_store, unet) =
-            UNet2DConditionModel::load(&folder.unet_dir(), device, weight_kind, None).map_err(TrainError::model)?;
+            UNet2DConditionModel::load(&folder.unet_dir(), device, weight_kind, None)
+                .map_err(TrainError::model)?;
         let (mut vae_store, vae) =
-            AutoencoderKL::load(&folder.vae_dir(), device, weight_kind, None).map_err(TrainError::model)?;
+            AutoencoderKL::load(&folder.vae_dir(), device, weight_kind, None)
+                .map_err(TrainError::model)?;
         unet_store.freeze();
         vae_store.freeze();
-        let scheduler_config = SchedulerConfig::from_file(&folder.scheduler_dir().join("scheduler_config.json"))
-            .map_err(TrainError::model)?;
+        let scheduler_config =
+            SchedulerConfig::from_file(&folder.scheduler_dir().join("scheduler_config.json"))
+                .map_err(TrainError::model)?;
         let prediction = common::prediction_type(&scheduler_config)?;
         let scheduler = DdpmScheduler::new(&scheduler_config).map_err(TrainError::model)?;
         let lr = config.effective_learning_rate();
@@ -397,7 +407,11 @@ impl TextualInversionTrainer {
     pub fn learned_embeddings(&self) -> Tensor {
         self.text_encoder
             .token_embedding()
-            .narrow(0, self.first_placeholder_id, self.placeholder_tokens.len() as i64)
+            .narrow(
+                0,
+                self.first_placeholder_id,
+                self.placeholder_tokens.len() as i64,
+            )
             .detach()
             .copy()
     }
@@ -435,7 +449,11 @@ impl TextualInversionTrainer {
     /// weight dtype, loss in float32).
     pub fn batch_loss(&self, batch: &StepBatch) -> Result<Tensor, TrainError> {
         let ids = batch.input_ids.to_device(batch.latents.device());
-        let hidden = self.text_encoder.forward(&ids).map_err(TrainError::model)?.last_hidden_state;
+        let hidden = self
+            .text_encoder
+            .forward(&ids)
+            .map_err(TrainError::model)?
+            .last_hidden_state;
         let model = DiffusionModel {
             unet: &self.unet,
             unet_kind: self.weight_kind,
@@ -459,7 +477,10 @@ impl TextualInversionTrainer {
     fn encode_moments(&self, pixels: &Tensor) -> (Tensor, Tensor) {
         tch::no_grad(|| {
             let posterior = self.vae.encode(&pixels.to_kind(self.weight_kind));
-            (posterior.mean.to_kind(Kind::Float), posterior.std.to_kind(Kind::Float))
+            (
+                posterior.mean.to_kind(Kind::Float),
+                posterior.std.to_kind(Kind::Float),
+            )
         })
     }
 }
@@ -489,7 +510,10 @@ struct TiData {
 }
 
 impl TiData {
-    fn load(config: &TextualInversionConfig, trainer: &TextualInversionTrainer) -> Result<Self, TrainError> {
+    fn load(
+        config: &TextualInversionConfig,
+        trainer: &TextualInversionTrainer,
+    ) -> Result<Self, TrainError> {
         let images = data::load_folder(&config.train_data_dir, "train_data_dir")?;
         let placeholder_string = trainer.placeholder_tokens.join(" ");
         let template_ids = config
@@ -534,12 +558,16 @@ impl TiData {
             ids.push(self.template_ids[template].shallow_clone());
             pixels.push(self.transform.apply(&self.images[index], &mut rng));
         }
-        let (mean, std) = trainer.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device));
+        let (mean, std) =
+            trainer.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device));
         common::seed_step_tensors(config.seed, step, micro);
         let epsilon = Tensor::randn(mean.size(), (Kind::Float, mean.device()));
         let latents = (&mean + &std * epsilon) * trainer.vae.scaling_factor();
-        let (noise, timesteps) =
-            common::draw_noise_and_timesteps(&latents, false, trainer.scheduler.num_train_timesteps())?;
+        let (noise, timesteps) = common::draw_noise_and_timesteps(
+            &latents,
+            false,
+            trainer.scheduler.num_train_timesteps(),
+        )?;
         Ok(StepBatch {
             latents,
             noise,
@@ -593,7 +621,10 @@ impl TrainingMethod for Run<'_> {
 }
 
 /// Runs textual inversion and writes the embedding files and the full model folder.
-pub fn train(config: &TextualInversionConfig, callbacks: &mut Callbacks) -> Result<TrainOutcome, TrainError> {
+pub fn train(
+    config: &TextualInversionConfig,
+    callbacks: &mut Callbacks,
+) -> Result<TrainOutcome, TrainError> {
     config.validate()?;
     let image_count = data::list_images(&config.train_data_dir, "train_data_dir")?.len();
     let total = common::total_steps(
@@ -615,7 +646,11 @@ pub fn train(config: &TextualInversionConfig, callbacks: &mut Callbacks) -> Resu
         seed: config.seed,
         dataset_sizes: vec![data.images.len()],
     };
-    let mut run = Run { trainer, data, config };
+    let mut run = Run {
+        trainer,
+        data,
+        config,
+    };
     let result = driver::run(&mut run, &settings, callbacks)?;
     write_outputs(config, &run.trainer)?;
     Ok(TrainOutcome {
@@ -627,14 +662,22 @@ pub fn train(config: &TextualInversionConfig, callbacks: &mut Callbacks) -> Resu
 }
 
 /// The embedding files and the full diffusers folder of a trained placeholder.
-pub fn write_outputs(config: &TextualInversionConfig, trainer: &TextualInversionTrainer) -> Result<(), TrainError> {
+pub fn write_outputs(
+    config: &TextualInversionConfig,
+    trainer: &TextualInversionTrainer,
+) -> Result<(), TrainError> {
     let out = &config.output_dir;
     std::fs::create_dir_all(out).map_err(|e| common::io_error(out, "create the directory", e))?;
     let embeds = trainer.learned_embeddings();
-    output::write_learned_embeds(&out.join(output::LEARNED_EMBEDS_FILE), &config.placeholder_token, &embeds)?;
+    output::write_learned_embeds(
+        &out.join(output::LEARNED_EMBEDS_FILE),
+        &config.placeholder_token,
+        &embeds,
+    )?;
     let a1111_name = format!("{}.safetensors", file_stem_for(&config.placeholder_token));
     output::write_a1111_embedding(&out.join(a1111_name), &embeds)?;
-    let base = ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
+    let base =
+        ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
     output::write_model_folder(
         &base,
         &out.join(MODEL_SUBDIR),
@@ -652,5 +695,9 @@ pub fn file_stem_for(token: &str) -> String {
         .chars()
         .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.'))
         .collect();
-    if stem.is_empty() { "embedding".to_string() } else { stem }
+    if stem.is_empty() {
+        "embedding".to_string()
+    } else {
+        stem
+    }
 }
