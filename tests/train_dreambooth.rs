@@ -466,37 +466,51 @@ fn unsupported_options_are_rejected_with_the_option_name() {
     );
 }
 
-/// Seconds per step and peak RSS of a tiny CPU run (resolution 64, batch 1, prior
+/// User + system CPU seconds of this process (/proc/self/stat fields 14 and 15, in clock
+/// ticks of 1/100 s on Linux).
+fn cpu_seconds() -> f64 {
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / TICKS_PER_SECOND
+}
+
+/// Wall and CPU seconds per step and peak RSS of a tiny CPU run (resolution 64, batch 1, prior
 /// preservation). Not a timed test: run with `--ignored --nocapture`, one at a time.
 fn benchmark(train_text_encoder: bool) {
+    const STEPS: u64 = 10;
+    const WARMUP: usize = 2;
     let data = synthetic_data();
     let out = tempfile::tempdir().unwrap();
-    let mut config = tiny_run_config(data.path(), out.path(), 10);
+    let mut config = tiny_run_config(data.path(), out.path(), STEPS);
     config.train_text_encoder = train_text_encoder;
     config.random_flip = false;
     config.center_crop = true;
-    let start = std::time::Instant::now();
-    let mut times = Vec::new();
-    let mut last = std::time::Instant::now();
-    let mut on_progress = |_: &Progress| {
-        times.push(last.elapsed().as_secs_f64());
-        last = std::time::Instant::now();
-    };
+    let mut marks = Vec::new();
+    let mut on_progress = |_: &Progress| marks.push((std::time::Instant::now(), cpu_seconds()));
     let cancel = AtomicBool::new(false);
     let mut callbacks = Callbacks {
         on_progress: &mut on_progress,
         cancel: &cancel,
     };
     dreambooth::train(&config, &mut callbacks).unwrap();
-    let steady: f64 = times[2..].iter().sum::<f64>() / (times.len() - 2) as f64;
+    let (first, last) = (marks[WARMUP - 1], marks[marks.len() - 1]);
+    let steps = (marks.len() - WARMUP) as f64;
+    let wall = last.0.duration_since(first.0).as_secs_f64() / steps;
+    let cpu = (last.1 - first.1) / steps;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let peak = status
         .lines()
         .find(|l| l.starts_with("VmHWM"))
         .unwrap_or("VmHWM: ?");
     println!(
-        "dreambooth tiny cpu train_text_encoder={train_text_encoder}: {steady:.3} s/step (steps 3-10), total {:.1} s, {peak}",
-        start.elapsed().as_secs_f64()
+        "dreambooth tiny cpu train_text_encoder={train_text_encoder}: {wall:.3} s/step wall, {cpu:.3} CPU-s/step (steps {}-{STEPS}), {peak}",
+        WARMUP + 1
     );
 }
 
@@ -510,4 +524,85 @@ fn benchmark_unet_only() {
 #[ignore = "benchmark: run alone with --ignored --nocapture"]
 fn benchmark_with_text_encoder() {
     benchmark(true);
+}
+
+#[test]
+fn min_snr_weighting_scales_each_sample_by_min_snr_gamma_over_snr() {
+    use dreampipe::sd::schedulers::{DdpmScheduler, SchedulerConfig};
+    use dreampipe::sd::train::loss::compute_snr;
+    let dir = tempfile::tempdir().unwrap();
+    let golden = tensors(&Path::new(FIXTURES).join("dreambooth.safetensors"));
+    let batch = |start: i64, len: i64| StepBatch {
+        latents: golden["latents"].narrow(0, start, len),
+        noise: golden["noise"].narrow(0, start, len),
+        timesteps: golden["timesteps"].narrow(0, start, len),
+        input_ids: golden["input_ids"].narrow(0, start, len),
+    };
+    let mut plain_config = golden_config(dir.path());
+    plain_config.with_prior_preservation = false;
+    let plain = DreamBoothTrainer::new(&plain_config, 1).unwrap();
+    let gamma = 5.0;
+    let mut snr_config = plain_config.clone();
+    snr_config.snr_gamma = Some(gamma);
+    let weighted = DreamBoothTrainer::new(&snr_config, 1).unwrap();
+    let scheduler_config =
+        SchedulerConfig::from_file(Path::new("models/tiny-sd/scheduler/scheduler_config.json"))
+            .unwrap();
+    let scheduler = DdpmScheduler::new(&scheduler_config).unwrap();
+    let snr = compute_snr(
+        scheduler.alphas_cumprod(),
+        &golden["timesteps"].narrow(0, 0, 2),
+    )
+    .unwrap();
+    let mut expected = 0.0;
+    for i in 0..2 {
+        let mse = plain.batch_loss(&batch(i, 1)).unwrap().double_value(&[]);
+        let s = snr.double_value(&[i]);
+        expected += s.min(gamma) / s * mse / 2.0;
+    }
+    let found = weighted.batch_loss(&batch(0, 2)).unwrap().double_value(&[]);
+    assert_rel("min-SNR loss", found, expected, 1e-5);
+    // gamma above every SNR: weights are 1, the plain loss.
+    let mut huge = plain_config.clone();
+    huge.snr_gamma = Some(1e12);
+    let unweighted = DreamBoothTrainer::new(&huge, 1).unwrap();
+    let a = unweighted
+        .batch_loss(&batch(0, 2))
+        .unwrap()
+        .double_value(&[]);
+    let b = plain.batch_loss(&batch(0, 2)).unwrap().double_value(&[]);
+    assert_rel("gamma above all SNRs", a, b, 1e-6);
+}
+
+#[test]
+fn bf16_frozen_modules_8bit_adam_accumulation_and_offset_noise_run() {
+    let _lock = RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let data = synthetic_data();
+    let out = tempfile::tempdir().unwrap();
+    let mut config = tiny_run_config(data.path(), out.path(), 2);
+    config.train_text_encoder = false;
+    config.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
+    config.optimizer = dreampipe::sd::train::common::OptimizerKind::AdamW8bit;
+    config.gradient_accumulation_steps = 2;
+    config.offset_noise = true;
+    config.snr_gamma = Some(5.0);
+    config.lr_scheduler = "constant".to_string();
+    let progress = run(&config, &AtomicBool::new(false), None).unwrap();
+    assert_eq!(progress.len(), 2);
+    assert!(
+        progress
+            .iter()
+            .all(|p| p.loss.is_finite() && p.grad_norm.unwrap().is_finite())
+    );
+    // The frozen text encoder is copied from the base, the UNet is new (float32).
+    let base_te = std::fs::read("models/tiny-sd/text_encoder/model.safetensors").unwrap();
+    let new_te = std::fs::read(config.output_dir.join("text_encoder/model.safetensors")).unwrap();
+    assert_eq!(base_te, new_te);
+    let unet = tensors(
+        &config
+            .output_dir
+            .join("unet/diffusion_pytorch_model.safetensors"),
+    );
+    assert!(unet.values().all(|t| t.kind() == Kind::Float));
+    StableDiffusion::load(&config.output_dir, Device::Cpu, Kind::Float).unwrap();
 }

@@ -18,6 +18,8 @@ const MODEL: &str = "models/tiny-sd";
 const FIXTURES: &str = "tests/fixtures/sd-tiny/training";
 const LOSS_RTOL: f64 = 1e-4;
 const EMBEDDING_ATOL: f64 = 1e-5;
+/// Whole runs seed libtorch's global generator; they must not interleave.
+static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn tensors(file: &Path) -> HashMap<String, Tensor> {
     Tensor::read_safetensors(file)
@@ -152,6 +154,7 @@ fn templates_are_the_scripts_lists() {
 
 #[test]
 fn a_run_writes_embeddings_and_a_loadable_model() {
+    let _lock = RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("images");
     std::fs::create_dir_all(&images).unwrap();
@@ -225,4 +228,60 @@ fn a_run_writes_embeddings_and_a_loadable_model() {
     };
     let result = sd.txt2img(&request, &mut |_, _, _| {}).unwrap();
     assert!(bool::try_from(result.images.isfinite().all()).unwrap());
+}
+
+#[test]
+fn resuming_textual_inversion_gives_the_uninterrupted_embedding() {
+    use std::sync::atomic::Ordering;
+    let _lock = RNG_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let data = tempfile::tempdir().unwrap();
+    let images = data.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for index in 0..3u32 {
+        let image = image::RgbImage::from_fn(64, 80, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 3) as u8, (index * 70) as u8])
+        });
+        image.save(images.join(format!("toy{index}.png"))).unwrap();
+    }
+    let run_config = |name: &str| {
+        let mut config = config(data.path(), "<toy>", "dog");
+        config.output_dir = data.path().join(name).join("out");
+        config.work_dir = data.path().join(name).join("work");
+        config.resolution = 64;
+        config.train_batch_size = 1;
+        config.max_train_steps = Some(4);
+        config.checkpointing_steps = 2;
+        config.learning_rate = 5e-3;
+        config.resume_from_checkpoint = true;
+        config
+    };
+    let train = |config: &TextualInversionConfig, cancel_at: Option<u64>| {
+        let cancel = AtomicBool::new(false);
+        let mut on_progress = |p: &Progress| {
+            if Some(p.step) == cancel_at {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        };
+        let mut callbacks = Callbacks {
+            on_progress: &mut on_progress,
+            cancel: &cancel,
+        };
+        textual_inversion::train(config, &mut callbacks)
+    };
+    let straight = run_config("straight");
+    train(&straight, None).unwrap();
+    let resumed = run_config("resumed");
+    let error = train(&resumed, Some(2)).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("training cancelled at step 2;"),
+        "{error}"
+    );
+    let outcome = train(&resumed, None).unwrap();
+    assert_eq!(outcome.resumed_from, Some(2));
+    let a = tensors(&straight.output_dir.join("learned_embeds.safetensors"));
+    let b = tensors(&resumed.output_dir.join("learned_embeds.safetensors"));
+    let diff = (&a["<toy>"] - &b["<toy>"]).abs().max().double_value(&[]);
+    assert!(diff <= 1e-6, "resumed embedding differs by {diff:e}");
 }
