@@ -197,3 +197,55 @@ pub fn restore_into(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sd::train::common::OptimizerKind;
+    use crate::sd::train::optim::AdamWConfig;
+
+    fn state(step: u64) -> ResumeState {
+        ResumeState {
+            method: "dreambooth".to_string(),
+            step,
+            seed: 7,
+            dataset_sizes: vec![3, 2],
+            lr: Some(1e-4),
+        }
+    }
+
+    #[test]
+    fn checkpoints_are_pruned_and_the_newest_complete_one_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let weight = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let optimizer = Optimizer::new(
+            OptimizerKind::AdamW,
+            &[weight.shallow_clone()],
+            AdamWConfig::default(),
+        );
+        let named = vec![("w".to_string(), weight.shallow_clone())];
+        for step in [1, 2, 3] {
+            write(dir.path(), &state(step), &named, &optimizer, Some(2)).unwrap();
+        }
+        // A crash mid-write leaves only a .tmp directory, which is ignored.
+        std::fs::create_dir_all(dir.path().join("checkpoint-4.tmp")).unwrap();
+        assert!(!checkpoint_dir(dir.path(), 1).exists());
+        assert!(checkpoint_dir(dir.path(), 2).exists());
+        let found = latest(dir.path()).unwrap().unwrap();
+        assert_eq!(found.state, state(3));
+        assert_eq!(found.dir, checkpoint_dir(dir.path(), 3));
+        found.check_matches("dreambooth", 7, &[3, 2]).unwrap();
+        let error = found.check_matches("dreambooth", 8, &[3, 2]).unwrap_err();
+        assert!(
+            error.to_string().contains("belongs to a different run"),
+            "{error}"
+        );
+        let saved = found.weights().unwrap();
+        let target = vec![(
+            "w".to_string(),
+            Tensor::zeros([2], (tch::Kind::Float, tch::Device::Cpu)),
+        )];
+        restore_into(&found.dir, &saved, &target).unwrap();
+        assert!(target[0].1.equal(&weight.detach()));
+    }
+}
