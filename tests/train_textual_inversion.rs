@@ -6,6 +6,7 @@ use dreampipe::sd::clip::ClipTextModel;
 use dreampipe::sd::pipeline::{StableDiffusion, Txt2Img};
 use dreampipe::sd::tokenizer::ClipTokenizer;
 use dreampipe::sd::train::common::{Callbacks, Progress, StepBatch};
+use dreampipe::sd::train::dreambooth::{DreamBoothConfig, DreamBoothTrainer};
 use dreampipe::sd::train::textual_inversion::{
     self, OBJECT_TEMPLATES, STYLE_TEMPLATES, TextualInversionConfig, TextualInversionTrainer,
 };
@@ -228,6 +229,17 @@ fn a_run_writes_embeddings_and_a_loadable_model() {
     };
     let result = sd.txt2img(&request, &mut |_, _, _| {}).unwrap();
     assert!(bool::try_from(result.images.isfinite().all()).unwrap());
+    // Usable as a DreamBooth base: the placeholder stays one token.
+    let base = DreamBoothConfig::new(
+        model_dir.clone(),
+        images.clone(),
+        "a photo of <cat-toy>",
+        dir.path().join("db-out"),
+        dir.path().join("db-work"),
+    );
+    let trainer = DreamBoothTrainer::new(&base, 1).unwrap();
+    let ids = trainer.tokenize("a photo of <cat-toy>");
+    assert_eq!(ids.int64_value(&[0, 4]), 2014);
 }
 
 #[test]
