@@ -1,0 +1,75 @@
+//! Seeing results: labeled image grids (PNG), a self-contained static HTML report of a pipeline
+//! run (stage table, loss / learning-rate curves as inline SVG, validation samples, grids, sweep
+//! comparisons), the `metrics.jsonl` reader, and a headless-Chromium check / screenshot of the
+//! report. Independent of the runner and the SD code: the runner fills [`html::ReportInput`].
+//! Also the live reporters: `progress` (indicatif bars on a terminal, plain lines otherwise) and
+//! the end-of-run `summary` table; they only consume executor events/records.
+pub mod browser;
+pub mod font;
+pub mod grid;
+pub mod html;
+pub mod metrics;
+pub mod progress;
+pub mod summary;
+pub mod svg;
+
+use std::path::PathBuf;
+
+/// Why a grid, a report or a browser check could not be produced.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error(transparent)]
+    Font(#[from] font::FontError),
+    #[error(transparent)]
+    Grid(#[from] grid::GridError),
+    #[error(transparent)]
+    Png(#[from] crate::sd::png::PngError),
+    #[error("{path}: cannot read image: {reason}; give a PNG, JPEG or WebP file")]
+    ImageRead { path: PathBuf, reason: String },
+    #[error("{path}: cannot {action}: {reason}")]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        reason: String,
+    },
+    #[error("{path}:{line}: bad metrics line: {reason}")]
+    Metrics {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error(
+        "headless Chromium not found (tried {tried}); install it (Debian/Ubuntu: `apt-get install -y chromium`) \
+         or set DREAMPIPE_CHROMIUM to the browser binary"
+    )]
+    BrowserMissing { tried: String },
+    #[error("headless Chromium on {page}: {reason}")]
+    Browser { page: PathBuf, reason: String },
+}
+
+/// Escapes text for HTML element content and quoted attribute values (also valid in SVG).
+pub fn escape_html(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&#39;"),
+            other => escaped.push(other),
+        }
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn escapes_markup_and_quotes() {
+        assert_eq!(
+            super::escape_html("<img src=x onerror='a(\"b\")'>&"),
+            "&lt;img src=x onerror=&#39;a(&quot;b&quot;)&#39;&gt;&amp;"
+        );
+    }
+}
