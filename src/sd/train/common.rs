@@ -6,6 +6,7 @@ use super::TrainError;
 use super::adamw8bit::AdamW8bit;
 use super::loss::{self, PredictionType};
 use super::optim::{AdamW, AdamWConfig};
+use crate::sd::rng::{self, GlobalRngGuard};
 use crate::sd::schedulers::{DdpmScheduler, SchedulerConfig};
 use crate::sd::unet::UNet2DConditionModel;
 use std::io::Write;
@@ -211,12 +212,12 @@ fn mix(seed: u64, salt: u64, a: u64, b: u64) -> u64 {
     splitmix64(splitmix64(splitmix64(seed ^ salt).wrapping_add(a)).wrapping_add(b))
 }
 
-/// Seeds libtorch's generators for the tensor draws (VAE sample, noise, timesteps) of
-/// micro-batch `micro` of optimizer step `step`. Deviation from diffusers' single stream:
-/// every step starts from its own seed, so a resumed run draws exactly the same values.
-pub fn seed_step_tensors(seed: u64, step: u64, micro: u64) {
-    // manual_seed takes i64; the bit pattern is what matters.
-    tch::manual_seed(mix(seed, SALT_TENSORS, step, micro) as i64);
+/// Takes the process-wide generator (see `sd::rng`) and seeds it for the tensor draws (VAE
+/// sample, noise, timesteps) of micro-batch `micro` of optimizer step `step`; hold the guard
+/// until the last draw. Deviation from diffusers' single stream: every step starts from its own
+/// seed, so a resumed run draws exactly the same values.
+pub fn seed_step_tensors(seed: u64, step: u64, micro: u64) -> GlobalRngGuard {
+    rng::seed_global(mix(seed, SALT_TENSORS, step, micro))
 }
 
 /// A deterministic stream for the data-side choices of one sample (crop, flip, template).

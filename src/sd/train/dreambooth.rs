@@ -546,7 +546,7 @@ impl DreamBoothData {
             let pixels: Vec<Tensor> = instance_pixels.into_iter().chain(class_pixels).collect();
             trainer.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device))
         };
-        common::seed_step_tensors(config.seed, step, micro);
+        let _rng = common::seed_step_tensors(config.seed, step, micro);
         let epsilon = Tensor::randn(mean.size(), (Kind::Float, mean.device()));
         let latents = (&mean + &std * epsilon) * trainer.vae.scaling_factor();
         let (noise, timesteps) = common::draw_noise_and_timesteps(

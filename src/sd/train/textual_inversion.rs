@@ -560,7 +560,7 @@ impl TiData {
         }
         let (mean, std) =
             trainer.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device));
-        common::seed_step_tensors(config.seed, step, micro);
+        let _rng = common::seed_step_tensors(config.seed, step, micro);
         let epsilon = Tensor::randn(mean.size(), (Kind::Float, mean.device()));
         let latents = (&mean + &std * epsilon) * trainer.vae.scaling_factor();
         let (noise, timesteps) = common::draw_noise_and_timesteps(
