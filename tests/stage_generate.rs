@@ -39,7 +39,10 @@ fn images_equal_sample_with_seed_plus_index_for_any_batch_size() {
         sample(&reference, PROMPT, SEED + index, "ddim");
         assert_eq!(pixels(&reference).0, 64);
         let one_by_one = max_level_difference(&single.join(&name), &reference);
-        assert_eq!(one_by_one, 0, "{name} (batch_size 1) differs by {one_by_one} levels");
+        assert_eq!(
+            one_by_one, 0,
+            "{name} (batch_size 1) differs by {one_by_one} levels"
+        );
         let batched = max_level_difference(&batch.join(&name), &reference);
         assert!(
             batched <= BATCH_LEVELS,
@@ -50,7 +53,10 @@ fn images_equal_sample_with_seed_plus_index_for_any_batch_size() {
         &batch.join("images/0001.png"),
         &dir.path().join("sample-0.png"),
     );
-    assert!(other_seed > BATCH_LEVELS, "seeds 7 and 8 gave the same image");
+    assert!(
+        other_seed > BATCH_LEVELS,
+        "seeds 7 and 8 gave the same image"
+    );
     let parameters = read_parameters_text(&single.join("images/0001.png"))
         .expect("read PNG")
         .expect("parameters chunk");
@@ -74,7 +80,9 @@ fn raising_count_reuses_memoized_images_and_rerun_is_cached() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cache = dir.path().join("cache");
     run_ok(&cache, &write_pipeline(dir.path(), 2, 1, "euler-a"));
-    let first = stage_output(&cache, "gen", "class").canonicalize().expect("output");
+    let first = stage_output(&cache, "gen", "class")
+        .canonicalize()
+        .expect("output");
     assert!(stage_log(&cache, "gen", "class").contains("generate: 2 generated, 0 reused"));
 
     let pipeline = write_pipeline(dir.path(), 3, 1, "euler-a");
@@ -82,7 +90,9 @@ fn raising_count_reuses_memoized_images_and_rerun_is_cached() {
     assert!(rerun.contains("[run]     class"), "{rerun}");
     let log = stage_log(&cache, "gen", "class");
     assert!(log.contains("generate: 1 generated, 2 reused"), "{log}");
-    let second = stage_output(&cache, "gen", "class").canonicalize().expect("output");
+    let second = stage_output(&cache, "gen", "class")
+        .canonicalize()
+        .expect("output");
     assert_ne!(first, second);
     for name in ["images/0000.png", "images/0001.png"] {
         assert_eq!(
@@ -93,7 +103,10 @@ fn raising_count_reuses_memoized_images_and_rerun_is_cached() {
     }
     let reference = dir.path().join("sample-2.png");
     sample(&reference, PROMPT, SEED + 2, "euler-a");
-    assert_eq!(max_level_difference(&second.join("images/0002.png"), &reference), 0);
+    assert_eq!(
+        max_level_difference(&second.join("images/0002.png"), &reference),
+        0
+    );
 
     let cached = run_ok(&cache, &pipeline);
     assert!(cached.contains("[cached]  class"), "{cached}");

@@ -77,8 +77,17 @@ fn grids_have_one_row_per_model_and_scheduler_and_one_column_per_seed() {
     let text = read_parameters_text(&from_stage)
         .expect("read PNG")
         .expect("parameters chunk");
-    assert!(text.starts_with(&format!("{}\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 4, Size: 64x64", PROMPTS[1])), "{text}");
-    assert!(text.ends_with("Model: copy, dreampipe stage: grid"), "{text}");
+    assert!(
+        text.starts_with(&format!(
+            "{}\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 4, Size: 64x64",
+            PROMPTS[1]
+        )),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("Model: copy, dreampipe stage: grid"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -107,7 +116,11 @@ fn a_swept_model_stage_fans_the_grid_out_per_variant() {
     let yaml = "stages:\n  copy:\n    kind: command\n    matrix:\n      run: ['echo a', 'echo b']\n  grid:\n    kind: sample_grid\n    models: [copy]\n    prompts: [a dog]\n";
     std::fs::write(&path, yaml).expect("write");
     let pipeline = dreampipe::pipeline::load(&path, &Default::default()).expect("valid");
-    let grids: Vec<_> = pipeline.stages.iter().filter(|s| s.name == "grid").collect();
+    let grids: Vec<_> = pipeline
+        .stages
+        .iter()
+        .filter(|s| s.name == "grid")
+        .collect();
     assert_eq!(grids.len(), 2);
     let mut upstreams: Vec<usize> = grids
         .iter()

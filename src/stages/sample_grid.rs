@@ -279,7 +279,8 @@ impl Grid {
                         "guidance": request.guidance,
                     }));
                     *done += 1;
-                    ctx.progress.step_with_metric(*done, self.total(), "seed", seed as f64);
+                    ctx.progress
+                        .step_with_metric(*done, self.total(), "seed", seed as f64);
                 }
             }
         }
@@ -307,7 +308,10 @@ impl Grid {
                 })
                 .collect();
             let grid_error = |e: crate::report::ReportError| {
-                StageError::Failed(format!("stage `{}`: grid {prompt_index}: {e}", ctx.stage_id))
+                StageError::Failed(format!(
+                    "stage `{}`: grid {prompt_index}: {e}",
+                    ctx.stage_id
+                ))
             };
             let spec = GridSpec::from_paths(
                 Some(prompt.clone()),

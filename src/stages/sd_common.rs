@@ -16,8 +16,15 @@ pub const DTYPE_NAMES: &str = "f32, f16, bf16";
 pub const STAGE_FIELD: &str = "dreampipe stage";
 
 /// A failure of the stage named in `ctx`, about `field`.
-pub fn field_error(ctx: &StageContext<'_>, field: &str, message: impl std::fmt::Display) -> StageError {
-    StageError::Failed(format!("stage `{}`: field `{field}`: {message}", ctx.stage_id))
+pub fn field_error(
+    ctx: &StageContext<'_>,
+    field: &str,
+    message: impl std::fmt::Display,
+) -> StageError {
+    StageError::Failed(format!(
+        "stage `{}`: field `{field}`: {message}",
+        ctx.stage_id
+    ))
 }
 
 /// The libtorch kind of the `dtype` field.
@@ -43,7 +50,6 @@ pub fn parse_scheduler(
     name.map(|text| text.parse().map_err(|e| field_error(ctx, field, e)))
         .transpose()
 }
-
 
 /// The model from the pool (loaded once per process, device and kind).
 pub fn load_model(
@@ -111,7 +117,10 @@ pub fn model_hash(dir: &Path) -> String {
 }
 
 /// Writes `manifest.json` into the output folder.
-pub fn write_manifest(ctx: &StageContext<'_>, manifest: &serde_json::Value) -> Result<(), StageError> {
+pub fn write_manifest(
+    ctx: &StageContext<'_>,
+    manifest: &serde_json::Value,
+) -> Result<(), StageError> {
     let path = ctx.out_dir.join("manifest.json");
     let text = serde_json::to_string_pretty(manifest)
         .map_err(|e| StageError::Failed(format!("stage `{}`: manifest: {e}", ctx.stage_id)))?;
