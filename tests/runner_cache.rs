@@ -252,10 +252,19 @@ fn explain_names_changed_fields_files_and_upstreams() {
             "  - file `data/x.txt` changed"
         ]
     );
-    let (_, stdout, _) = project.dreampipe(&["explain", "p.yaml", "b"]);
+    let (_, stdout, _) = project.dreampipe(&[
+        "explain",
+        "p.yaml",
+        "b",
+        "--set",
+        "b.run=echo new > $OUT/b.txt",
+    ]);
     assert_eq!(
-        stdout.lines().nth(1),
-        Some("  - upstream `a` will run first")
+        stdout.lines().skip(1).collect::<Vec<_>>(),
+        [
+            "  - upstream `a` will run first",
+            "  - `run` changed cat $IN_A/a.txt > $OUT/b.txt; echo b >> $OUT/b.txt → echo new > $OUT/b.txt"
+        ]
     );
     assert!(project.run("p.yaml", &[]).success());
     project.write("data/x.txt", "x3\n");

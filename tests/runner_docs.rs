@@ -71,3 +71,19 @@ fn presets_of_registered_kinds_validate() {
     }
     assert!(checked >= 1);
 }
+
+#[test]
+fn the_runner_tour_example_validates_and_expands() {
+    let pipeline = dreampipe::pipeline::load(
+        Path::new("pipelines/examples/runner-tour.yaml"),
+        &LoadOptions::default(),
+    )
+    .expect("valid");
+    let ids: Vec<&str> = pipeline.stages.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids.len(), 5);
+    assert_eq!(ids[0], "model_files");
+    assert_eq!(
+        ids[3],
+        "count[run=head -n 2 $IN_MODEL_FILES/listing.txt > $OUT/head.txt]"
+    );
+}

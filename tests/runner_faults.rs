@@ -34,8 +34,7 @@ stages:
       else
         echo partial > $OUT/partial.txt
         echo step-1 > $WORK/checkpoint
-        sleep 60
-        echo finished > $OUT/status.txt
+        exec sleep 60  # exec: the kernel's parent-death signal then reaches the sleep itself
       fi
 "#,
     );
@@ -217,6 +216,12 @@ fn gc_keeps_what_pipelines_reference_and_removes_old_results() {
             .success()
     );
     assert_eq!(project.result_count(), 2);
+    let (_, listing, _) = project.dreampipe(&["cache", "ls"]);
+    let stages: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(stages, ["a", "a"], "{listing}");
     let (ok, stdout, _) = project.dreampipe(&["cache", "gc", "p.yaml", "--keep-last", "0"]);
     assert!(ok);
     assert_eq!(
@@ -277,4 +282,32 @@ fn ctrl_c_cancels_running_stages_promptly_and_commits_nothing_partial() {
         staging.is_empty(),
         "the cancelled stage's staging folder is removed"
     );
+}
+
+#[test]
+fn gc_keeps_results_a_running_stage_is_reading() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: echo a > $OUT/a.txt\n  b:\n    kind: command\n    needs: a\n    run: touch $WORK/started; sleep 1; cat $IN_A/a.txt > $OUT/b.txt\n",
+    );
+    let child = project
+        .command(&["run", "p.yaml", "--plain"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    while find_file_named(&project.cache().join("work"), "started").is_none() {
+        assert!(started.elapsed() < WAIT_LIMIT, "b never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, stdout, _) = project.dreampipe(&["cache", "gc", "--keep-last", "0"]);
+    assert!(ok);
+    assert_eq!(
+        stdout,
+        "removed 0 result(s), 0 object(s) (0 bytes), 0 stale staging folder(s)\nkept 1 result(s) in use by a running stage\n"
+    );
+    let run = to_result(child.wait_with_output().expect("wait"));
+    assert!(run.success(), "{}", run.stdout);
+    assert_eq!(project.read("cache/runs/p/b/b.txt"), "a\n");
 }

@@ -338,3 +338,59 @@ fn images_stage_normalizes_a_folder_and_names_a_broken_file() {
         "{error}"
     );
 }
+
+/// A kind whose code panics: the run reports a failure, never a crash or a success.
+struct Panicking;
+
+impl Stage for Panicking {
+    fn kind(&self) -> &'static str {
+        "panics"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "test stage"
+    }
+    fn schema(&self) -> Vec<ParamSpec> {
+        Vec::new()
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
+        panic!("bug in a stage");
+    }
+}
+
+#[test]
+fn a_panicking_stage_fails_alone_and_leaves_no_staging() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = registry().with(Arc::new(Panicking));
+    let text = "stages:\n  boom:\n    kind: panics\n  after:\n    kind: command\n    needs: boom\n    run: echo x > $OUT/x\n  fine:\n    kind: command\n    run: echo y > $OUT/y\n";
+    let pipeline = load_str(
+        text,
+        &dir.path().join("p.yaml"),
+        dir.path(),
+        &LoadOptions {
+            overrides: vec![],
+            registry,
+        },
+    )
+    .expect("valid");
+    let store = Store::open(&dir.path().join("cache")).expect("store");
+    let (record, _) = run(Plan::new(pipeline), &store, vec![tch::Device::Cpu]);
+    assert!(!record.success);
+    let statuses: Vec<Outcome> = record.stages.iter().map(|s| s.status).collect();
+    assert_eq!(statuses, [Outcome::Failed, Outcome::Skipped, Outcome::Ran]);
+    assert!(
+        record.stages[0]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("internal error: the stage's thread panicked")
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("cache/staging"))
+            .expect("staging")
+            .count(),
+        0
+    );
+}

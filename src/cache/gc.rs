@@ -24,6 +24,8 @@ pub struct GcReport {
     pub removed_objects: usize,
     pub freed_bytes: u64,
     pub removed_staging: usize,
+    /// Results kept because a running stage held their lock.
+    pub in_use: Vec<String>,
 }
 
 pub fn gc(store: &Store, policy: &GcPolicy) -> Result<GcReport, CacheError> {
@@ -42,6 +44,11 @@ pub fn gc(store: &Store, policy: &GcPolicy) -> Result<GcReport, CacheError> {
         }
     }
     for key in &doomed {
+        // A result being computed or read by a running stage is kept for a later gc.
+        let Some(_lock) = store.try_lock_key(key)? else {
+            report.in_use.push(key.clone());
+            continue;
+        };
         store.discard(&store.result_dir(key))?;
         report.removed_results.push(key.clone());
     }

@@ -30,12 +30,7 @@ pub fn acquire(
     cancel: &AtomicBool,
     on_wait: impl FnOnce(),
 ) -> Result<Acquired, CacheError> {
-    let mut file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|e| CacheError::io("open lock", path, e))?;
+    let mut file = open_lock_file(path)?;
     let mut waited = false;
     let mut on_wait = Some(on_wait);
     loop {
@@ -71,6 +66,39 @@ pub fn acquire(
     })
 }
 
+fn open_lock_file(path: &Path) -> Result<File, CacheError> {
+    File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| CacheError::io("open lock", path, e))
+}
+
+/// The exclusive lock if nobody holds the lock in any mode (for `cache gc`), else `None`.
+pub fn try_exclusive(path: &Path) -> Result<Option<KeyLock>, CacheError> {
+    let file = open_lock_file(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(KeyLock {
+            _file: file,
+            path: path.to_path_buf(),
+        })),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(CacheError::io("lock", path, e)),
+    }
+}
+
+/// A shared lock: held by a stage reading an upstream result, so `cache gc` leaves it alone.
+pub fn shared(path: &Path) -> Result<KeyLock, CacheError> {
+    let file = open_lock_file(path)?;
+    file.lock_shared()
+        .map_err(|e| CacheError::io("lock", path, e))?;
+    Ok(KeyLock {
+        _file: file,
+        path: path.to_path_buf(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +125,16 @@ mod tests {
             handle.join().expect("join"),
             "second acquirer must have waited"
         );
+    }
+
+    #[test]
+    fn a_shared_holder_makes_try_exclusive_fail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.lock");
+        let reader = shared(&path).expect("shared");
+        assert!(try_exclusive(&path).expect("try").is_none());
+        drop(reader);
+        assert!(try_exclusive(&path).expect("try").is_some());
     }
 
     #[test]

@@ -142,6 +142,20 @@ impl Store {
         )
     }
 
+    fn lock_path(&self, key: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{key}.lock"))
+    }
+
+    /// A shared lock on `key`'s result while a stage reads it (see `lock::shared`).
+    pub fn lock_key_shared(&self, key: &str) -> Result<lock::KeyLock, CacheError> {
+        lock::shared(&self.lock_path(key))
+    }
+
+    /// The exclusive lock on `key` if nobody computes or reads it right now.
+    pub fn try_lock_key(&self, key: &str) -> Result<Option<lock::KeyLock>, CacheError> {
+        lock::try_exclusive(&self.lock_path(key))
+    }
+
     /// A fresh staging folder for `key` with an empty `out/` inside.
     pub fn create_staging(&self, key: &str) -> Result<PathBuf, CacheError> {
         let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -102,6 +102,12 @@ pub fn run(context: &Context, args: &CacheArgs) -> anyhow::Result<ExitCode> {
                 report.freed_bytes,
                 report.removed_staging
             );
+            if !report.in_use.is_empty() {
+                println!(
+                    "kept {} result(s) in use by a running stage",
+                    report.in_use.len()
+                );
+            }
         }
         CacheAction::Verify => {
             let report = verify(&store)?;

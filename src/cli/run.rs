@@ -148,6 +148,9 @@ fn update_lock_file(path: &std::path::Path, record: &RunRecord) -> anyhow::Resul
             pipeline: record.pipeline.clone(),
             ..LockFile::default()
         });
+    let ids: std::collections::BTreeSet<&str> =
+        record.stages.iter().map(|s| s.id.as_str()).collect();
+    lock.stages.retain(|id, _| ids.contains(id.as_str()));
     for stage in &record.stages {
         if let (Outcome::Cached | Outcome::Ran, Some(key), Some(output)) =
             (stage.status, &stage.key, &stage.output_digest)

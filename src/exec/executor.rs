@@ -13,7 +13,7 @@ use crate::plan::fingerprint::{KeyMaterial, material};
 use crate::plan::graph::Plan;
 use crate::stages::{DeviceClass, ResolvedInput, StageContext, StageError, StageLog};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -161,14 +161,25 @@ pub async fn execute(
         })
         .collect();
     let mut tasks = JoinSet::new();
+    let mut task_stage: HashMap<tokio::task::Id, usize> = HashMap::new();
     for &index in &active {
         if waiting[index] == 0 {
-            spawn_stage(&mut tasks, &shared, index, options.selected[index], &done);
+            let id = spawn_stage(&mut tasks, &shared, index, options.selected[index], &done);
+            task_stage.insert(id, index);
         }
     }
-    while let Some(joined) = tasks.join_next().await {
-        let Ok((index, record, finished)) = joined else {
-            continue;
+    while let Some(joined) = tasks.join_next_with_id().await {
+        let (index, record, finished) = match joined {
+            Ok((_, result)) => result,
+            Err(error) => {
+                // A panic outside the stage's own code: fail the stage, never report success.
+                let Some(&index) = task_stage.get(&error.id()) else {
+                    continue;
+                };
+                let mut record = base_record(&plan, index, Outcome::Failed);
+                record.error = Some(format!("internal error: {error}"));
+                (index, record, None)
+            }
         };
         records[index] = Some(record);
         let Some(result) = finished else {
@@ -186,13 +197,14 @@ pub async fn execute(
                     records[dependent] =
                         Some(skipped(&plan, dependent, "cancelled".to_string(), &events));
                 } else {
-                    spawn_stage(
+                    let id = spawn_stage(
                         &mut tasks,
                         &shared,
                         dependent,
                         options.selected[dependent],
                         &done,
                     );
+                    task_stage.insert(id, dependent);
                 }
             }
         }
@@ -285,7 +297,7 @@ fn spawn_stage(
     index: usize,
     selected: bool,
     done: &BTreeMap<usize, Done>,
-) {
+) -> tokio::task::Id {
     let shared = shared.clone();
     let upstream: BTreeMap<usize, Done> = shared
         .plan
@@ -293,7 +305,7 @@ fn spawn_stage(
         .into_iter()
         .filter_map(|u| done.get(&u).map(|d| (u, d.clone())))
         .collect();
-    tasks.spawn(async move {
+    let handle = tasks.spawn(async move {
         let started = Instant::now();
         let mut record = base_record(&shared.plan, index, Outcome::Failed);
         let result = run_stage(&shared, index, selected, &upstream, &mut record).await;
@@ -312,6 +324,7 @@ fn spawn_stage(
             }
         }
     });
+    handle.id()
 }
 
 async fn blocking<T: Send + 'static>(
@@ -513,6 +526,7 @@ async fn compute(
     std::fs::create_dir_all(&work).map_err(|e| format!("creating `{}`: {e}", work.display()))?;
     let log_path = store.log_path(key);
     record.log = Some(log_path.clone());
+    let _readers = lock_upstream_results(&store, upstream).await?;
     let inputs = resolve_inputs(shared, &stage, upstream);
     let _ = shared.events.send(Event::Started {
         id: stage.id.clone(),
@@ -595,6 +609,30 @@ async fn compute(
     record.output = Some(output);
     record.output_digest = Some(committed.output_digest.clone());
     Ok((key.to_string(), committed.output_digest))
+}
+
+/// Shared locks on the upstream results this stage reads, so `cache gc` keeps them; fails
+/// when one disappeared before the lock was taken.
+async fn lock_upstream_results(
+    store: &Store,
+    upstream: &BTreeMap<usize, Done>,
+) -> Result<Vec<crate::cache::lock::KeyLock>, String> {
+    let keys: Vec<String> = upstream.values().map(|(key, _)| key.clone()).collect();
+    let store = store.clone();
+    blocking(move || {
+        let mut locks = Vec::new();
+        for key in &keys {
+            locks.push(store.lock_key_shared(key).map_err(|e| e.to_string())?);
+            if store.lookup(key).is_none() {
+                return Err(format!(
+                    "the upstream result {} was removed while this run needed it (cache gc?); run again",
+                    short(key)
+                ));
+            }
+        }
+        Ok(locks)
+    })
+    .await?
 }
 
 fn resolve_inputs(

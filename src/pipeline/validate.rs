@@ -175,7 +175,7 @@ impl Checker<'_> {
         let mut raw_stages = self.raw_stages(&top)?;
         self.apply_overrides(overrides, &mut raw_stages, &mut params);
         let names: BTreeSet<String> = raw_stages.iter().map(|s| s.name.clone()).collect();
-        self.check_defaults_used(&defaults, &raw_stages);
+        self.check_defaults_used(&defaults);
         let drafts: Vec<StageDraft> = raw_stages
             .iter()
             .filter_map(|raw| self.check_stage(raw, &names, &params, &defaults))
@@ -234,21 +234,11 @@ impl Checker<'_> {
         }
     }
 
-    /// A default no stage's kind has as a field is most likely a typo.
-    fn check_defaults_used(
-        &mut self,
-        defaults: &serde_json::Map<String, Value>,
-        stages: &[RawStage],
-    ) {
-        let fields: BTreeSet<&'static str> = stages
-            .iter()
-            .filter_map(|s| {
-                s.fields
-                    .iter()
-                    .find(|(k, _)| k == "kind")
-                    .and_then(|(_, v)| v.as_str())
-            })
-            .filter_map(|kind| self.registry.get(kind))
+    /// A default that no registered stage kind has as a field is most likely a typo.
+    fn check_defaults_used(&mut self, defaults: &serde_json::Map<String, Value>) {
+        let fields: BTreeSet<&'static str> = self
+            .registry
+            .all()
             .flat_map(|kind| kind.schema().into_iter().map(|spec| spec.name))
             .collect();
         for key in defaults.keys().filter(|k| !fields.contains(k.as_str())) {
@@ -256,9 +246,8 @@ impl Checker<'_> {
                 Some(best) => format!("; did you mean `{best}`?"),
                 None => String::new(),
             };
-            let message = format!(
-                "no stage in this pipeline has a field `{key}`, so the default applies nowhere{hint}"
-            );
+            let message =
+                format!("no stage kind has a field `{key}`, so this default applies nowhere{hint}");
             self.report(
                 &["defaults", key],
                 None,

@@ -38,7 +38,7 @@ pub fn assess(
         let built = material(stage, &lookup, memo, device)?;
         let status = match built {
             Err(upstream) => Status::Pending {
-                reasons: vec![format!("upstream `{upstream}` will run first")],
+                reasons: pending_reasons(plan, store, memo, device, index, &upstream, &digests)?,
             },
             Ok(new) => {
                 let key = new.key();
@@ -68,6 +68,33 @@ pub fn assess(
         });
     }
     Ok(statuses)
+}
+
+/// For a stage whose upstream will run first: that, plus its own changed fields and files
+/// (compared with its last result while ignoring upstream digests, unknown until then).
+fn pending_reasons(
+    plan: &Plan,
+    store: &Store,
+    memo: &HashMemo,
+    device: tch::Device,
+    index: usize,
+    upstream: &str,
+    digests: &BTreeMap<usize, String>,
+) -> Result<Vec<String>, CacheError> {
+    let mut reasons = vec![format!("upstream `{upstream}` will run first")];
+    let stage = &plan.pipeline.stages[index];
+    let placeholder = |i: usize| Some(digests.get(&i).cloned().unwrap_or_default());
+    let (Ok(mut new), Some(last)) = (
+        material(stage, &placeholder, memo, device)?,
+        store.last_key(&plan.pipeline.name, &stage.id),
+    ) else {
+        return Ok(reasons);
+    };
+    if let Some(old) = store.load_key_material::<KeyMaterial>(&last) {
+        new.upstream = old.upstream.clone();
+        reasons.extend(self::reasons(&old, &new));
+    }
+    Ok(reasons)
 }
 
 /// Why `new` has no result: compared with the stage's last recorded key.

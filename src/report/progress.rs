@@ -86,6 +86,9 @@ async fn bars(mut events: UnboundedReceiver<Event>) {
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ");
+    // Until a stage reports steps (a `command` never does), a spinner with the elapsed time.
+    let spinner = ProgressStyle::with_template("{spinner} {prefix:24} running {elapsed}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
     let mut running: HashMap<String, ProgressBar> = HashMap::new();
     let mut ignored = HashMap::new();
     while let Some(event) = events.recv().await {
@@ -93,7 +96,7 @@ async fn bars(mut events: UnboundedReceiver<Event>) {
             Event::Started { id, .. } => {
                 let bar = multi.add(
                     ProgressBar::new(0)
-                        .with_style(style.clone())
+                        .with_style(spinner.clone())
                         .with_prefix(id.clone()),
                 );
                 bar.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -106,6 +109,9 @@ async fn bars(mut events: UnboundedReceiver<Event>) {
                 metric,
             } => {
                 if let Some(bar) = running.get(id) {
+                    if bar.length() == Some(0) {
+                        bar.set_style(style.clone());
+                    }
                     bar.set_length(*total);
                     bar.set_position(*step);
                     if let Some((name, value)) = metric {
