@@ -107,7 +107,7 @@ impl Stage for GenerateStage {
                 "batch_size",
                 ParamType::Integer,
                 json!(1),
-                "images per forward pass (does not change the images)",
+                "images per forward pass (same noise per seed; only float rounding may differ)",
             )
             .range(1.0, MAX_BATCH)
             .not_in_key(),
