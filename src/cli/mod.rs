@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bench;
 mod bench_cache;
 mod cache;
 mod common;
@@ -12,6 +13,7 @@ mod dag;
 mod doctor;
 mod explain;
 mod init;
+mod model;
 mod plan;
 mod report;
 mod run;
@@ -64,6 +66,11 @@ pub enum Command {
     /// Benchmark hashing, planning and no-op reruns (figures for the docs).
     #[command(hide = true)]
     BenchCache(bench_cache::BenchArgs),
+    /// Model-folder utilities (`model init`: random-weight folders in a known architecture).
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    #[command(subcommand, hide = true)]
+    Bench(bench::BenchCommand),
 }
 
 /// Everything a verb needs from the global flags, resolved once.
@@ -98,5 +105,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Report(args) => report::run(&context, &args),
         Command::Show(args) => show::run(&context, &args),
         Command::BenchCache(args) => bench_cache::run(&context, &args),
+        Command::Model(command) => model::run(command, &context),
+        Command::Bench(command) => bench::run(command, &context),
     }
 }

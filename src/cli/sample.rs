@@ -164,7 +164,7 @@ fn model_name(dir: &Path) -> String {
 }
 
 /// A1111-style short model hash: the first 10 hex digits of the blake3 of the UNet weights.
-fn short_weights_hash(model: &Path) -> String {
+pub fn short_weights_hash(model: &Path) -> String {
     let unet = model.join("unet");
     let file = [
         "diffusion_pytorch_model.safetensors",

@@ -541,6 +541,7 @@ async fn compute(
     let run_stage = stage.clone();
     let work_dir = work.clone();
     let pipeline_dir = absolute_dir(&shared.plan.pipeline.file);
+    let shared_root = store.root().join("shared");
     let outcome = blocking(move || {
         let log = StageLog::create(&log_path);
         let progress = ProgressReporter::new(&run_stage.id, Some(events));
@@ -555,6 +556,7 @@ async fn compute(
             cancel: &cancel,
             device,
             log: &log,
+            shared_root: &shared_root,
         };
         let result = run_stage.kind.run(&context);
         if let Err(error) = &result {

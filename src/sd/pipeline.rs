@@ -185,12 +185,60 @@ impl StableDiffusion {
         let mut scheduler = self.scheduler_for(request)?;
         let guidance = (request.guidance > GUIDANCE_THRESHOLD).then_some(request.guidance);
         let context = self.conditioning(request, guidance.is_some())?;
-        let rng_guard = rng::seed_global(request.seed);
         let shape = self.latent_shape(request.batch, width, height);
-        let latents = self.initial_latents(shape, scheduler.as_ref(), on_event);
+        let rng_guard = rng::seed_global(request.seed);
+        let noise = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        let latents = self.initial_latents(noise, scheduler.as_ref(), on_event);
         let step_noise_guard = scheduler.kind().draws_step_noise().then_some(rng_guard);
         let latents = self.denoise(scheduler.as_mut(), latents, &context, guidance, on_event)?;
         drop(step_noise_guard);
+        Ok(Txt2ImgOutput {
+            images: self.decode(&latents),
+            latents,
+            width,
+            height,
+            scheduler: scheduler.kind(),
+        })
+    }
+
+    /// txt2img for a batch whose sample `i` draws its initial noise from its own generator seeded
+    /// with `seeds[i]` (`request.seed` and `request.batch` are ignored): sample `i` equals
+    /// `txt2img` with `seed: seeds[i], batch: 1` whenever the scheduler draws no step noise.
+    /// With DDPM / Euler ancestral the step noise continues the generator of the last seed, so
+    /// only a batch of one matches; callers that need equality pass one seed at a time.
+    pub fn txt2img_per_sample_seeds(
+        &self,
+        request: &Txt2Img,
+        seeds: &[u64],
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Txt2ImgOutput, PipelineError> {
+        let _no_grad = tch::no_grad_guard();
+        let request = Txt2Img {
+            batch: seeds.len() as i64,
+            ..request.clone()
+        };
+        let (width, height) = self.checked_request(&request)?;
+        let mut scheduler = self.scheduler_for(&request)?;
+        let guidance = (request.guidance > GUIDANCE_THRESHOLD).then_some(request.guidance);
+        let context = self.conditioning(&request, guidance.is_some())?;
+        let [_, channels, rows, columns] = self.latent_shape(1, width, height);
+        let mut draws = Vec::with_capacity(seeds.len());
+        let mut last_guard = None;
+        for &seed in seeds {
+            drop(last_guard.take());
+            let guard = rng::seed_global(seed);
+            draws.push(Tensor::randn(
+                [1, channels, rows, columns],
+                (Kind::Float, Device::Cpu),
+            ));
+            last_guard = Some(guard);
+        }
+        let latents = self.initial_latents(Tensor::cat(&draws, 0), scheduler.as_ref(), on_event);
+        if !scheduler.kind().draws_step_noise() {
+            drop(last_guard.take());
+        }
+        let latents = self.denoise(scheduler.as_mut(), latents, &context, guidance, on_event)?;
+        drop(last_guard);
         Ok(Txt2ImgOutput {
             images: self.decode(&latents),
             latents,
@@ -215,11 +263,10 @@ impl StableDiffusion {
     /// in float32 and then moved to the model's device and kind.
     fn initial_latents(
         &self,
-        shape: [i64; 4],
+        noise: Tensor,
         scheduler: &dyn Scheduler,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Tensor {
-        let noise = Tensor::randn(shape, (Kind::Float, Device::Cpu));
         let latents = (&noise * scheduler.init_noise_sigma())
             .to_device(self.device)
             .to_kind(self.kind);

@@ -1,6 +1,7 @@
 //! Loading `.safetensors` weight files into a `tch::nn::VarStore` whose variable names are the
 //! diffusers/transformers key names (`down_blocks.0.resnets.1.conv1.weight`), with errors that
-//! name the tensor and the file for anything missing, unexpected or mis-shaped.
+//! name the tensor and the file for anything missing, unexpected or mis-shaped. Files are read
+//! one tensor at a time, so loading needs little memory beyond the model itself.
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor, nn::VarStore};
@@ -68,10 +69,11 @@ pub fn load_into(
 ) -> Result<(), WeightsError> {
     let variables = vs.variables();
     let mut pending: BTreeMap<String, ()> = variables.keys().map(|k| (k.clone(), ())).collect();
-    let tensors = read_tensors(file)?;
     let _guard = tch::no_grad_guard();
-    for (key, tensor) in tensors {
-        let Some(name) = rename(&key) else { continue };
+    for_each_tensor(file, |key, tensor| {
+        let Some(name) = rename(&key) else {
+            return Ok(());
+        };
         let Some(variable) = variables.get(&name) else {
             return Err(WeightsError::Unexpected {
                 tensor: key,
@@ -80,7 +82,8 @@ pub fn load_into(
         };
         copy_checked(variable, &tensor, &key, file)?;
         pending.remove(&name);
-    }
+        Ok(())
+    })?;
     match pending.into_keys().next() {
         Some(tensor) => Err(WeightsError::Missing {
             tensor,
@@ -88,6 +91,138 @@ pub fn load_into(
         }),
         None => Ok(()),
     }
+}
+
+/// Largest safetensors JSON header accepted (the format's own reference reader refuses more).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// Key of the optional string-to-string metadata entry of a safetensors header.
+const METADATA_KEY: &str = "__metadata__";
+
+/// One tensor entry of a safetensors header.
+struct TensorEntry {
+    name: String,
+    kind: Kind,
+    shape: Vec<i64>,
+    begin: u64,
+    end: u64,
+}
+
+/// Calls `visit` with every tensor of a safetensors file, reading the header first and then
+/// one tensor's bytes at a time (in file order), so that loading a checkpoint needs memory for
+/// one tensor beyond its destination instead of two copies of the whole file.
+fn for_each_tensor(
+    file: &Path,
+    mut visit: impl FnMut(String, Tensor) -> Result<(), WeightsError>,
+) -> Result<(), WeightsError> {
+    use std::os::unix::fs::FileExt;
+    let read_error = |reason: String| WeightsError::Read {
+        file: file.to_path_buf(),
+        reason,
+    };
+    let handle = std::fs::File::open(file).map_err(|e| read_error(e.to_string()))?;
+    let file_len = handle
+        .metadata()
+        .map_err(|e| read_error(e.to_string()))?
+        .len();
+    let (entries, data_start) = read_header(&handle, file_len).map_err(read_error)?;
+    let mut buffer = Vec::new();
+    for entry in entries {
+        let length = (entry.end - entry.begin) as usize;
+        // Grow only: zero-filling every tensor's bytes again would cost a pass over the file.
+        if buffer.len() < length {
+            buffer.resize(length, 0);
+        }
+        let bytes = &mut buffer[..length];
+        handle
+            .read_exact_at(bytes, data_start + entry.begin)
+            .map_err(|e| read_error(format!("tensor '{}': {e}", entry.name)))?;
+        let tensor = Tensor::f_from_data_size(bytes, &entry.shape, entry.kind)
+            .map_err(|e| read_error(format!("tensor '{}': {e}", entry.name)))?;
+        visit(entry.name, tensor)?;
+    }
+    Ok(())
+}
+
+/// Parses the header: `u64` little-endian length, then that many bytes of JSON mapping each
+/// tensor name to `{dtype, shape, data_offsets: [begin, end]}` relative to the data section.
+/// Returns the entries sorted by offset and where the data section starts.
+fn read_header(handle: &std::fs::File, file_len: u64) -> Result<(Vec<TensorEntry>, u64), String> {
+    use std::os::unix::fs::FileExt;
+    let mut length_bytes = [0u8; 8];
+    handle
+        .read_exact_at(&mut length_bytes, 0)
+        .map_err(|e| format!("header length: {e}"))?;
+    let header_len = u64::from_le_bytes(length_bytes);
+    if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
+        return Err(format!(
+            "header length {header_len} is invalid for a {file_len}-byte file"
+        ));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    handle
+        .read_exact_at(&mut header, 8)
+        .map_err(|e| format!("header: {e}"))?;
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| format!("header is not a JSON object: {e}"))?;
+    let data_start = 8 + header_len;
+    let mut entries = json
+        .iter()
+        .filter(|(name, _)| name.as_str() != METADATA_KEY)
+        .map(|(name, info)| parse_entry(name, info, file_len - data_start))
+        .collect::<Result<Vec<_>, _>>()?;
+    entries.sort_by_key(|entry| entry.begin);
+    Ok((entries, data_start))
+}
+
+fn parse_entry(name: &str, info: &serde_json::Value, data_len: u64) -> Result<TensorEntry, String> {
+    let invalid = |what: &str| format!("tensor '{name}': invalid header entry ({what})");
+    let dtype = info["dtype"].as_str().ok_or_else(|| invalid("dtype"))?;
+    let kind = safetensors_kind(dtype)
+        .ok_or_else(|| format!("tensor '{name}': unsupported dtype {dtype}"))?;
+    let shape = info["shape"]
+        .as_array()
+        .and_then(|dims| dims.iter().map(|d| d.as_i64()).collect::<Option<Vec<_>>>())
+        .ok_or_else(|| invalid("shape"))?;
+    let offsets = info["data_offsets"]
+        .as_array()
+        .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)))
+        .ok_or_else(|| invalid("data_offsets"))?;
+    let (begin, end) = offsets;
+    let expected = shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64;
+    if end > data_len {
+        return Err(format!(
+            "tensor '{name}': data_offsets [{begin}, {end}] run past the {data_len}-byte data section (truncated file?)"
+        ));
+    }
+    if begin > end || end - begin != expected {
+        return Err(format!(
+            "tensor '{name}': data_offsets [{begin}, {end}] do not span the {expected} bytes of {dtype} {shape:?}"
+        ));
+    }
+    Ok(TensorEntry {
+        name: name.to_string(),
+        kind,
+        shape,
+        begin,
+        end,
+    })
+}
+
+/// safetensors dtype names (the format's `Dtype` enum) to libtorch kinds.
+fn safetensors_kind(dtype: &str) -> Option<Kind> {
+    Some(match dtype {
+        "BOOL" => Kind::Bool,
+        "U8" => Kind::Uint8,
+        "I8" => Kind::Int8,
+        "I16" => Kind::Int16,
+        "I32" => Kind::Int,
+        "I64" => Kind::Int64,
+        "F16" => Kind::Half,
+        "BF16" => Kind::BFloat16,
+        "F32" => Kind::Float,
+        "F64" => Kind::Double,
+        _ => return None,
+    })
 }
 
 fn copy_checked(

@@ -6,7 +6,10 @@
 //! crashes and handed back on the next run of the same key), reports progress, and checks
 //! `ctx.cancel`.
 pub mod command;
+pub mod generate;
 pub mod images;
+pub mod sample_grid;
+pub mod sd_common;
 
 use crate::exec::events::{CancelFlag, ProgressReporter};
 use serde_json::Value;
@@ -192,6 +195,8 @@ pub struct StageContext<'a> {
     pub cancel: &'a CancelFlag,
     pub device: tch::Device,
     pub log: &'a StageLog,
+    /// `<cache>/shared`: stage-managed memos that outlive one key (see [`Self::shared_dir`]).
+    pub shared_root: &'a Path,
 }
 
 impl StageContext<'_> {
@@ -224,6 +229,15 @@ impl StageContext<'_> {
             .flatten()
             .map(|i| i.path.as_path())
             .collect()
+    }
+    /// `<cache>/shared/<name>`, created: a folder a stage kind manages itself to reuse work
+    /// across keys (e.g. `generate` memoizes each image by its own inputs, so raising `count`
+    /// reuses the images already made). Entries must be keyed by everything that decides their
+    /// content and written atomically (temporary file + rename); `cache gc` does not prune it.
+    pub fn shared_dir(&self, name: &str) -> Result<PathBuf, StageError> {
+        let dir = self.shared_root.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| StageError::io("create", &dir, e))?;
+        Ok(dir)
     }
     pub fn check_cancelled(&self) -> Result<(), StageError> {
         if self.cancel.is_cancelled() {
@@ -282,6 +296,8 @@ pub fn registry() -> Registry {
     Registry::empty()
         .with(Arc::new(command::CommandStage))
         .with(Arc::new(images::ImagesStage))
+        .with(Arc::new(generate::GenerateStage))
+        .with(Arc::new(sample_grid::SampleGridStage))
 }
 
 /// The parameter table of a kind's reference page (`stages/<kind>.md`), generated from its
