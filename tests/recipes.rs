@@ -1,0 +1,334 @@
+//! The shipped pipelines in `pipelines/`: every recipe validates, plans and dry-runs against the
+//! bundled tiny model with its sweeps expanded as documented; each recipe also runs end to end
+//! on the tiny model with its sizes shrunk by `--set`; `pipelines/demo.yaml` runs end to end
+//! with the real binary (every stage, the grid, a report that loads in headless Chromium —
+//! required: `apt-get install -y chromium`) and a rerun finds everything cached.
+use dreampipe::report::browser::check_page;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The SD stage kinds the recipes use; until all are registered (and `sample_grid` takes a
+/// `seeds` list) the recipe tests assert only that validation rejects the recipes, so they flip
+/// to the full checks by themselves.
+const SD_KINDS: [&str; 3] = ["generate", "textual_inversion", "dreambooth"];
+
+/// One torch thread: on the 2 shared cores of CI, OpenMP's spinning threads made the demo 5–10×
+/// slower (measured: 16–20 s with 1 thread, 95–200 s with 2 or the default under load).
+const TORCH_THREADS: &str = "1";
+
+/// Each recipe: its file, the stage count before and after sweep expansion, and the stage ids
+/// after expansion in plan order.
+const RECIPES: [(&str, usize, &[&str]); 6] = [
+    (
+        "demo.yaml",
+        5,
+        &["instance", "class_images", "ti", "db", "grid"],
+    ),
+    (
+        "objects.yaml",
+        3,
+        &[
+            "instance",
+            "db[learning_rate=2e-6]",
+            "db[learning_rate=5e-6]",
+            "grid",
+        ],
+    ),
+    (
+        "faces.yaml",
+        5,
+        &[
+            "instance",
+            "class_images",
+            "db_prior[learning_rate=1e-6]",
+            "db_prior[learning_rate=2e-6]",
+            "db_plain[learning_rate=1e-6]",
+            "db_plain[learning_rate=2e-6]",
+            "grid",
+        ],
+    ),
+    ("schedulers.yaml", 3, &["instance", "db", "grid"]),
+    (
+        "text-encoder.yaml",
+        4,
+        &[
+            "instance",
+            "class_images",
+            "db[train_text_encoder=false]",
+            "db[train_text_encoder=true]",
+            "grid",
+        ],
+    ),
+    (
+        "ti-then-dreambooth.yaml",
+        5,
+        &["instance", "ti", "ti_db", "db", "grid"],
+    ),
+];
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A copy of `pipelines/` (recipes and data) in a temporary folder, beside a link to the
+/// repository's `models/`, so that the `<pipeline>.lock` files runs write stay out of the
+/// source tree. Its `cache/` is the cache.
+struct Workspace {
+    dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        copy_tree(&repo_root().join("pipelines"), &dir.path().join("pipelines"));
+        std::os::unix::fs::symlink(repo_root().join("models"), dir.path().join("models")).unwrap();
+        Self { dir }
+    }
+
+    fn cache(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    /// Runs the binary on the CPU in the workspace; returns (success, stdout, stderr).
+    fn dreampipe(&self, args: &[&str]) -> (bool, String, String) {
+        dreampipe(self.dir.path(), &self.cache(), args)
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else if !entry.file_name().to_string_lossy().ends_with(".lock") {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Runs the binary on the CPU in `cwd` with `cache` as its cache; returns (success, stdout,
+/// stderr).
+fn dreampipe(cwd: &Path, cache: &Path, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .current_dir(cwd)
+        .env("OMP_NUM_THREADS", TORCH_THREADS)
+        .env_remove("DREAMPIPE_DEVICE")
+        .arg("--device")
+        .arg("cpu")
+        .arg("--cache")
+        .arg(cache)
+        .args(args)
+        .output()
+        .expect("start the dreampipe binary");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn missing_kinds() -> Vec<&'static str> {
+    let registry = dreampipe::stages::registry();
+    let mut missing: Vec<&str> = SD_KINDS
+        .into_iter()
+        .filter(|kind| registry.get(kind).is_none())
+        .collect();
+    let grid_takes_seeds = registry
+        .get("sample_grid")
+        .is_some_and(|grid| grid.schema().iter().any(|field| field.name == "seeds"));
+    if !grid_takes_seeds {
+        missing.push("sample_grid with `seeds`");
+    }
+    missing
+}
+
+fn recipe(file: &str) -> String {
+    format!("pipelines/{file}")
+}
+
+#[test]
+fn the_recipe_list_covers_every_pipeline_file() {
+    let mut files: Vec<String> = std::fs::read_dir(repo_root().join("pipelines"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    let mut listed: Vec<String> = RECIPES.iter().map(|(f, _, _)| f.to_string()).collect();
+    listed.sort();
+    assert_eq!(files, listed);
+}
+
+#[test]
+fn every_recipe_validates_plans_and_dry_runs_on_the_tiny_model() {
+    let work = Workspace::new();
+    let missing = missing_kinds();
+    for (file, stages, ids) in RECIPES {
+        let path = recipe(file);
+        let (ok, stdout, stderr) = work.dreampipe(&["validate", &path]);
+        if !missing.is_empty() {
+            assert!(!ok, "{file} cannot be valid without {missing:?}");
+            assert!(stderr.contains("is invalid ("), "{file}: {stderr}");
+            continue;
+        }
+        assert!(ok, "{file}: {stderr}");
+        let name = file.trim_end_matches(".yaml");
+        assert_eq!(
+            stdout,
+            format!(
+                "pipeline `{name}` is valid: {stages} stage(s), {} after sweep expansion\n",
+                ids.len()
+            )
+        );
+        for verb in [&["plan", path.as_str()][..], &["run", "--dry-run", &path]] {
+            let (ok, stdout, stderr) = work.dreampipe(verb);
+            assert!(ok, "{file} {verb:?}: {stderr}");
+            let header = format!(
+                "plan for `{name}`: {count} stage(s), 0 fresh, {count} to run\n",
+                count = ids.len()
+            );
+            assert!(stdout.starts_with(&header), "{file} {verb:?}: {stdout}");
+            let planned: Vec<&str> = stdout
+                .lines()
+                .skip(1)
+                .map(|line| line.split_whitespace().nth(1).unwrap_or_default())
+                .collect();
+            assert_eq!(planned, ids, "{file} {verb:?}: {stdout}");
+        }
+    }
+    assert!(
+        std::fs::read_dir(work.cache().join("results"))
+            .map(|mut entries| entries.next().is_none())
+            .unwrap_or(true),
+        "plan and --dry-run must not compute anything"
+    );
+}
+
+/// `--set` values that shrink every recipe to seconds on the tiny model (64 px, 2 steps).
+fn shrunk(file: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(repo_root().join(recipe(file))).unwrap();
+    let mut sets = vec![
+        "params.resolution=64".to_string(),
+        "grid.steps=[2]".to_string(),
+        "grid.seeds=[0]".to_string(),
+        "grid.prompts=[a photo]".to_string(),
+    ];
+    if text.contains("class_count:") {
+        sets.push("params.class_count=2".to_string());
+        sets.push("class_images.steps=2".to_string());
+    }
+    for stage in ["db", "db_prior", "db_plain", "ti", "ti_db"] {
+        if text.contains(&format!("\n  {stage}:\n")) {
+            sets.push(format!("{stage}.max_train_steps=2"));
+            sets.push(format!("{stage}.train_batch_size=1"));
+        }
+    }
+    sets.into_iter()
+        .flat_map(|set| ["--set".to_string(), set])
+        .collect()
+}
+
+#[test]
+fn every_recipe_runs_on_the_tiny_model_when_shrunk() {
+    if !missing_kinds().is_empty() {
+        return; // covered by the validation test until the kinds exist
+    }
+    let work = Workspace::new();
+    for (file, _, ids) in RECIPES.iter().filter(|(f, _, _)| *f != "demo.yaml") {
+        let mut args = vec!["run".to_string(), "--plain".to_string(), recipe(file)];
+        args.extend(shrunk(file));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, stdout, stderr) = work.dreampipe(&args);
+        assert!(ok, "{file}: {stdout}\n{stderr}");
+        let name = file.trim_end_matches(".yaml");
+        let manifest = read_json(&work.cache().join(format!("runs/{name}/grid/manifest.json")));
+        let rows: Vec<&str> = manifest["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|image| image["model"].as_str().unwrap())
+            .collect();
+        let mut expected: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| id.starts_with("db") || id.starts_with("ti_db"))
+            .collect();
+        if file.contains("schedulers") {
+            expected = vec!["db"; 3]; // pndm, lms, ddim at one step count
+        } else {
+            expected.push("tiny-sd");
+        }
+        assert_eq!(rows, expected, "{file}");
+    }
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn demo_runs_end_to_end_then_is_fully_cached() {
+    if !missing_kinds().is_empty() {
+        return; // covered by the validation test until the kinds exist
+    }
+    let work = Workspace::new();
+    let demo = recipe("demo.yaml");
+    let (ok, stdout, stderr) = work.dreampipe(&["run", "--plain", &demo]);
+    assert!(ok, "{stdout}\n{stderr}");
+    for stage in ["instance", "class_images", "ti", "db", "grid"] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(stage) && l.contains(" ran ")),
+            "{stage} did not run: {stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("5 ran, 0 cached, 0 failed, 0 skipped"),
+        "{stdout}"
+    );
+    let grid = work.cache().join("runs/demo/grid");
+    let (width, height) = image::image_dimensions(grid.join("grid-0.png")).unwrap();
+    assert!(width > 2 * 64 && height > 2 * 64, "grid {width}×{height}");
+    let manifest = read_json(&grid.join("manifest.json"));
+    let cells: Vec<(String, u64)> = manifest["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["model"].as_str().unwrap().to_string(), i["seed"].as_u64().unwrap()))
+        .collect();
+    let expected = [("db", 0), ("db", 1), ("tiny-sd", 0), ("tiny-sd", 1)];
+    assert_eq!(
+        cells,
+        expected.map(|(m, s)| (m.to_string(), s)).to_vec(),
+        "rows: the DreamBooth model, then the base model; columns: seeds 0 and 1"
+    );
+    let page = report_path(&stdout);
+    let check = check_page(&page).unwrap_or_else(|e| panic!("{e}"));
+    assert!(check.is_clean(), "{check:?}");
+    assert!(check.images_checked >= 5, "{check:?}");
+
+    let (ok, again, stderr) = work.dreampipe(&["run", "--plain", &demo]);
+    assert!(ok, "{stderr}");
+    assert!(
+        work.dir.path().join("pipelines/demo.lock").is_file(),
+        "the lock is written next to the copy"
+    );
+    assert!(
+        again.contains("0 ran, 5 cached, 0 failed, 0 skipped"),
+        "{again}"
+    );
+    assert_eq!(report_path(&again), page);
+}
+
+/// The page `run` names on its `report: PATH` line.
+fn report_path(stdout: &str) -> PathBuf {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("report: "))
+        .unwrap_or_else(|| panic!("no report line: {stdout}"));
+    let page = PathBuf::from(line);
+    assert!(page.is_file(), "{}", page.display());
+    page
+}
