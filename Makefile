@@ -12,8 +12,10 @@ libtorch:
 build: libtorch
 	cargo build --release
 
+# One torch thread unless OMP_NUM_THREADS says otherwise: the demo's tensors are tiny, and on a
+# busy 2-core machine OpenMP's spinning threads made it 5-10x slower (see tests/recipes.rs).
 demo: build
-	./target/release/dreampipe --device cpu run pipelines/demo.yaml
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} ./target/release/dreampipe --device cpu run pipelines/demo.yaml
 
 test: libtorch
 	scripts/setup-chromium.sh

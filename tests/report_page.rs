@@ -69,6 +69,7 @@ fn stage(id: &str, kind: &str, status: StageStatus) -> StageReport {
         status,
         duration_s: 0.0,
         params: serde_json::Value::Null,
+        defaulted: vec![],
         output_dir: None,
         error: None,
         metrics: vec![],

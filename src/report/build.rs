@@ -154,12 +154,37 @@ fn base_report(instance: &StageInstance, status: StageStatus) -> StageReport {
         status,
         duration_s: 0.0,
         params: serde_json::Value::Object(instance.params.clone()),
+        defaulted: defaulted_params(instance, &instance.params),
         output_dir: None,
         metrics: Vec::new(),
         images: Vec::new(),
         sweep_group,
         sweep_values,
         error: None,
+    }
+}
+
+/// The parameters whose value equals their schema default (numbers compared as numbers).
+fn defaulted_params(
+    instance: &StageInstance,
+    params: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<String> {
+    instance
+        .kind
+        .schema()
+        .into_iter()
+        .filter(|spec| match (&spec.default, params.get(spec.name)) {
+            (Some(default), Some(value)) => same_value(default, value),
+            _ => false,
+        })
+        .map(|spec| spec.name.to_string())
+        .collect()
+}
+
+fn same_value(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
     }
 }
 
@@ -184,6 +209,11 @@ fn from_record(
         }
     }
     stage.params = recorded.params.clone();
+    stage.defaulted = recorded
+        .params
+        .as_object()
+        .map(|params| defaulted_params(instance, params))
+        .unwrap_or_default();
     stage.error = recorded.error.clone();
     if let (Some(key), Some(output)) = (&recorded.key, &recorded.output) {
         stage.output_dir = Some(readable_output(pipeline, instance, store, key, output));

@@ -85,6 +85,9 @@ pub struct StageReport {
     pub duration_s: f64,
     #[serde(default)]
     pub params: serde_json::Value,
+    /// Parameters whose value is their kind's default: folded away under the set ones.
+    #[serde(default)]
+    pub defaulted: Vec<String>,
     #[serde(default)]
     pub output_dir: Option<PathBuf>,
     /// Why a failed stage failed.
@@ -203,15 +206,40 @@ fn render_stage_table(stages: &[StageReport]) -> String {
         let _ = write!(
             html,
             "<tr id=\"stage-{}\"><td>{}</td><td>{}</td><td class=\"status-{status}\">{status}{error}</td><td class=\"duration\">{}</td>\
-             <td><code>{}</code></td><td><code>{output}</code></td></tr>",
+             <td>{}</td><td><code>{output}</code></td></tr>",
             escape_html(&stage.id),
             escape_html(&stage.id),
             escape_html(&stage.kind),
             format_duration(stage.duration_s),
-            escape_html(&format_params(&stage.params))
+            render_params(&stage.params, &stage.defaulted)
         );
     }
     html.push_str("</table>");
+    html
+}
+
+/// The parameters set in the pipeline, then the defaulted ones folded in a `<details>`.
+fn render_params(params: &serde_json::Value, defaulted: &[String]) -> String {
+    let Some(map) = params.as_object() else {
+        return format!("<code>{}</code>", escape_html(&format_params(params)));
+    };
+    let (defaults, set): (serde_json::Map<_, _>, serde_json::Map<_, _>) = map
+        .clone()
+        .into_iter()
+        .partition(|(name, _)| defaulted.contains(name));
+    let mut html = format!(
+        "<code>{}</code>",
+        escape_html(&format_params(&serde_json::Value::Object(set)))
+    );
+    if !defaults.is_empty() {
+        let _ = write!(
+            html,
+            "<details><summary>{} default{}</summary><code>{}</code></details>",
+            defaults.len(),
+            if defaults.len() == 1 { "" } else { "s" },
+            escape_html(&format_params(&serde_json::Value::Object(defaults)))
+        );
+    }
     html
 }
 
@@ -581,5 +609,17 @@ mod tests {
             "flags: [1,2]\nlearning_rate: 2e-6\nsteps: 400"
         );
         assert_eq!(format_params(&serde_json::Value::Null), "");
+    }
+
+    #[test]
+    fn defaulted_params_fold_under_the_set_ones() {
+        let params = serde_json::json!({"steps": 4, "seed": 0, "dtype": "f32"});
+        let defaulted = ["seed".to_string(), "dtype".to_string()];
+        assert_eq!(
+            render_params(&params, &defaulted),
+            "<code>steps: 4</code><details><summary>2 defaults</summary>\
+             <code>dtype: f32\nseed: 0</code></details>"
+        );
+        assert_eq!(render_params(&params, &[]), "<code>dtype: f32\nseed: 0\nsteps: 4</code>");
     }
 }
