@@ -152,6 +152,23 @@ fn report_after_only_shows_the_other_stages_from_the_cache() {
         "<tr id=\"stage-{RED_ID}\"><td>{RED_ID}</td><td>command</td><td class=\"status-cached\">cached</td>"
     )));
     assert_eq!(page.matches("<svg class=\"chart\"").count(), 4);
+
+    let (ok, stdout, stderr) = project.dreampipe(&[
+        "report",
+        "p.yaml",
+        "--out",
+        "out",
+        "--screenshot",
+        "shot.png",
+        "--screenshot-size",
+        "640x480",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.ends_with("screenshot: shot.png\n"), "{stdout}");
+    assert_eq!(
+        image::image_dimensions(project.path("shot.png")).unwrap(),
+        (640, 480)
+    );
 }
 
 #[test]

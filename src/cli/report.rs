@@ -1,11 +1,11 @@
-//! `dreampipe report PIPELINE [--out DIR] [--check]`: the HTML report of the pipeline's latest
-//! run (see `report::build`); `run` writes the same report after every run.
+//! `dreampipe report PIPELINE [--out DIR] [--check] [--screenshot PNG]`: the HTML report of the
+//! pipeline's latest run (see `report::build`); `run` writes the same report after every run.
 use super::Context;
 use super::common::PipelineArgs;
 use crate::cache::store::{Store, now_unix};
 use crate::exec::executor::RunRecord;
 use crate::pipeline::Pipeline;
-use crate::report::browser::check_page;
+use crate::report::browser::{check_page, screenshot};
 use crate::report::build::{
     build_input, current_report, default_report_dir, latest_record, publish_replacing,
     report_fingerprint, write_report_link,
@@ -26,6 +26,20 @@ pub struct ReportArgs {
     /// script error or console message appears.
     #[arg(long)]
     pub check: bool,
+    /// Also render the page in headless Chromium into this PNG (docs, issues).
+    #[arg(long, value_name = "PNG")]
+    pub screenshot: Option<PathBuf>,
+    /// Size of the screenshot in CSS pixels, WIDTHxHEIGHT (the page is cut at HEIGHT).
+    #[arg(long, value_name = "WxH", default_value = "1280x1600", value_parser = parse_size)]
+    pub screenshot_size: (u32, u32),
+}
+
+/// "1280x1600" → (1280, 1600).
+fn parse_size(text: &str) -> Result<(u32, u32), String> {
+    let parse = |part: &str| part.trim().parse::<u32>().ok().filter(|v| *v > 0);
+    text.split_once('x')
+        .and_then(|(w, h)| Some((parse(w)?, parse(h)?)))
+        .ok_or_else(|| format!("`{text}` is not WIDTHxHEIGHT in pixels, e.g. 1280x1600"))
 }
 
 pub fn run(context: &Context, args: &ReportArgs) -> anyhow::Result<ExitCode> {
@@ -49,6 +63,11 @@ pub fn run(context: &Context, args: &ReportArgs) -> anyhow::Result<ExitCode> {
             "browser check: clean ({} images loaded)",
             check.images_checked
         );
+    }
+    if let Some(png) = &args.screenshot {
+        let (width, height) = args.screenshot_size;
+        screenshot(&page, png, width, height)?;
+        println!("screenshot: {}", png.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -86,4 +105,19 @@ pub fn write(
         );
     }
     Ok(summary.page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn screenshot_sizes_are_width_x_height() {
+        assert_eq!(parse_size("1280x1600"), Ok((1280, 1600)));
+        assert_eq!(
+            parse_size("1280"),
+            Err("`1280` is not WIDTHxHEIGHT in pixels, e.g. 1280x1600".to_string())
+        );
+        assert!(parse_size("0x10").is_err());
+    }
 }
