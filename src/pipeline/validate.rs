@@ -672,15 +672,19 @@ impl Checker<'_> {
             let mut field_refs = Vec::new();
             let mut field_paths = Vec::new();
             for item in items {
+                let either = matches!(
+                    spec.ty,
+                    ParamType::PathOrStageRef | ParamType::PathOrStageRefList
+                );
                 let as_ref = matches!(spec.ty, ParamType::StageRef | ParamType::StageRefList)
-                    || (spec.ty == ParamType::PathOrStageRef && names.contains(&item));
+                    || (either && names.contains(&item));
                 if as_ref {
                     ok &= self.check_reference(stage, spec.name, &item, names);
                     field_refs.push(item);
                 } else {
                     let resolved = self.dir.join(&item);
                     if !resolved.exists() {
-                        let also = if spec.ty == ParamType::PathOrStageRef {
+                        let also = if either {
                             " and is not a stage name"
                         } else {
                             ""
@@ -852,31 +856,68 @@ pub fn type_error(spec: &ParamSpec, value: &Value) -> Option<String> {
     if value.is_null() && spec.default == Some(Value::Null) {
         return None;
     }
-    let fits = match spec.ty {
-        ParamType::String | ParamType::Path | ParamType::StageRef | ParamType::PathOrStageRef => {
-            value.is_string()
-        }
-        ParamType::Integer => value.is_i64() || value.is_u64(),
-        ParamType::Number => value.is_number(),
-        ParamType::Bool => value.is_boolean(),
-        ParamType::StringList => value
-            .as_array()
-            .is_some_and(|a| a.iter().all(Value::is_string)),
-        ParamType::PathList | ParamType::StageRefList => {
-            value.is_string()
-                || value
-                    .as_array()
-                    .is_some_and(|a| a.iter().all(Value::is_string))
-        }
-    };
-    if !fits {
+    if !fits_type(spec.ty, value) {
         return Some(format!(
             "expected {}, found {}",
             spec.ty.describe(),
             describe(value)
         ));
     }
-    let number = value.as_f64()?;
+    if let Some(allowed) = spec.allowed {
+        if let Some(message) = not_allowed(allowed, value) {
+            return Some(message);
+        }
+    }
+    numbers_of(value)
+        .into_iter()
+        .find_map(|(number, item)| range_error(spec, number, item))
+}
+
+fn fits_type(ty: ParamType, value: &Value) -> bool {
+    let all = |check: fn(&Value) -> bool| value.as_array().is_some_and(|a| a.iter().all(check));
+    let is_integer = |v: &Value| v.is_i64() || v.is_u64();
+    match ty {
+        ParamType::String | ParamType::Path | ParamType::StageRef | ParamType::PathOrStageRef => {
+            value.is_string()
+        }
+        ParamType::Integer => is_integer(value),
+        ParamType::Number => value.is_number(),
+        ParamType::Bool => value.is_boolean(),
+        ParamType::StringList => all(Value::is_string),
+        ParamType::IntegerList => is_integer(value) || all(|v| v.is_i64() || v.is_u64()),
+        ParamType::NumberList => value.is_number() || all(Value::is_number),
+        ParamType::PathList | ParamType::StageRefList | ParamType::PathOrStageRefList => {
+            value.is_string() || all(Value::is_string)
+        }
+    }
+}
+
+/// The first string of `value` (a string or a list of them) that is not in `allowed`.
+fn not_allowed(allowed: &[&str], value: &Value) -> Option<String> {
+    let items: Vec<&str> = match value {
+        Value::String(text) => vec![text.as_str()],
+        Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let bad = items.into_iter().find(|item| !allowed.contains(item))?;
+    Some(format!(
+        "unknown value \"{bad}\"{}",
+        did_you_mean(bad, allowed)
+    ))
+}
+
+/// The numbers in a scalar or a list, each with the value it came from.
+fn numbers_of(value: &Value) -> Vec<(f64, &Value)> {
+    match value {
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|v| v.as_f64().map(|n| (n, v)))
+            .collect(),
+        other => other.as_f64().map(|n| (n, other)).into_iter().collect(),
+    }
+}
+
+fn range_error(spec: &ParamSpec, number: f64, value: &Value) -> Option<String> {
     let below = spec.min.is_some_and(|min| number < min);
     let above = spec.max.is_some_and(|max| number > max);
     (below || above).then(|| {
