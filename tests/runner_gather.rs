@@ -234,7 +234,7 @@ fn collect_with(field: &str) -> String {
 #[test]
 fn list_types_and_allowed_values_are_checked_per_item() {
     let cases = [
-        ("seeds: [1, 2.5]", "field `seeds`: expected an integer or a list of integers, found a list"),
+        ("seeds: [1, 2.5]", "field `seeds`: expected an integer or a list of integers, found the number 2.5 in the list"),
         ("seeds: [1, 200]", "field `seeds`: 200 is out of range: must be between 0 and 100"),
         ("guidance: [3, 40]", "field `guidance`: 40 is out of range: must be between 0 and 30"),
         ("guidance: high", "field `guidance`: expected a number or a list of numbers, found the string \"high\""),

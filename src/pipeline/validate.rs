@@ -860,7 +860,7 @@ pub fn type_error(spec: &ParamSpec, value: &Value) -> Option<String> {
         return Some(format!(
             "expected {}, found {}",
             spec.ty.describe(),
-            describe(value)
+            describe_misfit(spec.ty, value)
         ));
     }
     if let Some(allowed) = spec.allowed {
@@ -874,8 +874,11 @@ pub fn type_error(spec: &ParamSpec, value: &Value) -> Option<String> {
 }
 
 fn fits_type(ty: ParamType, value: &Value) -> bool {
-    let all = |check: fn(&Value) -> bool| value.as_array().is_some_and(|a| a.iter().all(check));
-    let is_integer = |v: &Value| v.is_i64() || v.is_u64();
+    let all = || {
+        value
+            .as_array()
+            .is_some_and(|a| a.iter().all(|item| item_fits(ty, item)))
+    };
     match ty {
         ParamType::String | ParamType::Path | ParamType::StageRef | ParamType::PathOrStageRef => {
             value.is_string()
@@ -883,13 +886,55 @@ fn fits_type(ty: ParamType, value: &Value) -> bool {
         ParamType::Integer => is_integer(value),
         ParamType::Number => value.is_number(),
         ParamType::Bool => value.is_boolean(),
-        ParamType::StringList => all(Value::is_string),
-        ParamType::IntegerList => is_integer(value) || all(|v| v.is_i64() || v.is_u64()),
-        ParamType::NumberList => value.is_number() || all(Value::is_number),
-        ParamType::PathList | ParamType::StageRefList | ParamType::PathOrStageRefList => {
-            value.is_string() || all(Value::is_string)
-        }
+        ParamType::StringList => all(),
+        ParamType::IntegerList
+        | ParamType::NumberList
+        | ParamType::PathList
+        | ParamType::StageRefList
+        | ParamType::PathOrStageRefList => item_fits(ty, value) || all(),
     }
+}
+
+fn is_integer(value: &Value) -> bool {
+    value.is_i64() || value.is_u64()
+}
+
+/// Whether one item of a list type fits (`false` for scalar types).
+fn item_fits(ty: ParamType, item: &Value) -> bool {
+    match ty {
+        ParamType::IntegerList => is_integer(item),
+        ParamType::NumberList => item.is_number(),
+        ParamType::StringList
+        | ParamType::PathList
+        | ParamType::StageRefList
+        | ParamType::PathOrStageRefList => item.is_string(),
+        _ => false,
+    }
+}
+
+/// The value, or for a list of a list type its first item that does not fit (`the string
+/// "fast" in the list`).
+fn describe_misfit(ty: ParamType, value: &Value) -> String {
+    let bad_item = value
+        .as_array()
+        .and_then(|items| items.iter().find(|item| !item_fits(ty, item)))
+        .filter(|_| is_list_type(ty));
+    match bad_item {
+        Some(item) => format!("{} in the list", describe(item)),
+        None => describe(value),
+    }
+}
+
+fn is_list_type(ty: ParamType) -> bool {
+    matches!(
+        ty,
+        ParamType::StringList
+            | ParamType::IntegerList
+            | ParamType::NumberList
+            | ParamType::PathList
+            | ParamType::StageRefList
+            | ParamType::PathOrStageRefList
+    )
 }
 
 /// The first string of `value` (a string or a list of them) that is not in `allowed`.
@@ -921,10 +966,9 @@ fn range_error(spec: &ParamSpec, number: f64, value: &Value) -> Option<String> {
     let below = spec.min.is_some_and(|min| number < min);
     let above = spec.max.is_some_and(|max| number > max);
     (below || above).then(|| {
-        let (min, max) = (
-            spec.min.map(super::display_float),
-            spec.max.map(super::display_float),
-        );
+        let integral = matches!(spec.ty, ParamType::Integer | ParamType::IntegerList);
+        let show = |bound: f64| display_bound(bound, integral);
+        let (min, max) = (spec.min.map(show), spec.max.map(show));
         let bounds = match (min, max) {
             (Some(min), Some(max)) => format!("between {min} and {max}"),
             (Some(min), None) => format!("at least {min}"),
@@ -936,6 +980,18 @@ fn range_error(spec: &ParamSpec, number: f64, value: &Value) -> Option<String> {
             super::display_value(value)
         )
     })
+}
+
+/// A range bound as written in messages: integers in full for integer fields (`9007199254740991`,
+/// not `9.007199254740991e15`).
+fn display_bound(bound: f64, integral: bool) -> String {
+    /// Integers up to 2^53 are exact in an f64.
+    const EXACT_LIMIT: f64 = 9_007_199_254_740_992.0;
+    if integral && bound.fract() == 0.0 && bound.abs() <= EXACT_LIMIT {
+        format!("{}", bound as i64)
+    } else {
+        super::display_float(bound)
+    }
 }
 
 /// Replaces `${params.NAME}`: a whole-string reference keeps the value's type.
