@@ -9,7 +9,9 @@ use dreampipe::exec::executor::{ExecOptions, RunRecord, execute};
 use dreampipe::pipeline::{LoadOptions, Pipeline, load_str};
 use dreampipe::plan::fingerprint::KeyMaterial;
 use dreampipe::plan::graph::Plan;
-use dreampipe::stages::{ParamSpec, ParamType, Registry, Stage, StageContext, StageError, registry};
+use dreampipe::stages::{
+    ParamSpec, ParamType, Registry, Stage, StageContext, StageError, registry,
+};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::sync::Arc;
@@ -155,7 +157,11 @@ fn gathered_inputs_carry_variant_ids_and_digests_and_key_every_variant() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("cache")).expect("store");
     let record = run(Plan::new(load(dir.path(), GATHER).expect("valid")), &store);
-    assert!(record.success, "{:?}", record.stages.iter().map(|s| &s.error).collect::<Vec<_>>());
+    assert!(
+        record.success,
+        "{:?}",
+        record.stages.iter().map(|s| &s.error).collect::<Vec<_>>()
+    );
     let key = record.stages[4].key.clone().expect("key");
     let received: Value = serde_json::from_slice(
         &std::fs::read(store.output_dir(&key).join("received.json")).expect("received"),
@@ -207,7 +213,11 @@ stages:
         Ok(pipeline) => pipeline,
         Err(message) => panic!("{message}"),
     };
-    let collects: Vec<_> = pipeline.stages.iter().filter(|s| s.name == "collect").collect();
+    let collects: Vec<_> = pipeline
+        .stages
+        .iter()
+        .filter(|s| s.name == "collect")
+        .collect();
     assert_eq!(collects.len(), 2, "`base` fans out over `a`");
     assert_eq!(collects[0].id, "collect[run=echo a1]");
     let gathered: Vec<&str> = collects[0].refs["models"]
@@ -224,7 +234,12 @@ stages:
 fn first_error(text: &str) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let message = load(dir.path(), text).err().expect("invalid");
-    message.lines().nth(1).unwrap_or_default().trim().to_string()
+    message
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 fn collect_with(field: &str) -> String {
@@ -234,18 +249,37 @@ fn collect_with(field: &str) -> String {
 #[test]
 fn list_types_and_allowed_values_are_checked_per_item() {
     let cases = [
-        ("seeds: [1, 2.5]", "field `seeds`: expected an integer or a list of integers, found the number 2.5 in the list"),
-        ("seeds: [1, 200]", "field `seeds`: 200 is out of range: must be between 0 and 100"),
-        ("guidance: [3, 40]", "field `guidance`: 40 is out of range: must be between 0 and 30"),
-        ("guidance: high", "field `guidance`: expected a number or a list of numbers, found the string \"high\""),
-        ("sampler: eulr-a", "field `sampler`: unknown value \"eulr-a\"; did you mean `euler-a`?"),
-        ("samplers: [ddim, plms]", "field `samplers`: unknown value \"plms\" (expected one of: ddim, euler-a)"),
+        (
+            "seeds: [1, 2.5]",
+            "field `seeds`: expected an integer or a list of integers, found the number 2.5 in the list",
+        ),
+        (
+            "seeds: [1, 200]",
+            "field `seeds`: 200 is out of range: must be between 0 and 100",
+        ),
+        (
+            "guidance: [3, 40]",
+            "field `guidance`: 40 is out of range: must be between 0 and 30",
+        ),
+        (
+            "guidance: high",
+            "field `guidance`: expected a number or a list of numbers, found the string \"high\"",
+        ),
+        (
+            "sampler: eulr-a",
+            "field `sampler`: unknown value \"eulr-a\"; did you mean `euler-a`?",
+        ),
+        (
+            "samplers: [ddim, plms]",
+            "field `samplers`: unknown value \"plms\" (expected one of: ddim, euler-a)",
+        ),
     ];
     for (field, expected) in cases {
         let message = first_error(&collect_with(field));
         assert!(message.ends_with(expected), "{field}: {message}");
     }
-    let missing = first_error("stages:\n  collect:\n    kind: collect\n    models: [data, nowhere]\n");
+    let missing =
+        first_error("stages:\n  collect:\n    kind: collect\n    models: [data, nowhere]\n");
     assert!(
         missing.ends_with("field `models`: input `nowhere` does not exist and is not a stage name (paths are relative to the pipeline's folder)"),
         "{missing}"
@@ -269,7 +303,9 @@ fn reference_tables_show_allowed_values_and_gathering() {
         "{table}"
     );
     assert!(
-        table.contains("| `sampler` | a string | `\"ddim\"` | one of: ddim, euler-a | yes | sampler |"),
+        table.contains(
+            "| `sampler` | a string | `\"ddim\"` | one of: ddim, euler-a | yes | sampler |"
+        ),
         "{table}"
     );
     let _ = Registry::empty();

@@ -122,7 +122,9 @@ fn bad_scheduler_is_a_validation_error_with_a_suggestion() {
     assert!(!output.status.success());
     let all = text(&output);
     assert!(
-        all.contains("stage `class`, field `scheduler`: unknown value \"eulr\"; did you mean `euler`?"),
+        all.contains(
+            "stage `class`, field `scheduler`: unknown value \"eulr\"; did you mean `euler`?"
+        ),
         "{all}"
     );
 }
@@ -172,9 +174,15 @@ fn cache_gc_prunes_memo_entries_by_last_use() {
         .expect("run gc");
     let all = text(&output);
     assert!(output.status.success(), "{all}");
-    assert!(all.contains("removed 1 shared memo file(s) (8 bytes)"), "{all}");
+    assert!(
+        all.contains("removed 1 shared memo file(s) (8 bytes)"),
+        "{all}"
+    );
     assert!(!stale.exists());
-    assert!(used.iter().all(|entry| entry.exists()), "reused entries stay");
+    assert!(
+        used.iter().all(|entry| entry.exists()),
+        "reused entries stay"
+    );
     assert_eq!(memo_entries(&cache).len(), 3);
 }
 

@@ -101,7 +101,9 @@ fn bad_scheduler_name_is_rejected_by_validation_with_a_suggestion() {
     assert!(!output.status.success());
     let all = text(&output);
     assert!(
-        all.contains("stage `grid`, field `schedulers`: unknown value \"dpm\"; did you mean `ddpm`?"),
+        all.contains(
+            "stage `grid`, field `schedulers`: unknown value \"dpm\"; did you mean `ddpm`?"
+        ),
         "{all}"
     );
 }

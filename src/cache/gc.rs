@@ -172,7 +172,10 @@ mod tests {
     fn file_aged(path: &std::path::Path, age_secs: u64) {
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         std::fs::write(path, b"memo").expect("write");
-        let file = std::fs::File::options().write(true).open(path).expect("open");
+        let file = std::fs::File::options()
+            .write(true)
+            .open(path)
+            .expect("open");
         file.set_modified(SystemTime::now() - Duration::from_secs(age_secs))
             .expect("set mtime");
     }

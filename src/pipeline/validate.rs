@@ -863,10 +863,8 @@ pub fn type_error(spec: &ParamSpec, value: &Value) -> Option<String> {
             describe_misfit(spec.ty, value)
         ));
     }
-    if let Some(allowed) = spec.allowed {
-        if let Some(message) = not_allowed(allowed, value) {
-            return Some(message);
-        }
+    if let Some(message) = spec.allowed.and_then(|allowed| not_allowed(allowed, value)) {
+        return Some(message);
     }
     numbers_of(value)
         .into_iter()

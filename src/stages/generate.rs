@@ -7,8 +7,8 @@
 //! negative prompt, its seed, steps, guidance, scheduler, size, dtype, device type). Raising
 //! `count` changes the stage key, but the images already made are copied from the memo.
 use super::sd_common::{
-    DTYPE_CHOICES, SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, field_error,
-    load_model, model_hash, model_label, parse_scheduler, write_manifest, write_sample,
+    DTYPE_CHOICES, SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, field_error, load_model,
+    model_hash, model_label, parse_scheduler, write_manifest, write_sample,
 };
 use super::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
 use crate::cache::hash::{HashMemo, tree_digest};

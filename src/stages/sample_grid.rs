@@ -7,8 +7,8 @@
 //! variant as its own row, labelled with the variant id (`db[learning_rate=2e-6]`), in one grid
 //! stage.
 use super::sd_common::{
-    DTYPE_CHOICES, SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, field_error,
-    load_model, model_hash, model_label, parse_scheduler, write_manifest, write_sample,
+    DTYPE_CHOICES, SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, field_error, load_model,
+    model_hash, model_label, parse_scheduler, write_manifest, write_sample,
 };
 use super::{DeviceClass, ParamSpec, ParamType, ResolvedInput, Stage, StageContext, StageError};
 use crate::cache::store::file_name_for;
@@ -218,7 +218,11 @@ impl Grid {
             .collect();
         let guidance = ctx.f64_list_param("guidance");
         if steps.is_empty() || guidance.is_empty() {
-            let field = if steps.is_empty() { "steps" } else { "guidance" };
+            let field = if steps.is_empty() {
+                "steps"
+            } else {
+                "guidance"
+            };
             return Err(field_error(ctx, field, "give at least one value"));
         }
         let request = Txt2Img {
@@ -272,7 +276,8 @@ impl Grid {
     }
 
     fn total(&self) -> u64 {
-        let rows = self.models.len() * self.schedulers.len() * self.steps.len() * self.guidance.len();
+        let rows =
+            self.models.len() * self.schedulers.len() * self.steps.len() * self.guidance.len();
         (rows * self.prompts.len() * self.seeds.len()) as u64
     }
 

@@ -15,7 +15,8 @@ pub const DTYPE_NAMES: &str = "f32, f16, bf16";
 /// The same, for [`super::ParamSpec::one_of`].
 pub const DTYPE_CHOICES: &[&str] = &["f32", "f16", "bf16"];
 /// Every `SchedulerKind::name()`, for [`super::ParamSpec::one_of`] (a test keeps it in sync).
-pub const SCHEDULER_CHOICES: &[&str] = &["ddim", "pndm", "lms", "euler", "euler-a", "dpm++", "ddpm"];
+pub const SCHEDULER_CHOICES: &[&str] =
+    &["ddim", "pndm", "lms", "euler", "euler-a", "dpm++", "ddpm"];
 /// The PNG parameters field naming the stage that wrote an image.
 pub const STAGE_FIELD: &str = "dreampipe stage";
 
