@@ -203,8 +203,7 @@ stages:
       - a photo of ${params.token} ${params.class}
       - a photo of ${params.token} ${params.class} on the beach
       - an oil painting of ${params.token} ${params.class}
-    seed: 0
-    seed_count: 4
+    seeds: [0, 1, 2, 3]
     # DDIM with 100 steps: on fine-tuned (slightly overfit) models DDIM gave cleaner samples
     # than PNDM or LMS in the study.
     schedulers: [ddim]
