@@ -80,7 +80,10 @@ struct Workspace {
 impl Workspace {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        copy_tree(&repo_root().join("pipelines"), &dir.path().join("pipelines"));
+        copy_tree(
+            &repo_root().join("pipelines"),
+            &dir.path().join("pipelines"),
+        );
         std::os::unix::fs::symlink(repo_root().join("models"), dir.path().join("models")).unwrap();
         Self { dir }
     }
@@ -280,7 +283,9 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
     assert!(ok, "{stdout}\n{stderr}");
     for stage in ["instance", "class_images", "ti", "db", "grid"] {
         assert!(
-            stdout.lines().any(|l| l.starts_with(stage) && l.contains(" ran ")),
+            stdout
+                .lines()
+                .any(|l| l.starts_with(stage) && l.contains(" ran ")),
             "{stage} did not run: {stdout}"
         );
     }
@@ -296,7 +301,12 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| (i["model"].as_str().unwrap().to_string(), i["seed"].as_u64().unwrap()))
+        .map(|i| {
+            (
+                i["model"].as_str().unwrap().to_string(),
+                i["seed"].as_u64().unwrap(),
+            )
+        })
         .collect();
     let expected = [("db", 0), ("db", 1), ("tiny-sd", 0), ("tiny-sd", 1)];
     assert_eq!(

@@ -620,6 +620,9 @@ mod tests {
             "<code>steps: 4</code><details><summary>2 defaults</summary>\
              <code>dtype: f32\nseed: 0</code></details>"
         );
-        assert_eq!(render_params(&params, &[]), "<code>dtype: f32\nseed: 0\nsteps: 4</code>");
+        assert_eq!(
+            render_params(&params, &[]),
+            "<code>dtype: f32\nseed: 0\nsteps: 4</code>"
+        );
     }
 }
