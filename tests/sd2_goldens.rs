@@ -3,6 +3,7 @@
 //! linear projections, per-block head counts, upcast attention, DDIM with v-prediction.
 use dreampipe::sd::clip::ClipTextModel;
 use dreampipe::sd::pipeline::{Event, StableDiffusion, Txt2Img};
+use dreampipe::sd::png::{tensor_to_rgb_bytes, write_rgb_png};
 use dreampipe::sd::schedulers::SchedulerKind;
 use dreampipe::sd::tokenizer::ClipTokenizer;
 use dreampipe::sd::unet::UNet2DConditionModel;
@@ -15,6 +16,8 @@ use tch::{Device, Kind, Tensor};
 /// rtol 1e-4; full pipeline images atol 2e-3.
 const TENSOR_TOL: f64 = 1e-4;
 const IMAGE_ATOL: f64 = 2e-3;
+/// PNG pixels within one 8-bit level (rounding of values within IMAGE_ATOL).
+const PNG_LEVELS: i32 = 1;
 /// The id of "!" in the CLIP vocabulary (first byte token), SD 2.x's pad token.
 const BANG_ID: i64 = 0;
 
@@ -89,10 +92,7 @@ fn literal_bang_is_the_pad_token_like_transformers_encodes_it() {
     let hello = tokenizer.encode("hello!").ids_unpadded;
     assert_eq!(hello.first(), Some(&bos));
     assert_eq!(&hello[hello.len() - 2..], &[BANG_ID, eos]);
-    assert_eq!(
-        tokenizer.encode("!").ids_unpadded,
-        vec![bos, BANG_ID, eos]
-    );
+    assert_eq!(tokenizer.encode("!").ids_unpadded, vec![bos, BANG_ID, eos]);
     assert!(!hello.contains(&tokenizer.token_id("!</w>").unwrap()));
 }
 
@@ -110,7 +110,13 @@ fn gelu_text_encoder_with_legacy_eos_matches_transformers() {
     let output = tch::no_grad(|| model.forward(&golden["input_ids"]).unwrap());
     let tol = TENSOR_TOL;
     let (state, pooled) = (&output.last_hidden_state, &output.pooler_output);
-    assert_close("last_hidden_state", state, &golden["last_hidden_state"], tol, tol);
+    assert_close(
+        "last_hidden_state",
+        state,
+        &golden["last_hidden_state"],
+        tol,
+        tol,
+    );
     assert_close("pooler_output", pooled, &golden["pooler_output"], tol, tol);
 }
 
@@ -118,8 +124,7 @@ fn gelu_text_encoder_with_legacy_eos_matches_transformers() {
 fn linear_projection_unet_with_head_list_and_upcast_matches_diffusers() {
     let golden = tensors("unet.safetensors");
     let (_vs, unet) =
-        UNet2DConditionModel::load(&fixture("model/unet"), Device::Cpu, Kind::Float, None)
-            .unwrap();
+        UNet2DConditionModel::load(&fixture("model/unet"), Device::Cpu, Kind::Float, None).unwrap();
     let config = unet.config();
     assert!(config.use_linear_projection && config.upcast_attention);
     let prediction = tch::no_grad(|| {
@@ -164,7 +169,11 @@ fn run_pipeline(request: &Txt2Img) -> Run {
             Event::Step { latents, .. } => step_latents.push(latents.copy()),
         })
         .unwrap();
-    assert_eq!(output.scheduler, SchedulerKind::Ddim, "the folder's scheduler");
+    assert_eq!(
+        output.scheduler,
+        SchedulerKind::Ddim,
+        "the folder's scheduler"
+    );
     Run {
         noise: noise.unwrap(),
         timesteps,
@@ -176,11 +185,9 @@ fn run_pipeline(request: &Txt2Img) -> Run {
     }
 }
 
-#[test]
-fn v_prediction_ddim_pipeline_matches_diffusers() {
-    let golden = tensors("pipeline.safetensors");
-    let args = json("pipeline.json");
-    let request = Txt2Img {
+/// The request of pipeline.json (the model's own scheduler, default size).
+fn fixture_request(args: &Value) -> Txt2Img {
+    Txt2Img {
         prompt: args["prompt"].as_str().unwrap().to_string(),
         negative_prompt: args["negative_prompt"].as_str().unwrap().to_string(),
         seed: args["seed"].as_u64().unwrap(),
@@ -190,8 +197,33 @@ fn v_prediction_ddim_pipeline_matches_diffusers() {
         width: None,
         height: None,
         batch: 1,
-    };
-    let run = run_pipeline(&request);
+    }
+}
+
+/// Our PNG of `image` ([3, h, w] in [-1, 1]) is within one 8-bit level of diffusers' PNG.
+fn assert_png_matches(image: &Tensor) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ours.png");
+    let (height, width) = (image.size()[1] as u32, image.size()[2] as u32);
+    write_rgb_png(&path, &tensor_to_rgb_bytes(image), width, height, None).unwrap();
+    let ours = image::open(&path).unwrap().to_rgb8();
+    let golden = image::open(fixture("pipeline.png")).unwrap().to_rgb8();
+    assert_eq!(ours.dimensions(), golden.dimensions(), "PNG size");
+    let worst = ours
+        .as_raw()
+        .iter()
+        .zip(golden.as_raw())
+        .map(|(a, b)| (i32::from(*a) - i32::from(*b)).abs())
+        .max()
+        .unwrap_or(0);
+    assert!(worst <= PNG_LEVELS, "PNG pixel differs by {worst} levels");
+}
+
+#[test]
+fn v_prediction_ddim_pipeline_matches_diffusers() {
+    let golden = tensors("pipeline.safetensors");
+    let args = json("pipeline.json");
+    let run = run_pipeline(&fixture_request(&args));
     assert!(run.noise.equal(&golden["initial_noise"]), "initial noise");
     let expected_timesteps: Vec<f64> = args["timesteps"]
         .as_array()
@@ -200,15 +232,30 @@ fn v_prediction_ddim_pipeline_matches_diffusers() {
         .map(|t| t.as_f64().unwrap())
         .collect();
     assert_eq!(run.timesteps, expected_timesteps);
-    let tol = TENSOR_TOL;
-    let stacked = |list: &[Tensor]| Tensor::stack(list, 0);
-    let unet_in = stacked(&run.unet_inputs);
-    assert_close("unet inputs", &unet_in, &golden["step_unet_input"], tol, tol);
-    let unet_out = stacked(&run.unet_outputs);
-    assert_close("unet outputs", &unet_out, &golden["step_unet_output"], tol, tol);
-    let steps = stacked(&run.step_latents);
-    assert_close("step latents", &steps, &golden["step_latents"], tol, tol);
-    assert_close("latents", &run.latents, &golden["latents"], tol, tol);
-    let image = (&run.images / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1]);
+    let checks = [
+        (
+            "unet inputs",
+            Tensor::stack(&run.unet_inputs, 0),
+            "step_unet_input",
+        ),
+        (
+            "unet outputs",
+            Tensor::stack(&run.unet_outputs, 0),
+            "step_unet_output",
+        ),
+        (
+            "step latents",
+            Tensor::stack(&run.step_latents, 0),
+            "step_latents",
+        ),
+        ("latents", run.latents, "latents"),
+    ];
+    for (name, ours, key) in &checks {
+        assert_close(name, ours, &golden[*key], TENSOR_TOL, TENSOR_TOL);
+    }
+    let image = (&run.images / 2.0 + 0.5)
+        .clamp(0.0, 1.0)
+        .permute([0, 2, 3, 1]);
     assert_close("image", &image, &golden["image"], IMAGE_ATOL, 0.0);
+    assert_png_matches(&run.images.get(0));
 }
