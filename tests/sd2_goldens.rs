@@ -206,7 +206,11 @@ fn assert_png_matches(image: &Tensor) {
     let path = dir.path().join("ours.png");
     let (height, width) = (image.size()[1] as u32, image.size()[2] as u32);
     write_rgb_png(&path, &tensor_to_rgb_bytes(image), width, height, None).unwrap();
-    let ours = image::open(&path).unwrap().to_rgb8();
+    assert_png_file_matches(&path);
+}
+
+fn assert_png_file_matches(path: &Path) {
+    let ours = image::open(path).unwrap().to_rgb8();
     let golden = image::open(fixture("pipeline.png")).unwrap().to_rgb8();
     assert_eq!(ours.dimensions(), golden.dimensions(), "PNG size");
     let worst = ours
@@ -258,4 +262,24 @@ fn v_prediction_ddim_pipeline_matches_diffusers() {
         .permute([0, 2, 3, 1]);
     assert_close("image", &image, &golden["image"], IMAGE_ATOL, 0.0);
     assert_png_matches(&run.images.get(0));
+}
+
+#[test]
+fn sample_cli_writes_the_diffusers_image_for_an_sd2_folder() {
+    let args = json("pipeline.json");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sample.png");
+    let steps = args["num_inference_steps"].to_string();
+    let seed = args["seed"].to_string();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .args(["--device", "cpu", "sample", "--model"])
+        .arg(fixture("model"))
+        .args(["--prompt", args["prompt"].as_str().unwrap()])
+        .args(["--seed", &seed, "--steps", &steps, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "dreampipe sample failed: {stderr}");
+    assert_png_file_matches(&out);
 }
