@@ -286,6 +286,7 @@ fn run(
     let mut callbacks = Callbacks {
         on_progress: &mut on_progress,
         cancel,
+        validation: None,
     };
     dreambooth::train(config, &mut callbacks)?;
     Ok(seen)
@@ -491,6 +492,7 @@ fn benchmark(train_text_encoder: bool) {
     let mut callbacks = Callbacks {
         on_progress: &mut on_progress,
         cancel: &cancel,
+        validation: None,
     };
     dreambooth::train(&config, &mut callbacks).unwrap();
     let (first, last) = (marks[WARMUP - 1], marks[marks.len() - 1]);

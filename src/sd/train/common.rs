@@ -154,6 +154,17 @@ pub struct Callbacks<'a> {
     /// Checked before every step; when set, a checkpoint is written and the loop returns
     /// [`TrainError::Cancelled`].
     pub cancel: &'a AtomicBool,
+    /// Sampling with the model being trained every few steps (diffusers' validation_steps).
+    pub validation: Option<Validation<'a>>,
+}
+
+/// diffusers' `--validation_prompt` / `--validation_steps`: every `every` optimizer steps the
+/// loop writes the current model as a diffusers folder into `model_dir` and calls `run(step,
+/// model_dir)`, which samples from it (an error stops training).
+pub struct Validation<'a> {
+    pub every: u64,
+    pub model_dir: PathBuf,
+    pub run: &'a mut dyn FnMut(u64, &Path) -> Result<(), String>,
 }
 
 impl Callbacks<'_> {

@@ -603,6 +603,10 @@ impl TrainingMethod for Run<'_> {
         &mut self.trainer.optimizer
     }
 
+    fn write_model(&self, dir: &std::path::Path) -> Result<(), TrainError> {
+        write_trained_folder(self.config, &self.trainer, dir)
+    }
+
     fn next_step(&mut self) -> Result<StepReport, TrainError> {
         let step = self.trainer.step;
         let batches = (0..self.config.gradient_accumulation_steps)
@@ -649,12 +653,27 @@ pub fn train(
         config,
     };
     let result = driver::run(&mut run, &settings, callbacks)?;
+    let trainer = &run.trainer;
+    write_trained_folder(config, trainer, &config.output_dir)?;
+    Ok(TrainOutcome {
+        steps: trainer.step,
+        resumed_from: result.resumed_from,
+        final_loss: result.final_loss,
+        output_dir: config.output_dir.clone(),
+    })
+}
+
+/// The base model with the trained UNet (and text encoder) as a diffusers folder at `dir`.
+fn write_trained_folder(
+    config: &DreamBoothConfig,
+    trainer: &DreamBoothTrainer,
+    dir: &std::path::Path,
+) -> Result<(), TrainError> {
     let base =
         ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
-    let trainer = &run.trainer;
     output::write_model_folder(
         &base,
-        &config.output_dir,
+        dir,
         &NewWeights {
             unet: Some(&trainer.unet_store),
             text_encoder: config
@@ -662,11 +681,5 @@ pub fn train(
                 .then_some(&trainer.text_encoder_store),
             added_tokens: &[],
         },
-    )?;
-    Ok(TrainOutcome {
-        steps: trainer.step,
-        resumed_from: result.resumed_from,
-        final_loss: result.final_loss,
-        output_dir: config.output_dir.clone(),
-    })
+    )
 }
