@@ -32,7 +32,11 @@ fn command(project: &Project, pipeline: &str, extra: &[&str]) -> Command {
 }
 
 fn run(project: &Project, pipeline: &str, extra: &[&str]) -> RunResult {
-    to_result(command(project, pipeline, extra).output().expect("run dreampipe"))
+    to_result(
+        command(project, pipeline, extra)
+            .output()
+            .expect("run dreampipe"),
+    )
 }
 
 fn assert_success(result: &RunResult) {
@@ -139,7 +143,13 @@ fn tensors(file: &Path) -> Vec<(String, Tensor)> {
 /// The largest absolute difference between two safetensors files with the same keys.
 fn max_difference(a: &Path, b: &Path) -> f64 {
     let (first, second) = (tensors(a), tensors(b));
-    assert_eq!(first.len(), second.len(), "{} vs {}", a.display(), b.display());
+    assert_eq!(
+        first.len(),
+        second.len(),
+        "{} vs {}",
+        a.display(),
+        b.display()
+    );
     first
         .iter()
         .zip(&second)
@@ -167,7 +177,11 @@ fn images_generate_ti_dreambooth_chain_trains_caches_and_reruns_only_what_change
     let ti_metrics = metrics(&ti);
     assert_eq!(ti_metrics.len(), 20);
     assert_eq!(ti_metrics[19]["step"], 20);
-    assert!(ti_metrics.iter().all(|m| m["loss"].as_f64().is_some_and(f64::is_finite)));
+    assert!(
+        ti_metrics
+            .iter()
+            .all(|m| m["loss"].as_f64().is_some_and(f64::is_finite))
+    );
     assert_eq!(
         report(&ti),
         serde_json::json!({"images": [
@@ -175,7 +189,12 @@ fn images_generate_ti_dreambooth_chain_trains_caches_and_reruns_only_what_change
             {"path": "validation/step-20.png", "caption": "a photo of <sks>", "step": 20},
         ]})
     );
-    assert_eq!(image::open(ti.join("validation/step-20.png")).expect("png").width(), 64);
+    assert_eq!(
+        image::open(ti.join("validation/step-20.png"))
+            .expect("png")
+            .width(),
+        64
+    );
 
     let db = output(&project, "db");
     let db_metrics = metrics(&db);
@@ -216,14 +235,20 @@ fn images_generate_ti_dreambooth_chain_trains_caches_and_reruns_only_what_change
 
     let second = run(&project, "train.yaml", &[]);
     assert_success(&second);
-    assert_eq!(second.with_status("cached"), ["class", "db", "photos", "ti"]);
+    assert_eq!(
+        second.with_status("cached"),
+        ["class", "db", "photos", "ti"]
+    );
     assert!(second.with_status("ran").is_empty());
 
     let changed = run(&project, "train.yaml", &["--set", "params.db_lr=2.0e-4"]);
     assert_success(&changed);
     assert_eq!(changed.with_status("ran"), ["db"]);
     assert_eq!(changed.with_status("cached"), ["class", "photos", "ti"]);
-    assert_eq!(metrics(&output(&project, "db"))[0]["lr"].as_f64(), Some(2e-4));
+    assert_eq!(
+        metrics(&output(&project, "db"))[0]["lr"].as_f64(),
+        Some(2e-4)
+    );
 }
 
 const SINGLE: &str = r#"name: train
@@ -244,10 +269,21 @@ stages:
 /// The newest `checkpoint-N` under `<cache>/work/*/`, if any.
 fn checkpoint_steps(cache: &Path) -> Vec<u64> {
     let mut steps = Vec::new();
-    for work in std::fs::read_dir(cache.join("work")).into_iter().flatten().flatten() {
-        for entry in std::fs::read_dir(work.path()).into_iter().flatten().flatten() {
+    for work in std::fs::read_dir(cache.join("work"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for entry in std::fs::read_dir(work.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(step) = name.strip_prefix("checkpoint-").and_then(|s| s.parse().ok()) {
+            if let Some(step) = name
+                .strip_prefix("checkpoint-")
+                .and_then(|s| s.parse().ok())
+            {
                 steps.push(step);
             }
         }
@@ -273,7 +309,10 @@ fn a_run_killed_mid_training_resumes_to_the_uninterrupted_weights() {
         .expect("spawn dreampipe");
     let started = Instant::now();
     while checkpoint_steps(&project.cache()).is_empty() {
-        assert!(started.elapsed() < CHECKPOINT_WAIT, "no checkpoint appeared");
+        assert!(
+            started.elapsed() < CHECKPOINT_WAIT,
+            "no checkpoint appeared"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().expect("kill -9");
@@ -297,12 +336,22 @@ fn a_run_killed_mid_training_resumes_to_the_uninterrupted_weights() {
         &output(&project, "db").join(unet),
         &output(&reference, "db").join(unet),
     );
-    assert!(difference <= RESUME_TOLERANCE, "resumed weights differ by {difference}");
-    let (ours, theirs) = (metrics(&output(&project, "db")), metrics(&output(&reference, "db")));
+    assert!(
+        difference <= RESUME_TOLERANCE,
+        "resumed weights differ by {difference}"
+    );
+    let (ours, theirs) = (
+        metrics(&output(&project, "db")),
+        metrics(&output(&reference, "db")),
+    );
     assert_eq!(ours.len(), 12);
     for (a, b) in ours.iter().zip(&theirs) {
         let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
-        assert!((la - lb).abs() <= RESUME_TOLERANCE, "step {}: {la} vs {lb}", a["step"]);
+        assert!(
+            (la - lb).abs() <= RESUME_TOLERANCE,
+            "step {}: {la} vs {lb}",
+            a["step"]
+        );
     }
 }
 
@@ -338,6 +387,9 @@ fn invalid_enum_fields_fail_naming_the_field() {
         let result = run(&project, "bad.yaml", &[]);
         assert!(!result.success(), "{line}: the run succeeded");
         let all = format!("{}{}", result.stdout, result.stderr);
-        assert!(all.contains(message), "{line}: expected {message:?} in:\n{all}");
+        assert!(
+            all.contains(message),
+            "{line}: expected {message:?} in:\n{all}"
+        );
     }
 }

@@ -45,25 +45,75 @@ impl Stage for DreamBoothStage {
                 ParamType::PathOrStageRef,
                 "folder of instance images, or an `images` stage",
             ),
-            ParamSpec::required("instance_prompt", ParamType::String, "prompt of the instance images"),
+            ParamSpec::required(
+                "instance_prompt",
+                ParamType::String,
+                "prompt of the instance images",
+            ),
             ParamSpec::optional(
                 "class_images",
                 ParamType::PathOrStageRef,
                 Value::Null,
                 "class images for prior preservation (folder, or a `generate` / `images` stage); unset: none",
             ),
-            ParamSpec::optional("class_prompt", ParamType::String, Value::Null, "prompt of the class images (required with class_images)"),
-            ParamSpec::optional("num_class_images", ParamType::Integer, json!(DEFAULT_CLASS_IMAGES), "class images used (the first N; class_images must hold at least N)")
-                .range(1.0, MAX_CLASS_IMAGES),
-            ParamSpec::optional("prior_loss_weight", ParamType::Number, json!(1.0), "weight of the prior-preservation loss")
-                .range(0.0, MAX_WEIGHT),
-            ParamSpec::optional("train_text_encoder", ParamType::Bool, json!(false), "train the text encoder too"),
-            ParamSpec::optional("random_flip", ParamType::Bool, json!(false), "flip images horizontally at random"),
-            ParamSpec::optional("max_grad_norm", ParamType::Number, json!(1.0), "gradient clipping norm")
-                .range(0.0, MAX_GRAD_NORM),
-            ParamSpec::optional("offset_noise", ParamType::Bool, json!(false), "add 0.1 × per-channel offset noise"),
-            ParamSpec::optional("snr_gamma", ParamType::Number, Value::Null, "min-SNR-gamma loss weighting (5 recommended); unset: plain MSE")
-                .range(0.0, MAX_WEIGHT),
+            ParamSpec::optional(
+                "with_prior_preservation",
+                ParamType::Bool,
+                json!(false),
+                "require class_images (prior preservation is on whenever class_images is set)",
+            ),
+            ParamSpec::optional(
+                "class_prompt",
+                ParamType::String,
+                Value::Null,
+                "prompt of the class images (required with class_images)",
+            ),
+            ParamSpec::optional(
+                "num_class_images",
+                ParamType::Integer,
+                json!(DEFAULT_CLASS_IMAGES),
+                "class images used (the first N; class_images must hold at least N)",
+            )
+            .range(1.0, MAX_CLASS_IMAGES),
+            ParamSpec::optional(
+                "prior_loss_weight",
+                ParamType::Number,
+                json!(1.0),
+                "weight of the prior-preservation loss",
+            )
+            .range(0.0, MAX_WEIGHT),
+            ParamSpec::optional(
+                "train_text_encoder",
+                ParamType::Bool,
+                json!(false),
+                "train the text encoder too",
+            ),
+            ParamSpec::optional(
+                "random_flip",
+                ParamType::Bool,
+                json!(false),
+                "flip images horizontally at random",
+            ),
+            ParamSpec::optional(
+                "max_grad_norm",
+                ParamType::Number,
+                json!(1.0),
+                "gradient clipping norm",
+            )
+            .range(0.0, MAX_GRAD_NORM),
+            ParamSpec::optional(
+                "offset_noise",
+                ParamType::Bool,
+                json!(false),
+                "add 0.1 × per-channel offset noise",
+            ),
+            ParamSpec::optional(
+                "snr_gamma",
+                ParamType::Number,
+                Value::Null,
+                "min-SNR-gamma loss weighting (5 recommended); unset: plain MSE",
+            )
+            .range(0.0, MAX_WEIGHT),
         ];
         schema.extend(training::common_schema(&ScriptDefaults {
             learning_rate: DEFAULT_LEARNING_RATE,
@@ -75,7 +125,8 @@ impl Stage for DreamBoothStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let config = config_from(ctx)?;
-        let outcome = training::run_training(ctx, |callbacks| dreambooth::train(&config, callbacks))?;
+        let outcome =
+            training::run_training(ctx, |callbacks| dreambooth::train(&config, callbacks))?;
         if let Some(step) = outcome.resumed_from {
             ctx.log.line(&format!("resumed from step {step}"));
         }
@@ -100,9 +151,18 @@ fn config_from(ctx: &StageContext<'_>) -> Result<DreamBoothConfig, StageError> {
         training::staged_output(ctx),
         ctx.work_dir.to_path_buf(),
     );
-    if !ctx.input_paths("class_images").is_empty() {
-        let class_prompt = text(ctx, "class_prompt")
-            .ok_or_else(|| field_error(ctx, "class_prompt", "is required when class_images is set"))?;
+    let has_class_images = !ctx.input_paths("class_images").is_empty();
+    if flag(ctx, "with_prior_preservation") && !has_class_images {
+        return Err(field_error(
+            ctx,
+            "class_images",
+            "is required with with_prior_preservation: give a folder or a `generate` stage",
+        ));
+    }
+    if has_class_images {
+        let class_prompt = text(ctx, "class_prompt").ok_or_else(|| {
+            field_error(ctx, "class_prompt", "is required when class_images is set")
+        })?;
         let dir = training::image_dir(&training::single_input(ctx, "class_images")?);
         let wanted = int(ctx, "num_class_images")? as usize;
         let (dir, found) = training::first_images(ctx, &dir, wanted, "class_images")?;
@@ -110,7 +170,9 @@ fn config_from(ctx: &StageContext<'_>) -> Result<DreamBoothConfig, StageError> {
             return Err(field_error(
                 ctx,
                 "class_images",
-                format!("holds {found} images but num_class_images is {wanted}; generate more (a `generate` stage's count) or lower num_class_images"),
+                format!(
+                    "holds {found} images but num_class_images is {wanted}; generate more (a `generate` stage's count) or lower num_class_images"
+                ),
             ));
         }
         config.class_data_dir = Some(dir);
@@ -146,6 +208,8 @@ fn config_from(ctx: &StageContext<'_>) -> Result<DreamBoothConfig, StageError> {
     config.offset_noise = flag(ctx, "offset_noise");
     config.snr_gamma = ctx.f64_param("snr_gamma");
     config.device = ctx.device;
-    config.validate().map_err(|e| training::stage_error(ctx, e))?;
+    config
+        .validate()
+        .map_err(|e| training::stage_error(ctx, e))?;
     Ok(config)
 }

@@ -46,13 +46,36 @@ impl Stage for TextualInversionStage {
                 ParamType::PathOrStageRef,
                 "training images (diffusers' train_data_dir): a folder, or an `images` stage",
             ),
-            ParamSpec::required("placeholder_token", ParamType::String, "the new token, e.g. <cat-toy>"),
-            ParamSpec::required("initializer_token", ParamType::String, "one-token word the new vectors start from"),
-            ParamSpec::optional("num_vectors", ParamType::Integer, json!(1), "vectors of the new token")
-                .range(1.0, MAX_VECTORS),
-            ParamSpec::optional("learnable_property", ParamType::String, json!("object"), "object or style (which prompt templates)"),
-            ParamSpec::optional("repeats", ParamType::Integer, json!(DEFAULT_REPEATS), "times the images repeat per epoch")
-                .range(1.0, MAX_REPEATS),
+            ParamSpec::required(
+                "placeholder_token",
+                ParamType::String,
+                "the new token, e.g. <cat-toy>",
+            ),
+            ParamSpec::required(
+                "initializer_token",
+                ParamType::String,
+                "one-token word the new vectors start from",
+            ),
+            ParamSpec::optional(
+                "num_vectors",
+                ParamType::Integer,
+                json!(1),
+                "vectors of the new token",
+            )
+            .range(1.0, MAX_VECTORS),
+            ParamSpec::optional(
+                "learnable_property",
+                ParamType::String,
+                json!("object"),
+                "object or style (which prompt templates)",
+            ),
+            ParamSpec::optional(
+                "repeats",
+                ParamType::Integer,
+                json!(DEFAULT_REPEATS),
+                "times the images repeat per epoch",
+            )
+            .range(1.0, MAX_REPEATS),
         ];
         schema.extend(training::common_schema(&ScriptDefaults {
             learning_rate: DEFAULT_LEARNING_RATE,
@@ -64,8 +87,9 @@ impl Stage for TextualInversionStage {
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let config = config_from(ctx)?;
-        let outcome =
-            training::run_training(ctx, |callbacks| textual_inversion::train(&config, callbacks))?;
+        let outcome = training::run_training(ctx, |callbacks| {
+            textual_inversion::train(&config, callbacks)
+        })?;
         if let Some(step) = outcome.resumed_from {
             ctx.log.line(&format!("resumed from step {step}"));
         }
@@ -81,16 +105,17 @@ impl Stage for TextualInversionStage {
 fn config_from(ctx: &StageContext<'_>) -> Result<TextualInversionConfig, StageError> {
     use training::{flag, int, number};
     let (lr_scheduler, optimizer, mixed_precision) = training::enum_fields(ctx)?;
-    let property = LearnableProperty::parse(ctx.str_param("learnable_property")?).map_err(|_| {
-        super::sd_common::field_error(
-            ctx,
-            "learnable_property",
-            format!(
-                "\"{}\" is not one of object, style",
-                ctx.str_param("learnable_property").unwrap_or_default()
-            ),
-        )
-    })?;
+    let property =
+        LearnableProperty::parse(ctx.str_param("learnable_property")?).map_err(|_| {
+            super::sd_common::field_error(
+                ctx,
+                "learnable_property",
+                format!(
+                    "\"{}\" is not one of object, style",
+                    ctx.str_param("learnable_property").unwrap_or_default()
+                ),
+            )
+        })?;
     let model = training::model_dir(&training::single_input(ctx, "model")?);
     let images = training::image_dir(&training::single_input(ctx, "instance_images")?);
     let mut config = TextualInversionConfig::new(
@@ -127,6 +152,8 @@ fn config_from(ctx: &StageContext<'_>) -> Result<TextualInversionConfig, StageEr
     config.checkpointing_steps = int(ctx, "checkpointing_steps")?;
     config.checkpoints_total_limit = ctx.i64_param("checkpoints_total_limit").map(|v| v as usize);
     config.device = ctx.device;
-    config.validate().map_err(|e| training::stage_error(ctx, e))?;
+    config
+        .validate()
+        .map_err(|e| training::stage_error(ctx, e))?;
     Ok(config)
 }

@@ -65,47 +65,162 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             ParamType::PathOrStageRef,
             "diffusers folder, or the stage that produced one (a `textual_inversion` stage: its `model/`)",
         ),
-        ParamSpec::optional("seed", Integer, json!(0), "seed of every random draw (diffusers: unseeded)")
-            .range(0.0, MAX_SEED),
-        ParamSpec::optional("resolution", Integer, json!(512), "training image side (a multiple of 8)")
-            .range(MIN_RESOLUTION, MAX_RESOLUTION),
-        ParamSpec::optional("center_crop", Bool, json!(false), "center crop instead of a random crop"),
-        ParamSpec::optional("train_batch_size", Integer, json!(defaults.train_batch_size), "images per micro-batch")
-            .range(1.0, MAX_BATCH),
-        ParamSpec::optional("max_train_steps", Integer, defaults.max_train_steps.clone(), "optimizer steps; unset: num_train_epochs over the data")
-            .range(1.0, MAX_STEPS),
-        ParamSpec::optional("num_train_epochs", Integer, json!(defaults.num_train_epochs), "epochs when max_train_steps is unset")
-            .range(1.0, MAX_STEPS),
-        ParamSpec::optional("gradient_accumulation_steps", Integer, json!(1), "micro-batches per optimizer step")
-            .range(1.0, MAX_BATCH),
-        ParamSpec::optional("gradient_checkpointing", Bool, json!(false), "not yet supported (true fails)"),
-        ParamSpec::optional("learning_rate", Number, json!(defaults.learning_rate), "AdamW learning rate")
-            .range(0.0, MAX_LEARNING_RATE),
-        ParamSpec::optional("scale_lr", Bool, json!(false), "multiply learning_rate by batch size × accumulation"),
-        ParamSpec::optional("lr_scheduler", Text, json!("constant"), "constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial"),
-        ParamSpec::optional("lr_warmup_steps", Integer, json!(500), "warmup steps of the lr schedule")
-            .range(0.0, MAX_STEPS),
-        ParamSpec::optional("lr_num_cycles", Integer, json!(1), "cycles of cosine_with_restarts")
-            .range(1.0, MAX_STEPS),
-        ParamSpec::optional("lr_power", Number, json!(1.0), "power of the polynomial schedule")
-            .range(0.0, 100.0),
-        ParamSpec::optional("optimizer", Text, json!("adamw"), "adamw or adamw8bit (diffusers' --use_8bit_adam)"),
+        ParamSpec::optional(
+            "seed",
+            Integer,
+            json!(0),
+            "seed of every random draw (diffusers: unseeded)",
+        )
+        .range(0.0, MAX_SEED),
+        ParamSpec::optional(
+            "resolution",
+            Integer,
+            json!(512),
+            "training image side (a multiple of 8)",
+        )
+        .range(MIN_RESOLUTION, MAX_RESOLUTION),
+        ParamSpec::optional(
+            "center_crop",
+            Bool,
+            json!(false),
+            "center crop instead of a random crop",
+        ),
+        ParamSpec::optional(
+            "train_batch_size",
+            Integer,
+            json!(defaults.train_batch_size),
+            "images per micro-batch",
+        )
+        .range(1.0, MAX_BATCH),
+        ParamSpec::optional(
+            "max_train_steps",
+            Integer,
+            defaults.max_train_steps.clone(),
+            "optimizer steps; unset: num_train_epochs over the data",
+        )
+        .range(1.0, MAX_STEPS),
+        ParamSpec::optional(
+            "num_train_epochs",
+            Integer,
+            json!(defaults.num_train_epochs),
+            "epochs when max_train_steps is unset",
+        )
+        .range(1.0, MAX_STEPS),
+        ParamSpec::optional(
+            "gradient_accumulation_steps",
+            Integer,
+            json!(1),
+            "micro-batches per optimizer step",
+        )
+        .range(1.0, MAX_BATCH),
+        ParamSpec::optional(
+            "gradient_checkpointing",
+            Bool,
+            json!(false),
+            "not yet supported (true fails)",
+        ),
+        ParamSpec::optional(
+            "learning_rate",
+            Number,
+            json!(defaults.learning_rate),
+            "AdamW learning rate",
+        )
+        .range(0.0, MAX_LEARNING_RATE),
+        ParamSpec::optional(
+            "scale_lr",
+            Bool,
+            json!(false),
+            "multiply learning_rate by batch size × accumulation",
+        ),
+        ParamSpec::optional(
+            "lr_scheduler",
+            Text,
+            json!("constant"),
+            "constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial",
+        ),
+        ParamSpec::optional(
+            "lr_warmup_steps",
+            Integer,
+            json!(500),
+            "warmup steps of the lr schedule",
+        )
+        .range(0.0, MAX_STEPS),
+        ParamSpec::optional(
+            "lr_num_cycles",
+            Integer,
+            json!(1),
+            "cycles of cosine_with_restarts",
+        )
+        .range(1.0, MAX_STEPS),
+        ParamSpec::optional(
+            "lr_power",
+            Number,
+            json!(1.0),
+            "power of the polynomial schedule",
+        )
+        .range(0.0, 100.0),
+        ParamSpec::optional(
+            "optimizer",
+            Text,
+            json!("adamw"),
+            "adamw or adamw8bit (diffusers' --use_8bit_adam)",
+        ),
         ParamSpec::optional("adam_beta1", Number, json!(0.9), "AdamW beta1").range(0.0, MAX_BETA),
         ParamSpec::optional("adam_beta2", Number, json!(0.999), "AdamW beta2").range(0.0, MAX_BETA),
-        ParamSpec::optional("adam_weight_decay", Number, json!(1e-2), "AdamW decoupled weight decay")
-            .range(0.0, 1.0),
+        ParamSpec::optional(
+            "adam_weight_decay",
+            Number,
+            json!(1e-2),
+            "AdamW decoupled weight decay",
+        )
+        .range(0.0, 1.0),
         ParamSpec::optional("adam_epsilon", Number, json!(1e-8), "AdamW epsilon").range(0.0, 1.0),
-        ParamSpec::optional("mixed_precision", Text, json!("no"), "no, fp16 (CUDA only) or bf16: precision of the frozen modules"),
-        ParamSpec::optional("checkpointing_steps", Integer, json!(500), "resume checkpoint every N steps (kept in the work folder)")
-            .range(1.0, MAX_STEPS),
-        ParamSpec::optional("checkpoints_total_limit", Integer, Value::Null, "keep only the newest N checkpoints; unset: all")
-            .range(1.0, MAX_STEPS),
-        ParamSpec::optional("validation_prompt", Text, Value::Null, "sample this prompt every validation_steps (seed `seed`) into validation/step-N.png; unset: no samples"),
-        ParamSpec::optional("validation_steps", Integer, json!(DEFAULT_VALIDATION_STEPS), "steps between validation samples")
-            .range(1.0, MAX_STEPS),
-        ParamSpec::optional("validation_inference_steps", Integer, json!(DEFAULT_VALIDATION_STEPS_INFERENCE), "denoising steps of a validation sample")
-            .range(1.0, MAX_INFERENCE_STEPS),
-        ParamSpec::optional("dtype", Text, json!("f32"), "precision of the validation samples: f32, f16 or bf16"),
+        ParamSpec::optional(
+            "mixed_precision",
+            Text,
+            json!("no"),
+            "no, fp16 (CUDA only) or bf16: precision of the frozen modules",
+        ),
+        ParamSpec::optional(
+            "checkpointing_steps",
+            Integer,
+            json!(500),
+            "resume checkpoint every N steps (kept in the work folder)",
+        )
+        .range(1.0, MAX_STEPS),
+        ParamSpec::optional(
+            "checkpoints_total_limit",
+            Integer,
+            Value::Null,
+            "keep only the newest N checkpoints; unset: all",
+        )
+        .range(1.0, MAX_STEPS),
+        ParamSpec::optional(
+            "validation_prompt",
+            Text,
+            Value::Null,
+            "sample this prompt every validation_steps (seed `seed`) into validation/step-N.png; unset: no samples",
+        ),
+        ParamSpec::optional(
+            "validation_steps",
+            Integer,
+            json!(DEFAULT_VALIDATION_STEPS),
+            "steps between validation samples",
+        )
+        .range(1.0, MAX_STEPS),
+        ParamSpec::optional(
+            "validation_inference_steps",
+            Integer,
+            json!(DEFAULT_VALIDATION_STEPS_INFERENCE),
+            "denoising steps of a validation sample",
+        )
+        .range(1.0, MAX_INFERENCE_STEPS),
+        ParamSpec::optional(
+            "dtype",
+            Text,
+            json!("f32"),
+            "precision of the validation samples: f32, f16 or bf16",
+        ),
     ]
 }
 
@@ -237,7 +352,11 @@ pub fn run_training<T>(
             .step_with_metric(progress.step, progress.total, "loss", smoothed);
     };
     let sampler = ValidationSampler::from_context(ctx, &staged)?;
-    let mut run_sample = |step: u64, dir: &Path| sampler.as_ref().map_or(Ok(()), |s| s.sample(ctx, step, dir));
+    let mut run_sample = |step: u64, dir: &Path| {
+        sampler
+            .as_ref()
+            .map_or(Ok(()), |s| s.sample(ctx, step, dir))
+    };
     let validation = sampler.as_ref().map(|s| Validation {
         every: s.every,
         model_dir: ctx.work_dir.join(VALIDATION_MODEL),
@@ -320,7 +439,8 @@ impl ValidationSampler {
         };
         let path = self.dir.join(format!("step-{step}.png"));
         write_sample(ctx, &path, &output, 0, &info).map_err(|e| e.to_string())?;
-        ctx.log.line(&format!("validation sample {}", path.display()));
+        ctx.log
+            .line(&format!("validation sample {}", path.display()));
         Ok(())
     }
 }
@@ -333,7 +453,10 @@ fn write_report(ctx: &StageContext<'_>, prompt: &str) -> Result<(), StageError> 
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                name.strip_prefix("step-")?.strip_suffix(".png")?.parse().ok()
+                name.strip_prefix("step-")?
+                    .strip_suffix(".png")?
+                    .parse()
+                    .ok()
             })
             .collect(),
         Err(_) => Vec::new(),
@@ -376,8 +499,8 @@ pub fn first_images(
     count: usize,
     field: &str,
 ) -> Result<(PathBuf, usize), StageError> {
-    let files = crate::sd::train::data::list_images(dir, field)
-        .map_err(|e| field_error(ctx, field, e))?;
+    let files =
+        crate::sd::train::data::list_images(dir, field).map_err(|e| field_error(ctx, field, e))?;
     if files.len() <= count {
         return Ok((dir.to_path_buf(), files.len()));
     }
