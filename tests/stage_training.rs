@@ -356,22 +356,32 @@ fn a_run_killed_mid_training_resumes_to_the_uninterrupted_weights() {
 }
 
 #[test]
-fn invalid_enum_fields_fail_naming_the_field() {
+fn invalid_enum_fields_fail_validation_naming_the_field() {
+    let project = Project::new();
+    write_photos(&project);
+    let pipeline = format!(
+        "{}    lr_scheduler: bogus\n    optimizer: sgd\n    mixed_precision: fp8\n    dtype: f64\n",
+        SINGLE.replace("MODEL", &tiny_model())
+    );
+    project.write("bad.yaml", &pipeline);
+    let (ok, stdout, stderr) = project.dreampipe(&["validate", "bad.yaml"]);
+    assert!(!ok, "validate accepted bad enum values:\n{stdout}");
+    let expected = [
+        "bad.yaml:14:5: stage `db`, field `lr_scheduler`: \"bogus\" is not one of: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+        "bad.yaml:15:5: stage `db`, field `optimizer`: \"sgd\" is not one of: adamw, adamw8bit",
+        "bad.yaml:16:5: stage `db`, field `mixed_precision`: \"fp8\" is not one of: no, fp16, bf16",
+        "bad.yaml:17:5: stage `db`, field `dtype`: \"f64\" is not one of: f32, f16, bf16",
+    ];
+    for line in expected {
+        assert!(stderr.contains(line), "expected {line:?} in:\n{stderr}");
+    }
+}
+
+#[test]
+fn settings_the_device_cannot_run_fail_before_training_naming_the_field() {
     let project = Project::new();
     write_photos(&project);
     let cases = [
-        (
-            "lr_scheduler: bogus",
-            "stage `db`: field `lr_scheduler`: unknown scheduler \"bogus\"; use one of: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
-        ),
-        (
-            "optimizer: sgd",
-            "stage `db`: field `optimizer`: 'sgd' is not one of adamw, adamw8bit",
-        ),
-        (
-            "mixed_precision: fp8",
-            "stage `db`: field `mixed_precision`: 'fp8' is not one of no, fp16, bf16",
-        ),
         (
             "mixed_precision: fp16",
             "stage `db`: field `mixed_precision`: fp16 needs a CUDA device; on CPU use 'bf16' or 'no'",
@@ -379,6 +389,10 @@ fn invalid_enum_fields_fail_naming_the_field() {
         (
             "gradient_checkpointing: true",
             "stage `db`: field `gradient_checkpointing`: not yet supported for the UNet; set it to false (lower train_batch_size or resolution to save memory)",
+        ),
+        (
+            "with_prior_preservation: true",
+            "stage `db`: field `class_images`: is required with with_prior_preservation: give a folder or a `generate` stage",
         ),
     ];
     for (line, message) in cases {

@@ -876,6 +876,11 @@ pub fn type_error(spec: &ParamSpec, value: &Value) -> Option<String> {
             describe(value)
         ));
     }
+    if let (Some(choices), Some(text)) = (spec.choices, value.as_str())
+        && !choices.contains(&text)
+    {
+        return Some(format!("\"{text}\" is not one of: {}", choices.join(", ")));
+    }
     let number = value.as_f64()?;
     let below = spec.min.is_some_and(|min| number < min);
     let above = spec.max.is_some_and(|max| number > max);

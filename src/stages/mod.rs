@@ -80,6 +80,8 @@ pub struct ParamSpec {
     pub default: Option<Value>,
     pub min: Option<f64>,
     pub max: Option<f64>,
+    /// The accepted values of a string field (checked by `validate`), if restricted.
+    pub choices: Option<&'static [&'static str]>,
     /// False for fields that cannot change the result (progress style, log level).
     pub in_key: bool,
     pub doc: &'static str,
@@ -93,6 +95,7 @@ impl ParamSpec {
             default: None,
             min: None,
             max: None,
+            choices: None,
             in_key: true,
             doc,
         }
@@ -106,6 +109,11 @@ impl ParamSpec {
     pub fn range(mut self, min: f64, max: f64) -> Self {
         self.min = Some(min);
         self.max = Some(max);
+        self
+    }
+    /// Restricts a string field to `choices`.
+    pub fn one_of(mut self, choices: &'static [&'static str]) -> Self {
+        self.choices = Some(choices);
         self
     }
     pub fn not_in_key(mut self) -> Self {
@@ -318,6 +326,7 @@ pub fn reference_table(stage: &dyn Stage) -> String {
             Some(value) => format!("`{value}`"),
         };
         let range = match (spec.min, spec.max) {
+            _ if spec.choices.is_some() => spec.choices.unwrap_or_default().join(", "),
             (Some(min), Some(max)) => format!("{min} – {max}"),
             (Some(min), None) => format!("≥ {min}"),
             (None, Some(max)) => format!("≤ {max}"),

@@ -67,8 +67,9 @@ impl Stage for TextualInversionStage {
                 "learnable_property",
                 ParamType::String,
                 json!("object"),
-                "object or style (which prompt templates)",
-            ),
+                "which prompt templates: object or style",
+            )
+            .one_of(&["object", "style"]),
             ParamSpec::optional(
                 "repeats",
                 ParamType::Integer,

@@ -136,8 +136,9 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             "lr_scheduler",
             Text,
             json!("constant"),
-            "constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial",
-        ),
+            "learning-rate schedule (diffusers' names)",
+        )
+        .one_of(&SCHEDULE_NAMES),
         ParamSpec::optional(
             "lr_warmup_steps",
             Integer,
@@ -163,8 +164,9 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             "optimizer",
             Text,
             json!("adamw"),
-            "adamw or adamw8bit (diffusers' --use_8bit_adam)",
-        ),
+            "AdamW, or bitsandbytes' 8-bit AdamW (diffusers' --use_8bit_adam)",
+        )
+        .one_of(&["adamw", "adamw8bit"]),
         ParamSpec::optional("adam_beta1", Number, json!(0.9), "AdamW beta1").range(0.0, MAX_BETA),
         ParamSpec::optional("adam_beta2", Number, json!(0.999), "AdamW beta2").range(0.0, MAX_BETA),
         ParamSpec::optional(
@@ -179,8 +181,9 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             "mixed_precision",
             Text,
             json!("no"),
-            "no, fp16 (CUDA only) or bf16: precision of the frozen modules",
-        ),
+            "precision of the frozen modules (fp16: CUDA only)",
+        )
+        .one_of(&["no", "fp16", "bf16"]),
         ParamSpec::optional(
             "checkpointing_steps",
             Integer,
@@ -219,8 +222,9 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             "dtype",
             Text,
             json!("f32"),
-            "precision of the validation samples: f32, f16 or bf16",
-        ),
+            "precision of the validation samples",
+        )
+        .one_of(&["f32", "f16", "bf16"]),
     ]
 }
 
