@@ -291,18 +291,10 @@ fn checkpoint_steps(cache: &Path) -> Vec<u64> {
     steps
 }
 
-#[test]
-fn a_run_killed_mid_training_resumes_to_the_uninterrupted_weights() {
-    let pipeline = SINGLE.replace("MODEL", &tiny_model());
-    let reference = Project::new();
-    write_photos(&reference);
-    reference.write("train.yaml", &pipeline);
-    assert_success(&run(&reference, "train.yaml", &[]));
-
-    let project = Project::new();
-    write_photos(&project);
-    project.write("train.yaml", &pipeline);
-    let mut child = command(&project, "train.yaml", &[])
+/// Starts `run` in the background and, once the first checkpoint exists, stops it with
+/// `signal` (`-KILL` or `-INT`); returns the exit status.
+fn interrupt_after_first_checkpoint(project: &Project, signal: &str) -> std::process::ExitStatus {
+    let mut child = command(project, "train.yaml", &[])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -315,35 +307,42 @@ fn a_run_killed_mid_training_resumes_to_the_uninterrupted_weights() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    child.kill().expect("kill -9");
-    child.wait().expect("reap");
-    let killed_at = checkpoint_steps(&project.cache());
+    let sent = Command::new("kill")
+        .arg(signal)
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill {signal} failed");
+    let status = child.wait().expect("reap");
     assert!(
-        !output(&project, "db").exists(),
-        "the run finished before it was killed (checkpoints {killed_at:?})"
+        !output(project, "db").exists(),
+        "the run finished before {signal} (checkpoints {:?})",
+        checkpoint_steps(&project.cache())
     );
+    status
+}
 
-    let resumed = run(&project, "train.yaml", &[]);
+/// Reruns the interrupted project and checks that it resumed to the reference's weights and
+/// losses.
+fn assert_resumes_to(project: &Project, reference: &Project) {
+    let resumed = run(project, "train.yaml", &[]);
     assert_success(&resumed);
     assert_eq!(resumed.with_status("ran"), ["db"]);
     let key = std::fs::read_to_string(project.cache().join("index/train/db")).expect("index");
     let log = std::fs::read_to_string(project.cache().join(format!("logs/{}.log", key.trim())))
         .expect("stage log");
     assert!(log.contains("resumed from step "), "log:\n{log}");
-
     let unet = "unet/diffusion_pytorch_model.safetensors";
     let difference = max_difference(
-        &output(&project, "db").join(unet),
-        &output(&reference, "db").join(unet),
+        &output(project, "db").join(unet),
+        &output(reference, "db").join(unet),
     );
     assert!(
         difference <= RESUME_TOLERANCE,
         "resumed weights differ by {difference}"
     );
-    let (ours, theirs) = (
-        metrics(&output(&project, "db")),
-        metrics(&output(&reference, "db")),
-    );
+    let ours = metrics(&output(project, "db"));
+    let theirs = metrics(&output(reference, "db"));
     assert_eq!(ours.len(), 12);
     for (a, b) in ours.iter().zip(&theirs) {
         let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
@@ -353,6 +352,41 @@ fn a_run_killed_mid_training_resumes_to_the_uninterrupted_weights() {
             a["step"]
         );
     }
+}
+
+fn project_with(pipeline: &str) -> Project {
+    let project = Project::new();
+    write_photos(&project);
+    project.write("train.yaml", pipeline);
+    project
+}
+
+#[test]
+fn killed_or_interrupted_runs_resume_to_the_uninterrupted_weights() {
+    let pipeline = SINGLE.replace("MODEL", &tiny_model());
+    let reference = project_with(&pipeline);
+    assert_success(&run(&reference, "train.yaml", &[]));
+
+    let killed = project_with(&pipeline);
+    let status = interrupt_after_first_checkpoint(&killed, "-KILL");
+    assert_eq!(status.code(), None, "SIGKILL leaves no exit code");
+    assert_resumes_to(&killed, &reference);
+
+    // Ctrl-C: the runner cancels the stage, which writes a checkpoint before stopping.
+    let interrupted = project_with(&pipeline);
+    let status = interrupt_after_first_checkpoint(&interrupted, "-INT");
+    assert_eq!(status.code(), Some(130));
+    let logs: Vec<String> = std::fs::read_dir(interrupted.cache().join("logs"))
+        .expect("logs")
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect();
+    assert!(
+        logs.iter().any(|log| log.contains("cancelled at step ")),
+        "no cancel checkpoint logged:\n{}",
+        logs.join("\n")
+    );
+    assert_resumes_to(&interrupted, &reference);
 }
 
 #[test]

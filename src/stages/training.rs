@@ -520,3 +520,31 @@ pub fn first_images(
     }
     Ok((subset, count))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smoothed_loss_is_a_bias_corrected_moving_average() {
+        let mut smoother = LossSmoother::default();
+        assert_eq!(smoother.push(2.0), 2.0);
+        // (0.9·0.2 + 0.1·1.0) / (1 − 0.81) = 0.28 / 0.19
+        let second = smoother.push(1.0);
+        assert!((second - 0.28 / 0.19).abs() < 1e-12, "{second}");
+    }
+
+    #[test]
+    fn inputs_resolve_to_nested_model_and_images_folders() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("ti/model")).expect("mkdir");
+        std::fs::write(root.join("ti/model/model_index.json"), "{}").expect("write");
+        assert_eq!(model_dir(&root.join("ti")), root.join("ti/model"));
+        std::fs::write(root.join("ti/model_index.json"), "{}").expect("write");
+        assert_eq!(model_dir(&root.join("ti")), root.join("ti"));
+        std::fs::create_dir_all(root.join("photos/images")).expect("mkdir");
+        assert_eq!(image_dir(&root.join("photos")), root.join("photos/images"));
+        assert_eq!(image_dir(&root.join("ti")), root.join("ti"));
+    }
+}
