@@ -421,10 +421,6 @@ fn settings_the_device_cannot_run_fail_before_training_naming_the_field() {
             "stage `db`: field `mixed_precision`: fp16 needs a CUDA device; on CPU use 'bf16' or 'no'",
         ),
         (
-            "gradient_checkpointing: true",
-            "stage `db`: field `gradient_checkpointing`: not yet supported for the UNet; set it to false (lower train_batch_size or resolution to save memory)",
-        ),
-        (
             "with_prior_preservation: true",
             "stage `db`: field `class_images`: is required with with_prior_preservation: give a folder or a `generate` stage",
         ),

@@ -192,6 +192,7 @@ fn config_from(ctx: &StageContext<'_>) -> Result<DreamBoothConfig, StageError> {
     config.checkpointing_steps = int(ctx, "checkpointing_steps")?;
     config.checkpoints_total_limit = ctx.i64_param("checkpoints_total_limit").map(|v| v as usize);
     config.gradient_accumulation_steps = int(ctx, "gradient_accumulation_steps")?;
+    config.gradient_checkpointing = flag(ctx, "gradient_checkpointing");
     config.learning_rate = number(ctx, "learning_rate")?;
     config.scale_lr = flag(ctx, "scale_lr");
     config.lr_scheduler = lr_scheduler;

@@ -117,6 +117,13 @@ fn config_from(ctx: &StageContext<'_>) -> Result<TextualInversionConfig, StageEr
                 ),
             )
         })?;
+    if training::flag(ctx, "gradient_checkpointing") {
+        return Err(super::sd_common::field_error(
+            ctx,
+            "gradient_checkpointing",
+            "not supported for textual_inversion (its UNet is frozen; only the text encoder would need it); set it to false",
+        ));
+    }
     let model = training::model_dir(&training::single_input(ctx, "model")?);
     let images = training::image_dir(&training::single_input(ctx, "instance_images")?);
     let mut config = TextualInversionConfig::new(

@@ -117,7 +117,7 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             "gradient_checkpointing",
             Bool,
             json!(false),
-            "not yet supported (true fails)",
+            "recompute UNet blocks in the backward pass to save memory (dreambooth only; textual_inversion fails)",
         ),
         ParamSpec::optional(
             "learning_rate",
@@ -304,13 +304,6 @@ pub fn enum_fields(
         .weight_kind(ctx.device)
         .map_err(|e| field_error(ctx, "mixed_precision", config_problem(e)))?;
     dtype_param(ctx)?;
-    if flag(ctx, "gradient_checkpointing") {
-        return Err(field_error(
-            ctx,
-            "gradient_checkpointing",
-            "not yet supported for the UNet; set it to false (lower train_batch_size or resolution to save memory)",
-        ));
-    }
     Ok((schedule.to_string(), optimizer, precision))
 }
 
