@@ -1,7 +1,7 @@
 //! The `textual_inversion` and `dreambooth` stages through the real binary on models/tiny-sd
 //! (CPU, 64×64): images → generate → textual inversion → DreamBooth with prior preservation
-//! and text-encoder training on the TI model; the outputs load and sample; reruns are cached;
-//! a changed learning rate reruns only DreamBooth; a run killed with SIGKILL resumes from its
+//! and text-encoder training on the TI model → a sample grid of both; the outputs load and
+//! sample; reruns are cached; a changed learning rate reruns only DreamBooth and the grid; a run killed with SIGKILL resumes from its
 //! last checkpoint to the weights of an uninterrupted run; bad enum fields fail, named.
 mod runner_support;
 use dreampipe::sd::pipeline::{StableDiffusion, Txt2Img};
@@ -115,6 +115,14 @@ stages:
     validation_prompt: a photo of <sks> dog
     validation_steps: 5
     validation_inference_steps: 2
+  grid:
+    kind: sample_grid
+    models: [ti, db]
+    prompts: [a photo of <sks> dog]
+    seed_count: 1
+    steps: 2
+    width: 64
+    height: 64
 "#;
 
 fn output(project: &Project, stage: &str) -> PathBuf {
@@ -168,7 +176,15 @@ fn images_generate_ti_dreambooth_chain_trains_caches_and_reruns_only_what_change
 
     let first = run(&project, "train.yaml", &[]);
     assert_success(&first);
-    assert_eq!(first.with_status("ran"), ["class", "db", "photos", "ti"]);
+    assert_eq!(
+        first.with_status("ran"),
+        ["class", "db", "grid", "photos", "ti"]
+    );
+    // `sample_grid` (like `generate`) reads a textual_inversion output through its `model/`.
+    let grid_files = std::fs::read_dir(output(&project, "grid"))
+        .expect("grid output")
+        .count();
+    assert!(grid_files > 0);
 
     let ti = output(&project, "ti");
     assert!(ti.join("learned_embeds.safetensors").is_file());
@@ -237,13 +253,13 @@ fn images_generate_ti_dreambooth_chain_trains_caches_and_reruns_only_what_change
     assert_success(&second);
     assert_eq!(
         second.with_status("cached"),
-        ["class", "db", "photos", "ti"]
+        ["class", "db", "grid", "photos", "ti"]
     );
     assert!(second.with_status("ran").is_empty());
 
     let changed = run(&project, "train.yaml", &["--set", "params.db_lr=2.0e-4"]);
     assert_success(&changed);
-    assert_eq!(changed.with_status("ran"), ["db"]);
+    assert_eq!(changed.with_status("ran"), ["db", "grid"]);
     assert_eq!(changed.with_status("cached"), ["class", "photos", "ti"]);
     assert_eq!(
         metrics(&output(&project, "db"))[0]["lr"].as_f64(),
