@@ -211,6 +211,21 @@ fn images_generate_ti_dreambooth_chain_trains_caches_and_reruns_only_what_change
             .width(),
         64
     );
+    let parameters = dreampipe::sd::png::read_parameters_text(&ti.join("validation/step-20.png"))
+        .expect("read PNG")
+        .expect("parameters chunk");
+    assert!(
+        parameters.starts_with("a photo of <sks>\nSteps: 2, "),
+        "{parameters}"
+    );
+    assert!(
+        parameters.contains(", CFG scale: 7.5, Seed: 0, Size: 64x64, Model hash: "),
+        "{parameters}"
+    );
+    assert!(
+        parameters.ends_with(", Model: ti, dreampipe stage: ti"),
+        "{parameters}"
+    );
 
     let db = output(&project, "db");
     let db_metrics = metrics(&db);

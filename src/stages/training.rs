@@ -10,7 +10,9 @@
 //! when training finishes, so `metrics.jsonl` and `validation/step-N.png` of the steps before a
 //! crash survive into the resumed run.
 use super::generate::MAX_SEED;
-use super::sd_common::{SampleInfo, create_dir, dtype_param, field_error, write_sample};
+use super::sd_common::{
+    SampleInfo, create_dir, dtype_param, field_error, model_hash, write_sample,
+};
 use super::{ParamSpec, ParamType, StageContext, StageError};
 use crate::sd::pipeline::{DEFAULT_GUIDANCE, StableDiffusion, Txt2Img};
 use crate::sd::train::TrainError;
@@ -425,13 +427,14 @@ impl ValidationSampler {
             .txt2img(&self.request, &mut |_| {})
             .map_err(|e| e.to_string())?;
         std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let hash = model_hash(model_dir);
         let info = SampleInfo {
             prompt: &self.request.prompt,
             negative_prompt: "",
             steps: self.request.steps,
             guidance: self.request.guidance,
             seed: self.request.seed,
-            model_hash: "",
+            model_hash: &hash,
             model_name: ctx.stage_id,
         };
         let path = self.dir.join(format!("step-{step}.png"));
