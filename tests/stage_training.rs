@@ -467,4 +467,17 @@ fn settings_the_device_cannot_run_fail_before_training_naming_the_field() {
             "{line}: expected {message:?} in:\n{all}"
         );
     }
+    let textual_inversion = format!(
+        "stages:\n  ti:\n    kind: textual_inversion\n    model: {}\n    instance_images: photos\n    placeholder_token: <sks>\n    initializer_token: dog\n    gradient_checkpointing: true\n",
+        tiny_model()
+    );
+    project.write("bad.yaml", &textual_inversion);
+    let result = run(&project, "bad.yaml", &[]);
+    assert!(!result.success());
+    let message = "stage `ti`: field `gradient_checkpointing`: not supported for textual_inversion (its UNet is frozen; only the text encoder would need it); set it to false";
+    assert!(
+        result.stdout.contains(message),
+        "expected {message:?} in:\n{}",
+        result.stdout
+    );
 }
