@@ -113,7 +113,7 @@ fn raising_count_reuses_memoized_images_and_rerun_is_cached() {
 }
 
 #[test]
-fn bad_scheduler_fails_the_stage_with_its_message() {
+fn bad_scheduler_is_a_validation_error_with_a_suggestion() {
     let dir = tempfile::tempdir().expect("tempdir");
     let output = run_pipeline(
         &dir.path().join("cache"),
@@ -123,10 +123,67 @@ fn bad_scheduler_fails_the_stage_with_its_message() {
     let all = text(&output);
     assert!(
         all.contains(
-            "stage `class`: field `scheduler`: unknown scheduler \"eulr\"; use one of: ddim, pndm, lms, euler, euler-a, dpm++, ddpm"
+            "stage `class`, field `scheduler`: unknown value \"eulr\"; did you mean `euler`?"
         ),
         "{all}"
     );
+}
+
+/// Sets a file's mtime `days` days back.
+fn age(path: &Path, days: u64) {
+    let file = std::fs::File::options()
+        .write(true)
+        .open(path)
+        .expect("open memo entry");
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(days * 86_400);
+    file.set_modified(then).expect("set mtime");
+}
+
+fn memo_entries(cache: &Path) -> Vec<std::path::PathBuf> {
+    let mut list: Vec<_> = std::fs::read_dir(cache.join("shared/generate"))
+        .expect("memo folder")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    list.sort();
+    list
+}
+
+/// Reusing a memo entry refreshes its mtime; `cache gc` prunes entries unused since before the
+/// oldest surviving result and keeps the ones the rerun used.
+#[test]
+fn cache_gc_prunes_memo_entries_by_last_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = dir.path().join("cache");
+    run_ok(&cache, &write_pipeline(dir.path(), 2, 1, "ddim"));
+    let used = memo_entries(&cache);
+    assert_eq!(used.len(), 2);
+    for entry in &used {
+        age(entry, 10);
+    }
+    let stale = cache.join("shared/generate/stale.png");
+    std::fs::write(&stale, b"old memo").expect("write");
+    age(&stale, 10);
+    run_ok(&cache, &write_pipeline(dir.path(), 3, 1, "ddim"));
+    assert!(stage_log(&cache, "gen", "class").contains("generate: 1 generated, 2 reused"));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .arg("--cache")
+        .arg(&cache)
+        .args(["cache", "gc", "--keep-last", "1"])
+        .output()
+        .expect("run gc");
+    let all = text(&output);
+    assert!(output.status.success(), "{all}");
+    assert!(
+        all.contains("removed 1 shared memo file(s) (8 bytes)"),
+        "{all}"
+    );
+    assert!(!stale.exists());
+    assert!(
+        used.iter().all(|entry| entry.exists()),
+        "reused entries stay"
+    );
+    assert_eq!(memo_entries(&cache).len(), 3);
 }
 
 #[test]

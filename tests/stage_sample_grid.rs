@@ -1,6 +1,7 @@
 //! The `sample_grid` stage through the real binary on models/tiny-sd (CPU, 2 steps, 64×64):
-//! one grid per prompt with rows = models × schedulers and columns = seeds, samples equal to
-//! `dreampipe sample`, the manifest, a sweep upstream fanning the grid out, bad scheduler names.
+//! one grid per prompt with rows = models × schedulers × steps × guidance and columns = seeds,
+//! samples equal to `dreampipe sample`, the manifest, a swept upstream gathered into one grid
+//! (one row per variant), bad scheduler names rejected at validation.
 mod stage_support;
 use dreampipe::report::grid::GridLayout;
 use dreampipe::sd::png::read_parameters_text;
@@ -10,12 +11,12 @@ use std::path::Path;
 const PROMPTS: [&str; 2] = ["a photo of a dog", "a red car"];
 
 /// Pipeline `grid`: stage `copy` copies the tiny model (an upstream model stage), stage `grid`
-/// samples it and the folder with `schedulers`.
+/// samples it and the folder (one `models` list) with `schedulers`.
 fn write_pipeline(dir: &Path, schedulers: &str) -> std::path::PathBuf {
     let path = dir.join("grid.yaml");
     let model = tiny_model();
     let yaml = format!(
-        "stages:\n  copy:\n    kind: command\n    run: cp -r '{model}'/. \"$OUT\"/\n  grid:\n    kind: sample_grid\n    models: [copy]\n    model_folders: ['{model}']\n    prompts: ['{}', '{}']\n    seed: 3\n    seed_count: 2\n    schedulers: {schedulers}\n    steps: 2\n    width: 64\n    height: 64\n",
+        "stages:\n  copy:\n    kind: command\n    run: cp -r '{model}'/. \"$OUT\"/\n  grid:\n    kind: sample_grid\n    models: [copy, '{model}']\n    prompts: ['{}', '{}']\n    seeds: [3, 4]\n    schedulers: {schedulers}\n    steps: 2\n    width: 64\n    height: 64\n",
         PROMPTS[0], PROMPTS[1]
     );
     std::fs::write(&path, yaml).expect("write pipeline");
@@ -91,7 +92,7 @@ fn grids_have_one_row_per_model_and_scheduler_and_one_column_per_seed() {
 }
 
 #[test]
-fn bad_scheduler_name_fails_with_its_message() {
+fn bad_scheduler_name_is_rejected_by_validation_with_a_suggestion() {
     let dir = tempfile::tempdir().expect("tempdir");
     let output = run_pipeline(
         &dir.path().join("cache"),
@@ -101,19 +102,22 @@ fn bad_scheduler_name_fails_with_its_message() {
     let all = text(&output);
     assert!(
         all.contains(
-            "stage `grid`: field `schedulers`: unknown scheduler \"dpm\"; use one of: ddim, pndm, lms, euler, euler-a, dpm++, ddpm"
+            "stage `grid`, field `schedulers`: unknown value \"dpm\"; did you mean `ddpm`?"
         ),
         "{all}"
     );
 }
 
-/// The runner fans a stage out over a swept upstream instead of gathering the variants: two
-/// `copy` variants give two grid stages, each reading one variant.
+/// `db` sweeps two copies of the tiny model; `models: [db]` gathers both into one grid stage
+/// with one row per variant (labelled with the variant id), × two step counts.
 #[test]
-fn a_swept_model_stage_fans_the_grid_out_per_variant() {
+fn a_swept_model_stage_is_gathered_into_one_grid_with_a_row_per_variant() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("sweep.yaml");
-    let yaml = "stages:\n  copy:\n    kind: command\n    matrix:\n      run: ['echo a', 'echo b']\n  grid:\n    kind: sample_grid\n    models: [copy]\n    prompts: [a dog]\n";
+    let model = tiny_model();
+    let yaml = format!(
+        "stages:\n  db:\n    kind: command\n    matrix:\n      run: [\"cp -r '{model}'/. $OUT/\", \"cp -r '{model}'/. $OUT/ && echo 2 > $OUT/variant.txt\"]\n  grid:\n    kind: sample_grid\n    models: [db]\n    prompts: [a dog]\n    seeds: 5\n    steps: [1, 2]\n    schedulers: [ddim]\n    width: 64\n    height: 64\n"
+    );
     std::fs::write(&path, yaml).expect("write");
     let pipeline = dreampipe::pipeline::load(&path, &Default::default()).expect("valid");
     let grids: Vec<_> = pipeline
@@ -121,16 +125,49 @@ fn a_swept_model_stage_fans_the_grid_out_per_variant() {
         .iter()
         .filter(|s| s.name == "grid")
         .collect();
-    assert_eq!(grids.len(), 2);
-    let mut upstreams: Vec<usize> = grids
+    assert_eq!(grids.len(), 1, "one grid stage for the whole sweep");
+    assert_eq!(grids[0].id, "grid");
+    assert_eq!(grids[0].refs["models"].len(), 2);
+
+    let cache = dir.path().join("cache");
+    run_ok(&cache, &path);
+    let out = stage_output(&cache, "sweep", "grid");
+    let expected = GridLayout {
+        rows: 4,
+        columns: 1,
+        cell_width: 64,
+        cell_height: 64,
+        has_title: true,
+    };
+    let (width, height, _) = pixels(&out.join("grid-0.png"));
+    assert_eq!((width, height), (expected.width(), expected.height()));
+    let manifest = manifest(&out);
+    let rows: Vec<(String, String, i64)> = manifest["images"]
+        .as_array()
+        .expect("images")
         .iter()
-        .map(|grid| {
-            let refs = &grid.refs["models"];
-            assert_eq!(refs.len(), 1, "{}", grid.id);
-            refs[0].1
+        .map(|e| {
+            (
+                e["model"].as_str().expect("model").to_string(),
+                e["file"].as_str().expect("file").to_string(),
+                e["steps"].as_i64().expect("steps"),
+            )
         })
         .collect();
-    upstreams.dedup();
-    assert_eq!(upstreams.len(), 2, "each grid reads its own variant");
-    assert_eq!(grids[0].id, "grid[run=echo a]");
+    let first = format!("db[run=cp -r '{model}'/. $OUT/]");
+    let second = format!("db[run=cp -r '{model}'/. $OUT/ && echo 2 > $OUT/variant.txt]");
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[0].0, first);
+    assert_eq!(rows[0].2, 1);
+    assert_eq!(rows[1].2, 2);
+    assert_eq!(rows[2].0, second);
+    assert!(
+        rows[1].1.ends_with("/0/5-ddim-s2.png"),
+        "steps vary, so file names carry them: {}",
+        rows[1].1
+    );
+    let reference = dir.path().join("reference.png");
+    sample(&reference, "a dog", 5, "ddim");
+    let two_steps = out.join(&rows[3].1);
+    assert_eq!(max_level_difference(&two_steps, &reference), 0);
 }

@@ -432,10 +432,10 @@ fn invalid_enum_fields_fail_validation_naming_the_field() {
     let (ok, stdout, stderr) = project.dreampipe(&["validate", "bad.yaml"]);
     assert!(!ok, "validate accepted bad enum values:\n{stdout}");
     let expected = [
-        "bad.yaml:14:5: stage `db`, field `lr_scheduler`: \"bogus\" is not one of: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
-        "bad.yaml:15:5: stage `db`, field `optimizer`: \"sgd\" is not one of: adamw, adamw8bit",
-        "bad.yaml:16:5: stage `db`, field `mixed_precision`: \"fp8\" is not one of: no, fp16, bf16",
-        "bad.yaml:17:5: stage `db`, field `dtype`: \"f64\" is not one of: f32, f16, bf16",
+        "bad.yaml:14:5: stage `db`, field `lr_scheduler`: unknown value \"bogus\" (expected one of: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial)",
+        "bad.yaml:15:5: stage `db`, field `optimizer`: unknown value \"sgd\" (expected one of: adamw, adamw8bit)",
+        "bad.yaml:16:5: stage `db`, field `mixed_precision`: unknown value \"fp8\" (expected one of: no, fp16, bf16)",
+        "bad.yaml:17:5: stage `db`, field `dtype`: unknown value \"f64\" (expected one of: f32, f16, bf16)",
     ];
     for line in expected {
         assert!(stderr.contains(line), "expected {line:?} in:\n{stderr}");

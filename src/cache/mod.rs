@@ -15,6 +15,7 @@
 //! index/<pipeline>/<stage>   last key committed or reused for a stage (for `explain`)
 //! runs/<pipeline>/<stage>    symlink to the stage's latest output (the human path)
 //! records/<pipeline>/        JSON run records
+//! reports/<pipeline>/        HTML report of the latest run (`runs/<pipeline>/report.html` redirects)
 //! quarantine/                results and objects that failed `cache verify`
 //! memo.json                  hash memo
 //! ```

@@ -102,6 +102,12 @@ pub fn run(context: &Context, args: &CacheArgs) -> anyhow::Result<ExitCode> {
                 report.freed_bytes,
                 report.removed_staging
             );
+            if report.removed_shared > 0 {
+                println!(
+                    "removed {} shared memo file(s) ({} bytes)",
+                    report.removed_shared, report.freed_shared_bytes
+                );
+            }
             if !report.in_use.is_empty() {
                 println!(
                     "kept {} result(s) in use by a running stage",

@@ -12,8 +12,10 @@ mod common;
 mod dag;
 mod doctor;
 mod explain;
+mod init;
 mod model;
 mod plan;
+mod report;
 mod run;
 pub mod sample;
 mod show;
@@ -55,6 +57,10 @@ pub enum Command {
     Validate(validate::ValidateArgs),
     /// Inspect and maintain the cache.
     Cache(cache::CacheArgs),
+    /// Write a starter DreamBooth pipeline (DIR/dreampipe.yaml) for a folder of photos.
+    Init(init::InitArgs),
+    /// Write the HTML report of a pipeline's latest run.
+    Report(report::ReportArgs),
     /// Print the output folder of a stage's current result.
     Show(show::ShowArgs),
     /// Benchmark hashing, planning and no-op reruns (figures for the docs).
@@ -95,6 +101,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dag(args) => dag::run(&context, &args),
         Command::Validate(args) => validate::run(&context, &args),
         Command::Cache(args) => cache::run(&context, &args),
+        Command::Init(args) => init::run(&context, &args),
+        Command::Report(args) => report::run(&context, &args),
         Command::Show(args) => show::run(&context, &args),
         Command::BenchCache(args) => bench_cache::run(&context, &args),
         Command::Model(command) => model::run(command, &context),

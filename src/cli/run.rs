@@ -114,6 +114,10 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
         Ok(path) => println!("run record: {}", path.display()),
         Err(error) => eprintln!("warning: could not write the run record: {error}"),
     }
+    match super::report::write(&plan.pipeline, Some(&record), &store, None) {
+        Ok(page) => println!("report: {}", page.display()),
+        Err(error) => eprintln!("warning: could not write the report: {error:#}"),
+    }
     if !args.locked && record.success {
         update_lock_file(&lock_path, &record)?;
     }

@@ -5,7 +5,7 @@
 //! its dependents only; cancellation stops new stages and signals running ones.
 use super::events::{CancelFlag, Event, EventSender, ProgressReporter};
 use super::lockfile::LockFile;
-use crate::cache::hash::HashMemo;
+use crate::cache::hash::{HashMemo, tree_digest};
 use crate::cache::lock::Acquired;
 use crate::cache::store::{Commit, Store, now_unix};
 use crate::plan::dirty::explain_miss;
@@ -527,7 +527,7 @@ async fn compute(
     let log_path = store.log_path(key);
     record.log = Some(log_path.clone());
     let _readers = lock_upstream_results(&store, upstream).await?;
-    let inputs = resolve_inputs(shared, &stage, upstream);
+    let inputs = resolve_inputs(shared, &stage, upstream, new);
     let _ = shared.events.send(Event::Started {
         id: stage.id.clone(),
         key: key.to_string(),
@@ -639,29 +639,40 @@ fn resolve_inputs(
     shared: &Shared,
     stage: &crate::pipeline::StageInstance,
     upstream: &BTreeMap<usize, Done>,
+    material: &KeyMaterial,
 ) -> BTreeMap<String, Vec<ResolvedInput>> {
+    let stages = &shared.plan.pipeline.stages;
     let mut inputs: BTreeMap<String, Vec<ResolvedInput>> = BTreeMap::new();
     for (field, refs) in &stage.refs {
-        for (name, index) in refs {
-            if let Some((key, _)) = upstream.get(index) {
+        for (_, index) in refs {
+            if let Some((key, digest)) = upstream.get(index) {
                 inputs
                     .entry(field.clone())
                     .or_default()
                     .push(ResolvedInput {
-                        upstream: Some(name.clone()),
+                        upstream: Some(stages[*index].name.clone()),
+                        stage_id: Some(stages[*index].id.clone()),
                         path: shared.store.output_dir(key),
+                        digest: Some(digest.clone()),
                     });
             }
         }
     }
     for (field, paths) in &stage.paths {
-        for (_, path) in paths {
+        for (written, path) in paths {
+            let digest = material
+                .inputs
+                .get(field)
+                .and_then(|trees| trees.get(written))
+                .map(tree_digest);
             inputs
                 .entry(field.clone())
                 .or_default()
                 .push(ResolvedInput {
                     upstream: None,
+                    stage_id: None,
                     path: path.clone(),
+                    digest,
                 });
         }
     }

@@ -87,7 +87,9 @@ pub struct StageInstance {
     pub kind: Arc<dyn Stage>,
     /// Every schema field with defaults filled in (inputs as written).
     pub params: serde_json::Map<String, Value>,
-    /// Upstream references per field: (upstream stage name, index into `Pipeline::stages`).
+    /// Upstream references per field: (upstream stage name, index into `Pipeline::stages`);
+    /// in a gathering field the first item is the variant's id (`db[learning_rate=2e-6]`), so
+    /// several variants of one stage stay apart (also in the key's `upstream` map).
     pub refs: BTreeMap<String, Vec<(String, usize)>>,
     /// Input paths per field: (path as written, resolved path).
     pub paths: BTreeMap<String, Vec<(String, PathBuf)>>,

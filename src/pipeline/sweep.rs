@@ -1,6 +1,8 @@
 //! Sweep expansion: a stage's `matrix:` becomes one stage per combination, with readable ids
 //! (`db[learning_rate=2e-6,steps=400]`). Downstream stages fan out over their upstreams'
-//! variants (matching shared axes), upstream stages without a matrix run once.
+//! variants (matching shared axes), upstream stages without a matrix run once. A field marked
+//! [`ParamSpec::gathers`](crate::stages::ParamSpec::gathers) does not fan out: it reads every
+//! variant (compatible with the stage's own axes), each named by its variant id.
 use super::validate::StageDraft;
 use super::{Coord, StageInstance, display_value};
 use serde_json::Value;
@@ -85,7 +87,13 @@ fn upstream_combinations(
     stages: &[StageInstance],
 ) -> Vec<Vec<Coord>> {
     let mut combos: Vec<Vec<Coord>> = vec![Vec::new()];
-    let mut upstream_names: Vec<&String> = draft.refs.values().flatten().collect();
+    let gathered = gathered_fields(draft);
+    let mut upstream_names: Vec<&String> = draft
+        .refs
+        .iter()
+        .filter(|(field, _)| !gathered.contains(&field.as_str()))
+        .flat_map(|(_, names)| names)
+        .collect();
     upstream_names.sort();
     upstream_names.dedup();
     for name in upstream_names {
@@ -103,6 +111,17 @@ fn upstream_combinations(
         combos = next;
     }
     combos
+}
+
+/// The draft's fields that gather all variants of their upstreams.
+fn gathered_fields(draft: &StageDraft) -> Vec<&'static str> {
+    draft
+        .kind
+        .schema()
+        .into_iter()
+        .filter(|spec| spec.gather)
+        .map(|spec| spec.name)
+        .collect()
 }
 
 type OwnCombination = (Vec<Coord>, Vec<(String, Value)>);
@@ -154,21 +173,16 @@ fn instantiate(
     for (field, value) in own_values {
         params.insert(field.clone(), value.clone());
     }
+    let gathered = gathered_fields(draft);
     let refs = draft
         .refs
         .iter()
         .map(|(field, names)| {
-            let resolved = names
-                .iter()
-                .filter_map(|name| {
-                    let variants = variants_of.get(name)?;
-                    let chosen = variants
-                        .iter()
-                        .copied()
-                        .find(|&v| stages[v].coords.iter().all(|c| coords.contains(c)))?;
-                    Some((name.clone(), chosen))
-                })
-                .collect();
+            let resolved = if gathered.contains(&field.as_str()) {
+                gather(names, &coords, variants_of, stages)
+            } else {
+                fan_in_one(names, &coords, variants_of, stages)
+            };
             (field.clone(), resolved)
         })
         .collect();
@@ -181,6 +195,42 @@ fn instantiate(
         paths: draft.paths.clone(),
         coords,
     }
+}
+
+/// For each name, the variant matching `coords` (the fan-out case): (name, index).
+fn fan_in_one(
+    names: &[String],
+    coords: &[Coord],
+    variants_of: &BTreeMap<String, Vec<usize>>,
+    stages: &[StageInstance],
+) -> Vec<(String, usize)> {
+    names
+        .iter()
+        .filter_map(|name| {
+            let variants = variants_of.get(name)?;
+            let chosen = variants
+                .iter()
+                .copied()
+                .find(|&v| stages[v].coords.iter().all(|c| coords.contains(c)))?;
+            Some((name.clone(), chosen))
+        })
+        .collect()
+}
+
+/// For each name, every variant compatible with `coords`: (variant id, index).
+fn gather(
+    names: &[String],
+    coords: &[Coord],
+    variants_of: &BTreeMap<String, Vec<usize>>,
+    stages: &[StageInstance],
+) -> Vec<(String, usize)> {
+    names
+        .iter()
+        .filter_map(|name| variants_of.get(name))
+        .flatten()
+        .filter(|&&v| compatible(coords, &stages[v].coords))
+        .map(|&v| (stages[v].id.clone(), v))
+        .collect()
 }
 
 /// `name` or `name[field=value,…]`.

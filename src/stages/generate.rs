@@ -7,8 +7,8 @@
 //! negative prompt, its seed, steps, guidance, scheduler, size, dtype, device type). Raising
 //! `count` changes the stage key, but the images already made are copied from the memo.
 use super::sd_common::{
-    SampleInfo, create_dir, dtype_param, field_error, load_model, model_hash, model_label,
-    parse_scheduler, write_manifest, write_sample,
+    DTYPE_CHOICES, SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, field_error, load_model,
+    model_hash, model_label, parse_scheduler, write_manifest, write_sample,
 };
 use super::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
 use crate::cache::hash::{HashMemo, tree_digest};
@@ -71,8 +71,9 @@ impl Stage for GenerateStage {
                 "scheduler",
                 ParamType::String,
                 Value::Null,
-                "ddim, pndm, lms, euler, euler-a, dpm++ or ddpm; unset: the model's own",
-            ),
+                "the sampler; unset: the model's own",
+            )
+            .one_of(SCHEDULER_CHOICES),
             ParamSpec::optional(
                 "steps",
                 ParamType::Integer,
@@ -111,7 +112,8 @@ impl Stage for GenerateStage {
             )
             .range(1.0, MAX_BATCH)
             .not_in_key(),
-            ParamSpec::optional("dtype", ParamType::String, json!("f32"), DTYPE_DOC),
+            ParamSpec::optional("dtype", ParamType::String, json!("f32"), DTYPE_DOC)
+                .one_of(DTYPE_CHOICES),
         ]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
@@ -122,12 +124,14 @@ impl Stage for GenerateStage {
     }
 }
 
-/// The `dtype` field's description (kept beside [`DTYPE_NAMES`]).
-const DTYPE_DOC: &str = "weights' precision: f32, f16 or bf16";
+/// The `dtype` field's description (its values come from `one_of`).
+const DTYPE_DOC: &str = "weights' precision";
 
 /// One run's fields, parsed.
 struct Job {
     model_dir: PathBuf,
+    /// The model's content digest when the runner knows it (saves rehashing the folder).
+    model_digest: Option<String>,
     model_name: String,
     kind: tch::Kind,
     dtype: String,
@@ -161,6 +165,7 @@ impl Job {
         };
         Ok(Self {
             model_dir: super::training::model_dir(&input.path),
+            model_digest: input.digest.clone(),
             model_name: model_label(input),
             kind: dtype_param(ctx)?,
             dtype: ctx.str_param("dtype")?.to_string(),
@@ -265,9 +270,13 @@ impl ImageMemo {
         job: &Job,
         model: &StableDiffusion,
     ) -> Result<Self, StageError> {
-        let tree = HashMemo::in_memory()
-            .hash_tree(&job.model_dir)
-            .map_err(|e| field_error(ctx, "model", e))?;
+        let model_digest = match &job.model_digest {
+            Some(digest) => digest.clone(),
+            None => HashMemo::in_memory()
+                .hash_tree(&job.model_dir)
+                .map(|tree| tree_digest(&tree))
+                .map_err(|e| field_error(ctx, "model", e))?,
+        };
         let scheduler = match job.request.scheduler {
             Some(kind) => kind,
             None => SchedulerKind::of_config(&model.scheduler_config)
@@ -277,7 +286,7 @@ impl ImageMemo {
         let base = json!({
             "memo_version": MEMO_VERSION,
             "stage": ctx.stage_id,
-            "model": tree_digest(&tree),
+            "model": model_digest,
             "model_name": job.model_name,
             "prompt": job.request.prompt,
             "negative_prompt": job.request.negative_prompt,
@@ -310,6 +319,7 @@ impl ImageMemo {
             return Ok(false);
         }
         reflink_or_copy(&entry, target).map_err(|e| StageError::io("copy", &entry, e))?;
+        mark_used(&entry);
         Ok(true)
     }
 
@@ -320,5 +330,13 @@ impl ImageMemo {
         let temporary = entry.with_extension(format!("tmp-{}", std::process::id()));
         reflink_or_copy(image, &temporary).map_err(|e| StageError::io("copy", image, e))?;
         std::fs::rename(&temporary, &entry).map_err(|e| StageError::io("rename", &temporary, e))
+    }
+}
+
+/// Refreshes a memo entry's mtime, which `cache gc` reads as its last use; a failure only
+/// makes the entry look older.
+fn mark_used(entry: &Path) {
+    if let Ok(file) = std::fs::File::options().write(true).open(entry) {
+        let _ = file.set_modified(std::time::SystemTime::now());
     }
 }

@@ -29,6 +29,11 @@ pub enum ParamType {
     Number,
     Bool,
     StringList,
+    /// An integer or a list of integers (a single value reads as a one-element list); a range
+    /// applies to each element.
+    IntegerList,
+    /// A number or a list of numbers (a single value reads as a one-element list).
+    NumberList,
     /// A file or folder; its content digest enters the key, not the path text.
     Path,
     /// One or more files/folders.
@@ -39,6 +44,8 @@ pub enum ParamType {
     StageRefList,
     /// An upstream stage name when one exists by that name, else a path (e.g. `model:`).
     PathOrStageRef,
+    /// A list mixing stage names and paths (each item as [`Self::PathOrStageRef`]).
+    PathOrStageRefList,
 }
 
 impl ParamType {
@@ -50,11 +57,14 @@ impl ParamType {
             Self::Number => "a number",
             Self::Bool => "true or false",
             Self::StringList => "a list of strings",
+            Self::IntegerList => "an integer or a list of integers",
+            Self::NumberList => "a number or a list of numbers",
             Self::Path => "a path",
             Self::PathList => "a path or a list of paths",
             Self::StageRef => "a stage name",
             Self::StageRefList => "a stage name or a list of stage names",
             Self::PathOrStageRef => "a stage name or a path",
+            Self::PathOrStageRefList => "a list of stage names and/or paths",
         }
     }
 
@@ -67,6 +77,15 @@ impl ParamType {
                 | Self::StageRef
                 | Self::StageRefList
                 | Self::PathOrStageRef
+                | Self::PathOrStageRefList
+        )
+    }
+
+    /// Whether a value may be a list of numbers (ranges apply per element).
+    pub fn is_numeric(self) -> bool {
+        matches!(
+            self,
+            Self::Integer | Self::Number | Self::IntegerList | Self::NumberList
         )
     }
 }
@@ -80,10 +99,14 @@ pub struct ParamSpec {
     pub default: Option<Value>,
     pub min: Option<f64>,
     pub max: Option<f64>,
-    /// The accepted values of a string field (checked by `validate`), if restricted.
-    pub choices: Option<&'static [&'static str]>,
     /// False for fields that cannot change the result (progress style, log level).
     pub in_key: bool,
+    /// For string fields (and each item of string lists): the accepted values, checked by
+    /// `validate` with a "did you mean" hint. Set with [`Self::one_of`].
+    pub allowed: Option<&'static [&'static str]>,
+    /// For stage-reference fields: take every variant of a swept upstream (one stage reads
+    /// them all) instead of fanning this stage out per variant. Set with [`Self::gathers`].
+    pub gather: bool,
     pub doc: &'static str,
 }
 
@@ -95,8 +118,9 @@ impl ParamSpec {
             default: None,
             min: None,
             max: None,
-            choices: None,
             in_key: true,
+            allowed: None,
+            gather: false,
             doc,
         }
     }
@@ -111,13 +135,19 @@ impl ParamSpec {
         self.max = Some(max);
         self
     }
-    /// Restricts a string field to `choices`.
-    pub fn one_of(mut self, choices: &'static [&'static str]) -> Self {
-        self.choices = Some(choices);
-        self
-    }
     pub fn not_in_key(mut self) -> Self {
         self.in_key = false;
+        self
+    }
+    /// Restricts a string (or string list) field to `values`.
+    pub fn one_of(mut self, values: &'static [&'static str]) -> Self {
+        self.allowed = Some(values);
+        self
+    }
+    /// Makes a stage-reference field gather all variants of a swept upstream (see
+    /// [`ParamSpec::gather`]); each variant arrives as its own [`ResolvedInput`].
+    pub fn gathers(mut self) -> Self {
+        self.gather = true;
         self
     }
 }
@@ -156,11 +186,31 @@ impl StageError {
     }
 }
 
-/// One resolved input of a stage: a path, and the upstream stage name when it came from one.
+/// One resolved input of a stage.
 #[derive(Debug, Clone)]
 pub struct ResolvedInput {
+    /// The upstream stage's name as written in the field, when the input came from a stage.
     pub upstream: Option<String>,
+    /// The upstream's full id: its name plus `[field=value,…]` for a sweep variant
+    /// (`db[learning_rate=2e-6]`); the label to show for it.
+    pub stage_id: Option<String>,
     pub path: PathBuf,
+    /// The content digest (`cache::hash::tree_digest` of the files): the upstream's output
+    /// digest, or the path's digest as hashed for the key. `None` when not known.
+    pub digest: Option<String>,
+}
+
+impl ResolvedInput {
+    /// How the input is named in labels: the upstream's full id, or the folder's name.
+    pub fn label(&self) -> String {
+        if let Some(id) = self.stage_id.as_ref().or(self.upstream.as_ref()) {
+            return id.clone();
+        }
+        std::path::absolute(&self.path)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| self.path.display().to_string())
+    }
 }
 
 /// The stage's log file.
@@ -232,6 +282,25 @@ impl StageContext<'_> {
     pub fn bool_param(&self, name: &str) -> Option<bool> {
         self.params.get(name).and_then(Value::as_bool)
     }
+    /// An `IntegerList` field (a single value gives one element; unset gives none).
+    pub fn i64_list_param(&self, name: &str) -> Vec<i64> {
+        number_list(self.params.get(name), Value::as_i64)
+    }
+    /// A `NumberList` field (a single value gives one element; unset gives none).
+    pub fn f64_list_param(&self, name: &str) -> Vec<f64> {
+        number_list(self.params.get(name), Value::as_f64)
+    }
+    /// A `StringList` field (unset gives none).
+    pub fn string_list_param(&self, name: &str) -> Vec<String> {
+        match self.params.get(name) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            Some(Value::String(text)) => vec![text.clone()],
+            _ => Vec::new(),
+        }
+    }
     /// The resolved paths of an input parameter (empty when it has none).
     pub fn input_paths(&self, name: &str) -> Vec<&Path> {
         self.inputs
@@ -244,7 +313,9 @@ impl StageContext<'_> {
     /// `<cache>/shared/<name>`, created: a folder a stage kind manages itself to reuse work
     /// across keys (e.g. `generate` memoizes each image by its own inputs, so raising `count`
     /// reuses the images already made). Entries must be keyed by everything that decides their
-    /// content and written atomically (temporary file + rename); `cache gc` does not prune it.
+    /// content and written atomically (temporary file + rename). `cache gc` removes files not
+    /// modified since before its oldest surviving result: refresh an entry's mtime when reusing
+    /// it (see `docs/cache.md`), and never rely on an entry staying.
     pub fn shared_dir(&self, name: &str) -> Result<PathBuf, StageError> {
         let dir = self.shared_root.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| StageError::io("create", &dir, e))?;
@@ -256,6 +327,14 @@ impl StageContext<'_> {
         } else {
             Ok(())
         }
+    }
+}
+
+fn number_list<T>(value: Option<&Value>, read: impl Fn(&Value) -> Option<T>) -> Vec<T> {
+    match value {
+        Some(Value::Array(items)) => items.iter().filter_map(&read).collect(),
+        Some(single) => read(single).into_iter().collect(),
+        None => Vec::new(),
     }
 }
 
@@ -326,14 +405,19 @@ pub fn reference_table(stage: &dyn Stage) -> String {
             Some(value) => format!("`{value}`"),
         };
         let range = match (spec.min, spec.max) {
-            _ if spec.choices.is_some() => spec.choices.unwrap_or_default().join(", "),
             (Some(min), Some(max)) => format!("{min} – {max}"),
             (Some(min), None) => format!("≥ {min}"),
             (None, Some(max)) => format!("≤ {max}"),
             (None, None) => String::new(),
         };
+        let range = match spec.allowed {
+            Some(values) => format!("one of: {}", values.join(", ")),
+            None => range,
+        };
         let in_key = if !spec.in_key {
             "no"
+        } else if spec.gather {
+            "content digest (all variants)"
         } else if spec.ty.is_input() {
             "content digest"
         } else {

@@ -1,14 +1,14 @@
-//! The `sample_grid` stage: samples every model × scheduler × prompt × seed and composes one
-//! labeled grid per prompt (rows: models, × schedulers when several are given; columns: seeds).
-//! Seeds are `seed, seed + 1, …` (`seed_count` of them); each sample equals
+//! The `sample_grid` stage: samples every model × scheduler × steps × guidance × prompt × seed
+//! and composes one labeled grid per prompt (rows: models, × schedulers / steps / guidance
+//! when several are given; columns: seeds). Each sample equals
 //! `dreampipe sample --seed <that seed>` with the same fields.
 //!
-//! `models` lists upstream stages; when one of them is a sweep, the runner fans this stage out
-//! (one grid stage per variant, its id naming the variant): it does not gather all variants
-//! into one stage. Folders go in `model_folders`.
+//! `models` mixes stage names and folders. It gathers: a swept upstream contributes every
+//! variant as its own row, labelled with the variant id (`db[learning_rate=2e-6]`), in one grid
+//! stage.
 use super::sd_common::{
-    SampleInfo, create_dir, dtype_param, field_error, load_model, model_hash, model_label,
-    parse_scheduler, write_manifest, write_sample,
+    DTYPE_CHOICES, SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, field_error, load_model,
+    model_hash, model_label, parse_scheduler, write_manifest, write_sample,
 };
 use super::{DeviceClass, ParamSpec, ParamType, ResolvedInput, Stage, StageContext, StageError};
 use crate::cache::store::file_name_for;
@@ -19,7 +19,9 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 
 /// Most seeds (grid columns) per grid: wider grids stop being readable.
-const MAX_SEED_COUNT: f64 = 64.0;
+const MAX_SEED_COUNT: usize = 64;
+/// Default columns: four seeds, as A1111's default batch count of 4 shows.
+const DEFAULT_SEEDS: [u64; 4] = [0, 1, 2, 3];
 /// Same bounds as `generate` (see there).
 const MAX_STEPS: f64 = 1000.0;
 const MAX_GUIDANCE: f64 = 100.0;
@@ -33,28 +35,22 @@ impl Stage for SampleGridStage {
         "sample_grid"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn device_class(&self) -> DeviceClass {
         DeviceClass::Gpu
     }
     fn summary(&self) -> &'static str {
-        "Samples every model × scheduler × prompt × seed. Output: `samples/<model>/<prompt-index>/<seed>-<scheduler>.png` (A1111 parameters + stage id), `grid-<prompt-index>.png` (rows: models × schedulers, columns: seeds) and `manifest.json`."
+        "Samples every model × scheduler × steps × guidance × prompt × seed. Output: `samples/<model>/<prompt-index>/<seed>[-<scheduler>][-s<steps>][-g<guidance>].png` (A1111 parameters + stage id), `grid-<prompt-index>.png` (rows: models × schedulers × steps × guidance, columns: seeds) and `manifest.json`."
     }
     fn schema(&self) -> Vec<ParamSpec> {
         vec![
-            ParamSpec::optional(
+            ParamSpec::required(
                 "models",
-                ParamType::StageRefList,
-                json!([]),
-                "stages producing models (a swept stage fans this stage out per variant)",
-            ),
-            ParamSpec::optional(
-                "model_folders",
-                ParamType::PathList,
-                json!([]),
-                "diffusers model folders",
-            ),
+                ParamType::PathOrStageRefList,
+                "stages producing models and/or diffusers model folders; every variant of a swept stage is a row",
+            )
+            .gathers(),
             ParamSpec::required("prompts", ParamType::StringList, "one grid per prompt"),
             ParamSpec::optional(
                 "negative_prompt",
@@ -62,33 +58,32 @@ impl Stage for SampleGridStage {
                 json!(""),
                 "negative prompt",
             ),
-            ParamSpec::optional("seed", ParamType::Integer, json!(0), "seed of column 0")
-                .range(0.0, super::generate::MAX_SEED),
             ParamSpec::optional(
-                "seed_count",
-                ParamType::Integer,
-                json!(4),
-                "columns: seeds `seed` … `seed + seed_count - 1`",
+                "seeds",
+                ParamType::IntegerList,
+                json!(DEFAULT_SEEDS),
+                "columns: one seed each (at most 64, no repeats)",
             )
-            .range(1.0, MAX_SEED_COUNT),
+            .range(0.0, super::generate::MAX_SEED),
             ParamSpec::optional(
                 "schedulers",
                 ParamType::StringList,
                 json!([]),
-                "schedulers to compare (ddim, pndm, lms, euler, euler-a, dpm++, ddpm); empty: the model's own",
-            ),
+                "schedulers to compare; empty: the model's own",
+            )
+            .one_of(SCHEDULER_CHOICES),
             ParamSpec::optional(
                 "steps",
-                ParamType::Integer,
+                ParamType::IntegerList,
                 json!(DEFAULT_STEPS),
-                "denoising steps",
+                "denoising steps (a list compares several)",
             )
             .range(1.0, MAX_STEPS),
             ParamSpec::optional(
                 "guidance",
-                ParamType::Number,
+                ParamType::NumberList,
                 json!(DEFAULT_GUIDANCE),
-                "classifier-free guidance scale",
+                "classifier-free guidance scale (a list compares several)",
             )
             .range(0.0, MAX_GUIDANCE),
             ParamSpec::optional(
@@ -109,8 +104,9 @@ impl Stage for SampleGridStage {
                 "dtype",
                 ParamType::String,
                 json!("f32"),
-                "weights' precision: f32, f16 or bf16",
-            ),
+                "weights' precision",
+            )
+            .one_of(DTYPE_CHOICES),
         ]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
@@ -124,12 +120,7 @@ impl Stage for SampleGridStage {
             let shared = load_model(ctx, "models", &model_dir, grid.kind)?;
             let model = shared.lock().unwrap_or_else(|p| p.into_inner());
             let hash = model_hash(&model_dir);
-            for &scheduler in &grid.schedulers {
-                let row = Row {
-                    label: label.clone(),
-                    scheduler,
-                    hash: hash.clone(),
-                };
+            for row in grid.rows_of(&label, &hash) {
                 grid.sample_row(ctx, &model, &row, &mut images, &mut done)?;
                 rows.push(row);
             }
@@ -139,28 +130,52 @@ impl Stage for SampleGridStage {
     }
 }
 
-/// One grid row: a model with one scheduler (`None`: the model's own).
+/// One grid row: a model with one scheduler (`None`: the model's own), steps and guidance.
 struct Row {
     label: String,
     scheduler: Option<SchedulerKind>,
+    steps: usize,
+    guidance: f64,
     hash: String,
+}
+
+/// Which row fields vary across the grid (those get a file-name suffix and a label part).
+#[derive(Clone, Copy)]
+struct Varying {
+    schedulers: bool,
+    steps: bool,
+    guidance: bool,
 }
 
 impl Row {
     fn folder(&self) -> String {
         file_name_for(&self.label)
     }
-    fn file_name(&self, seed: u64) -> String {
-        match self.scheduler {
-            Some(kind) => format!("{seed}-{}.png", kind.name()),
-            None => format!("{seed}.png"),
+    fn file_name(&self, seed: u64, varying: Varying) -> String {
+        let mut name = seed.to_string();
+        if let Some(kind) = self.scheduler {
+            name.push_str(&format!("-{}", kind.name()));
         }
+        if varying.steps {
+            name.push_str(&format!("-s{}", self.steps));
+        }
+        if varying.guidance {
+            name.push_str(&format!("-g{}", self.guidance));
+        }
+        name + ".png"
     }
-    fn display(&self, several_schedulers: bool) -> String {
-        match (self.scheduler, several_schedulers) {
-            (Some(kind), true) => format!("{} · {}", self.label, kind.name()),
-            _ => self.label.clone(),
+    fn display(&self, varying: Varying) -> String {
+        let mut parts = vec![self.label.clone()];
+        if let (Some(kind), true) = (self.scheduler, varying.schedulers) {
+            parts.push(kind.name().to_string());
         }
+        if varying.steps {
+            parts.push(format!("{} steps", self.steps));
+        }
+        if varying.guidance {
+            parts.push(format!("cfg {}", self.guidance));
+        }
+        parts.join(" · ")
     }
 }
 
@@ -170,42 +185,53 @@ struct Grid {
     prompts: Vec<String>,
     seeds: Vec<u64>,
     schedulers: Vec<Option<SchedulerKind>>,
+    steps: Vec<usize>,
+    guidance: Vec<f64>,
     request: Txt2Img,
     kind: tch::Kind,
 }
 
 impl Grid {
     fn from_context(ctx: &StageContext<'_>) -> Result<Self, StageError> {
-        let models: Vec<ResolvedInput> = ["models", "model_folders"]
-            .iter()
-            .flat_map(|field| ctx.inputs.get(*field).into_iter().flatten().cloned())
-            .collect();
+        let models: Vec<ResolvedInput> = ctx.inputs.get("models").cloned().unwrap_or_default();
         if models.is_empty() {
             return Err(field_error(
                 ctx,
                 "models",
-                "no model given; list stages in `models` or folders in `model_folders`",
+                "no model given; list stages or model folders",
             ));
         }
-        let prompts = string_list(ctx, "prompts");
+        let prompts = ctx.string_list_param("prompts");
         if prompts.is_empty() {
             return Err(field_error(ctx, "prompts", "give at least one prompt"));
         }
         let mut schedulers = Vec::new();
-        for name in string_list(ctx, "schedulers") {
+        for name in ctx.string_list_param("schedulers") {
             schedulers.push(parse_scheduler(ctx, "schedulers", Some(&name))?);
         }
         if schedulers.is_empty() {
             schedulers.push(None);
         }
-        let first_seed = ctx.i64_param("seed").unwrap_or(0) as u64;
-        let seed_count = ctx.i64_param("seed_count").unwrap_or(1).max(1) as u64;
+        let steps: Vec<usize> = ctx
+            .i64_list_param("steps")
+            .into_iter()
+            .map(|s| s.max(1) as usize)
+            .collect();
+        let guidance = ctx.f64_list_param("guidance");
+        if steps.is_empty() || guidance.is_empty() {
+            let field = if steps.is_empty() {
+                "steps"
+            } else {
+                "guidance"
+            };
+            return Err(field_error(ctx, field, "give at least one value"));
+        }
         let request = Txt2Img {
             prompt: String::new(),
             negative_prompt: ctx.str_param("negative_prompt")?.to_string(),
-            seed: first_seed,
-            steps: ctx.i64_param("steps").unwrap_or(DEFAULT_STEPS as i64) as usize,
-            guidance: ctx.f64_param("guidance").unwrap_or(DEFAULT_GUIDANCE),
+            seed: 0,
+            steps: steps[0],
+            guidance: guidance[0],
             scheduler: None,
             width: ctx.i64_param("width"),
             height: ctx.i64_param("height"),
@@ -214,15 +240,46 @@ impl Grid {
         Ok(Self {
             models,
             prompts,
-            seeds: (first_seed..first_seed + seed_count).collect(),
+            seeds: seeds_param(ctx)?,
             schedulers,
+            steps,
+            guidance,
             request,
             kind: dtype_param(ctx)?,
         })
     }
 
+    fn varying(&self) -> Varying {
+        Varying {
+            schedulers: self.schedulers.len() > 1,
+            steps: self.steps.len() > 1,
+            guidance: self.guidance.len() > 1,
+        }
+    }
+
+    /// The rows of one model: schedulers × steps × guidance, in that nesting order.
+    fn rows_of(&self, label: &str, hash: &str) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for &scheduler in &self.schedulers {
+            for &steps in &self.steps {
+                for &guidance in &self.guidance {
+                    rows.push(Row {
+                        label: label.to_string(),
+                        scheduler,
+                        steps,
+                        guidance,
+                        hash: hash.to_string(),
+                    });
+                }
+            }
+        }
+        rows
+    }
+
     fn total(&self) -> u64 {
-        (self.models.len() * self.schedulers.len() * self.prompts.len() * self.seeds.len()) as u64
+        let rows =
+            self.models.len() * self.schedulers.len() * self.steps.len() * self.guidance.len();
+        (rows * self.prompts.len() * self.seeds.len()) as u64
     }
 
     /// Samples every prompt × seed of one row; appends manifest entries.
@@ -238,6 +295,8 @@ impl Grid {
             let request = Txt2Img {
                 prompt: prompt.clone(),
                 scheduler: row.scheduler,
+                steps: row.steps,
+                guidance: row.guidance,
                 ..self.request.clone()
             };
             let folder = ctx
@@ -258,7 +317,7 @@ impl Grid {
                     .txt2img_per_sample_seeds(&request, seeds, &mut |_| {})
                     .map_err(|e| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id)))?;
                 for (position, &seed) in seeds.iter().enumerate() {
-                    let path = folder.join(row.file_name(seed));
+                    let path = folder.join(row.file_name(seed, self.varying()));
                     let info = SampleInfo {
                         prompt,
                         negative_prompt: &request.negative_prompt,
@@ -290,8 +349,8 @@ impl Grid {
 
     /// One `grid-<prompt-index>.png` per prompt, composed from the written samples.
     fn write_grids(&self, ctx: &StageContext<'_>, rows: &[Row]) -> Result<(), StageError> {
-        let several = self.schedulers.len() > 1;
-        let row_labels: Vec<String> = rows.iter().map(|r| r.display(several)).collect();
+        let varying = self.varying();
+        let row_labels: Vec<String> = rows.iter().map(|r| r.display(varying)).collect();
         let column_labels: Vec<String> = self.seeds.iter().map(|s| format!("seed {s}")).collect();
         for (prompt_index, prompt) in self.prompts.iter().enumerate() {
             let paths: Vec<Vec<PathBuf>> = rows
@@ -304,7 +363,7 @@ impl Grid {
                         .join(prompt_index.to_string());
                     self.seeds
                         .iter()
-                        .map(|&seed| folder.join(row.file_name(seed)))
+                        .map(|&seed| folder.join(row.file_name(seed, varying)))
                         .collect()
                 })
                 .collect();
@@ -338,17 +397,23 @@ impl Grid {
     }
 }
 
-fn string_list(ctx: &StageContext<'_>, field: &str) -> Vec<String> {
-    ctx.params
-        .get(field)
-        .and_then(Value::as_array)
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
+/// The `seeds` field: at most [`MAX_SEED_COUNT`], without repeats (each names its files).
+fn seeds_param(ctx: &StageContext<'_>) -> Result<Vec<u64>, StageError> {
+    let seeds: Vec<u64> = ctx
+        .i64_list_param("seeds")
+        .into_iter()
+        .map(|s| s.max(0) as u64)
+        .collect();
+    if seeds.is_empty() || seeds.len() > MAX_SEED_COUNT {
+        let message = format!("give 1 to {MAX_SEED_COUNT} seeds, not {}", seeds.len());
+        return Err(field_error(ctx, "seeds", message));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(repeated) = seeds.iter().find(|s| !seen.insert(**s)) {
+        let message = format!("seed {repeated} is listed twice");
+        return Err(field_error(ctx, "seeds", message));
+    }
+    Ok(seeds)
 }
 
 /// `path` relative to the output folder, with `/` separators.

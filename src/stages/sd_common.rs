@@ -12,6 +12,11 @@ use tch::Kind;
 
 /// The accepted `dtype` values (those of `dreampipe sample --dtype`).
 pub const DTYPE_NAMES: &str = "f32, f16, bf16";
+/// The same, for [`super::ParamSpec::one_of`].
+pub const DTYPE_CHOICES: &[&str] = &["f32", "f16", "bf16"];
+/// Every `SchedulerKind::name()`, for [`super::ParamSpec::one_of`] (a test keeps it in sync).
+pub const SCHEDULER_CHOICES: &[&str] =
+    &["ddim", "pndm", "lms", "euler", "euler-a", "dpm++", "ddpm"];
 /// The PNG parameters field naming the stage that wrote an image.
 pub const STAGE_FIELD: &str = "dreampipe stage";
 
@@ -61,16 +66,10 @@ pub fn load_model(
     pool::get(dir, ctx.device, kind).map_err(|e| field_error(ctx, field, e))
 }
 
-/// How a model input is named in labels and PNG parameters: the upstream stage's name, or the
-/// folder's name.
+/// How a model input is named in labels and PNG parameters: the upstream stage's full id
+/// (`db[learning_rate=2e-6]` for a sweep variant), or the folder's name.
 pub fn model_label(input: &ResolvedInput) -> String {
-    if let Some(name) = &input.upstream {
-        return name.clone();
-    }
-    std::path::absolute(&input.path)
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| input.path.display().to_string())
+    input.label()
 }
 
 /// What one sample was made from, for its PNG parameters.
@@ -130,4 +129,16 @@ pub fn write_manifest(
 /// Creates `dir` (and its parents).
 pub fn create_dir(dir: &Path) -> Result<(), StageError> {
     std::fs::create_dir_all(dir).map_err(|e| StageError::io("create", dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choice_lists_match_the_parsers() {
+        let names: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(SCHEDULER_CHOICES, names.as_slice());
+        assert_eq!(DTYPE_CHOICES.join(", "), DTYPE_NAMES);
+    }
 }
