@@ -119,7 +119,7 @@ stages:
     kind: sample_grid
     models: [ti, db]
     prompts: [a photo of <sks> dog]
-    seed_count: 1
+    seeds: [0]
     steps: 2
     width: 64
     height: 64
