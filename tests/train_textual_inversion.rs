@@ -174,6 +174,7 @@ fn a_run_writes_embeddings_and_a_loadable_model() {
     let mut callbacks = Callbacks {
         on_progress: &mut on_progress,
         cancel: &cancel,
+        validation: None,
     };
     textual_inversion::train(&config, &mut callbacks).unwrap();
     assert_eq!(steps, [1, 2]);
@@ -273,6 +274,7 @@ fn resuming_textual_inversion_gives_the_uninterrupted_embedding() {
         let mut callbacks = Callbacks {
             on_progress: &mut on_progress,
             cancel: &cancel,
+            validation: None,
         };
         textual_inversion::train(config, &mut callbacks)
     };

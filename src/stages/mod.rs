@@ -6,10 +6,13 @@
 //! crashes and handed back on the next run of the same key), reports progress, and checks
 //! `ctx.cancel`.
 pub mod command;
+pub mod dreambooth;
 pub mod generate;
 pub mod images;
 pub mod sample_grid;
 pub mod sd_common;
+pub mod textual_inversion;
+pub mod training;
 
 use crate::exec::events::{CancelFlag, ProgressReporter};
 use serde_json::Value;
@@ -385,6 +388,8 @@ pub fn registry() -> Registry {
         .with(Arc::new(images::ImagesStage))
         .with(Arc::new(generate::GenerateStage))
         .with(Arc::new(sample_grid::SampleGridStage))
+        .with(Arc::new(textual_inversion::TextualInversionStage))
+        .with(Arc::new(dreambooth::DreamBoothStage))
 }
 
 /// The parameter table of a kind's reference page (`stages/<kind>.md`), generated from its

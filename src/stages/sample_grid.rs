@@ -116,9 +116,10 @@ impl Stage for SampleGridStage {
         let mut done = 0u64;
         for model_input in &grid.models {
             let label = model_label(model_input);
-            let shared = load_model(ctx, "models", &model_input.path, grid.kind)?;
+            let model_dir = super::training::model_dir(&model_input.path);
+            let shared = load_model(ctx, "models", &model_dir, grid.kind)?;
             let model = shared.lock().unwrap_or_else(|p| p.into_inner());
-            let hash = model_hash(&model_input.path);
+            let hash = model_hash(&model_dir);
             for row in grid.rows_of(&label, &hash) {
                 grid.sample_row(ctx, &model, &row, &mut images, &mut done)?;
                 rows.push(row);

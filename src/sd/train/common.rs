@@ -154,6 +154,17 @@ pub struct Callbacks<'a> {
     /// Checked before every step; when set, a checkpoint is written and the loop returns
     /// [`TrainError::Cancelled`].
     pub cancel: &'a AtomicBool,
+    /// Sampling with the model being trained every few steps (diffusers' validation_steps).
+    pub validation: Option<Validation<'a>>,
+}
+
+/// diffusers' `--validation_prompt` / `--validation_steps`: every `every` optimizer steps the
+/// loop writes the current model as a diffusers folder into `model_dir` and calls `run(step,
+/// model_dir)`, which samples from it (an error stops training).
+pub struct Validation<'a> {
+    pub every: u64,
+    pub model_dir: PathBuf,
+    pub run: &'a mut dyn FnMut(u64, &Path) -> Result<(), String>,
 }
 
 impl Callbacks<'_> {
@@ -317,47 +328,85 @@ pub fn diffusion_loss(
     encoder_hidden_states: &Tensor,
     spec: &LossSpec,
 ) -> Result<Tensor, TrainError> {
+    let (noisy, timesteps) = noisy_latents(model, batch)?;
+    let kind = model.unet_kind;
+    let pred = model.unet.forward(
+        &noisy.to_kind(kind),
+        &timesteps,
+        &encoder_hidden_states.to_kind(kind),
+    );
+    loss_from_prediction(model, batch, &pred, &timesteps).and_then(|parts| parts.combine(spec))
+}
+
+/// The noisy latents the UNet sees and the timesteps, on the latents' device.
+pub fn noisy_latents(
+    model: &DiffusionModel,
+    batch: &StepBatch,
+) -> Result<(Tensor, Tensor), TrainError> {
     let device = batch.latents.device();
     let timesteps = batch.timesteps.to_device(device);
     let noisy = model
         .scheduler
         .add_noise(&batch.latents, &batch.noise, &timesteps)
         .map_err(TrainError::model)?;
-    let kind = model.unet_kind;
-    let pred = model
-        .unet
-        .forward(
-            &noisy.to_kind(kind),
-            &timesteps,
-            &encoder_hidden_states.to_kind(kind),
-        )
-        .to_kind(Kind::Float);
+    Ok((noisy, timesteps))
+}
+
+/// A prediction and what it is compared with (before the loss spec applies).
+pub struct PredictionParts<'a> {
+    model: &'a DiffusionModel<'a>,
+    pred: Tensor,
+    target: Tensor,
+    timesteps: Tensor,
+}
+
+/// Pairs the UNet's prediction (any kind) with its target, both float32.
+pub fn loss_from_prediction<'a>(
+    model: &'a DiffusionModel<'a>,
+    batch: &StepBatch,
+    pred: &Tensor,
+    timesteps: &Tensor,
+) -> Result<PredictionParts<'a>, TrainError> {
     let target = match model.prediction {
         PredictionType::Epsilon => batch.noise.shallow_clone(),
         PredictionType::VPrediction => model
             .scheduler
-            .get_velocity(&batch.latents, &batch.noise, &timesteps)
+            .get_velocity(&batch.latents, &batch.noise, timesteps)
             .map_err(TrainError::model)?,
     }
     .to_kind(Kind::Float);
-    let (pred, target, timesteps, prior) = match spec.prior_loss_weight {
-        Some(weight) => {
-            let (pred, pred_prior) = loss::split_instance_prior(&pred)?;
-            let (target, target_prior) = loss::split_instance_prior(&target)?;
-            let (t, _) = loss::split_instance_prior(&timesteps)?;
-            let prior = loss::mse(&pred_prior, &target_prior)? * weight;
-            (pred, target, t, Some(prior))
-        }
-        None => (pred, target, timesteps, None),
-    };
-    let instance = match spec.snr_gamma {
-        None => loss::mse(&pred, &target)?,
-        Some(gamma) => min_snr_instance_loss(model, &pred, &target, &timesteps, gamma)?,
-    };
-    Ok(match prior {
-        Some(prior) => instance + prior,
-        None => instance,
+    Ok(PredictionParts {
+        model,
+        pred: pred.to_kind(Kind::Float),
+        target,
+        timesteps: timesteps.shallow_clone(),
     })
+}
+
+impl PredictionParts<'_> {
+    /// The loss: MSE (or min-SNR weighted) of the instance half plus the weighted prior half.
+    pub fn combine(self, spec: &LossSpec) -> Result<Tensor, TrainError> {
+        let model = self.model;
+        let (pred, target, timesteps) = (self.pred, self.target, self.timesteps);
+        let (pred, target, timesteps, prior) = match spec.prior_loss_weight {
+            Some(weight) => {
+                let (pred, pred_prior) = loss::split_instance_prior(&pred)?;
+                let (target, target_prior) = loss::split_instance_prior(&target)?;
+                let (t, _) = loss::split_instance_prior(&timesteps)?;
+                let prior = loss::mse(&pred_prior, &target_prior)? * weight;
+                (pred, target, t, Some(prior))
+            }
+            None => (pred, target, timesteps, None),
+        };
+        let instance = match spec.snr_gamma {
+            None => loss::mse(&pred, &target)?,
+            Some(gamma) => min_snr_instance_loss(model, &pred, &target, &timesteps, gamma)?,
+        };
+        Ok(match prior {
+            Some(prior) => instance + prior,
+            None => instance,
+        })
+    }
 }
 
 /// train_dreambooth.py's min-SNR weighting: `min(snr, gamma) / snr`, plus 1 for v-prediction

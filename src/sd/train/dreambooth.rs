@@ -12,7 +12,8 @@
 //! * mixed precision keeps the trainable modules in float32 and runs them in float32 (no
 //!   autocast); only the frozen modules (VAE, untrained text encoder) run in fp16/bf16.
 //!   fp16 needs CUDA; bf16 is allowed on CPU;
-//! * `gradient_checkpointing` is not yet wired through the UNet blocks and is rejected;
+//! * `gradient_checkpointing` recomputes each UNet block in a second phase (see
+//!   `sd::unet::checkpointed`); the text encoder is not checkpointed;
 //! * min-SNR weighting uses the instance half's timesteps (diffusers would broadcast the full
 //!   batch's weights against the instance half).
 use super::TrainError;
@@ -77,7 +78,7 @@ pub struct DreamBoothConfig {
     pub checkpoints_total_limit: Option<usize>,
     /// Default 1.
     pub gradient_accumulation_steps: u64,
-    /// Not yet supported (rejected).
+    /// Recompute UNet blocks in the backward pass instead of keeping their activations.
     pub gradient_checkpointing: bool,
     /// Default 5e-6.
     pub learning_rate: f64,
@@ -163,12 +164,6 @@ impl DreamBoothConfig {
                 problem: problem.to_string(),
             })
         };
-        if self.gradient_checkpointing {
-            return fail(
-                "gradient_checkpointing",
-                "not yet supported for the UNet; train without it (lower train_batch_size or resolution to save memory)",
-            );
-        }
         if self.with_prior_preservation && self.class_data_dir.is_none() {
             return fail("class_data_dir", "required with with_prior_preservation");
         }
@@ -215,6 +210,7 @@ pub struct DreamBoothTrainer {
     prediction: PredictionType,
     weight_kind: Kind,
     train_text_encoder: bool,
+    gradient_checkpointing: bool,
     loss_spec: LossSpec,
     max_grad_norm: f64,
     trainables: Vec<(String, Tensor)>,
@@ -293,6 +289,7 @@ impl DreamBoothTrainer {
             prediction,
             weight_kind,
             train_text_encoder: config.train_text_encoder,
+            gradient_checkpointing: config.gradient_checkpointing,
             loss_spec: LossSpec {
                 prior_loss_weight: config
                     .with_prior_preservation
@@ -353,16 +350,46 @@ impl DreamBoothTrainer {
         let count = micro_batches.len().max(1) as f64;
         let mut total = 0.0;
         for batch in micro_batches {
-            let loss = self.batch_loss(batch)?;
-            let value = loss.double_value(&[]);
-            if let Err(error) = common::check_finite(value, self.step + 1) {
-                self.optimizer.zero_grad();
-                return Err(error);
+            let value = if self.gradient_checkpointing {
+                self.checkpointed_backward(batch, count)
+            } else {
+                self.plain_backward(batch, count)
+            };
+            match value {
+                Ok(value) => total += value,
+                Err(error) => {
+                    self.optimizer.zero_grad();
+                    return Err(error);
+                }
             }
-            (loss / count).backward();
-            total += value;
         }
         Ok(total / count)
+    }
+
+    /// `backward(loss / count)` of one micro-batch; returns its loss.
+    fn plain_backward(&self, batch: &StepBatch, count: f64) -> Result<f64, TrainError> {
+        let loss = self.batch_loss(batch)?;
+        let value = loss.double_value(&[]);
+        common::check_finite(value, self.step + 1)?;
+        (loss / count).backward();
+        Ok(value)
+    }
+
+    /// The same gradients as [`plain_backward`](Self::plain_backward) with the UNet run
+    /// grad-free and recomputed block by block in the backward pass.
+    fn checkpointed_backward(&self, batch: &StepBatch, count: f64) -> Result<f64, TrainError> {
+        let hidden = self.encoder_hidden_states(batch)?;
+        let model = self.diffusion_model();
+        let (noisy, timesteps) = common::noisy_latents(&model, batch)?;
+        let run = self.unet.forward_checkpointed(&noisy, &timesteps, &hidden);
+        let pred = run.output().detach().set_requires_grad(true);
+        let loss = common::loss_from_prediction(&model, batch, &pred, &timesteps)?
+            .combine(&self.loss_spec)?;
+        let value = loss.double_value(&[]);
+        common::check_finite(value, self.step + 1)?;
+        (loss / count).backward();
+        run.backward(&self.unet, &pred.grad(), &hidden);
+        Ok(value)
     }
 
     /// Clips the global grad norm over the trainable parameters to `max_grad_norm`, takes an
@@ -383,25 +410,28 @@ impl DreamBoothTrainer {
 
     /// The loss of one batch (graph attached when something is trainable).
     pub fn batch_loss(&self, batch: &StepBatch) -> Result<Tensor, TrainError> {
-        let device = batch.latents.device();
-        let ids = batch.input_ids.to_device(device);
-        let hidden = if self.train_text_encoder {
-            self.text_encoder
-                .forward(&ids)
-                .map_err(TrainError::model)?
-                .last_hidden_state
+        let hidden = self.encoder_hidden_states(batch)?;
+        common::diffusion_loss(&self.diffusion_model(), batch, &hidden, &self.loss_spec)
+    }
+
+    /// The text encoder's output for the batch's tokens (graph attached when it trains).
+    fn encoder_hidden_states(&self, batch: &StepBatch) -> Result<Tensor, TrainError> {
+        let ids = batch.input_ids.to_device(batch.latents.device());
+        let output = if self.train_text_encoder {
+            self.text_encoder.forward(&ids)
         } else {
             tch::no_grad(|| self.text_encoder.forward(&ids))
-                .map_err(TrainError::model)?
-                .last_hidden_state
         };
-        let model = DiffusionModel {
+        Ok(output.map_err(TrainError::model)?.last_hidden_state)
+    }
+
+    fn diffusion_model(&self) -> DiffusionModel<'_> {
+        DiffusionModel {
             unet: &self.unet,
             unet_kind: Kind::Float,
             scheduler: &self.scheduler,
             prediction: self.prediction,
-        };
-        common::diffusion_loss(&model, batch, &hidden, &self.loss_spec)
+        }
     }
 
     /// VAE posterior moments (mean, std) of pixel batches, in float32, without grad.
@@ -603,6 +633,10 @@ impl TrainingMethod for Run<'_> {
         &mut self.trainer.optimizer
     }
 
+    fn write_model(&self, dir: &std::path::Path) -> Result<(), TrainError> {
+        write_trained_folder(self.config, &self.trainer, dir)
+    }
+
     fn next_step(&mut self) -> Result<StepReport, TrainError> {
         let step = self.trainer.step;
         let batches = (0..self.config.gradient_accumulation_steps)
@@ -649,12 +683,27 @@ pub fn train(
         config,
     };
     let result = driver::run(&mut run, &settings, callbacks)?;
+    let trainer = &run.trainer;
+    write_trained_folder(config, trainer, &config.output_dir)?;
+    Ok(TrainOutcome {
+        steps: trainer.step,
+        resumed_from: result.resumed_from,
+        final_loss: result.final_loss,
+        output_dir: config.output_dir.clone(),
+    })
+}
+
+/// The base model with the trained UNet (and text encoder) as a diffusers folder at `dir`.
+fn write_trained_folder(
+    config: &DreamBoothConfig,
+    trainer: &DreamBoothTrainer,
+    dir: &std::path::Path,
+) -> Result<(), TrainError> {
     let base =
         ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
-    let trainer = &run.trainer;
     output::write_model_folder(
         &base,
-        &config.output_dir,
+        dir,
         &NewWeights {
             unet: Some(&trainer.unet_store),
             text_encoder: config
@@ -662,11 +711,5 @@ pub fn train(
                 .then_some(&trainer.text_encoder_store),
             added_tokens: &[],
         },
-    )?;
-    Ok(TrainOutcome {
-        steps: trainer.step,
-        resumed_from: result.resumed_from,
-        final_loss: result.final_loss,
-        output_dir: config.output_dir.clone(),
-    })
+    )
 }

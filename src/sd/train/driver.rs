@@ -19,6 +19,8 @@ pub(crate) trait TrainingMethod {
     fn checkpoint_tensors(&self) -> Vec<(String, Tensor)>;
     fn optimizer(&self) -> &Optimizer;
     fn optimizer_mut(&mut self) -> &mut Optimizer;
+    /// Writes the current model as a complete diffusers folder into `dir`.
+    fn write_model(&self, dir: &Path) -> Result<(), TrainError>;
     /// Draws the data of the next step and runs it.
     fn next_step(&mut self) -> Result<StepReport, TrainError>;
 }
@@ -87,11 +89,29 @@ pub(crate) fn run(
         {
             last_checkpoint = Some(save(trainer, settings, Some(report.lr))?);
         }
+        validate_if_due(trainer, callbacks)?;
     }
     Ok(DriverResult {
         resumed_from,
         final_loss,
     })
+}
+
+/// Runs the validation callback when the step is a multiple of its interval.
+fn validate_if_due(
+    trainer: &dyn TrainingMethod,
+    callbacks: &mut Callbacks,
+) -> Result<(), TrainError> {
+    let step = trainer.step();
+    let Some(validation) = callbacks.validation.as_mut() else {
+        return Ok(());
+    };
+    if !step.is_multiple_of(validation.every.max(1)) {
+        return Ok(());
+    }
+    trainer.write_model(&validation.model_dir)?;
+    (validation.run)(step, &validation.model_dir)
+        .map_err(|problem| TrainError::Validation { step, problem })
 }
 
 fn resume(

@@ -48,6 +48,8 @@ pub enum TrainError {
     Data { path: PathBuf, problem: String },
     #[error("{0}")]
     Model(String),
+    #[error("validation at step {step}: {problem}")]
+    Validation { step: u64, problem: String },
     #[error(
         "step {step}: the loss is {loss} (not finite); training stopped. {}",
         checkpoint_hint(.checkpoint)

@@ -611,6 +611,10 @@ impl TrainingMethod for Run<'_> {
         &mut self.trainer.optimizer
     }
 
+    fn write_model(&self, dir: &std::path::Path) -> Result<(), TrainError> {
+        write_model_with_placeholders(self.config, &self.trainer, dir)
+    }
+
     fn next_step(&mut self) -> Result<StepReport, TrainError> {
         let step = self.trainer.step;
         let batches = (0..self.config.gradient_accumulation_steps)
@@ -676,11 +680,20 @@ pub fn write_outputs(
     )?;
     let a1111_name = format!("{}.safetensors", file_stem_for(&config.placeholder_token));
     output::write_a1111_embedding(&out.join(a1111_name), &embeds)?;
+    write_model_with_placeholders(config, trainer, &out.join(MODEL_SUBDIR))
+}
+
+/// The base model with the extended tokenizer and text encoder as a diffusers folder at `dir`.
+fn write_model_with_placeholders(
+    config: &TextualInversionConfig,
+    trainer: &TextualInversionTrainer,
+    dir: &std::path::Path,
+) -> Result<(), TrainError> {
     let base =
         ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
     output::write_model_folder(
         &base,
-        &out.join(MODEL_SUBDIR),
+        dir,
         &NewWeights {
             unet: None,
             text_encoder: Some(&trainer.text_encoder_store),
