@@ -1,10 +1,7 @@
 //! `dreampipe init`: the starter DreamBooth pipeline it writes, its refusal to overwrite, and
-//! (once the SD stage kinds are registered) that `validate` accepts it.
+//! that `validate` accepts it.
 use std::path::Path;
 use std::process::Command;
-
-/// Kinds the starter pipeline uses besides `images`.
-const SD_KINDS: [&str; 3] = ["generate", "dreambooth", "sample_grid"];
 
 fn dreampipe(cwd: &Path, args: &[&str]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_dreampipe"))
@@ -94,10 +91,8 @@ fn images_outside_the_folder_are_written_as_absolute_paths() {
     assert!(!stdout.contains("next: put"), "{stdout}");
 }
 
-/// Asserts `validate` accepts the starter once the SD kinds are registered; until then, that it
-/// rejects exactly those kinds (so this test flips to the full check by itself).
 #[test]
-fn validate_accepts_the_starter_when_the_sd_kinds_exist() {
+fn validate_accepts_the_starter() {
     let root = tempfile::tempdir().unwrap();
     let dir = study_folder(root.path());
     assert!(dreampipe(root.path(), &["init", "my study"]).0);
@@ -108,30 +103,9 @@ fn validate_accepts_the_starter_when_the_sd_kinds_exist() {
         root.path(),
         &["validate", pipeline.to_str().unwrap(), "--set", &model],
     );
-    let registry = dreampipe::stages::registry();
-    let missing: Vec<&str> = SD_KINDS
-        .into_iter()
-        .filter(|kind| registry.get(kind).is_none())
-        .collect();
-    if missing.is_empty() {
-        assert!(ok, "{stderr}");
-        assert_eq!(
-            stdout,
-            "pipeline `my-study` is valid: 4 stage(s), 4 after sweep expansion\n"
-        );
-        return;
-    }
-    assert!(!ok);
-    let count = missing.len();
-    let plural = if count == 1 { "" } else { "s" };
-    assert!(
-        stderr.contains(&format!("is invalid ({count} error{plural}):")),
-        "only the missing kinds may be errors: {stderr}"
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        stdout,
+        "pipeline `my-study` is valid: 4 stage(s), 4 after sweep expansion\n"
     );
-    for kind in missing {
-        assert!(
-            stderr.contains(&format!("field `kind`: unknown stage kind `{kind}`")),
-            "{stderr}"
-        );
-    }
 }

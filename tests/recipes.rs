@@ -7,11 +7,6 @@ use dreampipe::report::browser::check_page;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The SD stage kinds the recipes use; until all are registered (and `sample_grid` takes a
-/// `seeds` list) the recipe tests assert only that validation rejects the recipes, so they flip
-/// to the full checks by themselves.
-const SD_KINDS: [&str; 3] = ["generate", "textual_inversion", "dreambooth"];
-
 /// One torch thread: on the 2 shared cores of CI, OpenMP's spinning threads made the demo 5–10×
 /// slower (measured: 16–20 s with 1 thread, 95–200 s with 2 or the default under load).
 const TORCH_THREADS: &str = "1";
@@ -132,21 +127,6 @@ fn dreampipe(cwd: &Path, cache: &Path, args: &[&str]) -> (bool, String, String) 
     )
 }
 
-fn missing_kinds() -> Vec<&'static str> {
-    let registry = dreampipe::stages::registry();
-    let mut missing: Vec<&str> = SD_KINDS
-        .into_iter()
-        .filter(|kind| registry.get(kind).is_none())
-        .collect();
-    let grid_takes_seeds = registry
-        .get("sample_grid")
-        .is_some_and(|grid| grid.schema().iter().any(|field| field.name == "seeds"));
-    if !grid_takes_seeds {
-        missing.push("sample_grid with `seeds`");
-    }
-    missing
-}
-
 fn recipe(file: &str) -> String {
     format!("pipelines/{file}")
 }
@@ -167,15 +147,9 @@ fn the_recipe_list_covers_every_pipeline_file() {
 #[test]
 fn every_recipe_validates_plans_and_dry_runs_on_the_tiny_model() {
     let work = Workspace::new();
-    let missing = missing_kinds();
     for (file, stages, ids) in RECIPES {
         let path = recipe(file);
         let (ok, stdout, stderr) = work.dreampipe(&["validate", &path]);
-        if !missing.is_empty() {
-            assert!(!ok, "{file} cannot be valid without {missing:?}");
-            assert!(stderr.contains("is invalid ("), "{file}: {stderr}");
-            continue;
-        }
         assert!(ok, "{file}: {stderr}");
         let name = file.trim_end_matches(".yaml");
         assert_eq!(
@@ -235,9 +209,6 @@ fn shrunk(file: &str) -> Vec<String> {
 
 #[test]
 fn every_recipe_runs_on_the_tiny_model_when_shrunk() {
-    if !missing_kinds().is_empty() {
-        return; // covered by the validation test until the kinds exist
-    }
     let work = Workspace::new();
     for (file, _, ids) in RECIPES.iter().filter(|(f, _, _)| *f != "demo.yaml") {
         let mut args = vec!["run".to_string(), "--plain".to_string(), recipe(file)];
@@ -274,9 +245,6 @@ fn read_json(path: &Path) -> serde_json::Value {
 
 #[test]
 fn demo_runs_end_to_end_then_is_fully_cached() {
-    if !missing_kinds().is_empty() {
-        return; // covered by the validation test until the kinds exist
-    }
     let work = Workspace::new();
     let demo = recipe("demo.yaml");
     let (ok, stdout, stderr) = work.dreampipe(&["run", "--plain", &demo]);
