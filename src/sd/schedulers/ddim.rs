@@ -1,15 +1,13 @@
 //! DDIM (diffusers `DDIMScheduler`), deterministic (eta = 0, as the SD pipelines call it).
 use super::common::{
-    PREDICTION_TYPES, PredictionType, SPACINGS, TimestepSpacing, TrainSchedule, ZeroSnr,
-    check_steps, integer_timesteps,
+    CommonConfig, PREDICTION_TYPES, PredictionType, TimestepSpacing, TrainSchedule, ZeroSnr,
+    check_steps, clip_range, clip_sample, integer_timesteps, predict_epsilon, predict_original,
 };
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
 
 const NAME: &str = "DDIMScheduler";
 /// diffusers DDIMScheduler defaults.
-const DEFAULT_CLIP_SAMPLE: bool = true;
-const DEFAULT_CLIP_SAMPLE_RANGE: f64 = 1.0;
 const DEFAULT_SET_ALPHA_TO_ONE: bool = true;
 const DEFAULT_SPACING: &str = "leading";
 
@@ -32,42 +30,30 @@ impl DdimScheduler {
     /// `DDIMScheduler.from_config(config)`.
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
         config.reject_true(NAME, &[("thresholding", config.thresholding)])?;
-        let train = TrainSchedule::new(config, NAME, ZeroSnr::RescaleBetas)?;
-        let pred = config.prediction_type.as_deref();
-        let prediction =
-            config.choice(NAME, "prediction_type", pred, "epsilon", PREDICTION_TYPES)?;
-        let spacing = config.timestep_spacing.as_deref();
-        let spacing =
-            config.choice(NAME, "timestep_spacing", spacing, DEFAULT_SPACING, SPACINGS)?;
-        let clip = config.clip_sample.unwrap_or(DEFAULT_CLIP_SAMPLE);
-        let range = config
-            .clip_sample_range
-            .unwrap_or(DEFAULT_CLIP_SAMPLE_RANGE);
-        let set_alpha_to_one = config.set_alpha_to_one.unwrap_or(DEFAULT_SET_ALPHA_TO_ONE);
-        let final_alpha_cumprod = if set_alpha_to_one {
-            1.0
-        } else {
-            train.alpha_cumprod(0)
-        };
-        Ok(Self {
+        let CommonConfig {
             train,
             prediction,
             spacing,
-            steps_offset: config.steps_offset.unwrap_or(0),
-            clip_range: clip.then_some(range),
-            final_alpha_cumprod,
+            steps_offset,
+        } = CommonConfig::read(
+            config,
+            NAME,
+            ZeroSnr::RescaleBetas,
+            PREDICTION_TYPES,
+            DEFAULT_SPACING,
+        )?;
+        let set_alpha_to_one = config.set_alpha_to_one.unwrap_or(DEFAULT_SET_ALPHA_TO_ONE);
+        Ok(Self {
+            final_alpha_cumprod: train.final_alpha_cumprod(set_alpha_to_one),
+            train,
+            prediction,
+            spacing,
+            steps_offset,
+            clip_range: clip_range(config),
             step_ratio: 1,
             timestep_values: Vec::new(),
             timesteps: Tensor::from_slice::<i64>(&[]),
         })
-    }
-
-    fn alpha_cumprod_or_final(&self, timestep: i64) -> f32 {
-        if timestep >= 0 {
-            self.train.alpha_cumprod(timestep)
-        } else {
-            self.final_alpha_cumprod
-        }
     }
 }
 
@@ -106,34 +92,15 @@ impl Scheduler for DdimScheduler {
     ) -> Result<StepOutput, SchedulerError> {
         let t = at(&self.timestep_values, step_index, NAME)?;
         let alpha_prod_t = self.train.alpha_cumprod(t);
-        let alpha_prod_prev = self.alpha_cumprod_or_final(t - self.step_ratio);
+        let alpha_prod_prev = self
+            .train
+            .alpha_cumprod_or_final(t - self.step_ratio, self.final_alpha_cumprod);
         let beta_prod_t = 1.0 - alpha_prod_t;
         let (sqrt_alpha, sqrt_beta) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
-        let (mut pred_original, pred_epsilon) = match self.prediction {
-            PredictionType::Epsilon => (
-                sample
-                    .f_sub(&model_output.f_mul_scalar(f64::from(sqrt_beta))?)?
-                    .f_div_scalar(f64::from(sqrt_alpha))?,
-                model_output.shallow_clone(),
-            ),
-            PredictionType::Sample => (
-                model_output.shallow_clone(),
-                sample
-                    .f_sub(&model_output.f_mul_scalar(f64::from(sqrt_alpha))?)?
-                    .f_div_scalar(f64::from(sqrt_beta))?,
-            ),
-            PredictionType::VPrediction => (
-                sample
-                    .f_mul_scalar(f64::from(sqrt_alpha))?
-                    .f_sub(&model_output.f_mul_scalar(f64::from(sqrt_beta))?)?,
-                model_output
-                    .f_mul_scalar(f64::from(sqrt_alpha))?
-                    .f_add(&sample.f_mul_scalar(f64::from(sqrt_beta))?)?,
-            ),
-        };
-        if let Some(range) = self.clip_range {
-            pred_original = pred_original.f_clamp(-range, range)?;
-        }
+        let (alpha, sigma) = (f64::from(sqrt_alpha), f64::from(sqrt_beta));
+        let pred_original = predict_original(self.prediction, model_output, sample, alpha, sigma)?;
+        let pred_epsilon = predict_epsilon(self.prediction, model_output, sample, alpha, sigma)?;
+        let pred_original = clip_sample(pred_original, self.clip_range)?;
         // eta = 0: std_dev_t = 0, so the direction coefficient is sqrt(1 - alpha_prod_prev).
         let direction_coeff = (1.0 - alpha_prod_prev - 0.0f32).sqrt();
         let prev_sample = pred_original

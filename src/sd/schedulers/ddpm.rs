@@ -1,16 +1,14 @@
 //! DDPM (diffusers `DDPMScheduler`): ancestral sampling with fixed variances, plus the
 //! training-time helpers `add_noise` (forward diffusion) and `get_velocity` (v-prediction target).
 use super::common::{
-    PREDICTION_TYPES, PredictionType, SPACINGS, TimestepSpacing, TrainSchedule, ZeroSnr,
-    check_steps, cpu_noise_like, integer_timesteps,
+    CommonConfig, PREDICTION_TYPES, PredictionType, TimestepSpacing, TrainSchedule, ZeroSnr,
+    check_steps, clip_range, clip_sample, cpu_noise_like, integer_timesteps, predict_original,
 };
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
 
 const NAME: &str = "DDPMScheduler";
 /// diffusers DDPMScheduler defaults.
-const DEFAULT_CLIP_SAMPLE: bool = true;
-const DEFAULT_CLIP_SAMPLE_RANGE: f64 = 1.0;
 const DEFAULT_SPACING: &str = "leading";
 const DEFAULT_VARIANCE_TYPE: &str = "fixed_small";
 /// `_get_variance` clamps the posterior variance to at least this.
@@ -47,13 +45,18 @@ impl DdpmScheduler {
     /// `set_timesteps`).
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
         config.reject_true(NAME, &[("thresholding", config.thresholding)])?;
-        let train = TrainSchedule::new(config, NAME, ZeroSnr::RescaleBetas)?;
-        let pred = config.prediction_type.as_deref();
-        let prediction =
-            config.choice(NAME, "prediction_type", pred, "epsilon", PREDICTION_TYPES)?;
-        let spacing = config.timestep_spacing.as_deref();
-        let spacing =
-            config.choice(NAME, "timestep_spacing", spacing, DEFAULT_SPACING, SPACINGS)?;
+        let CommonConfig {
+            train,
+            prediction,
+            spacing,
+            steps_offset,
+        } = CommonConfig::read(
+            config,
+            NAME,
+            ZeroSnr::RescaleBetas,
+            PREDICTION_TYPES,
+            DEFAULT_SPACING,
+        )?;
         let variance = config.variance_type.as_deref();
         let variance = config.choice(
             NAME,
@@ -62,10 +65,6 @@ impl DdpmScheduler {
             DEFAULT_VARIANCE_TYPE,
             VARIANCE_TYPES,
         )?;
-        let clip = config.clip_sample.unwrap_or(DEFAULT_CLIP_SAMPLE);
-        let range = config
-            .clip_sample_range
-            .unwrap_or(DEFAULT_CLIP_SAMPLE_RANGE);
         let timestep_values: Vec<i64> = (0..train.num_train_timesteps as i64).rev().collect();
         Ok(Self {
             timesteps: Tensor::from_slice(&timestep_values),
@@ -73,8 +72,8 @@ impl DdpmScheduler {
             train,
             prediction,
             spacing,
-            steps_offset: config.steps_offset.unwrap_or(0),
-            clip_range: clip.then_some(range),
+            steps_offset,
+            clip_range: clip_range(config),
             variance,
         })
     }
@@ -201,18 +200,15 @@ impl Scheduler for DdpmScheduler {
         let beta_prod_prev = 1.0 - alpha_prod_prev;
         let current_alpha = alpha_prod_t / alpha_prod_prev;
         let current_beta = 1.0 - current_alpha;
-        let mut pred_original = match self.prediction {
-            PredictionType::Epsilon => sample
-                .f_sub(&model_output.f_mul_scalar(f64::from(beta_prod_t.sqrt()))?)?
-                .f_div_scalar(f64::from(alpha_prod_t.sqrt()))?,
-            PredictionType::Sample => model_output.shallow_clone(),
-            PredictionType::VPrediction => sample
-                .f_mul_scalar(f64::from(alpha_prod_t.sqrt()))?
-                .f_sub(&model_output.f_mul_scalar(f64::from(beta_prod_t.sqrt()))?)?,
-        };
-        if let Some(range) = self.clip_range {
-            pred_original = pred_original.f_clamp(-range, range)?;
-        }
+        let (alpha, sigma) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
+        let pred_original = predict_original(
+            self.prediction,
+            model_output,
+            sample,
+            f64::from(alpha),
+            f64::from(sigma),
+        )?;
+        let pred_original = clip_sample(pred_original, self.clip_range)?;
         let original_coeff = alpha_prod_prev.sqrt() * current_beta / beta_prod_t;
         let sample_coeff = current_alpha.sqrt() * beta_prod_prev / beta_prod_t;
         let mut prev_sample = pred_original

@@ -3,9 +3,9 @@
 //! `lower_order_final`). Also the first/second/third-order updates of `dpmsolver`, and the SDE
 //! variants (noise from tch's global CPU generator).
 use super::common::{
-    PREDICTION_TYPES, PredictionType, SPACINGS, SigmaSpacing, TimestepSpacing, TrainSchedule,
+    CommonConfig, PREDICTION_TYPES, PredictionType, SigmaSpacing, TimestepSpacing, TrainSchedule,
     ZeroSnr, check_steps, cpu_noise_like, log_sigmas, numpy_arange, numpy_interp, numpy_linspace,
-    sigma_to_t,
+    predict_epsilon, predict_original, sigma_to_t, with_final_sigma,
 };
 use super::euler::{FINAL_SIGMA_TYPES, FinalSigma};
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
@@ -126,13 +126,18 @@ impl DpmSolverMultistepScheduler {
     /// `DPMSolverMultistepScheduler.from_config(config)`.
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
         reject_unsupported(config)?;
-        let train = TrainSchedule::new(config, NAME, ZeroSnr::RescaleAndFloorLast)?;
-        let pred = config.prediction_type.as_deref();
-        let prediction =
-            config.choice(NAME, "prediction_type", pred, "epsilon", PREDICTION_TYPES)?;
-        let spacing = config.timestep_spacing.as_deref();
-        let spacing =
-            config.choice(NAME, "timestep_spacing", spacing, DEFAULT_SPACING, SPACINGS)?;
+        let CommonConfig {
+            train,
+            prediction,
+            spacing,
+            steps_offset,
+        } = CommonConfig::read(
+            config,
+            NAME,
+            ZeroSnr::RescaleAndFloorLast,
+            PREDICTION_TYPES,
+            DEFAULT_SPACING,
+        )?;
         let algorithm = config.algorithm_type.as_deref();
         let algorithm =
             config.choice(NAME, "algorithm_type", algorithm, "dpmsolver++", ALGORITHMS)?;
@@ -164,7 +169,7 @@ impl DpmSolverMultistepScheduler {
             train,
             prediction,
             spacing,
-            steps_offset: config.steps_offset.unwrap_or(0),
+            steps_offset,
             solver_order,
             algorithm,
             solver_type,
@@ -261,24 +266,11 @@ impl DpmSolverMultistepScheduler {
     ) -> Result<Tensor, SchedulerError> {
         let point = Point::of_sigma(sigma);
         let (alpha, sigma_t) = (f64::from(point.alpha), f64::from(point.sigma));
-        let data = self.algorithm.is_data_prediction();
-        Ok(match (self.prediction, data) {
-            (PredictionType::Epsilon, true) => sample
-                .f_sub(&model_output.f_mul_scalar(sigma_t)?)?
-                .f_div_scalar(alpha)?,
-            (PredictionType::Sample, true) | (PredictionType::Epsilon, false) => {
-                model_output.shallow_clone()
-            }
-            (PredictionType::VPrediction, true) => sample
-                .f_mul_scalar(alpha)?
-                .f_sub(&model_output.f_mul_scalar(sigma_t)?)?,
-            (PredictionType::Sample, false) => sample
-                .f_sub(&model_output.f_mul_scalar(alpha)?)?
-                .f_div_scalar(sigma_t)?,
-            (PredictionType::VPrediction, false) => model_output
-                .f_mul_scalar(alpha)?
-                .f_add(&sample.f_mul_scalar(sigma_t)?)?,
-        })
+        if self.algorithm.is_data_prediction() {
+            predict_original(self.prediction, model_output, sample, alpha, sigma_t)
+        } else {
+            predict_epsilon(self.prediction, model_output, sample, alpha, sigma_t)
+        }
     }
 
     /// Coefficients of the first-order update from `s` to `t`.
@@ -461,12 +453,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
         check_steps(NAME, num_inference_steps, self.train.num_train_timesteps)?;
         let (timesteps, sigmas) = self.schedule(num_inference_steps)?;
-        let last = self.final_sigma.value(&self.train);
-        let sigmas: Vec<f32> = sigmas
-            .into_iter()
-            .chain(std::iter::once(last))
-            .map(|sigma| sigma as f32)
-            .collect();
+        let sigmas = with_final_sigma(sigmas, self.final_sigma.value(&self.train));
         self.timesteps = Tensor::from_slice(&timesteps).f_to_kind(Kind::Int64)?;
         self.sigmas = Tensor::from_slice(&sigmas);
         self.sigma_values = sigmas;

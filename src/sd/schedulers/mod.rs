@@ -22,6 +22,7 @@ pub mod euler;
 pub mod euler_ancestral;
 pub mod lms;
 pub mod pndm;
+mod sigma;
 
 pub use common::{PredictionType, TimestepSpacing};
 pub use config::SchedulerConfig;

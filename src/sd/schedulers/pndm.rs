@@ -2,8 +2,8 @@
 //! (the SD configs) the second timestep is repeated, so a run of N steps makes N+1 model calls;
 //! without it, 12 Runge-Kutta warm-up calls (PRK) come first.
 use super::common::{
-    PredictionType, SPACINGS, TimestepSpacing, TrainSchedule, ZeroSnr, check_steps, numpy_arange,
-    numpy_linspace,
+    CommonConfig, PredictionType, TimestepSpacing, TrainSchedule, ZeroSnr, check_steps,
+    numpy_arange, numpy_linspace, predict_epsilon,
 };
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
@@ -46,31 +46,26 @@ pub struct PndmScheduler {
 impl PndmScheduler {
     /// `PNDMScheduler.from_config(config)`.
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
-        let train = TrainSchedule::new(config, NAME, ZeroSnr::NotAnOption)?;
-        let pred = config.prediction_type.as_deref();
-        let prediction = config.choice(
-            NAME,
-            "prediction_type",
-            pred,
-            "epsilon",
-            PNDM_PREDICTION_TYPES,
-        )?;
-        let spacing = config.timestep_spacing.as_deref();
-        let spacing =
-            config.choice(NAME, "timestep_spacing", spacing, DEFAULT_SPACING, SPACINGS)?;
-        let set_alpha_to_one = config.set_alpha_to_one.unwrap_or(DEFAULT_SET_ALPHA_TO_ONE);
-        let final_alpha_cumprod = if set_alpha_to_one {
-            1.0
-        } else {
-            train.alpha_cumprod(0)
-        };
-        Ok(Self {
+        let CommonConfig {
             train,
             prediction,
             spacing,
-            steps_offset: config.steps_offset.unwrap_or(0),
+            steps_offset,
+        } = CommonConfig::read(
+            config,
+            NAME,
+            ZeroSnr::NotAnOption,
+            PNDM_PREDICTION_TYPES,
+            DEFAULT_SPACING,
+        )?;
+        let set_alpha_to_one = config.set_alpha_to_one.unwrap_or(DEFAULT_SET_ALPHA_TO_ONE);
+        Ok(Self {
+            final_alpha_cumprod: train.final_alpha_cumprod(set_alpha_to_one),
+            train,
+            prediction,
+            spacing,
+            steps_offset,
             skip_prk_steps: config.skip_prk_steps.unwrap_or(DEFAULT_SKIP_PRK_STEPS),
-            final_alpha_cumprod,
             step_ratio: 1,
             prk_len: 0,
             timestep_values: Vec::new(),
@@ -119,14 +114,6 @@ impl PndmScheduler {
             .collect()
     }
 
-    fn alpha_cumprod_or_final(&self, timestep: i64) -> f32 {
-        if timestep >= 0 {
-            self.train.alpha_cumprod(timestep)
-        } else {
-            self.final_alpha_cumprod
-        }
-    }
-
     /// diffusers `_get_prev_sample`: one PNDM transfer from `timestep` to `prev_timestep`.
     fn prev_sample(
         &self,
@@ -136,15 +123,19 @@ impl PndmScheduler {
         model_output: &Tensor,
     ) -> Result<Tensor, SchedulerError> {
         let alpha_prod_t = self.train.alpha_cumprod(timestep);
-        let alpha_prod_prev = self.alpha_cumprod_or_final(prev_timestep);
+        let alpha_prod_prev = self
+            .train
+            .alpha_cumprod_or_final(prev_timestep, self.final_alpha_cumprod);
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_prev = 1.0 - alpha_prod_prev;
-        let model_output = match self.prediction {
-            PredictionType::VPrediction => model_output
-                .f_mul_scalar(f64::from(alpha_prod_t.sqrt()))?
-                .f_add(&sample.f_mul_scalar(f64::from(beta_prod_t.sqrt()))?)?,
-            _ => model_output.shallow_clone(),
-        };
+        // PNDM works on epsilon (its prediction types are epsilon and v).
+        let model_output = predict_epsilon(
+            self.prediction,
+            model_output,
+            sample,
+            f64::from(alpha_prod_t.sqrt()),
+            f64::from(beta_prod_t.sqrt()),
+        )?;
         let sample_coeff = (alpha_prod_prev / alpha_prod_t).sqrt();
         let denominator = alpha_prod_t * beta_prod_prev.sqrt()
             + (alpha_prod_t * beta_prod_t * alpha_prod_prev).sqrt();
