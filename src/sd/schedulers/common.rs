@@ -382,34 +382,53 @@ pub(crate) fn numpy_interp(x: f64, table: &[f32]) -> f64 {
     slope * (x - j as f64) + f64::from(table[j])
 }
 
-/// Integer timesteps of DDPM/DDIM (`set_timesteps` without custom timesteps), descending.
+/// The inference timesteps for `timestep_spacing`, descending, before the scheduler's cast
+/// (only `linspace` yields fractions; the others are whole numbers).
+fn spaced_timesteps(
+    spacing: TimestepSpacing,
+    num_train_timesteps: usize,
+    num_inference_steps: usize,
+    steps_offset: i64,
+) -> Vec<f64> {
+    let train = num_train_timesteps as f64;
+    match spacing {
+        TimestepSpacing::Linspace => numpy_linspace(0.0, train - 1.0, num_inference_steps)
+            .into_iter()
+            .rev()
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = (num_train_timesteps / num_inference_steps) as i64;
+            (0..num_inference_steps as i64)
+                .rev()
+                .map(|i| (i * ratio + steps_offset) as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            numpy_arange(train, 0.0, -(train / num_inference_steps as f64))
+                .into_iter()
+                .map(|t| t.round_ties_even() - 1.0)
+                .collect()
+        }
+    }
+}
+
+/// Integer timesteps of DDPM/DDIM/PNDM (`set_timesteps` without custom timesteps), descending;
+/// linspace rounds half to even like numpy.
 pub(crate) fn integer_timesteps(
     spacing: TimestepSpacing,
     num_train_timesteps: usize,
     num_inference_steps: usize,
     steps_offset: i64,
 ) -> Vec<i64> {
-    let train = num_train_timesteps as f64;
-    match spacing {
-        TimestepSpacing::Linspace => numpy_linspace(0.0, train - 1.0, num_inference_steps)
-            .into_iter()
-            .rev()
-            .map(|t| t.round_ties_even() as i64)
-            .collect(),
-        TimestepSpacing::Leading => {
-            let ratio = (num_train_timesteps / num_inference_steps) as i64;
-            (0..num_inference_steps as i64)
-                .rev()
-                .map(|i| i * ratio + steps_offset)
-                .collect()
-        }
-        TimestepSpacing::Trailing => {
-            numpy_arange(train, 0.0, -(train / num_inference_steps as f64))
-                .into_iter()
-                .map(|t| t.round_ties_even() as i64 - 1)
-                .collect()
-        }
-    }
+    spaced_timesteps(
+        spacing,
+        num_train_timesteps,
+        num_inference_steps,
+        steps_offset,
+    )
+    .into_iter()
+    .map(|t| t.round_ties_even() as i64)
+    .collect()
 }
 
 /// Float timesteps of LMS/Euler/EulerAncestral (numpy float32), descending.
@@ -419,27 +438,15 @@ pub(crate) fn float_timesteps(
     num_inference_steps: usize,
     steps_offset: i64,
 ) -> Vec<f32> {
-    let train = num_train_timesteps as f64;
-    match spacing {
-        TimestepSpacing::Linspace => numpy_linspace(0.0, train - 1.0, num_inference_steps)
-            .into_iter()
-            .rev()
-            .map(|t| t as f32)
-            .collect(),
-        TimestepSpacing::Leading => {
-            let ratio = num_train_timesteps / num_inference_steps;
-            (0..num_inference_steps)
-                .rev()
-                .map(|i| (i * ratio) as f32 + steps_offset as f32)
-                .collect()
-        }
-        TimestepSpacing::Trailing => {
-            numpy_arange(train, 0.0, -(train / num_inference_steps as f64))
-                .into_iter()
-                .map(|t| t.round_ties_even() as f32 - 1.0)
-                .collect()
-        }
-    }
+    spaced_timesteps(
+        spacing,
+        num_train_timesteps,
+        num_inference_steps,
+        steps_offset,
+    )
+    .into_iter()
+    .map(|t| t as f32)
+    .collect()
 }
 
 /// diffusers' `_convert_to_karras` exponent (rho = 7, "the value used in the paper").

@@ -3,7 +3,7 @@
 //! without it, 12 Runge-Kutta warm-up calls (PRK) come first.
 use super::common::{
     CommonConfig, PredictionType, TimestepSpacing, TrainSchedule, ZeroSnr, check_steps,
-    numpy_arange, numpy_linspace, predict_epsilon,
+    integer_timesteps, predict_epsilon,
 };
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
@@ -79,23 +79,10 @@ impl PndmScheduler {
     /// PNDM's `_timesteps`: the inference timesteps in ASCENDING order.
     fn ascending_timesteps(&self, num_inference_steps: usize) -> Vec<i64> {
         let n = self.train.num_train_timesteps;
-        let train = n as f64;
-        match self.spacing {
-            TimestepSpacing::Linspace => numpy_linspace(0.0, train - 1.0, num_inference_steps)
-                .into_iter()
-                .map(|t| t.round_ties_even() as i64)
-                .collect(),
-            TimestepSpacing::Leading => (0..num_inference_steps as i64)
-                .map(|i| i * (n / num_inference_steps) as i64 + self.steps_offset)
-                .collect(),
-            TimestepSpacing::Trailing => {
-                numpy_arange(train, 0.0, -(train / num_inference_steps as f64))
-                    .into_iter()
-                    .rev()
-                    .map(|t| t.round_ties_even() as i64 - 1)
-                    .collect()
-            }
-        }
+        let mut timesteps =
+            integer_timesteps(self.spacing, n, num_inference_steps, self.steps_offset);
+        timesteps.reverse();
+        timesteps
     }
 
     /// PRK timesteps (descending; each of the last 4 timesteps and its half-step, repeated).
@@ -284,14 +271,6 @@ impl Scheduler for PndmScheduler {
 
     fn timesteps(&self) -> &Tensor {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _: usize) -> Result<Tensor, SchedulerError> {
-        Ok(sample.shallow_clone())
     }
 
     fn step(
