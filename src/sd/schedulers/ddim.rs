@@ -1,7 +1,7 @@
 //! DDIM (diffusers `DDIMScheduler`), deterministic (eta = 0, as the SD pipelines call it).
 use super::common::{
-    CommonConfig, PREDICTION_TYPES, PredictionType, TimestepSpacing, TrainSchedule, ZeroSnr,
-    check_steps, clip_range, clip_sample, integer_timesteps, predict_epsilon, predict_original,
+    CommonConfig, PREDICTION_TYPES, ZeroSnr, check_steps, clip_range, clip_sample,
+    integer_timesteps, predict_epsilon, predict_original,
 };
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
@@ -13,10 +13,7 @@ const DEFAULT_SPACING: &str = "leading";
 
 /// diffusers `DDIMScheduler` with eta = 0.
 pub struct DdimScheduler {
-    train: TrainSchedule,
-    prediction: PredictionType,
-    spacing: TimestepSpacing,
-    steps_offset: i64,
+    common: CommonConfig,
     clip_range: Option<f64>,
     /// alphas_cumprod "before" timestep 0: 1.0 or alphas_cumprod[0] (`set_alpha_to_one`).
     final_alpha_cumprod: f32,
@@ -30,12 +27,7 @@ impl DdimScheduler {
     /// `DDIMScheduler.from_config(config)`.
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
         config.reject_true(NAME, &[("thresholding", config.thresholding)])?;
-        let CommonConfig {
-            train,
-            prediction,
-            spacing,
-            steps_offset,
-        } = CommonConfig::read(
+        let common = CommonConfig::read(
             config,
             NAME,
             ZeroSnr::RescaleBetas,
@@ -44,11 +36,8 @@ impl DdimScheduler {
         )?;
         let set_alpha_to_one = config.set_alpha_to_one.unwrap_or(DEFAULT_SET_ALPHA_TO_ONE);
         Ok(Self {
-            final_alpha_cumprod: train.final_alpha_cumprod(set_alpha_to_one),
-            train,
-            prediction,
-            spacing,
-            steps_offset,
+            final_alpha_cumprod: common.train.final_alpha_cumprod(set_alpha_to_one),
+            common,
             clip_range: clip_range(config),
             step_ratio: 1,
             timestep_values: Vec::new(),
@@ -63,11 +52,15 @@ impl Scheduler for DdimScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
-        let n = self.train.num_train_timesteps;
+        let n = self.common.train.num_train_timesteps;
         check_steps(NAME, num_inference_steps, n)?;
         self.step_ratio = (n / num_inference_steps) as i64;
-        self.timestep_values =
-            integer_timesteps(self.spacing, n, num_inference_steps, self.steps_offset);
+        self.timestep_values = integer_timesteps(
+            self.common.spacing,
+            n,
+            num_inference_steps,
+            self.common.steps_offset,
+        );
         self.timesteps = Tensor::from_slice(&self.timestep_values);
         Ok(())
     }
@@ -83,15 +76,18 @@ impl Scheduler for DdimScheduler {
         sample: &Tensor,
     ) -> Result<StepOutput, SchedulerError> {
         let t = at(&self.timestep_values, step_index, NAME)?;
-        let alpha_prod_t = self.train.alpha_cumprod(t);
+        let alpha_prod_t = self.common.train.alpha_cumprod(t);
         let alpha_prod_prev = self
+            .common
             .train
             .alpha_cumprod_or_final(t - self.step_ratio, self.final_alpha_cumprod);
         let beta_prod_t = 1.0 - alpha_prod_t;
         let (sqrt_alpha, sqrt_beta) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
         let (alpha, sigma) = (f64::from(sqrt_alpha), f64::from(sqrt_beta));
-        let pred_original = predict_original(self.prediction, model_output, sample, alpha, sigma)?;
-        let pred_epsilon = predict_epsilon(self.prediction, model_output, sample, alpha, sigma)?;
+        let pred_original =
+            predict_original(self.common.prediction, model_output, sample, alpha, sigma)?;
+        let pred_epsilon =
+            predict_epsilon(self.common.prediction, model_output, sample, alpha, sigma)?;
         let pred_original = clip_sample(pred_original, self.clip_range)?;
         // eta = 0: std_dev_t = 0, so the direction coefficient is sqrt(1 - alpha_prod_prev).
         let direction_coeff = (1.0 - alpha_prod_prev - 0.0f32).sqrt();

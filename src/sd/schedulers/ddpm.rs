@@ -1,8 +1,8 @@
 //! DDPM (diffusers `DDPMScheduler`): ancestral sampling with fixed variances, plus the
 //! training-time helpers `add_noise` (forward diffusion) and `get_velocity` (v-prediction target).
 use super::common::{
-    CommonConfig, PREDICTION_TYPES, PredictionType, TimestepSpacing, TrainSchedule, ZeroSnr,
-    check_steps, clip_range, clip_sample, cpu_noise_like, integer_timesteps, predict_original,
+    CommonConfig, PREDICTION_TYPES, ZeroSnr, check_steps, clip_range, clip_sample, cpu_noise_like,
+    integer_timesteps, predict_original,
 };
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
@@ -30,10 +30,7 @@ const VARIANCE_TYPES: &[(&str, VarianceType)] = &[
 
 /// diffusers `DDPMScheduler`.
 pub struct DdpmScheduler {
-    train: TrainSchedule,
-    prediction: PredictionType,
-    spacing: TimestepSpacing,
-    steps_offset: i64,
+    common: CommonConfig,
     clip_range: Option<f64>,
     variance: VarianceType,
     timestep_values: Vec<i64>,
@@ -45,12 +42,7 @@ impl DdpmScheduler {
     /// `set_timesteps`).
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
         config.reject_true(NAME, &[("thresholding", config.thresholding)])?;
-        let CommonConfig {
-            train,
-            prediction,
-            spacing,
-            steps_offset,
-        } = CommonConfig::read(
+        let common = CommonConfig::read(
             config,
             NAME,
             ZeroSnr::RescaleBetas,
@@ -65,14 +57,12 @@ impl DdpmScheduler {
             DEFAULT_VARIANCE_TYPE,
             VARIANCE_TYPES,
         )?;
-        let timestep_values: Vec<i64> = (0..train.num_train_timesteps as i64).rev().collect();
+        let timestep_values: Vec<i64> =
+            (0..common.train.num_train_timesteps as i64).rev().collect();
         Ok(Self {
             timesteps: Tensor::from_slice(&timestep_values),
             timestep_values,
-            train,
-            prediction,
-            spacing,
-            steps_offset,
+            common,
             clip_range: clip_range(config),
             variance,
         })
@@ -80,17 +70,17 @@ impl DdpmScheduler {
 
     /// The training betas (float32, length num_train_timesteps).
     pub fn betas(&self) -> &Tensor {
-        &self.train.betas
+        &self.common.train.betas
     }
 
     /// Cumulative products of (1 - beta) (float32, length num_train_timesteps).
     pub fn alphas_cumprod(&self) -> &Tensor {
-        &self.train.alphas_cumprod
+        &self.common.train.alphas_cumprod
     }
 
     /// Number of training timesteps (valid timesteps are `0..n`).
     pub fn num_train_timesteps(&self) -> usize {
-        self.train.num_train_timesteps
+        self.common.train.num_train_timesteps
     }
 
     /// Forward diffusion: `sqrt(acp[t]) * original + sqrt(1 - acp[t]) * noise`, one timestep
@@ -127,6 +117,7 @@ impl DdpmScheduler {
         timesteps: &Tensor,
     ) -> Result<(Tensor, Tensor), SchedulerError> {
         let alphas = self
+            .common
             .train
             .alphas_cumprod
             .f_to_device(like.device())?
@@ -143,7 +134,7 @@ impl DdpmScheduler {
     /// alphas_cumprod at the step after `step_index` (1.0 after the last step).
     fn previous_alpha_cumprod(&self, step_index: usize) -> f32 {
         match self.timestep_values.get(step_index + 1) {
-            Some(&prev) if prev >= 0 => self.train.alpha_cumprod(prev),
+            Some(&prev) if prev >= 0 => self.common.train.alpha_cumprod(prev),
             _ => 1.0,
         }
     }
@@ -167,10 +158,18 @@ impl Scheduler for DdpmScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
-        check_steps(NAME, num_inference_steps, self.train.num_train_timesteps)?;
-        let n = self.train.num_train_timesteps;
-        self.timestep_values =
-            integer_timesteps(self.spacing, n, num_inference_steps, self.steps_offset);
+        check_steps(
+            NAME,
+            num_inference_steps,
+            self.common.train.num_train_timesteps,
+        )?;
+        let n = self.common.train.num_train_timesteps;
+        self.timestep_values = integer_timesteps(
+            self.common.spacing,
+            n,
+            num_inference_steps,
+            self.common.steps_offset,
+        );
         self.timesteps = Tensor::from_slice(&self.timestep_values);
         Ok(())
     }
@@ -186,7 +185,7 @@ impl Scheduler for DdpmScheduler {
         sample: &Tensor,
     ) -> Result<StepOutput, SchedulerError> {
         let t = at(&self.timestep_values, step_index, NAME)?;
-        let alpha_prod_t = self.train.alpha_cumprod(t);
+        let alpha_prod_t = self.common.train.alpha_cumprod(t);
         let alpha_prod_prev = self.previous_alpha_cumprod(step_index);
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_prev = 1.0 - alpha_prod_prev;
@@ -194,7 +193,7 @@ impl Scheduler for DdpmScheduler {
         let current_beta = 1.0 - current_alpha;
         let (alpha, sigma) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
         let pred_original = predict_original(
-            self.prediction,
+            self.common.prediction,
             model_output,
             sample,
             f64::from(alpha),

@@ -2,8 +2,7 @@
 //! (the SD configs) the second timestep is repeated, so a run of N steps makes N+1 model calls;
 //! without it, 12 Runge-Kutta warm-up calls (PRK) come first.
 use super::common::{
-    CommonConfig, PredictionType, TimestepSpacing, TrainSchedule, ZeroSnr, check_steps,
-    integer_timesteps, predict_epsilon,
+    CommonConfig, PredictionType, ZeroSnr, check_steps, integer_timesteps, predict_epsilon,
 };
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
@@ -25,10 +24,7 @@ const PNDM_PREDICTION_TYPES: &[(&str, PredictionType)] = &[
 
 /// diffusers `PNDMScheduler`.
 pub struct PndmScheduler {
-    train: TrainSchedule,
-    prediction: PredictionType,
-    spacing: TimestepSpacing,
-    steps_offset: i64,
+    common: CommonConfig,
     skip_prk_steps: bool,
     final_alpha_cumprod: f32,
     /// `num_train_timesteps // num_inference_steps`.
@@ -46,12 +42,7 @@ pub struct PndmScheduler {
 impl PndmScheduler {
     /// `PNDMScheduler.from_config(config)`.
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
-        let CommonConfig {
-            train,
-            prediction,
-            spacing,
-            steps_offset,
-        } = CommonConfig::read(
+        let common = CommonConfig::read(
             config,
             NAME,
             ZeroSnr::NotAnOption,
@@ -60,11 +51,8 @@ impl PndmScheduler {
         )?;
         let set_alpha_to_one = config.set_alpha_to_one.unwrap_or(DEFAULT_SET_ALPHA_TO_ONE);
         Ok(Self {
-            final_alpha_cumprod: train.final_alpha_cumprod(set_alpha_to_one),
-            train,
-            prediction,
-            spacing,
-            steps_offset,
+            final_alpha_cumprod: common.train.final_alpha_cumprod(set_alpha_to_one),
+            common,
             skip_prk_steps: config.skip_prk_steps.unwrap_or(DEFAULT_SKIP_PRK_STEPS),
             step_ratio: 1,
             prk_len: 0,
@@ -78,9 +66,13 @@ impl PndmScheduler {
 
     /// PNDM's `_timesteps`: the inference timesteps in ASCENDING order.
     fn ascending_timesteps(&self, num_inference_steps: usize) -> Vec<i64> {
-        let n = self.train.num_train_timesteps;
-        let mut timesteps =
-            integer_timesteps(self.spacing, n, num_inference_steps, self.steps_offset);
+        let n = self.common.train.num_train_timesteps;
+        let mut timesteps = integer_timesteps(
+            self.common.spacing,
+            n,
+            num_inference_steps,
+            self.common.steps_offset,
+        );
         timesteps.reverse();
         timesteps
     }
@@ -109,15 +101,16 @@ impl PndmScheduler {
         prev_timestep: i64,
         model_output: &Tensor,
     ) -> Result<Tensor, SchedulerError> {
-        let alpha_prod_t = self.train.alpha_cumprod(timestep);
+        let alpha_prod_t = self.common.train.alpha_cumprod(timestep);
         let alpha_prod_prev = self
+            .common
             .train
             .alpha_cumprod_or_final(prev_timestep, self.final_alpha_cumprod);
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_prev = 1.0 - alpha_prod_prev;
         // PNDM works on epsilon (its prediction types are epsilon and v).
         let model_output = predict_epsilon(
-            self.prediction,
+            self.common.prediction,
             model_output,
             sample,
             f64::from(alpha_prod_t.sqrt()),
@@ -232,7 +225,7 @@ impl Scheduler for PndmScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
-        let n = self.train.num_train_timesteps;
+        let n = self.common.train.num_train_timesteps;
         check_steps(NAME, num_inference_steps, n)?;
         if !self.skip_prk_steps && num_inference_steps < PNDM_ORDER {
             // diffusers fails here too (its PRK schedule needs the last 4 timesteps).
