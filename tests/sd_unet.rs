@@ -134,13 +134,7 @@ fn parameter_count(vs: &VarStore) -> i64 {
 
 /// Copies the tiny unet folder to a temp dir, letting `edit` change config text / tensors.
 fn copied_unet(edit_config: impl Fn(&str) -> String) -> tempfile::TempDir {
-    let source = repo_path("models/tiny-sd/unet");
-    let dir = tempfile::tempdir().unwrap();
-    let config = std::fs::read_to_string(source.join("config.json")).unwrap();
-    std::fs::write(dir.path().join("config.json"), edit_config(&config)).unwrap();
-    let weights = "diffusion_pytorch_model.safetensors";
-    std::fs::copy(source.join(weights), dir.path().join(weights)).unwrap();
-    dir
+    sd_support::copied_component("models/tiny-sd/unet", edit_config)
 }
 
 #[test]

@@ -80,13 +80,7 @@ fn logvar_is_clamped_like_diffusers() {
 
 /// Copies the tiny vae folder to a temp dir with an edited config.
 fn copied_vae(edit_config: impl Fn(&str) -> String) -> tempfile::TempDir {
-    let source = repo_path("models/tiny-sd/vae");
-    let dir = tempfile::tempdir().unwrap();
-    let config = std::fs::read_to_string(source.join("config.json")).unwrap();
-    std::fs::write(dir.path().join("config.json"), edit_config(&config)).unwrap();
-    let weights = "diffusion_pytorch_model.safetensors";
-    std::fs::copy(source.join(weights), dir.path().join(weights)).unwrap();
-    dir
+    sd_support::copied_component("models/tiny-sd/vae", edit_config)
 }
 
 #[test]

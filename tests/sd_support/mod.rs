@@ -32,3 +32,15 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, r
         "{name}: max |difference| {max_difference:e} exceeds atol {atol} + rtol {rtol}"
     );
 }
+
+/// Copies the model component folder at `relative` (`config.json` and
+/// `diffusion_pytorch_model.safetensors`) to a temp dir, passing the config text through `edit`.
+pub fn copied_component(relative: &str, edit_config: impl Fn(&str) -> String) -> tempfile::TempDir {
+    let source = repo_path(relative);
+    let dir = tempfile::tempdir().unwrap();
+    let config = std::fs::read_to_string(source.join("config.json")).unwrap();
+    std::fs::write(dir.path().join("config.json"), edit_config(&config)).unwrap();
+    let weights = "diffusion_pytorch_model.safetensors";
+    std::fs::copy(source.join(weights), dir.path().join(weights)).unwrap();
+    dir
+}
