@@ -191,6 +191,22 @@ impl CommonConfig {
             steps_offset: config.steps_offset.unwrap_or(DEFAULT_STEPS_OFFSET),
         })
     }
+
+    /// DDPM/DDIM `set_timesteps`: checks the step count, then the integer timesteps, descending.
+    pub fn checked_integer_timesteps(
+        &self,
+        scheduler: &'static str,
+        num_inference_steps: usize,
+    ) -> Result<Vec<i64>, SchedulerError> {
+        let n = self.train.num_train_timesteps;
+        check_steps(scheduler, num_inference_steps, n)?;
+        Ok(integer_timesteps(
+            self.spacing,
+            n,
+            num_inference_steps,
+            self.steps_offset,
+        ))
+    }
 }
 
 /// DDPM/DDIM's `clip_sample` / `clip_sample_range`: the x0 clamp range, `None` when off.

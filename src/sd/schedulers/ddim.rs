@@ -1,7 +1,7 @@
 //! DDIM (diffusers `DDIMScheduler`), deterministic (eta = 0, as the SD pipelines call it).
 use super::common::{
-    CommonConfig, PREDICTION_TYPES, ZeroSnr, check_steps, clip_range, clip_sample,
-    integer_timesteps, predict_epsilon, predict_original,
+    CommonConfig, PREDICTION_TYPES, ZeroSnr, clip_range, clip_sample, predict_epsilon,
+    predict_original,
 };
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
@@ -52,15 +52,11 @@ impl Scheduler for DdimScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
+        self.timestep_values = self
+            .common
+            .checked_integer_timesteps(NAME, num_inference_steps)?;
         let n = self.common.train.num_train_timesteps;
-        check_steps(NAME, num_inference_steps, n)?;
         self.step_ratio = (n / num_inference_steps) as i64;
-        self.timestep_values = integer_timesteps(
-            self.common.spacing,
-            n,
-            num_inference_steps,
-            self.common.steps_offset,
-        );
         self.timesteps = Tensor::from_slice(&self.timestep_values);
         Ok(())
     }

@@ -1,8 +1,8 @@
 //! DDPM (diffusers `DDPMScheduler`): ancestral sampling with fixed variances, plus the
 //! training-time helpers `add_noise` (forward diffusion) and `get_velocity` (v-prediction target).
 use super::common::{
-    CommonConfig, PREDICTION_TYPES, ZeroSnr, check_steps, clip_range, clip_sample, cpu_noise_like,
-    integer_timesteps, predict_original,
+    CommonConfig, PREDICTION_TYPES, ZeroSnr, clip_range, clip_sample, cpu_noise_like,
+    predict_original,
 };
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
@@ -158,18 +158,9 @@ impl Scheduler for DdpmScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
-        check_steps(
-            NAME,
-            num_inference_steps,
-            self.common.train.num_train_timesteps,
-        )?;
-        let n = self.common.train.num_train_timesteps;
-        self.timestep_values = integer_timesteps(
-            self.common.spacing,
-            n,
-            num_inference_steps,
-            self.common.steps_offset,
-        );
+        self.timestep_values = self
+            .common
+            .checked_integer_timesteps(NAME, num_inference_steps)?;
         self.timesteps = Tensor::from_slice(&self.timestep_values);
         Ok(())
     }
