@@ -5,7 +5,9 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bench;
 mod doctor;
+mod model;
 
 /// Global options every verb sees.
 #[derive(Debug, Parser)]
@@ -29,6 +31,11 @@ pub struct Cli {
 pub enum Command {
     /// Print libtorch's version and location, CUDA availability and devices, the cache root.
     Doctor,
+    /// Model-folder utilities (`model init`: random-weight folders in a known architecture).
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    #[command(subcommand, hide = true)]
+    Bench(bench::BenchCommand),
 }
 
 /// Everything a verb needs from the global flags, resolved once.
@@ -52,5 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     match cli.command {
         Command::Doctor => doctor::run(&context),
+        Command::Model(command) => model::run(command, &context),
+        Command::Bench(command) => bench::run(command, &context),
     }
 }
