@@ -5,8 +5,10 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bench;
 mod doctor;
 pub mod sample;
+mod model;
 
 /// Global options every verb sees.
 #[derive(Debug, Parser)]
@@ -32,6 +34,11 @@ pub enum Command {
     Doctor,
     /// Generate images from a prompt (txt2img) with a diffusers model folder.
     Sample(sample::SampleArgs),
+    /// Model-folder utilities (`model init`: random-weight folders in a known architecture).
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    #[command(subcommand, hide = true)]
+    Bench(bench::BenchCommand),
 }
 
 /// Everything a verb needs from the global flags, resolved once.
@@ -56,5 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Doctor => doctor::run(&context),
         Command::Sample(args) => sample::run(&context, &args),
+        Command::Model(command) => model::run(command, &context),
+        Command::Bench(command) => bench::run(command, &context),
     }
 }

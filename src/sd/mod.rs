@@ -1,6 +1,7 @@
 //! Stable Diffusion on libtorch, matching Hugging Face diffusers numerically.
 pub mod clip;
 pub mod folder;
+pub mod init;
 pub mod layers;
 pub mod model_config;
 pub mod pipeline;

@@ -1,0 +1,87 @@
+//! `dreampipe bench ...` (hidden): micro-benchmarks. `bench unet` times the UNet forward of a
+//! model folder on latents of a given size, the way one classifier-free-guidance sampling step
+//! runs it (batch 2 = unconditional + conditional).
+use super::Context;
+use crate::sd::unet::UNet2DConditionModel;
+use anyhow::Context as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+use tch::{Kind, Tensor};
+
+/// Pixels per latent cell of the SD VAE (`2 ** (len(block_out_channels) - 1)` = 8).
+const VAE_SCALE_FACTOR: i64 = 8;
+/// Timestep the benchmark runs at (any value costs the same).
+const BENCH_TIMESTEP: i64 = 500;
+/// Length of CLIP-encoded prompts (`model_max_length`).
+const PROMPT_TOKENS: i64 = 77;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Time one UNet forward (mean and min seconds per step) on random inputs.
+    Unet(UnetArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UnetArgs {
+    /// A diffusers folder (its unet/ is loaded).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Image side in pixels; latents are size/8.
+    #[arg(long, default_value_t = 512)]
+    pub size: i64,
+    /// Batch of the UNet call (2 = one image with classifier-free guidance).
+    #[arg(long, default_value_t = 2)]
+    pub batch: i64,
+    /// Timed forwards (after the warm-up ones).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Untimed forwards first (allocator and kernel warm-up).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// CPU threads for libtorch (intra-op).
+    #[arg(long, default_value_t = 2)]
+    pub threads: i32,
+}
+
+pub fn run(command: BenchCommand, context: &Context) -> anyhow::Result<ExitCode> {
+    match command {
+        BenchCommand::Unet(args) => bench_unet(&args, context),
+    }
+}
+
+fn bench_unet(args: &UnetArgs, context: &Context) -> anyhow::Result<ExitCode> {
+    tch::set_num_threads(args.threads);
+    let device = context.device;
+    let unet_dir = args.model.join("unet");
+    let (_vs, unet) = UNet2DConditionModel::load(&unet_dir, device, Kind::Float, None)
+        .with_context(|| format!("loading the UNet of {}", args.model.display()))?;
+    let config = unet.config();
+    let side = args.size / VAE_SCALE_FACTOR;
+    let options = (Kind::Float, device);
+    let latents = Tensor::randn([args.batch, config.in_channels, side, side], options);
+    let context_states =
+        Tensor::randn([args.batch, PROMPT_TOKENS, config.cross_attention_dim], options);
+    let timestep = Tensor::from(BENCH_TIMESTEP).to_device(device);
+    let _guard = tch::no_grad_guard();
+    let step = || {
+        let started = Instant::now();
+        let output = unet.forward(&latents, &timestep, &context_states);
+        let _ = output.sum(Kind::Float).double_value(&[]);
+        started.elapsed().as_secs_f64()
+    };
+    for _ in 0..args.warmup {
+        step();
+    }
+    let times: Vec<f64> = (0..args.steps).map(|_| step()).collect();
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "unet forward: batch {} at {}x{} latents ({}x{} px), {:?}, {} threads",
+        args.batch, side, side, args.size, args.size, device, args.threads
+    );
+    let listed: Vec<String> = times.iter().map(|t| format!("{t:.2}")).collect();
+    println!("steps (s): {}", listed.join(" "));
+    println!("mean {mean:.3} s/step, min {min:.3} s/step");
+    Ok(ExitCode::SUCCESS)
+}
