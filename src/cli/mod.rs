@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod bench;
+mod bench_sd;
 mod doctor;
 pub mod sample;
 mod model;
