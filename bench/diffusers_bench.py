@@ -205,13 +205,11 @@ def dreambooth(args):
     trainer = DreamBoothTrainer(args)
     load_s = time.perf_counter() - started
     torch.manual_seed(0)
-    for _ in range(DREAMBOOTH_WARMUP_STEPS):
-        trainer.step()
+    losses = [trainer.step() for _ in range(DREAMBOOTH_WARMUP_STEPS)]
     step_times = []
-    loss = float("nan")
     for _ in range(args.steps):
         started = time.perf_counter()
-        loss = trainer.step()
+        losses.append(trainer.step())
         step_times.append(time.perf_counter() - started)
     record = {
         "bench": "dreambooth",
@@ -228,7 +226,7 @@ def dreambooth(args):
         "step_s": round(sum(step_times) / len(step_times), 4),
         "step_times_s": [round(t, 4) for t in step_times],
         "trainable_params": sum(p.numel() for p in trainer.params),
-        "loss": loss,
+        "losses": losses,
         "peak_rss_mib": round(peak_rss_mib(), 4),
     }
     if args.device.startswith("cuda"):

@@ -76,14 +76,14 @@ pub fn run(bench: &DreamBoothBench) -> Result<Value, BenchError> {
     let mut trainer = Trainer::load(bench)?;
     let load_s = seconds_since(started);
     tch::manual_seed(0);
+    let mut losses = Vec::with_capacity(WARMUP_STEPS + bench.steps);
     for _ in 0..WARMUP_STEPS {
-        trainer.step()?;
+        losses.push(trainer.step()?);
     }
     let mut step_times = Vec::with_capacity(bench.steps);
-    let mut last_loss = f64::NAN;
     for _ in 0..bench.steps {
         let started = Instant::now();
-        last_loss = trainer.step()?;
+        losses.push(trainer.step()?);
         step_times.push(seconds_since(started));
     }
     let step_s = mean(&step_times);
@@ -102,7 +102,7 @@ pub fn run(bench: &DreamBoothBench) -> Result<Value, BenchError> {
         "step_s": round4(step_s),
         "step_times_s": step_times.iter().map(|t| round4(*t)).collect::<Vec<_>>(),
         "trainable_params": trainer.trainable.iter().map(|t| t.numel() as i64).sum::<i64>(),
-        "loss": last_loss,
+        "losses": losses,
         "peak_rss_mib": round4(peak_rss_mib()),
     }))
 }
