@@ -3,7 +3,7 @@
 one JSON line per run (the same fields, "impl": "diffusers").
 
   txt2img     StableDiffusionPipeline with DDIMScheduler, classifier-free guidance (7.5):
-              one untimed 2-step warm-up generation, then one timed generation; the UNet step
+              one untimed warm-up generation (--warmup-steps, default 2), then one timed one; the UNet step
               rate comes from the callback_on_step_end timestamps of steps 2..N, the end-to-end
               time covers prompt encoding, the UNet loop and the VAE decode.
   dreambooth  one optimizer step of examples/dreambooth/train_dreambooth.py's loop (batch 1,
@@ -34,7 +34,6 @@ MAX_GRAD_NORM = 1.0
 # The prompt and guidance of the txt2img run (dreampipe: src/bench/txt2img.rs).
 BENCH_PROMPT = "a photo of an astronaut riding a horse on mars"
 BENCH_GUIDANCE = 7.5
-TXT2IMG_WARMUP_STEPS = 2
 DREAMBOOTH_WARMUP_STEPS = 1
 
 
@@ -99,7 +98,8 @@ def txt2img(args):
         ).images
 
     with torch.inference_mode():
-        generate(TXT2IMG_WARMUP_STEPS)
+        if args.warmup_steps > 0:
+            generate(args.warmup_steps)
         step_ends = []
 
         def on_step_end(_pipe, _index, _timestep, kwargs):
@@ -123,6 +123,7 @@ def txt2img(args):
         "size": size,
         "batch": args.batch,
         "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
         "threads": args.threads,
         "load_s": round(load_s, 4),
         "unet_step_s": round(step_s, 4),
@@ -273,6 +274,7 @@ def parse_args(argv):
     sample.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     sample.add_argument("--batch", type=int, default=1)
     sample.add_argument("--steps", type=int, default=10, help="DDIM steps of the timed run (>= 2)")
+    sample.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up run (0: none)")
     sample.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32")
 
     train = verbs.add_parser("dreambooth")

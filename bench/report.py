@@ -59,7 +59,7 @@ def txt2img_table(records):
     if not pairs:
         return []
     lines = [
-        "### txt2img (DDIM, CFG 7.5; one generation after a 2-step warm-up)",
+        "### txt2img (DDIM, CFG 7.5; one timed generation after an untimed warm-up generation)",
         "",
         "| model | device | dtype | size | batch | steps | UNet s/step dreampipe | diffusers | ratio "
         "| UNet steps/s dreampipe | diffusers | e2e s/image dreampipe | diffusers | ratio "

@@ -15,15 +15,17 @@
 #      each so peak memory is per case) and appends the JSON lines to bench/out/results.jsonl.
 #   5. bench/report.py turns them into the table (ratios dreampipe / diffusers).
 #
-# Environment knobs: BENCH_THREADS (default 2: intra-op threads on both sides), BENCH_MODELS,
+# Environment knobs: BENCH_THREADS (intra-op threads on both sides; default 1: on a shared or
+# busy machine two OpenMP threads wait on each other at every op and the times swing by 5-10x,
+# one thread gives stable ratios; use BENCH_THREADS=$(nproc) on an idle machine), BENCH_MODELS,
 # BENCH_OUT, BENCH_ONLY (space-separated case names to run, e.g. "tiny-txt2img"; default all:
 # tiny-txt2img sd15-txt2img tiny-dreambooth sd15half-dreambooth runner), PYTHON (for the venv).
-# The whole default run takes about 10 minutes on a 2-core machine once the venv, the build
-# and the models exist.
+# Once the venv, the build and the models exist, the cases take about 10 minutes on an idle
+# 2-core machine with BENCH_THREADS=2 (longer with 1 thread or a busy machine).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-THREADS=${BENCH_THREADS:-2}
+THREADS=${BENCH_THREADS:-1}
 MODELS=${BENCH_MODELS:-$ROOT/bench/.models}
 OUT=${BENCH_OUT:-$ROOT/bench/out}
 VENV=$ROOT/bench/.venv
@@ -132,7 +134,7 @@ main() {
     fi
     if wanted sd15-txt2img; then
         for batch in 1 4; do
-            both txt2img --model "$SD15" --label sd15 --size 256 --batch "$batch" --steps 3
+            both txt2img --model "$SD15" --label sd15 --size 256 --batch "$batch" --steps 3 --warmup-steps 1
         done
     fi
     if wanted tiny-dreambooth; then

@@ -1,6 +1,6 @@
 //! txt2img timing: the same work as `diffusers_bench.py txt2img` (DDIM, classifier-free
-//! guidance, text encoding + UNet loop + VAE decode). One untimed warm-up generation first,
-//! then one timed generation whose per-step callback times give the UNet step rate.
+//! guidance, text encoding + UNet loop + VAE decode). One untimed warm-up generation of
+//! `warmup_steps` steps, then one timed generation whose per-step callback times give the UNet step rate.
 use super::{BenchError, mean, peak_rss_mib, round4, seconds_since};
 use crate::sd::pipeline::{StableDiffusion, Txt2Img};
 use crate::sd::schedulers::SchedulerKind;
@@ -13,8 +13,8 @@ use tch::{Device, Kind};
 pub const BENCH_PROMPT: &str = "a photo of an astronaut riding a horse on mars";
 /// diffusers' default guidance scale (classifier-free guidance on).
 pub const BENCH_GUIDANCE: f64 = 7.5;
-/// Scheduler steps of the warm-up generation (enough to touch every kernel once).
-pub const WARMUP_STEPS: usize = 2;
+/// Default scheduler steps of the warm-up generation (enough to touch every kernel twice).
+pub const DEFAULT_WARMUP_STEPS: usize = 2;
 
 /// What to time.
 #[derive(Debug, Clone)]
@@ -28,6 +28,8 @@ pub struct Txt2ImgBench {
     /// Scheduler steps of the timed generation (at least 2: the first step carries the text
     /// encoding, so the step rate is taken from steps 2..N).
     pub steps: usize,
+    /// Scheduler steps of the untimed warm-up generation (0: none).
+    pub warmup_steps: usize,
     pub threads: i32,
     pub device: Device,
     pub kind: Kind,
@@ -50,14 +52,16 @@ pub fn run(bench: &Txt2ImgBench) -> Result<Value, BenchError> {
         prompt: BENCH_PROMPT.to_string(),
         negative_prompt: String::new(),
         seed: 0,
-        steps: WARMUP_STEPS,
+        steps: bench.warmup_steps,
         guidance: BENCH_GUIDANCE,
         scheduler: Some(SchedulerKind::Ddim),
         width: Some(size),
         height: Some(size),
         batch: bench.batch,
     };
-    model.txt2img(&request, &mut |_, _, _| {})?;
+    if bench.warmup_steps > 0 {
+        model.txt2img(&request, &mut |_, _, _| {})?;
+    }
     request.steps = bench.steps;
     let mut step_ends = Vec::with_capacity(bench.steps);
     let started = Instant::now();
@@ -81,6 +85,7 @@ pub fn run(bench: &Txt2ImgBench) -> Result<Value, BenchError> {
         "size": size,
         "batch": bench.batch,
         "steps": bench.steps,
+        "warmup_steps": bench.warmup_steps,
         "threads": bench.threads,
         "load_s": round4(load_s),
         "unet_step_s": round4(step_s),

@@ -23,6 +23,9 @@ pub struct Txt2ImgArgs {
     /// DDIM steps of the timed generation (≥ 2).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// DDIM steps of the untimed warm-up generation (0: none).
+    #[arg(long, default_value_t = crate::bench::txt2img::DEFAULT_WARMUP_STEPS)]
+    pub warmup_steps: usize,
     /// libtorch intra-op threads.
     #[arg(long, default_value_t = 2)]
     pub threads: i32,
@@ -60,6 +63,7 @@ pub fn run_txt2img(context: &Context, args: &Txt2ImgArgs) -> anyhow::Result<Exit
         size: args.size,
         batch: args.batch,
         steps: args.steps,
+        warmup_steps: args.warmup_steps,
         threads: args.threads,
         device: context.device,
         kind: args.dtype.kind(),
