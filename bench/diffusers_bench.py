@@ -104,15 +104,17 @@ def txt2img(args):
 
         def on_step_end(_pipe, _index, _timestep, kwargs):
             synchronize(args.device)
-            step_ends.append(time.perf_counter())
+            step_ends.append((time.perf_counter(), time.process_time()))
             return kwargs
 
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         images = generate(args.steps, on_step_end)
         synchronize(args.device)
         total_s = time.perf_counter() - started
+        total_cpu_s = time.process_time() - started_cpu
     assert images.shape[0] == args.batch
-    intervals = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    intervals = [b[0] - a[0] for a, b in zip(step_ends, step_ends[1:])]
+    cpu_intervals = [b[1] - a[1] for a, b in zip(step_ends, step_ends[1:])]
     step_s = sum(intervals) / len(intervals)
     return {
         "bench": "txt2img",
@@ -128,6 +130,10 @@ def txt2img(args):
         "load_s": round(load_s, 4),
         "unet_step_s": round(step_s, 4),
         "unet_steps_per_s": round(1.0 / step_s, 4),
+        "unet_step_min_s": round(min(intervals), 4),
+        "unet_step_times_s": [round(t, 4) for t in intervals],
+        "unet_step_cpu_s": round(sum(cpu_intervals) / len(cpu_intervals), 4),
+        "e2e_cpu_s_per_image": round(total_cpu_s / args.batch, 4),
         "e2e_s": round(total_s, 4),
         "e2e_s_per_image": round(total_s / args.batch, 4),
         "peak_rss_mib": round(peak_rss_mib(), 4),
@@ -177,26 +183,58 @@ class DreamBoothTrainer:
         self.pixel_values = (torch.rand(shape) * 2.0 - 1.0).to(device)
         self.device = device
 
-    def step(self):
+    def step(self, phases):
+        """One optimizer step; returns the loss and adds each part's seconds to `phases`."""
         import torch
         import torch.nn.functional as F
 
+        lap = Lap(self.device)
         model_input = self.vae.encode(self.pixel_values).latent_dist.sample()
         model_input = model_input * self.vae.config.scaling_factor
         noise = torch.randn_like(model_input)
         train_steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, train_steps, (1,), device=model_input.device).long()
         noisy = self.noise_scheduler.add_noise(model_input, noise, timesteps)
+        lap.add_to(phases, PHASES[0])
         hidden = self.text_encoder(self.input_ids, attention_mask=None, return_dict=False)[0]
+        lap.add_to(phases, PHASES[1])
         prediction = self.unet(noisy, timesteps, hidden, return_dict=False)[0]
         loss = F.mse_loss(prediction.float(), noise.float(), reduction="mean")
+        lap.add_to(phases, PHASES[2])
         loss.backward()
+        lap.add_to(phases, PHASES[3])
         torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        lap.add_to(phases, PHASES[4])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
         value = loss.item()
-        synchronize(self.device)
+        lap.add_to(phases, PHASES[5])
         return value
+
+
+# The parts of a step timed separately (same names as src/bench/dreambooth.rs).
+PHASES = [
+    "vae_encode_and_noise",
+    "text_encoder",
+    "unet_forward_and_loss",
+    "backward",
+    "clip_grad_norm",
+    "optimizer_step",
+]
+
+
+class Lap:
+    """A stopwatch whose laps end once the device has finished the queued work."""
+
+    def __init__(self, device):
+        self.device = device
+        self.last = time.perf_counter()
+
+    def add_to(self, phases, phase):
+        synchronize(self.device)
+        now = time.perf_counter()
+        phases[phase] = phases.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 def dreambooth(args):
@@ -206,12 +244,14 @@ def dreambooth(args):
     trainer = DreamBoothTrainer(args)
     load_s = time.perf_counter() - started
     torch.manual_seed(0)
-    losses = [trainer.step() for _ in range(DREAMBOOTH_WARMUP_STEPS)]
-    step_times = []
+    losses = [trainer.step({}) for _ in range(DREAMBOOTH_WARMUP_STEPS)]
+    step_times, step_cpu_times = [], []
+    phases = {}
     for _ in range(args.steps):
-        started = time.perf_counter()
-        losses.append(trainer.step())
+        started, started_cpu = time.perf_counter(), time.process_time()
+        losses.append(trainer.step(phases))
         step_times.append(time.perf_counter() - started)
+        step_cpu_times.append(time.process_time() - started_cpu)
     record = {
         "bench": "dreambooth",
         "impl": "diffusers",
@@ -225,9 +265,12 @@ def dreambooth(args):
         "threads": args.threads,
         "load_s": round(load_s, 4),
         "step_s": round(sum(step_times) / len(step_times), 4),
+        "step_min_s": round(min(step_times), 4),
+        "step_cpu_s": round(sum(step_cpu_times) / len(step_cpu_times), 4),
         "step_times_s": [round(t, 4) for t in step_times],
         "trainable_params": sum(p.numel() for p in trainer.params),
         "losses": losses,
+        "phases_s": {phase: round(total / args.steps, 4) for phase, total in sorted(phases.items())},
         "peak_rss_mib": round(peak_rss_mib(), 4),
     }
     if args.device.startswith("cuda"):

@@ -54,6 +54,12 @@ def field(record, name):
     return None if record is None else record.get(name)
 
 
+def triple(mine, theirs, name, digits=3):
+    """`dreampipe | diffusers | ratio` cells for one field."""
+    a, b = field(mine, name), field(theirs, name)
+    return f"| {number(a, digits)} | {number(b, digits)} | {ratio(a, b)} "
+
+
 def txt2img_table(records):
     pairs = pair_up(records, "txt2img", TXT2IMG_KEY)
     if not pairs:
@@ -61,22 +67,27 @@ def txt2img_table(records):
     lines = [
         "### txt2img (DDIM, CFG 7.5; one timed generation after an untimed warm-up generation)",
         "",
-        "| model | device | dtype | size | batch | steps | UNet s/step dreampipe | diffusers | ratio "
-        "| UNet steps/s dreampipe | diffusers | e2e s/image dreampipe | diffusers | ratio "
-        "| peak RSS MiB dreampipe | diffusers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Each metric: dreampipe | diffusers | ratio. UNet step = one CFG step (UNet on 2 × batch).",
+        "",
+        "| model | device | dtype | size | batch | steps "
+        "| UNet s/step (wall) | | ratio | UNet CPU s/step | | ratio | fastest step (wall) | | ratio "
+        "| UNet steps/s | | e2e s/image (wall) | | ratio | e2e CPU s/image | | ratio "
+        "| peak RSS MiB | | ratio |",
+        "|---|---|---|---|---|---" + "|---" * 23 + "|",
     ]
     for key, by_impl in pairs.items():
         mine, theirs = by_impl.get("dreampipe"), by_impl.get("diffusers")
         model, device, dtype, size, batch, steps, _ = key
         lines.append(
             f"| {model} | {device} | {dtype} | {size} | {batch} | {steps} "
-            f"| {number(field(mine, 'unet_step_s'))} | {number(field(theirs, 'unet_step_s'))} "
-            f"| {ratio(field(mine, 'unet_step_s'), field(theirs, 'unet_step_s'))} "
-            f"| {number(field(mine, 'unet_steps_per_s'), 2)} | {number(field(theirs, 'unet_steps_per_s'), 2)} "
-            f"| {number(field(mine, 'e2e_s_per_image'))} | {number(field(theirs, 'e2e_s_per_image'))} "
-            f"| {ratio(field(mine, 'e2e_s_per_image'), field(theirs, 'e2e_s_per_image'))} "
-            f"| {number(field(mine, 'peak_rss_mib'), 0)} | {number(field(theirs, 'peak_rss_mib'), 0)} |"
+            + triple(mine, theirs, "unet_step_s")
+            + triple(mine, theirs, "unet_step_cpu_s")
+            + triple(mine, theirs, "unet_step_min_s")
+            + f"| {number(field(mine, 'unet_steps_per_s'), 2)} | {number(field(theirs, 'unet_steps_per_s'), 2)} "
+            + triple(mine, theirs, "e2e_s_per_image")
+            + triple(mine, theirs, "e2e_cpu_s_per_image")
+            + triple(mine, theirs, "peak_rss_mib", 0)
+            + "|"
         )
     return lines + [""]
 
@@ -88,24 +99,62 @@ def dreambooth_table(records):
     lines = [
         "### DreamBooth optimizer step (batch 1, AdamW, clip_grad_norm 1.0; after 1 warm-up step)",
         "",
+        "Each metric: dreampipe | diffusers | ratio.",
+        "",
         "| model | device | dtype | resolution | trains | trainable params | timed steps "
-        "| s/step dreampipe | diffusers | ratio | peak memory MiB dreampipe | diffusers | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| s/step (wall) | | ratio | CPU s/step | | ratio | fastest step (wall) | | ratio "
+        "| peak memory MiB | | ratio |",
+        "|---|---|---|---|---|---|---" + "|---" * 12 + "|",
     ]
     for key, by_impl in pairs.items():
         mine, theirs = by_impl.get("dreampipe"), by_impl.get("diffusers")
         model, device, dtype, resolution, train_te, steps, _ = key
         trains = "UNet + text encoder" if train_te else "UNet"
-        params = field(mine, "trainable_params") or field(theirs, "trainable_params")
+        params = field(mine, "trainable_params") or field(theirs, "trainable_params") or 0
         memory = "peak_memory_mib" if field(mine, "peak_memory_mib") is not None else "peak_rss_mib"
         lines.append(
             f"| {model} | {device} | {dtype} | {resolution} | {trains} | {params / 1e6:.1f} M | {steps} "
-            f"| {number(field(mine, 'step_s'))} | {number(field(theirs, 'step_s'))} "
-            f"| {ratio(field(mine, 'step_s'), field(theirs, 'step_s'))} "
-            f"| {number(field(mine, memory), 0)} | {number(field(theirs, memory), 0)} "
-            f"| {ratio(field(mine, memory), field(theirs, memory))} |"
+            + triple(mine, theirs, "step_s")
+            + triple(mine, theirs, "step_cpu_s")
+            + triple(mine, theirs, "step_min_s")
+            + triple(mine, theirs, memory, 0)
+            + "|"
         )
     return lines + [""]
+
+
+PHASES = [
+    "vae_encode_and_noise",
+    "text_encoder",
+    "unet_forward_and_loss",
+    "backward",
+    "clip_grad_norm",
+    "optimizer_step",
+]
+
+
+def phases_table(records):
+    """Where a DreamBooth step's time goes: mean seconds per phase, both sides."""
+    pairs = pair_up(records, "dreambooth", DREAMBOOTH_KEY)
+    rows = []
+    for key, by_impl in pairs.items():
+        mine, theirs = field(by_impl.get("dreampipe"), "phases_s"), field(by_impl.get("diffusers"), "phases_s")
+        if not mine or not theirs:
+            continue
+        model, _, _, resolution, train_te, _, _ = key
+        trains = "UNet + TE" if train_te else "UNet"
+        cells = [f"{number(mine.get(p))} / {number(theirs.get(p))}" for p in PHASES]
+        rows.append(f"| {model} | {resolution} | {trains} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "### Where a DreamBooth step's time goes (mean s per step, dreampipe / diffusers)",
+        "",
+        "| model | resolution | trains | " + " | ".join(PHASES) + " |",
+        "|---|---|---|" + "---|" * len(PHASES),
+        *rows,
+        "",
+    ]
 
 
 def runner_table(records):
@@ -143,9 +192,14 @@ def main(argv):
         "(libtorch `set_num_threads` / `torch.set_num_threads`, inter-op 1, OMP_NUM_THREADS set)."
     )
     out.append("- ratio = dreampipe / diffusers (time or memory; < 1 means dreampipe is faster or smaller).")
+    out.append(
+        "- wall s/step is the mean over the timed steps, fastest step their minimum; CPU s/step is the "
+        "process's user+system CPU time per step (getrusage / time.process_time), which other load "
+        "on a shared machine disturbs far less than wall time."
+    )
     out += versions(records)
     out.append("")
-    out += txt2img_table(records) + dreambooth_table(records) + runner_table(records)
+    out += txt2img_table(records) + dreambooth_table(records) + phases_table(records) + runner_table(records)
     print("\n".join(out))
 
 

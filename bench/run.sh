@@ -100,11 +100,13 @@ print(json.dumps({'bench': 'runner', 'impl': 'dreampipe', 'what': sys.argv[1], '
 
 runner_overhead() {
     time_runs "process start (dreampipe --version)" 10 "$BIN" --version
-    local demo=${BENCH_DEMO_PIPELINE:-$ROOT/examples/demo.yaml}
+    # The runner's demo pipeline (CPU-only stages; from the runner branch).
+    local demo=${BENCH_DEMO_PIPELINE:-$ROOT/pipelines/examples/runner-tour.yaml}
     if "$BIN" plan --help >/dev/null 2>&1 && [ -f "$demo" ]; then
         local cache=$OUT/runner-cache
         "$BIN" --cache "$cache" run "$demo" >&2
         time_runs "start + plan of $(basename "$demo"), all cached" 10 "$BIN" --cache "$cache" plan "$demo"
+        time_runs "start + run of $(basename "$demo"), all cached" 10 "$BIN" --cache "$cache" run "$demo"
     else
         log "no 'plan' verb or no demo pipeline ($demo): runner plan overhead not measured"
     fi

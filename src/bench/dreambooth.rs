@@ -7,7 +7,7 @@
 //! Built from the `sd::train` building blocks (the DreamBooth library loop was not merged
 //! when this was written); `bench/diffusers_bench.py dreambooth` does the same in PyTorch.
 use super::txt2img::{device_name, synchronize};
-use super::{BenchError, mean, peak_rss_mib, round4, seconds_since};
+use super::{BenchError, Stamp, mean, peak_rss_mib, round4, seconds_since};
 use crate::sd::clip::ClipTextModel;
 use crate::sd::folder::ModelFolder;
 use crate::sd::schedulers::SchedulerConfig;
@@ -78,15 +78,20 @@ pub fn run(bench: &DreamBoothBench) -> Result<Value, BenchError> {
     tch::manual_seed(0);
     let mut losses = Vec::with_capacity(WARMUP_STEPS + bench.steps);
     for _ in 0..WARMUP_STEPS {
-        losses.push(trainer.step()?);
+        losses.push(trainer.step(&mut Phases::default())?);
     }
     let mut step_times = Vec::with_capacity(bench.steps);
+    let mut step_cpu_times = Vec::with_capacity(bench.steps);
+    let mut phases = Phases::default();
     for _ in 0..bench.steps {
-        let started = Instant::now();
-        losses.push(trainer.step()?);
-        step_times.push(seconds_since(started));
+        let started = Stamp::now();
+        losses.push(trainer.step(&mut phases)?);
+        let (wall, cpu) = started.until(&Stamp::now());
+        step_times.push(wall);
+        step_cpu_times.push(cpu);
     }
     let step_s = mean(&step_times);
+    let fastest_step_s = step_times.iter().copied().fold(f64::INFINITY, f64::min);
     Ok(json!({
         "bench": "dreambooth",
         "impl": "dreampipe",
@@ -100,9 +105,12 @@ pub fn run(bench: &DreamBoothBench) -> Result<Value, BenchError> {
         "threads": bench.threads,
         "load_s": round4(load_s),
         "step_s": round4(step_s),
+        "step_min_s": round4(fastest_step_s),
+        "step_cpu_s": round4(mean(&step_cpu_times)),
         "step_times_s": step_times.iter().map(|t| round4(*t)).collect::<Vec<_>>(),
         "trainable_params": trainer.trainable.iter().map(|t| t.numel() as i64).sum::<i64>(),
         "losses": losses,
+        "phases_s": phases.means(bench.steps),
         "peak_rss_mib": round4(peak_rss_mib()),
     }))
 }
@@ -155,8 +163,9 @@ impl Trainer {
         })
     }
 
-    /// One optimizer step; returns the loss.
-    fn step(&mut self) -> Result<f64, BenchError> {
+    /// One optimizer step; returns the loss. `phases` gets the seconds of each part added.
+    fn step(&mut self, phases: &mut Phases) -> Result<f64, BenchError> {
+        let mut lap = Lap::start();
         let latents = tch::no_grad(|| self.vae.encode(&self.pixel_values).sample())
             * self.vae.scaling_factor();
         let noise = latents.randn_like();
@@ -166,15 +175,20 @@ impl Trainer {
             .noise_scheduler
             .add_noise(&latents, &noise, &timesteps)
             .map_err(|e| BenchError::Train(crate::sd::train::TrainError::Loss(e.to_string())))?;
+        phases.add(PHASES[0], lap.next(&noisy));
         let hidden = self.encode_prompt()?;
+        phases.add(PHASES[1], lap.next(&hidden));
         let prediction = self.unet.forward(&noisy, &timesteps, &hidden);
         let loss = loss::mse(&prediction.to_kind(Kind::Float), &noise.to_kind(Kind::Float))?;
+        phases.add(PHASES[2], lap.next(&loss));
         loss.backward();
+        phases.add(PHASES[3], lap.next(&loss));
         clip_grad_norm(&self.trainable, MAX_GRAD_NORM);
+        phases.add(PHASES[4], lap.next(&loss));
         self.optimizer.step();
         self.optimizer.zero_grad();
         let value = loss.double_value(&[]);
-        synchronize(&loss);
+        phases.add(PHASES[5], lap.next(&loss));
         Ok(value)
     }
 
@@ -184,6 +198,55 @@ impl Trainer {
         output
             .map(|o| o.last_hidden_state)
             .map_err(|e| load_error(Path::new("text_encoder"), "prompt encoding", e))
+    }
+}
+
+/// The parts of a step timed separately (the Python side uses the same names).
+pub const PHASES: [&str; 6] = [
+    "vae_encode_and_noise",
+    "text_encoder",
+    "unet_forward_and_loss",
+    "backward",
+    "clip_grad_norm",
+    "optimizer_step",
+];
+
+/// Seconds spent in each phase, summed over steps.
+#[derive(Default)]
+struct Phases(std::collections::BTreeMap<&'static str, f64>);
+
+impl Phases {
+    fn add(&mut self, phase: &'static str, seconds: f64) {
+        *self.0.entry(phase).or_default() += seconds;
+    }
+
+    /// `{phase: mean seconds per step}`.
+    fn means(&self, steps: usize) -> Value {
+        let steps = steps.max(1) as f64;
+        Value::Object(
+            self.0
+                .iter()
+                .map(|(phase, total)| (phase.to_string(), json!(round4(total / steps))))
+                .collect(),
+        )
+    }
+}
+
+/// A stopwatch whose laps end once the device has finished the work producing a tensor.
+struct Lap(Instant);
+
+impl Lap {
+    fn start() -> Self {
+        Self(Instant::now())
+    }
+
+    /// Seconds since the previous lap, after waiting for `produced`'s device.
+    fn next(&mut self, produced: &Tensor) -> f64 {
+        synchronize(produced);
+        let now = Instant::now();
+        let seconds = now.duration_since(self.0).as_secs_f64();
+        self.0 = now;
+        seconds
     }
 }
 

@@ -50,6 +50,43 @@ pub fn peak_rss_mib() -> f64 {
     usage.ru_maxrss as f64 / KIB
 }
 
+/// CPU seconds (user + system) this process has used so far, all threads
+/// (`getrusage(RUSAGE_SELF)`, what Python's `time.process_time()` reads). On a machine shared
+/// with other work, CPU time per step is far steadier than wall time.
+pub fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills a zeroed, properly sized struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return f64::NAN;
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// A wall-clock and CPU-time reading taken together.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp {
+    pub wall: Instant,
+    pub cpu: f64,
+}
+
+impl Stamp {
+    pub fn now() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: process_cpu_seconds(),
+        }
+    }
+
+    /// (wall seconds, CPU seconds) from `self` to `later`.
+    pub fn until(&self, later: &Stamp) -> (f64, f64) {
+        (
+            later.wall.duration_since(self.wall).as_secs_f64(),
+            later.cpu - self.cpu,
+        )
+    }
+}
+
 /// Seconds since `start`.
 pub fn seconds_since(start: Instant) -> f64 {
     start.elapsed().as_secs_f64()
@@ -81,6 +118,18 @@ mod tests {
     #[test]
     fn round4_keeps_four_decimals() {
         assert_eq!(round4(1.234_567), 1.2346);
+    }
+
+    #[test]
+    fn cpu_time_grows_with_work() {
+        let before = Stamp::now();
+        let mut x = 0u64;
+        for i in 0..50_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert_ne!(std::hint::black_box(x), 1);
+        let (wall, cpu) = before.until(&Stamp::now());
+        assert!(cpu > 0.0 && wall > 0.0, "cpu {cpu} wall {wall}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! txt2img timing: the same work as `diffusers_bench.py txt2img` (DDIM, classifier-free
 //! guidance, text encoding + UNet loop + VAE decode). One untimed warm-up generation of
 //! `warmup_steps` steps, then one timed generation whose per-step callback times give the UNet step rate.
-use super::{BenchError, mean, peak_rss_mib, round4, seconds_since};
+use super::{BenchError, Stamp, mean, peak_rss_mib, round4, seconds_since};
 use crate::sd::pipeline::{StableDiffusion, Txt2Img};
 use crate::sd::schedulers::SchedulerKind;
 use serde_json::{Value, json};
@@ -64,18 +64,17 @@ pub fn run(bench: &Txt2ImgBench) -> Result<Value, BenchError> {
     }
     request.steps = bench.steps;
     let mut step_ends = Vec::with_capacity(bench.steps);
-    let started = Instant::now();
+    let started = Stamp::now();
     let output = model.txt2img(&request, &mut |_, _, latents| {
         synchronize(latents);
-        step_ends.push(Instant::now());
+        step_ends.push(Stamp::now());
     })?;
     synchronize(&output.images);
-    let total_s = seconds_since(started);
-    let intervals: Vec<f64> = step_ends
-        .windows(2)
-        .map(|pair| pair[1].duration_since(pair[0]).as_secs_f64())
-        .collect();
+    let (total_s, total_cpu_s) = started.until(&Stamp::now());
+    let (intervals, cpu_intervals): (Vec<f64>, Vec<f64>) =
+        step_ends.windows(2).map(|pair| pair[0].until(&pair[1])).unzip();
     let step_s = mean(&intervals);
+    let fastest_step_s = intervals.iter().copied().fold(f64::INFINITY, f64::min);
     Ok(json!({
         "bench": "txt2img",
         "impl": "dreampipe",
@@ -90,6 +89,10 @@ pub fn run(bench: &Txt2ImgBench) -> Result<Value, BenchError> {
         "load_s": round4(load_s),
         "unet_step_s": round4(step_s),
         "unet_steps_per_s": round4(1.0 / step_s),
+        "unet_step_min_s": round4(fastest_step_s),
+        "unet_step_times_s": intervals.iter().map(|t| round4(*t)).collect::<Vec<_>>(),
+        "unet_step_cpu_s": round4(mean(&cpu_intervals)),
+        "e2e_cpu_s_per_image": round4(total_cpu_s / bench.batch as f64),
         "e2e_s": round4(total_s),
         "e2e_s_per_image": round4(total_s / bench.batch as f64),
         "peak_rss_mib": round4(peak_rss_mib()),

@@ -61,6 +61,8 @@ pub fn read_tensors(file: &Path) -> Result<Vec<(String, Tensor)>, WeightsError> 
 /// Copies the tensors of `file` into the variables of `vs`. `rename` maps a file key to a
 /// variable name, or `None` to skip it (known buffers such as `position_ids`). Every variable
 /// must be filled exactly once; shapes must match; dtypes are converted to the variable's kind.
+/// The file is streamed one tensor at a time (see [`StreamedSafetensors`]), so loading needs
+/// the variables' memory plus one tensor, not a second copy of the whole file.
 pub fn load_into(
     vs: &VarStore,
     file: &Path,
@@ -68,17 +70,18 @@ pub fn load_into(
 ) -> Result<(), WeightsError> {
     let variables = vs.variables();
     let mut pending: BTreeMap<String, ()> = variables.keys().map(|k| (k.clone(), ())).collect();
-    let tensors = read_tensors(file)?;
+    let mut reader = StreamedSafetensors::open(file)?;
     let _guard = tch::no_grad_guard();
-    for (key, tensor) in tensors {
-        let Some(name) = rename(&key) else { continue };
+    for entry in reader.entries() {
+        let Some(name) = rename(&entry.key) else { continue };
         let Some(variable) = variables.get(&name) else {
             return Err(WeightsError::Unexpected {
-                tensor: key,
+                tensor: entry.key,
                 file: file.to_path_buf(),
             });
         };
-        copy_checked(variable, &tensor, &key, file)?;
+        check_shape(variable, &entry.shape, &entry.key, file)?;
+        reader.copy_into(&entry, variable)?;
         pending.remove(&name);
     }
     match pending.into_keys().next() {
@@ -90,22 +93,186 @@ pub fn load_into(
     }
 }
 
-fn copy_checked(
-    variable: &Tensor,
-    source: &Tensor,
-    key: &str,
-    file: &Path,
-) -> Result<(), WeightsError> {
-    if variable.size() != source.size() {
+/// Length of the little-endian u64 that starts a safetensors file (the header's byte count).
+const HEADER_LENGTH_BYTES: usize = 8;
+/// Largest header accepted (the safetensors format's own limit is 100 MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// The header key that holds string metadata instead of a tensor.
+const METADATA_KEY: &str = "__metadata__";
+
+/// One tensor of a safetensors file: where its bytes are and what they hold.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub key: String,
+    pub kind: Kind,
+    pub shape: Vec<i64>,
+    /// Byte range in the file.
+    pub start: u64,
+    pub end: u64,
+}
+
+/// A safetensors file read one tensor at a time with positioned reads into a reused buffer
+/// (`Tensor::read_safetensors` materialises every tensor at once).
+pub struct StreamedSafetensors {
+    file: std::fs::File,
+    path: PathBuf,
+    entries: Vec<TensorEntry>,
+    /// 8-byte words so any element type is aligned.
+    buffer: Vec<u64>,
+}
+
+impl StreamedSafetensors {
+    /// Opens `path` and parses its header.
+    pub fn open(path: &Path) -> Result<Self, WeightsError> {
+        let read_error = |reason: String| WeightsError::Read {
+            file: path.to_path_buf(),
+            reason,
+        };
+        let file = std::fs::File::open(path).map_err(|e| read_error(e.to_string()))?;
+        let file_len = file.metadata().map_err(|e| read_error(e.to_string()))?.len();
+        let mut length_bytes = [0u8; HEADER_LENGTH_BYTES];
+        read_exact_at(&file, &mut length_bytes, 0).map_err(|e| read_error(e.to_string()))?;
+        let header_len = u64::from_le_bytes(length_bytes);
+        if header_len > MAX_HEADER_BYTES || HEADER_LENGTH_BYTES as u64 + header_len > file_len {
+            return Err(read_error(format!("header length {header_len} does not fit a {file_len}-byte file")));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        read_exact_at(&file, &mut header, HEADER_LENGTH_BYTES as u64)
+            .map_err(|e| read_error(e.to_string()))?;
+        let data_start = HEADER_LENGTH_BYTES as u64 + header_len;
+        let mut entries = parse_header(&header, data_start, file_len).map_err(read_error)?;
+        entries.sort_by_key(|entry| entry.start);
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            entries,
+            buffer: Vec::new(),
+        })
+    }
+
+    /// The tensors in file order.
+    pub fn entries(&self) -> Vec<TensorEntry> {
+        self.entries.clone()
+    }
+
+    /// Reads `entry` and copies it into `target` (converting kind and device).
+    pub fn copy_into(&mut self, entry: &TensorEntry, target: &Tensor) -> Result<(), WeightsError> {
+        let bytes = (entry.end - entry.start) as usize;
+        let words = bytes.div_ceil(std::mem::size_of::<u64>());
+        if self.buffer.len() < words {
+            self.buffer.resize(words, 0);
+        }
+        // SAFETY: the u64 buffer has at least `bytes` initialised bytes; viewing them as u8 is valid.
+        let view = unsafe { std::slice::from_raw_parts_mut(self.buffer.as_mut_ptr().cast::<u8>(), bytes) };
+        read_exact_at(&self.file, view, entry.start).map_err(|e| WeightsError::Read {
+            file: self.path.clone(),
+            reason: format!("tensor '{}': {e}", entry.key),
+        })?;
+        let strides = contiguous_strides(&entry.shape);
+        // SAFETY: the blob covers exactly `numel * element size` bytes of the 8-byte-aligned
+        // buffer (checked when the header was parsed) and lives until `copy_` has returned;
+        // the tensor view is dropped before the buffer is reused.
+        let source = unsafe {
+            Tensor::from_blob(view.as_ptr(), &entry.shape, &strides, entry.kind, tch::Device::Cpu)
+        };
+        let mut target = target.shallow_clone();
+        target.copy_(&source);
+        Ok(())
+    }
+}
+
+fn read_exact_at(file: &std::fs::File, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buffer, offset)
+}
+
+fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1i64; shape.len()];
+    for index in (0..shape.len().saturating_sub(1)).rev() {
+        strides[index] = strides[index + 1] * shape[index + 1].max(1);
+    }
+    strides
+}
+
+/// The safetensors dtype names and their element kinds.
+fn kind_of_dtype(dtype: &str) -> Option<Kind> {
+    Some(match dtype {
+        "F64" => Kind::Double,
+        "F32" => Kind::Float,
+        "F16" => Kind::Half,
+        "BF16" => Kind::BFloat16,
+        "I64" => Kind::Int64,
+        "I32" => Kind::Int,
+        "I16" => Kind::Int16,
+        "I8" => Kind::Int8,
+        "U8" => Kind::Uint8,
+        "BOOL" => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// Parses the JSON header into entries with absolute byte ranges, checking each range lies in
+/// the file and matches the dtype and shape.
+fn parse_header(header: &[u8], data_start: u64, file_len: u64) -> Result<Vec<TensorEntry>, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| format!("header is not JSON: {e}"))?;
+    let map = value.as_object().ok_or("header is not a JSON object")?;
+    let mut entries = Vec::with_capacity(map.len());
+    for (key, info) in map {
+        if key == METADATA_KEY {
+            continue;
+        }
+        entries.push(parse_entry(key, info, data_start, file_len)?);
+    }
+    Ok(entries)
+}
+
+fn parse_entry(key: &str, info: &serde_json::Value, data_start: u64, file_len: u64) -> Result<TensorEntry, String> {
+    let bad = |what: &str| format!("tensor '{key}': {what}");
+    let dtype = info["dtype"].as_str().ok_or_else(|| bad("no dtype"))?;
+    let kind = kind_of_dtype(dtype).ok_or_else(|| bad(&format!("unsupported dtype {dtype}")))?;
+    let shape: Vec<i64> = info["shape"]
+        .as_array()
+        .ok_or_else(|| bad("no shape"))?
+        .iter()
+        .map(|d| d.as_i64().filter(|d| *d >= 0))
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("shape is not a list of sizes"))?;
+    let offsets: Vec<u64> = info["data_offsets"]
+        .as_array()
+        .ok_or_else(|| bad("no data_offsets"))?
+        .iter()
+        .map(serde_json::Value::as_u64)
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("data_offsets are not byte offsets"))?;
+    let [begin, end] = offsets[..] else {
+        return Err(bad("data_offsets must hold two offsets"));
+    };
+    let numel: i64 = shape.iter().product();
+    let expected = numel as u64 * kind.elt_size_in_bytes() as u64;
+    if end < begin || end - begin != expected || data_start + end > file_len {
+        return Err(bad(&format!(
+            "data_offsets [{begin}, {end}] do not hold {numel} {dtype} values inside the file"
+        )));
+    }
+    Ok(TensorEntry {
+        key: key.to_string(),
+        kind,
+        shape,
+        start: data_start + begin,
+        end: data_start + end,
+    })
+}
+
+fn check_shape(variable: &Tensor, shape: &[i64], key: &str, file: &Path) -> Result<(), WeightsError> {
+    if variable.size() != shape {
         return Err(WeightsError::Shape {
             tensor: key.to_string(),
             file: file.to_path_buf(),
             expected: variable.size(),
-            found: source.size(),
+            found: shape.to_vec(),
         });
     }
-    let mut target = variable.shallow_clone();
-    target.copy_(&source.to_kind(variable.kind()).to_device(variable.device()));
     Ok(())
 }
 
