@@ -134,18 +134,19 @@ main() {
             both txt2img --model "$TINY" --label tiny --batch "$batch" --steps 20
         done
     fi
-    if wanted sd15-txt2img; then
-        for batch in 1 4; do
-            both txt2img --model "$SD15" --label sd15 --size 256 --batch "$batch" --steps 3 --warmup-steps 1
-        done
-    fi
     if wanted tiny-dreambooth; then
         both dreambooth --model "$TINY" --label tiny --resolution 64 --steps 10
         both dreambooth --model "$TINY" --label tiny --resolution 64 --steps 10 --train-text-encoder
     fi
+    if wanted sd15-txt2img; then
+        both txt2img --model "$SD15" --label sd15 --size 256 --batch 1 --steps 3 --warmup-steps 1
+    fi
     if wanted sd15half-dreambooth; then
         both dreambooth --model "$SD15_HALF" --label sd15-half --resolution 256 --steps 2
         both dreambooth --model "$SD15_HALF" --label sd15-half --resolution 256 --steps 2 --train-text-encoder
+    fi
+    if wanted sd15-txt2img; then
+        both txt2img --model "$SD15" --label sd15 --size 256 --batch 4 --steps 2 --warmup-steps 1
     fi
     if wanted runner; then
         runner_overhead

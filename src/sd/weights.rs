@@ -296,3 +296,65 @@ pub fn save_var_store(vs: &VarStore, file: &Path, kind: Option<Kind>) -> Result<
         reason: error.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// Writes a safetensors file by hand: `header` JSON then `data`.
+    fn handmade(dir: &Path, header: &str, data: &[u8]) -> PathBuf {
+        let path = dir.join("handmade.safetensors");
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn streamed_load_converts_kinds_and_skips_renamed_away_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("w.safetensors");
+        let half = Tensor::from_slice(&[1.5f32, -2.0, 0.25, 4.0, 8.0, -0.5])
+            .view([2, 3])
+            .to_kind(Kind::Half);
+        let ids = Tensor::from_slice(&[0i64, 1, 2]);
+        Tensor::write_safetensors(&[("w", &half), ("position_ids", &ids)], &file).unwrap();
+        let vs = VarStore::new(Device::Cpu);
+        let w = vs.root().zeros("w", &[2, 3]);
+        load_into(&vs, &file, |key| (key != "position_ids").then(|| key.to_string())).unwrap();
+        assert_eq!(w.kind(), Kind::Float);
+        let values: Vec<f32> = Vec::try_from(w.flatten(0, -1)).unwrap();
+        assert_eq!(values, vec![1.5, -2.0, 0.25, 4.0, 8.0, -0.5]);
+    }
+
+    #[test]
+    fn offsets_that_do_not_match_the_shape_name_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = r#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,4]}}"#;
+        let file = handmade(dir.path(), header, &[0u8; 24]);
+        let error = StreamedSafetensors::open(&file).err().expect("rejected");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "{}: cannot read safetensors: tensor 'w': data_offsets [0, 4] do not hold 6 F32 values inside the file",
+                file.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_header_longer_than_the_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("short.safetensors");
+        let mut bytes = 1000u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        std::fs::write(&path, bytes).unwrap();
+        let error = StreamedSafetensors::open(&path).err().expect("rejected");
+        assert_eq!(
+            error.to_string(),
+            format!("{}: cannot read safetensors: header length 1000 does not fit a 10-byte file", path.display())
+        );
+    }
+}
