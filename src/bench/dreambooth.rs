@@ -148,7 +148,8 @@ impl Trainer {
         let input_ids = Tensor::from_slice(&ids).unsqueeze(0).to_device(device);
         tch::manual_seed(0);
         let shape = [1, 3, bench.resolution, bench.resolution];
-        let pixel_values = (Tensor::rand(shape, (Kind::Float, Device::Cpu)) * 2.0 - 1.0).to_device(device);
+        let pixel_values =
+            (Tensor::rand(shape, (Kind::Float, Device::Cpu)) * 2.0 - 1.0).to_device(device);
         Ok(Self {
             unet,
             vae,
@@ -179,7 +180,10 @@ impl Trainer {
         let hidden = self.encode_prompt()?;
         phases.add(PHASES[1], lap.next(&hidden));
         let prediction = self.unet.forward(&noisy, &timesteps, &hidden);
-        let loss = loss::mse(&prediction.to_kind(Kind::Float), &noise.to_kind(Kind::Float))?;
+        let loss = loss::mse(
+            &prediction.to_kind(Kind::Float),
+            &noise.to_kind(Kind::Float),
+        )?;
         phases.add(PHASES[2], lap.next(&loss));
         loss.backward();
         phases.add(PHASES[3], lap.next(&loss));
@@ -194,7 +198,11 @@ impl Trainer {
 
     fn encode_prompt(&self) -> Result<Tensor, BenchError> {
         let forward = || self.text_encoder.forward(&self.input_ids);
-        let output = if self.train_text_encoder { forward() } else { tch::no_grad(forward) };
+        let output = if self.train_text_encoder {
+            forward()
+        } else {
+            tch::no_grad(forward)
+        };
         output
             .map(|o| o.last_hidden_state)
             .map_err(|e| load_error(Path::new("text_encoder"), "prompt encoding", e))

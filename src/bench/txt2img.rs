@@ -71,8 +71,10 @@ pub fn run(bench: &Txt2ImgBench) -> Result<Value, BenchError> {
     })?;
     synchronize(&output.images);
     let (total_s, total_cpu_s) = started.until(&Stamp::now());
-    let (intervals, cpu_intervals): (Vec<f64>, Vec<f64>) =
-        step_ends.windows(2).map(|pair| pair[0].until(&pair[1])).unzip();
+    let (intervals, cpu_intervals): (Vec<f64>, Vec<f64>) = step_ends
+        .windows(2)
+        .map(|pair| pair[0].until(&pair[1]))
+        .unzip();
     let step_s = mean(&intervals);
     let fastest_step_s = intervals.iter().copied().fold(f64::INFINITY, f64::min);
     Ok(json!({

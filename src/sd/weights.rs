@@ -73,7 +73,9 @@ pub fn load_into(
     let mut reader = StreamedSafetensors::open(file)?;
     let _guard = tch::no_grad_guard();
     for entry in reader.entries() {
-        let Some(name) = rename(&entry.key) else { continue };
+        let Some(name) = rename(&entry.key) else {
+            continue;
+        };
         let Some(variable) = variables.get(&name) else {
             return Err(WeightsError::Unexpected {
                 tensor: entry.key,
@@ -129,12 +131,17 @@ impl StreamedSafetensors {
             reason,
         };
         let file = std::fs::File::open(path).map_err(|e| read_error(e.to_string()))?;
-        let file_len = file.metadata().map_err(|e| read_error(e.to_string()))?.len();
+        let file_len = file
+            .metadata()
+            .map_err(|e| read_error(e.to_string()))?
+            .len();
         let mut length_bytes = [0u8; HEADER_LENGTH_BYTES];
         read_exact_at(&file, &mut length_bytes, 0).map_err(|e| read_error(e.to_string()))?;
         let header_len = u64::from_le_bytes(length_bytes);
         if header_len > MAX_HEADER_BYTES || HEADER_LENGTH_BYTES as u64 + header_len > file_len {
-            return Err(read_error(format!("header length {header_len} does not fit a {file_len}-byte file")));
+            return Err(read_error(format!(
+                "header length {header_len} does not fit a {file_len}-byte file"
+            )));
         }
         let mut header = vec![0u8; header_len as usize];
         read_exact_at(&file, &mut header, HEADER_LENGTH_BYTES as u64)
@@ -163,7 +170,8 @@ impl StreamedSafetensors {
             self.buffer.resize(words, 0);
         }
         // SAFETY: the u64 buffer has at least `bytes` initialised bytes; viewing them as u8 is valid.
-        let view = unsafe { std::slice::from_raw_parts_mut(self.buffer.as_mut_ptr().cast::<u8>(), bytes) };
+        let view =
+            unsafe { std::slice::from_raw_parts_mut(self.buffer.as_mut_ptr().cast::<u8>(), bytes) };
         read_exact_at(&self.file, view, entry.start).map_err(|e| WeightsError::Read {
             file: self.path.clone(),
             reason: format!("tensor '{}': {e}", entry.key),
@@ -173,7 +181,13 @@ impl StreamedSafetensors {
         // buffer (checked when the header was parsed) and lives until `copy_` has returned;
         // the tensor view is dropped before the buffer is reused.
         let source = unsafe {
-            Tensor::from_blob(view.as_ptr(), &entry.shape, &strides, entry.kind, tch::Device::Cpu)
+            Tensor::from_blob(
+                view.as_ptr(),
+                &entry.shape,
+                &strides,
+                entry.kind,
+                tch::Device::Cpu,
+            )
         };
         let mut target = target.shallow_clone();
         target.copy_(&source);
@@ -227,7 +241,12 @@ fn parse_header(header: &[u8], data_start: u64, file_len: u64) -> Result<Vec<Ten
     Ok(entries)
 }
 
-fn parse_entry(key: &str, info: &serde_json::Value, data_start: u64, file_len: u64) -> Result<TensorEntry, String> {
+fn parse_entry(
+    key: &str,
+    info: &serde_json::Value,
+    data_start: u64,
+    file_len: u64,
+) -> Result<TensorEntry, String> {
     let bad = |what: &str| format!("tensor '{key}': {what}");
     let dtype = info["dtype"].as_str().ok_or_else(|| bad("no dtype"))?;
     let kind = kind_of_dtype(dtype).ok_or_else(|| bad(&format!("unsupported dtype {dtype}")))?;
@@ -264,7 +283,12 @@ fn parse_entry(key: &str, info: &serde_json::Value, data_start: u64, file_len: u
     })
 }
 
-fn check_shape(variable: &Tensor, shape: &[i64], key: &str, file: &Path) -> Result<(), WeightsError> {
+fn check_shape(
+    variable: &Tensor,
+    shape: &[i64],
+    key: &str,
+    file: &Path,
+) -> Result<(), WeightsError> {
     if variable.size() != shape {
         return Err(WeightsError::Shape {
             tensor: key.to_string(),
@@ -323,7 +347,10 @@ mod tests {
         Tensor::write_safetensors(&[("w", &half), ("position_ids", &ids)], &file).unwrap();
         let vs = VarStore::new(Device::Cpu);
         let w = vs.root().zeros("w", &[2, 3]);
-        load_into(&vs, &file, |key| (key != "position_ids").then(|| key.to_string())).unwrap();
+        load_into(&vs, &file, |key| {
+            (key != "position_ids").then(|| key.to_string())
+        })
+        .unwrap();
         assert_eq!(w.kind(), Kind::Float);
         let values: Vec<f32> = Vec::try_from(w.flatten(0, -1)).unwrap();
         assert_eq!(values, vec![1.5, -2.0, 0.25, 4.0, 8.0, -0.5]);
@@ -354,7 +381,10 @@ mod tests {
         let error = StreamedSafetensors::open(&path).err().expect("rejected");
         assert_eq!(
             error.to_string(),
-            format!("{}: cannot read safetensors: header length 1000 does not fit a 10-byte file", path.display())
+            format!(
+                "{}: cannot read safetensors: header length 1000 does not fit a 10-byte file",
+                path.display()
+            )
         );
     }
 }
