@@ -228,12 +228,14 @@ class Lap:
 
     def __init__(self, device):
         self.device = device
-        self.last = time.perf_counter()
+        self.last = (time.perf_counter(), time.process_time())
 
     def add_to(self, phases, phase):
+        """Adds (wall, CPU) seconds since the previous lap to phases[phase]."""
         synchronize(self.device)
-        now = time.perf_counter()
-        phases[phase] = phases.get(phase, 0.0) + now - self.last
+        now = (time.perf_counter(), time.process_time())
+        wall, cpu = phases.get(phase, (0.0, 0.0))
+        phases[phase] = (wall + now[0] - self.last[0], cpu + now[1] - self.last[1])
         self.last = now
 
 
@@ -270,7 +272,8 @@ def dreambooth(args):
         "step_times_s": [round(t, 4) for t in step_times],
         "trainable_params": sum(p.numel() for p in trainer.params),
         "losses": losses,
-        "phases_s": {phase: round(total / args.steps, 4) for phase, total in sorted(phases.items())},
+        "phases_s": {phase: round(t[0] / args.steps, 4) for phase, t in sorted(phases.items())},
+        "phases_cpu_s": {phase: round(t[1] / args.steps, 4) for phase, t in sorted(phases.items())},
         "peak_rss_mib": round(peak_rss_mib(), 4),
     }
     if args.device.startswith("cuda"):

@@ -134,11 +134,13 @@ PHASES = [
 
 
 def phases_table(records):
-    """Where a DreamBooth step's time goes: mean seconds per phase, both sides."""
+    """Where a DreamBooth step's time goes: mean seconds per phase, both sides (CPU seconds on
+    the CPU, where they are steadier; wall seconds on a GPU)."""
     pairs = pair_up(records, "dreambooth", DREAMBOOTH_KEY)
     rows = []
     for key, by_impl in pairs.items():
-        mine, theirs = field(by_impl.get("dreampipe"), "phases_s"), field(by_impl.get("diffusers"), "phases_s")
+        name = "phases_cpu_s" if key[1] == "cpu" else "phases_s"
+        mine, theirs = field(by_impl.get("dreampipe"), name), field(by_impl.get("diffusers"), name)
         if not mine or not theirs:
             continue
         model, _, _, resolution, train_te, _, _ = key
@@ -148,7 +150,7 @@ def phases_table(records):
     if not rows:
         return []
     return [
-        "### Where a DreamBooth step's time goes (mean s per step, dreampipe / diffusers)",
+        "### Where a DreamBooth step's time goes (mean s per step, dreampipe / diffusers; CPU seconds on the CPU, wall on a GPU)",
         "",
         "| model | resolution | trains | " + " | ".join(PHASES) + " |",
         "|---|---|---|" + "---|" * len(PHASES),

@@ -110,7 +110,8 @@ pub fn run(bench: &DreamBoothBench) -> Result<Value, BenchError> {
         "step_times_s": step_times.iter().map(|t| round4(*t)).collect::<Vec<_>>(),
         "trainable_params": trainer.trainable.iter().map(|t| t.numel() as i64).sum::<i64>(),
         "losses": losses,
-        "phases_s": phases.means(bench.steps),
+        "phases_s": phases.means(bench.steps, false),
+        "phases_cpu_s": phases.means(bench.steps, true),
         "peak_rss_mib": round4(peak_rss_mib()),
     }))
 }
@@ -219,42 +220,47 @@ pub const PHASES: [&str; 6] = [
     "optimizer_step",
 ];
 
-/// Seconds spent in each phase, summed over steps.
+/// (wall, CPU) seconds spent in each phase, summed over steps.
 #[derive(Default)]
-struct Phases(std::collections::BTreeMap<&'static str, f64>);
+struct Phases(std::collections::BTreeMap<&'static str, (f64, f64)>);
 
 impl Phases {
-    fn add(&mut self, phase: &'static str, seconds: f64) {
-        *self.0.entry(phase).or_default() += seconds;
+    fn add(&mut self, phase: &'static str, (wall, cpu): (f64, f64)) {
+        let total = self.0.entry(phase).or_default();
+        total.0 += wall;
+        total.1 += cpu;
     }
 
-    /// `{phase: mean seconds per step}`.
-    fn means(&self, steps: usize) -> Value {
+    /// `{phase: mean seconds per step}` of the wall (`cpu == false`) or CPU times.
+    fn means(&self, steps: usize, cpu: bool) -> Value {
         let steps = steps.max(1) as f64;
         Value::Object(
             self.0
                 .iter()
-                .map(|(phase, total)| (phase.to_string(), json!(round4(total / steps))))
+                .map(|(phase, (wall, cpu_s))| {
+                    let total = if cpu { cpu_s } else { wall };
+                    (phase.to_string(), json!(round4(total / steps)))
+                })
                 .collect(),
         )
     }
 }
 
 /// A stopwatch whose laps end once the device has finished the work producing a tensor.
-struct Lap(Instant);
+struct Lap(Stamp);
 
 impl Lap {
     fn start() -> Self {
-        Self(Instant::now())
+        Self(Stamp::now())
     }
 
-    /// Seconds since the previous lap, after waiting for `produced`'s device.
-    fn next(&mut self, produced: &Tensor) -> f64 {
+    /// (wall, CPU) seconds since the previous lap, after waiting for `produced`'s device.
+    fn next(&mut self, produced: &Tensor) -> (f64, f64) {
         synchronize(produced);
-        let now = Instant::now();
-        let seconds = now.duration_since(self.0).as_secs_f64();
+        let now = Stamp::now();
+        let lap = self.0.until(&now);
         self.0 = now;
-        seconds
+        lap
     }
 }
 
