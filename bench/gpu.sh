@@ -68,8 +68,15 @@ setup() {
     mkdir -p "$OUT" "$SITE" "$MODELS"
     : >"$RESULTS"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
-    "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl >>"$LOG" 2>&1 \
-        || { log "pip install of the carried wheels failed (see log.txt)"; return 1; }
+    if ! "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl >>"$LOG" 2>&1; then
+        # A venv made without pip: a wheel is a zip of its site-packages files.
+        log "pip unavailable or failed; unpacking the wheels into $SITE"
+        "$PY" -c "
+import sys, zipfile
+for wheel in sys.argv[2:]:
+    zipfile.ZipFile(wheel).extractall(sys.argv[1])" "$SITE" "$WHEELS"/*.whl >>"$LOG" 2>&1 \
+            || { log "cannot unpack the carried wheels (see log.txt)"; return 1; }
+    fi
     export PYTHONPATH=$SITE
     "$PY" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$LOG"
     "$BIN" --device cuda doctor 2>&1 | tee -a "$LOG"
