@@ -12,12 +12,16 @@
 # libtorch_cuda.so finds the CUDA backend, and the carried wheels are installed with
 # pip --no-index --target into a scratch folder on PYTHONPATH.
 # Knobs: GPU_DTYPE (f16|bf16, default f16), GPU_BUDGET_S (default 450: later cases are skipped
-# when the elapsed time passes it), TORCH_VENV.
+# when the elapsed time passes it), GPU_CASES (default: sd15-txt2img tiny-txt2img
+# sd15-dreambooth sd15half-dreambooth tiny-dreambooth), TORCH_VENV.
+# Dry run of the script's flow on a CPU machine (fake nvidia-smi on PATH, CPU device):
+#   GPU_DEVICE=cpu GPU_MODELS=bench/.models GPU_PYTHON_VERSION=3.11 TORCH_VENV=bench/.venv \
+#   GPU_WHEELS=/tmp/wheels311 GPU_CASES="tiny-txt2img tiny-dreambooth" OUT=/tmp/gpu-dry bash bench/gpu.sh
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-WHEELS=$ROOT/bench/.wheels
-PYTHON_VERSION=3.12
+WHEELS=${GPU_WHEELS:-$ROOT/bench/.wheels}
+PYTHON_VERSION=${GPU_PYTHON_VERSION:-3.12}
 PINNED=(diffusers==0.42.1 transformers==5.24.0 safetensors)
 
 prepare() {
@@ -52,7 +56,9 @@ BUDGET_S=${GPU_BUDGET_S:-450}
 BIN=$ROOT/target/release/dreampipe
 SCRATCH=${TMPDIR:-/tmp}/dreampipe-gpu-bench
 SITE=$SCRATCH/site
-MODELS=$SCRATCH/models
+MODELS=${GPU_MODELS:-$SCRATCH/models}
+DEVICE=${GPU_DEVICE:-cuda}
+CASES=${GPU_CASES:-sd15-txt2img tiny-txt2img sd15-dreambooth sd15half-dreambooth tiny-dreambooth}
 RESULTS=$OUT/results.jsonl
 LOG=$OUT/log.txt
 export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -63,6 +69,7 @@ export OMP_NUM_THREADS=$THREADS
 
 log() { echo "[gpu $(date +%H:%M:%S) +$SECONDS s] $*" | tee -a "$LOG" >&2; }
 over_budget() { [ "$SECONDS" -ge "$BUDGET_S" ]; }
+wanted() { [[ " $CASES " == *" $1 "* ]]; }
 
 setup() {
     mkdir -p "$OUT" "$SITE" "$MODELS"
@@ -79,7 +86,7 @@ for wheel in sys.argv[2:]:
     fi
     export PYTHONPATH=$SITE
     "$PY" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$LOG"
-    "$BIN" --device cuda doctor 2>&1 | tee -a "$LOG"
+    "$BIN" --device "$DEVICE" doctor 2>&1 | tee -a "$LOG"
 }
 
 # Runs a command that prints one JSON line, sampling the GPU's used memory meanwhile; appends the
@@ -112,9 +119,9 @@ both() {
         return
     fi
     log "dreampipe $verb $*"
-    with_gpu_peak "$BIN" --device cuda bench "$verb" --threads "$THREADS" "$@"
+    with_gpu_peak "$BIN" --device "$DEVICE" bench "$verb" --threads "$THREADS" "$@"
     log "diffusers $verb $*"
-    with_gpu_peak "$PY" "$ROOT/bench/diffusers_bench.py" "$verb" --device cuda --threads "$THREADS" "$@"
+    with_gpu_peak "$PY" "$ROOT/bench/diffusers_bench.py" "$verb" --device "$DEVICE" --threads "$THREADS" "$@"
 }
 
 models() {
@@ -131,16 +138,26 @@ models() {
 main() {
     setup || return 1
     models || return 1
-    both txt2img --model "$SD15" --label sd15 --size 512 --batch 1 --steps 20 --dtype "$DTYPE"
-    both txt2img --model "$SD15" --label sd15 --size 512 --batch 4 --steps 20 --dtype "$DTYPE"
-    both txt2img --model "$TINY" --label tiny --batch 1 --steps 20 --dtype "$DTYPE"
-    both txt2img --model "$TINY" --label tiny --batch 4 --steps 20 --dtype "$DTYPE"
+    if wanted sd15-txt2img; then
+        both txt2img --model "$SD15" --label sd15 --size 512 --batch 1 --steps 20 --dtype "$DTYPE"
+        both txt2img --model "$SD15" --label sd15 --size 512 --batch 4 --steps 20 --dtype "$DTYPE"
+    fi
+    if wanted tiny-txt2img; then
+        both txt2img --model "$TINY" --label tiny --batch 1 --steps 20 --dtype "$DTYPE"
+        both txt2img --model "$TINY" --label tiny --batch 4 --steps 20 --dtype "$DTYPE"
+    fi
     # Training runs in float32 on both sides (no autocast), at SD's 512 px.
-    both dreambooth --model "$SD15" --label sd15 --resolution 512 --steps 5
-    both dreambooth --model "$SD15" --label sd15 --resolution 512 --steps 5 --train-text-encoder
-    both dreambooth --model "$SD15_HALF" --label sd15-half --resolution 512 --steps 5
-    both dreambooth --model "$TINY" --label tiny --resolution 64 --steps 10
-    both dreambooth --model "$TINY" --label tiny --resolution 64 --steps 10 --train-text-encoder
+    if wanted sd15-dreambooth; then
+        both dreambooth --model "$SD15" --label sd15 --resolution 512 --steps 5
+        both dreambooth --model "$SD15" --label sd15 --resolution 512 --steps 5 --train-text-encoder
+    fi
+    if wanted sd15half-dreambooth; then
+        both dreambooth --model "$SD15_HALF" --label sd15-half --resolution 512 --steps 5
+    fi
+    if wanted tiny-dreambooth; then
+        both dreambooth --model "$TINY" --label tiny --resolution 64 --steps 10
+        both dreambooth --model "$TINY" --label tiny --resolution 64 --steps 10 --train-text-encoder
+    fi
     "$PY" "$ROOT/bench/report.py" "$RESULTS" --title "dreampipe vs diffusers, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
         --note "txt2img in $DTYPE; DreamBooth in float32 without autocast on both sides; host threads $THREADS" \
         --note "peak memory: max of nvidia-smi memory.used sampled every 100 ms during each process (whole GPU)" \
