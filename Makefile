@@ -16,6 +16,7 @@ demo: build
 	./target/release/dreampipe --device cpu run pipelines/demo.yaml
 
 test: libtorch
+	scripts/setup-chromium.sh
 	cargo test
 
 lint: libtorch

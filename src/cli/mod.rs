@@ -7,9 +7,20 @@ use std::process::ExitCode;
 
 mod bench;
 mod bench_sd;
+mod bench_cache;
+mod cache;
+mod common;
+mod dag;
 mod doctor;
-pub mod sample;
+mod explain;
+mod init;
 mod model;
+mod plan;
+mod report;
+mod run;
+pub mod sample;
+mod show;
+mod validate;
 
 /// Global options every verb sees.
 #[derive(Debug, Parser)]
@@ -35,6 +46,27 @@ pub enum Command {
     Doctor,
     /// Generate images from a prompt (txt2img) with a diffusers model folder.
     Sample(sample::SampleArgs),
+    /// Run a pipeline: only stages whose inputs changed.
+    Run(run::RunArgs),
+    /// What a run would do with each stage, and why.
+    Plan(plan::PlanArgs),
+    /// Why a stage will rerun, field by field.
+    Explain(explain::ExplainArgs),
+    /// The stage graph as mermaid or Graphviz dot.
+    Dag(dag::DagArgs),
+    /// Check a pipeline file and report every error.
+    Validate(validate::ValidateArgs),
+    /// Inspect and maintain the cache.
+    Cache(cache::CacheArgs),
+    /// Write a starter DreamBooth pipeline (DIR/dreampipe.yaml) for a folder of photos.
+    Init(init::InitArgs),
+    /// Write the HTML report of a pipeline's latest run.
+    Report(report::ReportArgs),
+    /// Print the output folder of a stage's current result.
+    Show(show::ShowArgs),
+    /// Benchmark hashing, planning and no-op reruns (figures for the docs).
+    #[command(hide = true)]
+    BenchCache(bench_cache::BenchArgs),
     /// Model-folder utilities (`model init`: random-weight folders in a known architecture).
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -64,6 +96,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Doctor => doctor::run(&context),
         Command::Sample(args) => sample::run(&context, &args),
+        Command::Run(args) => run::run(&context, &args),
+        Command::Plan(args) => plan::run(&context, &args),
+        Command::Explain(args) => explain::run(&context, &args),
+        Command::Dag(args) => dag::run(&context, &args),
+        Command::Validate(args) => validate::run(&context, &args),
+        Command::Cache(args) => cache::run(&context, &args),
+        Command::Init(args) => init::run(&context, &args),
+        Command::Report(args) => report::run(&context, &args),
+        Command::Show(args) => show::run(&context, &args),
+        Command::BenchCache(args) => bench_cache::run(&context, &args),
         Command::Model(command) => model::run(command, &context),
         Command::Bench(command) => bench::run(command, &context),
     }

@@ -1,9 +1,10 @@
 //! `dreampipe sample`: txt2img from a diffusers folder to PNG files carrying their parameters.
 use super::Context;
-use crate::sd::pipeline::{DEFAULT_GUIDANCE, DEFAULT_STEPS, StableDiffusion, Txt2Img};
+use crate::sd::pipeline::{
+    DEFAULT_GUIDANCE, DEFAULT_STEPS, Event, PipelineError, StableDiffusion, Txt2Img, Txt2ImgOutput,
+};
 use crate::sd::png::{GenerationParameters, tensor_to_rgb_bytes, write_rgb_png};
 use crate::sd::schedulers::SchedulerKind;
-use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -60,9 +61,22 @@ impl DType {
 }
 
 pub fn run(context: &Context, args: &SampleArgs) -> anyhow::Result<ExitCode> {
-    let model = StableDiffusion::load(&args.model, context.device, args.dtype.kind())
-        .with_context(|| format!("cannot load model {}", args.model.display()))?;
-    let request = Txt2Img {
+    let model = StableDiffusion::load(&args.model, context.device, args.dtype.kind())?;
+    let output = sample_with_progress_bar(&model, &request_of(args))?;
+    let hash = short_weights_hash(&args.model);
+    for index in 0..args.batch {
+        let path = output_path(&args.out, index, args.batch);
+        let parameters = parameters_of(args, &output, &hash, index);
+        let rgb = tensor_to_rgb_bytes(&output.images.get(index));
+        let (width, height) = (output.width as u32, output.height as u32);
+        write_rgb_png(&path, &rgb, width, height, Some(&parameters))?;
+        println!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn request_of(args: &SampleArgs) -> Txt2Img {
+    Txt2Img {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         seed: args.seed,
@@ -72,38 +86,58 @@ pub fn run(context: &Context, args: &SampleArgs) -> anyhow::Result<ExitCode> {
         width: args.width,
         height: args.height,
         batch: args.batch,
-    };
-    let bar = ProgressBar::new(args.steps as u64);
+    }
+}
+
+/// Runs txt2img with a progress bar on stderr (hidden when stderr is not a terminal).
+fn sample_with_progress_bar(
+    model: &StableDiffusion,
+    request: &Txt2Img,
+) -> Result<Txt2ImgOutput, PipelineError> {
+    let bar = ProgressBar::new(request.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps {per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let output = model.txt2img(&request, &mut |done, total, _| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
+    let output = model.txt2img(request, &mut |event| {
+        if let Event::Step { done, total, .. } = event {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+    });
     bar.finish_and_clear();
-    let hash = short_weights_hash(&args.model);
-    for index in 0..args.batch {
-        let path = output_path(&args.out, index, args.batch);
-        let parameters = GenerationParameters {
-            prompt: args.prompt.clone(),
-            negative_prompt: args.negative_prompt.clone(),
-            steps: args.steps,
-            sampler: a1111_sampler_name(output.scheduler).to_string(),
-            guidance: args.guidance,
-            seed: args.seed,
-            width: output.width,
-            height: output.height,
-            model_hash: hash.clone(),
-            model_name: model_name(&args.model),
-            extra: vec![],
-        };
-        let rgb = tensor_to_rgb_bytes(&output.images.get(index));
-        write_rgb_png(&path, &rgb, output.width as u32, output.height as u32, Some(&parameters))?;
-        println!("{}", path.display());
+    output
+}
+
+/// The A1111 parameters of image `index`. Batch images share one seed (their noise is one draw
+/// of shape [batch, ...]), so a batch adds A1111's "Batch size" and "Batch pos" fields.
+fn parameters_of(
+    args: &SampleArgs,
+    output: &Txt2ImgOutput,
+    model_hash: &str,
+    index: i64,
+) -> GenerationParameters {
+    let extra = if args.batch > 1 {
+        vec![
+            ("Batch size".to_string(), args.batch.to_string()),
+            ("Batch pos".to_string(), index.to_string()),
+        ]
+    } else {
+        vec![]
+    };
+    GenerationParameters {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps,
+        sampler: a1111_sampler_name(output.scheduler).to_string(),
+        guidance: args.guidance,
+        seed: args.seed,
+        width: output.width,
+        height: output.height,
+        model_hash: model_hash.to_string(),
+        model_name: model_name(&args.model),
+        extra,
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// FILE.png for one image; FILE-i.png for a batch.
@@ -111,8 +145,14 @@ pub fn output_path(out: &Path, index: i64, batch: i64) -> PathBuf {
     if batch == 1 {
         return out.to_path_buf();
     }
-    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let extension = out.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "png".into());
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let extension = out
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
     out.with_file_name(format!("{stem}-{index}.{extension}"))
 }
 
@@ -124,13 +164,18 @@ fn model_name(dir: &Path) -> String {
 }
 
 /// A1111-style short model hash: the first 10 hex digits of the blake3 of the UNet weights.
-fn short_weights_hash(model: &Path) -> String {
+pub fn short_weights_hash(model: &Path) -> String {
     let unet = model.join("unet");
-    let file = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"]
-        .iter()
-        .map(|name| unet.join(name))
-        .find(|path| path.is_file());
-    let Some(file) = file else { return String::new() };
+    let file = [
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+    ]
+    .iter()
+    .map(|name| unet.join(name))
+    .find(|path| path.is_file());
+    let Some(file) = file else {
+        return String::new();
+    };
     let mut hasher = blake3::Hasher::new();
     match hasher.update_mmap_rayon(&file) {
         Ok(_) => hasher.finalize().to_hex()[..10].to_string(),

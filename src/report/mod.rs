@@ -2,11 +2,17 @@
 //! run (stage table, loss / learning-rate curves as inline SVG, validation samples, grids, sweep
 //! comparisons), the `metrics.jsonl` reader, and a headless-Chromium check / screenshot of the
 //! report. Independent of the runner and the SD code: the runner fills [`html::ReportInput`].
+//! Also the live reporters: `progress` (indicatif bars on a terminal, plain lines otherwise) and
+//! the end-of-run `summary` table; they only consume executor events/records. `build` fills the
+//! report's input from run records and the cache, and knows the default report location.
 pub mod browser;
+pub mod build;
 pub mod font;
 pub mod grid;
 pub mod html;
 pub mod metrics;
+pub mod progress;
+pub mod summary;
 pub mod svg;
 
 use std::path::PathBuf;
@@ -39,6 +45,15 @@ pub enum ReportError {
          or set DREAMPIPE_CHROMIUM to the browser binary"
     )]
     BrowserMissing { tried: String },
+    #[error(
+        "pipeline `{pipeline}` ({file}) has no run in cache `{cache}`; run `dreampipe run {file}` first \
+         (or pass the --cache the run used)"
+    )]
+    NeverRun {
+        pipeline: String,
+        file: PathBuf,
+        cache: PathBuf,
+    },
     #[error("headless Chromium on {page}: {reason}")]
     Browser { page: PathBuf, reason: String },
 }

@@ -168,6 +168,16 @@ struct SelfAttention {
     heads: i64,
 }
 
+/// Zero-initialised linear layers (the weights are loaded afterwards): tch's default random init
+/// would draw from the global CPU generator that seeded sampling runs rely on (see `sd::rng`).
+fn loaded_linear() -> nn::LinearConfig {
+    nn::LinearConfig {
+        ws_init: nn::Init::Const(0.0),
+        bs_init: Some(nn::Init::Const(0.0)),
+        bias: true,
+    }
+}
+
 impl SelfAttention {
     fn new(path: nn::Path, config: &ClipTextConfig) -> Self {
         let linear = |name: &str| {
@@ -175,7 +185,7 @@ impl SelfAttention {
                 &path / name,
                 config.hidden_size,
                 config.hidden_size,
-                Default::default(),
+                loaded_linear(),
             )
         };
         Self {
@@ -229,8 +239,8 @@ impl Mlp {
     fn new(path: nn::Path, config: &ClipTextConfig) -> Self {
         let (hidden, inner) = (config.hidden_size, config.intermediate_size);
         Self {
-            fc1: nn::linear(&path / "fc1", hidden, inner, Default::default()),
-            fc2: nn::linear(&path / "fc2", inner, hidden, Default::default()),
+            fc1: nn::linear(&path / "fc1", hidden, inner, loaded_linear()),
+            fc2: nn::linear(&path / "fc2", inner, hidden, loaded_linear()),
             activation: config.hidden_act,
         }
     }

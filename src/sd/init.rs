@@ -10,14 +10,16 @@
 //! (normal distributions scaled by hidden size and depth, zero biases, unit LayerNorms).
 //! The distributions match; the draw order does not (variables are filled in name order), so the
 //! bytes differ from PyTorch's for the same seed.
+//!
+//! Reproducibility: each component reseeds libtorch's global CPU generator (`tch::manual_seed`)
+//! and then draws from it, so the same seed writes the same bytes, provided nothing else in the
+//! process draws from that generator meanwhile (building a tch `nn::linear` does).
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
 use crate::sd::clip::{ClipError, ClipTextConfig, ClipTextModel};
-use crate::sd::folder::{
-    DIFFUSERS_WEIGHTS_STEM, MODEL_INDEX, TRANSFORMERS_WEIGHTS_STEM,
-};
+use crate::sd::folder::{DIFFUSERS_WEIGHTS_STEM, MODEL_INDEX, TRANSFORMERS_WEIGHTS_STEM};
 use crate::sd::model_config::ModelError;
 use crate::sd::unet::{UNet2DConditionModel, UNetConfig};
 use crate::sd::vae::{AutoencoderKL, VaeConfig};
@@ -218,7 +220,9 @@ pub enum InitError {
     Write { path: PathBuf, reason: String },
     #[error("{file}: invalid config: {reason}")]
     Config { file: PathBuf, reason: String },
-    #[error("internal error: no initialisation rule for variable '{variable}' of the {component}")]
+    #[error(
+        "internal error: no initialisation rule for variable '{variable}' of the {component} (please report this)"
+    )]
     NoInitRule {
         variable: String,
         component: &'static str,
@@ -232,8 +236,9 @@ pub enum InitError {
 }
 
 /// Writes a complete random-weight model folder to `out`, which must not exist or be empty.
-/// Everything is written to a sibling staging folder first and renamed into place at the end,
-/// so a failure leaves no half-written `out`.
+/// Everything is written to a sibling staging folder `<out>.partial` first (replacing one left
+/// by an interrupted run) and renamed into place at the end, so a failure leaves no
+/// half-written `out`.
 pub fn write_model_folder(
     out: &Path,
     options: &InitOptions,
@@ -275,9 +280,18 @@ pub fn write_configs(out: &Path, architecture: Architecture) -> Result<(), InitE
         ("unet/config.json", files.unet.as_bytes()),
         ("vae/config.json", files.vae.as_bytes()),
         ("text_encoder/config.json", files.text_encoder.as_bytes()),
-        ("scheduler/scheduler_config.json", files.scheduler.as_bytes()),
-        ("tokenizer/tokenizer_config.json", files.tokenizer_config.as_bytes()),
-        ("tokenizer/special_tokens_map.json", files.special_tokens_map.as_bytes()),
+        (
+            "scheduler/scheduler_config.json",
+            files.scheduler.as_bytes(),
+        ),
+        (
+            "tokenizer/tokenizer_config.json",
+            files.tokenizer_config.as_bytes(),
+        ),
+        (
+            "tokenizer/special_tokens_map.json",
+            files.special_tokens_map.as_bytes(),
+        ),
         ("tokenizer/vocab.json", files.vocab),
         ("tokenizer/merges.txt", files.merges),
     ];
@@ -287,8 +301,9 @@ pub fn write_configs(out: &Path, architecture: Architecture) -> Result<(), InitE
     Ok(())
 }
 
-/// Builds the zero-filled parameters of `component` from `root/<component>/config.json`
-/// (as written by [`write_configs`]) on the CPU, in float32.
+/// Builds the parameters of `component` from `root/<component>/config.json` (as written by
+/// [`write_configs`]) on the CPU, in float32, with placeholder values (zeros; tch's default
+/// init for the text encoder's linear layers, which draws from the global generator).
 pub fn build_component(root: &Path, component: Component) -> Result<VarStore, InitError> {
     let config = root.join(component.folder()).join(CONFIG_FILE);
     let vs = VarStore::new(Device::Cpu);
@@ -327,7 +342,9 @@ fn write_random_weights(
         Component::TextEncoder => {
             let config = root.join(component.folder()).join(CONFIG_FILE);
             let scales = ClipInitScales::from_config(&config)?;
-            fill_variables(&variables, component, |name| clip_init(&variables, &scales, name))?;
+            fill_variables(&variables, component, |name| {
+                clip_init(&variables, &scales, name)
+            })?;
         }
     }
     let file = root
@@ -465,7 +482,11 @@ fn read_initializer_factor(file: &Path) -> Result<f64, InitError> {
 
 /// transformers' CLIP init: normal weights (see [`ClipInitScales`]), LayerNorm weights 1,
 /// every bias 0.
-fn clip_init(variables: &BTreeMap<String, Tensor>, scales: &ClipInitScales, name: &str) -> Option<Init> {
+fn clip_init(
+    variables: &BTreeMap<String, Tensor>,
+    scales: &ClipInitScales,
+    name: &str,
+) -> Option<Init> {
     if let Some(std) = scales.weight_std(name) {
         Some(Init::Normal(std))
     } else if name.ends_with(".bias") {

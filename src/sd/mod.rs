@@ -7,6 +7,7 @@ pub mod model_config;
 pub mod pipeline;
 pub mod png;
 pub mod pool;
+pub mod rng;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod train;

@@ -1,20 +1,25 @@
 //! txt2img as diffusers' `StableDiffusionPipeline.__call__` computes it: prompt encoding with
 //! classifier-free guidance, seeded initial latents, the scheduler loop, VAE decode.
-//! On CPU the latents and image equal diffusers' for the same weights, prompt, seed and scheduler.
-use crate::sd::clip::ClipTextModel;
-use crate::sd::folder::ModelFolder;
-use crate::sd::schedulers::{self, SchedulerConfig, SchedulerKind};
-use crate::sd::tokenizer::ClipTokenizer;
+//! On CPU in float32 the latents and image equal diffusers' (within the fixture tolerances) for
+//! the same weights, prompt, seed and scheduler; `tests/sd_pipeline.rs` checks every scheduler.
+use crate::sd::clip::{ClipError, ClipTextModel};
+use crate::sd::folder::{FolderError, ModelFolder};
+use crate::sd::model_config::ModelError;
+use crate::sd::rng;
+use crate::sd::schedulers::{self, Scheduler, SchedulerConfig, SchedulerError, SchedulerKind};
+use crate::sd::tokenizer::{ClipTokenizer, TokenizerError};
 use crate::sd::unet::UNet2DConditionModel;
 use crate::sd::vae::AutoencoderKL;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
-/// diffusers StableDiffusionPipeline defaults.
+/// diffusers StableDiffusionPipeline defaults (`num_inference_steps`, `guidance_scale`).
 pub const DEFAULT_STEPS: usize = 50;
 pub const DEFAULT_GUIDANCE: f64 = 7.5;
 /// diffusers' fallback latent size when the UNet config has no `sample_size`.
 const DEFAULT_SAMPLE_SIZE: i64 = 128;
+/// diffusers applies classifier-free guidance only when `guidance_scale > 1`.
+const GUIDANCE_THRESHOLD: f64 = 1.0;
 
 /// A loaded Stable Diffusion model: every component of a diffusers folder.
 pub struct StableDiffusion {
@@ -42,6 +47,7 @@ pub struct Txt2Img {
     pub scheduler: Option<SchedulerKind>,
     pub width: Option<i64>,
     pub height: Option<i64>,
+    /// Images per prompt; their initial noise is ONE draw of shape [batch, ...], as diffusers'.
     pub batch: i64,
 }
 
@@ -49,44 +55,85 @@ pub struct Txt2Img {
 pub struct Txt2ImgOutput {
     /// Final latents before `/ scaling_factor`, [batch, 4, h/f, w/f].
     pub latents: Tensor,
-    /// Decoded images in [-1, 1], [batch, 3, h, w].
+    /// Decoded images in [-1, 1], float32, [batch, 3, h, w].
     pub images: Tensor,
     pub width: i64,
     pub height: i64,
     pub scheduler: SchedulerKind,
 }
 
-/// Why sampling could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    #[error("{0}")]
-    Model(String),
-    #[error("--{field} {value}: must be a positive multiple of {multiple} for this model (VAE factor {vae_factor} × UNet downsampling {unet_factor})")]
-    BadSize { field: &'static str, value: i64, multiple: i64, vae_factor: i64, unet_factor: i64 },
-    #[error("--batch {0}: must be at least 1")]
-    BadBatch(i64),
-    #[error("--steps {0}: must be at least 1")]
-    BadSteps(usize),
+/// What txt2img reports while it runs. The CLI counts steps; tests and debugging read tensors.
+pub enum Event<'a> {
+    /// The seeded standard-normal draw (float32, CPU) and the initial latents made from it
+    /// (`noise * init_noise_sigma`, in the model's kind and device).
+    Start {
+        noise: &'a Tensor,
+        latents: &'a Tensor,
+    },
+    /// UNet evaluation `call` at `timestep`: its input after `scale_model_input` (with guidance
+    /// the batch is [uncond..., cond...]) and its raw output, before guidance.
+    UNet {
+        call: usize,
+        timestep: &'a Tensor,
+        input: &'a Tensor,
+        output: &'a Tensor,
+    },
+    /// Scheduler step `done` of `total` finished; `latents` is its result.
+    Step {
+        done: usize,
+        total: usize,
+        latents: &'a Tensor,
+    },
 }
 
-fn model_error(error: impl std::fmt::Display) -> PipelineError {
-    PipelineError::Model(error.to_string())
+/// Why a model could not be loaded or sampling could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{dir}: model folder not found (pass a diffusers folder with model_index.json)")]
+    MissingModel { dir: PathBuf },
+    #[error(transparent)]
+    Folder(#[from] FolderError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    TextEncoder(#[from] ClipError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    #[error(
+        "{field} {value}: must be a positive multiple of {multiple} (the VAE scale factor of this model)"
+    )]
+    BadSize {
+        field: &'static str,
+        value: i64,
+        multiple: i64,
+    },
+    #[error("batch {0}: must be at least 1")]
+    BadBatch(i64),
+    #[error("steps {0}: must be at least 1")]
+    BadSteps(usize),
 }
 
 impl StableDiffusion {
     /// Loads every component of a diffusers folder in `kind` on `device`.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, PipelineError> {
-        let folder = ModelFolder::open(dir).map_err(model_error)?;
+        if !dir.is_dir() {
+            return Err(PipelineError::MissingModel {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let folder = ModelFolder::open(dir)?;
         let variant = preferred_variant(&folder, kind);
-        let tokenizer = ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(model_error)?;
+        let tokenizer = ClipTokenizer::from_dir(&folder.tokenizer_dir())?;
         let (te_store, text_encoder) =
-            ClipTextModel::load(&folder.text_encoder_dir(), device, kind, variant).map_err(model_error)?;
+            ClipTextModel::load(&folder.text_encoder_dir(), device, kind, variant)?;
         let (unet_store, unet) =
-            UNet2DConditionModel::load(&folder.unet_dir(), device, kind, variant).map_err(model_error)?;
+            UNet2DConditionModel::load(&folder.unet_dir(), device, kind, variant)?;
         let (vae_store, vae) =
-            AutoencoderKL::load(&folder.vae_dir(), device, vae_kind(kind, device), variant).map_err(model_error)?;
+            AutoencoderKL::load(&folder.vae_dir(), device, vae_kind(kind), variant)?;
         let scheduler_config =
-            SchedulerConfig::from_file(&folder.scheduler_dir().join("scheduler_config.json")).map_err(model_error)?;
+            SchedulerConfig::from_file(&folder.scheduler_dir().join("scheduler_config.json"))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             tokenizer,
@@ -102,7 +149,11 @@ impl StableDiffusion {
 
     /// The image size diffusers uses when none is given: unet.sample_size × VAE factor.
     pub fn default_size(&self) -> i64 {
-        self.unet.config().sample_size.unwrap_or(DEFAULT_SAMPLE_SIZE) * self.vae_scale_factor()
+        self.unet
+            .config()
+            .sample_size
+            .unwrap_or(DEFAULT_SAMPLE_SIZE)
+            * self.vae_scale_factor()
     }
 
     /// 2^(number of VAE blocks − 1), as diffusers computes `vae_scale_factor`.
@@ -110,100 +161,225 @@ impl StableDiffusion {
         1 << (self.vae.config().block_out_channels.len() as i64 - 1)
     }
 
-    /// The latent size must survive the UNet's downsamplers and come back the same.
-    fn unet_downsampling(&self) -> i64 {
-        1 << (self.unet.config().block_out_channels.len() as i64 - 1)
-    }
-
-    /// Encodes prompts to `last_hidden_state` as diffusers' `encode_prompt` does (padded to
-    /// max length, no attention mask), repeated for the batch.
+    /// Encodes a prompt to `last_hidden_state` as diffusers' `encode_prompt` does (padded to
+    /// max length, no attention mask), in the model's kind, repeated `batch` times.
     pub fn encode_prompt(&self, text: &str, batch: i64) -> Result<Tensor, PipelineError> {
         let encoding = self.tokenizer.encode(text);
-        let ids = Tensor::from_slice(&encoding.ids).unsqueeze(0).to_device(self.device);
-        let hidden = self.text_encoder.forward(&ids).map_err(model_error)?.last_hidden_state; // [1, 77, dim]
+        let ids = Tensor::from_slice(&encoding.ids)
+            .unsqueeze(0)
+            .to_device(self.device);
+        let hidden = self.text_encoder.forward(&ids)?.last_hidden_state; // [1, 77, dim]
         Ok(hidden.to_kind(self.kind).repeat([batch, 1, 1]))
     }
 
-    /// Runs txt2img; `on_step(done, total, latents)` is called after each scheduler step.
-    pub fn txt2img(&self, request: &Txt2Img, on_step: &mut dyn FnMut(usize, usize, &Tensor)) -> Result<Txt2ImgOutput, PipelineError> {
+    /// Runs txt2img. `on_event` sees the initial noise, every UNet call and every finished step.
+    /// Holds the global RNG lock (see [`rng`]) while the run draws from the generator: for the
+    /// initial noise, and to the last step when the scheduler draws step noise.
+    pub fn txt2img(
+        &self,
+        request: &Txt2Img,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Txt2ImgOutput, PipelineError> {
         let _no_grad = tch::no_grad_guard();
-        let (width, height) = self.checked_size(request)?;
+        let (width, height) = self.checked_request(request)?;
+        let mut scheduler = self.scheduler_for(request)?;
+        let guidance = (request.guidance > GUIDANCE_THRESHOLD).then_some(request.guidance);
+        let context = self.conditioning(request, guidance.is_some())?;
+        let shape = self.latent_shape(request.batch, width, height);
+        let rng_guard = rng::seed_global(request.seed);
+        let noise = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        let latents = self.initial_latents(noise, scheduler.as_ref(), on_event);
+        let step_noise_guard = scheduler.kind().draws_step_noise().then_some(rng_guard);
+        let latents = self.denoise(scheduler.as_mut(), latents, &context, guidance, on_event)?;
+        drop(step_noise_guard);
+        Ok(Txt2ImgOutput {
+            images: self.decode(&latents),
+            latents,
+            width,
+            height,
+            scheduler: scheduler.kind(),
+        })
+    }
+
+    /// txt2img for a batch whose sample `i` draws its initial noise from its own generator seeded
+    /// with `seeds[i]` (`request.seed` and `request.batch` are ignored): sample `i` equals
+    /// `txt2img` with `seed: seeds[i], batch: 1` whenever the scheduler draws no step noise.
+    /// With DDPM / Euler ancestral the step noise continues the generator of the last seed, so
+    /// only a batch of one matches; callers that need equality pass one seed at a time.
+    pub fn txt2img_per_sample_seeds(
+        &self,
+        request: &Txt2Img,
+        seeds: &[u64],
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Txt2ImgOutput, PipelineError> {
+        let _no_grad = tch::no_grad_guard();
+        let request = Txt2Img {
+            batch: seeds.len() as i64,
+            ..request.clone()
+        };
+        let (width, height) = self.checked_request(&request)?;
+        let mut scheduler = self.scheduler_for(&request)?;
+        let guidance = (request.guidance > GUIDANCE_THRESHOLD).then_some(request.guidance);
+        let context = self.conditioning(&request, guidance.is_some())?;
+        let [_, channels, rows, columns] = self.latent_shape(1, width, height);
+        let mut draws = Vec::with_capacity(seeds.len());
+        let mut last_guard = None;
+        for &seed in seeds {
+            drop(last_guard.take());
+            let guard = rng::seed_global(seed);
+            draws.push(Tensor::randn(
+                [1, channels, rows, columns],
+                (Kind::Float, Device::Cpu),
+            ));
+            last_guard = Some(guard);
+        }
+        let latents = self.initial_latents(Tensor::cat(&draws, 0), scheduler.as_ref(), on_event);
+        if !scheduler.kind().draws_step_noise() {
+            drop(last_guard.take());
+        }
+        let latents = self.denoise(scheduler.as_mut(), latents, &context, guidance, on_event)?;
+        drop(last_guard);
+        Ok(Txt2ImgOutput {
+            images: self.decode(&latents),
+            latents,
+            width,
+            height,
+            scheduler: scheduler.kind(),
+        })
+    }
+
+    /// The request's scheduler (default: the model's own), ready for `request.steps` steps.
+    fn scheduler_for(&self, request: &Txt2Img) -> Result<Box<dyn Scheduler>, PipelineError> {
+        let kind = match request.scheduler {
+            Some(kind) => kind,
+            None => SchedulerKind::of_config(&self.scheduler_config)?,
+        };
+        let mut scheduler = schedulers::build(kind, &self.scheduler_config)?;
+        scheduler.set_timesteps(request.steps)?;
+        Ok(scheduler)
+    }
+
+    /// `noise * init_noise_sigma`, the noise drawn (like diffusers) from the seeded CPU generator
+    /// in float32 and then moved to the model's device and kind.
+    fn initial_latents(
+        &self,
+        noise: Tensor,
+        scheduler: &dyn Scheduler,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Tensor {
+        let latents = (&noise * scheduler.init_noise_sigma())
+            .to_device(self.device)
+            .to_kind(self.kind);
+        on_event(Event::Start {
+            noise: &noise,
+            latents: &latents,
+        });
+        latents
+    }
+
+    /// The UNet's `encoder_hidden_states`: [negative..., prompt...] with guidance, else the prompt.
+    fn conditioning(&self, request: &Txt2Img, guided: bool) -> Result<Tensor, PipelineError> {
+        let cond = self.encode_prompt(&request.prompt, request.batch)?;
+        if !guided {
+            return Ok(cond);
+        }
+        let uncond = self.encode_prompt(&request.negative_prompt, request.batch)?;
+        Ok(Tensor::cat(&[uncond, cond], 0))
+    }
+
+    fn latent_shape(&self, batch: i64, width: i64, height: i64) -> [i64; 4] {
+        let factor = self.vae_scale_factor();
+        let channels = self.unet.config().in_channels;
+        [batch, channels, height / factor, width / factor]
+    }
+
+    /// The scheduler loop: one UNet call per timestep (a doubled batch with guidance, combined
+    /// as `uncond + g * (cond - uncond)`), then one scheduler step.
+    fn denoise(
+        &self,
+        scheduler: &mut dyn Scheduler,
+        mut latents: Tensor,
+        context: &Tensor,
+        guidance: Option<f64>,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Tensor, PipelineError> {
+        let timesteps = scheduler.timesteps().shallow_clone();
+        let total = timesteps.size()[0] as usize;
+        for index in 0..total {
+            let timestep = timesteps.get(index as i64);
+            let batch_input = match guidance {
+                Some(_) => Tensor::cat(&[&latents, &latents], 0),
+                None => latents.shallow_clone(),
+            };
+            let input = scheduler.scale_model_input(&batch_input, index)?;
+            let output = self.unet.forward(&input, &timestep, context);
+            on_event(Event::UNet {
+                call: index,
+                timestep: &timestep,
+                input: &input,
+                output: &output,
+            });
+            let prediction = match guidance {
+                Some(scale) => {
+                    let halves = output.chunk(2, 0);
+                    &halves[0] + (&halves[1] - &halves[0]) * scale
+                }
+                None => output,
+            };
+            latents = scheduler.step(&prediction, index, &latents)?.prev_sample;
+            on_event(Event::Step {
+                done: index + 1,
+                total,
+                latents: &latents,
+            });
+        }
+        Ok(latents)
+    }
+
+    /// VAE decode of `latents / scaling_factor`, returned as float32.
+    pub fn decode(&self, latents: &Tensor) -> Tensor {
+        let _no_grad = tch::no_grad_guard();
+        let scaled = latents / self.vae.scaling_factor();
+        self.vae
+            .decode(&scaled.to_kind(vae_kind(self.kind)))
+            .to_kind(Kind::Float)
+    }
+
+    /// Checks batch and steps, and returns width and height (defaults filled in), each a
+    /// positive multiple of the VAE factor (the UNet takes any latent size: its upsamplers follow
+    /// the skip connections' sizes).
+    fn checked_request(&self, request: &Txt2Img) -> Result<(i64, i64), PipelineError> {
         if request.batch < 1 {
             return Err(PipelineError::BadBatch(request.batch));
         }
         if request.steps < 1 {
             return Err(PipelineError::BadSteps(request.steps));
         }
-        let kind = match request.scheduler {
-            Some(kind) => kind,
-            None => SchedulerKind::of_config(&self.scheduler_config).map_err(model_error)?,
-        };
-        let mut scheduler = schedulers::build(kind, &self.scheduler_config).map_err(model_error)?;
-        let guided = request.guidance > 1.0;
-        let cond = self.encode_prompt(&request.prompt, request.batch)?;
-        let context = if guided {
-            Tensor::cat(&[self.encode_prompt(&request.negative_prompt, request.batch)?, cond], 0)
-        } else {
-            cond
-        };
-        scheduler.set_timesteps(request.steps).map_err(model_error)?;
-        let factor = self.vae_scale_factor();
-        let latent_shape = [request.batch, self.unet.config().in_channels, height / factor, width / factor];
-        tch::manual_seed(request.seed as i64);
-        // diffusers draws the initial noise on the CPU generator, then moves it.
-        let noise = Tensor::randn(latent_shape, (Kind::Float, Device::Cpu));
-        let mut latents = (noise * scheduler.init_noise_sigma()).to_device(self.device).to_kind(self.kind);
-        let timesteps = scheduler.timesteps().shallow_clone();
-        let total = timesteps.size()[0] as usize;
-        for index in 0..total {
-            let t = timesteps.get(index as i64);
-            let model_input = if guided { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
-            let model_input = scheduler.scale_model_input(&model_input, index).map_err(model_error)?;
-            let prediction = self.unet.forward(&model_input, &t.to_device(self.device), &context);
-            let prediction = if guided {
-                let halves = prediction.chunk(2, 0);
-                &halves[0] + (&halves[1] - &halves[0]) * request.guidance
-            } else {
-                prediction
-            };
-            latents = scheduler.step(&prediction, index, &latents).map_err(model_error)?.prev_sample;
-            on_step(index + 1, total, &latents);
-        }
-        let images = self.decode(&latents);
-        Ok(Txt2ImgOutput { latents, images, width, height, scheduler: kind })
-    }
-
-    /// VAE decode of `latents / scaling_factor` (float32 where diffusers upcasts the VAE).
-    pub fn decode(&self, latents: &Tensor) -> Tensor {
-        let scaled = latents / self.vae.scaling_factor();
-        let vae_kind = self.vae_dtype();
-        self.vae.decode(&scaled.to_kind(vae_kind)).to_kind(Kind::Float)
-    }
-
-    fn vae_dtype(&self) -> Kind {
-        vae_kind(self.kind, self.device)
-    }
-
-    fn checked_size(&self, request: &Txt2Img) -> Result<(i64, i64), PipelineError> {
         let default = self.default_size();
         let width = request.width.unwrap_or(default);
         let height = request.height.unwrap_or(default);
-        let vae_factor = self.vae_scale_factor();
-        let unet_factor = self.unet_downsampling();
-        let multiple = vae_factor * unet_factor;
+        let multiple = self.vae_scale_factor();
         for (field, value) in [("width", width), ("height", height)] {
             if value <= 0 || value % multiple != 0 {
-                return Err(PipelineError::BadSize { field, value, multiple, vae_factor, unet_factor });
+                return Err(PipelineError::BadSize {
+                    field,
+                    value,
+                    multiple,
+                });
             }
         }
         Ok((width, height))
     }
 }
 
-/// diffusers runs an fp16 VAE in float32 when `force_upcast` is set (SD 1.x/2.x VAEs overflow in
-/// fp16); bf16 has the range, so only fp16 is upcast.
-fn vae_kind(kind: Kind, _device: Device) -> Kind {
-    if kind == Kind::Half { Kind::Float } else { kind }
+/// The VAE's kind: float16 is decoded in float32 (the SD VAEs can overflow in fp16, which is
+/// why diffusers' `force_upcast` exists); bfloat16 has float32's range and is kept.
+fn vae_kind(kind: Kind) -> Kind {
+    if kind == Kind::Half {
+        Kind::Float
+    } else {
+        kind
+    }
 }
 
 /// Loads the `fp16` weight variant when running in half precision and the folder has one.

@@ -39,13 +39,17 @@ impl GenerationParameters {
         let mut settings = vec![
             format!("Steps: {}", self.steps),
             format!("Sampler: {}", self.sampler),
-            format!("CFG scale: {}", self.guidance),
+            format!("CFG scale: {}", python_float(self.guidance)),
             format!("Seed: {}", self.seed),
             format!("Size: {}x{}", self.width, self.height),
             format!("Model hash: {}", self.model_hash),
             format!("Model: {}", self.model_name),
         ];
-        settings.extend(self.extra.iter().map(|(k, v)| format!("{k}: {}", quote_if_needed(v))));
+        settings.extend(
+            self.extra
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", quote_if_needed(v))),
+        );
         let mut text = self.prompt.clone();
         if !self.negative_prompt.is_empty() {
             text.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
@@ -53,6 +57,15 @@ impl GenerationParameters {
         text.push('\n');
         text.push_str(&settings.join(", "));
         text
+    }
+}
+
+/// Formats like Python's `str(float)` (A1111 writes "CFG scale: 7.0", not "7").
+fn python_float(value: f64) -> String {
+    if value.is_finite() && value.fract() == 0.0 {
+        format!("{value:.1}")
+    } else {
+        value.to_string()
     }
 }
 
@@ -82,7 +95,10 @@ pub fn write_rgb_png(
     height: u32,
     parameters: Option<&GenerationParameters>,
 ) -> Result<(), PngError> {
-    let write_error = |reason: String| PngError::Write { path: path.to_path_buf(), reason };
+    let write_error = |reason: String| PngError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
     let file = File::create(path).map_err(|e| write_error(e.to_string()))?;
     let mut encoder = png::Encoder::new(BufWriter::new(file), width, height);
     encoder.set_color(png::ColorType::Rgb);
@@ -96,8 +112,12 @@ pub fn write_rgb_png(
         };
         added.map_err(|e| write_error(e.to_string()))?;
     }
-    let mut writer = encoder.write_header().map_err(|e| write_error(e.to_string()))?;
-    writer.write_image_data(rgb).map_err(|e| write_error(e.to_string()))?;
+    let mut writer = encoder
+        .write_header()
+        .map_err(|e| write_error(e.to_string()))?;
+    writer
+        .write_image_data(rgb)
+        .map_err(|e| write_error(e.to_string()))?;
     writer.finish().map_err(|e| write_error(e.to_string()))
 }
 
@@ -107,16 +127,30 @@ fn is_latin1(text: &str) -> bool {
 
 /// Reads the "parameters" text chunk of a PNG, if it has one.
 pub fn read_parameters_text(path: &Path) -> Result<Option<String>, PngError> {
-    let read_error = |reason: String| PngError::Read { path: path.to_path_buf(), reason };
+    let read_error = |reason: String| PngError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
     let file = File::open(path).map_err(|e| read_error(e.to_string()))?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
     let reader = decoder.read_info().map_err(|e| read_error(e.to_string()))?;
     let info = reader.info();
-    if let Some(chunk) = info.uncompressed_latin1_text.iter().find(|c| c.keyword == PARAMETERS_KEYWORD) {
+    if let Some(chunk) = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|c| c.keyword == PARAMETERS_KEYWORD)
+    {
         return Ok(Some(chunk.text.clone()));
     }
-    match info.utf8_text.iter().find(|c| c.keyword == PARAMETERS_KEYWORD) {
-        Some(chunk) => chunk.get_text().map(Some).map_err(|e| read_error(e.to_string())),
+    match info
+        .utf8_text
+        .iter()
+        .find(|c| c.keyword == PARAMETERS_KEYWORD)
+    {
+        Some(chunk) => chunk
+            .get_text()
+            .map(Some)
+            .map_err(|e| read_error(e.to_string())),
         None => Ok(None),
     }
 }
@@ -128,7 +162,10 @@ pub fn tensor_to_rgb_bytes(image: &tch::Tensor) -> Vec<u8> {
         .clamp(0.0, 1.0)
         .permute([1, 2, 0])
         .contiguous();
-    let bytes = (pixels * 255.0).round().to_kind(tch::Kind::Uint8).flatten(0, -1);
+    let bytes = (pixels * 255.0)
+        .round()
+        .to_kind(tch::Kind::Uint8)
+        .flatten(0, -1);
     Vec::<u8>::try_from(&bytes).unwrap_or_default()
 }
 
@@ -159,6 +196,13 @@ mod tests {
             "a photo of sks dog\nNegative prompt: blurry\nSteps: 50, Sampler: DDIM, CFG scale: 7.5, \
              Seed: 1234, Size: 512x512, Model hash: 0123456789, Model: tiny-sd, dreampipe pipeline: demo"
         );
+    }
+
+    #[test]
+    fn whole_guidance_scales_keep_their_decimal_point() {
+        let mut parameters = sample_parameters();
+        parameters.guidance = 7.0;
+        assert!(parameters.to_a1111_text().contains(", CFG scale: 7.0, "));
     }
 
     #[test]

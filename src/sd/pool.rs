@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use tch::{Device, Kind};
 
-type PoolKey = (PathBuf, String, String);
+/// (canonical folder, device, dtype).
+type PoolKey = (PathBuf, Device, Kind);
 
 /// A pooled model. libtorch tensors are `Send` but not `Sync`, so users take the lock while
 /// they run it (stages on one device are serialized by the executor's device slot anyway).
@@ -19,10 +20,13 @@ fn pool() -> &'static Mutex<HashMap<PoolKey, SharedModel>> {
 
 /// Returns the loaded model for `dir` on `device` in `kind`, loading it on first use.
 /// Folders produced by the cache are immutable, so the canonical path identifies the weights.
+/// Loads are serialized (the pool stays locked while one runs), so a folder is never loaded twice.
 pub fn get(dir: &Path, device: Device, kind: Kind) -> Result<SharedModel, PipelineError> {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let key = (canonical.clone(), format!("{device:?}"), format!("{kind:?}"));
-    let mut models = pool().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let key = (canonical.clone(), device, kind);
+    let mut models = pool()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(model) = models.get(&key) {
         return Ok(Arc::clone(model));
     }
@@ -33,5 +37,8 @@ pub fn get(dir: &Path, device: Device, kind: Kind) -> Result<SharedModel, Pipeli
 
 /// Drops every pooled model (frees memory between unrelated stages).
 pub fn clear() {
-    pool().lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+    pool()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clear();
 }

@@ -8,8 +8,8 @@
 //! x = step(eps, i, x).prev_sample }`, starting from `noise * init_noise_sigma()`.
 //! Schedulers that draw noise (DDPM, Euler ancestral) use tch's global CPU generator, in the
 //! order and shapes diffusers' CPU `generator` would, so `tch::manual_seed(s)` reproduces
-//! `torch.Generator().manual_seed(s)`. That generator is process-wide: runs that must be
-//! reproducible must not draw from it concurrently.
+//! `torch.Generator().manual_seed(s)`. That generator is process-wide: a run that must be
+//! reproducible seeds it with `sd::rng::seed_global` and holds the guard until its last step.
 use std::str::FromStr;
 use tch::Tensor;
 
@@ -133,6 +133,11 @@ impl SchedulerKind {
             SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
             SchedulerKind::Ddpm => "DDPMScheduler",
         }
+    }
+
+    /// Whether `step` draws noise from the global generator (DDPM's variance, Euler ancestral).
+    pub fn draws_step_noise(self) -> bool {
+        matches!(self, SchedulerKind::Ddpm | SchedulerKind::EulerAncestral)
     }
 
     /// The kind a config's `_class_name` names (`None` when it is not one we implement).

@@ -3,11 +3,18 @@
 //! clipping, diffusers' learning-rate schedules, the DreamBooth losses, and a two-phase
 //! gradient-checkpointing helper. DreamBooth / textual inversion loops are built on these.
 pub mod adamw8bit;
+pub mod checkpoint;
 pub mod checkpointing;
+pub mod common;
+pub mod data;
+pub mod dreambooth;
+mod driver;
 pub mod loss;
 pub mod lr_schedule;
 pub mod optim;
+pub mod output;
 mod state_io;
+pub mod textual_inversion;
 
 use std::path::PathBuf;
 
@@ -32,4 +39,46 @@ pub enum TrainError {
     Loss(String),
     #[error("gradient checkpointing: {0}")]
     Checkpointing(String),
+    #[error("training option '{field}': {problem}")]
+    Config {
+        field: &'static str,
+        problem: String,
+    },
+    #[error("{path}: {problem}")]
+    Data { path: PathBuf, problem: String },
+    #[error("{0}")]
+    Model(String),
+    #[error("validation at step {step}: {problem}")]
+    Validation { step: u64, problem: String },
+    #[error(
+        "step {step}: the loss is {loss} (not finite); training stopped. {}",
+        checkpoint_hint(.checkpoint)
+    )]
+    NonFiniteLoss {
+        step: u64,
+        loss: f64,
+        checkpoint: Option<PathBuf>,
+    },
+    #[error("training cancelled at step {step}; progress is saved in {}: run again with resume to continue", .checkpoint.display())]
+    Cancelled { step: u64, checkpoint: PathBuf },
+}
+
+fn checkpoint_hint(checkpoint: &Option<PathBuf>) -> String {
+    match checkpoint {
+        Some(dir) => format!(
+            "The last good checkpoint is {}; lower learning_rate (or check the data) and resume from it",
+            dir.display()
+        ),
+        None => {
+            "No checkpoint was written yet; lower learning_rate (or check the data) and start again"
+                .to_string()
+        }
+    }
+}
+
+impl TrainError {
+    /// Wraps a model/scheduler/tokenizer error (its message already names the file).
+    pub(crate) fn model(error: impl std::fmt::Display) -> Self {
+        Self::Model(error.to_string())
+    }
 }

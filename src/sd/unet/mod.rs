@@ -3,6 +3,7 @@
 //! loads directly. Gradients flow through `forward` (nothing is detached).
 pub mod attention;
 pub mod blocks;
+pub mod checkpointed;
 pub mod config;
 pub mod embeddings;
 pub mod resnet;

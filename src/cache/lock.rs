@@ -1,0 +1,151 @@
+//! Per-key locks: an advisory `flock` on `locks/<key>.lock`. The kernel releases it when the
+//! holding process dies (even by `kill -9`), so a lock left by a dead process never blocks;
+//! the pid written inside is only informational.
+use super::CacheError;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// How often a waiting process retries the lock and checks for cancellation.
+const LOCK_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// A held key lock; dropping it releases the lock.
+pub struct KeyLock {
+    _file: File,
+    pub path: PathBuf,
+}
+
+/// Whether the lock was free or another process held it first.
+pub enum Acquired {
+    Immediately(KeyLock),
+    AfterWaiting(KeyLock),
+}
+
+/// Takes the lock at `path`, polling until it is free or `cancel` is set. `on_wait` runs once
+/// when the lock is busy (to tell the user who they wait for).
+pub fn acquire(
+    path: &Path,
+    cancel: &AtomicBool,
+    on_wait: impl FnOnce(),
+) -> Result<Acquired, CacheError> {
+    let mut file = open_lock_file(path)?;
+    let mut waited = false;
+    let mut on_wait = Some(on_wait);
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(CacheError::Cancelled {
+                        key: path.display().to_string(),
+                    });
+                }
+                if let Some(callback) = on_wait.take() {
+                    callback();
+                }
+                waited = true;
+                std::thread::sleep(LOCK_POLL_INTERVAL);
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(CacheError::io("lock", path, e));
+            }
+        }
+    }
+    let _ = file.set_len(0);
+    let _ = writeln!(file, "{}", std::process::id());
+    let lock = KeyLock {
+        _file: file,
+        path: path.to_path_buf(),
+    };
+    Ok(if waited {
+        Acquired::AfterWaiting(lock)
+    } else {
+        Acquired::Immediately(lock)
+    })
+}
+
+fn open_lock_file(path: &Path) -> Result<File, CacheError> {
+    File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| CacheError::io("open lock", path, e))
+}
+
+/// The exclusive lock if nobody holds the lock in any mode (for `cache gc`), else `None`.
+pub fn try_exclusive(path: &Path) -> Result<Option<KeyLock>, CacheError> {
+    let file = open_lock_file(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(KeyLock {
+            _file: file,
+            path: path.to_path_buf(),
+        })),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(CacheError::io("lock", path, e)),
+    }
+}
+
+/// A shared lock: held by a stage reading an upstream result, so `cache gc` leaves it alone.
+pub fn shared(path: &Path) -> Result<KeyLock, CacheError> {
+    let file = open_lock_file(path)?;
+    file.lock_shared()
+        .map_err(|e| CacheError::io("lock", path, e))?;
+    Ok(KeyLock {
+        _file: file,
+        path: path.to_path_buf(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_holder_waits_until_first_releases() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.lock");
+        let cancel = AtomicBool::new(false);
+        let first = acquire(&path, &cancel, || {}).expect("first");
+        let handle = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let cancel = AtomicBool::new(false);
+                matches!(
+                    acquire(&path, &cancel, || {}).expect("second"),
+                    Acquired::AfterWaiting(_)
+                )
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        drop(first);
+        assert!(
+            handle.join().expect("join"),
+            "second acquirer must have waited"
+        );
+    }
+
+    #[test]
+    fn a_shared_holder_makes_try_exclusive_fail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.lock");
+        let reader = shared(&path).expect("shared");
+        assert!(try_exclusive(&path).expect("try").is_none());
+        drop(reader);
+        assert!(try_exclusive(&path).expect("try").is_some());
+    }
+
+    #[test]
+    fn stale_lock_file_with_dead_pid_does_not_block() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.lock");
+        std::fs::write(&path, "999999\n").expect("write");
+        let cancel = AtomicBool::new(false);
+        assert!(matches!(
+            acquire(&path, &cancel, || {}).expect("lock"),
+            Acquired::Immediately(_)
+        ));
+    }
+}

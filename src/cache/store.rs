@@ -1,0 +1,426 @@
+//! The result store: staging folders, atomic commit of a stage's output under its key, files
+//! stored once in `objects/` and hard-linked into each result, the per-stage index `explain`
+//! reads, and the human `runs/<pipeline>/<stage>` links.
+use super::CacheError;
+use super::hash::{TreeDigest, hash_file_uncached, relative_name, tree_digest};
+use super::lock::{self, Acquired};
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Sub-folders of the cache root (see the module doc of `cache`).
+const SUBDIRS: [&str; 10] = [
+    "objects",
+    "results",
+    "staging",
+    "work",
+    "locks",
+    "logs",
+    "index",
+    "runs",
+    "records",
+    "quarantine",
+];
+
+/// What `result.json` records about a committed output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResultRecord {
+    pub key: String,
+    pub stage_id: String,
+    pub kind: String,
+    /// blake3 over the sorted (relative path, file digest) pairs of `out/`.
+    pub output_digest: String,
+    pub files: TreeDigest,
+    pub size_bytes: u64,
+    pub created_unix: u64,
+    pub duration_s: f64,
+}
+
+/// A handle on one cache root.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<(), CacheError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|source| CacheError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::write(path, bytes).map_err(|e| CacheError::io("write", path, e))
+}
+
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CacheError> {
+    let bytes = std::fs::read(path).map_err(|e| CacheError::io("read", path, e))?;
+    serde_json::from_slice(&bytes).map_err(|source| CacheError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Makes a stage id usable as one file name (ids may contain `/` only by user error).
+pub fn file_name_for(stage_id: &str) -> String {
+    stage_id.replace(['/', '\\', '\0'], "_")
+}
+
+impl Store {
+    /// Opens (and creates) the cache root and its sub-folders. The root is made absolute:
+    /// stages run in other working directories and receive paths inside it.
+    pub fn open(root: &Path) -> Result<Self, CacheError> {
+        let root = &std::path::absolute(root).map_err(|e| CacheError::io("resolve", root, e))?;
+        for sub in SUBDIRS {
+            let dir = root.join(sub);
+            std::fs::create_dir_all(&dir).map_err(|e| CacheError::io("create", &dir, e))?;
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn result_dir(&self, key: &str) -> PathBuf {
+        self.root.join("results").join(key)
+    }
+
+    /// The folder downstream stages read: `results/<key>/out`.
+    pub fn output_dir(&self, key: &str) -> PathBuf {
+        self.result_dir(key).join("out")
+    }
+
+    pub fn object_path(&self, digest: &str) -> PathBuf {
+        let prefix = digest.get(..2).unwrap_or("__");
+        self.root.join("objects").join(prefix).join(digest)
+    }
+
+    pub fn work_dir(&self, key: &str) -> PathBuf {
+        self.root.join("work").join(key)
+    }
+
+    pub fn log_path(&self, key: &str) -> PathBuf {
+        self.root.join("logs").join(format!("{key}.log"))
+    }
+
+    pub fn memo_path(&self) -> PathBuf {
+        self.root.join("memo.json")
+    }
+
+    /// The committed result for `key`, if any (a result without a readable record is a miss).
+    pub fn lookup(&self, key: &str) -> Option<ResultRecord> {
+        read_json(&self.result_dir(key).join("result.json")).ok()
+    }
+
+    /// The key material stored beside a result.
+    pub fn load_key_material<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<T> {
+        read_json(&self.result_dir(key).join("key.json")).ok()
+    }
+
+    /// Blocks (polling `cancel`) until this process holds the lock for `key`.
+    pub fn lock_key(
+        &self,
+        key: &str,
+        cancel: &AtomicBool,
+        on_wait: impl FnOnce(),
+    ) -> Result<Acquired, CacheError> {
+        lock::acquire(
+            &self.root.join("locks").join(format!("{key}.lock")),
+            cancel,
+            on_wait,
+        )
+    }
+
+    fn lock_path(&self, key: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{key}.lock"))
+    }
+
+    /// A shared lock on `key`'s result while a stage reads it (see `lock::shared`).
+    pub fn lock_key_shared(&self, key: &str) -> Result<lock::KeyLock, CacheError> {
+        lock::shared(&self.lock_path(key))
+    }
+
+    /// The exclusive lock on `key` if nobody computes or reads it right now.
+    pub fn try_lock_key(&self, key: &str) -> Result<Option<lock::KeyLock>, CacheError> {
+        lock::try_exclusive(&self.lock_path(key))
+    }
+
+    /// A fresh staging folder for `key` with an empty `out/` inside.
+    pub fn create_staging(&self, key: &str) -> Result<PathBuf, CacheError> {
+        let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = self
+            .root
+            .join("staging")
+            .join(format!("{key}-{}-{n}", std::process::id()));
+        let out = dir.join("out");
+        std::fs::create_dir_all(&out).map_err(|e| CacheError::io("create", &out, e))?;
+        Ok(dir)
+    }
+
+    /// Moves every file of `staging/out` into `objects/` (once per content), hard-links it back,
+    /// writes `key.json` and `result.json`, then renames the staging folder to `results/<key>`.
+    /// With `replace`, an existing result for the key is swapped out only after all of that.
+    pub fn commit(
+        &self,
+        commit: &Commit<'_, impl Serialize>,
+        staging: &Path,
+        replace: bool,
+    ) -> Result<ResultRecord, CacheError> {
+        let out = staging.join("out");
+        let files = self.absorb_files(&out)?;
+        let record = ResultRecord {
+            key: commit.key.to_string(),
+            stage_id: commit.stage_id.to_string(),
+            kind: commit.kind.to_string(),
+            output_digest: tree_digest(&files),
+            size_bytes: files_size(&out, &files),
+            files,
+            created_unix: now_unix(),
+            duration_s: commit.duration_s,
+        };
+        write_json(&staging.join("key.json"), commit.material)?;
+        write_json(&staging.join("result.json"), &record)?;
+        let target = self.result_dir(commit.key);
+        if replace && target.exists() {
+            self.discard(&target)?;
+        }
+        match std::fs::rename(staging, &target) {
+            Ok(()) => Ok(record),
+            Err(_) if target.join("result.json").exists() => {
+                // Another process committed the same key first; its bytes are as good as ours.
+                let _ = std::fs::remove_dir_all(staging);
+                self.lookup(commit.key).ok_or_else(|| {
+                    CacheError::io("read", &target, std::io::ErrorKind::NotFound.into())
+                })
+            }
+            Err(e) => Err(CacheError::io("commit", &target, e)),
+        }
+    }
+
+    /// Moves a folder out of the way atomically, then deletes it.
+    pub fn discard(&self, dir: &Path) -> Result<(), CacheError> {
+        let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let trash = self
+            .root
+            .join("staging")
+            .join(format!("trash-{}-{n}", std::process::id()));
+        std::fs::rename(dir, &trash).map_err(|e| CacheError::io("move", dir, e))?;
+        std::fs::remove_dir_all(&trash).map_err(|e| CacheError::io("remove", &trash, e))
+    }
+
+    fn absorb_files(&self, out: &Path) -> Result<TreeDigest, CacheError> {
+        let mut files = TreeDigest::new();
+        for entry in walkdir::WalkDir::new(out).sort_by_file_name() {
+            let entry = entry.map_err(|e| CacheError::io("walk", out, e.into()))?;
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let path = entry.path();
+            let size = entry
+                .metadata()
+                .map_err(|e| CacheError::io("stat", path, e.into()))?
+                .len();
+            let digest = hash_file_uncached(path, size)?;
+            self.store_object(path, &digest)?;
+            files.insert(relative_name(out, path), digest);
+        }
+        Ok(files)
+    }
+
+    /// Puts `path`'s content into `objects/` (unless already there) and replaces `path` by a
+    /// hard link to the object. A file the stage hard-linked from elsewhere (an input such as
+    /// a base model's VAE; link count > 1) is reflinked or copied into the store once rather
+    /// than linked, so the store never shares an inode with a user's file.
+    fn store_object(&self, path: &Path, digest: &str) -> Result<(), CacheError> {
+        let object = self.object_path(digest);
+        if !object.exists() {
+            if let Some(parent) = object.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| CacheError::io("create", parent, e))?;
+            }
+            let temp = object.with_extension(unique_suffix("in"));
+            let shared = std::fs::metadata(path)
+                .map(|m| m.nlink() > 1)
+                .unwrap_or(true);
+            let linked = !shared && std::fs::hard_link(path, &temp).is_ok();
+            if !linked {
+                reflink_or_copy(path, &temp).map_err(|e| CacheError::io("store", &temp, e))?;
+            }
+            set_read_only(&temp);
+            std::fs::rename(&temp, &object).map_err(|e| CacheError::io("store", &object, e))?;
+            if linked {
+                return Ok(());
+            }
+        }
+        let temp = path.with_extension(unique_suffix("link"));
+        if std::fs::hard_link(&object, &temp).is_ok() {
+            std::fs::rename(&temp, path).map_err(|e| CacheError::io("link", path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Every committed result, oldest first.
+    pub fn results(&self) -> Vec<ResultRecord> {
+        let mut list: Vec<ResultRecord> = std::fs::read_dir(self.root.join("results"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| read_json(&entry.path().join("result.json")).ok())
+            .collect();
+        list.sort_by(|a, b| (a.created_unix, &a.key).cmp(&(b.created_unix, &b.key)));
+        list
+    }
+
+    fn index_path(&self, pipeline: &str, stage_id: &str) -> PathBuf {
+        self.root
+            .join("index")
+            .join(file_name_for(pipeline))
+            .join(file_name_for(stage_id))
+    }
+
+    /// Remembers `key` as the latest result of `stage_id` and points `runs/<pipeline>/<stage>`
+    /// at its output.
+    pub fn record_stage(
+        &self,
+        pipeline: &str,
+        stage_id: &str,
+        key: &str,
+    ) -> Result<(), CacheError> {
+        let index = self.index_path(pipeline, stage_id);
+        if let Some(parent) = index.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| CacheError::io("create", parent, e))?;
+        }
+        replace_file(&index, key.as_bytes())?;
+        let link = self.human_path(pipeline, stage_id);
+        if let Some(parent) = link.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| CacheError::io("create", parent, e))?;
+        }
+        let target = Path::new("../../results").join(key).join("out");
+        let temp = link.with_extension(unique_suffix("tmp"));
+        let _ = std::fs::remove_file(&temp);
+        std::os::unix::fs::symlink(&target, &temp).map_err(|e| CacheError::io("link", &temp, e))?;
+        std::fs::rename(&temp, &link).map_err(|e| CacheError::io("link", &link, e))
+    }
+
+    /// The last key recorded for a stage.
+    pub fn last_key(&self, pipeline: &str, stage_id: &str) -> Option<String> {
+        std::fs::read_to_string(self.index_path(pipeline, stage_id))
+            .ok()
+            .map(|text| text.trim().to_string())
+    }
+
+    /// `runs/<pipeline>/<stage>`: a stable link to the stage's latest output.
+    pub fn human_path(&self, pipeline: &str, stage_id: &str) -> PathBuf {
+        self.root
+            .join("runs")
+            .join(file_name_for(pipeline))
+            .join(file_name_for(stage_id))
+    }
+}
+
+/// What a commit needs besides the staging folder.
+pub struct Commit<'a, M: Serialize> {
+    pub key: &'a str,
+    pub stage_id: &'a str,
+    pub kind: &'a str,
+    pub material: &'a M,
+    pub duration_s: f64,
+}
+
+/// A temporary-file suffix unique within this process and across processes.
+fn unique_suffix(what: &str) -> String {
+    let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{what}-{}-{n}", std::process::id())
+}
+
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
+    let temp = path.with_extension(unique_suffix("tmp"));
+    std::fs::write(&temp, bytes).map_err(|e| CacheError::io("write", &temp, e))?;
+    std::fs::rename(&temp, path).map_err(|e| CacheError::io("rename", path, e))
+}
+
+fn files_size(out: &Path, files: &TreeDigest) -> u64 {
+    files
+        .keys()
+        .filter_map(|name| std::fs::metadata(out.join(name)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// A copy-on-write clone (FICLONE: btrfs, XFS) when the file system allows, else a copy.
+pub fn reflink_or_copy(source: &Path, target: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let from = std::fs::File::open(source)?;
+    let to = std::fs::File::create(target)?;
+    // SAFETY: both descriptors are open for the duration of the call.
+    let rc = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
+    if rc == 0 {
+        return Ok(());
+    }
+    drop(to);
+    std::fs::copy(source, target).map(|_| ())
+}
+
+fn set_read_only(path: &Path) {
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mut perms = meta.permissions();
+        perms.set_readonly(true);
+        let _ = std::fs::set_permissions(path, perms);
+    }
+}
+
+/// Whether a process with this pid is alive (used to clean staging folders of dead runs).
+pub fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_files_are_stored_once_and_hard_linked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut keys = Vec::new();
+        for (key, extra) in [("k1", "one"), ("k2", "two")] {
+            let staging = store.create_staging(key).expect("staging");
+            std::fs::write(staging.join("out/vae.bin"), b"shared weights").expect("write");
+            std::fs::write(staging.join("out/extra.txt"), extra).expect("write");
+            let material = serde_json::json!({"k": key});
+            let commit = Commit {
+                key,
+                stage_id: "s",
+                kind: "command",
+                material: &material,
+                duration_s: 0.0,
+            };
+            store.commit(&commit, &staging, false).expect("commit");
+            keys.push(key);
+        }
+        use std::os::unix::fs::MetadataExt;
+        let a = std::fs::metadata(store.output_dir("k1").join("vae.bin")).expect("meta");
+        let b = std::fs::metadata(store.output_dir("k2").join("vae.bin")).expect("meta");
+        assert_eq!(a.ino(), b.ino());
+        assert_eq!(a.nlink(), 3, "object + two results");
+        assert!(
+            !dir.path()
+                .join("staging")
+                .read_dir()
+                .expect("ls")
+                .any(|_| true)
+        );
+    }
+}

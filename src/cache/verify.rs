@@ -1,0 +1,104 @@
+//! `cache verify`: rehash every object and every result file; a mismatch is reported, the
+//! object and each result containing it are moved to `quarantine/`, so the next run misses
+//! and recomputes them.
+use super::CacheError;
+use super::hash::hash_file_uncached;
+use super::store::{ResultRecord, Store};
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// What `verify` found.
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    pub objects_checked: usize,
+    pub results_checked: usize,
+    /// One line per problem, naming the object or result file.
+    pub problems: Vec<String>,
+    pub quarantined_results: Vec<String>,
+}
+
+/// Rehashes the whole store; quarantines what is corrupt.
+pub fn verify(store: &Store) -> Result<VerifyReport, CacheError> {
+    let mut report = VerifyReport::default();
+    let corrupt_objects = verify_objects(store, &mut report)?;
+    for record in store.results() {
+        report.results_checked += 1;
+        if let Some(problem) = first_problem(store, &record, &corrupt_objects) {
+            report.problems.push(problem);
+            quarantine(store, &store.result_dir(&record.key), &record.key)?;
+            report.quarantined_results.push(record.key);
+        }
+    }
+    for digest in &corrupt_objects {
+        quarantine(store, &store.object_path(digest), digest)?;
+    }
+    Ok(report)
+}
+
+fn verify_objects(
+    store: &Store,
+    report: &mut VerifyReport,
+) -> Result<BTreeSet<String>, CacheError> {
+    let mut corrupt = BTreeSet::new();
+    let objects = store.root().join("objects");
+    for entry in walkdir::WalkDir::new(&objects).min_depth(2).max_depth(2) {
+        let entry = entry.map_err(|e| CacheError::io("walk", &objects, e.into()))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !entry.file_type().is_file() || name.contains('.') {
+            continue;
+        }
+        report.objects_checked += 1;
+        let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+        let actual = hash_file_uncached(entry.path(), size)?;
+        if actual != name {
+            report.problems.push(format!(
+                "object {name} is corrupt (its content hashes to {actual}); quarantined"
+            ));
+            corrupt.insert(name);
+        }
+    }
+    Ok(corrupt)
+}
+
+/// The first file of `record` that is missing, changed, or linked to a corrupt object.
+fn first_problem(
+    store: &Store,
+    record: &ResultRecord,
+    corrupt: &BTreeSet<String>,
+) -> Option<String> {
+    let out = store.output_dir(&record.key);
+    for (name, digest) in &record.files {
+        let path = out.join(name);
+        let Ok(meta) = std::fs::metadata(&path) else {
+            return Some(format!(
+                "result {} ({}): file {name} is missing",
+                record.key, record.stage_id
+            ));
+        };
+        let bad = corrupt.contains(digest)
+            || (!same_inode(&meta, &store.object_path(digest))
+                && hash_file_uncached(&path, meta.len()).ok().as_deref() != Some(digest));
+        if bad {
+            return Some(format!(
+                "result {} ({}): file {name} does not match its recorded digest",
+                record.key, record.stage_id
+            ));
+        }
+    }
+    None
+}
+
+fn same_inode(meta: &std::fs::Metadata, other: &Path) -> bool {
+    std::fs::metadata(other)
+        .map(|o| o.ino() == meta.ino() && o.dev() == meta.dev())
+        .unwrap_or(false)
+}
+
+fn quarantine(store: &Store, path: &Path, name: &str) -> Result<(), CacheError> {
+    let target = store
+        .root()
+        .join("quarantine")
+        .join(format!("{name}-{}", super::store::now_unix()));
+    std::fs::rename(path, &target).map_err(|e| CacheError::io("quarantine", path, e))
+}

@@ -1,0 +1,162 @@
+//! `dreampipe cache ls | gc | verify`.
+use super::Context;
+use crate::cache::gc::{GcPolicy, gc};
+use crate::cache::hash::HashMemo;
+use crate::cache::store::Store;
+use crate::cache::verify::verify;
+use crate::pipeline::{LoadOptions, load};
+use crate::plan::dirty::{Status, assess};
+use crate::plan::graph::Plan;
+use clap::{Args, Subcommand};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub action: CacheAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// List results: key, stage, size, age.
+    Ls,
+    /// Remove old results; never those the given pipelines reference.
+    Gc {
+        /// Pipelines whose current results must be kept.
+        pipelines: Vec<PathBuf>,
+        /// Keep the N newest results of each stage.
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// Remove the oldest results until the store fits, e.g. `10G`, `500M`.
+        #[arg(long, value_parser = parse_size)]
+        max_size: Option<u64>,
+    },
+    /// Rehash everything; quarantine what is corrupt.
+    Verify,
+}
+
+/// `10G`, `500M`, `64K`, `123` (bytes; powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let (digits, unit) = upper.split_at(
+        upper
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(upper.len()),
+    );
+    let factor: u64 = match unit.trim_end_matches('B') {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "`{text}`: use a number of bytes with an optional K, M, G or T suffix"
+            ));
+        }
+    };
+    digits
+        .parse::<u64>()
+        .map(|n| n.saturating_mul(factor))
+        .map_err(|_| format!("`{text}`: expected a size such as 10G or 500M"))
+}
+
+pub fn run(context: &Context, args: &CacheArgs) -> anyhow::Result<ExitCode> {
+    let store = Store::open(&context.cache_root)?;
+    match &args.action {
+        CacheAction::Ls => {
+            let now = crate::cache::store::now_unix();
+            for record in store.results() {
+                println!(
+                    "{}  {:30} {:>10} bytes  {:>6}s ago",
+                    record.key.get(..16).unwrap_or(&record.key),
+                    record.stage_id,
+                    record.size_bytes,
+                    now.saturating_sub(record.created_unix)
+                );
+            }
+        }
+        CacheAction::Gc {
+            pipelines,
+            keep_last,
+            max_size,
+        } => {
+            if keep_last.is_none() && max_size.is_none() {
+                anyhow::bail!("cache gc: give --keep-last N and/or --max-size SIZE");
+            }
+            let protected = referenced_keys(context, &store, pipelines)?;
+            let report = gc(
+                &store,
+                &GcPolicy {
+                    keep_last: *keep_last,
+                    max_size: *max_size,
+                    protected,
+                },
+            )?;
+            println!(
+                "removed {} result(s), {} object(s) ({} bytes), {} stale staging folder(s)",
+                report.removed_results.len(),
+                report.removed_objects,
+                report.freed_bytes,
+                report.removed_staging
+            );
+            if report.removed_shared > 0 {
+                println!(
+                    "removed {} shared memo file(s) ({} bytes)",
+                    report.removed_shared, report.freed_shared_bytes
+                );
+            }
+            if !report.in_use.is_empty() {
+                println!(
+                    "kept {} result(s) in use by a running stage",
+                    report.in_use.len()
+                );
+            }
+        }
+        CacheAction::Verify => {
+            let report = verify(&store)?;
+            for problem in &report.problems {
+                println!("{problem}");
+            }
+            println!(
+                "checked {} object(s) and {} result(s): {} problem(s)",
+                report.objects_checked,
+                report.results_checked,
+                report.problems.len()
+            );
+            if !report.problems.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Keys of the fresh stages of each pipeline (what a run would reuse).
+fn referenced_keys(
+    context: &Context,
+    store: &Store,
+    pipelines: &[PathBuf],
+) -> anyhow::Result<BTreeSet<String>> {
+    let memo = HashMemo::load(&store.memo_path());
+    let mut keys = BTreeSet::new();
+    for path in pipelines {
+        let plan = Plan::new(load(path, &LoadOptions::default())?);
+        let all = vec![true; plan.len()];
+        for status in assess(
+            &plan,
+            store,
+            &memo,
+            context.device,
+            &all,
+            &vec![false; plan.len()],
+        )? {
+            if let Status::Fresh { key, .. } = status {
+                keys.insert(key);
+            }
+        }
+    }
+    Ok(keys)
+}

@@ -1,0 +1,52 @@
+//! `dreampipe explain PIPELINE STAGE`: why a stage will rerun, field by field.
+use super::Context;
+use super::common::{PipelineArgs, open_cache};
+use crate::plan::dirty::{Status, assess};
+use clap::Args;
+use std::process::ExitCode;
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// A stage name (all its sweep variants) or id.
+    pub stage: String,
+}
+
+pub fn run(context: &Context, args: &ExplainArgs) -> anyhow::Result<ExitCode> {
+    let plan = args.pipeline.plan()?;
+    let targets = plan.find(&args.stage)?;
+    let (store, memo) = open_cache(context)?;
+    let statuses = assess(
+        &plan,
+        &store,
+        &memo,
+        context.device,
+        &vec![true; plan.len()],
+        &vec![false; plan.len()],
+    )?;
+    let _ = memo.save();
+    for index in targets {
+        let id = &plan.pipeline.stages[index].id;
+        match &statuses[index] {
+            Status::Fresh { key, output } => println!(
+                "{id}: fresh (key {}), output {}",
+                key.get(..12).unwrap_or(key),
+                output.display()
+            ),
+            Status::Dirty { key, reasons } => {
+                println!(
+                    "{id}: will run (key {}) because:",
+                    key.get(..12).unwrap_or(key)
+                );
+                reasons.iter().for_each(|r| println!("  - {r}"));
+            }
+            Status::Pending { reasons } => {
+                println!("{id}: will run because:");
+                reasons.iter().for_each(|r| println!("  - {r}"));
+            }
+            Status::NotSelected => println!("{id}: not selected"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,173 @@
+//! `dreampipe run PIPELINE`: validate, plan, execute with progress, print the summary, write
+//! the run record and the lock file. Exit code 1 when a stage failed, 130 when interrupted.
+use super::Context;
+use super::common::{PipelineArgs, flags, open_cache};
+use crate::device::{self, DeviceRequest};
+use crate::exec::events::CancelFlag;
+use crate::exec::executor::{ExecOptions, Outcome, RunRecord, execute};
+use crate::exec::lockfile::{self, LockEntry, LockFile};
+use crate::report::progress::{self, Style};
+use crate::report::summary;
+use clap::Args;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Exit code after Ctrl-C (128 + SIGINT, the shell convention).
+const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Run only up to these stages (and what they need).
+    #[arg(long)]
+    pub until: Vec<String>,
+    /// Run only these stages (their upstreams must be cached).
+    #[arg(long)]
+    pub only: Vec<String>,
+    /// Rerun these stages even when cached.
+    #[arg(long)]
+    pub force: Vec<String>,
+    /// Print the plan and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Concurrent CPU stages (default: number of CPU cores).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Devices for GPU stages, e.g. `cuda:0,cuda:1` (default: --device).
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<DeviceRequest>,
+    /// Fail when a stage's key or output digest differs from `<pipeline>.lock`.
+    #[arg(long)]
+    pub locked: bool,
+    /// Plain log lines even on a terminal.
+    #[arg(long)]
+    pub plain: bool,
+}
+
+pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let plan = Arc::new(args.pipeline.plan()?);
+    let selected = plan.selection(&args.until, &args.only)?;
+    let forced = flags(&plan, &args.force)?;
+    if args.dry_run {
+        print!(
+            "{}",
+            super::plan::render(context, &plan, &selected, &forced)?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let lock_path = lockfile::path_for(&args.pipeline.pipeline);
+    let locked = if args.locked {
+        Some(lockfile::read(&lock_path)?)
+    } else {
+        None
+    };
+    let devices = resolve_devices(context, &args.devices)?;
+    let jobs = args.jobs.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let (store, memo) = open_cache(context)?;
+    let style = if args.plain {
+        Style::Plain
+    } else {
+        progress::style_for_stdout()
+    };
+    let options = ExecOptions {
+        jobs,
+        devices,
+        selected,
+        forced,
+        locked,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let record = runtime.block_on(async {
+        let cancel = CancelFlag::default();
+        let on_interrupt = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: cancelling running stages (nothing partial is committed)");
+                on_interrupt.cancel();
+            }
+        });
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let reporter = tokio::spawn(progress::report(receiver, style));
+        let record = execute(
+            plan.clone(),
+            store.clone(),
+            memo.clone(),
+            options,
+            sender,
+            cancel,
+        )
+        .await;
+        let _ = reporter.await;
+        record
+    });
+    runtime.shutdown_background();
+    let _ = memo.save();
+    print!("{}", summary::table(&record));
+    match summary::write_record(store.root(), &record) {
+        Ok(path) => println!("run record: {}", path.display()),
+        Err(error) => eprintln!("warning: could not write the run record: {error}"),
+    }
+    match super::report::write(&plan.pipeline, Some(&record), &store, None) {
+        Ok(page) => println!("report: {}", page.display()),
+        Err(error) => eprintln!("warning: could not write the report: {error:#}"),
+    }
+    if !args.locked && record.success {
+        update_lock_file(&lock_path, &record)?;
+    }
+    Ok(if record.cancelled {
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else if record.success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn resolve_devices(
+    context: &Context,
+    requests: &[DeviceRequest],
+) -> anyhow::Result<Vec<tch::Device>> {
+    if requests.is_empty() {
+        return Ok(vec![context.device]);
+    }
+    requests
+        .iter()
+        .map(|r| device::resolve(*r, &context.cuda).map_err(anyhow::Error::msg))
+        .collect()
+}
+
+/// Merges this run's keys and output digests into `<pipeline>.lock`.
+fn update_lock_file(path: &std::path::Path, record: &RunRecord) -> anyhow::Result<()> {
+    let mut lock = lockfile::read(path)
+        .ok()
+        .filter(|l| l.pipeline == record.pipeline)
+        .unwrap_or_else(|| LockFile {
+            pipeline: record.pipeline.clone(),
+            ..LockFile::default()
+        });
+    let ids: std::collections::BTreeSet<&str> =
+        record.stages.iter().map(|s| s.id.as_str()).collect();
+    lock.stages.retain(|id, _| ids.contains(id.as_str()));
+    for stage in &record.stages {
+        if let (Outcome::Cached | Outcome::Ran, Some(key), Some(output)) =
+            (stage.status, &stage.key, &stage.output_digest)
+        {
+            lock.stages.insert(
+                stage.id.clone(),
+                LockEntry {
+                    key: key.clone(),
+                    output: output.clone(),
+                },
+            );
+        }
+    }
+    lockfile::write(path, &lock)?;
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! Events the executor emits; reporters (progress bars, plain lines, the summary) only consume
+//! them, so the engine never touches the terminal.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// One thing that happened during a run.
+#[derive(Debug, Clone)]
+pub enum Event {
+    RunStarted {
+        pipeline: String,
+        stages: usize,
+    },
+    /// The result was already in the cache.
+    Cached {
+        id: String,
+        key: String,
+        output: PathBuf,
+    },
+    /// Another run holds this key's lock; this run waits and reuses its result.
+    Waiting {
+        id: String,
+        key: String,
+    },
+    Started {
+        id: String,
+        key: String,
+    },
+    Progress {
+        id: String,
+        step: u64,
+        total: u64,
+        metric: Option<(String, f64)>,
+    },
+    Finished {
+        id: String,
+        seconds: f64,
+        output: PathBuf,
+    },
+    Failed {
+        id: String,
+        error: String,
+        log: Option<PathBuf>,
+    },
+    Skipped {
+        id: String,
+        reason: String,
+    },
+}
+
+/// Where events go.
+pub type EventSender = UnboundedSender<Event>;
+
+/// What a stage uses to report its progress (step/total and one metric such as loss).
+#[derive(Clone)]
+pub struct ProgressReporter {
+    id: String,
+    sender: Option<EventSender>,
+}
+
+impl ProgressReporter {
+    pub fn new(id: &str, sender: Option<EventSender>) -> Self {
+        Self {
+            id: id.to_string(),
+            sender,
+        }
+    }
+
+    /// Reports `step` of `total` done.
+    pub fn step(&self, step: u64, total: u64) {
+        self.send(step, total, None);
+    }
+
+    /// Reports `step` of `total` with a named metric (e.g. `loss`).
+    pub fn step_with_metric(&self, step: u64, total: u64, name: &str, value: f64) {
+        self.send(step, total, Some((name.to_string(), value)));
+    }
+
+    fn send(&self, step: u64, total: u64, metric: Option<(String, f64)>) {
+        if let Some(sender) = &self.sender {
+            let _ = sender.send(Event::Progress {
+                id: self.id.clone(),
+                step,
+                total,
+                metric,
+            });
+        }
+    }
+}
+
+/// A cancellation flag shared by the executor, the Ctrl-C handler and running stages.
+#[derive(Clone, Default)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    pub fn as_atomic(&self) -> &AtomicBool {
+        &self.0
+    }
+}

@@ -1,0 +1,689 @@
+//! The executor: runs a plan on tokio. Stages whose upstreams are done run concurrently; each
+//! stage's work (hashing, the stage itself, committing) runs on blocking threads. GPU stages
+//! take a device slot (one stage per device at a time), CPU stages a `--jobs` permit. A
+//! per-key lock makes concurrent runs on one cache compute each key once. A failed stage stops
+//! its dependents only; cancellation stops new stages and signals running ones.
+use super::events::{CancelFlag, Event, EventSender, ProgressReporter};
+use super::lockfile::LockFile;
+use crate::cache::hash::{HashMemo, tree_digest};
+use crate::cache::lock::Acquired;
+use crate::cache::store::{Commit, Store, now_unix};
+use crate::plan::dirty::explain_miss;
+use crate::plan::fingerprint::{KeyMaterial, material};
+use crate::plan::graph::Plan;
+use crate::stages::{DeviceClass, ResolvedInput, StageContext, StageError, StageLog};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+/// How a run treats its stages.
+pub struct ExecOptions {
+    /// Concurrent CPU stages.
+    pub jobs: usize,
+    /// Devices for GPU stages, one stage at a time on each.
+    pub devices: Vec<tch::Device>,
+    /// Stages this run covers (others are only looked up when a selected stage needs them).
+    pub selected: Vec<bool>,
+    /// Stages to rerun even when cached.
+    pub forced: Vec<bool>,
+    /// With `--locked`: the expected keys and output digests.
+    pub locked: Option<LockFile>,
+}
+
+/// What happened to a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Cached,
+    Ran,
+    Failed,
+    Skipped,
+    NotSelected,
+}
+
+/// One stage in the run record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub id: String,
+    pub name: String,
+    pub kind: String,
+    pub status: Outcome,
+    pub duration_s: f64,
+    pub key: Option<String>,
+    pub output: Option<PathBuf>,
+    pub output_digest: Option<String>,
+    pub params: serde_json::Value,
+    pub log: Option<PathBuf>,
+    pub error: Option<String>,
+    /// Why it ran (dirty reasons), when it ran.
+    pub reasons: Vec<String>,
+}
+
+/// The machine-readable record of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub pipeline: String,
+    pub file: PathBuf,
+    pub cache_root: PathBuf,
+    pub started_unix: u64,
+    pub duration_s: f64,
+    pub success: bool,
+    pub cancelled: bool,
+    pub stages: Vec<StageRecord>,
+}
+
+struct DevicePool {
+    free: Mutex<Vec<tch::Device>>,
+    permits: Arc<Semaphore>,
+}
+
+/// A held device; returned to the pool on drop.
+struct DeviceSlot {
+    pool: Arc<DevicePool>,
+    device: tch::Device,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for DeviceSlot {
+    fn drop(&mut self) {
+        self.pool
+            .free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.device);
+    }
+}
+
+struct Shared {
+    plan: Arc<Plan>,
+    store: Store,
+    memo: Arc<HashMemo>,
+    events: EventSender,
+    cancel: CancelFlag,
+    cpu: Arc<Semaphore>,
+    gpus: Arc<DevicePool>,
+    key_device: tch::Device,
+    forced: Vec<bool>,
+    locked: Option<LockFile>,
+}
+
+/// (key, output digest) of a finished stage.
+type Done = (String, String);
+
+/// Runs the selected stages of `plan` and returns the run record.
+pub async fn execute(
+    plan: Arc<Plan>,
+    store: Store,
+    memo: Arc<HashMemo>,
+    options: ExecOptions,
+    events: EventSender,
+    cancel: CancelFlag,
+) -> RunRecord {
+    let started = Instant::now();
+    let started_unix = now_unix();
+    let devices = if options.devices.is_empty() {
+        vec![tch::Device::Cpu]
+    } else {
+        options.devices.clone()
+    };
+    let shared = Arc::new(Shared {
+        plan: plan.clone(),
+        store,
+        memo,
+        events: events.clone(),
+        cancel: cancel.clone(),
+        cpu: Arc::new(Semaphore::new(options.jobs.max(1))),
+        gpus: Arc::new(DevicePool {
+            permits: Arc::new(Semaphore::new(devices.len())),
+            free: Mutex::new(devices.iter().rev().copied().collect()),
+        }),
+        key_device: devices[0],
+        forced: options.forced.clone(),
+        locked: options.locked.clone(),
+    });
+    let active = active_stages(&plan, &options.selected);
+    let _ = events.send(Event::RunStarted {
+        pipeline: plan.pipeline.name.clone(),
+        stages: options.selected.iter().filter(|s| **s).count(),
+    });
+    let mut records: Vec<Option<StageRecord>> = vec![None; plan.len()];
+    let mut done: BTreeMap<usize, Done> = BTreeMap::new();
+    let mut waiting: Vec<usize> = (0..plan.len())
+        .map(|i| {
+            plan.upstream(i)
+                .iter()
+                .filter(|u| active.contains(u))
+                .count()
+        })
+        .collect();
+    let mut tasks = JoinSet::new();
+    let mut task_stage: HashMap<tokio::task::Id, usize> = HashMap::new();
+    for &index in &active {
+        if waiting[index] == 0 {
+            let id = spawn_stage(&mut tasks, &shared, index, options.selected[index], &done);
+            task_stage.insert(id, index);
+        }
+    }
+    while let Some(joined) = tasks.join_next_with_id().await {
+        let (index, record, finished) = match joined {
+            Ok((_, result)) => result,
+            Err(error) => {
+                // A panic outside the stage's own code: fail the stage, never report success.
+                let Some(&index) = task_stage.get(&error.id()) else {
+                    continue;
+                };
+                let mut record = base_record(&plan, index, Outcome::Failed);
+                record.error = Some(format!("internal error: {error}"));
+                (index, record, None)
+            }
+        };
+        records[index] = Some(record);
+        let Some(result) = finished else {
+            block_dependents(&plan, index, &mut records, &events, &options.selected);
+            continue;
+        };
+        done.insert(index, result);
+        for dependent in plan.downstream(index) {
+            waiting[dependent] = waiting[dependent].saturating_sub(1);
+            if waiting[dependent] == 0
+                && records[dependent].is_none()
+                && active.contains(&dependent)
+            {
+                if cancel.is_cancelled() {
+                    records[dependent] =
+                        Some(skipped(&plan, dependent, "cancelled".to_string(), &events));
+                } else {
+                    let id = spawn_stage(
+                        &mut tasks,
+                        &shared,
+                        dependent,
+                        options.selected[dependent],
+                        &done,
+                    );
+                    task_stage.insert(id, dependent);
+                }
+            }
+        }
+    }
+    let stages: Vec<StageRecord> = records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|| base_record(&plan, i, Outcome::NotSelected)))
+        .collect();
+    let success = stages.iter().all(|s| {
+        matches!(
+            s.status,
+            Outcome::Cached | Outcome::Ran | Outcome::NotSelected
+        )
+    });
+    RunRecord {
+        pipeline: plan.pipeline.name.clone(),
+        file: plan.pipeline.file.clone(),
+        cache_root: shared.store.root().to_path_buf(),
+        started_unix,
+        duration_s: started.elapsed().as_secs_f64(),
+        success,
+        cancelled: cancel.is_cancelled(),
+        stages,
+    }
+}
+
+/// Selected stages plus every upstream they need (the latter only looked up in the cache).
+fn active_stages(plan: &Plan, selected: &[bool]) -> BTreeSet<usize> {
+    let mut active = BTreeSet::new();
+    for (index, _) in selected.iter().enumerate().filter(|(_, s)| **s) {
+        active.extend(plan.ancestors(index));
+    }
+    active
+}
+
+fn block_dependents(
+    plan: &Plan,
+    failed: usize,
+    records: &mut [Option<StageRecord>],
+    events: &EventSender,
+    selected: &[bool],
+) {
+    let failed_id = plan.pipeline.stages[failed].id.clone();
+    for dependent in plan.descendants(failed) {
+        if dependent != failed && records[dependent].is_none() && selected[dependent] {
+            records[dependent] = Some(skipped(
+                plan,
+                dependent,
+                format!("upstream `{failed_id}` did not finish"),
+                events,
+            ));
+        }
+    }
+}
+
+fn skipped(plan: &Plan, index: usize, reason: String, events: &EventSender) -> StageRecord {
+    let mut record = base_record(plan, index, Outcome::Skipped);
+    let _ = events.send(Event::Skipped {
+        id: record.id.clone(),
+        reason: reason.clone(),
+    });
+    record.error = Some(reason);
+    record
+}
+
+fn base_record(plan: &Plan, index: usize, status: Outcome) -> StageRecord {
+    let stage = &plan.pipeline.stages[index];
+    StageRecord {
+        id: stage.id.clone(),
+        name: stage.name.clone(),
+        kind: stage.kind.kind().to_string(),
+        status,
+        duration_s: 0.0,
+        key: None,
+        output: None,
+        output_digest: None,
+        params: serde_json::Value::Object(stage.params.clone()),
+        log: None,
+        error: None,
+        reasons: Vec::new(),
+    }
+}
+
+type TaskResult = (usize, StageRecord, Option<Done>);
+
+fn spawn_stage(
+    tasks: &mut JoinSet<TaskResult>,
+    shared: &Arc<Shared>,
+    index: usize,
+    selected: bool,
+    done: &BTreeMap<usize, Done>,
+) -> tokio::task::Id {
+    let shared = shared.clone();
+    let upstream: BTreeMap<usize, Done> = shared
+        .plan
+        .upstream(index)
+        .into_iter()
+        .filter_map(|u| done.get(&u).map(|d| (u, d.clone())))
+        .collect();
+    let handle = tasks.spawn(async move {
+        let started = Instant::now();
+        let mut record = base_record(&shared.plan, index, Outcome::Failed);
+        let result = run_stage(&shared, index, selected, &upstream, &mut record).await;
+        record.duration_s = started.elapsed().as_secs_f64();
+        match result {
+            Ok(done) => (index, record, Some(done)),
+            Err(error) => {
+                record.status = Outcome::Failed;
+                let _ = shared.events.send(Event::Failed {
+                    id: record.id.clone(),
+                    error: error.clone(),
+                    log: record.log.clone(),
+                });
+                record.error = Some(error);
+                (index, record, None)
+            }
+        }
+    });
+    handle.id()
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| format!("internal error: the stage's thread panicked ({e})"))
+}
+
+/// Key → cache hit, or lock → recheck → slot → run → commit.
+async fn run_stage(
+    shared: &Arc<Shared>,
+    index: usize,
+    selected: bool,
+    upstream: &BTreeMap<usize, Done>,
+    record: &mut StageRecord,
+) -> Result<Done, String> {
+    let stage = shared.plan.pipeline.stages[index].clone();
+    let new = compute_material(shared, index, upstream).await?;
+    let key = new.key();
+    record.key = Some(key.clone());
+    check_locked_key(shared, &stage.id, &key)?;
+    let forced = shared.forced[index];
+    if !forced && let Some(done) = reuse(shared, index, &key, record) {
+        return Ok(done);
+    }
+    if !selected {
+        return Err(format!(
+            "not in the cache and not selected by --only/--until (key {}); run it first",
+            short(&key)
+        ));
+    }
+    let waiting = {
+        let (events, id, key) = (shared.events.clone(), stage.id.clone(), key.clone());
+        move || {
+            let _ = events.send(Event::Waiting { id, key });
+        }
+    };
+    let (store, cancel, lock_key) = (shared.store.clone(), shared.cancel.clone(), key.clone());
+    let lock = blocking(move || store.lock_key(&lock_key, cancel.as_atomic(), waiting))
+        .await?
+        .map_err(|e| e.to_string())?;
+    let (_lock, waited) = match lock {
+        Acquired::Immediately(lock) => (lock, false),
+        Acquired::AfterWaiting(lock) => (lock, true),
+    };
+    if (!forced || waited)
+        && let Some(done) = reuse(shared, index, &key, record)
+    {
+        return Ok(done);
+    }
+    record.reasons = if forced {
+        vec!["forced with --force".to_string()]
+    } else {
+        explain_miss(&shared.store, &shared.plan.pipeline.name, &stage.id, &new)
+    };
+    let done = compute(shared, index, upstream, &new, &key, record).await?;
+    check_locked_output(shared, &stage.id, &done.1)?;
+    Ok(done)
+}
+
+async fn compute_material(
+    shared: &Arc<Shared>,
+    index: usize,
+    upstream: &BTreeMap<usize, Done>,
+) -> Result<KeyMaterial, String> {
+    let (plan, memo, device) = (shared.plan.clone(), shared.memo.clone(), shared.key_device);
+    let digests: BTreeMap<usize, String> =
+        upstream.iter().map(|(i, (_, d))| (*i, d.clone())).collect();
+    let built = blocking(move || {
+        material(
+            &plan.pipeline.stages[index],
+            &|i| digests.get(&i).cloned(),
+            &memo,
+            device,
+        )
+    })
+    .await?;
+    match built {
+        Ok(Ok(material)) => Ok(material),
+        Ok(Err(upstream)) => Err(format!(
+            "internal error: upstream `{upstream}` has no output"
+        )),
+        Err(error) => Err(format!("hashing inputs: {error}")),
+    }
+}
+
+/// The cached result for `key`, recorded as this stage's latest.
+fn reuse(shared: &Shared, index: usize, key: &str, record: &mut StageRecord) -> Option<Done> {
+    let found = shared.store.lookup(key)?;
+    let id = &shared.plan.pipeline.stages[index].id;
+    let _ = shared
+        .store
+        .record_stage(&shared.plan.pipeline.name, id, key);
+    let output = shared.store.output_dir(key);
+    let _ = shared.events.send(Event::Cached {
+        id: id.clone(),
+        key: key.to_string(),
+        output: output.clone(),
+    });
+    record.status = Outcome::Cached;
+    record.output = Some(output);
+    record.output_digest = Some(found.output_digest.clone());
+    Some((key.to_string(), found.output_digest))
+}
+
+fn short(key: &str) -> &str {
+    &key[..12.min(key.len())]
+}
+
+fn check_locked_key(shared: &Shared, id: &str, key: &str) -> Result<(), String> {
+    let Some(lock) = &shared.locked else {
+        return Ok(());
+    };
+    match lock.stages.get(id) {
+        None => Err(format!("--locked: stage `{id}` is not in the lock file")),
+        Some(entry) if entry.key != key => Err(format!(
+            "--locked: stage `{id}` has key {} but the lock file has {}; its inputs or parameters differ (see `dreampipe explain`)",
+            short(key),
+            short(&entry.key)
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+fn check_locked_output(shared: &Shared, id: &str, digest: &str) -> Result<(), String> {
+    let Some(entry) = shared.locked.as_ref().and_then(|l| l.stages.get(id)) else {
+        return Ok(());
+    };
+    if entry.output == digest {
+        return Ok(());
+    }
+    Err(format!(
+        "--locked: stage `{id}` produced output {} but the lock file has {}; the stage is not reproducible here",
+        short(digest),
+        short(&entry.output)
+    ))
+}
+
+/// A held CPU permit or device; released on drop.
+#[allow(dead_code)] // the fields are held only for their Drop
+enum Slot {
+    Cpu(OwnedSemaphorePermit),
+    Gpu(DeviceSlot),
+}
+
+async fn take_slot(shared: &Shared, class: DeviceClass) -> Result<(Slot, tch::Device), String> {
+    let closed = |_| "internal error: the executor's slots were closed".to_string();
+    match class {
+        DeviceClass::Cpu => Ok((
+            Slot::Cpu(shared.cpu.clone().acquire_owned().await.map_err(closed)?),
+            tch::Device::Cpu,
+        )),
+        DeviceClass::Gpu => {
+            let permit = shared
+                .gpus
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(closed)?;
+            let device = shared
+                .gpus
+                .free
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+                .unwrap_or(shared.key_device);
+            Ok((
+                Slot::Gpu(DeviceSlot {
+                    pool: shared.gpus.clone(),
+                    device,
+                    _permit: permit,
+                }),
+                device,
+            ))
+        }
+    }
+}
+
+/// Runs the stage in a staging folder and commits its output.
+async fn compute(
+    shared: &Arc<Shared>,
+    index: usize,
+    upstream: &BTreeMap<usize, Done>,
+    new: &KeyMaterial,
+    key: &str,
+    record: &mut StageRecord,
+) -> Result<Done, String> {
+    let stage = shared.plan.pipeline.stages[index].clone();
+    let (slot, device) = take_slot(shared, stage.kind.device_class()).await?;
+    if shared.cancel.is_cancelled() {
+        return Err("cancelled".to_string());
+    }
+    let store = shared.store.clone();
+    let staging = store.create_staging(key).map_err(|e| e.to_string())?;
+    let work = store.work_dir(key);
+    std::fs::create_dir_all(&work).map_err(|e| format!("creating `{}`: {e}", work.display()))?;
+    let log_path = store.log_path(key);
+    record.log = Some(log_path.clone());
+    let _readers = lock_upstream_results(&store, upstream).await?;
+    let inputs = resolve_inputs(shared, &stage, upstream, new);
+    let _ = shared.events.send(Event::Started {
+        id: stage.id.clone(),
+        key: key.to_string(),
+    });
+    let started = Instant::now();
+    let (events, cancel, out) = (
+        shared.events.clone(),
+        shared.cancel.clone(),
+        staging.join("out"),
+    );
+    let run_stage = stage.clone();
+    let work_dir = work.clone();
+    let pipeline_dir = absolute_dir(&shared.plan.pipeline.file);
+    let shared_root = store.root().join("shared");
+    let outcome = blocking(move || {
+        let log = StageLog::create(&log_path);
+        let progress = ProgressReporter::new(&run_stage.id, Some(events));
+        let context = StageContext {
+            stage_id: &run_stage.id,
+            params: &run_stage.params,
+            inputs: &inputs,
+            out_dir: &out,
+            work_dir: &work_dir,
+            pipeline_dir: &pipeline_dir,
+            progress: &progress,
+            cancel: &cancel,
+            device,
+            log: &log,
+            shared_root: &shared_root,
+        };
+        let result = run_stage.kind.run(&context);
+        if let Err(error) = &result {
+            log.line(&format!("dreampipe: stage failed: {error}"));
+        }
+        result
+    })
+    .await;
+    drop(slot);
+    let seconds = started.elapsed().as_secs_f64();
+    let failure = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(StageError::Cancelled)) => Some("cancelled".to_string()),
+        Ok(Err(error)) => Some(error.to_string()),
+        Err(error) => Some(error),
+    };
+    if let Some(text) = failure {
+        let _ = store.discard(&staging);
+        return Err(text);
+    }
+    let (commit_store, material, commit_key, id, kind, forced) = (
+        store.clone(),
+        new.clone(),
+        key.to_string(),
+        stage.id.clone(),
+        stage.kind.kind(),
+        shared.forced[index],
+    );
+    let committed = blocking(move || {
+        let commit = Commit {
+            key: &commit_key,
+            stage_id: &id,
+            kind,
+            material: &material,
+            duration_s: seconds,
+        };
+        commit_store.commit(&commit, &staging, forced)
+    })
+    .await?
+    .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&work);
+    let _ = store.record_stage(&shared.plan.pipeline.name, &stage.id, key);
+    let output = store.output_dir(key);
+    let _ = shared.events.send(Event::Finished {
+        id: stage.id.clone(),
+        seconds,
+        output: output.clone(),
+    });
+    record.status = Outcome::Ran;
+    record.output = Some(output);
+    record.output_digest = Some(committed.output_digest.clone());
+    Ok((key.to_string(), committed.output_digest))
+}
+
+/// Shared locks on the upstream results this stage reads, so `cache gc` keeps them; fails
+/// when one disappeared before the lock was taken.
+async fn lock_upstream_results(
+    store: &Store,
+    upstream: &BTreeMap<usize, Done>,
+) -> Result<Vec<crate::cache::lock::KeyLock>, String> {
+    let keys: Vec<String> = upstream.values().map(|(key, _)| key.clone()).collect();
+    let store = store.clone();
+    blocking(move || {
+        let mut locks = Vec::new();
+        for key in &keys {
+            locks.push(store.lock_key_shared(key).map_err(|e| e.to_string())?);
+            if store.lookup(key).is_none() {
+                return Err(format!(
+                    "the upstream result {} was removed while this run needed it (cache gc?); run again",
+                    short(key)
+                ));
+            }
+        }
+        Ok(locks)
+    })
+    .await?
+}
+
+fn resolve_inputs(
+    shared: &Shared,
+    stage: &crate::pipeline::StageInstance,
+    upstream: &BTreeMap<usize, Done>,
+    material: &KeyMaterial,
+) -> BTreeMap<String, Vec<ResolvedInput>> {
+    let stages = &shared.plan.pipeline.stages;
+    let mut inputs: BTreeMap<String, Vec<ResolvedInput>> = BTreeMap::new();
+    for (field, refs) in &stage.refs {
+        for (_, index) in refs {
+            if let Some((key, digest)) = upstream.get(index) {
+                inputs
+                    .entry(field.clone())
+                    .or_default()
+                    .push(ResolvedInput {
+                        upstream: Some(stages[*index].name.clone()),
+                        stage_id: Some(stages[*index].id.clone()),
+                        path: shared.store.output_dir(key),
+                        digest: Some(digest.clone()),
+                    });
+            }
+        }
+    }
+    for (field, paths) in &stage.paths {
+        for (written, path) in paths {
+            let digest = material
+                .inputs
+                .get(field)
+                .and_then(|trees| trees.get(written))
+                .map(tree_digest);
+            inputs
+                .entry(field.clone())
+                .or_default()
+                .push(ResolvedInput {
+                    upstream: None,
+                    stage_id: None,
+                    path: path.clone(),
+                    digest,
+                });
+        }
+    }
+    inputs
+}
+
+/// The absolute folder of the pipeline file.
+fn absolute_dir(file: &std::path::Path) -> PathBuf {
+    let dir = match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::path::absolute(&dir).unwrap_or(dir)
+}

@@ -1,0 +1,286 @@
+//! Training images: listing an image folder (sorted, so runs are reproducible), decoding every
+//! file up front (an undecodable file is an error naming it), and the per-sample transforms of
+//! the diffusers scripts, turning an RGB image into a `[3, r, r]` float tensor in [-1, 1]:
+//!
+//! * DreamBooth (torchvision): `Resize(r)` of the shorter side (bilinear with antialias — the
+//!   image crate's triangle filter, which widens with the scale like PIL's bilinear), then
+//!   `CenterCrop(r)` or `RandomCrop(r)`, optional horizontal flip, `(x/255 - 0.5) / 0.5`.
+//! * Textual inversion: optional square center crop of the original, resize to `r x r`
+//!   (bicubic, aspect not kept), horizontal flip with p = 0.5, `x / 127.5 - 1`.
+use super::TrainError;
+use super::common::SampleRng;
+use image::imageops::{self, FilterType};
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// File extensions read from an image folder (lowercase).
+pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+/// textual_inversion.py's `flip_p`.
+pub const TI_FLIP_PROBABILITY: f64 = 0.5;
+
+/// How an image is cropped to the square training resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transform {
+    /// train_dreambooth.py: shorter side to `resolution`, then a center or random crop, then
+    /// an optional random flip (p = 0.5).
+    DreamBooth {
+        resolution: u32,
+        center_crop: bool,
+        random_flip: bool,
+    },
+    /// textual_inversion.py: optional square center crop, stretch to `resolution`, flip p = 0.5.
+    TextualInversion { resolution: u32, center_crop: bool },
+}
+
+impl Transform {
+    /// Whether two draws of the same image can differ (then latents cannot be cached).
+    pub fn is_random(&self) -> bool {
+        match *self {
+            Self::DreamBooth {
+                center_crop,
+                random_flip,
+                ..
+            } => !center_crop || random_flip,
+            Self::TextualInversion { .. } => true,
+        }
+    }
+
+    /// Applies the transform; random choices come from `rng`.
+    pub fn apply(&self, image: &RgbImage, rng: &mut SampleRng) -> Tensor {
+        match *self {
+            Self::DreamBooth {
+                resolution,
+                center_crop,
+                random_flip,
+            } => {
+                let resized = resize_shorter_side(image, resolution);
+                let (x, y) = if center_crop {
+                    center_crop_origin(resized.width(), resized.height(), resolution)
+                } else {
+                    random_crop_origin(resized.width(), resized.height(), resolution, rng)
+                };
+                let cropped = imageops::crop_imm(&resized, x, y, resolution, resolution).to_image();
+                let flipped = random_flip && rng.unit() < 0.5;
+                let cropped = if flipped {
+                    imageops::flip_horizontal(&cropped)
+                } else {
+                    cropped
+                };
+                to_unit_range_tensor(&cropped)
+            }
+            Self::TextualInversion {
+                resolution,
+                center_crop,
+            } => {
+                let source = if center_crop {
+                    square_center_crop(image)
+                } else {
+                    image.clone()
+                };
+                let resized =
+                    imageops::resize(&source, resolution, resolution, FilterType::CatmullRom);
+                let flipped = rng.unit() < TI_FLIP_PROBABILITY;
+                let resized = if flipped {
+                    imageops::flip_horizontal(&resized)
+                } else {
+                    resized
+                };
+                to_unit_range_tensor(&resized)
+            }
+        }
+    }
+}
+
+/// The image files of `dir` (by extension, case-insensitive), sorted by name. `what` names the
+/// option in errors (e.g. "instance_data_dir").
+pub fn list_images(dir: &Path, what: &str) -> Result<Vec<PathBuf>, TrainError> {
+    let entries = std::fs::read_dir(dir).map_err(|error| TrainError::Data {
+        path: dir.to_path_buf(),
+        problem: format!("cannot read the {what} folder: {error}"),
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.is_file() && has_image_extension(path))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(TrainError::Data {
+            path: dir.to_path_buf(),
+            problem: format!(
+                "the {what} folder has no images ({})",
+                IMAGE_EXTENSIONS.join(", ")
+            ),
+        });
+    }
+    Ok(files)
+}
+
+fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Decodes one image to RGB, applying its EXIF orientation (PIL's `exif_transpose`).
+pub fn decode_image(path: &Path) -> Result<RgbImage, TrainError> {
+    let fail = |problem: String| TrainError::Data {
+        path: path.to_path_buf(),
+        problem: format!("cannot decode this image: {problem}; remove or replace the file"),
+    };
+    let reader = ImageReader::open(path)
+        .map_err(|e| fail(e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| fail(e.to_string()))?;
+    let mut decoder = reader.into_decoder().map_err(|e| fail(e.to_string()))?;
+    let orientation = decoder.orientation().map_err(|e| fail(e.to_string()))?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
+    image.apply_orientation(orientation);
+    Ok(image.to_rgb8())
+}
+
+/// Lists and decodes every image of a folder.
+pub fn load_folder(dir: &Path, what: &str) -> Result<Vec<RgbImage>, TrainError> {
+    list_images(dir, what)?
+        .iter()
+        .map(|path| decode_image(path))
+        .collect()
+}
+
+/// torchvision `Resize(size)`: the shorter side becomes `size`, the longer one
+/// `int(size * long / short)`.
+pub fn resize_shorter_side(image: &RgbImage, size: u32) -> RgbImage {
+    let (width, height) = image.dimensions();
+    let (new_width, new_height) = if width <= height {
+        (
+            size,
+            (size as u64 * height as u64 / width.max(1) as u64) as u32,
+        )
+    } else {
+        (
+            (size as u64 * width as u64 / height.max(1) as u64) as u32,
+            size,
+        )
+    };
+    if (new_width, new_height) == (width, height) {
+        return image.clone();
+    }
+    imageops::resize(image, new_width, new_height, FilterType::Triangle)
+}
+
+/// torchvision `CenterCrop`: `int(round((len - size) / 2))` on each axis.
+pub fn center_crop_origin(width: u32, height: u32, size: u32) -> (u32, u32) {
+    let offset = |len: u32| ((len.saturating_sub(size)) as f64 / 2.0).round_ties_even() as u32;
+    (offset(width), offset(height))
+}
+
+/// torchvision `RandomCrop`: a uniform offset in `0..=len - size` on each axis.
+fn random_crop_origin(width: u32, height: u32, size: u32, rng: &mut SampleRng) -> (u32, u32) {
+    let y = rng.below(u64::from(height.saturating_sub(size)) + 1) as u32;
+    let x = rng.below(u64::from(width.saturating_sub(size)) + 1) as u32;
+    (x, y)
+}
+
+/// textual_inversion.py's crop: `img[(h - c)//2 : (h + c)//2, (w - c)//2 : (w + c)//2]`.
+fn square_center_crop(image: &RgbImage) -> RgbImage {
+    let (width, height) = image.dimensions();
+    let crop = width.min(height);
+    imageops::crop_imm(image, (width - crop) / 2, (height - crop) / 2, crop, crop).to_image()
+}
+
+/// HWC u8 -> CHW float32 in [-1, 1] (`(x / 255 - 0.5) / 0.5`).
+pub fn to_unit_range_tensor(image: &RgbImage) -> Tensor {
+    let (width, height) = image.dimensions();
+    let bytes = Tensor::from_slice(image.as_raw())
+        .view([height as i64, width as i64, 3])
+        .permute([2, 0, 1])
+        .to_kind(Kind::Float);
+    (bytes / 255.0 - 0.5) / 0.5
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shorter_side_resize_keeps_aspect_like_torchvision() {
+        let image = RgbImage::new(100, 60);
+        let resized = resize_shorter_side(&image, 32);
+        // int(32 * 100 / 60) = 53
+        assert_eq!(resized.dimensions(), (53, 32));
+        let tall = resize_shorter_side(&RgbImage::new(60, 100), 32);
+        assert_eq!(tall.dimensions(), (32, 53));
+    }
+
+    #[test]
+    fn center_crop_offsets_round_like_torchvision() {
+        // round((53 - 32) / 2) = round(10.5) = 10 (Python rounds half to even).
+        assert_eq!(center_crop_origin(53, 32, 32), (10, 0));
+        assert_eq!(center_crop_origin(55, 40, 32), (12, 4));
+    }
+
+    #[test]
+    fn pixels_map_to_minus_one_one() {
+        let mut image = RgbImage::new(2, 1);
+        image.put_pixel(0, 0, image::Rgb([0, 255, 51]));
+        image.put_pixel(1, 0, image::Rgb([255, 0, 0]));
+        let tensor = to_unit_range_tensor(&image);
+        assert_eq!(tensor.size(), [3, 1, 2]);
+        let expected = Tensor::from_slice(&[-1.0f32, 1.0, 1.0, -1.0, -0.6, -1.0]);
+        assert!(tensor.flatten(0, -1).allclose(&expected, 0.0, 1e-6, false));
+    }
+
+    #[test]
+    fn flip_mirrors_the_columns() {
+        let mut image = RgbImage::new(4, 4);
+        image.put_pixel(0, 0, image::Rgb([255, 255, 255]));
+        let transform = Transform::DreamBooth {
+            resolution: 4,
+            center_crop: true,
+            random_flip: true,
+        };
+        let mut flipped_seen = false;
+        let mut plain_seen = false;
+        for sample in 0..16 {
+            let tensor = transform.apply(&image, &mut SampleRng::for_sample(1, sample));
+            let left = tensor.double_value(&[0, 0, 0]);
+            let right = tensor.double_value(&[0, 0, 3]);
+            match (left, right) {
+                (1.0, -1.0) => plain_seen = true,
+                (-1.0, 1.0) => flipped_seen = true,
+                other => panic!("unexpected corner values {other:?}"),
+            }
+        }
+        assert!(flipped_seen && plain_seen);
+    }
+
+    #[test]
+    fn an_undecodable_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("broken.png");
+        std::fs::write(&bad, b"not a png").unwrap();
+        let error = load_folder(dir.path(), "instance_data_dir").unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!("{}: cannot decode this image:", bad.display())),
+            "{message}"
+        );
+        assert!(
+            message.ends_with("; remove or replace the file"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_empty_folder_is_an_error_naming_the_option() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = list_images(dir.path(), "class_data_dir").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "{}: the class_data_dir folder has no images (png, jpg, jpeg, webp)",
+                dir.path().display()
+            )
+        );
+    }
+}

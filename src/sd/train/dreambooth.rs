@@ -1,0 +1,715 @@
+//! DreamBooth fine-tuning as diffusers' examples/dreambooth/train_dreambooth.py: the UNet (and
+//! optionally the text encoder) trained on instance images with an instance prompt, optionally
+//! with prior preservation on class images. [`DreamBoothTrainer::train_step`] runs one optimizer
+//! step on explicit latents / noise / timesteps (what the golden tests drive); [`train`] is the
+//! whole run with data loading, resume, checkpoints, metrics and the output folder.
+//!
+//! Deviations from diffusers, by design:
+//! * every random draw is derived from `(seed, step)` (see `common::seed_step_tensors`) instead
+//!   of one generator stream, so a resumed run is identical to an uninterrupted one;
+//! * `seed` defaults to 0 (diffusers: unseeded);
+//! * class images must already exist in `class_data_dir` (generate them with txt2img first);
+//! * mixed precision keeps the trainable modules in float32 and runs them in float32 (no
+//!   autocast); only the frozen modules (VAE, untrained text encoder) run in fp16/bf16.
+//!   fp16 needs CUDA; bf16 is allowed on CPU;
+//! * `gradient_checkpointing` recomputes each UNet block in a second phase (see
+//!   `sd::unet::checkpointed`); the text encoder is not checkpointed;
+//! * min-SNR weighting uses the instance half's timesteps (diffusers would broadcast the full
+//!   batch's weights against the instance half).
+use super::TrainError;
+use super::common::{
+    self, Callbacks, DiffusionModel, LossSpec, MixedPrecision, Optimizer, OptimizerKind, SampleRng,
+    StepBatch, StepReport, TrainOutcome,
+};
+use super::data::{self, Transform};
+use super::driver::{self, DriverSettings, TrainingMethod};
+use super::loss::PredictionType;
+use super::lr_schedule::LrSchedule;
+use super::optim::{AdamWConfig, clip_grad_norm};
+use super::output::{self, NewWeights};
+use crate::sd::clip::ClipTextModel;
+use crate::sd::folder::ModelFolder;
+use crate::sd::schedulers::{DdpmScheduler, SchedulerConfig};
+use crate::sd::tokenizer::ClipTokenizer;
+use crate::sd::unet::UNet2DConditionModel;
+use crate::sd::vae::AutoencoderKL;
+use image::RgbImage;
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor, nn::VarStore};
+
+/// Name recorded in checkpoints.
+pub const METHOD: &str = "dreambooth";
+/// Prefixes of the trainable tensors in checkpoints.
+const UNET_PREFIX: &str = "unet.";
+const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
+
+/// train_dreambooth.py's arguments (names and defaults as there, except where noted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DreamBoothConfig {
+    /// A diffusers folder.
+    pub pretrained_model_name_or_path: PathBuf,
+    pub instance_data_dir: PathBuf,
+    pub instance_prompt: String,
+    pub class_data_dir: Option<PathBuf>,
+    pub class_prompt: Option<String>,
+    pub with_prior_preservation: bool,
+    /// Default 1.0.
+    pub prior_loss_weight: f64,
+    /// Where the diffusers folder and metrics.jsonl are written.
+    pub output_dir: PathBuf,
+    /// Where resume checkpoints live (diffusers keeps them in output_dir).
+    pub work_dir: PathBuf,
+    /// diffusers' `--resume_from_checkpoint latest`.
+    pub resume_from_checkpoint: bool,
+    /// Default 0 (diffusers: None).
+    pub seed: u64,
+    /// Default 512.
+    pub resolution: u32,
+    pub center_crop: bool,
+    pub random_flip: bool,
+    pub train_text_encoder: bool,
+    /// Default 4.
+    pub train_batch_size: usize,
+    /// Default 1 (used when `max_train_steps` is None).
+    pub num_train_epochs: u64,
+    pub max_train_steps: Option<u64>,
+    /// Default 500.
+    pub checkpointing_steps: u64,
+    pub checkpoints_total_limit: Option<usize>,
+    /// Default 1.
+    pub gradient_accumulation_steps: u64,
+    /// Recompute UNet blocks in the backward pass instead of keeping their activations.
+    pub gradient_checkpointing: bool,
+    /// Default 5e-6.
+    pub learning_rate: f64,
+    pub scale_lr: bool,
+    /// Default "constant".
+    pub lr_scheduler: String,
+    /// Default 500.
+    pub lr_warmup_steps: u64,
+    /// Default 1.
+    pub lr_num_cycles: u32,
+    /// Default 1.0.
+    pub lr_power: f64,
+    /// adamw (default) or adamw8bit (`--use_8bit_adam`).
+    pub optimizer: OptimizerKind,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_weight_decay: f64,
+    pub adam_epsilon: f64,
+    /// Default 1.0.
+    pub max_grad_norm: f64,
+    pub mixed_precision: MixedPrecision,
+    pub offset_noise: bool,
+    pub snr_gamma: Option<f64>,
+    pub device: Device,
+}
+
+impl DreamBoothConfig {
+    /// A config with diffusers' defaults for everything but the required paths and prompt.
+    pub fn new(
+        pretrained_model_name_or_path: PathBuf,
+        instance_data_dir: PathBuf,
+        instance_prompt: &str,
+        output_dir: PathBuf,
+        work_dir: PathBuf,
+    ) -> Self {
+        Self {
+            pretrained_model_name_or_path,
+            instance_data_dir,
+            instance_prompt: instance_prompt.to_string(),
+            class_data_dir: None,
+            class_prompt: None,
+            with_prior_preservation: false,
+            prior_loss_weight: 1.0,
+            output_dir,
+            work_dir,
+            resume_from_checkpoint: false,
+            seed: 0,
+            resolution: 512,
+            center_crop: false,
+            random_flip: false,
+            train_text_encoder: false,
+            train_batch_size: 4,
+            num_train_epochs: 1,
+            max_train_steps: None,
+            checkpointing_steps: 500,
+            checkpoints_total_limit: None,
+            gradient_accumulation_steps: 1,
+            gradient_checkpointing: false,
+            learning_rate: 5e-6,
+            scale_lr: false,
+            lr_scheduler: "constant".to_string(),
+            lr_warmup_steps: 500,
+            lr_num_cycles: 1,
+            lr_power: 1.0,
+            optimizer: OptimizerKind::AdamW,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_weight_decay: 1e-2,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            mixed_precision: MixedPrecision::No,
+            offset_noise: false,
+            snr_gamma: None,
+            device: Device::Cpu,
+        }
+    }
+
+    /// Rejects settings the loop cannot run, naming the option.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let fail = |field: &'static str, problem: &str| {
+            Err(TrainError::Config {
+                field,
+                problem: problem.to_string(),
+            })
+        };
+        if self.with_prior_preservation && self.class_data_dir.is_none() {
+            return fail("class_data_dir", "required with with_prior_preservation");
+        }
+        if self.with_prior_preservation && self.class_prompt.is_none() {
+            return fail("class_prompt", "required with with_prior_preservation");
+        }
+        if self.train_batch_size == 0 {
+            return fail("train_batch_size", "must be at least 1");
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return fail("gradient_accumulation_steps", "must be at least 1");
+        }
+        if self.checkpointing_steps == 0 {
+            return fail("checkpointing_steps", "must be at least 1");
+        }
+        if self.resolution == 0 || !self.resolution.is_multiple_of(common::RESOLUTION_MULTIPLE) {
+            return fail("resolution", "must be a positive multiple of 8");
+        }
+        self.mixed_precision.weight_kind(self.device).map(|_| ())
+    }
+
+    /// The learning rate after `--scale_lr` (times accumulation and batch size).
+    pub fn effective_learning_rate(&self) -> f64 {
+        if self.scale_lr {
+            self.learning_rate
+                * self.gradient_accumulation_steps as f64
+                * self.train_batch_size as f64
+        } else {
+            self.learning_rate
+        }
+    }
+}
+
+/// The models, optimizer and schedule of a DreamBooth run, one optimizer step at a time.
+pub struct DreamBoothTrainer {
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    text_encoder_store: VarStore,
+    unet: UNet2DConditionModel,
+    unet_store: VarStore,
+    vae: AutoencoderKL,
+    _vae_store: VarStore,
+    scheduler: DdpmScheduler,
+    prediction: PredictionType,
+    weight_kind: Kind,
+    train_text_encoder: bool,
+    gradient_checkpointing: bool,
+    loss_spec: LossSpec,
+    max_grad_norm: f64,
+    trainables: Vec<(String, Tensor)>,
+    optimizer: Optimizer,
+    schedule: LrSchedule,
+    step: u64,
+}
+
+impl DreamBoothTrainer {
+    /// Loads the base model and sets up the optimizer and lr schedule for `total_steps`.
+    pub fn new(config: &DreamBoothConfig, total_steps: u64) -> Result<Self, TrainError> {
+        config.validate()?;
+        let device = config.device;
+        let weight_kind = config.mixed_precision.weight_kind(device)?;
+        let folder =
+            ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
+        let tokenizer =
+            ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(TrainError::model)?;
+        let text_kind = if config.train_text_encoder {
+            Kind::Float
+        } else {
+            weight_kind
+        };
+        let (mut text_encoder_store, text_encoder) =
+            ClipTextModel::load(&folder.text_encoder_dir(), device, text_kind, None)
+                .map_err(TrainError::model)?;
+        let (unet_store, unet) =
+            UNet2DConditionModel::load(&folder.unet_dir(), device, Kind::Float, None)
+                .map_err(TrainError::model)?;
+        let (mut vae_store, vae) =
+            AutoencoderKL::load(&folder.vae_dir(), device, weight_kind, None)
+                .map_err(TrainError::model)?;
+        vae_store.freeze();
+        if !config.train_text_encoder {
+            text_encoder_store.freeze();
+        }
+        let scheduler_config =
+            SchedulerConfig::from_file(&folder.scheduler_dir().join("scheduler_config.json"))
+                .map_err(TrainError::model)?;
+        let prediction = common::prediction_type(&scheduler_config)?;
+        let scheduler = DdpmScheduler::new(&scheduler_config).map_err(TrainError::model)?;
+        let trainables = named_trainables(
+            &unet_store,
+            config.train_text_encoder.then_some(&text_encoder_store),
+        );
+        let lr = config.effective_learning_rate();
+        let params: Vec<Tensor> = trainables.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let optimizer = Optimizer::new(
+            config.optimizer,
+            &params,
+            AdamWConfig {
+                lr,
+                beta1: config.adam_beta1,
+                beta2: config.adam_beta2,
+                eps: config.adam_epsilon,
+                weight_decay: config.adam_weight_decay,
+            },
+        );
+        let schedule = LrSchedule::new(
+            &config.lr_scheduler,
+            lr,
+            config.lr_warmup_steps,
+            total_steps,
+            config.lr_num_cycles,
+            config.lr_power,
+        )?;
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            text_encoder_store,
+            unet,
+            unet_store,
+            vae,
+            _vae_store: vae_store,
+            scheduler,
+            prediction,
+            weight_kind,
+            train_text_encoder: config.train_text_encoder,
+            gradient_checkpointing: config.gradient_checkpointing,
+            loss_spec: LossSpec {
+                prior_loss_weight: config
+                    .with_prior_preservation
+                    .then_some(config.prior_loss_weight),
+                snr_gamma: config.snr_gamma,
+            },
+            max_grad_norm: config.max_grad_norm,
+            trainables,
+            optimizer,
+            schedule,
+            step: 0,
+        })
+    }
+
+    /// Optimizer steps done.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn unet_store(&self) -> &VarStore {
+        &self.unet_store
+    }
+
+    pub fn text_encoder_store(&self) -> &VarStore {
+        &self.text_encoder_store
+    }
+
+    pub fn vae(&self) -> &AutoencoderKL {
+        &self.vae
+    }
+
+    /// Token ids `[1, 77]` of a prompt (padded, truncated).
+    pub fn tokenize(&self, prompt: &str) -> Tensor {
+        Tensor::from_slice(&self.tokenizer.encode(prompt).ids).unsqueeze(0)
+    }
+
+    /// One optimizer step over `micro_batches` (one per gradient-accumulation step):
+    /// [`accumulate_gradients`](Self::accumulate_gradients) then
+    /// [`apply_gradients`](Self::apply_gradients) with this step's learning rate.
+    pub fn train_step(&mut self, micro_batches: &[StepBatch]) -> Result<StepReport, TrainError> {
+        let lr = self.schedule.lr_at(self.step);
+        let loss = self.accumulate_gradients(micro_batches)?;
+        let grad_norm = self.apply_gradients(lr);
+        Ok(StepReport {
+            loss,
+            grad_norm: Some(grad_norm),
+            lr,
+        })
+    }
+
+    /// Loss of each micro-batch and `backward(loss / n)`; returns the mean loss. A NaN/inf
+    /// loss zeroes the grads and fails before any update.
+    pub fn accumulate_gradients(&mut self, micro_batches: &[StepBatch]) -> Result<f64, TrainError> {
+        let count = micro_batches.len().max(1) as f64;
+        let mut total = 0.0;
+        for batch in micro_batches {
+            let value = if self.gradient_checkpointing {
+                self.checkpointed_backward(batch, count)
+            } else {
+                self.plain_backward(batch, count)
+            };
+            match value {
+                Ok(value) => total += value,
+                Err(error) => {
+                    self.optimizer.zero_grad();
+                    return Err(error);
+                }
+            }
+        }
+        Ok(total / count)
+    }
+
+    /// `backward(loss / count)` of one micro-batch; returns its loss.
+    fn plain_backward(&self, batch: &StepBatch, count: f64) -> Result<f64, TrainError> {
+        let loss = self.batch_loss(batch)?;
+        let value = loss.double_value(&[]);
+        common::check_finite(value, self.step + 1)?;
+        (loss / count).backward();
+        Ok(value)
+    }
+
+    /// The same gradients as [`plain_backward`](Self::plain_backward) with the UNet run
+    /// grad-free and recomputed block by block in the backward pass.
+    fn checkpointed_backward(&self, batch: &StepBatch, count: f64) -> Result<f64, TrainError> {
+        let hidden = self.encoder_hidden_states(batch)?;
+        let model = self.diffusion_model();
+        let (noisy, timesteps) = common::noisy_latents(&model, batch)?;
+        let run = self.unet.forward_checkpointed(&noisy, &timesteps, &hidden);
+        let pred = run.output().detach().set_requires_grad(true);
+        let loss = common::loss_from_prediction(&model, batch, &pred, &timesteps)?
+            .combine(&self.loss_spec)?;
+        let value = loss.double_value(&[]);
+        common::check_finite(value, self.step + 1)?;
+        (loss / count).backward();
+        run.backward(&self.unet, &pred.grad(), &hidden);
+        Ok(value)
+    }
+
+    /// Clips the global grad norm over the trainable parameters to `max_grad_norm`, takes an
+    /// AdamW step with `lr`, zeroes the grads. Returns the norm before clipping.
+    pub fn apply_gradients(&mut self, lr: f64) -> f64 {
+        let params: Vec<Tensor> = self
+            .trainables
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        let grad_norm = clip_grad_norm(&params, self.max_grad_norm);
+        self.optimizer.set_lr(lr);
+        self.optimizer.step();
+        self.optimizer.zero_grad();
+        self.step += 1;
+        grad_norm
+    }
+
+    /// The loss of one batch (graph attached when something is trainable).
+    pub fn batch_loss(&self, batch: &StepBatch) -> Result<Tensor, TrainError> {
+        let hidden = self.encoder_hidden_states(batch)?;
+        common::diffusion_loss(&self.diffusion_model(), batch, &hidden, &self.loss_spec)
+    }
+
+    /// The text encoder's output for the batch's tokens (graph attached when it trains).
+    fn encoder_hidden_states(&self, batch: &StepBatch) -> Result<Tensor, TrainError> {
+        let ids = batch.input_ids.to_device(batch.latents.device());
+        let output = if self.train_text_encoder {
+            self.text_encoder.forward(&ids)
+        } else {
+            tch::no_grad(|| self.text_encoder.forward(&ids))
+        };
+        Ok(output.map_err(TrainError::model)?.last_hidden_state)
+    }
+
+    fn diffusion_model(&self) -> DiffusionModel<'_> {
+        DiffusionModel {
+            unet: &self.unet,
+            unet_kind: Kind::Float,
+            scheduler: &self.scheduler,
+            prediction: self.prediction,
+        }
+    }
+
+    /// VAE posterior moments (mean, std) of pixel batches, in float32, without grad.
+    fn encode_moments(&self, pixels: &Tensor) -> (Tensor, Tensor) {
+        tch::no_grad(|| {
+            let posterior = self.vae.encode(&pixels.to_kind(self.weight_kind));
+            (
+                posterior.mean.to_kind(Kind::Float),
+                posterior.std.to_kind(Kind::Float),
+            )
+        })
+    }
+}
+
+fn named_trainables(unet: &VarStore, text_encoder: Option<&VarStore>) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = common::trainable_sorted(unet)
+        .into_iter()
+        .map(|(name, t)| (format!("{UNET_PREFIX}{name}"), t))
+        .collect();
+    if let Some(vs) = text_encoder {
+        named.extend(
+            common::trainable_sorted(vs)
+                .into_iter()
+                .map(|(name, t)| (format!("{TEXT_ENCODER_PREFIX}{name}"), t)),
+        );
+    }
+    named
+}
+
+/// VAE posterior (mean, std) of one image, float32.
+type Moments = (Tensor, Tensor);
+
+/// Decoded images and prompts of a run, with cached VAE moments when augmentation is off.
+struct DreamBoothData {
+    instances: Vec<RgbImage>,
+    classes: Vec<RgbImage>,
+    instance_ids: Tensor,
+    class_ids: Option<Tensor>,
+    transform: Transform,
+    /// (mean, std) per instance image, then per class image, when the transform is fixed.
+    cache: Option<(Vec<Moments>, Vec<Moments>)>,
+}
+
+impl DreamBoothData {
+    fn load(config: &DreamBoothConfig, trainer: &DreamBoothTrainer) -> Result<Self, TrainError> {
+        let instances = data::load_folder(&config.instance_data_dir, "instance_data_dir")?;
+        let classes = match (&config.class_data_dir, config.with_prior_preservation) {
+            (Some(dir), true) => data::load_folder(dir, "class_data_dir")?,
+            _ => Vec::new(),
+        };
+        let class_ids = config
+            .class_prompt
+            .as_deref()
+            .filter(|_| config.with_prior_preservation)
+            .map(|prompt| trainer.tokenize(prompt));
+        let transform = Transform::DreamBooth {
+            resolution: config.resolution,
+            center_crop: config.center_crop,
+            random_flip: config.random_flip,
+        };
+        let mut loaded = Self {
+            instance_ids: trainer.tokenize(&config.instance_prompt),
+            instances,
+            classes,
+            class_ids,
+            transform,
+            cache: None,
+        };
+        if !transform.is_random() {
+            loaded.cache = Some((
+                loaded.encode_all(&loaded.instances, trainer, config.device),
+                loaded.encode_all(&loaded.classes, trainer, config.device),
+            ));
+        }
+        Ok(loaded)
+    }
+
+    fn encode_all(
+        &self,
+        images: &[RgbImage],
+        trainer: &DreamBoothTrainer,
+        device: Device,
+    ) -> Vec<(Tensor, Tensor)> {
+        images
+            .iter()
+            .map(|image| {
+                let pixels = self
+                    .transform
+                    .apply(image, &mut SampleRng::for_sample(0, 0));
+                trainer.encode_moments(&pixels.unsqueeze(0).to_device(device))
+            })
+            .collect()
+    }
+
+    /// diffusers' dataset length: max(instances, classes) with prior preservation.
+    fn len(&self) -> usize {
+        self.instances.len().max(self.classes.len())
+    }
+
+    fn sizes(&self) -> Vec<usize> {
+        vec![self.instances.len(), self.classes.len()]
+    }
+
+    /// The micro-batch `micro` of optimizer step `step`: [instances..., classes...].
+    fn batch(
+        &self,
+        trainer: &DreamBoothTrainer,
+        config: &DreamBoothConfig,
+        step: u64,
+        micro: u64,
+    ) -> Result<StepBatch, TrainError> {
+        let size = config.train_batch_size as u64;
+        let first = (step * config.gradient_accumulation_steps + micro) * size;
+        let mut instance_moments = Vec::new();
+        let mut class_moments = Vec::new();
+        let mut instance_pixels = Vec::new();
+        let mut class_pixels = Vec::new();
+        for sample in first..first + size {
+            let index = common::dataset_index(config.seed, self.len(), sample);
+            let instance = index % self.instances.len();
+            let class = (!self.classes.is_empty()).then(|| index % self.classes.len());
+            match &self.cache {
+                Some((instances, classes)) => {
+                    instance_moments.push(&instances[instance]);
+                    class_moments.extend(class.map(|c| &classes[c]));
+                }
+                None => {
+                    let mut rng = SampleRng::for_sample(config.seed, sample);
+                    instance_pixels.push(self.transform.apply(&self.instances[instance], &mut rng));
+                    class_pixels
+                        .extend(class.map(|c| self.transform.apply(&self.classes[c], &mut rng)));
+                }
+            }
+        }
+        let (mean, std) = if self.cache.is_some() {
+            let all: Vec<&(Tensor, Tensor)> =
+                instance_moments.into_iter().chain(class_moments).collect();
+            let means: Vec<&Tensor> = all.iter().map(|(m, _)| m).collect();
+            let stds: Vec<&Tensor> = all.iter().map(|(_, s)| s).collect();
+            (Tensor::cat(&means, 0), Tensor::cat(&stds, 0))
+        } else {
+            let pixels: Vec<Tensor> = instance_pixels.into_iter().chain(class_pixels).collect();
+            trainer.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device))
+        };
+        let _rng = common::seed_step_tensors(config.seed, step, micro);
+        let epsilon = Tensor::randn(mean.size(), (Kind::Float, mean.device()));
+        let latents = (&mean + &std * epsilon) * trainer.vae.scaling_factor();
+        let (noise, timesteps) = common::draw_noise_and_timesteps(
+            &latents,
+            config.offset_noise,
+            trainer.scheduler.num_train_timesteps(),
+        )?;
+        let mut ids = vec![self.instance_ids.repeat([size as i64, 1])];
+        if let Some(class_ids) = &self.class_ids {
+            ids.push(class_ids.repeat([size as i64, 1]));
+        }
+        Ok(StepBatch {
+            latents,
+            noise,
+            timesteps,
+            input_ids: Tensor::cat(&ids, 0).to_device(config.device),
+        })
+    }
+}
+
+/// The trainer plus its data, as the driver sees it.
+struct Run<'a> {
+    trainer: DreamBoothTrainer,
+    data: DreamBoothData,
+    config: &'a DreamBoothConfig,
+}
+
+impl TrainingMethod for Run<'_> {
+    fn method(&self) -> &'static str {
+        METHOD
+    }
+
+    fn step(&self) -> u64 {
+        self.trainer.step
+    }
+
+    fn set_step(&mut self, step: u64) {
+        self.trainer.step = step;
+    }
+
+    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        self.trainer
+            .trainables
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect()
+    }
+
+    fn optimizer(&self) -> &Optimizer {
+        &self.trainer.optimizer
+    }
+
+    fn optimizer_mut(&mut self) -> &mut Optimizer {
+        &mut self.trainer.optimizer
+    }
+
+    fn write_model(&self, dir: &std::path::Path) -> Result<(), TrainError> {
+        write_trained_folder(self.config, &self.trainer, dir)
+    }
+
+    fn next_step(&mut self) -> Result<StepReport, TrainError> {
+        let step = self.trainer.step;
+        let batches = (0..self.config.gradient_accumulation_steps)
+            .map(|micro| self.data.batch(&self.trainer, self.config, step, micro))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.trainer.train_step(&batches)
+    }
+}
+
+/// Runs DreamBooth training: resumes from the latest checkpoint in `work_dir` when asked,
+/// writes `metrics.jsonl` and, at the end, a complete diffusers folder into `output_dir`.
+pub fn train(
+    config: &DreamBoothConfig,
+    callbacks: &mut Callbacks,
+) -> Result<TrainOutcome, TrainError> {
+    config.validate()?;
+    let instance_count = data::list_images(&config.instance_data_dir, "instance_data_dir")?.len();
+    let class_count = match (&config.class_data_dir, config.with_prior_preservation) {
+        (Some(dir), true) => data::list_images(dir, "class_data_dir")?.len(),
+        _ => 0,
+    };
+    let total = common::total_steps(
+        config.max_train_steps,
+        config.num_train_epochs,
+        instance_count.max(class_count),
+        config.train_batch_size,
+        config.gradient_accumulation_steps,
+    );
+    let trainer = DreamBoothTrainer::new(config, total)?;
+    let data = DreamBoothData::load(config, &trainer)?;
+    let settings = DriverSettings {
+        work_dir: &config.work_dir,
+        metrics_dir: &config.output_dir,
+        total_steps: total,
+        checkpointing_steps: config.checkpointing_steps,
+        checkpoints_total_limit: config.checkpoints_total_limit,
+        resume: config.resume_from_checkpoint,
+        seed: config.seed,
+        dataset_sizes: data.sizes(),
+    };
+    let mut run = Run {
+        trainer,
+        data,
+        config,
+    };
+    let result = driver::run(&mut run, &settings, callbacks)?;
+    let trainer = &run.trainer;
+    write_trained_folder(config, trainer, &config.output_dir)?;
+    Ok(TrainOutcome {
+        steps: trainer.step,
+        resumed_from: result.resumed_from,
+        final_loss: result.final_loss,
+        output_dir: config.output_dir.clone(),
+    })
+}
+
+/// The base model with the trained UNet (and text encoder) as a diffusers folder at `dir`.
+fn write_trained_folder(
+    config: &DreamBoothConfig,
+    trainer: &DreamBoothTrainer,
+    dir: &std::path::Path,
+) -> Result<(), TrainError> {
+    let base =
+        ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
+    output::write_model_folder(
+        &base,
+        dir,
+        &NewWeights {
+            unet: Some(&trainer.unet_store),
+            text_encoder: config
+                .train_text_encoder
+                .then_some(&trainer.text_encoder_store),
+            added_tokens: &[],
+        },
+    )
+}

@@ -1,0 +1,163 @@
+//! The outer training loop both methods share: resume from the latest checkpoint, run optimizer
+//! steps until the total, report progress and metrics, write checkpoints every
+//! `checkpointing_steps`, stop cleanly on cancellation (after a checkpoint) or on a non-finite
+//! loss (naming the step and the last good checkpoint).
+use super::TrainError;
+use super::checkpoint::{self, ResumeState};
+use super::common::{Callbacks, MetricsLog, Optimizer, Progress, StepReport};
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+/// What the driver needs from a method's trainer.
+pub(crate) trait TrainingMethod {
+    /// "dreambooth" / "textual_inversion" (recorded in checkpoints).
+    fn method(&self) -> &'static str;
+    /// Optimizer steps done.
+    fn step(&self) -> u64;
+    fn set_step(&mut self, step: u64);
+    /// The tensors a checkpoint saves and restores, by name.
+    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)>;
+    fn optimizer(&self) -> &Optimizer;
+    fn optimizer_mut(&mut self) -> &mut Optimizer;
+    /// Writes the current model as a complete diffusers folder into `dir`.
+    fn write_model(&self, dir: &Path) -> Result<(), TrainError>;
+    /// Draws the data of the next step and runs it.
+    fn next_step(&mut self) -> Result<StepReport, TrainError>;
+}
+
+/// Settings of one run of the driver.
+pub(crate) struct DriverSettings<'a> {
+    pub work_dir: &'a Path,
+    pub metrics_dir: &'a Path,
+    pub total_steps: u64,
+    pub checkpointing_steps: u64,
+    pub checkpoints_total_limit: Option<usize>,
+    pub resume: bool,
+    pub seed: u64,
+    pub dataset_sizes: Vec<usize>,
+}
+
+/// Result of the driver: where it resumed from and the last loss.
+pub(crate) struct DriverResult {
+    pub resumed_from: Option<u64>,
+    pub final_loss: Option<f64>,
+}
+
+pub(crate) fn run(
+    trainer: &mut dyn TrainingMethod,
+    settings: &DriverSettings,
+    callbacks: &mut Callbacks,
+) -> Result<DriverResult, TrainError> {
+    let resumed_from = if settings.resume {
+        resume(trainer, settings)?
+    } else {
+        None
+    };
+    let mut last_checkpoint =
+        resumed_from.map(|step| checkpoint::checkpoint_dir(settings.work_dir, step));
+    let metrics = MetricsLog::open(settings.metrics_dir, trainer.step())?;
+    let mut final_loss = None;
+    while trainer.step() < settings.total_steps {
+        if callbacks.cancelled() {
+            let dir = save_unless_saved(trainer, settings, &last_checkpoint)?;
+            return Err(TrainError::Cancelled {
+                step: trainer.step(),
+                checkpoint: dir,
+            });
+        }
+        let report = trainer.next_step().map_err(|error| match error {
+            TrainError::NonFiniteLoss { step, loss, .. } => TrainError::NonFiniteLoss {
+                step,
+                loss,
+                checkpoint: last_checkpoint.clone(),
+            },
+            other => other,
+        })?;
+        let progress = Progress {
+            step: trainer.step(),
+            total: settings.total_steps,
+            loss: report.loss,
+            lr: report.lr,
+            grad_norm: report.grad_norm,
+        };
+        metrics.append(&progress)?;
+        (callbacks.on_progress)(&progress);
+        final_loss = Some(report.loss);
+        if trainer
+            .step()
+            .is_multiple_of(settings.checkpointing_steps.max(1))
+        {
+            last_checkpoint = Some(save(trainer, settings, Some(report.lr))?);
+        }
+        validate_if_due(trainer, callbacks)?;
+    }
+    Ok(DriverResult {
+        resumed_from,
+        final_loss,
+    })
+}
+
+/// Runs the validation callback when the step is a multiple of its interval.
+fn validate_if_due(
+    trainer: &dyn TrainingMethod,
+    callbacks: &mut Callbacks,
+) -> Result<(), TrainError> {
+    let step = trainer.step();
+    let Some(validation) = callbacks.validation.as_mut() else {
+        return Ok(());
+    };
+    if !step.is_multiple_of(validation.every.max(1)) {
+        return Ok(());
+    }
+    trainer.write_model(&validation.model_dir)?;
+    (validation.run)(step, &validation.model_dir)
+        .map_err(|problem| TrainError::Validation { step, problem })
+}
+
+fn resume(
+    trainer: &mut dyn TrainingMethod,
+    settings: &DriverSettings,
+) -> Result<Option<u64>, TrainError> {
+    let Some(found) = checkpoint::latest(settings.work_dir)? else {
+        return Ok(None);
+    };
+    found.check_matches(trainer.method(), settings.seed, &settings.dataset_sizes)?;
+    let saved = found.weights()?;
+    checkpoint::restore_into(&found.dir, &saved, &trainer.checkpoint_tensors())?;
+    found.load_optimizer(trainer.optimizer_mut())?;
+    trainer.set_step(found.state.step);
+    Ok(Some(found.state.step))
+}
+
+fn save(
+    trainer: &dyn TrainingMethod,
+    settings: &DriverSettings,
+    lr: Option<f64>,
+) -> Result<PathBuf, TrainError> {
+    let state = ResumeState {
+        method: trainer.method().to_string(),
+        step: trainer.step(),
+        seed: settings.seed,
+        dataset_sizes: settings.dataset_sizes.clone(),
+        lr,
+    };
+    checkpoint::write(
+        settings.work_dir,
+        &state,
+        &trainer.checkpoint_tensors(),
+        trainer.optimizer(),
+        settings.checkpoints_total_limit,
+    )
+}
+
+fn save_unless_saved(
+    trainer: &dyn TrainingMethod,
+    settings: &DriverSettings,
+    last: &Option<PathBuf>,
+) -> Result<PathBuf, TrainError> {
+    let current = checkpoint::checkpoint_dir(settings.work_dir, trainer.step());
+    if last.as_ref() == Some(&current) {
+        return Ok(current);
+    }
+    save(trainer, settings, None)
+}

@@ -1,0 +1,184 @@
+//! Writing training results: a complete diffusers folder (model_index.json; new `unet/` and/or
+//! `text_encoder/` weights as safetensors, the text encoder with `text_model.` keys; the other
+//! components copied from the base model), textual-inversion embedding files in the diffusers
+//! (`learned_embeds.safetensors`) and A1111 / ComfyUI (`<token>.safetensors`, key `emb_params`)
+//! formats, and a tokenizer extended with added tokens.
+use super::TrainError;
+use super::common::io_error;
+use crate::sd::folder::ModelFolder;
+use crate::sd::weights;
+use std::path::Path;
+use tch::{Kind, Tensor, nn::VarStore};
+
+const MODEL_INDEX: &str = "model_index.json";
+const CONFIG_FILE: &str = "config.json";
+const UNET_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+const TEXT_ENCODER_WEIGHTS: &str = "model.safetensors";
+/// diffusers' textual-inversion output file.
+pub const LEARNED_EMBEDS_FILE: &str = "learned_embeds.safetensors";
+/// The key A1111 (kohya-style safetensors) and ComfyUI read from a single-key embedding file.
+pub const A1111_EMBEDDING_KEY: &str = "emb_params";
+
+/// What replaces the base model's components in the written folder.
+pub struct NewWeights<'a> {
+    pub unet: Option<&'a VarStore>,
+    pub text_encoder: Option<&'a VarStore>,
+    /// Tokens appended to the vocabulary, in id order (textual inversion).
+    pub added_tokens: &'a [(String, i64)],
+}
+
+/// Writes a diffusers folder at `out` from `base` with `new` weights (float32). Components
+/// without new weights are copied file by file.
+pub fn write_model_folder(
+    base: &ModelFolder,
+    out: &Path,
+    new: &NewWeights,
+) -> Result<(), TrainError> {
+    create_dir(out)?;
+    copy_file(&base.root().join(MODEL_INDEX), &out.join(MODEL_INDEX))?;
+    copy_dir(&base.vae_dir(), &out.join("vae"))?;
+    copy_dir(&base.scheduler_dir(), &out.join("scheduler"))?;
+    match new.unet {
+        Some(vs) => write_component(&base.unet_dir(), &out.join("unet"), vs, UNET_WEIGHTS, None)?,
+        None => copy_dir(&base.unet_dir(), &out.join("unet"))?,
+    }
+    let vocab_size = (!new.added_tokens.is_empty()).then(|| {
+        new.added_tokens
+            .iter()
+            .map(|(_, id)| id + 1)
+            .max()
+            .unwrap_or_default()
+    });
+    match new.text_encoder {
+        Some(vs) => write_component(
+            &base.text_encoder_dir(),
+            &out.join("text_encoder"),
+            vs,
+            TEXT_ENCODER_WEIGHTS,
+            vocab_size,
+        )?,
+        None => copy_dir(&base.text_encoder_dir(), &out.join("text_encoder"))?,
+    }
+    copy_dir(&base.tokenizer_dir(), &out.join("tokenizer"))?;
+    if !new.added_tokens.is_empty() {
+        add_tokens_to_tokenizer_dir(&out.join("tokenizer"), new.added_tokens)?;
+    }
+    Ok(())
+}
+
+/// `config.json` (with `vocab_size` updated when given) plus the weights of `vs`.
+fn write_component(
+    base_dir: &Path,
+    out_dir: &Path,
+    vs: &VarStore,
+    weights_name: &str,
+    vocab_size: Option<i64>,
+) -> Result<(), TrainError> {
+    create_dir(out_dir)?;
+    let config_in = base_dir.join(CONFIG_FILE);
+    let config_out = out_dir.join(CONFIG_FILE);
+    match vocab_size {
+        None => copy_file(&config_in, &config_out)?,
+        Some(size) => {
+            let mut json = read_json(&config_in)?;
+            json["vocab_size"] = serde_json::Value::from(size);
+            write_json(&config_out, &json)?;
+        }
+    }
+    let file = out_dir.join(weights_name);
+    weights::save_var_store(vs, &file, Some(Kind::Float)).map_err(TrainError::model)
+}
+
+/// Appends `tokens` to `vocab.json` and declares them in `tokenizer_config.json`'s
+/// `added_tokens_decoder` (what transformers writes; `ClipTokenizer::from_dir` reads both).
+pub fn add_tokens_to_tokenizer_dir(dir: &Path, tokens: &[(String, i64)]) -> Result<(), TrainError> {
+    let vocab_file = dir.join("vocab.json");
+    let mut vocab = read_json(&vocab_file)?;
+    let config_file = dir.join("tokenizer_config.json");
+    let mut config = if config_file.is_file() {
+        read_json(&config_file)?
+    } else {
+        serde_json::json!({})
+    };
+    for (token, id) in tokens {
+        vocab[token.as_str()] = serde_json::Value::from(*id);
+        if !config["added_tokens_decoder"].is_object() {
+            config["added_tokens_decoder"] = serde_json::json!({});
+        }
+        config["added_tokens_decoder"][id.to_string()] = serde_json::json!({
+            "content": token,
+            "lstrip": false,
+            "normalized": true,
+            "rstrip": false,
+            "single_word": false,
+            "special": false,
+        });
+    }
+    write_json(&vocab_file, &vocab)?;
+    write_json(&config_file, &config)
+}
+
+/// `learned_embeds.safetensors`: `{placeholder_token: [num_vectors, dim]}` (diffusers).
+pub fn write_learned_embeds(file: &Path, token: &str, embeds: &Tensor) -> Result<(), TrainError> {
+    write_tensors(
+        file,
+        &[(token.to_string(), embeds.detach().to_kind(Kind::Float))],
+    )
+}
+
+/// An A1111 / ComfyUI embedding: one tensor `emb_params` [num_vectors, dim]; the prompt word
+/// is the file name.
+pub fn write_a1111_embedding(file: &Path, embeds: &Tensor) -> Result<(), TrainError> {
+    write_tensors(
+        file,
+        &[(
+            A1111_EMBEDDING_KEY.to_string(),
+            embeds.detach().to_kind(Kind::Float),
+        )],
+    )
+}
+
+fn write_tensors(file: &Path, tensors: &[(String, Tensor)]) -> Result<(), TrainError> {
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous()))
+        .collect();
+    Tensor::write_safetensors(&cpu, file).map_err(|e| io_error(file, "write", e))
+}
+
+fn read_json(file: &Path) -> Result<serde_json::Value, TrainError> {
+    let text = std::fs::read_to_string(file).map_err(|e| io_error(file, "read", e))?;
+    serde_json::from_str(&text).map_err(|e| io_error(file, "parse as JSON", e))
+}
+
+fn write_json(file: &Path, value: &serde_json::Value) -> Result<(), TrainError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| io_error(file, "encode", e))?;
+    std::fs::write(file, text).map_err(|e| io_error(file, "write", e))
+}
+
+fn create_dir(dir: &Path) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir).map_err(|e| io_error(dir, "create the directory", e))
+}
+
+fn copy_file(from: &Path, to: &Path) -> Result<(), TrainError> {
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|e| io_error(from, "copy", e))
+}
+
+/// Copies a component folder (files and subfolders).
+fn copy_dir(from: &Path, to: &Path) -> Result<(), TrainError> {
+    create_dir(to)?;
+    let entries = std::fs::read_dir(from).map_err(|e| io_error(from, "list", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error(from, "list", e))?;
+        let path = entry.path();
+        let target = to.join(entry.file_name());
+        if path.is_dir() {
+            copy_dir(&path, &target)?;
+        } else {
+            copy_file(&path, &target)?;
+        }
+    }
+    Ok(())
+}

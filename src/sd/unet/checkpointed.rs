@@ -1,0 +1,275 @@
+//! Gradient checkpointing of the UNet, per down / mid / up block (diffusers'
+//! `enable_gradient_checkpointing`), in two phases because libtorch's C++ API has no
+//! `torch.utils.checkpoint` and tch no custom autograd functions:
+//!
+//! 1. [`UNet2DConditionModel::forward_checkpointed`] runs the UNet without a graph and keeps
+//!    only each block's inputs (hidden state, consumed skips);
+//! 2. [`CheckpointedUNet::backward`] takes d loss / d output and walks the blocks from the end:
+//!    each block is recomputed with grad from its saved inputs (detached leaves) and
+//!    `Σ output · grad` is backpropagated, so parameter grads accumulate as in a plain backward.
+//!    The skip connections make the UNet a DAG: the grads reaching a skip leaf of an up block
+//!    are kept by skip index and added to the matching output of its down block. The time
+//!    embedding and the text context are leaves shared by every block; their accumulated grads
+//!    are pushed once through their own graphs (time-embedding MLP, a trained text encoder).
+//!
+//! Peak memory holds one block's activations instead of the whole UNet's, at the cost of a
+//! second forward pass. Blocks are deterministic (no dropout), so the recomputation matches.
+use super::UNet2DConditionModel;
+use tch::Tensor;
+
+/// What one up block consumed: its input, its skips and where they sit in the skip list.
+struct UpInputs {
+    hidden: Tensor,
+    skips: Vec<Tensor>,
+    first_skip: usize,
+    upsample_size: Option<[i64; 2]>,
+}
+
+/// The grad-free forward pass: the saved inputs of every block and the output.
+pub struct CheckpointedUNet {
+    sample: Tensor,
+    timesteps: Tensor,
+    /// Input of each down block and the skip indices its outputs occupy.
+    down: Vec<(Tensor, std::ops::Range<usize>)>,
+    mid: Tensor,
+    up: Vec<UpInputs>,
+    /// Input of conv_norm_out.
+    post: Tensor,
+    skip_count: usize,
+    output: Tensor,
+}
+
+impl UNet2DConditionModel {
+    /// Phase 1: the prediction for `sample` (no graph), keeping what the backward recomputes from.
+    pub fn forward_checkpointed(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+    ) -> CheckpointedUNet {
+        tch::no_grad(|| {
+            let sample = sample.detach();
+            let context = context.detach();
+            let temb = self
+                .time_embedding
+                .forward(&self.time_proj(&sample, timesteps));
+            let mut hidden = self.conv_in.forward(&self.centered(&sample));
+            let mut skips = vec![hidden.shallow_clone()];
+            let mut down = Vec::with_capacity(self.down_blocks.len());
+            for block in &self.down_blocks {
+                let (output, block_skips) = block.forward(&hidden, &temb, &context);
+                let range = skips.len()..skips.len() + block_skips.len();
+                down.push((hidden, range));
+                skips.extend(block_skips);
+                hidden = output;
+            }
+            let skip_count = skips.len();
+            let mid = hidden.shallow_clone();
+            hidden = self.mid_block.forward(&hidden, &temb, &context);
+            let mut up = Vec::with_capacity(self.up_blocks.len());
+            for block in &self.up_blocks {
+                let first_skip = skips.len().saturating_sub(block.skip_count());
+                let block_skips = skips.split_off(first_skip);
+                let upsample_size = skips.last().map(|next| {
+                    let size = next.size();
+                    [size[2], size[3]]
+                });
+                let output = block.forward(&hidden, &block_skips, &temb, &context, upsample_size);
+                up.push(UpInputs {
+                    hidden,
+                    skips: block_skips,
+                    first_skip,
+                    upsample_size,
+                });
+                hidden = output;
+            }
+            let output = self
+                .conv_out
+                .forward(&self.conv_norm_out.forward(&hidden).silu());
+            CheckpointedUNet {
+                sample,
+                timesteps: timesteps.shallow_clone(),
+                down,
+                mid,
+                up,
+                post: hidden,
+                skip_count,
+                output,
+            }
+        })
+    }
+
+    fn centered(&self, sample: &Tensor) -> Tensor {
+        if self.config.center_input_sample {
+            sample * 2.0 - 1.0
+        } else {
+            sample.shallow_clone()
+        }
+    }
+}
+
+/// A detached copy that collects grads when `requires_grad`.
+fn leaf(tensor: &Tensor, requires_grad: bool) -> Tensor {
+    tensor.detach().set_requires_grad(requires_grad)
+}
+
+/// `Σ output · grad`, backpropagated.
+fn backward_pairs(pairs: &[(&Tensor, &Tensor)]) {
+    let terms: Vec<Tensor> = pairs
+        .iter()
+        .filter(|(_, grad)| grad.defined())
+        .map(|(output, grad)| (*output * *grad).sum(output.kind()))
+        .collect();
+    if let Some(first) = terms.first() {
+        terms
+            .iter()
+            .skip(1)
+            .fold(first.shallow_clone(), |sum, term| sum + term)
+            .backward();
+    }
+}
+
+fn add_grad(slot: &mut Option<Tensor>, grad: Tensor) {
+    if !grad.defined() {
+        return;
+    }
+    *slot = Some(match slot.take() {
+        Some(sum) => sum + grad,
+        None => grad,
+    });
+}
+
+impl CheckpointedUNet {
+    /// The prediction (no graph attached).
+    pub fn output(&self) -> &Tensor {
+        &self.output
+    }
+
+    /// Phase 2: backpropagates `grad_output` (d loss / d output) through `unet`, block by block,
+    /// and into `context` (the tensor given to phase 1, with its graph).
+    pub fn backward(self, unet: &UNet2DConditionModel, grad_output: &Tensor, context: &Tensor) {
+        let temb_graph_free = tch::no_grad(|| {
+            unet.time_embedding
+                .forward(&unet.time_proj(&self.sample, &self.timesteps))
+        });
+        let temb = leaf(&temb_graph_free, true);
+        let ctx = leaf(context, context.requires_grad());
+        let mut skip_grads: Vec<Option<Tensor>> = (0..self.skip_count).map(|_| None).collect();
+
+        let post = leaf(&self.post, true);
+        let output = unet
+            .conv_out
+            .forward(&unet.conv_norm_out.forward(&post).silu());
+        backward_pairs(&[(&output, grad_output)]);
+        let mut grad = post.grad();
+
+        for (block, inputs) in unet.up_blocks.iter().zip(&self.up).rev() {
+            let hidden = leaf(&inputs.hidden, true);
+            let skips: Vec<Tensor> = inputs.skips.iter().map(|s| leaf(s, true)).collect();
+            let output = block.forward(&hidden, &skips, &temb, &ctx, inputs.upsample_size);
+            backward_pairs(&[(&output, &grad)]);
+            for (offset, skip) in skips.iter().enumerate() {
+                add_grad(&mut skip_grads[inputs.first_skip + offset], skip.grad());
+            }
+            grad = hidden.grad();
+        }
+
+        let hidden = leaf(&self.mid, true);
+        let output = unet.mid_block.forward(&hidden, &temb, &ctx);
+        backward_pairs(&[(&output, &grad)]);
+        grad = hidden.grad();
+
+        for (block, (input, range)) in unet.down_blocks.iter().zip(&self.down).rev() {
+            let hidden = leaf(input, true);
+            let (output, block_skips) = block.forward(&hidden, &temb, &ctx);
+            let skip_grads_here: Vec<Tensor> = range
+                .clone()
+                .map(|index| skip_grads[index].take().unwrap_or_default())
+                .collect();
+            let mut pairs = vec![(&output, &grad)];
+            pairs.extend(block_skips.iter().zip(&skip_grads_here));
+            backward_pairs(&pairs);
+            grad = hidden.grad();
+        }
+
+        let first = unet.conv_in.forward(&unet.centered(&self.sample));
+        let first_skip = skip_grads[0].take().unwrap_or_default();
+        backward_pairs(&[(&first, &grad), (&first, &first_skip)]);
+
+        let temb_with_graph = unet
+            .time_embedding
+            .forward(&unet.time_proj(&self.sample, &self.timesteps));
+        backward_pairs(&[(&temb_with_graph, &temb.grad())]);
+        if context.requires_grad() {
+            backward_pairs(&[(context, &ctx.grad())]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::sd::unet::UNet2DConditionModel;
+    use std::path::Path;
+    use tch::{Device, Kind, Tensor};
+
+    /// Plain and checkpointed backward sum the same products in another order: float32
+    /// rounding only.
+    const GRAD_TOLERANCE: f64 = 1e-5;
+
+    fn grads(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
+        let mut named: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(name, t)| (name, t.grad().copy()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+    }
+
+    fn zero_grads(vs: &tch::nn::VarStore) {
+        for (_, mut t) in vs.variables() {
+            t.zero_grad();
+        }
+    }
+
+    #[test]
+    fn checkpointed_grads_equal_plain_backward() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-sd/unet");
+        let (vs, unet) = UNet2DConditionModel::load(&dir, Device::Cpu, Kind::Float, None)
+            .expect("load tiny unet");
+        let _seed = crate::sd::rng::seed_global(3);
+        let sample = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
+        let timesteps = Tensor::from_slice(&[10i64, 700]);
+        let dim = unet.config().cross_attention_dim;
+        let context_leaf =
+            Tensor::randn([2, 77, dim], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let weights = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
+
+        let context = &context_leaf * 1.5;
+        (unet.forward(&sample, &timesteps, &context) * &weights)
+            .sum(Kind::Float)
+            .backward();
+        let plain = grads(&vs);
+        let plain_context = context_leaf.grad().copy();
+        assert!(plain.iter().all(|(_, g)| g.defined()));
+        zero_grads(&vs);
+        let mut context_grad = context_leaf.grad();
+        let _ = context_grad.zero_();
+
+        let context = &context_leaf * 1.5;
+        let run = unet.forward_checkpointed(&sample, &timesteps, &context);
+        run.backward(&unet, &weights, &context);
+        let checkpointed = grads(&vs);
+        assert_eq!(plain.len(), checkpointed.len());
+        for ((name, a), (_, b)) in plain.iter().zip(&checkpointed) {
+            let difference = (a - b).abs().max().double_value(&[]);
+            let scale = a.abs().max().double_value(&[]).max(1.0);
+            assert!(difference <= GRAD_TOLERANCE * scale, "{name}: {difference}");
+        }
+        let difference = (plain_context - context_leaf.grad())
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(difference <= GRAD_TOLERANCE, "context grad: {difference}");
+    }
+}

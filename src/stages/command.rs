@@ -1,0 +1,125 @@
+//! The `command` stage: runs the user's shell text with `sh -c` in the staging folder.
+//! Environment: `$OUT` (write the output there), `$WORK` (checkpoints kept across crashes),
+//! `$PIPELINE_DIR` (the pipeline file's folder, where relative `inputs` live) and
+//! `$IN_<NAME>` for each needed stage (NAME upper-cased, every non-alphanumeric as `_`).
+//! The `run` text enters the key; the environment's values do not.
+use super::{ParamSpec, ParamType, Stage, StageContext, StageError};
+use serde_json::json;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// How often the running command is checked for exit and for cancellation.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+pub struct CommandStage;
+
+/// `$IN_<NAME>` for an upstream stage name.
+pub fn input_env_name(stage: &str) -> String {
+    let upper: String = stage
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("IN_{upper}")
+}
+
+impl Stage for CommandStage {
+    fn kind(&self) -> &'static str {
+        "command"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "Runs a shell command (`sh -c`) in the stage's output folder. Output: every file the command writes under `$OUT`."
+    }
+    fn schema(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::required(
+                "run",
+                ParamType::String,
+                "shell text, run with `sh -c` in `$OUT`",
+            ),
+            ParamSpec::optional(
+                "inputs",
+                ParamType::PathList,
+                json!([]),
+                "files/folders whose content enters the key",
+            ),
+            ParamSpec::optional(
+                "needs",
+                ParamType::StageRefList,
+                json!([]),
+                "upstream stages; each output folder is `$IN_<NAME>`",
+            ),
+        ]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        let script = ctx.str_param("run")?;
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(script)
+            .current_dir(ctx.out_dir)
+            .env("OUT", ctx.out_dir)
+            .env("WORK", ctx.work_dir)
+            .env("PIPELINE_DIR", ctx.pipeline_dir)
+            .stdin(Stdio::null())
+            .process_group(0);
+        for input in ctx.inputs.get("needs").into_iter().flatten() {
+            if let Some(name) = &input.upstream {
+                command.env(input_env_name(name), &input.path);
+            }
+        }
+        let log_file = std::fs::File::options()
+            .append(true)
+            .create(true)
+            .open(ctx.log.path())
+            .map_err(|e| StageError::io("open log", ctx.log.path(), e))?;
+        let err_file = log_file
+            .try_clone()
+            .map_err(|e| StageError::io("open log", ctx.log.path(), e))?;
+        command.stdout(log_file).stderr(err_file);
+        // SAFETY: prctl is async-signal-safe; it makes the kernel kill the command if this
+        // thread's process dies, so a killed run leaves no orphan writing into staging.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        ctx.log.line(&format!("$ {script}"));
+        let mut child = command
+            .spawn()
+            .map_err(|e| StageError::io("start `sh`", ctx.out_dir, e))?;
+        loop {
+            if let Some(status) = child
+                .try_wait()
+                .map_err(|e| StageError::io("wait for", ctx.out_dir, e))?
+            {
+                return match status.code() {
+                    Some(0) => Ok(()),
+                    Some(code) => Err(StageError::Failed(format!(
+                        "command exited with status {code}"
+                    ))),
+                    None => Err(StageError::Failed(
+                        "command was killed by a signal".to_string(),
+                    )),
+                };
+            }
+            if ctx.cancel.is_cancelled() {
+                // SAFETY: signals the command's own process group (created by process_group(0)).
+                unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+                let _ = child.wait();
+                return Err(StageError::Cancelled);
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}

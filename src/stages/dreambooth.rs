@@ -1,0 +1,216 @@
+//! The `dreambooth` stage: diffusers' train_dreambooth.py on `instance_images` (a folder, or an
+//! `images` stage) with `instance_prompt`; prior preservation when `class_images` is given (a
+//! folder, or a `generate` / `images` stage) with `class_prompt`. Field names and defaults are
+//! the script's arguments. Output: a diffusers folder (`model_index.json`, `unet/`, …),
+//! `metrics.jsonl`, `validation/step-N.png` and `report.json`. Checkpoints live in the work
+//! folder, so a crashed run resumes from its last checkpoint on the next `dreampipe run`.
+use super::sd_common::field_error;
+use super::training::{self, ScriptDefaults};
+use super::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use crate::sd::train::dreambooth::{self, DreamBoothConfig};
+use serde_json::{Value, json};
+
+/// train_dreambooth.py's `--learning_rate` default.
+const DEFAULT_LEARNING_RATE: f64 = 5e-6;
+/// train_dreambooth.py's `--train_batch_size` default.
+const DEFAULT_BATCH: u64 = 4;
+/// train_dreambooth.py's `--num_class_images` default.
+const DEFAULT_CLASS_IMAGES: u64 = 100;
+/// Largest `num_class_images` (as `generate`'s `count`).
+const MAX_CLASS_IMAGES: f64 = 100_000.0;
+/// Largest `prior_loss_weight` / `snr_gamma` accepted (the papers use 1 and 5).
+const MAX_WEIGHT: f64 = 1000.0;
+/// Largest `max_grad_norm` accepted.
+const MAX_GRAD_NORM: f64 = 1.0e6;
+
+pub struct DreamBoothStage;
+
+impl Stage for DreamBoothStage {
+    fn kind(&self) -> &'static str {
+        "dreambooth"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn device_class(&self) -> DeviceClass {
+        DeviceClass::Gpu
+    }
+    fn summary(&self) -> &'static str {
+        "DreamBooth fine-tuning as diffusers' train_dreambooth.py (field names and defaults are its arguments; prior preservation when `class_images` is set). Output: a diffusers folder, `metrics.jsonl` (step, loss, lr, grad_norm), `validation/step-N.png` and `report.json`."
+    }
+    fn schema(&self) -> Vec<ParamSpec> {
+        let mut schema = vec![
+            ParamSpec::required(
+                "instance_images",
+                ParamType::PathOrStageRef,
+                "folder of instance images, or an `images` stage",
+            ),
+            ParamSpec::required(
+                "instance_prompt",
+                ParamType::String,
+                "prompt of the instance images",
+            ),
+            ParamSpec::optional(
+                "class_images",
+                ParamType::PathOrStageRef,
+                Value::Null,
+                "class images for prior preservation (folder, or a `generate` / `images` stage); unset: none",
+            ),
+            ParamSpec::optional(
+                "with_prior_preservation",
+                ParamType::Bool,
+                json!(false),
+                "require class_images (prior preservation is on whenever class_images is set)",
+            ),
+            ParamSpec::optional(
+                "class_prompt",
+                ParamType::String,
+                Value::Null,
+                "prompt of the class images (required with class_images)",
+            ),
+            ParamSpec::optional(
+                "num_class_images",
+                ParamType::Integer,
+                json!(DEFAULT_CLASS_IMAGES),
+                "class images used (the first N; class_images must hold at least N)",
+            )
+            .range(1.0, MAX_CLASS_IMAGES),
+            ParamSpec::optional(
+                "prior_loss_weight",
+                ParamType::Number,
+                json!(1.0),
+                "weight of the prior-preservation loss",
+            )
+            .range(0.0, MAX_WEIGHT),
+            ParamSpec::optional(
+                "train_text_encoder",
+                ParamType::Bool,
+                json!(false),
+                "train the text encoder too",
+            ),
+            ParamSpec::optional(
+                "random_flip",
+                ParamType::Bool,
+                json!(false),
+                "flip images horizontally at random",
+            ),
+            ParamSpec::optional(
+                "max_grad_norm",
+                ParamType::Number,
+                json!(1.0),
+                "gradient clipping norm",
+            )
+            .range(0.0, MAX_GRAD_NORM),
+            ParamSpec::optional(
+                "offset_noise",
+                ParamType::Bool,
+                json!(false),
+                "add 0.1 × per-channel offset noise",
+            ),
+            ParamSpec::optional(
+                "snr_gamma",
+                ParamType::Number,
+                Value::Null,
+                "min-SNR-gamma loss weighting (5 recommended); unset: plain MSE",
+            )
+            .range(0.0, MAX_WEIGHT),
+        ];
+        schema.extend(training::common_schema(&ScriptDefaults {
+            learning_rate: DEFAULT_LEARNING_RATE,
+            train_batch_size: DEFAULT_BATCH,
+            max_train_steps: Value::Null,
+            num_train_epochs: 1,
+        }));
+        schema
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        let config = config_from(ctx)?;
+        let outcome =
+            training::run_training(ctx, |callbacks| dreambooth::train(&config, callbacks))?;
+        if let Some(step) = outcome.resumed_from {
+            ctx.log.line(&format!("resumed from step {step}"));
+        }
+        ctx.log.line(&format!(
+            "dreambooth: {} steps, final loss {:?}",
+            outcome.steps, outcome.final_loss
+        ));
+        Ok(())
+    }
+}
+
+/// The library config of the stage's fields.
+fn config_from(ctx: &StageContext<'_>) -> Result<DreamBoothConfig, StageError> {
+    use training::{flag, int, number, text};
+    let (lr_scheduler, optimizer, mixed_precision) = training::enum_fields(ctx)?;
+    let model = training::model_dir(&training::single_input(ctx, "model")?);
+    let instances = training::image_dir(&training::single_input(ctx, "instance_images")?);
+    let mut config = DreamBoothConfig::new(
+        model,
+        instances,
+        ctx.str_param("instance_prompt")?,
+        training::staged_output(ctx),
+        ctx.work_dir.to_path_buf(),
+    );
+    let has_class_images = !ctx.input_paths("class_images").is_empty();
+    if flag(ctx, "with_prior_preservation") && !has_class_images {
+        return Err(field_error(
+            ctx,
+            "class_images",
+            "is required with with_prior_preservation: give a folder or a `generate` stage",
+        ));
+    }
+    if has_class_images {
+        let class_prompt = text(ctx, "class_prompt").ok_or_else(|| {
+            field_error(ctx, "class_prompt", "is required when class_images is set")
+        })?;
+        let dir = training::image_dir(&training::single_input(ctx, "class_images")?);
+        let wanted = int(ctx, "num_class_images")? as usize;
+        let (dir, found) = training::first_images(ctx, &dir, wanted, "class_images")?;
+        if found < wanted {
+            return Err(field_error(
+                ctx,
+                "class_images",
+                format!(
+                    "holds {found} images but num_class_images is {wanted}; generate more (a `generate` stage's count) or lower num_class_images"
+                ),
+            ));
+        }
+        config.class_data_dir = Some(dir);
+        config.class_prompt = Some(class_prompt.to_string());
+        config.with_prior_preservation = true;
+    }
+    config.prior_loss_weight = number(ctx, "prior_loss_weight")?;
+    config.resume_from_checkpoint = true;
+    config.seed = int(ctx, "seed")?;
+    config.resolution = int(ctx, "resolution")? as u32;
+    config.center_crop = flag(ctx, "center_crop");
+    config.random_flip = flag(ctx, "random_flip");
+    config.train_text_encoder = flag(ctx, "train_text_encoder");
+    config.train_batch_size = int(ctx, "train_batch_size")? as usize;
+    config.num_train_epochs = int(ctx, "num_train_epochs")?;
+    config.max_train_steps = ctx.i64_param("max_train_steps").map(|v| v as u64);
+    config.checkpointing_steps = int(ctx, "checkpointing_steps")?;
+    config.checkpoints_total_limit = ctx.i64_param("checkpoints_total_limit").map(|v| v as usize);
+    config.gradient_accumulation_steps = int(ctx, "gradient_accumulation_steps")?;
+    config.gradient_checkpointing = flag(ctx, "gradient_checkpointing");
+    config.learning_rate = number(ctx, "learning_rate")?;
+    config.scale_lr = flag(ctx, "scale_lr");
+    config.lr_scheduler = lr_scheduler;
+    config.lr_warmup_steps = int(ctx, "lr_warmup_steps")?;
+    config.lr_num_cycles = int(ctx, "lr_num_cycles")? as u32;
+    config.lr_power = number(ctx, "lr_power")?;
+    config.optimizer = optimizer;
+    config.adam_beta1 = number(ctx, "adam_beta1")?;
+    config.adam_beta2 = number(ctx, "adam_beta2")?;
+    config.adam_weight_decay = number(ctx, "adam_weight_decay")?;
+    config.adam_epsilon = number(ctx, "adam_epsilon")?;
+    config.max_grad_norm = number(ctx, "max_grad_norm")?;
+    config.mixed_precision = mixed_precision;
+    config.offset_noise = flag(ctx, "offset_noise");
+    config.snr_gamma = ctx.f64_param("snr_gamma");
+    config.device = ctx.device;
+    config
+        .validate()
+        .map_err(|e| training::stage_error(ctx, e))?;
+    Ok(config)
+}

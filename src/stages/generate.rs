@@ -1,0 +1,342 @@
+//! The `generate` stage: class images for prior preservation. Image `i` is txt2img with seed
+//! `seed + i`, identical to `dreampipe sample --seed <seed+i>` with the same fields, whatever
+//! `batch_size` is (each sample's initial noise is drawn from its own seeded generator).
+//!
+//! Incremental: every image is memoized in `<cache>/shared/generate/<memo key>.png`, keyed by
+//! everything that decides its pixels and PNG text (stage id, model content digest, prompt,
+//! negative prompt, its seed, steps, guidance, scheduler, size, dtype, device type). Raising
+//! `count` changes the stage key, but the images already made are copied from the memo.
+use super::sd_common::{
+    DTYPE_CHOICES, SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, field_error, load_model,
+    model_hash, model_label, parse_scheduler, write_manifest, write_sample,
+};
+use super::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use crate::cache::hash::{HashMemo, tree_digest};
+use crate::cache::store::reflink_or_copy;
+use crate::sd::pipeline::{DEFAULT_GUIDANCE, DEFAULT_STEPS, StableDiffusion, Txt2Img};
+use crate::sd::schedulers::SchedulerKind;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+/// Bumped when what a memo entry holds changes (invalidates every memoized image).
+const MEMO_VERSION: u32 = 1;
+/// The `shared_dir` folder of the memo.
+const MEMO_FOLDER: &str = "generate";
+/// Largest `count`: 100k class images is far beyond DreamBooth's usual 200–1000.
+const MAX_COUNT: f64 = 100_000.0;
+/// Largest `batch_size`: bounded by memory long before this.
+const MAX_BATCH: f64 = 256.0;
+/// Largest `steps` (diffusers schedulers use ≤ 1000 training timesteps).
+const MAX_STEPS: f64 = 1000.0;
+/// Largest guidance scale accepted (A1111's slider ends at 30; 100 leaves room).
+const MAX_GUIDANCE: f64 = 100.0;
+/// Image side limits: the VAE downsamples by 8; 4096 as for `images`.
+const MIN_SIZE: f64 = 8.0;
+const MAX_SIZE: f64 = 4096.0;
+/// Largest seed: JSON integers are exact up to 2^53 − 1.
+pub const MAX_SEED: f64 = 9_007_199_254_740_991.0;
+
+pub struct GenerateStage;
+
+impl Stage for GenerateStage {
+    fn kind(&self) -> &'static str {
+        "generate"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn device_class(&self) -> DeviceClass {
+        DeviceClass::Gpu
+    }
+    fn summary(&self) -> &'static str {
+        "Generates `count` class images with txt2img (image i uses seed `seed + i`, identical to `dreampipe sample --seed <seed+i>`). Output: `images/0000.png`… (A1111 parameters + stage id) and `manifest.json` (file, seed, prompt per image)."
+    }
+    fn schema(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::required(
+                "model",
+                ParamType::PathOrStageRef,
+                "diffusers model folder, or the stage that produced one",
+            ),
+            ParamSpec::required("prompt", ParamType::String, "the class prompt"),
+            ParamSpec::optional(
+                "negative_prompt",
+                ParamType::String,
+                json!(""),
+                "negative prompt",
+            ),
+            ParamSpec::required("count", ParamType::Integer, "number of images")
+                .range(1.0, MAX_COUNT),
+            ParamSpec::optional(
+                "scheduler",
+                ParamType::String,
+                Value::Null,
+                "the sampler; unset: the model's own",
+            )
+            .one_of(SCHEDULER_CHOICES),
+            ParamSpec::optional(
+                "steps",
+                ParamType::Integer,
+                json!(DEFAULT_STEPS),
+                "denoising steps",
+            )
+            .range(1.0, MAX_STEPS),
+            ParamSpec::optional(
+                "guidance",
+                ParamType::Number,
+                json!(DEFAULT_GUIDANCE),
+                "classifier-free guidance scale (≤ 1 disables it)",
+            )
+            .range(0.0, MAX_GUIDANCE),
+            ParamSpec::optional(
+                "width",
+                ParamType::Integer,
+                Value::Null,
+                "image width (a multiple of 8); unset: the model's default",
+            )
+            .range(MIN_SIZE, MAX_SIZE),
+            ParamSpec::optional(
+                "height",
+                ParamType::Integer,
+                Value::Null,
+                "image height (a multiple of 8); unset: the model's default",
+            )
+            .range(MIN_SIZE, MAX_SIZE),
+            ParamSpec::optional("seed", ParamType::Integer, json!(0), "seed of image 0")
+                .range(0.0, MAX_SEED),
+            ParamSpec::optional(
+                "batch_size",
+                ParamType::Integer,
+                json!(1),
+                "images per forward pass (same noise per seed; only float rounding may differ)",
+            )
+            .range(1.0, MAX_BATCH)
+            .not_in_key(),
+            ParamSpec::optional("dtype", ParamType::String, json!("f32"), DTYPE_DOC)
+                .one_of(DTYPE_CHOICES),
+        ]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        let job = Job::from_context(ctx)?;
+        let model = load_model(ctx, "model", &job.model_dir, job.kind)?;
+        let model = model.lock().unwrap_or_else(|p| p.into_inner());
+        job.run(ctx, &model)
+    }
+}
+
+/// The `dtype` field's description (its values come from `one_of`).
+const DTYPE_DOC: &str = "weights' precision";
+
+/// One run's fields, parsed.
+struct Job {
+    model_dir: PathBuf,
+    /// The model's content digest when the runner knows it (saves rehashing the folder).
+    model_digest: Option<String>,
+    model_name: String,
+    kind: tch::Kind,
+    dtype: String,
+    request: Txt2Img,
+    count: u64,
+    batch_size: usize,
+}
+
+impl Job {
+    fn from_context(ctx: &StageContext<'_>) -> Result<Self, StageError> {
+        let input = ctx
+            .inputs
+            .get("model")
+            .and_then(|inputs| inputs.first())
+            .ok_or_else(|| field_error(ctx, "model", "no model folder was resolved"))?;
+        let scheduler = parse_scheduler(
+            ctx,
+            "scheduler",
+            ctx.params.get("scheduler").and_then(Value::as_str),
+        )?;
+        let request = Txt2Img {
+            prompt: ctx.str_param("prompt")?.to_string(),
+            negative_prompt: ctx.str_param("negative_prompt")?.to_string(),
+            seed: ctx.i64_param("seed").unwrap_or(0) as u64,
+            steps: ctx.i64_param("steps").unwrap_or(DEFAULT_STEPS as i64) as usize,
+            guidance: ctx.f64_param("guidance").unwrap_or(DEFAULT_GUIDANCE),
+            scheduler,
+            width: ctx.i64_param("width"),
+            height: ctx.i64_param("height"),
+            batch: 1,
+        };
+        Ok(Self {
+            model_dir: super::training::model_dir(&input.path),
+            model_digest: input.digest.clone(),
+            model_name: model_label(input),
+            kind: dtype_param(ctx)?,
+            dtype: ctx.str_param("dtype")?.to_string(),
+            request,
+            count: ctx.i64_param("count").unwrap_or(1).max(1) as u64,
+            batch_size: ctx.i64_param("batch_size").unwrap_or(1).max(1) as usize,
+        })
+    }
+
+    fn run(&self, ctx: &StageContext<'_>, model: &StableDiffusion) -> Result<(), StageError> {
+        let images_dir = ctx.out_dir.join("images");
+        create_dir(&images_dir)?;
+        let memo = ImageMemo::open(ctx, self, model)?;
+        let hash = model_hash(&self.model_dir);
+        let mut pending = Vec::new();
+        let mut reused = 0u64;
+        for index in 0..self.count {
+            ctx.check_cancelled()?;
+            if memo.restore(self.seed_of(index), &image_path(&images_dir, index))? {
+                reused += 1;
+                ctx.progress
+                    .step_with_metric(reused, self.count, "reused", reused as f64);
+            } else {
+                pending.push(index);
+            }
+        }
+        let chunk = if memo.scheduler.draws_step_noise() {
+            1 // step noise comes from one generator: only one-by-one matches `sample`
+        } else {
+            self.batch_size
+        };
+        let mut done = reused;
+        for indices in pending.chunks(chunk) {
+            ctx.check_cancelled()?;
+            let seeds: Vec<u64> = indices.iter().map(|&i| self.seed_of(i)).collect();
+            let output = model
+                .txt2img_per_sample_seeds(&self.request, &seeds, &mut |_| {})
+                .map_err(|e| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id)))?;
+            for (position, (&index, &seed)) in indices.iter().zip(&seeds).enumerate() {
+                let path = image_path(&images_dir, index);
+                let info = SampleInfo {
+                    prompt: &self.request.prompt,
+                    negative_prompt: &self.request.negative_prompt,
+                    steps: self.request.steps,
+                    guidance: self.request.guidance,
+                    seed,
+                    model_hash: &hash,
+                    model_name: &self.model_name,
+                };
+                write_sample(ctx, &path, &output, position as i64, &info)?;
+                memo.store(seed, &path)?;
+                done += 1;
+                ctx.progress
+                    .step_with_metric(done, self.count, "reused", reused as f64);
+            }
+        }
+        ctx.log.line(&format!(
+            "generate: {} generated, {reused} reused from {}",
+            pending.len(),
+            memo.dir.display()
+        ));
+        write_manifest(ctx, &self.manifest())
+    }
+
+    fn seed_of(&self, index: u64) -> u64 {
+        self.request.seed + index
+    }
+
+    fn manifest(&self) -> Value {
+        let images: Vec<Value> = (0..self.count)
+            .map(|index| {
+                json!({
+                    "file": format!("images/{}", image_name(index)),
+                    "seed": self.seed_of(index),
+                    "prompt": self.request.prompt,
+                })
+            })
+            .collect();
+        json!({ "images": images })
+    }
+}
+
+fn image_name(index: u64) -> String {
+    format!("{index:04}.png")
+}
+
+fn image_path(images_dir: &Path, index: u64) -> PathBuf {
+    images_dir.join(image_name(index))
+}
+
+/// The per-image memo of one run: everything but the seed is fixed, so the entry's name is
+/// blake3(base fields + seed).
+struct ImageMemo {
+    dir: PathBuf,
+    base: Value,
+    scheduler: SchedulerKind,
+}
+
+impl ImageMemo {
+    fn open(
+        ctx: &StageContext<'_>,
+        job: &Job,
+        model: &StableDiffusion,
+    ) -> Result<Self, StageError> {
+        let model_digest = match &job.model_digest {
+            Some(digest) => digest.clone(),
+            None => HashMemo::in_memory()
+                .hash_tree(&job.model_dir)
+                .map(|tree| tree_digest(&tree))
+                .map_err(|e| field_error(ctx, "model", e))?,
+        };
+        let scheduler = match job.request.scheduler {
+            Some(kind) => kind,
+            None => SchedulerKind::of_config(&model.scheduler_config)
+                .map_err(|e| field_error(ctx, "scheduler", e))?,
+        };
+        let size = model.default_size();
+        let base = json!({
+            "memo_version": MEMO_VERSION,
+            "stage": ctx.stage_id,
+            "model": model_digest,
+            "model_name": job.model_name,
+            "prompt": job.request.prompt,
+            "negative_prompt": job.request.negative_prompt,
+            "steps": job.request.steps,
+            "guidance": job.request.guidance,
+            "scheduler": scheduler.name(),
+            "width": job.request.width.unwrap_or(size),
+            "height": job.request.height.unwrap_or(size),
+            "dtype": job.dtype,
+            "device": if ctx.device.is_cuda() { "cuda" } else { "cpu" },
+        });
+        Ok(Self {
+            dir: ctx.shared_dir(MEMO_FOLDER)?,
+            base,
+            scheduler,
+        })
+    }
+
+    fn entry(&self, seed: u64) -> PathBuf {
+        let mut fields = self.base.clone();
+        fields["seed"] = json!(seed);
+        let digest = blake3::hash(fields.to_string().as_bytes());
+        self.dir.join(format!("{}.png", digest.to_hex()))
+    }
+
+    /// Copies the memoized image for `seed` to `target`; false when there is none.
+    fn restore(&self, seed: u64, target: &Path) -> Result<bool, StageError> {
+        let entry = self.entry(seed);
+        if !entry.is_file() {
+            return Ok(false);
+        }
+        reflink_or_copy(&entry, target).map_err(|e| StageError::io("copy", &entry, e))?;
+        mark_used(&entry);
+        Ok(true)
+    }
+
+    /// Memoizes `image` for `seed`: a temporary copy renamed into place, so a reader never sees
+    /// a partial file.
+    fn store(&self, seed: u64, image: &Path) -> Result<(), StageError> {
+        let entry = self.entry(seed);
+        let temporary = entry.with_extension(format!("tmp-{}", std::process::id()));
+        reflink_or_copy(image, &temporary).map_err(|e| StageError::io("copy", image, e))?;
+        std::fs::rename(&temporary, &entry).map_err(|e| StageError::io("rename", &temporary, e))
+    }
+}
+
+/// Refreshes a memo entry's mtime, which `cache gc` reads as its last use; a failure only
+/// makes the entry look older.
+fn mark_used(entry: &Path) {
+    if let Ok(file) = std::fs::File::options().write(true).open(entry) {
+        let _ = file.set_modified(std::time::SystemTime::now());
+    }
+}

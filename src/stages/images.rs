@@ -1,0 +1,139 @@
+//! The `images` stage: imports a folder of instance images. Every file must decode (a broken
+//! one fails the stage, named); optionally resizes the shorter side to `resolution` and
+//! center-crops a square. Output: `images/NNNN.png` (RGB) and `manifest.json`.
+use super::{ParamSpec, ParamType, Stage, StageContext, StageError};
+use image::imageops::FilterType;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+/// Largest accepted `resolution` (an SD 2.x image is 768; 4096 leaves room without absurdity).
+const MAX_RESOLUTION: f64 = 4096.0;
+/// Smallest accepted `resolution`: the VAE downsamples by 8.
+const MIN_RESOLUTION: f64 = 8.0;
+
+pub struct ImagesStage;
+
+impl Stage for ImagesStage {
+    fn kind(&self) -> &'static str {
+        "images"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "Imports a folder of images: each file must decode; optional resize of the shorter side + center crop. Output: `images/0000.png`… (RGB PNG, sorted by source name) and `manifest.json` (source, width, height per image)."
+    }
+    fn schema(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::required(
+                "path",
+                ParamType::Path,
+                "folder of images (every non-hidden file must decode)",
+            ),
+            ParamSpec::optional(
+                "resolution",
+                ParamType::Integer,
+                Value::Null,
+                "shorter side after resizing; unset keeps the size",
+            )
+            .range(MIN_RESOLUTION, MAX_RESOLUTION),
+            ParamSpec::optional(
+                "center_crop",
+                ParamType::Bool,
+                json!(true),
+                "crop a centered square after resizing",
+            ),
+        ]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        let folder = ctx
+            .input_paths("path")
+            .first()
+            .map(|p| p.to_path_buf())
+            .ok_or_else(|| StageError::Failed("images: no input folder".to_string()))?;
+        let files = image_files(&folder)?;
+        if files.is_empty() {
+            return Err(StageError::Failed(format!(
+                "images: `{}` holds no image files",
+                folder.display()
+            )));
+        }
+        let images_dir = ctx.out_dir.join("images");
+        std::fs::create_dir_all(&images_dir)
+            .map_err(|e| StageError::io("create", &images_dir, e))?;
+        let resolution = ctx.i64_param("resolution").map(|r| r as u32);
+        let crop = ctx.bool_param("center_crop").unwrap_or(true);
+        let mut manifest = Vec::new();
+        for (index, source) in files.iter().enumerate() {
+            ctx.check_cancelled()?;
+            let decoded = image::open(source).map_err(|e| {
+                StageError::Failed(format!(
+                    "images: `{}` does not decode as an image: {e}",
+                    source.display()
+                ))
+            })?;
+            let converted = transform(decoded.to_rgb8(), resolution, crop);
+            let name = format!("{index:04}.png");
+            let target = images_dir.join(&name);
+            converted.save(&target).map_err(|e| {
+                StageError::Failed(format!("images: writing `{}`: {e}", target.display()))
+            })?;
+            manifest.push(json!({
+                "file": format!("images/{name}"),
+                "source": source.file_name().map(|n| n.to_string_lossy().to_string()),
+                "width": converted.width(),
+                "height": converted.height(),
+            }));
+            ctx.progress.step(index as u64 + 1, files.len() as u64);
+        }
+        let manifest_path = ctx.out_dir.join("manifest.json");
+        let text = serde_json::to_string_pretty(&json!({ "images": manifest }))
+            .map_err(|e| StageError::Failed(format!("images: manifest: {e}")))?;
+        std::fs::write(&manifest_path, text).map_err(|e| StageError::io("write", &manifest_path, e))
+    }
+}
+
+/// Non-hidden files of `folder`, sorted by name.
+fn image_files(folder: &Path) -> Result<Vec<PathBuf>, StageError> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(folder).map_err(|e| StageError::io("read", folder, e))? {
+        let entry = entry.map_err(|e| StageError::io("read", folder, e))?;
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if !hidden && entry.path().is_file() {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Resizes the shorter side to `resolution` (Lanczos3), then center-crops a square.
+fn transform(image: image::RgbImage, resolution: Option<u32>, crop: bool) -> image::RgbImage {
+    let Some(size) = resolution else { return image };
+    let (w, h) = image.dimensions();
+    let scale = size as f64 / w.min(h) as f64;
+    let (nw, nh) = (
+        ((w as f64 * scale).round() as u32).max(size),
+        ((h as f64 * scale).round() as u32).max(size),
+    );
+    let resized = image::imageops::resize(&image, nw, nh, FilterType::Lanczos3);
+    if !crop {
+        return resized;
+    }
+    let (x, y) = ((nw - size) / 2, (nh - size) / 2);
+    image::imageops::crop_imm(&resized, x, y, size, size).to_image()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_then_center_crop_gives_square_of_resolution() {
+        let image = image::RgbImage::from_fn(40, 20, |x, _| image::Rgb([x as u8 * 6, 0, 0]));
+        let out = transform(image, Some(10), true);
+        assert_eq!(out.dimensions(), (10, 10));
+        let uncropped = transform(image::RgbImage::new(40, 20), Some(10), false);
+        assert_eq!(uncropped.dimensions(), (20, 10));
+    }
+}

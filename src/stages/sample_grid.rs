@@ -1,0 +1,422 @@
+//! The `sample_grid` stage: samples every model × scheduler × steps × guidance × prompt × seed
+//! and composes one labeled grid per prompt (rows: models, × schedulers / steps / guidance
+//! when several are given; columns: seeds). Each sample equals
+//! `dreampipe sample --seed <that seed>` with the same fields.
+//!
+//! `models` mixes stage names and folders. It gathers: a swept upstream contributes every
+//! variant as its own row, labelled with the variant id (`db[learning_rate=2e-6]`), in one grid
+//! stage.
+use super::sd_common::{
+    DTYPE_CHOICES, SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, field_error, load_model,
+    model_hash, model_label, parse_scheduler, write_manifest, write_sample,
+};
+use super::{DeviceClass, ParamSpec, ParamType, ResolvedInput, Stage, StageContext, StageError};
+use crate::cache::store::file_name_for;
+use crate::report::grid::{GridSpec, write_grid_png};
+use crate::sd::pipeline::{DEFAULT_GUIDANCE, DEFAULT_STEPS, StableDiffusion, Txt2Img};
+use crate::sd::schedulers::SchedulerKind;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+
+/// Most seeds (grid columns) per grid: wider grids stop being readable.
+const MAX_SEED_COUNT: usize = 64;
+/// Default columns: four seeds, as A1111's default batch count of 4 shows.
+const DEFAULT_SEEDS: [u64; 4] = [0, 1, 2, 3];
+/// Same bounds as `generate` (see there).
+const MAX_STEPS: f64 = 1000.0;
+const MAX_GUIDANCE: f64 = 100.0;
+const MIN_SIZE: f64 = 8.0;
+const MAX_SIZE: f64 = 4096.0;
+
+pub struct SampleGridStage;
+
+impl Stage for SampleGridStage {
+    fn kind(&self) -> &'static str {
+        "sample_grid"
+    }
+    fn version(&self) -> u32 {
+        2
+    }
+    fn device_class(&self) -> DeviceClass {
+        DeviceClass::Gpu
+    }
+    fn summary(&self) -> &'static str {
+        "Samples every model × scheduler × steps × guidance × prompt × seed. Output: `samples/<model>/<prompt-index>/<seed>[-<scheduler>][-s<steps>][-g<guidance>].png` (A1111 parameters + stage id), `grid-<prompt-index>.png` (rows: models × schedulers × steps × guidance, columns: seeds) and `manifest.json`."
+    }
+    fn schema(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::required(
+                "models",
+                ParamType::PathOrStageRefList,
+                "stages producing models and/or diffusers model folders; every variant of a swept stage is a row",
+            )
+            .gathers(),
+            ParamSpec::required("prompts", ParamType::StringList, "one grid per prompt"),
+            ParamSpec::optional(
+                "negative_prompt",
+                ParamType::String,
+                json!(""),
+                "negative prompt",
+            ),
+            ParamSpec::optional(
+                "seeds",
+                ParamType::IntegerList,
+                json!(DEFAULT_SEEDS),
+                "columns: one seed each (at most 64, no repeats)",
+            )
+            .range(0.0, super::generate::MAX_SEED),
+            ParamSpec::optional(
+                "schedulers",
+                ParamType::StringList,
+                json!([]),
+                "schedulers to compare; empty: the model's own",
+            )
+            .one_of(SCHEDULER_CHOICES),
+            ParamSpec::optional(
+                "steps",
+                ParamType::IntegerList,
+                json!(DEFAULT_STEPS),
+                "denoising steps (a list compares several)",
+            )
+            .range(1.0, MAX_STEPS),
+            ParamSpec::optional(
+                "guidance",
+                ParamType::NumberList,
+                json!(DEFAULT_GUIDANCE),
+                "classifier-free guidance scale (a list compares several)",
+            )
+            .range(0.0, MAX_GUIDANCE),
+            ParamSpec::optional(
+                "width",
+                ParamType::Integer,
+                Value::Null,
+                "image width (a multiple of 8); unset: the model's default",
+            )
+            .range(MIN_SIZE, MAX_SIZE),
+            ParamSpec::optional(
+                "height",
+                ParamType::Integer,
+                Value::Null,
+                "image height (a multiple of 8); unset: the model's default",
+            )
+            .range(MIN_SIZE, MAX_SIZE),
+            ParamSpec::optional(
+                "dtype",
+                ParamType::String,
+                json!("f32"),
+                "weights' precision",
+            )
+            .one_of(DTYPE_CHOICES),
+        ]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        let grid = Grid::from_context(ctx)?;
+        let mut rows = Vec::new();
+        let mut images = Vec::new();
+        let mut done = 0u64;
+        for model_input in &grid.models {
+            let label = model_label(model_input);
+            let model_dir = super::training::model_dir(&model_input.path);
+            let shared = load_model(ctx, "models", &model_dir, grid.kind)?;
+            let model = shared.lock().unwrap_or_else(|p| p.into_inner());
+            let hash = model_hash(&model_dir);
+            for row in grid.rows_of(&label, &hash) {
+                grid.sample_row(ctx, &model, &row, &mut images, &mut done)?;
+                rows.push(row);
+            }
+        }
+        grid.write_grids(ctx, &rows)?;
+        write_manifest(ctx, &grid.manifest(images))
+    }
+}
+
+/// One grid row: a model with one scheduler (`None`: the model's own), steps and guidance.
+struct Row {
+    label: String,
+    scheduler: Option<SchedulerKind>,
+    steps: usize,
+    guidance: f64,
+    hash: String,
+}
+
+/// Which row fields vary across the grid (those get a file-name suffix and a label part).
+#[derive(Clone, Copy)]
+struct Varying {
+    schedulers: bool,
+    steps: bool,
+    guidance: bool,
+}
+
+impl Row {
+    fn folder(&self) -> String {
+        file_name_for(&self.label)
+    }
+    fn file_name(&self, seed: u64, varying: Varying) -> String {
+        let mut name = seed.to_string();
+        if let Some(kind) = self.scheduler {
+            name.push_str(&format!("-{}", kind.name()));
+        }
+        if varying.steps {
+            name.push_str(&format!("-s{}", self.steps));
+        }
+        if varying.guidance {
+            name.push_str(&format!("-g{}", self.guidance));
+        }
+        name + ".png"
+    }
+    fn display(&self, varying: Varying) -> String {
+        let mut parts = vec![self.label.clone()];
+        if let (Some(kind), true) = (self.scheduler, varying.schedulers) {
+            parts.push(kind.name().to_string());
+        }
+        if varying.steps {
+            parts.push(format!("{} steps", self.steps));
+        }
+        if varying.guidance {
+            parts.push(format!("cfg {}", self.guidance));
+        }
+        parts.join(" · ")
+    }
+}
+
+/// The stage's fields, parsed.
+struct Grid {
+    models: Vec<ResolvedInput>,
+    prompts: Vec<String>,
+    seeds: Vec<u64>,
+    schedulers: Vec<Option<SchedulerKind>>,
+    steps: Vec<usize>,
+    guidance: Vec<f64>,
+    request: Txt2Img,
+    kind: tch::Kind,
+}
+
+impl Grid {
+    fn from_context(ctx: &StageContext<'_>) -> Result<Self, StageError> {
+        let models: Vec<ResolvedInput> = ctx.inputs.get("models").cloned().unwrap_or_default();
+        if models.is_empty() {
+            return Err(field_error(
+                ctx,
+                "models",
+                "no model given; list stages or model folders",
+            ));
+        }
+        let prompts = ctx.string_list_param("prompts");
+        if prompts.is_empty() {
+            return Err(field_error(ctx, "prompts", "give at least one prompt"));
+        }
+        let mut schedulers = Vec::new();
+        for name in ctx.string_list_param("schedulers") {
+            schedulers.push(parse_scheduler(ctx, "schedulers", Some(&name))?);
+        }
+        if schedulers.is_empty() {
+            schedulers.push(None);
+        }
+        let steps: Vec<usize> = ctx
+            .i64_list_param("steps")
+            .into_iter()
+            .map(|s| s.max(1) as usize)
+            .collect();
+        let guidance = ctx.f64_list_param("guidance");
+        if steps.is_empty() || guidance.is_empty() {
+            let field = if steps.is_empty() {
+                "steps"
+            } else {
+                "guidance"
+            };
+            return Err(field_error(ctx, field, "give at least one value"));
+        }
+        let request = Txt2Img {
+            prompt: String::new(),
+            negative_prompt: ctx.str_param("negative_prompt")?.to_string(),
+            seed: 0,
+            steps: steps[0],
+            guidance: guidance[0],
+            scheduler: None,
+            width: ctx.i64_param("width"),
+            height: ctx.i64_param("height"),
+            batch: 1,
+        };
+        Ok(Self {
+            models,
+            prompts,
+            seeds: seeds_param(ctx)?,
+            schedulers,
+            steps,
+            guidance,
+            request,
+            kind: dtype_param(ctx)?,
+        })
+    }
+
+    fn varying(&self) -> Varying {
+        Varying {
+            schedulers: self.schedulers.len() > 1,
+            steps: self.steps.len() > 1,
+            guidance: self.guidance.len() > 1,
+        }
+    }
+
+    /// The rows of one model: schedulers × steps × guidance, in that nesting order.
+    fn rows_of(&self, label: &str, hash: &str) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for &scheduler in &self.schedulers {
+            for &steps in &self.steps {
+                for &guidance in &self.guidance {
+                    rows.push(Row {
+                        label: label.to_string(),
+                        scheduler,
+                        steps,
+                        guidance,
+                        hash: hash.to_string(),
+                    });
+                }
+            }
+        }
+        rows
+    }
+
+    fn total(&self) -> u64 {
+        let rows =
+            self.models.len() * self.schedulers.len() * self.steps.len() * self.guidance.len();
+        (rows * self.prompts.len() * self.seeds.len()) as u64
+    }
+
+    /// Samples every prompt × seed of one row; appends manifest entries.
+    fn sample_row(
+        &self,
+        ctx: &StageContext<'_>,
+        model: &StableDiffusion,
+        row: &Row,
+        images: &mut Vec<Value>,
+        done: &mut u64,
+    ) -> Result<(), StageError> {
+        for (prompt_index, prompt) in self.prompts.iter().enumerate() {
+            let request = Txt2Img {
+                prompt: prompt.clone(),
+                scheduler: row.scheduler,
+                steps: row.steps,
+                guidance: row.guidance,
+                ..self.request.clone()
+            };
+            let folder = ctx
+                .out_dir
+                .join("samples")
+                .join(row.folder())
+                .join(prompt_index.to_string());
+            create_dir(&folder)?;
+            let effective = row
+                .scheduler
+                .or_else(|| SchedulerKind::of_config(&model.scheduler_config).ok());
+            // Step noise comes from one generator: only one-by-one matches `sample`.
+            let one_by_one = effective.is_none_or(SchedulerKind::draws_step_noise);
+            let chunk = if one_by_one { 1 } else { self.seeds.len() };
+            for seeds in self.seeds.chunks(chunk) {
+                ctx.check_cancelled()?;
+                let output = model
+                    .txt2img_per_sample_seeds(&request, seeds, &mut |_| {})
+                    .map_err(|e| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id)))?;
+                for (position, &seed) in seeds.iter().enumerate() {
+                    let path = folder.join(row.file_name(seed, self.varying()));
+                    let info = SampleInfo {
+                        prompt,
+                        negative_prompt: &request.negative_prompt,
+                        steps: request.steps,
+                        guidance: request.guidance,
+                        seed,
+                        model_hash: &row.hash,
+                        model_name: &row.label,
+                    };
+                    write_sample(ctx, &path, &output, position as i64, &info)?;
+                    images.push(json!({
+                        "file": relative(ctx, &path),
+                        "model": row.label,
+                        "prompt": prompt,
+                        "prompt_index": prompt_index,
+                        "seed": seed,
+                        "scheduler": output.scheduler.name(),
+                        "steps": request.steps,
+                        "guidance": request.guidance,
+                    }));
+                    *done += 1;
+                    ctx.progress
+                        .step_with_metric(*done, self.total(), "seed", seed as f64);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One `grid-<prompt-index>.png` per prompt, composed from the written samples.
+    fn write_grids(&self, ctx: &StageContext<'_>, rows: &[Row]) -> Result<(), StageError> {
+        let varying = self.varying();
+        let row_labels: Vec<String> = rows.iter().map(|r| r.display(varying)).collect();
+        let column_labels: Vec<String> = self.seeds.iter().map(|s| format!("seed {s}")).collect();
+        for (prompt_index, prompt) in self.prompts.iter().enumerate() {
+            let paths: Vec<Vec<PathBuf>> = rows
+                .iter()
+                .map(|row| {
+                    let folder = ctx
+                        .out_dir
+                        .join("samples")
+                        .join(row.folder())
+                        .join(prompt_index.to_string());
+                    self.seeds
+                        .iter()
+                        .map(|&seed| folder.join(row.file_name(seed, varying)))
+                        .collect()
+                })
+                .collect();
+            let grid_error = |e: crate::report::ReportError| {
+                StageError::Failed(format!(
+                    "stage `{}`: grid {prompt_index}: {e}",
+                    ctx.stage_id
+                ))
+            };
+            let spec = GridSpec::from_paths(
+                Some(prompt.clone()),
+                row_labels.clone(),
+                column_labels.clone(),
+                &paths,
+            )
+            .map_err(grid_error)?;
+            let target = ctx.out_dir.join(format!("grid-{prompt_index}.png"));
+            write_grid_png(&spec, &target, None).map_err(grid_error)?;
+        }
+        Ok(())
+    }
+
+    fn manifest(&self, images: Vec<Value>) -> Value {
+        let grids: Vec<Value> = self
+            .prompts
+            .iter()
+            .enumerate()
+            .map(|(index, prompt)| json!({"file": format!("grid-{index}.png"), "prompt": prompt}))
+            .collect();
+        json!({ "grids": grids, "images": images })
+    }
+}
+
+/// The `seeds` field: at most [`MAX_SEED_COUNT`], without repeats (each names its files).
+fn seeds_param(ctx: &StageContext<'_>) -> Result<Vec<u64>, StageError> {
+    let seeds: Vec<u64> = ctx
+        .i64_list_param("seeds")
+        .into_iter()
+        .map(|s| s.max(0) as u64)
+        .collect();
+    if seeds.is_empty() || seeds.len() > MAX_SEED_COUNT {
+        let message = format!("give 1 to {MAX_SEED_COUNT} seeds, not {}", seeds.len());
+        return Err(field_error(ctx, "seeds", message));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(repeated) = seeds.iter().find(|s| !seen.insert(**s)) {
+        let message = format!("seed {repeated} is listed twice");
+        return Err(field_error(ctx, "seeds", message));
+    }
+    Ok(seeds)
+}
+
+/// `path` relative to the output folder, with `/` separators.
+fn relative(ctx: &StageContext<'_>, path: &std::path::Path) -> String {
+    crate::cache::hash::relative_name(ctx.out_dir, path)
+}

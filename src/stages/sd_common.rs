@@ -1,0 +1,144 @@
+//! What the Stable Diffusion stage kinds (`generate`, `sample_grid`) share: reading the model,
+//! dtype and scheduler fields, loading models from the pool, and writing samples as PNGs that
+//! carry their A1111 parameters plus the dreampipe stage id.
+use super::{ResolvedInput, StageContext, StageError};
+use crate::cli::sample::{a1111_sampler_name, short_weights_hash};
+use crate::sd::pipeline::Txt2ImgOutput;
+use crate::sd::png::{GenerationParameters, tensor_to_rgb_bytes, write_rgb_png};
+use crate::sd::pool::{self, SharedModel};
+use crate::sd::schedulers::SchedulerKind;
+use std::path::Path;
+use tch::Kind;
+
+/// The accepted `dtype` values (those of `dreampipe sample --dtype`).
+pub const DTYPE_NAMES: &str = "f32, f16, bf16";
+/// The same, for [`super::ParamSpec::one_of`].
+pub const DTYPE_CHOICES: &[&str] = &["f32", "f16", "bf16"];
+/// Every `SchedulerKind::name()`, for [`super::ParamSpec::one_of`] (a test keeps it in sync).
+pub const SCHEDULER_CHOICES: &[&str] =
+    &["ddim", "pndm", "lms", "euler", "euler-a", "dpm++", "ddpm"];
+/// The PNG parameters field naming the stage that wrote an image.
+pub const STAGE_FIELD: &str = "dreampipe stage";
+
+/// A failure of the stage named in `ctx`, about `field`.
+pub fn field_error(
+    ctx: &StageContext<'_>,
+    field: &str,
+    message: impl std::fmt::Display,
+) -> StageError {
+    StageError::Failed(format!(
+        "stage `{}`: field `{field}`: {message}",
+        ctx.stage_id
+    ))
+}
+
+/// The libtorch kind of the `dtype` field.
+pub fn dtype_param(ctx: &StageContext<'_>) -> Result<Kind, StageError> {
+    match ctx.str_param("dtype")? {
+        "f32" => Ok(Kind::Float),
+        "f16" => Ok(Kind::Half),
+        "bf16" => Ok(Kind::BFloat16),
+        other => Err(field_error(
+            ctx,
+            "dtype",
+            format!("unknown dtype \"{other}\"; use one of: {DTYPE_NAMES}"),
+        )),
+    }
+}
+
+/// A scheduler name (`None` for an unset field: the model's own scheduler).
+pub fn parse_scheduler(
+    ctx: &StageContext<'_>,
+    field: &str,
+    name: Option<&str>,
+) -> Result<Option<SchedulerKind>, StageError> {
+    name.map(|text| text.parse().map_err(|e| field_error(ctx, field, e)))
+        .transpose()
+}
+
+/// The model from the pool (loaded once per process, device and kind).
+pub fn load_model(
+    ctx: &StageContext<'_>,
+    field: &str,
+    dir: &Path,
+    kind: Kind,
+) -> Result<SharedModel, StageError> {
+    pool::get(dir, ctx.device, kind).map_err(|e| field_error(ctx, field, e))
+}
+
+/// How a model input is named in labels and PNG parameters: the upstream stage's full id
+/// (`db[learning_rate=2e-6]` for a sweep variant), or the folder's name.
+pub fn model_label(input: &ResolvedInput) -> String {
+    input.label()
+}
+
+/// What one sample was made from, for its PNG parameters.
+pub struct SampleInfo<'a> {
+    pub prompt: &'a str,
+    pub negative_prompt: &'a str,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub model_hash: &'a str,
+    pub model_name: &'a str,
+}
+
+/// Writes image `index` of `output` to `path` with its A1111 parameters and the stage id.
+pub fn write_sample(
+    ctx: &StageContext<'_>,
+    path: &Path,
+    output: &Txt2ImgOutput,
+    index: i64,
+    info: &SampleInfo<'_>,
+) -> Result<(), StageError> {
+    let parameters = GenerationParameters {
+        prompt: info.prompt.to_string(),
+        negative_prompt: info.negative_prompt.to_string(),
+        steps: info.steps,
+        sampler: a1111_sampler_name(output.scheduler).to_string(),
+        guidance: info.guidance,
+        seed: info.seed,
+        width: output.width,
+        height: output.height,
+        model_hash: info.model_hash.to_string(),
+        model_name: info.model_name.to_string(),
+        extra: vec![(STAGE_FIELD.to_string(), ctx.stage_id.to_string())],
+    };
+    let rgb = tensor_to_rgb_bytes(&output.images.get(index));
+    let (width, height) = (output.width as u32, output.height as u32);
+    write_rgb_png(path, &rgb, width, height, Some(&parameters))
+        .map_err(|e| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id)))
+}
+
+/// A1111's short model hash of the folder's UNet weights (as `dreampipe sample` writes it).
+pub fn model_hash(dir: &Path) -> String {
+    short_weights_hash(dir)
+}
+
+/// Writes `manifest.json` into the output folder.
+pub fn write_manifest(
+    ctx: &StageContext<'_>,
+    manifest: &serde_json::Value,
+) -> Result<(), StageError> {
+    let path = ctx.out_dir.join("manifest.json");
+    let text = serde_json::to_string_pretty(manifest)
+        .map_err(|e| StageError::Failed(format!("stage `{}`: manifest: {e}", ctx.stage_id)))?;
+    std::fs::write(&path, text).map_err(|e| StageError::io("write", &path, e))
+}
+
+/// Creates `dir` (and its parents).
+pub fn create_dir(dir: &Path) -> Result<(), StageError> {
+    std::fs::create_dir_all(dir).map_err(|e| StageError::io("create", dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choice_lists_match_the_parsers() {
+        let names: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(SCHEDULER_CHOICES, names.as_slice());
+        assert_eq!(DTYPE_CHOICES.join(", "), DTYPE_NAMES);
+    }
+}

@@ -1,0 +1,546 @@
+//! What the training stage kinds (`dreambooth`, `textual_inversion`) share: the parameter
+//! fields common to diffusers' two scripts, how inputs resolve (a model input that holds
+//! `model/model_index.json` but no `model_index.json` of its own — a `textual_inversion`
+//! output — means its `model/` folder; an image input that holds `images/` — an `images` or
+//! `generate` output — means that folder), early checks of the enum fields, and one run of a
+//! training loop inside a stage: loss progress, cancel, resume from `ctx.work_dir`,
+//! validation samples and `report.json`.
+//!
+//! Everything a run writes goes to `<work_dir>/output` first and is moved into `ctx.out_dir`
+//! when training finishes, so `metrics.jsonl` and `validation/step-N.png` of the steps before a
+//! crash survive into the resumed run.
+use super::generate::MAX_SEED;
+use super::sd_common::{
+    SampleInfo, create_dir, dtype_param, field_error, model_hash, write_sample,
+};
+use super::{ParamSpec, ParamType, StageContext, StageError};
+use crate::sd::pipeline::{DEFAULT_GUIDANCE, StableDiffusion, Txt2Img};
+use crate::sd::train::TrainError;
+use crate::sd::train::common::{Callbacks, MixedPrecision, OptimizerKind, Progress, Validation};
+use crate::sd::train::lr_schedule::SCHEDULE_NAMES;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+/// Subfolder of `work_dir` the run writes its output into before it is moved to `out_dir`.
+const STAGED_OUTPUT: &str = "output";
+/// Subfolder of `work_dir` the model is written to before each validation.
+const VALIDATION_MODEL: &str = "validation-model";
+/// Output subfolder of the validation samples (`step-N.png`).
+pub const VALIDATION_DIR: &str = "validation";
+/// The report file (docs/pipelines.md: `{"images": [{path, caption, step}]}`).
+pub const REPORT_FILE: &str = "report.json";
+/// Weight of the previous value in the progress bar's loss average (an exponential moving
+/// average, bias-corrected like Adam's moments; 0.9 ≈ the last ten steps).
+const LOSS_SMOOTHING: f64 = 0.9;
+/// Upper bounds of the step-like fields: far beyond any real run, low enough to catch typos.
+const MAX_STEPS: f64 = 10_000_000.0;
+/// Largest batch / accumulation accepted (memory bounds it long before).
+const MAX_BATCH: f64 = 1024.0;
+/// Resolution bounds: the VAE downsamples by 8; 4096 as for `images`.
+const MIN_RESOLUTION: f64 = 8.0;
+const MAX_RESOLUTION: f64 = 4096.0;
+/// Largest learning rate accepted (anything above 1 diverges at once).
+const MAX_LEARNING_RATE: f64 = 1.0;
+/// AdamW's betas must lie in [0, 1) (PyTorch rejects 1).
+const MAX_BETA: f64 = 0.999_999_999;
+/// Largest denoising steps of a validation sample (schedulers have 1000 training timesteps).
+const MAX_INFERENCE_STEPS: f64 = 1000.0;
+/// diffusers' validation pipelines run 25 inference steps (textual_inversion.py).
+const DEFAULT_VALIDATION_STEPS_INFERENCE: u64 = 25;
+/// diffusers' `--validation_steps` default.
+const DEFAULT_VALIDATION_STEPS: u64 = 100;
+
+/// The defaults that differ between the two scripts.
+pub struct ScriptDefaults {
+    pub learning_rate: f64,
+    pub train_batch_size: u64,
+    pub max_train_steps: Value,
+    pub num_train_epochs: u64,
+}
+
+/// The fields both scripts have, with their defaults (diffusers' argument names).
+pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
+    use ParamType::{Bool, Integer, Number, String as Text};
+    vec![
+        ParamSpec::required(
+            "model",
+            ParamType::PathOrStageRef,
+            "diffusers folder, or the stage that produced one (a `textual_inversion` stage: its `model/`)",
+        ),
+        ParamSpec::optional(
+            "seed",
+            Integer,
+            json!(0),
+            "seed of every random draw (diffusers: unseeded)",
+        )
+        .range(0.0, MAX_SEED),
+        ParamSpec::optional(
+            "resolution",
+            Integer,
+            json!(512),
+            "training image side (a multiple of 8)",
+        )
+        .range(MIN_RESOLUTION, MAX_RESOLUTION),
+        ParamSpec::optional(
+            "center_crop",
+            Bool,
+            json!(false),
+            "center crop instead of a random crop",
+        ),
+        ParamSpec::optional(
+            "train_batch_size",
+            Integer,
+            json!(defaults.train_batch_size),
+            "images per micro-batch",
+        )
+        .range(1.0, MAX_BATCH),
+        ParamSpec::optional(
+            "max_train_steps",
+            Integer,
+            defaults.max_train_steps.clone(),
+            "optimizer steps; unset: num_train_epochs over the data",
+        )
+        .range(1.0, MAX_STEPS),
+        ParamSpec::optional(
+            "num_train_epochs",
+            Integer,
+            json!(defaults.num_train_epochs),
+            "epochs when max_train_steps is unset",
+        )
+        .range(1.0, MAX_STEPS),
+        ParamSpec::optional(
+            "gradient_accumulation_steps",
+            Integer,
+            json!(1),
+            "micro-batches per optimizer step",
+        )
+        .range(1.0, MAX_BATCH),
+        ParamSpec::optional(
+            "gradient_checkpointing",
+            Bool,
+            json!(false),
+            "recompute UNet blocks in the backward pass to save memory (dreambooth only; textual_inversion fails)",
+        ),
+        ParamSpec::optional(
+            "learning_rate",
+            Number,
+            json!(defaults.learning_rate),
+            "AdamW learning rate",
+        )
+        .range(0.0, MAX_LEARNING_RATE),
+        ParamSpec::optional(
+            "scale_lr",
+            Bool,
+            json!(false),
+            "multiply learning_rate by batch size × accumulation",
+        ),
+        ParamSpec::optional(
+            "lr_scheduler",
+            Text,
+            json!("constant"),
+            "learning-rate schedule (diffusers' names)",
+        )
+        .one_of(&SCHEDULE_NAMES),
+        ParamSpec::optional(
+            "lr_warmup_steps",
+            Integer,
+            json!(500),
+            "warmup steps of the lr schedule",
+        )
+        .range(0.0, MAX_STEPS),
+        ParamSpec::optional(
+            "lr_num_cycles",
+            Integer,
+            json!(1),
+            "cycles of cosine_with_restarts",
+        )
+        .range(1.0, MAX_STEPS),
+        ParamSpec::optional(
+            "lr_power",
+            Number,
+            json!(1.0),
+            "power of the polynomial schedule",
+        )
+        .range(0.0, 100.0),
+        ParamSpec::optional(
+            "optimizer",
+            Text,
+            json!("adamw"),
+            "AdamW, or bitsandbytes' 8-bit AdamW (diffusers' --use_8bit_adam)",
+        )
+        .one_of(&["adamw", "adamw8bit"]),
+        ParamSpec::optional("adam_beta1", Number, json!(0.9), "AdamW beta1").range(0.0, MAX_BETA),
+        ParamSpec::optional("adam_beta2", Number, json!(0.999), "AdamW beta2").range(0.0, MAX_BETA),
+        ParamSpec::optional(
+            "adam_weight_decay",
+            Number,
+            json!(1e-2),
+            "AdamW decoupled weight decay",
+        )
+        .range(0.0, 1.0),
+        ParamSpec::optional("adam_epsilon", Number, json!(1e-8), "AdamW epsilon").range(0.0, 1.0),
+        ParamSpec::optional(
+            "mixed_precision",
+            Text,
+            json!("no"),
+            "precision of the frozen modules (fp16: CUDA only)",
+        )
+        .one_of(&["no", "fp16", "bf16"]),
+        ParamSpec::optional(
+            "checkpointing_steps",
+            Integer,
+            json!(500),
+            "resume checkpoint every N steps (kept in the work folder)",
+        )
+        .range(1.0, MAX_STEPS),
+        ParamSpec::optional(
+            "checkpoints_total_limit",
+            Integer,
+            Value::Null,
+            "keep only the newest N checkpoints; unset: all",
+        )
+        .range(1.0, MAX_STEPS),
+        ParamSpec::optional(
+            "validation_prompt",
+            Text,
+            Value::Null,
+            "sample this prompt every validation_steps (seed `seed`) into validation/step-N.png; unset: no samples",
+        ),
+        ParamSpec::optional(
+            "validation_steps",
+            Integer,
+            json!(DEFAULT_VALIDATION_STEPS),
+            "steps between validation samples",
+        )
+        .range(1.0, MAX_STEPS),
+        ParamSpec::optional(
+            "validation_inference_steps",
+            Integer,
+            json!(DEFAULT_VALIDATION_STEPS_INFERENCE),
+            "denoising steps of a validation sample",
+        )
+        .range(1.0, MAX_INFERENCE_STEPS),
+        ParamSpec::optional(
+            "dtype",
+            Text,
+            json!("f32"),
+            "precision of the validation samples",
+        )
+        .one_of(&["f32", "f16", "bf16"]),
+    ]
+}
+
+/// The model folder an input names: itself, or its `model/` when only that is a diffusers
+/// folder (the output of a `textual_inversion` stage).
+pub fn model_dir(input: &Path) -> PathBuf {
+    let nested = input.join("model");
+    if !input.join("model_index.json").is_file() && nested.join("model_index.json").is_file() {
+        nested
+    } else {
+        input.to_path_buf()
+    }
+}
+
+/// The image folder an input names: its `images/` when it has one (an `images` or `generate`
+/// output), else itself.
+pub fn image_dir(input: &Path) -> PathBuf {
+    let nested = input.join("images");
+    if nested.is_dir() {
+        nested
+    } else {
+        input.to_path_buf()
+    }
+}
+
+/// The one resolved path of input `field`.
+pub fn single_input(ctx: &StageContext<'_>, field: &str) -> Result<PathBuf, StageError> {
+    ctx.input_paths(field)
+        .first()
+        .map(|p| p.to_path_buf())
+        .ok_or_else(|| field_error(ctx, field, "no path was resolved"))
+}
+
+/// A required integer field (the schema filled in its default).
+pub fn int(ctx: &StageContext<'_>, field: &str) -> Result<u64, StageError> {
+    ctx.i64_param(field)
+        .map(|v| v.max(0) as u64)
+        .ok_or_else(|| field_error(ctx, field, "is not an integer"))
+}
+
+/// A required number field.
+pub fn number(ctx: &StageContext<'_>, field: &str) -> Result<f64, StageError> {
+    ctx.f64_param(field)
+        .ok_or_else(|| field_error(ctx, field, "is not a number"))
+}
+
+/// A boolean field (false when unset).
+pub fn flag(ctx: &StageContext<'_>, field: &str) -> bool {
+    ctx.bool_param(field).unwrap_or(false)
+}
+
+/// An optional string field.
+pub fn text<'a>(ctx: &'a StageContext<'_>, field: &str) -> Option<&'a str> {
+    ctx.params.get(field).and_then(Value::as_str)
+}
+
+/// The enum fields, checked before anything loads: (lr_scheduler, optimizer, mixed_precision).
+pub fn enum_fields(
+    ctx: &StageContext<'_>,
+) -> Result<(String, OptimizerKind, MixedPrecision), StageError> {
+    let schedule = ctx.str_param("lr_scheduler")?;
+    if !SCHEDULE_NAMES.contains(&schedule) {
+        return Err(field_error(
+            ctx,
+            "lr_scheduler",
+            format!(
+                "unknown scheduler \"{schedule}\"; use one of: {}",
+                SCHEDULE_NAMES.join(", ")
+            ),
+        ));
+    }
+    let optimizer = OptimizerKind::parse(ctx.str_param("optimizer")?)
+        .map_err(|e| field_error(ctx, "optimizer", config_problem(e)))?;
+    let precision = MixedPrecision::parse(ctx.str_param("mixed_precision")?)
+        .map_err(|e| field_error(ctx, "mixed_precision", config_problem(e)))?;
+    precision
+        .weight_kind(ctx.device)
+        .map_err(|e| field_error(ctx, "mixed_precision", config_problem(e)))?;
+    dtype_param(ctx)?;
+    Ok((schedule.to_string(), optimizer, precision))
+}
+
+/// The problem text of a library config error (without its own field prefix).
+fn config_problem(error: TrainError) -> String {
+    match error {
+        TrainError::Config { problem, .. } => problem,
+        other => other.to_string(),
+    }
+}
+
+/// `<work_dir>/output`: where the library writes (moved to `out_dir` at the end).
+pub fn staged_output(ctx: &StageContext<'_>) -> PathBuf {
+    ctx.work_dir.join(STAGED_OUTPUT)
+}
+
+/// The library's error as a stage error (cancellation stays cancellation).
+pub fn stage_error(ctx: &StageContext<'_>, error: TrainError) -> StageError {
+    match error {
+        TrainError::Cancelled { step, checkpoint } => {
+            ctx.log.line(&format!(
+                "cancelled at step {step}; checkpoint {}",
+                checkpoint.display()
+            ));
+            StageError::Cancelled
+        }
+        other => StageError::Failed(format!("stage `{}`: {other}", ctx.stage_id)),
+    }
+}
+
+/// Runs `train` with the stage's progress, cancel flag and validation sampling, then moves the
+/// output into `out_dir` and writes `report.json`.
+pub fn run_training<T>(
+    ctx: &StageContext<'_>,
+    train: impl FnOnce(&mut Callbacks) -> Result<T, TrainError>,
+) -> Result<T, StageError> {
+    let staged = staged_output(ctx);
+    create_dir(&staged)?;
+    let mut smoother = LossSmoother::default();
+    let mut on_progress = |progress: &Progress| {
+        let smoothed = smoother.push(progress.loss);
+        ctx.progress
+            .step_with_metric(progress.step, progress.total, "loss", smoothed);
+    };
+    let sampler = ValidationSampler::from_context(ctx, &staged)?;
+    let mut run_sample = |step: u64, dir: &Path| {
+        sampler
+            .as_ref()
+            .map_or(Ok(()), |s| s.sample(ctx, step, dir))
+    };
+    let validation = sampler.as_ref().map(|s| Validation {
+        every: s.every,
+        model_dir: ctx.work_dir.join(VALIDATION_MODEL),
+        run: &mut run_sample,
+    });
+    let mut callbacks = Callbacks {
+        on_progress: &mut on_progress,
+        cancel: ctx.cancel.as_atomic(),
+        validation,
+    };
+    let outcome = train(&mut callbacks).map_err(|e| stage_error(ctx, e))?;
+    move_entries(&staged, ctx.out_dir)?;
+    let prompt = sampler.map(|s| s.request.prompt).unwrap_or_default();
+    write_report(ctx, &prompt)?;
+    Ok(outcome)
+}
+
+/// The bias-corrected exponential moving average of the loss shown on the progress bar.
+#[derive(Default)]
+struct LossSmoother {
+    average: f64,
+    count: i32,
+}
+
+impl LossSmoother {
+    fn push(&mut self, loss: f64) -> f64 {
+        self.count += 1;
+        self.average = LOSS_SMOOTHING * self.average + (1.0 - LOSS_SMOOTHING) * loss;
+        self.average / (1.0 - LOSS_SMOOTHING.powi(self.count))
+    }
+}
+
+/// Samples `validation_prompt` from the model being trained.
+struct ValidationSampler {
+    every: u64,
+    request: Txt2Img,
+    kind: tch::Kind,
+    dir: PathBuf,
+}
+
+impl ValidationSampler {
+    fn from_context(ctx: &StageContext<'_>, staged: &Path) -> Result<Option<Self>, StageError> {
+        let Some(prompt) = text(ctx, "validation_prompt") else {
+            return Ok(None);
+        };
+        let resolution = int(ctx, "resolution")? as i64;
+        Ok(Some(Self {
+            every: int(ctx, "validation_steps")?.max(1),
+            request: Txt2Img {
+                prompt: prompt.to_string(),
+                negative_prompt: String::new(),
+                seed: int(ctx, "seed")?,
+                steps: int(ctx, "validation_inference_steps")?.max(1) as usize,
+                guidance: DEFAULT_GUIDANCE,
+                scheduler: None,
+                width: Some(resolution),
+                height: Some(resolution),
+                batch: 1,
+            },
+            kind: dtype_param(ctx)?,
+            dir: staged.join(VALIDATION_DIR),
+        }))
+    }
+
+    fn sample(&self, ctx: &StageContext<'_>, step: u64, model_dir: &Path) -> Result<(), String> {
+        let model =
+            StableDiffusion::load(model_dir, ctx.device, self.kind).map_err(|e| e.to_string())?;
+        let output = model
+            .txt2img(&self.request, &mut |_| {})
+            .map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let hash = model_hash(model_dir);
+        let info = SampleInfo {
+            prompt: &self.request.prompt,
+            negative_prompt: "",
+            steps: self.request.steps,
+            guidance: self.request.guidance,
+            seed: self.request.seed,
+            model_hash: &hash,
+            model_name: ctx.stage_id,
+        };
+        let path = self.dir.join(format!("step-{step}.png"));
+        write_sample(ctx, &path, &output, 0, &info).map_err(|e| e.to_string())?;
+        ctx.log
+            .line(&format!("validation sample {}", path.display()));
+        Ok(())
+    }
+}
+
+/// `report.json`: every validation sample in `out_dir/validation`, by step.
+fn write_report(ctx: &StageContext<'_>, prompt: &str) -> Result<(), StageError> {
+    let dir = ctx.out_dir.join(VALIDATION_DIR);
+    let mut steps: Vec<u64> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix("step-")?
+                    .strip_suffix(".png")?
+                    .parse()
+                    .ok()
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    steps.sort_unstable();
+    let images: Vec<Value> = steps
+        .iter()
+        .map(|step| {
+            json!({
+                "path": format!("{VALIDATION_DIR}/step-{step}.png"),
+                "caption": prompt,
+                "step": step,
+            })
+        })
+        .collect();
+    let path = ctx.out_dir.join(REPORT_FILE);
+    let text = serde_json::to_string_pretty(&json!({ "images": images }))
+        .map_err(|e| StageError::Failed(format!("stage `{}`: report: {e}", ctx.stage_id)))?;
+    std::fs::write(&path, text).map_err(|e| StageError::io("write", &path, e))
+}
+
+/// Moves every entry of `from` into `to` (rename; both live in the cache).
+fn move_entries(from: &Path, to: &Path) -> Result<(), StageError> {
+    create_dir(to)?;
+    let entries = std::fs::read_dir(from).map_err(|e| StageError::io("list", from, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| StageError::io("list", from, e))?;
+        let target = to.join(entry.file_name());
+        std::fs::rename(entry.path(), &target)
+            .map_err(|e| StageError::io("move", &entry.path(), e))?;
+    }
+    Ok(())
+}
+
+/// Uses the first `count` images of `dir` (sorted by name): `dir` itself when it has no more,
+/// else a folder of links in `work_dir` (diffusers' `--num_class_images` cap).
+pub fn first_images(
+    ctx: &StageContext<'_>,
+    dir: &Path,
+    count: usize,
+    field: &str,
+) -> Result<(PathBuf, usize), StageError> {
+    let files =
+        crate::sd::train::data::list_images(dir, field).map_err(|e| field_error(ctx, field, e))?;
+    if files.len() <= count {
+        return Ok((dir.to_path_buf(), files.len()));
+    }
+    let subset = ctx.work_dir.join(format!("{field}-first-{count}"));
+    let _ = std::fs::remove_dir_all(&subset);
+    create_dir(&subset)?;
+    for file in &files[..count] {
+        let name = file.file_name().unwrap_or_default();
+        let target = subset.join(name);
+        std::fs::hard_link(file, &target)
+            .or_else(|_| std::fs::copy(file, &target).map(|_| ()))
+            .map_err(|e| StageError::io("copy", file, e))?;
+    }
+    Ok((subset, count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smoothed_loss_is_a_bias_corrected_moving_average() {
+        let mut smoother = LossSmoother::default();
+        assert_eq!(smoother.push(2.0), 2.0);
+        // (0.9·0.2 + 0.1·1.0) / (1 − 0.81) = 0.28 / 0.19
+        let second = smoother.push(1.0);
+        assert!((second - 0.28 / 0.19).abs() < 1e-12, "{second}");
+    }
+
+    #[test]
+    fn inputs_resolve_to_nested_model_and_images_folders() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("ti/model")).expect("mkdir");
+        std::fs::write(root.join("ti/model/model_index.json"), "{}").expect("write");
+        assert_eq!(model_dir(&root.join("ti")), root.join("ti/model"));
+        std::fs::write(root.join("ti/model_index.json"), "{}").expect("write");
+        assert_eq!(model_dir(&root.join("ti")), root.join("ti"));
+        std::fs::create_dir_all(root.join("photos/images")).expect("mkdir");
+        assert_eq!(image_dir(&root.join("photos")), root.join("photos/images"));
+        assert_eq!(image_dir(&root.join("ti")), root.join("ti"));
+    }
+}

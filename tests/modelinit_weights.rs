@@ -1,0 +1,108 @@
+//! The streaming safetensors reader behind `weights::load_into` (one tensor in memory at a
+//! time): dtype conversion on load, f16 model folders, and header errors naming the file.
+use dreampipe::sd::init::{Architecture, InitOptions, WeightDtype, write_model_folder};
+use dreampipe::sd::unet::UNet2DConditionModel;
+use dreampipe::sd::weights::{WeightsError, load_into};
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor, nn::VarStore};
+
+#[test]
+fn loads_bf16_f64_and_f16_sources_into_float_variables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("mixed.safetensors");
+    let values = Tensor::from_slice(&[0.5f32, -1.25, 3.0, 1e-3, 7.5, -0.0625]).view([2, 3]);
+    let sources = [
+        ("b.bf16", values.to_kind(Kind::BFloat16)),
+        ("a.f64", values.to_kind(Kind::Double)),
+        ("c.f16", values.to_kind(Kind::Half)),
+    ];
+    Tensor::write_safetensors(&sources, &file).unwrap();
+    let vs = VarStore::new(Device::Cpu);
+    let targets: Vec<Tensor> = ["a", "b", "c"]
+        .iter()
+        .map(|name| vs.root().zeros(name, &[2, 3]))
+        .collect();
+    load_into(&vs, &file, |key| key.split('.').next().map(str::to_string)).unwrap();
+    for (target, (key, source)) in targets.iter().zip([&sources[1], &sources[0], &sources[2]]) {
+        assert!(target.equal(&source.to_kind(Kind::Float)), "{key}");
+    }
+}
+
+#[test]
+fn f16_folder_loads_into_float_models_as_the_rounded_f32_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (full, half) = (tmp.path().join("f32"), tmp.path().join("f16"));
+    for (dir, dtype) in [(&full, WeightDtype::F32), (&half, WeightDtype::F16)] {
+        let options = InitOptions {
+            architecture: Architecture::Tiny,
+            seed: 4,
+            dtype,
+        };
+        write_model_folder(dir, &options).unwrap();
+    }
+    let (vs, _unet) =
+        UNet2DConditionModel::load(&half.join("unet"), Device::Cpu, Kind::Float, None).unwrap();
+    let reference: HashMap<String, Tensor> =
+        Tensor::read_safetensors(full.join("unet/diffusion_pytorch_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let variables = vs.variables();
+    assert_eq!(variables.len(), reference.len());
+    for (name, variable) in variables {
+        assert_eq!(variable.kind(), Kind::Float);
+        let rounded = reference[&name].to_kind(Kind::Half).to_kind(Kind::Float);
+        assert!(variable.equal(&rounded), "{name}");
+    }
+}
+
+#[test]
+fn bad_headers_are_reported_with_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vs = VarStore::new(Device::Cpu);
+    let _ = vs.root().zeros("w", &[2]);
+    let cases: [(&str, Vec<u8>, &str); 4] = [
+        (
+            "huge.safetensors",
+            u64::MAX.to_le_bytes().to_vec(),
+            "header length 18446744073709551615 is invalid for a 8-byte file",
+        ),
+        (
+            "not-json.safetensors",
+            [4u64.to_le_bytes().to_vec(), b"nope".to_vec()].concat(),
+            "header is not a JSON object: expected ident at line 1 column 2",
+        ),
+        (
+            "short.safetensors",
+            {
+                let header = br#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+                let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+                bytes.extend_from_slice(header);
+                bytes.extend_from_slice(&[0u8; 4]);
+                bytes
+            },
+            "tensor 'w': data_offsets [0, 8] run past the 4-byte data section (truncated file?)",
+        ),
+        (
+            "mis-sized.safetensors",
+            {
+                let header = br#"{"w":{"dtype":"F16","shape":[2],"data_offsets":[0,8]}}"#;
+                let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+                bytes.extend_from_slice(header);
+                bytes.extend_from_slice(&[0u8; 8]);
+                bytes
+            },
+            "tensor 'w': data_offsets [0, 8] do not span the 4 bytes of F16 [2]",
+        ),
+    ];
+    for (name, bytes, reason) in cases {
+        let file = tmp.path().join(name);
+        std::fs::write(&file, bytes).unwrap();
+        let error = load_into(&vs, &file, |key| Some(key.to_string())).unwrap_err();
+        assert!(matches!(error, WeightsError::Read { .. }), "{name}");
+        assert_eq!(
+            error.to_string(),
+            format!("{}: cannot read safetensors: {reason}", file.display())
+        );
+    }
+}

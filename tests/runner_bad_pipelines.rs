@@ -1,0 +1,106 @@
+//! Every malformed pipeline under `tests/bad-pipelines/` is rejected with exactly the message in
+//! its `.expected` file, without panicking. `UPDATE_EXPECTED=1` rewrites the files (review the
+//! diff before committing).
+use dreampipe::pipeline::{LoadOptions, load};
+use std::path::{Path, PathBuf};
+
+/// The issue asks for at least this many malformed pipelines.
+const MINIMUM_CASES: usize = 40;
+
+fn cases() -> Vec<PathBuf> {
+    let mut list: Vec<PathBuf> = std::fs::read_dir("tests/bad-pipelines")
+        .expect("tests/bad-pipelines")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    list.sort();
+    list
+}
+
+fn message_for(path: &Path) -> String {
+    let options = LoadOptions::default();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        load(path, &options).map(|_| ())
+    })) {
+        Ok(Ok(())) => "VALID".to_string(),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => "PANICKED".to_string(),
+    }
+}
+
+#[test]
+fn each_bad_pipeline_reports_its_expected_message() {
+    let cases = cases();
+    assert!(cases.len() >= MINIMUM_CASES, "only {} cases", cases.len());
+    let update = std::env::var_os("UPDATE_EXPECTED").is_some();
+    let mut mismatches = Vec::new();
+    for case in &cases {
+        let actual = message_for(case);
+        assert_ne!(actual, "PANICKED", "{} panicked", case.display());
+        assert_ne!(actual, "VALID", "{} was accepted", case.display());
+        assert!(
+            !actual.contains("Error {") && !actual.contains("Some("),
+            "Debug dump in {}: {actual}",
+            case.display()
+        );
+        let expected_path = case.with_extension("expected");
+        if update {
+            std::fs::write(&expected_path, format!("{actual}\n")).expect("write expected");
+            continue;
+        }
+        let expected = std::fs::read_to_string(&expected_path)
+            .unwrap_or_else(|_| format!("missing {}", expected_path.display()));
+        if expected.trim_end_matches('\n') != actual {
+            mismatches.push(format!(
+                "{}:\n--- expected\n{expected}--- actual\n{actual}\n",
+                case.display()
+            ));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+#[test]
+fn set_overrides_with_bad_targets_are_reported() {
+    let options = LoadOptions {
+        overrides: vec![
+            "nostage".to_string(),
+            "b.run=x".to_string(),
+            "a.rn=x".to_string(),
+        ],
+        ..LoadOptions::default()
+    };
+    let error = dreampipe::pipeline::load_str(
+        "stages:\n  a:\n    kind: command\n    run: echo\n",
+        Path::new("p.yaml"),
+        Path::new("."),
+        &options,
+    )
+    .err()
+    .expect("invalid")
+    .to_string();
+    assert_eq!(
+        error,
+        "pipeline `p.yaml` is invalid (3 errors):\n  p.yaml: --set `nostage`: expected STAGE.FIELD=VALUE (or params.NAME=VALUE)\n  p.yaml: --set `b.run=x`: no stage named `b` (expected one of: a)\n  p.yaml:2:3: stage `a`, field `rn`: unknown field for kind `command`; did you mean `run`?"
+    );
+}
+
+#[test]
+fn the_binary_prints_the_message_and_exits_non_zero() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .args([
+            "--device",
+            "cpu",
+            "validate",
+            "tests/bad-pipelines/13-unknown-kind-typo.yaml",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr,
+        "error: pipeline `tests/bad-pipelines/13-unknown-kind-typo.yaml` is invalid (1 error):\n  tests/bad-pipelines/13-unknown-kind-typo.yaml:3:5: stage `a`, field `kind`: unknown stage kind `comand`; did you mean `command`?\n"
+    );
+}

@@ -1,0 +1,313 @@
+//! Faults: kill -9 mid-stage (resume, no partial result, stale lock), two concurrent runs,
+//! a flipped byte in a stored object.
+mod runner_support;
+use runner_support::{Project, to_result};
+use std::time::{Duration, Instant};
+
+/// How long a test waits for a background run to reach a state before failing.
+const WAIT_LIMIT: Duration = Duration::from_secs(30);
+
+fn find_file_named(root: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .flatten()
+        .find(|e| e.file_name() == name)
+        .map(|e| e.path().to_path_buf())
+}
+
+#[test]
+fn kill_9_mid_stage_leaves_no_partial_result_and_the_rerun_resumes() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        r#"
+stages:
+  quick:
+    kind: command
+    run: echo quick > $OUT/q.txt
+  slow:
+    kind: command
+    needs: quick
+    run: |
+      if [ -f "$WORK/checkpoint" ]; then
+        echo "resumed from $(cat $WORK/checkpoint)" > $OUT/status.txt
+      else
+        echo partial > $OUT/partial.txt
+        echo step-1 > $WORK/checkpoint
+        exec sleep 60  # exec: the kernel's parent-death signal then reaches the sleep itself
+      fi
+"#,
+    );
+    let mut child = project
+        .command(&["run", "p.yaml", "--plain"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    while find_file_named(&project.cache().join("work"), "checkpoint").is_none() {
+        assert!(
+            started.elapsed() < WAIT_LIMIT,
+            "the slow stage never wrote its checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("wait");
+    assert_eq!(project.result_count(), 1, "only `quick` was committed");
+    assert!(find_file_named(&project.cache().join("results"), "partial.txt").is_none());
+    let rerun = project.run("p.yaml", &[]);
+    assert!(rerun.success(), "{}{}", rerun.stdout, rerun.stderr);
+    assert_eq!(rerun.status("quick"), "cached");
+    assert_eq!(rerun.status("slow"), "ran");
+    assert_eq!(
+        project.read("cache/runs/p/slow/status.txt").trim(),
+        "resumed from step-1"
+    );
+    assert!(!project.path("cache/runs/p/slow/partial.txt").exists());
+    let key = rerun.stage_field("slow", "key");
+    assert!(
+        project
+            .cache()
+            .join("locks")
+            .join(format!("{}.lock", key.as_str().expect("key")))
+            .exists(),
+        "the killed run's lock file was left behind and did not block"
+    );
+    let (ok, stdout, _) = project.dreampipe(&["cache", "verify"]);
+    assert!(ok, "{stdout}");
+    assert!(
+        stdout.ends_with("3 object(s) and 2 result(s): 0 problem(s)\n")
+            || stdout.contains(": 0 problem(s)"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = project.dreampipe(&["cache", "gc", "--keep-last", "1"]);
+    assert!(ok);
+    assert_eq!(
+        stdout.trim(),
+        "removed 0 result(s), 0 object(s) (0 bytes), 1 stale staging folder(s)"
+    );
+}
+
+#[test]
+fn two_concurrent_runs_compute_each_stage_once_and_both_succeed() {
+    let project = Project::new();
+    let stage = |name: &str, needs: &str| {
+        format!(
+            "  {name}:\n    kind: command\n{needs}    run: echo $$ >> $PIPELINE_DIR/ran-{name}.txt; sleep 0.4; echo {name} > $OUT/x.txt\n"
+        )
+    };
+    let text = format!(
+        "stages:\n{}{}{}",
+        stage("a", ""),
+        stage("b", "    needs: a\n"),
+        stage("c", "")
+    );
+    project.write("p.yaml", &text);
+    let spawn = || {
+        project
+            .command(&["run", "p.yaml", "--plain"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let (first, second) = (spawn(), spawn());
+    let first = to_result(first.wait_with_output().expect("wait"));
+    let second = to_result(second.wait_with_output().expect("wait"));
+    assert!(
+        first.success() && second.success(),
+        "{}\n{}",
+        first.stdout,
+        second.stdout
+    );
+    for name in ["a", "b", "c"] {
+        assert_eq!(
+            project.read(&format!("ran-{name}.txt")).lines().count(),
+            1,
+            "stage {name} ran more than once"
+        );
+        let statuses = [first.status(name), second.status(name)];
+        assert!(
+            statuses.contains(&"ran".to_string()) && statuses.contains(&"cached".to_string()),
+            "{name}: {statuses:?}"
+        );
+    }
+    assert_eq!(project.result_count(), 3);
+}
+
+#[test]
+fn flipped_byte_is_reported_quarantined_and_recomputed() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: printf 'precious bytes' > $OUT/data.bin\n",
+    );
+    assert!(project.run("p.yaml", &[]).success());
+    let digest = blake3::hash(b"precious bytes").to_hex().to_string();
+    let object = project
+        .cache()
+        .join("objects")
+        .join(&digest[..2])
+        .join(&digest);
+    let mut perms = std::fs::metadata(&object).expect("object").permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&object, perms).expect("chmod");
+    let mut bytes = std::fs::read(&object).expect("read");
+    bytes[3] ^= 0x01;
+    std::fs::write(&object, &bytes).expect("flip");
+    let (ok, stdout, _) = project.dreampipe(&["cache", "verify"]);
+    assert!(!ok);
+    assert!(
+        stdout.starts_with(&format!("object {digest} is corrupt")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with("checked 1 object(s) and 1 result(s): 2 problem(s)\n"),
+        "{stdout}"
+    );
+    let rerun = project.run("p.yaml", &[]);
+    assert_eq!(rerun.status("a"), "ran");
+    assert_eq!(project.read("cache/runs/p/a/data.bin"), "precious bytes");
+    let (ok, stdout, _) = project.dreampipe(&["cache", "verify"]);
+    assert!(ok, "{stdout}");
+    assert_eq!(
+        stdout.trim(),
+        "checked 1 object(s) and 1 result(s): 0 problem(s)"
+    );
+}
+
+#[test]
+fn stale_lock_file_from_a_dead_process_does_not_block() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: echo a > $OUT/a.txt\n",
+    );
+    let first = project.run("p.yaml", &[]);
+    let key = first
+        .stage_field("a", "key")
+        .as_str()
+        .expect("key")
+        .to_string();
+    std::fs::remove_dir_all(project.cache().join("results").join(&key)).expect("forget result");
+    std::fs::write(
+        project.cache().join("locks").join(format!("{key}.lock")),
+        "4194303\n",
+    )
+    .expect("stale lock");
+    let started = Instant::now();
+    let rerun = project.run("p.yaml", &[]);
+    assert_eq!(rerun.status("a"), "ran");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn gc_keeps_what_pipelines_reference_and_removes_old_results() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: echo one > $OUT/a.txt\n",
+    );
+    assert!(project.run("p.yaml", &[]).success());
+    assert!(
+        project
+            .run("p.yaml", &["--set", "a.run=echo two > $OUT/a.txt"])
+            .success()
+    );
+    assert_eq!(project.result_count(), 2);
+    let (_, listing, _) = project.dreampipe(&["cache", "ls"]);
+    let stages: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(stages, ["a", "a"], "{listing}");
+    let (ok, stdout, _) = project.dreampipe(&["cache", "gc", "p.yaml", "--keep-last", "0"]);
+    assert!(ok);
+    assert_eq!(
+        stdout.trim(),
+        "removed 1 result(s), 1 object(s) (4 bytes), 0 stale staging folder(s)"
+    );
+    assert_eq!(project.result_count(), 1);
+    let rerun = project.run("p.yaml", &[]);
+    assert_eq!(
+        rerun.status("a"),
+        "cached",
+        "the referenced result survived"
+    );
+}
+
+#[test]
+fn ctrl_c_cancels_running_stages_promptly_and_commits_nothing_partial() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  slow:\n    kind: command\n    run: echo partial > $OUT/partial.txt; echo started > $WORK/started; sleep 60\n  after:\n    kind: command\n    needs: slow\n    run: echo no > $OUT/x\n",
+    );
+    let child = project
+        .command(&["run", "p.yaml", "--plain"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    while find_file_named(&project.cache().join("work"), "started").is_none() {
+        assert!(started.elapsed() < WAIT_LIMIT, "the stage never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let interrupted = Instant::now();
+    // SAFETY: sends SIGINT to the child this test spawned.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let run = to_result(child.wait_with_output().expect("wait"));
+    assert!(
+        interrupted.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        interrupted.elapsed()
+    );
+    assert_eq!(
+        run.output.status.code(),
+        Some(130),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    assert_eq!(run.status("slow"), "failed");
+    assert_eq!(run.stage_field("slow", "error"), "cancelled");
+    assert_eq!(run.status("after"), "skipped");
+    assert_eq!(project.result_count(), 0);
+    let staging: Vec<_> = std::fs::read_dir(project.cache().join("staging"))
+        .expect("staging")
+        .collect();
+    assert!(
+        staging.is_empty(),
+        "the cancelled stage's staging folder is removed"
+    );
+}
+
+#[test]
+fn gc_keeps_results_a_running_stage_is_reading() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: echo a > $OUT/a.txt\n  b:\n    kind: command\n    needs: a\n    run: touch $WORK/started; sleep 1; cat $IN_A/a.txt > $OUT/b.txt\n",
+    );
+    let child = project
+        .command(&["run", "p.yaml", "--plain"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    while find_file_named(&project.cache().join("work"), "started").is_none() {
+        assert!(started.elapsed() < WAIT_LIMIT, "b never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, stdout, _) = project.dreampipe(&["cache", "gc", "--keep-last", "0"]);
+    assert!(ok);
+    assert_eq!(
+        stdout,
+        "removed 0 result(s), 0 object(s) (0 bytes), 0 stale staging folder(s)\nkept 1 result(s) in use by a running stage\n"
+    );
+    let run = to_result(child.wait_with_output().expect("wait"));
+    assert!(run.success(), "{}", run.stdout);
+    assert_eq!(project.read("cache/runs/p/b/b.txt"), "a\n");
+}

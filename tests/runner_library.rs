@@ -1,0 +1,396 @@
+//! The runner as a library, with custom stage kinds (the way the Stable Diffusion stages plug
+//! in): sweep ids and fan-out, defaults, model path-or-reference inputs, GPU slots, progress
+//! events, and the images stage.
+use dreampipe::cache::hash::HashMemo;
+use dreampipe::cache::store::Store;
+use dreampipe::exec::events::{CancelFlag, Event};
+use dreampipe::exec::executor::{ExecOptions, Outcome, RunRecord, execute};
+use dreampipe::pipeline::{LoadOptions, Pipeline, load_str};
+use dreampipe::plan::graph::Plan;
+use dreampipe::stages::{
+    DeviceClass, ParamSpec, ParamType, Registry, Stage, StageContext, StageError, registry,
+};
+use serde_json::json;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// A stand-in for a training stage: GPU class, numeric params, a model input.
+struct FakeTrain {
+    running: AtomicUsize,
+    max_running: AtomicUsize,
+}
+
+impl Stage for FakeTrain {
+    fn kind(&self) -> &'static str {
+        "train"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "test stage"
+    }
+    fn device_class(&self) -> DeviceClass {
+        DeviceClass::Gpu
+    }
+    fn schema(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::required("model", ParamType::PathOrStageRef, "base model"),
+            ParamSpec::optional("learning_rate", ParamType::Number, json!(5e-6), "lr")
+                .range(0.0, 1.0),
+            ParamSpec::optional("steps", ParamType::Integer, json!(100), "steps").range(1.0, 1e6),
+            ParamSpec::optional("seed", ParamType::Integer, json!(0), "seed"),
+            ParamSpec::optional(
+                "log_every",
+                ParamType::Integer,
+                json!(10),
+                "progress cadence",
+            )
+            .not_in_key(),
+        ]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(150));
+        let steps = ctx.i64_param("steps").unwrap_or(0) as u64;
+        ctx.progress.step_with_metric(steps, steps, "loss", 0.25);
+        let model = ctx.input_paths("model")[0].to_path_buf();
+        let text = format!(
+            "model={} lr={} seed={} device={:?}",
+            model
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
+            ctx.f64_param("learning_rate").unwrap_or(0.0),
+            ctx.i64_param("seed").unwrap_or(-1),
+            ctx.device
+        );
+        std::fs::write(ctx.out_dir.join("weights.txt"), text)
+            .map_err(|e| StageError::io("write", ctx.out_dir, e))?;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn fake_registry() -> (Registry, Arc<FakeTrain>) {
+    let train = Arc::new(FakeTrain {
+        running: AtomicUsize::new(0),
+        max_running: AtomicUsize::new(0),
+    });
+    (registry().with(train.clone()), train)
+}
+
+const SWEEP: &str = r#"
+defaults:
+  seed: 42
+stages:
+  ti:
+    kind: train
+    model: models/base
+  db:
+    kind: train
+    model: ti
+    matrix:
+      learning_rate: [2e-6, 5e-6]
+      steps: [400, 1200]
+  grid:
+    kind: command
+    needs: db
+    run: cp $IN_DB/weights.txt $OUT/
+"#;
+
+fn load_sweep(dir: &Path, registry: Registry) -> Pipeline {
+    std::fs::create_dir_all(dir.join("models/base")).expect("mkdir");
+    std::fs::write(dir.join("models/base/unet.bin"), b"base weights").expect("write");
+    load_str(
+        SWEEP,
+        &dir.join("p.yaml"),
+        dir,
+        &LoadOptions {
+            overrides: vec![],
+            registry,
+        },
+    )
+    .expect("valid")
+}
+
+fn run(plan: Plan, store: &Store, devices: Vec<tch::Device>) -> (RunRecord, Vec<Event>) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        let n = plan.len();
+        let options = ExecOptions {
+            jobs: 4,
+            devices,
+            selected: vec![true; n],
+            forced: vec![false; n],
+            locked: None,
+        };
+        let record = execute(
+            Arc::new(plan),
+            store.clone(),
+            Arc::new(HashMemo::in_memory()),
+            options,
+            sender,
+            CancelFlag::default(),
+        )
+        .await;
+        let mut events = Vec::new();
+        while let Ok(event) = receiver.try_recv() {
+            events.push(event);
+        }
+        (record, events)
+    })
+}
+
+#[test]
+fn sweep_ids_fan_out_defaults_and_model_reference() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (registry, _) = fake_registry();
+    let pipeline = load_sweep(dir.path(), registry);
+    let ids: Vec<&str> = pipeline.stages.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "ti",
+            "db[learning_rate=2e-6,steps=400]",
+            "db[learning_rate=2e-6,steps=1200]",
+            "db[learning_rate=5e-6,steps=400]",
+            "db[learning_rate=5e-6,steps=1200]",
+            "grid[learning_rate=2e-6,steps=400]",
+            "grid[learning_rate=2e-6,steps=1200]",
+            "grid[learning_rate=5e-6,steps=400]",
+            "grid[learning_rate=5e-6,steps=1200]",
+        ]
+    );
+    let grid = &pipeline.stages[7];
+    assert_eq!(grid.refs["needs"], [("db".to_string(), 3)]);
+    assert_eq!(
+        pipeline.stages[1].params["seed"],
+        json!(42),
+        "defaults apply to stages whose schema has the field"
+    );
+    assert_eq!(
+        pipeline.stages[1].refs["model"],
+        [("ti".to_string(), 0)],
+        "`model: ti` is a reference"
+    );
+    assert_eq!(
+        pipeline.stages[0].paths["model"][0].0, "models/base",
+        "`model: models/base` is a path"
+    );
+}
+
+#[test]
+fn gpu_stages_take_one_slot_per_device_and_report_progress() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (registry, train) = fake_registry();
+    let store = Store::open(&dir.path().join("cache")).expect("store");
+    let (record, events) = run(
+        Plan::new(load_sweep(dir.path(), registry.clone())),
+        &store,
+        vec![tch::Device::Cpu],
+    );
+    assert!(record.success);
+    assert_eq!(
+        train.max_running.load(Ordering::SeqCst),
+        1,
+        "one GPU stage at a time on one device"
+    );
+    assert!(events.iter().any(|e| matches!(e, Event::Progress { id, step: 1200, total: 1200, metric: Some((name, _)) } if id == "db[learning_rate=5e-6,steps=1200]" && name == "loss")));
+    let weights = std::fs::read_to_string(
+        store
+            .output_dir(record.stages[4].key.as_ref().expect("key"))
+            .join("weights.txt"),
+    )
+    .expect("weights");
+    assert_eq!(weights, "model=out lr=0.000005 seed=42 device=Cpu");
+
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let (registry2, train2) = fake_registry();
+    let store2 = Store::open(&dir2.path().join("cache")).expect("store");
+    let (record2, _) = run(
+        Plan::new(load_sweep(dir2.path(), registry2)),
+        &store2,
+        vec![tch::Device::Cpu, tch::Device::Cpu],
+    );
+    assert!(
+        record2.success,
+        "{:?}",
+        record2
+            .stages
+            .iter()
+            .map(|s| (&s.id, &s.error))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        train2.max_running.load(Ordering::SeqCst),
+        2,
+        "two devices: two independent GPU stages at once"
+    );
+}
+
+#[test]
+fn fields_outside_the_key_do_not_rerun_and_model_folder_changes_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (registry, _) = fake_registry();
+    let store = Store::open(&dir.path().join("cache")).expect("store");
+    let (first, _) = run(
+        Plan::new(load_sweep(dir.path(), registry.clone())),
+        &store,
+        vec![tch::Device::Cpu],
+    );
+    let ran = first
+        .stages
+        .iter()
+        .filter(|s| s.status == Outcome::Ran)
+        .count();
+    let cached = first
+        .stages
+        .iter()
+        .filter(|s| s.status == Outcome::Cached)
+        .count();
+    // The fake trainer ignores `steps`, so each pair of grids has one key: computed once.
+    assert_eq!((ran, cached), (7, 2));
+    let options = LoadOptions {
+        overrides: vec!["ti.log_every=1".to_string()],
+        registry: registry.clone(),
+    };
+    let quiet = load_str(SWEEP, &dir.path().join("p.yaml"), dir.path(), &options).expect("valid");
+    let (second, _) = run(Plan::new(quiet), &store, vec![tch::Device::Cpu]);
+    assert!(
+        second.stages.iter().all(|s| s.status == Outcome::Cached),
+        "log_every is not in the key"
+    );
+    std::fs::write(dir.path().join("models/base/vae.bin"), b"new file").expect("write");
+    let (third, _) = run(
+        Plan::new(load_sweep(dir.path(), registry)),
+        &store,
+        vec![tch::Device::Cpu],
+    );
+    assert_eq!(third.stages[0].status, Outcome::Ran);
+    assert_eq!(
+        third.stages[0].reasons,
+        ["file `models/base/vae.bin` added"]
+    );
+    assert_eq!(
+        third.stages[1].status,
+        Outcome::Cached,
+        "ti wrote the same bytes: early cutoff"
+    );
+}
+
+#[test]
+fn images_stage_normalizes_a_folder_and_names_a_broken_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let images = dir.path().join("dog");
+    std::fs::create_dir_all(&images).expect("mkdir");
+    image::RgbImage::from_pixel(40, 20, image::Rgb([200, 10, 10]))
+        .save(images.join("1.png"))
+        .expect("png");
+    image::RgbImage::from_pixel(16, 32, image::Rgb([10, 200, 10]))
+        .save(images.join("2.jpg"))
+        .expect("jpg");
+    let text = "stages:\n  dog:\n    kind: images\n    path: dog\n    resolution: 16\n";
+    let store = Store::open(&dir.path().join("cache")).expect("store");
+    let pipeline = load_str(
+        text,
+        &dir.path().join("p.yaml"),
+        dir.path(),
+        &LoadOptions::default(),
+    )
+    .expect("valid");
+    let (record, _) = run(Plan::new(pipeline), &store, vec![tch::Device::Cpu]);
+    assert!(record.success, "{:?}", record.stages[0].error);
+    let out = store.output_dir(record.stages[0].key.as_ref().expect("key"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).expect("manifest"))
+            .expect("json");
+    assert_eq!(
+        manifest["images"][0],
+        json!({"file": "images/0000.png", "source": "1.png", "width": 16, "height": 16})
+    );
+    assert_eq!(manifest["images"][1]["source"], "2.jpg");
+    let first = image::open(out.join("images/0000.png"))
+        .expect("decode")
+        .to_rgb8();
+    assert_eq!(first.dimensions(), (16, 16));
+    assert_eq!(first.get_pixel(8, 8), &image::Rgb([200, 10, 10]));
+
+    std::fs::write(images.join("3.png"), b"not a png").expect("write");
+    let pipeline = load_str(
+        text,
+        &dir.path().join("p.yaml"),
+        dir.path(),
+        &LoadOptions::default(),
+    )
+    .expect("valid");
+    let (record, _) = run(Plan::new(pipeline), &store, vec![tch::Device::Cpu]);
+    let error = record.stages[0].error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with(&format!(
+            "images: `{}` does not decode as an image:",
+            images.join("3.png").display()
+        )),
+        "{error}"
+    );
+}
+
+/// A kind whose code panics: the run reports a failure, never a crash or a success.
+struct Panicking;
+
+impl Stage for Panicking {
+    fn kind(&self) -> &'static str {
+        "panics"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "test stage"
+    }
+    fn schema(&self) -> Vec<ParamSpec> {
+        Vec::new()
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
+        panic!("bug in a stage");
+    }
+}
+
+#[test]
+fn a_panicking_stage_fails_alone_and_leaves_no_staging() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = registry().with(Arc::new(Panicking));
+    let text = "stages:\n  boom:\n    kind: panics\n  after:\n    kind: command\n    needs: boom\n    run: echo x > $OUT/x\n  fine:\n    kind: command\n    run: echo y > $OUT/y\n";
+    let pipeline = load_str(
+        text,
+        &dir.path().join("p.yaml"),
+        dir.path(),
+        &LoadOptions {
+            overrides: vec![],
+            registry,
+        },
+    )
+    .expect("valid");
+    let store = Store::open(&dir.path().join("cache")).expect("store");
+    let (record, _) = run(Plan::new(pipeline), &store, vec![tch::Device::Cpu]);
+    assert!(!record.success);
+    let statuses: Vec<Outcome> = record.stages.iter().map(|s| s.status).collect();
+    assert_eq!(statuses, [Outcome::Failed, Outcome::Skipped, Outcome::Ran]);
+    assert!(
+        record.stages[0]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("internal error: the stage's thread panicked")
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("cache/staging"))
+            .expect("staging")
+            .count(),
+        0
+    );
+}

@@ -1,0 +1,483 @@
+//! The `textual_inversion` and `dreambooth` stages through the real binary on models/tiny-sd
+//! (CPU, 64×64): images → generate → textual inversion → DreamBooth with prior preservation
+//! and text-encoder training on the TI model → a sample grid of both; the outputs load and
+//! sample; reruns are cached; a changed learning rate reruns only DreamBooth and the grid; a run killed with SIGKILL resumes from its
+//! last checkpoint to the weights of an uninterrupted run; bad enum fields fail, named.
+mod runner_support;
+use dreampipe::sd::pipeline::{StableDiffusion, Txt2Img};
+use runner_support::{Project, RunResult, to_result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+/// Resumed training must reproduce uninterrupted training to float rounding.
+const RESUME_TOLERANCE: f64 = 1e-6;
+/// How long the kill test waits for the first checkpoint before giving up.
+const CHECKPOINT_WAIT: Duration = Duration::from_secs(120);
+
+fn tiny_model() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/tiny-sd")
+        .display()
+        .to_string()
+}
+
+/// `dreampipe --device cpu --cache <cache> run <pipeline> --plain ...` with one libtorch thread
+/// (CI has 2 shared cores; one thread is much faster under contention).
+fn command(project: &Project, pipeline: &str, extra: &[&str]) -> Command {
+    let mut command = project.command(&["run", pipeline, "--plain"]);
+    command.args(extra).env("OMP_NUM_THREADS", "1");
+    command
+}
+
+fn run(project: &Project, pipeline: &str, extra: &[&str]) -> RunResult {
+    to_result(
+        command(project, pipeline, extra)
+            .output()
+            .expect("run dreampipe"),
+    )
+}
+
+fn assert_success(result: &RunResult) {
+    assert!(
+        result.success(),
+        "run failed:\n{}\n{}",
+        result.stdout,
+        result.stderr
+    );
+}
+
+/// Three distinct synthetic 64×64 photos in `photos/`.
+fn write_photos(project: &Project) {
+    let dir = project.path("photos");
+    std::fs::create_dir_all(&dir).expect("mkdir photos");
+    for index in 0..3u32 {
+        let image = image::RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([
+                (x * 4 + index * 60) as u8,
+                (y * 4) as u8,
+                ((x + y) * 2 + index * 30) as u8,
+            ])
+        });
+        image
+            .save(dir.join(format!("photo{index}.png")))
+            .expect("save photo");
+    }
+}
+
+const CHAIN: &str = r#"name: train
+params:
+  db_lr: 1.0e-4
+stages:
+  photos:
+    kind: images
+    path: photos
+  class:
+    kind: generate
+    model: MODEL
+    prompt: a photo of a dog
+    count: 4
+    steps: 2
+    width: 64
+    height: 64
+  ti:
+    kind: textual_inversion
+    model: MODEL
+    instance_images: photos
+    placeholder_token: <sks>
+    initializer_token: dog
+    resolution: 64
+    train_batch_size: 1
+    repeats: 1
+    max_train_steps: 20
+    learning_rate: 5.0e-3
+    lr_warmup_steps: 0
+    checkpointing_steps: 10
+    validation_prompt: a photo of <sks>
+    validation_steps: 10
+    validation_inference_steps: 2
+  db:
+    kind: dreambooth
+    model: ti
+    instance_images: photos
+    instance_prompt: a photo of <sks> dog
+    class_images: class
+    class_prompt: a photo of a dog
+    num_class_images: 4
+    train_text_encoder: true
+    resolution: 64
+    train_batch_size: 1
+    max_train_steps: 10
+    learning_rate: ${params.db_lr}
+    lr_warmup_steps: 0
+    checkpointing_steps: 5
+    validation_prompt: a photo of <sks> dog
+    validation_steps: 5
+    validation_inference_steps: 2
+  grid:
+    kind: sample_grid
+    models: [ti, db]
+    prompts: [a photo of <sks> dog]
+    seeds: [0]
+    steps: 2
+    width: 64
+    height: 64
+"#;
+
+fn output(project: &Project, stage: &str) -> PathBuf {
+    project.cache().join("runs").join("train").join(stage)
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("metrics line"))
+        .collect()
+}
+
+fn report(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("report.json")).expect("report.json"))
+        .expect("report JSON")
+}
+
+fn tensors(file: &Path) -> Vec<(String, Tensor)> {
+    let mut named = Tensor::read_safetensors(file).expect("read safetensors");
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// The largest absolute difference between two safetensors files with the same keys.
+fn max_difference(a: &Path, b: &Path) -> f64 {
+    let (first, second) = (tensors(a), tensors(b));
+    assert_eq!(
+        first.len(),
+        second.len(),
+        "{} vs {}",
+        a.display(),
+        b.display()
+    );
+    first
+        .iter()
+        .zip(&second)
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, nb);
+            (ta - tb).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn images_generate_ti_dreambooth_chain_trains_caches_and_reruns_only_what_changed() {
+    let project = Project::new();
+    write_photos(&project);
+    project.write("train.yaml", &CHAIN.replace("MODEL", &tiny_model()));
+
+    let first = run(&project, "train.yaml", &[]);
+    assert_success(&first);
+    assert_eq!(
+        first.with_status("ran"),
+        ["class", "db", "grid", "photos", "ti"]
+    );
+    // `sample_grid` (like `generate`) reads a textual_inversion output through its `model/`.
+    let grid_files = std::fs::read_dir(output(&project, "grid"))
+        .expect("grid output")
+        .count();
+    assert!(grid_files > 0);
+
+    let ti = output(&project, "ti");
+    assert!(ti.join("learned_embeds.safetensors").is_file());
+    assert!(ti.join("sks.safetensors").is_file());
+    assert!(ti.join("model/model_index.json").is_file());
+    let ti_metrics = metrics(&ti);
+    assert_eq!(ti_metrics.len(), 20);
+    assert_eq!(ti_metrics[19]["step"], 20);
+    assert!(
+        ti_metrics
+            .iter()
+            .all(|m| m["loss"].as_f64().is_some_and(f64::is_finite))
+    );
+    assert_eq!(
+        report(&ti),
+        serde_json::json!({"images": [
+            {"path": "validation/step-10.png", "caption": "a photo of <sks>", "step": 10},
+            {"path": "validation/step-20.png", "caption": "a photo of <sks>", "step": 20},
+        ]})
+    );
+    assert_eq!(
+        image::open(ti.join("validation/step-20.png"))
+            .expect("png")
+            .width(),
+        64
+    );
+    let parameters = dreampipe::sd::png::read_parameters_text(&ti.join("validation/step-20.png"))
+        .expect("read PNG")
+        .expect("parameters chunk");
+    assert!(
+        parameters.starts_with("a photo of <sks>\nSteps: 2, "),
+        "{parameters}"
+    );
+    assert!(
+        parameters.contains(", CFG scale: 7.5, Seed: 0, Size: 64x64, Model hash: "),
+        "{parameters}"
+    );
+    assert!(
+        parameters.ends_with(", Model: ti, dreampipe stage: ti"),
+        "{parameters}"
+    );
+
+    let db = output(&project, "db");
+    let db_metrics = metrics(&db);
+    assert_eq!(db_metrics.len(), 10);
+    assert!(db_metrics.iter().all(|m| m["grad_norm"].as_f64().is_some()));
+    assert_eq!(db_metrics[0]["lr"].as_f64(), Some(1e-4));
+    assert_eq!(
+        report(&db),
+        serde_json::json!({"images": [
+            {"path": "validation/step-5.png", "caption": "a photo of <sks> dog", "step": 5},
+            {"path": "validation/step-10.png", "caption": "a photo of <sks> dog", "step": 10},
+        ]})
+    );
+    // DreamBooth started from the TI model: the placeholder is in its vocabulary, and both the
+    // UNet and the text encoder moved away from their bases.
+    let vocab = std::fs::read_to_string(db.join("tokenizer/vocab.json")).expect("vocab");
+    assert!(vocab.contains("\"<sks>\""));
+    let unet = "unet/diffusion_pytorch_model.safetensors";
+    assert!(max_difference(&db.join(unet), &Path::new(&tiny_model()).join(unet)) > 0.0);
+    let encoder = "text_encoder/model.safetensors";
+    assert!(max_difference(&db.join(encoder), &ti.join("model").join(encoder)) > 0.0);
+
+    let model = StableDiffusion::load(&db, Device::Cpu, Kind::Float).expect("load db output");
+    let request = Txt2Img {
+        prompt: "a photo of <sks> dog".to_string(),
+        negative_prompt: String::new(),
+        seed: 1,
+        steps: 2,
+        guidance: 7.5,
+        scheduler: None,
+        width: Some(64),
+        height: Some(64),
+        batch: 1,
+    };
+    let sampled = model.txt2img(&request, &mut |_| {}).expect("sample");
+    assert_eq!(sampled.images.size(), [1, 3, 64, 64]);
+    assert!(sampled.images.isfinite().all().int64_value(&[]) == 1);
+
+    let second = run(&project, "train.yaml", &[]);
+    assert_success(&second);
+    assert_eq!(
+        second.with_status("cached"),
+        ["class", "db", "grid", "photos", "ti"]
+    );
+    assert!(second.with_status("ran").is_empty());
+
+    let changed = run(&project, "train.yaml", &["--set", "params.db_lr=2.0e-4"]);
+    assert_success(&changed);
+    assert_eq!(changed.with_status("ran"), ["db", "grid"]);
+    assert_eq!(changed.with_status("cached"), ["class", "photos", "ti"]);
+    assert_eq!(
+        metrics(&output(&project, "db"))[0]["lr"].as_f64(),
+        Some(2e-4)
+    );
+}
+
+const SINGLE: &str = r#"name: train
+stages:
+  db:
+    kind: dreambooth
+    model: MODEL
+    instance_images: photos
+    instance_prompt: a photo of sks dog
+    resolution: 64
+    train_batch_size: 1
+    max_train_steps: 12
+    learning_rate: 1.0e-4
+    lr_warmup_steps: 0
+    checkpointing_steps: 2
+"#;
+
+/// The newest `checkpoint-N` under `<cache>/work/*/`, if any.
+fn checkpoint_steps(cache: &Path) -> Vec<u64> {
+    let mut steps = Vec::new();
+    for work in std::fs::read_dir(cache.join("work"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for entry in std::fs::read_dir(work.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(step) = name
+                .strip_prefix("checkpoint-")
+                .and_then(|s| s.parse().ok())
+            {
+                steps.push(step);
+            }
+        }
+    }
+    steps
+}
+
+/// Starts `run` in the background and, once the first checkpoint exists, stops it with
+/// `signal` (`-KILL` or `-INT`); returns the exit status.
+fn interrupt_after_first_checkpoint(project: &Project, signal: &str) -> std::process::ExitStatus {
+    let mut child = command(project, "train.yaml", &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn dreampipe");
+    let started = Instant::now();
+    while checkpoint_steps(&project.cache()).is_empty() {
+        assert!(
+            started.elapsed() < CHECKPOINT_WAIT,
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sent = Command::new("kill")
+        .arg(signal)
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill {signal} failed");
+    let status = child.wait().expect("reap");
+    assert!(
+        !output(project, "db").exists(),
+        "the run finished before {signal} (checkpoints {:?})",
+        checkpoint_steps(&project.cache())
+    );
+    status
+}
+
+/// Reruns the interrupted project and checks that it resumed to the reference's weights and
+/// losses.
+fn assert_resumes_to(project: &Project, reference: &Project) {
+    let resumed = run(project, "train.yaml", &[]);
+    assert_success(&resumed);
+    assert_eq!(resumed.with_status("ran"), ["db"]);
+    let key = std::fs::read_to_string(project.cache().join("index/train/db")).expect("index");
+    let log = std::fs::read_to_string(project.cache().join(format!("logs/{}.log", key.trim())))
+        .expect("stage log");
+    assert!(log.contains("resumed from step "), "log:\n{log}");
+    let unet = "unet/diffusion_pytorch_model.safetensors";
+    let difference = max_difference(
+        &output(project, "db").join(unet),
+        &output(reference, "db").join(unet),
+    );
+    assert!(
+        difference <= RESUME_TOLERANCE,
+        "resumed weights differ by {difference}"
+    );
+    let ours = metrics(&output(project, "db"));
+    let theirs = metrics(&output(reference, "db"));
+    assert_eq!(ours.len(), 12);
+    for (a, b) in ours.iter().zip(&theirs) {
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!(
+            (la - lb).abs() <= RESUME_TOLERANCE,
+            "step {}: {la} vs {lb}",
+            a["step"]
+        );
+    }
+}
+
+fn project_with(pipeline: &str) -> Project {
+    let project = Project::new();
+    write_photos(&project);
+    project.write("train.yaml", pipeline);
+    project
+}
+
+#[test]
+fn killed_or_interrupted_runs_resume_to_the_uninterrupted_weights() {
+    let pipeline = SINGLE.replace("MODEL", &tiny_model());
+    let reference = project_with(&pipeline);
+    assert_success(&run(&reference, "train.yaml", &[]));
+
+    let killed = project_with(&pipeline);
+    let status = interrupt_after_first_checkpoint(&killed, "-KILL");
+    assert_eq!(status.code(), None, "SIGKILL leaves no exit code");
+    assert_resumes_to(&killed, &reference);
+
+    // Ctrl-C: the runner cancels the stage, which writes a checkpoint before stopping.
+    let interrupted = project_with(&pipeline);
+    let status = interrupt_after_first_checkpoint(&interrupted, "-INT");
+    assert_eq!(status.code(), Some(130));
+    let logs: Vec<String> = std::fs::read_dir(interrupted.cache().join("logs"))
+        .expect("logs")
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect();
+    assert!(
+        logs.iter().any(|log| log.contains("cancelled at step ")),
+        "no cancel checkpoint logged:\n{}",
+        logs.join("\n")
+    );
+    assert_resumes_to(&interrupted, &reference);
+}
+
+#[test]
+fn invalid_enum_fields_fail_validation_naming_the_field() {
+    let project = Project::new();
+    write_photos(&project);
+    let pipeline = format!(
+        "{}    lr_scheduler: bogus\n    optimizer: sgd\n    mixed_precision: fp8\n    dtype: f64\n",
+        SINGLE.replace("MODEL", &tiny_model())
+    );
+    project.write("bad.yaml", &pipeline);
+    let (ok, stdout, stderr) = project.dreampipe(&["validate", "bad.yaml"]);
+    assert!(!ok, "validate accepted bad enum values:\n{stdout}");
+    let expected = [
+        "bad.yaml:14:5: stage `db`, field `lr_scheduler`: unknown value \"bogus\" (expected one of: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial)",
+        "bad.yaml:15:5: stage `db`, field `optimizer`: unknown value \"sgd\" (expected one of: adamw, adamw8bit)",
+        "bad.yaml:16:5: stage `db`, field `mixed_precision`: unknown value \"fp8\" (expected one of: no, fp16, bf16)",
+        "bad.yaml:17:5: stage `db`, field `dtype`: unknown value \"f64\" (expected one of: f32, f16, bf16)",
+    ];
+    for line in expected {
+        assert!(stderr.contains(line), "expected {line:?} in:\n{stderr}");
+    }
+}
+
+#[test]
+fn settings_the_device_cannot_run_fail_before_training_naming_the_field() {
+    let project = Project::new();
+    write_photos(&project);
+    let cases = [
+        (
+            "mixed_precision: fp16",
+            "stage `db`: field `mixed_precision`: fp16 needs a CUDA device; on CPU use 'bf16' or 'no'",
+        ),
+        (
+            "with_prior_preservation: true",
+            "stage `db`: field `class_images`: is required with with_prior_preservation: give a folder or a `generate` stage",
+        ),
+    ];
+    for (line, message) in cases {
+        let pipeline = format!("{}    {line}\n", SINGLE.replace("MODEL", &tiny_model()));
+        project.write("bad.yaml", &pipeline);
+        let result = run(&project, "bad.yaml", &[]);
+        assert!(!result.success(), "{line}: the run succeeded");
+        let all = format!("{}{}", result.stdout, result.stderr);
+        assert!(
+            all.contains(message),
+            "{line}: expected {message:?} in:\n{all}"
+        );
+    }
+    let textual_inversion = format!(
+        "stages:\n  ti:\n    kind: textual_inversion\n    model: {}\n    instance_images: photos\n    placeholder_token: <sks>\n    initializer_token: dog\n    gradient_checkpointing: true\n",
+        tiny_model()
+    );
+    project.write("bad.yaml", &textual_inversion);
+    let result = run(&project, "bad.yaml", &[]);
+    assert!(!result.success());
+    let message = "stage `ti`: field `gradient_checkpointing`: not supported for textual_inversion (its UNet is frozen; only the text encoder would need it); set it to false";
+    assert!(
+        result.stdout.contains(message),
+        "expected {message:?} in:\n{}",
+        result.stdout
+    );
+}

@@ -1,0 +1,297 @@
+//! Textual inversion against the diffusers goldens (tests/fixtures/sd-tiny/training, README
+//! "Textual inversion": losses rtol 1e-4, embeddings atol 1e-5, every other row unchanged bit
+//! for bit), driven through `TextualInversionTrainer::train_step`; the placeholder / initializer
+//! errors; and a whole run whose outputs load back.
+use dreampipe::sd::clip::ClipTextModel;
+use dreampipe::sd::pipeline::{StableDiffusion, Txt2Img};
+use dreampipe::sd::tokenizer::ClipTokenizer;
+use dreampipe::sd::train::common::{Callbacks, Progress, StepBatch};
+use dreampipe::sd::train::dreambooth::{DreamBoothConfig, DreamBoothTrainer};
+use dreampipe::sd::train::textual_inversion::{
+    self, OBJECT_TEMPLATES, STYLE_TEMPLATES, TextualInversionConfig, TextualInversionTrainer,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use tch::{Device, Kind, Tensor};
+
+const MODEL: &str = "models/tiny-sd";
+const FIXTURES: &str = "tests/fixtures/sd-tiny/training";
+const LOSS_RTOL: f64 = 1e-4;
+const EMBEDDING_ATOL: f64 = 1e-5;
+
+fn tensors(file: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(file)
+        .expect("safetensors readable")
+        .into_iter()
+        .collect()
+}
+
+fn fixture_json() -> serde_json::Value {
+    let text = std::fs::read_to_string(Path::new(FIXTURES).join("textual_inversion.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn assert_rel(name: &str, found: f64, expected: f64) {
+    let error = (found - expected).abs() / expected.abs();
+    assert!(
+        error <= LOSS_RTOL,
+        "{name}: found {found}, expected {expected} (rel error {error:e})"
+    );
+}
+
+fn config(dir: &Path, placeholder: &str, initializer: &str) -> TextualInversionConfig {
+    TextualInversionConfig::new(
+        PathBuf::from(MODEL),
+        dir.join("images"),
+        placeholder,
+        initializer,
+        dir.join("out"),
+        dir.join("work"),
+    )
+}
+
+#[test]
+fn two_steps_match_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let golden = tensors(&Path::new(FIXTURES).join("textual_inversion.safetensors"));
+    let json = fixture_json();
+    let mut config = config(dir.path(), "<sks>", "dog");
+    config.learning_rate = json["lr"].as_f64().unwrap();
+    let mut trainer = TextualInversionTrainer::new(&config, 2).unwrap();
+    let placeholder_id = json["placeholder_id"].as_i64().unwrap();
+    assert_eq!(
+        trainer.placeholder_ids(),
+        [("<sks>".to_string(), placeholder_id)]
+    );
+    let ids = Tensor::from_slice(&trainer.tokenizer().encode("a photo of a <sks>").ids);
+    assert!(ids.equal(&golden["input_ids"].get(0)));
+    let original = trainer.text_encoder().token_embedding().detach().copy();
+    assert_eq!(
+        original.size()[0],
+        json["vocab_size_after_add"].as_i64().unwrap()
+    );
+    assert!(
+        original
+            .get(placeholder_id)
+            .equal(&golden["embedding_initial"])
+    );
+    let steps = json["steps"].as_array().unwrap();
+    for (index, step) in steps.iter().enumerate() {
+        let key = |name: &str| golden[&format!("step{index}.{name}")].shallow_clone();
+        let batch = StepBatch {
+            latents: key("latents"),
+            noise: key("noise"),
+            timesteps: key("timesteps"),
+            input_ids: golden["input_ids"].shallow_clone(),
+        };
+        let report = trainer.train_step(&[batch]).unwrap();
+        assert_rel(
+            &format!("step {index} loss"),
+            report.loss,
+            step["loss"].as_f64().unwrap(),
+        );
+        assert_eq!(report.grad_norm, None);
+        let learned = trainer.learned_embeddings();
+        assert_eq!(learned.size(), [1, 32]);
+        let diff = (learned.get(0) - key("embedding_after"))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(
+            diff <= EMBEDDING_ATOL,
+            "step {index}: embedding differs by {diff:e}"
+        );
+        let now = trainer.text_encoder().token_embedding().detach();
+        assert!(
+            now.narrow(0, 0, placeholder_id)
+                .equal(&original.narrow(0, 0, placeholder_id)),
+            "step {index}: a non-placeholder row changed"
+        );
+    }
+    let learned = trainer.learned_embeddings().get(0);
+    assert!(learned.allclose(&golden["embedding_learned"], 0.0, EMBEDDING_ATOL, false));
+}
+
+#[test]
+fn a_placeholder_already_in_the_vocabulary_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = TextualInversionTrainer::new(&config(dir.path(), "<|endoftext|>", "dog"), 1)
+        .err()
+        .unwrap();
+    assert_eq!(
+        error.to_string(),
+        "training option 'placeholder_token': token '<|endoftext|>' already exists in the vocabulary (id 2013); choose a placeholder that is not a word, e.g. '<my-token>'"
+    );
+}
+
+#[test]
+fn an_initializer_of_several_tokens_is_rejected_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = ClipTokenizer::from_dir(Path::new("models/tiny-sd/tokenizer")).unwrap();
+    let word = "sks dog";
+    let count = tokenizer.encode_without_specials(word).len();
+    assert!(count > 1);
+    let error = TextualInversionTrainer::new(&config(dir.path(), "<sks>", word), 1)
+        .err()
+        .unwrap();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "training option 'initializer_token': 'sks dog' encodes to {count} tokens; it must be exactly one token (pick a single common word)"
+        )
+    );
+}
+
+#[test]
+fn templates_are_the_scripts_lists() {
+    assert_eq!(OBJECT_TEMPLATES.len(), 27);
+    assert_eq!(STYLE_TEMPLATES.len(), 19);
+    assert_eq!(OBJECT_TEMPLATES[0], "a photo of a {}");
+    assert_eq!(STYLE_TEMPLATES[18], "a large painting in the style of {}");
+}
+
+#[test]
+fn a_run_writes_embeddings_and_a_loadable_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for index in 0..2u32 {
+        let image = image::RgbImage::from_fn(72, 64, |x, y| {
+            image::Rgb([(x * 3) as u8, (y * 4) as u8, (index * 90) as u8])
+        });
+        image.save(images.join(format!("cat{index}.png"))).unwrap();
+    }
+    let mut config = config(dir.path(), "<cat-toy>", "dog");
+    config.num_vectors = 2;
+    config.resolution = 64;
+    config.train_batch_size = 1;
+    config.max_train_steps = Some(2);
+    config.learning_rate = 5e-3;
+    let mut steps = Vec::new();
+    let mut on_progress = |p: &Progress| steps.push(p.step);
+    let cancel = AtomicBool::new(false);
+    let mut callbacks = Callbacks {
+        on_progress: &mut on_progress,
+        cancel: &cancel,
+        validation: None,
+    };
+    textual_inversion::train(&config, &mut callbacks).unwrap();
+    assert_eq!(steps, [1, 2]);
+    let out = &config.output_dir;
+    let learned = tensors(&out.join("learned_embeds.safetensors"));
+    assert_eq!(learned.keys().collect::<Vec<_>>(), ["<cat-toy>"]);
+    assert_eq!(learned["<cat-toy>"].size(), [2, 32]);
+    let a1111 = tensors(&out.join("cat-toy.safetensors"));
+    assert!(a1111["emb_params"].equal(&learned["<cat-toy>"]));
+    // The full model: tokenizer knows both placeholders, the text encoder has their rows.
+    let model_dir = out.join("model");
+    let tokenizer = ClipTokenizer::from_dir(&model_dir.join("tokenizer")).unwrap();
+    assert_eq!(
+        tokenizer.encode_without_specials("a <cat-toy> <cat-toy>_1"),
+        [320, 2014, 2015]
+    );
+    let (_vs, text_encoder) = ClipTextModel::load(
+        &model_dir.join("text_encoder"),
+        Device::Cpu,
+        Kind::Float,
+        None,
+    )
+    .unwrap();
+    let rows = text_encoder.token_embedding().narrow(0, 2014, 2);
+    assert!(rows.equal(&learned["<cat-toy>"]));
+    let (_base_vs, base) = ClipTextModel::load(
+        Path::new("models/tiny-sd/text_encoder"),
+        Device::Cpu,
+        Kind::Float,
+        None,
+    )
+    .unwrap();
+    assert!(
+        text_encoder
+            .token_embedding()
+            .narrow(0, 0, 2014)
+            .equal(base.token_embedding())
+    );
+    let sd = StableDiffusion::load(&model_dir, Device::Cpu, Kind::Float).unwrap();
+    let request = Txt2Img {
+        prompt: "a photo of <cat-toy> <cat-toy>_1".to_string(),
+        negative_prompt: String::new(),
+        seed: 3,
+        steps: 2,
+        guidance: 7.5,
+        scheduler: None,
+        width: Some(64),
+        height: Some(64),
+        batch: 1,
+    };
+    let result = sd.txt2img(&request, &mut |_| {}).unwrap();
+    assert!(bool::try_from(result.images.isfinite().all()).unwrap());
+    // Usable as a DreamBooth base: the placeholder stays one token.
+    let base = DreamBoothConfig::new(
+        model_dir.clone(),
+        images.clone(),
+        "a photo of <cat-toy>",
+        dir.path().join("db-out"),
+        dir.path().join("db-work"),
+    );
+    let trainer = DreamBoothTrainer::new(&base, 1).unwrap();
+    let ids = trainer.tokenize("a photo of <cat-toy>");
+    assert_eq!(ids.int64_value(&[0, 4]), 2014);
+}
+
+#[test]
+fn resuming_textual_inversion_gives_the_uninterrupted_embedding() {
+    use std::sync::atomic::Ordering;
+    let data = tempfile::tempdir().unwrap();
+    let images = data.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for index in 0..3u32 {
+        let image = image::RgbImage::from_fn(64, 80, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 3) as u8, (index * 70) as u8])
+        });
+        image.save(images.join(format!("toy{index}.png"))).unwrap();
+    }
+    let run_config = |name: &str| {
+        let mut config = config(data.path(), "<toy>", "dog");
+        config.output_dir = data.path().join(name).join("out");
+        config.work_dir = data.path().join(name).join("work");
+        config.resolution = 64;
+        config.train_batch_size = 1;
+        config.max_train_steps = Some(4);
+        config.checkpointing_steps = 2;
+        config.learning_rate = 5e-3;
+        config.resume_from_checkpoint = true;
+        config
+    };
+    let train = |config: &TextualInversionConfig, cancel_at: Option<u64>| {
+        let cancel = AtomicBool::new(false);
+        let mut on_progress = |p: &Progress| {
+            if Some(p.step) == cancel_at {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        };
+        let mut callbacks = Callbacks {
+            on_progress: &mut on_progress,
+            cancel: &cancel,
+            validation: None,
+        };
+        textual_inversion::train(config, &mut callbacks)
+    };
+    let straight = run_config("straight");
+    train(&straight, None).unwrap();
+    let resumed = run_config("resumed");
+    let error = train(&resumed, Some(2)).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("training cancelled at step 2;"),
+        "{error}"
+    );
+    let outcome = train(&resumed, None).unwrap();
+    assert_eq!(outcome.resumed_from, Some(2));
+    let a = tensors(&straight.output_dir.join("learned_embeds.safetensors"));
+    let b = tensors(&resumed.output_dir.join("learned_embeds.safetensors"));
+    let diff = (&a["<toy>"] - &b["<toy>"]).abs().max().double_value(&[]);
+    assert!(diff <= 1e-6, "resumed embedding differs by {diff:e}");
+}
