@@ -2,7 +2,7 @@
 //! guidance, text encoding + UNet loop + VAE decode). One untimed warm-up generation of
 //! `warmup_steps` steps, then one timed generation whose per-step callback times give the UNet step rate.
 use super::{BenchError, Stamp, mean, peak_rss_mib, round4, seconds_since};
-use crate::sd::pipeline::{StableDiffusion, Txt2Img};
+use crate::sd::pipeline::{Event, StableDiffusion, Txt2Img};
 use crate::sd::schedulers::SchedulerKind;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -60,14 +60,16 @@ pub fn run(bench: &Txt2ImgBench) -> Result<Value, BenchError> {
         batch: bench.batch,
     };
     if bench.warmup_steps > 0 {
-        model.txt2img(&request, &mut |_, _, _| {})?;
+        model.txt2img(&request, &mut |_| {})?;
     }
     request.steps = bench.steps;
     let mut step_ends = Vec::with_capacity(bench.steps);
     let started = Stamp::now();
-    let output = model.txt2img(&request, &mut |_, _, latents| {
-        synchronize(latents);
-        step_ends.push(Stamp::now());
+    let output = model.txt2img(&request, &mut |event| {
+        if let Event::Step { latents, .. } = event {
+            synchronize(latents);
+            step_ends.push(Stamp::now());
+        }
     })?;
     synchronize(&output.images);
     let (total_s, total_cpu_s) = started.until(&Stamp::now());
