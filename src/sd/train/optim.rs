@@ -127,7 +127,6 @@ impl AdamW {
     /// One optimizer step on every parameter that has a gradient.
     pub fn step(&mut self) {
         let config = self.config;
-        let mut scratch = Scratch::default();
         tch::no_grad(|| {
             for (param, moments) in self.params.iter_mut().zip(self.moments.iter_mut()) {
                 let grad = param.grad();
@@ -139,7 +138,7 @@ impl AdamW {
                     exp_avg: param.zeros_like(),
                     exp_avg_sq: param.zeros_like(),
                 });
-                adamw_update(param, &grad, moments, &config, &mut scratch);
+                adamw_update(param, &grad, moments, &config);
             }
         });
     }
@@ -229,63 +228,27 @@ fn take_like(
 /// torch `_single_tensor_adam` with `decoupled_weight_decay=True`. tch's `addcmul_` / `addcdiv_`
 /// have no `value` argument, so `value * t1` is formed first and passed with value 1, which is
 /// how torch's kernels evaluate `self + value * t1 * t2` and `self + value * t1 / t2`; the result
-/// is bit-identical to torch 2.11 on CPU (tests/train_optim.rs goldens). The temporaries are
-/// written into reused [`Scratch`] buffers instead of fresh tensors: a fresh large CPU tensor
-/// costs page faults on first touch, which made this step ~35% slower than torch's on SD-sized
-/// models (bench/: DreamBooth phase breakdown).
-fn adamw_update(
-    param: &mut Tensor,
-    grad: &Tensor,
-    moments: &mut Moments,
-    config: &AdamWConfig,
-    scratch: &mut Scratch,
-) {
+/// is bit-identical to torch 2.11 on CPU (tests/train_optim.rs goldens).
+fn adamw_update(param: &mut Tensor, grad: &Tensor, moments: &mut Moments, config: &AdamWConfig) {
     moments.step += 1;
     if config.weight_decay != 0.0 {
         let _ = param.g_mul_scalar_(1.0 - config.lr * config.weight_decay);
     }
     let _ = moments.exp_avg.lerp_(grad, 1.0 - config.beta1);
     let _ = moments.exp_avg_sq.g_mul_scalar_(config.beta2);
-    let scaled_grad = scratch.shaped_like(0, grad);
-    let _ = grad.mul_scalar_out(&scaled_grad, 1.0 - config.beta2);
-    let _ = moments.exp_avg_sq.addcmul_(&scaled_grad, grad);
+    let _ = moments
+        .exp_avg_sq
+        .addcmul_(&grad.g_mul_scalar(1.0 - config.beta2), grad);
     let step = moments.step as f64;
     let bias_correction1 = 1.0 - config.beta1.powf(step);
     let bias_correction2 = 1.0 - config.beta2.powf(step);
     let step_size = config.lr / bias_correction1;
-    let mut denom = scratch.shaped_like(1, &moments.exp_avg_sq);
-    let _ = moments.exp_avg_sq.sqrt_out(&denom);
-    let _ = denom.g_div_scalar_(bias_correction2.sqrt());
+    let mut denom = moments
+        .exp_avg_sq
+        .sqrt()
+        .g_div_scalar(bias_correction2.sqrt());
     let _ = denom.g_add_scalar_(config.eps);
-    let scaled_avg = scratch.shaped_like(0, &moments.exp_avg);
-    let _ = moments.exp_avg.mul_scalar_out(&scaled_avg, -step_size);
-    let _ = param.addcdiv_(&scaled_avg, &denom);
-}
-
-/// Two flat work buffers reused across the parameters of one optimizer step; each grows to the
-/// largest parameter seen and is handed out as a contiguous view of the needed shape.
-#[derive(Default)]
-struct Scratch {
-    buffers: [Option<Tensor>; 2],
-}
-
-impl Scratch {
-    /// A view of buffer `slot` with the shape, kind and device of `like` (contents undefined).
-    fn shaped_like(&mut self, slot: usize, like: &Tensor) -> Tensor {
-        let numel = like.numel() as i64;
-        let fits = |buffer: &Tensor| {
-            buffer.numel() as i64 >= numel
-                && buffer.kind() == like.kind()
-                && buffer.device() == like.device()
-        };
-        let buffer = match self.buffers[slot].take() {
-            Some(buffer) if fits(&buffer) => buffer,
-            _ => Tensor::empty([numel], (like.kind(), like.device())),
-        };
-        let view = buffer.narrow(0, 0, numel).view(like.size().as_slice());
-        self.buffers[slot] = Some(buffer);
-        view
-    }
+    let _ = param.addcdiv_(&moments.exp_avg.g_mul_scalar(-step_size), &denom);
 }
 
 pub(crate) fn zero_grads(params: &mut [Tensor]) {
@@ -322,67 +285,4 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
         }
         total.double_value(&[])
     })
-}
-
-#[cfg(test)]
-mod scratch_tests {
-    use super::*;
-
-    /// The update with fresh temporaries (the straightforward form of torch's arithmetic).
-    fn reference_update(
-        param: &mut Tensor,
-        grad: &Tensor,
-        moments: &mut Moments,
-        config: &AdamWConfig,
-    ) {
-        moments.step += 1;
-        let _ = param.g_mul_scalar_(1.0 - config.lr * config.weight_decay);
-        let _ = moments.exp_avg.lerp_(grad, 1.0 - config.beta1);
-        let _ = moments.exp_avg_sq.g_mul_scalar_(config.beta2);
-        let _ = moments
-            .exp_avg_sq
-            .addcmul_(&grad.g_mul_scalar(1.0 - config.beta2), grad);
-        let step = moments.step as f64;
-        let step_size = config.lr / (1.0 - config.beta1.powf(step));
-        let bias_correction2 = 1.0 - config.beta2.powf(step);
-        let mut denom = moments
-            .exp_avg_sq
-            .sqrt()
-            .g_div_scalar(bias_correction2.sqrt());
-        let _ = denom.g_add_scalar_(config.eps);
-        let _ = param.addcdiv_(&moments.exp_avg.g_mul_scalar(-step_size), &denom);
-    }
-
-    fn moments_like(t: &Tensor) -> Moments {
-        Moments {
-            step: 0,
-            exp_avg: t.zeros_like(),
-            exp_avg_sq: t.zeros_like(),
-        }
-    }
-
-    #[test]
-    fn scratch_buffers_give_the_same_bits_as_fresh_temporaries() {
-        tch::manual_seed(7);
-        let config = AdamWConfig {
-            lr: 1e-3,
-            weight_decay: 1e-2,
-            ..AdamWConfig::default()
-        };
-        // Shapes of different sizes, so the buffers are reused, grown and viewed.
-        let shapes: [&[i64]; 3] = [&[64, 33], &[5], &[128, 40]];
-        let mut scratch = Scratch::default();
-        for shape in shapes {
-            let start = Tensor::randn(shape, (Kind::Float, tch::Device::Cpu));
-            let (mut a, mut b) = (start.copy(), start.copy());
-            let (mut ma, mut mb) = (moments_like(&a), moments_like(&b));
-            for _ in 0..3 {
-                let grad = Tensor::randn(shape, (Kind::Float, tch::Device::Cpu));
-                adamw_update(&mut a, &grad, &mut ma, &config, &mut scratch);
-                reference_update(&mut b, &grad, &mut mb, &config);
-            }
-            assert!(a.equal(&b), "params differ for shape {shape:?}");
-            assert!(ma.exp_avg.equal(&mb.exp_avg) && ma.exp_avg_sq.equal(&mb.exp_avg_sq));
-        }
-    }
 }
