@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod bench;
+mod bench_sd;
 mod bench_cache;
 mod cache;
 mod common;
