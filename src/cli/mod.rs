@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod bench;
-mod bench_sd;
 mod bench_cache;
+mod bench_sd;
 mod cache;
 mod common;
 mod dag;
