@@ -146,6 +146,32 @@ fn run(plan: Plan, store: &Store, devices: Vec<tch::Device>) -> (RunRecord, Vec<
     })
 }
 
+/// The sweep project, run once in `dir` on `devices` with a fresh fake registry and store.
+struct SweepRun {
+    registry: Registry,
+    train: Arc<FakeTrain>,
+    store: Store,
+    record: RunRecord,
+    events: Vec<Event>,
+}
+
+fn run_sweep(dir: &Path, devices: Vec<tch::Device>) -> SweepRun {
+    let (registry, train) = fake_registry();
+    let store = Store::open(&dir.join("cache")).expect("store");
+    let (record, events) = run(
+        Plan::new(load_sweep(dir, registry.clone())),
+        &store,
+        devices,
+    );
+    SweepRun {
+        registry,
+        train,
+        store,
+        record,
+        events,
+    }
+}
+
 #[test]
 fn sweep_ids_fan_out_defaults_and_model_reference() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -187,13 +213,13 @@ fn sweep_ids_fan_out_defaults_and_model_reference() {
 #[test]
 fn gpu_stages_take_one_slot_per_device_and_report_progress() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (registry, train) = fake_registry();
-    let store = Store::open(&dir.path().join("cache")).expect("store");
-    let (record, events) = run(
-        Plan::new(load_sweep(dir.path(), registry.clone())),
-        &store,
-        vec![tch::Device::Cpu],
-    );
+    let SweepRun {
+        train,
+        store,
+        record,
+        events,
+        ..
+    } = run_sweep(dir.path(), vec![tch::Device::Cpu]);
     assert!(record.success);
     assert_eq!(
         train.max_running.load(Ordering::SeqCst),
@@ -210,13 +236,11 @@ fn gpu_stages_take_one_slot_per_device_and_report_progress() {
     assert_eq!(weights, "model=out lr=0.000005 seed=42 device=Cpu");
 
     let dir2 = tempfile::tempdir().expect("tempdir");
-    let (registry2, train2) = fake_registry();
-    let store2 = Store::open(&dir2.path().join("cache")).expect("store");
-    let (record2, _) = run(
-        Plan::new(load_sweep(dir2.path(), registry2)),
-        &store2,
-        vec![tch::Device::Cpu, tch::Device::Cpu],
-    );
+    let SweepRun {
+        train: train2,
+        record: record2,
+        ..
+    } = run_sweep(dir2.path(), vec![tch::Device::Cpu, tch::Device::Cpu]);
     assert!(
         record2.success,
         "{:?}",
@@ -236,13 +260,12 @@ fn gpu_stages_take_one_slot_per_device_and_report_progress() {
 #[test]
 fn fields_outside_the_key_do_not_rerun_and_model_folder_changes_do() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (registry, _) = fake_registry();
-    let store = Store::open(&dir.path().join("cache")).expect("store");
-    let (first, _) = run(
-        Plan::new(load_sweep(dir.path(), registry.clone())),
-        &store,
-        vec![tch::Device::Cpu],
-    );
+    let SweepRun {
+        registry,
+        store,
+        record: first,
+        ..
+    } = run_sweep(dir.path(), vec![tch::Device::Cpu]);
     let ran = first
         .stages
         .iter()

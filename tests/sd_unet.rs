@@ -1,8 +1,11 @@
 //! UNet2DConditionModel against the diffusers 0.42.1 goldens in tests/fixtures/sd-tiny/unet.safetensors
 //! (tiny SD 1.x-style model in models/tiny-sd/unet), plus config / weight error cases and the
 //! parameter counts of real SD 1.5 / SD 2.1 configs.
+mod sd_support;
+
+use sd_support::{read_golden, repo_path};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use dreampipe::sd::model_config::ModelError;
 use dreampipe::sd::unet::{UNet2DConditionModel, UNetConfig};
@@ -12,16 +15,8 @@ use tch::{Device, Kind, Tensor, nn::VarStore};
 const ATOL: f64 = 1e-4;
 const RTOL: f64 = 1e-4;
 
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
 fn fixtures() -> HashMap<String, Tensor> {
-    let file = repo_path("tests/fixtures/sd-tiny/unet.safetensors");
-    Tensor::read_safetensors(&file)
-        .unwrap()
-        .into_iter()
-        .collect()
+    read_golden("tests/fixtures/sd-tiny/unet.safetensors")
 }
 
 fn tiny_unet() -> UNet2DConditionModel {
@@ -32,15 +27,7 @@ fn tiny_unet() -> UNet2DConditionModel {
 }
 
 fn assert_close(name: &str, actual: &Tensor, expected: &Tensor) {
-    assert_eq!(actual.size(), expected.size(), "{name}: shape");
-    let difference = (actual - expected).abs();
-    let allowed = expected.abs() * RTOL + ATOL;
-    let worst = (&difference - &allowed).max().double_value(&[]);
-    let max_difference = difference.max().double_value(&[]);
-    assert!(
-        worst <= 0.0,
-        "{name}: max |difference| {max_difference:e} exceeds atol {ATOL} + rtol {RTOL}"
-    );
+    sd_support::assert_close(name, actual, expected, ATOL, RTOL);
 }
 
 fn run(timesteps: &Tensor) -> Tensor {
@@ -147,13 +134,7 @@ fn parameter_count(vs: &VarStore) -> i64 {
 
 /// Copies the tiny unet folder to a temp dir, letting `edit` change config text / tensors.
 fn copied_unet(edit_config: impl Fn(&str) -> String) -> tempfile::TempDir {
-    let source = repo_path("models/tiny-sd/unet");
-    let dir = tempfile::tempdir().unwrap();
-    let config = std::fs::read_to_string(source.join("config.json")).unwrap();
-    std::fs::write(dir.path().join("config.json"), edit_config(&config)).unwrap();
-    let weights = "diffusion_pytorch_model.safetensors";
-    std::fs::copy(source.join(weights), dir.path().join(weights)).unwrap();
-    dir
+    sd_support::copied_component("models/tiny-sd/unet", edit_config)
 }
 
 #[test]
@@ -472,11 +453,7 @@ const GRAD_NORM_RTOL: f64 = 1e-5;
 fn dreambooth_prediction_loss_and_gradients_match() {
     let dir = repo_path("models/tiny-sd/unet");
     let (vs, unet) = UNet2DConditionModel::load(&dir, Device::Cpu, Kind::Float, None).unwrap();
-    let file = repo_path("tests/fixtures/sd-tiny/training/dreambooth.safetensors");
-    let golden: HashMap<String, Tensor> = Tensor::read_safetensors(&file)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let golden = read_golden("tests/fixtures/sd-tiny/training/dreambooth.safetensors");
     let model_pred = unet.forward(
         &golden["noisy_latents"],
         &golden["timesteps"],
@@ -522,11 +499,7 @@ fn dreambooth_prediction_loss_and_gradients_match() {
 /// scheduler's 0-d timestep, integer for DDIM/PNDM and float for Euler) matches.
 #[test]
 fn pipeline_unet_calls_match_for_ddim_pndm_and_euler() {
-    let embeds_file = repo_path("tests/fixtures/sd-tiny/pipeline/prompt_embeds.safetensors");
-    let embeds: HashMap<String, Tensor> = Tensor::read_safetensors(&embeds_file)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let embeds = read_golden("tests/fixtures/sd-tiny/pipeline/prompt_embeds.safetensors");
     let context = Tensor::cat(
         &[&embeds["negative_prompt_embeds"], &embeds["prompt_embeds"]],
         0,
@@ -534,13 +507,9 @@ fn pipeline_unet_calls_match_for_ddim_pndm_and_euler() {
     let unet = tiny_unet();
     let _guard = tch::no_grad_guard();
     for scheduler in ["ddim", "pndm", "euler"] {
-        let file = repo_path(&format!(
+        let golden = read_golden(&format!(
             "tests/fixtures/sd-tiny/pipeline/{scheduler}.safetensors"
         ));
-        let golden: HashMap<String, Tensor> = Tensor::read_safetensors(&file)
-            .unwrap()
-            .into_iter()
-            .collect();
         let calls = golden["step_unet_input"].size()[0];
         assert_eq!(golden["timesteps"].size()[0], calls);
         for call in 0..calls {

@@ -1,7 +1,10 @@
 //! AutoencoderKL against the diffusers 0.42.1 goldens in tests/fixtures/sd-tiny/vae.safetensors
 //! (tiny model in models/tiny-sd/vae), plus config / weight error cases.
+mod sd_support;
+
+use sd_support::{read_golden, repo_path};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use dreampipe::sd::vae::{AutoencoderKL, VaeConfig};
 use tch::{Device, Kind, Tensor, nn::VarStore};
@@ -13,16 +16,8 @@ static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const ATOL: f64 = 1e-4;
 const RTOL: f64 = 1e-4;
 
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
 fn fixtures() -> HashMap<String, Tensor> {
-    let file = repo_path("tests/fixtures/sd-tiny/vae.safetensors");
-    Tensor::read_safetensors(&file)
-        .unwrap()
-        .into_iter()
-        .collect()
+    read_golden("tests/fixtures/sd-tiny/vae.safetensors")
 }
 
 fn tiny_vae() -> (VarStore, AutoencoderKL) {
@@ -31,15 +26,7 @@ fn tiny_vae() -> (VarStore, AutoencoderKL) {
 }
 
 fn assert_close(name: &str, actual: &Tensor, expected: &Tensor) {
-    assert_eq!(actual.size(), expected.size(), "{name}: shape");
-    let difference = (actual - expected).abs();
-    let allowed = expected.abs() * RTOL + ATOL;
-    let worst = (&difference - &allowed).max().double_value(&[]);
-    let max_difference = difference.max().double_value(&[]);
-    assert!(
-        worst <= 0.0,
-        "{name}: max |difference| {max_difference:e} exceeds atol {ATOL} + rtol {RTOL}"
-    );
+    sd_support::assert_close(name, actual, expected, ATOL, RTOL);
 }
 
 #[test]
@@ -93,13 +80,7 @@ fn logvar_is_clamped_like_diffusers() {
 
 /// Copies the tiny vae folder to a temp dir with an edited config.
 fn copied_vae(edit_config: impl Fn(&str) -> String) -> tempfile::TempDir {
-    let source = repo_path("models/tiny-sd/vae");
-    let dir = tempfile::tempdir().unwrap();
-    let config = std::fs::read_to_string(source.join("config.json")).unwrap();
-    std::fs::write(dir.path().join("config.json"), edit_config(&config)).unwrap();
-    let weights = "diffusion_pytorch_model.safetensors";
-    std::fs::copy(source.join(weights), dir.path().join(weights)).unwrap();
-    dir
+    sd_support::copied_component("models/tiny-sd/vae", edit_config)
 }
 
 #[test]
@@ -218,11 +199,7 @@ fn bfloat16_decode_keeps_its_kind_and_stays_near_the_float32_golden() {
 /// The DreamBooth fixture encodes its batch with `latent_dist.sample(Generator().manual_seed(32))`.
 #[test]
 fn dreambooth_batch_encodes_like_diffusers() {
-    let file = repo_path("tests/fixtures/sd-tiny/training/dreambooth.safetensors");
-    let golden: HashMap<String, Tensor> = Tensor::read_safetensors(&file)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let golden = read_golden("tests/fixtures/sd-tiny/training/dreambooth.safetensors");
     let (_vs, vae) = tiny_vae();
     let _guard = tch::no_grad_guard();
     let posterior = vae.encode(&golden["pixel_values"]);

@@ -20,6 +20,10 @@ const PROMPT_TOKENS: i64 = 77;
 pub enum BenchCommand {
     /// Time one UNet forward (mean and min seconds per step) on random inputs.
     Unet(UnetArgs),
+    /// txt2img (DDIM, CFG) step rate and seconds per image, as one JSON line.
+    Txt2img(super::bench_sd::Txt2ImgArgs),
+    /// One DreamBooth optimizer step: seconds and peak memory, as one JSON line.
+    Dreambooth(super::bench_sd::DreamBoothArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -47,6 +51,8 @@ pub struct UnetArgs {
 pub fn run(command: BenchCommand, context: &Context) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Unet(args) => bench_unet(&args, context),
+        BenchCommand::Txt2img(args) => super::bench_sd::run_txt2img(context, &args),
+        BenchCommand::Dreambooth(args) => super::bench_sd::run_dreambooth(context, &args),
     }
 }
 

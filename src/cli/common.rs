@@ -4,6 +4,7 @@ use super::Context;
 use crate::cache::hash::HashMemo;
 use crate::cache::store::Store;
 use crate::pipeline::{LoadOptions, Pipeline, load};
+use crate::plan::dirty::{Status, assess};
 use crate::plan::graph::Plan;
 use clap::Args;
 use std::path::PathBuf;
@@ -38,6 +39,43 @@ pub fn open_cache(context: &Context) -> anyhow::Result<(Store, Arc<HashMemo>)> {
     let store = Store::open(&context.cache_root)?;
     let memo = Arc::new(HashMemo::load(&store.memo_path()));
     Ok((store, memo))
+}
+
+/// The stages one STAGE argument names, with every stage's status (all selected, none forced).
+pub struct StageStatuses {
+    pub plan: Plan,
+    /// Indices of the stages `stage` matches (all variants of a swept stage).
+    pub targets: Vec<usize>,
+    /// One status per stage of `plan`.
+    pub statuses: Vec<Status>,
+    /// The hash memo `assess` filled (the caller decides whether to save it).
+    pub memo: Arc<HashMemo>,
+}
+
+/// Loads the pipeline, finds `stage` in it and assesses every stage against the cache
+/// (`explain`, `show`).
+pub fn assess_stage(
+    context: &Context,
+    pipeline: &PipelineArgs,
+    stage: &str,
+) -> anyhow::Result<StageStatuses> {
+    let plan = pipeline.plan()?;
+    let targets = plan.find(stage)?;
+    let (store, memo) = open_cache(context)?;
+    let statuses = assess(
+        &plan,
+        &store,
+        &memo,
+        context.device,
+        &vec![true; plan.len()],
+        &vec![false; plan.len()],
+    )?;
+    Ok(StageStatuses {
+        plan,
+        targets,
+        statuses,
+        memo,
+    })
 }
 
 /// Indices of stages matching any of `patterns`, as flags over all stages.

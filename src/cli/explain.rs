@@ -1,7 +1,7 @@
 //! `dreampipe explain PIPELINE STAGE`: why a stage will rerun, field by field.
 use super::Context;
-use super::common::{PipelineArgs, open_cache};
-use crate::plan::dirty::{Status, assess};
+use super::common::{PipelineArgs, StageStatuses, assess_stage};
+use crate::plan::dirty::Status;
 use clap::Args;
 use std::process::ExitCode;
 
@@ -14,17 +14,12 @@ pub struct ExplainArgs {
 }
 
 pub fn run(context: &Context, args: &ExplainArgs) -> anyhow::Result<ExitCode> {
-    let plan = args.pipeline.plan()?;
-    let targets = plan.find(&args.stage)?;
-    let (store, memo) = open_cache(context)?;
-    let statuses = assess(
-        &plan,
-        &store,
-        &memo,
-        context.device,
-        &vec![true; plan.len()],
-        &vec![false; plan.len()],
-    )?;
+    let StageStatuses {
+        plan,
+        targets,
+        statuses,
+        memo,
+    } = assess_stage(context, &args.pipeline, &args.stage)?;
     let _ = memo.save();
     for index in targets {
         let id = &plan.pipeline.stages[index].id;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 mod bench;
 mod bench_cache;
+mod bench_sd;
 mod cache;
 mod common;
 mod dag;

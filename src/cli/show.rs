@@ -1,7 +1,7 @@
 //! `dreampipe show PIPELINE STAGE`: the output folder of a stage's current result.
 use super::Context;
-use super::common::{PipelineArgs, open_cache};
-use crate::plan::dirty::{Status, assess};
+use super::common::{PipelineArgs, StageStatuses, assess_stage};
+use crate::plan::dirty::Status;
 use clap::Args;
 use std::process::ExitCode;
 
@@ -13,17 +13,12 @@ pub struct ShowArgs {
 }
 
 pub fn run(context: &Context, args: &ShowArgs) -> anyhow::Result<ExitCode> {
-    let plan = args.pipeline.plan()?;
-    let targets = plan.find(&args.stage)?;
-    let (store, memo) = open_cache(context)?;
-    let statuses = assess(
-        &plan,
-        &store,
-        &memo,
-        context.device,
-        &vec![true; plan.len()],
-        &vec![false; plan.len()],
-    )?;
+    let StageStatuses {
+        plan,
+        targets,
+        statuses,
+        ..
+    } = assess_stage(context, &args.pipeline, &args.stage)?;
     let mut missing = Vec::new();
     for index in targets {
         match &statuses[index] {

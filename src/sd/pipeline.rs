@@ -192,13 +192,7 @@ impl StableDiffusion {
         let step_noise_guard = scheduler.kind().draws_step_noise().then_some(rng_guard);
         let latents = self.denoise(scheduler.as_mut(), latents, &context, guidance, on_event)?;
         drop(step_noise_guard);
-        Ok(Txt2ImgOutput {
-            images: self.decode(&latents),
-            latents,
-            width,
-            height,
-            scheduler: scheduler.kind(),
-        })
+        Ok(self.output(latents, (width, height), scheduler.kind()))
     }
 
     /// txt2img for a batch whose sample `i` draws its initial noise from its own generator seeded
@@ -239,13 +233,7 @@ impl StableDiffusion {
         }
         let latents = self.denoise(scheduler.as_mut(), latents, &context, guidance, on_event)?;
         drop(last_guard);
-        Ok(Txt2ImgOutput {
-            images: self.decode(&latents),
-            latents,
-            width,
-            height,
-            scheduler: scheduler.kind(),
-        })
+        Ok(self.output(latents, (width, height), scheduler.kind()))
     }
 
     /// The request's scheduler (default: the model's own), ready for `request.steps` steps.
@@ -334,6 +322,22 @@ impl StableDiffusion {
             });
         }
         Ok(latents)
+    }
+
+    /// The result of a run that ended with `latents` (decoded here).
+    fn output(
+        &self,
+        latents: Tensor,
+        (width, height): (i64, i64),
+        scheduler: SchedulerKind,
+    ) -> Txt2ImgOutput {
+        Txt2ImgOutput {
+            images: self.decode(&latents),
+            latents,
+            width,
+            height,
+            scheduler,
+        }
     }
 
     /// VAE decode of `latents / scaling_factor`, returned as float32.

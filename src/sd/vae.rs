@@ -367,11 +367,9 @@ impl AutoencoderKL {
     ) -> Result<(VarStore, Self), ModelError> {
         let config = VaeConfig::from_file(&dir.join(CONFIG_FILE))?;
         let file = weights::find_weights_file(dir, WEIGHTS_STEM, variant)?;
-        let mut vs = VarStore::new(device);
-        let model = Self::new(vs.root(), config);
-        vs.set_kind(kind);
-        weights::load_into(&vs, &file, |key| Some(rename_deprecated_attention(key)))?;
-        Ok((vs, model))
+        let build = |root: nn::Path| Self::new(root, config);
+        let rename = |key: &str| Some(rename_deprecated_attention(key));
+        Ok(weights::build_and_load(&file, device, kind, build, rename)?)
     }
 
     /// Creates the (zero-filled) parameters under `path`.

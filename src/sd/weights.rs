@@ -4,7 +4,7 @@
 //! one tensor at a time, so loading needs little memory beyond the model itself.
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor, nn::VarStore};
+use tch::{Device, Kind, Tensor, nn, nn::VarStore};
 
 /// Why weights could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +91,22 @@ pub fn load_into(
         }),
         None => Ok(()),
     }
+}
+
+/// Builds a model with `build` on a fresh `VarStore` on `device`, converts its parameters to
+/// `kind`, then fills them from `file` (see `load_into` for `rename`).
+pub fn build_and_load<M>(
+    file: &Path,
+    device: Device,
+    kind: Kind,
+    build: impl FnOnce(nn::Path) -> M,
+    rename: impl Fn(&str) -> Option<String>,
+) -> Result<(VarStore, M), WeightsError> {
+    let mut vs = VarStore::new(device);
+    let model = build(vs.root());
+    vs.set_kind(kind);
+    load_into(&vs, file, rename)?;
+    Ok((vs, model))
 }
 
 /// Largest safetensors JSON header accepted (the format's own reference reader refuses more).

@@ -7,8 +7,9 @@
 //! negative prompt, its seed, steps, guidance, scheduler, size, dtype, device type). Raising
 //! `count` changes the stage key, but the images already made are copied from the memo.
 use super::sd_common::{
-    DTYPE_CHOICES, SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, field_error, load_model,
-    model_hash, model_label, parse_scheduler, write_manifest, write_sample,
+    SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, dtype_spec, field_error, guidance_spec,
+    load_model, model_hash, model_label, negative_prompt_spec, parse_scheduler, size_specs,
+    steps_spec, write_manifest, write_sample,
 };
 use super::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
 use crate::cache::hash::{HashMemo, tree_digest};
@@ -26,13 +27,6 @@ const MEMO_FOLDER: &str = "generate";
 const MAX_COUNT: f64 = 100_000.0;
 /// Largest `batch_size`: bounded by memory long before this.
 const MAX_BATCH: f64 = 256.0;
-/// Largest `steps` (diffusers schedulers use ≤ 1000 training timesteps).
-const MAX_STEPS: f64 = 1000.0;
-/// Largest guidance scale accepted (A1111's slider ends at 30; 100 leaves room).
-const MAX_GUIDANCE: f64 = 100.0;
-/// Image side limits: the VAE downsamples by 8; 4096 as for `images`.
-const MIN_SIZE: f64 = 8.0;
-const MAX_SIZE: f64 = 4096.0;
 /// Largest seed: JSON integers are exact up to 2^53 − 1.
 pub const MAX_SEED: f64 = 9_007_199_254_740_991.0;
 
@@ -52,6 +46,7 @@ impl Stage for GenerateStage {
         "Generates `count` class images with txt2img (image i uses seed `seed + i`, identical to `dreampipe sample --seed <seed+i>`). Output: `images/0000.png`… (A1111 parameters + stage id) and `manifest.json` (file, seed, prompt per image)."
     }
     fn schema(&self) -> Vec<ParamSpec> {
+        let [width, height] = size_specs();
         vec![
             ParamSpec::required(
                 "model",
@@ -59,12 +54,7 @@ impl Stage for GenerateStage {
                 "diffusers model folder, or the stage that produced one",
             ),
             ParamSpec::required("prompt", ParamType::String, "the class prompt"),
-            ParamSpec::optional(
-                "negative_prompt",
-                ParamType::String,
-                json!(""),
-                "negative prompt",
-            ),
+            negative_prompt_spec(),
             ParamSpec::required("count", ParamType::Integer, "number of images")
                 .range(1.0, MAX_COUNT),
             ParamSpec::optional(
@@ -74,34 +64,13 @@ impl Stage for GenerateStage {
                 "the sampler; unset: the model's own",
             )
             .one_of(SCHEDULER_CHOICES),
-            ParamSpec::optional(
-                "steps",
-                ParamType::Integer,
-                json!(DEFAULT_STEPS),
-                "denoising steps",
-            )
-            .range(1.0, MAX_STEPS),
-            ParamSpec::optional(
-                "guidance",
+            steps_spec(ParamType::Integer, "denoising steps"),
+            guidance_spec(
                 ParamType::Number,
-                json!(DEFAULT_GUIDANCE),
                 "classifier-free guidance scale (≤ 1 disables it)",
-            )
-            .range(0.0, MAX_GUIDANCE),
-            ParamSpec::optional(
-                "width",
-                ParamType::Integer,
-                Value::Null,
-                "image width (a multiple of 8); unset: the model's default",
-            )
-            .range(MIN_SIZE, MAX_SIZE),
-            ParamSpec::optional(
-                "height",
-                ParamType::Integer,
-                Value::Null,
-                "image height (a multiple of 8); unset: the model's default",
-            )
-            .range(MIN_SIZE, MAX_SIZE),
+            ),
+            width,
+            height,
             ParamSpec::optional("seed", ParamType::Integer, json!(0), "seed of image 0")
                 .range(0.0, MAX_SEED),
             ParamSpec::optional(
@@ -112,8 +81,7 @@ impl Stage for GenerateStage {
             )
             .range(1.0, MAX_BATCH)
             .not_in_key(),
-            ParamSpec::optional("dtype", ParamType::String, json!("f32"), DTYPE_DOC)
-                .one_of(DTYPE_CHOICES),
+            dtype_spec(),
         ]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
@@ -123,9 +91,6 @@ impl Stage for GenerateStage {
         job.run(ctx, &model)
     }
 }
-
-/// The `dtype` field's description (its values come from `one_of`).
-const DTYPE_DOC: &str = "weights' precision";
 
 /// One run's fields, parsed.
 struct Job {

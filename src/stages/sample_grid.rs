@@ -7,13 +7,14 @@
 //! variant as its own row, labelled with the variant id (`db[learning_rate=2e-6]`), in one grid
 //! stage.
 use super::sd_common::{
-    DTYPE_CHOICES, SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, field_error, load_model,
-    model_hash, model_label, parse_scheduler, write_manifest, write_sample,
+    SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, dtype_spec, field_error, guidance_spec,
+    load_model, model_hash, model_label, negative_prompt_spec, parse_scheduler, size_specs,
+    steps_spec, write_manifest, write_sample,
 };
 use super::{DeviceClass, ParamSpec, ParamType, ResolvedInput, Stage, StageContext, StageError};
 use crate::cache::store::file_name_for;
 use crate::report::grid::{GridSpec, write_grid_png};
-use crate::sd::pipeline::{DEFAULT_GUIDANCE, DEFAULT_STEPS, StableDiffusion, Txt2Img};
+use crate::sd::pipeline::{StableDiffusion, Txt2Img};
 use crate::sd::schedulers::SchedulerKind;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -22,11 +23,6 @@ use std::path::PathBuf;
 const MAX_SEED_COUNT: usize = 64;
 /// Default columns: four seeds, as A1111's default batch count of 4 shows.
 const DEFAULT_SEEDS: [u64; 4] = [0, 1, 2, 3];
-/// Same bounds as `generate` (see there).
-const MAX_STEPS: f64 = 1000.0;
-const MAX_GUIDANCE: f64 = 100.0;
-const MIN_SIZE: f64 = 8.0;
-const MAX_SIZE: f64 = 4096.0;
 
 pub struct SampleGridStage;
 
@@ -44,6 +40,7 @@ impl Stage for SampleGridStage {
         "Samples every model × scheduler × steps × guidance × prompt × seed. Output: `samples/<model>/<prompt-index>/<seed>[-<scheduler>][-s<steps>][-g<guidance>].png` (A1111 parameters + stage id), `grid-<prompt-index>.png` (rows: models × schedulers × steps × guidance, columns: seeds) and `manifest.json`."
     }
     fn schema(&self) -> Vec<ParamSpec> {
+        let [width, height] = size_specs();
         vec![
             ParamSpec::required(
                 "models",
@@ -52,12 +49,7 @@ impl Stage for SampleGridStage {
             )
             .gathers(),
             ParamSpec::required("prompts", ParamType::StringList, "one grid per prompt"),
-            ParamSpec::optional(
-                "negative_prompt",
-                ParamType::String,
-                json!(""),
-                "negative prompt",
-            ),
+            negative_prompt_spec(),
             ParamSpec::optional(
                 "seeds",
                 ParamType::IntegerList,
@@ -72,41 +64,17 @@ impl Stage for SampleGridStage {
                 "schedulers to compare; empty: the model's own",
             )
             .one_of(SCHEDULER_CHOICES),
-            ParamSpec::optional(
-                "steps",
+            steps_spec(
                 ParamType::IntegerList,
-                json!(DEFAULT_STEPS),
                 "denoising steps (a list compares several)",
-            )
-            .range(1.0, MAX_STEPS),
-            ParamSpec::optional(
-                "guidance",
+            ),
+            guidance_spec(
                 ParamType::NumberList,
-                json!(DEFAULT_GUIDANCE),
                 "classifier-free guidance scale (a list compares several)",
-            )
-            .range(0.0, MAX_GUIDANCE),
-            ParamSpec::optional(
-                "width",
-                ParamType::Integer,
-                Value::Null,
-                "image width (a multiple of 8); unset: the model's default",
-            )
-            .range(MIN_SIZE, MAX_SIZE),
-            ParamSpec::optional(
-                "height",
-                ParamType::Integer,
-                Value::Null,
-                "image height (a multiple of 8); unset: the model's default",
-            )
-            .range(MIN_SIZE, MAX_SIZE),
-            ParamSpec::optional(
-                "dtype",
-                ParamType::String,
-                json!("f32"),
-                "weights' precision",
-            )
-            .one_of(DTYPE_CHOICES),
+            ),
+            width,
+            height,
+            dtype_spec(),
         ]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {

@@ -1,12 +1,13 @@
 //! What the Stable Diffusion stage kinds (`generate`, `sample_grid`) share: reading the model,
 //! dtype and scheduler fields, loading models from the pool, and writing samples as PNGs that
 //! carry their A1111 parameters plus the dreampipe stage id.
-use super::{ResolvedInput, StageContext, StageError};
+use super::{ParamSpec, ParamType, ResolvedInput, StageContext, StageError};
 use crate::cli::sample::{a1111_sampler_name, short_weights_hash};
-use crate::sd::pipeline::Txt2ImgOutput;
+use crate::sd::pipeline::{DEFAULT_GUIDANCE, DEFAULT_STEPS, Txt2ImgOutput};
 use crate::sd::png::{GenerationParameters, tensor_to_rgb_bytes, write_rgb_png};
 use crate::sd::pool::{self, SharedModel};
 use crate::sd::schedulers::SchedulerKind;
+use serde_json::{Value, json};
 use std::path::Path;
 use tch::Kind;
 
@@ -19,6 +20,62 @@ pub const SCHEDULER_CHOICES: &[&str] =
     &["ddim", "pndm", "lms", "euler", "euler-a", "dpm++", "ddpm"];
 /// The PNG parameters field naming the stage that wrote an image.
 pub const STAGE_FIELD: &str = "dreampipe stage";
+
+/// Largest `steps` (diffusers schedulers use ≤ 1000 training timesteps).
+const MAX_STEPS: f64 = 1000.0;
+/// Largest guidance scale accepted (A1111's slider ends at 30; 100 leaves room).
+const MAX_GUIDANCE: f64 = 100.0;
+/// Image side limits: the VAE downsamples by 8; 4096 as for `images`.
+const MIN_SIZE: f64 = 8.0;
+const MAX_SIZE: f64 = 4096.0;
+
+/// The `negative_prompt` field (default empty).
+pub fn negative_prompt_spec() -> ParamSpec {
+    ParamSpec::optional(
+        "negative_prompt",
+        ParamType::String,
+        json!(""),
+        "negative prompt",
+    )
+}
+
+/// The `steps` field (`Integer`, or `IntegerList` to compare several), 1 to 1000.
+pub fn steps_spec(kind: ParamType, doc: &'static str) -> ParamSpec {
+    ParamSpec::optional("steps", kind, json!(DEFAULT_STEPS), doc).range(1.0, MAX_STEPS)
+}
+
+/// The `guidance` field (`Number`, or `NumberList` to compare several), 0 to 100.
+pub fn guidance_spec(kind: ParamType, doc: &'static str) -> ParamSpec {
+    ParamSpec::optional("guidance", kind, json!(DEFAULT_GUIDANCE), doc).range(0.0, MAX_GUIDANCE)
+}
+
+/// The `width` and `height` fields (unset: the model's default size).
+pub fn size_specs() -> [ParamSpec; 2] {
+    let side = |name: &'static str, doc: &'static str| {
+        ParamSpec::optional(name, ParamType::Integer, Value::Null, doc).range(MIN_SIZE, MAX_SIZE)
+    };
+    [
+        side(
+            "width",
+            "image width (a multiple of 8); unset: the model's default",
+        ),
+        side(
+            "height",
+            "image height (a multiple of 8); unset: the model's default",
+        ),
+    ]
+}
+
+/// The `dtype` field (default f32).
+pub fn dtype_spec() -> ParamSpec {
+    ParamSpec::optional(
+        "dtype",
+        ParamType::String,
+        json!("f32"),
+        "weights' precision",
+    )
+    .one_of(DTYPE_CHOICES)
+}
 
 /// A failure of the stage named in `ctx`, about `field`.
 pub fn field_error(

@@ -14,6 +14,12 @@ const DEFAULT_BETA_SCHEDULE: &str = "linear";
 const MAX_BETA: f64 = 0.999;
 /// Euler/EulerA/DPM set the last alphas_cumprod to 2**-24 under zero-terminal-SNR rescaling.
 const ZERO_SNR_LAST_ALPHA_CUMPROD: f64 = 1.0 / 16_777_216.0;
+/// diffusers' default `prediction_type` and `steps_offset` (every scheduler's `__init__`).
+const DEFAULT_PREDICTION_TYPE: &str = "epsilon";
+const DEFAULT_STEPS_OFFSET: i64 = 0;
+/// diffusers DDPM/DDIM defaults for `clip_sample` / `clip_sample_range`.
+const DEFAULT_CLIP_SAMPLE: bool = true;
+const DEFAULT_CLIP_SAMPLE_RANGE: f64 = 1.0;
 
 /// What the model predicts (`prediction_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +130,149 @@ impl TrainSchedule {
     pub fn alpha_cumprod(&self, timestep: i64) -> f32 {
         self.alphas_cumprod_values[timestep as usize]
     }
+
+    /// DDIM/PNDM's alphas_cumprod "before" timestep 0 (`set_alpha_to_one`): 1.0 or
+    /// alphas_cumprod[0].
+    pub fn final_alpha_cumprod(&self, set_alpha_to_one: bool) -> f32 {
+        if set_alpha_to_one {
+            1.0
+        } else {
+            self.alpha_cumprod(0)
+        }
+    }
+
+    /// alphas_cumprod[t], or `final_alpha_cumprod` for a timestep before 0.
+    pub fn alpha_cumprod_or_final(&self, timestep: i64, final_alpha_cumprod: f32) -> f32 {
+        if timestep >= 0 {
+            self.alpha_cumprod(timestep)
+        } else {
+            final_alpha_cumprod
+        }
+    }
+}
+
+/// The options every scheduler reads alike: the training schedule, `prediction_type`,
+/// `timestep_spacing` (whose default differs per class) and `steps_offset`.
+pub(crate) struct CommonConfig {
+    pub train: TrainSchedule,
+    pub prediction: PredictionType,
+    pub spacing: TimestepSpacing,
+    pub steps_offset: i64,
+}
+
+impl CommonConfig {
+    /// Reads them in diffusers' order (betas first), allowing `prediction_types`.
+    pub fn read(
+        config: &SchedulerConfig,
+        scheduler: &'static str,
+        zero_snr: ZeroSnr,
+        prediction_types: &[(&str, PredictionType)],
+        default_spacing: &str,
+    ) -> Result<Self, SchedulerError> {
+        let train = TrainSchedule::new(config, scheduler, zero_snr)?;
+        let prediction = config.choice(
+            scheduler,
+            "prediction_type",
+            config.prediction_type.as_deref(),
+            DEFAULT_PREDICTION_TYPE,
+            prediction_types,
+        )?;
+        let spacing = config.choice(
+            scheduler,
+            "timestep_spacing",
+            config.timestep_spacing.as_deref(),
+            default_spacing,
+            SPACINGS,
+        )?;
+        Ok(Self {
+            train,
+            prediction,
+            spacing,
+            steps_offset: config.steps_offset.unwrap_or(DEFAULT_STEPS_OFFSET),
+        })
+    }
+
+    /// DDPM/DDIM `set_timesteps`: checks the step count, then the integer timesteps, descending.
+    pub fn checked_integer_timesteps(
+        &self,
+        scheduler: &'static str,
+        num_inference_steps: usize,
+    ) -> Result<Vec<i64>, SchedulerError> {
+        let n = self.train.num_train_timesteps;
+        check_steps(scheduler, num_inference_steps, n)?;
+        Ok(integer_timesteps(
+            self.spacing,
+            n,
+            num_inference_steps,
+            self.steps_offset,
+        ))
+    }
+}
+
+/// DDPM/DDIM's `clip_sample` / `clip_sample_range`: the x0 clamp range, `None` when off.
+pub(crate) fn clip_range(config: &SchedulerConfig) -> Option<f64> {
+    let clip = config.clip_sample.unwrap_or(DEFAULT_CLIP_SAMPLE);
+    let range = config
+        .clip_sample_range
+        .unwrap_or(DEFAULT_CLIP_SAMPLE_RANGE);
+    clip.then_some(range)
+}
+
+/// `x0.clamp(-range, range)` where clipping is on.
+pub(crate) fn clip_sample(x0: Tensor, range: Option<f64>) -> Result<Tensor, SchedulerError> {
+    Ok(match range {
+        Some(range) => x0.f_clamp(-range, range)?,
+        None => x0,
+    })
+}
+
+/// The clean-sample estimate x0 from the model output, where `sample = alpha * x0 + sigma * eps`
+/// (DDPM/DDIM: alpha = sqrt(acp), sigma = sqrt(1 - acp); DPM-Solver: its alpha_t, sigma_t).
+pub(crate) fn predict_original(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha: f64,
+    sigma: f64,
+) -> Result<Tensor, SchedulerError> {
+    Ok(match prediction {
+        PredictionType::Epsilon => sample
+            .f_sub(&model_output.f_mul_scalar(sigma)?)?
+            .f_div_scalar(alpha)?,
+        PredictionType::Sample => model_output.shallow_clone(),
+        PredictionType::VPrediction => sample
+            .f_mul_scalar(alpha)?
+            .f_sub(&model_output.f_mul_scalar(sigma)?)?,
+    })
+}
+
+/// The noise estimate eps from the model output, with `alpha`, `sigma` as in `predict_original`.
+pub(crate) fn predict_epsilon(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha: f64,
+    sigma: f64,
+) -> Result<Tensor, SchedulerError> {
+    Ok(match prediction {
+        PredictionType::Epsilon => model_output.shallow_clone(),
+        PredictionType::Sample => sample
+            .f_sub(&model_output.f_mul_scalar(alpha)?)?
+            .f_div_scalar(sigma)?,
+        PredictionType::VPrediction => model_output
+            .f_mul_scalar(alpha)?
+            .f_add(&sample.f_mul_scalar(sigma)?)?,
+    })
+}
+
+/// Appends the final sigma and narrows the schedule to float32 (as diffusers' `np.concatenate`
+/// then `astype(np.float32)`).
+pub(crate) fn with_final_sigma(sigmas: Vec<f64>, final_sigma: f64) -> Vec<f32> {
+    sigmas
+        .into_iter()
+        .chain(std::iter::once(final_sigma))
+        .map(|sigma| sigma as f32)
+        .collect()
 }
 
 fn trained_betas(
@@ -249,34 +398,53 @@ pub(crate) fn numpy_interp(x: f64, table: &[f32]) -> f64 {
     slope * (x - j as f64) + f64::from(table[j])
 }
 
-/// Integer timesteps of DDPM/DDIM (`set_timesteps` without custom timesteps), descending.
+/// The inference timesteps for `timestep_spacing`, descending, before the scheduler's cast
+/// (only `linspace` yields fractions; the others are whole numbers).
+fn spaced_timesteps(
+    spacing: TimestepSpacing,
+    num_train_timesteps: usize,
+    num_inference_steps: usize,
+    steps_offset: i64,
+) -> Vec<f64> {
+    let train = num_train_timesteps as f64;
+    match spacing {
+        TimestepSpacing::Linspace => numpy_linspace(0.0, train - 1.0, num_inference_steps)
+            .into_iter()
+            .rev()
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = (num_train_timesteps / num_inference_steps) as i64;
+            (0..num_inference_steps as i64)
+                .rev()
+                .map(|i| (i * ratio + steps_offset) as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            numpy_arange(train, 0.0, -(train / num_inference_steps as f64))
+                .into_iter()
+                .map(|t| t.round_ties_even() - 1.0)
+                .collect()
+        }
+    }
+}
+
+/// Integer timesteps of DDPM/DDIM/PNDM (`set_timesteps` without custom timesteps), descending;
+/// linspace rounds half to even like numpy.
 pub(crate) fn integer_timesteps(
     spacing: TimestepSpacing,
     num_train_timesteps: usize,
     num_inference_steps: usize,
     steps_offset: i64,
 ) -> Vec<i64> {
-    let train = num_train_timesteps as f64;
-    match spacing {
-        TimestepSpacing::Linspace => numpy_linspace(0.0, train - 1.0, num_inference_steps)
-            .into_iter()
-            .rev()
-            .map(|t| t.round_ties_even() as i64)
-            .collect(),
-        TimestepSpacing::Leading => {
-            let ratio = (num_train_timesteps / num_inference_steps) as i64;
-            (0..num_inference_steps as i64)
-                .rev()
-                .map(|i| i * ratio + steps_offset)
-                .collect()
-        }
-        TimestepSpacing::Trailing => {
-            numpy_arange(train, 0.0, -(train / num_inference_steps as f64))
-                .into_iter()
-                .map(|t| t.round_ties_even() as i64 - 1)
-                .collect()
-        }
-    }
+    spaced_timesteps(
+        spacing,
+        num_train_timesteps,
+        num_inference_steps,
+        steps_offset,
+    )
+    .into_iter()
+    .map(|t| t.round_ties_even() as i64)
+    .collect()
 }
 
 /// Float timesteps of LMS/Euler/EulerAncestral (numpy float32), descending.
@@ -286,27 +454,15 @@ pub(crate) fn float_timesteps(
     num_inference_steps: usize,
     steps_offset: i64,
 ) -> Vec<f32> {
-    let train = num_train_timesteps as f64;
-    match spacing {
-        TimestepSpacing::Linspace => numpy_linspace(0.0, train - 1.0, num_inference_steps)
-            .into_iter()
-            .rev()
-            .map(|t| t as f32)
-            .collect(),
-        TimestepSpacing::Leading => {
-            let ratio = num_train_timesteps / num_inference_steps;
-            (0..num_inference_steps)
-                .rev()
-                .map(|i| (i * ratio) as f32 + steps_offset as f32)
-                .collect()
-        }
-        TimestepSpacing::Trailing => {
-            numpy_arange(train, 0.0, -(train / num_inference_steps as f64))
-                .into_iter()
-                .map(|t| t.round_ties_even() as f32 - 1.0)
-                .collect()
-        }
-    }
+    spaced_timesteps(
+        spacing,
+        num_train_timesteps,
+        num_inference_steps,
+        steps_offset,
+    )
+    .into_iter()
+    .map(|t| t as f32)
+    .collect()
 }
 
 /// diffusers' `_convert_to_karras` exponent (rho = 7, "the value used in the paper").

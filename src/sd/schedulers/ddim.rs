@@ -1,24 +1,19 @@
 //! DDIM (diffusers `DDIMScheduler`), deterministic (eta = 0, as the SD pipelines call it).
 use super::common::{
-    PREDICTION_TYPES, PredictionType, SPACINGS, TimestepSpacing, TrainSchedule, ZeroSnr,
-    check_steps, integer_timesteps,
+    CommonConfig, PREDICTION_TYPES, ZeroSnr, clip_range, clip_sample, predict_epsilon,
+    predict_original,
 };
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
 
 const NAME: &str = "DDIMScheduler";
 /// diffusers DDIMScheduler defaults.
-const DEFAULT_CLIP_SAMPLE: bool = true;
-const DEFAULT_CLIP_SAMPLE_RANGE: f64 = 1.0;
 const DEFAULT_SET_ALPHA_TO_ONE: bool = true;
 const DEFAULT_SPACING: &str = "leading";
 
 /// diffusers `DDIMScheduler` with eta = 0.
 pub struct DdimScheduler {
-    train: TrainSchedule,
-    prediction: PredictionType,
-    spacing: TimestepSpacing,
-    steps_offset: i64,
+    common: CommonConfig,
     clip_range: Option<f64>,
     /// alphas_cumprod "before" timestep 0: 1.0 or alphas_cumprod[0] (`set_alpha_to_one`).
     final_alpha_cumprod: f32,
@@ -32,42 +27,22 @@ impl DdimScheduler {
     /// `DDIMScheduler.from_config(config)`.
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
         config.reject_true(NAME, &[("thresholding", config.thresholding)])?;
-        let train = TrainSchedule::new(config, NAME, ZeroSnr::RescaleBetas)?;
-        let pred = config.prediction_type.as_deref();
-        let prediction =
-            config.choice(NAME, "prediction_type", pred, "epsilon", PREDICTION_TYPES)?;
-        let spacing = config.timestep_spacing.as_deref();
-        let spacing =
-            config.choice(NAME, "timestep_spacing", spacing, DEFAULT_SPACING, SPACINGS)?;
-        let clip = config.clip_sample.unwrap_or(DEFAULT_CLIP_SAMPLE);
-        let range = config
-            .clip_sample_range
-            .unwrap_or(DEFAULT_CLIP_SAMPLE_RANGE);
+        let common = CommonConfig::read(
+            config,
+            NAME,
+            ZeroSnr::RescaleBetas,
+            PREDICTION_TYPES,
+            DEFAULT_SPACING,
+        )?;
         let set_alpha_to_one = config.set_alpha_to_one.unwrap_or(DEFAULT_SET_ALPHA_TO_ONE);
-        let final_alpha_cumprod = if set_alpha_to_one {
-            1.0
-        } else {
-            train.alpha_cumprod(0)
-        };
         Ok(Self {
-            train,
-            prediction,
-            spacing,
-            steps_offset: config.steps_offset.unwrap_or(0),
-            clip_range: clip.then_some(range),
-            final_alpha_cumprod,
+            final_alpha_cumprod: common.train.final_alpha_cumprod(set_alpha_to_one),
+            common,
+            clip_range: clip_range(config),
             step_ratio: 1,
             timestep_values: Vec::new(),
             timesteps: Tensor::from_slice::<i64>(&[]),
         })
-    }
-
-    fn alpha_cumprod_or_final(&self, timestep: i64) -> f32 {
-        if timestep >= 0 {
-            self.train.alpha_cumprod(timestep)
-        } else {
-            self.final_alpha_cumprod
-        }
     }
 }
 
@@ -77,25 +52,17 @@ impl Scheduler for DdimScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
-        let n = self.train.num_train_timesteps;
-        check_steps(NAME, num_inference_steps, n)?;
+        self.timestep_values = self
+            .common
+            .checked_integer_timesteps(NAME, num_inference_steps)?;
+        let n = self.common.train.num_train_timesteps;
         self.step_ratio = (n / num_inference_steps) as i64;
-        self.timestep_values =
-            integer_timesteps(self.spacing, n, num_inference_steps, self.steps_offset);
         self.timesteps = Tensor::from_slice(&self.timestep_values);
         Ok(())
     }
 
     fn timesteps(&self) -> &Tensor {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _: usize) -> Result<Tensor, SchedulerError> {
-        Ok(sample.shallow_clone())
     }
 
     fn step(
@@ -105,35 +72,19 @@ impl Scheduler for DdimScheduler {
         sample: &Tensor,
     ) -> Result<StepOutput, SchedulerError> {
         let t = at(&self.timestep_values, step_index, NAME)?;
-        let alpha_prod_t = self.train.alpha_cumprod(t);
-        let alpha_prod_prev = self.alpha_cumprod_or_final(t - self.step_ratio);
+        let alpha_prod_t = self.common.train.alpha_cumprod(t);
+        let alpha_prod_prev = self
+            .common
+            .train
+            .alpha_cumprod_or_final(t - self.step_ratio, self.final_alpha_cumprod);
         let beta_prod_t = 1.0 - alpha_prod_t;
         let (sqrt_alpha, sqrt_beta) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
-        let (mut pred_original, pred_epsilon) = match self.prediction {
-            PredictionType::Epsilon => (
-                sample
-                    .f_sub(&model_output.f_mul_scalar(f64::from(sqrt_beta))?)?
-                    .f_div_scalar(f64::from(sqrt_alpha))?,
-                model_output.shallow_clone(),
-            ),
-            PredictionType::Sample => (
-                model_output.shallow_clone(),
-                sample
-                    .f_sub(&model_output.f_mul_scalar(f64::from(sqrt_alpha))?)?
-                    .f_div_scalar(f64::from(sqrt_beta))?,
-            ),
-            PredictionType::VPrediction => (
-                sample
-                    .f_mul_scalar(f64::from(sqrt_alpha))?
-                    .f_sub(&model_output.f_mul_scalar(f64::from(sqrt_beta))?)?,
-                model_output
-                    .f_mul_scalar(f64::from(sqrt_alpha))?
-                    .f_add(&sample.f_mul_scalar(f64::from(sqrt_beta))?)?,
-            ),
-        };
-        if let Some(range) = self.clip_range {
-            pred_original = pred_original.f_clamp(-range, range)?;
-        }
+        let (alpha, sigma) = (f64::from(sqrt_alpha), f64::from(sqrt_beta));
+        let pred_original =
+            predict_original(self.common.prediction, model_output, sample, alpha, sigma)?;
+        let pred_epsilon =
+            predict_epsilon(self.common.prediction, model_output, sample, alpha, sigma)?;
+        let pred_original = clip_sample(pred_original, self.clip_range)?;
         // eta = 0: std_dev_t = 0, so the direction coefficient is sqrt(1 - alpha_prod_prev).
         let direction_coeff = (1.0 - alpha_prod_prev - 0.0f32).sqrt();
         let prev_sample = pred_original

@@ -1,16 +1,14 @@
 //! DDPM (diffusers `DDPMScheduler`): ancestral sampling with fixed variances, plus the
 //! training-time helpers `add_noise` (forward diffusion) and `get_velocity` (v-prediction target).
 use super::common::{
-    PREDICTION_TYPES, PredictionType, SPACINGS, TimestepSpacing, TrainSchedule, ZeroSnr,
-    check_steps, cpu_noise_like, integer_timesteps,
+    CommonConfig, PREDICTION_TYPES, ZeroSnr, clip_range, clip_sample, cpu_noise_like,
+    predict_original,
 };
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
 
 const NAME: &str = "DDPMScheduler";
 /// diffusers DDPMScheduler defaults.
-const DEFAULT_CLIP_SAMPLE: bool = true;
-const DEFAULT_CLIP_SAMPLE_RANGE: f64 = 1.0;
 const DEFAULT_SPACING: &str = "leading";
 const DEFAULT_VARIANCE_TYPE: &str = "fixed_small";
 /// `_get_variance` clamps the posterior variance to at least this.
@@ -32,10 +30,7 @@ const VARIANCE_TYPES: &[(&str, VarianceType)] = &[
 
 /// diffusers `DDPMScheduler`.
 pub struct DdpmScheduler {
-    train: TrainSchedule,
-    prediction: PredictionType,
-    spacing: TimestepSpacing,
-    steps_offset: i64,
+    common: CommonConfig,
     clip_range: Option<f64>,
     variance: VarianceType,
     timestep_values: Vec<i64>,
@@ -47,13 +42,13 @@ impl DdpmScheduler {
     /// `set_timesteps`).
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
         config.reject_true(NAME, &[("thresholding", config.thresholding)])?;
-        let train = TrainSchedule::new(config, NAME, ZeroSnr::RescaleBetas)?;
-        let pred = config.prediction_type.as_deref();
-        let prediction =
-            config.choice(NAME, "prediction_type", pred, "epsilon", PREDICTION_TYPES)?;
-        let spacing = config.timestep_spacing.as_deref();
-        let spacing =
-            config.choice(NAME, "timestep_spacing", spacing, DEFAULT_SPACING, SPACINGS)?;
+        let common = CommonConfig::read(
+            config,
+            NAME,
+            ZeroSnr::RescaleBetas,
+            PREDICTION_TYPES,
+            DEFAULT_SPACING,
+        )?;
         let variance = config.variance_type.as_deref();
         let variance = config.choice(
             NAME,
@@ -62,36 +57,30 @@ impl DdpmScheduler {
             DEFAULT_VARIANCE_TYPE,
             VARIANCE_TYPES,
         )?;
-        let clip = config.clip_sample.unwrap_or(DEFAULT_CLIP_SAMPLE);
-        let range = config
-            .clip_sample_range
-            .unwrap_or(DEFAULT_CLIP_SAMPLE_RANGE);
-        let timestep_values: Vec<i64> = (0..train.num_train_timesteps as i64).rev().collect();
+        let timestep_values: Vec<i64> =
+            (0..common.train.num_train_timesteps as i64).rev().collect();
         Ok(Self {
             timesteps: Tensor::from_slice(&timestep_values),
             timestep_values,
-            train,
-            prediction,
-            spacing,
-            steps_offset: config.steps_offset.unwrap_or(0),
-            clip_range: clip.then_some(range),
+            common,
+            clip_range: clip_range(config),
             variance,
         })
     }
 
     /// The training betas (float32, length num_train_timesteps).
     pub fn betas(&self) -> &Tensor {
-        &self.train.betas
+        &self.common.train.betas
     }
 
     /// Cumulative products of (1 - beta) (float32, length num_train_timesteps).
     pub fn alphas_cumprod(&self) -> &Tensor {
-        &self.train.alphas_cumprod
+        &self.common.train.alphas_cumprod
     }
 
     /// Number of training timesteps (valid timesteps are `0..n`).
     pub fn num_train_timesteps(&self) -> usize {
-        self.train.num_train_timesteps
+        self.common.train.num_train_timesteps
     }
 
     /// Forward diffusion: `sqrt(acp[t]) * original + sqrt(1 - acp[t]) * noise`, one timestep
@@ -128,6 +117,7 @@ impl DdpmScheduler {
         timesteps: &Tensor,
     ) -> Result<(Tensor, Tensor), SchedulerError> {
         let alphas = self
+            .common
             .train
             .alphas_cumprod
             .f_to_device(like.device())?
@@ -144,7 +134,7 @@ impl DdpmScheduler {
     /// alphas_cumprod at the step after `step_index` (1.0 after the last step).
     fn previous_alpha_cumprod(&self, step_index: usize) -> f32 {
         match self.timestep_values.get(step_index + 1) {
-            Some(&prev) if prev >= 0 => self.train.alpha_cumprod(prev),
+            Some(&prev) if prev >= 0 => self.common.train.alpha_cumprod(prev),
             _ => 1.0,
         }
     }
@@ -168,24 +158,15 @@ impl Scheduler for DdpmScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
-        check_steps(NAME, num_inference_steps, self.train.num_train_timesteps)?;
-        let n = self.train.num_train_timesteps;
-        self.timestep_values =
-            integer_timesteps(self.spacing, n, num_inference_steps, self.steps_offset);
+        self.timestep_values = self
+            .common
+            .checked_integer_timesteps(NAME, num_inference_steps)?;
         self.timesteps = Tensor::from_slice(&self.timestep_values);
         Ok(())
     }
 
     fn timesteps(&self) -> &Tensor {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _: usize) -> Result<Tensor, SchedulerError> {
-        Ok(sample.shallow_clone())
     }
 
     fn step(
@@ -195,24 +176,21 @@ impl Scheduler for DdpmScheduler {
         sample: &Tensor,
     ) -> Result<StepOutput, SchedulerError> {
         let t = at(&self.timestep_values, step_index, NAME)?;
-        let alpha_prod_t = self.train.alpha_cumprod(t);
+        let alpha_prod_t = self.common.train.alpha_cumprod(t);
         let alpha_prod_prev = self.previous_alpha_cumprod(step_index);
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_prev = 1.0 - alpha_prod_prev;
         let current_alpha = alpha_prod_t / alpha_prod_prev;
         let current_beta = 1.0 - current_alpha;
-        let mut pred_original = match self.prediction {
-            PredictionType::Epsilon => sample
-                .f_sub(&model_output.f_mul_scalar(f64::from(beta_prod_t.sqrt()))?)?
-                .f_div_scalar(f64::from(alpha_prod_t.sqrt()))?,
-            PredictionType::Sample => model_output.shallow_clone(),
-            PredictionType::VPrediction => sample
-                .f_mul_scalar(f64::from(alpha_prod_t.sqrt()))?
-                .f_sub(&model_output.f_mul_scalar(f64::from(beta_prod_t.sqrt()))?)?,
-        };
-        if let Some(range) = self.clip_range {
-            pred_original = pred_original.f_clamp(-range, range)?;
-        }
+        let (alpha, sigma) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
+        let pred_original = predict_original(
+            self.common.prediction,
+            model_output,
+            sample,
+            f64::from(alpha),
+            f64::from(sigma),
+        )?;
+        let pred_original = clip_sample(pred_original, self.clip_range)?;
         let original_coeff = alpha_prod_prev.sqrt() * current_beta / beta_prod_t;
         let sample_coeff = current_alpha.sqrt() * beta_prod_prev / beta_prod_t;
         let mut prev_sample = pred_original

@@ -3,9 +3,9 @@
 //! `lower_order_final`). Also the first/second/third-order updates of `dpmsolver`, and the SDE
 //! variants (noise from tch's global CPU generator).
 use super::common::{
-    PREDICTION_TYPES, PredictionType, SPACINGS, SigmaSpacing, TimestepSpacing, TrainSchedule,
-    ZeroSnr, check_steps, cpu_noise_like, log_sigmas, numpy_arange, numpy_interp, numpy_linspace,
-    sigma_to_t,
+    CommonConfig, PREDICTION_TYPES, SigmaSpacing, TimestepSpacing, ZeroSnr, check_steps,
+    cpu_noise_like, log_sigmas, numpy_arange, numpy_interp, numpy_linspace, predict_epsilon,
+    predict_original, sigma_to_t, with_final_sigma,
 };
 use super::euler::{FINAL_SIGMA_TYPES, FinalSigma};
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
@@ -100,10 +100,7 @@ struct Update {
 
 /// diffusers `DPMSolverMultistepScheduler` (without Karras/exponential/beta/flow sigmas).
 pub struct DpmSolverMultistepScheduler {
-    train: TrainSchedule,
-    prediction: PredictionType,
-    spacing: TimestepSpacing,
-    steps_offset: i64,
+    common: CommonConfig,
     solver_order: usize,
     algorithm: Algorithm,
     solver_type: SolverType,
@@ -126,13 +123,13 @@ impl DpmSolverMultistepScheduler {
     /// `DPMSolverMultistepScheduler.from_config(config)`.
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
         reject_unsupported(config)?;
-        let train = TrainSchedule::new(config, NAME, ZeroSnr::RescaleAndFloorLast)?;
-        let pred = config.prediction_type.as_deref();
-        let prediction =
-            config.choice(NAME, "prediction_type", pred, "epsilon", PREDICTION_TYPES)?;
-        let spacing = config.timestep_spacing.as_deref();
-        let spacing =
-            config.choice(NAME, "timestep_spacing", spacing, DEFAULT_SPACING, SPACINGS)?;
+        let common = CommonConfig::read(
+            config,
+            NAME,
+            ZeroSnr::RescaleAndFloorLast,
+            PREDICTION_TYPES,
+            DEFAULT_SPACING,
+        )?;
         let algorithm = config.algorithm_type.as_deref();
         let algorithm =
             config.choice(NAME, "algorithm_type", algorithm, "dpmsolver++", ALGORITHMS)?;
@@ -161,10 +158,7 @@ impl DpmSolverMultistepScheduler {
             return Err(config.unsupported(NAME, "solver_order", solver_order));
         }
         Ok(Self {
-            train,
-            prediction,
-            spacing,
-            steps_offset: config.steps_offset.unwrap_or(0),
+            common,
             solver_order,
             algorithm,
             solver_type,
@@ -186,7 +180,7 @@ impl DpmSolverMultistepScheduler {
 
     /// `num_train_timesteps - searchsorted(flip(lambda_t), lambda_min_clipped)`.
     fn last_timestep(&self) -> Result<usize, SchedulerError> {
-        let alphas = &self.train.alphas_cumprod;
+        let alphas = &self.common.train.alphas_cumprod;
         let alpha_t = alphas.f_sqrt()?;
         let sigma_t = alphas.f_neg()?.f_add_scalar(1.0)?.f_sqrt()?;
         let lambda_t = alpha_t.f_log()?.f_sub(&sigma_t.f_log()?)?;
@@ -195,13 +189,13 @@ impl DpmSolverMultistepScheduler {
             .iter()
             .filter(|&&lambda| f64::from(lambda) < self.lambda_min_clipped)
             .count();
-        Ok(self.train.num_train_timesteps - clipped)
+        Ok(self.common.train.num_train_timesteps - clipped)
     }
 
     fn integer_timesteps(&self, num_inference_steps: usize) -> Result<Vec<i64>, SchedulerError> {
         let last = self.last_timestep()?;
         let n = num_inference_steps;
-        Ok(match self.spacing {
+        Ok(match self.common.spacing {
             TimestepSpacing::Linspace => numpy_linspace(0.0, last as f64 - 1.0, n + 1)
                 .into_iter()
                 .rev()
@@ -212,11 +206,11 @@ impl DpmSolverMultistepScheduler {
                 let ratio = (last / (n + 1)) as i64;
                 (1..=n as i64)
                     .rev()
-                    .map(|i| i * ratio + self.steps_offset)
+                    .map(|i| i * ratio + self.common.steps_offset)
                     .collect()
             }
             TimestepSpacing::Trailing => {
-                let ratio = self.train.num_train_timesteps as f64 / n as f64;
+                let ratio = self.common.train.num_train_timesteps as f64 / n as f64;
                 numpy_arange(last as f64, 0.0, -ratio)
                     .into_iter()
                     .map(|t| t.round_ties_even() as i64 - 1)
@@ -227,7 +221,7 @@ impl DpmSolverMultistepScheduler {
 
     /// (timesteps, sigmas without the final one) for `n` steps.
     fn schedule(&self, n: usize) -> Result<(Vec<i64>, Vec<f64>), SchedulerError> {
-        let train_sigmas = self.train.train_sigmas()?;
+        let train_sigmas = self.common.train.train_sigmas()?;
         if self.sigma_spacing == SigmaSpacing::Interpolated {
             let timesteps = self.integer_timesteps(n)?;
             let sigmas = timesteps
@@ -261,24 +255,11 @@ impl DpmSolverMultistepScheduler {
     ) -> Result<Tensor, SchedulerError> {
         let point = Point::of_sigma(sigma);
         let (alpha, sigma_t) = (f64::from(point.alpha), f64::from(point.sigma));
-        let data = self.algorithm.is_data_prediction();
-        Ok(match (self.prediction, data) {
-            (PredictionType::Epsilon, true) => sample
-                .f_sub(&model_output.f_mul_scalar(sigma_t)?)?
-                .f_div_scalar(alpha)?,
-            (PredictionType::Sample, true) | (PredictionType::Epsilon, false) => {
-                model_output.shallow_clone()
-            }
-            (PredictionType::VPrediction, true) => sample
-                .f_mul_scalar(alpha)?
-                .f_sub(&model_output.f_mul_scalar(sigma_t)?)?,
-            (PredictionType::Sample, false) => sample
-                .f_sub(&model_output.f_mul_scalar(alpha)?)?
-                .f_div_scalar(sigma_t)?,
-            (PredictionType::VPrediction, false) => model_output
-                .f_mul_scalar(alpha)?
-                .f_add(&sample.f_mul_scalar(sigma_t)?)?,
-        })
+        if self.algorithm.is_data_prediction() {
+            predict_original(self.common.prediction, model_output, sample, alpha, sigma_t)
+        } else {
+            predict_epsilon(self.common.prediction, model_output, sample, alpha, sigma_t)
+        }
     }
 
     /// Coefficients of the first-order update from `s` to `t`.
@@ -459,14 +440,13 @@ impl Scheduler for DpmSolverMultistepScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
-        check_steps(NAME, num_inference_steps, self.train.num_train_timesteps)?;
+        check_steps(
+            NAME,
+            num_inference_steps,
+            self.common.train.num_train_timesteps,
+        )?;
         let (timesteps, sigmas) = self.schedule(num_inference_steps)?;
-        let last = self.final_sigma.value(&self.train);
-        let sigmas: Vec<f32> = sigmas
-            .into_iter()
-            .chain(std::iter::once(last))
-            .map(|sigma| sigma as f32)
-            .collect();
+        let sigmas = with_final_sigma(sigmas, self.final_sigma.value(&self.common.train));
         self.timesteps = Tensor::from_slice(&timesteps).f_to_kind(Kind::Int64)?;
         self.sigmas = Tensor::from_slice(&sigmas);
         self.sigma_values = sigmas;
@@ -481,14 +461,6 @@ impl Scheduler for DpmSolverMultistepScheduler {
 
     fn sigmas(&self) -> Option<&Tensor> {
         Some(&self.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _: usize) -> Result<Tensor, SchedulerError> {
-        Ok(sample.shallow_clone())
     }
 
     fn step(

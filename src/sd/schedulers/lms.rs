@@ -1,10 +1,8 @@
 //! LMS (diffusers `LMSDiscreteScheduler`): linear multistep on the sigma schedule, order 4,
 //! with coefficients integrated exactly (the Lagrange basis polynomials have degree <= 3).
-use super::common::{
-    PREDICTION_TYPES, PredictionType, SPACINGS, SigmaSpacing, TimestepSpacing, TrainSchedule,
-    ZeroSnr, check_steps, float_timesteps, log_sigmas, numpy_interp, sigma_init_noise, sigma_to_t,
-};
-use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
+use super::common::{CommonConfig, PREDICTION_TYPES, SigmaSpacing, ZeroSnr};
+use super::sigma::{SigmaOptions, SigmaSchedule, SigmaScheduler, ode_derivative};
+use super::{SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
 
 const NAME: &str = "LMSDiscreteScheduler";
@@ -27,14 +25,7 @@ const GAUSS_WEIGHTS: [f64; 4] = [
 
 /// diffusers `LMSDiscreteScheduler`.
 pub struct LmsScheduler {
-    train: TrainSchedule,
-    prediction: PredictionType,
-    spacing: TimestepSpacing,
-    steps_offset: i64,
-    sigma_spacing: SigmaSpacing,
-    sigma_values: Vec<f32>,
-    sigmas: Tensor,
-    timesteps: Tensor,
+    schedule: SigmaSchedule,
     derivatives: Vec<Tensor>,
 }
 
@@ -42,33 +33,28 @@ impl LmsScheduler {
     /// `LMSDiscreteScheduler.from_config(config)`.
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
         let sigma_spacing = SigmaSpacing::from_config(config, NAME)?;
-        let train = TrainSchedule::new(config, NAME, ZeroSnr::NotAnOption)?;
-        let pred = config.prediction_type.as_deref();
-        let prediction =
-            config.choice(NAME, "prediction_type", pred, "epsilon", PREDICTION_TYPES)?;
-        let spacing = config.timestep_spacing.as_deref();
-        let spacing =
-            config.choice(NAME, "timestep_spacing", spacing, DEFAULT_SPACING, SPACINGS)?;
-        let mut scheduler = Self {
-            train,
-            prediction,
-            spacing,
-            steps_offset: config.steps_offset.unwrap_or(0),
-            sigma_spacing,
-            sigma_values: Vec::new(),
-            sigmas: Tensor::from_slice::<f32>(&[]),
-            timesteps: Tensor::from_slice::<f32>(&[]),
-            derivatives: Vec::new(),
+        let common = CommonConfig::read(
+            config,
+            NAME,
+            ZeroSnr::NotAnOption,
+            PREDICTION_TYPES,
+            DEFAULT_SPACING,
+        )?;
+        let options = SigmaOptions {
+            spacing: sigma_spacing,
+            bounds: (None, None),
+            final_sigma: 0.0,
         };
-        // diffusers' __init__ calls set_timesteps(num_train_timesteps).
-        scheduler.set_timesteps(scheduler.train.num_train_timesteps)?;
-        Ok(scheduler)
+        Ok(Self {
+            schedule: SigmaSchedule::new(NAME, common, options)?,
+            derivatives: Vec::new(),
+        })
     }
 
     /// diffusers `get_lms_coefficient(order, t, current_order)`: the integral over
     /// [sigma_t, sigma_{t+1}] of the Lagrange basis polynomial of point `t - current_order`.
     fn lms_coefficient(&self, order: usize, t: usize, current_order: usize) -> f64 {
-        let s = |i: usize| f64::from(self.sigma_values[i]);
+        let s = |i: usize| f64::from(self.schedule.values()[i]);
         let basis = |tau: f64| {
             (0..order)
                 .filter(|&k| k != current_order)
@@ -86,132 +72,35 @@ impl LmsScheduler {
     }
 }
 
-/// x0 estimate of the sigma-parameterised schedulers (LMS, Euler) for prediction type `pred`.
-pub(crate) fn sigma_pred_original(
-    prediction: PredictionType,
-    model_output: &Tensor,
-    sample: &Tensor,
-    sigma: f32,
-) -> Result<Tensor, SchedulerError> {
-    Ok(match prediction {
-        PredictionType::Epsilon => sample.f_sub(&model_output.f_mul_scalar(f64::from(sigma))?)?,
-        PredictionType::VPrediction => {
-            let scale = -sigma / (sigma * sigma + 1.0).sqrt();
-            model_output
-                .f_mul_scalar(f64::from(scale))?
-                .f_add(&sample.f_div_scalar(f64::from(sigma * sigma + 1.0))?)?
-        }
-        PredictionType::Sample => model_output.shallow_clone(),
-    })
-}
+impl SigmaScheduler for LmsScheduler {
+    const NAME: &'static str = NAME;
+    const KIND: SchedulerKind = SchedulerKind::Lms;
 
-/// `sample / sqrt(sigma**2 + 1)` (LMS/Euler/EulerA `scale_model_input`).
-pub(crate) fn sigma_scale_input(sample: &Tensor, sigma: f32) -> Result<Tensor, SchedulerError> {
-    Ok(sample.f_div_scalar(f64::from((sigma * sigma + 1.0).sqrt()))?)
-}
-
-/// How LMS/Euler/EulerA space their sigmas and end the schedule.
-pub(crate) struct SigmaOptions {
-    pub spacing: SigmaSpacing,
-    /// (`sigma_min`, `sigma_max`) overrides (Euler only).
-    pub bounds: (Option<f64>, Option<f64>),
-    /// The appended final sigma.
-    pub final_sigma: f64,
-}
-
-/// Timesteps and sigmas of LMS/Euler/EulerA for `n` steps: (float32 timesteps, sigmas + final).
-pub(crate) fn sigma_schedule(
-    train: &TrainSchedule,
-    spacing: TimestepSpacing,
-    steps_offset: i64,
-    num_inference_steps: usize,
-    options: &SigmaOptions,
-) -> Result<(Vec<f32>, Vec<f32>), SchedulerError> {
-    let n = num_inference_steps;
-    let timesteps = float_timesteps(spacing, train.num_train_timesteps, n, steps_offset);
-    let train_sigmas = train.train_sigmas()?;
-    let interpolated: Vec<f64> = timesteps
-        .iter()
-        .map(|&t| numpy_interp(f64::from(t), &train_sigmas))
-        .collect();
-    let (timesteps, sigmas) = match options.spacing {
-        SigmaSpacing::Interpolated => (timesteps, interpolated),
-        respacing => {
-            let sigmas = respacing.respace(&interpolated, n, options.bounds);
-            let logs = log_sigmas(&train_sigmas);
-            let timesteps = sigmas
-                .iter()
-                .map(|&s| sigma_to_t(s, &logs) as f32)
-                .collect();
-            (timesteps, sigmas)
-        }
-    };
-    let sigmas = sigmas
-        .into_iter()
-        .chain(std::iter::once(options.final_sigma))
-        .map(|sigma| sigma as f32)
-        .collect();
-    Ok((timesteps, sigmas))
-}
-
-impl Scheduler for LmsScheduler {
-    fn kind(&self) -> SchedulerKind {
-        SchedulerKind::Lms
+    fn schedule(&self) -> &SigmaSchedule {
+        &self.schedule
     }
 
-    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
-        check_steps(NAME, num_inference_steps, self.train.num_train_timesteps)?;
-        let (timesteps, sigmas) = sigma_schedule(
-            &self.train,
-            self.spacing,
-            self.steps_offset,
-            num_inference_steps,
-            &SigmaOptions {
-                spacing: self.sigma_spacing,
-                bounds: (None, None),
-                final_sigma: 0.0,
-            },
-        )?;
-        self.timesteps = Tensor::from_slice(&timesteps);
-        self.sigmas = Tensor::from_slice(&sigmas);
-        self.sigma_values = sigmas;
+    fn schedule_mut(&mut self) -> &mut SigmaSchedule {
+        &mut self.schedule
+    }
+
+    fn clear_history(&mut self) {
         self.derivatives.clear();
-        Ok(())
     }
 
-    fn timesteps(&self) -> &Tensor {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&Tensor> {
-        Some(&self.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        sigma_init_noise(&self.sigma_values, self.spacing)
-    }
-
-    fn scale_model_input(
-        &self,
-        sample: &Tensor,
-        step_index: usize,
-    ) -> Result<Tensor, SchedulerError> {
-        sigma_scale_input(sample, at(&self.sigma_values, step_index, NAME)?)
-    }
-
-    fn step(
+    fn sigma_step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
     ) -> Result<StepOutput, SchedulerError> {
         // The last step reads sigma[step_index + 1], the final 0.
-        let steps = self.sigma_values.len().saturating_sub(1);
-        let sigma = at(&self.sigma_values[..steps], step_index, NAME)?;
-        let pred_original = sigma_pred_original(self.prediction, model_output, sample, sigma)?;
-        let derivative = sample
-            .f_sub(&pred_original)?
-            .f_div_scalar(f64::from(sigma))?;
+        let sigmas = self.schedule.values();
+        let sigma = at(&sigmas[..sigmas.len().saturating_sub(1)], step_index, NAME)?;
+        let pred_original = self
+            .schedule
+            .predict_original(model_output, sample, sigma)?;
+        let derivative = ode_derivative(sample, &pred_original, sigma)?;
         self.derivatives.push(derivative);
         if self.derivatives.len() > LMS_ORDER {
             drop(self.derivatives.remove(0));

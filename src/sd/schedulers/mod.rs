@@ -22,6 +22,7 @@ pub mod euler;
 pub mod euler_ancestral;
 pub mod lms;
 pub mod pndm;
+mod sigma;
 
 pub use common::{PredictionType, TimestepSpacing};
 pub use config::SchedulerConfig;
@@ -201,14 +202,19 @@ pub trait Scheduler: Send {
     fn sigmas(&self) -> Option<&Tensor> {
         None
     }
-    /// The factor for the initial Gaussian noise.
-    fn init_noise_sigma(&self) -> f64;
-    /// Scales the sample before it goes to the UNet at step `step_index`.
+    /// The factor for the initial Gaussian noise (1 unless the scheduler works in sigma space).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// Scales the sample before it goes to the UNet at step `step_index` (by default the
+    /// sample unchanged).
     fn scale_model_input(
         &self,
         sample: &Tensor,
-        step_index: usize,
-    ) -> Result<Tensor, SchedulerError>;
+        _step_index: usize,
+    ) -> Result<Tensor, SchedulerError> {
+        Ok(sample.shallow_clone())
+    }
     /// Advances from `sample` at step `step_index` given the model output there.
     fn step(
         &mut self,

@@ -2,8 +2,7 @@
 //! (the SD configs) the second timestep is repeated, so a run of N steps makes N+1 model calls;
 //! without it, 12 Runge-Kutta warm-up calls (PRK) come first.
 use super::common::{
-    PredictionType, SPACINGS, TimestepSpacing, TrainSchedule, ZeroSnr, check_steps, numpy_arange,
-    numpy_linspace,
+    CommonConfig, PredictionType, ZeroSnr, check_steps, integer_timesteps, predict_epsilon,
 };
 use super::{Scheduler, SchedulerConfig, SchedulerError, SchedulerKind, StepOutput, at};
 use tch::Tensor;
@@ -25,10 +24,7 @@ const PNDM_PREDICTION_TYPES: &[(&str, PredictionType)] = &[
 
 /// diffusers `PNDMScheduler`.
 pub struct PndmScheduler {
-    train: TrainSchedule,
-    prediction: PredictionType,
-    spacing: TimestepSpacing,
-    steps_offset: i64,
+    common: CommonConfig,
     skip_prk_steps: bool,
     final_alpha_cumprod: f32,
     /// `num_train_timesteps // num_inference_steps`.
@@ -46,31 +42,18 @@ pub struct PndmScheduler {
 impl PndmScheduler {
     /// `PNDMScheduler.from_config(config)`.
     pub fn new(config: &SchedulerConfig) -> Result<Self, SchedulerError> {
-        let train = TrainSchedule::new(config, NAME, ZeroSnr::NotAnOption)?;
-        let pred = config.prediction_type.as_deref();
-        let prediction = config.choice(
+        let common = CommonConfig::read(
+            config,
             NAME,
-            "prediction_type",
-            pred,
-            "epsilon",
+            ZeroSnr::NotAnOption,
             PNDM_PREDICTION_TYPES,
+            DEFAULT_SPACING,
         )?;
-        let spacing = config.timestep_spacing.as_deref();
-        let spacing =
-            config.choice(NAME, "timestep_spacing", spacing, DEFAULT_SPACING, SPACINGS)?;
         let set_alpha_to_one = config.set_alpha_to_one.unwrap_or(DEFAULT_SET_ALPHA_TO_ONE);
-        let final_alpha_cumprod = if set_alpha_to_one {
-            1.0
-        } else {
-            train.alpha_cumprod(0)
-        };
         Ok(Self {
-            train,
-            prediction,
-            spacing,
-            steps_offset: config.steps_offset.unwrap_or(0),
+            final_alpha_cumprod: common.train.final_alpha_cumprod(set_alpha_to_one),
+            common,
             skip_prk_steps: config.skip_prk_steps.unwrap_or(DEFAULT_SKIP_PRK_STEPS),
-            final_alpha_cumprod,
             step_ratio: 1,
             prk_len: 0,
             timestep_values: Vec::new(),
@@ -83,24 +66,15 @@ impl PndmScheduler {
 
     /// PNDM's `_timesteps`: the inference timesteps in ASCENDING order.
     fn ascending_timesteps(&self, num_inference_steps: usize) -> Vec<i64> {
-        let n = self.train.num_train_timesteps;
-        let train = n as f64;
-        match self.spacing {
-            TimestepSpacing::Linspace => numpy_linspace(0.0, train - 1.0, num_inference_steps)
-                .into_iter()
-                .map(|t| t.round_ties_even() as i64)
-                .collect(),
-            TimestepSpacing::Leading => (0..num_inference_steps as i64)
-                .map(|i| i * (n / num_inference_steps) as i64 + self.steps_offset)
-                .collect(),
-            TimestepSpacing::Trailing => {
-                numpy_arange(train, 0.0, -(train / num_inference_steps as f64))
-                    .into_iter()
-                    .rev()
-                    .map(|t| t.round_ties_even() as i64 - 1)
-                    .collect()
-            }
-        }
+        let n = self.common.train.num_train_timesteps;
+        let mut timesteps = integer_timesteps(
+            self.common.spacing,
+            n,
+            num_inference_steps,
+            self.common.steps_offset,
+        );
+        timesteps.reverse();
+        timesteps
     }
 
     /// PRK timesteps (descending; each of the last 4 timesteps and its half-step, repeated).
@@ -119,14 +93,6 @@ impl PndmScheduler {
             .collect()
     }
 
-    fn alpha_cumprod_or_final(&self, timestep: i64) -> f32 {
-        if timestep >= 0 {
-            self.train.alpha_cumprod(timestep)
-        } else {
-            self.final_alpha_cumprod
-        }
-    }
-
     /// diffusers `_get_prev_sample`: one PNDM transfer from `timestep` to `prev_timestep`.
     fn prev_sample(
         &self,
@@ -135,16 +101,21 @@ impl PndmScheduler {
         prev_timestep: i64,
         model_output: &Tensor,
     ) -> Result<Tensor, SchedulerError> {
-        let alpha_prod_t = self.train.alpha_cumprod(timestep);
-        let alpha_prod_prev = self.alpha_cumprod_or_final(prev_timestep);
+        let alpha_prod_t = self.common.train.alpha_cumprod(timestep);
+        let alpha_prod_prev = self
+            .common
+            .train
+            .alpha_cumprod_or_final(prev_timestep, self.final_alpha_cumprod);
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_prev = 1.0 - alpha_prod_prev;
-        let model_output = match self.prediction {
-            PredictionType::VPrediction => model_output
-                .f_mul_scalar(f64::from(alpha_prod_t.sqrt()))?
-                .f_add(&sample.f_mul_scalar(f64::from(beta_prod_t.sqrt()))?)?,
-            _ => model_output.shallow_clone(),
-        };
+        // PNDM works on epsilon (its prediction types are epsilon and v).
+        let model_output = predict_epsilon(
+            self.common.prediction,
+            model_output,
+            sample,
+            f64::from(alpha_prod_t.sqrt()),
+            f64::from(beta_prod_t.sqrt()),
+        )?;
         let sample_coeff = (alpha_prod_prev / alpha_prod_t).sqrt();
         let denominator = alpha_prod_t * beta_prod_prev.sqrt()
             + (alpha_prod_t * beta_prod_t * alpha_prod_prev).sqrt();
@@ -254,7 +225,7 @@ impl Scheduler for PndmScheduler {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<(), SchedulerError> {
-        let n = self.train.num_train_timesteps;
+        let n = self.common.train.num_train_timesteps;
         check_steps(NAME, num_inference_steps, n)?;
         if !self.skip_prk_steps && num_inference_steps < PNDM_ORDER {
             // diffusers fails here too (its PRK schedule needs the last 4 timesteps).
@@ -293,14 +264,6 @@ impl Scheduler for PndmScheduler {
 
     fn timesteps(&self) -> &Tensor {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _: usize) -> Result<Tensor, SchedulerError> {
-        Ok(sample.shallow_clone())
     }
 
     fn step(

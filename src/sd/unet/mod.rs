@@ -49,11 +49,11 @@ impl UNet2DConditionModel {
     ) -> Result<(VarStore, Self), ModelError> {
         let config = UNetConfig::from_file(&dir.join(CONFIG_FILE))?;
         let file = weights::find_weights_file(dir, WEIGHTS_STEM, variant)?;
-        let mut vs = VarStore::new(device);
-        let model = Self::new(vs.root(), config);
-        vs.set_kind(kind);
-        weights::load_into(&vs, &file, |key| Some(key.to_string()))?;
-        Ok((vs, model))
+        let build = |root: nn::Path| Self::new(root, config);
+        let keep_key = |key: &str| Some(key.to_string());
+        Ok(weights::build_and_load(
+            &file, device, kind, build, keep_key,
+        )?)
     }
 
     /// Creates the (zero-filled) parameters under `path`.
