@@ -1,8 +1,11 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Each sets up libtorch first
 # (a lean CPU libtorch 2.11.0 from PyPI, cached outside the repo; see scripts/setup-libtorch.sh).
 SHELL := /bin/bash
-LIBTORCH_DIR = $(shell scripts/setup-libtorch.sh)
-export LIBTORCH = $(LIBTORCH_DIR)
+LIBTORCH_DIR := $(shell scripts/setup-libtorch.sh)
+ifeq ($(LIBTORCH_DIR),)
+$(error libtorch setup failed (see the setup-libtorch message above))
+endif
+export LIBTORCH := $(LIBTORCH_DIR)
 
 .PHONY: demo test build libtorch lint
 
