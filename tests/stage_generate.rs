@@ -63,8 +63,9 @@ fn images_equal_sample_with_seed_plus_index_for_any_batch_size() {
     assert_eq!(
         parameters,
         format!(
-            "{PROMPT}\nSteps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 8, Size: 64x64, Model hash: {}, Model: tiny-sd, dreampipe stage: class",
-            dreampipe::cli::sample::short_weights_hash(&repo_path("models/tiny-sd"))
+            "{PROMPT}\nSteps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 8, Size: 64x64, Model hash: {}, Model: tiny-sd, dreampipe stage: class, dreampipe key: {}, dreampipe pipeline: gen",
+            dreampipe::cli::sample::short_weights_hash(&repo_path("models/tiny-sd")),
+            stage_key(&one_by_one, "gen", "class")
         )
     );
     let manifest = manifest(&single);
@@ -94,11 +95,22 @@ fn raising_count_reuses_memoized_images_and_rerun_is_cached() {
         .canonicalize()
         .expect("output");
     assert_ne!(first, second);
+    let new_key = stage_key(&cache, "gen", "class");
     for name in ["images/0000.png", "images/0001.png"] {
+        // Reused pixels, restamped with the new stage key.
         assert_eq!(
-            std::fs::read(first.join(name)).expect("first"),
-            std::fs::read(second.join(name)).expect("second"),
+            max_level_difference(&first.join(name), &second.join(name)),
+            0,
             "{name}"
+        );
+        let text = read_parameters_text(&second.join(name))
+            .expect("read PNG")
+            .expect("parameters chunk");
+        assert!(
+            text.ends_with(&format!(
+                "dreampipe stage: class, dreampipe key: {new_key}, dreampipe pipeline: gen"
+            )),
+            "{text}"
         );
     }
     let reference = dir.path().join("sample-2.png");

@@ -86,7 +86,10 @@ fn grids_have_one_row_per_model_and_scheduler_and_one_column_per_seed() {
         "{text}"
     );
     assert!(
-        text.ends_with("Model: copy, dreampipe stage: grid"),
+        text.ends_with(&format!(
+            "Model: copy, dreampipe stage: grid, dreampipe key: {}, dreampipe pipeline: grid",
+            stage_key(&cache, "grid", "grid")
+        )),
         "{text}"
     );
 }

@@ -223,7 +223,12 @@ fn images_generate_ti_dreambooth_chain_trains_caches_and_reruns_only_what_change
         "{parameters}"
     );
     assert!(
-        parameters.ends_with(", Model: ti, dreampipe stage: ti"),
+        parameters.ends_with(&format!(
+            ", Model: ti, dreampipe stage: ti, dreampipe key: {}, dreampipe pipeline: train",
+            std::fs::read_to_string(project.cache().join("index/train/ti"))
+                .expect("index")
+                .trim()
+        )),
         "{parameters}"
     );
 

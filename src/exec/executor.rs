@@ -542,6 +542,7 @@ async fn compute(
     let work_dir = work.clone();
     let pipeline_dir = absolute_dir(&shared.plan.pipeline.file);
     let shared_root = store.root().join("shared");
+    let (stage_key, pipeline_name) = (key.to_string(), shared.plan.pipeline.name.clone());
     let outcome = blocking(move || {
         let log = StageLog::create(&log_path);
         let progress = ProgressReporter::new(&run_stage.id, Some(events));
@@ -557,6 +558,8 @@ async fn compute(
             device,
             log: &log,
             shared_root: &shared_root,
+            key: &stage_key,
+            pipeline: &pipeline_name,
         };
         let result = run_stage.kind.run(&context);
         if let Err(error) = &result {

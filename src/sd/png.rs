@@ -95,30 +95,8 @@ pub fn write_rgb_png(
     height: u32,
     parameters: Option<&GenerationParameters>,
 ) -> Result<(), PngError> {
-    let write_error = |reason: String| PngError::Write {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let file = File::create(path).map_err(|e| write_error(e.to_string()))?;
-    let mut encoder = png::Encoder::new(BufWriter::new(file), width, height);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    if let Some(parameters) = parameters {
-        let text = parameters.to_a1111_text();
-        let added = if is_latin1(&text) {
-            encoder.add_text_chunk(PARAMETERS_KEYWORD.to_string(), text)
-        } else {
-            encoder.add_itxt_chunk(PARAMETERS_KEYWORD.to_string(), text)
-        };
-        added.map_err(|e| write_error(e.to_string()))?;
-    }
-    let mut writer = encoder
-        .write_header()
-        .map_err(|e| write_error(e.to_string()))?;
-    writer
-        .write_image_data(rgb)
-        .map_err(|e| write_error(e.to_string()))?;
-    writer.finish().map_err(|e| write_error(e.to_string()))
+    let text = parameters.map(GenerationParameters::to_a1111_text);
+    write_png_with_text(path, rgb, width, height, text.as_deref())
 }
 
 fn is_latin1(text: &str) -> bool {
@@ -153,6 +131,66 @@ pub fn read_parameters_text(path: &Path) -> Result<Option<String>, PngError> {
             .map_err(|e| read_error(e.to_string())),
         None => Ok(None),
     }
+}
+
+/// Rewrites a PNG written by [`write_rgb_png`] with another "parameters" text (same pixels).
+pub fn replace_parameters_text(path: &Path, text: &str) -> Result<(), PngError> {
+    let read_error = |reason: String| PngError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = File::open(path).map_err(|e| read_error(e.to_string()))?;
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .map_err(|e| read_error(e.to_string()))?;
+    let (width, height) = (reader.info().width, reader.info().height);
+    if reader.info().color_type != png::ColorType::Rgb
+        || reader.info().bit_depth != png::BitDepth::Eight
+    {
+        return Err(read_error("not an 8-bit RGB PNG".to_string()));
+    }
+    let mut rgb = vec![0u8; (width * height * 3) as usize];
+    reader
+        .next_frame(&mut rgb)
+        .map_err(|e| read_error(e.to_string()))?;
+    let temporary = path.with_extension("restamp.tmp");
+    write_png_with_text(&temporary, &rgb, width, height, Some(text))?;
+    std::fs::rename(&temporary, path).map_err(|e| PngError::Write {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn write_png_with_text(
+    path: &Path,
+    rgb: &[u8],
+    width: u32,
+    height: u32,
+    text: Option<&str>,
+) -> Result<(), PngError> {
+    let write_error = |reason: String| PngError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = File::create(path).map_err(|e| write_error(e.to_string()))?;
+    let mut encoder = png::Encoder::new(BufWriter::new(file), width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    if let Some(text) = text {
+        let added = if is_latin1(text) {
+            encoder.add_text_chunk(PARAMETERS_KEYWORD.to_string(), text.to_string())
+        } else {
+            encoder.add_itxt_chunk(PARAMETERS_KEYWORD.to_string(), text.to_string())
+        };
+        added.map_err(|e| write_error(e.to_string()))?;
+    }
+    let mut writer = encoder
+        .write_header()
+        .map_err(|e| write_error(e.to_string()))?;
+    writer
+        .write_image_data(rgb)
+        .map_err(|e| write_error(e.to_string()))?;
+    writer.finish().map_err(|e| write_error(e.to_string()))
 }
 
 /// Converts a decoded image tensor in [-1, 1], shape [3, h, w], to RGB bytes the way diffusers

@@ -8,8 +8,8 @@
 //! `count` changes the stage key, but the images already made are copied from the memo.
 use super::sd_common::{
     SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, dtype_spec, field_error, guidance_spec,
-    load_model, model_hash, model_label, negative_prompt_spec, parse_scheduler, size_specs,
-    steps_spec, write_manifest, write_sample,
+    load_model, model_hash, model_label, negative_prompt_spec, parse_scheduler, restamp_sample,
+    size_specs, steps_spec, write_manifest, write_sample,
 };
 use super::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
 use crate::cache::hash::{HashMemo, tree_digest};
@@ -150,6 +150,7 @@ impl Job {
         for index in 0..self.count {
             ctx.check_cancelled()?;
             if memo.restore(self.seed_of(index), &image_path(&images_dir, index))? {
+                restamp_sample(ctx, &image_path(&images_dir, index))?;
                 reused += 1;
                 ctx.progress
                     .step_with_metric(reused, self.count, "reused", reused as f64);

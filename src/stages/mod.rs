@@ -258,6 +258,9 @@ pub struct StageContext<'a> {
     pub log: &'a StageLog,
     /// `<cache>/shared`: stage-managed memos that outlive one key (see [`Self::shared_dir`]).
     pub shared_root: &'a Path,
+    /// The stage's cache key (hex) and the pipeline's name, for provenance in outputs.
+    pub key: &'a str,
+    pub pipeline: &'a str,
 }
 
 impl StageContext<'_> {

@@ -20,6 +20,9 @@ pub const SCHEDULER_CHOICES: &[&str] =
     &["ddim", "pndm", "lms", "euler", "euler-a", "dpm++", "ddpm"];
 /// The PNG parameters field naming the stage that wrote an image.
 pub const STAGE_FIELD: &str = "dreampipe stage";
+/// The PNG parameters fields holding the stage key and the pipeline name.
+pub const KEY_FIELD: &str = "dreampipe key";
+pub const PIPELINE_FIELD: &str = "dreampipe pipeline";
 
 /// Largest `steps` (diffusers schedulers use ≤ 1000 training timesteps).
 const MAX_STEPS: f64 = 1000.0;
@@ -159,12 +162,38 @@ pub fn write_sample(
         height: output.height,
         model_hash: info.model_hash.to_string(),
         model_name: info.model_name.to_string(),
-        extra: vec![(STAGE_FIELD.to_string(), ctx.stage_id.to_string())],
+        extra: provenance(ctx),
     };
     let rgb = tensor_to_rgb_bytes(&output.images.get(index));
     let (width, height) = (output.width as u32, output.height as u32);
     write_rgb_png(path, &rgb, width, height, Some(&parameters))
         .map_err(|e| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id)))
+}
+
+/// dreampipe's fields at the end of the A1111 settings line: stage id, stage key, pipeline.
+pub fn provenance(ctx: &StageContext<'_>) -> Vec<(String, String)> {
+    vec![
+        (STAGE_FIELD.to_string(), ctx.stage_id.to_string()),
+        (KEY_FIELD.to_string(), ctx.key.to_string()),
+        (PIPELINE_FIELD.to_string(), ctx.pipeline.to_string()),
+    ]
+}
+
+/// Rewrites the dreampipe fields of a PNG made by an earlier run (a memoized image) so it names
+/// this run's stage key and pipeline; pixels and the other parameters are kept.
+pub fn restamp_sample(ctx: &StageContext<'_>, path: &Path) -> Result<(), StageError> {
+    let failed = |e: String| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id));
+    let text = crate::sd::png::read_parameters_text(path)
+        .map_err(|e| failed(e.to_string()))?
+        .unwrap_or_default();
+    let marker = format!(", {STAGE_FIELD}: ");
+    let base = text.split(&marker).next().unwrap_or_default();
+    let fields: Vec<String> = provenance(ctx)
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    let restamped = format!("{base}, {}", fields.join(", "));
+    crate::sd::png::replace_parameters_text(path, &restamped).map_err(|e| failed(e.to_string()))
 }
 
 /// A1111's short model hash of the folder's UNet weights (as `dreampipe sample` writes it).

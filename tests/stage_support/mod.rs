@@ -95,3 +95,12 @@ pub fn max_level_difference(a: &Path, b: &Path) -> u8 {
         .max()
         .unwrap_or(0)
 }
+
+/// The stage's latest computed key (`cache/index/<pipeline>/<stage>`).
+#[allow(dead_code)]
+pub fn stage_key(cache: &Path, pipeline: &str, stage: &str) -> String {
+    std::fs::read_to_string(cache.join("index").join(pipeline).join(stage))
+        .expect("index entry")
+        .trim()
+        .to_string()
+}
