@@ -1,34 +1,11 @@
-//! Device selection: `--device auto|cpu|cuda|cuda:N`, and making libtorch's CUDA backend
-//! available at start-up (a plain tch build never links `libtorch_cuda.so`, so it is loaded with
-//! `dlopen` before the first CUDA query; any earlier query disables CUDA for the process).
+//! CUDA for the torch worker: making libtorch's CUDA backend available at start-up (a plain
+//! tch build never links `libtorch_cuda.so`, so it is loaded with `dlopen` before the first CUDA
+//! query; any earlier query disables CUDA for the process), asking libtorch what it sees, and
+//! converting the core's [`Device`] to tch's. The requests and their resolution are the core's
+//! (re-exported).
+pub use dreampipe_core::device::*;
 use std::ffi::CString;
 use std::path::PathBuf;
-use std::str::FromStr;
-
-/// What the user asked for with `--device`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceRequest {
-    /// CUDA device 0 when usable, else CPU.
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-impl FromStr for DeviceRequest {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| format!("unknown device '{other}': use auto, cpu, cuda or cuda:N")),
-        }
-    }
-}
 
 /// The libtorch library folder this binary was linked against (set by build.rs).
 pub fn linked_libtorch_dir() -> Option<PathBuf> {
@@ -81,41 +58,23 @@ fn dlopen_global(path: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Resolves the request to a tch device. `cuda` that cannot work is one clear error line.
-pub fn resolve(request: DeviceRequest, backend: &CudaBackend) -> Result<tch::Device, String> {
-    match request {
-        DeviceRequest::Cpu => Ok(tch::Device::Cpu),
-        DeviceRequest::Auto => Ok(if cuda_device_count(backend) > 0 {
-            tch::Device::Cuda(0)
-        } else {
-            tch::Device::Cpu
-        }),
-        DeviceRequest::Cuda(index) => {
-            if let CudaBackend::Missing(why) = backend {
-                return Err(format!(
-                    "--device cuda: this libtorch has no CUDA backend (libtorch_cuda.so not loadable: {why}); \
-                     build against a CUDA libtorch or set DREAMPIPE_TORCH_CUDA_LIB (see README, GPU)"
-                ));
-            }
-            let count = cuda_device_count(backend);
-            if count == 0 {
-                return Err("--device cuda: libtorch's CUDA backend is loaded but sees no GPU (no NVIDIA driver or device)".to_string());
-            }
-            if index >= count {
-                return Err(format!(
-                    "--device cuda:{index}: only {count} CUDA device(s) present (cuda:0..cuda:{})",
-                    count - 1
-                ));
-            }
-            Ok(tch::Device::Cuda(index))
-        }
+/// libtorch's answer for this process: the backend loaded (or why not) and its device count.
+pub fn probe(backend: &CudaBackend) -> CudaProbe {
+    match backend {
+        CudaBackend::Loaded(library) => CudaProbe::Loaded {
+            library: library.clone(),
+            count: tch::Cuda::device_count().max(0) as usize,
+        },
+        CudaBackend::Missing(reason) => CudaProbe::Missing {
+            reason: reason.clone(),
+        },
     }
 }
 
-/// Number of CUDA devices libtorch sees (0 without the backend).
-pub fn cuda_device_count(backend: &CudaBackend) -> usize {
-    match backend {
-        CudaBackend::Loaded(_) => tch::Cuda::device_count().max(0) as usize,
-        CudaBackend::Missing(_) => 0,
+/// The tch device of a core device.
+pub fn to_tch(device: Device) -> tch::Device {
+    match device {
+        Device::Cpu => tch::Device::Cpu,
+        Device::Cuda(index) => tch::Device::Cuda(index),
     }
 }

@@ -1,15 +1,14 @@
 //! dreampipe: Stable Diffusion fine-tuning experiments as cached YAML pipelines.
 //!
 //! Data flow: `pipeline` (YAML → validated stages) → `plan` (DAG + fingerprints) → `exec`
-//! (concurrent executor, events) → `cache` (content-addressed store). `sd` is the Stable
-//! Diffusion implementation the GPU stages run on; `device` picks CPU/CUDA.
+//! (concurrent executor, events) → `cache` (content-addressed store); these, with `report`,
+//! live in the libtorch-free `dreampipe_core` crate and are re-exported here. This crate adds
+//! `sd` (the Stable Diffusion implementation on libtorch), the Stable Diffusion stage kinds'
+//! implementations (`stages`), the torch verbs (`cli`), CUDA loading (`device`) and `bench`.
+pub use dreampipe_core::{cache, exec, pipeline, plan, report};
+
 pub mod bench;
-pub mod cache;
 pub mod cli;
 pub mod device;
-pub mod exec;
-pub mod pipeline;
-pub mod plan;
-pub mod report;
 pub mod sd;
 pub mod stages;

@@ -107,7 +107,7 @@ fn run(plan: Plan, store: &Store) -> RunRecord {
         let n = plan.len();
         let options = ExecOptions {
             jobs: 2,
-            devices: vec![tch::Device::Cpu],
+            devices: vec![dreampipe::device::Device::Cpu],
             selected: vec![true; n],
             forced: vec![false; n],
             locked: None,

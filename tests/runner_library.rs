@@ -117,7 +117,11 @@ fn load_sweep(dir: &Path, registry: Registry) -> Pipeline {
     .expect("valid")
 }
 
-fn run(plan: Plan, store: &Store, devices: Vec<tch::Device>) -> (RunRecord, Vec<Event>) {
+fn run(
+    plan: Plan,
+    store: &Store,
+    devices: Vec<dreampipe::device::Device>,
+) -> (RunRecord, Vec<Event>) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
@@ -155,7 +159,7 @@ struct SweepRun {
     events: Vec<Event>,
 }
 
-fn run_sweep(dir: &Path, devices: Vec<tch::Device>) -> SweepRun {
+fn run_sweep(dir: &Path, devices: Vec<dreampipe::device::Device>) -> SweepRun {
     let (registry, train) = fake_registry();
     let store = Store::open(&dir.join("cache")).expect("store");
     let (record, events) = run(
@@ -219,7 +223,7 @@ fn gpu_stages_take_one_slot_per_device_and_report_progress() {
         record,
         events,
         ..
-    } = run_sweep(dir.path(), vec![tch::Device::Cpu]);
+    } = run_sweep(dir.path(), vec![dreampipe::device::Device::Cpu]);
     assert!(record.success);
     assert_eq!(
         train.max_running.load(Ordering::SeqCst),
@@ -240,7 +244,13 @@ fn gpu_stages_take_one_slot_per_device_and_report_progress() {
         train: train2,
         record: record2,
         ..
-    } = run_sweep(dir2.path(), vec![tch::Device::Cpu, tch::Device::Cpu]);
+    } = run_sweep(
+        dir2.path(),
+        vec![
+            dreampipe::device::Device::Cpu,
+            dreampipe::device::Device::Cpu,
+        ],
+    );
     assert!(
         record2.success,
         "{:?}",
@@ -265,7 +275,7 @@ fn fields_outside_the_key_do_not_rerun_and_model_folder_changes_do() {
         store,
         record: first,
         ..
-    } = run_sweep(dir.path(), vec![tch::Device::Cpu]);
+    } = run_sweep(dir.path(), vec![dreampipe::device::Device::Cpu]);
     let ran = first
         .stages
         .iter()
@@ -283,7 +293,11 @@ fn fields_outside_the_key_do_not_rerun_and_model_folder_changes_do() {
         registry: registry.clone(),
     };
     let quiet = load_str(SWEEP, &dir.path().join("p.yaml"), dir.path(), &options).expect("valid");
-    let (second, _) = run(Plan::new(quiet), &store, vec![tch::Device::Cpu]);
+    let (second, _) = run(
+        Plan::new(quiet),
+        &store,
+        vec![dreampipe::device::Device::Cpu],
+    );
     assert!(
         second.stages.iter().all(|s| s.status == Outcome::Cached),
         "log_every is not in the key"
@@ -292,7 +306,7 @@ fn fields_outside_the_key_do_not_rerun_and_model_folder_changes_do() {
     let (third, _) = run(
         Plan::new(load_sweep(dir.path(), registry)),
         &store,
-        vec![tch::Device::Cpu],
+        vec![dreampipe::device::Device::Cpu],
     );
     assert_eq!(third.stages[0].status, Outcome::Ran);
     assert_eq!(
@@ -326,7 +340,11 @@ fn images_stage_normalizes_a_folder_and_names_a_broken_file() {
         &LoadOptions::default(),
     )
     .expect("valid");
-    let (record, _) = run(Plan::new(pipeline), &store, vec![tch::Device::Cpu]);
+    let (record, _) = run(
+        Plan::new(pipeline),
+        &store,
+        vec![dreampipe::device::Device::Cpu],
+    );
     assert!(record.success, "{:?}", record.stages[0].error);
     let out = store.output_dir(record.stages[0].key.as_ref().expect("key"));
     let manifest: serde_json::Value =
@@ -351,7 +369,11 @@ fn images_stage_normalizes_a_folder_and_names_a_broken_file() {
         &LoadOptions::default(),
     )
     .expect("valid");
-    let (record, _) = run(Plan::new(pipeline), &store, vec![tch::Device::Cpu]);
+    let (record, _) = run(
+        Plan::new(pipeline),
+        &store,
+        vec![dreampipe::device::Device::Cpu],
+    );
     let error = record.stages[0].error.clone().unwrap_or_default();
     assert!(
         error.starts_with(&format!(
@@ -399,7 +421,11 @@ fn a_panicking_stage_fails_alone_and_leaves_no_staging() {
     )
     .expect("valid");
     let store = Store::open(&dir.path().join("cache")).expect("store");
-    let (record, _) = run(Plan::new(pipeline), &store, vec![tch::Device::Cpu]);
+    let (record, _) = run(
+        Plan::new(pipeline),
+        &store,
+        vec![dreampipe::device::Device::Cpu],
+    );
     assert!(!record.success);
     let statuses: Vec<Outcome> = record.stages.iter().map(|s| s.status).collect();
     assert_eq!(statuses, [Outcome::Failed, Outcome::Skipped, Outcome::Ran]);

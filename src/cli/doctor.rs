@@ -12,7 +12,7 @@ pub fn run(context: &Context) -> anyhow::Result<ExitCode> {
     }
     match &context.cuda {
         CudaBackend::Loaded(lib) => {
-            let count = device::cuda_device_count(&context.cuda);
+            let count = context.probe.device_count();
             println!("CUDA backend: loaded from {lib}; {count} device(s)");
             for index in 0..count {
                 println!("  cuda:{index}: {}", cuda_device_name(index));

@@ -1,112 +1,117 @@
-//! Command-line verbs. Each verb lives in its own file; this module holds the global flags and
-//! dispatches. Global flags: `--device`, `--cache`.
-use crate::device::{self, CudaBackend, DeviceRequest};
-use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+//! The torch worker's command line: the core's verbs (`dreampipe_core::cli`) with the Stable
+//! Diffusion stages running in this process, plus the verbs that need libtorch (`doctor`,
+//! `sample`, `model`, `bench`), whose real arguments replace the core's stubs. The front
+//! binary re-executes commands here with the same arguments, so both parse alike.
+use crate::device::{self, CudaBackend, CudaProbe, DeviceRequest};
+use clap::{Args, CommandFactory, FromArgMatches, Subcommand};
+use dreampipe_core::cli::{Backend, Cli, GlobalArgs};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod bench;
-mod bench_cache;
 mod bench_sd;
-mod cache;
-mod common;
-mod dag;
 mod doctor;
-mod explain;
-mod init;
 mod model;
-mod plan;
-mod report;
-mod run;
 pub mod sample;
-mod show;
-mod validate;
 
-/// Global options every verb sees.
-#[derive(Debug, Parser)]
-#[command(
-    name = "dreampipe",
-    version,
-    about = "Stable Diffusion fine-tuning experiments as cached YAML pipelines"
-)]
-pub struct Cli {
-    /// Where computations run: auto (CUDA when usable), cpu, cuda, cuda:N.
-    #[arg(long, global = true, default_value = "auto", env = "DREAMPIPE_DEVICE")]
-    pub device: DeviceRequest,
-    /// Cache root (content-addressed store of stage outputs).
-    #[arg(long, global = true, default_value = "cache", env = "DREAMPIPE_CACHE")]
-    pub cache: PathBuf,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Print libtorch's version and location, CUDA availability and devices, the cache root.
-    Doctor,
-    /// Generate images from a prompt (txt2img) with a diffusers model folder.
-    Sample(sample::SampleArgs),
-    /// Run a pipeline: only stages whose inputs changed.
-    Run(run::RunArgs),
-    /// What a run would do with each stage, and why.
-    Plan(plan::PlanArgs),
-    /// Why a stage will rerun, field by field.
-    Explain(explain::ExplainArgs),
-    /// The stage graph as mermaid or Graphviz dot.
-    Dag(dag::DagArgs),
-    /// Check a pipeline file and report every error.
-    Validate(validate::ValidateArgs),
-    /// Inspect and maintain the cache.
-    Cache(cache::CacheArgs),
-    /// Write a starter DreamBooth pipeline (DIR/dreampipe.yaml) for a folder of photos.
-    Init(init::InitArgs),
-    /// Write the HTML report of a pipeline's latest run.
-    Report(report::ReportArgs),
-    /// Print the output folder of a stage's current result.
-    Show(show::ShowArgs),
-    /// Benchmark hashing, planning and no-op reruns (figures for the docs).
-    #[command(hide = true)]
-    BenchCache(bench_cache::BenchArgs),
-    /// Model-folder utilities (`model init`: random-weight folders in a known architecture).
-    #[command(subcommand)]
-    Model(model::ModelCommand),
-    #[command(subcommand, hide = true)]
-    Bench(bench::BenchCommand),
-}
-
-/// Everything a verb needs from the global flags, resolved once.
+/// What the torch verbs need from the global flags, resolved once.
 pub struct Context {
     pub device: tch::Device,
     pub cuda: CudaBackend,
+    pub probe: CudaProbe,
     pub cache_root: PathBuf,
 }
 
-/// Runs the verb; the returned exit code is success unless the verb says otherwise.
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let cuda = match cli.device {
+/// The whole command line: the core's, with the torch verbs' arguments filled in.
+pub fn command() -> clap::Command {
+    Cli::command()
+        .mut_subcommand("doctor", |stub| real_verb("doctor", &stub, |verb| verb))
+        .mut_subcommand("sample", |stub| {
+            real_verb("sample", &stub, sample::SampleArgs::augment_args)
+        })
+        .mut_subcommand("model", |stub| {
+            real_verb("model", &stub, model::ModelCommand::augment_subcommands)
+                .subcommand_required(true)
+        })
+        .mut_subcommand("bench", |stub| {
+            real_verb("bench", &stub, bench::BenchCommand::augment_subcommands)
+                .subcommand_required(true)
+        })
+}
+
+/// The verb `name` with the arguments `add` gives it instead of the stub's catch-all, keeping
+/// the stub's description and visibility.
+fn real_verb(
+    name: &'static str,
+    stub: &clap::Command,
+    add: impl FnOnce(clap::Command) -> clap::Command,
+) -> clap::Command {
+    let mut verb = add(clap::Command::new(name)).hide(stub.is_hide_set());
+    if let Some(about) = stub.get_about() {
+        verb = verb.about(about.clone());
+    }
+    verb
+}
+
+/// Parses the process's arguments and runs the verb.
+pub fn run_from_env() -> anyhow::Result<ExitCode> {
+    let matches = command().get_matches();
+    let global = GlobalArgs::from_arg_matches(&matches)?;
+    let cuda = match global.device {
         DeviceRequest::Cpu => CudaBackend::Missing("--device cpu".to_string()),
         _ => device::load_cuda_backend(),
     };
-    let resolved = device::resolve(cli.device, &cuda).map_err(anyhow::Error::msg)?;
-    let context = Context {
-        device: resolved,
-        cuda,
-        cache_root: cli.cache,
+    let probe = device::probe(&cuda);
+    let outcome = run_verb(&matches, &global, cuda, &probe);
+    remember_probe(&global, &probe);
+    outcome
+}
+
+fn run_verb(
+    matches: &clap::ArgMatches,
+    global: &GlobalArgs,
+    cuda: CudaBackend,
+    probe: &CudaProbe,
+) -> anyhow::Result<ExitCode> {
+    let torch_context = || -> anyhow::Result<Context> {
+        let resolved = device::resolve(global.device, probe).map_err(anyhow::Error::msg)?;
+        Ok(Context {
+            device: device::to_tch(resolved),
+            cuda: cuda.clone(),
+            probe: probe.clone(),
+            cache_root: global.cache.clone(),
+        })
     };
-    match cli.command {
-        Command::Doctor => doctor::run(&context),
-        Command::Sample(args) => sample::run(&context, &args),
-        Command::Run(args) => run::run(&context, &args),
-        Command::Plan(args) => plan::run(&context, &args),
-        Command::Explain(args) => explain::run(&context, &args),
-        Command::Dag(args) => dag::run(&context, &args),
-        Command::Validate(args) => validate::run(&context, &args),
-        Command::Cache(args) => cache::run(&context, &args),
-        Command::Init(args) => init::run(&context, &args),
-        Command::Report(args) => report::run(&context, &args),
-        Command::Show(args) => show::run(&context, &args),
-        Command::BenchCache(args) => bench_cache::run(&context, &args),
-        Command::Model(command) => model::run(command, &context),
-        Command::Bench(command) => bench::run(command, &context),
+    match matches.subcommand() {
+        Some(("doctor", _)) => doctor::run(&torch_context()?),
+        Some(("sample", sub)) => sample::run(
+            &torch_context()?,
+            &sample::SampleArgs::from_arg_matches(sub)?,
+        ),
+        Some(("model", sub)) => model::run(
+            model::ModelCommand::from_arg_matches(sub)?,
+            &torch_context()?,
+        ),
+        Some(("bench", sub)) => bench::run(
+            bench::BenchCommand::from_arg_matches(sub)?,
+            &torch_context()?,
+        ),
+        _ => {
+            let cli = Cli::from_arg_matches(matches)?;
+            let backend = Backend {
+                registry: crate::stages::registry(),
+                probe: Some(probe.clone()),
+                torch_in_process: true,
+            };
+            dreampipe_core::cli::run(cli, backend)
+        }
+    }
+}
+
+/// Memoizes libtorch's CUDA answer for the front binary, in a cache root that exists (a verb
+/// that never touched the cache does not create one for it).
+fn remember_probe(global: &GlobalArgs, probe: &CudaProbe) {
+    if global.device != DeviceRequest::Cpu && Path::new(&global.cache).is_dir() {
+        device::write_probe(&global.cache, probe);
     }
 }

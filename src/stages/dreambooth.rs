@@ -5,137 +5,22 @@
 //! `metrics.jsonl`, `validation/step-N.png` and `report.json`. Checkpoints live in the work
 //! folder, so a crashed run resumes from its last checkpoint on the next `dreampipe run`.
 use super::sd_common::field_error;
-use super::training::{self, ScriptDefaults};
-use super::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use super::training;
+use super::{StageContext, StageError};
 use crate::sd::train::dreambooth::{self, DreamBoothConfig};
-use serde_json::{Value, json};
 
-/// train_dreambooth.py's `--learning_rate` default.
-const DEFAULT_LEARNING_RATE: f64 = 5e-6;
-/// train_dreambooth.py's `--train_batch_size` default.
-const DEFAULT_BATCH: u64 = 4;
-/// train_dreambooth.py's `--num_class_images` default.
-const DEFAULT_CLASS_IMAGES: u64 = 100;
-/// Largest `num_class_images` (as `generate`'s `count`).
-const MAX_CLASS_IMAGES: f64 = 100_000.0;
-/// Largest `prior_loss_weight` / `snr_gamma` accepted (the papers use 1 and 5).
-const MAX_WEIGHT: f64 = 1000.0;
-/// Largest `max_grad_norm` accepted.
-const MAX_GRAD_NORM: f64 = 1.0e6;
-
-pub struct DreamBoothStage;
-
-impl Stage for DreamBoothStage {
-    fn kind(&self) -> &'static str {
-        "dreambooth"
+/// Runs a `dreambooth` stage (its schema: `dreampipe_core::stages::sd_kinds::dreambooth`).
+pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
+    let config = config_from(ctx)?;
+    let outcome = training::run_training(ctx, |callbacks| dreambooth::train(&config, callbacks))?;
+    if let Some(step) = outcome.resumed_from {
+        ctx.log.line(&format!("resumed from step {step}"));
     }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
-    }
-    fn summary(&self) -> &'static str {
-        "DreamBooth fine-tuning as diffusers' train_dreambooth.py (field names and defaults are its arguments; prior preservation when `class_images` is set). Output: a diffusers folder, `metrics.jsonl` (step, loss, lr, grad_norm), `validation/step-N.png` and `report.json`."
-    }
-    fn schema(&self) -> Vec<ParamSpec> {
-        let mut schema = vec![
-            ParamSpec::required(
-                "instance_images",
-                ParamType::PathOrStageRef,
-                "folder of instance images, or an `images` stage",
-            ),
-            ParamSpec::required(
-                "instance_prompt",
-                ParamType::String,
-                "prompt of the instance images",
-            ),
-            ParamSpec::optional(
-                "class_images",
-                ParamType::PathOrStageRef,
-                Value::Null,
-                "class images for prior preservation (folder, or a `generate` / `images` stage); unset: none",
-            ),
-            ParamSpec::optional(
-                "with_prior_preservation",
-                ParamType::Bool,
-                json!(false),
-                "require class_images (prior preservation is on whenever class_images is set)",
-            ),
-            ParamSpec::optional(
-                "class_prompt",
-                ParamType::String,
-                Value::Null,
-                "prompt of the class images (required with class_images)",
-            ),
-            ParamSpec::optional(
-                "num_class_images",
-                ParamType::Integer,
-                json!(DEFAULT_CLASS_IMAGES),
-                "class images used (the first N; class_images must hold at least N)",
-            )
-            .range(1.0, MAX_CLASS_IMAGES),
-            ParamSpec::optional(
-                "prior_loss_weight",
-                ParamType::Number,
-                json!(1.0),
-                "weight of the prior-preservation loss",
-            )
-            .range(0.0, MAX_WEIGHT),
-            ParamSpec::optional(
-                "train_text_encoder",
-                ParamType::Bool,
-                json!(false),
-                "train the text encoder too",
-            ),
-            ParamSpec::optional(
-                "random_flip",
-                ParamType::Bool,
-                json!(false),
-                "flip images horizontally at random",
-            ),
-            ParamSpec::optional(
-                "max_grad_norm",
-                ParamType::Number,
-                json!(1.0),
-                "gradient clipping norm",
-            )
-            .range(0.0, MAX_GRAD_NORM),
-            ParamSpec::optional(
-                "offset_noise",
-                ParamType::Bool,
-                json!(false),
-                "add 0.1 × per-channel offset noise",
-            ),
-            ParamSpec::optional(
-                "snr_gamma",
-                ParamType::Number,
-                Value::Null,
-                "min-SNR-gamma loss weighting (5 recommended); unset: plain MSE",
-            )
-            .range(0.0, MAX_WEIGHT),
-        ];
-        schema.extend(training::common_schema(&ScriptDefaults {
-            learning_rate: DEFAULT_LEARNING_RATE,
-            train_batch_size: DEFAULT_BATCH,
-            max_train_steps: Value::Null,
-            num_train_epochs: 1,
-        }));
-        schema
-    }
-    fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
-        let config = config_from(ctx)?;
-        let outcome =
-            training::run_training(ctx, |callbacks| dreambooth::train(&config, callbacks))?;
-        if let Some(step) = outcome.resumed_from {
-            ctx.log.line(&format!("resumed from step {step}"));
-        }
-        ctx.log.line(&format!(
-            "dreambooth: {} steps, final loss {:?}",
-            outcome.steps, outcome.final_loss
-        ));
-        Ok(())
-    }
+    ctx.log.line(&format!(
+        "dreambooth: {} steps, final loss {:?}",
+        outcome.steps, outcome.final_loss
+    ));
+    Ok(())
 }
 
 /// The library config of the stage's fields.
@@ -208,7 +93,7 @@ fn config_from(ctx: &StageContext<'_>) -> Result<DreamBoothConfig, StageError> {
     config.mixed_precision = mixed_precision;
     config.offset_noise = flag(ctx, "offset_noise");
     config.snr_gamma = ctx.f64_param("snr_gamma");
-    config.device = ctx.device;
+    config.device = crate::device::to_tch(ctx.device);
     config
         .validate()
         .map_err(|e| training::stage_error(ctx, e))?;

@@ -7,11 +7,10 @@
 //! negative prompt, its seed, steps, guidance, scheduler, size, dtype, device type). Raising
 //! `count` changes the stage key, but the images already made are copied from the memo.
 use super::sd_common::{
-    SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, dtype_spec, field_error, guidance_spec,
-    load_model, model_hash, model_label, negative_prompt_spec, parse_scheduler, restamp_sample,
-    size_specs, steps_spec, write_manifest, write_sample,
+    SampleInfo, create_dir, dtype_param, field_error, load_model, model_hash, model_label,
+    parse_scheduler, restamp_sample, write_manifest, write_sample,
 };
-use super::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use super::{StageContext, StageError};
 use crate::cache::hash::{HashMemo, tree_digest};
 use crate::cache::store::reflink_or_copy;
 use crate::sd::pipeline::{DEFAULT_GUIDANCE, DEFAULT_STEPS, StableDiffusion, Txt2Img};
@@ -23,73 +22,13 @@ use std::path::{Path, PathBuf};
 const MEMO_VERSION: u32 = 1;
 /// The `shared_dir` folder of the memo.
 const MEMO_FOLDER: &str = "generate";
-/// Largest `count`: 100k class images is far beyond DreamBooth's usual 200–1000.
-const MAX_COUNT: f64 = 100_000.0;
-/// Largest `batch_size`: bounded by memory long before this.
-const MAX_BATCH: f64 = 256.0;
-/// Largest seed: JSON integers are exact up to 2^53 − 1.
-pub const MAX_SEED: f64 = 9_007_199_254_740_991.0;
 
-pub struct GenerateStage;
-
-impl Stage for GenerateStage {
-    fn kind(&self) -> &'static str {
-        "generate"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
-    }
-    fn summary(&self) -> &'static str {
-        "Generates `count` class images with txt2img (image i uses seed `seed + i`, identical to `dreampipe sample --seed <seed+i>`). Output: `images/0000.png`… (A1111 parameters + stage id) and `manifest.json` (file, seed, prompt per image)."
-    }
-    fn schema(&self) -> Vec<ParamSpec> {
-        let [width, height] = size_specs();
-        vec![
-            ParamSpec::required(
-                "model",
-                ParamType::PathOrStageRef,
-                "diffusers model folder, or the stage that produced one",
-            ),
-            ParamSpec::required("prompt", ParamType::String, "the class prompt"),
-            negative_prompt_spec(),
-            ParamSpec::required("count", ParamType::Integer, "number of images")
-                .range(1.0, MAX_COUNT),
-            ParamSpec::optional(
-                "scheduler",
-                ParamType::String,
-                Value::Null,
-                "the sampler; unset: the model's own",
-            )
-            .one_of(SCHEDULER_CHOICES),
-            steps_spec(ParamType::Integer, "denoising steps"),
-            guidance_spec(
-                ParamType::Number,
-                "classifier-free guidance scale (≤ 1 disables it)",
-            ),
-            width,
-            height,
-            ParamSpec::optional("seed", ParamType::Integer, json!(0), "seed of image 0")
-                .range(0.0, MAX_SEED),
-            ParamSpec::optional(
-                "batch_size",
-                ParamType::Integer,
-                json!(1),
-                "images per forward pass (same noise per seed; only float rounding may differ)",
-            )
-            .range(1.0, MAX_BATCH)
-            .not_in_key(),
-            dtype_spec(),
-        ]
-    }
-    fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
-        let job = Job::from_context(ctx)?;
-        let model = load_model(ctx, "model", &job.model_dir, job.kind)?;
-        let model = model.lock().unwrap_or_else(|p| p.into_inner());
-        job.run(ctx, &model)
-    }
+/// Runs a `generate` stage (its schema: `dreampipe_core::stages::sd_kinds::generate`).
+pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
+    let job = Job::from_context(ctx)?;
+    let model = load_model(ctx, "model", &job.model_dir, job.kind)?;
+    let model = model.lock().unwrap_or_else(|p| p.into_inner());
+    job.run(ctx, &model)
 }
 
 /// One run's fields, parsed.
@@ -262,7 +201,7 @@ impl ImageMemo {
             "width": job.request.width.unwrap_or(size),
             "height": job.request.height.unwrap_or(size),
             "dtype": job.dtype,
-            "device": if ctx.device.is_cuda() { "cuda" } else { "cpu" },
+            "device": if matches!(ctx.device, crate::device::Device::Cuda(_)) { "cuda" } else { "cpu" },
         });
         Ok(Self {
             dir: ctx.shared_dir(MEMO_FOLDER)?,

@@ -7,11 +7,10 @@
 //! variant as its own row, labelled with the variant id (`db[learning_rate=2e-6]`), in one grid
 //! stage.
 use super::sd_common::{
-    SCHEDULER_CHOICES, SampleInfo, create_dir, dtype_param, dtype_spec, field_error, guidance_spec,
-    load_model, model_hash, model_label, negative_prompt_spec, parse_scheduler, size_specs,
-    steps_spec, write_manifest, write_sample,
+    SampleInfo, create_dir, dtype_param, field_error, load_model, model_hash, model_label,
+    parse_scheduler, write_manifest, write_sample,
 };
-use super::{DeviceClass, ParamSpec, ParamType, ResolvedInput, Stage, StageContext, StageError};
+use super::{ResolvedInput, StageContext, StageError};
 use crate::cache::store::file_name_for;
 use crate::report::grid::{GridSpec, write_grid_png};
 use crate::sd::pipeline::{StableDiffusion, Txt2Img};
@@ -21,81 +20,26 @@ use std::path::PathBuf;
 
 /// Most seeds (grid columns) per grid: wider grids stop being readable.
 const MAX_SEED_COUNT: usize = 64;
-/// Default columns: four seeds, as A1111's default batch count of 4 shows.
-const DEFAULT_SEEDS: [u64; 4] = [0, 1, 2, 3];
 
-pub struct SampleGridStage;
-
-impl Stage for SampleGridStage {
-    fn kind(&self) -> &'static str {
-        "sample_grid"
-    }
-    fn version(&self) -> u32 {
-        2
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
-    }
-    fn summary(&self) -> &'static str {
-        "Samples every model × scheduler × steps × guidance × prompt × seed. Output: `samples/<model>/<prompt-index>/<seed>[-<scheduler>][-s<steps>][-g<guidance>].png` (A1111 parameters + stage id), `grid-<prompt-index>.png` (rows: models × schedulers × steps × guidance, columns: seeds) and `manifest.json`."
-    }
-    fn schema(&self) -> Vec<ParamSpec> {
-        let [width, height] = size_specs();
-        vec![
-            ParamSpec::required(
-                "models",
-                ParamType::PathOrStageRefList,
-                "stages producing models and/or diffusers model folders; every variant of a swept stage is a row",
-            )
-            .gathers(),
-            ParamSpec::required("prompts", ParamType::StringList, "one grid per prompt"),
-            negative_prompt_spec(),
-            ParamSpec::optional(
-                "seeds",
-                ParamType::IntegerList,
-                json!(DEFAULT_SEEDS),
-                "columns: one seed each (at most 64, no repeats)",
-            )
-            .range(0.0, super::generate::MAX_SEED),
-            ParamSpec::optional(
-                "schedulers",
-                ParamType::StringList,
-                json!([]),
-                "schedulers to compare; empty: the model's own",
-            )
-            .one_of(SCHEDULER_CHOICES),
-            steps_spec(
-                ParamType::IntegerList,
-                "denoising steps (a list compares several)",
-            ),
-            guidance_spec(
-                ParamType::NumberList,
-                "classifier-free guidance scale (a list compares several)",
-            ),
-            width,
-            height,
-            dtype_spec(),
-        ]
-    }
-    fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
-        let grid = Grid::from_context(ctx)?;
-        let mut rows = Vec::new();
-        let mut images = Vec::new();
-        let mut done = 0u64;
-        for model_input in &grid.models {
-            let label = model_label(model_input);
-            let model_dir = super::training::model_dir(&model_input.path);
-            let shared = load_model(ctx, "models", &model_dir, grid.kind)?;
-            let model = shared.lock().unwrap_or_else(|p| p.into_inner());
-            let hash = model_hash(&model_dir);
-            for row in grid.rows_of(&label, &hash) {
-                grid.sample_row(ctx, &model, &row, &mut images, &mut done)?;
-                rows.push(row);
-            }
+/// Runs a `sample_grid` stage (its schema: `dreampipe_core::stages::sd_kinds::sample_grid`).
+pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
+    let grid = Grid::from_context(ctx)?;
+    let mut rows = Vec::new();
+    let mut images = Vec::new();
+    let mut done = 0u64;
+    for model_input in &grid.models {
+        let label = model_label(model_input);
+        let model_dir = super::training::model_dir(&model_input.path);
+        let shared = load_model(ctx, "models", &model_dir, grid.kind)?;
+        let model = shared.lock().unwrap_or_else(|p| p.into_inner());
+        let hash = model_hash(&model_dir);
+        for row in grid.rows_of(&label, &hash) {
+            grid.sample_row(ctx, &model, &row, &mut images, &mut done)?;
+            rows.push(row);
         }
-        grid.write_grids(ctx, &rows)?;
-        write_manifest(ctx, &grid.manifest(images))
     }
+    grid.write_grids(ctx, &rows)?;
+    write_manifest(ctx, &grid.manifest(images))
 }
 
 /// One grid row: a model with one scheduler (`None`: the model's own), steps and guidance.

@@ -1,96 +1,19 @@
 //! What the Stable Diffusion stage kinds (`generate`, `sample_grid`) share: reading the model,
 //! dtype and scheduler fields, loading models from the pool, and writing samples as PNGs that
 //! carry their A1111 parameters plus the dreampipe stage id.
-use super::{ParamSpec, ParamType, ResolvedInput, StageContext, StageError};
+use super::{ResolvedInput, StageContext, StageError};
 use crate::cli::sample::{a1111_sampler_name, short_weights_hash};
-use crate::sd::pipeline::{DEFAULT_GUIDANCE, DEFAULT_STEPS, Txt2ImgOutput};
+use crate::sd::pipeline::Txt2ImgOutput;
 use crate::sd::png::{GenerationParameters, tensor_to_rgb_bytes, write_rgb_png};
 use crate::sd::pool::{self, SharedModel};
 use crate::sd::schedulers::SchedulerKind;
-use serde_json::{Value, json};
 use std::path::Path;
 use tch::Kind;
 
-/// The accepted `dtype` values (those of `dreampipe sample --dtype`).
-pub const DTYPE_NAMES: &str = "f32, f16, bf16";
-/// The same, for [`super::ParamSpec::one_of`].
-pub const DTYPE_CHOICES: &[&str] = &["f32", "f16", "bf16"];
-/// Every `SchedulerKind::name()`, for [`super::ParamSpec::one_of`] (a test keeps it in sync).
-pub const SCHEDULER_CHOICES: &[&str] =
-    &["ddim", "pndm", "lms", "euler", "euler-a", "dpm++", "ddpm"];
-/// The PNG parameters field naming the stage that wrote an image.
-pub const STAGE_FIELD: &str = "dreampipe stage";
-/// The PNG parameters fields holding the stage key and the pipeline name.
-pub const KEY_FIELD: &str = "dreampipe key";
-pub const PIPELINE_FIELD: &str = "dreampipe pipeline";
-
-/// Largest `steps` (diffusers schedulers use ≤ 1000 training timesteps).
-const MAX_STEPS: f64 = 1000.0;
-/// Largest guidance scale accepted (A1111's slider ends at 30; 100 leaves room).
-const MAX_GUIDANCE: f64 = 100.0;
-/// Image side limits: the VAE downsamples by 8; 4096 as for `images`.
-const MIN_SIZE: f64 = 8.0;
-const MAX_SIZE: f64 = 4096.0;
-
-/// The `negative_prompt` field (default empty).
-pub fn negative_prompt_spec() -> ParamSpec {
-    ParamSpec::optional(
-        "negative_prompt",
-        ParamType::String,
-        json!(""),
-        "negative prompt",
-    )
-}
-
-/// The `steps` field (`Integer`, or `IntegerList` to compare several), 1 to 1000.
-pub fn steps_spec(kind: ParamType, doc: &'static str) -> ParamSpec {
-    ParamSpec::optional("steps", kind, json!(DEFAULT_STEPS), doc).range(1.0, MAX_STEPS)
-}
-
-/// The `guidance` field (`Number`, or `NumberList` to compare several), 0 to 100.
-pub fn guidance_spec(kind: ParamType, doc: &'static str) -> ParamSpec {
-    ParamSpec::optional("guidance", kind, json!(DEFAULT_GUIDANCE), doc).range(0.0, MAX_GUIDANCE)
-}
-
-/// The `width` and `height` fields (unset: the model's default size).
-pub fn size_specs() -> [ParamSpec; 2] {
-    let side = |name: &'static str, doc: &'static str| {
-        ParamSpec::optional(name, ParamType::Integer, Value::Null, doc).range(MIN_SIZE, MAX_SIZE)
-    };
-    [
-        side(
-            "width",
-            "image width (a multiple of 8); unset: the model's default",
-        ),
-        side(
-            "height",
-            "image height (a multiple of 8); unset: the model's default",
-        ),
-    ]
-}
-
-/// The `dtype` field (default f32).
-pub fn dtype_spec() -> ParamSpec {
-    ParamSpec::optional(
-        "dtype",
-        ParamType::String,
-        json!("f32"),
-        "weights' precision",
-    )
-    .one_of(DTYPE_CHOICES)
-}
-
-/// A failure of the stage named in `ctx`, about `field`.
-pub fn field_error(
-    ctx: &StageContext<'_>,
-    field: &str,
-    message: impl std::fmt::Display,
-) -> StageError {
-    StageError::Failed(format!(
-        "stage `{}`: field `{field}`: {message}",
-        ctx.stage_id
-    ))
-}
+pub use dreampipe_core::stages::sd_kinds::{
+    DTYPE_CHOICES, DTYPE_NAMES, KEY_FIELD, PIPELINE_FIELD, SCHEDULER_CHOICES, STAGE_FIELD,
+    dtype_spec, field_error, guidance_spec, negative_prompt_spec, size_specs, steps_spec,
+};
 
 /// The libtorch kind of the `dtype` field.
 pub fn dtype_param(ctx: &StageContext<'_>) -> Result<Kind, StageError> {
@@ -123,7 +46,7 @@ pub fn load_model(
     dir: &Path,
     kind: Kind,
 ) -> Result<SharedModel, StageError> {
-    pool::get(dir, ctx.device, kind).map_err(|e| field_error(ctx, field, e))
+    pool::get(dir, crate::device::to_tch(ctx.device), kind).map_err(|e| field_error(ctx, field, e))
 }
 
 /// How a model input is named in labels and PNG parameters: the upstream stage's full id

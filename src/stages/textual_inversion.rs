@@ -4,102 +4,24 @@
 //! ComfyUI), `model/` (a diffusers folder with the new token: a `dreambooth` or other stage
 //! whose `model:` names this stage uses it), `metrics.jsonl`, `validation/step-N.png` and
 //! `report.json`. Checkpoints live in the work folder (resumed after a crash).
-use super::training::{self, ScriptDefaults};
-use super::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use super::training;
+use super::{StageContext, StageError};
 use crate::sd::train::textual_inversion::{self, LearnableProperty, TextualInversionConfig};
-use serde_json::json;
 
-/// textual_inversion.py's `--learning_rate` default.
-const DEFAULT_LEARNING_RATE: f64 = 1e-4;
-/// textual_inversion.py's `--train_batch_size` default.
-const DEFAULT_BATCH: u64 = 16;
-/// textual_inversion.py's `--max_train_steps` default.
-const DEFAULT_MAX_STEPS: u64 = 5000;
-/// textual_inversion.py's `--num_train_epochs` default (used when max_train_steps is unset).
-const DEFAULT_EPOCHS: u64 = 100;
-/// textual_inversion.py's `--repeats` default.
-const DEFAULT_REPEATS: u64 = 100;
-/// CLIP's context holds 77 tokens (2 specials): more vectors cannot fit a prompt.
-const MAX_VECTORS: f64 = 75.0;
-/// Largest `repeats` accepted.
-const MAX_REPEATS: f64 = 100_000.0;
-
-pub struct TextualInversionStage;
-
-impl Stage for TextualInversionStage {
-    fn kind(&self) -> &'static str {
-        "textual_inversion"
+/// Runs a `textual_inversion` stage (its schema: `dreampipe_core::stages::sd_kinds::textual_inversion`).
+pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
+    let config = config_from(ctx)?;
+    let outcome = training::run_training(ctx, |callbacks| {
+        textual_inversion::train(&config, callbacks)
+    })?;
+    if let Some(step) = outcome.resumed_from {
+        ctx.log.line(&format!("resumed from step {step}"));
     }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
-    }
-    fn summary(&self) -> &'static str {
-        "Textual inversion as diffusers' textual_inversion.py (field names and defaults are its arguments). Output: `learned_embeds.safetensors`, `<token>.safetensors` (A1111 / ComfyUI), `model/` (diffusers folder with the new token; a stage whose `model:` names this stage uses it), `metrics.jsonl` (step, loss, lr), `validation/step-N.png` and `report.json`."
-    }
-    fn schema(&self) -> Vec<ParamSpec> {
-        let mut schema = vec![
-            ParamSpec::required(
-                "instance_images",
-                ParamType::PathOrStageRef,
-                "training images (diffusers' train_data_dir): a folder, or an `images` stage",
-            ),
-            ParamSpec::required(
-                "placeholder_token",
-                ParamType::String,
-                "the new token, e.g. <cat-toy>",
-            ),
-            ParamSpec::required(
-                "initializer_token",
-                ParamType::String,
-                "one-token word the new vectors start from",
-            ),
-            ParamSpec::optional(
-                "num_vectors",
-                ParamType::Integer,
-                json!(1),
-                "vectors of the new token",
-            )
-            .range(1.0, MAX_VECTORS),
-            ParamSpec::optional(
-                "learnable_property",
-                ParamType::String,
-                json!("object"),
-                "which prompt templates: object or style",
-            )
-            .one_of(&["object", "style"]),
-            ParamSpec::optional(
-                "repeats",
-                ParamType::Integer,
-                json!(DEFAULT_REPEATS),
-                "times the images repeat per epoch",
-            )
-            .range(1.0, MAX_REPEATS),
-        ];
-        schema.extend(training::common_schema(&ScriptDefaults {
-            learning_rate: DEFAULT_LEARNING_RATE,
-            train_batch_size: DEFAULT_BATCH,
-            max_train_steps: json!(DEFAULT_MAX_STEPS),
-            num_train_epochs: DEFAULT_EPOCHS,
-        }));
-        schema
-    }
-    fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
-        let config = config_from(ctx)?;
-        let outcome = training::run_training(ctx, |callbacks| {
-            textual_inversion::train(&config, callbacks)
-        })?;
-        if let Some(step) = outcome.resumed_from {
-            ctx.log.line(&format!("resumed from step {step}"));
-        }
-        ctx.log.line(&format!(
-            "textual_inversion: {} steps, final loss {:?}",
-            outcome.steps, outcome.final_loss
-        ));
-        Ok(())
-    }
+    ctx.log.line(&format!(
+        "textual_inversion: {} steps, final loss {:?}",
+        outcome.steps, outcome.final_loss
+    ));
+    Ok(())
 }
 
 /// The library config of the stage's fields.
@@ -159,7 +81,7 @@ fn config_from(ctx: &StageContext<'_>) -> Result<TextualInversionConfig, StageEr
     config.mixed_precision = mixed_precision;
     config.checkpointing_steps = int(ctx, "checkpointing_steps")?;
     config.checkpoints_total_limit = ctx.i64_param("checkpoints_total_limit").map(|v| v as usize);
-    config.device = ctx.device;
+    config.device = crate::device::to_tch(ctx.device);
     config
         .validate()
         .map_err(|e| training::stage_error(ctx, e))?;

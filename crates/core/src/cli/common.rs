@@ -21,16 +21,16 @@ pub struct PipelineArgs {
 }
 
 impl PipelineArgs {
-    pub fn load(&self) -> anyhow::Result<Pipeline> {
+    pub fn load(&self, context: &Context) -> anyhow::Result<Pipeline> {
         let options = LoadOptions {
             overrides: self.set.clone(),
-            ..LoadOptions::default()
+            registry: context.registry.clone(),
         };
         Ok(load(&self.pipeline, &options)?)
     }
 
-    pub fn plan(&self) -> anyhow::Result<Plan> {
-        Ok(Plan::new(self.load()?))
+    pub fn plan(&self, context: &Context) -> anyhow::Result<Plan> {
+        Ok(Plan::new(self.load(context)?))
     }
 }
 
@@ -59,7 +59,7 @@ pub fn assess_stage(
     pipeline: &PipelineArgs,
     stage: &str,
 ) -> anyhow::Result<StageStatuses> {
-    let plan = pipeline.plan()?;
+    let plan = pipeline.plan(context)?;
     let targets = plan.find(stage)?;
     let (store, memo) = open_cache(context)?;
     let statuses = assess(

@@ -16,7 +16,7 @@ pub struct PlanArgs {
 }
 
 pub fn run(context: &Context, args: &PlanArgs) -> anyhow::Result<ExitCode> {
-    let plan = args.pipeline.plan()?;
+    let plan = args.pipeline.plan(context)?;
     let forced = flags(&plan, &args.force)?;
     print!(
         "{}",

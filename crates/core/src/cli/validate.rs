@@ -11,8 +11,8 @@ pub struct ValidateArgs {
     pub pipeline: PipelineArgs,
 }
 
-pub fn run(_context: &Context, args: &ValidateArgs) -> anyhow::Result<ExitCode> {
-    let pipeline = args.pipeline.load()?;
+pub fn run(context: &Context, args: &ValidateArgs) -> anyhow::Result<ExitCode> {
+    let pipeline = args.pipeline.load(context)?;
     let names: BTreeSet<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
     println!(
         "pipeline `{}` is valid: {} stage(s), {} after sweep expansion",

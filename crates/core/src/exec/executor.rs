@@ -25,7 +25,7 @@ pub struct ExecOptions {
     /// Concurrent CPU stages.
     pub jobs: usize,
     /// Devices for GPU stages, one stage at a time on each.
-    pub devices: Vec<tch::Device>,
+    pub devices: Vec<crate::device::Device>,
     /// Stages this run covers (others are only looked up when a selected stage needs them).
     pub selected: Vec<bool>,
     /// Stages to rerun even when cached.
@@ -77,14 +77,14 @@ pub struct RunRecord {
 }
 
 struct DevicePool {
-    free: Mutex<Vec<tch::Device>>,
+    free: Mutex<Vec<crate::device::Device>>,
     permits: Arc<Semaphore>,
 }
 
 /// A held device; returned to the pool on drop.
 struct DeviceSlot {
     pool: Arc<DevicePool>,
-    device: tch::Device,
+    device: crate::device::Device,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -106,7 +106,7 @@ struct Shared {
     cancel: CancelFlag,
     cpu: Arc<Semaphore>,
     gpus: Arc<DevicePool>,
-    key_device: tch::Device,
+    key_device: crate::device::Device,
     forced: Vec<bool>,
     locked: Option<LockFile>,
 }
@@ -126,7 +126,7 @@ pub async fn execute(
     let started = Instant::now();
     let started_unix = now_unix();
     let devices = if options.devices.is_empty() {
-        vec![tch::Device::Cpu]
+        vec![crate::device::Device::Cpu]
     } else {
         options.devices.clone()
     };
@@ -472,12 +472,15 @@ enum Slot {
     Gpu(DeviceSlot),
 }
 
-async fn take_slot(shared: &Shared, class: DeviceClass) -> Result<(Slot, tch::Device), String> {
+async fn take_slot(
+    shared: &Shared,
+    class: DeviceClass,
+) -> Result<(Slot, crate::device::Device), String> {
     let closed = |_| "internal error: the executor's slots were closed".to_string();
     match class {
         DeviceClass::Cpu => Ok((
             Slot::Cpu(shared.cpu.clone().acquire_owned().await.map_err(closed)?),
-            tch::Device::Cpu,
+            crate::device::Device::Cpu,
         )),
         DeviceClass::Gpu => {
             let permit = shared

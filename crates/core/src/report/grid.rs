@@ -16,7 +16,7 @@ use image::{Rgb, RgbImage};
 
 use super::ReportError;
 use super::font::{Align, LabelFont, PixelRect, SizeRange};
-use crate::sd::png::{GenerationParameters, write_rgb_png};
+use crate::png::{GenerationParameters, write_rgb_png};
 
 /// Blank space around the whole grid.
 pub const MARGIN: u32 = 16;

@@ -143,7 +143,11 @@ fn referenced_keys(
     let memo = HashMemo::load(&store.memo_path());
     let mut keys = BTreeSet::new();
     for path in pipelines {
-        let plan = Plan::new(load(path, &LoadOptions::default())?);
+        let options = LoadOptions {
+            registry: context.registry.clone(),
+            ..LoadOptions::default()
+        };
+        let plan = Plan::new(load(path, &options)?);
         let all = vec![true; plan.len()];
         for status in assess(
             &plan,

@@ -25,7 +25,7 @@ pub enum ReportError {
     #[error(transparent)]
     Grid(#[from] grid::GridError),
     #[error(transparent)]
-    Png(#[from] crate::sd::png::PngError),
+    Png(#[from] crate::png::PngError),
     #[error("{path}: cannot read image: {reason}; give a PNG, JPEG or WebP file")]
     ImageRead { path: PathBuf, reason: String },
     #[error("{path}: cannot {action}: {reason}")]

@@ -18,8 +18,8 @@ pub struct DagArgs {
     pub format: DagFormat,
 }
 
-pub fn run(_context: &Context, args: &DagArgs) -> anyhow::Result<ExitCode> {
-    let plan = args.pipeline.plan()?;
+pub fn run(context: &Context, args: &DagArgs) -> anyhow::Result<ExitCode> {
+    let plan = args.pipeline.plan(context)?;
     match args.format {
         DagFormat::Mermaid => print!("{}", plan.mermaid()),
         DagFormat::Dot => print!("{}", plan.dot()),

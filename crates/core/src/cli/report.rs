@@ -43,7 +43,7 @@ fn parse_size(text: &str) -> Result<(u32, u32), String> {
 }
 
 pub fn run(context: &Context, args: &ReportArgs) -> anyhow::Result<ExitCode> {
-    let pipeline = args.pipeline.load()?;
+    let pipeline = args.pipeline.load(context)?;
     let store = Store::open(&context.cache_root)?;
     let record = latest_record(&store, &pipeline.name);
     let page = write(&pipeline, record.as_ref(), &store, args.out.as_deref())?;

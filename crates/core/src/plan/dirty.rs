@@ -27,7 +27,7 @@ pub fn assess(
     plan: &Plan,
     store: &Store,
     memo: &HashMemo,
-    device: tch::Device,
+    device: crate::device::Device,
     selected: &[bool],
     forced: &[bool],
 ) -> Result<Vec<Status>, CacheError> {
@@ -76,7 +76,7 @@ fn pending_reasons(
     plan: &Plan,
     store: &Store,
     memo: &HashMemo,
-    device: tch::Device,
+    device: crate::device::Device,
     index: usize,
     upstream: &str,
     digests: &BTreeMap<usize, String>,

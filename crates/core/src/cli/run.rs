@@ -1,11 +1,13 @@
 //! `dreampipe run PIPELINE`: validate, plan, execute with progress, print the summary, write
 //! the run record and the lock file. Exit code 1 when a stage failed, 130 when interrupted.
-use super::Context;
 use super::common::{PipelineArgs, flags, open_cache};
-use crate::device::{self, DeviceRequest};
+use super::{Context, Handoff};
+use crate::device::{Device, DeviceRequest};
 use crate::exec::events::CancelFlag;
 use crate::exec::executor::{ExecOptions, Outcome, RunRecord, execute};
 use crate::exec::lockfile::{self, LockEntry, LockFile};
+use crate::plan::dirty::{Status, assess};
+use crate::plan::graph::Plan;
 use crate::report::progress::{self, Style};
 use crate::report::summary;
 use clap::Args;
@@ -46,7 +48,7 @@ pub struct RunArgs {
 }
 
 pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let plan = Arc::new(args.pipeline.plan()?);
+    let plan = Arc::new(args.pipeline.plan(context)?);
     let selected = plan.selection(&args.until, &args.only)?;
     let forced = flags(&plan, &args.force)?;
     if args.dry_run {
@@ -69,6 +71,12 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or(1)
     });
     let (store, memo) = open_cache(context)?;
+    if !context.torch_in_process {
+        let statuses = assess(&plan, &store, &memo, devices[0], &selected, &forced)?;
+        if torch_work_left(&plan, &statuses) {
+            return Err(Handoff.into());
+        }
+    }
     let style = if args.plain {
         Style::Plain
     } else {
@@ -130,17 +138,24 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn resolve_devices(
-    context: &Context,
-    requests: &[DeviceRequest],
-) -> anyhow::Result<Vec<tch::Device>> {
+fn resolve_devices(context: &Context, requests: &[DeviceRequest]) -> anyhow::Result<Vec<Device>> {
     if requests.is_empty() {
         return Ok(vec![context.device]);
     }
-    requests
+    requests.iter().map(|r| context.resolve(*r)).collect()
+}
+
+/// Whether a stage of a kind that needs libtorch would run (not cached, or after an upstream
+/// that runs): then the front hands the whole run to the torch worker.
+fn torch_work_left(plan: &Plan, statuses: &[Status]) -> bool {
+    plan.pipeline
+        .stages
         .iter()
-        .map(|r| device::resolve(*r, &context.cuda).map_err(anyhow::Error::msg))
-        .collect()
+        .zip(statuses)
+        .any(|(stage, status)| {
+            stage.kind.needs_torch()
+                && matches!(status, Status::Dirty { .. } | Status::Pending { .. })
+        })
 }
 
 /// Merges this run's keys and output digests into `<pipeline>.lock`.

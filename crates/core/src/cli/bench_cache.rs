@@ -165,7 +165,14 @@ fn noop_plan_in_process(root: &Path) -> anyhow::Result<Duration> {
         &root.join("p.yaml"),
         &LoadOptions::default(),
     )?);
-    let statuses = assess(&plan, &store, &memo, tch::Device::Cpu, &[true], &[false])?;
+    let statuses = assess(
+        &plan,
+        &store,
+        &memo,
+        crate::device::Device::Cpu,
+        &[true],
+        &[false],
+    )?;
     anyhow::ensure!(
         matches!(statuses[0], crate::plan::dirty::Status::Fresh { .. }),
         "the benchmark stage should be fresh"

@@ -14,6 +14,7 @@
 //! file modification times. The full material is stored as `key.json` beside each result.
 use crate::cache::CacheError;
 use crate::cache::hash::{HashMemo, TreeDigest};
+use crate::device::Device;
 use crate::pipeline::StageInstance;
 use crate::stages::DeviceClass;
 use serde::{Deserialize, Serialize};
@@ -42,11 +43,10 @@ impl KeyMaterial {
 }
 
 /// The device class text that enters the key.
-pub fn device_class(instance: &StageInstance, device: tch::Device) -> String {
+pub fn device_class(instance: &StageInstance, device: Device) -> String {
     match (instance.kind.device_class(), device) {
-        (DeviceClass::Cpu, _) | (DeviceClass::Gpu, tch::Device::Cpu) => "cpu".to_string(),
-        (DeviceClass::Gpu, tch::Device::Mps) => "mps".to_string(),
-        (DeviceClass::Gpu, _) => "cuda".to_string(),
+        (DeviceClass::Cpu, _) | (DeviceClass::Gpu, Device::Cpu) => "cpu".to_string(),
+        (DeviceClass::Gpu, Device::Cuda(_)) => "cuda".to_string(),
     }
 }
 
@@ -56,7 +56,7 @@ pub fn material(
     instance: &StageInstance,
     upstream_digest: &dyn Fn(usize) -> Option<String>,
     memo: &HashMemo,
-    device: tch::Device,
+    device: crate::device::Device,
 ) -> Result<Result<KeyMaterial, String>, CacheError> {
     let schema = instance.kind.schema();
     let params = schema

@@ -1,0 +1,172 @@
+//! Command-line verbs. Each verb lives in its own file; this module holds the global flags and
+//! dispatches. Global flags: `--device`, `--cache`.
+//!
+//! Two binaries share this CLI. The front `dreampipe` (this crate) has no libtorch: every verb
+//! that needs tensors (`sample`, `doctor`, `model`, `bench`, and a `run` with a Stable Diffusion
+//! stage left to compute) fails here with [`Handoff`], and the front re-executes the command in
+//! `dreampipe-torch`, which parses the same flags and runs it whole (docs/startup.md).
+use crate::device::{self, CudaProbe, Device, DeviceRequest};
+use crate::stages::Registry;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod bench_cache;
+mod cache;
+mod common;
+mod dag;
+mod explain;
+mod init;
+mod plan;
+mod report;
+mod run;
+mod show;
+mod validate;
+
+/// Global options every verb sees.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dreampipe",
+    version,
+    about = "Stable Diffusion fine-tuning experiments as cached YAML pipelines"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The flags every verb accepts, anywhere on the command line.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Where computations run: auto (CUDA when usable), cpu, cuda, cuda:N.
+    #[arg(long, global = true, default_value = "auto", env = "DREAMPIPE_DEVICE")]
+    pub device: DeviceRequest,
+    /// Cache root (content-addressed store of stage outputs).
+    #[arg(long, global = true, default_value = "cache", env = "DREAMPIPE_CACHE")]
+    pub cache: PathBuf,
+}
+
+/// Arguments of a verb that only the torch worker parses (it replaces these stubs with the real
+/// arguments; see `dreampipe::cli`).
+#[derive(Debug, Args)]
+#[command(disable_help_flag = true)]
+pub struct WorkerArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print libtorch's version and location, CUDA availability and devices, the cache root.
+    Doctor(WorkerArgs),
+    /// Generate images from a prompt (txt2img) with a diffusers model folder.
+    Sample(WorkerArgs),
+    /// Run a pipeline: only stages whose inputs changed.
+    Run(run::RunArgs),
+    /// What a run would do with each stage, and why.
+    Plan(plan::PlanArgs),
+    /// Why a stage will rerun, field by field.
+    Explain(explain::ExplainArgs),
+    /// The stage graph as mermaid or Graphviz dot.
+    Dag(dag::DagArgs),
+    /// Check a pipeline file and report every error.
+    Validate(validate::ValidateArgs),
+    /// Inspect and maintain the cache.
+    Cache(cache::CacheArgs),
+    /// Write a starter DreamBooth pipeline (DIR/dreampipe.yaml) for a folder of photos.
+    Init(init::InitArgs),
+    /// Write the HTML report of a pipeline's latest run.
+    Report(report::ReportArgs),
+    /// Print the output folder of a stage's current result.
+    Show(show::ShowArgs),
+    /// Benchmark hashing, planning and no-op reruns (figures for the docs).
+    #[command(hide = true)]
+    BenchCache(bench_cache::BenchArgs),
+    /// Model-folder utilities (`model init`: random-weight folders in a known architecture).
+    Model(WorkerArgs),
+    #[command(hide = true)]
+    Bench(WorkerArgs),
+}
+
+/// The verbs [`Command`] declares as stubs for the torch worker.
+pub const WORKER_VERBS: [&str; 4] = ["doctor", "sample", "model", "bench"];
+
+/// This command needs libtorch, which this process does not have: run it in `dreampipe-torch`.
+#[derive(Debug, thiserror::Error)]
+#[error("this command needs the torch worker (dreampipe-torch)")]
+pub struct Handoff;
+
+/// What the process running the verbs can do.
+pub struct Backend {
+    /// The stage kinds (the worker's have the Stable Diffusion implementations).
+    pub registry: Registry,
+    /// libtorch's CUDA answer when this process has it (the worker); the front reads the memo.
+    pub probe: Option<CudaProbe>,
+    /// Whether torch stage kinds run in this process.
+    pub torch_in_process: bool,
+}
+
+impl Backend {
+    /// The front binary's: schemas only, the CUDA answer from `<cache>/devices.json`.
+    pub fn front(cache_root: &std::path::Path) -> Self {
+        Self {
+            registry: crate::stages::registry(),
+            probe: device::read_probe(cache_root),
+            torch_in_process: false,
+        }
+    }
+}
+
+/// Everything a verb needs from the global flags, resolved once.
+pub struct Context {
+    pub device: Device,
+    pub cache_root: PathBuf,
+    pub registry: Registry,
+    pub probe: Option<CudaProbe>,
+    pub torch_in_process: bool,
+}
+
+impl Context {
+    /// Resolves a `--device`-style request ([`Handoff`] when only libtorch can answer).
+    pub fn resolve(&self, request: DeviceRequest) -> anyhow::Result<Device> {
+        if request == DeviceRequest::Cpu {
+            return Ok(Device::Cpu);
+        }
+        let probe = self.probe.as_ref().ok_or(Handoff)?;
+        device::resolve(request, probe).map_err(anyhow::Error::msg)
+    }
+}
+
+/// Runs the verb; the returned exit code is success unless the verb says otherwise.
+pub fn run(cli: Cli, backend: Backend) -> anyhow::Result<ExitCode> {
+    if let Command::Doctor(_) | Command::Sample(_) | Command::Model(_) | Command::Bench(_) =
+        cli.command
+    {
+        return Err(Handoff.into());
+    }
+    let mut context = Context {
+        device: Device::Cpu,
+        cache_root: cli.global.cache,
+        registry: backend.registry,
+        probe: backend.probe,
+        torch_in_process: backend.torch_in_process,
+    };
+    context.device = context.resolve(cli.global.device)?;
+    match cli.command {
+        Command::Run(args) => run::run(&context, &args),
+        Command::Plan(args) => plan::run(&context, &args),
+        Command::Explain(args) => explain::run(&context, &args),
+        Command::Dag(args) => dag::run(&context, &args),
+        Command::Validate(args) => validate::run(&context, &args),
+        Command::Cache(args) => cache::run(&context, &args),
+        Command::Init(args) => init::run(&context, &args),
+        Command::Report(args) => report::run(&context, &args),
+        Command::Show(args) => show::run(&context, &args),
+        Command::BenchCache(args) => bench_cache::run(&context, &args),
+        Command::Doctor(_) | Command::Sample(_) | Command::Model(_) | Command::Bench(_) => {
+            Err(Handoff.into())
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! Stage kinds: the `Stage` trait every kind implements (its parameter schema, implementation
+//! version, device class and `run`), the context a running stage sees, and the registry.
+//!
+//! A stage never touches the cache layout, the graph or the terminal: it reads its params and
+//! input paths, writes into `ctx.out_dir`, may keep checkpoints in `ctx.work_dir` (kept across
+//! crashes and handed back on the next run of the same key), reports progress, and checks
+//! `ctx.cancel`.
+pub mod command;
+pub mod images;
+pub mod sd_kinds;
+
+use crate::exec::events::{CancelFlag, ProgressReporter};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The type of a parameter, which decides validation and how it enters the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamType {
+    String,
+    Integer,
+    Number,
+    Bool,
+    StringList,
+    /// An integer or a list of integers (a single value reads as a one-element list); a range
+    /// applies to each element.
+    IntegerList,
+    /// A number or a list of numbers (a single value reads as a one-element list).
+    NumberList,
+    /// A file or folder; its content digest enters the key, not the path text.
+    Path,
+    /// One or more files/folders.
+    PathList,
+    /// The name of an upstream stage; its output digest enters the key.
+    StageRef,
+    /// Names of upstream stages.
+    StageRefList,
+    /// An upstream stage name when one exists by that name, else a path (e.g. `model:`).
+    PathOrStageRef,
+    /// A list mixing stage names and paths (each item as [`Self::PathOrStageRef`]).
+    PathOrStageRefList,
+}
+
+impl ParamType {
+    /// How the type is named in messages and reference pages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::String => "a string",
+            Self::Integer => "an integer",
+            Self::Number => "a number",
+            Self::Bool => "true or false",
+            Self::StringList => "a list of strings",
+            Self::IntegerList => "an integer or a list of integers",
+            Self::NumberList => "a number or a list of numbers",
+            Self::Path => "a path",
+            Self::PathList => "a path or a list of paths",
+            Self::StageRef => "a stage name",
+            Self::StageRefList => "a stage name or a list of stage names",
+            Self::PathOrStageRef => "a stage name or a path",
+            Self::PathOrStageRefList => "a list of stage names and/or paths",
+        }
+    }
+
+    /// Whether values of this type are inputs (resolved to paths for the stage).
+    pub fn is_input(self) -> bool {
+        matches!(
+            self,
+            Self::Path
+                | Self::PathList
+                | Self::StageRef
+                | Self::StageRefList
+                | Self::PathOrStageRef
+                | Self::PathOrStageRefList
+        )
+    }
+
+    /// Whether a value may be a list of numbers (ranges apply per element).
+    pub fn is_numeric(self) -> bool {
+        matches!(
+            self,
+            Self::Integer | Self::Number | Self::IntegerList | Self::NumberList
+        )
+    }
+}
+
+/// One parameter of a stage kind.
+#[derive(Debug, Clone)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub ty: ParamType,
+    /// `None`: required. `Some(Value::Null)`: optional without a value.
+    pub default: Option<Value>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// False for fields that cannot change the result (progress style, log level).
+    pub in_key: bool,
+    /// For string fields (and each item of string lists): the accepted values, checked by
+    /// `validate` with a "did you mean" hint. Set with [`Self::one_of`].
+    pub allowed: Option<&'static [&'static str]>,
+    /// For stage-reference fields: take every variant of a swept upstream (one stage reads
+    /// them all) instead of fanning this stage out per variant. Set with [`Self::gathers`].
+    pub gather: bool,
+    pub doc: &'static str,
+}
+
+impl ParamSpec {
+    pub fn required(name: &'static str, ty: ParamType, doc: &'static str) -> Self {
+        Self {
+            name,
+            ty,
+            default: None,
+            min: None,
+            max: None,
+            in_key: true,
+            allowed: None,
+            gather: false,
+            doc,
+        }
+    }
+    pub fn optional(name: &'static str, ty: ParamType, default: Value, doc: &'static str) -> Self {
+        Self {
+            default: Some(default),
+            ..Self::required(name, ty, doc)
+        }
+    }
+    pub fn range(mut self, min: f64, max: f64) -> Self {
+        self.min = Some(min);
+        self.max = Some(max);
+        self
+    }
+    pub fn not_in_key(mut self) -> Self {
+        self.in_key = false;
+        self
+    }
+    /// Restricts a string (or string list) field to `values`.
+    pub fn one_of(mut self, values: &'static [&'static str]) -> Self {
+        self.allowed = Some(values);
+        self
+    }
+    /// Makes a stage-reference field gather all variants of a swept upstream (see
+    /// [`ParamSpec::gather`]); each variant arrives as its own [`ResolvedInput`].
+    pub fn gathers(mut self) -> Self {
+        self.gather = true;
+        self
+    }
+}
+
+/// Whether a stage needs a GPU slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceClass {
+    /// Bounded by `--jobs`.
+    Cpu,
+    /// Takes one device slot (`--device` / `--devices`); the device type enters the key.
+    Gpu,
+}
+
+/// Why a stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{action} `{path}`: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StageError {
+    pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// One resolved input of a stage.
+#[derive(Debug, Clone)]
+pub struct ResolvedInput {
+    /// The upstream stage's name as written in the field, when the input came from a stage.
+    pub upstream: Option<String>,
+    /// The upstream's full id: its name plus `[field=value,…]` for a sweep variant
+    /// (`db[learning_rate=2e-6]`); the label to show for it.
+    pub stage_id: Option<String>,
+    pub path: PathBuf,
+    /// The content digest (`cache::hash::tree_digest` of the files): the upstream's output
+    /// digest, or the path's digest as hashed for the key. `None` when not known.
+    pub digest: Option<String>,
+}
+
+impl ResolvedInput {
+    /// How the input is named in labels: the upstream's full id, or the folder's name.
+    pub fn label(&self) -> String {
+        if let Some(id) = self.stage_id.as_ref().or(self.upstream.as_ref()) {
+            return id.clone();
+        }
+        std::path::absolute(&self.path)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| self.path.display().to_string())
+    }
+}
+
+/// The stage's log file.
+pub struct StageLog {
+    path: PathBuf,
+    file: Mutex<Option<std::fs::File>>,
+}
+
+impl StageLog {
+    pub fn create(path: &Path) -> Self {
+        let file = std::fs::File::create(path).ok();
+        Self {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+        }
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// Appends one line; logging never fails a stage.
+    pub fn line(&self, text: &str) {
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(file) = guard.as_mut() {
+            let _ = writeln!(file, "{text}");
+        }
+    }
+}
+
+/// Everything a running stage sees.
+pub struct StageContext<'a> {
+    pub stage_id: &'a str,
+    /// Every schema parameter, defaults filled in (inputs as written).
+    pub params: &'a serde_json::Map<String, Value>,
+    /// Resolved paths per input parameter.
+    pub inputs: &'a BTreeMap<String, Vec<ResolvedInput>>,
+    /// Write the output here (a staging folder; committed only on success).
+    pub out_dir: &'a Path,
+    /// Checkpoints for resuming; survives crashes, removed after a successful commit.
+    pub work_dir: &'a Path,
+    /// The pipeline file's folder (relative input paths are relative to it).
+    pub pipeline_dir: &'a Path,
+    pub progress: &'a ProgressReporter,
+    pub cancel: &'a CancelFlag,
+    pub device: crate::device::Device,
+    pub log: &'a StageLog,
+    /// `<cache>/shared`: stage-managed memos that outlive one key (see [`Self::shared_dir`]).
+    pub shared_root: &'a Path,
+    /// The stage's cache key (hex) and the pipeline's name, for provenance in outputs.
+    pub key: &'a str,
+    pub pipeline: &'a str,
+}
+
+impl StageContext<'_> {
+    fn missing(&self, name: &str, what: &str) -> StageError {
+        StageError::Failed(format!(
+            "stage `{}`: parameter `{name}` is not {what}",
+            self.stage_id
+        ))
+    }
+    pub fn str_param(&self, name: &str) -> Result<&str, StageError> {
+        self.params
+            .get(name)
+            .and_then(Value::as_str)
+            .ok_or_else(|| self.missing(name, "a string"))
+    }
+    pub fn i64_param(&self, name: &str) -> Option<i64> {
+        self.params.get(name).and_then(Value::as_i64)
+    }
+    pub fn f64_param(&self, name: &str) -> Option<f64> {
+        self.params.get(name).and_then(Value::as_f64)
+    }
+    pub fn bool_param(&self, name: &str) -> Option<bool> {
+        self.params.get(name).and_then(Value::as_bool)
+    }
+    /// An `IntegerList` field (a single value gives one element; unset gives none).
+    pub fn i64_list_param(&self, name: &str) -> Vec<i64> {
+        number_list(self.params.get(name), Value::as_i64)
+    }
+    /// A `NumberList` field (a single value gives one element; unset gives none).
+    pub fn f64_list_param(&self, name: &str) -> Vec<f64> {
+        number_list(self.params.get(name), Value::as_f64)
+    }
+    /// A `StringList` field (unset gives none).
+    pub fn string_list_param(&self, name: &str) -> Vec<String> {
+        match self.params.get(name) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            Some(Value::String(text)) => vec![text.clone()],
+            _ => Vec::new(),
+        }
+    }
+    /// The resolved paths of an input parameter (empty when it has none).
+    pub fn input_paths(&self, name: &str) -> Vec<&Path> {
+        self.inputs
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|i| i.path.as_path())
+            .collect()
+    }
+    /// `<cache>/shared/<name>`, created: a folder a stage kind manages itself to reuse work
+    /// across keys (e.g. `generate` memoizes each image by its own inputs, so raising `count`
+    /// reuses the images already made). Entries must be keyed by everything that decides their
+    /// content and written atomically (temporary file + rename). `cache gc` removes files not
+    /// modified since before its oldest surviving result: refresh an entry's mtime when reusing
+    /// it (see `docs/cache.md`), and never rely on an entry staying.
+    pub fn shared_dir(&self, name: &str) -> Result<PathBuf, StageError> {
+        let dir = self.shared_root.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| StageError::io("create", &dir, e))?;
+        Ok(dir)
+    }
+    pub fn check_cancelled(&self) -> Result<(), StageError> {
+        if self.cancel.is_cancelled() {
+            Err(StageError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn number_list<T>(value: Option<&Value>, read: impl Fn(&Value) -> Option<T>) -> Vec<T> {
+    match value {
+        Some(Value::Array(items)) => items.iter().filter_map(&read).collect(),
+        Some(single) => read(single).into_iter().collect(),
+        None => Vec::new(),
+    }
+}
+
+/// A stage kind.
+pub trait Stage: Send + Sync {
+    /// The `kind:` value in pipeline files.
+    fn kind(&self) -> &'static str;
+    /// Bumped whenever the implementation changes its output; enters the key.
+    fn version(&self) -> u32;
+    fn schema(&self) -> Vec<ParamSpec>;
+    fn device_class(&self) -> DeviceClass {
+        DeviceClass::Cpu
+    }
+    /// One paragraph for the reference page: what the stage does and what it outputs.
+    fn summary(&self) -> &'static str;
+    fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError>;
+    /// Whether running it takes libtorch: the front binary hands such runs to the torch worker.
+    fn needs_torch(&self) -> bool {
+        false
+    }
+}
+
+/// The failure of a torch kind run where only its schema is known (never reached through the
+/// CLI: the front hands such runs to `dreampipe-torch`).
+pub fn needs_torch_worker(kind: &str) -> StageError {
+    StageError::Failed(format!(
+        "stage kind `{kind}` runs in the torch worker (dreampipe-torch); this process has only its schema"
+    ))
+}
+
+/// A stage run: what [`Registry::implement`] pairs with a kind's schema.
+pub type RunFn = fn(&StageContext<'_>) -> Result<(), StageError>;
+
+/// A kind whose schema comes from one stage and whose `run` is `run`.
+struct Implemented {
+    spec: Arc<dyn Stage>,
+    run: RunFn,
+}
+
+impl Stage for Implemented {
+    fn kind(&self) -> &'static str {
+        self.spec.kind()
+    }
+    fn version(&self) -> u32 {
+        self.spec.version()
+    }
+    fn schema(&self) -> Vec<ParamSpec> {
+        self.spec.schema()
+    }
+    fn device_class(&self) -> DeviceClass {
+        self.spec.device_class()
+    }
+    fn summary(&self) -> &'static str {
+        self.spec.summary()
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        (self.run)(ctx)
+    }
+    fn needs_torch(&self) -> bool {
+        self.spec.needs_torch()
+    }
+}
+
+/// All stage kinds, by name.
+#[derive(Clone)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Arc<dyn Stage>>,
+}
+
+impl Registry {
+    /// An empty registry (tests add their own kinds).
+    pub fn empty() -> Self {
+        Self {
+            kinds: BTreeMap::new(),
+        }
+    }
+    pub fn with(mut self, stage: Arc<dyn Stage>) -> Self {
+        self.kinds.insert(stage.kind(), stage);
+        self
+    }
+    /// Gives the registered kind `kind` its implementation (the torch worker does this for the
+    /// Stable Diffusion kinds); the schema, version and summary stay the registered ones.
+    pub fn implement(mut self, kind: &str, run: RunFn) -> Self {
+        if let Some((name, spec)) = self.kinds.remove_entry(kind) {
+            self.kinds.insert(name, Arc::new(Implemented { spec, run }));
+        }
+        self
+    }
+    pub fn get(&self, kind: &str) -> Option<&Arc<dyn Stage>> {
+        self.kinds.get(kind)
+    }
+    pub fn names(&self) -> Vec<&'static str> {
+        self.kinds.keys().copied().collect()
+    }
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Stage>> {
+        self.kinds.values()
+    }
+}
+
+/// Every stage kind dreampipe ships (add new kinds here, one line each). The Stable Diffusion
+/// kinds are schemas only; `dreampipe::stages::registry()` adds their implementations.
+pub fn registry() -> Registry {
+    Registry::empty()
+        .with(Arc::new(command::CommandStage))
+        .with(Arc::new(images::ImagesStage))
+        .with(Arc::new(sd_kinds::generate::GenerateKind))
+        .with(Arc::new(sd_kinds::sample_grid::SampleGridKind))
+        .with(Arc::new(sd_kinds::textual_inversion::TextualInversionKind))
+        .with(Arc::new(sd_kinds::dreambooth::DreamBoothKind))
+}
+
+/// The parameter table of a kind's reference page (`stages/<kind>.md`), generated from its
+/// schema; a test keeps the pages in sync with the code.
+pub fn reference_table(stage: &dyn Stage) -> String {
+    let mut text = String::from(
+        "| field | type | default | range | in key | description |\n|---|---|---|---|---|---|\n",
+    );
+    for spec in stage.schema() {
+        let default = match &spec.default {
+            None => "required".to_string(),
+            Some(Value::Null) => "unset".to_string(),
+            Some(value) => format!("`{value}`"),
+        };
+        let range = match (spec.min, spec.max) {
+            (Some(min), Some(max)) => format!("{min} – {max}"),
+            (Some(min), None) => format!("≥ {min}"),
+            (None, Some(max)) => format!("≤ {max}"),
+            (None, None) => String::new(),
+        };
+        let range = match spec.allowed {
+            Some(values) => format!("one of: {}", values.join(", ")),
+            None => range,
+        };
+        let in_key = if !spec.in_key {
+            "no"
+        } else if spec.gather {
+            "content digest (all variants)"
+        } else if spec.ty.is_input() {
+            "content digest"
+        } else {
+            "yes"
+        };
+        text.push_str(&format!(
+            "| `{}` | {} | {default} | {range} | {in_key} | {} |\n",
+            spec.name,
+            spec.ty.describe(),
+            spec.doc.replace('|', "\\|")
+        ));
+    }
+    text
+}

@@ -1,0 +1,81 @@
+//! The `generate` stage: class images for prior preservation. Image `i` is txt2img with seed
+//! `seed + i`, identical to `dreampipe sample --seed <seed+i>` with the same fields, whatever
+//! `batch_size` is (each sample's initial noise is drawn from its own seeded generator).
+//!
+//! Incremental: every image is memoized in `<cache>/shared/generate/<memo key>.png`, keyed by
+//! everything that decides its pixels and PNG text (stage id, model content digest, prompt,
+//! negative prompt, its seed, steps, guidance, scheduler, size, dtype, device type). Raising
+//! `count` changes the stage key, but the images already made are copied from the memo.
+use super::{
+    MAX_SEED, SCHEDULER_CHOICES, dtype_spec, guidance_spec, negative_prompt_spec, size_specs,
+    steps_spec,
+};
+use crate::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use serde_json::{Value, json};
+
+/// Largest `count`: 100k class images is far beyond DreamBooth's usual 200–1000.
+const MAX_COUNT: f64 = 100_000.0;
+/// Largest `batch_size`: bounded by memory long before this.
+const MAX_BATCH: f64 = 256.0;
+
+pub struct GenerateKind;
+
+impl Stage for GenerateKind {
+    fn kind(&self) -> &'static str {
+        "generate"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn device_class(&self) -> DeviceClass {
+        DeviceClass::Gpu
+    }
+    fn summary(&self) -> &'static str {
+        "Generates `count` class images with txt2img (image i uses seed `seed + i`, identical to `dreampipe sample --seed <seed+i>`). Output: `images/0000.png`… (A1111 parameters + stage id) and `manifest.json` (file, seed, prompt per image)."
+    }
+    fn schema(&self) -> Vec<ParamSpec> {
+        let [width, height] = size_specs();
+        vec![
+            ParamSpec::required(
+                "model",
+                ParamType::PathOrStageRef,
+                "diffusers model folder, or the stage that produced one",
+            ),
+            ParamSpec::required("prompt", ParamType::String, "the class prompt"),
+            negative_prompt_spec(),
+            ParamSpec::required("count", ParamType::Integer, "number of images")
+                .range(1.0, MAX_COUNT),
+            ParamSpec::optional(
+                "scheduler",
+                ParamType::String,
+                Value::Null,
+                "the sampler; unset: the model's own",
+            )
+            .one_of(SCHEDULER_CHOICES),
+            steps_spec(ParamType::Integer, "denoising steps"),
+            guidance_spec(
+                ParamType::Number,
+                "classifier-free guidance scale (≤ 1 disables it)",
+            ),
+            width,
+            height,
+            ParamSpec::optional("seed", ParamType::Integer, json!(0), "seed of image 0")
+                .range(0.0, MAX_SEED),
+            ParamSpec::optional(
+                "batch_size",
+                ParamType::Integer,
+                json!(1),
+                "images per forward pass (same noise per seed; only float rounding may differ)",
+            )
+            .range(1.0, MAX_BATCH)
+            .not_in_key(),
+            dtype_spec(),
+        ]
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
+        Err(crate::stages::needs_torch_worker(self.kind()))
+    }
+    fn needs_torch(&self) -> bool {
+        true
+    }
+}

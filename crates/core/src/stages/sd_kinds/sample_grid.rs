@@ -1,0 +1,78 @@
+//! The `sample_grid` stage: samples every model × scheduler × steps × guidance × prompt × seed
+//! and composes one labeled grid per prompt (rows: models, × schedulers / steps / guidance
+//! when several are given; columns: seeds). Each sample equals
+//! `dreampipe sample --seed <that seed>` with the same fields.
+//!
+//! `models` mixes stage names and folders. It gathers: a swept upstream contributes every
+//! variant as its own row, labelled with the variant id (`db[learning_rate=2e-6]`), in one grid
+//! stage.
+use super::{
+    MAX_SEED, SCHEDULER_CHOICES, dtype_spec, guidance_spec, negative_prompt_spec, size_specs,
+    steps_spec,
+};
+use crate::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use serde_json::json;
+
+/// Default columns: four seeds, as A1111's default batch count of 4 shows.
+const DEFAULT_SEEDS: [u64; 4] = [0, 1, 2, 3];
+
+pub struct SampleGridKind;
+
+impl Stage for SampleGridKind {
+    fn kind(&self) -> &'static str {
+        "sample_grid"
+    }
+    fn version(&self) -> u32 {
+        2
+    }
+    fn device_class(&self) -> DeviceClass {
+        DeviceClass::Gpu
+    }
+    fn summary(&self) -> &'static str {
+        "Samples every model × scheduler × steps × guidance × prompt × seed. Output: `samples/<model>/<prompt-index>/<seed>[-<scheduler>][-s<steps>][-g<guidance>].png` (A1111 parameters + stage id), `grid-<prompt-index>.png` (rows: models × schedulers × steps × guidance, columns: seeds) and `manifest.json`."
+    }
+    fn schema(&self) -> Vec<ParamSpec> {
+        let [width, height] = size_specs();
+        vec![
+            ParamSpec::required(
+                "models",
+                ParamType::PathOrStageRefList,
+                "stages producing models and/or diffusers model folders; every variant of a swept stage is a row",
+            )
+            .gathers(),
+            ParamSpec::required("prompts", ParamType::StringList, "one grid per prompt"),
+            negative_prompt_spec(),
+            ParamSpec::optional(
+                "seeds",
+                ParamType::IntegerList,
+                json!(DEFAULT_SEEDS),
+                "columns: one seed each (at most 64, no repeats)",
+            )
+            .range(0.0, MAX_SEED),
+            ParamSpec::optional(
+                "schedulers",
+                ParamType::StringList,
+                json!([]),
+                "schedulers to compare; empty: the model's own",
+            )
+            .one_of(SCHEDULER_CHOICES),
+            steps_spec(
+                ParamType::IntegerList,
+                "denoising steps (a list compares several)",
+            ),
+            guidance_spec(
+                ParamType::NumberList,
+                "classifier-free guidance scale (a list compares several)",
+            ),
+            width,
+            height,
+            dtype_spec(),
+        ]
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
+        Err(crate::stages::needs_torch_worker(self.kind()))
+    }
+    fn needs_torch(&self) -> bool {
+        true
+    }
+}
