@@ -2,10 +2,10 @@
 # The bench/run.sh table on one CUDA GPU, in half precision, as one call of the device machine
 # (about 8 minutes at most). Writes $OUT/bench.md (and results.jsonl, logs).
 #
-# Prepare here (CPU machine), then carry the two paths:
-#   cargo build --release && strip target/release/dreampipe   # carry limit: 64 MiB in all
+# Prepare here (CPU machine), then carry the three paths:
+#   cargo build --release && strip target/release/dreampipe target/release/dreampipe-torch   # carry limit: 64 MiB in all
 #   bench/gpu.sh --prepare                    # bench/.wheels: diffusers, transformers + deps (cp312)
-#   run: bash bench/gpu.sh   carry: ["target/release/dreampipe", "bench/.wheels"]
+#   run: bash bench/gpu.sh   carry: ["target/release/dreampipe", "target/release/dreampipe-torch", "bench/.wheels"]
 #
 # On the device machine it uses the machine's PyTorch 2.11 (/opt/torch/.venv, Python 3.12) for
 # both sides: its torch/lib goes on LD_LIBRARY_PATH, where dreampipe's dlopen of

@@ -49,7 +49,7 @@ ensure_venv() {
 
 ensure_binary() {
     log "cargo build --release"
-    (cd "$ROOT" && cargo build --release --quiet --bin dreampipe)
+    (cd "$ROOT" && cargo build --release --quiet)
     BIN=$ROOT/target/release/dreampipe
 }
 

@@ -150,4 +150,19 @@ mod tests {
         assert_eq!(SCHEDULER_CHOICES, names.as_slice());
         assert_eq!(DTYPE_CHOICES.join(", "), DTYPE_NAMES);
     }
+
+    /// The core's schemas state these without libtorch; the implementation must agree.
+    #[test]
+    fn schema_defaults_match_the_implementation() {
+        use dreampipe_core::stages::sd_kinds;
+        assert_eq!(sd_kinds::DEFAULT_STEPS, crate::sd::pipeline::DEFAULT_STEPS);
+        assert_eq!(
+            sd_kinds::DEFAULT_GUIDANCE,
+            crate::sd::pipeline::DEFAULT_GUIDANCE
+        );
+        assert_eq!(
+            sd_kinds::training::LR_SCHEDULE_NAMES,
+            crate::sd::train::lr_schedule::SCHEDULE_NAMES
+        );
+    }
 }

@@ -74,6 +74,7 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
     if !context.torch_in_process {
         let statuses = assess(&plan, &store, &memo, devices[0], &selected, &forced)?;
         if torch_work_left(&plan, &statuses) {
+            let _ = memo.save(); // the worker reuses the digests just computed
             return Err(Handoff.into());
         }
     }
