@@ -9,14 +9,12 @@ const TINY: &str = "models/tiny-sd";
 const LOSS_RTOL: f64 = 1e-4;
 
 fn dreampipe(args: &[&str]) -> std::process::Output {
-    Command::new(
-        std::path::Path::new(env!("CARGO_BIN_EXE_dreampipe-torch")).with_file_name("dreampipe"),
-    )
-    .args(["--device", "cpu", "bench"])
-    .args(args)
-    .env("OMP_NUM_THREADS", "1")
-    .output()
-    .expect("the dreampipe binary runs")
+    Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .args(["--device", "cpu", "bench"])
+        .args(args)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("the dreampipe binary runs")
 }
 
 fn record(args: &[&str]) -> Value {

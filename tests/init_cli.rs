@@ -4,14 +4,12 @@ use std::path::Path;
 use std::process::Command;
 
 fn dreampipe(cwd: &Path, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(
-        std::path::Path::new(env!("CARGO_BIN_EXE_dreampipe-torch")).with_file_name("dreampipe"),
-    )
-    .current_dir(cwd)
-    .args(["--device", "cpu", "--cache", "cache"])
-    .args(args)
-    .output()
-    .expect("run dreampipe");
+    let output = Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .current_dir(cwd)
+        .args(["--device", "cpu", "--cache", "cache"])
+        .args(args)
+        .output()
+        .expect("run dreampipe");
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),

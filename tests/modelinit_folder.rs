@@ -351,14 +351,12 @@ fn cli_model_init_writes_a_loadable_folder() {
     let _lock = rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("cli");
-    let output = std::process::Command::new(
-        std::path::Path::new(env!("CARGO_BIN_EXE_dreampipe-torch")).with_file_name("dreampipe"),
-    )
-    .args(["--device", "cpu", "model", "init", "--like", "tiny"])
-    .args(["--seed", "2", "--dtype", "f16", "--out"])
-    .arg(&out)
-    .output()
-    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .args(["--device", "cpu", "model", "init", "--like", "tiny"])
+        .args(["--seed", "2", "--dtype", "f16", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     assert!(

@@ -32,15 +32,13 @@ fn readme_pipeline_example_validates() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("my-dog.yaml");
     std::fs::write(&file, yaml).unwrap();
-    let output = Command::new(
-        std::path::Path::new(env!("CARGO_BIN_EXE_dreampipe-torch")).with_file_name("dreampipe"),
-    )
-    .args(["--device", "cpu", "--cache"])
-    .arg(dir.path().join("cache"))
-    .arg("validate")
-    .arg(&file)
-    .output()
-    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .args(["--device", "cpu", "--cache"])
+        .arg(dir.path().join("cache"))
+        .arg("validate")
+        .arg(&file)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(

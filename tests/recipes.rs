@@ -109,19 +109,17 @@ fn copy_tree(from: &Path, to: &Path) {
 /// Runs the binary on the CPU in `cwd` with `cache` as its cache; returns (success, stdout,
 /// stderr).
 fn dreampipe(cwd: &Path, cache: &Path, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(
-        std::path::Path::new(env!("CARGO_BIN_EXE_dreampipe-torch")).with_file_name("dreampipe"),
-    )
-    .current_dir(cwd)
-    .env("OMP_NUM_THREADS", TORCH_THREADS)
-    .env_remove("DREAMPIPE_DEVICE")
-    .arg("--device")
-    .arg("cpu")
-    .arg("--cache")
-    .arg(cache)
-    .args(args)
-    .output()
-    .expect("start the dreampipe binary");
+    let output = Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .current_dir(cwd)
+        .env("OMP_NUM_THREADS", TORCH_THREADS)
+        .env_remove("DREAMPIPE_DEVICE")
+        .arg("--device")
+        .arg("cpu")
+        .arg("--cache")
+        .arg(cache)
+        .args(args)
+        .output()
+        .expect("start the dreampipe binary");
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),

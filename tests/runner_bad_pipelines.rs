@@ -88,17 +88,15 @@ fn set_overrides_with_bad_targets_are_reported() {
 
 #[test]
 fn the_binary_prints_the_message_and_exits_non_zero() {
-    let output = std::process::Command::new(
-        std::path::Path::new(env!("CARGO_BIN_EXE_dreampipe-torch")).with_file_name("dreampipe"),
-    )
-    .args([
-        "--device",
-        "cpu",
-        "validate",
-        "tests/bad-pipelines/13-unknown-kind-typo.yaml",
-    ])
-    .output()
-    .expect("run");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .args([
+            "--device",
+            "cpu",
+            "validate",
+            "tests/bad-pipelines/13-unknown-kind-typo.yaml",
+        ])
+        .output()
+        .expect("run");
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(

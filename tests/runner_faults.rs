@@ -311,3 +311,40 @@ fn gc_keeps_results_a_running_stage_is_reading() {
     assert!(run.success(), "{}", run.stdout);
     assert_eq!(project.read("cache/runs/p/b/b.txt"), "a\n");
 }
+
+/// A result found cached at the start of a run stays pinned until the run ends, even while
+/// its downstream waits for another branch: `cache gc` keeps it, the downstream reads it.
+#[test]
+fn gc_keeps_cached_results_a_run_will_read_later() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: echo a > $OUT/a.txt\n  slow:\n    kind: command\n    run: touch $WORK/started; sleep 1; echo s > $OUT/s.txt\n  b:\n    kind: command\n    needs: [a, slow]\n    run: cat $IN_A/a.txt $IN_SLOW/s.txt > $OUT/b.txt\n",
+    );
+    let (ok, _, stderr) = project.dreampipe(&["run", "p.yaml", "--plain", "--until", "a"]);
+    assert!(ok, "{stderr}");
+    let child = project
+        .command(&["run", "p.yaml", "--plain"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    while find_file_named(&project.cache().join("work"), "started").is_none() {
+        assert!(started.elapsed() < WAIT_LIMIT, "slow never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, stdout, _) = project.dreampipe(&["cache", "gc", "--keep-last", "0"]);
+    assert!(ok);
+    assert_eq!(
+        stdout,
+        "removed 0 result(s), 0 object(s) (0 bytes), 0 stale staging folder(s)\nkept 1 result(s) in use by a running stage\n"
+    );
+    let run = to_result(child.wait_with_output().expect("wait"));
+    assert!(run.success(), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("2 ran, 1 cached, 0 failed"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(project.read("cache/runs/p/b/b.txt"), "a\ns\n");
+}

@@ -271,16 +271,14 @@ fn sample_cli_writes_the_diffusers_image_for_an_sd2_folder() {
     let out = dir.path().join("sample.png");
     let steps = args["num_inference_steps"].to_string();
     let seed = args["seed"].to_string();
-    let output = std::process::Command::new(
-        std::path::Path::new(env!("CARGO_BIN_EXE_dreampipe-torch")).with_file_name("dreampipe"),
-    )
-    .args(["--device", "cpu", "sample", "--model"])
-    .arg(fixture("model"))
-    .args(["--prompt", args["prompt"].as_str().unwrap()])
-    .args(["--seed", &seed, "--steps", &steps, "--out"])
-    .arg(&out)
-    .output()
-    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .args(["--device", "cpu", "sample", "--model"])
+        .arg(fixture("model"))
+        .args(["--prompt", args["prompt"].as_str().unwrap()])
+        .args(["--seed", &seed, "--steps", &steps, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "dreampipe sample failed: {stderr}");
     assert_png_file_matches(&out);

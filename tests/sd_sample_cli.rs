@@ -16,32 +16,30 @@ fn repo_path(relative: &str) -> PathBuf {
 /// Runs `dreampipe --device cpu sample --model models/tiny-sd --prompt PROMPT --seed 1234
 /// --steps 4 --scheduler ddim --out OUT EXTRA...` from the repository root.
 fn sample(out: &Path, extra: &[&str]) -> Output {
-    Command::new(
-        std::path::Path::new(env!("CARGO_BIN_EXE_dreampipe-torch")).with_file_name("dreampipe"),
-    )
-    .current_dir(env!("CARGO_MANIFEST_DIR"))
-    .args([
-        "--device",
-        "cpu",
-        "sample",
-        "--model",
-        "models/tiny-sd",
-        "--prompt",
-        PROMPT,
-    ])
-    .args([
-        "--seed",
-        "1234",
-        "--steps",
-        "4",
-        "--scheduler",
-        "ddim",
-        "--out",
-    ])
-    .arg(out)
-    .args(extra)
-    .output()
-    .expect("the dreampipe binary runs")
+    Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "--device",
+            "cpu",
+            "sample",
+            "--model",
+            "models/tiny-sd",
+            "--prompt",
+            PROMPT,
+        ])
+        .args([
+            "--seed",
+            "1234",
+            "--steps",
+            "4",
+            "--scheduler",
+            "ddim",
+            "--out",
+        ])
+        .arg(out)
+        .args(extra)
+        .output()
+        .expect("the dreampipe binary runs")
 }
 
 fn stderr(output: &Output) -> String {
@@ -170,23 +168,21 @@ fn width_that_is_not_a_multiple_of_the_vae_factor_is_rejected() {
 fn missing_model_folder_is_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.png");
-    let output = Command::new(
-        std::path::Path::new(env!("CARGO_BIN_EXE_dreampipe-torch")).with_file_name("dreampipe"),
-    )
-    .current_dir(env!("CARGO_MANIFEST_DIR"))
-    .args([
-        "--device",
-        "cpu",
-        "sample",
-        "--model",
-        "models/no-such-model",
-        "--prompt",
-        "a dog",
-        "--out",
-    ])
-    .arg(&out)
-    .output()
-    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "--device",
+            "cpu",
+            "sample",
+            "--model",
+            "models/no-such-model",
+            "--prompt",
+            "a dog",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(
         stderr(&output),

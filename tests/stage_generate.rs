@@ -178,14 +178,12 @@ fn cache_gc_prunes_memo_entries_by_last_use() {
     age(&stale, 10);
     run_ok(&cache, &write_pipeline(dir.path(), 3, 1, "ddim"));
     assert!(stage_log(&cache, "gen", "class").contains("generate: 1 generated, 2 reused"));
-    let output = std::process::Command::new(
-        std::path::Path::new(env!("CARGO_BIN_EXE_dreampipe-torch")).with_file_name("dreampipe"),
-    )
-    .arg("--cache")
-    .arg(&cache)
-    .args(["cache", "gc", "--keep-last", "1"])
-    .output()
-    .expect("run gc");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .arg("--cache")
+        .arg(&cache)
+        .args(["cache", "gc", "--keep-last", "1"])
+        .output()
+        .expect("run gc");
     let all = text(&output);
     assert!(output.status.success(), "{all}");
     assert!(

@@ -93,9 +93,7 @@ impl Project {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(
-            std::path::Path::new(env!("CARGO_BIN_EXE_dreampipe-torch")).with_file_name("dreampipe"),
-        );
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dreampipe"));
         command
             .current_dir(self.dir.path())
             .arg("--device")

@@ -15,16 +15,14 @@ pub fn tiny_model() -> String {
 
 /// `dreampipe --device cpu --cache CACHE run PIPELINE --plain`.
 pub fn run_pipeline(cache: &Path, pipeline: &Path) -> Output {
-    Command::new(
-        std::path::Path::new(env!("CARGO_BIN_EXE_dreampipe-torch")).with_file_name("dreampipe"),
-    )
-    .args(["--device", "cpu", "--cache"])
-    .arg(cache)
-    .arg("run")
-    .arg(pipeline)
-    .arg("--plain")
-    .output()
-    .expect("run dreampipe")
+    Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .args(["--device", "cpu", "--cache"])
+        .arg(cache)
+        .arg("run")
+        .arg(pipeline)
+        .arg("--plain")
+        .output()
+        .expect("run dreampipe")
 }
 
 pub fn text(output: &Output) -> String {
@@ -58,17 +56,15 @@ pub fn stage_log(cache: &Path, pipeline: &str, stage: &str) -> String {
 
 /// `dreampipe --device cpu sample --model models/tiny-sd ...` writing `out`.
 pub fn sample(out: &Path, prompt: &str, seed: u64, scheduler: &str) {
-    let output = Command::new(
-        std::path::Path::new(env!("CARGO_BIN_EXE_dreampipe-torch")).with_file_name("dreampipe"),
-    )
-    .args(["--device", "cpu", "sample", "--model"])
-    .arg(tiny_model())
-    .args(["--prompt", prompt, "--seed", &seed.to_string()])
-    .args(["--steps", "2", "--scheduler", scheduler])
-    .args(["--width", "64", "--height", "64", "--out"])
-    .arg(out)
-    .output()
-    .expect("run dreampipe sample");
+    let output = Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .args(["--device", "cpu", "sample", "--model"])
+        .arg(tiny_model())
+        .args(["--prompt", prompt, "--seed", &seed.to_string()])
+        .args(["--steps", "2", "--scheduler", scheduler])
+        .args(["--width", "64", "--height", "64", "--out"])
+        .arg(out)
+        .output()
+        .expect("run dreampipe sample");
     assert!(output.status.success(), "sample failed: {}", text(&output));
 }
 

@@ -88,15 +88,18 @@ pub fn try_exclusive(path: &Path) -> Result<Option<KeyLock>, CacheError> {
     }
 }
 
-/// A shared lock: held by a stage reading an upstream result, so `cache gc` leaves it alone.
-pub fn shared(path: &Path) -> Result<KeyLock, CacheError> {
+/// A shared lock: held by a run on every result it uses, so `cache gc` leaves them alone.
+/// `None` while someone holds the lock exclusively (computing or removing the result).
+pub fn try_shared(path: &Path) -> Result<Option<KeyLock>, CacheError> {
     let file = open_lock_file(path)?;
-    file.lock_shared()
-        .map_err(|e| CacheError::io("lock", path, e))?;
-    Ok(KeyLock {
-        _file: file,
-        path: path.to_path_buf(),
-    })
+    match file.try_lock_shared() {
+        Ok(()) => Ok(Some(KeyLock {
+            _file: file,
+            path: path.to_path_buf(),
+        })),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(CacheError::io("lock", path, e)),
+    }
 }
 
 #[cfg(test)]
@@ -131,10 +134,14 @@ mod tests {
     fn a_shared_holder_makes_try_exclusive_fail() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("k.lock");
-        let reader = shared(&path).expect("shared");
+        let reader = try_shared(&path).expect("shared").expect("free");
+        let second_reader = try_shared(&path).expect("shared").expect("shared by both");
         assert!(try_exclusive(&path).expect("try").is_none());
         drop(reader);
-        assert!(try_exclusive(&path).expect("try").is_some());
+        drop(second_reader);
+        let writer = try_exclusive(&path).expect("try").expect("free again");
+        assert!(try_shared(&path).expect("shared").is_none());
+        drop(writer);
     }
 
     #[test]

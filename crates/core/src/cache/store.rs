@@ -146,9 +146,10 @@ impl Store {
         self.root.join("locks").join(format!("{key}.lock"))
     }
 
-    /// A shared lock on `key`'s result while a stage reads it (see `lock::shared`).
-    pub fn lock_key_shared(&self, key: &str) -> Result<lock::KeyLock, CacheError> {
-        lock::shared(&self.lock_path(key))
+    /// A shared lock on `key`'s result while a run uses it (see `lock::try_shared`); `None`
+    /// while another process holds the key exclusively.
+    pub fn try_lock_key_shared(&self, key: &str) -> Result<Option<lock::KeyLock>, CacheError> {
+        lock::try_shared(&self.lock_path(key))
     }
 
     /// The exclusive lock on `key` if nobody computes or reads it right now.

@@ -5,9 +5,10 @@
 //! its dependents only; cancellation stops new stages and signals running ones.
 use super::events::{CancelFlag, Event, EventSender, ProgressReporter};
 use super::lockfile::LockFile;
+use crate::cache::CacheError;
 use crate::cache::hash::{HashMemo, tree_digest};
-use crate::cache::lock::Acquired;
-use crate::cache::store::{Commit, Store, now_unix};
+use crate::cache::lock::{Acquired, KeyLock};
+use crate::cache::store::{Commit, ResultRecord, Store, now_unix};
 use crate::plan::dirty::explain_miss;
 use crate::plan::fingerprint::{KeyMaterial, material};
 use crate::plan::graph::Plan;
@@ -16,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -109,6 +110,9 @@ struct Shared {
     key_device: crate::device::Device,
     forced: Vec<bool>,
     locked: Option<LockFile>,
+    /// Shared locks on every result this run uses (found cached or committed), held until the
+    /// run ends, so `cache gc` cannot remove one before a downstream stage reads it.
+    pins: Mutex<Vec<KeyLock>>,
 }
 
 /// (key, output digest) of a finished stage.
@@ -144,6 +148,7 @@ pub async fn execute(
         key_device: devices[0],
         forced: options.forced.clone(),
         locked: options.locked.clone(),
+        pins: Mutex::new(Vec::new()),
     });
     let active = active_stages(&plan, &options.selected);
     let _ = events.send(Event::RunStarted {
@@ -349,7 +354,7 @@ async fn run_stage(
     record.key = Some(key.clone());
     check_locked_key(shared, &stage.id, &key)?;
     let forced = shared.forced[index];
-    if !forced && let Some(done) = reuse(shared, index, &key, record) {
+    if !forced && let Some(done) = reuse(shared, index, &key, record).await? {
         return Ok(done);
     }
     if !selected {
@@ -368,14 +373,16 @@ async fn run_stage(
     let lock = blocking(move || store.lock_key(&lock_key, cancel.as_atomic(), waiting))
         .await?
         .map_err(|e| e.to_string())?;
-    let (_lock, waited) = match lock {
+    let (lock, waited) = match lock {
         Acquired::Immediately(lock) => (lock, false),
         Acquired::AfterWaiting(lock) => (lock, true),
     };
-    if (!forced || waited)
-        && let Some(done) = reuse(shared, index, &key, record)
-    {
-        return Ok(done);
+    if (!forced || waited) && shared.store.lookup(&key).is_some() {
+        drop(lock); // pinning takes the shared lock
+        return reuse(shared, index, &key, record).await?.ok_or_else(|| {
+            "its result was being replaced by another run (--force?) right now; run again"
+                .to_string()
+        });
     }
     record.reasons = if forced {
         vec!["forced with --force".to_string()]
@@ -383,6 +390,10 @@ async fn run_stage(
         explain_miss(&shared.store, &shared.plan.pipeline.name, &stage.id, &new)
     };
     let done = compute(shared, index, upstream, &new, &key, record).await?;
+    drop(lock); // pinning takes the shared lock
+    if pin(shared, &key, Duration::MAX).await?.is_none() {
+        return Err("its new result was removed at once (cache gc?); run again".to_string());
+    }
     check_locked_output(shared, &stage.id, &done.1)?;
     Ok(done)
 }
@@ -413,9 +424,18 @@ async fn compute_material(
     }
 }
 
-/// The cached result for `key`, recorded as this stage's latest.
-fn reuse(shared: &Shared, index: usize, key: &str, record: &mut StageRecord) -> Option<Done> {
-    let found = shared.store.lookup(key)?;
+/// The cached result for `key`, pinned for this run and recorded as this stage's latest;
+/// `None` when there is none, or when another process holds its lock exclusively (it is
+/// being removed or replaced: the caller then waits for the key's lock).
+async fn reuse(
+    shared: &Arc<Shared>,
+    index: usize,
+    key: &str,
+    record: &mut StageRecord,
+) -> Result<Option<Done>, String> {
+    let Some(found) = pin(shared, key, PIN_PATIENCE).await? else {
+        return Ok(None);
+    };
     let id = &shared.plan.pipeline.stages[index].id;
     let _ = shared
         .store
@@ -429,7 +449,51 @@ fn reuse(shared: &Shared, index: usize, key: &str, record: &mut StageRecord) -> 
     record.status = Outcome::Cached;
     record.output = Some(output);
     record.output_digest = Some(found.output_digest.clone());
-    Some((key.to_string(), found.output_digest))
+    Ok(Some((key.to_string(), found.output_digest)))
+}
+
+/// How long [`pin`] retries a busy key lock while the result still exists: other runs and
+/// `cache gc` hold it only for a moment (a lookup, or removing the folder); a forced recompute
+/// holds it longer, and then the caller waits for the lock with a message instead.
+const PIN_PATIENCE: Duration = Duration::from_secs(2);
+const PIN_RETRY: Duration = Duration::from_millis(20);
+
+/// Takes a shared lock on `key`'s result for the rest of the run. `None` when there is no
+/// result, or when the key stayed locked exclusively by another process for `patience`.
+async fn pin(
+    shared: &Arc<Shared>,
+    key: &str,
+    patience: Duration,
+) -> Result<Option<ResultRecord>, String> {
+    let (store, owned_key) = (shared.store.clone(), key.to_string());
+    let cancel = shared.cancel.clone();
+    let pinned = blocking(
+        move || -> Result<Option<(KeyLock, ResultRecord)>, CacheError> {
+            let started = Instant::now();
+            loop {
+                if store.lookup(&owned_key).is_none() {
+                    return Ok(None);
+                }
+                if let Some(lock) = store.try_lock_key_shared(&owned_key)? {
+                    return Ok(store.lookup(&owned_key).map(|found| (lock, found)));
+                }
+                if started.elapsed() >= patience || cancel.is_cancelled() {
+                    return Ok(None);
+                }
+                std::thread::sleep(PIN_RETRY);
+            }
+        },
+    )
+    .await?
+    .map_err(|e| e.to_string())?;
+    Ok(pinned.map(|(lock, found)| {
+        shared
+            .pins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(lock);
+        found
+    }))
 }
 
 fn short(key: &str) -> &str {
@@ -529,7 +593,6 @@ async fn compute(
     std::fs::create_dir_all(&work).map_err(|e| format!("creating `{}`: {e}", work.display()))?;
     let log_path = store.log_path(key);
     record.log = Some(log_path.clone());
-    let _readers = lock_upstream_results(&store, upstream).await?;
     let inputs = resolve_inputs(shared, &stage, upstream, new);
     let _ = shared.events.send(Event::Started {
         id: stage.id.clone(),
@@ -615,30 +678,6 @@ async fn compute(
     record.output = Some(output);
     record.output_digest = Some(committed.output_digest.clone());
     Ok((key.to_string(), committed.output_digest))
-}
-
-/// Shared locks on the upstream results this stage reads, so `cache gc` keeps them; fails
-/// when one disappeared before the lock was taken.
-async fn lock_upstream_results(
-    store: &Store,
-    upstream: &BTreeMap<usize, Done>,
-) -> Result<Vec<crate::cache::lock::KeyLock>, String> {
-    let keys: Vec<String> = upstream.values().map(|(key, _)| key.clone()).collect();
-    let store = store.clone();
-    blocking(move || {
-        let mut locks = Vec::new();
-        for key in &keys {
-            locks.push(store.lock_key_shared(key).map_err(|e| e.to_string())?);
-            if store.lookup(key).is_none() {
-                return Err(format!(
-                    "the upstream result {} was removed while this run needed it (cache gc?); run again",
-                    short(key)
-                ));
-            }
-        }
-        Ok(locks)
-    })
-    .await?
 }
 
 fn resolve_inputs(
