@@ -1,7 +1,7 @@
 //! Faults: kill -9 mid-stage (resume, no partial result, stale lock), two concurrent runs,
 //! a flipped byte in a stored object.
 mod runner_support;
-use runner_support::{Project, to_result};
+use runner_support::{Project, RunResult, to_result};
 use std::time::{Duration, Instant};
 
 /// How long a test waits for a background run to reach a state before failing.
@@ -284,13 +284,10 @@ fn ctrl_c_cancels_running_stages_promptly_and_commits_nothing_partial() {
     );
 }
 
-#[test]
-fn gc_keeps_results_a_running_stage_is_reading() {
-    let project = Project::new();
-    project.write(
-        "p.yaml",
-        "stages:\n  a:\n    kind: command\n    run: echo a > $OUT/a.txt\n  b:\n    kind: command\n    needs: a\n    run: touch $WORK/started; sleep 1; cat $IN_A/a.txt > $OUT/b.txt\n",
-    );
+/// Starts `run p.yaml` in the background, waits until a stage touched `$WORK/started`, runs
+/// `cache gc --keep-last 0` and checks that it kept exactly one result in use; returns the
+/// run's outcome.
+fn gc_during_run_keeps_one_result(project: &Project) -> RunResult {
     let child = project
         .command(&["run", "p.yaml", "--plain"])
         .stdout(std::process::Stdio::piped())
@@ -298,7 +295,10 @@ fn gc_keeps_results_a_running_stage_is_reading() {
         .expect("spawn");
     let started = Instant::now();
     while find_file_named(&project.cache().join("work"), "started").is_none() {
-        assert!(started.elapsed() < WAIT_LIMIT, "b never started");
+        assert!(
+            started.elapsed() < WAIT_LIMIT,
+            "the slow stage never started"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let (ok, stdout, _) = project.dreampipe(&["cache", "gc", "--keep-last", "0"]);
@@ -309,6 +309,17 @@ fn gc_keeps_results_a_running_stage_is_reading() {
     );
     let run = to_result(child.wait_with_output().expect("wait"));
     assert!(run.success(), "{}", run.stdout);
+    run
+}
+
+#[test]
+fn gc_keeps_results_a_running_stage_is_reading() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: echo a > $OUT/a.txt\n  b:\n    kind: command\n    needs: a\n    run: touch $WORK/started; sleep 1; cat $IN_A/a.txt > $OUT/b.txt\n",
+    );
+    gc_during_run_keeps_one_result(&project);
     assert_eq!(project.read("cache/runs/p/b/b.txt"), "a\n");
 }
 
@@ -323,24 +334,7 @@ fn gc_keeps_cached_results_a_run_will_read_later() {
     );
     let (ok, _, stderr) = project.dreampipe(&["run", "p.yaml", "--plain", "--until", "a"]);
     assert!(ok, "{stderr}");
-    let child = project
-        .command(&["run", "p.yaml", "--plain"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let started = Instant::now();
-    while find_file_named(&project.cache().join("work"), "started").is_none() {
-        assert!(started.elapsed() < WAIT_LIMIT, "slow never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let (ok, stdout, _) = project.dreampipe(&["cache", "gc", "--keep-last", "0"]);
-    assert!(ok);
-    assert_eq!(
-        stdout,
-        "removed 0 result(s), 0 object(s) (0 bytes), 0 stale staging folder(s)\nkept 1 result(s) in use by a running stage\n"
-    );
-    let run = to_result(child.wait_with_output().expect("wait"));
-    assert!(run.success(), "{}", run.stdout);
+    let run = gc_during_run_keeps_one_result(&project);
     assert!(
         run.stdout.contains("2 ran, 1 cached, 0 failed"),
         "{}",

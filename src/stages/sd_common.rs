@@ -160,9 +160,5 @@ mod tests {
             sd_kinds::DEFAULT_GUIDANCE,
             crate::sd::pipeline::DEFAULT_GUIDANCE
         );
-        assert_eq!(
-            sd_kinds::training::LR_SCHEDULE_NAMES,
-            crate::sd::train::lr_schedule::SCHEDULE_NAMES
-        );
     }
 }

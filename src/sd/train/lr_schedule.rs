@@ -10,15 +10,9 @@ pub const POLYNOMIAL_LR_END: f64 = 1e-7;
 /// diffusers `get_cosine_schedule_with_warmup` default `num_cycles` (half a cosine wave);
 /// `get_scheduler` does not forward its `num_cycles` to this schedule.
 pub const COSINE_NUM_CYCLES: f64 = 0.5;
-/// The schedule names `get_scheduler` accepts that are implemented here.
-pub const SCHEDULE_NAMES: [&str; 6] = [
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-];
+/// The schedule names `get_scheduler` accepts that are implemented here (the stage schemas'
+/// list, which the front binary validates without libtorch).
+pub use dreampipe_core::stages::sd_kinds::training::LR_SCHEDULE_NAMES as SCHEDULE_NAMES;
 
 /// Which curve the multiplier follows after warmup.
 #[derive(Debug, Clone, Copy, PartialEq)]

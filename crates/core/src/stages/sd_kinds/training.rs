@@ -4,8 +4,7 @@ use super::MAX_SEED;
 use crate::stages::{ParamSpec, ParamType};
 use serde_json::{Value, json};
 
-/// diffusers' `get_scheduler` names (`sd::train::lr_schedule` parses them; a test keeps the two
-/// lists equal).
+/// diffusers' `get_scheduler` names that `dreampipe::sd::train::lr_schedule` implements.
 pub const LR_SCHEDULE_NAMES: [&str; 6] = [
     "constant",
     "constant_with_warmup",
