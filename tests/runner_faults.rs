@@ -342,3 +342,22 @@ fn gc_keeps_cached_results_a_run_will_read_later() {
     );
     assert_eq!(project.read("cache/runs/p/b/b.txt"), "a\ns\n");
 }
+
+/// Two stages with the same key in one run: one computes, the other reuses its result (it
+/// must not wait for the pin its own run holds), also when one of them is forced.
+#[test]
+fn stages_sharing_a_key_in_one_run_compute_it_once() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: sleep 0.3; echo same > $OUT/x.txt\n  b:\n    kind: command\n    run: sleep 0.3; echo same > $OUT/x.txt\n",
+    );
+    let (ok, stdout, stderr) = project.dreampipe(&["run", "p.yaml", "--plain"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("1 ran, 1 cached, 0 failed"), "{stdout}");
+    let (ok, stdout, stderr) = project.dreampipe(&["run", "p.yaml", "--plain", "--force", "a"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("0 failed"), "{stdout}");
+    assert_eq!(project.read("cache/runs/p/a/x.txt"), "same\n");
+    assert_eq!(project.read("cache/runs/p/b/x.txt"), "same\n");
+}

@@ -17,18 +17,23 @@ pub struct KeyLock {
     pub path: PathBuf,
 }
 
-/// Whether the lock was free or another process held it first.
+/// Whether the lock was free or another holder had it first; or, while waiting, the result
+/// became usable and a shared lock on it was taken instead.
 pub enum Acquired {
     Immediately(KeyLock),
     AfterWaiting(KeyLock),
+    Shared(KeyLock),
 }
 
 /// Takes the lock at `path`, polling until it is free or `cancel` is set. `on_wait` runs once
-/// when the lock is busy (to tell the user who they wait for).
+/// when the lock is busy (to tell the user who they wait for). While it waits, whenever
+/// `done_meanwhile()` says the result now exists, a shared lock is tried instead: holders that
+/// keep a shared lock for long (runs pinning a result they use) never make a reader wait.
 pub fn acquire(
     path: &Path,
     cancel: &AtomicBool,
     on_wait: impl FnOnce(),
+    mut done_meanwhile: impl FnMut() -> bool,
 ) -> Result<Acquired, CacheError> {
     let mut file = open_lock_file(path)?;
     let mut waited = false;
@@ -37,6 +42,11 @@ pub fn acquire(
         match file.try_lock() {
             Ok(()) => break,
             Err(std::fs::TryLockError::WouldBlock) => {
+                if done_meanwhile()
+                    && let Some(shared) = try_shared(path)?
+                {
+                    return Ok(Acquired::Shared(shared));
+                }
                 if cancel.load(Ordering::Relaxed) {
                     return Err(CacheError::Cancelled {
                         key: path.display().to_string(),
@@ -111,13 +121,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("k.lock");
         let cancel = AtomicBool::new(false);
-        let first = acquire(&path, &cancel, || {}).expect("first");
+        let first = acquire(&path, &cancel, || {}, || false).expect("first");
         let handle = {
             let path = path.clone();
             std::thread::spawn(move || {
                 let cancel = AtomicBool::new(false);
                 matches!(
-                    acquire(&path, &cancel, || {}).expect("second"),
+                    acquire(&path, &cancel, || {}, || false).expect("second"),
                     Acquired::AfterWaiting(_)
                 )
             })
@@ -145,13 +155,35 @@ mod tests {
     }
 
     #[test]
+    fn a_waiter_takes_a_shared_lock_once_the_result_exists() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("k.lock");
+        let reader = try_shared(&path).expect("shared").expect("free");
+        let cancel = AtomicBool::new(false);
+        let mut polls = 0;
+        let acquired = acquire(
+            &path,
+            &cancel,
+            || {},
+            || {
+                polls += 1;
+                polls >= 3
+            },
+        )
+        .expect("lock");
+        assert!(matches!(acquired, Acquired::Shared(_)));
+        assert_eq!(polls, 3);
+        drop(reader);
+    }
+
+    #[test]
     fn stale_lock_file_with_dead_pid_does_not_block() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("k.lock");
         std::fs::write(&path, "999999\n").expect("write");
         let cancel = AtomicBool::new(false);
         assert!(matches!(
-            acquire(&path, &cancel, || {}).expect("lock"),
+            acquire(&path, &cancel, || {}, || false).expect("lock"),
             Acquired::Immediately(_)
         ));
     }

@@ -128,18 +128,16 @@ impl Store {
         read_json(&self.result_dir(key).join("key.json")).ok()
     }
 
-    /// Blocks (polling `cancel`) until this process holds the lock for `key`.
+    /// Blocks (polling `cancel`) until this process holds the lock for `key`, or, once
+    /// `reusable()` says the result may be used as it is, a shared lock on it.
     pub fn lock_key(
         &self,
         key: &str,
         cancel: &AtomicBool,
         on_wait: impl FnOnce(),
+        reusable: impl FnMut() -> bool,
     ) -> Result<Acquired, CacheError> {
-        lock::acquire(
-            &self.root.join("locks").join(format!("{key}.lock")),
-            cancel,
-            on_wait,
-        )
+        lock::acquire(&self.lock_path(key), cancel, on_wait, reusable)
     }
 
     fn lock_path(&self, key: &str) -> PathBuf {

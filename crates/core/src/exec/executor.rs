@@ -110,9 +110,22 @@ struct Shared {
     key_device: crate::device::Device,
     forced: Vec<bool>,
     locked: Option<LockFile>,
-    /// Shared locks on every result this run uses (found cached or committed), held until the
-    /// run ends, so `cache gc` cannot remove one before a downstream stage reads it.
-    pins: Mutex<Vec<KeyLock>>,
+    /// Shared locks on every result this run uses (found cached or committed), by key, held
+    /// until the run ends, so `cache gc` cannot remove one before a downstream stage reads it.
+    pins: Mutex<HashMap<String, KeyLock>>,
+}
+
+impl Shared {
+    /// Keeps `pin` on `key`'s result until the run ends (a second pin on a key is dropped).
+    fn keep_pin(&self, key: &str, pin: KeyLock) {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        pins.entry(key.to_string()).or_insert(pin);
+    }
+
+    fn is_pinned(&self, key: &str) -> bool {
+        let pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        pins.contains_key(key)
+    }
 }
 
 /// (key, output digest) of a finished stage.
@@ -148,7 +161,7 @@ pub async fn execute(
         key_device: devices[0],
         forced: options.forced.clone(),
         locked: options.locked.clone(),
-        pins: Mutex::new(Vec::new()),
+        pins: Mutex::new(HashMap::new()),
     });
     let active = active_stages(&plan, &options.selected);
     let _ = events.send(Event::RunStarted {
@@ -369,13 +382,27 @@ async fn run_stage(
             let _ = events.send(Event::Waiting { id, key });
         }
     };
+    // While waiting: reuse the result once another holder committed it (unless forced), or
+    // when this run pinned it for another stage with the same key (replacing it would pull it
+    // from under that stage's readers, and waiting for our own pin would never end).
+    let reusable = {
+        let (shared, key) = (shared.clone(), key.clone());
+        move || (!forced && shared.store.lookup(&key).is_some()) || shared.is_pinned(&key)
+    };
     let (store, cancel, lock_key) = (shared.store.clone(), shared.cancel.clone(), key.clone());
-    let lock = blocking(move || store.lock_key(&lock_key, cancel.as_atomic(), waiting))
+    let lock = blocking(move || store.lock_key(&lock_key, cancel.as_atomic(), waiting, reusable))
         .await?
         .map_err(|e| e.to_string())?;
     let (lock, waited) = match lock {
         Acquired::Immediately(lock) => (lock, false),
         Acquired::AfterWaiting(lock) => (lock, true),
+        Acquired::Shared(pin) => {
+            let found = shared.store.lookup(&key).ok_or_else(|| {
+                "its result disappeared right after it was committed (cache gc?); run again"
+                    .to_string()
+            })?;
+            return Ok(adopt(shared, index, &key, pin, found, record));
+        }
     };
     if (!forced || waited) && shared.store.lookup(&key).is_some() {
         drop(lock); // pinning takes the shared lock
@@ -391,9 +418,10 @@ async fn run_stage(
     };
     let done = compute(shared, index, upstream, &new, &key, record).await?;
     drop(lock); // pinning takes the shared lock
-    if pin(shared, &key, Duration::MAX).await?.is_none() {
+    let Some((pinned, _)) = pin(shared, &key, Duration::MAX).await? else {
         return Err("its new result was removed at once (cache gc?); run again".to_string());
-    }
+    };
+    shared.keep_pin(&key, pinned);
     check_locked_output(shared, &stage.id, &done.1)?;
     Ok(done)
 }
@@ -433,9 +461,22 @@ async fn reuse(
     key: &str,
     record: &mut StageRecord,
 ) -> Result<Option<Done>, String> {
-    let Some(found) = pin(shared, key, PIN_PATIENCE).await? else {
+    let Some((lock, found)) = pin(shared, key, PIN_PATIENCE).await? else {
         return Ok(None);
     };
+    Ok(Some(adopt(shared, index, key, lock, found, record)))
+}
+
+/// Keeps `pin` until the run ends and records the result `found` as this stage's latest.
+fn adopt(
+    shared: &Shared,
+    index: usize,
+    key: &str,
+    pin: KeyLock,
+    found: ResultRecord,
+    record: &mut StageRecord,
+) -> Done {
+    shared.keep_pin(key, pin);
     let id = &shared.plan.pipeline.stages[index].id;
     let _ = shared
         .store
@@ -449,7 +490,7 @@ async fn reuse(
     record.status = Outcome::Cached;
     record.output = Some(output);
     record.output_digest = Some(found.output_digest.clone());
-    Ok(Some((key.to_string(), found.output_digest)))
+    (key.to_string(), found.output_digest)
 }
 
 /// How long [`pin`] retries a busy key lock while the result still exists: other runs and
@@ -458,16 +499,17 @@ async fn reuse(
 const PIN_PATIENCE: Duration = Duration::from_secs(2);
 const PIN_RETRY: Duration = Duration::from_millis(20);
 
-/// Takes a shared lock on `key`'s result for the rest of the run. `None` when there is no
-/// result, or when the key stayed locked exclusively by another process for `patience`.
+/// A shared lock on `key`'s result, for the caller to keep until the run ends. `None` when
+/// there is no result, or when the key stayed locked exclusively by another process for
+/// `patience`.
 async fn pin(
     shared: &Arc<Shared>,
     key: &str,
     patience: Duration,
-) -> Result<Option<ResultRecord>, String> {
+) -> Result<Option<(KeyLock, ResultRecord)>, String> {
     let (store, owned_key) = (shared.store.clone(), key.to_string());
     let cancel = shared.cancel.clone();
-    let pinned = blocking(
+    blocking(
         move || -> Result<Option<(KeyLock, ResultRecord)>, CacheError> {
             let started = Instant::now();
             loop {
@@ -485,15 +527,7 @@ async fn pin(
         },
     )
     .await?
-    .map_err(|e| e.to_string())?;
-    Ok(pinned.map(|(lock, found)| {
-        shared
-            .pins
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(lock);
-        found
-    }))
+    .map_err(|e| e.to_string())
 }
 
 fn short(key: &str) -> &str {
