@@ -70,7 +70,8 @@ pub fn load_into(
     let variables = vs.variables();
     let mut pending: BTreeMap<String, ()> = variables.keys().map(|k| (k.clone(), ())).collect();
     let _guard = tch::no_grad_guard();
-    for_each_tensor(file, |key, tensor| {
+    for_each_tensor(file, |stored| {
+        let key = stored.entry.name.clone();
         let Some(name) = rename(&key) else {
             return Ok(());
         };
@@ -80,7 +81,14 @@ pub fn load_into(
                 file: file.to_path_buf(),
             });
         };
-        copy_checked(variable, &tensor, &key, file)?;
+        check_shape(variable, &stored.entry.shape, &key, file)?;
+        if reads_in_place(variable, stored.entry.kind) {
+            stored.read_into_variable(variable)?;
+        } else {
+            let tensor = stored.read()?;
+            let mut target = variable.shallow_clone();
+            target.copy_(&tensor.to_kind(variable.kind()).to_device(variable.device()));
+        }
         pending.remove(&name);
         Ok(())
     })?;
@@ -123,14 +131,80 @@ struct TensorEntry {
     end: u64,
 }
 
-/// Calls `visit` with every tensor of a safetensors file, reading the header first and then
-/// one tensor's bytes at a time (in file order), so that loading a checkpoint needs memory for
-/// one tensor beyond its destination instead of two copies of the whole file.
+/// One tensor of a safetensors file, located but not read yet.
+struct StoredTensor<'a> {
+    entry: TensorEntry,
+    file: &'a Path,
+    handle: &'a std::fs::File,
+    data_start: u64,
+    /// Scratch space reused across tensors (grown only).
+    buffer: &'a mut Vec<u8>,
+}
+
+impl StoredTensor<'_> {
+    fn read_error(&self, reason: impl std::fmt::Display) -> WeightsError {
+        WeightsError::Read {
+            file: self.file.to_path_buf(),
+            reason: format!("tensor '{}': {reason}", self.entry.name),
+        }
+    }
+
+    fn read_bytes(&self, bytes: &mut [u8]) -> Result<(), WeightsError> {
+        use std::os::unix::fs::FileExt;
+        self.handle
+            .read_exact_at(bytes, self.data_start + self.entry.begin)
+            .map_err(|e| self.read_error(e))
+    }
+
+    /// The tensor as stored (its dtype, on the CPU).
+    fn read(self) -> Result<Tensor, WeightsError> {
+        let length = (self.entry.end - self.entry.begin) as usize;
+        let mut buffer = std::mem::take(self.buffer);
+        // Grow only: zero-filling every tensor's bytes again would cost a pass over the file.
+        if buffer.len() < length {
+            buffer.resize(length, 0);
+        }
+        self.read_bytes(&mut buffer[..length])?;
+        let tensor = Tensor::f_from_data_size(&buffer[..length], &self.entry.shape, self.entry.kind)
+            .map_err(|e| self.read_error(e));
+        *self.buffer = buffer;
+        tensor
+    }
+
+    /// Reads the bytes straight into `variable`'s memory (see [`reads_in_place`]): one pass
+    /// over the data instead of read, wrap and copy.
+    fn read_into_variable(self, variable: &Tensor) -> Result<(), WeightsError> {
+        let length = (self.entry.end - self.entry.begin) as usize;
+        let capacity = variable.numel() * variable.kind().elt_size_in_bytes();
+        if length != capacity {
+            return Err(self.read_error(format!(
+                "{length} bytes in the file for a {capacity}-byte variable"
+            )));
+        }
+        // SAFETY: `reads_in_place` checked that the variable is a contiguous CPU tensor of the
+        // file's dtype and `check_shape` its shape, so its storage holds exactly `length`
+        // bytes from `data_ptr`; nothing else reads or writes it while the model is loading.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(variable.data_ptr() as *mut u8, length) };
+        self.read_bytes(bytes)
+    }
+}
+
+/// Whether a stored tensor of `kind` can be read straight into `variable`.
+fn reads_in_place(variable: &Tensor, kind: Kind) -> bool {
+    variable.device() == tch::Device::Cpu
+        && variable.kind() == kind
+        && variable.is_contiguous()
+        && variable.numel() > 0
+}
+
+/// Calls `visit` with every tensor of a safetensors file, reading the header first; the
+/// visitor reads each tensor's bytes (in file order), so loading a checkpoint needs memory for
+/// at most one tensor beyond its destination instead of two copies of the whole file.
 fn for_each_tensor(
     file: &Path,
-    mut visit: impl FnMut(String, Tensor) -> Result<(), WeightsError>,
+    mut visit: impl FnMut(StoredTensor<'_>) -> Result<(), WeightsError>,
 ) -> Result<(), WeightsError> {
-    use std::os::unix::fs::FileExt;
     let read_error = |reason: String| WeightsError::Read {
         file: file.to_path_buf(),
         reason,
@@ -143,18 +217,13 @@ fn for_each_tensor(
     let (entries, data_start) = read_header(&handle, file_len).map_err(read_error)?;
     let mut buffer = Vec::new();
     for entry in entries {
-        let length = (entry.end - entry.begin) as usize;
-        // Grow only: zero-filling every tensor's bytes again would cost a pass over the file.
-        if buffer.len() < length {
-            buffer.resize(length, 0);
-        }
-        let bytes = &mut buffer[..length];
-        handle
-            .read_exact_at(bytes, data_start + entry.begin)
-            .map_err(|e| read_error(format!("tensor '{}': {e}", entry.name)))?;
-        let tensor = Tensor::f_from_data_size(bytes, &entry.shape, entry.kind)
-            .map_err(|e| read_error(format!("tensor '{}': {e}", entry.name)))?;
-        visit(entry.name, tensor)?;
+        visit(StoredTensor {
+            entry,
+            file,
+            handle: &handle,
+            data_start,
+            buffer: &mut buffer,
+        })?;
     }
     Ok(())
 }
@@ -241,26 +310,24 @@ fn safetensors_kind(dtype: &str) -> Option<Kind> {
     })
 }
 
-fn copy_checked(
+/// A stored tensor of `shape` fits `variable` only with the same shape.
+fn check_shape(
     variable: &Tensor,
-    source: &Tensor,
+    shape: &[i64],
     key: &str,
     file: &Path,
 ) -> Result<(), WeightsError> {
-    if variable.size() != source.size() {
+    if variable.size() != shape {
         return Err(WeightsError::Shape {
             tensor: key.to_string(),
             file: file.to_path_buf(),
             expected: variable.size(),
-            found: source.size(),
+            found: shape.to_vec(),
         });
     }
-    let mut target = variable.shallow_clone();
-    target.copy_(&source.to_kind(variable.kind()).to_device(variable.device()));
     Ok(())
 }
 
-/// Saves the variables of `vs` as safetensors (keys sorted), converting to `kind` if given.
 pub fn save_var_store(vs: &VarStore, file: &Path, kind: Option<Kind>) -> Result<(), WeightsError> {
     let variables: HashMap<String, Tensor> = vs.variables();
     let mut sorted: Vec<(String, Tensor)> = variables.into_iter().collect();
