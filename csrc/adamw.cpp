@@ -33,26 +33,28 @@ void write_error(char* err, size_t err_len, const char* message) {
   }
 }
 
-// Why `other` cannot be updated together with `param`, or an empty string.
-std::string mismatch(const at::Tensor& param, const at::Tensor& other, const char* name) {
+// Why `other` cannot be updated together with `param`, or an empty string. The fused kernel
+// walks raw buffers, so it also needs one dtype and contiguous memory; the single-tensor ops
+// promote dtypes as torch does (f32 moments restored for a half-precision parameter).
+std::string mismatch(const at::Tensor& param, const at::Tensor& other, const char* name, bool fused) {
   if (!other.defined()) return std::string(name) + " is undefined";
   if (other.sizes() != param.sizes()) return std::string(name) + " has another shape than the parameter";
-  if (other.scalar_type() != param.scalar_type()) return std::string(name) + " has another dtype than the parameter";
   if (other.device() != param.device()) return std::string(name) + " is on another device than the parameter";
+  if (fused && other.scalar_type() != param.scalar_type()) return std::string(name) + " has another dtype than the parameter";
+  if (fused && !other.is_contiguous()) return std::string(name) + " is not contiguous";
   return {};
 }
 
 std::string check_one(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                      const at::Tensor& exp_avg_sq, bool need_contiguous) {
+                      const at::Tensor& exp_avg_sq, bool fused) {
   if (!param.defined()) return "the parameter is undefined";
+  if (!at::isFloatingType(param.scalar_type())) return "the parameter is not a floating-point tensor";
+  if (fused && !param.is_contiguous()) return "the parameter is not contiguous";
   for (auto [tensor, name] : {std::pair{&grad, "the gradient"}, std::pair{&exp_avg, "exp_avg"},
                               std::pair{&exp_avg_sq, "exp_avg_sq"}}) {
-    std::string problem = mismatch(param, *tensor, name);
+    std::string problem = mismatch(param, *tensor, name, fused);
     if (!problem.empty()) return problem;
-    if (need_contiguous && !tensor->is_contiguous()) return std::string(name) + " is not contiguous";
   }
-  if (need_contiguous && !param.is_contiguous()) return "the parameter is not contiguous";
-  if (!at::isFloatingType(param.scalar_type())) return "the parameter is not a floating-point tensor";
   return {};
 }
 

@@ -155,3 +155,99 @@ fn status_to_result(status: c_int, err: &[c_char]) -> Result<(), AtenError> {
         AtenError::Failed(message)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn floats(shape: &[i64]) -> Tensor {
+        Tensor::ones(shape, (Kind::Float, Device::Cpu))
+    }
+
+    fn update_of<'a>(
+        param: &'a Tensor,
+        grad: &'a Tensor,
+        m: &'a Tensor,
+        v: &'a Tensor,
+    ) -> AdamWTensors<'a> {
+        AdamWTensors {
+            param,
+            grad,
+            exp_avg: m,
+            exp_avg_sq: v,
+            step: 1,
+        }
+    }
+
+    #[test]
+    fn single_tensor_update_refuses_a_gradient_of_another_shape_untouched() {
+        let (param, grad, m, v) = (floats(&[4]), floats(&[2, 2]), floats(&[4]), floats(&[4]));
+        let result =
+            single_tensor_update(&update_of(&param, &grad, &m, &v), &AdamWConfig::default());
+        assert_eq!(
+            result,
+            Err(AtenError::Rejected(
+                "the gradient has another shape than the parameter".to_string()
+            ))
+        );
+        assert!(param.equal(&floats(&[4])) && m.equal(&floats(&[4])));
+    }
+
+    #[test]
+    fn fused_update_refuses_non_contiguous_and_mixed_dtype_batches() {
+        let (param, m, v) = (floats(&[2, 3]), floats(&[2, 3]), floats(&[2, 3]));
+        let transposed = floats(&[3, 2]).tr();
+        let result = fused_update(
+            &[update_of(&param, &transposed, &m, &v)],
+            &AdamWConfig::default(),
+        );
+        assert_eq!(
+            result,
+            Err(AtenError::Rejected(
+                "parameter 0: the gradient is not contiguous".to_string()
+            ))
+        );
+        let doubles = floats(&[2]).to_kind(Kind::Double);
+        let batch = [
+            update_of(&param, &param, &m, &v),
+            update_of(&doubles, &doubles, &doubles, &doubles),
+        ];
+        assert_eq!(
+            fused_update(&batch, &AdamWConfig::default()),
+            Err(AtenError::Rejected(
+                "parameter 1: the parameters differ in device or dtype".to_string()
+            ))
+        );
+        assert!(param.equal(&floats(&[2, 3])));
+    }
+
+    #[test]
+    fn both_kernels_take_one_documented_adamw_step() {
+        // Step 1 from zero moments: m = 0.1 g, v = 0.001 g², so the update is lr * g / |g|
+        // (eps aside) after the decay param * (1 - lr * wd).
+        let config = AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.5,
+            eps: 0.0,
+            ..AdamWConfig::default()
+        };
+        let grad = Tensor::from_slice(&[2.0f32, -3.0]);
+        for fused in [false, true] {
+            let param = Tensor::from_slice(&[1.0f32, 1.0]);
+            let (m, v) = (param.zeros_like(), param.zeros_like());
+            let update = update_of(&param, &grad, &m, &v);
+            let result = if fused {
+                fused_update(&[update], &config)
+            } else {
+                single_tensor_update(&update, &config)
+            };
+            assert_eq!(result, Ok(()));
+            let values = Vec::<f32>::try_from(&param).unwrap();
+            assert!(
+                (values[0] - 0.85).abs() < 1e-6 && (values[1] - 1.05).abs() < 1e-6,
+                "{values:?}"
+            );
+        }
+    }
+}

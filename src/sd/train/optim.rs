@@ -167,7 +167,7 @@ impl AdamW {
         let kernel = self.kernel;
         tch::no_grad(|| {
             let grads = self.advance_steps();
-            let updates: Vec<(usize, AdamWTensors<'_>)> = self
+            let updates: Vec<IndexedUpdate<'_>> = self
                 .params
                 .iter()
                 .zip(&self.moments)
@@ -299,9 +299,12 @@ fn tensors_of<'a>(param: &'a Tensor, grad: &'a Tensor, moments: &'a Moments) -> 
     }
 }
 
+/// A parameter's index in [`AdamW::params`] and its tensors for one update.
+type IndexedUpdate<'a> = (usize, AdamWTensors<'a>);
+
 /// The single-tensor update of every `(index, tensors)`, one libtorch call each.
 fn single_tensor_all(
-    updates: &[(usize, AdamWTensors<'_>)],
+    updates: &[IndexedUpdate<'_>],
     config: &AdamWConfig,
 ) -> Result<(), TrainError> {
     for (index, tensors) in updates {
@@ -314,10 +317,10 @@ fn single_tensor_all(
 /// The fused update, one libtorch call per (device, dtype) group of contiguous tensors; the
 /// rest (and any group the fused kernel refuses untouched) take the single-tensor update.
 fn fused_all(
-    updates: Vec<(usize, AdamWTensors<'_>)>,
+    updates: Vec<IndexedUpdate<'_>>,
     config: &AdamWConfig,
 ) -> Result<(), TrainError> {
-    let mut groups: Vec<((Device, Kind), Vec<(usize, AdamWTensors<'_>)>)> = Vec::new();
+    let mut groups: Vec<((Device, Kind), Vec<IndexedUpdate<'_>>)> = Vec::new();
     let mut unfusable = Vec::new();
     for update in updates {
         if !fusable(&update.1) {
