@@ -316,10 +316,7 @@ fn single_tensor_all(
 
 /// The fused update, one libtorch call per (device, dtype) group of contiguous tensors; the
 /// rest (and any group the fused kernel refuses untouched) take the single-tensor update.
-fn fused_all(
-    updates: Vec<IndexedUpdate<'_>>,
-    config: &AdamWConfig,
-) -> Result<(), TrainError> {
+fn fused_all(updates: Vec<IndexedUpdate<'_>>, config: &AdamWConfig) -> Result<(), TrainError> {
     let mut groups: Vec<((Device, Kind), Vec<IndexedUpdate<'_>>)> = Vec::new();
     let mut unfusable = Vec::new();
     for update in updates {
