@@ -2,14 +2,14 @@
 //! (tests/fixtures/train/make_train_goldens.py), plus bit-exact save/load resume.
 use dreampipe::sd::train::TrainError;
 use dreampipe::sd::train::lr_schedule::LrSchedule;
-use dreampipe::sd::train::optim::{AdamW, AdamWConfig, clip_grad_norm};
+use dreampipe::sd::train::optim::{AdamW, AdamWConfig, AdamWKernel, clip_grad_norm};
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
 const FIXTURES: &str = "tests/fixtures/train";
-/// Goldens tolerance asked for the training building blocks (AdamW and clipping are in fact
-/// bit-identical to torch on CPU: max |diff| measured 0).
+/// Goldens tolerance asked for the training building blocks (clipping and the single-tensor
+/// AdamW kernel are in fact bit-identical to torch on CPU: max |diff| measured 0).
 const ATOL: f64 = 1e-6;
 
 fn goldens(file: &str) -> HashMap<String, Tensor> {
@@ -47,13 +47,15 @@ fn set_grad(param: &Tensor, grad: &Tensor) {
     (param * grad).sum(Kind::Float).backward();
 }
 
-#[test]
-fn adamw_matches_torch_over_three_steps_with_lr_change() {
+/// Runs the three golden steps with `kernel`; returns the largest |diff| to torch over the
+/// parameters after every step and the final moments.
+fn golden_max_diff(kernel: AdamWKernel) -> f64 {
     let g = goldens("adamw.safetensors");
     let params: Vec<Tensor> = (0..3)
         .map(|i| leaf(&g[&format!("param{i}.initial")]))
         .collect();
-    let mut opt = AdamW::new(&params, golden_config());
+    let mut opt = AdamW::new(&params, golden_config()).with_kernel(kernel);
+    let mut worst: f64 = 0.0;
     for step in 0..3 {
         if step == 2 {
             opt.set_lr(0.005);
@@ -63,16 +65,67 @@ fn adamw_matches_torch_over_three_steps_with_lr_change() {
         }
         opt.step();
         for (i, p) in params.iter().enumerate() {
-            let diff = max_abs_diff(p, &g[&format!("step{step}.param{i}")]);
-            assert!(diff <= ATOL, "step {step} param {i}: max |diff| {diff}");
+            worst = worst.max(max_abs_diff(p, &g[&format!("step{step}.param{i}")]));
         }
     }
     for i in 0..3 {
         let (m, v) = opt.moments(i).expect("state after steps");
-        assert!(max_abs_diff(m, &g[&format!("final.exp_avg{i}")]) <= ATOL);
-        assert!(max_abs_diff(v, &g[&format!("final.exp_avg_sq{i}")]) <= ATOL);
+        worst = worst.max(max_abs_diff(m, &g[&format!("final.exp_avg{i}")]));
+        worst = worst.max(max_abs_diff(v, &g[&format!("final.exp_avg_sq{i}")]));
         assert_eq!(opt.step_count(i), 3);
     }
+    worst
+}
+
+#[test]
+fn adamw_single_tensor_kernel_is_bit_identical_to_torch_over_three_steps_with_lr_change() {
+    assert_eq!(golden_max_diff(AdamWKernel::SingleTensor), 0.0);
+}
+
+#[test]
+fn adamw_fused_kernel_matches_torch_over_three_steps_with_lr_change() {
+    // Measured 2.3e-10 (float rounding: one vectorized pass instead of separate ops).
+    let diff = golden_max_diff(AdamWKernel::Fused);
+    assert!(diff <= ATOL, "max |diff| {diff}");
+}
+
+/// Runs `steps` of the regression problem on `w` (a shallow handle) with `kernel`.
+fn train_regression(w: &Tensor, kernel: AdamWKernel, steps: usize) -> AdamW {
+    let (x, y, _) = regression_data();
+    let mut opt = AdamW::new(&[w.shallow_clone()], golden_config()).with_kernel(kernel);
+    for _ in 0..steps {
+        opt.zero_grad();
+        regression_step(w, &x, &y);
+        opt.step();
+    }
+    opt
+}
+
+#[test]
+fn adamw_fused_kernel_takes_the_single_tensor_path_for_non_contiguous_params() {
+    let (_, _, w0) = regression_data();
+    // A transposed leaf: its grad and moments keep the transposed strides.
+    let transposed_leaf = || w0.tr().contiguous().tr().detach().set_requires_grad(true);
+    let (w_fused, w_single) = (transposed_leaf(), transposed_leaf());
+    let fused = train_regression(&w_fused, AdamWKernel::Fused, 4);
+    train_regression(&w_single, AdamWKernel::SingleTensor, 4);
+    assert!(!w_fused.is_contiguous() && !w_fused.grad().is_contiguous());
+    assert!(!fused.moments(0).unwrap().0.is_contiguous());
+    assert!(
+        w_fused.equal(&w_single),
+        "fallback differs from the single-tensor kernel"
+    );
+}
+
+#[test]
+fn adamw_kernels_agree_to_float_rounding_over_many_steps() {
+    let (_, _, w0) = regression_data();
+    let (w_fused, w_single) = (leaf(&w0), leaf(&w0));
+    train_regression(&w_fused, AdamWKernel::Fused, 50);
+    train_regression(&w_single, AdamWKernel::SingleTensor, 50);
+    let diff = max_abs_diff(&w_fused, &w_single);
+    assert!(diff <= ATOL, "max |diff| {diff}");
+    assert!(!w_fused.equal(&w0), "the weights did not move");
 }
 
 #[test]

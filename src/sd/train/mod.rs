@@ -3,6 +3,7 @@
 //! clipping, diffusers' learning-rate schedules, the DreamBooth losses, and a two-phase
 //! gradient-checkpointing helper. DreamBooth / textual inversion loops are built on these.
 pub mod adamw8bit;
+mod aten_adamw;
 pub mod checkpoint;
 pub mod checkpointing;
 pub mod common;
@@ -61,6 +62,10 @@ pub enum TrainError {
     },
     #[error("training cancelled at step {step}; progress is saved in {}: run again with resume to continue", .checkpoint.display())]
     Cancelled { step: u64, checkpoint: PathBuf },
+    #[error(
+        "optimizer step: {0}; the optimizer state is now unspecified: resume from the last checkpoint"
+    )]
+    Optimizer(String),
 }
 
 fn checkpoint_hint(checkpoint: &Option<PathBuf>) -> String {

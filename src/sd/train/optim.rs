@@ -1,11 +1,13 @@
-//! AdamW exactly as `torch.optim.AdamW` (single-tensor path: `foreach=False`, `amsgrad=False`,
-//! `maximize=False`), resumable via [`AdamW::save`] / [`AdamW::load`], and global gradient-norm
-//! clipping as `torch.nn.utils.clip_grad_norm_` (norm type 2).
+//! AdamW as `torch.optim.AdamW` (`amsgrad=False`, `maximize=False`) with torch's own kernels:
+//! the fused one (`fused=True`, the default here) or the single-tensor path (`foreach=False`),
+//! resumable via [`AdamW::save`] / [`AdamW::load`], and global gradient-norm clipping as
+//! `torch.nn.utils.clip_grad_norm_` (norm type 2).
 use super::TrainError;
+use super::aten_adamw::{self, AdamWTensors, AtenError};
 use super::state_io::{self, ParamMeta, StateMeta};
 use std::collections::HashMap;
 use std::path::Path;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// `torch.optim.AdamW` default learning rate.
 pub const TORCH_DEFAULT_LR: f64 = 1e-3;
@@ -70,6 +72,19 @@ impl AdamWConfig {
     }
 }
 
+/// Which of torch's AdamW implementations [`AdamW::step`] runs (both via csrc/adamw.cpp).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdamWKernel {
+    /// `torch._fused_adamw_`, what `torch.optim.AdamW(fused=True)` runs: one pass over each
+    /// parameter, no temporaries. Same formula and op order as the single-tensor path; on CPU
+    /// the first steps agree with it to float rounding (tests/train_optim.rs).
+    #[default]
+    Fused,
+    /// torch's `_single_tensor_adam` (decoupled weight decay), what `torch.optim.AdamW()` runs
+    /// on CPU by default (`foreach=False`): bit-identical to torch 2.11 on CPU.
+    SingleTensor,
+}
+
 /// First and second moment of one parameter, created at its first step (as torch does).
 struct Moments {
     step: u64,
@@ -81,6 +96,7 @@ struct Moments {
 /// Parameters whose `.grad()` is undefined are skipped, like torch skips `grad is None`.
 pub struct AdamW {
     config: AdamWConfig,
+    kernel: AdamWKernel,
     params: Vec<Tensor>,
     moments: Vec<Option<Moments>>,
 }
@@ -90,9 +106,20 @@ impl AdamW {
     pub fn new(params: &[Tensor], config: AdamWConfig) -> Self {
         Self {
             config,
+            kernel: AdamWKernel::default(),
             params: params.iter().map(Tensor::shallow_clone).collect(),
             moments: params.iter().map(|_| None).collect(),
         }
+    }
+
+    /// The same optimizer running `kernel` (default [`AdamWKernel::Fused`]).
+    pub fn with_kernel(mut self, kernel: AdamWKernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    pub fn kernel(&self) -> AdamWKernel {
+        self.kernel
     }
 
     pub fn config(&self) -> AdamWConfig {
@@ -124,23 +151,60 @@ impl AdamW {
             .map(|m| (&m.exp_avg, &m.exp_avg_sq))
     }
 
-    /// One optimizer step on every parameter that has a gradient.
+    /// One optimizer step on every parameter that has a gradient. Panics with
+    /// [`AdamW::try_step`]'s error, as tch's own tensor ops do when libtorch fails.
     pub fn step(&mut self) {
+        if let Err(error) = self.try_step() {
+            panic!("{error}");
+        }
+    }
+
+    /// One optimizer step on every parameter that has a gradient. An error means libtorch
+    /// refused or failed an update (mismatched tensors, out of memory); the state is then
+    /// unspecified.
+    pub fn try_step(&mut self) -> Result<(), TrainError> {
         let config = self.config;
+        let kernel = self.kernel;
         tch::no_grad(|| {
-            for (param, moments) in self.params.iter_mut().zip(self.moments.iter_mut()) {
+            let grads = self.advance_steps();
+            let updates: Vec<IndexedUpdate<'_>> = self
+                .params
+                .iter()
+                .zip(&self.moments)
+                .zip(&grads)
+                .enumerate()
+                .filter_map(|(index, ((param, moments), grad))| {
+                    let (moments, grad) = (moments.as_ref()?, grad.as_ref()?);
+                    Some((index, tensors_of(param, grad, moments)))
+                })
+                .collect();
+            match kernel {
+                AdamWKernel::SingleTensor => single_tensor_all(&updates, &config),
+                AdamWKernel::Fused => fused_all(updates, &config),
+            }
+        })
+    }
+
+    /// Creates missing moments and counts one more step for every parameter with a gradient
+    /// (torch increments `state_steps` before the update); returns the gradients.
+    fn advance_steps(&mut self) -> Vec<Option<Tensor>> {
+        self.params
+            .iter()
+            .zip(self.moments.iter_mut())
+            .map(|(param, moments)| {
                 let grad = param.grad();
                 if !grad.defined() {
-                    continue;
+                    return None;
                 }
                 let moments = moments.get_or_insert_with(|| Moments {
                     step: 0,
                     exp_avg: param.zeros_like(),
                     exp_avg_sq: param.zeros_like(),
                 });
-                adamw_update(param, &grad, moments, &config);
-            }
-        });
+                moments.step += 1;
+                Some(grad)
+            })
+            .collect()
     }
 
     /// Zeroes every parameter's gradient in place (torch's `zero_grad(set_to_none=False)`).
@@ -225,30 +289,80 @@ fn take_like(
         .to_device(param.device()))
 }
 
-/// torch `_single_tensor_adam` with `decoupled_weight_decay=True`. tch's `addcmul_` / `addcdiv_`
-/// have no `value` argument, so `value * t1` is formed first and passed with value 1, which is
-/// how torch's kernels evaluate `self + value * t1 * t2` and `self + value * t1 / t2`; the result
-/// is bit-identical to torch 2.11 on CPU (tests/train_optim.rs goldens).
-fn adamw_update(param: &mut Tensor, grad: &Tensor, moments: &mut Moments, config: &AdamWConfig) {
-    moments.step += 1;
-    if config.weight_decay != 0.0 {
-        let _ = param.g_mul_scalar_(1.0 - config.lr * config.weight_decay);
+fn tensors_of<'a>(param: &'a Tensor, grad: &'a Tensor, moments: &'a Moments) -> AdamWTensors<'a> {
+    AdamWTensors {
+        param,
+        grad,
+        exp_avg: &moments.exp_avg,
+        exp_avg_sq: &moments.exp_avg_sq,
+        step: moments.step,
     }
-    let _ = moments.exp_avg.lerp_(grad, 1.0 - config.beta1);
-    let _ = moments.exp_avg_sq.g_mul_scalar_(config.beta2);
-    let _ = moments
-        .exp_avg_sq
-        .addcmul_(&grad.g_mul_scalar(1.0 - config.beta2), grad);
-    let step = moments.step as f64;
-    let bias_correction1 = 1.0 - config.beta1.powf(step);
-    let bias_correction2 = 1.0 - config.beta2.powf(step);
-    let step_size = config.lr / bias_correction1;
-    let mut denom = moments
-        .exp_avg_sq
-        .sqrt()
-        .g_div_scalar(bias_correction2.sqrt());
-    let _ = denom.g_add_scalar_(config.eps);
-    let _ = param.addcdiv_(&moments.exp_avg.g_mul_scalar(-step_size), &denom);
+}
+
+/// A parameter's index in [`AdamW::params`] and its tensors for one update.
+type IndexedUpdate<'a> = (usize, AdamWTensors<'a>);
+
+/// The single-tensor update of every `(index, tensors)`, one libtorch call each.
+fn single_tensor_all(
+    updates: &[IndexedUpdate<'_>],
+    config: &AdamWConfig,
+) -> Result<(), TrainError> {
+    for (index, tensors) in updates {
+        aten_adamw::single_tensor_update(tensors, config)
+            .map_err(|error| update_error(*index, tensors.param, error))?;
+    }
+    Ok(())
+}
+
+/// The fused update, one libtorch call per (device, dtype) group of contiguous tensors; the
+/// rest (and any group the fused kernel refuses untouched) take the single-tensor update.
+fn fused_all(updates: Vec<IndexedUpdate<'_>>, config: &AdamWConfig) -> Result<(), TrainError> {
+    let mut groups: Vec<((Device, Kind), Vec<IndexedUpdate<'_>>)> = Vec::new();
+    let mut unfusable = Vec::new();
+    for update in updates {
+        if !fusable(&update.1) {
+            unfusable.push(update);
+            continue;
+        }
+        let key = (update.1.param.device(), update.1.param.kind());
+        match groups.iter_mut().find(|(group_key, _)| *group_key == key) {
+            Some((_, group)) => group.push(update),
+            None => groups.push((key, vec![update])),
+        }
+    }
+    for (_, group) in groups {
+        let batch: Vec<AdamWTensors<'_>> = group.iter().map(|(_, t)| *t).collect();
+        match aten_adamw::fused_update(&batch, config) {
+            Ok(()) => {}
+            Err(AtenError::Rejected(_)) => single_tensor_all(&group, config)?,
+            Err(error) => return Err(update_error(group[0].0, group[0].1.param, error)),
+        }
+    }
+    single_tensor_all(&unfusable, config)
+}
+
+/// Whether the fused kernel can take these tensors: it walks raw contiguous f32/f64/f16/bf16
+/// buffers that all match the parameter's dtype.
+fn fusable(tensors: &AdamWTensors<'_>) -> bool {
+    let kind = tensors.param.kind();
+    matches!(
+        kind,
+        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+    ) && [
+        tensors.param,
+        tensors.grad,
+        tensors.exp_avg,
+        tensors.exp_avg_sq,
+    ]
+    .iter()
+    .all(|t| t.is_contiguous() && t.kind() == kind)
+}
+
+fn update_error(index: usize, param: &Tensor, error: AtenError) -> TrainError {
+    TrainError::Optimizer(format!(
+        "AdamW update of parameter {index} (shape {:?}): {error}",
+        param.size()
+    ))
 }
 
 pub(crate) fn zero_grads(params: &mut [Tensor]) {
