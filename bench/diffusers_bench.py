@@ -297,7 +297,9 @@ def make_scaled(args):
     for entry in ("model_index.json", "text_encoder", "tokenizer", "scheduler", "vae"):
         link = os.path.join(args.out, entry)
         if not os.path.lexists(link):
-            os.symlink(os.path.abspath(os.path.join(args.source, entry)), link)
+            # Relative, so the pair of folders can move together (e.g. a new checkout).
+            target = os.path.relpath(os.path.join(args.source, entry), args.out)
+            os.symlink(target, link)
     torch.manual_seed(args.seed)
     unet = UNet2DConditionModel.from_config(config)
     unet.save_pretrained(os.path.join(args.out, "unet"))

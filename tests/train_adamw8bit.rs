@@ -161,7 +161,13 @@ fn adamw8bit_tracks_f32_adamw_with_a_quarter_of_the_state() {
     };
     let w32 = w0.copy().set_requires_grad(true);
     let mut opt32 = AdamW::new(&[w32.shallow_clone()], config);
-    let losses32 = regression_losses(&mut || opt32.step(), &w32, &x, &y, steps);
+    let losses32 = regression_losses(
+        &mut || opt32.step().expect("AdamW step"),
+        &w32,
+        &x,
+        &y,
+        steps,
+    );
     let w8 = w0.copy().set_requires_grad(true);
     let mut opt8 = AdamW8bit::new(&[w8.shallow_clone()], config);
     let losses8 = regression_losses(&mut || opt8.step(), &w8, &x, &y, steps);

@@ -190,7 +190,7 @@ impl Trainer {
         phases.add(PHASES[3], lap.next(&loss));
         clip_grad_norm(&self.trainable, MAX_GRAD_NORM);
         phases.add(PHASES[4], lap.next(&loss));
-        self.optimizer.step();
+        self.optimizer.step()?;
         self.optimizer.zero_grad();
         let value = loss.double_value(&[]);
         phases.add(PHASES[5], lap.next(&loss));

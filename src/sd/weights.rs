@@ -165,8 +165,9 @@ impl StoredTensor<'_> {
             buffer.resize(length, 0);
         }
         self.read_bytes(&mut buffer[..length])?;
-        let tensor = Tensor::f_from_data_size(&buffer[..length], &self.entry.shape, self.entry.kind)
-            .map_err(|e| self.read_error(e));
+        let tensor =
+            Tensor::f_from_data_size(&buffer[..length], &self.entry.shape, self.entry.kind)
+                .map_err(|e| self.read_error(e));
         *self.buffer = buffer;
         tensor
     }

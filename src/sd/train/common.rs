@@ -105,10 +105,14 @@ impl Optimizer {
         }
     }
 
-    pub fn step(&mut self) {
+    /// One update; fails only when libtorch refuses the fused kernel's tensors mid-update.
+    pub fn step(&mut self) -> Result<(), TrainError> {
         match self {
             Self::Full(o) => o.step(),
-            Self::EightBit(o) => o.step(),
+            Self::EightBit(o) => {
+                o.step();
+                Ok(())
+            }
         }
     }
 

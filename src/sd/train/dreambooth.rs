@@ -336,7 +336,7 @@ impl DreamBoothTrainer {
     pub fn train_step(&mut self, micro_batches: &[StepBatch]) -> Result<StepReport, TrainError> {
         let lr = self.schedule.lr_at(self.step);
         let loss = self.accumulate_gradients(micro_batches)?;
-        let grad_norm = self.apply_gradients(lr);
+        let grad_norm = self.apply_gradients(lr)?;
         Ok(StepReport {
             loss,
             grad_norm: Some(grad_norm),
@@ -394,7 +394,7 @@ impl DreamBoothTrainer {
 
     /// Clips the global grad norm over the trainable parameters to `max_grad_norm`, takes an
     /// AdamW step with `lr`, zeroes the grads. Returns the norm before clipping.
-    pub fn apply_gradients(&mut self, lr: f64) -> f64 {
+    pub fn apply_gradients(&mut self, lr: f64) -> Result<f64, TrainError> {
         let params: Vec<Tensor> = self
             .trainables
             .iter()
@@ -402,10 +402,10 @@ impl DreamBoothTrainer {
             .collect();
         let grad_norm = clip_grad_norm(&params, self.max_grad_norm);
         self.optimizer.set_lr(lr);
-        self.optimizer.step();
+        self.optimizer.step()?;
         self.optimizer.zero_grad();
         self.step += 1;
-        grad_norm
+        Ok(grad_norm)
     }
 
     /// The loss of one batch (graph attached when something is trainable).

@@ -151,18 +151,10 @@ impl AdamW {
             .map(|m| (&m.exp_avg, &m.exp_avg_sq))
     }
 
-    /// One optimizer step on every parameter that has a gradient. Panics with
-    /// [`AdamW::try_step`]'s error, as tch's own tensor ops do when libtorch fails.
-    pub fn step(&mut self) {
-        if let Err(error) = self.try_step() {
-            panic!("{error}");
-        }
-    }
-
     /// One optimizer step on every parameter that has a gradient. An error means libtorch
     /// refused or failed an update (mismatched tensors, out of memory); the state is then
     /// unspecified.
-    pub fn try_step(&mut self) -> Result<(), TrainError> {
+    pub fn step(&mut self) -> Result<(), TrainError> {
         let config = self.config;
         let kernel = self.kernel;
         tch::no_grad(|| {

@@ -434,7 +434,7 @@ impl TextualInversionTrainer {
             (loss / count).backward();
             total += value;
         }
-        self.optimizer.step();
+        self.optimizer.step()?;
         self.optimizer.zero_grad();
         self.restore_other_rows();
         self.step += 1;
