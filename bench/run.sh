@@ -19,9 +19,11 @@
 # busy machine two OpenMP threads wait on each other at every op and the times swing by 5-10x,
 # one thread gives stable ratios; use BENCH_THREADS=$(nproc) on an idle machine), BENCH_MODELS,
 # BENCH_OUT, BENCH_ONLY (space-separated case names to run, e.g. "tiny-txt2img"; default all:
-# tiny-txt2img sd15-txt2img tiny-dreambooth sd15half-dreambooth runner), PYTHON (for the venv).
-# Once the venv, the build and the models exist, the cases take about 10 minutes on an idle
-# 2-core machine with BENCH_THREADS=2 (longer with 1 thread or a busy machine).
+# tiny-txt2img sd15-txt2img tiny-dreambooth sd15half-dreambooth runner), BENCH_REPEAT (runs of
+# each case per side, alternating; the table shows each side's fastest run; default 1),
+# PYTHON (for the venv). Once the venv, the build and the models exist, the cases take about
+# 6 minutes with 1 thread on a quiet 2-core machine (6 min 19 s measured on 2026-11-26),
+# times BENCH_REPEAT.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,6 +32,7 @@ MODELS=${BENCH_MODELS:-$ROOT/bench/.models}
 OUT=${BENCH_OUT:-$ROOT/bench/out}
 VENV=$ROOT/bench/.venv
 ONLY=${BENCH_ONLY:-tiny-txt2img sd15-txt2img tiny-dreambooth sd15half-dreambooth runner}
+REPEAT=${BENCH_REPEAT:-1}
 export LIBTORCH=${LIBTORCH:-$HOME/.cache/dreampipe/libtorch-2.11.0-cpu}
 # Pin every thread pool both libraries might use to the same count.
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
@@ -72,11 +75,13 @@ ensure_models() {
 both() {
     local verb=$1
     shift
-    log "dreampipe bench $verb $*"
-    "$BIN" --device cpu bench "$verb" --threads "$THREADS" "$@" | tee -a "$RESULTS" >&2
-    log "diffusers_bench.py $verb $*"
-    "$VENV/bin/python" "$ROOT/bench/diffusers_bench.py" "$verb" --device cpu --threads "$THREADS" "$@" \
-        | tee -a "$RESULTS" >&2
+    for run in $(seq "$REPEAT"); do
+        log "dreampipe bench $verb $* (run $run/$REPEAT)"
+        "$BIN" --device cpu bench "$verb" --threads "$THREADS" "$@" | tee -a "$RESULTS" >&2
+        log "diffusers_bench.py $verb $* (run $run/$REPEAT)"
+        "$VENV/bin/python" "$ROOT/bench/diffusers_bench.py" "$verb" --device cpu --threads "$THREADS" "$@" \
+            | tee -a "$RESULTS" >&2
+    done
 }
 
 # Mean and min wall seconds of a command run N times, as a runner record.
