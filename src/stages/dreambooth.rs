@@ -12,15 +12,9 @@ use crate::sd::train::dreambooth::{self, DreamBoothConfig};
 /// Runs a `dreambooth` stage (its schema: `dreampipe_core::stages::sd_kinds::dreambooth`).
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let config = config_from(ctx)?;
-    let outcome = training::run_training(ctx, |callbacks| dreambooth::train(&config, callbacks))?;
-    if let Some(step) = outcome.resumed_from {
-        ctx.log.line(&format!("resumed from step {step}"));
-    }
-    ctx.log.line(&format!(
-        "dreambooth: {} steps, final loss {:?}",
-        outcome.steps, outcome.final_loss
-    ));
-    Ok(())
+    training::run_method(ctx, "dreambooth", |callbacks| {
+        dreambooth::train(&config, callbacks)
+    })
 }
 
 /// The library config of the stage's fields.

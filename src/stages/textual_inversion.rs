@@ -11,17 +11,9 @@ use crate::sd::train::textual_inversion::{self, LearnableProperty, TextualInvers
 /// Runs a `textual_inversion` stage (its schema: `dreampipe_core::stages::sd_kinds::textual_inversion`).
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let config = config_from(ctx)?;
-    let outcome = training::run_training(ctx, |callbacks| {
+    training::run_method(ctx, "textual_inversion", |callbacks| {
         textual_inversion::train(&config, callbacks)
-    })?;
-    if let Some(step) = outcome.resumed_from {
-        ctx.log.line(&format!("resumed from step {step}"));
-    }
-    ctx.log.line(&format!(
-        "textual_inversion: {} steps, final loss {:?}",
-        outcome.steps, outcome.final_loss
-    ));
-    Ok(())
+    })
 }
 
 /// The library config of the stage's fields.

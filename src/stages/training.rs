@@ -16,7 +16,9 @@ use super::sd_common::{
 use super::{StageContext, StageError};
 use crate::sd::pipeline::{DEFAULT_GUIDANCE, StableDiffusion, Txt2Img};
 use crate::sd::train::TrainError;
-use crate::sd::train::common::{Callbacks, MixedPrecision, OptimizerKind, Progress, Validation};
+use crate::sd::train::common::{
+    Callbacks, MixedPrecision, OptimizerKind, Progress, TrainOutcome, Validation,
+};
 use crate::sd::train::lr_schedule::SCHEDULE_NAMES;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -140,6 +142,24 @@ pub fn stage_error(ctx: &StageContext<'_>, error: TrainError) -> StageError {
 
 /// Runs `train` with the stage's progress, cancel flag and validation sampling, then moves the
 /// output into `out_dir` and writes `report.json`.
+/// [`run_training`] for a training method named `method`, then logs where it resumed from and
+/// how it ended.
+pub fn run_method(
+    ctx: &StageContext<'_>,
+    method: &str,
+    train: impl FnOnce(&mut Callbacks) -> Result<TrainOutcome, TrainError>,
+) -> Result<(), StageError> {
+    let outcome = run_training(ctx, train)?;
+    if let Some(step) = outcome.resumed_from {
+        ctx.log.line(&format!("resumed from step {step}"));
+    }
+    ctx.log.line(&format!(
+        "{method}: {} steps, final loss {:?}",
+        outcome.steps, outcome.final_loss
+    ));
+    Ok(())
+}
+
 pub fn run_training<T>(
     ctx: &StageContext<'_>,
     train: impl FnOnce(&mut Callbacks) -> Result<T, TrainError>,
