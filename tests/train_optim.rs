@@ -7,10 +7,17 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
+mod sd_support;
+
 const FIXTURES: &str = "tests/fixtures/train";
 /// Goldens tolerance asked for the training building blocks (clipping and the single-tensor
-/// AdamW kernel are in fact bit-identical to torch on CPU: max |diff| measured 0).
+/// AdamW kernel are bit-identical to torch with ATen's avx2/avx512 kernels on an Intel Xeon).
 const ATOL: f64 = 1e-6;
+/// The single-tensor AdamW kernel replays torch's ops one for one, but ATen's CPU kernel sets
+/// round its vectorized ops differently. Measured on an Intel Xeon (AVX-512): 0 ULPs from the
+/// golden with `avx512` and `avx2` (bit-identical), 16 with `default` (params; moments 15);
+/// an AMD EPYC with AVX-512 gave 1 ULP (issue #10).
+const SINGLE_TENSOR_ULPS: u64 = 64;
 
 fn goldens(file: &str) -> HashMap<String, Tensor> {
     Tensor::read_safetensors(Path::new(FIXTURES).join(file))
@@ -47,15 +54,32 @@ fn set_grad(param: &Tensor, grad: &Tensor) {
     (param * grad).sum(Kind::Float).backward();
 }
 
-/// Runs the three golden steps with `kernel`; returns the largest |diff| to torch over the
-/// parameters after every step and the final moments.
-fn golden_max_diff(kernel: AdamWKernel) -> f64 {
+/// How far a kernel's three golden steps end from torch's, over the parameters after every
+/// step and the final moments.
+struct GoldenDistance {
+    max_abs: f64,
+    max_ulps: u64,
+}
+
+impl GoldenDistance {
+    fn add(&mut self, name: &str, actual: &Tensor, expected: &Tensor) {
+        sd_support::report_golden_difference(name, actual, expected);
+        self.max_abs = self.max_abs.max(max_abs_diff(actual, expected));
+        self.max_ulps = self.max_ulps.max(sd_support::max_ulps(actual, expected));
+    }
+}
+
+/// Runs the three golden steps with `kernel` and measures the distance to torch.
+fn golden_distance(kernel: AdamWKernel) -> GoldenDistance {
     let g = goldens("adamw.safetensors");
     let params: Vec<Tensor> = (0..3)
         .map(|i| leaf(&g[&format!("param{i}.initial")]))
         .collect();
     let mut opt = AdamW::new(&params, golden_config()).with_kernel(kernel);
-    let mut worst: f64 = 0.0;
+    let mut worst = GoldenDistance {
+        max_abs: 0.0,
+        max_ulps: 0,
+    };
     for step in 0..3 {
         if step == 2 {
             opt.set_lr(0.005);
@@ -65,27 +89,39 @@ fn golden_max_diff(kernel: AdamWKernel) -> f64 {
         }
         opt.step().expect("AdamW step");
         for (i, p) in params.iter().enumerate() {
-            worst = worst.max(max_abs_diff(p, &g[&format!("step{step}.param{i}")]));
+            let name = format!("{kernel:?} step{step}.param{i}");
+            worst.add(&name, p, &g[&format!("step{step}.param{i}")]);
         }
     }
     for i in 0..3 {
         let (m, v) = opt.moments(i).expect("state after steps");
-        worst = worst.max(max_abs_diff(m, &g[&format!("final.exp_avg{i}")]));
-        worst = worst.max(max_abs_diff(v, &g[&format!("final.exp_avg_sq{i}")]));
+        worst.add(
+            &format!("{kernel:?} exp_avg{i}"),
+            m,
+            &g[&format!("final.exp_avg{i}")],
+        );
+        let name = format!("{kernel:?} exp_avg_sq{i}");
+        worst.add(&name, v, &g[&format!("final.exp_avg_sq{i}")]);
         assert_eq!(opt.step_count(i), 3);
     }
     worst
 }
 
 #[test]
-fn adamw_single_tensor_kernel_is_bit_identical_to_torch_over_three_steps_with_lr_change() {
-    assert_eq!(golden_max_diff(AdamWKernel::SingleTensor), 0.0);
+fn adamw_single_tensor_kernel_matches_torch_to_a_few_ulps_over_three_steps_with_lr_change() {
+    let distance = golden_distance(AdamWKernel::SingleTensor);
+    assert!(
+        distance.max_ulps <= SINGLE_TENSOR_ULPS,
+        "{} ULPs from torch (max |diff| {:e})",
+        distance.max_ulps,
+        distance.max_abs
+    );
 }
 
 #[test]
 fn adamw_fused_kernel_matches_torch_over_three_steps_with_lr_change() {
     // Measured 2.3e-10 (float rounding: one vectorized pass instead of separate ops).
-    let diff = golden_max_diff(AdamWKernel::Fused);
+    let diff = golden_distance(AdamWKernel::Fused).max_abs;
     assert!(diff <= ATOL, "max |diff| {diff}");
 }
 
