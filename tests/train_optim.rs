@@ -407,3 +407,63 @@ fn goldens_at(path: impl AsRef<Path>) -> HashMap<String, Tensor> {
         .into_iter()
         .collect()
 }
+
+/// `torch.amp.GradScaler("cpu", growth_interval=3)` with plain SGD over a crafted gradient
+/// stream (tests/fixtures/train/mixed_precision.json): which steps are skipped (inf, NaN, and
+/// a finite gradient whose scaled value overflows float32), the scale after every update, and
+/// the parameters. Scales are powers of two, so scaling and unscaling are exact; the SGD update
+/// here rounds twice (torch's `add_(alpha=)` once), so parameters agree within one float32
+/// ULP at |p| < 2.
+#[test]
+fn grad_scaler_skips_backs_off_and_grows_as_torch_does() {
+    use dreampipe::sd::train::grad_scaler::GradScaler;
+    let text = std::fs::read_to_string("tests/fixtures/train/mixed_precision.json").unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let golden = &json["grad_scaler"];
+    let lr = golden["sgd_lr"].as_f64().unwrap();
+    let mut scaler = GradScaler::new(
+        golden["init_scale"].as_f64().unwrap(),
+        golden["growth_interval"].as_u64().unwrap(),
+    );
+    let param = Tensor::zeros([4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    let mut skipped = 0;
+    for (index, step) in golden["steps"].as_array().unwrap().iter().enumerate() {
+        let grads: Vec<f32> = (step["grads"].as_array().unwrap().iter())
+            .map(|g| g.as_str().unwrap().parse().unwrap())
+            .collect();
+        scaler
+            .scale_loss(&(&param * Tensor::from_slice(&grads)).sum(Kind::Float))
+            .backward();
+        let found_inf = scaler.unscale(&[param.shallow_clone()]);
+        assert_eq!(
+            found_inf,
+            step["found_inf"].as_bool().unwrap(),
+            "step {index}"
+        );
+        if !found_inf {
+            tch::no_grad(|| {
+                let update = param.grad() * -lr;
+                let _ = param.shallow_clone().g_add_(&update);
+            });
+        } else {
+            skipped += 1;
+        }
+        scaler.update(found_inf);
+        assert_eq!(
+            scaler.scale(),
+            step["scale_after"].as_f64().unwrap(),
+            "step {index}"
+        );
+        assert_eq!(scaler.skipped_steps(), skipped);
+        let expected: Vec<f32> = (step["param_after"].as_array().unwrap().iter())
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let difference = max_abs_diff(&param.detach(), &Tensor::from_slice(&expected));
+        assert!(
+            difference <= 2.4e-7,
+            "step {index}: params differ by {difference:e}"
+        );
+        let _ = param.grad().zero_();
+    }
+    assert_eq!(skipped, 3);
+}
