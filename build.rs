@@ -1,11 +1,12 @@
 //! Puts libtorch's library folder on the rpath of every binary, test and doctest, so nobody has
 //! to export LD_LIBRARY_PATH (torch-sys announces the folder as `DEP_TCH_LIBTORCH_LIB`), and
-//! compiles the C++ shims (csrc/: AdamW updates and the autocast switch, which tch 0.24 cannot
-//! express) against libtorch's headers.
+//! compiles the C++ shims (csrc/: AdamW updates, the autocast switch and seeded generators,
+//! which tch 0.24 cannot express) against libtorch's headers.
 use std::path::PathBuf;
 
-/// The C++ shims: AdamW for src/sd/train/aten_adamw.rs, autocast for src/sd/autocast.rs.
-const SHIM_SOURCES: [&str; 2] = ["csrc/adamw.cpp", "csrc/autocast.cpp"];
+/// The C++ shims: AdamW for src/sd/train/aten_adamw.rs, autocast for src/sd/autocast.rs,
+/// seeded generators for src/sd/rng.rs.
+const SHIM_SOURCES: [&str; 3] = ["csrc/adamw.cpp", "csrc/autocast.cpp", "csrc/generator.cpp"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");

@@ -173,8 +173,8 @@ impl StableDiffusion {
     }
 
     /// Runs txt2img. `on_event` sees the initial noise, every UNet call and every finished step.
-    /// Holds the global RNG lock (see [`rng`]) while the run draws from the generator: for the
-    /// initial noise, and to the last step when the scheduler draws step noise.
+    /// Draws from a generator of its own seeded with `request.seed` (see [`rng`]): the initial
+    /// noise, and the step noise to the last step when the scheduler draws some.
     pub fn txt2img(
         &self,
         request: &Txt2Img,
@@ -186,8 +186,8 @@ impl StableDiffusion {
         let guidance = (request.guidance > GUIDANCE_THRESHOLD).then_some(request.guidance);
         let context = self.conditioning(request, guidance.is_some())?;
         let shape = self.latent_shape(request.batch, width, height);
-        let rng_guard = rng::seed_global(request.seed);
-        let noise = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        let rng_guard = rng::seeded(request.seed);
+        let noise = rng::randn(&shape, Kind::Float, Device::Cpu);
         let latents = self.initial_latents(noise, scheduler.as_ref(), on_event);
         let step_noise_guard = scheduler.kind().draws_step_noise().then_some(rng_guard);
         let latents = self.denoise(scheduler.as_mut(), latents, &context, guidance, on_event)?;
@@ -220,10 +220,11 @@ impl StableDiffusion {
         let mut last_guard = None;
         for &seed in seeds {
             drop(last_guard.take());
-            let guard = rng::seed_global(seed);
-            draws.push(Tensor::randn(
-                [1, channels, rows, columns],
-                (Kind::Float, Device::Cpu),
+            let guard = rng::seeded(seed);
+            draws.push(rng::randn(
+                &[1, channels, rows, columns],
+                Kind::Float,
+                Device::Cpu,
             ));
             last_guard = Some(guard);
         }

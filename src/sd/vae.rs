@@ -332,10 +332,10 @@ impl DiagonalGaussian {
         }
     }
 
-    /// `mean + std * randn` drawn from tch's global generator (seed it with `tch::manual_seed`
-    /// to reproduce diffusers' `Generator().manual_seed(s)` on CPU).
+    /// `mean + std * randn`, drawn from the thread's seeded generator (`sd::rng::seeded(s)`
+    /// reproduces diffusers' `Generator().manual_seed(s)`; outside a scope, tch's global one).
     pub fn sample(&self) -> Tensor {
-        let noise = Tensor::randn(self.mean.size(), (self.mean.kind(), self.mean.device()));
+        let noise = crate::sd::rng::randn(&self.mean.size(), self.mean.kind(), self.mean.device());
         &self.mean + &self.std * noise
     }
 

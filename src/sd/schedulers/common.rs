@@ -583,9 +583,10 @@ pub(crate) fn check_steps(
 }
 
 /// Standard normal noise like diffusers' `randn_tensor(shape, generator=cpu_generator)`: drawn
-/// from tch's global CPU generator (seed it with `tch::manual_seed`), then moved to `like`'s device.
+/// on the CPU from the thread's seeded generator (`sd::rng::seeded`; outside a scope, tch's
+/// global one), then moved to `like`'s device.
 pub(crate) fn cpu_noise_like(like: &Tensor) -> Result<Tensor, SchedulerError> {
-    let noise = Tensor::f_randn(like.size(), (Kind::Float, Device::Cpu))?;
+    let noise = crate::sd::rng::randn(&like.size(), Kind::Float, Device::Cpu);
     Ok(noise.f_to_device(like.device())?)
 }
 

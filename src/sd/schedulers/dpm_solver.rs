@@ -1,7 +1,7 @@
 //! DPM-Solver multistep (diffusers `DPMSolverMultistepScheduler`; the default config is
 //! DPM-Solver++ 2M: `solver_order` 2, `algorithm_type` dpmsolver++, `solver_type` midpoint,
 //! `lower_order_final`). Also the first/second/third-order updates of `dpmsolver`, and the SDE
-//! variants (noise from tch's global CPU generator).
+//! variants (noise from the run's seeded CPU generator, see `sd::rng`).
 use super::common::{
     CommonConfig, PREDICTION_TYPES, SigmaSpacing, TimestepSpacing, ZeroSnr, check_steps,
     cpu_noise_like, log_sigmas, numpy_arange, numpy_interp, numpy_linspace, predict_epsilon,

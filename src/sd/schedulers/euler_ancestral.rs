@@ -1,6 +1,6 @@
 //! Euler ancestral (diffusers `EulerAncestralDiscreteScheduler`): an Euler step down to
-//! sigma_down, then fresh noise of size sigma_up (drawn from tch's global CPU generator at every
-//! step, the last one included, like diffusers).
+//! sigma_down, then fresh noise of size sigma_up (drawn from the run's seeded CPU generator at
+//! every step, the last one included, like diffusers; see `sd::rng`).
 use super::common::{CommonConfig, PredictionType, SigmaSpacing, ZeroSnr, cpu_noise_like};
 use super::sigma::{SigmaOptions, SigmaSchedule, SigmaScheduler, euler_step};
 use super::{SchedulerConfig, SchedulerError, SchedulerKind, StepOutput};

@@ -6,10 +6,10 @@
 //! repeats). A denoising loop is:
 //! `for i in 0..timesteps.len() { x_in = scale_model_input(x, i); eps = unet(x_in, t[i]);
 //! x = step(eps, i, x).prev_sample }`, starting from `noise * init_noise_sigma()`.
-//! Schedulers that draw noise (DDPM, Euler ancestral) use tch's global CPU generator, in the
-//! order and shapes diffusers' CPU `generator` would, so `tch::manual_seed(s)` reproduces
-//! `torch.Generator().manual_seed(s)`. That generator is process-wide: a run that must be
-//! reproducible seeds it with `sd::rng::seed_global` and holds the guard until its last step.
+//! Schedulers that draw noise (DDPM, Euler ancestral) draw from the thread's seeded generator
+//! (`sd::rng::seeded`, a CPU generator of the run's own) in the order and shapes diffusers' CPU
+//! `generator` would, so a scope seeded with s reproduces `torch.Generator().manual_seed(s)`;
+//! outside a scope they use tch's global generator (`tch::manual_seed`).
 use std::str::FromStr;
 use tch::Tensor;
 
@@ -136,7 +136,7 @@ impl SchedulerKind {
         }
     }
 
-    /// Whether `step` draws noise from the global generator (DDPM's variance, Euler ancestral).
+    /// Whether `step` draws noise (DDPM's variance, Euler ancestral), from the run's generator.
     pub fn draws_step_noise(self) -> bool {
         matches!(self, SchedulerKind::Ddpm | SchedulerKind::EulerAncestral)
     }

@@ -8,7 +8,7 @@ use super::grad_scaler::GradScaler;
 use super::loss::{self, PredictionType};
 use super::optim::{AdamW, AdamWConfig};
 use crate::sd::autocast::{self, Autocast};
-use crate::sd::rng::{self, GlobalRngGuard};
+use crate::sd::rng::{self, SeededScope};
 use crate::sd::schedulers::{DdpmScheduler, SchedulerConfig};
 use crate::sd::unet::UNet2DConditionModel;
 use std::io::Write;
@@ -246,12 +246,12 @@ fn mix(seed: u64, salt: u64, a: u64, b: u64) -> u64 {
     splitmix64(splitmix64(splitmix64(seed ^ salt).wrapping_add(a)).wrapping_add(b))
 }
 
-/// Takes the process-wide generator (see `sd::rng`) and seeds it for the tensor draws (VAE
-/// sample, noise, timesteps) of micro-batch `micro` of optimizer step `step`; hold the guard
-/// until the last draw. Deviation from diffusers' single stream: every step starts from its own
-/// seed, so a resumed run draws exactly the same values.
-pub fn seed_step_tensors(seed: u64, step: u64, micro: u64) -> GlobalRngGuard {
-    rng::seed_global(mix(seed, SALT_TENSORS, step, micro))
+/// Opens a seeded scope (see `sd::rng`) for the tensor draws (VAE sample, noise, timesteps) of
+/// micro-batch `micro` of optimizer step `step`; keep it until the last draw. Deviation from
+/// diffusers' single stream: every step starts from its own seed, so a resumed run draws exactly
+/// the same values.
+pub fn seed_step_tensors(seed: u64, step: u64, micro: u64) -> SeededScope {
+    rng::seeded(mix(seed, SALT_TENSORS, step, micro))
 }
 
 /// A deterministic stream for the data-side choices of one sample (crop, flip, template).
@@ -310,26 +310,21 @@ pub fn prediction_type(config: &SchedulerConfig) -> Result<PredictionType, Train
     }
 }
 
-/// The noise and timesteps of a batch of latents, drawn after the latents from the global
-/// generator: `randn_like`, the optional offset noise, then `randint(0, T, (b,))`.
+/// The noise and timesteps of a batch of latents, drawn after the latents from the thread's
+/// seeded generator: `randn_like`, the optional offset noise, then `randint(0, T, (b,))`.
 pub fn draw_noise_and_timesteps(
     latents: &Tensor,
     offset_noise: bool,
     num_train_timesteps: usize,
 ) -> Result<(Tensor, Tensor), TrainError> {
-    let noise = latents.randn_like();
+    let noise = rng::randn(&latents.size(), latents.kind(), latents.device());
     let noise = if offset_noise {
         loss::offset_noise(&noise, OFFSET_NOISE_SCALE)?
     } else {
         noise
     };
     let batch = latents.size()[0];
-    let timesteps = Tensor::randint_low(
-        0,
-        num_train_timesteps as i64,
-        [batch],
-        (Kind::Int64, latents.device()),
-    );
+    let timesteps = rng::randint(0, num_train_timesteps as i64, &[batch], latents.device());
     Ok((noise, timesteps))
 }
 

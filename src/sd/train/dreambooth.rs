@@ -597,7 +597,7 @@ impl DreamBoothData {
             trainer.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device))
         };
         let _rng = common::seed_step_tensors(config.seed, step, micro);
-        let epsilon = Tensor::randn(mean.size(), (Kind::Float, mean.device()));
+        let epsilon = crate::sd::rng::randn(&mean.size(), Kind::Float, mean.device());
         // In the weight dtype, as the script's VAE sample (and so its noise) is.
         let latents =
             ((&mean + &std * epsilon) * trainer.vae.scaling_factor()).to_kind(trainer.weight_kind);

@@ -107,7 +107,8 @@ pub fn min_snr_mse(
 }
 
 /// Offset noise (train_dreambooth.py `--offset_noise`, there with offset 0.1):
-/// `noise + offset * randn(b, c, 1, 1)`, drawn from the global generator after `noise`.
+/// `noise + offset * randn(b, c, 1, 1)`, drawn after `noise` from the thread's seeded generator
+/// (`sd::rng`; outside a scope, tch's global one).
 pub fn offset_noise(noise: &Tensor, offset: f64) -> Result<Tensor, TrainError> {
     let size = noise.size();
     if size.len() != 4 {
@@ -115,7 +116,8 @@ pub fn offset_noise(noise: &Tensor, offset: f64) -> Result<Tensor, TrainError> {
             "offset noise needs a 4-d (b, c, h, w) noise tensor, got shape {size:?}"
         )));
     }
-    let per_channel = Tensor::randn([size[0], size[1], 1, 1], (noise.kind(), noise.device()));
+    let per_channel =
+        crate::sd::rng::randn(&[size[0], size[1], 1, 1], noise.kind(), noise.device());
     Ok(noise + per_channel * offset)
 }
 

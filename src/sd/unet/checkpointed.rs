@@ -267,13 +267,14 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-sd/unet");
         let (vs, unet) = UNet2DConditionModel::load(&dir, Device::Cpu, Kind::Float, None)
             .expect("load tiny unet");
-        let _seed = crate::sd::rng::seed_global(3);
-        let sample = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
+        let mut rng = crate::sd::rng::Generator::new(3);
+        let sample = rng.randn(&[2, 4, 8, 8], Kind::Float);
         let timesteps = Tensor::from_slice(&[10i64, 700]);
         let dim = unet.config().cross_attention_dim;
-        let context_leaf =
-            Tensor::randn([2, 77, dim], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let weights = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
+        let context_leaf = rng
+            .randn(&[2, 77, dim], Kind::Float)
+            .set_requires_grad(true);
+        let weights = rng.randn(&[2, 4, 8, 8], Kind::Float);
 
         let context = &context_leaf * 1.5;
         (unet.forward(&sample, &timesteps, &context) * &weights)
