@@ -37,6 +37,16 @@ fn assert_rel(name: &str, found: f64, expected: f64, rtol: f64) {
     );
 }
 
+/// The DreamBooth golden's batch, latents and noise in `kind` (bf16 as under mixed precision).
+fn fixture_batch(golden: &HashMap<String, Tensor>, kind: Kind) -> StepBatch {
+    StepBatch {
+        latents: golden["latents"].to_kind(kind),
+        noise: golden["noise"].to_kind(kind),
+        timesteps: golden["timesteps"].shallow_clone(),
+        input_ids: golden["input_ids"].shallow_clone(),
+    }
+}
+
 fn scalar(t: &Tensor) -> f64 {
     t.double_value(&[0])
 }
@@ -139,12 +149,7 @@ fn two_steps_match_diffusers() {
             .std
             .allclose(&golden["latent_std"], 1e-4, 1e-4, false)
     );
-    let batch = || StepBatch {
-        latents: golden["latents"].shallow_clone(),
-        noise: golden["noise"].shallow_clone(),
-        timesteps: golden["timesteps"].shallow_clone(),
-        input_ids: golden["input_ids"].shallow_clone(),
-    };
+    let batch = || fixture_batch(&golden, Kind::Float);
     let steps = json["steps"].as_array().unwrap();
     let lr = json["hyper"]["lr"].as_f64().unwrap();
 
@@ -679,12 +684,7 @@ fn a_bf16_autocast_step_matches_diffusers() {
     let mut config = golden_config(dir.path());
     config.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
     let mut trainer = DreamBoothTrainer::new(&config, 2).unwrap();
-    let batch = || StepBatch {
-        latents: inputs["latents"].to_kind(Kind::BFloat16),
-        noise: inputs["noise"].to_kind(Kind::BFloat16),
-        timesteps: inputs["timesteps"].shallow_clone(),
-        input_ids: inputs["input_ids"].shallow_clone(),
-    };
+    let batch = || fixture_batch(&inputs, Kind::BFloat16);
     let loss = trainer.accumulate_gradients(&[batch()]).unwrap();
     report_and_assert_rel(
         "bf16 loss",
@@ -752,12 +752,7 @@ fn an_overflowing_loss_scale_skips_the_update_and_holds_the_schedule() {
     config.lr_scheduler = "linear".to_string();
     config.lr_warmup_steps = 0;
     let mut trainer = DreamBoothTrainer::new(&config, 4).unwrap();
-    let batch = || StepBatch {
-        latents: inputs["latents"].to_kind(Kind::BFloat16),
-        noise: inputs["noise"].to_kind(Kind::BFloat16),
-        timesteps: inputs["timesteps"].shallow_clone(),
-        input_ids: inputs["input_ids"].shallow_clone(),
-    };
+    let batch = || fixture_batch(&inputs, Kind::BFloat16);
     trainer
         .precision_mut()
         .set_grad_scaler(GradScaler::new(f64::INFINITY, 2000));
