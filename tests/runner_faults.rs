@@ -361,3 +361,112 @@ fn stages_sharing_a_key_in_one_run_compute_it_once() {
     assert_eq!(project.read("cache/runs/p/a/x.txt"), "same\n");
     assert_eq!(project.read("cache/runs/p/b/x.txt"), "same\n");
 }
+
+/// Two stages; `b` copies `a`'s file. Returns the key of `a`'s result.
+fn two_stage_project() -> (Project, String) {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: printf 'precious bytes' > $OUT/data.bin\n  b:\n    kind: command\n    needs: a\n    run: cp $IN_A/data.bin $OUT/copy.bin\n",
+    );
+    let first = project.run("p.yaml", &[]);
+    assert!(first.success(), "{}{}", first.stdout, first.stderr);
+    let key = first
+        .stage_field("a", "key")
+        .as_str()
+        .expect("key")
+        .to_string();
+    (project, key)
+}
+
+fn truncate_record(project: &Project, key: &str) -> std::path::PathBuf {
+    let record = project
+        .cache()
+        .join("results")
+        .join(key)
+        .join("result.json");
+    let text = std::fs::read(&record).expect("record");
+    std::fs::write(&record, &text[..text.len() / 2]).expect("truncate");
+    record
+}
+
+#[test]
+fn a_truncated_record_is_treated_as_absent_recomputed_with_a_warning() {
+    let (project, key) = two_stage_project();
+    let record = truncate_record(&project, &key);
+    let rerun = project.run("p.yaml", &[]);
+    assert!(rerun.success(), "{}{}", rerun.stdout, rerun.stderr);
+    assert_eq!(rerun.status("a"), "ran");
+    assert_eq!(rerun.status("b"), "cached", "same bytes: early cutoff");
+    let warning = format!(
+        "warning: a: its cached result is unusable (`{}` does not read: EOF while parsing",
+        record.display()
+    );
+    assert!(rerun.stderr.contains(&warning), "{}", rerun.stderr);
+    assert_eq!(project.read("cache/runs/p/a/data.bin"), "precious bytes");
+    let again = project.run("p.yaml", &[]);
+    assert_eq!(again.status("a"), "cached");
+    assert_eq!(again.stderr, "");
+}
+
+#[test]
+fn verify_quarantines_and_gc_removes_a_result_whose_record_does_not_read() {
+    let (project, key) = two_stage_project();
+    let record = truncate_record(&project, &key);
+    let (ok, stdout, _) = project.dreampipe(&["cache", "verify"]);
+    assert!(!ok);
+    assert!(
+        stdout.starts_with(&format!(
+            "result {key}: `{}` does not read: EOF while parsing",
+            record.display()
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with("checked 1 object(s) and 2 result(s): 1 problem(s)\n"),
+        "{stdout}"
+    );
+    assert_eq!(project.result_count(), 1);
+    assert_eq!(project.run("p.yaml", &[]).status("a"), "ran");
+    truncate_record(&project, &key);
+    let (ok, stdout, _) = project.dreampipe(&["cache", "gc", "--keep-last", "5"]);
+    assert!(ok, "{stdout}");
+    assert_eq!(
+        stdout.trim(),
+        "removed 1 result(s), 0 object(s) (0 bytes), 0 stale staging folder(s)"
+    );
+    assert_eq!(project.result_count(), 1);
+}
+
+#[test]
+fn a_run_does_not_reuse_a_result_whose_file_changed_since_commit() {
+    let (project, key) = two_stage_project();
+    let digest = blake3::hash(b"precious bytes").to_hex().to_string();
+    let object = project
+        .cache()
+        .join("objects")
+        .join(&digest[..2])
+        .join(&digest);
+    let mut perms = std::fs::metadata(&object).expect("object").permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&object, perms).expect("chmod");
+    std::fs::write(&object, b"precious bytez").expect("flip");
+    let rerun = project.run("p.yaml", &[]);
+    assert!(rerun.success(), "{}{}", rerun.stdout, rerun.stderr);
+    assert_eq!(rerun.status("a"), "ran");
+    assert_eq!(rerun.status("b"), "ran", "b's copy was damaged too");
+    let flipped = blake3::hash(b"precious bytez").to_hex();
+    assert!(
+        rerun.stderr.contains(&format!(
+            "warning: a: result {} (a): file data.bin hashes to {flipped}, not its recorded {digest}; quarantined, recomputing it",
+            &key[..12]
+        )),
+        "{}",
+        rerun.stderr
+    );
+    assert_eq!(project.read("cache/runs/p/a/data.bin"), "precious bytes");
+    assert_eq!(project.read("cache/runs/p/b/copy.bin"), "precious bytes");
+    let (ok, stdout, _) = project.dreampipe(&["cache", "verify"]);
+    assert!(ok, "{stdout}");
+}

@@ -123,6 +123,22 @@ impl Store {
         read_json(&self.result_dir(key).join("result.json")).ok()
     }
 
+    /// Why `results/<key>` exists but cannot be used: its record is missing or unreadable.
+    /// `None` when there is no such folder or its record reads.
+    pub fn unreadable_record(&self, key: &str) -> Option<String> {
+        let dir = self.result_dir(key);
+        if !dir.is_dir() {
+            return None;
+        }
+        let path = dir.join("result.json");
+        let reason = match read_json::<ResultRecord>(&path).err()? {
+            CacheError::Io { source, .. } => source.to_string(),
+            CacheError::Json { source, .. } => source.to_string(),
+            other => other.to_string(),
+        };
+        Some(format!("`{}` does not read: {reason}", path.display()))
+    }
+
     /// The key material stored beside a result.
     pub fn load_key_material<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<T> {
         read_json(&self.result_dir(key).join("key.json")).ok()
@@ -191,7 +207,8 @@ impl Store {
         write_json(&staging.join("key.json"), commit.material)?;
         write_json(&staging.join("result.json"), &record)?;
         let target = self.result_dir(commit.key);
-        if replace && target.exists() {
+        // A folder without a readable record is no result: the new one replaces it.
+        if (replace || self.unreadable_record(commit.key).is_some()) && target.exists() {
             self.discard(&target)?;
         }
         match std::fs::rename(staging, &target) {
@@ -268,6 +285,19 @@ impl Store {
         Ok(())
     }
 
+    /// The key of every folder under `results/` (readable or not), sorted.
+    pub fn result_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = std::fs::read_dir(self.root.join("results"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.path().is_dir())
+            .map(|entry| entry.file_name().to_string_lossy().to_string())
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Every committed result, oldest first.
     pub fn results(&self) -> Vec<ResultRecord> {
         let mut list: Vec<ResultRecord> = std::fs::read_dir(self.root.join("results"))
@@ -337,7 +367,7 @@ pub struct Commit<'a, M: Serialize> {
 }
 
 /// A temporary-file suffix unique within this process and across processes.
-fn unique_suffix(what: &str) -> String {
+pub fn unique_suffix(what: &str) -> String {
     let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{what}-{}-{n}", std::process::id())
 }

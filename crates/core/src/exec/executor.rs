@@ -9,6 +9,7 @@ use crate::cache::CacheError;
 use crate::cache::hash::{HashMemo, tree_digest};
 use crate::cache::lock::{Acquired, KeyLock};
 use crate::cache::store::{Commit, ResultRecord, Store, now_unix};
+use crate::cache::verify;
 use crate::plan::dirty::explain_miss;
 use crate::plan::fingerprint::{KeyMaterial, material};
 use crate::plan::graph::Plan;
@@ -370,6 +371,7 @@ async fn run_stage(
     if !forced && let Some(done) = reuse(shared, index, &key, record).await? {
         return Ok(done);
     }
+    warn_unreadable_record(shared, &stage.id, &key);
     if !selected {
         return Err(format!(
             "not in the cache and not selected by --only/--until (key {}); run it first",
@@ -426,6 +428,17 @@ async fn run_stage(
     Ok(done)
 }
 
+/// A result folder whose record does not read is treated as absent: recomputed (the commit
+/// replaces the folder), with a warning naming the record.
+fn warn_unreadable_record(shared: &Shared, id: &str, key: &str) {
+    if let Some(problem) = shared.store.unreadable_record(key) {
+        let _ = shared.events.send(Event::Warning {
+            id: id.to_string(),
+            message: format!("its cached result is unusable ({problem}); recomputing it"),
+        });
+    }
+}
+
 async fn compute_material(
     shared: &Arc<Shared>,
     index: usize,
@@ -464,6 +477,17 @@ async fn reuse(
     let Some((lock, found)) = pin(shared, key, PIN_PATIENCE).await? else {
         return Ok(None);
     };
+    let (store, memo, checked) = (shared.store.clone(), shared.memo.clone(), found.clone());
+    if let Some(damage) = blocking(move || verify::damage(&store, &memo, &checked)).await? {
+        let id = &shared.plan.pipeline.stages[index].id;
+        let _ = shared.events.send(Event::Warning {
+            id: id.clone(),
+            message: format!("{}; quarantined, recomputing it", damage.problem),
+        });
+        verify::quarantine_damaged(&shared.store, key, &damage).map_err(|e| e.to_string())?;
+        drop(lock);
+        return Ok(None);
+    }
     Ok(Some(adopt(shared, index, key, lock, found, record)))
 }
 
@@ -701,8 +725,11 @@ async fn compute(
     .await?
     .map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(&work);
-    let _ = store.record_stage(&shared.plan.pipeline.name, &stage.id, key);
     let output = store.output_dir(key);
+    for (name, digest) in &committed.files {
+        shared.memo.remember(&output.join(name), digest);
+    }
+    let _ = store.record_stage(&shared.plan.pipeline.name, &stage.id, key);
     let _ = shared.events.send(Event::Finished {
         id: stage.id.clone(),
         seconds,
