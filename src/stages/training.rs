@@ -20,6 +20,7 @@ use crate::sd::train::common::{
     Callbacks, MixedPrecision, OptimizerKind, Progress, TrainOutcome, Validation,
 };
 use crate::sd::train::lr_schedule::SCHEDULE_NAMES;
+use dreampipe_core::imagefile;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -311,6 +312,18 @@ fn move_entries(from: &Path, to: &Path) -> Result<(), StageError> {
             .map_err(|e| StageError::io("move", &entry.path(), e))?;
     }
     Ok(())
+}
+
+/// The image folder of field `field` (see [`image_dir`]), every file of it checked against the
+/// shared image rules (`imagefile`: image extension, size limit from the header) before any
+/// model is loaded, so a bad file fails at once, named with the stage and field.
+pub fn checked_image_dir(ctx: &StageContext<'_>, field: &str) -> Result<PathBuf, StageError> {
+    let dir = image_dir(&single_input(ctx, field)?);
+    let files = imagefile::list_folder(&dir).map_err(|e| field_error(ctx, field, e))?;
+    for file in &files {
+        imagefile::check(file).map_err(|e| field_error(ctx, field, e))?;
+    }
+    Ok(dir)
 }
 
 /// Uses the first `count` images of `dir` (sorted by name): `dir` itself when it has no more,

@@ -324,6 +324,13 @@ fn listed_images(path: &Path, output: &Path) -> Result<Vec<ImageRef>, String> {
                 entry.path.display()
             ));
         }
+        if leaves(output, &entry.path) {
+            return Err(format!(
+                "{}: image path `{}` leads outside the stage's output folder (a symbolic link)",
+                path.display(),
+                entry.path.display()
+            ));
+        }
         images.push(ImageRef {
             path: output.join(&entry.path),
             caption: entry.caption,
@@ -331,6 +338,14 @@ fn listed_images(path: &Path, output: &Path) -> Result<Vec<ImageRef>, String> {
         });
     }
     Ok(images)
+}
+
+/// Whether `relative` inside `output` resolves (through links) to a place outside it.
+fn leaves(output: &Path, relative: &Path) -> bool {
+    match (output.canonicalize(), output.join(relative).canonicalize()) {
+        (Ok(root), Ok(real)) => !real.starts_with(root),
+        _ => false,
+    }
 }
 
 fn stays_inside(path: &Path) -> bool {

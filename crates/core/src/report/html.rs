@@ -509,7 +509,15 @@ impl ImageStore {
     }
 
     fn resolve(&mut self, path: &Path) -> Result<Option<String>, ReportError> {
-        let Ok(metadata) = std::fs::metadata(path) else {
+        // Only a regular file (not a link to anywhere) whose header reads as an image within
+        // the image limit is embedded; anything else shows as missing.
+        let metadata = std::fs::symlink_metadata(path);
+        let Ok(metadata) = metadata.and_then(|m| {
+            let usable = m.is_file() && crate::imagefile::check(path).is_ok();
+            usable
+                .then_some(m)
+                .ok_or(std::io::ErrorKind::InvalidData.into())
+        }) else {
             self.missing.push(path.to_path_buf());
             return Ok(None);
         };
