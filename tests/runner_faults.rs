@@ -470,3 +470,67 @@ fn a_run_does_not_reuse_a_result_whose_file_changed_since_commit() {
     let (ok, stdout, _) = project.dreampipe(&["cache", "verify"]);
     assert!(ok, "{stdout}");
 }
+
+#[test]
+fn links_leaving_the_output_and_non_utf8_names_are_refused_at_commit() {
+    let project = Project::new();
+    project.write("outside.txt", "outside\n");
+    let cases = [
+        (
+            "ln -s $PIPELINE_DIR/outside.txt $OUT/link.txt",
+            format!(
+                "[FAILED]  a: the output `link.txt` is a symbolic link to `{}`, outside the stage's output (or not a file); copy the file into $OUT instead (cp -L)",
+                project.path("outside.txt").display()
+            ),
+        ),
+        (
+            "mkdir $OUT/sub && ln -s ../../.. $OUT/sub/up",
+            "[FAILED]  a: the output `sub/up` is a symbolic link to `../../..`, outside the stage's output (or not a file); copy the file into $OUT instead (cp -L)".to_string(),
+        ),
+        (
+            "touch $OUT/$(printf 'bad\\377.txt')",
+            "[FAILED]  a: the output `bad\u{FFFD}.txt` has a name that is not valid UTF-8; rename it (result manifests name files in UTF-8)".to_string(),
+        ),
+        (
+            "mkfifo $OUT/pipe",
+            "[FAILED]  a: the output `pipe` is not a regular file or folder (a FIFO, socket or device); remove it".to_string(),
+        ),
+    ];
+    for (script, expected) in cases {
+        project.write(
+            "p.yaml",
+            &format!("stages:\n  a:\n    kind: command\n    run: {script}\n"),
+        );
+        let result = project.run("p.yaml", &[]);
+        assert!(!result.success(), "{script}: committed");
+        assert!(
+            result.stdout.contains(&expected),
+            "{script}: expected {expected:?} in\n{}",
+            result.stdout
+        );
+        assert_eq!(project.result_count(), 0, "{script}");
+        let staging = std::fs::read_dir(project.cache().join("staging")).expect("staging");
+        assert_eq!(staging.count(), 0, "{script}: staging left behind");
+    }
+    assert_eq!(project.read("outside.txt"), "outside\n");
+}
+
+#[test]
+fn a_link_to_a_file_inside_the_output_is_stored_as_a_copy() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: echo hi > $OUT/a.txt && ln -s a.txt $OUT/b.txt\n",
+    );
+    let result = project.run("p.yaml", &[]);
+    assert!(result.success(), "{}", result.stdout);
+    let b = project.cache().join("runs/p/a/b.txt");
+    assert!(std::fs::symlink_metadata(&b).expect("b").is_file());
+    assert_eq!(project.read("cache/runs/p/a/b.txt"), "hi\n");
+    let (ok, stdout, _) = project.dreampipe(&["cache", "verify"]);
+    assert!(ok, "{stdout}");
+    assert_eq!(
+        stdout.trim(),
+        "checked 1 object(s) and 1 result(s): 0 problem(s)"
+    );
+}

@@ -239,7 +239,7 @@ impl Store {
         let mut files = TreeDigest::new();
         for entry in walkdir::WalkDir::new(out).sort_by_file_name() {
             let entry = entry.map_err(|e| CacheError::io("walk", out, e.into()))?;
-            if !entry.file_type().is_file() {
+            if !admit(out, &entry)? {
                 continue;
             }
             let path = entry.path();
@@ -355,6 +355,57 @@ impl Store {
             .join(file_name_for(pipeline))
             .join(file_name_for(stage_id))
     }
+}
+
+/// Whether a stage's output entry is a file to store (`false` for folders). A name that is
+/// not UTF-8 (the manifest could not name it), a symbolic link, or a special file is refused:
+/// a result holds only regular files and folders, so nothing it hands downstream or to the
+/// report leads outside it. A link to a file inside the output is replaced by a copy first.
+fn admit(out: &Path, entry: &walkdir::DirEntry) -> Result<bool, CacheError> {
+    let path = entry.path();
+    let relative = path.strip_prefix(out).unwrap_or(path);
+    let refuse = |problem: String| {
+        Err(CacheError::Output {
+            path: relative.to_string_lossy().to_string(),
+            problem,
+        })
+    };
+    if relative.to_str().is_none() {
+        return refuse(
+            "has a name that is not valid UTF-8; rename it (result manifests name files in UTF-8)"
+                .to_string(),
+        );
+    }
+    let kind = entry.file_type();
+    if kind.is_symlink() {
+        return materialize_link(out, path, relative);
+    }
+    if kind.is_dir() || kind.is_file() {
+        return Ok(kind.is_file());
+    }
+    refuse("is not a regular file or folder (a FIFO, socket or device); remove it".to_string())
+}
+
+/// Replaces a link to a regular file inside `out` by a copy of that file; refuses any other.
+fn materialize_link(out: &Path, path: &Path, relative: &Path) -> Result<bool, CacheError> {
+    let target = std::fs::read_link(path).unwrap_or_default();
+    let inside = match (out.canonicalize(), path.canonicalize()) {
+        (Ok(root), Ok(real)) => real.starts_with(root) && real.is_file(),
+        _ => false,
+    };
+    if !inside {
+        return Err(CacheError::Output {
+            path: relative.to_string_lossy().to_string(),
+            problem: format!(
+                "is a symbolic link to `{}`, outside the stage's output (or not a file); copy the file into $OUT instead (cp -L)",
+                target.display()
+            ),
+        });
+    }
+    let temp = path.with_extension(unique_suffix("copy"));
+    std::fs::copy(path, &temp).map_err(|e| CacheError::io("copy", path, e))?;
+    std::fs::rename(&temp, path).map_err(|e| CacheError::io("replace", path, e))?;
+    Ok(true)
 }
 
 /// What a commit needs besides the staging folder.

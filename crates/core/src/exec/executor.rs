@@ -720,7 +720,11 @@ async fn compute(
             material: &material,
             duration_s: seconds,
         };
-        commit_store.commit(&commit, &staging, forced)
+        let committed = commit_store.commit(&commit, &staging, forced);
+        if committed.is_err() {
+            let _ = commit_store.discard(&staging); // nothing partial is kept
+        }
+        committed
     })
     .await?
     .map_err(|e| e.to_string())?;
