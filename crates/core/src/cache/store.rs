@@ -69,9 +69,22 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Cache
     })
 }
 
-/// Makes a stage id usable as one file name (ids may contain `/` only by user error).
+/// Longest file name made from a stage id (file systems allow 255 bytes).
+const MAX_FILE_NAME_BYTES: usize = 200;
+
+/// Makes a stage id usable as one file name (ids may contain `/` only by user error); a long
+/// sweep variant id keeps its first 180 bytes and gets a hash of the whole id.
 pub fn file_name_for(stage_id: &str) -> String {
-    stage_id.replace(['/', '\\', '\0'], "_")
+    let name = stage_id.replace(['/', '\\', '\0'], "_");
+    if name.len() <= MAX_FILE_NAME_BYTES {
+        return name;
+    }
+    let mut end = 180;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let hash = blake3::hash(stage_id.as_bytes()).to_hex();
+    format!("{}-{}", &name[..end], &hash[..16])
 }
 
 impl Store {
@@ -497,6 +510,16 @@ mod tests {
         assert!(used < 1 << 20, "a 64 MiB reflink copy took {used} bytes");
     }
     use super::*;
+
+    #[test]
+    fn long_stage_ids_make_file_names_within_the_limit() {
+        assert_eq!(file_name_for("db[lr=1e-6]"), "db[lr=1e-6]");
+        let long = format!("db[{}]", "x=é,".repeat(80));
+        let name = file_name_for(&long);
+        assert_eq!(name.len(), 180 + 17);
+        assert!(name.starts_with("db[x=é,"));
+        assert_ne!(name, file_name_for(&format!("{long}y")));
+    }
 
     #[test]
     fn identical_files_are_stored_once_and_hard_linked() {

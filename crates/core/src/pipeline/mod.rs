@@ -1,6 +1,7 @@
 //! Pipeline files: parsing (`spec`), validation reporting every error at once (`validate`),
 //! sweep expansion (`sweep`) and stage presets (`presets`). The result is a [`Pipeline`]: a
 //! flat list of concrete stage instances with their upstream edges resolved.
+pub mod limits;
 pub mod presets;
 pub mod spec;
 pub mod sweep;

@@ -102,6 +102,8 @@ pub struct ParamSpec {
     /// For stage-reference fields: take every variant of a swept upstream (one stage reads
     /// them all) instead of fanning this stage out per variant. Set with [`Self::gathers`].
     pub gather: bool,
+    /// For integer fields: values must be a multiple of this. Set with [`Self::multiple_of`].
+    pub step: Option<i64>,
     pub doc: &'static str,
 }
 
@@ -116,6 +118,7 @@ impl ParamSpec {
             in_key: true,
             allowed: None,
             gather: false,
+            step: None,
             doc,
         }
     }
@@ -128,6 +131,11 @@ impl ParamSpec {
     pub fn range(mut self, min: f64, max: f64) -> Self {
         self.min = Some(min);
         self.max = Some(max);
+        self
+    }
+    /// Restricts an integer field to multiples of `step` (image sides: the VAE's factor 8).
+    pub fn multiple_of(mut self, step: i64) -> Self {
+        self.step = Some(step);
         self
     }
     pub fn not_in_key(mut self) -> Self {

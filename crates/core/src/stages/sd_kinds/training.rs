@@ -61,7 +61,8 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             json!(512),
             "training image side (a multiple of 8)",
         )
-        .range(MIN_RESOLUTION, MAX_RESOLUTION),
+        .range(MIN_RESOLUTION, MAX_RESOLUTION)
+        .multiple_of(8),
         ParamSpec::optional(
             "center_crop",
             Bool,
