@@ -97,6 +97,11 @@ fn did_you_mean(word: &str, candidates: &[&str]) -> String {
     }
 }
 
+/// A diffusers folder, or a folder whose `model/` is one (a `textual_inversion` output).
+fn is_model_folder(path: &Path) -> bool {
+    path.join("model_index.json").is_file() || path.join("model/model_index.json").is_file()
+}
+
 fn too_many_stages(count: usize) -> String {
     format!(
         "the pipeline has {count} stages, over the limit of {MAX_TOTAL_STAGES}; split it into several pipelines"
@@ -757,6 +762,9 @@ impl Checker<'_> {
                             ""
                         };
                         self.stage_error(stage, spec.name, format!("input `{item}` does not exist{also} (paths are relative to the pipeline's folder)"));
+                        ok = false;
+                    } else if spec.model && !is_model_folder(&resolved) {
+                        self.stage_error(stage, spec.name, format!("`{item}` is not a model folder (no model_index.json in it or in its `model/`); give a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a stage that writes one"));
                         ok = false;
                     }
                     field_paths.push((item, resolved));

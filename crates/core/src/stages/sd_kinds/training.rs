@@ -47,7 +47,8 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             "model",
             ParamType::PathOrStageRef,
             "diffusers folder, or the stage that produced one (a `textual_inversion` stage: its `model/`)",
-        ),
+        )
+        .model_folder(),
         ParamSpec::optional(
             "seed",
             Integer,
