@@ -61,7 +61,37 @@ fn bad_headers_are_reported_with_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     let vs = VarStore::new(Device::Cpu);
     let _ = vs.root().zeros("w", &[2]);
-    let cases: [(&str, Vec<u8>, &str); 4] = [
+    let file_with = |header: &str, data: usize| {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, data));
+        bytes
+    };
+    let cases: [(&str, Vec<u8>, &str); 7] = [
+        (
+            "overflow.safetensors",
+            file_with(
+                r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4],"data_offsets":[0,0]}}"#,
+                0,
+            ),
+            "tensor 'w': shape [4294967296, 4294967296, 4] of F32 has a negative dimension or a byte size that overflows",
+        ),
+        (
+            "negative.safetensors",
+            file_with(
+                r#"{"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,0]}}"#,
+                0,
+            ),
+            "tensor 'w': shape [-2] of F32 has a negative dimension or a byte size that overflows",
+        ),
+        (
+            "integers.safetensors",
+            file_with(
+                r#"{"w":{"dtype":"I32","shape":[2],"data_offsets":[0,8]}}"#,
+                8,
+            ),
+            "tensor 'w' is stored as an integer dtype (I32) but the model needs a float tensor; the file does not hold this model's weights",
+        ),
         (
             "huge.safetensors",
             u64::MAX.to_le_bytes().to_vec(),
@@ -105,4 +135,23 @@ fn bad_headers_are_reported_with_the_file() {
             format!("{}: cannot read safetensors: {reason}", file.display())
         );
     }
+}
+
+#[test]
+fn a_full_disk_is_named_as_such_with_the_file() {
+    let tensors = [(
+        "w".to_string(),
+        Tensor::zeros([1024], (Kind::Float, Device::Cpu)),
+    )];
+    let full = std::path::Path::new("/dev/full");
+    assert_eq!(
+        dreampipe::sd::weights::write_safetensors(&tensors, full),
+        Err("no space left on device while writing /dev/full".to_string())
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("w.safetensors");
+    dreampipe::sd::weights::write_safetensors(&tensors, &file).unwrap();
+    let read = Tensor::read_safetensors(&file).unwrap();
+    assert_eq!(read.len(), 1);
+    assert!(read[0].1.equal(&tensors[0].1));
 }

@@ -47,6 +47,9 @@ pub enum TrainError {
     },
     #[error("{path}: {problem}")]
     Data { path: PathBuf, problem: String },
+    /// A failed write of a weights or state file (the message names the file).
+    #[error("{0}")]
+    Write(String),
     /// An image file or folder the shared image rules refuse (the message names the file).
     #[error("{0}")]
     Image(String),
