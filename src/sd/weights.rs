@@ -11,6 +11,10 @@ use tch::{Device, Kind, Tensor, nn, nn::VarStore};
 pub enum WeightsError {
     #[error("{file}: cannot read safetensors: {reason}")]
     Read { file: PathBuf, reason: String },
+    #[error(
+        "{problem} for {component} (the sizes in its config.json; try a smaller model, dtype f16/bf16, or fix the config)"
+    )]
+    Allocation { problem: String, component: String },
     /// A failed write, as [`write_error`] words it.
     #[error("{0}")]
     Write(String),
@@ -115,10 +119,30 @@ pub fn build_and_load<M>(
     rename: impl Fn(&str) -> Option<String>,
 ) -> Result<(VarStore, M), WeightsError> {
     let mut vs = VarStore::new(device);
-    let model = build(vs.root());
-    vs.set_kind(kind);
+    let model = allocating(file, || {
+        let model = build(vs.root());
+        vs.set_kind(kind);
+        model
+    })?;
     load_into(&vs, file, rename)?;
     Ok((vs, model))
+}
+
+/// Runs `build` (which allocates a model's parameters from its config's sizes), turning an
+/// allocation failure (a libtorch panic) into [`WeightsError::Allocation`] naming the component.
+pub fn allocating<T>(file: &Path, build: impl FnOnce() -> T) -> Result<T, WeightsError> {
+    dreampipe_core::panics::catch(build).map_err(|problem| WeightsError::Allocation {
+        problem,
+        component: component_name(file),
+    })
+}
+
+/// `unet` for `…/unet/diffusion_pytorch_model.safetensors`.
+fn component_name(file: &Path) -> String {
+    file.parent().and_then(|dir| dir.file_name()).map_or_else(
+        || file.display().to_string(),
+        |n| n.to_string_lossy().to_string(),
+    )
 }
 
 /// Largest safetensors JSON header accepted (the format's own reference reader refuses more).

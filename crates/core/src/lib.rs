@@ -9,6 +9,7 @@ pub mod cli;
 pub mod device;
 pub mod exec;
 pub mod imagefile;
+pub mod panics;
 pub mod pipeline;
 pub mod plan;
 pub mod png;

@@ -685,7 +685,12 @@ async fn compute(
             key: &stage_key,
             pipeline: &pipeline_name,
         };
-        let result = run_stage.kind.run(&context);
+        let result =
+            crate::panics::catch(|| run_stage.kind.run(&context)).unwrap_or_else(|problem| {
+                Err(StageError::Failed(format!(
+                    "{problem} (the stage panicked; RUST_BACKTRACE=1 shows where)"
+                )))
+            });
         if let Err(error) = &result {
             log.line(&format!("dreampipe: stage failed: {error}"));
         }
