@@ -534,3 +534,40 @@ fn a_link_to_a_file_inside_the_output_is_stored_as_a_copy() {
         "checked 1 object(s) and 1 result(s): 0 problem(s)"
     );
 }
+
+#[test]
+fn bit_rot_that_keeps_the_mtime_is_caught_by_run_verify() {
+    let (project, _) = two_stage_project();
+    let digest = blake3::hash(b"precious bytes").to_hex().to_string();
+    let object = project
+        .cache()
+        .join("objects")
+        .join(&digest[..2])
+        .join(&digest);
+    let mtime = std::fs::metadata(&object)
+        .expect("object")
+        .modified()
+        .expect("mtime");
+    let mut perms = std::fs::metadata(&object).expect("object").permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&object, perms).expect("chmod");
+    std::fs::write(&object, b"precious bytez").expect("flip");
+    let file = std::fs::File::options()
+        .write(true)
+        .open(&object)
+        .expect("open");
+    file.set_modified(mtime).expect("restore mtime");
+    drop(file);
+    // Same (device, inode, size, mtime): the cheap check trusts the memo, as documented.
+    assert_eq!(project.run("p.yaml", &[]).status("a"), "cached");
+    let verified = project.run("p.yaml", &["--verify"]);
+    assert!(verified.success(), "{}{}", verified.stdout, verified.stderr);
+    assert_eq!(verified.status("a"), "ran");
+    assert!(
+        verified.stderr.contains("file data.bin hashes to"),
+        "{}",
+        verified.stderr
+    );
+    assert_eq!(project.read("cache/runs/p/a/data.bin"), "precious bytes");
+}

@@ -127,6 +127,7 @@ fn run(
         let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
         let n = plan.len();
         let options = ExecOptions {
+            verify: false,
             jobs: 4,
             devices,
             selected: vec![true; n],

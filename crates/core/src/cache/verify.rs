@@ -112,12 +112,19 @@ fn quarantine(store: &Store, path: &Path, name: &str) -> Result<(), CacheError> 
 
 /// What a run checks before it reuses a result (cheap, every time): every recorded file is
 /// there, and its digest — from the hash memo while its (device, inode, size, mtime) is
-/// unchanged, else by rehashing it — is the recorded one. Returns the first problem.
-pub fn damage(store: &Store, memo: &HashMemo, record: &ResultRecord) -> Option<Damage> {
+/// unchanged, else by rehashing it — is the recorded one. Without a memo (`run --verify`)
+/// every file is rehashed. Returns the first problem.
+pub fn damage(store: &Store, memo: Option<&HashMemo>, record: &ResultRecord) -> Option<Damage> {
     let out = store.output_dir(&record.key);
     for (name, digest) in &record.files {
         let path = out.join(name);
-        let problem = match memo.hash_file(&path) {
+        let hashed = match memo {
+            Some(memo) => memo.hash_file(&path),
+            None => std::fs::metadata(&path)
+                .map_err(|e| CacheError::io("read", &path, e))
+                .and_then(|meta| hash_file_uncached(&path, meta.len())),
+        };
+        let problem = match hashed {
             Ok(actual) if actual == *digest => continue,
             Ok(actual) => format!("file {name} hashes to {actual}, not its recorded {digest}"),
             Err(_) => format!("file {name} is missing or unreadable"),

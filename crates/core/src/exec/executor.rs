@@ -34,6 +34,8 @@ pub struct ExecOptions {
     pub forced: Vec<bool>,
     /// With `--locked`: the expected keys and output digests.
     pub locked: Option<LockFile>,
+    /// With `--verify`: rehash every file of a reused result (else only changed files).
+    pub verify: bool,
 }
 
 /// What happened to a stage.
@@ -111,6 +113,7 @@ struct Shared {
     key_device: crate::device::Device,
     forced: Vec<bool>,
     locked: Option<LockFile>,
+    verify: bool,
     /// Shared locks on every result this run uses (found cached or committed), by key, held
     /// until the run ends, so `cache gc` cannot remove one before a downstream stage reads it.
     pins: Mutex<HashMap<String, KeyLock>>,
@@ -162,6 +165,7 @@ pub async fn execute(
         key_device: devices[0],
         forced: options.forced.clone(),
         locked: options.locked.clone(),
+        verify: options.verify,
         pins: Mutex::new(HashMap::new()),
     });
     let active = active_stages(&plan, &options.selected);
@@ -478,7 +482,9 @@ async fn reuse(
         return Ok(None);
     };
     let (store, memo, checked) = (shared.store.clone(), shared.memo.clone(), found.clone());
-    if let Some(damage) = blocking(move || verify::damage(&store, &memo, &checked)).await? {
+    let memo = (!shared.verify).then_some(memo);
+    let check = move || verify::damage(&store, memo.as_deref(), &checked);
+    if let Some(damage) = blocking(check).await? {
         let id = &shared.plan.pipeline.stages[index].id;
         let _ = shared.events.send(Event::Warning {
             id: id.clone(),

@@ -45,7 +45,7 @@ pub fn assess(
                 let found = store.lookup(&key);
                 let damage = found
                     .as_ref()
-                    .and_then(|record| crate::cache::verify::damage(store, memo, record));
+                    .and_then(|record| crate::cache::verify::damage(store, Some(memo), record));
                 match found {
                     Some(_) if let Some(damage) = damage => Status::Dirty {
                         key,
