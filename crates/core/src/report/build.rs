@@ -502,6 +502,25 @@ mod tests {
     }
 
     #[test]
+    fn a_listed_image_reached_through_a_link_out_of_the_output_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output = dir.path().join("out");
+        std::fs::create_dir_all(output.join("samples")).expect("mkdir");
+        std::os::unix::fs::symlink(dir.path(), output.join("up")).expect("link");
+        std::fs::write(dir.path().join("x.png"), "outside").expect("write");
+        let list = output.join("report.json");
+        let text = r#"{"images": [{"path": "samples/a.png", "caption": "a", "step": null}, {"path": "up/x.png", "caption": "x", "step": null}]}"#;
+        std::fs::write(&list, text).expect("write");
+        assert_eq!(
+            listed_images(&list, &output).err(),
+            Some(format!(
+                "{}: image path `up/x.png` leads outside the stage's output folder (a symbolic link)",
+                list.display()
+            ))
+        );
+    }
+
+    #[test]
     fn record_names_order_by_start_then_pid() {
         assert_eq!(
             record_order(Path::new("r/1700000000-42.json")),
