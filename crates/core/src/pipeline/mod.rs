@@ -71,7 +71,7 @@ impl fmt::Display for PipelineError {
 impl std::error::Error for PipelineError {}
 
 /// One axis value of a sweep: which stage declared it, the field and its display text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Coord {
     pub origin: String,
     pub field: String,
