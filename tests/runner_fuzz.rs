@@ -135,12 +135,13 @@ proptest! {
         let value = if as_list { serde_json::json!([value]) } else { serde_json::json!(value) };
         let text = serde_json::json!({ key: value }).to_string();
         let file = Path::new("m/config.json");
-        for result in [UNetConfig::from_json_str(&text, file).err().map(|e| e.to_string()),
-                       VaeConfig::from_json_str(&text, file).err().map(|e| e.to_string())] {
-            if let Some(message) = result {
-                prop_assert!(message.starts_with("m/config.json: "), "{}", message);
-                prop_assert!(!message.contains('\n'), "{}", message);
-            }
+        let errors = [
+            UNetConfig::from_json_str(&text, file).err().map(|e| e.to_string()),
+            VaeConfig::from_json_str(&text, file).err().map(|e| e.to_string()),
+        ];
+        for message in errors.into_iter().flatten() {
+            prop_assert!(message.starts_with("m/config.json: "), "{}", message);
+            prop_assert!(!message.contains('\n'), "{}", message);
         }
     }
 }
