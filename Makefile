@@ -7,7 +7,7 @@ $(error libtorch setup failed (see the setup-libtorch message above))
 endif
 export LIBTORCH := $(LIBTORCH_DIR)
 
-.PHONY: demo test build libtorch lint
+.PHONY: demo test test-kernels build libtorch lint
 
 libtorch:
 	@echo "libtorch: $(LIBTORCH)"
@@ -20,9 +20,24 @@ build: libtorch
 demo: build
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} ./target/release/dreampipe --device cpu run pipelines/demo.yaml
 
+# The whole suite, every failure reported (not just the first failing test binary); exits
+# non-zero if anything failed.
 test: libtorch
 	scripts/setup-chromium.sh
-	cargo test
+	cargo test --no-fail-fast
+
+# The tests that compare with goldens made on another CPU, again under ATen's other CPU kernel
+# sets (ATEN_CPU_CAPABILITY; an older CPU picks `default` or `avx2` by itself). CI runs it.
+GOLDEN_TESTS := sd2_goldens sd_pipeline sd_sample_cli sd_schedulers sd_text_encoder sd_unet \
+	sd_vae train_adamw8bit train_dreambooth train_loss train_optim train_textual_inversion
+KERNEL_SETS := default avx2
+test-kernels: libtorch
+	@failed=""; for capability in $(KERNEL_SETS); do \
+	  echo "== golden tests under ATEN_CPU_CAPABILITY=$$capability"; \
+	  ATEN_CPU_CAPABILITY=$$capability cargo test --no-fail-fast \
+	    $(addprefix --test ,$(GOLDEN_TESTS)) || failed="$$failed $$capability"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "golden tests failed under:$$failed"; exit 1; fi
 
 lint: libtorch
 	cargo fmt --check

@@ -1,17 +1,20 @@
 //! Puts libtorch's library folder on the rpath of every binary, test and doctest, so nobody has
 //! to export LD_LIBRARY_PATH (torch-sys announces the folder as `DEP_TCH_LIBTORCH_LIB`), and
-//! compiles csrc/adamw.cpp (AdamW updates tch 0.24 cannot express) against libtorch's headers.
+//! compiles the C++ shims (csrc/: AdamW updates and the autocast switch, which tch 0.24 cannot
+//! express) against libtorch's headers.
 use std::path::PathBuf;
 
-/// The C++ AdamW shim used by src/sd/train/aten_adamw.rs.
-const SHIM_SOURCE: &str = "csrc/adamw.cpp";
+/// The C++ shims: AdamW for src/sd/train/aten_adamw.rs, autocast for src/sd/autocast.rs.
+const SHIM_SOURCES: [&str; 2] = ["csrc/adamw.cpp", "csrc/autocast.cpp"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_INCLUDE");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    println!("cargo:rerun-if-changed={SHIM_SOURCE}");
+    for source in SHIM_SOURCES {
+        println!("cargo:rerun-if-changed={source}");
+    }
     let lib_dir = std::env::var("DEP_TCH_LIBTORCH_LIB").ok();
     if let Some(lib_dir) = &lib_dir {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
@@ -32,14 +35,14 @@ fn libtorch_root(lib_dir: Option<&str>) -> Option<PathBuf> {
 fn compile_shim(lib_dir: Option<&str>) {
     let Some(root) = libtorch_root(lib_dir) else {
         panic!(
-            "cannot find libtorch's headers for {SHIM_SOURCE}: set LIBTORCH to the libtorch folder (as for torch-sys)"
+            "cannot find libtorch's headers for {SHIM_SOURCES:?}: set LIBTORCH to the libtorch folder (as for torch-sys)"
         );
     };
     let include = root.join("include");
     // torch-sys's default when LIBTORCH_CXX11_ABI is unset (libtorch 2.x is built with it).
     let cxx11_abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
     let mut build = cc::Build::new();
-    build.cpp(true).file(SHIM_SOURCE);
+    build.cpp(true).files(SHIM_SOURCES);
     // -isystem: libtorch's own headers are not ours to keep warning-free.
     for dir in [include.clone(), include.join("torch/csrc/api/include")] {
         build.flag("-isystem").flag(dir.display().to_string());
@@ -48,5 +51,5 @@ fn compile_shim(lib_dir: Option<&str>) {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11_abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
-        .compile("dreampipe_adamw");
+        .compile("dreampipe_shims");
 }

@@ -149,15 +149,21 @@ class DreamBoothTrainer:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         device = args.device
+        # accelerate --mixed_precision bf16: frozen modules (and so latents and noise) in bf16,
+        # trained modules in float32 under autocast with float32 outputs.
+        self.weight_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+        self.mixed_precision = args.mixed_precision
         tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
         self.text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder").to(device)
         self.vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device)
         self.unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet").to(device)
         self.noise_scheduler = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")
         self.vae.requires_grad_(False)
+        self.vae.to(dtype=self.weight_dtype)
         self.train_text_encoder = args.train_text_encoder
         if not args.train_text_encoder:
             self.text_encoder.requires_grad_(False)
+            self.text_encoder.to(dtype=self.weight_dtype)
         self.unet.train()
         if args.train_text_encoder:
             self.text_encoder.train()
@@ -180,8 +186,19 @@ class DreamBoothTrainer:
         ).input_ids.to(device)
         torch.manual_seed(0)
         shape = (1, 3, args.resolution, args.resolution)
-        self.pixel_values = (torch.rand(shape) * 2.0 - 1.0).to(device)
+        self.pixel_values = (torch.rand(shape) * 2.0 - 1.0).to(device).to(self.weight_dtype)
         self.device = device
+
+    def trained_forward(self, module, *inputs):
+        """A prepared (trained) module's forward: under autocast with mixed precision."""
+        import torch
+
+        if self.mixed_precision == "no":
+            return module(*inputs, return_dict=False)[0]
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        with torch.autocast(device_type, dtype=self.weight_dtype):
+            output = module(*inputs, return_dict=False)[0]
+        return output.float()
 
     def step(self, phases):
         """One optimizer step; returns the loss and adds each part's seconds to `phases`."""
@@ -196,9 +213,12 @@ class DreamBoothTrainer:
         timesteps = torch.randint(0, train_steps, (1,), device=model_input.device).long()
         noisy = self.noise_scheduler.add_noise(model_input, noise, timesteps)
         lap.add_to(phases, PHASES[0])
-        hidden = self.text_encoder(self.input_ids, attention_mask=None, return_dict=False)[0]
+        if self.train_text_encoder:
+            hidden = self.trained_forward(self.text_encoder, self.input_ids)
+        else:
+            hidden = self.text_encoder(self.input_ids, return_dict=False)[0]
         lap.add_to(phases, PHASES[1])
-        prediction = self.unet(noisy, timesteps, hidden, return_dict=False)[0]
+        prediction = self.trained_forward(self.unet, noisy, timesteps, hidden)
         loss = F.mse_loss(prediction.float(), noise.float(), reduction="mean")
         lap.add_to(phases, PHASES[2])
         loss.backward()
@@ -259,10 +279,11 @@ def dreambooth(args):
         "impl": "diffusers",
         "model": args.label,
         "device": args.device,
-        "dtype": "Float",
+        "dtype": "bf16 autocast" if args.mixed_precision == "bf16" else "Float",
         "resolution": args.resolution,
         "batch": 1,
         "train_text_encoder": args.train_text_encoder,
+        "mixed_precision": args.mixed_precision,
         "steps": args.steps,
         "threads": args.threads,
         "load_s": round(load_s, 4),
@@ -330,6 +351,7 @@ def parse_args(argv):
     train.add_argument("--resolution", type=int, default=512)
     train.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     train.add_argument("--train-text-encoder", action="store_true")
+    train.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
 
     scaled = verbs.add_parser("make-scaled")
     scaled.add_argument("--source", required=True, help="an SD diffusers folder (sd15)")

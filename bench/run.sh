@@ -19,7 +19,9 @@
 # busy machine two OpenMP threads wait on each other at every op and the times swing by 5-10x,
 # one thread gives stable ratios; use BENCH_THREADS=$(nproc) on an idle machine), BENCH_MODELS,
 # BENCH_OUT, BENCH_ONLY (space-separated case names to run, e.g. "tiny-txt2img"; default all:
-# tiny-txt2img sd15-txt2img tiny-dreambooth sd15half-dreambooth runner), BENCH_REPEAT (runs of
+# tiny-txt2img sd15-txt2img tiny-dreambooth sd15half-dreambooth dreambooth-bf16 runner;
+# dreambooth-bf16 = the two DreamBooth cases with `--mixed-precision bf16` on both sides, i.e.
+# autocast for the trained modules), BENCH_REPEAT (runs of
 # each case per side, alternating; the table shows each side's fastest run; default 1),
 # PYTHON (for the venv). Once the venv, the build and the models exist, the cases take about
 # 6 minutes with 1 thread on a quiet 2-core machine (6 min 19 s measured on 2026-11-26),
@@ -31,7 +33,7 @@ THREADS=${BENCH_THREADS:-1}
 MODELS=${BENCH_MODELS:-$ROOT/bench/.models}
 OUT=${BENCH_OUT:-$ROOT/bench/out}
 VENV=$ROOT/bench/.venv
-ONLY=${BENCH_ONLY:-tiny-txt2img sd15-txt2img tiny-dreambooth sd15half-dreambooth runner}
+ONLY=${BENCH_ONLY:-tiny-txt2img sd15-txt2img tiny-dreambooth sd15half-dreambooth dreambooth-bf16 runner}
 REPEAT=${BENCH_REPEAT:-1}
 export LIBTORCH=${LIBTORCH:-$HOME/.cache/dreampipe/libtorch-2.11.0-cpu}
 # Pin every thread pool both libraries might use to the same count.
@@ -149,6 +151,12 @@ main() {
     if wanted sd15half-dreambooth; then
         both dreambooth --model "$SD15_HALF" --label sd15-half --resolution 256 --steps 2
         both dreambooth --model "$SD15_HALF" --label sd15-half --resolution 256 --steps 2 --train-text-encoder
+    fi
+    if wanted dreambooth-bf16; then
+        for te in "" --train-text-encoder; do
+            both dreambooth --model "$TINY" --label tiny --resolution 64 --steps 10 --mixed-precision bf16 $te
+            both dreambooth --model "$SD15_HALF" --label sd15-half --resolution 256 --steps 2 --mixed-precision bf16 $te
+        done
     fi
     if wanted sd15-txt2img; then
         both txt2img --model "$SD15" --label sd15 --size 256 --batch 4 --steps 2 --warmup-steps 1

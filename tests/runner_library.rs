@@ -12,14 +12,67 @@ use dreampipe::stages::{
 };
 use serde_json::json;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-/// A stand-in for a training stage: GPU class, numeric params, a model input.
+/// A stand-in for a training stage: GPU class, numeric params, a model input. It records when
+/// each stage ran; with `meet == 2` the first two `db` variants to start wait for each other
+/// (a rendezvous, not a sleep), so two device slots are observed at once however loaded the
+/// machine is.
 struct FakeTrain {
-    running: AtomicUsize,
-    max_running: AtomicUsize,
+    meet: usize,
+    rendezvous: Mutex<Rendezvous>,
+    arrived: Condvar,
+    intervals: Mutex<Vec<(String, Instant, Instant)>>,
+}
+
+#[derive(Default)]
+struct Rendezvous {
+    running: usize,
+    db_arrivals: usize,
+}
+
+/// How long a `db` variant waits for its partner before giving up (a broken executor that
+/// never runs two at once then fails the test instead of hanging it).
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl FakeTrain {
+    fn start(&self, stage_id: &str) {
+        let mut state = self.rendezvous.lock().expect("rendezvous");
+        state.running += 1;
+        self.arrived.notify_all();
+        if !stage_id.starts_with("db") {
+            return;
+        }
+        state.db_arrivals += 1;
+        if state.db_arrivals > self.meet {
+            return;
+        }
+        let (_state, _timeout) = self
+            .arrived
+            .wait_timeout_while(state, RENDEZVOUS_TIMEOUT, |s| s.running < self.meet)
+            .expect("rendezvous");
+    }
+
+    fn finish(&self, stage_id: &str, started: Instant) {
+        self.rendezvous.lock().expect("rendezvous").running -= 1;
+        let interval = (stage_id.to_string(), started, Instant::now());
+        self.intervals.lock().expect("intervals").push(interval);
+    }
+
+    /// The largest number of recorded stage intervals that overlap in time.
+    fn max_overlap(&self) -> usize {
+        let intervals = self.intervals.lock().expect("intervals");
+        let others_running_at = |i: usize, at: &Instant| {
+            (intervals.iter().enumerate())
+                .filter(|(j, (_, s, e))| *j != i && s <= at && at < e)
+                .count()
+        };
+        (intervals.iter().enumerate())
+            .map(|(i, (_, start, _))| 1 + others_running_at(i, start))
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 impl Stage for FakeTrain {
@@ -52,9 +105,8 @@ impl Stage for FakeTrain {
         ]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
-        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
-        self.max_running.fetch_max(now, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(150));
+        let started = Instant::now();
+        self.start(ctx.stage_id);
         let steps = ctx.i64_param("steps").unwrap_or(0) as u64;
         ctx.progress.step_with_metric(steps, steps, "loss", 0.25);
         let model = ctx.input_paths("model")[0].to_path_buf();
@@ -70,15 +122,22 @@ impl Stage for FakeTrain {
         );
         std::fs::write(ctx.out_dir.join("weights.txt"), text)
             .map_err(|e| StageError::io("write", ctx.out_dir, e))?;
-        self.running.fetch_sub(1, Ordering::SeqCst);
+        self.finish(ctx.stage_id, started);
         Ok(())
     }
 }
 
 fn fake_registry() -> (Registry, Arc<FakeTrain>) {
+    fake_registry_meeting(1)
+}
+
+/// A registry whose first `meet` `db` variants wait for each other before running.
+fn fake_registry_meeting(meet: usize) -> (Registry, Arc<FakeTrain>) {
     let train = Arc::new(FakeTrain {
-        running: AtomicUsize::new(0),
-        max_running: AtomicUsize::new(0),
+        meet,
+        rendezvous: Mutex::new(Rendezvous::default()),
+        arrived: Condvar::new(),
+        intervals: Mutex::new(Vec::new()),
     });
     (registry().with(train.clone()), train)
 }
@@ -160,8 +219,10 @@ struct SweepRun {
     events: Vec<Event>,
 }
 
+/// Runs the sweep on `devices`; with two or more, the first two `db` variants meet (see
+/// [`FakeTrain`]).
 fn run_sweep(dir: &Path, devices: Vec<dreampipe::device::Device>) -> SweepRun {
-    let (registry, train) = fake_registry();
+    let (registry, train) = fake_registry_meeting(devices.len().min(2));
     let store = Store::open(&dir.join("cache")).expect("store");
     let (record, events) = run(
         Plan::new(load_sweep(dir, registry.clone())),
@@ -227,7 +288,7 @@ fn gpu_stages_take_one_slot_per_device_and_report_progress() {
     } = run_sweep(dir.path(), vec![dreampipe::device::Device::Cpu]);
     assert!(record.success);
     assert_eq!(
-        train.max_running.load(Ordering::SeqCst),
+        train.max_overlap(),
         1,
         "one GPU stage at a time on one device"
     );
@@ -262,7 +323,7 @@ fn gpu_stages_take_one_slot_per_device_and_report_progress() {
             .collect::<Vec<_>>()
     );
     assert_eq!(
-        train2.max_running.load(Ordering::SeqCst),
+        train2.max_overlap(),
         2,
         "two devices: two independent GPU stages at once"
     );

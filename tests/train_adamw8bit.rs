@@ -9,9 +9,15 @@ use dreampipe::sd::train::optim::{AdamW, AdamWConfig};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
+mod sd_support;
+
 const FIXTURE: &str = "tests/fixtures/train/adamw8bit.safetensors";
 /// Goldens tolerance asked for the training building blocks (measured max |diff| on CPU: 0).
 const ATOL: f64 = 1e-6;
+/// The dynamic quantization maps come from ATen's vectorized linspace. Measured against
+/// bitsandbytes' on an Intel Xeon (AVX-512): 0 ULPs with ATen's `avx512` and `avx2` kernels,
+/// 2 with `default`.
+const QMAP_ULPS: u64 = 8;
 
 fn goldens() -> HashMap<String, Tensor> {
     Tensor::read_safetensors(FIXTURE)
@@ -49,8 +55,14 @@ fn config() -> AdamWConfig {
 #[test]
 fn dynamic_maps_equal_bitsandbytes() {
     let g = goldens();
-    assert!(create_dynamic_map(true).equal(&g["qmap_signed"]));
-    assert!(create_dynamic_map(false).equal(&g["qmap_unsigned"]));
+    let (signed, unsigned) = (&g["qmap_signed"], &g["qmap_unsigned"]);
+    sd_support::assert_within_ulps("signed map", &create_dynamic_map(true), signed, QMAP_ULPS);
+    sd_support::assert_within_ulps(
+        "unsigned map",
+        &create_dynamic_map(false),
+        unsigned,
+        QMAP_ULPS,
+    );
 }
 
 #[test]

@@ -639,3 +639,189 @@ fn bf16_frozen_modules_8bit_adam_accumulation_offset_noise_and_cached_latents_ru
     assert!(unet.values().all(|t| t.kind() == Kind::Float));
     StableDiffusion::load(&config.output_dir, Device::Cpu, Kind::Float).unwrap();
 }
+
+/// The bf16 mixed-precision goldens (tests/fixtures/train/make_mixed_precision_goldens.py).
+const MIXED_PRECISION_FIXTURES: &str = "tests/fixtures/train/mixed_precision";
+
+fn mixed_precision_goldens() -> (HashMap<String, Tensor>, serde_json::Value) {
+    let json = std::fs::read_to_string(format!("{MIXED_PRECISION_FIXTURES}.json")).unwrap();
+    let tensors = tensors(Path::new(&format!(
+        "{MIXED_PRECISION_FIXTURES}.safetensors"
+    )));
+    (tensors, serde_json::from_str(&json).unwrap())
+}
+
+/// `‖found − expected‖ / ‖expected‖`.
+fn relative_l2(found: &Tensor, expected: &Tensor) -> f64 {
+    let found = found.to_kind(Kind::Double);
+    let expected = expected.to_kind(Kind::Double);
+    (&found - &expected).norm().double_value(&[]) / expected.norm().double_value(&[])
+}
+
+/// bf16 keeps 8 significant bits. On the machine that made the golden (Intel Xeon, ATen's
+/// avx512 kernels) the step is bit-identical to diffusers up to the loss (same libtorch ops
+/// under the same autocast policy): loss and gradients equal, updates 8e-7 (relative L2), the
+/// loss after the step 5e-5. With ATen's `default` / `avx2` kernels the bf16 roundings differ:
+/// loss 9e-5, gradients up to 7.3e-3 (relative L2), and a first AdamW step, which moves each
+/// weight by ±lr from the gradient's sign, flips for gradients near zero: updates up to 5.9e-2
+/// (relative L2; a missing or wrong step is 1 or more).
+const BF16_LOSS_RTOL: f64 = 1e-3;
+const BF16_GRAD_RTOL: f64 = 2e-2;
+const BF16_UPDATE_RTOL: f64 = 0.2;
+
+/// diffusers' train_dreambooth.py with `--mixed_precision bf16`: the trained UNet and text
+/// encoder keep float32 weights and run under CPU autocast; latents and noise are bf16.
+#[test]
+fn a_bf16_autocast_step_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (golden, json) = mixed_precision_goldens();
+    let inputs = tensors(&Path::new(FIXTURES).join("dreambooth.safetensors"));
+    let mut config = golden_config(dir.path());
+    config.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
+    let mut trainer = DreamBoothTrainer::new(&config, 2).unwrap();
+    let batch = || StepBatch {
+        latents: inputs["latents"].to_kind(Kind::BFloat16),
+        noise: inputs["noise"].to_kind(Kind::BFloat16),
+        timesteps: inputs["timesteps"].shallow_clone(),
+        input_ids: inputs["input_ids"].shallow_clone(),
+    };
+    let loss = trainer.accumulate_gradients(&[batch()]).unwrap();
+    report_and_assert_rel(
+        "bf16 loss",
+        loss,
+        scalar(&golden["db.loss_step1"]),
+        BF16_LOSS_RTOL,
+    );
+    let unet = trainer.unet_store().variables();
+    let text = trainer.text_encoder_store().variables();
+    let to_q = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight";
+    for (name, found) in [
+        ("unet.conv_out.weight", unet["conv_out.weight"].grad()),
+        (&format!("unet.{to_q}"), unet[to_q].grad()),
+        (
+            "text_encoder.token_embedding",
+            text["text_model.embeddings.token_embedding.weight"].grad(),
+        ),
+    ] {
+        let error = relative_l2(&found, &golden[&format!("db.grad.{name}")]);
+        println!("bf16 grad {name}: relative L2 {error:e}");
+        assert!(
+            error <= BF16_GRAD_RTOL,
+            "grad {name}: relative L2 {error:e}"
+        );
+    }
+    let before: Vec<Tensor> = [&unet["conv_out.weight"], &unet[to_q]]
+        .map(|t| t.detach().copy())
+        .into();
+    let norm = trainer
+        .apply_gradients(json["dreambooth"]["lr"].as_f64().unwrap())
+        .unwrap();
+    let expected_norm = json["dreambooth"]["grad_norm_before_clip"]
+        .as_f64()
+        .unwrap();
+    report_and_assert_rel("bf16 grad norm", norm, expected_norm, BF16_GRAD_RTOL);
+    // The update itself (after − before), not the weights: a missing or wrong step shows.
+    for (name, before) in ["conv_out.weight", to_q].iter().zip(&before) {
+        let expected = &golden[&format!("db.after.unet.{name}")] - before;
+        let error = relative_l2(&(&unet[*name] - before), &expected);
+        println!("bf16 update of {name}: relative L2 {error:e}");
+        assert!(error <= BF16_UPDATE_RTOL, "{name}: relative L2 {error:e}");
+    }
+    let after = tch::no_grad(|| trainer.batch_loss(&batch()).unwrap().double_value(&[]));
+    let expected = scalar(&golden["db.loss_after_step1"]);
+    report_and_assert_rel("bf16 loss after step 1", after, expected, BF16_LOSS_RTOL);
+}
+
+fn report_and_assert_rel(name: &str, found: f64, expected: f64, rtol: f64) {
+    println!("{name}: {found} vs {expected}");
+    assert_rel(name, found, expected, rtol);
+}
+
+/// fp16 loss scaling in a real step (driven here on the CPU with bf16 autocast and a crafted
+/// scaler): a scale that makes the gradients non-finite (an infinite one, so the test does not
+/// depend on how large this model's gradients are) skips the update, counts the skip and holds
+/// the lr schedule, as accelerate does; the next finite step updates with the schedule's first
+/// learning rate.
+#[test]
+fn an_overflowing_loss_scale_skips_the_update_and_holds_the_schedule() {
+    use dreampipe::sd::train::grad_scaler::{GradScaler, GradScalerState};
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = tensors(&Path::new(FIXTURES).join("dreambooth.safetensors"));
+    let mut config = golden_config(dir.path());
+    config.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
+    config.lr_scheduler = "linear".to_string();
+    config.lr_warmup_steps = 0;
+    let mut trainer = DreamBoothTrainer::new(&config, 4).unwrap();
+    let batch = || StepBatch {
+        latents: inputs["latents"].to_kind(Kind::BFloat16),
+        noise: inputs["noise"].to_kind(Kind::BFloat16),
+        timesteps: inputs["timesteps"].shallow_clone(),
+        input_ids: inputs["input_ids"].shallow_clone(),
+    };
+    trainer
+        .precision_mut()
+        .set_grad_scaler(GradScaler::new(f64::INFINITY, 2000));
+    let weight = trainer.unet_store().variables()["conv_out.weight"].shallow_clone();
+    let before = weight.detach().copy();
+    let skipped = trainer.train_step(&[batch()]).unwrap();
+    assert_eq!(skipped.skipped_steps, Some(1));
+    assert_eq!(skipped.lr, config.learning_rate);
+    assert!(weight.equal(&before), "a skipped step changed the weights");
+    let state = trainer.precision_mut().scaler_state().unwrap();
+    assert_eq!((state.scale, state.skipped_steps), (f64::INFINITY, 1));
+    trainer
+        .precision_mut()
+        .restore_scaler(Some(GradScalerState {
+            scale: 65536.0,
+            ..state
+        }));
+    let finite = trainer.train_step(&[batch()]).unwrap();
+    assert_eq!(finite.skipped_steps, Some(1));
+    assert_eq!(
+        finite.lr, config.learning_rate,
+        "the schedule did not advance"
+    );
+    assert!(!weight.equal(&before), "the finite step did not update");
+    assert_eq!(trainer.step(), 2);
+}
+
+/// Under bf16 autocast, the checkpointed backward recomputes each block in the autocast region
+/// its forward ran in: the same bf16 roundings, so the same gradients up to summation order.
+/// Measured on the tiny model over 2 steps: losses equal, UNet updates (trained − base) 4.7e-3
+/// from plain (relative L2; AdamW flips the sign of a few near-zero gradients). Recomputing
+/// outside autocast fails outright (bf16 activations meet float32 weights).
+const BF16_CHECKPOINTING_UPDATE_RTOL: f64 = 2e-2;
+
+#[test]
+fn bf16_gradient_checkpointing_trains_to_the_same_weights() {
+    let data = synthetic_data();
+    let (plain_out, checkpointed_out) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut plain = tiny_run_config(data.path(), plain_out.path(), 2);
+    plain.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
+    let mut checkpointed = tiny_run_config(data.path(), checkpointed_out.path(), 2);
+    checkpointed.mixed_precision = plain.mixed_precision;
+    checkpointed.gradient_checkpointing = true;
+    let plain_progress = run(&plain, &AtomicBool::new(false), None).unwrap();
+    let checkpointed_progress = run(&checkpointed, &AtomicBool::new(false), None).unwrap();
+    for (a, b) in plain_progress.iter().zip(&checkpointed_progress) {
+        println!("bf16 loss plain {} checkpointed {}", a.loss, b.loss);
+        assert_rel("bf16 checkpointed loss", b.loss, a.loss, BF16_LOSS_RTOL);
+    }
+    let file = "unet/diffusion_pytorch_model.safetensors";
+    let base = tensors(&Path::new(MODEL).join(file));
+    let a = tensors(&plain.output_dir.join(file));
+    let b = tensors(&checkpointed.output_dir.join(file));
+    let update = |weights: &HashMap<String, Tensor>| {
+        let deltas: Vec<Tensor> = (base.iter())
+            .map(|(name, t)| (&weights[name] - t).flatten(0, -1))
+            .collect();
+        Tensor::cat(&deltas, 0)
+    };
+    let error = relative_l2(&update(&b), &update(&a));
+    println!("bf16 checkpointing: UNet updates differ by {error:e} (relative L2)");
+    assert!(
+        error <= BF16_CHECKPOINTING_UPDATE_RTOL,
+        "updates differ by {error:e}"
+    );
+}

@@ -7,10 +7,17 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
+mod sd_support;
+
 const FIXTURES: &str = "tests/fixtures/train";
 /// Goldens tolerance asked for the training building blocks (clipping and the single-tensor
-/// AdamW kernel are in fact bit-identical to torch on CPU: max |diff| measured 0).
+/// AdamW kernel are bit-identical to torch with ATen's avx2/avx512 kernels on an Intel Xeon).
 const ATOL: f64 = 1e-6;
+/// The single-tensor AdamW kernel replays torch's ops one for one, but ATen's CPU kernel sets
+/// round its vectorized ops differently. Measured on an Intel Xeon (AVX-512): 0 ULPs from the
+/// golden with `avx512` and `avx2` (bit-identical), 16 with `default` (params; moments 15);
+/// an AMD EPYC with AVX-512 gave 1 ULP (issue #10).
+const SINGLE_TENSOR_ULPS: u64 = 64;
 
 fn goldens(file: &str) -> HashMap<String, Tensor> {
     Tensor::read_safetensors(Path::new(FIXTURES).join(file))
@@ -47,15 +54,32 @@ fn set_grad(param: &Tensor, grad: &Tensor) {
     (param * grad).sum(Kind::Float).backward();
 }
 
-/// Runs the three golden steps with `kernel`; returns the largest |diff| to torch over the
-/// parameters after every step and the final moments.
-fn golden_max_diff(kernel: AdamWKernel) -> f64 {
+/// How far a kernel's three golden steps end from torch's, over the parameters after every
+/// step and the final moments.
+struct GoldenDistance {
+    max_abs: f64,
+    max_ulps: u64,
+}
+
+impl GoldenDistance {
+    fn add(&mut self, name: &str, actual: &Tensor, expected: &Tensor) {
+        sd_support::report_golden_difference(name, actual, expected);
+        self.max_abs = self.max_abs.max(max_abs_diff(actual, expected));
+        self.max_ulps = self.max_ulps.max(sd_support::max_ulps(actual, expected));
+    }
+}
+
+/// Runs the three golden steps with `kernel` and measures the distance to torch.
+fn golden_distance(kernel: AdamWKernel) -> GoldenDistance {
     let g = goldens("adamw.safetensors");
     let params: Vec<Tensor> = (0..3)
         .map(|i| leaf(&g[&format!("param{i}.initial")]))
         .collect();
     let mut opt = AdamW::new(&params, golden_config()).with_kernel(kernel);
-    let mut worst: f64 = 0.0;
+    let mut worst = GoldenDistance {
+        max_abs: 0.0,
+        max_ulps: 0,
+    };
     for step in 0..3 {
         if step == 2 {
             opt.set_lr(0.005);
@@ -65,27 +89,39 @@ fn golden_max_diff(kernel: AdamWKernel) -> f64 {
         }
         opt.step().expect("AdamW step");
         for (i, p) in params.iter().enumerate() {
-            worst = worst.max(max_abs_diff(p, &g[&format!("step{step}.param{i}")]));
+            let name = format!("{kernel:?} step{step}.param{i}");
+            worst.add(&name, p, &g[&format!("step{step}.param{i}")]);
         }
     }
     for i in 0..3 {
         let (m, v) = opt.moments(i).expect("state after steps");
-        worst = worst.max(max_abs_diff(m, &g[&format!("final.exp_avg{i}")]));
-        worst = worst.max(max_abs_diff(v, &g[&format!("final.exp_avg_sq{i}")]));
+        worst.add(
+            &format!("{kernel:?} exp_avg{i}"),
+            m,
+            &g[&format!("final.exp_avg{i}")],
+        );
+        let name = format!("{kernel:?} exp_avg_sq{i}");
+        worst.add(&name, v, &g[&format!("final.exp_avg_sq{i}")]);
         assert_eq!(opt.step_count(i), 3);
     }
     worst
 }
 
 #[test]
-fn adamw_single_tensor_kernel_is_bit_identical_to_torch_over_three_steps_with_lr_change() {
-    assert_eq!(golden_max_diff(AdamWKernel::SingleTensor), 0.0);
+fn adamw_single_tensor_kernel_matches_torch_to_a_few_ulps_over_three_steps_with_lr_change() {
+    let distance = golden_distance(AdamWKernel::SingleTensor);
+    assert!(
+        distance.max_ulps <= SINGLE_TENSOR_ULPS,
+        "{} ULPs from torch (max |diff| {:e})",
+        distance.max_ulps,
+        distance.max_abs
+    );
 }
 
 #[test]
 fn adamw_fused_kernel_matches_torch_over_three_steps_with_lr_change() {
     // Measured 2.3e-10 (float rounding: one vectorized pass instead of separate ops).
-    let diff = golden_max_diff(AdamWKernel::Fused);
+    let diff = golden_distance(AdamWKernel::Fused).max_abs;
     assert!(diff <= ATOL, "max |diff| {diff}");
 }
 
@@ -370,4 +406,64 @@ fn goldens_at(path: impl AsRef<Path>) -> HashMap<String, Tensor> {
         .expect("fixture readable")
         .into_iter()
         .collect()
+}
+
+/// `torch.amp.GradScaler("cpu", growth_interval=3)` with plain SGD over a crafted gradient
+/// stream (tests/fixtures/train/mixed_precision.json): which steps are skipped (inf, NaN, and
+/// a finite gradient whose scaled value overflows float32), the scale after every update, and
+/// the parameters. Scales are powers of two, so scaling and unscaling are exact; the SGD update
+/// here rounds twice (torch's `add_(alpha=)` once), so parameters agree within one float32
+/// ULP at |p| < 2.
+#[test]
+fn grad_scaler_skips_backs_off_and_grows_as_torch_does() {
+    use dreampipe::sd::train::grad_scaler::GradScaler;
+    let text = std::fs::read_to_string("tests/fixtures/train/mixed_precision.json").unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let golden = &json["grad_scaler"];
+    let lr = golden["sgd_lr"].as_f64().unwrap();
+    let mut scaler = GradScaler::new(
+        golden["init_scale"].as_f64().unwrap(),
+        golden["growth_interval"].as_u64().unwrap(),
+    );
+    let param = Tensor::zeros([4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    let mut skipped = 0;
+    for (index, step) in golden["steps"].as_array().unwrap().iter().enumerate() {
+        let grads: Vec<f32> = (step["grads"].as_array().unwrap().iter())
+            .map(|g| g.as_str().unwrap().parse().unwrap())
+            .collect();
+        scaler
+            .scale_loss(&(&param * Tensor::from_slice(&grads)).sum(Kind::Float))
+            .backward();
+        let found_inf = scaler.unscale(&[param.shallow_clone()]);
+        assert_eq!(
+            found_inf,
+            step["found_inf"].as_bool().unwrap(),
+            "step {index}"
+        );
+        if !found_inf {
+            tch::no_grad(|| {
+                let update = param.grad() * -lr;
+                let _ = param.shallow_clone().g_add_(&update);
+            });
+        } else {
+            skipped += 1;
+        }
+        scaler.update(found_inf);
+        assert_eq!(
+            scaler.scale(),
+            step["scale_after"].as_f64().unwrap(),
+            "step {index}"
+        );
+        assert_eq!(scaler.skipped_steps(), skipped);
+        let expected: Vec<f32> = (step["param_after"].as_array().unwrap().iter())
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let difference = max_abs_diff(&param.detach(), &Tensor::from_slice(&expected));
+        assert!(
+            difference <= 2.4e-7,
+            "step {index}: params differ by {difference:e}"
+        );
+        let _ = param.grad().zero_();
+    }
+    assert_eq!(skipped, 3);
 }

@@ -8,6 +8,7 @@
 //! when this was written); `bench/diffusers_bench.py dreambooth` does the same in PyTorch.
 use super::txt2img::{device_name, synchronize};
 use super::{BenchError, Stamp, mean, peak_rss_mib, round4, seconds_since};
+use crate::sd::autocast::{self, Autocast};
 use crate::sd::clip::ClipTextModel;
 use crate::sd::folder::ModelFolder;
 use crate::sd::schedulers::SchedulerConfig;
@@ -44,6 +45,8 @@ pub struct DreamBoothBench {
     pub steps: usize,
     /// Train the text encoder too (`--train_text_encoder`).
     pub train_text_encoder: bool,
+    /// bf16 mixed precision (autocast for the trained modules).
+    pub mixed_precision: bool,
     pub threads: i32,
     pub device: Device,
 }
@@ -59,6 +62,7 @@ struct Trainer {
     input_ids: Tensor,
     pixel_values: Tensor,
     train_text_encoder: bool,
+    autocast: Option<Autocast>,
     /// Own the weights the modules view.
     _stores: Vec<VarStore>,
 }
@@ -97,10 +101,12 @@ pub fn run(bench: &DreamBoothBench) -> Result<Value, BenchError> {
         "impl": "dreampipe",
         "model": bench.label,
         "device": device_name(bench.device),
-        "dtype": "Float",
+        // The report pairs records by dtype: mixed precision is its own row.
+        "dtype": if bench.mixed_precision { "bf16 autocast" } else { "Float" },
         "resolution": bench.resolution,
         "batch": 1,
         "train_text_encoder": bench.train_text_encoder,
+        "mixed_precision": if bench.mixed_precision { "bf16" } else { "no" },
         "steps": bench.steps,
         "threads": bench.threads,
         "load_s": round4(load_s),
@@ -121,16 +127,24 @@ impl Trainer {
         let dir = &bench.model;
         let folder = ModelFolder::open(dir).map_err(|e| load_error(dir, "model folder", e))?;
         let device = bench.device;
+        let weight_kind = match bench.mixed_precision {
+            true => Kind::BFloat16,
+            false => Kind::Float,
+        };
+        let text_kind = match bench.train_text_encoder {
+            true => Kind::Float,
+            false => weight_kind,
+        };
         let tokenizer = ClipTokenizer::from_dir(&folder.tokenizer_dir())
             .map_err(|e| load_error(dir, "tokenizer", e))?;
         let (mut te_store, text_encoder) =
-            ClipTextModel::load(&folder.text_encoder_dir(), device, Kind::Float, None)
+            ClipTextModel::load(&folder.text_encoder_dir(), device, text_kind, None)
                 .map_err(|e| load_error(dir, "text encoder", e))?;
         let (unet_store, unet) =
             UNet2DConditionModel::load(&folder.unet_dir(), device, Kind::Float, None)
                 .map_err(|e| load_error(dir, "UNet", e))?;
         let (mut vae_store, vae) =
-            AutoencoderKL::load(&folder.vae_dir(), device, Kind::Float, None)
+            AutoencoderKL::load(&folder.vae_dir(), device, weight_kind, None)
                 .map_err(|e| load_error(dir, "VAE", e))?;
         vae_store.freeze();
         let config_file = folder.scheduler_dir().join("scheduler_config.json");
@@ -149,8 +163,9 @@ impl Trainer {
         let input_ids = Tensor::from_slice(&ids).unsqueeze(0).to_device(device);
         tch::manual_seed(0);
         let shape = [1, 3, bench.resolution, bench.resolution];
-        let pixel_values =
-            (Tensor::rand(shape, (Kind::Float, Device::Cpu)) * 2.0 - 1.0).to_device(device);
+        let pixel_values = (Tensor::rand(shape, (Kind::Float, Device::Cpu)) * 2.0 - 1.0)
+            .to_device(device)
+            .to_kind(weight_kind);
         Ok(Self {
             unet,
             vae,
@@ -161,6 +176,10 @@ impl Trainer {
             input_ids,
             pixel_values,
             train_text_encoder: bench.train_text_encoder,
+            autocast: (weight_kind != Kind::Float).then_some(Autocast {
+                device,
+                kind: weight_kind,
+            }),
             _stores: vec![te_store, unet_store, vae_store],
         })
     }
@@ -180,7 +199,7 @@ impl Trainer {
         phases.add(PHASES[0], lap.next(&noisy));
         let hidden = self.encode_prompt()?;
         phases.add(PHASES[1], lap.next(&hidden));
-        let prediction = self.unet.forward(&noisy, &timesteps, &hidden);
+        let prediction = self.under_autocast(|| self.unet.forward(&noisy, &timesteps, &hidden))?;
         let loss = loss::mse(
             &prediction.to_kind(Kind::Float),
             &noise.to_kind(Kind::Float),
@@ -200,13 +219,25 @@ impl Trainer {
     fn encode_prompt(&self) -> Result<Tensor, BenchError> {
         let forward = || self.text_encoder.forward(&self.input_ids);
         let output = if self.train_text_encoder {
-            forward()
+            self.under_autocast(forward)?
         } else {
             tch::no_grad(forward)
         };
-        output
+        let hidden = output
             .map(|o| o.last_hidden_state)
-            .map_err(|e| load_error(Path::new("text_encoder"), "prompt encoding", e))
+            .map_err(|e| load_error(Path::new("text_encoder"), "prompt encoding", e))?;
+        // accelerate converts a prepared module's outputs to float32.
+        Ok(match (self.train_text_encoder, self.autocast) {
+            (true, Some(_)) => hidden.to_kind(Kind::Float),
+            _ => hidden,
+        })
+    }
+
+    /// A trained module's forward: under autocast with mixed precision (as accelerate wraps
+    /// prepared modules).
+    fn under_autocast<T>(&self, forward: impl FnOnce() -> T) -> Result<T, BenchError> {
+        autocast::maybe(self.autocast, forward)
+            .map_err(|e| BenchError::Train(crate::sd::train::TrainError::Model(e)))
     }
 }
 

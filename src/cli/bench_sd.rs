@@ -50,6 +50,10 @@ pub struct DreamBoothArgs {
     /// Train the text encoder as well as the UNet.
     #[arg(long)]
     pub train_text_encoder: bool,
+    /// `bf16`: the trained modules under autocast, frozen ones and latents in bf16 (as
+    /// `accelerate --mixed_precision bf16`).
+    #[arg(long, value_parser = ["no", "bf16"], default_value = "no")]
+    pub mixed_precision: String,
     /// libtorch intra-op threads.
     #[arg(long, default_value_t = 2)]
     pub threads: i32,
@@ -80,6 +84,7 @@ pub fn run_dreambooth(context: &Context, args: &DreamBoothArgs) -> anyhow::Resul
         resolution: args.resolution,
         steps: args.steps,
         train_text_encoder: args.train_text_encoder,
+        mixed_precision: args.mixed_precision == "bf16",
         threads: args.threads,
         device: context.device,
     })?;

@@ -1,4 +1,5 @@
 //! Stable Diffusion on libtorch, matching Hugging Face diffusers numerically.
+pub mod autocast;
 pub mod clip;
 pub mod folder;
 pub mod init;

@@ -6,6 +6,7 @@
 //! position.
 use super::TrainError;
 use super::common::{Optimizer, io_error};
+use super::grad_scaler::GradScalerState;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
@@ -29,6 +30,9 @@ pub struct ResumeState {
     pub dataset_sizes: Vec<usize>,
     /// Learning rate of the last step (informational; None when cancelled before a step).
     pub lr: Option<f64>,
+    /// fp16 loss scaling: the scaler's state, so a resumed run scales and skips as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_scaler: Option<GradScalerState>,
 }
 
 /// A checkpoint found on disk.
@@ -210,6 +214,7 @@ mod tests {
             seed: 7,
             dataset_sizes: vec![3, 2],
             lr: Some(1e-4),
+            grad_scaler: None,
         }
     }
 
@@ -246,5 +251,34 @@ mod tests {
         )];
         restore_into(&found.dir, &saved, &target).unwrap();
         assert!(target[0].1.equal(&weight.detach()));
+    }
+
+    /// fp16 runs keep the loss scaler in `state.json`, so a resumed run scales, skips and
+    /// schedules as the uninterrupted one; older checkpoints without it still load.
+    #[test]
+    fn the_loss_scaler_state_survives_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let weight = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
+        let optimizer = Optimizer::new(
+            OptimizerKind::AdamW,
+            &[weight.shallow_clone()],
+            AdamWConfig::default(),
+        );
+        let scaler = GradScalerState {
+            scale: 16384.0,
+            growth_tracker: 17,
+            skipped_steps: 2,
+        };
+        let with_scaler = ResumeState {
+            grad_scaler: Some(scaler),
+            ..state(5)
+        };
+        let named = vec![("w".to_string(), weight)];
+        write(dir.path(), &with_scaler, &named, &optimizer, None).unwrap();
+        let found = latest(dir.path()).unwrap().unwrap();
+        assert_eq!(found.state.grad_scaler, Some(scaler));
+        let old = r#"{"method":"dreambooth","step":1,"seed":7,"dataset_sizes":[1],"lr":null}"#;
+        let parsed: ResumeState = serde_json::from_str(old).unwrap();
+        assert_eq!(parsed.grad_scaler, None);
     }
 }

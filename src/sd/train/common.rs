@@ -4,8 +4,10 @@
 //! timesteps, progress callbacks and the `metrics.jsonl` log.
 use super::TrainError;
 use super::adamw8bit::AdamW8bit;
+use super::grad_scaler::GradScaler;
 use super::loss::{self, PredictionType};
 use super::optim::{AdamW, AdamWConfig};
+use crate::sd::autocast::{self, Autocast};
 use crate::sd::rng::{self, GlobalRngGuard};
 use crate::sd::schedulers::{DdpmScheduler, SchedulerConfig};
 use crate::sd::unet::UNet2DConditionModel;
@@ -26,7 +28,9 @@ const SALT_TENSORS: u64 = 0x7465_6e73_6f72_7321;
 const SALT_SAMPLE: u64 = 0x7361_6d70_6c65_7321;
 const SALT_EPOCH: u64 = 0x6570_6f63_6873_2121;
 
-/// `--mixed_precision`: the dtype of the frozen modules (trainable weights stay float32).
+/// `--mixed_precision` as accelerate applies it: the frozen modules run in the lower precision;
+/// the trained modules keep float32 weights and run their forward (so their backward) under
+/// libtorch's autocast; fp16 also scales the loss ([`GradScaler`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MixedPrecision {
     No,
@@ -60,6 +64,17 @@ impl MixedPrecision {
                 problem: "fp16 needs a CUDA device; on CPU use 'bf16' or 'no'".to_string(),
             }),
         }
+    }
+
+    /// The autocast region the trained modules' forward runs in (None without mixed precision).
+    pub fn autocast(self, device: Device) -> Result<Option<Autocast>, TrainError> {
+        let kind = self.weight_kind(device)?;
+        Ok((kind != Kind::Float).then_some(Autocast { device, kind }))
+    }
+
+    /// fp16's dynamic loss scaling (torch.amp.GradScaler's defaults); bf16 needs none.
+    pub fn grad_scaler(self) -> Option<GradScaler> {
+        (self == Self::Fp16).then(GradScaler::default)
     }
 }
 
@@ -150,6 +165,8 @@ pub struct Progress {
     pub lr: f64,
     /// Global gradient norm before clipping (None where the loop does not clip).
     pub grad_norm: Option<f64>,
+    /// fp16 loss scaling: optimizer steps skipped so far for inf/NaN gradients (None without).
+    pub skipped_steps: Option<u64>,
 }
 
 /// How a training loop reports progress and learns that it should stop.
@@ -202,6 +219,8 @@ pub struct StepReport {
     pub loss: f64,
     pub grad_norm: Option<f64>,
     pub lr: f64,
+    /// Steps skipped so far by fp16 loss scaling (None without it).
+    pub skipped_steps: Option<u64>,
 }
 
 /// How the per-sample squared errors become the loss.
@@ -319,6 +338,8 @@ pub struct DiffusionModel<'a> {
     pub unet: &'a UNet2DConditionModel,
     /// The dtype of the UNet's weights (inputs are cast to it).
     pub unet_kind: Kind,
+    /// Autocast for the UNet's forward when it is trained under mixed precision.
+    pub autocast: Option<Autocast>,
     pub scheduler: &'a DdpmScheduler,
     pub prediction: PredictionType,
 }
@@ -334,11 +355,14 @@ pub fn diffusion_loss(
 ) -> Result<Tensor, TrainError> {
     let (noisy, timesteps) = noisy_latents(model, batch)?;
     let kind = model.unet_kind;
-    let pred = model.unet.forward(
-        &noisy.to_kind(kind),
-        &timesteps,
-        &encoder_hidden_states.to_kind(kind),
-    );
+    let pred = autocast::maybe(model.autocast, || {
+        model.unet.forward(
+            &noisy.to_kind(kind),
+            &timesteps,
+            &encoder_hidden_states.to_kind(kind),
+        )
+    })
+    .map_err(TrainError::Model)?;
     loss_from_prediction(model, batch, &pred, &timesteps).and_then(|parts| parts.combine(spec))
 }
 
@@ -479,6 +503,10 @@ impl MetricsLog {
             "lr": progress.lr,
             "grad_norm": progress.grad_norm.map(finite_or_null),
         });
+        let mut line = line;
+        if let Some(skipped) = progress.skipped_steps {
+            line["skipped_steps"] = skipped.into();
+        }
         let mut file = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.path)
@@ -537,6 +565,33 @@ pub fn total_steps(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_lines_count_skipped_steps_only_with_loss_scaling() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MetricsLog::open(dir.path(), 0).unwrap();
+        let progress = Progress {
+            step: 1,
+            total: 2,
+            loss: 0.5,
+            lr: 1e-4,
+            grad_norm: Some(f64::INFINITY),
+            skipped_steps: None,
+        };
+        log.append(&progress).unwrap();
+        log.append(&Progress {
+            step: 2,
+            skipped_steps: Some(1),
+            ..progress
+        })
+        .unwrap();
+        let text = std::fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
+        assert_eq!(
+            text,
+            "{\"grad_norm\":null,\"loss\":0.5,\"lr\":0.0001,\"step\":1}\n\
+             {\"grad_norm\":null,\"loss\":0.5,\"lr\":0.0001,\"skipped_steps\":1,\"step\":2}\n"
+        );
+    }
 
     #[test]
     fn every_epoch_visits_every_index_once_in_a_seeded_order() {

@@ -9,9 +9,7 @@
 //!   of one generator stream, so a resumed run is identical to an uninterrupted one;
 //! * `seed` defaults to 0 (diffusers: unseeded);
 //! * class images must already exist in `class_data_dir` (generate them with txt2img first);
-//! * mixed precision keeps the trainable modules in float32 and runs them in float32 (no
-//!   autocast); only the frozen modules (VAE, untrained text encoder) run in fp16/bf16.
-//!   fp16 needs CUDA; bf16 is allowed on CPU;
+//! * fp16 mixed precision needs CUDA (accelerate on a CPU does not autocast fp16 either);
 //! * `gradient_checkpointing` recomputes each UNet block in a second phase (see
 //!   `sd::unet::checkpointed`); the text encoder is not checkpointed;
 //! * min-SNR weighting uses the instance half's timesteps (diffusers would broadcast the full
@@ -27,6 +25,7 @@ use super::loss::PredictionType;
 use super::lr_schedule::LrSchedule;
 use super::optim::{AdamWConfig, clip_grad_norm};
 use super::output::{self, NewWeights};
+use super::precision::Precision;
 use crate::sd::clip::ClipTextModel;
 use crate::sd::folder::ModelFolder;
 use crate::sd::schedulers::{DdpmScheduler, SchedulerConfig};
@@ -216,6 +215,7 @@ pub struct DreamBoothTrainer {
     trainables: Vec<(String, Tensor)>,
     optimizer: Optimizer,
     schedule: LrSchedule,
+    precision: Precision,
     step: u64,
 }
 
@@ -300,8 +300,14 @@ impl DreamBoothTrainer {
             trainables,
             optimizer,
             schedule,
+            precision: Precision::new(config.mixed_precision, device)?,
             step: 0,
         })
+    }
+
+    /// Mixed precision: autocast of the trained modules and fp16 loss scaling.
+    pub fn precision_mut(&mut self) -> &mut Precision {
+        &mut self.precision
     }
 
     /// Optimizer steps done.
@@ -334,13 +340,16 @@ impl DreamBoothTrainer {
     /// [`accumulate_gradients`](Self::accumulate_gradients) then
     /// [`apply_gradients`](Self::apply_gradients) with this step's learning rate.
     pub fn train_step(&mut self, micro_batches: &[StepBatch]) -> Result<StepReport, TrainError> {
-        let lr = self.schedule.lr_at(self.step);
+        let lr = self
+            .schedule
+            .lr_at(self.precision.schedule_position(self.step));
         let loss = self.accumulate_gradients(micro_batches)?;
         let grad_norm = self.apply_gradients(lr)?;
         Ok(StepReport {
             loss,
             grad_norm: Some(grad_norm),
             lr,
+            skipped_steps: self.precision.skipped_steps(),
         })
     }
 
@@ -371,7 +380,7 @@ impl DreamBoothTrainer {
         let loss = self.batch_loss(batch)?;
         let value = loss.double_value(&[]);
         common::check_finite(value, self.step + 1)?;
-        (loss / count).backward();
+        self.precision.backward(&loss, count);
         Ok(value)
     }
 
@@ -381,28 +390,38 @@ impl DreamBoothTrainer {
         let hidden = self.encoder_hidden_states(batch)?;
         let model = self.diffusion_model();
         let (noisy, timesteps) = common::noisy_latents(&model, batch)?;
-        let run = self.unet.forward_checkpointed(&noisy, &timesteps, &hidden);
+        let autocast = self.precision.autocast();
+        let run = crate::sd::autocast::maybe(autocast, || {
+            self.unet.forward_checkpointed(&noisy, &timesteps, &hidden)
+        })
+        .map_err(TrainError::Model)?;
         let pred = run.output().detach().set_requires_grad(true);
         let loss = common::loss_from_prediction(&model, batch, &pred, &timesteps)?
             .combine(&self.loss_spec)?;
         let value = loss.double_value(&[]);
         common::check_finite(value, self.step + 1)?;
-        (loss / count).backward();
-        run.backward(&self.unet, &pred.grad(), &hidden);
+        self.precision.backward(&loss, count);
+        run.backward(&self.unet, &pred.grad(), &hidden, autocast)
+            .map_err(TrainError::Model)?;
         Ok(value)
     }
 
-    /// Clips the global grad norm over the trainable parameters to `max_grad_norm`, takes an
-    /// AdamW step with `lr`, zeroes the grads. Returns the norm before clipping.
+    /// Unscales fp16 gradients, clips the global grad norm over the trainable parameters to
+    /// `max_grad_norm`, takes an AdamW step with `lr` (skipped when fp16 scaling found an
+    /// inf/NaN gradient), zeroes the grads. Returns the norm before clipping.
     pub fn apply_gradients(&mut self, lr: f64) -> Result<f64, TrainError> {
         let params: Vec<Tensor> = self
             .trainables
             .iter()
             .map(|(_, t)| t.shallow_clone())
             .collect();
+        let found_inf = self.precision.unscale(&params);
         let grad_norm = clip_grad_norm(&params, self.max_grad_norm);
-        self.optimizer.set_lr(lr);
-        self.optimizer.step()?;
+        if !found_inf {
+            self.optimizer.set_lr(lr);
+            self.optimizer.step()?;
+        }
+        self.precision.update(found_inf);
         self.optimizer.zero_grad();
         self.step += 1;
         Ok(grad_norm)
@@ -417,18 +436,19 @@ impl DreamBoothTrainer {
     /// The text encoder's output for the batch's tokens (graph attached when it trains).
     fn encoder_hidden_states(&self, batch: &StepBatch) -> Result<Tensor, TrainError> {
         let ids = batch.input_ids.to_device(batch.latents.device());
-        let output = if self.train_text_encoder {
-            self.text_encoder.forward(&ids)
-        } else {
-            tch::no_grad(|| self.text_encoder.forward(&ids))
-        };
-        Ok(output.map_err(TrainError::model)?.last_hidden_state)
+        if !self.train_text_encoder {
+            let output = tch::no_grad(|| self.text_encoder.forward(&ids));
+            return Ok(output.map_err(TrainError::model)?.last_hidden_state);
+        }
+        self.precision
+            .forward(|| (self.text_encoder.forward(&ids)).map(|output| output.last_hidden_state))
     }
 
     fn diffusion_model(&self) -> DiffusionModel<'_> {
         DiffusionModel {
             unet: &self.unet,
             unet_kind: Kind::Float,
+            autocast: self.precision.autocast(),
             scheduler: &self.scheduler,
             prediction: self.prediction,
         }
@@ -578,7 +598,9 @@ impl DreamBoothData {
         };
         let _rng = common::seed_step_tensors(config.seed, step, micro);
         let epsilon = Tensor::randn(mean.size(), (Kind::Float, mean.device()));
-        let latents = (&mean + &std * epsilon) * trainer.vae.scaling_factor();
+        // In the weight dtype, as the script's VAE sample (and so its noise) is.
+        let latents =
+            ((&mean + &std * epsilon) * trainer.vae.scaling_factor()).to_kind(trainer.weight_kind);
         let (noise, timesteps) = common::draw_noise_and_timesteps(
             &latents,
             config.offset_noise,
@@ -631,6 +653,14 @@ impl TrainingMethod for Run<'_> {
 
     fn optimizer_mut(&mut self) -> &mut Optimizer {
         &mut self.trainer.optimizer
+    }
+
+    fn precision(&self) -> &Precision {
+        &self.trainer.precision
+    }
+
+    fn precision_mut(&mut self) -> &mut Precision {
+        &mut self.trainer.precision
     }
 
     fn write_model(&self, dir: &std::path::Path) -> Result<(), TrainError> {

@@ -5,6 +5,7 @@
 use super::TrainError;
 use super::checkpoint::{self, ResumeState};
 use super::common::{Callbacks, MetricsLog, Optimizer, Progress, StepReport};
+use super::precision::Precision;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
@@ -19,6 +20,8 @@ pub(crate) trait TrainingMethod {
     fn checkpoint_tensors(&self) -> Vec<(String, Tensor)>;
     fn optimizer(&self) -> &Optimizer;
     fn optimizer_mut(&mut self) -> &mut Optimizer;
+    fn precision(&self) -> &Precision;
+    fn precision_mut(&mut self) -> &mut Precision;
     /// Writes the current model as a complete diffusers folder into `dir`.
     fn write_model(&self, dir: &Path) -> Result<(), TrainError>;
     /// Draws the data of the next step and runs it.
@@ -79,6 +82,7 @@ pub(crate) fn run(
             loss: report.loss,
             lr: report.lr,
             grad_norm: report.grad_norm,
+            skipped_steps: report.skipped_steps,
         };
         metrics.append(&progress)?;
         (callbacks.on_progress)(&progress);
@@ -125,6 +129,9 @@ fn resume(
     let saved = found.weights()?;
     checkpoint::restore_into(&found.dir, &saved, &trainer.checkpoint_tensors())?;
     found.load_optimizer(trainer.optimizer_mut())?;
+    trainer
+        .precision_mut()
+        .restore_scaler(found.state.grad_scaler);
     trainer.set_step(found.state.step);
     Ok(Some(found.state.step))
 }
@@ -140,6 +147,7 @@ fn save(
         seed: settings.seed,
         dataset_sizes: settings.dataset_sizes.clone(),
         lr,
+        grad_scaler: trainer.precision().scaler_state(),
     };
     checkpoint::write(
         settings.work_dir,

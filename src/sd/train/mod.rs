@@ -10,10 +10,12 @@ pub mod common;
 pub mod data;
 pub mod dreambooth;
 mod driver;
+pub mod grad_scaler;
 pub mod loss;
 pub mod lr_schedule;
 pub mod optim;
 pub mod output;
+pub mod precision;
 mod state_io;
 pub mod textual_inversion;
 

@@ -81,7 +81,8 @@ pub enum AdamWKernel {
     #[default]
     Fused,
     /// torch's `_single_tensor_adam` (decoupled weight decay), what `torch.optim.AdamW()` runs
-    /// on CPU by default (`foreach=False`): bit-identical to torch 2.11 on CPU.
+    /// on CPU by default (`foreach=False`): bit-identical to torch 2.11 on the same CPU and
+    /// kernel set; a golden from another CPU is a few ULPs away (tests/train_optim.rs).
     SingleTensor,
 }
 

@@ -23,6 +23,7 @@ use super::loss::PredictionType;
 use super::lr_schedule::LrSchedule;
 use super::optim::AdamWConfig;
 use super::output::{self, NewWeights};
+use super::precision::Precision;
 use crate::sd::clip::ClipTextModel;
 use crate::sd::folder::ModelFolder;
 use crate::sd::schedulers::{DdpmScheduler, SchedulerConfig};
@@ -284,6 +285,7 @@ pub struct TextualInversionTrainer {
     original_embeddings: Tensor,
     optimizer: Optimizer,
     schedule: LrSchedule,
+    precision: Precision,
     step: u64,
 }
 
@@ -370,6 +372,7 @@ impl TextualInversionTrainer {
             placeholder_tokens,
             optimizer,
             schedule,
+            precision: Precision::new(config.mixed_precision, device)?,
             step: 0,
         })
     }
@@ -416,11 +419,13 @@ impl TextualInversionTrainer {
             .copy()
     }
 
-    /// One optimizer step over `micro_batches`: loss, `backward(loss / n)`, AdamW over the
-    /// embedding matrix (no clipping, as the script), zero grads, restore every non-placeholder
-    /// row bit for bit.
+    /// One optimizer step over `micro_batches`: loss, `backward(loss / n)` (fp16: scaled),
+    /// AdamW over the embedding matrix (no clipping, as the script; skipped when fp16 scaling
+    /// found an inf/NaN gradient), zero grads, restore every non-placeholder row bit for bit.
     pub fn train_step(&mut self, micro_batches: &[StepBatch]) -> Result<StepReport, TrainError> {
-        let lr = self.schedule.lr_at(self.step);
+        let lr = self
+            .schedule
+            .lr_at(self.precision.schedule_position(self.step));
         self.optimizer.set_lr(lr);
         let count = micro_batches.len().max(1) as f64;
         let mut total = 0.0;
@@ -431,10 +436,15 @@ impl TextualInversionTrainer {
                 self.optimizer.zero_grad();
                 return Err(error);
             }
-            (loss / count).backward();
+            self.precision.backward(&loss, count);
             total += value;
         }
-        self.optimizer.step()?;
+        let embedding = self.text_encoder.token_embedding().shallow_clone();
+        let found_inf = self.precision.unscale(&[embedding]);
+        if !found_inf {
+            self.optimizer.step()?;
+        }
+        self.precision.update(found_inf);
         self.optimizer.zero_grad();
         self.restore_other_rows();
         self.step += 1;
@@ -442,21 +452,26 @@ impl TextualInversionTrainer {
             loss: total / count,
             grad_norm: None,
             lr,
+            skipped_steps: self.precision.skipped_steps(),
         })
     }
 
-    /// The loss of one batch (textual_inversion.py: text encoder in float32, UNet in the
-    /// weight dtype, loss in float32).
+    /// Mixed precision: autocast of the text encoder and fp16 loss scaling.
+    pub fn precision_mut(&mut self) -> &mut Precision {
+        &mut self.precision
+    }
+
+    /// The loss of one batch (textual_inversion.py: text encoder with float32 weights, under
+    /// autocast with mixed precision; UNet in the weight dtype; loss in float32).
     pub fn batch_loss(&self, batch: &StepBatch) -> Result<Tensor, TrainError> {
         let ids = batch.input_ids.to_device(batch.latents.device());
         let hidden = self
-            .text_encoder
-            .forward(&ids)
-            .map_err(TrainError::model)?
-            .last_hidden_state;
+            .precision
+            .forward(|| (self.text_encoder.forward(&ids)).map(|output| output.last_hidden_state))?;
         let model = DiffusionModel {
             unet: &self.unet,
             unet_kind: self.weight_kind,
+            autocast: None,
             scheduler: &self.scheduler,
             prediction: self.prediction,
         };
@@ -562,7 +577,9 @@ impl TiData {
             trainer.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device));
         let _rng = common::seed_step_tensors(config.seed, step, micro);
         let epsilon = Tensor::randn(mean.size(), (Kind::Float, mean.device()));
-        let latents = (&mean + &std * epsilon) * trainer.vae.scaling_factor();
+        // In the weight dtype, as the script's VAE sample (and so its noise) is.
+        let latents =
+            ((&mean + &std * epsilon) * trainer.vae.scaling_factor()).to_kind(trainer.weight_kind);
         let (noise, timesteps) = common::draw_noise_and_timesteps(
             &latents,
             false,
@@ -609,6 +626,14 @@ impl TrainingMethod for Run<'_> {
 
     fn optimizer_mut(&mut self) -> &mut Optimizer {
         &mut self.trainer.optimizer
+    }
+
+    fn precision(&self) -> &Precision {
+        &self.trainer.precision
+    }
+
+    fn precision_mut(&mut self) -> &mut Precision {
+        &mut self.trainer.precision
     }
 
     fn write_model(&self, dir: &std::path::Path) -> Result<(), TrainError> {

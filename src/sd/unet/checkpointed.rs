@@ -15,6 +15,7 @@
 //! Peak memory holds one block's activations instead of the whole UNet's, at the cost of a
 //! second forward pass. Blocks are deterministic (no dropout), so the recomputation matches.
 use super::UNet2DConditionModel;
+use crate::sd::autocast::{Autocast, AutocastRegion};
 use tch::Tensor;
 
 /// What one up block consumed: its input, its skips and where they sit in the skip list.
@@ -146,27 +147,44 @@ impl CheckpointedUNet {
     }
 
     /// Phase 2: backpropagates `grad_output` (d loss / d output) through `unet`, block by block,
-    /// and into `context` (the tensor given to phase 1, with its graph).
-    pub fn backward(self, unet: &UNet2DConditionModel, grad_output: &Tensor, context: &Tensor) {
+    /// and into `context` (the tensor given to phase 1, with its graph). With `autocast`, each
+    /// recomputed forward runs in the same autocast region phase 1 ran in (as
+    /// `torch.utils.checkpoint` restores it); the backward passes run outside it.
+    pub fn backward(
+        self,
+        unet: &UNet2DConditionModel,
+        grad_output: &Tensor,
+        context: &Tensor,
+        autocast: Option<Autocast>,
+    ) -> Result<(), String> {
+        let region = || autocast.map(AutocastRegion::enter).transpose();
         let temb_graph_free = tch::no_grad(|| {
-            unet.time_embedding
-                .forward(&unet.time_proj(&self.sample, &self.timesteps))
-        });
+            let _region = region()?;
+            Ok::<_, String>(
+                unet.time_embedding
+                    .forward(&unet.time_proj(&self.sample, &self.timesteps)),
+            )
+        })?;
         let temb = leaf(&temb_graph_free, true);
         let ctx = leaf(context, context.requires_grad());
         let mut skip_grads: Vec<Option<Tensor>> = (0..self.skip_count).map(|_| None).collect();
 
         let post = leaf(&self.post, true);
-        let output = unet
-            .conv_out
-            .forward(&unet.conv_norm_out.forward(&post).silu());
+        let output = {
+            let _region = region()?;
+            unet.conv_out
+                .forward(&unet.conv_norm_out.forward(&post).silu())
+        };
         backward_pairs(&[(&output, grad_output)]);
         let mut grad = post.grad();
 
         for (block, inputs) in unet.up_blocks.iter().zip(&self.up).rev() {
             let hidden = leaf(&inputs.hidden, true);
             let skips: Vec<Tensor> = inputs.skips.iter().map(|s| leaf(s, true)).collect();
-            let output = block.forward(&hidden, &skips, &temb, &ctx, inputs.upsample_size);
+            let output = {
+                let _region = region()?;
+                block.forward(&hidden, &skips, &temb, &ctx, inputs.upsample_size)
+            };
             backward_pairs(&[(&output, &grad)]);
             for (offset, skip) in skips.iter().enumerate() {
                 add_grad(&mut skip_grads[inputs.first_skip + offset], skip.grad());
@@ -175,13 +193,19 @@ impl CheckpointedUNet {
         }
 
         let hidden = leaf(&self.mid, true);
-        let output = unet.mid_block.forward(&hidden, &temb, &ctx);
+        let output = {
+            let _region = region()?;
+            unet.mid_block.forward(&hidden, &temb, &ctx)
+        };
         backward_pairs(&[(&output, &grad)]);
         grad = hidden.grad();
 
         for (block, (input, range)) in unet.down_blocks.iter().zip(&self.down).rev() {
             let hidden = leaf(input, true);
-            let (output, block_skips) = block.forward(&hidden, &temb, &ctx);
+            let (output, block_skips) = {
+                let _region = region()?;
+                block.forward(&hidden, &temb, &ctx)
+            };
             let skip_grads_here: Vec<Tensor> = range
                 .clone()
                 .map(|index| skip_grads[index].take().unwrap_or_default())
@@ -192,17 +216,23 @@ impl CheckpointedUNet {
             grad = hidden.grad();
         }
 
-        let first = unet.conv_in.forward(&unet.centered(&self.sample));
+        let first = {
+            let _region = region()?;
+            unet.conv_in.forward(&unet.centered(&self.sample))
+        };
         let first_skip = skip_grads[0].take().unwrap_or_default();
         backward_pairs(&[(&first, &grad), (&first, &first_skip)]);
 
-        let temb_with_graph = unet
-            .time_embedding
-            .forward(&unet.time_proj(&self.sample, &self.timesteps));
+        let temb_with_graph = {
+            let _region = region()?;
+            unet.time_embedding
+                .forward(&unet.time_proj(&self.sample, &self.timesteps))
+        };
         backward_pairs(&[(&temb_with_graph, &temb.grad())]);
         if context.requires_grad() {
             backward_pairs(&[(context, &ctx.grad())]);
         }
+        Ok(())
     }
 }
 
@@ -258,7 +288,7 @@ mod tests {
 
         let context = &context_leaf * 1.5;
         let run = unet.forward_checkpointed(&sample, &timesteps, &context);
-        run.backward(&unet, &weights, &context);
+        run.backward(&unet, &weights, &context, None).unwrap();
         let checkpointed = grads(&vs);
         assert_eq!(plain.len(), checkpointed.len());
         for ((name, a), (_, b)) in plain.iter().zip(&checkpointed) {

@@ -270,24 +270,25 @@ impl Store {
     /// Puts `path`'s content into `objects/` (unless already there) and replaces `path` by a
     /// hard link to the object. A file the stage hard-linked from elsewhere (an input such as
     /// a base model's VAE; link count > 1) is reflinked or copied into the store once rather
-    /// than linked, so the store never shares an inode with a user's file.
+    /// than linked, so the store never shares an inode with a user's file. Objects are
+    /// published with a no-clobber link, so two commits of the same content at once end up
+    /// sharing the first one's object instead of each keeping its own inode.
     fn store_object(&self, path: &Path, digest: &str) -> Result<(), CacheError> {
         let object = self.object_path(digest);
         if !object.exists() {
             if let Some(parent) = object.parent() {
                 std::fs::create_dir_all(parent).map_err(|e| CacheError::io("create", parent, e))?;
             }
-            let temp = object.with_extension(unique_suffix("in"));
             let shared = std::fs::metadata(path)
                 .map(|m| m.nlink() > 1)
                 .unwrap_or(true);
-            let linked = !shared && std::fs::hard_link(path, &temp).is_ok();
-            if !linked {
-                reflink_or_copy(path, &temp).map_err(|e| CacheError::io("store", &temp, e))?;
-            }
-            set_read_only(&temp);
-            std::fs::rename(&temp, &object).map_err(|e| CacheError::io("store", &object, e))?;
-            if linked {
+            let published = if shared {
+                self.publish_copy(path, &object)?
+            } else {
+                set_read_only(path);
+                publish_link(path, &object)?
+            };
+            if published && !shared {
                 return Ok(());
             }
         }
@@ -296,6 +297,17 @@ impl Store {
             std::fs::rename(&temp, path).map_err(|e| CacheError::io("link", path, e))?;
         }
         Ok(())
+    }
+
+    /// Copies (or reflinks) `path` into a read-only temporary beside `object`, then publishes
+    /// it; `false` when another commit published the object first.
+    fn publish_copy(&self, path: &Path, object: &Path) -> Result<bool, CacheError> {
+        let temp = object.with_extension(unique_suffix("in"));
+        reflink_or_copy(path, &temp).map_err(|e| CacheError::io("store", &temp, e))?;
+        set_read_only(&temp);
+        let published = publish_link(&temp, object);
+        let _ = std::fs::remove_file(&temp);
+        published
     }
 
     /// The key of every folder under `results/` (readable or not), sorted.
@@ -442,6 +454,24 @@ fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
     std::fs::rename(&temp, path).map_err(|e| CacheError::io("rename", path, e))
 }
 
+/// Makes `object` a hard link to `source` unless it exists: `link(2)` never replaces a file,
+/// so of two commits racing on one digest exactly one publishes. `false` when it existed. On a
+/// file system without hard links, falls back to copying (a racing copy then replaces an equal
+/// one, which costs space but loses nothing).
+fn publish_link(source: &Path, object: &Path) -> Result<bool, CacheError> {
+    match std::fs::hard_link(source, object) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(_) => {
+            let temp = object.with_extension(unique_suffix("in"));
+            std::fs::copy(source, &temp).map_err(|e| CacheError::io("store", &temp, e))?;
+            set_read_only(&temp);
+            std::fs::rename(&temp, object).map_err(|e| CacheError::io("store", object, e))?;
+            Ok(true)
+        }
+    }
+}
+
 fn files_size(out: &Path, files: &TreeDigest) -> u64 {
     files
         .keys()
@@ -553,5 +583,51 @@ mod tests {
                 .expect("ls")
                 .any(|_| true)
         );
+    }
+
+    /// Two commits of the same new content at the same moment (two stages that keep a file
+    /// from one input): both results end up as links of one object. Before the no-clobber
+    /// publication each could rename its own copy over the other's object.
+    #[test]
+    fn racing_commits_of_one_content_share_one_object() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let user_file = dir.path().join("user-vae.bin");
+        for round in 0..40 {
+            std::fs::write(&user_file, format!("weights of round {round}")).expect("write");
+            let barrier = std::sync::Barrier::new(2);
+            let outputs: Vec<PathBuf> = std::thread::scope(|scope| {
+                let racers: Vec<_> = ["a", "b"]
+                    .map(|side| {
+                        let (store, barrier, user_file) = (&store, &barrier, &user_file);
+                        scope.spawn(move || {
+                            let key = format!("{side}{round}");
+                            let staging = store.create_staging(&key).expect("staging");
+                            let kept = staging.join("out/vae.bin");
+                            std::fs::hard_link(user_file, &kept).expect("link");
+                            let digest = hash_file_uncached(&kept, 0).expect("hash");
+                            barrier.wait();
+                            store.store_object(&kept, &digest).expect("store");
+                            kept
+                        })
+                    })
+                    .into_iter()
+                    .collect();
+                racers
+                    .into_iter()
+                    .map(|r| r.join().expect("racer"))
+                    .collect()
+            });
+            let inodes: Vec<u64> = outputs
+                .iter()
+                .map(|p| std::fs::metadata(p).expect("meta").ino())
+                .collect();
+            assert_eq!(
+                inodes[0], inodes[1],
+                "round {round}: two objects for one content"
+            );
+            assert_eq!(std::fs::metadata(&outputs[0]).expect("meta").nlink(), 3);
+        }
     }
 }

@@ -27,8 +27,11 @@ impl Stage for DreamBoothKind {
     fn kind(&self) -> &'static str {
         "dreambooth"
     }
+    /// 2: mixed precision runs the trained modules under autocast with latents and noise in
+    /// the weight dtype (fp16: loss scaling); also covers the fused AdamW kernel (8da37a1),
+    /// which changed float32 results to rounding under version 1.
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn device_class(&self) -> DeviceClass {
         DeviceClass::Gpu

@@ -166,7 +166,7 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             "mixed_precision",
             Text,
             json!("no"),
-            "precision of the frozen modules (fp16: CUDA only)",
+            "mixed precision as accelerate: trained modules under autocast, frozen ones in this dtype; fp16 adds loss scaling (CUDA only)",
         )
         .one_of(&["no", "fp16", "bf16"]),
         ParamSpec::optional(
