@@ -130,6 +130,20 @@ mod tests {
     }
 
     #[test]
+    fn a_file_over_the_size_limit_is_refused_before_parsing() {
+        let text = "#".repeat(MAX_FILE_BYTES + 1);
+        assert_eq!(
+            check_text(&text),
+            Some((
+                None,
+                "the file is 16777217 bytes, over the limit of 16777216 bytes (16 MiB) for a pipeline"
+                    .to_string()
+            ))
+        );
+        assert_eq!(check_text("stages: {}\n"), None);
+    }
+
+    #[test]
     fn names_have_a_charset_and_a_length_limit() {
         assert_eq!(name_problem("db-2_x"), None);
         assert_eq!(name_problem(&"a".repeat(64)), None);
