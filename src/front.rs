@@ -8,6 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    dreampipe_core::panics::install_hook();
     let parsed = Cli::parse();
     let backend = Backend::front(&parsed.global.cache);
     match cli::run(parsed, backend) {

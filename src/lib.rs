@@ -5,7 +5,7 @@
 //! live in the libtorch-free `dreampipe_core` crate and are re-exported here. This crate adds
 //! `sd` (the Stable Diffusion implementation on libtorch), the Stable Diffusion stage kinds'
 //! implementations (`stages`), the torch verbs (`cli`), CUDA loading (`device`) and `bench`.
-pub use dreampipe_core::{cache, exec, pipeline, plan, report};
+pub use dreampipe_core::{cache, exec, imagefile, pipeline, plan, report};
 
 pub mod bench;
 pub mod cli;

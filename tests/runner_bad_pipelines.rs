@@ -104,3 +104,60 @@ fn the_binary_prints_the_message_and_exits_non_zero() {
         "error: pipeline `tests/bad-pipelines/13-unknown-kind-typo.yaml` is invalid (1 error):\n  tests/bad-pipelines/13-unknown-kind-typo.yaml:3:5: stage `a`, field `kind`: unknown stage kind `comand`; did you mean `command`?\n"
     );
 }
+
+fn load_error(text: &str, overrides: &[&str]) -> String {
+    let options = LoadOptions {
+        overrides: overrides.iter().map(|s| s.to_string()).collect(),
+        ..LoadOptions::default()
+    };
+    dreampipe::pipeline::load_str(text, Path::new("p.yaml"), Path::new("."), &options)
+        .err()
+        .expect("invalid")
+        .to_string()
+}
+
+#[test]
+fn set_of_an_undeclared_param_is_an_error_with_a_suggestion() {
+    let text = "params:\n  greeting: hi\n  name: x\nstages:\n  a:\n    kind: command\n    run: echo ${params.greeting}\n";
+    assert_eq!(
+        load_error(text, &["params.gretting=bye"]),
+        "pipeline `p.yaml` is invalid (1 error):\n  p.yaml: --set `params.gretting=bye`: the pipeline has no param `gretting` under `params:`; did you mean `greeting`?"
+    );
+    assert_eq!(
+        load_error(text, &["params.zzz=1"]),
+        "pipeline `p.yaml` is invalid (1 error):\n  p.yaml: --set `params.zzz=1`: the pipeline has no param `zzz` under `params:` (it declares: greeting, name)"
+    );
+    let bare = "stages:\n  a:\n    kind: command\n    run: echo\n";
+    assert_eq!(
+        load_error(bare, &["params.lr=1"]),
+        "pipeline `p.yaml` is invalid (1 error):\n  p.yaml: --set `params.lr=1`: the pipeline has no param `lr` under `params:`; it declares none"
+    );
+}
+
+#[test]
+fn too_many_stages_are_refused_before_parsing_without_mentioning_matrix() {
+    let mut text = String::from("stages:\n");
+    for index in 0..20_001 {
+        text.push_str(&format!("  s{index}:\n    kind: command\n    run: echo\n"));
+    }
+    let expected = "pipeline `p.yaml` is invalid (1 error):\n  p.yaml:1:1: `stages`: the pipeline has 20001 stages, over the limit of 20000; split it into several pipelines";
+    assert_eq!(load_error(&text, &[]), expected);
+    // In flow style the count comes after parsing; the message is the same.
+    let flow = format!(
+        "stages: {{{}}}\n",
+        (0..20_001)
+            .map(|i| format!("s{i}: {{kind: command, run: echo}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert_eq!(load_error(&flow, &[]), expected);
+}
+
+#[test]
+fn set_of_a_model_to_a_folder_that_is_no_model_names_the_field() {
+    let text = "stages:\n  db:\n    kind: dreambooth\n    model: models/tiny-sd\n    instance_images: tests/fixtures\n    instance_prompt: a photo of sks dog\n";
+    assert_eq!(
+        load_error(text, &["db.model=/etc"]),
+        "pipeline `p.yaml` is invalid (1 error):\n  p.yaml:4:5: stage `db`, field `model`: `/etc` is not a model folder (no model_index.json in it or in its `model/`); give a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a stage that writes one"
+    );
+}

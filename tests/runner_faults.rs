@@ -361,3 +361,213 @@ fn stages_sharing_a_key_in_one_run_compute_it_once() {
     assert_eq!(project.read("cache/runs/p/a/x.txt"), "same\n");
     assert_eq!(project.read("cache/runs/p/b/x.txt"), "same\n");
 }
+
+/// Two stages; `b` copies `a`'s file. Returns the key of `a`'s result.
+fn two_stage_project() -> (Project, String) {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: printf 'precious bytes' > $OUT/data.bin\n  b:\n    kind: command\n    needs: a\n    run: cp $IN_A/data.bin $OUT/copy.bin\n",
+    );
+    let first = project.run("p.yaml", &[]);
+    assert!(first.success(), "{}{}", first.stdout, first.stderr);
+    let key = first
+        .stage_field("a", "key")
+        .as_str()
+        .expect("key")
+        .to_string();
+    (project, key)
+}
+
+fn truncate_record(project: &Project, key: &str) -> std::path::PathBuf {
+    let record = project
+        .cache()
+        .join("results")
+        .join(key)
+        .join("result.json");
+    let text = std::fs::read(&record).expect("record");
+    std::fs::write(&record, &text[..text.len() / 2]).expect("truncate");
+    record
+}
+
+#[test]
+fn a_truncated_record_is_treated_as_absent_recomputed_with_a_warning() {
+    let (project, key) = two_stage_project();
+    let record = truncate_record(&project, &key);
+    let rerun = project.run("p.yaml", &[]);
+    assert!(rerun.success(), "{}{}", rerun.stdout, rerun.stderr);
+    assert_eq!(rerun.status("a"), "ran");
+    assert_eq!(rerun.status("b"), "cached", "same bytes: early cutoff");
+    let warning = format!(
+        "warning: a: its cached result is unusable (`{}` does not read: EOF while parsing",
+        record.display()
+    );
+    assert!(rerun.stderr.contains(&warning), "{}", rerun.stderr);
+    assert_eq!(project.read("cache/runs/p/a/data.bin"), "precious bytes");
+    let again = project.run("p.yaml", &[]);
+    assert_eq!(again.status("a"), "cached");
+    assert_eq!(again.stderr, "");
+}
+
+#[test]
+fn verify_quarantines_and_gc_removes_a_result_whose_record_does_not_read() {
+    let (project, key) = two_stage_project();
+    let record = truncate_record(&project, &key);
+    let (ok, stdout, _) = project.dreampipe(&["cache", "verify"]);
+    assert!(!ok);
+    assert!(
+        stdout.starts_with(&format!(
+            "result {key}: `{}` does not read: EOF while parsing",
+            record.display()
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with("checked 1 object(s) and 2 result(s): 1 problem(s)\n"),
+        "{stdout}"
+    );
+    assert_eq!(project.result_count(), 1);
+    assert_eq!(project.run("p.yaml", &[]).status("a"), "ran");
+    truncate_record(&project, &key);
+    let (ok, stdout, _) = project.dreampipe(&["cache", "gc", "--keep-last", "5"]);
+    assert!(ok, "{stdout}");
+    assert_eq!(
+        stdout.trim(),
+        "removed 1 result(s), 0 object(s) (0 bytes), 0 stale staging folder(s)"
+    );
+    assert_eq!(project.result_count(), 1);
+}
+
+#[test]
+fn a_run_does_not_reuse_a_result_whose_file_changed_since_commit() {
+    let (project, key) = two_stage_project();
+    let digest = blake3::hash(b"precious bytes").to_hex().to_string();
+    let object = project
+        .cache()
+        .join("objects")
+        .join(&digest[..2])
+        .join(&digest);
+    let mut perms = std::fs::metadata(&object).expect("object").permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&object, perms).expect("chmod");
+    std::fs::write(&object, b"precious bytez").expect("flip");
+    let rerun = project.run("p.yaml", &[]);
+    assert!(rerun.success(), "{}{}", rerun.stdout, rerun.stderr);
+    assert_eq!(rerun.status("a"), "ran");
+    assert_eq!(rerun.status("b"), "ran", "b's copy was damaged too");
+    let flipped = blake3::hash(b"precious bytez").to_hex();
+    assert!(
+        rerun.stderr.contains(&format!(
+            "warning: a: result {} (a): file data.bin hashes to {flipped}, not its recorded {digest}; quarantined, recomputing it",
+            &key[..12]
+        )),
+        "{}",
+        rerun.stderr
+    );
+    assert_eq!(project.read("cache/runs/p/a/data.bin"), "precious bytes");
+    assert_eq!(project.read("cache/runs/p/b/copy.bin"), "precious bytes");
+    let (ok, stdout, _) = project.dreampipe(&["cache", "verify"]);
+    assert!(ok, "{stdout}");
+}
+
+#[test]
+fn links_leaving_the_output_and_non_utf8_names_are_refused_at_commit() {
+    let project = Project::new();
+    project.write("outside.txt", "outside\n");
+    let cases = [
+        (
+            "ln -s $PIPELINE_DIR/outside.txt $OUT/link.txt",
+            format!(
+                "[FAILED]  a: the output `link.txt` is a symbolic link to `{}`, outside the stage's output (or not a file); copy the file into $OUT instead (cp -L)",
+                project.path("outside.txt").display()
+            ),
+        ),
+        (
+            "mkdir $OUT/sub && ln -s ../../.. $OUT/sub/up",
+            "[FAILED]  a: the output `sub/up` is a symbolic link to `../../..`, outside the stage's output (or not a file); copy the file into $OUT instead (cp -L)".to_string(),
+        ),
+        (
+            "touch $OUT/$(printf 'bad\\377.txt')",
+            "[FAILED]  a: the output `bad\u{FFFD}.txt` has a name that is not valid UTF-8; rename it (result manifests name files in UTF-8)".to_string(),
+        ),
+        (
+            "mkfifo $OUT/pipe",
+            "[FAILED]  a: the output `pipe` is not a regular file or folder (a FIFO, socket or device); remove it".to_string(),
+        ),
+    ];
+    for (script, expected) in cases {
+        project.write(
+            "p.yaml",
+            &format!("stages:\n  a:\n    kind: command\n    run: {script}\n"),
+        );
+        let result = project.run("p.yaml", &[]);
+        assert!(!result.success(), "{script}: committed");
+        assert!(
+            result.stdout.contains(&expected),
+            "{script}: expected {expected:?} in\n{}",
+            result.stdout
+        );
+        assert_eq!(project.result_count(), 0, "{script}");
+        let staging = std::fs::read_dir(project.cache().join("staging")).expect("staging");
+        assert_eq!(staging.count(), 0, "{script}: staging left behind");
+    }
+    assert_eq!(project.read("outside.txt"), "outside\n");
+}
+
+#[test]
+fn a_link_to_a_file_inside_the_output_is_stored_as_a_copy() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: echo hi > $OUT/a.txt && ln -s a.txt $OUT/b.txt\n",
+    );
+    let result = project.run("p.yaml", &[]);
+    assert!(result.success(), "{}", result.stdout);
+    let b = project.cache().join("runs/p/a/b.txt");
+    assert!(std::fs::symlink_metadata(&b).expect("b").is_file());
+    assert_eq!(project.read("cache/runs/p/a/b.txt"), "hi\n");
+    let (ok, stdout, _) = project.dreampipe(&["cache", "verify"]);
+    assert!(ok, "{stdout}");
+    assert_eq!(
+        stdout.trim(),
+        "checked 1 object(s) and 1 result(s): 0 problem(s)"
+    );
+}
+
+#[test]
+fn bit_rot_that_keeps_the_mtime_is_caught_by_run_verify() {
+    let (project, _) = two_stage_project();
+    let digest = blake3::hash(b"precious bytes").to_hex().to_string();
+    let object = project
+        .cache()
+        .join("objects")
+        .join(&digest[..2])
+        .join(&digest);
+    let mtime = std::fs::metadata(&object)
+        .expect("object")
+        .modified()
+        .expect("mtime");
+    let mut perms = std::fs::metadata(&object).expect("object").permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&object, perms).expect("chmod");
+    std::fs::write(&object, b"precious bytez").expect("flip");
+    let file = std::fs::File::options()
+        .write(true)
+        .open(&object)
+        .expect("open");
+    file.set_modified(mtime).expect("restore mtime");
+    drop(file);
+    // Same (device, inode, size, mtime): the cheap check trusts the memo, as documented.
+    assert_eq!(project.run("p.yaml", &[]).status("a"), "cached");
+    let verified = project.run("p.yaml", &["--verify"]);
+    assert!(verified.success(), "{}{}", verified.stdout, verified.stderr);
+    assert_eq!(verified.status("a"), "ran");
+    assert!(
+        verified.stderr.contains("file data.bin hashes to"),
+        "{}",
+        verified.stderr
+    );
+    assert_eq!(project.read("cache/runs/p/a/data.bin"), "precious bytes");
+}

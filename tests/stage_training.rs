@@ -486,3 +486,61 @@ fn settings_the_device_cannot_run_fail_before_training_naming_the_field() {
         result.stdout
     );
 }
+
+/// Issue #12, class 1: `images` and the training stages list and size-check image folders by
+/// the same rules, so they refuse exactly the same files, with the stage, field and limit.
+#[test]
+fn images_and_training_stages_refuse_the_same_files_naming_stage_field_and_limit() {
+    use dreampipe::imagefile::{LIMIT_TEXT, png_header};
+    let project = Project::new();
+    write_photos(&project);
+    // A hidden file is skipped by both, however large its header.
+    std::fs::write(
+        project.path("photos/.huge.png"),
+        png_header(100_000, 100_000),
+    )
+    .expect("w");
+    let pipeline = format!(
+        "{}  photos_in:\n    kind: images\n    path: photos\n  ti:\n    kind: textual_inversion\n    model: {}\n    instance_images: photos\n    placeholder_token: <sks>\n    initializer_token: dog\n",
+        SINGLE.replace("MODEL", &tiny_model()),
+        tiny_model()
+    );
+    project.write("p.yaml", &pipeline);
+    let limit = format!("over the image limit of {LIMIT_TEXT}; shrink it or remove it");
+    let cases: [(&str, Vec<u8>, String); 3] = [
+        ("huge.png", png_header(100_000, 100_000), format!("is 100000×100000 pixels, {limit}")),
+        ("wide.png", png_header(20_000, 20_000), format!("is 20000×20000 pixels, {limit}")),
+        (
+            "notes.txt",
+            b"x".to_vec(),
+            "is not an image file (png, jpg, jpeg, webp); move it out of the folder or start its name with `.`".to_string(),
+        ),
+    ];
+    for (name, bytes, problem) in cases {
+        let path = project.path("photos").join(name);
+        std::fs::write(&path, bytes).expect("write");
+        let result = run(&project, "p.yaml", &[]);
+        assert!(!result.success(), "{name}: the run succeeded");
+        assert_eq!(
+            result.output.status.code(),
+            Some(1),
+            "{name}: {}",
+            result.stderr
+        );
+        for (stage, field) in [
+            ("db", "instance_images"),
+            ("photos_in", "path"),
+            ("ti", "instance_images"),
+        ] {
+            let line = format!(
+                "[FAILED]  {stage}: stage `{stage}`: field `{field}`: `photos/{name}` {problem}"
+            );
+            assert!(
+                result.stdout.contains(&line),
+                "expected {line:?} in:\n{}",
+                result.stdout
+            );
+        }
+        std::fs::remove_file(&path).expect("remove");
+    }
+}

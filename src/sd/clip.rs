@@ -126,6 +126,22 @@ impl ClipTextConfig {
                 });
             }
         };
+        let sizes = [
+            ("hidden_size", raw.hidden_size),
+            ("intermediate_size", raw.intermediate_size),
+            ("num_attention_heads", raw.num_attention_heads),
+            ("num_hidden_layers", raw.num_hidden_layers),
+            ("max_position_embeddings", raw.max_position_embeddings),
+            ("vocab_size", raw.vocab_size),
+        ];
+        for (key, value) in sizes {
+            if let Some(problem) = crate::sd::model_config::size_problem(key, value) {
+                return Err(ClipError::Config {
+                    file: file.to_path_buf(),
+                    reason: format!("key '{key}' {problem}"),
+                });
+            }
+        }
         if raw.num_attention_heads <= 0 || raw.hidden_size % raw.num_attention_heads != 0 {
             return Err(ClipError::HeadSplit {
                 file: file.to_path_buf(),
@@ -349,7 +365,7 @@ impl ClipTextModel {
     ) -> Result<(VarStore, Self), ClipError> {
         let mut vs = VarStore::new(device);
         vs.set_kind(kind);
-        let model = Self::new(&vs.root(), config);
+        let model = weights::allocating(file, || Self::new(&vs.root(), config))?;
         weights::load_into(&vs, file, checkpoint_key_to_variable)?;
         Ok((vs, model))
     }

@@ -29,6 +29,47 @@ pub enum ModelError {
     Weights(#[from] WeightsError),
 }
 
+/// Upper bounds on config sizes, about 4–100× what any Stable Diffusion 1.x/2.x/XL model uses:
+/// a config over them is refused before anything is allocated (a typo such as
+/// `block_out_channels: [1000000]` would otherwise ask libtorch for terabytes).
+const SIZE_LIMITS: [(&str, i64); 22] = [
+    ("block_out_channels", 8192),
+    ("layers_per_block", 16),
+    ("sample_size", 1024),
+    ("in_channels", 64),
+    ("out_channels", 64),
+    ("latent_channels", 64),
+    ("norm_num_groups", 1024),
+    ("cross_attention_dim", 16384),
+    ("attention_head_dim", 4096),
+    ("num_attention_heads", 1024),
+    ("transformer_layers_per_block", 64),
+    ("time_embedding_dim", 65536),
+    ("conv_in_kernel", 15),
+    ("conv_out_kernel", 15),
+    ("hidden_size", 16384),
+    ("intermediate_size", 65536),
+    ("num_hidden_layers", 256),
+    ("max_position_embeddings", 4096),
+    ("vocab_size", 1_000_000),
+    ("projection_dim", 16384),
+    ("num_train_timesteps", 100_000),
+    ("eos_token_id", 1_000_000),
+];
+
+/// Why a config integer `value` of `key` is out of the sane range, if it is.
+pub fn size_problem(key: &str, value: i64) -> Option<String> {
+    if value < 0 {
+        return Some(format!("is {value}; it must not be negative"));
+    }
+    let (_, limit) = SIZE_LIMITS.iter().find(|(name, _)| *name == key)?;
+    (value > *limit).then(|| {
+        format!(
+            "is {value}, over the limit of {limit} for any Stable Diffusion model; fix the config (nothing was allocated)"
+        )
+    })
+}
+
 /// A parsed `config.json` plus its path, with typed getters that fall back to diffusers'
 /// defaults when a key is missing or `null`.
 #[derive(Debug, Clone)]
@@ -89,9 +130,13 @@ impl ConfigReader {
     }
 
     fn as_int(&self, key: &str, value: &Value) -> Result<i64, ModelError> {
-        value
+        let int = value
             .as_i64()
-            .ok_or_else(|| self.invalid(key, format!("must be an integer, found {value}")))
+            .ok_or_else(|| self.invalid(key, format!("must be an integer, found {value}")))?;
+        match size_problem(key, int) {
+            Some(problem) => Err(self.invalid(key, problem)),
+            None => Ok(int),
+        }
     }
 
     pub fn int(&self, key: &str, default: i64) -> Result<i64, ModelError> {

@@ -12,6 +12,13 @@ pub enum WeightsError {
     #[error("{file}: cannot read safetensors: {reason}")]
     Read { file: PathBuf, reason: String },
     #[error(
+        "{problem} for {component} (the sizes in its config.json; try a smaller model, dtype f16/bf16, or fix the config)"
+    )]
+    Allocation { problem: String, component: String },
+    /// A failed write, as [`write_error`] words it.
+    #[error("{0}")]
+    Write(String),
+    #[error(
         "{dir}: no weights file: expected {expected} (convert .bin checkpoints to .safetensors)"
     )]
     NoFile { dir: PathBuf, expected: String },
@@ -82,6 +89,7 @@ pub fn load_into(
             });
         };
         check_shape(variable, &stored.entry.shape, &key, file)?;
+        check_dtype_class(variable.kind(), stored.entry.kind, &key, file)?;
         if reads_in_place(variable, stored.entry.kind) {
             stored.read_into_variable(variable)?;
         } else {
@@ -111,10 +119,30 @@ pub fn build_and_load<M>(
     rename: impl Fn(&str) -> Option<String>,
 ) -> Result<(VarStore, M), WeightsError> {
     let mut vs = VarStore::new(device);
-    let model = build(vs.root());
-    vs.set_kind(kind);
+    let model = allocating(file, || {
+        let model = build(vs.root());
+        vs.set_kind(kind);
+        model
+    })?;
     load_into(&vs, file, rename)?;
     Ok((vs, model))
+}
+
+/// Runs `build` (which allocates a model's parameters from its config's sizes), turning an
+/// allocation failure (a libtorch panic) into [`WeightsError::Allocation`] naming the component.
+pub fn allocating<T>(file: &Path, build: impl FnOnce() -> T) -> Result<T, WeightsError> {
+    dreampipe_core::panics::catch(build).map_err(|problem| WeightsError::Allocation {
+        problem,
+        component: component_name(file),
+    })
+}
+
+/// `unet` for `…/unet/diffusion_pytorch_model.safetensors`.
+fn component_name(file: &Path) -> String {
+    file.parent().and_then(|dir| dir.file_name()).map_or_else(
+        || file.display().to_string(),
+        |n| n.to_string_lossy().to_string(),
+    )
 }
 
 /// Largest safetensors JSON header accepted (the format's own reference reader refuses more).
@@ -274,7 +302,12 @@ fn parse_entry(name: &str, info: &serde_json::Value, data_len: u64) -> Result<Te
         .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)))
         .ok_or_else(|| invalid("data_offsets"))?;
     let (begin, end) = offsets;
-    let expected = shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64;
+    let expected = shape
+        .iter()
+        .try_fold(kind.elt_size_in_bytes() as u64, |bytes, &dim| {
+            u64::try_from(dim).ok().and_then(|dim| bytes.checked_mul(dim))
+        })
+        .ok_or_else(|| format!("tensor '{name}': shape {shape:?} of {dtype} has a negative dimension or a byte size that overflows"))?;
     if end > data_len {
         return Err(format!(
             "tensor '{name}': data_offsets [{begin}, {end}] run past the {data_len}-byte data section (truncated file?)"
@@ -311,6 +344,41 @@ fn safetensors_kind(dtype: &str) -> Option<Kind> {
     })
 }
 
+/// A float weight must be stored as a float dtype (and an integer buffer as an integer one):
+/// converting integers to floats would silently load a different model.
+fn check_dtype_class(
+    variable: Kind,
+    stored: Kind,
+    key: &str,
+    file: &Path,
+) -> Result<(), WeightsError> {
+    let is_float = |kind: Kind| {
+        matches!(
+            kind,
+            Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double
+        )
+    };
+    if is_float(variable) == is_float(stored) {
+        return Ok(());
+    }
+    let class = |kind: Kind| {
+        if is_float(kind) {
+            "a float"
+        } else {
+            "an integer"
+        }
+    };
+    Err(WeightsError::Read {
+        file: file.to_path_buf(),
+        reason: format!(
+            "tensor '{key}' is stored as {} dtype ({}) but the model needs {} tensor; the file does not hold this model's weights",
+            class(stored),
+            safetensors_dtype(stored).unwrap_or("?"),
+            class(variable)
+        ),
+    })
+}
+
 /// A stored tensor of `shape` fits `variable` only with the same shape.
 fn check_shape(
     variable: &Tensor,
@@ -329,6 +397,74 @@ fn check_shape(
     Ok(())
 }
 
+/// Writes `tensors` as a safetensors file (any device; copied to the CPU one at a time). A
+/// failure is one line naming the file, e.g. "no space left on device while writing <path>".
+pub fn write_safetensors(tensors: &[(String, Tensor)], file: &Path) -> Result<(), String> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (name, tensor) in tensors {
+        let dtype = safetensors_dtype(tensor.kind()).ok_or_else(|| {
+            format!(
+                "cannot write {}: tensor '{name}' has dtype {:?}, which safetensors cannot store",
+                file.display(),
+                tensor.kind()
+            )
+        })?;
+        let bytes = (tensor.numel() * tensor.kind().elt_size_in_bytes()) as u64;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": tensor.size(), "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let written = write_parts(file, &json, tensors);
+    written.map_err(|error| write_error(file, &error))
+}
+
+fn write_parts(file: &Path, header: &[u8], tensors: &[(String, Tensor)]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(file)?);
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(header)?;
+    for (_, tensor) in tensors {
+        let cpu = tensor.to_device(Device::Cpu).contiguous();
+        let length = cpu.numel() * cpu.kind().elt_size_in_bytes();
+        let mut bytes = vec![0u8; length];
+        cpu.f_copy_data_u8(&mut bytes, cpu.numel())
+            .map_err(std::io::Error::other)?;
+        out.write_all(&bytes)?;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_data()
+}
+
+/// One line for a failed write: full disk and quota are named as such.
+pub fn write_error(file: &Path, error: &std::io::Error) -> String {
+    match error.raw_os_error() {
+        Some(libc::ENOSPC) => format!("no space left on device while writing {}", file.display()),
+        Some(libc::EDQUOT) => format!("disk quota exceeded while writing {}", file.display()),
+        _ => format!("cannot write {}: {error}", file.display()),
+    }
+}
+
+/// libtorch kinds to safetensors dtype names (the inverse of [`safetensors_kind`]).
+fn safetensors_dtype(kind: Kind) -> Option<&'static str> {
+    Some(match kind {
+        Kind::Bool => "BOOL",
+        Kind::Uint8 => "U8",
+        Kind::Int8 => "I8",
+        Kind::Int16 => "I16",
+        Kind::Int => "I32",
+        Kind::Int64 => "I64",
+        Kind::Half => "F16",
+        Kind::BFloat16 => "BF16",
+        Kind::Float => "F32",
+        Kind::Double => "F64",
+        _ => return None,
+    })
+}
+
 pub fn save_var_store(vs: &VarStore, file: &Path, kind: Option<Kind>) -> Result<(), WeightsError> {
     let variables: HashMap<String, Tensor> = vs.variables();
     let mut sorted: Vec<(String, Tensor)> = variables.into_iter().collect();
@@ -343,8 +479,5 @@ pub fn save_var_store(vs: &VarStore, file: &Path, kind: Option<Kind>) -> Result<
             )
         })
         .collect();
-    Tensor::write_safetensors(&converted, file).map_err(|error| WeightsError::Read {
-        file: file.to_path_buf(),
-        reason: error.to_string(),
-    })
+    write_safetensors(&converted, file).map_err(WeightsError::Write)
 }

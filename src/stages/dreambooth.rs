@@ -22,7 +22,7 @@ fn config_from(ctx: &StageContext<'_>) -> Result<DreamBoothConfig, StageError> {
     use training::{flag, int, number, text};
     let (lr_scheduler, optimizer, mixed_precision) = training::enum_fields(ctx)?;
     let model = training::model_dir(&training::single_input(ctx, "model")?);
-    let instances = training::image_dir(&training::single_input(ctx, "instance_images")?);
+    let instances = training::checked_image_dir(ctx, "instance_images")?;
     let mut config = DreamBoothConfig::new(
         model,
         instances,
@@ -42,7 +42,7 @@ fn config_from(ctx: &StageContext<'_>) -> Result<DreamBoothConfig, StageError> {
         let class_prompt = text(ctx, "class_prompt").ok_or_else(|| {
             field_error(ctx, "class_prompt", "is required when class_images is set")
         })?;
-        let dir = training::image_dir(&training::single_input(ctx, "class_images")?);
+        let dir = training::checked_image_dir(ctx, "class_images")?;
         let wanted = int(ctx, "num_class_images")? as usize;
         let (dir, found) = training::first_images(ctx, &dir, wanted, "class_images")?;
         if found < wanted {

@@ -39,7 +39,7 @@ fn config_from(ctx: &StageContext<'_>) -> Result<TextualInversionConfig, StageEr
         ));
     }
     let model = training::model_dir(&training::single_input(ctx, "model")?);
-    let images = training::image_dir(&training::single_input(ctx, "instance_images")?);
+    let images = training::checked_image_dir(ctx, "instance_images")?;
     let mut config = TextualInversionConfig::new(
         model,
         images,

@@ -20,6 +20,7 @@ use crate::sd::train::common::{
     Callbacks, MixedPrecision, OptimizerKind, Progress, TrainOutcome, Validation,
 };
 use crate::sd::train::lr_schedule::SCHEDULE_NAMES;
+use dreampipe_core::imagefile;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -300,17 +301,46 @@ fn write_report(ctx: &StageContext<'_>, prompt: &str) -> Result<(), StageError> 
     std::fs::write(&path, text).map_err(|e| StageError::io("write", &path, e))
 }
 
-/// Moves every entry of `from` into `to` (rename; both live in the cache).
+/// Files up to this size are copied out of the work folder instead of moved, so metrics and
+/// validation samples survive a commit that fails (a resumed run then still has them).
+const KEPT_FILE_BYTES: u64 = 1 << 20;
+
+/// Hands every entry of `from` to `to` (both live in the cache): large files are moved
+/// (renamed), small ones copied, folders recursively. The executor removes the work folder
+/// once the result is committed.
 fn move_entries(from: &Path, to: &Path) -> Result<(), StageError> {
     create_dir(to)?;
     let entries = std::fs::read_dir(from).map_err(|e| StageError::io("list", from, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| StageError::io("list", from, e))?;
-        let target = to.join(entry.file_name());
-        std::fs::rename(entry.path(), &target)
-            .map_err(|e| StageError::io("move", &entry.path(), e))?;
+        let (source, target) = (entry.path(), to.join(entry.file_name()));
+        let meta = entry
+            .metadata()
+            .map_err(|e| StageError::io("stat", &source, e))?;
+        let handed = if meta.is_dir() {
+            move_entries(&source, &target)
+        } else if meta.len() <= KEPT_FILE_BYTES {
+            std::fs::copy(&source, &target)
+                .map(|_| ())
+                .map_err(|e| StageError::io("copy", &source, e))
+        } else {
+            std::fs::rename(&source, &target).map_err(|e| StageError::io("move", &source, e))
+        };
+        handed?;
     }
     Ok(())
+}
+
+/// The image folder of field `field` (see [`image_dir`]), every file of it checked against the
+/// shared image rules (`imagefile`: image extension, size limit from the header) before any
+/// model is loaded, so a bad file fails at once, named with the stage and field.
+pub fn checked_image_dir(ctx: &StageContext<'_>, field: &str) -> Result<PathBuf, StageError> {
+    let dir = image_dir(&single_input(ctx, field)?);
+    let files = imagefile::list_folder(&dir).map_err(|e| field_error(ctx, field, e))?;
+    for file in &files {
+        imagefile::check(file).map_err(|e| field_error(ctx, field, e))?;
+    }
+    Ok(dir)
 }
 
 /// Uses the first `count` images of `dir` (sorted by name): `dir` itself when it has no more,
@@ -350,6 +380,30 @@ mod tests {
         // (0.9·0.2 + 0.1·1.0) / (1 − 0.81) = 0.28 / 0.19
         let second = smoother.push(1.0);
         assert!((second - 0.28 / 0.19).abs() < 1e-12, "{second}");
+    }
+
+    #[test]
+    fn small_outputs_stay_in_the_work_folder_until_the_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (from, to) = (dir.path().join("work/output"), dir.path().join("out"));
+        std::fs::create_dir_all(from.join("model")).expect("mkdir");
+        std::fs::write(from.join("metrics.jsonl"), "{\"step\": 1}\n").expect("write");
+        let big = std::fs::File::create(from.join("model/weights.safetensors")).expect("create");
+        big.set_len(KEPT_FILE_BYTES + 1).expect("sparse");
+        move_entries(&from, &to).expect("hand over");
+        assert_eq!(
+            std::fs::read_to_string(to.join("metrics.jsonl")).expect("read"),
+            "{\"step\": 1}\n"
+        );
+        assert!(
+            from.join("metrics.jsonl").is_file(),
+            "a copy stays for a resumed run"
+        );
+        assert!(to.join("model/weights.safetensors").is_file());
+        assert!(
+            !from.join("model/weights.safetensors").exists(),
+            "large files are moved"
+        );
     }
 
     #[test]

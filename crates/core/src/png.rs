@@ -149,7 +149,8 @@ pub fn replace_parameters_text(path: &Path, text: &str) -> Result<(), PngError> 
     {
         return Err(read_error("not an 8-bit RGB PNG".to_string()));
     }
-    let mut rgb = vec![0u8; (width * height * 3) as usize];
+    crate::imagefile::check(path).map_err(read_error)?; // the image limit, before allocating
+    let mut rgb = vec![0u8; width as usize * height as usize * 3];
     reader
         .next_frame(&mut rgb)
         .map_err(|e| read_error(e.to_string()))?;

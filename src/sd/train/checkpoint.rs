@@ -129,8 +129,7 @@ pub fn write(
         .map(|(name, t)| (name.clone(), t.detach().to_device(tch::Device::Cpu)))
         .collect();
     let weights_file = tmp.join(WEIGHTS_FILE);
-    Tensor::write_safetensors(&cpu, &weights_file)
-        .map_err(|e| io_error(&weights_file, "write", e))?;
+    crate::sd::weights::write_safetensors(&cpu, &weights_file).map_err(TrainError::Write)?;
     optimizer.save(&tmp.join(OPTIMIZER_DIR))?;
     let state_file = tmp.join(STATE_FILE);
     let json =

@@ -9,13 +9,14 @@
 //!   (bicubic, aspect not kept), horizontal flip with p = 0.5, `x / 127.5 - 1`.
 use super::TrainError;
 use super::common::SampleRng;
+use dreampipe_core::imagefile;
+use image::RgbImage;
 use image::imageops::{self, FilterType};
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 /// File extensions read from an image folder (lowercase).
-pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+pub const IMAGE_EXTENSIONS: [&str; 4] = imagefile::EXTENSIONS;
 /// textual_inversion.py's `flip_p`.
 pub const TI_FLIP_PROBABILITY: f64 = 0.5;
 
@@ -92,18 +93,14 @@ impl Transform {
     }
 }
 
-/// The image files of `dir` (by extension, case-insensitive), sorted by name. `what` names the
-/// option in errors (e.g. "instance_data_dir").
+/// The images of `dir` by the rules every image reader shares (`imagefile::list_folder`:
+/// non-hidden files, each with an image extension), sorted by name. `what` names the option
+/// in errors (e.g. "instance_data_dir").
 pub fn list_images(dir: &Path, what: &str) -> Result<Vec<PathBuf>, TrainError> {
-    let entries = std::fs::read_dir(dir).map_err(|error| TrainError::Data {
+    let files = imagefile::list_folder(dir).map_err(|problem| TrainError::Data {
         path: dir.to_path_buf(),
-        problem: format!("cannot read the {what} folder: {error}"),
+        problem: format!("the {what} folder: {problem}"),
     })?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| path.is_file() && has_image_extension(path))
-        .collect();
-    files.sort();
     if files.is_empty() {
         return Err(TrainError::Data {
             path: dir.to_path_buf(),
@@ -116,27 +113,10 @@ pub fn list_images(dir: &Path, what: &str) -> Result<Vec<PathBuf>, TrainError> {
     Ok(files)
 }
 
-fn has_image_extension(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-}
-
-/// Decodes one image to RGB, applying its EXIF orientation (PIL's `exif_transpose`).
+/// Decodes one image to RGB within the image limit, applying its EXIF orientation (PIL's
+/// `exif_transpose`).
 pub fn decode_image(path: &Path) -> Result<RgbImage, TrainError> {
-    let fail = |problem: String| TrainError::Data {
-        path: path.to_path_buf(),
-        problem: format!("cannot decode this image: {problem}; remove or replace the file"),
-    };
-    let reader = ImageReader::open(path)
-        .map_err(|e| fail(e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| fail(e.to_string()))?;
-    let mut decoder = reader.into_decoder().map_err(|e| fail(e.to_string()))?;
-    let orientation = decoder.orientation().map_err(|e| fail(e.to_string()))?;
-    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
-    image.apply_orientation(orientation);
-    Ok(image.to_rgb8())
+    imagefile::decode_rgb(path).map_err(TrainError::Image)
 }
 
 /// Lists and decodes every image of a folder.
@@ -261,13 +241,12 @@ mod tests {
         std::fs::write(&bad, b"not a png").unwrap();
         let error = load_folder(dir.path(), "instance_data_dir").unwrap_err();
         let message = error.to_string();
-        assert!(
-            message.starts_with(&format!("{}: cannot decode this image:", bad.display())),
-            "{message}"
-        );
-        assert!(
-            message.ends_with("; remove or replace the file"),
-            "{message}"
+        assert_eq!(
+            message,
+            format!(
+                "`{}` does not decode as an image: Format error decoding Png: Invalid PNG signature.; replace or remove the file",
+                bad.display()
+            )
         );
     }
 

@@ -49,6 +49,12 @@ pub enum TrainError {
     },
     #[error("{path}: {problem}")]
     Data { path: PathBuf, problem: String },
+    /// A failed write of a weights or state file (the message names the file).
+    #[error("{0}")]
+    Write(String),
+    /// An image file or folder the shared image rules refuse (the message names the file).
+    #[error("{0}")]
+    Image(String),
     #[error("{0}")]
     Model(String),
     #[error("validation at step {step}: {problem}")]

@@ -143,7 +143,7 @@ fn write_tensors(file: &Path, tensors: &[(String, Tensor)]) -> Result<(), TrainE
         .iter()
         .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous()))
         .collect();
-    Tensor::write_safetensors(&cpu, file).map_err(|e| io_error(file, "write", e))
+    crate::sd::weights::write_safetensors(&cpu, file).map_err(TrainError::Write)
 }
 
 fn read_json(file: &Path) -> Result<serde_json::Value, TrainError> {

@@ -62,8 +62,7 @@ pub(crate) fn write_state(
         Tensor::from_slice(hyperparams),
     ));
     let tensor_path = dir.join(TENSORS_FILE);
-    Tensor::write_safetensors(&tensors, &tensor_path)
-        .map_err(|e| io_error(&tensor_path, "write optimizer tensors", e))?;
+    crate::sd::weights::write_safetensors(&tensors, &tensor_path).map_err(TrainError::Write)?;
     let meta_path = dir.join(META_FILE);
     let json = serde_json::to_string_pretty(meta)
         .map_err(|e| io_error(&meta_path, "serialize optimizer metadata", e))?;

@@ -1,4 +1,4 @@
-//! `cache gc`: removes old results (`--keep-last N` per stage, or oldest first until the store
+//! `cache gc`: removes result folders whose record does not read, old results (`--keep-last N` per stage, or oldest first until the store
 //! fits `--max-size`), never a result whose key is in `protected` (the keys the given pipelines
 //! reference), then deletes objects no result links any more (link count 1), staging
 //! folders of dead processes, and `shared/` memo files unused since before the oldest result
@@ -40,6 +40,13 @@ pub fn gc(store: &Store, policy: &GcPolicy) -> Result<GcReport, CacheError> {
     let mut report = GcReport::default();
     let results = store.results();
     let mut doomed = doomed_by_keep_last(&results, policy);
+    // A folder without a readable record is no result (runs recompute it): always removed.
+    doomed.extend(
+        store
+            .result_keys()
+            .into_iter()
+            .filter(|key| store.unreadable_record(key).is_some()),
+    );
     if let Some(limit) = policy.max_size {
         let mut size = objects_size(store);
         for record in &results {

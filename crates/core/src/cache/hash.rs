@@ -134,6 +134,18 @@ impl HashMemo {
         Ok(digest)
     }
 
+    /// Records `digest` for a file just committed (read-only, so no racy-clean wait).
+    pub fn remember(&self, path: &Path, digest: &str) {
+        if let Ok(meta) = std::fs::metadata(path) {
+            let id = FileIdentity::of(&meta);
+            self.used
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id);
+            self.lock_entries().insert(id, digest.to_string());
+        }
+    }
+
     /// Digests of every file under `path` (or of `path` itself when it is a file), sorted by
     /// relative path. Symlinks are followed.
     pub fn hash_tree(&self, path: &Path) -> Result<TreeDigest, CacheError> {

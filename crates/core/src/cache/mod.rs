@@ -43,6 +43,9 @@ pub enum CacheError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    /// A stage's output that cannot be stored as it is (the path is relative to `$OUT`).
+    #[error("the output `{path}` {problem}")]
+    Output { path: String, problem: String },
     #[error("cancelled while waiting for the lock on key {key}")]
     Cancelled { key: String },
 }

@@ -69,9 +69,22 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Cache
     })
 }
 
-/// Makes a stage id usable as one file name (ids may contain `/` only by user error).
+/// Longest file name made from a stage id (file systems allow 255 bytes).
+const MAX_FILE_NAME_BYTES: usize = 200;
+
+/// Makes a stage id usable as one file name (ids may contain `/` only by user error); a long
+/// sweep variant id keeps its first 180 bytes and gets a hash of the whole id.
 pub fn file_name_for(stage_id: &str) -> String {
-    stage_id.replace(['/', '\\', '\0'], "_")
+    let name = stage_id.replace(['/', '\\', '\0'], "_");
+    if name.len() <= MAX_FILE_NAME_BYTES {
+        return name;
+    }
+    let mut end = 180;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let hash = blake3::hash(stage_id.as_bytes()).to_hex();
+    format!("{}-{}", &name[..end], &hash[..16])
 }
 
 impl Store {
@@ -121,6 +134,22 @@ impl Store {
     /// The committed result for `key`, if any (a result without a readable record is a miss).
     pub fn lookup(&self, key: &str) -> Option<ResultRecord> {
         read_json(&self.result_dir(key).join("result.json")).ok()
+    }
+
+    /// Why `results/<key>` exists but cannot be used: its record is missing or unreadable.
+    /// `None` when there is no such folder or its record reads.
+    pub fn unreadable_record(&self, key: &str) -> Option<String> {
+        let dir = self.result_dir(key);
+        if !dir.is_dir() {
+            return None;
+        }
+        let path = dir.join("result.json");
+        let reason = match read_json::<ResultRecord>(&path).err()? {
+            CacheError::Io { source, .. } => source.to_string(),
+            CacheError::Json { source, .. } => source.to_string(),
+            other => other.to_string(),
+        };
+        Some(format!("`{}` does not read: {reason}", path.display()))
     }
 
     /// The key material stored beside a result.
@@ -191,7 +220,8 @@ impl Store {
         write_json(&staging.join("key.json"), commit.material)?;
         write_json(&staging.join("result.json"), &record)?;
         let target = self.result_dir(commit.key);
-        if replace && target.exists() {
+        // A folder without a readable record is no result: the new one replaces it.
+        if (replace || self.unreadable_record(commit.key).is_some()) && target.exists() {
             self.discard(&target)?;
         }
         match std::fs::rename(staging, &target) {
@@ -222,7 +252,7 @@ impl Store {
         let mut files = TreeDigest::new();
         for entry in walkdir::WalkDir::new(out).sort_by_file_name() {
             let entry = entry.map_err(|e| CacheError::io("walk", out, e.into()))?;
-            if !entry.file_type().is_file() {
+            if !admit(out, &entry)? {
                 continue;
             }
             let path = entry.path();
@@ -278,6 +308,19 @@ impl Store {
         let published = publish_link(&temp, object);
         let _ = std::fs::remove_file(&temp);
         published
+    }
+
+    /// The key of every folder under `results/` (readable or not), sorted.
+    pub fn result_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = std::fs::read_dir(self.root.join("results"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.path().is_dir())
+            .map(|entry| entry.file_name().to_string_lossy().to_string())
+            .collect();
+        keys.sort();
+        keys
     }
 
     /// Every committed result, oldest first.
@@ -339,6 +382,57 @@ impl Store {
     }
 }
 
+/// Whether a stage's output entry is a file to store (`false` for folders). A name that is
+/// not UTF-8 (the manifest could not name it), a symbolic link, or a special file is refused:
+/// a result holds only regular files and folders, so nothing it hands downstream or to the
+/// report leads outside it. A link to a file inside the output is replaced by a copy first.
+fn admit(out: &Path, entry: &walkdir::DirEntry) -> Result<bool, CacheError> {
+    let path = entry.path();
+    let relative = path.strip_prefix(out).unwrap_or(path);
+    let refuse = |problem: String| {
+        Err(CacheError::Output {
+            path: relative.to_string_lossy().to_string(),
+            problem,
+        })
+    };
+    if relative.to_str().is_none() {
+        return refuse(
+            "has a name that is not valid UTF-8; rename it (result manifests name files in UTF-8)"
+                .to_string(),
+        );
+    }
+    let kind = entry.file_type();
+    if kind.is_symlink() {
+        return materialize_link(out, path, relative);
+    }
+    if kind.is_dir() || kind.is_file() {
+        return Ok(kind.is_file());
+    }
+    refuse("is not a regular file or folder (a FIFO, socket or device); remove it".to_string())
+}
+
+/// Replaces a link to a regular file inside `out` by a copy of that file; refuses any other.
+fn materialize_link(out: &Path, path: &Path, relative: &Path) -> Result<bool, CacheError> {
+    let target = std::fs::read_link(path).unwrap_or_default();
+    let inside = match (out.canonicalize(), path.canonicalize()) {
+        (Ok(root), Ok(real)) => real.starts_with(root) && real.is_file(),
+        _ => false,
+    };
+    if !inside {
+        return Err(CacheError::Output {
+            path: relative.to_string_lossy().to_string(),
+            problem: format!(
+                "is a symbolic link to `{}`, outside the stage's output (or not a file); copy the file into $OUT instead (cp -L)",
+                target.display()
+            ),
+        });
+    }
+    let temp = path.with_extension(unique_suffix("copy"));
+    std::fs::copy(path, &temp).map_err(|e| CacheError::io("copy", path, e))?;
+    std::fs::rename(&temp, path).map_err(|e| CacheError::io("replace", path, e))?;
+    Ok(true)
+}
+
 /// What a commit needs besides the staging folder.
 pub struct Commit<'a, M: Serialize> {
     pub key: &'a str,
@@ -349,7 +443,7 @@ pub struct Commit<'a, M: Serialize> {
 }
 
 /// A temporary-file suffix unique within this process and across processes.
-fn unique_suffix(what: &str) -> String {
+pub fn unique_suffix(what: &str) -> String {
     let n = STAGING_COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{what}-{}-{n}", std::process::id())
 }
@@ -446,6 +540,16 @@ mod tests {
         assert!(used < 1 << 20, "a 64 MiB reflink copy took {used} bytes");
     }
     use super::*;
+
+    #[test]
+    fn long_stage_ids_make_file_names_within_the_limit() {
+        assert_eq!(file_name_for("db[lr=1e-6]"), "db[lr=1e-6]");
+        let long = format!("db[{}]", "x=é,".repeat(80));
+        let name = file_name_for(&long);
+        assert_eq!(name.len(), 180 + 17);
+        assert!(name.starts_with("db[x=é,"));
+        assert_ne!(name, file_name_for(&format!("{long}y")));
+    }
 
     #[test]
     fn identical_files_are_stored_once_and_hard_linked() {

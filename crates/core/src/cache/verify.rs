@@ -1,8 +1,8 @@
 //! `cache verify`: rehash every object and every result file; a mismatch is reported, the
 //! object and each result containing it are moved to `quarantine/`, so the next run misses
-//! and recomputes them.
+//! and recomputes them. A result folder whose `result.json` does not read is quarantined too.
 use super::CacheError;
-use super::hash::hash_file_uncached;
+use super::hash::{HashMemo, hash_file_uncached};
 use super::store::{ResultRecord, Store};
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
@@ -22,12 +22,19 @@ pub struct VerifyReport {
 pub fn verify(store: &Store) -> Result<VerifyReport, CacheError> {
     let mut report = VerifyReport::default();
     let corrupt_objects = verify_objects(store, &mut report)?;
-    for record in store.results() {
+    for key in store.result_keys() {
         report.results_checked += 1;
-        if let Some(problem) = first_problem(store, &record, &corrupt_objects) {
+        let problem = match store.lookup(&key) {
+            Some(record) => first_problem(store, &record, &corrupt_objects),
+            None => Some(format!(
+                "result {key}: {}",
+                store.unreadable_record(&key).unwrap_or_default()
+            )),
+        };
+        if let Some(problem) = problem {
             report.problems.push(problem);
-            quarantine(store, &store.result_dir(&record.key), &record.key)?;
-            report.quarantined_results.push(record.key);
+            quarantine(store, &store.result_dir(&key), &key)?;
+            report.quarantined_results.push(key);
         }
     }
     for digest in &corrupt_objects {
@@ -99,6 +106,63 @@ fn quarantine(store: &Store, path: &Path, name: &str) -> Result<(), CacheError> 
     let target = store
         .root()
         .join("quarantine")
-        .join(format!("{name}-{}", super::store::now_unix()));
+        .join(format!("{name}-{}", super::store::unique_suffix("at")));
     std::fs::rename(path, &target).map_err(|e| CacheError::io("quarantine", path, e))
+}
+
+/// What a run checks before it reuses a result (cheap, every time): every recorded file is
+/// there, and its digest — from the hash memo while its (device, inode, size, mtime) is
+/// unchanged, else by rehashing it — is the recorded one. Without a memo (`run --verify`)
+/// every file is rehashed. Returns the first problem.
+pub fn damage(store: &Store, memo: Option<&HashMemo>, record: &ResultRecord) -> Option<Damage> {
+    let out = store.output_dir(&record.key);
+    for (name, digest) in &record.files {
+        let path = out.join(name);
+        let hashed = match memo {
+            Some(memo) => memo.hash_file(&path),
+            None => std::fs::metadata(&path)
+                .map_err(|e| CacheError::io("read", &path, e))
+                .and_then(|meta| hash_file_uncached(&path, meta.len())),
+        };
+        let problem = match hashed {
+            Ok(actual) if actual == *digest => continue,
+            Ok(actual) => format!("file {name} hashes to {actual}, not its recorded {digest}"),
+            Err(_) => format!("file {name} is missing or unreadable"),
+        };
+        return Some(Damage {
+            problem: format!(
+                "result {} ({}): {problem}",
+                short(&record.key),
+                record.stage_id
+            ),
+            digest: digest.clone(),
+        });
+    }
+    None
+}
+
+/// A damaged result found by [`damage`].
+#[derive(Debug, Clone)]
+pub struct Damage {
+    pub problem: String,
+    /// The recorded digest of the damaged file (its object may be the damaged copy).
+    pub digest: String,
+}
+
+/// Moves a damaged result to `quarantine/`, and its object too when that no longer hashes to
+/// its name (so the recomputed output is not linked back to the damaged copy).
+pub fn quarantine_damaged(store: &Store, key: &str, damage: &Damage) -> Result<(), CacheError> {
+    quarantine(store, &store.result_dir(key), key)?;
+    let object = store.object_path(&damage.digest);
+    let Ok(meta) = std::fs::metadata(&object) else {
+        return Ok(());
+    };
+    if hash_file_uncached(&object, meta.len()).ok().as_deref() != Some(damage.digest.as_str()) {
+        quarantine(store, &object, &damage.digest)?;
+    }
+    Ok(())
+}
+
+fn short(key: &str) -> &str {
+    &key[..12.min(key.len())]
 }

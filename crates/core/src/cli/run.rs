@@ -45,6 +45,10 @@ pub struct RunArgs {
     /// Plain log lines even on a terminal.
     #[arg(long)]
     pub plain: bool,
+    /// Rehash every file of every result the run reuses, not only files changed since commit
+    /// (docs/cache.md, "What a run checks").
+    #[arg(long)]
+    pub verify: bool,
 }
 
 pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
@@ -84,6 +88,7 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
         progress::style_for_stdout()
     };
     let options = ExecOptions {
+        verify: args.verify,
         jobs,
         devices,
         selected,

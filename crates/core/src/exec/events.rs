@@ -47,6 +47,11 @@ pub enum Event {
         id: String,
         reason: String,
     },
+    /// Something the user should know that does not fail the stage (printed on stderr).
+    Warning {
+        id: String,
+        message: String,
+    },
 }
 
 /// Where events go.

@@ -9,6 +9,7 @@ use crate::cache::CacheError;
 use crate::cache::hash::{HashMemo, tree_digest};
 use crate::cache::lock::{Acquired, KeyLock};
 use crate::cache::store::{Commit, ResultRecord, Store, now_unix};
+use crate::cache::verify;
 use crate::plan::dirty::explain_miss;
 use crate::plan::fingerprint::{KeyMaterial, material};
 use crate::plan::graph::Plan;
@@ -33,6 +34,8 @@ pub struct ExecOptions {
     pub forced: Vec<bool>,
     /// With `--locked`: the expected keys and output digests.
     pub locked: Option<LockFile>,
+    /// With `--verify`: rehash every file of a reused result (else only changed files).
+    pub verify: bool,
 }
 
 /// What happened to a stage.
@@ -110,6 +113,7 @@ struct Shared {
     key_device: crate::device::Device,
     forced: Vec<bool>,
     locked: Option<LockFile>,
+    verify: bool,
     /// Shared locks on every result this run uses (found cached or committed), by key, held
     /// until the run ends, so `cache gc` cannot remove one before a downstream stage reads it.
     pins: Mutex<HashMap<String, KeyLock>>,
@@ -161,6 +165,7 @@ pub async fn execute(
         key_device: devices[0],
         forced: options.forced.clone(),
         locked: options.locked.clone(),
+        verify: options.verify,
         pins: Mutex::new(HashMap::new()),
     });
     let active = active_stages(&plan, &options.selected);
@@ -370,6 +375,7 @@ async fn run_stage(
     if !forced && let Some(done) = reuse(shared, index, &key, record).await? {
         return Ok(done);
     }
+    warn_unreadable_record(shared, &stage.id, &key);
     if !selected {
         return Err(format!(
             "not in the cache and not selected by --only/--until (key {}); run it first",
@@ -426,6 +432,17 @@ async fn run_stage(
     Ok(done)
 }
 
+/// A result folder whose record does not read is treated as absent: recomputed (the commit
+/// replaces the folder), with a warning naming the record.
+fn warn_unreadable_record(shared: &Shared, id: &str, key: &str) {
+    if let Some(problem) = shared.store.unreadable_record(key) {
+        let _ = shared.events.send(Event::Warning {
+            id: id.to_string(),
+            message: format!("its cached result is unusable ({problem}); recomputing it"),
+        });
+    }
+}
+
 async fn compute_material(
     shared: &Arc<Shared>,
     index: usize,
@@ -464,6 +481,19 @@ async fn reuse(
     let Some((lock, found)) = pin(shared, key, PIN_PATIENCE).await? else {
         return Ok(None);
     };
+    let (store, memo, checked) = (shared.store.clone(), shared.memo.clone(), found.clone());
+    let memo = (!shared.verify).then_some(memo);
+    let check = move || verify::damage(&store, memo.as_deref(), &checked);
+    if let Some(damage) = blocking(check).await? {
+        let id = &shared.plan.pipeline.stages[index].id;
+        let _ = shared.events.send(Event::Warning {
+            id: id.clone(),
+            message: format!("{}; quarantined, recomputing it", damage.problem),
+        });
+        verify::quarantine_damaged(&shared.store, key, &damage).map_err(|e| e.to_string())?;
+        drop(lock);
+        return Ok(None);
+    }
     Ok(Some(adopt(shared, index, key, lock, found, record)))
 }
 
@@ -661,7 +691,12 @@ async fn compute(
             key: &stage_key,
             pipeline: &pipeline_name,
         };
-        let result = run_stage.kind.run(&context);
+        let result =
+            crate::panics::catch(|| run_stage.kind.run(&context)).unwrap_or_else(|problem| {
+                Err(StageError::Failed(format!(
+                    "{problem} (the stage panicked; RUST_BACKTRACE=1 shows where)"
+                )))
+            });
         if let Err(error) = &result {
             log.line(&format!("dreampipe: stage failed: {error}"));
         }
@@ -696,13 +731,20 @@ async fn compute(
             material: &material,
             duration_s: seconds,
         };
-        commit_store.commit(&commit, &staging, forced)
+        let committed = commit_store.commit(&commit, &staging, forced);
+        if committed.is_err() {
+            let _ = commit_store.discard(&staging); // nothing partial is kept
+        }
+        committed
     })
     .await?
     .map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(&work);
-    let _ = store.record_stage(&shared.plan.pipeline.name, &stage.id, key);
     let output = store.output_dir(key);
+    for (name, digest) in &committed.files {
+        shared.memo.remember(&output.join(name), digest);
+    }
+    let _ = store.record_stage(&shared.plan.pipeline.name, &stage.id, key);
     let _ = shared.events.send(Event::Finished {
         id: stage.id.clone(),
         seconds,

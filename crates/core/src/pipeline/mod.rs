@@ -1,6 +1,7 @@
 //! Pipeline files: parsing (`spec`), validation reporting every error at once (`validate`),
 //! sweep expansion (`sweep`) and stage presets (`presets`). The result is a [`Pipeline`]: a
 //! flat list of concrete stage instances with their upstream edges resolved.
+pub mod limits;
 pub mod presets;
 pub mod spec;
 pub mod sweep;
@@ -70,7 +71,7 @@ impl fmt::Display for PipelineError {
 impl std::error::Error for PipelineError {}
 
 /// One axis value of a sweep: which stage declared it, the field and its display text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Coord {
     pub origin: String,
     pub field: String,

@@ -104,6 +104,14 @@ impl KeyLocator {
         Self { positions }
     }
 
+    /// How many keys the text places directly under `path` (block style only).
+    pub fn count_children(&self, path: &[&str]) -> usize {
+        self.positions
+            .keys()
+            .filter(|key| key.len() == path.len() + 1 && key.iter().zip(path).all(|(a, b)| a == b))
+            .count()
+    }
+
     /// The position of `path`, or of its nearest located ancestor.
     pub fn find(&self, path: &[&str]) -> Option<(usize, usize)> {
         (1..=path.len()).rev().find_map(|len| {

@@ -6,7 +6,7 @@
 use super::validate::StageDraft;
 use super::{Coord, StageInstance, display_value};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Most variants one stage may expand to (its own matrix times its upstreams' fan-out); a
 /// guard against typos such as a 10,000-value list, generous enough for a 1,000-run sweep.
@@ -25,6 +25,7 @@ pub struct SweepError {
 pub fn expand(drafts: Vec<StageDraft>, order: &[usize]) -> Result<Vec<StageInstance>, SweepError> {
     let mut stages: Vec<StageInstance> = Vec::new();
     let mut variants_of: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut by_coords: BTreeMap<String, VariantIndex> = BTreeMap::new();
     for &index in order {
         let draft = &drafts[index];
         let upstream_combos = upstream_combinations(draft, &variants_of, &stages);
@@ -49,15 +50,30 @@ pub fn expand(drafts: Vec<StageDraft>, order: &[usize]) -> Result<Vec<StageInsta
         let mut ids = Vec::new();
         for base in &upstream_combos {
             for (own_coords, own_values) in &own {
-                let instance =
-                    instantiate(draft, base, own_coords, own_values, &variants_of, &stages);
+                let known = (&variants_of, &by_coords);
+                let instance = instantiate(draft, base, own_coords, own_values, known, &stages);
                 ids.push(stages.len());
                 stages.push(instance);
             }
         }
+        by_coords.insert(draft.name.clone(), index_variants(&ids, &stages));
         variants_of.insert(draft.name.clone(), ids);
     }
     Ok(stages)
+}
+
+/// A stage's variants by their sorted coordinates, so fanning out finds each one in O(1).
+type VariantIndex = HashMap<Vec<Coord>, usize>;
+
+fn index_variants(ids: &[usize], stages: &[StageInstance]) -> VariantIndex {
+    ids.iter()
+        .map(|&id| (sorted(stages[id].coords.clone()), id))
+        .collect()
+}
+
+fn sorted(mut coords: Vec<Coord>) -> Vec<Coord> {
+    coords.sort();
+    coords
 }
 
 fn compatible(a: &[Coord], b: &[Coord]) -> bool {
@@ -99,11 +115,12 @@ fn upstream_combinations(
     for name in upstream_names {
         let variants = variants_of.get(name).map(Vec::as_slice).unwrap_or_default();
         let mut next = Vec::new();
+        let mut seen = std::collections::HashSet::new(); // linear dedup for big sweeps
         for combo in &combos {
             for &variant in variants {
                 let coords = &stages[variant].coords;
                 let merged = merge(combo, coords);
-                if compatible(combo, coords) && !next.contains(&merged) {
+                if compatible(combo, coords) && seen.insert(merged.clone()) {
                     next.push(merged);
                 }
             }
@@ -165,9 +182,13 @@ fn instantiate(
     base: &[Coord],
     own_coords: &[Coord],
     own_values: &[(String, Value)],
-    variants_of: &BTreeMap<String, Vec<usize>>,
+    known: (
+        &BTreeMap<String, Vec<usize>>,
+        &BTreeMap<String, VariantIndex>,
+    ),
     stages: &[StageInstance],
 ) -> StageInstance {
+    let (variants_of, by_coords) = known;
     let coords = merge(base, own_coords);
     let mut params = draft.params.clone();
     for (field, value) in own_values {
@@ -181,7 +202,7 @@ fn instantiate(
             let resolved = if gathered.contains(&field.as_str()) {
                 gather(names, &coords, variants_of, stages)
             } else {
-                fan_in_one(names, &coords, variants_of, stages)
+                fan_in_one(names, &coords, (variants_of, by_coords), stages)
             };
             (field.clone(), resolved)
         })
@@ -201,17 +222,37 @@ fn instantiate(
 fn fan_in_one(
     names: &[String],
     coords: &[Coord],
-    variants_of: &BTreeMap<String, Vec<usize>>,
+    known: (
+        &BTreeMap<String, Vec<usize>>,
+        &BTreeMap<String, VariantIndex>,
+    ),
     stages: &[StageInstance],
 ) -> Vec<(String, usize)> {
+    let (variants_of, by_coords) = known;
     names
         .iter()
         .filter_map(|name| {
             let variants = variants_of.get(name)?;
-            let chosen = variants
+            // The upstream's axes are those of any of its variants; the matching variant's
+            // coordinates are this stage's on those axes.
+            let axes = &stages[*variants.first()?].coords;
+            let key: Vec<Coord> = coords
                 .iter()
-                .copied()
-                .find(|&v| stages[v].coords.iter().all(|c| coords.contains(c)))?;
+                .filter(|c| {
+                    axes.iter()
+                        .any(|a| a.origin == c.origin && a.field == c.field)
+                })
+                .cloned()
+                .collect();
+            let indexed = by_coords
+                .get(name)
+                .and_then(|index| index.get(&sorted(key)));
+            let chosen = indexed.copied().or_else(|| {
+                variants
+                    .iter()
+                    .copied()
+                    .find(|&v| stages[v].coords.iter().all(|c| coords.contains(c)))
+            })?;
             Some((name.clone(), chosen))
         })
         .collect()

@@ -3,7 +3,8 @@
 //! cycle, missing input path, oversized sweep) instead of stopping at the first. Driven by each
 //! kind's parameter schema, so new stage kinds get the same checks for free.
 use super::spec::{KeyLocator, STAGE_KEYS, TOP_LEVEL_KEYS, describe, key_text, yaml_to_json};
-use super::{Diagnostic, Pipeline, PipelineError, presets, sweep};
+use super::sweep::MAX_TOTAL_STAGES;
+use super::{Diagnostic, Pipeline, PipelineError, limits, presets, sweep};
 use crate::stages::{ParamSpec, ParamType, Registry, Stage};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -96,12 +97,23 @@ fn did_you_mean(word: &str, candidates: &[&str]) -> String {
     }
 }
 
-/// Characters allowed in stage names (they become ids, paths and `$IN_<NAME>` variables).
-fn valid_stage_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+/// A diffusers folder, or a folder whose `model/` is one (a `textual_inversion` output).
+fn is_model_folder(path: &Path) -> bool {
+    path.join("model_index.json").is_file() || path.join("model/model_index.json").is_file()
+}
+
+fn too_many_stages(count: usize) -> String {
+    format!(
+        "the pipeline has {count} stages, over the limit of {MAX_TOTAL_STAGES}; split it into several pipelines"
+    )
+}
+
+/// A name as messages show it: the first 40 characters of a very long one, then `…`.
+fn short_name(name: &str) -> String {
+    match name.char_indices().nth(40) {
+        Some((end, _)) => format!("{}…", &name[..end]),
+        None => name.to_string(),
+    }
 }
 
 struct Checker<'a> {
@@ -144,6 +156,22 @@ impl Checker<'_> {
     }
 
     fn check(&mut self, text: &str, overrides: &[String]) -> Option<Pipeline> {
+        if let Some((location, message)) = limits::check_text(text) {
+            self.diagnostics.push(Diagnostic {
+                file: self.file.clone(),
+                location,
+                stage: None,
+                field: None,
+                message,
+            });
+            return None;
+        }
+        // Counted from the text before parsing, so a huge pipeline fails in milliseconds.
+        let located = self.locator.count_children(&["stages"]);
+        if located > MAX_TOTAL_STAGES {
+            self.report(&["stages"], None, Some("stages"), too_many_stages(located));
+            return None;
+        }
         let root: serde_yaml::Value = match serde_yaml::from_str(text) {
             Ok(value) => value,
             Err(error) => {
@@ -184,14 +212,24 @@ impl Checker<'_> {
             return None;
         }
         let order = self.check_cycles(&drafts)?;
+        let swept: BTreeSet<String> = drafts
+            .iter()
+            .filter(|d| !d.matrix.is_empty())
+            .map(|d| d.name.clone())
+            .collect();
         match sweep::expand(drafts, &order) {
             Ok(stages) => Some(Pipeline {
                 name,
                 file: self.file.clone(),
                 stages,
             }),
-            Err(error) => {
+            Err(error) if swept.contains(&error.stage) => {
                 self.stage_error(&error.stage, "matrix", error.message);
+                None
+            }
+            Err(error) => {
+                let path = ["stages", error.stage.as_str()];
+                self.report(&path, Some(&error.stage), None, error.message);
                 None
             }
         }
@@ -220,15 +258,19 @@ impl Checker<'_> {
             .unwrap_or_else(|| "pipeline".to_string());
         match top.get("name") {
             None => stem,
-            Some(serde_yaml::Value::String(name)) if valid_stage_name(name) => name.clone(),
-            Some(_) => {
-                self.report(
-                    &["name"],
-                    None,
-                    Some("name"),
-                    "the pipeline name must be a string of letters, digits, `_` and `-`"
+            Some(serde_yaml::Value::String(name)) if limits::name_problem(name).is_none() => {
+                name.clone()
+            }
+            Some(value) => {
+                let problem = value.as_str().and_then(limits::name_problem);
+                let message = match problem {
+                    Some(problem) if problem.contains("characters long") => {
+                        format!("the pipeline name {problem}")
+                    }
+                    _ => "the pipeline name must be a string of letters, digits, `_` and `-`"
                         .to_string(),
-                );
+                };
+                self.report(&["name"], None, Some("name"), message);
                 stem
             }
         }
@@ -307,15 +349,28 @@ impl Checker<'_> {
                 return None;
             }
         };
+        if stages.len() > MAX_TOTAL_STAGES {
+            self.report(
+                &["stages"],
+                None,
+                Some("stages"),
+                too_many_stages(stages.len()),
+            );
+            return None;
+        }
         let mut raw = Vec::new();
         for (key, value) in stages {
             let name = key_text(key).unwrap_or_default();
-            if !valid_stage_name(&name) {
+            if let Some(problem) = limits::name_problem(&name) {
+                let shown = short_name(&name);
                 self.report(
                     &["stages", &name],
-                    Some(&name),
+                    Some(&shown),
                     None,
-                    "stage names may only hold letters, digits, `_` and `-`".to_string(),
+                    match problem.starts_with("may only") {
+                        true => format!("stage names {problem}"),
+                        false => format!("the stage name {problem}"),
+                    },
                 );
                 continue;
             }
@@ -408,6 +463,23 @@ impl Checker<'_> {
             };
             let value = serde_yaml::from_str::<serde_yaml::Value>(value_text)
                 .unwrap_or_else(|_| serde_yaml::Value::String(value_text.to_string()));
+            if stage == "params" && !params.contains_key(field) {
+                let declared: Vec<&str> = params.keys().map(String::as_str).collect();
+                let hint = match suggest(field, declared.iter().copied()) {
+                    Some(near) => format!("; did you mean `{near}`?"),
+                    None if declared.is_empty() => "; it declares none".to_string(),
+                    None => format!(" (it declares: {})", declared.join(", ")),
+                };
+                self.report(
+                    &[],
+                    None,
+                    None,
+                    format!(
+                        "--set `{text}`: the pipeline has no param `{field}` under `params:`{hint}"
+                    ),
+                );
+                continue;
+            }
             if stage == "params" {
                 match yaml_to_json(&value) {
                     Ok(json) => {
@@ -691,6 +763,9 @@ impl Checker<'_> {
                         };
                         self.stage_error(stage, spec.name, format!("input `{item}` does not exist{also} (paths are relative to the pipeline's folder)"));
                         ok = false;
+                    } else if spec.model && !is_model_folder(&resolved) {
+                        self.stage_error(stage, spec.name, format!("`{item}` is not a model folder (no model_index.json in it or in its `model/`); give a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a stage that writes one"));
+                        ok = false;
                     }
                     field_paths.push((item, resolved));
                 }
@@ -961,6 +1036,13 @@ fn numbers_of(value: &Value) -> Vec<(f64, &Value)> {
 }
 
 fn range_error(spec: &ParamSpec, number: f64, value: &Value) -> Option<String> {
+    if let Some(step) = spec.step.filter(|step| number % (*step as f64) != 0.0) {
+        return Some(format!(
+            "{} is not a multiple of {step} (the VAE works in blocks of 8 pixels); use {}",
+            super::display_value(value),
+            ((number / step as f64).round() as i64).max(1) * step
+        ));
+    }
     let below = spec.min.is_some_and(|min| number < min);
     let above = spec.max.is_some_and(|max| number > max);
     (below || above).then(|| {

@@ -42,7 +42,15 @@ pub fn assess(
             },
             Ok(new) => {
                 let key = new.key();
-                match store.lookup(&key) {
+                let found = store.lookup(&key);
+                let damage = found
+                    .as_ref()
+                    .and_then(|record| crate::cache::verify::damage(store, Some(memo), record));
+                match found {
+                    Some(_) if let Some(damage) = damage => Status::Dirty {
+                        key,
+                        reasons: vec![format!("{}; it will be recomputed", damage.problem)],
+                    },
                     Some(record) if !forced[index] => {
                         digests.insert(index, record.output_digest);
                         Status::Fresh {

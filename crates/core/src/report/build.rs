@@ -324,6 +324,13 @@ fn listed_images(path: &Path, output: &Path) -> Result<Vec<ImageRef>, String> {
                 entry.path.display()
             ));
         }
+        if leaves(output, &entry.path) {
+            return Err(format!(
+                "{}: image path `{}` leads outside the stage's output folder (a symbolic link)",
+                path.display(),
+                entry.path.display()
+            ));
+        }
         images.push(ImageRef {
             path: output.join(&entry.path),
             caption: entry.caption,
@@ -331,6 +338,14 @@ fn listed_images(path: &Path, output: &Path) -> Result<Vec<ImageRef>, String> {
         });
     }
     Ok(images)
+}
+
+/// Whether `relative` inside `output` resolves (through links) to a place outside it.
+fn leaves(output: &Path, relative: &Path) -> bool {
+    match (output.canonicalize(), output.join(relative).canonicalize()) {
+        (Ok(root), Ok(real)) => !real.starts_with(root),
+        _ => false,
+    }
 }
 
 fn stays_inside(path: &Path) -> bool {
@@ -484,6 +499,25 @@ mod tests {
         assert!(!stays_inside(Path::new("/etc/x.png")));
         assert!(!stays_inside(Path::new("a/../../x.png")));
         assert!(!stays_inside(Path::new("")));
+    }
+
+    #[test]
+    fn a_listed_image_reached_through_a_link_out_of_the_output_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let output = dir.path().join("out");
+        std::fs::create_dir_all(output.join("samples")).expect("mkdir");
+        std::os::unix::fs::symlink(dir.path(), output.join("up")).expect("link");
+        std::fs::write(dir.path().join("x.png"), "outside").expect("write");
+        let list = output.join("report.json");
+        let text = r#"{"images": [{"path": "samples/a.png", "caption": "a", "step": null}, {"path": "up/x.png", "caption": "x", "step": null}]}"#;
+        std::fs::write(&list, text).expect("write");
+        assert_eq!(
+            listed_images(&list, &output).err(),
+            Some(format!(
+                "{}: image path `up/x.png` leads outside the stage's output folder (a symbolic link)",
+                list.display()
+            ))
+        );
     }
 
     #[test]

@@ -301,11 +301,11 @@ pub fn write_grid_png(
     Ok(layout)
 }
 
-/// Loads an image file (PNG, JPEG, WebP) as 8-bit RGB, e.g. a sample written by a stage.
+/// Loads an image file (PNG, JPEG, WebP) within the image limit as 8-bit RGB, e.g. a sample
+/// written by a stage.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ReportError> {
-    let decoded = image::open(path).map_err(|e| ReportError::ImageRead {
+    crate::imagefile::decode_rgb(path).map_err(|reason| ReportError::ImageRead {
         path: PathBuf::from(path),
-        reason: e.to_string(),
-    })?;
-    Ok(decoded.to_rgb8())
+        reason,
+    })
 }

@@ -509,7 +509,15 @@ impl ImageStore {
     }
 
     fn resolve(&mut self, path: &Path) -> Result<Option<String>, ReportError> {
-        let Ok(metadata) = std::fs::metadata(path) else {
+        // Only a regular file (not a link to anywhere) whose header reads as an image within
+        // the image limit is embedded; anything else shows as missing.
+        let metadata = std::fs::symlink_metadata(path);
+        let Ok(metadata) = metadata.and_then(|m| {
+            let usable = m.is_file() && crate::imagefile::check(path).is_ok();
+            usable
+                .then_some(m)
+                .ok_or(std::io::ErrorKind::InvalidData.into())
+        }) else {
             self.missing.push(path.to_path_buf());
             return Ok(None);
         };
@@ -624,5 +632,32 @@ mod tests {
             render_params(&params, &[]),
             "<code>dtype: f32\nseed: 0\nsteps: 4</code>"
         );
+    }
+
+    #[test]
+    fn only_regular_files_that_read_as_images_are_embedded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret.txt");
+        std::fs::write(&secret, "outside").expect("write");
+        let real = dir.path().join("real.png");
+        image::RgbImage::new(2, 2).save(&real).expect("png");
+        let leak = dir.path().join("leak.png");
+        std::os::unix::fs::symlink(&secret, &leak).expect("link");
+        let linked_image = dir.path().join("linked.png");
+        std::os::unix::fs::symlink(&real, &linked_image).expect("link");
+        let text = dir.path().join("text.png");
+        std::fs::write(&text, "not a png").expect("write");
+        let mut store = ImageStore::new(&dir.path().join("report"), 1 << 20);
+        let embedded = store.source(&real).expect("source");
+        assert!(embedded.is_some_and(|src| src.starts_with("data:image/png;base64,")));
+        for refused in [&leak, &linked_image, &text] {
+            assert_eq!(
+                store.source(refused).expect("source"),
+                None,
+                "{}",
+                refused.display()
+            );
+        }
+        assert_eq!(store.missing, [leak, linked_image, text]);
     }
 }

@@ -32,8 +32,10 @@ pub async fn report(mut events: UnboundedReceiver<Event>, style: Style) {
         Style::Plain => {
             let mut buckets: HashMap<String, u64> = HashMap::new();
             while let Some(event) = events.recv().await {
-                if let Some(line) = plain_line(&event, &mut buckets) {
-                    println!("{line}");
+                match (&event, plain_line(&event, &mut buckets)) {
+                    (Event::Warning { .. }, Some(line)) => eprintln!("{line}"),
+                    (_, Some(line)) => println!("{line}"),
+                    (_, None) => {}
                 }
             }
         }
@@ -76,6 +78,7 @@ pub fn plain_line(event: &Event, buckets: &mut HashMap<String, u64>) -> Option<S
             format!("[FAILED]  {id}: {error}{log}")
         }
         Event::Skipped { id, reason } => format!("[skipped] {id}: {reason}"),
+        Event::Warning { id, message } => format!("warning: {id}: {message}"),
     })
 }
 

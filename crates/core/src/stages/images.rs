@@ -1,10 +1,12 @@
-//! The `images` stage: imports a folder of instance images. Every file must decode (a broken
-//! one fails the stage, named); optionally resizes the shorter side to `resolution` and
+//! The `images` stage: imports a folder of instance images, listed and size-checked by
+//! `imagefile` exactly as the training stages read them (a broken or oversized file fails the
+//! stage, named); optionally resizes the shorter side to `resolution` and
 //! center-crops a square. Output: `images/NNNN.png` (RGB) and `manifest.json`.
+use super::sd_kinds::field_error;
 use super::{ParamSpec, ParamType, Stage, StageContext, StageError};
+use crate::imagefile;
 use image::imageops::FilterType;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
 
 /// Largest accepted `resolution` (an SD 2.x image is 768; 4096 leaves room without absurdity).
 const MAX_RESOLUTION: f64 = 4096.0;
@@ -28,7 +30,7 @@ impl Stage for ImagesStage {
             ParamSpec::required(
                 "path",
                 ParamType::Path,
-                "folder of images (every non-hidden file must decode)",
+                "folder of images (every non-hidden file must be an image within the image limit)",
             ),
             ParamSpec::optional(
                 "resolution",
@@ -51,12 +53,13 @@ impl Stage for ImagesStage {
             .first()
             .map(|p| p.to_path_buf())
             .ok_or_else(|| StageError::Failed("images: no input folder".to_string()))?;
-        let files = image_files(&folder)?;
+        let files = imagefile::list_folder(&folder).map_err(|e| field_error(ctx, "path", e))?;
         if files.is_empty() {
-            return Err(StageError::Failed(format!(
-                "images: `{}` holds no image files",
-                folder.display()
-            )));
+            return Err(field_error(
+                ctx,
+                "path",
+                format!("`{}` holds no image files", folder.display()),
+            ));
         }
         let images_dir = ctx.out_dir.join("images");
         std::fs::create_dir_all(&images_dir)
@@ -66,13 +69,8 @@ impl Stage for ImagesStage {
         let mut manifest = Vec::new();
         for (index, source) in files.iter().enumerate() {
             ctx.check_cancelled()?;
-            let decoded = image::open(source).map_err(|e| {
-                StageError::Failed(format!(
-                    "images: `{}` does not decode as an image: {e}",
-                    source.display()
-                ))
-            })?;
-            let converted = transform(decoded.to_rgb8(), resolution, crop);
+            let decoded = imagefile::decode_rgb(source).map_err(|e| field_error(ctx, "path", e))?;
+            let converted = transform(decoded, resolution, crop);
             let name = format!("{index:04}.png");
             let target = images_dir.join(&name);
             converted.save(&target).map_err(|e| {
@@ -91,20 +89,6 @@ impl Stage for ImagesStage {
             .map_err(|e| StageError::Failed(format!("images: manifest: {e}")))?;
         std::fs::write(&manifest_path, text).map_err(|e| StageError::io("write", &manifest_path, e))
     }
-}
-
-/// Non-hidden files of `folder`, sorted by name.
-fn image_files(folder: &Path) -> Result<Vec<PathBuf>, StageError> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(folder).map_err(|e| StageError::io("read", folder, e))? {
-        let entry = entry.map_err(|e| StageError::io("read", folder, e))?;
-        let hidden = entry.file_name().to_string_lossy().starts_with('.');
-        if !hidden && entry.path().is_file() {
-            files.push(entry.path());
-        }
-    }
-    files.sort();
-    Ok(files)
 }
 
 /// Resizes the shorter side to `resolution` (Lanczos3), then center-crops a square.

@@ -102,6 +102,11 @@ pub struct ParamSpec {
     /// For stage-reference fields: take every variant of a swept upstream (one stage reads
     /// them all) instead of fanning this stage out per variant. Set with [`Self::gathers`].
     pub gather: bool,
+    /// For path fields: each path must be a diffusers model folder (`model_index.json`, or a
+    /// `model/` holding one). Set with [`Self::model_folder`].
+    pub model: bool,
+    /// For integer fields: values must be a multiple of this. Set with [`Self::multiple_of`].
+    pub step: Option<i64>,
     pub doc: &'static str,
 }
 
@@ -116,6 +121,8 @@ impl ParamSpec {
             in_key: true,
             allowed: None,
             gather: false,
+            step: None,
+            model: false,
             doc,
         }
     }
@@ -128,6 +135,17 @@ impl ParamSpec {
     pub fn range(mut self, min: f64, max: f64) -> Self {
         self.min = Some(min);
         self.max = Some(max);
+        self
+    }
+    /// Requires each path of this field to be a diffusers model folder (checked by `validate`
+    /// before any file is hashed).
+    pub fn model_folder(mut self) -> Self {
+        self.model = true;
+        self
+    }
+    /// Restricts an integer field to multiples of `step` (image sides: the VAE's factor 8).
+    pub fn multiple_of(mut self, step: i64) -> Self {
+        self.step = Some(step);
         self
     }
     pub fn not_in_key(mut self) -> Self {

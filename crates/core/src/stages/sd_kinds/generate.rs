@@ -40,7 +40,8 @@ impl Stage for GenerateKind {
                 "model",
                 ParamType::PathOrStageRef,
                 "diffusers model folder, or the stage that produced one",
-            ),
+            )
+            .model_folder(),
             ParamSpec::required("prompt", ParamType::String, "the class prompt"),
             negative_prompt_spec(),
             ParamSpec::required("count", ParamType::Integer, "number of images")

@@ -63,7 +63,9 @@ pub fn guidance_spec(kind: ParamType, doc: &'static str) -> ParamSpec {
 /// The `width` and `height` fields (unset: the model's default size).
 pub fn size_specs() -> [ParamSpec; 2] {
     let side = |name: &'static str, doc: &'static str| {
-        ParamSpec::optional(name, ParamType::Integer, Value::Null, doc).range(MIN_SIZE, MAX_SIZE)
+        ParamSpec::optional(name, ParamType::Integer, Value::Null, doc)
+            .range(MIN_SIZE, MAX_SIZE)
+            .multiple_of(8)
     };
     [
         side(

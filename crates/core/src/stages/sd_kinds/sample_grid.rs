@@ -39,6 +39,7 @@ impl Stage for SampleGridKind {
                 ParamType::PathOrStageRefList,
                 "stages producing models and/or diffusers model folders; every variant of a swept stage is a row",
             )
+            .model_folder()
             .gathers(),
             ParamSpec::required("prompts", ParamType::StringList, "one grid per prompt"),
             negative_prompt_spec(),

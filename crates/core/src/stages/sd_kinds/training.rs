@@ -47,7 +47,8 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             "model",
             ParamType::PathOrStageRef,
             "diffusers folder, or the stage that produced one (a `textual_inversion` stage: its `model/`)",
-        ),
+        )
+        .model_folder(),
         ParamSpec::optional(
             "seed",
             Integer,
@@ -61,7 +62,8 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             json!(512),
             "training image side (a multiple of 8)",
         )
-        .range(MIN_RESOLUTION, MAX_RESOLUTION),
+        .range(MIN_RESOLUTION, MAX_RESOLUTION)
+        .multiple_of(8),
         ParamSpec::optional(
             "center_crop",
             Bool,
