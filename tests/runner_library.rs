@@ -502,3 +502,70 @@ fn a_panicking_stage_fails_alone_and_leaves_no_staging() {
         0
     );
 }
+
+/// `resources: {gpus: N}` on `command` stages, on a run with two (fake) CUDA devices: each
+/// stage holds its N device slots and sees them as `CUDA_VISIBLE_DEVICES`; two one-GPU stages
+/// run at once on different GPUs (they wait for each other, so they must overlap); a two-GPU
+/// stage after them sees both (a request for several slots queues fairly: one-GPU stages behind
+/// it wait, so it runs after the pair here); a stage without `resources` inherits the variable;
+/// asking for more devices than the run has fails naming the stage.
+#[test]
+fn command_stages_hold_the_gpus_they_ask_for_and_see_them() {
+    use dreampipe::device::Device;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let meet = |me: &str, other: &str| {
+        format!(
+            "touch $PIPELINE_DIR/{me}.here; i=0; while [ ! -e $PIPELINE_DIR/{other}.here ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done; echo \"$CUDA_VISIBLE_DEVICES\" > $OUT/visible"
+        )
+    };
+    let yaml = format!(
+        "stages:\n  one:\n    kind: command\n    resources: {{gpus: 1}}\n    run: '{}'\n  two:\n    kind: command\n    resources: {{gpus: 1}}\n    run: '{}'\n  both:\n    kind: command\n    needs: [one, two]\n    resources: {{gpus: 2}}\n    run: echo \"$CUDA_VISIBLE_DEVICES\" > $OUT/visible\n  plain:\n    kind: command\n    run: echo \"${{CUDA_VISIBLE_DEVICES-unset}}\" > $OUT/visible\n  greedy:\n    kind: command\n    resources: {{gpus: 3}}\n    run: echo never > $OUT/visible\n",
+        meet("one", "two"),
+        meet("two", "one")
+    );
+    let options = LoadOptions {
+        overrides: vec![],
+        registry: registry(),
+    };
+    let pipeline =
+        load_str(&yaml, &dir.path().join("p.yaml"), dir.path(), &options).expect("valid");
+    let store = Store::open(&dir.path().join("cache")).expect("store");
+    let (record, _) = run(
+        Plan::new(pipeline),
+        &store,
+        vec![Device::Cuda(0), Device::Cuda(1)],
+    );
+    let visible = |id: &str| {
+        let stage = record.stages.iter().find(|s| s.id == id).expect("stage");
+        let key = stage.key.as_ref().expect("key");
+        std::fs::read_to_string(store.output_dir(key).join("visible")).expect("visible")
+    };
+    let mut pair = [visible("one"), visible("two")];
+    pair.sort();
+    assert_eq!(
+        pair,
+        ["0\n", "1\n"],
+        "two one-GPU stages at once, one GPU each"
+    );
+    let mut both: Vec<String> = visible("both")
+        .trim()
+        .split(',')
+        .map(String::from)
+        .collect();
+    both.sort();
+    assert_eq!(both, ["0", "1"]);
+    let inherited = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".to_string());
+    assert_eq!(visible("plain"), format!("{inherited}\n"));
+    let greedy = record
+        .stages
+        .iter()
+        .find(|s| s.id == "greedy")
+        .expect("greedy");
+    assert_eq!(greedy.status, Outcome::Failed);
+    assert_eq!(
+        greedy.error.as_deref(),
+        Some(
+            "stage `greedy` asks for 3 devices (`resources: {gpus: 3}`) but this run has 2 (--devices)"
+        )
+    );
+}

@@ -56,6 +56,14 @@ impl CudaProbe {
     }
 }
 
+/// Every device `auto` spreads GPU stages over: each GPU libtorch sees, else the CPU.
+pub fn every_device(probe: &CudaProbe) -> Vec<Device> {
+    match probe.device_count() {
+        0 => vec![Device::Cpu],
+        count => (0..count).map(Device::Cuda).collect(),
+    }
+}
+
 /// Resolves the request against the probe. `cuda` that cannot work is one clear error line.
 pub fn resolve(request: DeviceRequest, probe: &CudaProbe) -> Result<Device, String> {
     match request {
@@ -191,6 +199,8 @@ mod tests {
             "gpu".parse::<DeviceRequest>(),
             Err("unknown device 'gpu': use auto, cpu, cuda or cuda:N".to_string())
         );
+        assert_eq!(every_device(&two), [Device::Cuda(0), Device::Cuda(1)]);
+        assert_eq!(every_device(&none), [Device::Cpu]);
     }
 
     #[test]

@@ -122,6 +122,8 @@ impl Backend {
 /// Everything a verb needs from the global flags, resolved once.
 pub struct Context {
     pub device: Device,
+    /// What `--device` asked for (`auto` also spreads GPU stages over every GPU).
+    pub device_request: DeviceRequest,
     pub cache_root: PathBuf,
     pub registry: Registry,
     pub probe: Option<CudaProbe>,
@@ -137,6 +139,12 @@ impl Context {
         let probe = self.probe.as_ref().ok_or(Handoff)?;
         device::resolve(request, probe).map_err(anyhow::Error::msg)
     }
+
+    /// Every device `auto` can use: each visible GPU, else the CPU.
+    pub fn every_device(&self) -> anyhow::Result<Vec<Device>> {
+        let probe = self.probe.as_ref().ok_or(Handoff)?;
+        Ok(device::every_device(probe))
+    }
 }
 
 /// Runs the verb; the returned exit code is success unless the verb says otherwise.
@@ -148,6 +156,7 @@ pub fn run(cli: Cli, backend: Backend) -> anyhow::Result<ExitCode> {
     }
     let mut context = Context {
         device: Device::Cpu,
+        device_request: cli.global.device,
         cache_root: cli.global.cache,
         registry: backend.registry,
         probe: backend.probe,

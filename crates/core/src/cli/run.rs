@@ -36,7 +36,8 @@ pub struct RunArgs {
     /// Concurrent CPU stages (default: number of CPU cores).
     #[arg(long)]
     pub jobs: Option<usize>,
-    /// Devices for GPU stages, e.g. `cuda:0,cuda:1` (default: --device).
+    /// Devices for GPU stages, one stage per device at a time, e.g. `cuda:0,cuda:1`; `auto`:
+    /// every visible GPU (default: every visible GPU with `--device auto`, else --device).
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<DeviceRequest>,
     /// Fail when a stage's key or output digest differs from `<pipeline>.lock`.
@@ -144,11 +145,24 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The device slots of the run: `--devices` (`auto` = every visible GPU), else every visible
+/// GPU when `--device auto` found CUDA, else `--device`. Duplicates are kept: `cuda:0,cuda:0`
+/// runs two stages on one GPU.
 fn resolve_devices(context: &Context, requests: &[DeviceRequest]) -> anyhow::Result<Vec<Device>> {
     if requests.is_empty() {
-        return Ok(vec![context.device]);
+        return match (context.device_request, context.device) {
+            (DeviceRequest::Auto, Device::Cuda(_)) => context.every_device(),
+            _ => Ok(vec![context.device]),
+        };
     }
-    requests.iter().map(|r| context.resolve(*r)).collect()
+    let mut devices = Vec::new();
+    for request in requests {
+        match request {
+            DeviceRequest::Auto => devices.extend(context.every_device()?),
+            other => devices.push(context.resolve(*other)?),
+        }
+    }
+    Ok(devices)
 }
 
 /// Whether a stage of a kind that needs libtorch would run (not cached, or after an upstream

@@ -83,13 +83,15 @@ pub struct RunRecord {
 struct DevicePool {
     free: Mutex<Vec<crate::device::Device>>,
     permits: Arc<Semaphore>,
+    /// Devices in the pool (the most one stage can hold).
+    count: usize,
 }
 
-/// A held device; returned to the pool on drop.
+/// Held devices; returned to the pool on drop.
 struct DeviceSlot {
     pool: Arc<DevicePool>,
-    device: crate::device::Device,
-    _permit: OwnedSemaphorePermit,
+    devices: Vec<crate::device::Device>,
+    _permits: OwnedSemaphorePermit,
 }
 
 impl Drop for DeviceSlot {
@@ -98,7 +100,7 @@ impl Drop for DeviceSlot {
             .free
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(self.device);
+            .extend(self.devices.drain(..).rev());
     }
 }
 
@@ -161,6 +163,7 @@ pub async fn execute(
         gpus: Arc::new(DevicePool {
             permits: Arc::new(Semaphore::new(devices.len())),
             free: Mutex::new(devices.iter().rev().copied().collect()),
+            count: devices.len(),
         }),
         key_device: devices[0],
         forced: options.forced.clone(),
@@ -600,41 +603,43 @@ enum Slot {
     Gpu(DeviceSlot),
 }
 
+/// The slot a stage runs in: a CPU permit, or `device_slots` devices held together (taken
+/// all at once, so two stages can never each hold part of what the other waits for). Returns
+/// the slot and the devices held (empty for a CPU permit).
 async fn take_slot(
     shared: &Shared,
-    class: DeviceClass,
-) -> Result<(Slot, crate::device::Device), String> {
+    device_slots: usize,
+    stage_id: &str,
+) -> Result<(Slot, Vec<crate::device::Device>), String> {
     let closed = |_| "internal error: the executor's slots were closed".to_string();
-    match class {
-        DeviceClass::Cpu => Ok((
-            Slot::Cpu(shared.cpu.clone().acquire_owned().await.map_err(closed)?),
-            crate::device::Device::Cpu,
-        )),
-        DeviceClass::Gpu => {
-            let permit = shared
-                .gpus
-                .permits
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(closed)?;
-            let device = shared
-                .gpus
-                .free
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop()
-                .unwrap_or(shared.key_device);
-            Ok((
-                Slot::Gpu(DeviceSlot {
-                    pool: shared.gpus.clone(),
-                    device,
-                    _permit: permit,
-                }),
-                device,
-            ))
-        }
+    if device_slots == 0 {
+        let permit = shared.cpu.clone().acquire_owned().await.map_err(closed)?;
+        return Ok((Slot::Cpu(permit), Vec::new()));
     }
+    let available = shared.gpus.count;
+    if device_slots > available {
+        return Err(format!(
+            "stage `{stage_id}` asks for {device_slots} devices (`resources: {{gpus: {device_slots}}}`) but this run has {available} (--devices)"
+        ));
+    }
+    let permits = (shared.gpus.permits.clone())
+        .acquire_many_owned(device_slots as u32)
+        .await
+        .map_err(closed)?;
+    let devices: Vec<crate::device::Device> = {
+        let mut free = shared.gpus.free.lock().unwrap_or_else(|p| p.into_inner());
+        let keep = free.len().saturating_sub(device_slots);
+        free.split_off(keep).into_iter().rev().collect()
+    };
+    let held = devices.clone();
+    Ok((
+        Slot::Gpu(DeviceSlot {
+            pool: shared.gpus.clone(),
+            devices,
+            _permits: permits,
+        }),
+        held,
+    ))
 }
 
 /// Runs the stage in a staging folder and commits its output.
@@ -647,7 +652,12 @@ async fn compute(
     record: &mut StageRecord,
 ) -> Result<Done, String> {
     let stage = shared.plan.pipeline.stages[index].clone();
-    let (slot, device) = take_slot(shared, stage.kind.device_class()).await?;
+    let device_slots = stage.resources.device_slots(stage.kind.device_class());
+    let (slot, devices) = take_slot(shared, device_slots, &stage.id).await?;
+    let device = match stage.kind.device_class() {
+        DeviceClass::Gpu => devices.first().copied().unwrap_or(shared.key_device),
+        DeviceClass::Cpu => crate::device::Device::Cpu,
+    };
     if shared.cancel.is_cancelled() {
         return Err("cancelled".to_string());
     }
@@ -686,6 +696,7 @@ async fn compute(
             progress: &progress,
             cancel: &cancel,
             device,
+            devices: &devices,
             log: &log,
             shared_root: &shared_root,
             key: &stage_key,

@@ -95,6 +95,28 @@ pub struct StageInstance {
     /// Input paths per field: (path as written, resolved path).
     pub paths: BTreeMap<String, Vec<(String, PathBuf)>>,
     pub coords: Vec<Coord>,
+    /// What the stage reserves while it runs (`resources:`; not part of its key).
+    pub resources: Resources,
+}
+
+/// A stage's `resources:`: what it holds while it runs. Placement only, so outside the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Resources {
+    /// Device slots (GPUs) to hold; None: the kind's default (one for GPU kinds, none else).
+    pub gpus: Option<usize>,
+}
+
+/// The most device slots one stage may ask for.
+pub const MAX_GPUS_PER_STAGE: usize = 64;
+
+impl Resources {
+    /// How many device slots a stage of `class` holds.
+    pub fn device_slots(&self, class: crate::stages::DeviceClass) -> usize {
+        self.gpus.unwrap_or(match class {
+            crate::stages::DeviceClass::Gpu => 1,
+            crate::stages::DeviceClass::Cpu => 0,
+        })
+    }
 }
 
 /// A validated pipeline: stages in an order where every upstream comes first.

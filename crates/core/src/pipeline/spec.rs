@@ -6,7 +6,7 @@ use std::collections::HashMap;
 /// Top-level sections of a pipeline file.
 pub const TOP_LEVEL_KEYS: [&str; 4] = ["name", "defaults", "params", "stages"];
 /// Keys every stage accepts besides its kind's schema.
-pub const STAGE_KEYS: [&str; 3] = ["kind", "use", "matrix"];
+pub const STAGE_KEYS: [&str; 4] = ["kind", "use", "matrix", "resources"];
 
 /// Converts YAML to JSON; mapping keys must be strings, numbers finite, no tags.
 pub fn yaml_to_json(value: &serde_yaml::Value) -> Result<Value, String> {

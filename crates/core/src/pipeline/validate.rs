@@ -37,6 +37,7 @@ pub struct StageDraft {
     /// Upstream stage names per field.
     pub refs: BTreeMap<String, Vec<String>>,
     pub paths: BTreeMap<String, Vec<(String, PathBuf)>>,
+    pub resources: super::Resources,
 }
 
 /// Reads and validates a pipeline file.
@@ -525,6 +526,7 @@ impl Checker<'_> {
             .collect();
         let mut values = serde_json::Map::new();
         let mut matrix = Vec::new();
+        let mut resources = super::Resources::default();
         let mut ok = true;
         // Fields present (even if invalid) or suggested for a typo are not also "missing".
         let mut accounted: BTreeSet<&str> = BTreeSet::new();
@@ -548,6 +550,11 @@ impl Checker<'_> {
                         ok = false;
                         Vec::new()
                     });
+            } else if field == "resources" {
+                match self.check_resources(stage, &value, kind.device_class()) {
+                    Some(checked) => resources = checked,
+                    None => ok = false,
+                }
             } else if let Some(spec) = schema.iter().find(|p| p.name == field) {
                 ok &= self.check_value(stage, field, spec, &value);
                 values.insert(field.clone(), value);
@@ -605,7 +612,56 @@ impl Checker<'_> {
             matrix,
             refs,
             paths,
+            resources,
         })
+    }
+
+    /// `resources: {gpus: N}`: N device slots held while the stage runs (0 to
+    /// MAX_GPUS_PER_STAGE; a GPU kind needs at least one).
+    fn check_resources(
+        &mut self,
+        stage: &str,
+        value: &Value,
+        class: crate::stages::DeviceClass,
+    ) -> Option<super::Resources> {
+        const FIELDS: [&str; 1] = ["gpus"];
+        let Some(map) = value.as_object() else {
+            let message = "must be a mapping such as `{gpus: 1}`".to_string();
+            self.stage_error(stage, "resources", message);
+            return None;
+        };
+        let mut resources = super::Resources::default();
+        let mut ok = true;
+        for (name, value) in map {
+            let field = format!("resources.{name}");
+            if name != "gpus" {
+                let hint = did_you_mean(name, &FIELDS);
+                self.stage_error(stage, &field, format!("unknown resource{hint}"));
+                ok = false;
+                continue;
+            }
+            let gpus = value.as_u64().map(|n| n as usize);
+            let minimum = usize::from(class == crate::stages::DeviceClass::Gpu);
+            match gpus {
+                Some(n) if (minimum..=super::MAX_GPUS_PER_STAGE).contains(&n) => {
+                    resources.gpus = Some(n)
+                }
+                _ => {
+                    let message = format!(
+                        "must be a whole number from {minimum} to {}, got {value}{}",
+                        super::MAX_GPUS_PER_STAGE,
+                        if minimum == 1 {
+                            " (this kind runs on a device)"
+                        } else {
+                            ""
+                        }
+                    );
+                    self.stage_error(stage, &field, message);
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(resources)
     }
 
     fn stage_kind(&mut self, raw: &RawStage) -> Option<Arc<dyn Stage>> {

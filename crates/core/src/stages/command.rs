@@ -1,7 +1,9 @@
 //! The `command` stage: runs the user's shell text with `sh -c` in the staging folder.
 //! Environment: `$OUT` (write the output there), `$WORK` (checkpoints kept across crashes),
 //! `$PIPELINE_DIR` (the pipeline file's folder, where relative `inputs` live) and
-//! `$IN_<NAME>` for each needed stage (NAME upper-cased, every non-alphanumeric as `_`).
+//! `$IN_<NAME>` for each needed stage (NAME upper-cased, every non-alphanumeric as `_`), and,
+//! with `resources: {gpus: N}`, `CUDA_VISIBLE_DEVICES` listing the N GPUs it holds (empty on a
+//! run without GPUs); without `resources` the variable is inherited unchanged.
 //! The `run` text enters the key; the environment's values do not.
 use super::{ParamSpec, ParamType, Stage, StageContext, StageError};
 use serde_json::json;
@@ -13,6 +15,18 @@ use std::time::Duration;
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 pub struct CommandStage;
+
+/// `CUDA_VISIBLE_DEVICES` for the held devices: their CUDA indices, comma-separated (a CPU
+/// slot, on a run without GPUs, adds none).
+pub fn visible_devices(devices: &[crate::device::Device]) -> String {
+    let indices: Vec<String> = (devices.iter())
+        .filter_map(|device| match device {
+            crate::device::Device::Cuda(index) => Some(index.to_string()),
+            crate::device::Device::Cpu => None,
+        })
+        .collect();
+    indices.join(",")
+}
 
 /// `$IN_<NAME>` for an upstream stage name.
 pub fn input_env_name(stage: &str) -> String {
@@ -76,6 +90,9 @@ impl Stage for CommandStage {
             if let Some(name) = &input.upstream {
                 command.env(input_env_name(name), &input.path);
             }
+        }
+        if !ctx.devices.is_empty() {
+            command.env("CUDA_VISIBLE_DEVICES", visible_devices(ctx.devices));
         }
         let log_file = std::fs::File::options()
             .append(true)

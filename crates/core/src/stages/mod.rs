@@ -268,6 +268,9 @@ pub struct StageContext<'a> {
     pub progress: &'a ProgressReporter,
     pub cancel: &'a CancelFlag,
     pub device: crate::device::Device,
+    /// Every device slot the stage holds (`resources: {gpus: N}`; one for a GPU kind by
+    /// default, none for a CPU kind), `device` first.
+    pub devices: &'a [crate::device::Device],
     pub log: &'a StageLog,
     /// `<cache>/shared`: stage-managed memos that outlive one key (see [`Self::shared_dir`]).
     pub shared_root: &'a Path,
