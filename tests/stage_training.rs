@@ -544,3 +544,62 @@ fn images_and_training_stages_refuse_the_same_files_naming_stage_field_and_limit
         std::fs::remove_file(&path).expect("remove");
     }
 }
+
+const TWO_SLOTS: &str = r#"name: slots
+stages:
+  photos:
+    kind: images
+    path: photos
+  db:
+    kind: dreambooth
+    model: MODEL
+    instance_images: photos
+    instance_prompt: a photo of sks dog
+    resolution: 64
+    train_batch_size: 1
+    max_train_steps: 6
+    lr_warmup_steps: 0
+    matrix:
+      learning_rate: [1.0e-4, 2.0e-4]
+"#;
+
+/// Two DreamBooth variants on two CPU device slots (`--devices cpu,cpu`) train at the same
+/// time — their `ran` intervals in the run record overlap for most of their length; no process
+/// lock serializes their random draws — and each output is bit for bit (same digest) what the
+/// one-slot run, where they train one after the other, produces.
+#[test]
+fn two_training_stages_on_two_slots_overlap_and_match_one_slot() {
+    let pipeline = TWO_SLOTS.replace("MODEL", &tiny_model());
+    let (two, one) = (project_with(&pipeline), project_with(&pipeline));
+    let parallel = run(&two, "train.yaml", &["--devices", "cpu,cpu"]);
+    assert_success(&parallel);
+    let serial = run(&one, "train.yaml", &[]);
+    assert_success(&serial);
+    let ids = ["db[learning_rate=1e-4]", "db[learning_rate=2e-4]"];
+    let interval = |result: &RunResult, id: &str| {
+        let ran = result.stage_field(id, "ran");
+        (
+            ran[0].as_f64().expect("start"),
+            ran[1].as_f64().expect("end"),
+        )
+    };
+    let (a, b) = (interval(&parallel, ids[0]), interval(&parallel, ids[1]));
+    let overlap = (a.1.min(b.1) - a.0.max(b.0)).max(0.0);
+    let shorter = (a.1 - a.0).min(b.1 - b.0);
+    assert!(
+        overlap >= 0.5 * shorter,
+        "two slots: {a:?} and {b:?} overlap {overlap:.2} s of {shorter:.2} s"
+    );
+    let (c, d) = (interval(&serial, ids[0]), interval(&serial, ids[1]));
+    assert!(
+        c.1 <= d.0 || d.1 <= c.0,
+        "one slot: {c:?} and {d:?} overlap"
+    );
+    for id in ids {
+        assert_eq!(
+            parallel.stage_field(id, "output_digest"),
+            serial.stage_field(id, "output_digest"),
+            "{id}"
+        );
+    }
+}

@@ -63,6 +63,10 @@ pub struct StageRecord {
     pub params: serde_json::Value,
     pub log: Option<PathBuf>,
     pub error: Option<String>,
+    /// When the stage's own work ran (after it got its slot), in seconds since the run
+    /// started: (start, end). None when it did not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ran: Option<(f64, f64)>,
     /// Why it ran (dirty reasons), when it ran.
     pub reasons: Vec<String>,
 }
@@ -116,6 +120,8 @@ struct Shared {
     forced: Vec<bool>,
     locked: Option<LockFile>,
     verify: bool,
+    /// When the run started (stage records' `ran` times count from it).
+    run_started: Instant,
     /// Shared locks on every result this run uses (found cached or committed), by key, held
     /// until the run ends, so `cache gc` cannot remove one before a downstream stage reads it.
     pins: Mutex<HashMap<String, KeyLock>>,
@@ -169,6 +175,7 @@ pub async fn execute(
         forced: options.forced.clone(),
         locked: options.locked.clone(),
         verify: options.verify,
+        run_started: started,
         pins: Mutex::new(HashMap::new()),
     });
     let active = active_stages(&plan, &options.selected);
@@ -311,6 +318,7 @@ fn base_record(plan: &Plan, index: usize, status: Outcome) -> StageRecord {
         params: serde_json::Value::Object(stage.params.clone()),
         log: None,
         error: None,
+        ran: None,
         reasons: Vec::new(),
     }
 }
@@ -673,6 +681,7 @@ async fn compute(
         key: key.to_string(),
     });
     let started = Instant::now();
+    let since_run_start = |at: Instant| at.duration_since(shared.run_started).as_secs_f64();
     let (events, cancel, out) = (
         shared.events.clone(),
         shared.cancel.clone(),
@@ -716,6 +725,7 @@ async fn compute(
     .await;
     drop(slot);
     let seconds = started.elapsed().as_secs_f64();
+    record.ran = Some((since_run_start(started), since_run_start(Instant::now())));
     let failure = match outcome {
         Ok(Ok(())) => None,
         Ok(Err(StageError::Cancelled)) => Some("cancelled".to_string()),
