@@ -209,10 +209,13 @@ impl Checker<'_> {
             .iter()
             .filter_map(|raw| self.check_stage(raw, &names, &params, &defaults))
             .collect();
-        if !self.diagnostics.is_empty() || drafts.len() != raw_stages.len() {
+        let stages_valid = self.diagnostics.is_empty() && drafts.len() == raw_stages.len();
+        // Cycles among the stages that did validate are reported with the field errors.
+        let order = self.check_cycles(&drafts);
+        if !stages_valid {
             return None;
         }
-        let order = self.check_cycles(&drafts)?;
+        let order = order?;
         let swept: BTreeSet<String> = drafts
             .iter()
             .filter(|d| !d.matrix.is_empty())
