@@ -92,6 +92,26 @@ fn grids_have_one_row_per_model_and_scheduler_and_one_column_per_seed() {
         )),
         "{text}"
     );
+    // The grid carries its recipe too: the first cell's parameters, the stage, the layout.
+    let grid_text = read_parameters_text(&out.join("grid-1.png"))
+        .expect("read grid PNG")
+        .expect("grid parameters chunk");
+    assert_eq!(
+        grid_text,
+        format!(
+            "{}\nSteps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 3, Size: 64x64, Model hash: {}, \
+             Model: copy, dreampipe stage: grid, dreampipe key: {}, dreampipe pipeline: grid, \
+             dreampipe grid rows: copy · ddim | copy · euler-a | tiny-sd · ddim | tiny-sd · euler-a, \
+             dreampipe grid columns: seed 3 | seed 4",
+            PROMPTS[1],
+            grid_text
+                .split("Model hash: ")
+                .nth(1)
+                .and_then(|t| t.split(',').next())
+                .unwrap_or(""),
+            stage_key(&cache, "grid", "grid")
+        )
+    );
 }
 
 #[test]

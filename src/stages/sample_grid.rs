@@ -8,7 +8,7 @@
 //! stage.
 use super::sd_common::{
     SampleInfo, create_dir, dtype_param, field_error, load_model, model_hash, model_label,
-    parse_scheduler, write_manifest, write_sample,
+    parse_scheduler, stamp_from, write_manifest, write_sample,
 };
 use super::{ResolvedInput, StageContext, StageError};
 use crate::cache::store::file_name_for;
@@ -41,6 +41,10 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     grid.write_grids(ctx, &rows)?;
     write_manifest(ctx, &grid.manifest(images))
 }
+
+/// The grid PNG's settings fields naming its rows and columns (labels joined by " | ").
+const GRID_ROWS_FIELD: &str = "dreampipe grid rows";
+const GRID_COLUMNS_FIELD: &str = "dreampipe grid columns";
 
 /// One grid row: a model with one scheduler (`None`: the model's own), steps and guidance.
 struct Row {
@@ -294,6 +298,14 @@ impl Grid {
             .map_err(grid_error)?;
             let target = ctx.out_dir.join(format!("grid-{prompt_index}.png"));
             write_grid_png(&spec, &target, None).map_err(grid_error)?;
+            let layout = [
+                (GRID_ROWS_FIELD.to_string(), row_labels.join(" | ")),
+                (GRID_COLUMNS_FIELD.to_string(), column_labels.join(" | ")),
+            ];
+            // As A1111 does for grids: the first image's parameters, plus the layout.
+            if let Some(first) = paths.first().and_then(|row| row.first()) {
+                stamp_from(ctx, first, &target, &layout)?;
+            }
         }
         Ok(())
     }

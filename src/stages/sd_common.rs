@@ -105,18 +105,29 @@ pub fn provenance(ctx: &StageContext<'_>) -> Vec<(String, String)> {
 /// Rewrites the dreampipe fields of a PNG made by an earlier run (a memoized image) so it names
 /// this run's stage key and pipeline; pixels and the other parameters are kept.
 pub fn restamp_sample(ctx: &StageContext<'_>, path: &Path) -> Result<(), StageError> {
+    stamp_from(ctx, path, path, &[])
+}
+
+/// Writes into `target`'s parameters chunk the generation parameters of `source` (an image
+/// this stage wrote) with this stage's dreampipe fields and `extra` ones (a grid's rows and
+/// columns) in place of the dreampipe fields `source` had; `target`'s pixels are kept.
+pub fn stamp_from(
+    ctx: &StageContext<'_>,
+    source: &Path,
+    target: &Path,
+    extra: &[(String, String)],
+) -> Result<(), StageError> {
     let failed = |e: String| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id));
-    let text = crate::sd::png::read_parameters_text(path)
+    let text = crate::sd::png::read_parameters_text(source)
         .map_err(|e| failed(e.to_string()))?
         .unwrap_or_default();
     let marker = format!(", {STAGE_FIELD}: ");
     let base = text.split(&marker).next().unwrap_or_default();
-    let fields: Vec<String> = provenance(ctx)
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}"))
+    let fields: Vec<String> = (provenance(ctx).iter().chain(extra))
+        .map(|(k, v)| crate::sd::png::settings_field(k, v))
         .collect();
-    let restamped = format!("{base}, {}", fields.join(", "));
-    crate::sd::png::replace_parameters_text(path, &restamped).map_err(|e| failed(e.to_string()))
+    let stamped = format!("{base}, {}", fields.join(", "));
+    crate::sd::png::replace_parameters_text(target, &stamped).map_err(|e| failed(e.to_string()))
 }
 
 /// A1111's short model hash of the folder's UNet weights (as `dreampipe sample` writes it).

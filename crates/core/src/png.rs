@@ -45,11 +45,7 @@ impl GenerationParameters {
             format!("Model hash: {}", self.model_hash),
             format!("Model: {}", self.model_name),
         ];
-        settings.extend(
-            self.extra
-                .iter()
-                .map(|(k, v)| format!("{k}: {}", quote_if_needed(v))),
-        );
+        settings.extend(self.extra.iter().map(|(k, v)| settings_field(k, v)));
         let mut text = self.prompt.clone();
         if !self.negative_prompt.is_empty() {
             text.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
@@ -67,6 +63,11 @@ fn python_float(value: f64) -> String {
     } else {
         value.to_string()
     }
+}
+
+/// One `key: value` item of the settings line, the value quoted when it needs it.
+pub fn settings_field(key: &str, value: &str) -> String {
+    format!("{key}: {}", quote_if_needed(value))
 }
 
 /// A1111 quotes values containing a comma or colon so the settings line stays parseable.
