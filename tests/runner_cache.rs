@@ -355,3 +355,74 @@ fn a_file_kept_from_an_input_is_stored_once_and_the_users_file_is_untouched() {
     assert_eq!(user.nlink(), 1);
     assert!(!user.permissions().readonly());
 }
+
+/// `run --message-format json`: stdout is one JSON object per line with the schema version —
+/// the plan, every event in order, and a final `run_finished` with the counts — while the human
+/// summary goes to stderr; a rerun reports the reused result as `cached`.
+#[test]
+fn message_format_json_writes_one_event_per_line() {
+    let project = Project::new();
+    project.write(
+        "j.yaml",
+        "name: j\nstages:\n  a:\n    kind: command\n    run: echo hi > $OUT/x.txt\n  b:\n    kind: command\n    needs: a\n    run: exit 3\n",
+    );
+    let events = |stdout: &str| -> Vec<serde_json::Value> {
+        stdout
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect()
+    };
+    let (ok, stdout, stderr) = project.dreampipe(&["run", "j.yaml", "--message-format", "json"]);
+    assert!(!ok, "b fails");
+    assert!(
+        stderr.contains("FAILED"),
+        "the summary is on stderr: {stderr}"
+    );
+    let first = events(&stdout);
+    let names: Vec<&str> = first.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "planned",
+            "run_started",
+            "started",
+            "finished",
+            "started",
+            "failed",
+            "run_finished"
+        ]
+    );
+    assert!(first.iter().all(|e| e["schema"] == 1));
+    assert_eq!(
+        first[0]["stages"][1],
+        serde_json::json!({"id": "b", "kind": "command", "selected": true})
+    );
+    assert_eq!(first[5]["error"], "command exited with status 3");
+    let last = &first[6];
+    assert_eq!(
+        (
+            &last["success"],
+            &last["ran"],
+            &last["failed"],
+            &last["cached"]
+        ),
+        (
+            &serde_json::json!(false),
+            &serde_json::json!(1),
+            &serde_json::json!(1),
+            &serde_json::json!(0)
+        )
+    );
+    let record = last["record"].as_str().expect("record path");
+    assert!(std::path::Path::new(record).is_file());
+    let (_, again, _) = project.dreampipe(&["run", "j.yaml", "--message-format", "json"]);
+    let second = events(&again);
+    let cached = second
+        .iter()
+        .find(|e| e["event"] == "cached")
+        .expect("cached event");
+    assert_eq!(
+        (&cached["id"], &cached["key"]),
+        (&first[2]["id"], &first[2]["key"])
+    );
+}

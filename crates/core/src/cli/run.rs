@@ -17,10 +17,23 @@ use std::sync::Arc;
 /// Exit code after Ctrl-C (128 + SIGINT, the shell convention).
 const EXIT_INTERRUPTED: u8 = 130;
 
+/// How `run` reports on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MessageFormat {
+    /// Progress bars or plain lines, then the summary table.
+    Human,
+    /// One JSON object per event and a final `run_finished` (docs/pipelines.md); the human
+    /// summary goes to stderr.
+    Json,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
+    /// `human` (default) or `json`: one JSON object per event on stdout.
+    #[arg(long, value_enum, default_value = "human")]
+    pub message_format: MessageFormat,
     /// Run only up to these stages (and what they need).
     #[arg(long)]
     pub until: Vec<String>,
@@ -83,11 +96,15 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
             return Err(Handoff.into());
         }
     }
-    let style = if args.plain {
-        Style::Plain
-    } else {
-        progress::style_for_stdout()
+    let json = args.message_format == MessageFormat::Json;
+    let style = match (json, args.plain) {
+        (true, _) => Style::Json,
+        (false, true) => Style::Plain,
+        (false, false) => progress::style_for_stdout(),
     };
+    if json {
+        println!("{}", progress::json_line(&planned(&plan, &selected)));
+    }
     let options = ExecOptions {
         verify: args.verify,
         jobs,
@@ -124,14 +141,35 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
     });
     runtime.shutdown_background();
     let _ = memo.save();
-    print!("{}", summary::table(&record));
-    match summary::write_record(store.root(), &record) {
-        Ok(path) => println!("run record: {}", path.display()),
-        Err(error) => eprintln!("warning: could not write the run record: {error}"),
+    // With JSON on stdout, the human summary goes to stderr.
+    let human = |text: String| match json {
+        true => eprint!("{text}"),
+        false => print!("{text}"),
+    };
+    human(summary::table(&record));
+    let record_path = match summary::write_record(store.root(), &record) {
+        Ok(path) => Some(path),
+        Err(error) => {
+            eprintln!("warning: could not write the run record: {error}");
+            None
+        }
+    };
+    if let Some(path) = &record_path {
+        human(format!("run record: {}\n", path.display()));
     }
-    match super::report::write(&plan.pipeline, Some(&record), &store, None) {
-        Ok(page) => println!("report: {}", page.display()),
-        Err(error) => eprintln!("warning: could not write the report: {error:#}"),
+    let page = match super::report::write(&plan.pipeline, Some(&record), &store, None) {
+        Ok(page) => Some(page),
+        Err(error) => {
+            eprintln!("warning: could not write the report: {error:#}");
+            None
+        }
+    };
+    if let Some(page) = &page {
+        human(format!("report: {}\n", page.display()));
+    }
+    if json {
+        let finished = run_finished(&record, record_path, page);
+        println!("{}", progress::json_line(&finished));
     }
     if !args.locked && record.success {
         update_lock_file(&lock_path, &record)?;
@@ -142,6 +180,38 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// The first JSON event: every stage of the plan, whether this run selected it.
+fn planned(plan: &Plan, selected: &[bool]) -> serde_json::Value {
+    let stages: Vec<serde_json::Value> = (plan.pipeline.stages.iter().zip(selected))
+        .map(|(stage, selected)| {
+            serde_json::json!({"id": stage.id, "kind": stage.kind.kind(), "selected": selected})
+        })
+        .collect();
+    serde_json::json!({"event": "planned", "pipeline": plan.pipeline.name, "stages": stages})
+}
+
+/// The last JSON event: the outcome, the counts and where the record and report are.
+fn run_finished(
+    record: &RunRecord,
+    record_path: Option<std::path::PathBuf>,
+    report: Option<std::path::PathBuf>,
+) -> serde_json::Value {
+    let count = |outcome: Outcome| record.stages.iter().filter(|s| s.status == outcome).count();
+    serde_json::json!({
+        "event": "run_finished",
+        "pipeline": record.pipeline,
+        "success": record.success,
+        "cancelled": record.cancelled,
+        "duration_s": record.duration_s,
+        "ran": count(Outcome::Ran),
+        "cached": count(Outcome::Cached),
+        "failed": count(Outcome::Failed),
+        "skipped": count(Outcome::Skipped),
+        "record": record_path,
+        "report": report,
     })
 }
 

@@ -5,8 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc::UnboundedSender;
 
-/// One thing that happened during a run.
-#[derive(Debug, Clone)]
+/// Version of the JSON form of events (`run --message-format json`); bumped when a field
+/// changes meaning or disappears (new fields may appear without a bump).
+pub const EVENT_SCHEMA_VERSION: u32 = 1;
+
+/// One thing that happened during a run. Its JSON form (`--message-format json`) is the
+/// variant name in snake case under `event`, with the fields as named here.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     RunStarted {
         pipeline: String,
@@ -31,6 +37,7 @@ pub enum Event {
         id: String,
         step: u64,
         total: u64,
+        /// (name, value), e.g. ("loss", 0.12); JSON: a two-element array.
         metric: Option<(String, f64)>,
     },
     Finished {

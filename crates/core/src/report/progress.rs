@@ -14,6 +14,8 @@ pub enum Style {
     Bars,
     Plain,
     Quiet,
+    /// One JSON object per event on stdout (`--message-format json`).
+    Json,
 }
 
 /// Bars when stdout is a terminal, plain lines otherwise.
@@ -40,7 +42,24 @@ pub async fn report(mut events: UnboundedReceiver<Event>, style: Style) {
             }
         }
         Style::Bars => bars(events).await,
+        Style::Json => {
+            while let Some(event) = events.recv().await {
+                println!("{}", json_line(&event));
+            }
+        }
     }
+}
+
+/// An event as one line of JSON: `{"schema": 1, "event": "started", "id": …, …}`.
+pub fn json_line(event: &impl serde::Serialize) -> String {
+    let mut value = serde_json::to_value(event).unwrap_or_default();
+    if let Some(object) = value.as_object_mut() {
+        object.insert(
+            "schema".to_string(),
+            crate::exec::events::EVENT_SCHEMA_VERSION.into(),
+        );
+    }
+    value.to_string()
 }
 
 /// The plain text for an event (progress throttled to tenths).
