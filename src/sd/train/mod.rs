@@ -1,11 +1,11 @@
 //! Training building blocks on plain `tch` tensors, matching PyTorch / diffusers / bitsandbytes:
 //! optimizers ([`optim::AdamW`], [`adamw8bit::AdamW8bit`]) with resumable state, gradient
-//! clipping, diffusers' learning-rate schedules, the DreamBooth losses, and a two-phase
-//! gradient-checkpointing helper. DreamBooth / textual inversion loops are built on these.
+//! clipping, diffusers' learning-rate schedules, the DreamBooth losses, fp16 loss scaling and
+//! mixed precision (gradient checkpointing of the UNet is in `sd::unet::checkpointed`).
+//! DreamBooth / textual inversion loops are built on these.
 pub mod adamw8bit;
 mod aten_adamw;
 pub mod checkpoint;
-pub mod checkpointing;
 pub mod common;
 pub mod data;
 pub mod dreambooth;
