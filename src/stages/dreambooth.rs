@@ -35,12 +35,13 @@ fn config_from(ctx: &StageContext<'_>) -> Result<DreamBoothConfig, StageError> {
         return Err(field_error(
             ctx,
             "class_images",
-            "is required with with_prior_preservation: give a folder or a `generate` stage",
+            dreampipe_core::stages::sd_kinds::dreambooth::CLASS_IMAGES_REQUIRED,
         ));
     }
     if has_class_images {
         let class_prompt = text(ctx, "class_prompt").ok_or_else(|| {
-            field_error(ctx, "class_prompt", "is required when class_images is set")
+            use dreampipe_core::stages::sd_kinds::dreambooth::CLASS_PROMPT_REQUIRED;
+            field_error(ctx, "class_prompt", CLASS_PROMPT_REQUIRED)
         })?;
         let dir = training::checked_image_dir(ctx, "class_images")?;
         let wanted = int(ctx, "num_class_images")? as usize;

@@ -35,7 +35,7 @@ fn config_from(ctx: &StageContext<'_>) -> Result<TextualInversionConfig, StageEr
         return Err(super::sd_common::field_error(
             ctx,
             "gradient_checkpointing",
-            "not supported for textual_inversion (its UNet is frozen; only the text encoder would need it); set it to false",
+            dreampipe_core::stages::sd_kinds::textual_inversion::NO_CHECKPOINTING,
         ));
     }
     let model = training::model_dir(&training::single_input(ctx, "model")?);

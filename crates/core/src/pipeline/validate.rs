@@ -209,6 +209,7 @@ impl Checker<'_> {
             .iter()
             .filter_map(|raw| self.check_stage(raw, &names, &params, &defaults))
             .collect();
+        self.check_cross_fields(&drafts);
         let stages_valid = self.diagnostics.is_empty() && drafts.len() == raw_stages.len();
         // Cycles among the stages that did validate are reported with the field errors.
         let order = self.check_cycles(&drafts);
@@ -617,6 +618,35 @@ impl Checker<'_> {
             paths,
             resources,
         })
+    }
+
+    /// Each kind's rules between fields and against the stages its fields name
+    /// ([`Stage::check_fields`](crate::stages::Stage::check_fields)), before anything runs.
+    fn check_cross_fields(&mut self, drafts: &[StageDraft]) {
+        let by_name: BTreeMap<&str, &StageDraft> =
+            drafts.iter().map(|d| (d.name.as_str(), d)).collect();
+        for draft in drafts {
+            let upstream = (draft.refs.iter())
+                .map(|(field, names)| {
+                    let stages = (names.iter())
+                        .filter_map(|name| by_name.get(name.as_str()))
+                        .map(|up| crate::stages::UpstreamView {
+                            name: &up.name,
+                            kind: up.kind.kind(),
+                            params: &up.params,
+                        })
+                        .collect();
+                    (field.clone(), stages)
+                })
+                .collect();
+            let view = crate::stages::FieldView {
+                params: &draft.params,
+                upstream,
+            };
+            for (field, message) in draft.kind.check_fields(&view) {
+                self.stage_error(&draft.name, field, message);
+            }
+        }
     }
 
     /// `resources: {gpus: N}`: N device slots held while the stage runs (0 to

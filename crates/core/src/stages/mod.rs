@@ -374,6 +374,41 @@ pub trait Stage: Send + Sync {
     fn needs_torch(&self) -> bool {
         false
     }
+    /// Rules between fields (and against upstream stages' fields), checked by `validate`
+    /// before any stage runs: one (field, message) per problem. Each field alone is already
+    /// valid for its schema when this is called.
+    fn check_fields(&self, _fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+}
+
+/// What [`Stage::check_fields`] sees of a stage: every field (defaults filled; swept fields
+/// absent) and, per reference field, the stages it names.
+pub struct FieldView<'a> {
+    pub params: &'a serde_json::Map<String, Value>,
+    pub upstream: BTreeMap<String, Vec<UpstreamView<'a>>>,
+}
+
+/// A stage named by a reference field, as declared (before sweeps expand).
+pub struct UpstreamView<'a> {
+    pub name: &'a str,
+    pub kind: &'static str,
+    /// Its fields with defaults; a field it sweeps in `matrix:` is absent (not known statically).
+    pub params: &'a serde_json::Map<String, Value>,
+}
+
+impl FieldView<'_> {
+    /// Whether field `name` is set (not null).
+    pub fn is_set(&self, name: &str) -> bool {
+        self.params.get(name).is_some_and(|v| !v.is_null())
+    }
+    /// Field `name` as a bool (false when unset).
+    pub fn flag(&self, name: &str) -> bool {
+        self.params
+            .get(name)
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
 }
 
 /// The failure of a torch kind run where only its schema is known (never reached through the
@@ -414,6 +449,9 @@ impl Stage for Implemented {
     }
     fn needs_torch(&self) -> bool {
         self.spec.needs_torch()
+    }
+    fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
+        self.spec.check_fields(fields)
     }
 }
 

@@ -5,7 +5,9 @@
 //! `metrics.jsonl`, `validation/step-N.png` and `report.json`. Checkpoints live in the work
 //! folder, so a crashed run resumes from its last checkpoint on the next `dreampipe run`.
 use super::training::{self, ScriptDefaults};
-use crate::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use crate::stages::{
+    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
+};
 use serde_json::{Value, json};
 
 /// train_dreambooth.py's `--learning_rate` default.
@@ -130,4 +132,38 @@ impl Stage for DreamBoothKind {
     fn needs_torch(&self) -> bool {
         true
     }
+    /// Prior preservation's rules, before anything runs (the stage checks them again).
+    fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        let has_class_images = fields.is_set("class_images");
+        if fields.flag("with_prior_preservation") && !has_class_images {
+            problems.push(("class_images", CLASS_IMAGES_REQUIRED.to_string()));
+        }
+        if has_class_images && !fields.is_set("class_prompt") {
+            problems.push(("class_prompt", CLASS_PROMPT_REQUIRED.to_string()));
+        }
+        problems.extend(too_few_generated_class_images(fields));
+        problems
+    }
+}
+
+/// The messages shared with the stage's run-time checks.
+pub const CLASS_IMAGES_REQUIRED: &str =
+    "is required with with_prior_preservation: give a folder or a `generate` stage";
+pub const CLASS_PROMPT_REQUIRED: &str = "is required when class_images is set";
+
+/// `num_class_images` against the `count` of a `generate` stage named by `class_images`, when
+/// that count is not swept.
+fn too_few_generated_class_images(fields: &FieldView<'_>) -> Option<(&'static str, String)> {
+    let wanted = fields.params.get("num_class_images")?.as_u64()?;
+    let upstream = fields.upstream.get("class_images")?;
+    let generate = upstream.iter().find(|stage| stage.kind == "generate")?;
+    let count = generate.params.get("count")?.as_u64()?;
+    (count < wanted).then(|| {
+        let message = format!(
+            "is {wanted} but the `generate` stage `{}` makes only {count} images; raise its count or lower num_class_images",
+            generate.name
+        );
+        ("num_class_images", message)
+    })
 }

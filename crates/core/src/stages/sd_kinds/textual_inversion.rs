@@ -5,7 +5,9 @@
 //! whose `model:` names this stage uses it), `metrics.jsonl`, `validation/step-N.png` and
 //! `report.json`. Checkpoints live in the work folder (resumed after a crash).
 use super::training::{self, ScriptDefaults};
-use crate::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use crate::stages::{
+    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
+};
 use serde_json::json;
 
 /// textual_inversion.py's `--learning_rate` default.
@@ -94,4 +96,13 @@ impl Stage for TextualInversionKind {
     fn needs_torch(&self) -> bool {
         true
     }
+    fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
+        match fields.flag("gradient_checkpointing") {
+            true => vec![("gradient_checkpointing", NO_CHECKPOINTING.to_string())],
+            false => Vec::new(),
+        }
+    }
 }
+
+/// Shared with the stage's run-time check.
+pub const NO_CHECKPOINTING: &str = "not supported for textual_inversion (its UNet is frozen; only the text encoder would need it); set it to false";
