@@ -456,9 +456,10 @@ fn settings_the_device_cannot_run_fail_before_training_naming_the_field() {
             "mixed_precision: fp16",
             "stage `db`: field `mixed_precision`: fp16 needs a CUDA device; on CPU use 'bf16' or 'no'",
         ),
+        // Rules between fields fail validation, before anything runs.
         (
             "with_prior_preservation: true",
-            "stage `db`: field `class_images`: is required with with_prior_preservation: give a folder or a `generate` stage",
+            "bad.yaml:3:3: stage `db`, field `class_images`: is required with with_prior_preservation: give a folder or a `generate` stage",
         ),
     ];
     for (line, message) in cases {
@@ -479,11 +480,11 @@ fn settings_the_device_cannot_run_fail_before_training_naming_the_field() {
     project.write("bad.yaml", &textual_inversion);
     let result = run(&project, "bad.yaml", &[]);
     assert!(!result.success());
-    let message = "stage `ti`: field `gradient_checkpointing`: not supported for textual_inversion (its UNet is frozen; only the text encoder would need it); set it to false";
+    let message = "bad.yaml:8:5: stage `ti`, field `gradient_checkpointing`: not supported for textual_inversion (its UNet is frozen; only the text encoder would need it); set it to false";
     assert!(
-        result.stdout.contains(message),
+        result.stderr.contains(message),
         "expected {message:?} in:\n{}",
-        result.stdout
+        result.stderr
     );
 }
 
