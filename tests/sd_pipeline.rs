@@ -2,7 +2,7 @@
 //! produced as its README's "Pipeline" section says): for every scheduler the initial noise, the
 //! UNet inputs/outputs, the latents after every step, the final latents, the image and the PNG;
 //! the prompt embeddings; batches; per-run generators under concurrency; bf16; v-prediction.
-use dreampipe::sd::pipeline::{Event, PipelineError, StableDiffusion, Txt2Img, Txt2ImgOutput};
+use dreampipe::sd::pipeline::{Event, StableDiffusion, Txt2Img, Txt2ImgError, Txt2ImgOutput};
 use dreampipe::sd::png::{tensor_to_rgb_bytes, write_rgb_png};
 use dreampipe::sd::schedulers::SchedulerKind;
 use dreampipe::sd::{pool, rng};
@@ -421,7 +421,7 @@ fn missing_model_folder_is_named() {
     let error = StableDiffusion::load(&dir, Device::Cpu, Kind::Float)
         .err()
         .unwrap();
-    assert!(matches!(error, PipelineError::MissingModel { .. }));
+    assert!(matches!(error, Txt2ImgError::MissingModel { .. }));
     assert_eq!(
         error.to_string(),
         format!(

@@ -14,7 +14,7 @@ const KIB: f64 = 1024.0;
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("{0}")]
-    Pipeline(#[from] crate::sd::pipeline::PipelineError),
+    Pipeline(#[from] crate::sd::pipeline::Txt2ImgError),
     #[error("{dir}: cannot load the {component}: {reason}")]
     Load {
         dir: std::path::PathBuf,

@@ -1,7 +1,7 @@
 //! `dreampipe sample`: txt2img from a diffusers folder to PNG files carrying their parameters.
 use super::Context;
 use crate::sd::pipeline::{
-    DEFAULT_GUIDANCE, DEFAULT_STEPS, Event, PipelineError, StableDiffusion, Txt2Img, Txt2ImgOutput,
+    DEFAULT_GUIDANCE, DEFAULT_STEPS, Event, StableDiffusion, Txt2Img, Txt2ImgError, Txt2ImgOutput,
 };
 use crate::sd::png::{GenerationParameters, tensor_to_rgb_bytes, write_rgb_png};
 use crate::sd::schedulers::SchedulerKind;
@@ -93,7 +93,7 @@ fn request_of(args: &SampleArgs) -> Txt2Img {
 fn sample_with_progress_bar(
     model: &StableDiffusion,
     request: &Txt2Img,
-) -> Result<Txt2ImgOutput, PipelineError> {
+) -> Result<Txt2ImgOutput, Txt2ImgError> {
     let bar = ProgressBar::new(request.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps {per_sec} eta {eta}")

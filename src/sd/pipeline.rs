@@ -88,7 +88,7 @@ pub enum Event<'a> {
 
 /// Why a model could not be loaded or sampling could not run.
 #[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
+pub enum Txt2ImgError {
     #[error("{dir}: model folder not found (pass a diffusers folder with model_index.json)")]
     MissingModel { dir: PathBuf },
     #[error(transparent)]
@@ -117,9 +117,9 @@ pub enum PipelineError {
 
 impl StableDiffusion {
     /// Loads every component of a diffusers folder in `kind` on `device`.
-    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, PipelineError> {
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, Txt2ImgError> {
         if !dir.is_dir() {
-            return Err(PipelineError::MissingModel {
+            return Err(Txt2ImgError::MissingModel {
                 dir: dir.to_path_buf(),
             });
         }
@@ -163,7 +163,7 @@ impl StableDiffusion {
 
     /// Encodes a prompt to `last_hidden_state` as diffusers' `encode_prompt` does (padded to
     /// max length, no attention mask), in the model's kind, repeated `batch` times.
-    pub fn encode_prompt(&self, text: &str, batch: i64) -> Result<Tensor, PipelineError> {
+    pub fn encode_prompt(&self, text: &str, batch: i64) -> Result<Tensor, Txt2ImgError> {
         let encoding = self.tokenizer.encode(text);
         let ids = Tensor::from_slice(&encoding.ids)
             .unsqueeze(0)
@@ -179,7 +179,7 @@ impl StableDiffusion {
         &self,
         request: &Txt2Img,
         on_event: &mut dyn FnMut(Event<'_>),
-    ) -> Result<Txt2ImgOutput, PipelineError> {
+    ) -> Result<Txt2ImgOutput, Txt2ImgError> {
         let _no_grad = tch::no_grad_guard();
         let (width, height) = self.checked_request(request)?;
         let mut scheduler = self.scheduler_for(request)?;
@@ -205,7 +205,7 @@ impl StableDiffusion {
         request: &Txt2Img,
         seeds: &[u64],
         on_event: &mut dyn FnMut(Event<'_>),
-    ) -> Result<Txt2ImgOutput, PipelineError> {
+    ) -> Result<Txt2ImgOutput, Txt2ImgError> {
         let _no_grad = tch::no_grad_guard();
         let request = Txt2Img {
             batch: seeds.len() as i64,
@@ -238,7 +238,7 @@ impl StableDiffusion {
     }
 
     /// The request's scheduler (default: the model's own), ready for `request.steps` steps.
-    fn scheduler_for(&self, request: &Txt2Img) -> Result<Box<dyn Scheduler>, PipelineError> {
+    fn scheduler_for(&self, request: &Txt2Img) -> Result<Box<dyn Scheduler>, Txt2ImgError> {
         let kind = match request.scheduler {
             Some(kind) => kind,
             None => SchedulerKind::of_config(&self.scheduler_config)?,
@@ -267,7 +267,7 @@ impl StableDiffusion {
     }
 
     /// The UNet's `encoder_hidden_states`: [negative..., prompt...] with guidance, else the prompt.
-    fn conditioning(&self, request: &Txt2Img, guided: bool) -> Result<Tensor, PipelineError> {
+    fn conditioning(&self, request: &Txt2Img, guided: bool) -> Result<Tensor, Txt2ImgError> {
         let cond = self.encode_prompt(&request.prompt, request.batch)?;
         if !guided {
             return Ok(cond);
@@ -291,7 +291,7 @@ impl StableDiffusion {
         context: &Tensor,
         guidance: Option<f64>,
         on_event: &mut dyn FnMut(Event<'_>),
-    ) -> Result<Tensor, PipelineError> {
+    ) -> Result<Tensor, Txt2ImgError> {
         let timesteps = scheduler.timesteps().shallow_clone();
         let total = timesteps.size()[0] as usize;
         for index in 0..total {
@@ -353,12 +353,12 @@ impl StableDiffusion {
     /// Checks batch and steps, and returns width and height (defaults filled in), each a
     /// positive multiple of the VAE factor (the UNet takes any latent size: its upsamplers follow
     /// the skip connections' sizes).
-    fn checked_request(&self, request: &Txt2Img) -> Result<(i64, i64), PipelineError> {
+    fn checked_request(&self, request: &Txt2Img) -> Result<(i64, i64), Txt2ImgError> {
         if request.batch < 1 {
-            return Err(PipelineError::BadBatch(request.batch));
+            return Err(Txt2ImgError::BadBatch(request.batch));
         }
         if request.steps < 1 {
-            return Err(PipelineError::BadSteps(request.steps));
+            return Err(Txt2ImgError::BadSteps(request.steps));
         }
         let default = self.default_size();
         let width = request.width.unwrap_or(default);
@@ -366,7 +366,7 @@ impl StableDiffusion {
         let multiple = self.vae_scale_factor();
         for (field, value) in [("width", width), ("height", height)] {
             if value <= 0 || value % multiple != 0 {
-                return Err(PipelineError::BadSize {
+                return Err(Txt2ImgError::BadSize {
                     field,
                     value,
                     multiple,

@@ -1,6 +1,6 @@
 //! The model pool: each model folder is loaded once per process (per device and dtype) and
 //! shared by every stage and verb that uses it.
-use crate::sd::pipeline::{PipelineError, StableDiffusion};
+use crate::sd::pipeline::{StableDiffusion, Txt2ImgError};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,7 +21,7 @@ fn pool() -> &'static Mutex<HashMap<PoolKey, SharedModel>> {
 /// Returns the loaded model for `dir` on `device` in `kind`, loading it on first use.
 /// Folders produced by the cache are immutable, so the canonical path identifies the weights.
 /// Loads are serialized (the pool stays locked while one runs), so a folder is never loaded twice.
-pub fn get(dir: &Path, device: Device, kind: Kind) -> Result<SharedModel, PipelineError> {
+pub fn get(dir: &Path, device: Device, kind: Kind) -> Result<SharedModel, Txt2ImgError> {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let key = (canonical.clone(), device, kind);
     let mut models = pool()

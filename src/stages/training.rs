@@ -30,8 +30,8 @@ const STAGED_OUTPUT: &str = "output";
 const VALIDATION_MODEL: &str = "validation-model";
 /// Output subfolder of the validation samples (`step-N.png`).
 pub const VALIDATION_DIR: &str = "validation";
-/// The report file (docs/pipelines.md: `{"images": [{path, caption, step}]}`).
-pub const REPORT_FILE: &str = "report.json";
+/// The images file the report reads (docs/pipelines.md: `{"images": [{path, caption, step}]}`).
+pub use dreampipe_core::report::build::IMAGES_FILE;
 /// Weight of the previous value in the progress bar's loss average (an exponential moving
 /// average, bias-corrected like Adam's moments; 0.9 ≈ the last ten steps).
 const LOSS_SMOOTHING: f64 = 0.9;
@@ -295,7 +295,7 @@ fn write_report(ctx: &StageContext<'_>, prompt: &str) -> Result<(), StageError> 
             })
         })
         .collect();
-    let path = ctx.out_dir.join(REPORT_FILE);
+    let path = ctx.out_dir.join(IMAGES_FILE);
     let text = serde_json::to_string_pretty(&json!({ "images": images }))
         .map_err(|e| StageError::Failed(format!("stage `{}`: report: {e}", ctx.stage_id)))?;
     std::fs::write(&path, text).map_err(|e| StageError::io("write", &path, e))

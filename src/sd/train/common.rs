@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
-/// Name of the per-step metrics file written into the output directory.
-pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Name of the per-step metrics file written into the output directory (the stage-output
+/// contract's name, shared with the report that reads it).
+pub use dreampipe_core::report::build::METRICS_FILE;
 /// train_dreambooth.py adds `0.1 * randn(b, c, 1, 1)` with `--offset_noise`.
 pub const OFFSET_NOISE_SCALE: f64 = 0.1;
 /// Training resolutions must be multiples of this (SD's VAE downsamples by 8; 8 also covers

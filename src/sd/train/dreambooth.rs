@@ -620,13 +620,13 @@ impl DreamBoothData {
 }
 
 /// The trainer plus its data, as the driver sees it.
-struct Run<'a> {
+struct DreamBoothRun<'a> {
     trainer: DreamBoothTrainer,
     data: DreamBoothData,
     config: &'a DreamBoothConfig,
 }
 
-impl TrainingMethod for Run<'_> {
+impl TrainingMethod for DreamBoothRun<'_> {
     fn method(&self) -> &'static str {
         METHOD
     }
@@ -707,7 +707,7 @@ pub fn train(
         seed: config.seed,
         dataset_sizes: data.sizes(),
     };
-    let mut run = Run {
+    let mut run = DreamBoothRun {
         trainer,
         data,
         config,

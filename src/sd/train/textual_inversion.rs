@@ -594,13 +594,13 @@ impl TiData {
     }
 }
 
-struct Run<'a> {
+struct TextualInversionRun<'a> {
     trainer: TextualInversionTrainer,
     data: TiData,
     config: &'a TextualInversionConfig,
 }
 
-impl TrainingMethod for Run<'_> {
+impl TrainingMethod for TextualInversionRun<'_> {
     fn method(&self) -> &'static str {
         METHOD
     }
@@ -675,7 +675,7 @@ pub fn train(
         seed: config.seed,
         dataset_sizes: vec![data.images.len()],
     };
-    let mut run = Run {
+    let mut run = TextualInversionRun {
         trainer,
         data,
         config,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::ReportError;
 use super::html::write_report;
-use super::html::{ImageRef, REPORT_FILE, ReportInput, ReportSummary, StageReport, StageStatus};
+use super::html::{ImageRef, REPORT_PAGE, ReportInput, ReportSummary, StageReport, StageStatus};
 use super::metrics::read_metrics_jsonl;
 use crate::cache::store::{Store, file_name_for, read_json};
 use crate::exec::executor::{Outcome, RunRecord, StageRecord};
@@ -415,7 +415,7 @@ pub const FINGERPRINT_FILE: &str = "fingerprint.json";
 /// The default report's page when `dir` holds one built from `fingerprint` (a no-op rerun then
 /// rewrites nothing, however many images the report holds).
 pub fn current_report(dir: &Path, fingerprint: &str) -> Option<PathBuf> {
-    let page = dir.join(REPORT_FILE);
+    let page = dir.join(REPORT_PAGE);
     let stored = std::fs::read_to_string(dir.join(FINGERPRINT_FILE)).ok()?;
     (stored == fingerprint && page.is_file()).then_some(page)
 }
@@ -447,7 +447,7 @@ pub fn publish_replacing(
     std::fs::rename(&fresh, dir).map_err(|e| io(dir, "put the new report in place", e))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(ReportSummary {
-        page: dir.join(REPORT_FILE),
+        page: dir.join(REPORT_PAGE),
         ..written
     })
 }
@@ -463,7 +463,7 @@ pub fn write_report_link(store: &Store, pipeline: &str) -> Result<PathBuf, Repor
         reason: e.to_string(),
     })?;
     let target = format!(
-        "../../{REPORTS_DIR}/{}/{REPORT_FILE}",
+        "../../{REPORTS_DIR}/{}/{REPORT_PAGE}",
         file_name_for(pipeline)
     );
     let escaped = super::escape_html(&target);

@@ -18,7 +18,7 @@ use super::{ReportError, escape_html};
 /// a grid several MiB, so samples of small test models are inlined and real outputs copied.
 pub const INLINE_IMAGE_MAX_BYTES: u64 = 256 * 1024;
 /// The report page inside the report folder.
-pub const REPORT_FILE: &str = "index.html";
+pub const REPORT_PAGE: &str = "index.html";
 /// Folder (next to the page) that receives copied images.
 pub const IMAGES_DIR: &str = "images";
 /// Size of each loss / learning-rate chart in CSS pixels.
@@ -131,7 +131,7 @@ pub fn write_report(input: &ReportInput, out_dir: &Path) -> Result<ReportSummary
     create_dir(out_dir)?;
     let mut store = ImageStore::new(out_dir, INLINE_IMAGE_MAX_BYTES);
     let page = render_report(input, &mut store)?;
-    let page_path = out_dir.join(REPORT_FILE);
+    let page_path = out_dir.join(REPORT_PAGE);
     std::fs::write(&page_path, page)
         .map_err(|e| io_error(&page_path, "write the report page", e))?;
     Ok(ReportSummary {
