@@ -1,10 +1,16 @@
-//! Pipeline files: parsing (`spec`), validation reporting every error at once (`validate`),
-//! sweep expansion (`sweep`) and stage presets (`presets`). The result is a [`Pipeline`]: a
+//! Pipeline files: parsing (`spec`, `limits`), validation reporting every error at once
+//! (`validate`, with `typecheck` for values against their schema, `substitution` for
+//! `${params.X}`, `cycles`, `suggest` for "did you mean"), sweep expansion (`sweep`) and stage
+//! presets (`presets`). The result is a [`Pipeline`]: a
 //! flat list of concrete stage instances with their upstream edges resolved.
+mod cycles;
 pub mod limits;
 pub mod presets;
 pub mod spec;
+mod substitution;
+pub mod suggest;
 pub mod sweep;
+mod typecheck;
 pub mod validate;
 
 use crate::stages::Stage;
@@ -117,6 +123,18 @@ impl Resources {
             crate::stages::DeviceClass::Cpu => 0,
         })
     }
+}
+
+/// A stage after field checks, before sweep expansion.
+pub struct StageDraft {
+    pub name: String,
+    pub kind: Arc<dyn Stage>,
+    pub params: serde_json::Map<String, Value>,
+    pub matrix: Vec<(String, Vec<Value>)>,
+    /// Upstream stage names per field.
+    pub refs: BTreeMap<String, Vec<String>>,
+    pub paths: BTreeMap<String, Vec<(String, PathBuf)>>,
+    pub resources: Resources,
 }
 
 /// A validated pipeline: stages in an order where every upstream comes first.

@@ -3,7 +3,7 @@
 //! variants (matching shared axes), upstream stages without a matrix run once. A field marked
 //! [`ParamSpec::gathers`](crate::stages::ParamSpec::gathers) does not fan out: it reads every
 //! variant (compatible with the stage's own axes), each named by its variant id.
-use super::validate::StageDraft;
+use super::StageDraft;
 use super::{Coord, StageInstance, display_value};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};

@@ -2,9 +2,13 @@
 //! unknown field with a suggestion, wrong type, out-of-range value, missing stage reference,
 //! cycle, missing input path, oversized sweep) instead of stopping at the first. Driven by each
 //! kind's parameter schema, so new stage kinds get the same checks for free.
+use super::cycles;
 use super::spec::{KeyLocator, STAGE_KEYS, TOP_LEVEL_KEYS, describe, key_text, yaml_to_json};
+use super::substitution::substitute_params;
+use super::suggest::{did_you_mean, suggest};
 use super::sweep::MAX_TOTAL_STAGES;
-use super::{Diagnostic, Pipeline, PipelineError, limits, presets, sweep};
+use super::typecheck::{string_items, type_error};
+use super::{Diagnostic, Pipeline, PipelineError, StageDraft, limits, presets, sweep};
 use crate::stages::{ParamSpec, ParamType, Registry, Stage};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,18 +30,6 @@ impl Default for LoadOptions {
             registry: crate::stages::registry(),
         }
     }
-}
-
-/// A stage after field checks, before sweep expansion.
-pub struct StageDraft {
-    pub name: String,
-    pub kind: Arc<dyn Stage>,
-    pub params: serde_json::Map<String, Value>,
-    pub matrix: Vec<(String, Vec<Value>)>,
-    /// Upstream stage names per field.
-    pub refs: BTreeMap<String, Vec<String>>,
-    pub paths: BTreeMap<String, Vec<(String, PathBuf)>>,
-    pub resources: super::Resources,
 }
 
 /// Reads and validates a pipeline file.
@@ -77,24 +69,6 @@ pub fn load_str(
             file: file.to_path_buf(),
             diagnostics: checker.diagnostics,
         }),
-    }
-}
-
-/// Closest candidate to `word` (edit distance at most a third of its length, at least 1).
-pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let limit = (word.chars().count() / 3).max(1);
-    candidates
-        .into_iter()
-        .map(|c| (strsim::osa_distance(word, c), c))
-        .filter(|(distance, _)| *distance <= limit && *distance < word.chars().count())
-        .min()
-        .map(|(_, c)| c)
-}
-
-fn did_you_mean(word: &str, candidates: &[&str]) -> String {
-    match suggest(word, candidates.iter().copied()) {
-        Some(best) => format!("; did you mean `{best}`?"),
-        None => format!(" (expected one of: {})", candidates.join(", ")),
     }
 }
 
@@ -898,328 +872,16 @@ impl Checker<'_> {
 
     /// Orders stages so every upstream comes first; reports each cycle by its stages.
     fn check_cycles(&mut self, drafts: &[StageDraft]) -> Option<Vec<usize>> {
-        let index: BTreeMap<&str, usize> = drafts
-            .iter()
-            .enumerate()
-            .map(|(i, d)| (d.name.as_str(), i))
-            .collect();
-        let mut graph = petgraph::graph::DiGraph::<usize, ()>::new();
-        let nodes: Vec<_> = (0..drafts.len()).map(|i| graph.add_node(i)).collect();
-        for (i, draft) in drafts.iter().enumerate() {
-            for upstream in draft.refs.values().flatten() {
-                if let Some(&u) = index.get(upstream.as_str()) {
-                    graph.update_edge(nodes[u], nodes[i], ());
+        match cycles::order(drafts) {
+            Ok(order) => Some(order),
+            Err(found) => {
+                for (first, message) in found {
+                    self.report(&["stages", &first], Some(&first), None, message);
                 }
-            }
-        }
-        if petgraph::algo::toposort(&graph, None).is_ok() {
-            return Some(declaration_order_topological(drafts, &index));
-        }
-        for component in petgraph::algo::tarjan_scc(&graph) {
-            if component.len() < 2 {
-                continue;
-            }
-            let members: BTreeSet<usize> = component.iter().map(|n| graph[*n]).collect();
-            let cycle = cycle_path(drafts, &members, &index);
-            let first = &drafts[cycle[0]].name;
-            let text: Vec<&str> = cycle
-                .iter()
-                .chain(cycle.first())
-                .map(|&i| drafts[i].name.as_str())
-                .collect();
-            self.report(
-                &["stages", first],
-                Some(first),
-                None,
-                format!("stages form a cycle: {}", text.join(" → ")),
-            );
-        }
-        None
-    }
-}
-
-/// Kahn's algorithm picking the earliest-declared ready stage first, so output order follows
-/// the file wherever the edges allow.
-fn declaration_order_topological(
-    drafts: &[StageDraft],
-    index: &BTreeMap<&str, usize>,
-) -> Vec<usize> {
-    let upstreams: Vec<BTreeSet<usize>> = drafts
-        .iter()
-        .map(|d| {
-            d.refs
-                .values()
-                .flatten()
-                .filter_map(|u| index.get(u.as_str()).copied())
-                .collect()
-        })
-        .collect();
-    let mut waiting: Vec<usize> = upstreams.iter().map(BTreeSet::len).collect();
-    let mut ready: BTreeSet<usize> = (0..drafts.len()).filter(|&i| waiting[i] == 0).collect();
-    let mut order = Vec::with_capacity(drafts.len());
-    while let Some(next) = ready.pop_first() {
-        order.push(next);
-        for (dependent, ups) in upstreams.iter().enumerate() {
-            if ups.contains(&next) {
-                waiting[dependent] -= 1;
-                if waiting[dependent] == 0 {
-                    ready.insert(dependent);
-                }
+                None
             }
         }
     }
-    order
-}
-
-/// Walks a strongly connected component from its first-declared stage back to it.
-fn cycle_path(
-    drafts: &[StageDraft],
-    members: &BTreeSet<usize>,
-    index: &BTreeMap<&str, usize>,
-) -> Vec<usize> {
-    let Some(&start) = members.iter().next() else {
-        return Vec::new();
-    };
-    let mut path = vec![start];
-    let mut current = start;
-    // Follow downstream edges (stage → a member that depends on it), preferring the lowest index.
-    loop {
-        let next = members.iter().copied().find(|&m| {
-            drafts[m]
-                .refs
-                .values()
-                .flatten()
-                .any(|u| index.get(u.as_str()) == Some(&current))
-                && (m == start || !path.contains(&m))
-        });
-        match next {
-            Some(m) if m == start => break,
-            Some(m) => {
-                path.push(m);
-                current = m;
-            }
-            None => break,
-        }
-    }
-    path
-}
-
-fn string_items(value: Option<&Value>) -> Vec<String> {
-    match value {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// Why `value` does not fit `spec`, if it does not.
-pub fn type_error(spec: &ParamSpec, value: &Value) -> Option<String> {
-    if value.is_null() && spec.default == Some(Value::Null) {
-        return None;
-    }
-    if !fits_type(spec.ty, value) {
-        return Some(format!(
-            "expected {}, found {}",
-            spec.ty.describe(),
-            describe_misfit(spec.ty, value)
-        ));
-    }
-    if let Some(message) = spec.allowed.and_then(|allowed| not_allowed(allowed, value)) {
-        return Some(message);
-    }
-    numbers_of(value)
-        .into_iter()
-        .find_map(|(number, item)| range_error(spec, number, item))
-}
-
-fn fits_type(ty: ParamType, value: &Value) -> bool {
-    let all = || {
-        value
-            .as_array()
-            .is_some_and(|a| a.iter().all(|item| item_fits(ty, item)))
-    };
-    match ty {
-        ParamType::String | ParamType::Path | ParamType::StageRef | ParamType::PathOrStageRef => {
-            value.is_string()
-        }
-        ParamType::Integer => is_integer(value),
-        ParamType::Number => value.is_number(),
-        ParamType::Bool => value.is_boolean(),
-        ParamType::StringList => all(),
-        ParamType::IntegerList
-        | ParamType::NumberList
-        | ParamType::PathList
-        | ParamType::StageRefList
-        | ParamType::PathOrStageRefList => item_fits(ty, value) || all(),
-    }
-}
-
-fn is_integer(value: &Value) -> bool {
-    value.is_i64() || value.is_u64()
-}
-
-/// Whether one item of a list type fits (`false` for scalar types).
-fn item_fits(ty: ParamType, item: &Value) -> bool {
-    match ty {
-        ParamType::IntegerList => is_integer(item),
-        ParamType::NumberList => item.is_number(),
-        ParamType::StringList
-        | ParamType::PathList
-        | ParamType::StageRefList
-        | ParamType::PathOrStageRefList => item.is_string(),
-        _ => false,
-    }
-}
-
-/// The value, or for a list of a list type its first item that does not fit (`the string
-/// "fast" in the list`).
-fn describe_misfit(ty: ParamType, value: &Value) -> String {
-    let bad_item = value
-        .as_array()
-        .and_then(|items| items.iter().find(|item| !item_fits(ty, item)))
-        .filter(|_| is_list_type(ty));
-    match bad_item {
-        Some(item) => format!("{} in the list", describe(item)),
-        None => describe(value),
-    }
-}
-
-fn is_list_type(ty: ParamType) -> bool {
-    matches!(
-        ty,
-        ParamType::StringList
-            | ParamType::IntegerList
-            | ParamType::NumberList
-            | ParamType::PathList
-            | ParamType::StageRefList
-            | ParamType::PathOrStageRefList
-    )
-}
-
-/// The first string of `value` (a string or a list of them) that is not in `allowed`.
-fn not_allowed(allowed: &[&str], value: &Value) -> Option<String> {
-    let items: Vec<&str> = match value {
-        Value::String(text) => vec![text.as_str()],
-        Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
-        _ => Vec::new(),
-    };
-    let bad = items.into_iter().find(|item| !allowed.contains(item))?;
-    Some(format!(
-        "unknown value \"{bad}\"{}",
-        did_you_mean(bad, allowed)
-    ))
-}
-
-/// The numbers in a scalar or a list, each with the value it came from.
-fn numbers_of(value: &Value) -> Vec<(f64, &Value)> {
-    match value {
-        Value::Array(items) => items
-            .iter()
-            .filter_map(|v| v.as_f64().map(|n| (n, v)))
-            .collect(),
-        other => other.as_f64().map(|n| (n, other)).into_iter().collect(),
-    }
-}
-
-fn range_error(spec: &ParamSpec, number: f64, value: &Value) -> Option<String> {
-    if let Some(step) = spec.step.filter(|step| number % (*step as f64) != 0.0) {
-        return Some(format!(
-            "{} is not a multiple of {step} (the VAE works in blocks of 8 pixels); use {}",
-            super::display_value(value),
-            ((number / step as f64).round() as i64).max(1) * step
-        ));
-    }
-    let below = spec.min.is_some_and(|min| number < min);
-    let above = spec.max.is_some_and(|max| number > max);
-    (below || above).then(|| {
-        let integral = matches!(spec.ty, ParamType::Integer | ParamType::IntegerList);
-        let show = |bound: f64| display_bound(bound, integral);
-        let (min, max) = (spec.min.map(show), spec.max.map(show));
-        let bounds = match (min, max) {
-            (Some(min), Some(max)) => format!("between {min} and {max}"),
-            (Some(min), None) => format!("at least {min}"),
-            (None, Some(max)) => format!("at most {max}"),
-            (None, None) => String::new(),
-        };
-        format!(
-            "{} is out of range: must be {bounds}",
-            super::display_value(value)
-        )
-    })
-}
-
-/// A range bound as written in messages: integers in full for integer fields (`9007199254740991`,
-/// not `9.007199254740991e15`).
-fn display_bound(bound: f64, integral: bool) -> String {
-    /// Integers up to 2^53 are exact in an f64.
-    const EXACT_LIMIT: f64 = 9_007_199_254_740_992.0;
-    if integral && bound.fract() == 0.0 && bound.abs() <= EXACT_LIMIT {
-        format!("{}", bound as i64)
-    } else {
-        super::display_float(bound)
-    }
-}
-
-/// Replaces `${params.NAME}`: a whole-string reference keeps the value's type.
-fn substitute_params(
-    value: Value,
-    params: &serde_json::Map<String, Value>,
-) -> Result<Value, String> {
-    match value {
-        Value::String(text) => substitute_text(&text, params),
-        Value::Array(items) => Ok(Value::Array(
-            items
-                .into_iter()
-                .map(|v| substitute_params(v, params))
-                .collect::<Result<_, _>>()?,
-        )),
-        Value::Object(map) => Ok(Value::Object(
-            map.into_iter()
-                .map(|(k, v)| substitute_params(v, params).map(|v| (k, v)))
-                .collect::<Result<_, _>>()?,
-        )),
-        other => Ok(other),
-    }
-}
-
-const PARAM_PREFIX: &str = "${params.";
-
-fn substitute_text(text: &str, params: &serde_json::Map<String, Value>) -> Result<Value, String> {
-    if !text.contains(PARAM_PREFIX) {
-        return Ok(Value::String(text.to_string()));
-    }
-    let lookup = |name: &str| {
-        params.get(name).cloned().ok_or_else(|| {
-            let hint = match suggest(name, params.keys().map(String::as_str)) {
-                Some(best) => format!("; did you mean `{best}`?"),
-                None => " (declare it under `params:`)".to_string(),
-            };
-            format!("unknown parameter `${{params.{name}}}`{hint}")
-        })
-    };
-    if let Some(name) = text
-        .strip_prefix(PARAM_PREFIX)
-        .and_then(|rest| rest.strip_suffix('}'))
-        .filter(|n| !n.contains('}'))
-    {
-        return lookup(name);
-    }
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(start) = rest.find(PARAM_PREFIX) {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + PARAM_PREFIX.len()..];
-        let Some(end) = after.find('}') else {
-            return Err(format!("unclosed `${{params.` in \"{text}\""));
-        };
-        out.push_str(&super::display_value(&lookup(&after[..end])?));
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(Value::String(out))
 }
 
 /// Removes serde_yaml's trailing " at line L column C" (the location is printed separately).
@@ -1227,42 +889,5 @@ fn strip_location(message: &str) -> String {
     match message.find(" at line ") {
         Some(at) => message[..at].to_string(),
         None => message.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn suggestions_allow_typos_and_transpositions_but_not_unrelated_words() {
-        assert_eq!(suggest("comand", ["command", "images"]), Some("command"));
-        assert_eq!(suggest("rnu", ["run", "needs"]), Some("run"));
-        assert_eq!(
-            suggest("learnign_rate", ["learning_rate", "steps"]),
-            Some("learning_rate")
-        );
-        assert_eq!(suggest("b", ["a"]), None);
-        assert_eq!(suggest("zzz", ["prep", "train"]), None);
-    }
-
-    #[test]
-    fn params_substitute_typed_when_whole_and_as_text_inside() {
-        let params = json!({"lr": 2e-6, "steps": 400, "name": "dog"});
-        let params = params.as_object().expect("object");
-        assert_eq!(substitute_text("${params.steps}", params), Ok(json!(400)));
-        assert_eq!(
-            substitute_text("train --lr ${params.lr} ${params.name}", params),
-            Ok(json!("train --lr 2e-6 dog"))
-        );
-        assert_eq!(
-            substitute_text("echo ${HOME}", params),
-            Ok(json!("echo ${HOME}"))
-        );
-        assert_eq!(
-            substitute_text("${params.lrr}", params),
-            Err("unknown parameter `${params.lrr}`; did you mean `lr`?".to_string())
-        );
     }
 }
