@@ -3,7 +3,7 @@
 use super::Context;
 use super::common::PipelineArgs;
 use crate::cache::store::{Store, now_unix};
-use crate::exec::executor::RunRecord;
+use crate::exec::record::RunRecord;
 use crate::pipeline::Pipeline;
 use crate::report::browser::{check_page, screenshot};
 use crate::report::build::{

@@ -5,6 +5,8 @@
 //! its dependents only; cancellation stops new stages and signals running ones.
 use super::events::{CancelFlag, Event, EventSender, ProgressReporter};
 use super::lockfile::LockFile;
+pub use super::record::{Outcome, RunRecord, StageRecord};
+use super::slots::{Slots, take_slot};
 use crate::cache::CacheError;
 use crate::cache::hash::{HashMemo, tree_digest};
 use crate::cache::lock::{Acquired, KeyLock};
@@ -14,12 +16,10 @@ use crate::plan::dirty::explain_miss;
 use crate::plan::fingerprint::{KeyMaterial, material};
 use crate::plan::graph::Plan;
 use crate::stages::{DeviceClass, ResolvedInput, StageContext, StageError, StageLog};
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// How a run treats its stages.
@@ -38,84 +38,13 @@ pub struct ExecOptions {
     pub verify: bool,
 }
 
-/// What happened to a stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Cached,
-    Ran,
-    Failed,
-    Skipped,
-    NotSelected,
-}
-
-/// One stage in the run record.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StageRecord {
-    pub id: String,
-    pub name: String,
-    pub kind: String,
-    pub status: Outcome,
-    pub duration_s: f64,
-    pub key: Option<String>,
-    pub output: Option<PathBuf>,
-    pub output_digest: Option<String>,
-    pub params: serde_json::Value,
-    pub log: Option<PathBuf>,
-    pub error: Option<String>,
-    /// When the stage's own work ran (after it got its slot), in seconds since the run
-    /// started: (start, end). None when it did not run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ran: Option<(f64, f64)>,
-    /// Why it ran (dirty reasons), when it ran.
-    pub reasons: Vec<String>,
-}
-
-/// The machine-readable record of a run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunRecord {
-    pub pipeline: String,
-    pub file: PathBuf,
-    pub cache_root: PathBuf,
-    pub started_unix: u64,
-    pub duration_s: f64,
-    pub success: bool,
-    pub cancelled: bool,
-    pub stages: Vec<StageRecord>,
-}
-
-struct DevicePool {
-    free: Mutex<Vec<crate::device::Device>>,
-    permits: Arc<Semaphore>,
-    /// Devices in the pool (the most one stage can hold).
-    count: usize,
-}
-
-/// Held devices; returned to the pool on drop.
-struct DeviceSlot {
-    pool: Arc<DevicePool>,
-    devices: Vec<crate::device::Device>,
-    _permits: OwnedSemaphorePermit,
-}
-
-impl Drop for DeviceSlot {
-    fn drop(&mut self) {
-        self.pool
-            .free
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(self.devices.drain(..).rev());
-    }
-}
-
 struct Shared {
     plan: Arc<Plan>,
     store: Store,
     memo: Arc<HashMemo>,
     events: EventSender,
     cancel: CancelFlag,
-    cpu: Arc<Semaphore>,
-    gpus: Arc<DevicePool>,
+    slots: Slots,
     key_device: crate::device::Device,
     forced: Vec<bool>,
     locked: Option<LockFile>,
@@ -165,12 +94,7 @@ pub async fn execute(
         memo,
         events: events.clone(),
         cancel: cancel.clone(),
-        cpu: Arc::new(Semaphore::new(options.jobs.max(1))),
-        gpus: Arc::new(DevicePool {
-            permits: Arc::new(Semaphore::new(devices.len())),
-            free: Mutex::new(devices.iter().rev().copied().collect()),
-            count: devices.len(),
-        }),
+        slots: Slots::new(options.jobs, &devices),
         key_device: devices[0],
         forced: options.forced.clone(),
         locked: options.locked.clone(),
@@ -604,52 +528,6 @@ fn check_locked_output(shared: &Shared, id: &str, digest: &str) -> Result<(), St
     ))
 }
 
-/// A held CPU permit or device; released on drop.
-#[allow(dead_code)] // the fields are held only for their Drop
-enum Slot {
-    Cpu(OwnedSemaphorePermit),
-    Gpu(DeviceSlot),
-}
-
-/// The slot a stage runs in: a CPU permit, or `device_slots` devices held together (taken
-/// all at once, so two stages can never each hold part of what the other waits for). Returns
-/// the slot and the devices held (empty for a CPU permit).
-async fn take_slot(
-    shared: &Shared,
-    device_slots: usize,
-    stage_id: &str,
-) -> Result<(Slot, Vec<crate::device::Device>), String> {
-    let closed = |_| "internal error: the executor's slots were closed".to_string();
-    if device_slots == 0 {
-        let permit = shared.cpu.clone().acquire_owned().await.map_err(closed)?;
-        return Ok((Slot::Cpu(permit), Vec::new()));
-    }
-    let available = shared.gpus.count;
-    if device_slots > available {
-        return Err(format!(
-            "stage `{stage_id}` asks for {device_slots} devices (`resources: {{gpus: {device_slots}}}`) but this run has {available} (--devices)"
-        ));
-    }
-    let permits = (shared.gpus.permits.clone())
-        .acquire_many_owned(device_slots as u32)
-        .await
-        .map_err(closed)?;
-    let devices: Vec<crate::device::Device> = {
-        let mut free = shared.gpus.free.lock().unwrap_or_else(|p| p.into_inner());
-        let keep = free.len().saturating_sub(device_slots);
-        free.split_off(keep).into_iter().rev().collect()
-    };
-    let held = devices.clone();
-    Ok((
-        Slot::Gpu(DeviceSlot {
-            pool: shared.gpus.clone(),
-            devices,
-            _permits: permits,
-        }),
-        held,
-    ))
-}
-
 /// Runs the stage in a staging folder and commits its output.
 async fn compute(
     shared: &Arc<Shared>,
@@ -661,7 +539,7 @@ async fn compute(
 ) -> Result<Done, String> {
     let stage = shared.plan.pipeline.stages[index].clone();
     let device_slots = stage.resources.device_slots(stage.kind.device_class());
-    let (slot, devices) = take_slot(shared, device_slots, &stage.id).await?;
+    let (slot, devices) = take_slot(&shared.slots, device_slots, &stage.id).await?;
     let device = match stage.kind.device_class() {
         DeviceClass::Gpu => devices.first().copied().unwrap_or(shared.key_device),
         DeviceClass::Cpu => crate::device::Device::Cpu,

@@ -14,7 +14,7 @@ use super::html::write_report;
 use super::html::{ImageRef, REPORT_PAGE, ReportInput, ReportSummary, StageReport, StageStatus};
 use super::metrics::read_metrics_jsonl;
 use crate::cache::store::{Store, file_name_for, read_json};
-use crate::exec::executor::{Outcome, RunRecord, StageRecord};
+use crate::exec::record::{Outcome, RunRecord, StageRecord};
 use crate::pipeline::{Pipeline, StageInstance};
 
 /// The training log a stage may write at the top of its output.

@@ -1,7 +1,7 @@
 //! The end-of-run summary table and the JSON run record written under
 //! `<cache>/records/<pipeline>/`.
 use crate::cache::store::file_name_for;
-use crate::exec::executor::{Outcome, RunRecord};
+use crate::exec::record::{Outcome, RunRecord};
 use std::path::{Path, PathBuf};
 
 fn outcome_text(outcome: Outcome) -> &'static str {
