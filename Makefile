@@ -36,6 +36,8 @@ test-kernels: libtorch
 	  echo "== golden tests under ATEN_CPU_CAPABILITY=$$capability"; \
 	  ATEN_CPU_CAPABILITY=$$capability cargo test --no-fail-fast \
 	    $(addprefix --test ,$(GOLDEN_TESTS)) || failed="$$failed $$capability"; \
+	  ATEN_CPU_CAPABILITY=$$capability cargo test --test stage_training kind_versions \
+	    || failed="$$failed $$capability(kind_versions)"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "golden tests failed under:$$failed"; exit 1; fi
 

@@ -604,3 +604,179 @@ fn two_training_stages_on_two_slots_overlap_and_match_one_slot() {
         );
     }
 }
+
+/// Every torch kind on the tiny model, for the version guard below: class images, textual
+/// inversion, DreamBooth in float32 and under bf16 autocast, a grid.
+const GUARD: &str = r#"name: train
+stages:
+  photos:
+    kind: images
+    path: photos
+  class:
+    kind: generate
+    model: MODEL
+    prompt: a photo of a dog
+    count: 2
+    steps: 2
+    width: 64
+    height: 64
+  ti:
+    kind: textual_inversion
+    model: MODEL
+    instance_images: photos
+    placeholder_token: <sks>
+    initializer_token: dog
+    resolution: 64
+    max_train_steps: 3
+    learning_rate: 5.0e-3
+    lr_warmup_steps: 0
+  db:
+    kind: dreambooth
+    model: MODEL
+    instance_images: photos
+    instance_prompt: a photo of sks dog
+    class_images: class
+    class_prompt: a photo of a dog
+    num_class_images: 2
+    train_text_encoder: true
+    resolution: 64
+    max_train_steps: 3
+    learning_rate: 1.0e-4
+    lr_warmup_steps: 0
+    matrix:
+      mixed_precision: ["no", "bf16"]
+  grid:
+    kind: sample_grid
+    models: [db]
+    prompts: [a photo of sks dog]
+    seeds: [0]
+    steps: 2
+    width: 64
+    height: 64
+"#;
+
+/// The stored outputs of the guard pipeline, per kind with the version that made them.
+const KIND_OUTPUTS: &str = "tests/fixtures/kind-outputs.json";
+/// Measured against the stored reference (made with ATen's avx512 kernels on an Intel Xeon)
+/// under `default` / `avx2`: float32 losses 1.1e-7 relative, bf16 losses 6.8e-5, thumbnails
+/// 0.016 levels. Mutations these must catch: running the bf16 UNet without autocast moves the
+/// bf16 losses by 3.4e-4; changes of the method (loss, schedule, noise) move float32 losses
+/// and images by orders of magnitude more.
+const GUARD_LOSS_RTOL: f64 = 1e-5;
+const GUARD_BF16_LOSS_RTOL: f64 = 2e-4;
+/// Images: gray-level means of 8×8 blocks (a thumbnail tolerating single-pixel rounding).
+const GUARD_LEVELS: f64 = 0.5;
+
+/// Gray-level means of 8×8 blocks of a PNG (a thumbnail that tolerates single-pixel rounding).
+fn thumbnail(path: &Path) -> Vec<f64> {
+    let image = image::open(path).expect("image").to_luma8();
+    let (width, height) = (image.width() / 8, image.height() / 8);
+    let mut blocks = Vec::new();
+    for by in 0..8 {
+        for bx in 0..8 {
+            let mut sum = 0.0;
+            for y in by * height..(by + 1) * height {
+                for x in bx * width..(bx + 1) * width {
+                    sum += f64::from(image.get_pixel(x, y).0[0]);
+                }
+            }
+            blocks.push(sum / f64::from(width * height));
+        }
+    }
+    blocks
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    (metrics(dir).iter())
+        .map(|line| line["loss"].as_f64().expect("loss"))
+        .collect()
+}
+
+/// What the guard pipeline produced, per kind: thumbnails or loss curves.
+fn guard_outputs(project: &Project) -> serde_json::Value {
+    let class = output(project, "class");
+    let mut class_images: Vec<PathBuf> = std::fs::read_dir(class.join("images"))
+        .expect("class images")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    class_images.sort();
+    let version = |kind: &str| {
+        dreampipe::stages::registry()
+            .get(kind)
+            .expect(kind)
+            .version()
+    };
+    serde_json::json!({
+        "generate": {"version": version("generate"),
+            "thumbnails": class_images.iter().map(|p| thumbnail(p)).collect::<Vec<_>>()},
+        "textual_inversion": {"version": version("textual_inversion"),
+            "losses": losses(&output(project, "ti"))},
+        "dreambooth": {"version": version("dreambooth"),
+            "losses": losses(&output(project, "db[mixed_precision=no]")),
+            "bf16_losses": losses(&output(project, "db[mixed_precision=bf16]"))},
+        "sample_grid": {"version": version("sample_grid"),
+            "thumbnails": [thumbnail(&output(project, "grid").join("grid-0.png"))]},
+    })
+}
+
+/// How far two lists of numbers are: the largest |a − b| / scale(b).
+fn worst(found: &serde_json::Value, stored: &serde_json::Value, relative: bool) -> f64 {
+    let numbers = |v: &serde_json::Value| -> Vec<f64> {
+        let mut out = Vec::new();
+        let mut stack = vec![v];
+        while let Some(v) = stack.pop() {
+            match v {
+                serde_json::Value::Array(items) => stack.extend(items.iter().rev()),
+                other => out.push(other.as_f64().unwrap_or(f64::NAN)),
+            }
+        }
+        out
+    };
+    let (a, b) = (numbers(found), numbers(stored));
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    (a.iter().zip(&b))
+        .map(|(x, y)| (x - y).abs() / if relative { y.abs().max(1e-12) } else { 1.0 })
+        .fold(0.0, f64::max)
+}
+
+/// Versions that cannot go stale (docs/cache.md): each torch kind runs on the tiny model and
+/// its outputs are compared with the ones stored for its current version. An output that
+/// changed beyond float rounding while the version stayed fails until the version is bumped
+/// (then results made by the old code are no longer served) and the reference is regenerated
+/// with `DREAMPIPE_BLESS=1 cargo test --test stage_training kind_versions`.
+#[test]
+fn kind_versions_guard_their_outputs() {
+    let project = project_with(&GUARD.replace("MODEL", &tiny_model()));
+    assert_success(&run(&project, "train.yaml", &[]));
+    let found = guard_outputs(&project);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(KIND_OUTPUTS);
+    if std::env::var_os("DREAMPIPE_BLESS").is_some() {
+        let text = serde_json::to_string_pretty(&found).expect("json") + "\n";
+        std::fs::write(&path, text).expect("write the reference");
+    }
+    let stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect(KIND_OUTPUTS)).expect("json");
+    let checks = [
+        ("generate", "thumbnails", false, GUARD_LEVELS),
+        ("textual_inversion", "losses", true, GUARD_LOSS_RTOL),
+        ("dreambooth", "losses", true, GUARD_LOSS_RTOL),
+        ("dreambooth", "bf16_losses", true, GUARD_BF16_LOSS_RTOL),
+        ("sample_grid", "thumbnails", false, GUARD_LEVELS),
+    ];
+    let bless = "DREAMPIPE_BLESS=1 cargo test --test stage_training kind_versions";
+    for (kind, field, relative, tolerance) in checks {
+        let (now, then) = (&found[kind]["version"], &stored[kind]["version"]);
+        assert_eq!(
+            now, then,
+            "{kind} is at version {now} but {KIND_OUTPUTS} was made by version {then}: check the change is meant, then run `{bless}`"
+        );
+        let distance = worst(&found[kind][field], &stored[kind][field], relative);
+        println!("{kind} {field}: {distance:e} from the reference");
+        assert!(
+            distance <= tolerance,
+            "{kind} {field} changed by {distance:e} (allowed {tolerance:e}) with version {now} unchanged: bump `version()` in crates/core/src/stages/sd_kinds/{kind}.rs, then run `{bless}`"
+        );
+    }
+}
