@@ -135,15 +135,9 @@ fn two_concurrent_runs_compute_each_stage_once_and_both_succeed() {
     assert_eq!(project.result_count(), 3);
 }
 
-#[test]
-fn flipped_byte_is_reported_quarantined_and_recomputed() {
-    let project = Project::new();
-    project.write(
-        "p.yaml",
-        "stages:\n  a:\n    kind: command\n    run: printf 'precious bytes' > $OUT/data.bin\n",
-    );
-    assert!(project.run("p.yaml", &[]).success());
-    let digest = blake3::hash(b"precious bytes").to_hex().to_string();
+/// The stored object holding `content` (digest, path), made writable so a test can damage it.
+fn writable_object(project: &Project, content: &[u8]) -> (String, std::path::PathBuf) {
+    let digest = blake3::hash(content).to_hex().to_string();
     let object = project
         .cache()
         .join("objects")
@@ -153,6 +147,18 @@ fn flipped_byte_is_reported_quarantined_and_recomputed() {
     #[allow(clippy::permissions_set_readonly_false)]
     perms.set_readonly(false);
     std::fs::set_permissions(&object, perms).expect("chmod");
+    (digest, object)
+}
+
+#[test]
+fn flipped_byte_is_reported_quarantined_and_recomputed() {
+    let project = Project::new();
+    project.write(
+        "p.yaml",
+        "stages:\n  a:\n    kind: command\n    run: printf 'precious bytes' > $OUT/data.bin\n",
+    );
+    assert!(project.run("p.yaml", &[]).success());
+    let (digest, object) = writable_object(&project, b"precious bytes");
     let mut bytes = std::fs::read(&object).expect("read");
     bytes[3] ^= 0x01;
     std::fs::write(&object, &bytes).expect("flip");
@@ -441,16 +447,7 @@ fn verify_quarantines_and_gc_removes_a_result_whose_record_does_not_read() {
 #[test]
 fn a_run_does_not_reuse_a_result_whose_file_changed_since_commit() {
     let (project, key) = two_stage_project();
-    let digest = blake3::hash(b"precious bytes").to_hex().to_string();
-    let object = project
-        .cache()
-        .join("objects")
-        .join(&digest[..2])
-        .join(&digest);
-    let mut perms = std::fs::metadata(&object).expect("object").permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    std::fs::set_permissions(&object, perms).expect("chmod");
+    let (digest, object) = writable_object(&project, b"precious bytes");
     std::fs::write(&object, b"precious bytez").expect("flip");
     let rerun = project.run("p.yaml", &[]);
     assert!(rerun.success(), "{}{}", rerun.stdout, rerun.stderr);

@@ -130,15 +130,20 @@ impl Checker<'_> {
         self.report(&path, Some(stage), Some(field), message);
     }
 
+    /// An error about the file as a whole (not a stage or field), at `location` when known.
+    fn file_error(&mut self, location: Option<(usize, usize)>, message: String) {
+        self.diagnostics.push(Diagnostic {
+            file: self.file.clone(),
+            location,
+            stage: None,
+            field: None,
+            message,
+        });
+    }
+
     fn check(&mut self, text: &str, overrides: &[String]) -> Option<Pipeline> {
         if let Some((location, message)) = limits::check_text(text) {
-            self.diagnostics.push(Diagnostic {
-                file: self.file.clone(),
-                location,
-                stage: None,
-                field: None,
-                message,
-            });
+            self.file_error(location, message);
             return None;
         }
         // Counted from the text before parsing, so a huge pipeline fails in milliseconds.
@@ -152,13 +157,7 @@ impl Checker<'_> {
             Err(error) => {
                 let location = error.location().map(|l| (l.line(), l.column()));
                 let message = format!("invalid YAML: {}", strip_location(&error.to_string()));
-                self.diagnostics.push(Diagnostic {
-                    file: self.file.clone(),
-                    location,
-                    stage: None,
-                    field: None,
-                    message,
-                });
+                self.file_error(location, message);
                 return None;
             }
         };
