@@ -135,6 +135,16 @@ fn two_concurrent_runs_compute_each_stage_once_and_both_succeed() {
     assert_eq!(project.result_count(), 3);
 }
 
+/// `cache verify` of a one-object, one-result cache finds nothing wrong.
+fn assert_verify_clean(project: &Project) {
+    let (ok, stdout, _) = project.dreampipe(&["cache", "verify"]);
+    assert!(ok, "{stdout}");
+    assert_eq!(
+        stdout.trim(),
+        "checked 1 object(s) and 1 result(s): 0 problem(s)"
+    );
+}
+
 /// The stored object holding `content` (digest, path), made writable so a test can damage it.
 fn writable_object(project: &Project, content: &[u8]) -> (String, std::path::PathBuf) {
     let digest = blake3::hash(content).to_hex().to_string();
@@ -175,12 +185,7 @@ fn flipped_byte_is_reported_quarantined_and_recomputed() {
     let rerun = project.run("p.yaml", &[]);
     assert_eq!(rerun.status("a"), "ran");
     assert_eq!(project.read("cache/runs/p/a/data.bin"), "precious bytes");
-    let (ok, stdout, _) = project.dreampipe(&["cache", "verify"]);
-    assert!(ok, "{stdout}");
-    assert_eq!(
-        stdout.trim(),
-        "checked 1 object(s) and 1 result(s): 0 problem(s)"
-    );
+    assert_verify_clean(&project);
 }
 
 #[test]
@@ -524,12 +529,7 @@ fn a_link_to_a_file_inside_the_output_is_stored_as_a_copy() {
     let b = project.cache().join("runs/p/a/b.txt");
     assert!(std::fs::symlink_metadata(&b).expect("b").is_file());
     assert_eq!(project.read("cache/runs/p/a/b.txt"), "hi\n");
-    let (ok, stdout, _) = project.dreampipe(&["cache", "verify"]);
-    assert!(ok, "{stdout}");
-    assert_eq!(
-        stdout.trim(),
-        "checked 1 object(s) and 1 result(s): 0 problem(s)"
-    );
+    assert_verify_clean(&project);
 }
 
 #[test]

@@ -147,23 +147,15 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
         false => print!("{text}"),
     };
     human(summary::table(&record));
-    let record_path = match summary::write_record(store.root(), &record) {
-        Ok(path) => Some(path),
-        Err(error) => {
-            eprintln!("warning: could not write the run record: {error}");
-            None
-        }
-    };
+    let record_path = written(
+        summary::write_record(store.root(), &record),
+        "the run record",
+    );
     if let Some(path) = &record_path {
         human(format!("run record: {}\n", path.display()));
     }
-    let page = match super::report::write(&plan.pipeline, Some(&record), &store, None) {
-        Ok(page) => Some(page),
-        Err(error) => {
-            eprintln!("warning: could not write the report: {error:#}");
-            None
-        }
-    };
+    let page = super::report::write(&plan.pipeline, Some(&record), &store, None);
+    let page = written(page.map_err(|e| format!("{e:#}")), "the report");
     if let Some(page) = &page {
         human(format!("report: {}\n", page.display()));
     }
@@ -181,6 +173,14 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A file the run writes after its stages (record, report): on failure a warning, never an
+/// error — the stages' results are committed either way.
+fn written<T, E: std::fmt::Display>(result: Result<T, E>, what: &str) -> Option<T> {
+    result
+        .map_err(|error| eprintln!("warning: could not write {what}: {error}"))
+        .ok()
 }
 
 /// The first JSON event: every stage of the plan, whether this run selected it.
