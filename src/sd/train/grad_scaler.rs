@@ -73,20 +73,21 @@ impl GradScaler {
     }
 
     /// Multiplies every defined gradient by the float32 reciprocal of the scale (in place) and
-    /// returns whether any gradient held an inf or NaN before that.
+    /// returns whether any gradient held an inf or NaN before that. The per-gradient checks stay
+    /// on the gradients' device; one read at the end (one GPU sync per step, as torch's).
     pub fn unscale(&self, params: &[Tensor]) -> bool {
         let inverse = f64::from((1.0 / self.state.scale) as f32);
-        let mut found_inf = false;
+        let mut all_finite: Vec<Tensor> = Vec::new();
         for param in params {
             let mut grad = param.grad();
             if !grad.defined() {
                 continue;
             }
-            let finite = grad.isfinite().all().int64_value(&[]) == 1;
-            found_inf |= !finite;
+            let device = all_finite.first().map_or(grad.device(), Tensor::device);
+            all_finite.push(grad.isfinite().all().to_device(device));
             let _ = grad.g_mul_scalar_(inverse);
         }
-        found_inf
+        !all_finite.is_empty() && Tensor::stack(&all_finite, 0).all().int64_value(&[]) == 0
     }
 
     /// After a step: backs off on a non-finite gradient (the step was skipped), else counts a
