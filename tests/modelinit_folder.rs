@@ -10,6 +10,7 @@ use dreampipe::sd::init::{
 use dreampipe::sd::tokenizer::ClipTokenizer;
 use dreampipe::sd::unet::UNet2DConditionModel;
 use dreampipe::sd::vae::AutoencoderKL;
+use dreampipe::sd::rng::Generator;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -267,8 +268,7 @@ fn random_tiny_model_runs_finitely() {
     let _guard = tch::no_grad_guard();
     let ids = Tensor::from_slice(&tokenizer.encode("a photo of a cat").ids).unsqueeze(0);
     let context = text.forward(&ids).unwrap().last_hidden_state;
-    tch::manual_seed(0);
-    let latents = Tensor::randn([1, 4, 32, 32], (Kind::Float, Device::Cpu));
+    let latents = Generator::new(0).randn(&[1, 4, 32, 32], Kind::Float);
     let noise = unet.forward(&latents, &Tensor::from(500i64), &context);
     let image = vae.decode(&(&noise / vae.scaling_factor()));
     for (name, t) in [("context", &context), ("noise", &noise), ("image", &image)] {

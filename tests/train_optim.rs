@@ -3,6 +3,7 @@
 use dreampipe::sd::train::TrainError;
 use dreampipe::sd::train::lr_schedule::LrSchedule;
 use dreampipe::sd::train::optim::{AdamW, AdamWConfig, AdamWKernel, clip_grad_norm};
+use dreampipe::sd::rng::Generator;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -182,11 +183,12 @@ fn regression_step(w: &Tensor, x: &Tensor, y: &Tensor) -> f64 {
 }
 
 fn regression_data() -> (Tensor, Tensor, Tensor) {
-    tch::manual_seed(11);
-    let opts = (Kind::Float, tch::Device::Cpu);
-    let x = Tensor::randn([32, 8], opts);
-    let y = Tensor::randn([32, 3], opts);
-    let w = Tensor::randn([8, 3], opts);
+    // A generator of its own: tests run on parallel threads, and draws from the global one
+    // would interleave with theirs (the same data must come back on every call).
+    let mut rng = Generator::new(11);
+    let x = rng.randn(&[32, 8], Kind::Float);
+    let y = rng.randn(&[32, 3], Kind::Float);
+    let w = rng.randn(&[8, 3], Kind::Float);
     (x, y, w)
 }
 
