@@ -112,6 +112,7 @@ fn run(plan: Plan, store: &Store) -> RunRecord {
             selected: vec![true; n],
             forced: vec![false; n],
             locked: None,
+            slurm: None,
         };
         execute(
             Arc::new(plan),

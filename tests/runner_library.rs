@@ -192,6 +192,7 @@ fn run(
             selected: vec![true; n],
             forced: vec![false; n],
             locked: None,
+            slurm: None,
         };
         let record = execute(
             Arc::new(plan),

@@ -17,6 +17,7 @@ mod common;
 mod dag;
 mod explain;
 mod init;
+mod job;
 mod plan;
 mod report;
 mod run;
@@ -88,6 +89,9 @@ pub enum Command {
     Model(WorkerArgs),
     #[command(hide = true)]
     Bench(WorkerArgs),
+    /// Run one stage from a job file (what a Slurm job runs; docs/cluster.md).
+    #[command(hide = true)]
+    Job(job::JobArgs),
 }
 
 /// The verbs [`Command`] declares as stubs for the torch worker.
@@ -174,6 +178,7 @@ pub fn run(cli: Cli, backend: Backend) -> anyhow::Result<ExitCode> {
         Command::Report(args) => report::run(&context, &args),
         Command::Show(args) => show::run(&context, &args),
         Command::BenchCache(args) => bench_cache::run(&context, &args),
+        Command::Job(args) => job::run(&context, &args),
         Command::Doctor(_) | Command::Sample(_) | Command::Model(_) | Command::Bench(_) => {
             Err(Handoff.into())
         }

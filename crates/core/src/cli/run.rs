@@ -6,6 +6,8 @@ use crate::device::{Device, DeviceRequest};
 use crate::exec::events::CancelFlag;
 use crate::exec::executor::{ExecOptions, Outcome, RunRecord, execute};
 use crate::exec::lockfile::{self, LockEntry, LockFile};
+use crate::exec::slurm::SlurmOptions;
+use crate::pipeline::ExecutorKind;
 use crate::plan::dirty::{Status, assess};
 use crate::plan::graph::Plan;
 use crate::report::progress::{self, Style};
@@ -63,6 +65,13 @@ pub struct RunArgs {
     /// (docs/cache.md, "What a run checks").
     #[arg(long)]
     pub verify: bool,
+    /// Where dirty stages run: `local` (this machine) or `slurm` (one job per stage,
+    /// docs/cluster.md); default: the pipeline's `executor: {kind}`, else local.
+    #[arg(long, value_enum)]
+    pub executor: Option<ExecutorKind>,
+    /// Resubmit a failed Slurm job up to N times (default: `executor: {retries}`, else 0).
+    #[arg(long)]
+    pub retries: Option<usize>,
 }
 
 pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
@@ -82,14 +91,19 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let devices = resolve_devices(context, &args.devices)?;
-    let jobs = args.jobs.unwrap_or_else(|| {
+    let slurm = slurm_options(&plan, args);
+    let devices = match slurm {
+        Some(_) => vec![slurm_key_device(context)],
+        None => resolve_devices(context, &args.devices)?,
+    };
+    let jobs = (args.jobs.or(plan.pipeline.executor.jobs)).unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     });
     let (store, memo) = open_cache(context)?;
-    if !context.torch_in_process {
+    // A Slurm controller computes nothing itself: the jobs run the torch worker.
+    if !context.torch_in_process && slurm.is_none() {
         let statuses = assess(&plan, &store, &memo, devices[0], &selected, &forced)?;
         if torch_work_left(&plan, &statuses) {
             let _ = memo.save(); // the worker reuses the digests just computed
@@ -112,6 +126,7 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
         selected,
         forced,
         locked,
+        slurm,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -213,6 +228,28 @@ fn run_finished(
         "record": record_path,
         "report": report,
     })
+}
+
+/// With `--executor slurm` (or `executor: {kind: slurm}`): how the controller talks to Slurm.
+/// `--jobs` bounds jobs in flight (default: no bound, a sweep of N dirty stages is N jobs).
+fn slurm_options(plan: &Plan, args: &RunArgs) -> Option<SlurmOptions> {
+    let spec = &plan.pipeline.executor;
+    let kind = args.executor.or(spec.kind).unwrap_or_default();
+    (kind == ExecutorKind::Slurm).then(|| {
+        let jobs = args.jobs.or(spec.jobs).unwrap_or(usize::MAX);
+        let retries = args.retries.or(spec.retries).unwrap_or(0);
+        SlurmOptions::new(crate::device::torch_binary(), jobs, retries)
+    })
+}
+
+/// The device type that enters the keys of GPU stages run on Slurm: the nodes' GPUs (CUDA),
+/// unless `--device cpu` says the jobs compute on CPUs. The controller's own hardware does not
+/// matter (a login node often has no GPU).
+fn slurm_key_device(context: &Context) -> Device {
+    match context.device_request {
+        DeviceRequest::Cpu => Device::Cpu,
+        _ => Device::Cuda(0),
+    }
 }
 
 /// The device slots of the run: `--devices` (`auto` = every visible GPU), else every visible

@@ -33,6 +33,13 @@ pub enum Event {
         id: String,
         key: String,
     },
+    /// The stage runs as Slurm job `job_id` (`adopted`: a job an earlier run submitted, which
+    /// this run waits for instead of submitting a duplicate).
+    Submitted {
+        id: String,
+        job_id: String,
+        adopted: bool,
+    },
     Progress {
         id: String,
         step: u64,

@@ -4,18 +4,20 @@
 //! per-key lock makes concurrent runs on one cache compute each key once. A failed stage stops
 //! its dependents only; cancellation stops new stages and signals running ones.
 use super::events::{CancelFlag, Event, EventSender, ProgressReporter};
+use super::job::{JOB_FORMAT, JobSpec, Placement, commit_staged, run_in_staging};
 use super::lockfile::LockFile;
 pub use super::record::{Outcome, RunRecord, StageRecord};
 use super::slots::{Slots, take_slot};
+use super::slurm::{JobEnd, Slurm, SlurmOptions};
 use crate::cache::CacheError;
 use crate::cache::hash::{HashMemo, tree_digest};
 use crate::cache::lock::{Acquired, KeyLock};
-use crate::cache::store::{Commit, ResultRecord, Store, now_unix};
+use crate::cache::store::{ResultRecord, Store, now_unix};
 use crate::cache::verify;
 use crate::plan::dirty::explain_miss;
 use crate::plan::fingerprint::{KeyMaterial, material};
 use crate::plan::graph::Plan;
-use crate::stages::{DeviceClass, ResolvedInput, StageContext, StageError, StageLog};
+use crate::stages::{DeviceClass, ResolvedInput};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -36,6 +38,8 @@ pub struct ExecOptions {
     pub locked: Option<LockFile>,
     /// With `--verify`: rehash every file of a reused result (else only changed files).
     pub verify: bool,
+    /// With `--executor slurm`: dirty stages run as Slurm jobs (exec/slurm.rs).
+    pub slurm: Option<SlurmOptions>,
 }
 
 struct Shared {
@@ -54,6 +58,7 @@ struct Shared {
     /// Shared locks on every result this run uses (found cached or committed), by key, held
     /// until the run ends, so `cache gc` cannot remove one before a downstream stage reads it.
     pins: Mutex<HashMap<String, KeyLock>>,
+    slurm: Option<Arc<Slurm>>,
 }
 
 impl Shared {
@@ -88,6 +93,7 @@ pub async fn execute(
     } else {
         options.devices.clone()
     };
+    let store_for_slurm = store.clone();
     let shared = Arc::new(Shared {
         plan: plan.clone(),
         store,
@@ -101,6 +107,11 @@ pub async fn execute(
         verify: options.verify,
         run_started: started,
         pins: Mutex::new(HashMap::new()),
+        slurm: (options.slurm.clone()).map(|o| Arc::new(Slurm::new(o, store_for_slurm))),
+    });
+    let poller = shared.slurm.clone().map(|slurm| {
+        let cancel = cancel.clone();
+        tokio::spawn(async move { slurm.poll(cancel).await })
     });
     let active = active_stages(&plan, &options.selected);
     let _ = events.send(Event::RunStarted {
@@ -165,6 +176,10 @@ pub async fn execute(
                 }
             }
         }
+    }
+    if let (Some(slurm), Some(poller)) = (&shared.slurm, poller) {
+        slurm.close();
+        let _ = poller.await;
     }
     let stages: Vec<StageRecord> = records
         .into_iter()
@@ -537,6 +552,9 @@ async fn compute(
     key: &str,
     record: &mut StageRecord,
 ) -> Result<Done, String> {
+    if let Some(slurm) = &shared.slurm {
+        return compute_on_slurm(shared, slurm, index, upstream, new, key, record).await;
+    }
     let stage = shared.plan.pipeline.stages[index].clone();
     let device_slots = stage.resources.device_slots(stage.kind.device_class());
     let (slot, devices) = take_slot(&shared.slots, device_slots, &stage.id).await?;
@@ -547,112 +565,168 @@ async fn compute(
     if shared.cancel.is_cancelled() {
         return Err("cancelled".to_string());
     }
-    let store = shared.store.clone();
-    let staging = store.create_staging(key).map_err(|e| e.to_string())?;
-    let work = store.work_dir(key);
-    std::fs::create_dir_all(&work).map_err(|e| format!("creating `{}`: {e}", work.display()))?;
-    let log_path = store.log_path(key);
-    record.log = Some(log_path.clone());
-    let inputs = resolve_inputs(shared, &stage, upstream, new);
+    let job = job_spec(shared, index, upstream, new, key);
+    record.log = Some(shared.store.log_path(key));
     let _ = shared.events.send(Event::Started {
         id: stage.id.clone(),
         key: key.to_string(),
     });
     let started = Instant::now();
     let since_run_start = |at: Instant| at.duration_since(shared.run_started).as_secs_f64();
-    let (events, cancel, out) = (
+    let (store, events, cancel) = (
+        shared.store.clone(),
         shared.events.clone(),
         shared.cancel.clone(),
-        staging.join("out"),
     );
-    let run_stage = stage.clone();
-    let work_dir = work.clone();
-    let pipeline_dir = absolute_dir(&shared.plan.pipeline.file);
-    let shared_root = store.root().join("shared");
-    let (stage_key, pipeline_name) = (key.to_string(), shared.plan.pipeline.name.clone());
+    let (run_stage, run_job) = (stage.clone(), job.clone());
     let outcome = blocking(move || {
-        let log = StageLog::create(&log_path);
         let progress = ProgressReporter::new(&run_stage.id, Some(events));
-        let context = StageContext {
-            stage_id: &run_stage.id,
-            params: &run_stage.params,
-            inputs: &inputs,
-            out_dir: &out,
-            work_dir: &work_dir,
-            pipeline_dir: &pipeline_dir,
-            progress: &progress,
-            cancel: &cancel,
+        let placement = Placement {
             device,
             devices: &devices,
-            log: &log,
-            shared_root: &shared_root,
-            key: &stage_key,
-            pipeline: &pipeline_name,
         };
-        let result =
-            crate::panics::catch(|| run_stage.kind.run(&context)).unwrap_or_else(|problem| {
-                Err(StageError::Failed(format!(
-                    "{problem} (the stage panicked; RUST_BACKTRACE=1 shows where)"
-                )))
-            });
-        if let Err(error) = &result {
-            log.line(&format!("dreampipe: stage failed: {error}"));
-        }
-        result
+        run_in_staging(
+            &store,
+            run_stage.kind.as_ref(),
+            &run_job,
+            &placement,
+            &progress,
+            &cancel,
+        )
     })
     .await;
     drop(slot);
-    let seconds = started.elapsed().as_secs_f64();
     record.ran = Some((since_run_start(started), since_run_start(Instant::now())));
-    let failure = match outcome {
-        Ok(Ok(())) => None,
-        Ok(Err(StageError::Cancelled)) => Some("cancelled".to_string()),
-        Ok(Err(error)) => Some(error.to_string()),
-        Err(error) => Some(error),
+    let staged = outcome??;
+    let seconds = staged.seconds;
+    let store = shared.store.clone();
+    let committed = blocking(move || commit_staged(&store, &job, staged)).await??;
+    finish_computed(shared, &stage.id, key, seconds, &committed, record)
+}
+
+/// Runs the stage as a Slurm job (resubmitted up to `--retries` times) and adopts the result
+/// the job committed. A job an earlier controller left running for this key is waited for
+/// instead of submitting a duplicate.
+async fn compute_on_slurm(
+    shared: &Arc<Shared>,
+    slurm: &Arc<Slurm>,
+    index: usize,
+    upstream: &BTreeMap<usize, Done>,
+    new: &KeyMaterial,
+    key: &str,
+    record: &mut StageRecord,
+) -> Result<Done, String> {
+    let stage = shared.plan.pipeline.stages[index].clone();
+    let job = job_spec(shared, index, upstream, new, key);
+    let mut resources =
+        (shared.plan.pipeline.executor).resources_for(stage.kind.kind(), &stage.resources);
+    resources.gpus = Some(resources.device_slots(stage.kind.device_class()));
+    let script = {
+        let (slurm, job) = (slurm.clone(), job.clone());
+        blocking(move || slurm.prepare(&job, &resources)).await??
     };
-    if let Some(text) = failure {
-        let _ = store.discard(&staging);
-        return Err(text);
+    let _place = slurm.place().await?;
+    if shared.cancel.is_cancelled() {
+        return Err("cancelled".to_string());
     }
-    let (commit_store, material, commit_key, id, kind, forced) = (
-        store.clone(),
-        new.clone(),
-        key.to_string(),
-        stage.id.clone(),
-        stage.kind.kind(),
-        shared.forced[index],
-    );
-    let committed = blocking(move || {
-        let commit = Commit {
-            key: &commit_key,
-            stage_id: &id,
-            kind,
-            material: &material,
-            duration_s: seconds,
+    record.log = Some(shared.store.log_path(key));
+    let _ = shared.events.send(Event::Started {
+        id: stage.id.clone(),
+        key: key.to_string(),
+    });
+    let started = Instant::now();
+    let mut attempt = 0;
+    loop {
+        let (job_id, adopted) = match slurm.earlier_job(key) {
+            Some(id) => (id, true),
+            None => {
+                let (slurm, script) = (slurm.clone(), script.clone());
+                (blocking(move || slurm.submit(&script)).await??, false)
+            }
         };
-        let committed = commit_store.commit(&commit, &staging, forced);
-        if committed.is_err() {
-            let _ = commit_store.discard(&staging); // nothing partial is kept
+        let _ = shared.events.send(Event::Submitted {
+            id: stage.id.clone(),
+            job_id: job_id.clone(),
+            adopted,
+        });
+        let end = slurm.wait(&job_id, key).await;
+        let since_run_start = |at: Instant| at.duration_since(shared.run_started).as_secs_f64();
+        record.ran = Some((since_run_start(started), since_run_start(Instant::now())));
+        if let JobEnd::Exited(exit) = &end
+            && exit.ok
+        {
+            let committed = shared.store.lookup(key).ok_or_else(|| {
+                format!("Slurm job {job_id} reported success but the cache has no result for key {}; is the cache on a filesystem the nodes share?", short(key))
+            })?;
+            return finish_computed(shared, &stage.id, key, exit.seconds, &committed, record);
         }
-        committed
-    })
-    .await?
-    .map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_dir_all(&work);
+        let (failure, log) = slurm.failure(key, &job_id, &end);
+        record.log = Some(log);
+        if matches!(end, JobEnd::Cancelled)
+            || shared.cancel.is_cancelled()
+            || attempt >= slurm.options.retries
+        {
+            return Err(failure);
+        }
+        attempt += 1;
+        let _ = shared.events.send(Event::Warning {
+            id: stage.id.clone(),
+            message: format!(
+                "{failure}; resubmitting (retry {attempt} of {})",
+                slurm.options.retries
+            ),
+        });
+    }
+}
+
+/// Records a result this run computed (here or in a Slurm job): remembers its file digests,
+/// points the stage at it and reports it finished.
+fn finish_computed(
+    shared: &Shared,
+    id: &str,
+    key: &str,
+    seconds: f64,
+    committed: &ResultRecord,
+    record: &mut StageRecord,
+) -> Result<Done, String> {
+    let store = &shared.store;
     let output = store.output_dir(key);
     for (name, digest) in &committed.files {
         shared.memo.remember(&output.join(name), digest);
     }
-    let _ = store.record_stage(&shared.plan.pipeline.name, &stage.id, key);
+    let _ = store.record_stage(&shared.plan.pipeline.name, id, key);
     let _ = shared.events.send(Event::Finished {
-        id: stage.id.clone(),
+        id: id.to_string(),
         seconds,
         output: output.clone(),
     });
     record.status = Outcome::Ran;
     record.output = Some(output);
     record.output_digest = Some(committed.output_digest.clone());
-    Ok((key.to_string(), committed.output_digest))
+    Ok((key.to_string(), committed.output_digest.clone()))
+}
+
+/// The self-contained description of one run of stage `index` under `key`.
+fn job_spec(
+    shared: &Shared,
+    index: usize,
+    upstream: &BTreeMap<usize, Done>,
+    material: &KeyMaterial,
+    key: &str,
+) -> JobSpec {
+    let stage = &shared.plan.pipeline.stages[index];
+    JobSpec {
+        format: JOB_FORMAT,
+        pipeline: shared.plan.pipeline.name.clone(),
+        pipeline_dir: absolute_dir(&shared.plan.pipeline.file),
+        stage_id: stage.id.clone(),
+        kind: stage.kind.kind().to_string(),
+        params: stage.params.clone(),
+        inputs: resolve_inputs(shared, stage, upstream, material),
+        key: key.to_string(),
+        material: material.clone(),
+        replace: shared.forced[index],
+    }
 }
 
 fn resolve_inputs(

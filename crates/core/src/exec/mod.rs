@@ -1,7 +1,10 @@
-//! Execution: the concurrent executor (`executor`), where stages run (`slots`), the events it
+//! Execution: the concurrent executor (`executor`), where stages run (`slots` on this machine,
+//! `slurm` on a cluster, each run described by a `job`), the events it
 //! emits (`events`), the run record (`record`) and the recipe lock file (`lockfile`).
 pub mod events;
 pub mod executor;
+pub mod job;
 pub mod lockfile;
 pub mod record;
 mod slots;
+pub mod slurm;

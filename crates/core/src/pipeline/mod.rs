@@ -1,11 +1,13 @@
 //! Pipeline files: parsing (`spec`, `limits`), validation reporting every error at once
 //! (`validate`, with `typecheck` for values against their schema, `substitution` for
 //! `${params.X}`, `cycles`, `suggest` for "did you mean"), sweep expansion (`sweep`) and stage
-//! presets (`presets`). The result is a [`Pipeline`]: a
+//! presets (`presets`), placement (`resources`: a stage's `resources:` and the `executor:`
+//! section). The result is a [`Pipeline`]: a
 //! flat list of concrete stage instances with their upstream edges resolved.
 mod cycles;
 pub mod limits;
 pub mod presets;
+pub mod resources;
 pub mod spec;
 mod substitution;
 pub mod suggest;
@@ -20,6 +22,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use resources::{ExecutorKind, ExecutorSpec, MAX_GPUS_PER_STAGE, Resources};
 pub use validate::{LoadOptions, load, load_str};
 
 /// One problem in a pipeline file, located as precisely as the parser allows.
@@ -105,26 +108,6 @@ pub struct StageInstance {
     pub resources: Resources,
 }
 
-/// A stage's `resources:`: what it holds while it runs. Placement only, so outside the key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Resources {
-    /// Device slots (GPUs) to hold; None: the kind's default (one for GPU kinds, none else).
-    pub gpus: Option<usize>,
-}
-
-/// The most device slots one stage may ask for.
-pub const MAX_GPUS_PER_STAGE: usize = 64;
-
-impl Resources {
-    /// How many device slots a stage of `class` holds.
-    pub fn device_slots(&self, class: crate::stages::DeviceClass) -> usize {
-        self.gpus.unwrap_or(match class {
-            crate::stages::DeviceClass::Gpu => 1,
-            crate::stages::DeviceClass::Cpu => 0,
-        })
-    }
-}
-
 /// A stage after field checks, before sweep expansion.
 pub struct StageDraft {
     pub name: String,
@@ -143,6 +126,8 @@ pub struct Pipeline {
     pub name: String,
     pub file: PathBuf,
     pub stages: Vec<StageInstance>,
+    /// The `executor:` section (defaults when absent).
+    pub executor: ExecutorSpec,
 }
 
 impl Pipeline {

@@ -4,7 +4,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 
 /// Top-level sections of a pipeline file.
-pub const TOP_LEVEL_KEYS: [&str; 4] = ["name", "defaults", "params", "stages"];
+pub const TOP_LEVEL_KEYS: [&str; 5] = ["name", "defaults", "params", "stages", "executor"];
 /// Keys every stage accepts besides its kind's schema.
 pub const STAGE_KEYS: [&str; 4] = ["kind", "use", "matrix", "resources"];
 

@@ -215,7 +215,7 @@ fn instantiate(
         refs,
         paths: draft.paths.clone(),
         coords,
-        resources: draft.resources,
+        resources: draft.resources.clone(),
     }
 }
 

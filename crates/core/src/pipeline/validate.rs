@@ -172,6 +172,7 @@ impl Checker<'_> {
         };
         self.check_top_keys(&top);
         let name = self.pipeline_name(&top);
+        let executor = self.executor_section(&top);
         let mut params = self.section_map(&top, "params");
         let defaults = self.section_map(&top, "defaults");
         let mut raw_stages = self.raw_stages(&top)?;
@@ -200,6 +201,7 @@ impl Checker<'_> {
                 name,
                 file: self.file.clone(),
                 stages,
+                executor,
             }),
             Err(error) if swept.contains(&error.stage) => {
                 self.stage_error(&error.stage, "matrix", error.message);
@@ -622,52 +624,60 @@ impl Checker<'_> {
         }
     }
 
-    /// `resources: {gpus: N}`: N device slots held while the stage runs (0 to
-    /// MAX_GPUS_PER_STAGE; a GPU kind needs at least one).
+    /// `resources:` (docs/pipelines.md "Devices", docs/cluster.md): device slots held while
+    /// the stage runs (0 to MAX_GPUS_PER_STAGE; a GPU kind needs at least one) and sbatch flags.
     fn check_resources(
         &mut self,
         stage: &str,
         value: &Value,
         class: crate::stages::DeviceClass,
     ) -> Option<super::Resources> {
-        const FIELDS: [&str; 1] = ["gpus"];
-        let Some(map) = value.as_object() else {
-            let message = "must be a mapping such as `{gpus: 1}`".to_string();
-            self.stage_error(stage, "resources", message);
-            return None;
-        };
-        let mut resources = super::Resources::default();
-        let mut ok = true;
-        for (name, value) in map {
-            let field = format!("resources.{name}");
-            if name != "gpus" {
-                let hint = did_you_mean(name, &FIELDS);
-                self.stage_error(stage, &field, format!("unknown resource{hint}"));
-                ok = false;
-                continue;
-            }
-            let gpus = value.as_u64().map(|n| n as usize);
-            let minimum = usize::from(class == crate::stages::DeviceClass::Gpu);
-            match gpus {
-                Some(n) if (minimum..=super::MAX_GPUS_PER_STAGE).contains(&n) => {
-                    resources.gpus = Some(n)
-                }
-                _ => {
-                    let message = format!(
-                        "must be a whole number from {minimum} to {}, got {value}{}",
-                        super::MAX_GPUS_PER_STAGE,
-                        if minimum == 1 {
-                            " (this kind runs on a device)"
-                        } else {
-                            ""
-                        }
-                    );
+        let min_gpus = usize::from(class == crate::stages::DeviceClass::Gpu);
+        match super::resources::parse_resources(value, "resources", min_gpus) {
+            Ok(resources) => Some(resources),
+            Err(problems) => {
+                for (field, message) in problems {
                     self.stage_error(stage, &field, message);
-                    ok = false;
                 }
+                None
             }
         }
-        ok.then_some(resources)
+    }
+
+    /// The `executor:` section; its `kinds:` must name known stage kinds.
+    fn executor_section(&mut self, top: &serde_yaml::Mapping) -> super::ExecutorSpec {
+        let value = match top.get("executor").map(yaml_to_json) {
+            None | Some(Ok(Value::Null)) => return super::ExecutorSpec::default(),
+            Some(Ok(value)) => value,
+            Some(Err(message)) => {
+                self.report(&["executor"], None, Some("executor"), message);
+                return super::ExecutorSpec::default();
+            }
+        };
+        let spec = match super::resources::parse_executor(&value) {
+            Ok(spec) => spec,
+            Err(problems) => {
+                for (field, message) in problems {
+                    let path: Vec<&str> = field.split('.').collect();
+                    self.report(&path, None, Some(&field), message);
+                }
+                return super::ExecutorSpec::default();
+            }
+        };
+        for kind in spec.kinds.keys() {
+            if self.registry.get(kind).is_none() {
+                let names = self.registry.names();
+                let hint = did_you_mean(kind, &names);
+                let field = format!("executor.kinds.{kind}");
+                self.report(
+                    &["executor", "kinds", kind],
+                    None,
+                    Some(&field),
+                    format!("unknown stage kind{hint}"),
+                );
+            }
+        }
+        spec
     }
 
     fn stage_kind(&mut self, raw: &RawStage) -> Option<Arc<dyn Stage>> {

@@ -72,6 +72,16 @@ pub fn plain_line(event: &Event, buckets: &mut HashMap<String, u64>) -> Option<S
             &key[..12.min(key.len())]
         ),
         Event::Started { id, key } => format!("[run]     {id} (key {})", &key[..12.min(key.len())]),
+        Event::Submitted {
+            id,
+            job_id,
+            adopted: false,
+        } => format!("[slurm]   {id}: submitted as job {job_id}"),
+        Event::Submitted {
+            id,
+            job_id,
+            adopted: true,
+        } => format!("[slurm]   {id}: waiting for job {job_id} (submitted by an earlier run)"),
         Event::Progress {
             id,
             step,

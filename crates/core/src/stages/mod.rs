@@ -200,7 +200,7 @@ impl StageError {
 }
 
 /// One resolved input of a stage.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ResolvedInput {
     /// The upstream stage's name as written in the field, when the input came from a stage.
     pub upstream: Option<String>,
@@ -234,7 +234,11 @@ pub struct StageLog {
 
 impl StageLog {
     pub fn create(path: &Path) -> Self {
-        let file = std::fs::File::create(path).ok();
+        // Append mode: a command stage's output goes to the same file through its own handle,
+        // and lines written here must land after it, not over it.
+        let file = std::fs::File::create(path)
+            .and_then(|_| std::fs::File::options().append(true).open(path))
+            .ok();
         Self {
             path: path.to_path_buf(),
             file: Mutex::new(file),

@@ -1,0 +1,208 @@
+//! One stage run, self-contained: the [`JobSpec`] that a local run builds in memory and a Slurm
+//! job reads from `<cache>/jobs/<key>/job.json`; running it into a staging folder and
+//! committing it with the store (the same code both ways, so a result a job commits is
+//! indistinguishable from a local one); and the exit record a job leaves for the controller.
+use super::events::{CancelFlag, ProgressReporter};
+use crate::cache::store::{Commit, ResultRecord, Store, read_json};
+use crate::device::Device;
+use crate::plan::fingerprint::KeyMaterial;
+use crate::stages::{ResolvedInput, Stage, StageContext, StageError, StageLog};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The job file format; a job refuses files of another.
+pub const JOB_FORMAT: u32 = 1;
+
+/// Everything one stage run needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub format: u32,
+    pub pipeline: String,
+    /// The pipeline file's folder (relative paths in commands resolve against it).
+    pub pipeline_dir: PathBuf,
+    pub stage_id: String,
+    pub kind: String,
+    /// Every schema field, defaults filled in.
+    pub params: serde_json::Map<String, Value>,
+    pub inputs: BTreeMap<String, Vec<ResolvedInput>>,
+    pub key: String,
+    pub material: KeyMaterial,
+    /// Replace an existing result (`--force`).
+    pub replace: bool,
+}
+
+/// Where a run computes: its device and every device slot it holds.
+pub struct Placement<'a> {
+    pub device: Device,
+    pub devices: &'a [Device],
+}
+
+/// A run that finished into its staging folder, not yet committed.
+pub struct Staged {
+    pub staging: PathBuf,
+    pub seconds: f64,
+}
+
+/// Runs the stage into a fresh staging folder (its checkpoints in the key's work folder, its
+/// log at the key's log path). On failure the staging folder is discarded and the error is
+/// one line (`cancelled` when cancelled).
+pub fn run_in_staging(
+    store: &Store,
+    stage: &dyn Stage,
+    job: &JobSpec,
+    placement: &Placement<'_>,
+    progress: &ProgressReporter,
+    cancel: &CancelFlag,
+) -> Result<Staged, String> {
+    let staging = store.create_staging(&job.key).map_err(|e| e.to_string())?;
+    let work = store.work_dir(&job.key);
+    std::fs::create_dir_all(&work).map_err(|e| format!("creating `{}`: {e}", work.display()))?;
+    let log = StageLog::create(&store.log_path(&job.key));
+    let shared_root = store.root().join("shared");
+    let out = staging.join("out");
+    let started = Instant::now();
+    let context = StageContext {
+        stage_id: &job.stage_id,
+        params: &job.params,
+        inputs: &job.inputs,
+        out_dir: &out,
+        work_dir: &work,
+        pipeline_dir: &job.pipeline_dir,
+        progress,
+        cancel,
+        device: placement.device,
+        devices: placement.devices,
+        log: &log,
+        shared_root: &shared_root,
+        key: &job.key,
+        pipeline: &job.pipeline,
+    };
+    let result = crate::panics::catch(|| stage.run(&context)).unwrap_or_else(|problem| {
+        Err(StageError::Failed(format!(
+            "{problem} (the stage panicked; RUST_BACKTRACE=1 shows where)"
+        )))
+    });
+    match result {
+        Ok(()) => Ok(Staged {
+            staging,
+            seconds: started.elapsed().as_secs_f64(),
+        }),
+        Err(error) => {
+            log.line(&format!("dreampipe: stage failed: {error}"));
+            let _ = store.discard(&staging);
+            Err(match error {
+                StageError::Cancelled => "cancelled".to_string(),
+                other => other.to_string(),
+            })
+        }
+    }
+}
+
+/// Commits a staged run under its key (nothing partial is kept on failure) and removes the
+/// key's work folder once the result is in.
+pub fn commit_staged(store: &Store, job: &JobSpec, staged: Staged) -> Result<ResultRecord, String> {
+    let commit = Commit {
+        key: &job.key,
+        stage_id: &job.stage_id,
+        kind: &job.kind,
+        material: &job.material,
+        duration_s: staged.seconds,
+    };
+    let committed = store.commit(&commit, &staged.staging, job.replace);
+    if committed.is_err() {
+        let _ = store.discard(&staged.staging);
+    }
+    let record = committed.map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(store.work_dir(&job.key));
+    Ok(record)
+}
+
+/// What a finished job tells the controller (`<cache>/jobs/<key>/exit-<job id>.json`). A job
+/// stopped by a signal (scancel, time limit, preemption) writes none: Slurm's state says why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub output_digest: Option<String>,
+    pub seconds: f64,
+}
+
+/// The folder of a key's job file, script and exit records.
+pub fn jobs_dir(store: &Store, key: &str) -> PathBuf {
+    store.root().join("jobs").join(key)
+}
+
+/// The job file of `key`.
+pub fn job_file(store: &Store, key: &str) -> PathBuf {
+    jobs_dir(store, key).join("job.json")
+}
+
+/// The exit record a job with Slurm id `job_id` leaves.
+pub fn exit_path(store: &Store, key: &str, job_id: &str) -> PathBuf {
+    jobs_dir(store, key).join(format!("exit-{job_id}.json"))
+}
+
+/// Writes `value` as JSON through a temporary file and a rename, so readers on other nodes
+/// never see half a file.
+pub fn write_atomically(path: &Path, value: &impl Serialize) -> Result<(), String> {
+    let text = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating `{}`: {e}", dir.display()))?;
+    let temporary = dir.join(format!(
+        ".{}.{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&temporary, text)
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .map_err(|e| format!("writing `{}`: {e}", path.display()))
+}
+
+/// Reads a job file, refusing other formats and files whose key does not match their material.
+pub fn read_job(path: &Path) -> Result<JobSpec, String> {
+    let job: JobSpec = read_json(path).map_err(|e| format!("job file: {e}"))?;
+    if job.format != JOB_FORMAT {
+        return Err(format!(
+            "job file `{}` has format {} but this dreampipe reads format {JOB_FORMAT}; submit it with the same dreampipe build",
+            path.display(),
+            job.format
+        ));
+    }
+    if job.material.key() != job.key {
+        return Err(format!(
+            "job file `{}` is damaged: its key material does not hash to its key",
+            path.display()
+        ));
+    }
+    Ok(job)
+}
+
+/// Where a job computes: a GPU kind whose key says `cuda` needs a CUDA device on the node
+/// (`cuda_devices`, as Slurm exposed them, numbered from 0); CPU kinds hold no device.
+pub fn job_devices(
+    stage: &dyn Stage,
+    job: &JobSpec,
+    cuda_devices: &[Device],
+) -> Result<Vec<Device>, String> {
+    if stage.device_class() == crate::stages::DeviceClass::Cpu {
+        return Ok(Vec::new());
+    }
+    if job.material.device_class != "cuda" {
+        return Ok(vec![Device::Cpu]);
+    }
+    let usable: Vec<Device> = (cuda_devices.iter())
+        .filter(|d| matches!(d, Device::Cuda(_)))
+        .copied()
+        .collect();
+    if usable.is_empty() {
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into());
+        return Err(format!(
+            "stage `{}` was keyed for CUDA but this node has no usable CUDA device (CUDA_VISIBLE_DEVICES={visible}); give the stage GPUs (`resources: {{gpus: 1}}`) or run with `--device cpu`",
+            job.stage_id
+        ));
+    }
+    Ok(usable)
+}
