@@ -153,7 +153,7 @@ impl Slurm {
         // Slurm does not create the --output folder; a job without it fails silently.
         std::fs::create_dir_all(&logs)
             .map_err(|e| format!("creating `{}`: {e}", logs.display()))?;
-        let script = job::jobs_dir(&self.store, &job.key).join("job.sh");
+        let script = script_path(&self.store, &job.key);
         let text = script_text(job, resources, &self.options.torch_binary, &self.store);
         std::fs::write(&script, text)
             .map_err(|e| format!("writing `{}`: {e}", script.display()))?;
@@ -168,11 +168,13 @@ impl Slurm {
         found.remove(key)
     }
 
+    /// Active jobs of this cache by key: the comment names the key and the command is this
+    /// cache's script for it (two caches may hold the same key).
     fn queued_by_comment(&self) -> HashMap<String, String> {
         let output = self
             .options
             .command("squeue")
-            .args(["-h", "--me", "-o", "%i|%k|%T"])
+            .args(["-h", "--me", "-o", "%i|%k|%T|%o"])
             .output();
         self.squeue_calls.fetch_add(1, Ordering::Relaxed);
         let Ok(output) = output else {
@@ -181,12 +183,13 @@ impl Slurm {
         String::from_utf8_lossy(&output.stdout)
             .lines()
             .filter_map(|line| {
-                let mut fields = line.trim().split('|');
-                let (id, comment, state) = (fields.next()?, fields.next()?, fields.next()?);
+                let fields: Vec<&str> = line.trim().splitn(4, '|').collect();
+                let [id, comment, state, script] = fields[..] else {
+                    return None;
+                };
                 let key = comment.strip_prefix("dreampipe:")?;
-                ACTIVE_STATES
-                    .contains(&state)
-                    .then(|| (key.to_string(), id.to_string()))
+                let ours = Path::new(script) == script_path(&self.store, key);
+                (ours && ACTIVE_STATES.contains(&state)).then(|| (key.to_string(), id.to_string()))
             })
             .collect()
     }
@@ -408,6 +411,11 @@ impl Slurm {
             .find_map(|field| field.strip_prefix("ExitCode="))
             .map(|code| format!("exit code {code}"))
     }
+}
+
+/// The batch script of `key`'s job.
+pub fn script_path(store: &Store, key: &str) -> PathBuf {
+    job::jobs_dir(store, key).join("job.sh")
 }
 
 /// `<cache>/logs/<key>/`: where each attempt's `slurm-<job id>.log` goes.
