@@ -21,9 +21,11 @@ demo: build
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} ./target/release/dreampipe --device cpu run pipelines/demo.yaml
 
 # The whole suite, every failure reported (not just the first failing test binary); exits
-# non-zero if anything failed.
+# non-zero if anything failed. The Slurm executor's tests (tests/runner_slurm.rs) run on a real
+# one-node Slurm that scripts/start-slurm.sh installs (Debian packages, root) and starts.
 test: libtorch
 	scripts/setup-chromium.sh
+	scripts/start-slurm.sh
 	cargo test --no-fail-fast
 
 # The tests that compare with goldens made on another CPU, again under ATen's other CPU kernel

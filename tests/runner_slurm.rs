@@ -445,3 +445,50 @@ fn retries_resubmit_a_failed_job() {
     );
     assert_eq!(our_jobs(&project).len(), 2);
 }
+
+/// `plan --executor slurm` prints each job's batch script: resources from the stage, its kind
+/// and the `executor:` section mapped to sbatch flags (no cluster needed).
+#[test]
+fn plan_shows_each_job_script_with_resources_as_sbatch_flags() {
+    let project = Project::new();
+    project.write(
+        "cluster.yaml",
+        "name: cluster\nexecutor:\n  kind: slurm\n  resources: {partition: gpu, time: \"1:00:00\", sbatch_args: [--exclusive]}\n  kinds:\n    command: {account: lab, qos: high}\nstages:\n  prep:\n    kind: command\n    resources: {gpus: 2, mem: 16G, cpus: 4, time: \"0:30:00\"}\n    run: echo hi > $OUT/hi\n",
+    );
+    let (ok, stdout, stderr) = project.dreampipe(&["plan", "cluster.yaml"]);
+    assert!(ok, "{stderr}");
+    let cache = std::path::absolute(project.cache())
+        .unwrap()
+        .display()
+        .to_string();
+    let key_line = stdout
+        .lines()
+        .find(|l| l.contains("# dreampipe: stage `prep`"))
+        .expect("script header");
+    let key = key_line.rsplit(' ').next().unwrap();
+    let torch = Path::new(env!("CARGO_BIN_EXE_dreampipe"))
+        .with_file_name("dreampipe-torch")
+        .display()
+        .to_string();
+    let expected = format!(
+        "plan for `cluster` on Slurm
+  job    prep
+    #!/bin/sh
+    # dreampipe: stage `prep` of pipeline `cluster`, key {key}
+    #SBATCH --job-name=dp-prep
+    #SBATCH --comment=dreampipe:{key}
+    #SBATCH --output={cache}/logs/{key}/slurm-%j.log
+    #SBATCH --account=lab
+    #SBATCH --mem=16G
+    #SBATCH --partition=gpu
+    #SBATCH --qos=high
+    #SBATCH --time=0:30:00
+    #SBATCH --cpus-per-task=4
+    #SBATCH --gres=gpu:2
+    #SBATCH --exclusive
+    exec '{torch}' --cache '{cache}' --device cpu job '{cache}/jobs/{key}/job.json'
+"
+    );
+    assert_eq!(stdout, expected);
+    assert_eq!(key.len(), 64);
+}

@@ -245,7 +245,7 @@ fn slurm_options(plan: &Plan, args: &RunArgs) -> Option<SlurmOptions> {
 /// The device type that enters the keys of GPU stages run on Slurm: the nodes' GPUs (CUDA),
 /// unless `--device cpu` says the jobs compute on CPUs. The controller's own hardware does not
 /// matter (a login node often has no GPU).
-fn slurm_key_device(context: &Context) -> Device {
+pub(super) fn slurm_key_device(context: &Context) -> Device {
     match context.device_request {
         DeviceRequest::Cpu => Device::Cpu,
         _ => Device::Cuda(0),

@@ -154,7 +154,8 @@ impl Slurm {
         std::fs::create_dir_all(&logs)
             .map_err(|e| format!("creating `{}`: {e}", logs.display()))?;
         let script = script_path(&self.store, &job.key);
-        let text = script_text(job, resources, &self.options.torch_binary, &self.store);
+        let what = ScriptFor::job(job);
+        let text = script_text(&what, resources, &self.options.torch_binary, &self.store);
         std::fs::write(&script, text)
             .map_err(|e| format!("writing `{}`: {e}", script.display()))?;
         Ok(script)
@@ -423,38 +424,59 @@ pub fn log_dir(store: &Store, key: &str) -> PathBuf {
     store.root().join("logs").join(key)
 }
 
-/// The batch script of `job`: `#SBATCH` lines from `resources`, then the job itself.
-pub fn script_text(job: &JobSpec, resources: &Resources, torch: &Path, store: &Store) -> String {
+/// What a batch script names: the stage, its key and whether the job computes on CUDA.
+pub struct ScriptFor<'a> {
+    pub stage_id: &'a str,
+    pub pipeline: &'a str,
+    /// The key, or a placeholder while an upstream has not run (`plan`).
+    pub key: &'a str,
+    pub cuda: bool,
+}
+
+impl<'a> ScriptFor<'a> {
+    pub fn job(job: &'a JobSpec) -> Self {
+        Self {
+            stage_id: &job.stage_id,
+            pipeline: &job.pipeline,
+            key: &job.key,
+            cuda: job.material.device_class == "cuda",
+        }
+    }
+}
+
+/// The batch script of a job: `#SBATCH` lines from `resources`, then the job itself.
+pub fn script_text(
+    what: &ScriptFor<'_>,
+    resources: &Resources,
+    torch: &Path,
+    store: &Store,
+) -> String {
     let mut lines = vec![
         "#!/bin/sh".to_string(),
         format!(
             "# dreampipe: stage `{}` of pipeline `{}`, key {}",
-            job.stage_id, job.pipeline, job.key
+            what.stage_id, what.pipeline, what.key
         ),
     ];
-    for flag in sbatch_flags(job, resources, store) {
+    for flag in sbatch_flags(what, resources, store) {
         lines.push(format!("#SBATCH {flag}"));
     }
-    let device = if job.material.device_class == "cuda" {
-        "cuda"
-    } else {
-        "cpu"
-    };
+    let device = if what.cuda { "cuda" } else { "cpu" };
     lines.push(format!(
         "exec {} --cache {} --device {device} job {}",
         shell_quote(&torch.display().to_string()),
         shell_quote(&store.root().display().to_string()),
-        shell_quote(&job::job_file(store, &job.key).display().to_string()),
+        shell_quote(&job::job_file(store, what.key).display().to_string()),
     ));
     lines.join("\n") + "\n"
 }
 
 /// The sbatch flags of a job: its name, comment, log and resources.
-fn sbatch_flags(job: &JobSpec, resources: &Resources, store: &Store) -> Vec<String> {
-    let log = log_dir(store, &job.key).join("slurm-%j.log");
+fn sbatch_flags(what: &ScriptFor<'_>, resources: &Resources, store: &Store) -> Vec<String> {
+    let log = log_dir(store, what.key).join("slurm-%j.log");
     let mut flags = vec![
-        format!("--job-name={}", job_name(&job.stage_id)),
-        format!("--comment={}", comment_for(&job.key)),
+        format!("--job-name={}", job_name(what.stage_id)),
+        format!("--comment={}", comment_for(what.key)),
         format!("--output={}", sbatch_path(&log)),
     ];
     let named: BTreeMap<&str, &Option<String>> = BTreeMap::from([

@@ -215,11 +215,15 @@ fn sbatch_args(value: &Value) -> Result<Vec<String>, String> {
     Ok(args)
 }
 
-/// Reads the pipeline's `executor:` section; problems name the field under `executor`.
-pub fn parse_executor(value: &Value) -> Result<ExecutorSpec, Vec<FieldProblem>> {
+/// Reads the pipeline's `executor:` section: what reads, and the problems (naming the field
+/// under `executor`) of what does not.
+pub fn parse_executor(value: &Value) -> (ExecutorSpec, Vec<FieldProblem>) {
     let Some(map) = value.as_object() else {
         let message = "must be a mapping such as `{kind: slurm}`".to_string();
-        return Err(vec![("executor".to_string(), message)]);
+        return (
+            ExecutorSpec::default(),
+            vec![("executor".to_string(), message)],
+        );
     };
     let mut spec = ExecutorSpec::default();
     let mut problems = Vec::new();
@@ -252,11 +256,7 @@ pub fn parse_executor(value: &Value) -> Result<ExecutorSpec, Vec<FieldProblem>> 
             problems.push((field, message));
         }
     }
-    if problems.is_empty() {
-        Ok(spec)
-    } else {
-        Err(problems)
-    }
+    (spec, problems)
 }
 
 fn executor_kind(value: &Value) -> Result<ExecutorKind, String> {
@@ -267,7 +267,8 @@ fn executor_kind(value: &Value) -> Result<ExecutorKind, String> {
     }
 }
 
-/// `kinds: {KIND: {resources…}}`; which kind names exist is checked by the caller.
+/// `kinds: {KIND: {resources…}}` (a kind whose resources do not read maps to none); which
+/// kind names exist is checked by the caller.
 fn parse_kinds(
     value: &Value,
     prefix: &str,
@@ -283,7 +284,10 @@ fn parse_kinds(
             Ok(resources) => {
                 kinds.insert(kind.clone(), resources);
             }
-            Err(found) => problems.extend(found),
+            Err(found) => {
+                kinds.insert(kind.clone(), Resources::default());
+                problems.extend(found);
+            }
         }
     }
     if problems.is_empty() {
@@ -300,12 +304,12 @@ mod tests {
 
     #[test]
     fn stage_resources_fall_back_to_the_kind_then_the_executor() {
-        let spec = parse_executor(&json!({
+        let (spec, problems) = parse_executor(&json!({
             "kind": "slurm",
             "resources": {"partition": "gpu", "time": "1:00:00", "sbatch_args": ["--exclusive"]},
             "kinds": {"dreambooth": {"gpus": 1, "time": "4:00:00"}}
-        }))
-        .unwrap();
+        }));
+        assert_eq!(problems, []);
         let stage = parse_resources(
             &json!({"mem": "16G", "sbatch_args": "--constraint=a100"}),
             "resources",

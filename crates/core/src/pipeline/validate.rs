@@ -654,16 +654,11 @@ impl Checker<'_> {
                 return super::ExecutorSpec::default();
             }
         };
-        let spec = match super::resources::parse_executor(&value) {
-            Ok(spec) => spec,
-            Err(problems) => {
-                for (field, message) in problems {
-                    let path: Vec<&str> = field.split('.').collect();
-                    self.report(&path, None, Some(&field), message);
-                }
-                return super::ExecutorSpec::default();
-            }
-        };
+        let (spec, problems) = super::resources::parse_executor(&value);
+        for (field, message) in problems {
+            let path: Vec<&str> = field.split('.').collect();
+            self.report(&path, None, Some(&field), message);
+        }
         for kind in spec.kinds.keys() {
             if self.registry.get(kind).is_none() {
                 let names = self.registry.names();
