@@ -391,7 +391,7 @@ fn failing_jobs_show_their_log_lines() {
     );
     assert!(line.starts_with(&expected), "{line}");
     assert!(
-        line.contains("/nonexistent/dreampipe-torch: not found"),
+        line.contains("/nonexistent/dreampipe: not found"),
         "{line}"
     );
 }
@@ -466,10 +466,7 @@ fn plan_shows_each_job_script_with_resources_as_sbatch_flags() {
         .find(|l| l.contains("# dreampipe: stage `prep`"))
         .expect("script header");
     let key = key_line.rsplit(' ').next().unwrap();
-    let torch = Path::new(env!("CARGO_BIN_EXE_dreampipe"))
-        .with_file_name("dreampipe-torch")
-        .display()
-        .to_string();
+    let front = env!("CARGO_BIN_EXE_dreampipe");
     let expected = format!(
         "plan for `cluster` on Slurm
   job    prep
@@ -486,7 +483,7 @@ fn plan_shows_each_job_script_with_resources_as_sbatch_flags() {
     #SBATCH --cpus-per-task=4
     #SBATCH --gres=gpu:2
     #SBATCH --exclusive
-    exec '{torch}' --cache '{cache}' --device cpu job '{cache}/jobs/{key}/job.json'
+    exec '{front}' --cache '{cache}' --device cpu job '{cache}/jobs/{key}/job.json'
 "
     );
     assert_eq!(stdout, expected);

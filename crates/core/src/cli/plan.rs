@@ -70,6 +70,7 @@ fn render_slurm(
             pipeline: &plan.pipeline.name,
             key: &key,
             cuda: class == DeviceClass::Gpu && device != crate::device::Device::Cpu,
+            needs_torch: stage.kind.needs_torch(),
         };
         text.push_str(&format!("  job    {}\n", stage.id));
         for line in script_text(&what, &resources, &torch, &store).lines() {

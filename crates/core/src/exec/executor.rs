@@ -623,7 +623,8 @@ async fn compute_on_slurm(
     resources.gpus = Some(resources.device_slots(stage.kind.device_class()));
     let script = {
         let (slurm, job) = (slurm.clone(), job.clone());
-        blocking(move || slurm.prepare(&job, &resources)).await??
+        let needs_torch = stage.kind.needs_torch();
+        blocking(move || slurm.prepare(&job, &resources, needs_torch)).await??
     };
     let _place = slurm.place().await?;
     if shared.cancel.is_cancelled() {

@@ -146,7 +146,12 @@ impl Slurm {
     }
 
     /// Writes the job file, the log folder and the batch script of `job`; returns the script.
-    pub fn prepare(&self, job: &JobSpec, resources: &Resources) -> Result<PathBuf, String> {
+    pub fn prepare(
+        &self,
+        job: &JobSpec,
+        resources: &Resources,
+        needs_torch: bool,
+    ) -> Result<PathBuf, String> {
         let job_file = job::job_file(&self.store, &job.key);
         job::write_atomically(&job_file, job)?;
         let logs = log_dir(&self.store, &job.key);
@@ -154,7 +159,7 @@ impl Slurm {
         std::fs::create_dir_all(&logs)
             .map_err(|e| format!("creating `{}`: {e}", logs.display()))?;
         let script = script_path(&self.store, &job.key);
-        let what = ScriptFor::job(job);
+        let what = ScriptFor::job(job, needs_torch);
         let text = script_text(&what, resources, &self.options.torch_binary, &self.store);
         std::fs::write(&script, text)
             .map_err(|e| format!("writing `{}`: {e}", script.display()))?;
@@ -431,15 +436,19 @@ pub struct ScriptFor<'a> {
     /// The key, or a placeholder while an upstream has not run (`plan`).
     pub key: &'a str,
     pub cuda: bool,
+    /// Whether the kind needs libtorch: then the job runs `dreampipe-torch`, else the front
+    /// `dreampipe` beside it (no libtorch to load: a `command` job starts in milliseconds).
+    pub needs_torch: bool,
 }
 
 impl<'a> ScriptFor<'a> {
-    pub fn job(job: &'a JobSpec) -> Self {
+    pub fn job(job: &'a JobSpec, needs_torch: bool) -> Self {
         Self {
             stage_id: &job.stage_id,
             pipeline: &job.pipeline,
             key: &job.key,
             cuda: job.material.device_class == "cuda",
+            needs_torch,
         }
     }
 }
@@ -462,9 +471,13 @@ pub fn script_text(
         lines.push(format!("#SBATCH {flag}"));
     }
     let device = if what.cuda { "cuda" } else { "cpu" };
+    let binary = match what.needs_torch {
+        true => torch.to_path_buf(),
+        false => torch.with_file_name("dreampipe"),
+    };
     lines.push(format!(
         "exec {} --cache {} --device {device} job {}",
-        shell_quote(&torch.display().to_string()),
+        shell_quote(&binary.display().to_string()),
         shell_quote(&store.root().display().to_string()),
         shell_quote(&job::job_file(store, what.key).display().to_string()),
     ));
