@@ -319,6 +319,16 @@ const SLEEPERS: &str = "name: sleepers\nstages:\n  one:\n    kind: command\n    
 /// Ctrl-C of the controller scancels every job it submitted: none is left in the queue.
 #[test]
 fn interrupting_the_controller_leaves_no_job_behind() {
+    stopping_the_controller_leaves_no_job_behind("-INT");
+}
+
+/// SIGTERM (a scheduler or `kill` stopping the controller) does the same.
+#[test]
+fn terminating_the_controller_leaves_no_job_behind() {
+    stopping_the_controller_leaves_no_job_behind("-TERM");
+}
+
+fn stopping_the_controller_leaves_no_job_behind(signal: &str) {
     let _cluster = cluster();
     let project = project_with(SLEEPERS);
     let child = spawn_quiet(slurm_command(&project, "sweep.yaml", &[]));
@@ -330,7 +340,7 @@ fn interrupting_the_controller_leaves_no_job_behind() {
             == 2
     });
     let sent = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status()
         .unwrap();
     assert!(sent.success());
@@ -390,10 +400,7 @@ fn failing_jobs_show_their_log_lines() {
         job.id
     );
     assert!(line.starts_with(&expected), "{line}");
-    assert!(
-        line.contains("/nonexistent/dreampipe: not found"),
-        "{line}"
-    );
+    assert!(line.contains("/nonexistent/dreampipe: not found"), "{line}");
 }
 
 /// After the controller is killed with SIGKILL its jobs keep running; the next run finds them

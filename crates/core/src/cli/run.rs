@@ -135,7 +135,7 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
         let cancel = CancelFlag::default();
         let on_interrupt = cancel.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
+            if interrupted().await {
                 eprintln!("interrupted: cancelling running stages (nothing partial is committed)");
                 on_interrupt.cancel();
             }
@@ -188,6 +188,19 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Waits for Ctrl-C (SIGINT) or SIGTERM (a scheduler or `kill` stopping the run); false when
+/// neither handler could be installed.
+async fn interrupted() -> bool {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut terminate) = signal(SignalKind::terminate()) else {
+        return tokio::signal::ctrl_c().await.is_ok();
+    };
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.is_ok(),
+        received = terminate.recv() => received.is_some(),
+    }
 }
 
 /// A file the run writes after its stages (record, report): on failure a warning, never an
