@@ -496,3 +496,19 @@ fn plan_shows_each_job_script_with_resources_as_sbatch_flags() {
     assert_eq!(stdout, expected);
     assert_eq!(key.len(), 64);
 }
+
+/// `--jobs 1` bounds the jobs in flight: two independent stages run one after the other.
+#[test]
+fn jobs_bounds_the_jobs_in_flight() {
+    let _cluster = cluster();
+    let project = project_with(
+        "name: one-at-a-time\nstages:\n  a:\n    kind: command\n    run: sleep 1; echo a > $OUT/a\n  b:\n    kind: command\n    run: sleep 1; echo b > $OUT/b\n",
+    );
+    let watcher = Watcher::start("dp-");
+    let result = run_on_slurm(&project, "sweep.yaml", &["--jobs", "1"]);
+    let (most, seen) = watcher.finish();
+    assert_success(&result);
+    assert_eq!(our_jobs(&project).len(), 2);
+    assert!(seen.len() >= 2, "the watcher saw {seen:?}");
+    assert_eq!(most, 1, "jobs running at once");
+}
