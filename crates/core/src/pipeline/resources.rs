@@ -346,7 +346,7 @@ mod tests {
                 "resources.time"
             ]
         );
-        assert_eq!(problems[1].1, "unknown resource (did you mean `gpus`?)");
+        assert_eq!(problems[1].1, "unknown resource; did you mean `gpus`?");
         assert_eq!(
             problems[3].1,
             "`2 hours` is not one sbatch value (no spaces or quotes)"
