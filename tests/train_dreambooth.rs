@@ -292,6 +292,7 @@ fn run(
         on_progress: &mut on_progress,
         cancel,
         validation: None,
+        snapshots: None,
     };
     dreambooth::train(config, &mut callbacks)?;
     Ok(seen)
@@ -533,6 +534,7 @@ fn benchmark(train_text_encoder: bool) {
         on_progress: &mut on_progress,
         cancel: &cancel,
         validation: None,
+        snapshots: None,
     };
     dreambooth::train(&config, &mut callbacks).unwrap();
     let (first, last) = (marks[WARMUP - 1], marks[marks.len() - 1]);

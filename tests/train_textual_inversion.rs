@@ -175,6 +175,7 @@ fn a_run_writes_embeddings_and_a_loadable_model() {
         on_progress: &mut on_progress,
         cancel: &cancel,
         validation: None,
+        snapshots: None,
     };
     textual_inversion::train(&config, &mut callbacks).unwrap();
     assert_eq!(steps, [1, 2]);
@@ -275,6 +276,7 @@ fn resuming_textual_inversion_gives_the_uninterrupted_embedding() {
             on_progress: &mut on_progress,
             cancel: &cancel,
             validation: None,
+            snapshots: None,
         };
         textual_inversion::train(config, &mut callbacks)
     };

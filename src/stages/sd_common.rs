@@ -74,6 +74,19 @@ pub fn write_sample(
     index: i64,
     info: &SampleInfo<'_>,
 ) -> Result<(), StageError> {
+    write_sample_as(ctx, path, output, index, info, provenance(ctx))
+}
+
+/// [`write_sample`] naming another stage (`provenance`: its id, key and pipeline), for the
+/// samples a longer run writes for the shorter variants it serves.
+pub fn write_sample_as(
+    ctx: &StageContext<'_>,
+    path: &Path,
+    output: &Txt2ImgOutput,
+    index: i64,
+    info: &SampleInfo<'_>,
+    provenance: Vec<(String, String)>,
+) -> Result<(), StageError> {
     let parameters = GenerationParameters {
         prompt: info.prompt.to_string(),
         negative_prompt: info.negative_prompt.to_string(),
@@ -85,7 +98,7 @@ pub fn write_sample(
         height: output.height,
         model_hash: info.model_hash.to_string(),
         model_name: info.model_name.to_string(),
-        extra: provenance(ctx),
+        extra: provenance,
     };
     let rgb = tensor_to_rgb_bytes(&output.images.get(index));
     let (width, height) = (output.width as u32, output.height as u32);
@@ -95,10 +108,15 @@ pub fn write_sample(
 
 /// dreampipe's fields at the end of the A1111 settings line: stage id, stage key, pipeline.
 pub fn provenance(ctx: &StageContext<'_>) -> Vec<(String, String)> {
+    provenance_of(ctx.stage_id, ctx.key, ctx.pipeline)
+}
+
+/// The dreampipe fields for stage `stage_id` with `key` in `pipeline`.
+pub fn provenance_of(stage_id: &str, key: &str, pipeline: &str) -> Vec<(String, String)> {
     vec![
-        (STAGE_FIELD.to_string(), ctx.stage_id.to_string()),
-        (KEY_FIELD.to_string(), ctx.key.to_string()),
-        (PIPELINE_FIELD.to_string(), ctx.pipeline.to_string()),
+        (STAGE_FIELD.to_string(), stage_id.to_string()),
+        (KEY_FIELD.to_string(), key.to_string()),
+        (PIPELINE_FIELD.to_string(), pipeline.to_string()),
     ]
 }
 

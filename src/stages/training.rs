@@ -11,21 +11,26 @@
 //! crash survive into the resumed run.
 
 use super::sd_common::{
-    SampleInfo, create_dir, dtype_param, field_error, model_hash, write_sample,
+    SampleInfo, create_dir, dtype_param, field_error, model_hash, provenance, provenance_of,
+    write_sample_as,
 };
 use super::{StageContext, StageError};
-use crate::sd::pipeline::{DEFAULT_GUIDANCE, StableDiffusion, Txt2Img};
+use crate::sd::pipeline::{DEFAULT_GUIDANCE, StableDiffusion, Txt2Img, Txt2ImgOutput};
 use crate::sd::train::TrainError;
 use crate::sd::train::common::{
-    Callbacks, MixedPrecision, OptimizerKind, Progress, TrainOutcome, Validation,
+    Callbacks, METRICS_FILE, MixedPrecision, OptimizerKind, Progress, Snapshots, TrainOutcome,
+    Validation,
 };
 use crate::sd::train::lr_schedule::SCHEDULE_NAMES;
 use dreampipe_core::imagefile;
+use dreampipe_core::stages::SNAPSHOTS_DIR;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
 /// Subfolder of `work_dir` the run writes its output into before it is moved to `out_dir`.
 const STAGED_OUTPUT: &str = "output";
+/// Subfolder of `work_dir` with the validation samples written for each snapshot.
+const SNAPSHOT_SAMPLES: &str = "snapshot-samples";
 /// Subfolder of `work_dir` the model is written to before each validation.
 const VALIDATION_MODEL: &str = "validation-model";
 /// Output subfolder of the validation samples (`step-N.png`).
@@ -184,16 +189,62 @@ pub fn run_training<T>(
         model_dir: ctx.work_dir.join(VALIDATION_MODEL),
         run: &mut run_sample,
     });
+    let prompt = (sampler.as_ref())
+        .map(|s| s.request.prompt.clone())
+        .unwrap_or_default();
+    let mut finish_snapshot =
+        |step: u64, dir: &Path| finish_snapshot(ctx, &staged, step, dir, &prompt);
+    let snapshots = (!ctx.snapshots.is_empty()).then(|| Snapshots {
+        steps: ctx.snapshots.iter().map(|t| t.step).collect(),
+        dir: ctx.work_dir.join(SNAPSHOTS_DIR),
+        finish: &mut finish_snapshot,
+    });
     let mut callbacks = Callbacks {
         on_progress: &mut on_progress,
         cancel: ctx.cancel.as_atomic(),
         validation,
+        snapshots,
     };
     let outcome = train(&mut callbacks).map_err(|e| stage_error(ctx, e))?;
     move_entries(&staged, ctx.out_dir)?;
-    let prompt = sampler.map(|s| s.request.prompt).unwrap_or_default();
-    write_report(ctx, &prompt)?;
+    write_report(ctx, ctx.out_dir, &prompt)?;
     Ok(outcome)
+}
+
+/// Completes the snapshot at `step` (the trainer wrote its model files into `dir`) with what
+/// the stage adds when a run ends: the metrics, the validation samples up to `step` (written
+/// for this variant as they were made) and `report.json`.
+fn finish_snapshot(
+    ctx: &StageContext<'_>,
+    staged: &Path,
+    step: u64,
+    dir: &Path,
+    prompt: &str,
+) -> Result<(), String> {
+    let metrics = staged.join(METRICS_FILE);
+    std::fs::copy(&metrics, dir.join(METRICS_FILE))
+        .map_err(|e| format!("copying `{}`: {e}", metrics.display()))?;
+    let samples = snapshot_samples(ctx, step);
+    let kept: Vec<u64> = (validation_steps(&samples).into_iter())
+        .filter(|s| *s <= step)
+        .collect();
+    if !kept.is_empty() {
+        let target = dir.join(VALIDATION_DIR);
+        std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+        for sample in kept {
+            let name = format!("step-{sample}.png");
+            std::fs::copy(samples.join(&name), target.join(&name))
+                .map_err(|e| format!("copying `{}`: {e}", samples.join(&name).display()))?;
+        }
+    }
+    write_report(ctx, dir, prompt).map_err(|e| e.to_string())
+}
+
+/// Where the validation samples of the snapshot at `step` are written as they are made.
+fn snapshot_samples(ctx: &StageContext<'_>, step: u64) -> PathBuf {
+    ctx.work_dir
+        .join(SNAPSHOT_SAMPLES)
+        .join(format!("step-{step}"))
 }
 
 /// The bias-corrected exponential moving average of the loss shown on the progress bar.
@@ -249,29 +300,47 @@ impl ValidationSampler {
         let output = model
             .txt2img(&self.request, &mut |_| {})
             .map_err(|e| e.to_string())?;
-        std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
         let hash = model_hash(model_dir);
+        let path = self.dir.join(format!("step-{step}.png"));
+        self.write(ctx, &path, &output, &hash, ctx.stage_id, provenance(ctx))?;
+        // The same image for each shorter variant whose run includes this step, naming it.
+        for target in ctx.snapshots.iter().filter(|t| t.step >= step) {
+            let named = provenance_of(&target.stage_id, &target.key, ctx.pipeline);
+            let copy = snapshot_samples(ctx, target.step).join(format!("step-{step}.png"));
+            self.write(ctx, &copy, &output, &hash, &target.stage_id, named)?;
+        }
+        ctx.log
+            .line(&format!("validation sample {}", path.display()));
+        Ok(())
+    }
+
+    fn write(
+        &self,
+        ctx: &StageContext<'_>,
+        path: &Path,
+        output: &Txt2ImgOutput,
+        hash: &str,
+        model_name: &str,
+        provenance: Vec<(String, String)>,
+    ) -> Result<(), String> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let info = SampleInfo {
             prompt: &self.request.prompt,
             negative_prompt: "",
             steps: self.request.steps,
             guidance: self.request.guidance,
             seed: self.request.seed,
-            model_hash: &hash,
-            model_name: ctx.stage_id,
+            model_hash: hash,
+            model_name,
         };
-        let path = self.dir.join(format!("step-{step}.png"));
-        write_sample(ctx, &path, &output, 0, &info).map_err(|e| e.to_string())?;
-        ctx.log
-            .line(&format!("validation sample {}", path.display()));
-        Ok(())
+        write_sample_as(ctx, path, output, 0, &info, provenance).map_err(|e| e.to_string())
     }
 }
 
-/// `report.json`: every validation sample in `out_dir/validation`, by step.
-fn write_report(ctx: &StageContext<'_>, prompt: &str) -> Result<(), StageError> {
-    let dir = ctx.out_dir.join(VALIDATION_DIR);
-    let mut steps: Vec<u64> = match std::fs::read_dir(&dir) {
+/// The steps of the `step-N.png` samples in `dir` (none when it does not exist), sorted.
+fn validation_steps(dir: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .flatten()
             .filter_map(|e| {
@@ -285,6 +354,12 @@ fn write_report(ctx: &StageContext<'_>, prompt: &str) -> Result<(), StageError> 
         Err(_) => Vec::new(),
     };
     steps.sort_unstable();
+    steps
+}
+
+/// `report.json` in `out`: every validation sample in `out/validation`, by step.
+fn write_report(ctx: &StageContext<'_>, out: &Path, prompt: &str) -> Result<(), StageError> {
+    let steps = validation_steps(&out.join(VALIDATION_DIR));
     let images: Vec<Value> = steps
         .iter()
         .map(|step| {
@@ -295,7 +370,7 @@ fn write_report(ctx: &StageContext<'_>, prompt: &str) -> Result<(), StageError> 
             })
         })
         .collect();
-    let path = ctx.out_dir.join(IMAGES_FILE);
+    let path = out.join(IMAGES_FILE);
     let text = serde_json::to_string_pretty(&json!({ "images": images }))
         .map_err(|e| StageError::Failed(format!("stage `{}`: report: {e}", ctx.stage_id)))?;
     std::fs::write(&path, text).map_err(|e| StageError::io("write", &path, e))

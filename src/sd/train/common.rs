@@ -178,6 +178,26 @@ pub struct Callbacks<'a> {
     pub cancel: &'a AtomicBool,
     /// Sampling with the model being trained every few steps (diffusers' validation_steps).
     pub validation: Option<Validation<'a>>,
+    /// Complete outputs at given steps, as a run ending there would write them (a steps
+    /// sweep's shorter variants served by its longest run).
+    pub snapshots: Option<Snapshots<'a>>,
+}
+
+/// At each of `steps`, the loop writes what a run of that many steps writes at its end into
+/// `dir/step-N` (through `dir/step-N.partial` and a rename, so a folder that exists is
+/// complete), then calls `finish(step, folder)` to add the stage's own files (metrics,
+/// validation samples). A folder already there (from before a resume) is kept.
+pub struct Snapshots<'a> {
+    pub steps: Vec<u64>,
+    pub dir: PathBuf,
+    pub finish: &'a mut dyn FnMut(u64, &Path) -> Result<(), String>,
+}
+
+impl Snapshots<'_> {
+    /// The folder of the snapshot at `step`.
+    pub fn folder(dir: &Path, step: u64) -> PathBuf {
+        dir.join(format!("step-{step}"))
+    }
 }
 
 /// diffusers' `--validation_prompt` / `--validation_steps`: every `every` optimizer steps the

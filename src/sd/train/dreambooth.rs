@@ -667,6 +667,10 @@ impl TrainingMethod for DreamBoothRun<'_> {
         write_trained_folder(self.config, &self.trainer, dir)
     }
 
+    fn write_outputs(&self, dir: &std::path::Path) -> Result<(), TrainError> {
+        write_trained_folder(self.config, &self.trainer, dir)
+    }
+
     fn next_step(&mut self) -> Result<StepReport, TrainError> {
         let step = self.trainer.step;
         let batches = (0..self.config.gradient_accumulation_steps)

@@ -4,7 +4,7 @@
 //! loss (naming the step and the last good checkpoint).
 use super::TrainError;
 use super::checkpoint::{self, ResumeState};
-use super::common::{Callbacks, MetricsLog, Optimizer, Progress, StepReport};
+use super::common::{Callbacks, MetricsLog, Optimizer, Progress, Snapshots, StepReport};
 use super::precision::Precision;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
@@ -24,6 +24,9 @@ pub(crate) trait TrainingMethod {
     fn precision_mut(&mut self) -> &mut Precision;
     /// Writes the current model as a complete diffusers folder into `dir`.
     fn write_model(&self, dir: &Path) -> Result<(), TrainError>;
+    /// Writes everything a run writes into its output folder when it ends (the model, and
+    /// embedding files for textual inversion) into `dir`.
+    fn write_outputs(&self, dir: &Path) -> Result<(), TrainError>;
     /// Draws the data of the next step and runs it.
     fn next_step(&mut self) -> Result<StepReport, TrainError>;
 }
@@ -94,6 +97,7 @@ pub(crate) fn run(
             last_checkpoint = Some(save(trainer, settings, Some(report.lr))?);
         }
         validate_if_due(trainer, callbacks)?;
+        snapshot_if_due(trainer, callbacks)?;
     }
     Ok(DriverResult {
         resumed_from,
@@ -116,6 +120,26 @@ fn validate_if_due(
     trainer.write_model(&validation.model_dir)?;
     (validation.run)(step, &validation.model_dir)
         .map_err(|problem| TrainError::Validation { step, problem })
+}
+
+/// Writes the snapshot of this step when one is asked for and not already there.
+fn snapshot_if_due(
+    trainer: &dyn TrainingMethod,
+    callbacks: &mut Callbacks,
+) -> Result<(), TrainError> {
+    let step = trainer.step();
+    let Some(snapshots) = callbacks.snapshots.as_mut() else {
+        return Ok(());
+    };
+    let folder = Snapshots::folder(&snapshots.dir, step);
+    if !snapshots.steps.contains(&step) || folder.exists() {
+        return Ok(());
+    }
+    let partial = folder.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    trainer.write_outputs(&partial)?;
+    (snapshots.finish)(step, &partial).map_err(|problem| TrainError::Snapshot { step, problem })?;
+    std::fs::rename(&partial, &folder).map_err(|e| super::common::io_error(&folder, "rename", e))
 }
 
 fn resume(

@@ -59,6 +59,8 @@ pub enum TrainError {
     Model(String),
     #[error("validation at step {step}: {problem}")]
     Validation { step: u64, problem: String },
+    #[error("the snapshot at step {step}: {problem}")]
+    Snapshot { step: u64, problem: String },
     #[error(
         "step {step}: the loss is {loss} (not finite); training stopped. {}",
         checkpoint_hint(.checkpoint)

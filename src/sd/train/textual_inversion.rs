@@ -640,6 +640,10 @@ impl TrainingMethod for TextualInversionRun<'_> {
         write_model_with_placeholders(self.config, &self.trainer, dir)
     }
 
+    fn write_outputs(&self, dir: &std::path::Path) -> Result<(), TrainError> {
+        write_outputs_into(self.config, &self.trainer, dir)
+    }
+
     fn next_step(&mut self) -> Result<StepReport, TrainError> {
         let step = self.trainer.step;
         let batches = (0..self.config.gradient_accumulation_steps)
@@ -695,7 +699,15 @@ pub fn write_outputs(
     config: &TextualInversionConfig,
     trainer: &TextualInversionTrainer,
 ) -> Result<(), TrainError> {
-    let out = &config.output_dir;
+    write_outputs_into(config, trainer, &config.output_dir)
+}
+
+/// [`write_outputs`] into `out` instead of the configured output folder.
+fn write_outputs_into(
+    config: &TextualInversionConfig,
+    trainer: &TextualInversionTrainer,
+    out: &std::path::Path,
+) -> Result<(), TrainError> {
     std::fs::create_dir_all(out).map_err(|e| common::io_error(out, "create the directory", e))?;
     let embeds = trainer.learned_embeddings();
     output::write_learned_embeds(

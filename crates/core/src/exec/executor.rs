@@ -4,7 +4,7 @@
 //! per-key lock makes concurrent runs on one cache compute each key once. A failed stage stops
 //! its dependents only; cancellation stops new stages and signals running ones.
 use super::events::{CancelFlag, Event, EventSender, ProgressReporter};
-use super::job::{JOB_FORMAT, JobSpec, Placement, commit_staged, run_in_staging};
+use super::job::{JOB_FORMAT, JobSpec, Placement, SnapshotSpec, commit_staged, run_in_staging};
 use super::lockfile::LockFile;
 pub use super::record::{Outcome, RunRecord, StageRecord};
 use super::slots::{Slots, take_slot};
@@ -17,11 +17,13 @@ use crate::cache::verify;
 use crate::plan::dirty::explain_miss;
 use crate::plan::fingerprint::{KeyMaterial, material};
 use crate::plan::graph::Plan;
+use crate::plan::prefix::{Sharing, sharing};
 use crate::stages::{DeviceClass, ResolvedInput};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 /// How a run treats its stages.
@@ -59,6 +61,10 @@ struct Shared {
     /// until the run ends, so `cache gc` cannot remove one before a downstream stage reads it.
     pins: Mutex<HashMap<String, KeyLock>>,
     slurm: Option<Arc<Slurm>>,
+    /// Steps sweeps trained once (plan/prefix.rs).
+    sharing: Sharing,
+    /// Per stage: set once its task has ended (served variants wait for their runner).
+    ended: Vec<watch::Sender<bool>>,
 }
 
 impl Shared {
@@ -108,6 +114,8 @@ pub async fn execute(
         run_started: started,
         pins: Mutex::new(HashMap::new()),
         slurm: (options.slurm.clone()).map(|o| Arc::new(Slurm::new(o, store_for_slurm))),
+        sharing: sharing(&plan.pipeline, &options.selected),
+        ended: (0..plan.len()).map(|_| watch::channel(false).0).collect(),
     });
     let poller = shared.slurm.clone().map(|slurm| {
         let cancel = cancel.clone();
@@ -282,6 +290,7 @@ fn spawn_stage(
         let started = Instant::now();
         let mut record = base_record(&shared.plan, index, Outcome::Failed);
         let result = run_stage(&shared, index, selected, &upstream, &mut record).await;
+        shared.ended[index].send_replace(true);
         record.duration_s = started.elapsed().as_secs_f64();
         match result {
             Ok(done) => (index, record, Some(done)),
@@ -323,6 +332,9 @@ async fn run_stage(
     check_locked_key(shared, &stage.id, &key)?;
     let forced = shared.forced[index];
     if !forced && let Some(done) = reuse(shared, index, &key, record).await? {
+        return Ok(done);
+    }
+    if let Some(done) = served_by_runner(shared, index, &key, record).await? {
         return Ok(done);
     }
     warn_unreadable_record(shared, &stage.id, &key);
@@ -380,6 +392,55 @@ async fn run_stage(
     shared.keep_pin(&key, pinned);
     check_locked_output(shared, &stage.id, &done.1)?;
     Ok(done)
+}
+
+/// For a shorter variant of a steps sweep: waits until the longest variant's task has ended,
+/// then takes the result committed from its snapshot (`None`: there is none, e.g. the longer
+/// run was cached or failed; the variant then computes on its own).
+async fn served_by_runner(
+    shared: &Arc<Shared>,
+    index: usize,
+    key: &str,
+    record: &mut StageRecord,
+) -> Result<Option<Done>, String> {
+    let Some((runner, _)) = shared.sharing.served_by[index] else {
+        return Ok(None);
+    };
+    let mut ended = shared.ended[runner].subscribe();
+    // The runner may never start (cancelled before it was spawned): keep an eye on the flag.
+    while !*ended.borrow() && !shared.cancel.is_cancelled() {
+        let _ = tokio::time::timeout(Duration::from_millis(200), ended.changed()).await;
+    }
+    let Some(done) = reuse(shared, index, key, record).await? else {
+        return Ok(None);
+    };
+    let note = (shared.sharing).served_note(&shared.plan.pipeline, index);
+    record.status = Outcome::Ran;
+    record.reasons = note.into_iter().collect();
+    Ok(Some(done))
+}
+
+/// The variants the run of stage `index` also produces from snapshots: those not cached yet,
+/// each with the key material it has on its own (same upstreams as the runner).
+async fn snapshot_specs(
+    shared: &Arc<Shared>,
+    index: usize,
+    upstream: &BTreeMap<usize, Done>,
+) -> Result<Vec<SnapshotSpec>, String> {
+    let mut specs = Vec::new();
+    for &(served, step) in &shared.sharing.serves[index] {
+        let material = compute_material(shared, served, upstream).await?;
+        let key = material.key();
+        if shared.store.lookup(&key).is_none() {
+            specs.push(SnapshotSpec {
+                step,
+                stage_id: shared.plan.pipeline.stages[served].id.clone(),
+                key,
+                material,
+            });
+        }
+    }
+    Ok(specs)
 }
 
 /// A result folder whose record does not read is treated as absent: recomputed (the commit
@@ -565,7 +626,8 @@ async fn compute(
     if shared.cancel.is_cancelled() {
         return Err("cancelled".to_string());
     }
-    let job = job_spec(shared, index, upstream, new, key);
+    let mut job = job_spec(shared, index, upstream, new, key);
+    job.snapshots = snapshot_specs(shared, index, upstream).await?;
     record.log = Some(shared.store.log_path(key));
     let _ = shared.events.send(Event::Started {
         id: stage.id.clone(),
@@ -617,7 +679,8 @@ async fn compute_on_slurm(
     record: &mut StageRecord,
 ) -> Result<Done, String> {
     let stage = shared.plan.pipeline.stages[index].clone();
-    let job = job_spec(shared, index, upstream, new, key);
+    let mut job = job_spec(shared, index, upstream, new, key);
+    job.snapshots = snapshot_specs(shared, index, upstream).await?;
     let mut resources =
         (shared.plan.pipeline.executor).resources_for(stage.kind.kind(), &stage.resources);
     resources.gpus = Some(resources.device_slots(stage.kind.device_class()));
@@ -727,6 +790,7 @@ fn job_spec(
         key: key.to_string(),
         material: material.clone(),
         replace: shared.forced[index],
+        snapshots: Vec::new(),
     }
 }
 

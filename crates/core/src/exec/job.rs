@@ -6,7 +6,7 @@ use super::events::{CancelFlag, ProgressReporter};
 use crate::cache::store::{Commit, ResultRecord, Store, read_json};
 use crate::device::Device;
 use crate::plan::fingerprint::KeyMaterial;
-use crate::stages::{ResolvedInput, Stage, StageContext, StageError, StageLog};
+use crate::stages::{ResolvedInput, SnapshotTarget, Stage, StageContext, StageError, StageLog};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -32,6 +32,20 @@ pub struct JobSpec {
     pub material: KeyMaterial,
     /// Replace an existing result (`--force`).
     pub replace: bool,
+    /// Shorter variants this run also produces (a steps sweep trained once): each is
+    /// committed from the run's snapshot at its step, under its own key.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotSpec>,
+}
+
+/// A variant served from a snapshot: the step, and the stage id, key and key material it
+/// would have had alone.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotSpec {
+    pub step: u64,
+    pub stage_id: String,
+    pub key: String,
+    pub material: KeyMaterial,
 }
 
 /// Where a run computes: its device and every device slot it holds.
@@ -64,6 +78,13 @@ pub fn run_in_staging(
     let shared_root = store.root().join("shared");
     let out = staging.join("out");
     let started = Instant::now();
+    let snapshots: Vec<SnapshotTarget> = (job.snapshots.iter())
+        .map(|s| SnapshotTarget {
+            step: s.step,
+            stage_id: s.stage_id.clone(),
+            key: s.key.clone(),
+        })
+        .collect();
     let context = StageContext {
         stage_id: &job.stage_id,
         params: &job.params,
@@ -79,6 +100,7 @@ pub fn run_in_staging(
         shared_root: &shared_root,
         key: &job.key,
         pipeline: &job.pipeline,
+        snapshots: &snapshots,
     };
     let result = crate::panics::catch(|| stage.run(&context)).unwrap_or_else(|problem| {
         Err(StageError::Failed(format!(
@@ -101,9 +123,13 @@ pub fn run_in_staging(
     }
 }
 
-/// Commits a staged run under its key (nothing partial is kept on failure) and removes the
-/// key's work folder once the result is in.
+/// Commits a staged run under its key (nothing partial is kept on failure), first the
+/// snapshots it left for shorter variants (each under its own key), and removes the key's work
+/// folder once the result is in.
 pub fn commit_staged(store: &Store, job: &JobSpec, staged: Staged) -> Result<ResultRecord, String> {
+    for snapshot in &job.snapshots {
+        commit_snapshot(store, job, snapshot, staged.seconds);
+    }
     let commit = Commit {
         key: &job.key,
         stage_id: &job.stage_id,
@@ -118,6 +144,34 @@ pub fn commit_staged(store: &Store, job: &JobSpec, staged: Staged) -> Result<Res
     let record = committed.map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(store.work_dir(&job.key));
     Ok(record)
+}
+
+/// Commits the snapshot of `snapshot.step` under its variant's key, unless that key has a
+/// result or is locked by someone computing it. Best effort: a variant whose snapshot is
+/// missing (the run resumed past its step) is computed on its own afterwards.
+fn commit_snapshot(store: &Store, job: &JobSpec, snapshot: &SnapshotSpec, seconds: f64) {
+    let folder = crate::stages::snapshot_folder(&store.work_dir(&job.key), snapshot.step);
+    if !folder.is_dir() || store.lookup(&snapshot.key).is_some() {
+        return;
+    }
+    let Ok(Some(_lock)) = store.try_lock_key(&snapshot.key) else {
+        return;
+    };
+    let Ok(staging) = store.create_staging(&snapshot.key) else {
+        return;
+    };
+    let out = staging.join("out");
+    let moved = std::fs::remove_dir(&out).and_then(|()| std::fs::rename(&folder, &out));
+    let commit = Commit {
+        key: &snapshot.key,
+        stage_id: &snapshot.stage_id,
+        kind: &job.kind,
+        material: &snapshot.material,
+        duration_s: seconds,
+    };
+    if moved.is_err() || store.commit(&commit, &staging, false).is_err() {
+        let _ = store.discard(&staging);
+    }
 }
 
 /// What a finished job tells the controller (`<cache>/jobs/<key>/exit-<job id>.json`). A job

@@ -281,7 +281,28 @@ pub struct StageContext<'a> {
     /// The stage's cache key (hex) and the pipeline's name, for provenance in outputs.
     pub key: &'a str,
     pub pipeline: &'a str,
+    /// Shorter variants of a steps sweep this run also produces: at each one's step a training
+    /// stage writes the complete output that variant would have had alone into
+    /// [`snapshot_folder`] (empty for most runs).
+    pub snapshots: &'a [SnapshotTarget],
 }
+
+/// A shorter variant served by a longer run: its step, and the stage id and key its outputs
+/// must name (images carry them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotTarget {
+    pub step: u64,
+    pub stage_id: String,
+    pub key: String,
+}
+
+/// Where a stage leaves the snapshot of step `step` (see [`StageContext::snapshot_steps`]).
+pub fn snapshot_folder(work_dir: &Path, step: u64) -> PathBuf {
+    work_dir.join(SNAPSHOTS_DIR).join(format!("step-{step}"))
+}
+
+/// The folder of a work folder that holds snapshots.
+pub const SNAPSHOTS_DIR: &str = "snapshots";
 
 impl StageContext<'_> {
     fn missing(&self, name: &str, what: &str) -> StageError {
@@ -384,6 +405,17 @@ pub trait Stage: Send + Sync {
     fn check_fields(&self, _fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         Vec::new()
     }
+    /// For training kinds: the integer field that sets how many optimizer steps run, when a
+    /// run of N steps is the first N steps of a longer run with otherwise equal fields
+    /// (plan/prefix.rs shares that prefix in a steps sweep).
+    fn steps_field(&self) -> Option<&'static str> {
+        None
+    }
+    /// Why a run with these fields is not the prefix of a longer one (`None`: it is), e.g. a
+    /// learning-rate schedule that depends on the total.
+    fn prefix_problem(&self, _params: &serde_json::Map<String, Value>) -> Option<String> {
+        Some("this kind does not share runs".to_string())
+    }
 }
 
 /// What [`Stage::check_fields`] sees of a stage: every field (defaults filled; swept fields
@@ -456,6 +488,12 @@ impl Stage for Implemented {
     }
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         self.spec.check_fields(fields)
+    }
+    fn steps_field(&self) -> Option<&'static str> {
+        self.spec.steps_field()
+    }
+    fn prefix_problem(&self, params: &serde_json::Map<String, Value>) -> Option<String> {
+        self.spec.prefix_problem(params)
     }
 }
 

@@ -93,6 +93,15 @@ impl Stage for TextualInversionKind {
     fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
         Err(crate::stages::needs_torch_worker(self.kind()))
     }
+    fn steps_field(&self) -> Option<&'static str> {
+        Some("max_train_steps")
+    }
+    fn prefix_problem(
+        &self,
+        params: &serde_json::Map<String, serde_json::Value>,
+    ) -> Option<String> {
+        super::training::prefix_problem(params)
+    }
     fn needs_torch(&self) -> bool {
         true
     }

@@ -13,6 +13,25 @@ pub const LR_SCHEDULE_NAMES: [&str; 6] = [
     "cosine_with_restarts",
     "polynomial",
 ];
+/// Schedules whose learning rate at step k does not depend on the total steps: with them (and
+/// every random draw derived from seed and step), the first k steps of a longer run are a run
+/// of k steps.
+pub const TOTAL_FREE_SCHEDULES: [&str; 2] = ["constant", "constant_with_warmup"];
+
+/// Why a training run with these fields is not the prefix of a longer one, if it is not.
+pub fn prefix_problem(params: &serde_json::Map<String, Value>) -> Option<String> {
+    if !params.get("max_train_steps").is_some_and(Value::is_u64) {
+        return Some("`max_train_steps` is unset (the run counts epochs)".to_string());
+    }
+    let schedule = params.get("lr_scheduler").and_then(Value::as_str)?;
+    (!TOTAL_FREE_SCHEDULES.contains(&schedule)).then(|| {
+        format!(
+            "lr_scheduler `{schedule}` depends on the total steps (only {} do not)",
+            TOTAL_FREE_SCHEDULES.join(" and ")
+        )
+    })
+}
+
 /// Upper bounds of the step-like fields: far beyond any real run, low enough to catch typos.
 const MAX_STEPS: f64 = 10_000_000.0;
 /// Largest batch / accumulation accepted (memory bounds it long before).
