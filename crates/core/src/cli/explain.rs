@@ -2,6 +2,7 @@
 use super::Context;
 use super::common::{PipelineArgs, StageStatuses, assess_stage};
 use crate::plan::dirty::Status;
+use crate::plan::prefix;
 use clap::Args;
 use std::process::ExitCode;
 
@@ -21,6 +22,7 @@ pub fn run(context: &Context, args: &ExplainArgs) -> anyhow::Result<ExitCode> {
         memo,
     } = assess_stage(context, &args.pipeline, &args.stage)?;
     let _ = memo.save();
+    let sharing = prefix::sharing(&plan.pipeline, &vec![true; plan.len()]);
     for index in targets {
         let id = &plan.pipeline.stages[index].id;
         match &statuses[index] {
@@ -41,6 +43,12 @@ pub fn run(context: &Context, args: &ExplainArgs) -> anyhow::Result<ExitCode> {
                 reasons.iter().for_each(|r| println!("  - {r}"));
             }
             Status::NotSelected => println!("{id}: not selected"),
+        }
+        if let Some(note) = super::plan::served_note(&plan, &sharing, &statuses, index) {
+            println!("  served {note} (not trained on its own)");
+        }
+        if let Some(why) = &sharing.unshared[index] {
+            println!("  {why}");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -5,6 +5,7 @@ use crate::exec::slurm::{ScriptFor, script_text};
 use crate::pipeline::ExecutorKind;
 use crate::plan::dirty::{Status, assess};
 use crate::plan::graph::Plan;
+use crate::plan::prefix;
 use crate::stages::DeviceClass;
 use clap::Args;
 use std::process::ExitCode;
@@ -33,6 +34,28 @@ pub fn run(context: &Context, args: &PlanArgs) -> anyhow::Result<ExitCode> {
         print!("{}", render(context, &plan, &selected, &forced)?);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How a stage that will run is produced by a longer run of a steps sweep, when its runner
+/// runs too (a cached runner left no snapshots: the variant then trains on its own).
+pub fn served_note(
+    plan: &Plan,
+    sharing: &prefix::Sharing,
+    statuses: &[Status],
+    index: usize,
+) -> Option<String> {
+    let (runner, _) = sharing.served_by[index]?;
+    let runs = matches!(
+        statuses[runner],
+        Status::Dirty { .. } | Status::Pending { .. }
+    );
+    let waits = matches!(
+        statuses[index],
+        Status::Dirty { .. } | Status::Pending { .. }
+    );
+    (runs && waits)
+        .then(|| sharing.served_note(&plan.pipeline, index))
+        .flatten()
 }
 
 /// The plan, each stage to run followed by the batch script its Slurm job would get (keys of
@@ -103,9 +126,13 @@ pub fn render(
         plan.pipeline.name,
         plan.len()
     );
-    for (stage, status) in plan.pipeline.stages.iter().zip(&statuses) {
+    let sharing = prefix::sharing(&plan.pipeline, selected);
+    for (index, (stage, status)) in plan.pipeline.stages.iter().zip(&statuses).enumerate() {
         let line = match status {
             Status::Fresh { output, .. } => format!("  fresh  {}  {}", stage.id, output.display()),
+            _ if let Some(note) = served_note(plan, &sharing, &statuses, index) => {
+                format!("  served {}  {note}", stage.id)
+            }
             Status::Dirty { reasons, .. } | Status::Pending { reasons } => {
                 format!("  run    {}  {}", stage.id, reasons.join("; "))
             }

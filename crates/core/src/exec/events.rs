@@ -24,6 +24,13 @@ pub enum Event {
         key: String,
         output: PathBuf,
     },
+    /// A shorter variant of a steps sweep, committed from the longest run's snapshot (`from`
+    /// says which run and step).
+    Served {
+        id: String,
+        from: String,
+        output: PathBuf,
+    },
     /// Another run holds this key's lock; this run waits and reuses its result.
     Waiting {
         id: String,

@@ -331,7 +331,7 @@ async fn run_stage(
     record.key = Some(key.clone());
     check_locked_key(shared, &stage.id, &key)?;
     let forced = shared.forced[index];
-    if !forced && let Some(done) = reuse(shared, index, &key, record).await? {
+    if !forced && let Some(done) = reuse(shared, index, &key, record, None).await? {
         return Ok(done);
     }
     if let Some(done) = served_by_runner(shared, index, &key, record).await? {
@@ -369,15 +369,17 @@ async fn run_stage(
                 "its result disappeared right after it was committed (cache gc?); run again"
                     .to_string()
             })?;
-            return Ok(adopt(shared, index, &key, pin, found, record));
+            return Ok(adopt(shared, index, &key, pin, found, record, None));
         }
     };
     if (!forced || waited) && shared.store.lookup(&key).is_some() {
         drop(lock); // pinning takes the shared lock
-        return reuse(shared, index, &key, record).await?.ok_or_else(|| {
-            "its result was being replaced by another run (--force?) right now; run again"
-                .to_string()
-        });
+        return reuse(shared, index, &key, record, None)
+            .await?
+            .ok_or_else(|| {
+                "its result was being replaced by another run (--force?) right now; run again"
+                    .to_string()
+            });
     }
     record.reasons = if forced {
         vec!["forced with --force".to_string()]
@@ -411,12 +413,14 @@ async fn served_by_runner(
     while !*ended.borrow() && !shared.cancel.is_cancelled() {
         let _ = tokio::time::timeout(Duration::from_millis(200), ended.changed()).await;
     }
-    let Some(done) = reuse(shared, index, key, record).await? else {
+    let note = (shared.sharing)
+        .served_note(&shared.plan.pipeline, index)
+        .unwrap_or_default();
+    let Some(done) = reuse(shared, index, key, record, Some(note.clone())).await? else {
         return Ok(None);
     };
-    let note = (shared.sharing).served_note(&shared.plan.pipeline, index);
     record.status = Outcome::Ran;
-    record.reasons = note.into_iter().collect();
+    record.reasons = vec![note];
     Ok(Some(done))
 }
 
@@ -488,6 +492,7 @@ async fn reuse(
     index: usize,
     key: &str,
     record: &mut StageRecord,
+    served: Option<String>,
 ) -> Result<Option<Done>, String> {
     let Some((lock, found)) = pin(shared, key, PIN_PATIENCE).await? else {
         return Ok(None);
@@ -505,7 +510,7 @@ async fn reuse(
         drop(lock);
         return Ok(None);
     }
-    Ok(Some(adopt(shared, index, key, lock, found, record)))
+    Ok(Some(adopt(shared, index, key, lock, found, record, served)))
 }
 
 /// Keeps `pin` until the run ends and records the result `found` as this stage's latest.
@@ -516,6 +521,7 @@ fn adopt(
     pin: KeyLock,
     found: ResultRecord,
     record: &mut StageRecord,
+    served: Option<String>,
 ) -> Done {
     shared.keep_pin(key, pin);
     let id = &shared.plan.pipeline.stages[index].id;
@@ -523,11 +529,19 @@ fn adopt(
         .store
         .record_stage(&shared.plan.pipeline.name, id, key);
     let output = shared.store.output_dir(key);
-    let _ = shared.events.send(Event::Cached {
-        id: id.clone(),
-        key: key.to_string(),
-        output: output.clone(),
-    });
+    let event = match served {
+        Some(from) => Event::Served {
+            id: id.clone(),
+            from,
+            output: output.clone(),
+        },
+        None => Event::Cached {
+            id: id.clone(),
+            key: key.to_string(),
+            output: output.clone(),
+        },
+    };
+    let _ = shared.events.send(event);
     record.status = Outcome::Cached;
     record.output = Some(output);
     record.output_digest = Some(found.output_digest.clone());

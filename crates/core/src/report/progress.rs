@@ -67,6 +67,7 @@ pub fn plain_line(event: &Event, buckets: &mut HashMap<String, u64>) -> Option<S
     Some(match event {
         Event::RunStarted { pipeline, stages } => format!("run {pipeline}: {stages} stage(s)"),
         Event::Cached { id, output, .. } => format!("[cached]  {id} -> {}", output.display()),
+        Event::Served { id, from, .. } => format!("[served]  {id}: {from}"),
         Event::Waiting { id, key } => format!(
             "[waiting] {id}: another run is computing key {}; will reuse its result",
             &key[..12.min(key.len())]
