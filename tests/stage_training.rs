@@ -780,3 +780,146 @@ fn kind_versions_guard_their_outputs() {
         );
     }
 }
+
+/// A DreamBooth steps sweep (validation every 3 steps, checkpoints every 2).
+const STEPS_SWEEP: &str = r#"name: train
+stages:
+  db:
+    kind: dreambooth
+    model: MODEL
+    instance_images: photos
+    instance_prompt: a photo of sks dog
+    resolution: 64
+    train_batch_size: 1
+    learning_rate: 1.0e-4
+    lr_scheduler: SCHEDULE
+    lr_warmup_steps: 2
+    checkpointing_steps: 2
+    validation_prompt: a photo of sks dog
+    validation_steps: 3
+    validation_inference_steps: 2
+    matrix:
+      max_train_steps: STEPS
+"#;
+
+const SWEPT_STEPS: [u64; 3] = [3, 6, 12];
+
+fn steps_sweep(schedule: &str, steps: &str) -> String {
+    STEPS_SWEEP
+        .replace("MODEL", &tiny_model())
+        .replace("SCHEDULE", schedule)
+        .replace("STEPS", steps)
+}
+
+/// `run --message-format json`: the run record and the optimizer steps each stage executed
+/// (its progress events).
+fn run_counting_steps(project: &Project) -> (RunResult, std::collections::BTreeMap<String, u64>) {
+    let output = command(project, "train.yaml", &["--message-format", "json"])
+        .output()
+        .expect("run dreampipe");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let mut steps = std::collections::BTreeMap::new();
+    let mut record = None;
+    for line in stdout.lines() {
+        let event: serde_json::Value = serde_json::from_str(line).expect("a JSON event");
+        match event["event"].as_str() {
+            Some("progress") => {
+                *steps
+                    .entry(event["id"].as_str().unwrap().to_string())
+                    .or_insert(0) += 1
+            }
+            Some("run_finished") => {
+                let path = event["record"].as_str().expect("record path");
+                record = serde_json::from_slice(&std::fs::read(path).unwrap()).ok();
+            }
+            _ => {}
+        }
+    }
+    let result = RunResult {
+        stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).to_string(),
+        output,
+        record,
+    };
+    (result, steps)
+}
+
+/// Output digests of `max_train_steps` variants trained each on its own.
+fn separate_digests(schedule: &str) -> Vec<serde_json::Value> {
+    let project = project_with(&steps_sweep(schedule, "[3]"));
+    SWEPT_STEPS
+        .iter()
+        .map(|steps| {
+            project.write("train.yaml", &steps_sweep(schedule, &format!("[{steps}]")));
+            let result = run(&project, "train.yaml", &[]);
+            assert_success(&result);
+            result.stage_field(&format!("db[max_train_steps={steps}]"), "output_digest")
+        })
+        .collect()
+}
+
+fn sweep_digests(result: &RunResult) -> Vec<serde_json::Value> {
+    SWEPT_STEPS
+        .iter()
+        .map(|steps| result.stage_field(&format!("db[max_train_steps={steps}]"), "output_digest"))
+        .collect()
+}
+
+/// A three-value steps sweep with a constant schedule trains once, to the largest count, and
+/// each variant's output is bit for bit what training it alone gives (weights, metrics
+/// truncated at its step, its validation samples naming it); `plan` says who serves whom.
+#[test]
+fn a_steps_sweep_trains_once_and_each_variant_equals_its_own_run() {
+    let project = project_with(&steps_sweep("constant_with_warmup", "[3, 6, 12]"));
+    let (ok, plan, _) = project.dreampipe(&["plan", "train.yaml"]);
+    assert!(ok);
+    for steps in [3, 6] {
+        let line = format!(
+            "  served db[max_train_steps={steps}]  from the 12-step run `db[max_train_steps=12]` at step {steps}\n"
+        );
+        assert!(plan.contains(&line), "{plan}");
+    }
+    let (result, steps) = run_counting_steps(&project);
+    assert_success(&result);
+    let executed: u64 = steps.values().sum();
+    assert_eq!(executed, 12, "optimizer steps executed: {steps:?}");
+    assert_eq!(result.with_status("ran").len(), 3);
+    assert_eq!(
+        sweep_digests(&result),
+        separate_digests("constant_with_warmup")
+    );
+    let metrics_lines = metrics(&output(&project, "db[max_train_steps=6]")).len();
+    assert_eq!(metrics_lines, 6);
+}
+
+/// A schedule that depends on the total (cosine) is not shared: each variant trains on its
+/// own and `explain` says why.
+#[test]
+fn a_cosine_steps_sweep_is_not_shared() {
+    let project = project_with(&steps_sweep("cosine", "[3, 6, 12]"));
+    let (ok, explained, _) = project.dreampipe(&["explain", "train.yaml", "db"]);
+    assert!(ok);
+    assert!(
+        explained.contains("not served by a longer run of the same stage: lr_scheduler `cosine` depends on the total steps (only constant and constant_with_warmup do not)"),
+        "{explained}"
+    );
+    let (result, steps) = run_counting_steps(&project);
+    assert_success(&result);
+    assert_eq!(steps.values().sum::<u64>(), 3 + 6 + 12, "{steps:?}");
+}
+
+/// A shared run killed with SIGKILL after its first checkpoint resumes and still commits every
+/// variant, each equal to the uninterrupted sweep's.
+#[test]
+fn a_killed_shared_run_resumes_and_commits_every_variant() {
+    let pipeline = steps_sweep("constant", "[3, 6, 12]");
+    let reference = project_with(&pipeline);
+    let uninterrupted = run(&reference, "train.yaml", &[]);
+    assert_success(&uninterrupted);
+    let killed = project_with(&pipeline);
+    let status = interrupt_after_first_checkpoint(&killed, "-KILL");
+    assert_eq!(status.code(), None, "SIGKILL leaves no exit code");
+    let resumed = run(&killed, "train.yaml", &[]);
+    assert_success(&resumed);
+    assert_eq!(sweep_digests(&resumed), sweep_digests(&uninterrupted));
+}
