@@ -24,8 +24,12 @@ const RECIPES: [(&str, usize, &[&str]); 6] = [
         3,
         &[
             "instance",
-            "db[learning_rate=2e-6]",
-            "db[learning_rate=5e-6]",
+            "db[learning_rate=2e-6,max_train_steps=200]",
+            "db[learning_rate=2e-6,max_train_steps=400]",
+            "db[learning_rate=2e-6,max_train_steps=800]",
+            "db[learning_rate=5e-6,max_train_steps=200]",
+            "db[learning_rate=5e-6,max_train_steps=400]",
+            "db[learning_rate=5e-6,max_train_steps=800]",
             "grid",
         ],
     ),
@@ -35,10 +39,14 @@ const RECIPES: [(&str, usize, &[&str]); 6] = [
         &[
             "instance",
             "class_images",
-            "db_prior[learning_rate=1e-6]",
-            "db_prior[learning_rate=2e-6]",
-            "db_plain[learning_rate=1e-6]",
-            "db_plain[learning_rate=2e-6]",
+            "db_prior[learning_rate=1e-6,max_train_steps=800]",
+            "db_prior[learning_rate=1e-6,max_train_steps=1200]",
+            "db_prior[learning_rate=2e-6,max_train_steps=800]",
+            "db_prior[learning_rate=2e-6,max_train_steps=1200]",
+            "db_plain[learning_rate=1e-6,max_train_steps=800]",
+            "db_plain[learning_rate=1e-6,max_train_steps=1200]",
+            "db_plain[learning_rate=2e-6,max_train_steps=800]",
+            "db_plain[learning_rate=2e-6,max_train_steps=1200]",
             "grid",
         ],
     ),
@@ -196,15 +204,44 @@ fn shrunk(file: &str) -> Vec<String> {
         sets.push("params.class_count=2".to_string());
         sets.push("class_images.steps=2".to_string());
     }
+    let swept = swept_steps(&text);
+    if !swept.is_empty() {
+        let shrunk: Vec<String> = (1..=swept.len()).map(|n| n.to_string()).collect();
+        sets.push(format!("params.steps=[{}]", shrunk.join(", ")));
+    }
     for stage in ["db", "db_prior", "db_plain", "ti", "ti_db"] {
         if text.contains(&format!("\n  {stage}:\n")) {
-            sets.push(format!("{stage}.max_train_steps=2"));
+            if swept.is_empty() {
+                sets.push(format!("{stage}.max_train_steps=2"));
+            }
             sets.push(format!("{stage}.train_batch_size=1"));
         }
     }
     sets.into_iter()
         .flat_map(|set| ["--set".to_string(), set])
         .collect()
+}
+
+/// The `steps: [..]` a recipe sweeps `max_train_steps` over (`params.steps`), if any.
+fn swept_steps(text: &str) -> Vec<String> {
+    text.lines()
+        .find_map(|line| line.strip_prefix("  steps: ["))
+        .and_then(|rest| rest.split(']').next())
+        .map(|list| list.split(',').map(|s| s.trim().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// A stage id with the swept steps replaced by their shrunk values (1, 2, …).
+fn shrunk_id(id: &str, swept: &[String]) -> String {
+    swept
+        .iter()
+        .enumerate()
+        .fold(id.to_string(), |id, (i, steps)| {
+            id.replace(
+                &format!("max_train_steps={steps}]"),
+                &format!("max_train_steps={}]", i + 1),
+            )
+        })
 }
 
 #[test]
@@ -224,15 +261,15 @@ fn every_recipe_runs_on_the_tiny_model_when_shrunk() {
             .iter()
             .map(|image| image["model"].as_str().unwrap())
             .collect();
-        let mut expected: Vec<&str> = ids
-            .iter()
-            .copied()
+        let swept = swept_steps(&std::fs::read_to_string(repo_root().join(recipe(file))).unwrap());
+        let mut expected: Vec<String> = (ids.iter())
             .filter(|id| id.starts_with("db") || id.starts_with("ti_db"))
+            .map(|id| shrunk_id(id, &swept))
             .collect();
         if file.contains("schedulers") {
-            expected = vec!["db"; 3]; // pndm, lms, ddim at one step count
+            expected = vec!["db".to_string(); 3]; // pndm, lms, ddim at one step count
         } else {
-            expected.push("tiny-sd");
+            expected.push("tiny-sd".to_string());
         }
         assert_eq!(rows, expected, "{file}");
     }
