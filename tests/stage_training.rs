@@ -923,3 +923,36 @@ fn a_killed_shared_run_resumes_and_commits_every_variant() {
     assert_success(&resumed);
     assert_eq!(sweep_digests(&resumed), sweep_digests(&uninterrupted));
 }
+
+/// Raising `max_train_steps` from 6 to 12 continues from the cached 6-step result's kept
+/// training state: 6 more optimizer steps, and the result equals a straight 12-step run
+/// (weights, metrics, validation samples renamed to the new stage). `cache gc --drop-states`
+/// removes the kept states; the results stay.
+#[test]
+fn raising_max_train_steps_continues_the_cached_run() {
+    let project = project_with(&steps_sweep("constant", "[6]"));
+    let (first, steps) = run_counting_steps(&project);
+    assert_success(&first);
+    assert_eq!(steps.values().sum::<u64>(), 6);
+    let states = project.cache().join("states");
+    assert_eq!(std::fs::read_dir(&states).unwrap().count(), 1);
+
+    project.write("train.yaml", &steps_sweep("constant", "[12]"));
+    let (extended, steps) = run_counting_steps(&project);
+    assert_success(&extended);
+    assert_eq!(steps.values().sum::<u64>(), 6, "{steps:?}");
+    let straight = project_with(&steps_sweep("constant", "[12]"));
+    let reference = run(&straight, "train.yaml", &[]);
+    assert_success(&reference);
+    let id = "db[max_train_steps=12]";
+    assert_eq!(
+        extended.stage_field(id, "output_digest"),
+        reference.stage_field(id, "output_digest")
+    );
+
+    let (ok, stdout, stderr) = project.dreampipe(&["cache", "gc", "--drop-states"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("removed 2 training state(s)"), "{stdout}");
+    assert_eq!(std::fs::read_dir(&states).unwrap().count(), 0);
+    assert_eq!(project.result_count(), 2);
+}

@@ -61,6 +61,7 @@ fn config_from(ctx: &StageContext<'_>) -> Result<DreamBoothConfig, StageError> {
     }
     config.prior_loss_weight = number(ctx, "prior_loss_weight")?;
     config.resume_from_checkpoint = true;
+    config.keep_final_checkpoint = training::keeps_final_state(ctx);
     config.seed = int(ctx, "seed")?;
     config.resolution = int(ctx, "resolution")? as u32;
     config.center_crop = flag(ctx, "center_crop");

@@ -126,6 +126,30 @@ pub fn restamp_sample(ctx: &StageContext<'_>, path: &Path) -> Result<(), StageEr
     stamp_from(ctx, path, path, &[])
 }
 
+/// Rewrites a sample another stage (`other_id`) made so that it names this stage: its `Model:`
+/// field and dreampipe fields; pixels and the other parameters are kept (the bytes are what
+/// this stage would have written for the same image).
+pub fn restamp_as_this_stage(
+    ctx: &StageContext<'_>,
+    path: &Path,
+    other_id: &str,
+) -> Result<(), StageError> {
+    let failed = |e: String| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id));
+    let text = crate::sd::png::read_parameters_text(path)
+        .map_err(|e| failed(e.to_string()))?
+        .unwrap_or_default();
+    let marker = format!(", {STAGE_FIELD}: ");
+    let base = text.split(&marker).next().unwrap_or_default().replace(
+        &format!("Model: {other_id}"),
+        &format!("Model: {}", ctx.stage_id),
+    );
+    let fields: Vec<String> = (provenance(ctx).iter())
+        .map(|(k, v)| crate::sd::png::settings_field(k, v))
+        .collect();
+    let stamped = format!("{base}, {}", fields.join(", "));
+    crate::sd::png::replace_parameters_text(path, &stamped).map_err(|e| failed(e.to_string()))
+}
+
 /// Writes into `target`'s parameters chunk the generation parameters of `source` (an image
 /// this stage wrote) with this stage's dreampipe fields and `extra` ones (a grid's rows and
 /// columns) in place of the dreampipe fields `source` had; `target`'s pixels are kept.

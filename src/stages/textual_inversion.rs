@@ -52,6 +52,7 @@ fn config_from(ctx: &StageContext<'_>) -> Result<TextualInversionConfig, StageEr
     config.learnable_property = property;
     config.repeats = int(ctx, "repeats")? as usize;
     config.resume_from_checkpoint = true;
+    config.keep_final_checkpoint = training::keeps_final_state(ctx);
     config.seed = int(ctx, "seed")?;
     config.resolution = int(ctx, "resolution")? as u32;
     config.center_crop = flag(ctx, "center_crop");

@@ -12,18 +12,19 @@
 
 use super::sd_common::{
     SampleInfo, create_dir, dtype_param, field_error, model_hash, provenance, provenance_of,
-    write_sample_as,
+    restamp_as_this_stage, write_sample_as,
 };
 use super::{StageContext, StageError};
 use crate::sd::pipeline::{DEFAULT_GUIDANCE, StableDiffusion, Txt2Img, Txt2ImgOutput};
 use crate::sd::train::TrainError;
+use crate::sd::train::checkpoint;
 use crate::sd::train::common::{
     Callbacks, METRICS_FILE, MixedPrecision, OptimizerKind, Progress, Snapshots, TrainOutcome,
     Validation,
 };
 use crate::sd::train::lr_schedule::SCHEDULE_NAMES;
 use dreampipe_core::imagefile;
-use dreampipe_core::stages::SNAPSHOTS_DIR;
+use dreampipe_core::stages::{FINAL_STATE_DIR, SNAPSHOTS_DIR};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -155,9 +156,16 @@ pub fn run_method(
     method: &str,
     train: impl FnOnce(&mut Callbacks) -> Result<TrainOutcome, TrainError>,
 ) -> Result<(), StageError> {
+    prepare_extension(ctx)?;
     let outcome = run_training(ctx, train)?;
     if let Some(step) = outcome.resumed_from {
         ctx.log.line(&format!("resumed from step {step}"));
+    }
+    if keeps_final_state(ctx) {
+        let last = checkpoint::checkpoint_dir(ctx.work_dir, outcome.steps);
+        let kept = ctx.work_dir.join(FINAL_STATE_DIR);
+        let _ = std::fs::remove_dir_all(&kept);
+        std::fs::rename(&last, &kept).map_err(|e| StageError::io("keep", &last, e))?;
     }
     ctx.log.line(&format!(
         "{method}: {} steps, final loss {:?}",
@@ -245,6 +253,72 @@ fn snapshot_samples(ctx: &StageContext<'_>, step: u64) -> PathBuf {
     ctx.work_dir
         .join(SNAPSHOT_SAMPLES)
         .join(format!("step-{step}"))
+}
+
+/// Whether the run keeps the training state it ends with (weights, optimizer moments) for a
+/// longer run of the same stage to continue from: when its schedule does not depend on the
+/// total steps (docs/cache.md "Extending a run").
+pub fn keeps_final_state(ctx: &StageContext<'_>) -> bool {
+    dreampipe_core::stages::sd_kinds::training::prefix_problem(ctx.params).is_none()
+}
+
+/// Starting from a shorter cached run (`ctx.extend_from`) unless this key already has
+/// checkpoints of its own: its state becomes this run's checkpoint at its step, its metrics and
+/// validation samples (renamed to this stage) the first lines and images of this run's output.
+fn prepare_extension(ctx: &StageContext<'_>) -> Result<(), StageError> {
+    let Some(base) = ctx.extend_from else {
+        return Ok(());
+    };
+    let has_checkpoints = std::fs::read_dir(ctx.work_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"));
+    if has_checkpoints {
+        return Ok(());
+    }
+    copy_tree(
+        &base.state_dir,
+        &checkpoint::checkpoint_dir(ctx.work_dir, base.step),
+    )?;
+    let staged = staged_output(ctx);
+    create_dir(&staged)?;
+    let metrics = base.output_dir.join(METRICS_FILE);
+    std::fs::copy(&metrics, staged.join(METRICS_FILE))
+        .map_err(|e| StageError::io("copy", &metrics, e))?;
+    let samples = base.output_dir.join(VALIDATION_DIR);
+    for step in validation_steps(&samples) {
+        let name = format!("step-{step}.png");
+        let target = staged.join(VALIDATION_DIR).join(&name);
+        copy_tree(&samples.join(&name), &target)?;
+        restamp_as_this_stage(ctx, &target, &base.stage_id)?;
+    }
+    ctx.log.line(&format!(
+        "continuing from the {}-step result {} (stage `{}`) instead of starting over",
+        base.step,
+        &base.key[..12.min(base.key.len())],
+        base.stage_id
+    ));
+    Ok(())
+}
+
+/// Copies a file, or a folder with everything in it.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), StageError> {
+    if from.is_file() {
+        if let Some(parent) = to.parent() {
+            create_dir(parent)?;
+        }
+        return std::fs::copy(from, to)
+            .map(|_| ())
+            .map_err(|e| StageError::io("copy", from, e));
+    }
+    create_dir(to)?;
+    let entries = std::fs::read_dir(from).map_err(|e| StageError::io("list", from, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| StageError::io("list", from, e))?;
+        copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+    }
+    Ok(())
 }
 
 /// The bias-corrected exponential moving average of the loss shown on the progress bar.

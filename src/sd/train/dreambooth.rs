@@ -59,6 +59,9 @@ pub struct DreamBoothConfig {
     /// Where resume checkpoints live (diffusers keeps them in output_dir).
     pub work_dir: PathBuf,
     /// diffusers' `--resume_from_checkpoint latest`.
+    /// Write a checkpoint at the last step even when it is not a multiple of
+    /// `checkpointing_steps` (the stage keeps it so a longer run can continue from it).
+    pub keep_final_checkpoint: bool,
     pub resume_from_checkpoint: bool,
     /// Default 0 (diffusers: None).
     pub seed: u64,
@@ -124,6 +127,7 @@ impl DreamBoothConfig {
             output_dir,
             work_dir,
             resume_from_checkpoint: false,
+            keep_final_checkpoint: false,
             seed: 0,
             resolution: 512,
             center_crop: false,
@@ -708,6 +712,7 @@ pub fn train(
         checkpointing_steps: config.checkpointing_steps,
         checkpoints_total_limit: config.checkpoints_total_limit,
         resume: config.resume_from_checkpoint,
+        save_final: config.keep_final_checkpoint,
         seed: config.seed,
         dataset_sizes: data.sizes(),
     };

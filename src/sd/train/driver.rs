@@ -39,6 +39,8 @@ pub(crate) struct DriverSettings<'a> {
     pub checkpointing_steps: u64,
     pub checkpoints_total_limit: Option<usize>,
     pub resume: bool,
+    /// Save a checkpoint after the last step (if that step did not already).
+    pub save_final: bool,
     pub seed: u64,
     pub dataset_sizes: Vec<usize>,
 }
@@ -98,6 +100,9 @@ pub(crate) fn run(
         }
         validate_if_due(trainer, callbacks)?;
         snapshot_if_due(trainer, callbacks)?;
+    }
+    if settings.save_final && trainer.step() > 0 {
+        save_unless_saved(trainer, settings, &last_checkpoint)?;
     }
     Ok(DriverResult {
         resumed_from,

@@ -136,6 +136,9 @@ pub struct TextualInversionConfig {
     pub repeats: usize,
     pub output_dir: PathBuf,
     pub work_dir: PathBuf,
+    /// Write a checkpoint at the last step even when it is not a multiple of
+    /// `checkpointing_steps` (the stage keeps it so a longer run can continue from it).
+    pub keep_final_checkpoint: bool,
     pub resume_from_checkpoint: bool,
     /// Default 0 (diffusers: None).
     pub seed: u64,
@@ -192,6 +195,7 @@ impl TextualInversionConfig {
             output_dir,
             work_dir,
             resume_from_checkpoint: false,
+            keep_final_checkpoint: false,
             seed: 0,
             resolution: 512,
             center_crop: false,
@@ -676,6 +680,7 @@ pub fn train(
         checkpointing_steps: config.checkpointing_steps,
         checkpoints_total_limit: config.checkpoints_total_limit,
         resume: config.resume_from_checkpoint,
+        save_final: config.keep_final_checkpoint,
         seed: config.seed,
         dataset_sizes: vec![data.images.len()],
     };

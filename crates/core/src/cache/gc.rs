@@ -17,6 +17,8 @@ pub struct GcPolicy {
     pub max_size: Option<u64>,
     /// Keys that must survive.
     pub protected: BTreeSet<String>,
+    /// Remove every kept training state (`states/`), not only those of removed results.
+    pub drop_states: bool,
 }
 
 #[derive(Debug, Default)]
@@ -30,6 +32,9 @@ pub struct GcReport {
     /// Files removed from `shared/`, and their bytes (not in `freed_bytes`).
     pub removed_shared: usize,
     pub freed_shared_bytes: u64,
+    /// Training states removed (`states/<key>`), and their bytes.
+    pub removed_states: usize,
+    pub freed_state_bytes: u64,
 }
 
 /// A `shared/` file modified this recently is never removed: a running stage may be writing
@@ -68,10 +73,44 @@ pub fn gc(store: &Store, policy: &GcPolicy) -> Result<GcReport, CacheError> {
         report.removed_results.push(key.clone());
     }
     sweep_objects(store, &mut report)?;
+    sweep_states(store, policy.drop_states, &mut report);
     report.removed_staging = sweep_staging(store);
     let oldest_kept = store.results().iter().map(|r| r.created_unix).min();
     sweep_shared(store, oldest_kept, &mut report)?;
     Ok(report)
+}
+
+/// Removes the training states of results that are gone (all of them with `drop_all`), except
+/// those whose key a running stage holds.
+fn sweep_states(store: &Store, drop_all: bool, report: &mut GcReport) {
+    let Ok(entries) = std::fs::read_dir(store.root().join("states")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let key = entry.file_name().to_string_lossy().into_owned();
+        if !drop_all && store.lookup(&key).is_some() {
+            continue;
+        }
+        let Ok(Some(_lock)) = store.try_lock_key(&key) else {
+            continue;
+        };
+        let bytes = folder_bytes(&entry.path());
+        if std::fs::remove_dir_all(entry.path()).is_ok() {
+            report.removed_states += 1;
+            report.freed_state_bytes += bytes;
+        }
+    }
+}
+
+/// Bytes of the regular files under `dir`.
+pub fn folder_bytes(dir: &std::path::Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 fn doomed_by_keep_last(results: &[ResultRecord], policy: &GcPolicy) -> BTreeSet<String> {

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Sub-folders of the cache root (see the module doc of `cache`).
-const SUBDIRS: [&str; 10] = [
+const SUBDIRS: [&str; 11] = [
     "objects",
+    "states",
     "results",
     "staging",
     "work",
@@ -117,6 +118,13 @@ impl Store {
     pub fn object_path(&self, digest: &str) -> PathBuf {
         let prefix = digest.get(..2).unwrap_or("__");
         self.root.join("objects").join(prefix).join(digest)
+    }
+
+    /// `states/<key>`: the training state (weights, optimizer moments, step) a training
+    /// result ended with, kept beside it so a longer run of the same stage can continue from
+    /// it (docs/cache.md); not part of the output folder.
+    pub fn state_dir(&self, key: &str) -> PathBuf {
+        self.root.join("states").join(key)
     }
 
     pub fn work_dir(&self, key: &str) -> PathBuf {

@@ -32,6 +32,10 @@ pub enum CacheAction {
         /// Remove the oldest results until the store fits, e.g. `10G`, `500M`.
         #[arg(long, value_parser = parse_size)]
         max_size: Option<u64>,
+        /// Also remove every kept training state (`states/`: what lets a longer run continue
+        /// a cached one; the results stay).
+        #[arg(long)]
+        drop_states: bool,
     },
     /// Rehash everything; quarantine what is corrupt.
     Verify,
@@ -69,8 +73,13 @@ pub fn run(context: &Context, args: &CacheArgs) -> anyhow::Result<ExitCode> {
         CacheAction::Ls => {
             let now = crate::cache::store::now_unix();
             for record in store.results() {
+                let state = store.state_dir(&record.key);
+                let state = match state.is_dir() {
+                    true => format!("  + state {} bytes", crate::cache::gc::folder_bytes(&state)),
+                    false => String::new(),
+                };
                 println!(
-                    "{}  {:30} {:>10} bytes  {:>6}s ago",
+                    "{}  {:30} {:>10} bytes  {:>6}s ago{state}",
                     record.key.get(..16).unwrap_or(&record.key),
                     record.stage_id,
                     record.size_bytes,
@@ -82,9 +91,10 @@ pub fn run(context: &Context, args: &CacheArgs) -> anyhow::Result<ExitCode> {
             pipelines,
             keep_last,
             max_size,
+            drop_states,
         } => {
-            if keep_last.is_none() && max_size.is_none() {
-                anyhow::bail!("cache gc: give --keep-last N and/or --max-size SIZE");
+            if keep_last.is_none() && max_size.is_none() && !drop_states {
+                anyhow::bail!("cache gc: give --keep-last N, --max-size SIZE and/or --drop-states");
             }
             let protected = referenced_keys(context, &store, pipelines)?;
             let report = gc(
@@ -93,6 +103,7 @@ pub fn run(context: &Context, args: &CacheArgs) -> anyhow::Result<ExitCode> {
                     keep_last: *keep_last,
                     max_size: *max_size,
                     protected,
+                    drop_states: *drop_states,
                 },
             )?;
             println!(
@@ -102,6 +113,12 @@ pub fn run(context: &Context, args: &CacheArgs) -> anyhow::Result<ExitCode> {
                 report.freed_bytes,
                 report.removed_staging
             );
+            if report.removed_states > 0 {
+                println!(
+                    "removed {} training state(s) ({} bytes)",
+                    report.removed_states, report.freed_state_bytes
+                );
+            }
             if report.removed_shared > 0 {
                 println!(
                     "removed {} shared memo file(s) ({} bytes)",

@@ -17,8 +17,9 @@ use crate::cache::verify;
 use crate::plan::dirty::explain_miss;
 use crate::plan::fingerprint::{KeyMaterial, material};
 use crate::plan::graph::Plan;
+use crate::plan::prefix;
 use crate::plan::prefix::{Sharing, sharing};
-use crate::stages::{DeviceClass, ResolvedInput};
+use crate::stages::{DeviceClass, ExtendFrom, ResolvedInput};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -447,6 +448,23 @@ async fn snapshot_specs(
     Ok(specs)
 }
 
+/// The cached result this training stage can continue from (docs/cache.md "Extending a run").
+async fn extension_base(
+    shared: &Arc<Shared>,
+    index: usize,
+    material: &KeyMaterial,
+) -> Result<Option<ExtendFrom>, String> {
+    let stage = shared.plan.pipeline.stages[index].clone();
+    if shared.forced[index] || stage.kind.prefix_problem(&stage.params).is_some() {
+        return Ok(None);
+    }
+    let Some(field) = stage.kind.steps_field() else {
+        return Ok(None);
+    };
+    let (store, material) = (shared.store.clone(), material.clone());
+    blocking(move || prefix::longest_cached_prefix(&store, &material, field)).await
+}
+
 /// A result folder whose record does not read is treated as absent: recomputed (the commit
 /// replaces the folder), with a warning naming the record.
 fn warn_unreadable_record(shared: &Shared, id: &str, key: &str) {
@@ -642,6 +660,7 @@ async fn compute(
     }
     let mut job = job_spec(shared, index, upstream, new, key);
     job.snapshots = snapshot_specs(shared, index, upstream).await?;
+    job.extend_from = extension_base(shared, index, new).await?;
     record.log = Some(shared.store.log_path(key));
     let _ = shared.events.send(Event::Started {
         id: stage.id.clone(),
@@ -695,6 +714,7 @@ async fn compute_on_slurm(
     let stage = shared.plan.pipeline.stages[index].clone();
     let mut job = job_spec(shared, index, upstream, new, key);
     job.snapshots = snapshot_specs(shared, index, upstream).await?;
+    job.extend_from = extension_base(shared, index, new).await?;
     let mut resources =
         (shared.plan.pipeline.executor).resources_for(stage.kind.kind(), &stage.resources);
     resources.gpus = Some(resources.device_slots(stage.kind.device_class()));
@@ -805,6 +825,7 @@ fn job_spec(
         material: material.clone(),
         replace: shared.forced[index],
         snapshots: Vec::new(),
+        extend_from: None,
     }
 }
 

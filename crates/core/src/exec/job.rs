@@ -6,7 +6,9 @@ use super::events::{CancelFlag, ProgressReporter};
 use crate::cache::store::{Commit, ResultRecord, Store, read_json};
 use crate::device::Device;
 use crate::plan::fingerprint::KeyMaterial;
-use crate::stages::{ResolvedInput, SnapshotTarget, Stage, StageContext, StageError, StageLog};
+use crate::stages::{
+    ExtendFrom, ResolvedInput, SnapshotTarget, Stage, StageContext, StageError, StageLog,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -36,6 +38,9 @@ pub struct JobSpec {
     /// committed from the run's snapshot at its step, under its own key.
     #[serde(default)]
     pub snapshots: Vec<SnapshotSpec>,
+    /// A cached shorter run of this stage to continue from.
+    #[serde(default)]
+    pub extend_from: Option<ExtendFrom>,
 }
 
 /// A variant served from a snapshot: the step, and the stage id, key and key material it
@@ -101,6 +106,7 @@ pub fn run_in_staging(
         key: &job.key,
         pipeline: &job.pipeline,
         snapshots: &snapshots,
+        extend_from: job.extend_from.as_ref(),
     };
     let result = crate::panics::catch(|| stage.run(&context)).unwrap_or_else(|problem| {
         Err(StageError::Failed(format!(
@@ -142,8 +148,23 @@ pub fn commit_staged(store: &Store, job: &JobSpec, staged: Staged) -> Result<Res
         let _ = store.discard(&staged.staging);
     }
     let record = committed.map_err(|e| e.to_string())?;
+    keep_final_state(store, &job.key);
     let _ = std::fs::remove_dir_all(store.work_dir(&job.key));
     Ok(record)
+}
+
+/// Moves the training state a run ended with (if it left one) to `states/<key>`.
+fn keep_final_state(store: &Store, key: &str) {
+    let state = store.work_dir(key).join(crate::stages::FINAL_STATE_DIR);
+    if !state.is_dir() {
+        return;
+    }
+    let target = store.state_dir(key);
+    let _ = std::fs::remove_dir_all(&target);
+    if let Some(parent) = target.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let _ = std::fs::rename(&state, &target);
 }
 
 /// Commits the snapshot of `snapshot.step` under its variant's key, unless that key has a

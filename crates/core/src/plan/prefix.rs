@@ -3,8 +3,13 @@
 //! is the first N steps of a longer one (a schedule that does not depend on the total; every
 //! random draw derived from seed and step), the longest variant runs once and leaves a
 //! snapshot at each shorter variant's step, committed under that variant's own key. Groups
-//! that cannot share say why (`explain`).
+//! that cannot share say why (`explain`). The other direction too: a run whose key differs
+//! from a cached result only in more steps continues from that result's kept training state
+//! ([`longest_cached_prefix`]).
+use crate::cache::store::Store;
 use crate::pipeline::{Pipeline, display_value};
+use crate::plan::fingerprint::KeyMaterial;
+use crate::stages::ExtendFrom;
 use std::collections::BTreeMap;
 
 /// Which stage serves which, for one pipeline.
@@ -102,4 +107,56 @@ fn share_group(pipeline: &Pipeline, members: &[(usize, u64)], result: &mut Shari
         result.served_by[*index] = Some((runner_index, *steps));
     }
     result.serves[runner_index] = served;
+}
+
+/// The cached result with the most steps below `material`'s whose key material is otherwise
+/// equal and whose training state was kept (`states/<key>`): the run can continue from it.
+pub fn longest_cached_prefix(
+    store: &Store,
+    material: &KeyMaterial,
+    field: &str,
+) -> Option<ExtendFrom> {
+    let steps = material.params.get(field)?.as_u64()?;
+    let mut best: Option<(u64, ExtendFrom)> = None;
+    for record in store.results() {
+        let state_dir = store.state_dir(&record.key);
+        if record.kind != material.kind || !state_dir.is_dir() {
+            continue;
+        }
+        let Some(other) = store.load_key_material::<KeyMaterial>(&record.key) else {
+            continue;
+        };
+        let Some(other_steps) = other.params.get(field).and_then(|v| v.as_u64()) else {
+            continue;
+        };
+        if other_steps >= steps || !same_but(&other, material, field) {
+            continue;
+        }
+        if best.as_ref().is_none_or(|(s, _)| other_steps > *s) {
+            let base = ExtendFrom {
+                step: other_steps,
+                stage_id: record.stage_id.clone(),
+                key: record.key.clone(),
+                state_dir,
+                output_dir: store.output_dir(&record.key),
+            };
+            best = Some((other_steps, base));
+        }
+    }
+    best.map(|(_, base)| base)
+}
+
+/// Whether two key materials are equal except for `field` of their params.
+fn same_but(a: &KeyMaterial, b: &KeyMaterial, field: &str) -> bool {
+    let without = |m: &KeyMaterial| {
+        let mut params = m.params.clone();
+        params.remove(field);
+        params
+    };
+    a.kind == b.kind
+        && a.version == b.version
+        && a.device_class == b.device_class
+        && a.upstream == b.upstream
+        && a.inputs == b.inputs
+        && without(a) == without(b)
 }

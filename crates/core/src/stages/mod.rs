@@ -285,7 +285,25 @@ pub struct StageContext<'a> {
     /// stage writes the complete output that variant would have had alone into
     /// [`snapshot_folder`] (empty for most runs).
     pub snapshots: &'a [SnapshotTarget],
+    /// A cached result of this stage with fewer steps and a kept training state: the run
+    /// continues from it instead of starting over.
+    pub extend_from: Option<&'a ExtendFrom>,
 }
+
+/// A shorter cached run to continue from: its step, stage id (its images name it), training
+/// state folder and output folder.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExtendFrom {
+    pub step: u64,
+    pub stage_id: String,
+    pub key: String,
+    pub state_dir: PathBuf,
+    pub output_dir: PathBuf,
+}
+
+/// The work-folder entry where a training stage leaves the state it ended with; the commit
+/// moves it to the store's `states/<key>`.
+pub const FINAL_STATE_DIR: &str = "final-state";
 
 /// A shorter variant served by a longer run: its step, and the stage id and key its outputs
 /// must name (images carry them).
