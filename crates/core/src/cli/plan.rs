@@ -3,7 +3,7 @@ use super::Context;
 use super::common::{PipelineArgs, flags, open_cache};
 use crate::exec::slurm::{ScriptFor, script_text};
 use crate::pipeline::ExecutorKind;
-use crate::plan::dirty::{Status, assess};
+use crate::plan::dirty::{Status, assess, texts};
 use crate::plan::graph::Plan;
 use crate::plan::prefix;
 use crate::stages::DeviceClass;
@@ -134,7 +134,7 @@ pub fn render(
                 format!("  served {}  {note}", stage.id)
             }
             Status::Dirty { reasons, .. } | Status::Pending { reasons } => {
-                format!("  run    {}  {}", stage.id, reasons.join("; "))
+                format!("  run    {}  {}", stage.id, texts(reasons).join("; "))
             }
             Status::NotSelected => format!("  -      {}  not selected", stage.id),
         };

@@ -14,7 +14,7 @@ use crate::cache::hash::{HashMemo, tree_digest};
 use crate::cache::lock::{Acquired, KeyLock};
 use crate::cache::store::{ResultRecord, Store, now_unix};
 use crate::cache::verify;
-use crate::plan::dirty::explain_miss;
+use crate::plan::dirty::{DirtyReason, explain_miss, texts};
 use crate::plan::fingerprint::{KeyMaterial, material};
 use crate::plan::graph::Plan;
 use crate::plan::prefix;
@@ -382,11 +382,12 @@ async fn run_stage(
                     .to_string()
             });
     }
-    record.reasons = if forced {
-        vec!["forced with --force".to_string()]
+    let reasons = if forced {
+        vec![DirtyReason::Forced]
     } else {
         explain_miss(&shared.store, &shared.plan.pipeline.name, &stage.id, &new)
     };
+    record.reasons = texts(&reasons);
     let done = compute(shared, index, upstream, &new, &key, record).await?;
     drop(lock); // pinning takes the shared lock
     let Some((pinned, _)) = pin(shared, &key, Duration::MAX).await? else {

@@ -1,5 +1,6 @@
 //! Fresh or dirty, and why (cargo-style dirty reasons): the new key material is compared field
-//! by field with the material stored beside the stage's last result.
+//! by field with the material stored beside the stage's last result. Each reason is a
+//! [`DirtyReason`]; its `Display` is the wording `plan`, `explain` and the run record show.
 use super::fingerprint::{KeyMaterial, material};
 use super::graph::Plan;
 use crate::cache::CacheError;
@@ -7,7 +8,133 @@ use crate::cache::hash::{HashMemo, TreeDigest};
 use crate::cache::store::Store;
 use crate::pipeline::display_value;
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
+
+/// Why a stage will run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirtyReason {
+    NeverRun,
+    /// The stage's last key is this key, but its result is gone.
+    ResultGone,
+    /// The stage's last result (this key) is gone, so nothing to compare with.
+    PreviousResultGone {
+        key: String,
+    },
+    /// The material differs in no field shown here.
+    KeyChanged,
+    Forced,
+    /// The cached result is damaged (`problem` names the file).
+    Damaged {
+        problem: String,
+    },
+    UpstreamRunsFirst {
+        name: String,
+    },
+    KindChanged {
+        from: String,
+        to: String,
+    },
+    VersionChanged {
+        kind: String,
+        from: u32,
+        to: u32,
+    },
+    DeviceChanged {
+        from: String,
+        to: String,
+    },
+    ParamChanged {
+        field: String,
+        from: String,
+        to: String,
+    },
+    ParamAdded {
+        field: String,
+        value: String,
+    },
+    ParamRemoved {
+        field: String,
+        was: String,
+    },
+    UpstreamChanged {
+        name: String,
+    },
+    UpstreamAdded {
+        name: String,
+        field: String,
+    },
+    UpstreamRemoved {
+        name: String,
+        field: String,
+    },
+    InputAdded {
+        path: String,
+        field: String,
+    },
+    InputRemoved {
+        path: String,
+        field: String,
+    },
+    FileChanged {
+        path: String,
+    },
+    FileAdded {
+        path: String,
+    },
+    FileRemoved {
+        path: String,
+    },
+}
+
+impl fmt::Display for DirtyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NeverRun => write!(f, "never run before (no earlier result for this stage)"),
+            Self::ResultGone => write!(
+                f,
+                "its result is gone from the cache (removed by gc or quarantined by verify)"
+            ),
+            Self::PreviousResultGone { key } => write!(
+                f,
+                "the previous result (key {}) is gone from the cache",
+                key.get(..12).unwrap_or(key)
+            ),
+            Self::KeyChanged => write!(f, "the key changed"),
+            Self::Forced => write!(f, "forced with --force"),
+            Self::Damaged { problem } => write!(f, "{problem}; it will be recomputed"),
+            Self::UpstreamRunsFirst { name } => write!(f, "upstream `{name}` will run first"),
+            Self::KindChanged { from, to } => write!(f, "kind changed `{from}` → `{to}`"),
+            Self::VersionChanged { kind, from, to } => write!(
+                f,
+                "the `{kind}` implementation version changed {from} → {to}"
+            ),
+            Self::DeviceChanged { from, to } => write!(f, "device class changed {from} → {to}"),
+            Self::ParamChanged { field, from, to } => write!(f, "`{field}` changed {from} → {to}"),
+            Self::ParamAdded { field, value } => write!(f, "`{field}` added (= {value})"),
+            Self::ParamRemoved { field, was } => write!(f, "`{field}` removed (was {was})"),
+            Self::UpstreamChanged { name } => write!(f, "upstream `{name}` changed"),
+            Self::UpstreamAdded { name, field } => {
+                write!(f, "upstream `{name}` added to `{field}`")
+            }
+            Self::UpstreamRemoved { name, field } => {
+                write!(f, "upstream `{name}` removed from `{field}`")
+            }
+            Self::InputAdded { path, field } => write!(f, "input `{path}` added to `{field}`"),
+            Self::InputRemoved { path, field } => {
+                write!(f, "input `{path}` removed from `{field}`")
+            }
+            Self::FileChanged { path } => write!(f, "file `{path}` changed"),
+            Self::FileAdded { path } => write!(f, "file `{path}` added"),
+            Self::FileRemoved { path } => write!(f, "file `{path}` removed"),
+        }
+    }
+}
+
+/// The reasons as the text lines `plan`, `explain` and run records show.
+pub fn texts(reasons: &[DirtyReason]) -> Vec<String> {
+    reasons.iter().map(ToString::to_string).collect()
+}
 
 /// What a run would do with one stage.
 #[derive(Debug, Clone)]
@@ -15,9 +142,12 @@ pub enum Status {
     /// In the cache under this key.
     Fresh { key: String, output: PathBuf },
     /// Will run; the reasons say why.
-    Dirty { key: String, reasons: Vec<String> },
+    Dirty {
+        key: String,
+        reasons: Vec<DirtyReason>,
+    },
     /// Will run after its upstream; its key is known only then.
-    Pending { reasons: Vec<String> },
+    Pending { reasons: Vec<DirtyReason> },
     /// Not part of this run (`--until` / `--only`).
     NotSelected,
 }
@@ -49,7 +179,9 @@ pub fn assess(
                 match found {
                     Some(_) if let Some(damage) = damage => Status::Dirty {
                         key,
-                        reasons: vec![format!("{}; it will be recomputed", damage.problem)],
+                        reasons: vec![DirtyReason::Damaged {
+                            problem: damage.problem,
+                        }],
                     },
                     Some(record) if !forced[index] => {
                         digests.insert(index, record.output_digest);
@@ -60,7 +192,7 @@ pub fn assess(
                     }
                     Some(_) => Status::Dirty {
                         key,
-                        reasons: vec!["forced with --force".to_string()],
+                        reasons: vec![DirtyReason::Forced],
                     },
                     None => {
                         let reasons = explain_miss(store, &plan.pipeline.name, &stage.id, &new);
@@ -88,8 +220,10 @@ fn pending_reasons(
     index: usize,
     upstream: &str,
     digests: &BTreeMap<usize, String>,
-) -> Result<Vec<String>, CacheError> {
-    let mut reasons = vec![format!("upstream `{upstream}` will run first")];
+) -> Result<Vec<DirtyReason>, CacheError> {
+    let mut reasons = vec![DirtyReason::UpstreamRunsFirst {
+        name: upstream.to_string(),
+    }];
     let stage = &plan.pipeline.stages[index];
     let placeholder = |i: usize| Some(digests.get(&i).cloned().unwrap_or_default());
     let (Ok(mut new), Some(last)) = (
@@ -111,98 +245,117 @@ pub fn explain_miss(
     pipeline: &str,
     stage_id: &str,
     new: &KeyMaterial,
-) -> Vec<String> {
+) -> Vec<DirtyReason> {
     let Some(last) = store.last_key(pipeline, stage_id) else {
-        return vec!["never run before (no earlier result for this stage)".to_string()];
+        return vec![DirtyReason::NeverRun];
     };
     if last == new.key() {
-        return vec![
-            "its result is gone from the cache (removed by gc or quarantined by verify)"
-                .to_string(),
-        ];
+        return vec![DirtyReason::ResultGone];
     }
     match store.load_key_material::<KeyMaterial>(&last) {
         Some(old) => {
             let reasons = reasons(&old, new);
             if reasons.is_empty() {
-                vec!["the key changed".to_string()]
+                vec![DirtyReason::KeyChanged]
             } else {
                 reasons
             }
         }
-        None => vec![format!(
-            "the previous result (key {}) is gone from the cache",
-            last.get(..12).unwrap_or(&last)
-        )],
+        None => vec![DirtyReason::PreviousResultGone { key: last }],
     }
 }
 
 /// Field-by-field differences, e.g. "`learning_rate` changed 2e-6 → 5e-6".
-pub fn reasons(old: &KeyMaterial, new: &KeyMaterial) -> Vec<String> {
+pub fn reasons(old: &KeyMaterial, new: &KeyMaterial) -> Vec<DirtyReason> {
     let mut out = Vec::new();
     if old.kind != new.kind {
-        out.push(format!("kind changed `{}` → `{}`", old.kind, new.kind));
+        out.push(DirtyReason::KindChanged {
+            from: old.kind.clone(),
+            to: new.kind.clone(),
+        });
     }
     if old.version != new.version {
-        out.push(format!(
-            "the `{}` implementation version changed {} → {}",
-            new.kind, old.version, new.version
-        ));
+        out.push(DirtyReason::VersionChanged {
+            kind: new.kind.clone(),
+            from: old.version,
+            to: new.version,
+        });
     }
     if old.device_class != new.device_class {
-        out.push(format!(
-            "device class changed {} → {}",
-            old.device_class, new.device_class
-        ));
+        out.push(DirtyReason::DeviceChanged {
+            from: old.device_class.clone(),
+            to: new.device_class.clone(),
+        });
     }
-    for (field, (before, after)) in pair_up(&old.params, &new.params) {
-        match (before, after) {
-            (Some(b), Some(a)) if b != a => out.push(format!(
-                "`{field}` changed {} → {}",
-                display_value(b),
-                display_value(a)
-            )),
-            (None, Some(a)) => out.push(format!("`{field}` added (= {})", display_value(a))),
-            (Some(b), None) => out.push(format!("`{field}` removed (was {})", display_value(b))),
-            _ => {}
-        }
-    }
-    for (field, (before, after)) in pair_up(&old.upstream, &new.upstream) {
-        let empty = BTreeMap::new();
-        for (name, (b, a)) in pair_up(before.unwrap_or(&empty), after.unwrap_or(&empty)) {
-            match (b, a) {
-                (Some(b), Some(a)) if b != a => out.push(format!("upstream `{name}` changed")),
-                (None, Some(_)) => out.push(format!("upstream `{name}` added to `{field}`")),
-                (Some(_), None) => out.push(format!("upstream `{name}` removed from `{field}`")),
-                _ => {}
-            }
-        }
-    }
-    for (field, (before, after)) in pair_up(&old.inputs, &new.inputs) {
-        let empty = BTreeMap::new();
-        for (path, (b, a)) in pair_up(before.unwrap_or(&empty), after.unwrap_or(&empty)) {
-            match (b, a) {
-                (Some(b), Some(a)) => file_reasons(path, b, a, &mut out),
-                (None, Some(_)) => out.push(format!("input `{path}` added to `{field}`")),
-                (Some(_), None) => out.push(format!("input `{path}` removed from `{field}`")),
-                _ => {}
-            }
-        }
-    }
+    param_reasons(old, new, &mut out);
+    upstream_reasons(old, new, &mut out);
+    input_reasons(old, new, &mut out);
     out
 }
 
-fn file_reasons(root: &str, before: &TreeDigest, after: &TreeDigest, out: &mut Vec<String>) {
+fn param_reasons(old: &KeyMaterial, new: &KeyMaterial, out: &mut Vec<DirtyReason>) {
+    for (field, (before, after)) in pair_up(&old.params, &new.params) {
+        let field = field.to_string();
+        match (before, after) {
+            (Some(b), Some(a)) if b != a => out.push(DirtyReason::ParamChanged {
+                field,
+                from: display_value(b),
+                to: display_value(a),
+            }),
+            (None, Some(a)) => out.push(DirtyReason::ParamAdded {
+                field,
+                value: display_value(a),
+            }),
+            (Some(b), None) => out.push(DirtyReason::ParamRemoved {
+                field,
+                was: display_value(b),
+            }),
+            _ => {}
+        }
+    }
+}
+
+fn upstream_reasons(old: &KeyMaterial, new: &KeyMaterial, out: &mut Vec<DirtyReason>) {
+    for (field, (before, after)) in pair_up(&old.upstream, &new.upstream) {
+        let empty = BTreeMap::new();
+        for (name, (b, a)) in pair_up(before.unwrap_or(&empty), after.unwrap_or(&empty)) {
+            let (name, field) = (name.to_string(), field.to_string());
+            match (b, a) {
+                (Some(b), Some(a)) if b != a => out.push(DirtyReason::UpstreamChanged { name }),
+                (None, Some(_)) => out.push(DirtyReason::UpstreamAdded { name, field }),
+                (Some(_), None) => out.push(DirtyReason::UpstreamRemoved { name, field }),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn input_reasons(old: &KeyMaterial, new: &KeyMaterial, out: &mut Vec<DirtyReason>) {
+    for (field, (before, after)) in pair_up(&old.inputs, &new.inputs) {
+        let empty = BTreeMap::new();
+        for (path, (b, a)) in pair_up(before.unwrap_or(&empty), after.unwrap_or(&empty)) {
+            let (owned, field) = (path.to_string(), field.to_string());
+            match (b, a) {
+                (Some(b), Some(a)) => file_reasons(path, b, a, out),
+                (None, Some(_)) => out.push(DirtyReason::InputAdded { path: owned, field }),
+                (Some(_), None) => out.push(DirtyReason::InputRemoved { path: owned, field }),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn file_reasons(root: &str, before: &TreeDigest, after: &TreeDigest, out: &mut Vec<DirtyReason>) {
     for (name, (b, a)) in pair_up(before, after) {
-        let shown = if name.is_empty() {
+        let path = if name.is_empty() {
             root.to_string()
         } else {
             format!("{}/{name}", root.trim_end_matches('/'))
         };
         match (b, a) {
-            (Some(b), Some(a)) if b != a => out.push(format!("file `{shown}` changed")),
-            (None, Some(_)) => out.push(format!("file `{shown}` added")),
-            (Some(_), None) => out.push(format!("file `{shown}` removed")),
+            (Some(b), Some(a)) if b != a => out.push(DirtyReason::FileChanged { path }),
+            (None, Some(_)) => out.push(DirtyReason::FileAdded { path }),
+            (Some(_), None) => out.push(DirtyReason::FileRemoved { path }),
             _ => {}
         }
     }
@@ -272,8 +425,32 @@ mod tests {
             .expect("dog")
             .insert("3.png".to_string(), "f2".to_string());
         new.version = 2;
+        let found = reasons(&old, &new);
         assert_eq!(
-            reasons(&old, &new),
+            found,
+            [
+                DirtyReason::VersionChanged {
+                    kind: "train".into(),
+                    from: 1,
+                    to: 2
+                },
+                DirtyReason::ParamChanged {
+                    field: "learning_rate".into(),
+                    from: "2e-6".into(),
+                    to: "5e-6".into()
+                },
+                DirtyReason::ParamRemoved {
+                    field: "steps".into(),
+                    was: "400".into()
+                },
+                DirtyReason::UpstreamChanged { name: "ti".into() },
+                DirtyReason::FileChanged {
+                    path: "dog/3.png".into()
+                },
+            ]
+        );
+        assert_eq!(
+            texts(&found),
             [
                 "the `train` implementation version changed 1 → 2",
                 "`learning_rate` changed 2e-6 → 5e-6",
