@@ -185,7 +185,8 @@ impl Component {
         }
     }
 
-    fn weights_stem(self) -> &'static str {
+    /// The weights file's stem (`diffusion_pytorch_model` / `model`).
+    pub fn weights_stem(self) -> &'static str {
         match self {
             Component::Unet | Component::Vae => DIFFUSERS_WEIGHTS_STEM,
             Component::TextEncoder => TRANSFORMERS_WEIGHTS_STEM,

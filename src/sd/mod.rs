@@ -10,6 +10,7 @@ pub mod png;
 pub mod pool;
 pub mod rng;
 pub mod schedulers;
+pub mod single_file;
 pub mod tokenizer;
 pub mod train;
 pub mod unet;

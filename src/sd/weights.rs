@@ -400,7 +400,19 @@ fn check_shape(
 /// Writes `tensors` as a safetensors file (any device; copied to the CPU one at a time). A
 /// failure is one line naming the file, e.g. "no space left on device while writing <path>".
 pub fn write_safetensors(tensors: &[(String, Tensor)], file: &Path) -> Result<(), String> {
+    write_safetensors_with_metadata(tensors, file, &std::collections::BTreeMap::new())
+}
+
+/// [`write_safetensors`] with string `metadata` in the header's `__metadata__`.
+pub fn write_safetensors_with_metadata(
+    tensors: &[(String, Tensor)],
+    file: &Path,
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
     let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".to_string(), serde_json::json!(metadata));
+    }
     let mut offset = 0u64;
     for (name, tensor) in tensors {
         let dtype = safetensors_dtype(tensor.kind()).ok_or_else(|| {
