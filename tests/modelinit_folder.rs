@@ -7,10 +7,10 @@ use dreampipe::sd::init::{
     Architecture, Component, InitError, InitOptions, WeightDtype, build_component, parameter_count,
     write_configs, write_model_folder,
 };
+use dreampipe::sd::rng::Generator;
 use dreampipe::sd::tokenizer::ClipTokenizer;
 use dreampipe::sd::unet::UNet2DConditionModel;
 use dreampipe::sd::vae::AutoencoderKL;
-use dreampipe::sd::rng::Generator;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};

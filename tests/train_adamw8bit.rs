@@ -1,12 +1,12 @@
 //! 8-bit blockwise AdamW against bitsandbytes 0.50.2 `AdamW8bit` goldens on CPU with nearest-code
 //! requantization (tests/fixtures/train/make_train_goldens.py explains why), against f32 AdamW on
 //! a regression problem, and bit-exact save/load resume.
+use dreampipe::sd::rng::Generator;
 use dreampipe::sd::train::adamw8bit::{
     AdamW8bit, BLOCK_SIZE, MIN_8BIT_SIZE, create_dynamic_map, dequantize_blockwise,
     quantize_blockwise,
 };
 use dreampipe::sd::train::optim::{AdamW, AdamWConfig};
-use dreampipe::sd::rng::Generator;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 

@@ -1,9 +1,9 @@
 //! AdamW, clip_grad_norm and lr schedules against goldens from torch 2.11 / diffusers 0.42
 //! (tests/fixtures/train/make_train_goldens.py), plus bit-exact save/load resume.
+use dreampipe::sd::rng::Generator;
 use dreampipe::sd::train::TrainError;
 use dreampipe::sd::train::lr_schedule::LrSchedule;
 use dreampipe::sd::train::optim::{AdamW, AdamWConfig, AdamWKernel, clip_grad_norm};
-use dreampipe::sd::rng::Generator;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Kind, Tensor};

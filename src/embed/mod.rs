@@ -16,7 +16,8 @@ pub enum EmbedError {
     Read { file: PathBuf, reason: String },
     #[error("{file}: {reason}")]
     Config { file: PathBuf, reason: String },
-    #[error("{file}: cannot decode the image: {reason}")]
+    /// `reason` already names the file (`dreampipe_core::imagefile`'s messages).
+    #[error("{reason}")]
     Image { file: PathBuf, reason: String },
     #[error(transparent)]
     Weights(#[from] crate::sd::weights::WeightsError),

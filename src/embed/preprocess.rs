@@ -324,20 +324,14 @@ fn center_crop(image: &Rgb8, height: usize, width: usize) -> Rgb8 {
     }
 }
 
-/// Decodes an image file (PNG, JPEG, WebP) to 8-bit RGB (alpha dropped, grey expanded: PIL's
-/// `convert("RGB")`).
+/// Decodes an image file (PNG, JPEG, WebP; the shared size limit and EXIF orientation of
+/// `dreampipe_core::imagefile`) to 8-bit RGB: alpha dropped, grey expanded, as PIL's
+/// `convert("RGB")`.
 pub fn read_rgb(file: &Path) -> Result<Rgb8, EmbedError> {
-    let error = |reason: String| EmbedError::Image {
+    let rgb = dreampipe_core::imagefile::decode_rgb(file).map_err(|reason| EmbedError::Image {
         file: PathBuf::from(file),
         reason,
-    };
-    let decoded = image::ImageReader::open(file)
-        .map_err(|e| error(e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| error(e.to_string()))?
-        .decode()
-        .map_err(|e| error(e.to_string()))?;
-    let rgb = decoded.to_rgb8();
+    })?;
     Ok(Rgb8 {
         width: rgb.width() as usize,
         height: rgb.height() as usize,

@@ -1,0 +1,71 @@
+//! Runs an `evaluate` stage (its schema: `dreampipe_core::stages::sd_kinds::evaluate`): embeds
+//! the generated images and the real ones (the latter through the shared-cache memo), scores
+//! every generated image and writes `scores.json`.
+pub mod embedders;
+pub mod inputs;
+pub mod memo;
+pub mod scores;
+
+use super::sd_common::field_error;
+use super::{StageContext, StageError};
+use embedders::Embedders;
+use scores::{Scored, mean_cosine, scores_json, without_identifier};
+use std::collections::BTreeMap;
+
+/// Runs the stage.
+pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
+    let generated = inputs::generated_images(ctx)?;
+    let real = inputs::real_images(ctx)?;
+    let embedders = Embedders::load(ctx)?;
+    let real_embeddings = memo::real_embeddings(ctx, &embedders, &real)?;
+    let paths: Vec<_> = generated.iter().map(|g| g.path.clone()).collect();
+    let embeddings = embedders.embed(ctx, "generated", &paths)?;
+    let texts = text_embeddings(ctx, &embedders, &generated)?;
+    let identifier = ctx.str_param("identifier").unwrap_or("");
+    let class_prompt = ctx.str_param("class_prompt").unwrap_or("");
+    let scored: Vec<Scored> = generated
+        .iter()
+        .enumerate()
+        .map(|(index, image)| Scored {
+            file: image.file.clone(),
+            model: image.model.clone(),
+            prompt: image.prompt.clone(),
+            class_prompt: !class_prompt.is_empty() && image.prompt == class_prompt,
+            dino: mean_cosine(&embeddings.dino[index], &real_embeddings.dino),
+            clip_i: mean_cosine(&embeddings.clip[index], &real_embeddings.clip),
+            clip_t: scores::cosine(
+                &texts[&without_identifier(&image.prompt, identifier)],
+                &embeddings.clip[index],
+            ),
+        })
+        .collect();
+    ctx.progress.step(1, 1);
+    let path = ctx.out_dir.join("scores.json");
+    let text = serde_json::to_string_pretty(&scores_json(&scored))
+        .map_err(|e| StageError::Failed(format!("stage `{}`: scores: {e}", ctx.stage_id)))?;
+    std::fs::write(&path, text + "\n").map_err(|e| StageError::io("write", &path, e))?;
+    Ok(())
+}
+
+/// The CLIP text embedding of each distinct prompt, identifier removed.
+fn text_embeddings(
+    ctx: &StageContext<'_>,
+    embedders: &Embedders,
+    generated: &[inputs::GeneratedImage],
+) -> Result<BTreeMap<String, Vec<f32>>, StageError> {
+    let identifier = ctx.str_param("identifier").unwrap_or("");
+    let mut texts = BTreeMap::new();
+    for image in generated {
+        let prompt = without_identifier(&image.prompt, identifier);
+        if texts.contains_key(&prompt) {
+            continue;
+        }
+        let embedding = embedders
+            .clip
+            .text_embeds(&prompt, embedders.device)
+            .map_err(|e| field_error(ctx, "clip_model", e))?;
+        let values = embedders::rows(&embedding.unsqueeze(0)).remove(0);
+        texts.insert(prompt, values);
+    }
+    Ok(texts)
+}
