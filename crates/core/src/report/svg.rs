@@ -484,8 +484,9 @@ mod tests {
         let svg = line_chart_with_references(&[(0.0, 0.1), (1.0, 0.2)], &references, &spec());
         assert_eq!(svg.matches("class=\"reference\"").count(), 1);
         assert!(svg.contains(">paper 0.9</text>"));
-        // The y ticks now reach 0.9 (nice ticks 0 … 1).
-        assert!(svg.contains(">1</text>"), "{svg}");
+        // The y ticks now reach 0.9: nice ticks 0 … 1.0, the line at y 45 of the 28–198 plot.
+        assert!(svg.contains("text-anchor=\"end\">1.0</text>"), "{svg}");
+        assert!(svg.contains("y1=\"45.0\""), "{svg}");
     }
 
     #[test]
