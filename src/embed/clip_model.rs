@@ -256,6 +256,35 @@ impl VisionTower {
     }
 }
 
+/// The variables of a `CLIPModel` under `root`, named as its checkpoints.
+pub(crate) struct Parts {
+    vision: VisionTower,
+    text: ClipTextModel,
+    visual_projection: nn::Linear,
+    text_projection: nn::Linear,
+}
+
+impl Parts {
+    pub(crate) fn new(root: nn::Path, config: &ClipModelConfig) -> Self {
+        let projection_dim = config.projection_dim;
+        let vision_hidden = config.vision.layer.hidden_size;
+        Self {
+            vision: VisionTower::new(&root / "vision_model", &config.vision),
+            text: ClipTextModel::new(&root, config.text.clone()),
+            visual_projection: projection(
+                &root / "visual_projection",
+                vision_hidden,
+                projection_dim,
+            ),
+            text_projection: projection(
+                &root / "text_projection",
+                config.text.hidden_size,
+                projection_dim,
+            ),
+        }
+    }
+}
+
 /// A loaded `CLIPModel` with its tokenizer.
 pub struct ClipModel {
     pub config: ClipModelConfig,
@@ -284,28 +313,19 @@ impl ClipModel {
         let file =
             weights::find_weights_file(dir, crate::sd::folder::TRANSFORMERS_WEIGHTS_STEM, None)?;
         let tokenizer = ClipTokenizer::from_dir(dir)?;
-        let build = |root: nn::Path| {
-            let projection_dim = config.projection_dim;
-            let vision_hidden = config.vision.layer.hidden_size;
-            (
-                VisionTower::new(&root / "vision_model", &config.vision),
-                ClipTextModel::new(&root, config.text.clone()),
-                projection(&root / "visual_projection", vision_hidden, projection_dim),
-                projection(
-                    &root / "text_projection",
-                    config.text.hidden_size,
-                    projection_dim,
-                ),
-            )
-        };
-        let (vs, (vision, text, visual_projection, text_projection)) =
-            weights::build_and_load(&file, device, Kind::Float, build, checkpoint_key)?;
+        let (vs, parts) = weights::build_and_load(
+            &file,
+            device,
+            Kind::Float,
+            |root| Parts::new(root, &config),
+            checkpoint_key,
+        )?;
         Ok(Self {
             config,
-            vision,
-            text,
-            visual_projection,
-            text_projection,
+            vision: parts.vision,
+            text: parts.text,
+            visual_projection: parts.visual_projection,
+            text_projection: parts.text_projection,
             tokenizer,
             _vs: vs,
         })

@@ -3,6 +3,7 @@
 //! resampling in `resample`), transformers' `CLIPModel` vision tower and projections on top of
 //! the SD text encoder (`clip_model`), and `ViTModel` for DINO's [CLS] embedding (`vit`).
 pub mod clip_model;
+pub mod init;
 pub mod preprocess;
 pub mod resample;
 pub mod vit;

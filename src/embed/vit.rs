@@ -159,7 +159,7 @@ pub struct VitModel {
     _vs: VarStore,
 }
 
-struct Parts {
+pub(crate) struct Parts {
     cls_token: Tensor,
     position_embeddings: Tensor,
     projection: nn::Conv2D,
@@ -167,7 +167,7 @@ struct Parts {
     layernorm: nn::LayerNorm,
 }
 
-fn build(root: nn::Path, config: &VitConfig) -> Parts {
+pub(crate) fn build(root: nn::Path, config: &VitConfig) -> Parts {
     let hidden = config.hidden_size;
     let embeddings = &root / "embeddings";
     let patches = (config.image_size / config.patch_size).pow(2);

@@ -4,6 +4,7 @@
 use super::super::sd_common::field_error;
 use super::super::{StageContext, StageError};
 use crate::embed::clip_model::ClipModel;
+use crate::embed::init::has_random_weights;
 use crate::embed::preprocess::{ImageProcessor, read_rgb};
 use crate::embed::vit::VitModel;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ pub struct Embedders {
     dino_processor: ImageProcessor,
     pub device: Device,
     batch: usize,
+    /// Whether either folder was made by `dreampipe model init` (its scores mean nothing).
+    pub random_weights: bool,
 }
 
 fn model_dir(ctx: &StageContext<'_>, field: &str) -> Result<PathBuf, StageError> {
@@ -90,6 +93,7 @@ impl Embedders {
             dino_processor,
             device,
             batch: batch.max(1) as usize,
+            random_weights: has_random_weights(&clip_dir) || has_random_weights(&dino_dir),
         })
     }
 

@@ -40,8 +40,10 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
         })
         .collect();
     ctx.progress.step(1, 1);
+    let mut document = scores_json(&scored);
+    document["random_weights"] = serde_json::json!(embedders.random_weights);
     let path = ctx.out_dir.join("scores.json");
-    let text = serde_json::to_string_pretty(&scores_json(&scored))
+    let text = serde_json::to_string_pretty(&document)
         .map_err(|e| StageError::Failed(format!("stage `{}`: scores: {e}", ctx.stage_id)))?;
     std::fs::write(&path, text + "\n").map_err(|e| StageError::io("write", &path, e))?;
     Ok(())
