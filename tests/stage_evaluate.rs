@@ -188,3 +188,49 @@ fn a_sample_grid_is_scored_per_variant_and_the_real_embeddings_are_reused() {
         scores["per_image"][0]["dino"]
     );
 }
+
+/// Runs a one-stage evaluate pipeline with `fields` and returns the failure output.
+fn failing_run(fields: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pipeline = dir.path().join("bad.yaml");
+    std::fs::write(
+        &pipeline,
+        format!("stages:\n  eval:\n    kind: evaluate\n{fields}"),
+    )
+    .expect("write pipeline");
+    let output = run_pipeline(&dir.path().join("cache"), &pipeline);
+    assert!(!output.status.success(), "accepted:\n{}", text(&output));
+    text(&output)
+}
+
+#[test]
+fn bad_inputs_fail_with_the_stage_the_field_and_what_to_do() {
+    // A folder of images has no prompts: `prompt` is asked for.
+    let folder = failing_run(&format!(
+        "    generated: '{}'\n    real: '{}'\n{}",
+        fixture("images/real"),
+        fixture("images/real"),
+        models()
+    ));
+    assert!(
+        folder.contains("stage `eval`: field `prompt`: the images of `real` carry no prompt; set `prompt:` to the prompt they were generated with"),
+        "{folder}"
+    );
+    // A ViT folder given as the CLIP model.
+    let swapped = failing_run(&format!(
+        "    generated: '{}'\n    real: '{}'\n    clip_model: '{}'\n    dino_model: '{}'\n",
+        fixture("images/grid"),
+        fixture("images/real"),
+        fixture("dino-tiny"),
+        fixture("dino-tiny")
+    ));
+    let config = fixture("dino-tiny/config.json");
+    assert!(
+        swapped.contains(&format!("stage `eval`: field `clip_model`: {config}: not a CLIPModel config: 'text_config' and 'vision_config' are required (give a transformers CLIPModel folder, e.g. openai/clip-vit-large-patch14)")),
+        "{swapped}"
+    );
+    assert!(
+        !swapped.contains("panicked") && !swapped.contains("Error {"),
+        "{swapped}"
+    );
+}
