@@ -16,22 +16,34 @@ const TORCH_THREADS: &str = "1";
 const RECIPES: [(&str, usize, &[&str]); 6] = [
     (
         "demo.yaml",
-        5,
-        &["instance", "class_images", "ti", "db", "grid"],
+        8,
+        &[
+            "instance",
+            "class_images",
+            "ti",
+            "db",
+            "grid",
+            "clip",
+            "dino",
+            "eval",
+        ],
     ),
     (
         "objects.yaml",
-        3,
+        6,
         &[
             "instance",
             "db[learning_rate=2e-6]",
             "db[learning_rate=5e-6]",
             "grid",
+            "clip",
+            "dino",
+            "eval",
         ],
     ),
     (
         "faces.yaml",
-        5,
+        8,
         &[
             "instance",
             "class_images",
@@ -40,24 +52,36 @@ const RECIPES: [(&str, usize, &[&str]); 6] = [
             "db_plain[learning_rate=1e-6]",
             "db_plain[learning_rate=2e-6]",
             "grid",
+            "clip",
+            "dino",
+            "eval",
         ],
     ),
-    ("schedulers.yaml", 3, &["instance", "db", "grid"]),
+    (
+        "schedulers.yaml",
+        6,
+        &["instance", "db", "grid", "clip", "dino", "eval"],
+    ),
     (
         "text-encoder.yaml",
-        4,
+        7,
         &[
             "instance",
             "class_images",
             "db[train_text_encoder=false]",
             "db[train_text_encoder=true]",
             "grid",
+            "clip",
+            "dino",
+            "eval",
         ],
     ),
     (
         "ti-then-dreambooth.yaml",
-        5,
-        &["instance", "ti", "ti_db", "db", "grid"],
+        8,
+        &[
+            "instance", "ti", "ti_db", "db", "grid", "clip", "dino", "eval",
+        ],
     ),
 ];
 
@@ -192,6 +216,11 @@ fn shrunk(file: &str) -> Vec<String> {
         "grid.seeds=[0]".to_string(),
         "grid.prompts=[a photo]".to_string(),
     ];
+    if text.contains("clip_like:") {
+        // The test fixtures' tiny CLIP / ViT instead of 1.7 GB of random ViT-L/14 weights.
+        sets.push("params.clip_like=clip-tiny".to_string());
+        sets.push("params.dino_like=dino-tiny".to_string());
+    }
     if text.contains("class_count:") {
         sets.push("params.class_count=2".to_string());
         sets.push("class_images.steps=2".to_string());
@@ -235,6 +264,17 @@ fn every_recipe_runs_on_the_tiny_model_when_shrunk() {
             expected.push("tiny-sd");
         }
         assert_eq!(rows, expected, "{file}");
+        let scores = read_json(&work.cache().join(format!("runs/{name}/eval/scores.json")));
+        let scored: Vec<&str> = scores["overall"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|variant| variant["model"].as_str().unwrap())
+            .collect();
+        let mut variants = expected.clone();
+        variants.dedup();
+        assert_eq!(scored, variants, "{file}: one score row per grid model");
+        assert_eq!(scores["random_weights"], true, "{file}");
     }
 }
 
@@ -249,7 +289,16 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
     let demo = recipe("demo.yaml");
     let (ok, stdout, stderr) = work.dreampipe(&["run", "--plain", &demo]);
     assert!(ok, "{stdout}\n{stderr}");
-    for stage in ["instance", "class_images", "ti", "db", "grid"] {
+    for stage in [
+        "instance",
+        "class_images",
+        "ti",
+        "db",
+        "grid",
+        "clip",
+        "dino",
+        "eval",
+    ] {
         assert!(
             stdout
                 .lines()
@@ -258,7 +307,7 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
         );
     }
     assert!(
-        stdout.contains("5 ran, 0 cached, 0 failed, 0 skipped"),
+        stdout.contains("8 ran, 0 cached, 0 failed, 0 skipped"),
         "{stdout}"
     );
     let grid = work.cache().join("runs/demo/grid");
@@ -269,6 +318,7 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
         .as_array()
         .unwrap()
         .iter()
+        .filter(|i| i["prompt_index"] == 0)
         .map(|i| {
             (
                 i["model"].as_str().unwrap().to_string(),
@@ -282,11 +332,28 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
         expected.map(|(m, s)| (m.to_string(), s)).to_vec(),
         "rows: the DreamBooth model, then the base model; columns: seeds 0 and 1"
     );
+    // Scores for both rows, with PRES from the class-prompt grid; random weights, said so.
+    let scores = read_json(&work.cache().join("runs/demo/eval/scores.json"));
+    for (variant, model) in scores["overall"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(["db", "tiny-sd"])
+    {
+        assert_eq!(variant["model"], model);
+        assert_eq!(
+            (variant["n"].as_u64(), variant["pres"]["n"].as_u64()),
+            (Some(2), Some(2))
+        );
+    }
+    assert_eq!(scores["random_weights"], true);
     let page = report_path(&stdout);
     let check = check_page(&page).unwrap_or_else(|e| panic!("{e}"));
     assert!(check.is_clean(), "{check:?}");
-    // Validation samples: ti at steps 8 and 16, db at 6 and 12; then the grid.
-    assert_eq!(check.images_checked, 5, "{check:?}");
+    // Validation samples: ti at steps 8 and 16, db at 6 and 12; then the two grids.
+    assert_eq!(check.images_checked, 6, "{check:?}");
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("<h2>Scores</h2>") && html.contains("these numbers mean nothing"));
 
     let (ok, again, stderr) = work.dreampipe(&["run", "--plain", &demo]);
     assert!(ok, "{stderr}");
@@ -295,7 +362,7 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
         "the lock is written next to the copy"
     );
     assert!(
-        again.contains("0 ran, 5 cached, 0 failed, 0 skipped"),
+        again.contains("0 ran, 8 cached, 0 failed, 0 skipped"),
         "{again}"
     );
     assert_eq!(report_path(&again), page);

@@ -18,7 +18,7 @@ pub enum ModelCommand {
 pub struct InitArgs {
     /// Architecture whose real configs are written: tiny (models/tiny-sd), sd15, sd21 (diffusers
     /// folders); clip-l14, clip-b32 (transformers CLIPModel) and dino-s16 (ViTModel) for the
-    /// `evaluate` stage.
+    /// `evaluate` stage, and their tiny test versions clip-tiny, dino-tiny.
     #[arg(long, value_enum)]
     pub like: LikeArg,
     /// Seed of the random weights; the same seed writes the same bytes.
@@ -40,6 +40,8 @@ pub enum LikeArg {
     ClipL14,
     ClipB32,
     DinoS16,
+    ClipTiny,
+    DinoTiny,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -66,6 +68,8 @@ fn run_init(args: &InitArgs) -> anyhow::Result<ExitCode> {
         LikeArg::ClipL14 => return run_embed_init(args, EmbedArchitecture::ClipL14, dtype),
         LikeArg::ClipB32 => return run_embed_init(args, EmbedArchitecture::ClipB32, dtype),
         LikeArg::DinoS16 => return run_embed_init(args, EmbedArchitecture::DinoS16, dtype),
+        LikeArg::ClipTiny => return run_embed_init(args, EmbedArchitecture::ClipTiny, dtype),
+        LikeArg::DinoTiny => return run_embed_init(args, EmbedArchitecture::DinoTiny, dtype),
     };
     let options = InitOptions {
         architecture,

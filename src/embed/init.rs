@@ -1,5 +1,6 @@
 //! Random-weight embedding-model folders of the real shapes (`dreampipe model init --like
-//! clip-l14 | clip-b32 | dino-s16`), so an `evaluate` stage runs anywhere without downloads:
+//! clip-l14 | clip-b32 | dino-s16`, and the test fixtures' `clip-tiny` / `dino-tiny` for quick
+//! runs such as the demo), so an `evaluate` stage runs anywhere without downloads:
 //! the published config and preprocessor files of openai/clip-vit-large-patch14,
 //! openai/clip-vit-base-patch32 and facebook/dino-vits16 (the ViT without its unused pooler),
 //! the CLIP tokenizer, seeded random weights (transformers-like: linear and embedding weights
@@ -23,6 +24,10 @@ pub enum EmbedArchitecture {
     ClipL14,
     ClipB32,
     DinoS16,
+    /// The test fixtures' tiny CLIP (tests/fixtures/eval/clip-tiny, the tiny SD vocabulary).
+    ClipTiny,
+    /// The test fixtures' tiny ViT (tests/fixtures/eval/dino-tiny).
+    DinoTiny,
 }
 
 impl EmbedArchitecture {
@@ -31,6 +36,8 @@ impl EmbedArchitecture {
             Self::ClipL14 => "clip-l14",
             Self::ClipB32 => "clip-b32",
             Self::DinoS16 => "dino-s16",
+            Self::ClipTiny => "clip-tiny",
+            Self::DinoTiny => "dino-tiny",
         }
     }
 
@@ -44,11 +51,30 @@ impl EmbedArchitecture {
                 include_str!("architectures/dino-s16.json"),
                 include_str!("architectures/dino-preprocessor.json"),
             ),
+            Self::ClipTiny => (
+                include_str!("../../tests/fixtures/eval/clip-tiny/config.json"),
+                include_str!("../../tests/fixtures/eval/clip-tiny/preprocessor_config.json"),
+            ),
+            Self::DinoTiny => (
+                include_str!("../../tests/fixtures/eval/dino-tiny/config.json"),
+                include_str!("../../tests/fixtures/eval/dino-tiny/preprocessor_config.json"),
+            ),
         }
     }
 
     fn is_clip(self) -> bool {
-        !matches!(self, Self::DinoS16)
+        !matches!(self, Self::DinoS16 | Self::DinoTiny)
+    }
+
+    /// The tokenizer files (vocab.json, merges.txt) of a CLIP architecture.
+    fn tokenizer(self) -> (&'static [u8], &'static [u8]) {
+        match self {
+            Self::ClipTiny => (
+                include_bytes!("../../models/tiny-sd/tokenizer/vocab.json"),
+                include_bytes!("../../models/tiny-sd/tokenizer/merges.txt"),
+            ),
+            _ => (CLIP_VOCAB, CLIP_MERGES),
+        }
     }
 }
 
@@ -80,8 +106,9 @@ pub fn write_configs(
     write(&dir.join("config.json"), config.as_bytes())?;
     write(&dir.join("preprocessor_config.json"), processor.as_bytes())?;
     if architecture.is_clip() {
-        write(&dir.join("vocab.json"), CLIP_VOCAB)?;
-        write(&dir.join("merges.txt"), CLIP_MERGES)?;
+        let (vocab, merges) = architecture.tokenizer();
+        write(&dir.join("vocab.json"), vocab)?;
+        write(&dir.join("merges.txt"), merges)?;
     }
     let marker = serde_json::json!({"like": architecture.name(), "seed": seed});
     write(

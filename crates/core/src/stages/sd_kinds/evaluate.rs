@@ -43,13 +43,13 @@ impl Stage for EvaluateKind {
             ),
             ParamSpec::required(
                 "clip_model",
-                ParamType::Path,
-                "transformers CLIPModel folder (config.json, model.safetensors, preprocessor_config.json, vocab.json, merges.txt), e.g. openai/clip-vit-large-patch14",
+                ParamType::PathOrStageRef,
+                "transformers CLIPModel folder (config.json, model.safetensors, preprocessor_config.json, vocab.json, merges.txt), e.g. openai/clip-vit-large-patch14, or the stage that wrote one",
             ),
             ParamSpec::required(
                 "dino_model",
-                ParamType::Path,
-                "transformers ViTModel folder (config.json, model.safetensors, preprocessor_config.json), e.g. facebook/dino-vits16",
+                ParamType::PathOrStageRef,
+                "transformers ViTModel folder (config.json, model.safetensors, preprocessor_config.json), e.g. facebook/dino-vits16, or the stage that wrote one",
             ),
             ParamSpec::optional(
                 "prompt",
