@@ -1,6 +1,6 @@
-//! The evaluation embeddings against transformers 5.24.0 (tests/fixtures/eval, made by
-//! make_eval_goldens.py): the CLIP and ViT image processors' pixel values (exact: integer PIL
-//! resampling and IEEE float32 steps), CLIP image and text embeddings and DINO [CLS] embeddings
+//! The evaluation embeddings against transformers 5.24.0 with Pillow 13.0.0 (tests/fixtures/eval,
+//! made by make_eval_goldens.py): the CLIP and ViT image processors' pixel values (exact: integer
+//! PIL resampling and IEEE float32 steps; `odd/0000.png` takes Pillow 13's vertical-first order), CLIP image and text embeddings and DINO [CLS] embeddings
 //! (atol 1e-5, the bound; measured differences are printed with DREAMPIPE_GOLDEN_REPORT).
 mod sd_support;
 
@@ -14,16 +14,6 @@ use tch::{Device, Tensor};
 
 /// The bound for embeddings against transformers.
 const EMBED_ATOL: f64 = 1e-5;
-/// Inputs where Pillow 13.0.0's binary resamples in another order than its C source reads
-/// (vertical pass first; found by comparing both orders with `Image.resize`, rule not yet
-/// known — see /work/notes/n15.md): here 31x37 -> 28x28 bilinear for the ViT processor. The
-/// pixels differ by at most one 8-bit level (measured: 586 of 2352 values), the DINO embedding
-/// by 1.06e-2. Everything else is exact.
-const PIL_ORDER_CASES: [&str; 1] = ["odd/0000.png/dino"];
-/// One 8-bit level after ViT normalisation (1/255/0.224) — the bound on those cases.
-const ONE_LEVEL: f64 = 1.0 / 255.0 / 0.224 + 1e-6;
-/// Measured DINO difference on those cases (1.06e-2), with headroom.
-const PIL_ORDER_EMBED_ATOL: f64 = 2e-2;
 const FIXTURES: &str = "tests/fixtures/eval";
 
 /// Golden image keys (`real/0000.png`, `grid/samples/...`) and their files.
@@ -62,18 +52,10 @@ fn pixel_values_equal_the_pil_processors_exactly() {
             let expected = &golden[&format!("{key}/{field}")];
             assert_eq!(pixels.size(), expected.size(), "{key} {field}: shape");
             let difference = max_abs_difference(&pixels, expected);
-            let known = PIL_ORDER_CASES.contains(&format!("{key}/{}", &field[..4]).as_str());
-            let bound = if known { ONE_LEVEL } else { 0.0 };
-            assert!(
-                difference <= bound,
+            assert_eq!(
+                difference, 0.0,
                 "{key} {field}: max |difference| {difference:e}"
             );
-            if known {
-                assert!(
-                    difference > 0.0,
-                    "{key} {field}: now exact; drop it from PIL_ORDER_CASES"
-                );
-            }
         }
     }
 }
@@ -105,11 +87,7 @@ fn clip_image_and_dino_embeddings_match_transformers() {
             let expected = &golden[&format!("{key}/{name}")];
             let label = format!("{key}/{name}");
             report_golden_difference(&label, &actual, expected);
-            let atol = match PIL_ORDER_CASES.contains(&label.as_str()) {
-                true => PIL_ORDER_EMBED_ATOL,
-                false => EMBED_ATOL,
-            };
-            assert_close(&label, &actual, expected, atol, 0.0);
+            assert_close(&label, &actual, expected, EMBED_ATOL, 0.0);
         }
     }
 }
@@ -174,4 +152,31 @@ fn processor_configs_read_the_legacy_integer_sizes_as_transformers_does() {
             file.display()
         )
     );
+}
+
+#[test]
+fn resizes_equal_pillow_byte_for_byte_across_sizes_filters_and_pass_orders() {
+    use dreampipe::embed::resample::{Filter, Rgb8, resize};
+    let cases = read_golden(&format!("{FIXTURES}/resize_cases.safetensors"));
+    let bytes = |t: &Tensor| Vec::<u8>::try_from(t.flatten(0, -1)).unwrap();
+    for index in 0..60 {
+        let (input, expected) = (
+            &cases[&format!("{index}/input")],
+            &cases[&format!("{index}/output")],
+        );
+        let resample = cases[&format!("{index}/resample")].int64_value(&[0]);
+        let (h, w) = (input.size()[0] as usize, input.size()[1] as usize);
+        let (out_h, out_w) = (expected.size()[0] as usize, expected.size()[1] as usize);
+        let image = Rgb8 {
+            width: w,
+            height: h,
+            pixels: bytes(input),
+        };
+        let resized = resize(&image, out_w, out_h, Filter::from_pil(resample).unwrap());
+        assert_eq!(
+            resized.pixels,
+            bytes(expected),
+            "case {index}: {w}x{h} -> {out_w}x{out_h}, resample {resample}"
+        );
+    }
 }

@@ -1,8 +1,8 @@
 //! PIL's `Image.resize` for 8-bit RGB images with the BILINEAR and BICUBIC filters, exactly:
 //! separable convolution whose support widens with the downscale factor (antialiasing), weights
-//! normalised per output pixel then turned into 22-bit fixed point, a horizontal pass rounded to
-//! 8 bits, then a vertical pass (each pass only when that side changes). transformers' PIL image
-//! processors resize through it, so equal bytes here mean equal pixel values there.
+//! normalised per output pixel then turned into 22-bit fixed point, one pass per axis rounded to
+//! 8 bits (each only when that side changes; the order as Pillow 13.0 picks it). transformers'
+//! PIL image processors resize through it, so equal bytes here mean equal pixel values there.
 
 /// Fixed-point fraction bits of PIL's 8-bit resampling (`32 - 8 - 2`).
 const PRECISION_BITS: u32 = 22;
@@ -133,16 +133,30 @@ fn pass(image: &Rgb8, taps: &Taps, horizontal: bool) -> Rgb8 {
     }
 }
 
-/// `image.resize((width, height), resample=filter)` as PIL computes it for an RGB image.
+/// Pillow 13.0's pass order (`ImagingResampleInner`): the vertical pass first when the height
+/// shrinks by more than twice as many pixels as the width, else the horizontal one. Pillow 12
+/// and older always start horizontally; the two orders round the intermediate differently (up
+/// to one 8-bit level).
+fn vertical_first(image: &Rgb8, width: usize, height: usize) -> bool {
+    let shrink_height = image.height as i64 - height as i64;
+    let shrink_width = image.width as i64 - width as i64;
+    shrink_height > 0 && shrink_height > shrink_width * 2
+}
+
+/// `image.resize((width, height), resample=filter)` as Pillow 13.0 computes it for an RGB image.
 pub fn resize(image: &Rgb8, width: usize, height: usize, filter: Filter) -> Rgb8 {
-    let mut current = image.clone();
-    if width != image.width {
-        current = pass(&current, &taps(image.width, width, filter), true);
+    let horizontal = |current: Rgb8| match width != current.width {
+        true => pass(&current, &taps(current.width, width, filter), true),
+        false => current,
+    };
+    let vertical = |current: Rgb8| match height != current.height {
+        true => pass(&current, &taps(current.height, height, filter), false),
+        false => current,
+    };
+    match vertical_first(image, width, height) {
+        true => horizontal(vertical(image.clone())),
+        false => vertical(horizontal(image.clone())),
     }
-    if height != image.height {
-        current = pass(&current, &taps(image.height, height, filter), false);
-    }
-    current
 }
 
 #[cfg(test)]
