@@ -112,11 +112,13 @@ impl Embedders {
             ctx.check_cancelled()?;
             let mut clip_pixels = Vec::with_capacity(chunk.len());
             let mut dino_pixels = Vec::with_capacity(chunk.len());
+            let started = std::time::Instant::now();
             for path in chunk {
                 let image = read_rgb(path).map_err(|e| field_error(ctx, field, e))?;
                 clip_pixels.push(self.clip_processor.pixel_values(&image));
                 dino_pixels.push(self.dino_processor.pixel_values(&image));
             }
+            let preprocessed = started.elapsed().as_secs_f64();
             let clip = self
                 .clip
                 .image_embeds(&Tensor::stack(&clip_pixels, 0).to_device(self.device));
@@ -125,6 +127,12 @@ impl Embedders {
                 .cls_embeds(&Tensor::stack(&dino_pixels, 0).to_device(self.device));
             out.clip.extend(rows(&clip));
             out.dino.extend(rows(&dino));
+            let seconds = started.elapsed().as_secs_f64();
+            ctx.log.line(&format!(
+                "{field}: {} images: decode + preprocess {preprocessed:.2} s, embeddings {:.2} s",
+                chunk.len(),
+                seconds - preprocessed
+            ));
         }
         Ok(out)
     }

@@ -16,10 +16,21 @@ use std::collections::BTreeMap;
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let generated = inputs::generated_images(ctx)?;
     let real = inputs::real_images(ctx)?;
+    let started = std::time::Instant::now();
     let embedders = Embedders::load(ctx)?;
+    ctx.log.line(&format!(
+        "models loaded in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
     let real_embeddings = memo::real_embeddings(ctx, &embedders, &real)?;
     let paths: Vec<_> = generated.iter().map(|g| g.path.clone()).collect();
+    let started = std::time::Instant::now();
     let embeddings = embedders.embed(ctx, "generated", &paths)?;
+    let seconds = started.elapsed().as_secs_f64();
+    ctx.log.line(&format!(
+        "{} generated images embedded in {seconds:.1} s",
+        paths.len()
+    ));
     let texts = text_embeddings(ctx, &embedders, &generated)?;
     let identifier = ctx.str_param("identifier").unwrap_or("");
     let class_prompt = ctx.str_param("class_prompt").unwrap_or("");
