@@ -98,6 +98,21 @@ impl Stage for EvaluateKind {
                 format!("`{identifier}` is several words; give the one rare token (e.g. `sks`)"),
             ));
         }
+        let prompt_set = fields.is_set("prompt");
+        for upstream in fields.upstream.get("generated").into_iter().flatten() {
+            if !PROMPTED_KINDS.contains(&upstream.kind) && !prompt_set {
+                problems.push((
+                    "generated",
+                    format!(
+                        "stage `{}` ({}) records no prompts; set `prompt:` to the prompt its images were generated with, or score a sample_grid or generate stage",
+                        upstream.name, upstream.kind
+                    ),
+                ));
+            }
+        }
         problems
     }
 }
+
+/// Kinds whose manifest gives each image its prompt.
+const PROMPTED_KINDS: [&str; 2] = ["sample_grid", "generate"];
