@@ -83,6 +83,7 @@ fn from_manifest(
         .get("images")
         .and_then(Value::as_array)
         .ok_or_else(|| bad("no `images` list".into()))?;
+    let varying = varying_fields(entries);
     let mut images = Vec::new();
     for (index, entry) in entries.iter().enumerate() {
         let file = entry
@@ -96,16 +97,49 @@ fn from_manifest(
         images.push(GeneratedImage {
             path: input.path.join(file),
             file: file.to_string(),
-            model: entry
-                .get("model")
-                .and_then(Value::as_str)
-                .map_or_else(|| input.label(), str::to_string),
+            model: row_label(entry, &varying, input),
             prompt: entry_prompt
                 .ok_or_else(|| missing_prompt(ctx, input))?
                 .to_string(),
         });
     }
     Ok(images)
+}
+
+/// The grid-row fields (sample_grid's `scheduler`, `steps`, `guidance`) whose value differs
+/// between a manifest's images: each is part of a row's label, as in the grid.
+fn varying_fields(entries: &[Value]) -> Vec<&'static str> {
+    ["scheduler", "steps", "guidance"]
+        .into_iter()
+        .filter(|field| {
+            let mut values = entries.iter().map(|e| e.get(*field));
+            values
+                .next()
+                .is_some_and(|first| values.any(|v| v != first))
+        })
+        .collect()
+}
+
+/// The variant an image belongs to: its `model` (else the input's label) and, when the grid
+/// compares them, its scheduler / steps / guidance (`db · ddim · 50 steps`, the grid's row label).
+fn row_label(entry: &Value, varying: &[&str], input: &ResolvedInput) -> String {
+    let model = entry
+        .get("model")
+        .and_then(Value::as_str)
+        .map_or_else(|| input.label(), str::to_string);
+    let mut parts = vec![model];
+    for field in varying {
+        let value = entry.get(*field).cloned().unwrap_or(Value::Null);
+        let text = value
+            .as_str()
+            .map_or_else(|| value.to_string(), str::to_string);
+        parts.push(match *field {
+            "steps" => format!("{text} steps"),
+            "guidance" => format!("cfg {text}"),
+            _ => text,
+        });
+    }
+    parts.join(" · ")
 }
 
 fn from_folder(

@@ -79,7 +79,10 @@ fn stacked(rows: &[Vec<f32>]) -> Tensor {
 }
 
 fn write_entry(file: &Path, embeddings: &Embeddings) -> Result<(), StageError> {
-    let partial = file.with_extension(format!("partial-{}", std::process::id()));
+    // Unique per process and write: two stages of one run may store the same entry at once.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = file.with_extension(format!("partial-{}-{write}", std::process::id()));
     let tensors = [
         ("clip".to_string(), stacked(&embeddings.clip)),
         ("dino".to_string(), stacked(&embeddings.dino)),
