@@ -65,9 +65,10 @@ impl Variant<'_> {
 
 /// `db[learning_rate=2e-6,with_prior=true]` → [("learning_rate", "2e-6"), ("with_prior", "true")].
 pub fn swept_params(label: &str) -> Vec<(String, String)> {
-    let Some(inner) = label
-        .find('[')
-        .and_then(|start| label.strip_suffix(']').map(|l| &l[start + 1..]))
+    let bracket = label.find('[').zip(label.rfind(']'));
+    let Some(inner) = bracket
+        .filter(|(a, b)| a < b)
+        .map(|(a, b)| &label[a + 1..b])
     else {
         return Vec::new();
     };
@@ -278,5 +279,10 @@ mod tests {
             ]
         );
         assert!(swept_params("tiny-sd").is_empty());
+        // A grid row label: the variant, then the compared sampler settings.
+        assert_eq!(
+            swept_params("db[learning_rate=2e-6] · ddim"),
+            [("learning_rate".to_string(), "2e-6".to_string())]
+        );
     }
 }
