@@ -8,7 +8,8 @@ use serde_json::Value;
 use stage_support::*;
 use std::path::Path;
 
-/// The bound for the metrics against the transformers reference.
+/// The bound for the metrics against the transformers reference. Measured: 7.1e-8
+/// (avx512, the reference's CPU), 1.3e-7 (avx2), 2.4e-7 (default kernels).
 const METRIC_ATOL: f64 = 1e-6;
 const FIXTURES: &str = "tests/fixtures/eval";
 
