@@ -235,3 +235,56 @@ fn bad_inputs_fail_with_the_stage_the_field_and_what_to_do() {
         "{swapped}"
     );
 }
+
+#[test]
+fn an_embed_stage_feeds_real_and_other_models_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pipeline = dir.path().join("embedded.yaml");
+    let yaml = format!(
+        "stages:\n  emb:\n    kind: embed\n    images: '{real}'\n{models}  eval:\n    kind: evaluate\n    generated: '{grid}'\n    real: emb\n{models}    identifier: sks\n    class_prompt: a photo of dog\n",
+        real = fixture("images/real"),
+        grid = fixture("images/grid"),
+        models = models(),
+    );
+    std::fs::write(&pipeline, yaml).expect("write pipeline");
+    let cache = dir.path().join("cache");
+    run_ok(&cache, &pipeline);
+    let scores = read_json(&stage_output(&cache, "embedded", "eval").join("scores.json"));
+    let expected = read_json(&repo_path(&format!("{FIXTURES}/scores.json")));
+    assert_json_close("scores", &scores, &expected, METRIC_ATOL);
+    assert!(
+        stage_log(&cache, "embedded", "eval")
+            .contains("real embeddings: from the embed stage output")
+    );
+    let manifest = manifest(&stage_output(&cache, "embedded", "emb"));
+    assert_eq!(
+        manifest["images"],
+        serde_json::json!(["0000.png", "0001.png", "0002.png"])
+    );
+
+    // The embed stage made with another DINO folder (same config text plus a newline).
+    let other = dir.path().join("other.yaml");
+    let yaml = std::fs::read_to_string(&pipeline).unwrap().replacen(
+        &format!("  emb:\n    kind: embed\n    images: '{}'\n", fixture("images/real")),
+        &format!(
+            "  dino2:\n    kind: command\n    run: cp -r '{}'/. \"$OUT\"/ && echo >> \"$OUT\"/config.json\n  emb:\n    kind: embed\n    images: '{}'\n",
+            fixture("dino-tiny"),
+            fixture("images/real")
+        ),
+        1,
+    );
+    let yaml = yaml.replacen(
+        &format!("    dino_model: '{}'\n", fixture("dino-tiny")),
+        "    dino_model: dino2\n",
+        1,
+    );
+    std::fs::write(&other, yaml).expect("write pipeline");
+    let output = run_pipeline(&cache, &other);
+    let all = text(&output);
+    assert!(!output.status.success(), "{all}");
+    assert!(
+        all.contains("stage `eval`: field `real`: ")
+            && all.contains("embedded with another `dino_model` than this stage's; give the embed stage the same `dino_model`"),
+        "{all}"
+    );
+}

@@ -16,6 +16,7 @@ pub fn registry() -> Registry {
     dreampipe_core::stages::registry()
         .implement("generate", generate::run)
         .implement("evaluate", evaluate::run)
+        .implement("embed", evaluate::embed_stage::run)
         .implement("sample_grid", sample_grid::run)
         .implement("textual_inversion", textual_inversion::run)
         .implement("dreambooth", dreambooth::run)

@@ -59,7 +59,7 @@ pub fn real_embeddings(
 
 /// A readable entry with `count` rows, its mtime refreshed; `None` for anything else (a
 /// damaged entry is recomputed).
-fn read_entry(file: &Path, count: usize) -> Option<Embeddings> {
+pub(super) fn read_entry(file: &Path, count: usize) -> Option<Embeddings> {
     let tensors: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(file).ok()?.into_iter().collect();
     let (clip, dino) = (rows(tensors.get("clip")?), rows(tensors.get("dino")?));
@@ -78,7 +78,7 @@ fn stacked(rows: &[Vec<f32>]) -> Tensor {
     Tensor::from_slice(&flat).view([rows.len() as i64, -1])
 }
 
-fn write_entry(file: &Path, embeddings: &Embeddings) -> Result<(), StageError> {
+pub(super) fn write_entry(file: &Path, embeddings: &Embeddings) -> Result<(), StageError> {
     // Unique per process and write: two stages of one run may store the same entry at once.
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -1,6 +1,7 @@
 //! Runs an `evaluate` stage (its schema: `dreampipe_core::stages::sd_kinds::evaluate`): embeds
 //! the generated images and the real ones (the latter through the shared-cache memo), scores
 //! every generated image and writes `scores.json`.
+pub mod embed_stage;
 pub mod embedders;
 pub mod inputs;
 pub mod memo;
@@ -15,14 +16,13 @@ use std::collections::BTreeMap;
 /// Runs the stage.
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let generated = inputs::generated_images(ctx)?;
-    let real = inputs::real_images(ctx)?;
     let started = std::time::Instant::now();
     let embedders = Embedders::load(ctx)?;
     ctx.log.line(&format!(
         "models loaded in {:.1} s",
         started.elapsed().as_secs_f64()
     ));
-    let real_embeddings = memo::real_embeddings(ctx, &embedders, &real)?;
+    let real_embeddings = real_embeddings(ctx, &embedders)?;
     let paths: Vec<_> = generated.iter().map(|g| g.path.clone()).collect();
     let started = std::time::Instant::now();
     let embeddings = embedders.embed(ctx, "generated", &paths)?;
@@ -58,6 +58,34 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
         .map_err(|e| StageError::Failed(format!("stage `{}`: scores: {e}", ctx.stage_id)))?;
     std::fs::write(&path, text + "\n").map_err(|e| StageError::io("write", &path, e))?;
     Ok(())
+}
+
+/// The real images' embeddings: an `embed` stage's output, or computed (once per models and
+/// images, through the shared memo) from an images stage or folder.
+fn real_embeddings(
+    ctx: &StageContext<'_>,
+    embedders: &Embedders,
+) -> Result<embedders::Embeddings, StageError> {
+    let folder = ctx
+        .input_paths("real")
+        .first()
+        .map(|p| p.to_path_buf())
+        .ok_or_else(|| {
+            field_error(
+                ctx,
+                "real",
+                "no input given; name an images or embed stage, or a folder",
+            )
+        })?;
+    if let Some(found) = embed_stage::from_output(ctx, &folder)? {
+        ctx.log.line(&format!(
+            "real embeddings: from the embed stage output {}",
+            folder.display()
+        ));
+        return Ok(found);
+    }
+    let real = inputs::real_images(ctx)?;
+    memo::real_embeddings(ctx, embedders, &real)
 }
 
 /// The CLIP text embedding of each distinct prompt, identifier removed.

@@ -39,7 +39,7 @@ impl Stage for EvaluateKind {
             ParamSpec::required(
                 "real",
                 ParamType::PathOrStageRef,
-                "the subject's real images: an images stage or a folder of images",
+                "the subject's real images: an images stage or a folder of images, or an embed stage (their embeddings, made with the same models)",
             ),
             ParamSpec::required(
                 "clip_model",
@@ -97,6 +97,25 @@ impl Stage for EvaluateKind {
                 "identifier",
                 format!("`{identifier}` is several words; give the one rare token (e.g. `sks`)"),
             ));
+        }
+        for upstream in fields.upstream.get("real").into_iter().flatten() {
+            if upstream.kind != "embed" {
+                continue;
+            }
+            for field in ["clip_model", "dino_model"] {
+                let (ours, theirs) = (fields.params.get(field), upstream.params.get(field));
+                if let (Some(ours), Some(theirs)) = (ours, theirs)
+                    && ours != theirs
+                {
+                    problems.push((
+                        "real",
+                        format!(
+                            "embed stage `{}` uses {field} {theirs}, this stage {ours}; give both the same {field}",
+                            upstream.name
+                        ),
+                    ));
+                }
+            }
         }
         let prompt_set = fields.is_set("prompt");
         for upstream in fields.upstream.get("generated").into_iter().flatten() {
