@@ -262,21 +262,16 @@ fn an_embed_stage_feeds_real_and_other_models_are_refused() {
         serde_json::json!(["0000.png", "0001.png", "0002.png"])
     );
 
-    // The embed stage made with another DINO folder (same config text plus a newline).
+    // A stored embed output given as a folder (so only the run can compare the models) to an
+    // evaluate stage with another DINO folder (the same config text plus a newline).
     let other = dir.path().join("other.yaml");
-    let yaml = std::fs::read_to_string(&pipeline).unwrap().replacen(
-        &format!("  emb:\n    kind: embed\n    images: '{}'\n", fixture("images/real")),
-        &format!(
-            "  dino2:\n    kind: command\n    run: cp -r '{}'/. \"$OUT\"/ && echo >> \"$OUT\"/config.json\n  emb:\n    kind: embed\n    images: '{}'\n",
-            fixture("dino-tiny"),
-            fixture("images/real")
-        ),
-        1,
-    );
-    let yaml = yaml.replacen(
-        &format!("    dino_model: '{}'\n", fixture("dino-tiny")),
-        "    dino_model: dino2\n",
-        1,
+    let embedded = stage_output(&cache, "embedded", "emb");
+    let yaml = format!(
+        "stages:\n  dino2:\n    kind: command\n    run: cp -r '{dino}'/. \"$OUT\"/ && echo >> \"$OUT\"/config.json\n  eval:\n    kind: evaluate\n    generated: '{grid}'\n    real: '{real}'\n    clip_model: '{clip}'\n    dino_model: dino2\n",
+        dino = fixture("dino-tiny"),
+        grid = fixture("images/grid"),
+        real = embedded.canonicalize().unwrap().display(),
+        clip = fixture("clip-tiny"),
     );
     std::fs::write(&other, yaml).expect("write pipeline");
     let output = run_pipeline(&cache, &other);
