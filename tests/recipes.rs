@@ -16,7 +16,7 @@ const TORCH_THREADS: &str = "1";
 const RECIPES: [(&str, usize, &[&str]); 6] = [
     (
         "demo.yaml",
-        8,
+        9,
         &[
             "instance",
             "class_images",
@@ -25,12 +25,13 @@ const RECIPES: [(&str, usize, &[&str]); 6] = [
             "grid",
             "clip",
             "dino",
+            "instance_embeddings",
             "eval",
         ],
     ),
     (
         "objects.yaml",
-        6,
+        7,
         &[
             "instance",
             "db[learning_rate=2e-6]",
@@ -38,12 +39,13 @@ const RECIPES: [(&str, usize, &[&str]); 6] = [
             "grid",
             "clip",
             "dino",
+            "instance_embeddings",
             "eval",
         ],
     ),
     (
         "faces.yaml",
-        8,
+        9,
         &[
             "instance",
             "class_images",
@@ -54,17 +56,26 @@ const RECIPES: [(&str, usize, &[&str]); 6] = [
             "grid",
             "clip",
             "dino",
+            "instance_embeddings",
             "eval",
         ],
     ),
     (
         "schedulers.yaml",
-        6,
-        &["instance", "db", "grid", "clip", "dino", "eval"],
+        7,
+        &[
+            "instance",
+            "db",
+            "grid",
+            "clip",
+            "dino",
+            "instance_embeddings",
+            "eval",
+        ],
     ),
     (
         "text-encoder.yaml",
-        7,
+        8,
         &[
             "instance",
             "class_images",
@@ -73,14 +84,23 @@ const RECIPES: [(&str, usize, &[&str]); 6] = [
             "grid",
             "clip",
             "dino",
+            "instance_embeddings",
             "eval",
         ],
     ),
     (
         "ti-then-dreambooth.yaml",
-        8,
+        9,
         &[
-            "instance", "ti", "ti_db", "db", "grid", "clip", "dino", "eval",
+            "instance",
+            "ti",
+            "ti_db",
+            "db",
+            "grid",
+            "clip",
+            "dino",
+            "instance_embeddings",
+            "eval",
         ],
     ),
 ];
@@ -303,6 +323,7 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
         "grid",
         "clip",
         "dino",
+        "instance_embeddings",
         "eval",
     ] {
         assert!(
@@ -313,7 +334,7 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
         );
     }
     assert!(
-        stdout.contains("8 ran, 0 cached, 0 failed, 0 skipped"),
+        stdout.contains("9 ran, 0 cached, 0 failed, 0 skipped"),
         "{stdout}"
     );
     let grid = work.cache().join("runs/demo/grid");
@@ -368,7 +389,7 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
         "the lock is written next to the copy"
     );
     assert!(
-        again.contains("0 ran, 8 cached, 0 failed, 0 skipped"),
+        again.contains("0 ran, 9 cached, 0 failed, 0 skipped"),
         "{again}"
     );
     assert_eq!(report_path(&again), page);
