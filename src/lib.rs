@@ -10,5 +10,6 @@ pub use dreampipe_core::{cache, exec, imagefile, pipeline, plan, report};
 pub mod bench;
 pub mod cli;
 pub mod device;
+pub mod embed;
 pub mod sd;
 pub mod stages;

@@ -16,12 +16,22 @@ const TORCH_THREADS: &str = "1";
 const RECIPES: [(&str, usize, &[&str]); 6] = [
     (
         "demo.yaml",
-        5,
-        &["instance", "class_images", "ti", "db", "grid"],
+        9,
+        &[
+            "instance",
+            "class_images",
+            "ti",
+            "db",
+            "grid",
+            "clip",
+            "dino",
+            "instance_embeddings",
+            "eval",
+        ],
     ),
     (
         "objects.yaml",
-        3,
+        7,
         &[
             "instance",
             "db[learning_rate=2e-6,max_train_steps=200]",
@@ -31,11 +41,15 @@ const RECIPES: [(&str, usize, &[&str]); 6] = [
             "db[learning_rate=5e-6,max_train_steps=400]",
             "db[learning_rate=5e-6,max_train_steps=800]",
             "grid",
+            "clip",
+            "dino",
+            "instance_embeddings",
+            "eval",
         ],
     ),
     (
         "faces.yaml",
-        5,
+        9,
         &[
             "instance",
             "class_images",
@@ -48,24 +62,54 @@ const RECIPES: [(&str, usize, &[&str]); 6] = [
             "db_plain[learning_rate=2e-6,max_train_steps=800]",
             "db_plain[learning_rate=2e-6,max_train_steps=1200]",
             "grid",
+            "clip",
+            "dino",
+            "instance_embeddings",
+            "eval",
         ],
     ),
-    ("schedulers.yaml", 3, &["instance", "db", "grid"]),
+    (
+        "schedulers.yaml",
+        7,
+        &[
+            "instance",
+            "db",
+            "grid",
+            "clip",
+            "dino",
+            "instance_embeddings",
+            "eval",
+        ],
+    ),
     (
         "text-encoder.yaml",
-        4,
+        8,
         &[
             "instance",
             "class_images",
             "db[train_text_encoder=false]",
             "db[train_text_encoder=true]",
             "grid",
+            "clip",
+            "dino",
+            "instance_embeddings",
+            "eval",
         ],
     ),
     (
         "ti-then-dreambooth.yaml",
-        5,
-        &["instance", "ti", "ti_db", "db", "grid"],
+        9,
+        &[
+            "instance",
+            "ti",
+            "ti_db",
+            "db",
+            "grid",
+            "clip",
+            "dino",
+            "instance_embeddings",
+            "eval",
+        ],
     ),
 ];
 
@@ -200,6 +244,11 @@ fn shrunk(file: &str) -> Vec<String> {
         "grid.seeds=[0]".to_string(),
         "grid.prompts=[a photo]".to_string(),
     ];
+    if text.contains("clip_like:") {
+        // The test fixtures' tiny CLIP / ViT instead of 1.7 GB of random ViT-L/14 weights.
+        sets.push("params.clip_like=clip-tiny".to_string());
+        sets.push("params.dino_like=dino-tiny".to_string());
+    }
     if text.contains("class_count:") {
         sets.push("params.class_count=2".to_string());
         sets.push("class_images.steps=2".to_string());
@@ -272,6 +321,23 @@ fn every_recipe_runs_on_the_tiny_model_when_shrunk() {
             expected.push("tiny-sd".to_string());
         }
         assert_eq!(rows, expected, "{file}");
+        let scores = read_json(&work.cache().join(format!("runs/{name}/eval/scores.json")));
+        let scored: Vec<&str> = scores["overall"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|variant| variant["model"].as_str().unwrap())
+            .collect();
+        let mut variants: Vec<String> = expected.iter().map(|m| m.to_string()).collect();
+        variants.dedup();
+        if file.contains("schedulers") {
+            // One variant per grid row: the schedulers compared are part of the label.
+            variants = ["pndm", "lms", "ddim"]
+                .map(|s| format!("db · {s}"))
+                .to_vec();
+        }
+        assert_eq!(scored, variants, "{file}: one score row per grid model");
+        assert_eq!(scores["random_weights"], true, "{file}");
     }
 }
 
@@ -286,7 +352,17 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
     let demo = recipe("demo.yaml");
     let (ok, stdout, stderr) = work.dreampipe(&["run", "--plain", &demo]);
     assert!(ok, "{stdout}\n{stderr}");
-    for stage in ["instance", "class_images", "ti", "db", "grid"] {
+    for stage in [
+        "instance",
+        "class_images",
+        "ti",
+        "db",
+        "grid",
+        "clip",
+        "dino",
+        "instance_embeddings",
+        "eval",
+    ] {
         assert!(
             stdout
                 .lines()
@@ -295,7 +371,7 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
         );
     }
     assert!(
-        stdout.contains("5 ran, 0 cached, 0 failed, 0 skipped"),
+        stdout.contains("9 ran, 0 cached, 0 failed, 0 skipped"),
         "{stdout}"
     );
     let grid = work.cache().join("runs/demo/grid");
@@ -306,6 +382,7 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
         .as_array()
         .unwrap()
         .iter()
+        .filter(|i| i["prompt_index"] == 0)
         .map(|i| {
             (
                 i["model"].as_str().unwrap().to_string(),
@@ -319,11 +396,28 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
         expected.map(|(m, s)| (m.to_string(), s)).to_vec(),
         "rows: the DreamBooth model, then the base model; columns: seeds 0 and 1"
     );
+    // Scores for both rows, with PRES from the class-prompt grid; random weights, said so.
+    let scores = read_json(&work.cache().join("runs/demo/eval/scores.json"));
+    for (variant, model) in scores["overall"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(["db", "tiny-sd"])
+    {
+        assert_eq!(variant["model"], model);
+        assert_eq!(
+            (variant["n"].as_u64(), variant["pres"]["n"].as_u64()),
+            (Some(2), Some(2))
+        );
+    }
+    assert_eq!(scores["random_weights"], true);
     let page = report_path(&stdout);
     let check = check_page(&page).unwrap_or_else(|e| panic!("{e}"));
     assert!(check.is_clean(), "{check:?}");
-    // Validation samples: ti at steps 8 and 16, db at 6 and 12; then the grid.
-    assert_eq!(check.images_checked, 5, "{check:?}");
+    // Validation samples: ti at steps 8 and 16, db at 6 and 12; then the two grids.
+    assert_eq!(check.images_checked, 6, "{check:?}");
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("<h2>Scores</h2>") && html.contains("these numbers mean nothing"));
 
     let (ok, again, stderr) = work.dreampipe(&["run", "--plain", &demo]);
     assert!(ok, "{stderr}");
@@ -332,7 +426,7 @@ fn demo_runs_end_to_end_then_is_fully_cached() {
         "the lock is written next to the copy"
     );
     assert!(
-        again.contains("0 ran, 5 cached, 0 failed, 0 skipped"),
+        again.contains("0 ran, 9 cached, 0 failed, 0 skipped"),
         "{again}"
     );
     assert_eq!(report_path(&again), page);

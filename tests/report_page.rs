@@ -76,6 +76,7 @@ fn stage(id: &str, kind: &str, status: StageStatus) -> StageReport {
         images: vec![],
         sweep_group: None,
         sweep_values: BTreeMap::new(),
+        scores: None,
     }
 }
 
@@ -278,4 +279,65 @@ fn chromium_check_catches_broken_images_and_script_errors() {
             .any(|m| m.contains("undefinedFunction")),
         "{check:?}"
     );
+}
+
+/// An `evaluate` stage scoring a learning-rate sweep (values in the order `scores.json` lists
+/// them: not ranked).
+fn evaluate_stage() -> StageReport {
+    let mut eval = stage("eval", "evaluate", StageStatus::Ran);
+    let variant = |lr: &str, dino: f64, clip_t: f64| {
+        serde_json::json!({
+            "model": format!("db[learning_rate={lr}]"), "n": 8,
+            "dino": {"mean": dino, "std": 0.01}, "clip_i": {"mean": 0.7, "std": 0.02},
+            "clip_t": {"mean": clip_t, "std": 0.03}, "pres": {"mean": 0.5, "std": 0.1, "n": 4},
+        })
+    };
+    eval.scores = Some(serde_json::json!({
+        "per_image": [], "groups": [],
+        "overall": [variant("1e-6", 0.61, 0.30), variant("5e-6", 0.72, 0.27), variant("2e-6", 0.65, 0.29)],
+    }));
+    eval
+}
+
+#[test]
+fn scores_rank_the_variants_and_chart_them_against_the_swept_parameter_with_paper_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = ReportInput {
+        pipeline: "sweep".to_string(),
+        pipeline_file: "sweep.yaml".to_string(),
+        generated_at: "2026-12-04T23:00:00Z".to_string(),
+        stages: vec![evaluate_stage()],
+    };
+    let summary = write_report(&input, &dir.path().join("report")).unwrap();
+    let page = std::fs::read_to_string(&summary.page).unwrap();
+    // Ranked by DINO: 5e-6, 2e-6, 1e-6; the swept parameter is a column.
+    let rows: Vec<&str> = page
+        .match_indices("<tr><td>")
+        .map(|(i, _)| &page[i..i + 90])
+        .collect();
+    assert!(
+        rows[0].starts_with(
+            "<tr><td>1</td><th>db[learning_rate=5e-6]</th><td>5e-6</td><td>8</td><td>0.720</td>"
+        ),
+        "{}",
+        rows[0]
+    );
+    assert!(
+        rows[1].contains("db[learning_rate=2e-6]") && rows[2].contains("db[learning_rate=1e-6]")
+    );
+    assert!(page.contains("<th>learning_rate</th>"));
+    assert!(page.contains("<th>DreamBooth (Stable Diffusion) (Table 1)</th>"));
+    // One chart per metric against learning_rate; Table 1 as labelled reference lines:
+    // DINO 3, CLIP-I 3, CLIP-T 2, PRES none.
+    assert_eq!(page.matches("<svg class=\"chart\"").count(), 4);
+    assert_eq!(page.matches("class=\"axis-label\" x=").count(), 8);
+    assert_eq!(page.matches(">learning_rate</text>").count(), 4);
+    assert_eq!(page.matches("class=\"reference\"").count(), 8);
+    assert!(page.contains(">paper: Real images 0.774</text>"));
+    assert!(page.contains(">paper: Textual Inversion (Stable Diffusion) 0.255</text>"));
+    let check = check_page(&summary.page).unwrap_or_else(|e| panic!("{e}"));
+    assert!(check.verified && check.is_clean(), "{check:?}");
+    if let Some(shot) = std::env::var_os("DREAMPIPE_SCORES_SHOT") {
+        screenshot(&summary.page, Path::new(&shot), 1280, 900).unwrap_or_else(|e| panic!("{e}"));
+    }
 }

@@ -606,7 +606,8 @@ fn two_training_stages_on_two_slots_overlap_and_match_one_slot() {
 }
 
 /// Every torch kind on the tiny model, for the version guard below: class images, textual
-/// inversion, DreamBooth in float32 and under bf16 autocast, a grid.
+/// inversion, DreamBooth in float32 and under bf16 autocast, a grid, and the evaluation of the
+/// fixed images of tests/fixtures/eval (EVAL) with its tiny CLIP and ViT.
 const GUARD: &str = r#"name: train
 stages:
   photos:
@@ -653,6 +654,14 @@ stages:
     steps: 2
     width: 64
     height: 64
+  eval:
+    kind: evaluate
+    generated: EVAL/images/grid
+    real: EVAL/images/real
+    clip_model: EVAL/clip-tiny
+    dino_model: EVAL/dino-tiny
+    identifier: sks
+    class_prompt: a photo of dog
 "#;
 
 /// The stored outputs of the guard pipeline, per kind with the version that made them.
@@ -666,6 +675,9 @@ const GUARD_LOSS_RTOL: f64 = 1e-5;
 const GUARD_BF16_LOSS_RTOL: f64 = 2e-4;
 /// Images: gray-level means of 8×8 blocks (a thumbnail tolerating single-pixel rounding).
 const GUARD_LEVELS: f64 = 0.5;
+/// Evaluate's means against the transformers reference of tests/fixtures/eval/scores.json
+/// (measured 7.1e-8 on the goldens' CPU; the issue's bound).
+const GUARD_SCORES: f64 = 1e-6;
 
 /// Gray-level means of 8×8 blocks of a PNG (a thumbnail that tolerates single-pixel rounding).
 fn thumbnail(path: &Path) -> Vec<f64> {
@@ -716,7 +728,22 @@ fn guard_outputs(project: &Project) -> serde_json::Value {
             "bf16_losses": losses(&output(project, "db[mixed_precision=bf16]"))},
         "sample_grid": {"version": version("sample_grid"),
             "thumbnails": [thumbnail(&output(project, "grid").join("grid-0.png"))]},
+        "evaluate": {"version": version("evaluate"),
+            "means": evaluate_means(&output(project, "eval"))},
     })
+}
+
+/// Every variant's mean DINO, CLIP-I, CLIP-T and PRES, in `scores.json` order.
+fn evaluate_means(dir: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(dir.join("scores.json")).expect("scores.json");
+    let scores: serde_json::Value = serde_json::from_str(&text).expect("scores JSON");
+    let mut means = Vec::new();
+    for variant in scores["overall"].as_array().expect("overall") {
+        for metric in ["dino", "clip_i", "clip_t", "pres"] {
+            means.push(variant[metric]["mean"].as_f64().expect("mean"));
+        }
+    }
+    means
 }
 
 /// How far two lists of numbers are: the largest |a − b| / scale(b).
@@ -748,7 +775,11 @@ fn worst(found: &serde_json::Value, stored: &serde_json::Value, relative: bool) 
 /// with `DREAMPIPE_BLESS=1 cargo test --test stage_training kind_versions`.
 #[test]
 fn kind_versions_guard_their_outputs() {
-    let project = project_with(&GUARD.replace("MODEL", &tiny_model()));
+    let eval_fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eval");
+    let guard = GUARD
+        .replace("MODEL", &tiny_model())
+        .replace("EVAL", &eval_fixtures.display().to_string());
+    let project = project_with(&guard);
     assert_success(&run(&project, "train.yaml", &[]));
     let found = guard_outputs(&project);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(KIND_OUTPUTS);
@@ -764,6 +795,7 @@ fn kind_versions_guard_their_outputs() {
         ("dreambooth", "losses", true, GUARD_LOSS_RTOL),
         ("dreambooth", "bf16_losses", true, GUARD_BF16_LOSS_RTOL),
         ("sample_grid", "thumbnails", false, GUARD_LEVELS),
+        ("evaluate", "means", false, GUARD_SCORES),
     ];
     let bless = "DREAMPIPE_BLESS=1 cargo test --test stage_training kind_versions";
     for (kind, field, relative, tolerance) in checks {

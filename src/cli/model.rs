@@ -1,6 +1,7 @@
 //! `dreampipe model ...`: model-folder utilities. `model init` writes a diffusers folder with
 //! seeded random weights in a known architecture (for benchmarks and tests without checkpoints).
 use super::Context;
+use crate::embed::init::{EmbedArchitecture, write_folder};
 use crate::sd::init::{self, Architecture, InitOptions, WeightDtype};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +16,9 @@ pub enum ModelCommand {
 /// Arguments of `dreampipe model init`.
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {
-    /// Architecture whose real configs are written: tiny (models/tiny-sd), sd15, sd21.
+    /// Architecture whose real configs are written: tiny (models/tiny-sd), sd15, sd21 (diffusers
+    /// folders); clip-l14, clip-b32 (transformers CLIPModel) and dino-s16 (ViTModel) for the
+    /// `evaluate` stage, and their tiny test versions clip-tiny, dino-tiny.
     #[arg(long, value_enum)]
     pub like: LikeArg,
     /// Seed of the random weights; the same seed writes the same bytes.
@@ -34,6 +37,11 @@ pub enum LikeArg {
     Tiny,
     Sd15,
     Sd21,
+    ClipL14,
+    ClipB32,
+    DinoS16,
+    ClipTiny,
+    DinoTiny,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -49,17 +57,24 @@ pub fn run(command: ModelCommand, _context: &Context) -> anyhow::Result<ExitCode
 }
 
 fn run_init(args: &InitArgs) -> anyhow::Result<ExitCode> {
+    let dtype = match args.dtype {
+        DtypeArg::F32 => WeightDtype::F32,
+        DtypeArg::F16 => WeightDtype::F16,
+    };
+    let architecture = match args.like {
+        LikeArg::Tiny => Architecture::Tiny,
+        LikeArg::Sd15 => Architecture::Sd15,
+        LikeArg::Sd21 => Architecture::Sd21,
+        LikeArg::ClipL14 => return run_embed_init(args, EmbedArchitecture::ClipL14, dtype),
+        LikeArg::ClipB32 => return run_embed_init(args, EmbedArchitecture::ClipB32, dtype),
+        LikeArg::DinoS16 => return run_embed_init(args, EmbedArchitecture::DinoS16, dtype),
+        LikeArg::ClipTiny => return run_embed_init(args, EmbedArchitecture::ClipTiny, dtype),
+        LikeArg::DinoTiny => return run_embed_init(args, EmbedArchitecture::DinoTiny, dtype),
+    };
     let options = InitOptions {
-        architecture: match args.like {
-            LikeArg::Tiny => Architecture::Tiny,
-            LikeArg::Sd15 => Architecture::Sd15,
-            LikeArg::Sd21 => Architecture::Sd21,
-        },
+        architecture,
         seed: args.seed,
-        dtype: match args.dtype {
-            DtypeArg::F32 => WeightDtype::F32,
-            DtypeArg::F16 => WeightDtype::F16,
-        },
+        dtype,
     };
     let started = Instant::now();
     let reports = init::write_model_folder(&args.out, &options)?;
@@ -78,6 +93,27 @@ fn run_init(args: &InitArgs) -> anyhow::Result<ExitCode> {
         options.architecture.name(),
         options.seed,
         args.dtype,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `model init --like clip-l14|clip-b32|dino-s16`: a transformers folder for `evaluate`.
+fn run_embed_init(
+    args: &InitArgs,
+    architecture: EmbedArchitecture,
+    dtype: WeightDtype,
+) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let report = write_folder(&args.out, architecture, args.seed, dtype)?;
+    println!(
+        "wrote {} (like {}, seed {}, {:?}): {} parameters in {} in {:.1}s; random weights: scores made with it mean nothing",
+        args.out.display(),
+        architecture.name(),
+        args.seed,
+        args.dtype,
+        report.parameters,
+        report.file.display(),
         started.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)

@@ -112,20 +112,21 @@ impl ClipTextConfig {
             file: file.to_path_buf(),
             reason: error.to_string(),
         })?;
-        let raw: RawConfig = serde_json::from_str(&text).map_err(|error| ClipError::Config {
+        Self::from_json(&text, file)
+    }
+
+    /// Parses and validates config JSON text (`file` names it in errors).
+    pub fn from_json(text: &str, file: &Path) -> Result<Self, ClipError> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|error| ClipError::Config {
             file: file.to_path_buf(),
             reason: error.to_string(),
         })?;
-        let hidden_act = match raw.hidden_act.as_str() {
-            "quick_gelu" => Activation::QuickGelu,
-            "gelu" => Activation::Gelu,
-            other => {
-                return Err(ClipError::UnsupportedActivation {
-                    file: file.to_path_buf(),
-                    found: other.to_string(),
-                });
+        let hidden_act = Activation::from_name(&raw.hidden_act).ok_or_else(|| {
+            ClipError::UnsupportedActivation {
+                file: file.to_path_buf(),
+                found: raw.hidden_act.clone(),
             }
-        };
+        })?;
         let sizes = [
             ("hidden_size", raw.hidden_size),
             ("intermediate_size", raw.intermediate_size),
@@ -182,11 +183,36 @@ struct SelfAttention {
     v_proj: nn::Linear,
     out_proj: nn::Linear,
     heads: i64,
+    causal: bool,
+}
+
+/// The sizes of one encoder layer: the text encoder's (causal) and CLIP's vision tower's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerDims {
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub heads: i64,
+    pub layer_norm_eps: f64,
+    pub activation: Activation,
+    pub causal: bool,
+}
+
+impl ClipTextConfig {
+    fn layer_dims(&self) -> LayerDims {
+        LayerDims {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            heads: self.num_attention_heads,
+            layer_norm_eps: self.layer_norm_eps,
+            activation: self.hidden_act,
+            causal: true,
+        }
+    }
 }
 
 /// Zero-initialised linear layers (the weights are loaded afterwards): tch's default random init
 /// would draw from the global CPU generator that seeded sampling runs rely on (see `sd::rng`).
-fn loaded_linear() -> nn::LinearConfig {
+pub(crate) fn loaded_linear() -> nn::LinearConfig {
     nn::LinearConfig {
         ws_init: nn::Init::Const(0.0),
         bs_init: Some(nn::Init::Const(0.0)),
@@ -195,12 +221,12 @@ fn loaded_linear() -> nn::LinearConfig {
 }
 
 impl SelfAttention {
-    fn new(path: nn::Path, config: &ClipTextConfig) -> Self {
+    fn new(path: nn::Path, dims: LayerDims) -> Self {
         let linear = |name: &str| {
             nn::linear(
                 &path / name,
-                config.hidden_size,
-                config.hidden_size,
+                dims.hidden_size,
+                dims.hidden_size,
                 loaded_linear(),
             )
         };
@@ -209,7 +235,8 @@ impl SelfAttention {
             k_proj: linear("k_proj"),
             v_proj: linear("v_proj"),
             out_proj: linear("out_proj"),
-            heads: config.num_attention_heads,
+            heads: dims.heads,
+            causal: dims.causal,
         }
     }
 
@@ -231,7 +258,7 @@ impl SelfAttention {
             &value,
             None::<Tensor>,
             0.0,
-            true,
+            self.causal,
             None,
             false,
         );
@@ -252,12 +279,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(path: nn::Path, config: &ClipTextConfig) -> Self {
-        let (hidden, inner) = (config.hidden_size, config.intermediate_size);
+    fn new(path: nn::Path, dims: LayerDims) -> Self {
+        let (hidden, inner) = (dims.hidden_size, dims.intermediate_size);
         Self {
             fc1: nn::linear(&path / "fc1", hidden, inner, loaded_linear()),
             fc2: nn::linear(&path / "fc2", inner, hidden, loaded_linear()),
-            activation: config.hidden_act,
+            activation: dims.activation,
         }
     }
 
@@ -268,7 +295,16 @@ impl Mlp {
 }
 
 impl Activation {
-    fn apply(self, x: &Tensor) -> Tensor {
+    /// Reads `hidden_act`; `None` for other activations.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "quick_gelu" => Some(Activation::QuickGelu),
+            "gelu" => Some(Activation::Gelu),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn apply(self, x: &Tensor) -> Tensor {
         match self {
             Activation::QuickGelu => x * (x * QUICK_GELU_COEFFICIENT).sigmoid(),
             Activation::Gelu => x.gelu("none"),
@@ -278,7 +314,7 @@ impl Activation {
 
 /// Pre-LayerNorm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x)).
 #[derive(Debug)]
-struct EncoderLayer {
+pub(crate) struct EncoderLayer {
     self_attn: SelfAttention,
     layer_norm1: nn::LayerNorm,
     mlp: Mlp,
@@ -286,27 +322,29 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(path: nn::Path, config: &ClipTextConfig) -> Self {
+    pub(crate) fn new(path: nn::Path, dims: LayerDims) -> Self {
+        let norm = |name: &str| layer_norm(&path / name, dims.hidden_size, dims.layer_norm_eps);
         Self {
-            self_attn: SelfAttention::new(&path / "self_attn", config),
-            layer_norm1: layer_norm(&path / "layer_norm1", config),
-            mlp: Mlp::new(&path / "mlp", config),
-            layer_norm2: layer_norm(&path / "layer_norm2", config),
+            self_attn: SelfAttention::new(&path / "self_attn", dims),
+            layer_norm1: norm("layer_norm1"),
+            mlp: Mlp::new(&path / "mlp", dims),
+            layer_norm2: norm("layer_norm2"),
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
         let x = x + self.self_attn.forward(&self.layer_norm1.forward(x));
         &x + self.mlp.forward(&self.layer_norm2.forward(&x))
     }
 }
 
-fn layer_norm(path: nn::Path, config: &ClipTextConfig) -> nn::LayerNorm {
+/// A LayerNorm over the last dimension of size `size`.
+pub(crate) fn layer_norm(path: nn::Path, size: i64, eps: f64) -> nn::LayerNorm {
     let layer_norm_config = nn::LayerNormConfig {
-        eps: config.layer_norm_eps,
+        eps,
         ..Default::default()
     };
-    nn::layer_norm(path, vec![config.hidden_size], layer_norm_config)
+    nn::layer_norm(path, vec![size], layer_norm_config)
 }
 
 /// The CLIP text encoder.
@@ -331,9 +369,13 @@ impl ClipTextModel {
             .zeros("weight", &[config.max_position_embeddings, hidden]);
         let layers_path = &model / "encoder" / "layers";
         let layers = (0..config.num_hidden_layers)
-            .map(|index| EncoderLayer::new(&layers_path / index, &config))
+            .map(|index| EncoderLayer::new(&layers_path / index, config.layer_dims()))
             .collect();
-        let final_layer_norm = layer_norm(&model / "final_layer_norm", &config);
+        let final_layer_norm = layer_norm(
+            &model / "final_layer_norm",
+            config.hidden_size,
+            config.layer_norm_eps,
+        );
         Self {
             config,
             token_embedding,

@@ -93,8 +93,10 @@ pub struct ArchitectureFiles {
 
 /// The full CLIP BPE (49,408 tokens, the one SD 1.x and 2.x ship), kept with the test
 /// fixtures (see tests/fixtures/sd-tiny/README.md for how it was built).
-const CLIP_VOCAB: &[u8] = include_bytes!("../../tests/fixtures/sd-tiny/tokenizer-full/vocab.json");
-const CLIP_MERGES: &[u8] = include_bytes!("../../tests/fixtures/sd-tiny/tokenizer-full/merges.txt");
+pub(crate) const CLIP_VOCAB: &[u8] =
+    include_bytes!("../../tests/fixtures/sd-tiny/tokenizer-full/vocab.json");
+pub(crate) const CLIP_MERGES: &[u8] =
+    include_bytes!("../../tests/fixtures/sd-tiny/tokenizer-full/merges.txt");
 
 fn tiny_files() -> ArchitectureFiles {
     ArchitectureFiles {

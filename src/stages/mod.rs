@@ -2,6 +2,7 @@
 //! the Stable Diffusion kinds' `run`s, which need libtorch (their schemas live in
 //! `dreampipe_core::stages::sd_kinds`, so the front binary can validate and plan without it).
 pub mod dreambooth;
+pub mod evaluate;
 pub mod generate;
 pub mod sample_grid;
 pub mod sd_common;
@@ -14,6 +15,8 @@ pub use dreampipe_core::stages::*;
 pub fn registry() -> Registry {
     dreampipe_core::stages::registry()
         .implement("generate", generate::run)
+        .implement("evaluate", evaluate::run)
+        .implement("embed", evaluate::embed_stage::run)
         .implement("sample_grid", sample_grid::run)
         .implement("textual_inversion", textual_inversion::run)
         .implement("dreambooth", dreambooth::run)

@@ -161,6 +161,7 @@ fn base_report(instance: &StageInstance, status: StageStatus) -> StageReport {
         sweep_group,
         sweep_values,
         error: None,
+        scores: None,
     }
 }
 
@@ -289,6 +290,13 @@ fn attach_outputs(stage: &mut StageReport, output: &Path, warnings: &mut Vec<Str
         match read_metrics_jsonl(&metrics_path) {
             Ok(log) => stage.metrics = log.points,
             Err(error) => warnings.push(error.to_string()),
+        }
+    }
+    let scores_path = output.join(super::scores::SCORES_FILE);
+    if scores_path.is_file() {
+        match super::scores::read_scores(&scores_path) {
+            Ok(scores) => stage.scores = Some(scores),
+            Err(warning) => warnings.push(warning),
         }
     }
     let images_path = output.join(IMAGES_FILE);

@@ -105,6 +105,9 @@ pub struct StageReport {
     /// This variant's swept parameter values, e.g. `learning_rate = "2e-6"`.
     #[serde(default)]
     pub sweep_values: BTreeMap<String, String>,
+    /// An `evaluate` stage's `scores.json` (see [`super::scores`]).
+    #[serde(default)]
+    pub scores: Option<serde_json::Value>,
 }
 
 /// An image file a stage produced. Sweep comparisons match variants' images by `caption`.
@@ -155,6 +158,7 @@ pub fn render_report(input: &ReportInput, store: &mut ImageStore) -> Result<Stri
     );
     page.push_str(&render_header(input));
     page.push_str(&render_stage_table(&input.stages));
+    page.push_str(&super::scores::render_scores(&input.stages));
     page.push_str(&render_sweeps(&input.stages, store)?);
     page.push_str(&render_curves(&input.stages));
     page.push_str(&render_validation(&input.stages, store)?);

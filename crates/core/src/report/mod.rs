@@ -12,6 +12,7 @@ pub mod grid;
 pub mod html;
 pub mod metrics;
 pub mod progress;
+pub mod scores;
 pub mod summary;
 pub mod svg;
 

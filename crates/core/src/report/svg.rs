@@ -37,8 +37,24 @@ struct Range {
     max: f64,
 }
 
+/// A labelled horizontal line at `value` (e.g. a published result to compare with).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferenceLine {
+    pub label: String,
+    pub value: f64,
+}
+
 /// Renders `points` (x, y) as a standalone `<svg>` element.
 pub fn line_chart(points: &[(f64, f64)], spec: &ChartSpec) -> String {
+    line_chart_with_references(points, &[], spec)
+}
+
+/// [`line_chart`] plus dashed labelled horizontal lines; the y axis spans them too.
+pub fn line_chart_with_references(
+    points: &[(f64, f64)],
+    references: &[ReferenceLine],
+    spec: &ChartSpec,
+) -> String {
     let (width, height) = (f64::from(spec.width), f64::from(spec.height));
     let mut svg = format!(
         "<svg class=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" role=\"img\">\
@@ -72,13 +88,19 @@ pub fn line_chart(points: &[(f64, f64)], spec: &ChartSpec) -> String {
         return svg;
     }
     let x_ticks = nice_ticks(value_range(finite.iter().map(|p| p.0)));
-    let y_ticks = nice_ticks(value_range(finite.iter().map(|p| p.1)));
+    let reference_values = references.iter().map(|r| r.value).filter(|v| v.is_finite());
+    let y_ticks = nice_ticks(value_range(
+        finite.iter().map(|p| p.1).chain(reference_values),
+    ));
     let frame = Frame {
         plot,
         x: tick_range(&x_ticks),
         y: tick_range(&y_ticks),
     };
     frame.draw_axes(&mut svg, &x_ticks, &y_ticks, spec);
+    for reference in references.iter().filter(|r| r.value.is_finite()) {
+        frame.draw_reference(&mut svg, reference);
+    }
     for run in finite_runs(points) {
         frame.draw_run(&mut svg, &decimate(run, frame.plot.width()));
     }
@@ -162,6 +184,19 @@ impl Frame {
             (top + bottom) / 2.0,
             (top + bottom) / 2.0,
             escape_html(&spec.y_label)
+        );
+    }
+
+    fn draw_reference(&self, svg: &mut String, reference: &ReferenceLine) {
+        let (_, y) = self.to_svg((self.x.min, reference.value));
+        let (left, right) = (self.plot.left, self.plot.right);
+        let _ = write!(
+            svg,
+            "<line class=\"reference\" x1=\"{left}\" y1=\"{y:.1}\" x2=\"{right}\" y2=\"{y:.1}\" stroke=\"#b35900\" stroke-dasharray=\"5 3\"/>\
+             <text class=\"reference-label\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#b35900\">{}</text>",
+            right - 2.0,
+            y - 3.0,
+            escape_html(&reference.label)
         );
     }
 
@@ -438,6 +473,20 @@ mod tests {
         let top = runs[0].iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
         assert_eq!(top, PAD_TOP, "the spike must survive decimation");
         assert!(svg.len() < 40_000, "{} bytes", svg.len());
+    }
+
+    #[test]
+    fn reference_lines_are_drawn_labelled_and_widen_the_y_axis() {
+        let references = [ReferenceLine {
+            label: "paper 0.9".to_string(),
+            value: 0.9,
+        }];
+        let svg = line_chart_with_references(&[(0.0, 0.1), (1.0, 0.2)], &references, &spec());
+        assert_eq!(svg.matches("class=\"reference\"").count(), 1);
+        assert!(svg.contains(">paper 0.9</text>"));
+        // The y ticks now reach 0.9: nice ticks 0 … 1.0, the line at y 45 of the 28–198 plot.
+        assert!(svg.contains("text-anchor=\"end\">1.0</text>"), "{svg}");
+        assert!(svg.contains("y1=\"45.0\""), "{svg}");
     }
 
     #[test]

@@ -86,6 +86,10 @@ impl Stage for CommandStage {
             .env("PIPELINE_DIR", ctx.pipeline_dir)
             .stdin(Stdio::null())
             .process_group(0);
+        // The running dreampipe, so a command can call its verbs (`"$DREAMPIPE" model init`).
+        if let Ok(exe) = std::env::current_exe() {
+            command.env("DREAMPIPE", exe);
+        }
         for input in ctx.inputs.get("needs").into_iter().flatten() {
             if let Some(name) = &input.upstream {
                 command.env(input_env_name(name), &input.path);

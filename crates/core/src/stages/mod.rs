@@ -558,6 +558,8 @@ pub fn registry() -> Registry {
         .with(Arc::new(command::CommandStage))
         .with(Arc::new(images::ImagesStage))
         .with(Arc::new(sd_kinds::generate::GenerateKind))
+        .with(Arc::new(sd_kinds::evaluate::EvaluateKind))
+        .with(Arc::new(sd_kinds::embed::EmbedKind))
         .with(Arc::new(sd_kinds::sample_grid::SampleGridKind))
         .with(Arc::new(sd_kinds::textual_inversion::TextualInversionKind))
         .with(Arc::new(sd_kinds::dreambooth::DreamBoothKind))

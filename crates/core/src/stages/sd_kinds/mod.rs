@@ -4,6 +4,8 @@
 //! each kind with its implementation through [`super::Registry::implement`]. Also the field
 //! specs the kinds share.
 pub mod dreambooth;
+pub mod embed;
+pub mod evaluate;
 pub mod generate;
 pub mod sample_grid;
 pub mod textual_inversion;

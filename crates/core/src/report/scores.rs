@@ -1,0 +1,288 @@
+//! The report's "Scores" section for `evaluate` stages: a table ranking the variants by DINO
+//! (then CLIP-T) with the swept parameters as columns and the DreamBooth paper's Table 1 rows
+//! beneath, and one chart per metric — against the swept parameter when the variants differ in
+//! exactly one numeric parameter, else against the variants' rank — with Table 1's values as
+//! labelled reference lines.
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::escape_html;
+use super::html::StageReport;
+use super::svg::{ChartSpec, ReferenceLine, line_chart_with_references};
+
+/// The file an `evaluate` stage writes.
+pub const SCORES_FILE: &str = "scores.json";
+/// Size of each metric chart in CSS pixels.
+const CHART_SIZE: (u32, u32) = (420, 260);
+/// The metrics as `scores.json` names them, with their display names.
+const METRICS: [(&str, &str); 4] = [
+    ("dino", "DINO"),
+    ("clip_i", "CLIP-I"),
+    ("clip_t", "CLIP-T"),
+    ("pres", "PRES"),
+];
+/// Ruiz et al., DreamBooth (CVPR 2023), Table 1: (row, DINO, CLIP-I, CLIP-T).
+const PAPER_TABLE_1: [(&str, f64, f64, Option<f64>); 3] = [
+    ("Real images", 0.774, 0.885, None),
+    ("DreamBooth (Stable Diffusion)", 0.668, 0.803, Some(0.305)),
+    (
+        "Textual Inversion (Stable Diffusion)",
+        0.569,
+        0.780,
+        Some(0.255),
+    ),
+];
+
+/// Reads a `scores.json` for the report; the warning names the file.
+pub fn read_scores(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let scores: Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: invalid JSON: {e}", path.display()))?;
+    match scores.get("overall").and_then(Value::as_array) {
+        Some(_) => Ok(scores),
+        None => Err(format!(
+            "{}: no `overall` list; not an evaluate output",
+            path.display()
+        )),
+    }
+}
+
+/// One variant's row of the ranking.
+struct Variant<'a> {
+    entry: &'a Value,
+    label: &'a str,
+    params: Vec<(String, String)>,
+}
+
+impl Variant<'_> {
+    fn mean(&self, metric: &str) -> Option<f64> {
+        self.entry.get(metric)?.get("mean")?.as_f64()
+    }
+}
+
+/// `db[learning_rate=2e-6,with_prior=true]` → [("learning_rate", "2e-6"), ("with_prior", "true")].
+pub fn swept_params(label: &str) -> Vec<(String, String)> {
+    let bracket = label.find('[').zip(label.rfind(']'));
+    let Some(inner) = bracket
+        .filter(|(a, b)| a < b)
+        .map(|(a, b)| &label[a + 1..b])
+    else {
+        return Vec::new();
+    };
+    inner
+        .split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// The variants, best first: DINO mean descending, then CLIP-T; missing values last.
+fn ranked(scores: &Value) -> Vec<Variant<'_>> {
+    let mut variants: Vec<Variant> = scores["overall"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|entry| {
+            let label = entry["model"].as_str().unwrap_or("?");
+            Variant {
+                entry,
+                label,
+                params: swept_params(label),
+            }
+        })
+        .collect();
+    let key = |v: &Variant| {
+        (
+            v.mean("dino").unwrap_or(f64::NEG_INFINITY),
+            v.mean("clip_t").unwrap_or(f64::NEG_INFINITY),
+        )
+    };
+    variants.sort_by(|a, b| {
+        key(b)
+            .partial_cmp(&key(a))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    variants
+}
+
+/// The section for every stage with scores (empty without any).
+pub fn render_scores(stages: &[StageReport]) -> String {
+    let scored: Vec<(&StageReport, &Value)> = stages
+        .iter()
+        .filter_map(|s| s.scores.as_ref().map(|v| (s, v)))
+        .collect();
+    if scored.is_empty() {
+        return String::new();
+    }
+    let mut html = String::from("<h2>Scores</h2>");
+    for (stage, scores) in scored {
+        let variants = ranked(scores);
+        let _ = write!(html, "<h3>{}</h3>", escape_html(&stage.id));
+        if scores.get("random_weights").and_then(Value::as_bool) == Some(true) {
+            html.push_str("<p class=\"missing\">The CLIP / DINO folders have random weights (made by <code>dreampipe model init</code>): these numbers mean nothing.</p>");
+        }
+        html.push_str(&ranking_table(&variants));
+        html.push_str(&charts(&stage.id, &variants));
+    }
+    html
+}
+
+fn columns(variants: &[Variant]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for (name, _) in variants.iter().flat_map(|v| &v.params) {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
+}
+
+fn cell(value: Option<f64>) -> String {
+    value.map_or("—".to_string(), |v| format!("{v:.3}"))
+}
+
+fn ranking_table(variants: &[Variant]) -> String {
+    let params = columns(variants);
+    let mut html = String::from("<table class=\"scores\"><tr><th>rank</th><th>variant</th>");
+    for name in &params {
+        let _ = write!(html, "<th>{}</th>", escape_html(name));
+    }
+    html.push_str("<th>n</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>PRES</th></tr>");
+    for (rank, variant) in variants.iter().enumerate() {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><th>{}</th>",
+            rank + 1,
+            escape_html(variant.label)
+        );
+        for name in &params {
+            let value = variant
+                .params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map_or("—", |(_, v)| v.as_str());
+            let _ = write!(html, "<td>{}</td>", escape_html(value));
+        }
+        let n = variant.entry["n"].as_u64().unwrap_or(0);
+        let _ = write!(html, "<td>{n}</td>");
+        for (metric, _) in METRICS {
+            let _ = write!(html, "<td>{}</td>", cell(variant.mean(metric)));
+        }
+        html.push_str("</tr>");
+    }
+    for (row, dino, clip_i, clip_t) in PAPER_TABLE_1 {
+        let blanks = "<td></td>".repeat(params.len() + 1);
+        let _ = write!(
+            html,
+            "<tr class=\"paper\"><td>paper</td><th>{row} (Table 1)</th>{blanks}<td>{}</td><td>{}</td><td>{}</td><td>—</td></tr>",
+            cell(Some(dino)),
+            cell(Some(clip_i)),
+            cell(clip_t)
+        );
+    }
+    html.push_str("</table>");
+    html
+}
+
+/// Table 1's values of `metric` as reference lines.
+fn references(metric: &str) -> Vec<ReferenceLine> {
+    PAPER_TABLE_1
+        .iter()
+        .filter_map(|(row, dino, clip_i, clip_t)| {
+            let value = match metric {
+                "dino" => Some(*dino),
+                "clip_i" => Some(*clip_i),
+                "clip_t" => *clip_t,
+                _ => None,
+            }?;
+            Some(ReferenceLine {
+                label: format!("paper: {row} {value:.3}"),
+                value,
+            })
+        })
+        .collect()
+}
+
+/// The one parameter every variant sets to a number, with distinct values; `None` otherwise.
+fn single_numeric_sweep(variants: &[Variant]) -> Option<(String, Vec<f64>)> {
+    let names = columns(variants);
+    let [name] = names.as_slice() else {
+        return None;
+    };
+    let values: Option<Vec<f64>> = variants
+        .iter()
+        .map(|v| {
+            v.params
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, x)| x.parse().ok())
+        })
+        .collect();
+    let values = values?;
+    let mut distinct = values.clone();
+    distinct.sort_by(f64::total_cmp);
+    distinct.dedup();
+    (distinct.len() >= 2).then(|| (name.clone(), values))
+}
+
+fn charts(stage: &str, variants: &[Variant]) -> String {
+    let sweep = single_numeric_sweep(variants);
+    let (x_label, xs): (String, Vec<f64>) = match &sweep {
+        Some((name, values)) => (name.clone(), values.clone()),
+        None => (
+            "variant (rank in the table)".to_string(),
+            (1..=variants.len()).map(|r| r as f64).collect(),
+        ),
+    };
+    let mut html = String::from("<div class=\"charts\">");
+    for (metric, name) in METRICS {
+        let mut points: Vec<(f64, f64)> = xs
+            .iter()
+            .zip(variants)
+            .filter_map(|(x, v)| v.mean(metric).map(|y| (*x, y)))
+            .collect();
+        if points.is_empty() {
+            continue;
+        }
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let spec = ChartSpec {
+            title: format!("{stage} — {name}"),
+            x_label: x_label.clone(),
+            y_label: name.to_string(),
+            width: CHART_SIZE.0,
+            height: CHART_SIZE.1,
+        };
+        html.push_str(&line_chart_with_references(
+            &points,
+            &references(metric),
+            &spec,
+        ));
+    }
+    html.push_str("</div>");
+    html
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_labels_give_their_swept_parameters() {
+        assert_eq!(
+            swept_params("db[learning_rate=2e-6,with_prior=true]"),
+            [
+                ("learning_rate".to_string(), "2e-6".to_string()),
+                ("with_prior".to_string(), "true".to_string())
+            ]
+        );
+        assert!(swept_params("tiny-sd").is_empty());
+        // A grid row label: the variant, then the compared sampler settings.
+        assert_eq!(
+            swept_params("db[learning_rate=2e-6] · ddim"),
+            [("learning_rate".to_string(), "2e-6".to_string())]
+        );
+    }
+}
