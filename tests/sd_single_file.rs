@@ -151,7 +151,12 @@ fn bad_single_files_say_what_to_do() {
             && error.contains("not a standard SD 1.x/2.x shape: pass a diffusers folder with its configs (`--config FOLDER` / `config:`)"),
         "{error}"
     );
-    assert!(!out.path().join("m").exists() && !out.path().join("m.partial").exists());
+    let left: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
     let pickle = out.path().join("model.ckpt");
     std::fs::write(&pickle, b"not read").unwrap();
     let error = single_file::import(&pickle, &ImportOptions::default(), &out.path().join("p"))
@@ -161,4 +166,95 @@ fn bad_single_files_say_what_to_do() {
         error.contains("a pickled checkpoint (.ckpt/.pt/.bin) is not read (it can run code)"),
         "{error}"
     );
+}
+
+/// `dreampipe sample --model FILE.safetensors --config FOLDER` (the file read into a folder in
+/// the cache once) renders the folder's image, pixel for pixel.
+#[test]
+fn sample_reads_a_single_file_and_renders_the_folders_image() {
+    let out = tempfile::tempdir().unwrap();
+    let render = |model: &Path, config: Option<&Path>, png: &str| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dreampipe"));
+        command
+            .args(["--device", "cpu", "--cache"])
+            .arg(out.path().join("cache"))
+            .args(["sample", "--model"])
+            .arg(model)
+            .args([
+                "--prompt",
+                "a photo of a dog",
+                "--seed",
+                "3",
+                "--steps",
+                "2",
+            ])
+            .args(["--width", "64", "--height", "64", "--out"])
+            .arg(out.path().join(png));
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let output = command.output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        image::open(out.path().join(png)).unwrap().to_rgb8()
+    };
+    let folder = fixture("sd15-shaped");
+    let from_file = render(
+        &fixture("sd15-shaped.safetensors"),
+        Some(&folder),
+        "file.png",
+    );
+    let from_folder = render(&folder, None, "folder.png");
+    assert_eq!(from_file.as_raw(), from_folder.as_raw());
+    let imported = std::fs::read_dir(out.path().join("cache/shared/single-file"))
+        .unwrap()
+        .count();
+    assert_eq!(imported, 1);
+}
+
+/// A `generate` stage takes a single file dreampipe wrote as its `model:` (configs from the
+/// file's metadata) and makes the images the folder makes.
+#[test]
+fn a_stage_takes_a_single_file_as_its_model() {
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("model.safetensors");
+    single_file::export(&fixture("sd15-shaped"), &file, Kind::Float).unwrap();
+    let pipeline = |model: &Path| {
+        format!(
+            "name: gen\nstages:\n  class:\n    kind: generate\n    model: {}\n    prompt: a photo of a dog\n    count: 1\n    steps: 2\n    width: 64\n    height: 64\n",
+            model.display()
+        )
+    };
+    let run = |name: &str, model: &Path| {
+        let dir = out.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("gen.yaml"), pipeline(model)).unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+            .current_dir(&dir)
+            .args([
+                "--device", "cpu", "--cache", "cache", "run", "gen.yaml", "--plain",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let images = dir.join("cache/runs/gen/class/images");
+        let first = std::fs::read_dir(&images)
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .path();
+        image::open(first).unwrap().to_rgb8()
+    };
+    let from_file = run("file", &file);
+    let from_folder = run("folder", &fixture("sd15-shaped"));
+    assert_eq!(from_file.as_raw(), from_folder.as_raw());
 }

@@ -1,5 +1,7 @@
 //! `dreampipe model ...`: model-folder utilities. `model init` writes a diffusers folder with
-//! seeded random weights in a known architecture (for benchmarks and tests without checkpoints).
+//! seeded random weights in a known architecture (for benchmarks and tests without checkpoints);
+//! `model import` / `model export` turn a single-file checkpoint into a diffusers folder and back
+//! (`sd::single_file`).
 use super::Context;
 use crate::embed::init::{EmbedArchitecture, write_folder};
 use crate::sd::init::{self, Architecture, InitOptions, WeightDtype};
@@ -11,6 +13,40 @@ use std::time::Instant;
 pub enum ModelCommand {
     /// Write a complete diffusers folder (configs, tokenizer, random weights) in an architecture.
     Init(InitArgs),
+    /// Turn a single-file SD 1.x/2.x `.safetensors` checkpoint into a diffusers folder.
+    Import(ImportArgs),
+    /// Write a diffusers folder as one single-file `.safetensors` (A1111 / ComfyUI layout).
+    Export(ExportArgs),
+}
+
+/// Arguments of `dreampipe model import`.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The single file (`.safetensors`; `.ckpt` pickles are refused).
+    pub file: PathBuf,
+    /// Output folder (replaced if it exists).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A diffusers folder whose configs and tokenizer (no weights needed) describe the model;
+    /// needed for shapes other than the standard SD 1.x / 2.x ones.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// `epsilon` or `v_prediction` (SD 2.x 768 models); the file cannot say.
+    #[arg(long, value_parser = ["epsilon", "v_prediction", "sample"])]
+    pub prediction_type: Option<String>,
+}
+
+/// Arguments of `dreampipe model export`.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The diffusers folder.
+    pub folder: PathBuf,
+    /// The single file to write (`.safetensors`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Precision of the written tensors.
+    #[arg(long, value_parser = ["f32", "f16", "bf16"], default_value = "f16")]
+    pub dtype: String,
 }
 
 /// Arguments of `dreampipe model init`.
@@ -53,7 +89,42 @@ pub enum DtypeArg {
 pub fn run(command: ModelCommand, _context: &Context) -> anyhow::Result<ExitCode> {
     match command {
         ModelCommand::Init(args) => run_init(&args),
+        ModelCommand::Import(args) => run_import(&args),
+        ModelCommand::Export(args) => run_export(&args),
     }
+}
+
+fn run_import(args: &ImportArgs) -> anyhow::Result<ExitCode> {
+    let options = crate::sd::single_file::ImportOptions {
+        config: args.config.clone(),
+        prediction_type: args.prediction_type.clone(),
+    };
+    let started = Instant::now();
+    crate::sd::single_file::import(&args.file, &options, &args.out)?;
+    println!(
+        "wrote {} from {} in {:.1}s",
+        args.out.display(),
+        args.file.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_export(args: &ExportArgs) -> anyhow::Result<ExitCode> {
+    let kind = match args.dtype.as_str() {
+        "f32" => tch::Kind::Float,
+        "bf16" => tch::Kind::BFloat16,
+        _ => tch::Kind::Half,
+    };
+    let started = Instant::now();
+    crate::sd::single_file::export(&args.folder, &args.out, kind)?;
+    println!(
+        "wrote {} ({} bytes) in {:.1}s",
+        args.out.display(),
+        std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_init(args: &InitArgs) -> anyhow::Result<ExitCode> {

@@ -12,9 +12,17 @@ use std::process::ExitCode;
 /// Arguments of `dreampipe sample` (the exact CLI other tools call).
 #[derive(Debug, clap::Args)]
 pub struct SampleArgs {
-    /// A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+    /// or a single-file SD 1.x/2.x `.safetensors` checkpoint.
     #[arg(long, default_value = "models/tiny-sd")]
     pub model: PathBuf,
+    /// With a single file: a diffusers folder whose configs and tokenizer describe it (shapes
+    /// other than the standard SD 1.x/2.x ones).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// With a single file: `epsilon` or `v_prediction` (SD 2.x 768 models).
+    #[arg(long, value_parser = ["epsilon", "v_prediction", "sample"])]
+    pub prediction_type: Option<String>,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value = "")]
@@ -61,9 +69,10 @@ impl DType {
 }
 
 pub fn run(context: &Context, args: &SampleArgs) -> anyhow::Result<ExitCode> {
-    let model = StableDiffusion::load(&args.model, context.device, args.dtype.kind())?;
+    let folder = model_folder(context, args)?;
+    let model = StableDiffusion::load(&folder, context.device, args.dtype.kind())?;
     let output = sample_with_progress_bar(&model, &request_of(args))?;
-    let hash = short_weights_hash(&args.model);
+    let hash = short_weights_hash(&folder);
     for index in 0..args.batch {
         let path = output_path(&args.out, index, args.batch);
         let parameters = parameters_of(args, &output, &hash, index);
@@ -161,6 +170,31 @@ fn model_name(dir: &Path) -> String {
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| dir.display().to_string())
+}
+
+/// The diffusers folder of `--model`: itself, or for a single file the folder it is read into
+/// once (`<cache>/shared/single-file/<blake3 of file, config, prediction type>`).
+fn model_folder(context: &Context, args: &SampleArgs) -> anyhow::Result<PathBuf> {
+    if !args.model.is_file() {
+        return Ok(args.model.clone());
+    }
+    let size = std::fs::metadata(&args.model)?.len();
+    let digest = dreampipe_core::cache::hash::hash_file_uncached(&args.model, size)?;
+    let options = crate::sd::single_file::ImportOptions {
+        config: args.config.clone(),
+        prediction_type: args.prediction_type.clone(),
+    };
+    let variant = blake3::hash(
+        format!("{digest}{:?}{:?}", options.config, options.prediction_type).as_bytes(),
+    );
+    let folder = context
+        .cache_root
+        .join("shared/single-file")
+        .join(variant.to_hex().as_str());
+    if !folder.join("model_index.json").is_file() {
+        crate::sd::single_file::import(&args.model, &options, &folder)?;
+    }
+    Ok(folder)
 }
 
 /// A1111-style short model hash: the first 10 hex digits of the blake3 of the UNet weights.

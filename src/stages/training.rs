@@ -43,6 +43,32 @@ pub use dreampipe_core::report::build::IMAGES_FILE;
 const LOSS_SMOOTHING: f64 = 0.9;
 /// The model folder an input names: itself, or its `model/` when only that is a diffusers
 /// folder (the output of a `textual_inversion` stage).
+/// The model folder of a `model:` input (see [`model_dir`]); a single-file checkpoint is read
+/// into a diffusers folder once, kept in the cache's shared area by its content digest.
+pub fn resolve_model(ctx: &StageContext<'_>, input: &Path) -> Result<PathBuf, StageError> {
+    if !input.is_file() {
+        return Ok(model_dir(input));
+    }
+    let size = std::fs::metadata(input)
+        .map_err(|e| StageError::io("read", input, e))?
+        .len();
+    let digest = dreampipe_core::cache::hash::hash_file_uncached(input, size)
+        .map_err(|e| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id)))?;
+    let folder = ctx.shared_dir("single-file")?.join(digest);
+    if folder.join("model_index.json").is_file() {
+        return Ok(folder);
+    }
+    ctx.log.line(&format!(
+        "reading single file {} into {}",
+        input.display(),
+        folder.display()
+    ));
+    let options = crate::sd::single_file::ImportOptions::default();
+    crate::sd::single_file::import(input, &options, &folder)
+        .map_err(|e| StageError::Failed(format!("stage `{}`, field `model`: {e}", ctx.stage_id)))?;
+    Ok(folder)
+}
+
 pub fn model_dir(input: &Path) -> PathBuf {
     let nested = input.join("model");
     if !input.join("model_index.json").is_file() && nested.join("model_index.json").is_file() {

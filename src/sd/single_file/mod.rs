@@ -87,8 +87,7 @@ pub fn import(file: &Path, options: &ImportOptions, out: &Path) -> Result<(), Si
     let metadata = read_metadata(file)?;
     let tensors: HashMap<String, Tensor> = weights::read_tensors(file)?.into_iter().collect();
     let layout = TextEncoderLayout::detect(file, &tensors)?;
-    let staging = out.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&staging);
+    let staging = partial_path(out);
     let written = write_configs(file, &metadata, options, layout, &staging)
         .and_then(|()| fill_components(file, &tensors, layout, &staging));
     if let Err(error) = written {
@@ -99,6 +98,15 @@ pub fn import(file: &Path, options: &ImportOptions, out: &Path) -> Result<(), Si
     std::fs::rename(&staging, out).map_err(|e| {
         SingleFileError::Write(format!("{}: cannot rename into place: {e}", out.display()))
     })
+}
+
+/// `<out>.partial-<pid>-<n>`: where an import writes before its rename (unique, so two
+/// processes importing the same file never write into one folder).
+fn partial_path(out: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    out.with_file_name(format!("{name}.partial-{}-{n}", std::process::id()))
 }
 
 fn refuse_pickles(file: &Path) -> Result<(), SingleFileError> {

@@ -72,9 +72,12 @@ pub fn load_str(
     }
 }
 
-/// A diffusers folder, or a folder whose `model/` is one (a `textual_inversion` output).
+/// A diffusers folder, a folder whose `model/` is one (a `textual_inversion` output), or a
+/// single-file `.safetensors` checkpoint (read into a folder when the stage runs).
 fn is_model_folder(path: &Path) -> bool {
-    path.join("model_index.json").is_file() || path.join("model/model_index.json").is_file()
+    path.join("model_index.json").is_file()
+        || path.join("model/model_index.json").is_file()
+        || (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
 }
 
 fn too_many_stages(count: usize) -> String {
@@ -831,7 +834,7 @@ impl Checker<'_> {
                         self.stage_error(stage, spec.name, format!("input `{item}` does not exist{also} (paths are relative to the pipeline's folder)"));
                         ok = false;
                     } else if spec.model && !is_model_folder(&resolved) {
-                        self.stage_error(stage, spec.name, format!("`{item}` is not a model folder (no model_index.json in it or in its `model/`); give a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a stage that writes one"));
+                        self.stage_error(stage, spec.name, format!("`{item}` is not a model folder (no model_index.json in it or in its `model/`); give a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), a single-file `.safetensors` checkpoint or a stage that writes one"));
                         ok = false;
                     }
                     field_paths.push((item, resolved));
