@@ -158,6 +158,6 @@ fn set_of_a_model_to_a_folder_that_is_no_model_names_the_field() {
     let text = "stages:\n  db:\n    kind: dreambooth\n    model: models/tiny-sd\n    instance_images: tests/fixtures\n    instance_prompt: a photo of sks dog\n";
     assert_eq!(
         load_error(text, &["db.model=/etc"]),
-        "pipeline `p.yaml` is invalid (1 error):\n  p.yaml:4:5: stage `db`, field `model`: `/etc` is not a model folder (no model_index.json in it or in its `model/`); give a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a stage that writes one"
+        "pipeline `p.yaml` is invalid (1 error):\n  p.yaml:4:5: stage `db`, field `model`: `/etc` is not a model folder (no model_index.json in it or in its `model/`); give a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), a single-file `.safetensors` checkpoint or a stage that writes one"
     );
 }
