@@ -659,9 +659,7 @@ async fn compute(
     if shared.cancel.is_cancelled() {
         return Err("cancelled".to_string());
     }
-    let mut job = job_spec(shared, index, upstream, new, key);
-    job.snapshots = snapshot_specs(shared, index, upstream).await?;
-    job.extend_from = extension_base(shared, index, new).await?;
+    let job = planned_job(shared, index, upstream, new, key).await?;
     record.log = Some(shared.store.log_path(key));
     let _ = shared.events.send(Event::Started {
         id: stage.id.clone(),
@@ -713,9 +711,7 @@ async fn compute_on_slurm(
     record: &mut StageRecord,
 ) -> Result<Done, String> {
     let stage = shared.plan.pipeline.stages[index].clone();
-    let mut job = job_spec(shared, index, upstream, new, key);
-    job.snapshots = snapshot_specs(shared, index, upstream).await?;
-    job.extend_from = extension_base(shared, index, new).await?;
+    let job = planned_job(shared, index, upstream, new, key).await?;
     let mut resources =
         (shared.plan.pipeline.executor).resources_for(stage.kind.kind(), &stage.resources);
     resources.gpus = Some(resources.device_slots(stage.kind.device_class()));
@@ -803,6 +799,21 @@ fn finish_computed(
     record.output = Some(output);
     record.output_digest = Some(committed.output_digest.clone());
     Ok((key.to_string(), committed.output_digest.clone()))
+}
+
+/// The job of stage `index` with what its run also does: the snapshots it leaves for the
+/// shorter variants it serves, and the cached shorter run it continues.
+async fn planned_job(
+    shared: &Arc<Shared>,
+    index: usize,
+    upstream: &BTreeMap<usize, Done>,
+    material: &KeyMaterial,
+    key: &str,
+) -> Result<JobSpec, String> {
+    let mut job = job_spec(shared, index, upstream, material, key);
+    job.snapshots = snapshot_specs(shared, index, upstream).await?;
+    job.extend_from = extension_base(shared, index, material).await?;
+    Ok(job)
 }
 
 /// The self-contained description of one run of stage `index` under `key`.
