@@ -258,3 +258,68 @@ fn a_stage_takes_a_single_file_as_its_model() {
     let from_folder = run("folder", &fixture("sd15-shaped"));
     assert_eq!(from_file.as_raw(), from_folder.as_raw());
 }
+
+/// A DreamBooth stage with `export: [diffusers, single_file]` writes `model.safetensors` next
+/// to its folder (what `model export` writes, in `save_dtype`); with `export: [single_file]`
+/// the folder goes and a downstream `generate` still takes the stage as its model.
+#[test]
+fn training_stages_export_a_single_file() {
+    let out = tempfile::tempdir().unwrap();
+    let photos = out.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    for index in 0..2u32 {
+        let image = image::RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([(x * 4 + index * 60) as u8, (y * 4) as u8, 90])
+        });
+        image.save(photos.join(format!("p{index}.png"))).unwrap();
+    }
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-sd");
+    let pipeline = |export: &str| {
+        format!(
+            "name: exp\nstages:\n  db:\n    kind: dreambooth\n    model: {}\n    instance_images: photos\n    instance_prompt: a photo of sks dog\n    resolution: 64\n    train_batch_size: 1\n    max_train_steps: 2\n    export: {export}\n    save_dtype: f32\n  gen:\n    kind: generate\n    model: db\n    prompt: a photo of sks dog\n    count: 1\n    steps: 2\n    width: 64\n    height: 64\n",
+            model.display()
+        )
+    };
+    let run = |export: &str| {
+        std::fs::write(out.path().join("exp.yaml"), pipeline(export)).unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_dreampipe"))
+            .current_dir(out.path())
+            .env("OMP_NUM_THREADS", "1")
+            .args([
+                "--device", "cpu", "--cache", "cache", "run", "exp.yaml", "--plain",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let db = std::fs::canonicalize(out.path().join("cache/runs/exp/db")).unwrap();
+        let images = std::fs::canonicalize(out.path().join("cache/runs/exp/gen/images")).unwrap();
+        let first = std::fs::read_dir(images)
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .path();
+        (db, image::open(first).unwrap().to_rgb8())
+    };
+    let (both, image_from_folder) = run("[diffusers, single_file]");
+    assert!(both.join("model_index.json").is_file());
+    let exported = out.path().join("exported.safetensors");
+    single_file::export(&both, &exported, Kind::Float).unwrap();
+    let written: BTreeMap<String, Tensor> = read_tensors(&both.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    for (name, tensor) in read_tensors(&exported).unwrap() {
+        assert!(tensor.equal(&written[&name]), "{name}");
+    }
+
+    let (only, image_from_file) = run("[single_file]");
+    assert!(only.join("model.safetensors").is_file());
+    assert!(!only.join("model_index.json").exists() && !only.join("unet").exists());
+    assert_eq!(image_from_file.as_raw(), image_from_folder.as_raw());
+}

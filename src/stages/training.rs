@@ -30,6 +30,17 @@ use std::path::{Path, PathBuf};
 
 /// Subfolder of `work_dir` the run writes its output into before it is moved to `out_dir`.
 const STAGED_OUTPUT: &str = "output";
+/// The single file a stage writes with `export: [single_file]`.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// What a diffusers model folder holds.
+const MODEL_ENTRIES: [&str; 6] = [
+    "model_index.json",
+    "unet",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "scheduler",
+];
 /// Subfolder of `work_dir` with the validation samples written for each snapshot.
 const SNAPSHOT_SAMPLES: &str = "snapshot-samples";
 /// Subfolder of `work_dir` the model is written to before each validation.
@@ -46,8 +57,15 @@ const LOSS_SMOOTHING: f64 = 0.9;
 /// The model folder of a `model:` input (see [`model_dir`]); a single-file checkpoint is read
 /// into a diffusers folder once, kept in the cache's shared area by its content digest.
 pub fn resolve_model(ctx: &StageContext<'_>, input: &Path) -> Result<PathBuf, StageError> {
+    let folder = model_dir(input);
+    // A training stage's output with `export: [single_file]` only: its model.safetensors.
+    let single = input.join(SINGLE_FILE);
+    let input = match !folder.join("model_index.json").is_file() && single.is_file() {
+        true => single.as_path(),
+        false => input,
+    };
     if !input.is_file() {
-        return Ok(model_dir(input));
+        return Ok(folder);
     }
     let size = std::fs::metadata(input)
         .map_err(|e| StageError::io("read", input, e))?
@@ -184,6 +202,7 @@ pub fn run_method(
 ) -> Result<(), StageError> {
     prepare_extension(ctx)?;
     let outcome = run_training(ctx, train)?;
+    apply_exports(ctx, ctx.out_dir).map_err(StageError::Failed)?;
     if let Some(step) = outcome.resumed_from {
         ctx.log.line(&format!("resumed from step {step}"));
     }
@@ -271,7 +290,48 @@ fn finish_snapshot(
                 .map_err(|e| format!("copying `{}`: {e}", samples.join(&name).display()))?;
         }
     }
-    write_report(ctx, dir, prompt).map_err(|e| e.to_string())
+    write_report(ctx, dir, prompt).map_err(|e| e.to_string())?;
+    apply_exports(ctx, dir)
+}
+
+/// The single file of the stage's model folder in `out` (the output itself, or `out/model` for
+/// textual inversion) when `export:` names it, and the folder removed when `export:` does not
+/// name `diffusers`. Snapshots get the same, so a served variant's output is its own.
+fn apply_exports(ctx: &StageContext<'_>, out: &Path) -> Result<(), String> {
+    let formats = ctx.string_list_param("export");
+    if !formats.iter().any(|f| f == "single_file") {
+        return Ok(());
+    }
+    let folder = model_dir(out);
+    let kind = match ctx.str_param("save_dtype").unwrap_or("f16") {
+        "f32" => tch::Kind::Float,
+        "bf16" => tch::Kind::BFloat16,
+        _ => tch::Kind::Half,
+    };
+    let file = out.join(SINGLE_FILE);
+    crate::sd::single_file::export(&folder, &file, kind)
+        .map_err(|e| format!("stage `{}`, field `export`: {e}", ctx.stage_id))?;
+    if formats.iter().any(|f| f == "diffusers") {
+        return Ok(());
+    }
+    remove_model_folder(&folder, out)
+}
+
+/// Removes a diffusers folder's files (the folder itself when it is `out/model`).
+fn remove_model_folder(folder: &Path, out: &Path) -> Result<(), String> {
+    let failed = |path: &Path, e: std::io::Error| format!("removing `{}`: {e}", path.display());
+    if folder != out {
+        return std::fs::remove_dir_all(folder).map_err(|e| failed(folder, e));
+    }
+    for entry in MODEL_ENTRIES {
+        let path = out.join(entry);
+        let removed = match path.is_dir() {
+            true => std::fs::remove_dir_all(&path),
+            false => std::fs::remove_file(&path),
+        };
+        removed.map_err(|e| failed(&path, e))?;
+    }
+    Ok(())
 }
 
 /// Where the validation samples of the snapshot at `step` are written as they are made.

@@ -149,6 +149,7 @@ impl Stage for DreamBoothKind {
             problems.push(("class_prompt", CLASS_PROMPT_REQUIRED.to_string()));
         }
         problems.extend(too_few_generated_class_images(fields));
+        problems.extend(training::export_problem(fields.params));
         problems
     }
 }

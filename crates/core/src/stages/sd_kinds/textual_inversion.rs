@@ -106,10 +106,12 @@ impl Stage for TextualInversionKind {
         true
     }
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
-        match fields.flag("gradient_checkpointing") {
-            true => vec![("gradient_checkpointing", NO_CHECKPOINTING.to_string())],
-            false => Vec::new(),
+        let mut problems = Vec::new();
+        if fields.flag("gradient_checkpointing") {
+            problems.push(("gradient_checkpointing", NO_CHECKPOINTING.to_string()));
         }
+        problems.extend(training::export_problem(fields.params));
+        problems
     }
 }
 

@@ -32,6 +32,23 @@ pub fn prefix_problem(params: &serde_json::Map<String, Value>) -> Option<String>
     })
 }
 
+/// What `export:` accepts.
+pub const EXPORT_FORMATS: [&str; 2] = ["diffusers", "single_file"];
+
+/// `export:` must name at least one format.
+pub fn export_problem(params: &serde_json::Map<String, Value>) -> Option<(&'static str, String)> {
+    let empty = params
+        .get("export")
+        .and_then(Value::as_array)
+        .is_some_and(|formats| formats.is_empty());
+    empty.then(|| {
+        (
+            "export",
+            "names no format; give `diffusers`, `single_file` or both".to_string(),
+        )
+    })
+}
+
 /// Upper bounds of the step-like fields: far beyond any real run, low enough to catch typos.
 const MAX_STEPS: f64 = 10_000_000.0;
 /// Largest batch / accumulation accepted (memory bounds it long before).
@@ -222,6 +239,20 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             "denoising steps of a validation sample",
         )
         .range(1.0, MAX_INFERENCE_STEPS),
+        ParamSpec::optional(
+            "export",
+            ParamType::StringList,
+            json!(["diffusers"]),
+            "what the trained model is written as: `diffusers` (the folder) and/or `single_file` (`model.safetensors` in the A1111 / ComfyUI layout, configs in its metadata)",
+        )
+        .one_of(&EXPORT_FORMATS),
+        ParamSpec::optional(
+            "save_dtype",
+            Text,
+            json!("f16"),
+            "precision of `model.safetensors` (f32, f16, bf16)",
+        )
+        .one_of(&["f32", "f16", "bf16"]),
         ParamSpec::optional(
             "dtype",
             Text,
