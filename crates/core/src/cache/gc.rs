@@ -35,6 +35,8 @@ pub struct GcReport {
     /// Training states removed (`states/<key>`), and their bytes.
     pub removed_states: usize,
     pub freed_state_bytes: u64,
+    /// Slurm job folders (`jobs/<key>`) and job-log folders (`logs/<key>/`) removed.
+    pub removed_job_files: usize,
 }
 
 /// A `shared/` file modified this recently is never removed: a running stage may be writing
@@ -74,6 +76,7 @@ pub fn gc(store: &Store, policy: &GcPolicy) -> Result<GcReport, CacheError> {
     }
     sweep_objects(store, &mut report)?;
     sweep_states(store, policy.drop_states, &mut report);
+    sweep_job_files(store, &mut report);
     report.removed_staging = sweep_staging(store);
     let oldest_kept = store.results().iter().map(|r| r.created_unix).min();
     sweep_shared(store, oldest_kept, &mut report)?;
@@ -98,6 +101,30 @@ fn sweep_states(store: &Store, drop_all: bool, report: &mut GcReport) {
         if std::fs::remove_dir_all(entry.path()).is_ok() {
             report.removed_states += 1;
             report.freed_state_bytes += bytes;
+        }
+    }
+}
+
+/// Removes the Slurm files of finished work: `jobs/<key>` once the key has a result (its job
+/// file and exit records are no longer read) or when the key has none and nobody holds its lock
+/// (a job that failed or whose result was removed; a rerun writes them anew), and `logs/<key>/`
+/// of keys without a result.
+fn sweep_job_files(store: &Store, report: &mut GcReport) {
+    for (folder, keep_when_result) in [("jobs", false), ("logs", true)] {
+        let Ok(entries) = std::fs::read_dir(store.root().join(folder)) else {
+            continue;
+        };
+        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+            let key = entry.file_name().to_string_lossy().into_owned();
+            if keep_when_result && store.lookup(&key).is_some() {
+                continue;
+            }
+            let Ok(Some(_lock)) = store.try_lock_key(&key) else {
+                continue; // a run is computing or using this key
+            };
+            if std::fs::remove_dir_all(entry.path()).is_ok() {
+                report.removed_job_files += 1;
+            }
         }
     }
 }
@@ -224,6 +251,34 @@ mod tests {
             .expect("open");
         file.set_modified(SystemTime::now() - Duration::from_secs(age_secs))
             .expect("set mtime");
+    }
+
+    #[test]
+    fn slurm_job_folders_go_and_job_logs_stay_with_their_results() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let kept = "a".repeat(64);
+        let gone = "b".repeat(64);
+        let result = store.result_dir(&kept);
+        std::fs::create_dir_all(result.join("out")).expect("mkdir");
+        let record = serde_json::json!({"key": kept, "stage_id": "db", "kind": "command",
+            "output_digest": "d", "size_bytes": 0, "files": {}, "created_unix": 1, "duration_s": 0.0});
+        std::fs::write(result.join("result.json"), record.to_string()).expect("record");
+        for key in [&kept, &gone] {
+            file_aged(&dir.path().join(format!("jobs/{key}/job.json")), 0);
+            file_aged(&dir.path().join(format!("logs/{key}/slurm-1.log")), 0);
+        }
+        file_aged(&dir.path().join(format!("logs/{gone}.log")), 0);
+        let mut report = GcReport::default();
+        sweep_job_files(&store, &mut report);
+        assert_eq!(report.removed_job_files, 3);
+        let exists = |relative: String| dir.path().join(relative).exists();
+        assert!(!exists(format!("jobs/{kept}")) && !exists(format!("jobs/{gone}")));
+        assert!(exists(format!("logs/{kept}/slurm-1.log")) && !exists(format!("logs/{gone}")));
+        assert!(
+            exists(format!("logs/{gone}.log")),
+            "stage logs are not Slurm files"
+        );
     }
 
     #[test]

@@ -113,6 +113,12 @@ pub fn run(context: &Context, args: &CacheArgs) -> anyhow::Result<ExitCode> {
                 report.freed_bytes,
                 report.removed_staging
             );
+            if report.removed_job_files > 0 {
+                println!(
+                    "removed {} Slurm job/log folder(s) of finished work",
+                    report.removed_job_files
+                );
+            }
             if report.removed_states > 0 {
                 println!(
                     "removed {} training state(s) ({} bytes)",
