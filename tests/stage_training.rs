@@ -988,3 +988,33 @@ fn raising_max_train_steps_continues_the_cached_run() {
     assert_eq!(std::fs::read_dir(&states).unwrap().count(), 0);
     assert_eq!(project.result_count(), 2);
 }
+
+/// `run --locked` checks the variants a shared run serves like any computed result: with the
+/// cache gone, the sweep trains once again and every output digest matches the lock file.
+#[test]
+fn a_locked_rerun_checks_the_served_variants() {
+    let project = project_with(&steps_sweep("constant", "[3, 6, 12]"));
+    assert_success(&run(&project, "train.yaml", &[]));
+    std::fs::remove_dir_all(project.cache()).unwrap();
+    let (locked, steps) = {
+        let output = command(
+            &project,
+            "train.yaml",
+            &["--locked", "--message-format", "json"],
+        )
+        .output()
+        .expect("run dreampipe");
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        let steps = stdout
+            .lines()
+            .filter(|l| l.contains("\"event\":\"progress\""))
+            .count();
+        (output, steps)
+    };
+    assert!(
+        locked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&locked.stderr)
+    );
+    assert_eq!(steps, 12);
+}

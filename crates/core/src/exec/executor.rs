@@ -336,6 +336,8 @@ async fn run_stage(
         return Ok(done);
     }
     if let Some(done) = served_by_runner(shared, index, &key, record).await? {
+        // Computed by this run (from a longer run's snapshot): `--locked` checks it like any.
+        check_locked_output(shared, &stage.id, &done.1)?;
         return Ok(done);
     }
     warn_unreadable_record(shared, &stage.id, &key);
@@ -410,6 +412,9 @@ async fn served_by_runner(
     let Some((runner, _)) = shared.sharing.served_by[index] else {
         return Ok(None);
     };
+    if shared.forced[index] {
+        return Ok(None); // `--force` recomputes it on its own
+    }
     let mut ended = shared.ended[runner].subscribe();
     // The runner may never start (cancelled before it was spawned): keep an eye on the flag.
     while !*ended.borrow() && !shared.cancel.is_cancelled() {
@@ -435,6 +440,9 @@ async fn snapshot_specs(
 ) -> Result<Vec<SnapshotSpec>, String> {
     let mut specs = Vec::new();
     for &(served, step) in &shared.sharing.serves[index] {
+        if shared.forced[served] {
+            continue; // recomputed on its own
+        }
         let material = compute_material(shared, served, upstream).await?;
         let key = material.key();
         if shared.store.lookup(&key).is_none() {
