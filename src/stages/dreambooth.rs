@@ -21,7 +21,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
 fn config_from(ctx: &StageContext<'_>) -> Result<DreamBoothConfig, StageError> {
     use training::{flag, int, number, text};
     let (lr_scheduler, optimizer, mixed_precision) = training::enum_fields(ctx)?;
-    let model = training::resolve_model(ctx, &training::single_input(ctx, "model")?)?;
+    let model = training::resolve_model(ctx, training::single_resolved(ctx, "model")?)?;
     let instances = training::checked_image_dir(ctx, "instance_images")?;
     let mut config = DreamBoothConfig::new(
         model,

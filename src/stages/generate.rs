@@ -68,7 +68,7 @@ impl Job {
             batch: 1,
         };
         Ok(Self {
-            model_dir: super::training::resolve_model(ctx, &input.path)?,
+            model_dir: super::training::resolve_model(ctx, input)?,
             model_digest: input.digest.clone(),
             model_name: model_label(input),
             kind: dtype_param(ctx)?,

@@ -29,7 +29,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let mut done = 0u64;
     for model_input in &grid.models {
         let label = model_label(model_input);
-        let model_dir = super::training::resolve_model(ctx, &model_input.path)?;
+        let model_dir = super::training::resolve_model(ctx, model_input)?;
         let shared = load_model(ctx, "models", &model_dir, grid.kind)?;
         let model = shared.lock().unwrap_or_else(|p| p.into_inner());
         let hash = model_hash(&model_dir);

@@ -38,7 +38,7 @@ fn config_from(ctx: &StageContext<'_>) -> Result<TextualInversionConfig, StageEr
             dreampipe_core::stages::sd_kinds::textual_inversion::NO_CHECKPOINTING,
         ));
     }
-    let model = training::resolve_model(ctx, &training::single_input(ctx, "model")?)?;
+    let model = training::resolve_model(ctx, training::single_resolved(ctx, "model")?)?;
     let images = training::checked_image_dir(ctx, "instance_images")?;
     let mut config = TextualInversionConfig::new(
         model,

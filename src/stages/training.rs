@@ -14,7 +14,7 @@ use super::sd_common::{
     SampleInfo, create_dir, dtype_param, field_error, model_hash, provenance, provenance_of,
     restamp_as_this_stage, write_sample_as,
 };
-use super::{StageContext, StageError};
+use super::{ResolvedInput, StageContext, StageError};
 use crate::sd::pipeline::{DEFAULT_GUIDANCE, StableDiffusion, Txt2Img, Txt2ImgOutput};
 use crate::sd::train::TrainError;
 use crate::sd::train::checkpoint;
@@ -52,11 +52,11 @@ pub use dreampipe_core::report::build::IMAGES_FILE;
 /// Weight of the previous value in the progress bar's loss average (an exponential moving
 /// average, bias-corrected like Adam's moments; 0.9 ≈ the last ten steps).
 const LOSS_SMOOTHING: f64 = 0.9;
-/// The model folder an input names: itself, or its `model/` when only that is a diffusers
-/// folder (the output of a `textual_inversion` stage).
 /// The model folder of a `model:` input (see [`model_dir`]); a single-file checkpoint is read
-/// into a diffusers folder once, kept in the cache's shared area by its content digest.
-pub fn resolve_model(ctx: &StageContext<'_>, input: &Path) -> Result<PathBuf, StageError> {
+/// into a diffusers folder once, kept in the cache's shared area under the input's digest (the
+/// one its key holds; hashed here only when the input has none).
+pub fn resolve_model(ctx: &StageContext<'_>, model: &ResolvedInput) -> Result<PathBuf, StageError> {
+    let input = model.path.as_path();
     let folder = model_dir(input);
     // A training stage's output with `export: [single_file]` only: its model.safetensors.
     let single = input.join(SINGLE_FILE);
@@ -67,11 +67,16 @@ pub fn resolve_model(ctx: &StageContext<'_>, input: &Path) -> Result<PathBuf, St
     if !input.is_file() {
         return Ok(folder);
     }
-    let size = std::fs::metadata(input)
-        .map_err(|e| StageError::io("read", input, e))?
-        .len();
-    let digest = dreampipe_core::cache::hash::hash_file_uncached(input, size)
-        .map_err(|e| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id)))?;
+    let digest = match &model.digest {
+        Some(digest) => digest.clone(),
+        None => {
+            let size = (std::fs::metadata(input))
+                .map_err(|e| StageError::io("read", input, e))?
+                .len();
+            dreampipe_core::cache::hash::hash_file_uncached(input, size)
+                .map_err(|e| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id)))?
+        }
+    };
     let folder = ctx.shared_dir("single-file")?.join(digest);
     if folder.join("model_index.json").is_file() {
         return Ok(folder);
@@ -87,6 +92,8 @@ pub fn resolve_model(ctx: &StageContext<'_>, input: &Path) -> Result<PathBuf, St
     Ok(folder)
 }
 
+/// The model folder an input names: itself, or its `model/` when only that is a diffusers
+/// folder (the output of a `textual_inversion` stage).
 pub fn model_dir(input: &Path) -> PathBuf {
     let nested = input.join("model");
     if !input.join("model_index.json").is_file() && nested.join("model_index.json").is_file() {
@@ -109,9 +116,15 @@ pub fn image_dir(input: &Path) -> PathBuf {
 
 /// The one resolved path of input `field`.
 pub fn single_input(ctx: &StageContext<'_>, field: &str) -> Result<PathBuf, StageError> {
-    ctx.input_paths(field)
-        .first()
-        .map(|p| p.to_path_buf())
+    single_resolved(ctx, field).map(|input| input.path.clone())
+}
+
+/// The one resolved input of `field`, with its digest.
+pub fn single_resolved<'a>(
+    ctx: &'a StageContext<'_>,
+    field: &str,
+) -> Result<&'a ResolvedInput, StageError> {
+    (ctx.inputs.get(field).and_then(|inputs| inputs.first()))
         .ok_or_else(|| field_error(ctx, field, "no path was resolved"))
 }
 
@@ -363,10 +376,9 @@ fn prepare_extension(ctx: &StageContext<'_>) -> Result<(), StageError> {
     if has_checkpoints {
         return Ok(());
     }
-    copy_tree(
-        &base.state_dir,
-        &checkpoint::checkpoint_dir(ctx.work_dir, base.step),
-    )?;
+    let checkpoint = checkpoint::checkpoint_dir(ctx.work_dir, base.step);
+    crate::sd::train::output::copy_dir(&base.state_dir, &checkpoint)
+        .map_err(|e| stage_error(ctx, e))?;
     let staged = staged_output(ctx);
     create_dir(&staged)?;
     let metrics = base.output_dir.join(METRICS_FILE);
@@ -376,7 +388,9 @@ fn prepare_extension(ctx: &StageContext<'_>) -> Result<(), StageError> {
     for step in validation_steps(&samples) {
         let name = format!("step-{step}.png");
         let target = staged.join(VALIDATION_DIR).join(&name);
-        copy_tree(&samples.join(&name), &target)?;
+        create_dir(&staged.join(VALIDATION_DIR))?;
+        std::fs::copy(samples.join(&name), &target)
+            .map_err(|e| StageError::io("copy", &samples.join(&name), e))?;
         restamp_as_this_stage(ctx, &target, &base.stage_id)?;
     }
     ctx.log.line(&format!(
@@ -385,25 +399,6 @@ fn prepare_extension(ctx: &StageContext<'_>) -> Result<(), StageError> {
         &base.key[..12.min(base.key.len())],
         base.stage_id
     ));
-    Ok(())
-}
-
-/// Copies a file, or a folder with everything in it.
-fn copy_tree(from: &Path, to: &Path) -> Result<(), StageError> {
-    if from.is_file() {
-        if let Some(parent) = to.parent() {
-            create_dir(parent)?;
-        }
-        return std::fs::copy(from, to)
-            .map(|_| ())
-            .map_err(|e| StageError::io("copy", from, e));
-    }
-    create_dir(to)?;
-    let entries = std::fs::read_dir(from).map_err(|e| StageError::io("list", from, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| StageError::io("list", from, e))?;
-        copy_tree(&entry.path(), &to.join(entry.file_name()))?;
-    }
     Ok(())
 }
 

@@ -166,8 +166,8 @@ fn copy_file(from: &Path, to: &Path) -> Result<(), TrainError> {
         .map_err(|e| io_error(from, "copy", e))
 }
 
-/// Copies a component folder (files and subfolders).
-fn copy_dir(from: &Path, to: &Path) -> Result<(), TrainError> {
+/// Copies a folder (files and subfolders).
+pub fn copy_dir(from: &Path, to: &Path) -> Result<(), TrainError> {
     create_dir(to)?;
     let entries = std::fs::read_dir(from).map_err(|e| io_error(from, "list", e))?;
     for entry in entries {

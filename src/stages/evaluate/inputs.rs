@@ -188,18 +188,7 @@ pub fn image_files(
     Ok(files)
 }
 
-/// The real images (`real`).
-pub fn real_images(ctx: &StageContext<'_>) -> Result<Vec<PathBuf>, StageError> {
-    let folder = ctx
-        .input_paths("real")
-        .first()
-        .map(|p| p.to_path_buf())
-        .ok_or_else(|| {
-            field_error(
-                ctx,
-                "real",
-                "no input given; name an images stage or a folder",
-            )
-        })?;
-    image_files(ctx, "real", &folder)
+/// The real images (`real`) in `folder`, the field's resolved input.
+pub fn real_images(ctx: &StageContext<'_>, folder: &Path) -> Result<Vec<PathBuf>, StageError> {
+    image_files(ctx, "real", folder)
 }

@@ -84,7 +84,7 @@ fn real_embeddings(
         ));
         return Ok(found);
     }
-    let real = inputs::real_images(ctx)?;
+    let real = inputs::real_images(ctx, &folder)?;
     memo::real_embeddings(ctx, embedders, &real)
 }
 
