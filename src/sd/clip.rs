@@ -2,6 +2,7 @@
 //! pre-LayerNorm causal self-attention layers and a final LayerNorm. Variables are named exactly
 //! like the checkpoint keys (`text_model.encoder.layers.0.self_attn.q_proj.weight`, ...) so
 //! `weights::load_into` fills them; files with or without the `text_model.` prefix load.
+use crate::sd::layers::{Linear, LinearVisitor};
 use crate::sd::weights::{self, WeightsError};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -178,10 +179,10 @@ pub struct ClipTextOutput {
 /// Multi-head causal self-attention with q/k/v/out projections.
 #[derive(Debug)]
 struct SelfAttention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    out_proj: nn::Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
     heads: i64,
     causal: bool,
 }
@@ -222,14 +223,7 @@ pub(crate) fn loaded_linear() -> nn::LinearConfig {
 
 impl SelfAttention {
     fn new(path: nn::Path, dims: LayerDims) -> Self {
-        let linear = |name: &str| {
-            nn::linear(
-                &path / name,
-                dims.hidden_size,
-                dims.hidden_size,
-                loaded_linear(),
-            )
-        };
+        let linear = |name: &str| Linear::new(&path / name, dims.hidden_size, dims.hidden_size, true);
         Self {
             q_proj: linear("q_proj"),
             k_proj: linear("k_proj"),
@@ -238,6 +232,14 @@ impl SelfAttention {
             heads: dims.heads,
             causal: dims.causal,
         }
+    }
+
+    /// `q_proj`, `k_proj`, `v_proj`, `out_proj` (the text-encoder targets of diffusers' LoRA scripts).
+    fn visit_lora_targets(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) {
+        visit(&format!("{prefix}.q_proj"), &mut self.q_proj);
+        visit(&format!("{prefix}.k_proj"), &mut self.k_proj);
+        visit(&format!("{prefix}.v_proj"), &mut self.v_proj);
+        visit(&format!("{prefix}.out_proj"), &mut self.out_proj);
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -273,8 +275,8 @@ impl SelfAttention {
 /// fc1 -> activation -> fc2.
 #[derive(Debug)]
 struct Mlp {
-    fc1: nn::Linear,
-    fc2: nn::Linear,
+    fc1: Linear,
+    fc2: Linear,
     activation: Activation,
 }
 
@@ -282,8 +284,8 @@ impl Mlp {
     fn new(path: nn::Path, dims: LayerDims) -> Self {
         let (hidden, inner) = (dims.hidden_size, dims.intermediate_size);
         Self {
-            fc1: nn::linear(&path / "fc1", hidden, inner, loaded_linear()),
-            fc2: nn::linear(&path / "fc2", inner, hidden, loaded_linear()),
+            fc1: Linear::new(&path / "fc1", hidden, inner, true),
+            fc2: Linear::new(&path / "fc2", inner, hidden, true),
             activation: dims.activation,
         }
     }
@@ -330,6 +332,13 @@ impl EncoderLayer {
             mlp: Mlp::new(&path / "mlp", dims),
             layer_norm2: norm("layer_norm2"),
         }
+    }
+
+    pub(crate) fn visit_lora_targets(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) {
+        self.self_attn
+            .visit_lora_targets(&format!("{prefix}.self_attn"), visit);
+        visit(&format!("{prefix}.mlp.fc1"), &mut self.mlp.fc1);
+        visit(&format!("{prefix}.mlp.fc2"), &mut self.mlp.fc2);
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
@@ -382,6 +391,14 @@ impl ClipTextModel {
             position_embedding,
             layers,
             final_layer_norm,
+        }
+    }
+
+    /// Every attention projection LoRA adapters attach to, named as transformers 4.x names the
+    /// module (`text_model.encoder.layers.0.self_attn.q_proj`).
+    pub fn visit_lora_targets(&mut self, visit: &mut LinearVisitor<'_>) {
+        for (index, layer) in self.layers.iter_mut().enumerate() {
+            layer.visit_lora_targets(&format!("{ROOT}.encoder.layers.{index}"), visit);
         }
     }
 

@@ -48,11 +48,25 @@ impl Conv2d {
     }
 }
 
-/// A dense layer (`torch.nn.Linear`), bias optional.
+/// A dense layer (`torch.nn.Linear`), bias optional, with the LoRA adapters attached to it
+/// (none unless `sd::lora` attaches some).
 #[derive(Debug)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    adapters: Vec<LoraAdapter>,
+}
+
+/// One low-rank update of a [`Linear`]: `x -> up(down(x)) * scale`, added to the layer's output
+/// as PEFT's LoRA layer adds it (input cast to the adapter's dtype, sum cast back).
+#[derive(Debug)]
+pub struct LoraAdapter {
+    /// `lora_A` / `lora_down`: `[rank, in_features]`.
+    pub down: Tensor,
+    /// `lora_B` / `lora_up`: `[out_features, rank]`.
+    pub up: Tensor,
+    /// `lora_alpha / rank` times the user's weight for this adapter.
+    pub scale: f64,
 }
 
 impl Linear {
@@ -60,13 +74,42 @@ impl Linear {
         Self {
             weight: path.zeros("weight", &[out_features, in_features]),
             bias: with_bias.then(|| path.zeros("bias", &[out_features])),
+            adapters: Vec::new(),
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let base = x.linear(&self.weight, self.bias.as_ref());
+        if self.adapters.is_empty() {
+            return base;
+        }
+        let kind = base.kind();
+        let sum = self.adapters.iter().fold(base, |sum, adapter| {
+            let update = x
+                .to_kind(adapter.down.kind())
+                .linear::<Tensor>(&adapter.down, None)
+                .linear::<Tensor>(&adapter.up, None)
+                * adapter.scale;
+            sum + update
+        });
+        sum.to_kind(kind)
+    }
+
+    /// `[out_features, in_features]`.
+    pub fn weight_shape(&self) -> (i64, i64) {
+        let size = self.weight.size();
+        (size[0], size[1])
+    }
+
+    /// The adapters applied after the layer, in order.
+    pub fn adapters_mut(&mut self) -> &mut Vec<LoraAdapter> {
+        &mut self.adapters
     }
 }
+
+/// Called with each LoRA-targetable layer of a model and its diffusers module path
+/// (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`).
+pub type LinearVisitor<'a> = dyn FnMut(&str, &mut Linear) + 'a;
 
 /// `torch.nn.GroupNorm` with affine parameters.
 #[derive(Debug)]

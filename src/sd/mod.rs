@@ -4,6 +4,7 @@ pub mod clip;
 pub mod folder;
 pub mod init;
 pub mod layers;
+pub mod lora;
 pub mod model_config;
 pub mod pipeline;
 pub mod png;

@@ -2,6 +2,7 @@
 //! classifier-free guidance, seeded initial latents, the scheduler loop, VAE decode.
 //! On CPU in float32 the latents and image equal diffusers' (within the fixture tolerances) for
 //! the same weights, prompt, seed and scheduler; `tests/sd_pipeline.rs` checks every scheduler.
+use crate::sd::lora::{self, LoraError, ScaledLora};
 use crate::sd::clip::{ClipError, ClipTextModel};
 use crate::sd::folder::{FolderError, ModelFolder};
 use crate::sd::model_config::ModelError;
@@ -111,11 +112,30 @@ pub enum Txt2ImgError {
     },
     #[error("batch {0}: must be at least 1")]
     BadBatch(i64),
+    #[error(transparent)]
+    Lora(#[from] LoraError),
     #[error("steps {0}: must be at least 1")]
     BadSteps(usize),
 }
 
 impl StableDiffusion {
+    /// Runs `work` with `loras` attached to the UNet and text encoder (none: the model as it
+    /// is), then removes them again, also when `work` fails: a pooled model never keeps a
+    /// stage's adapters.
+    pub fn with_loras<T, E: From<LoraError>>(
+        &mut self,
+        loras: &[ScaledLora<'_>],
+        work: impl FnOnce(&Self) -> Result<T, E>,
+    ) -> Result<T, E> {
+        if loras.is_empty() {
+            return work(self);
+        }
+        lora::attach(&mut self.unet, &mut self.text_encoder, loras, self.kind)?;
+        let result = work(self);
+        lora::detach(&mut self.unet, &mut self.text_encoder);
+        result
+    }
+
     /// Loads every component of a diffusers folder in `kind` on `device`.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, Txt2ImgError> {
         if !dir.is_dir() {

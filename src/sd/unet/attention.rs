@@ -4,7 +4,7 @@
 //! single-head spatial self-attention with its own `group_norm`.
 use tch::{Kind, Tensor, nn};
 
-use crate::sd::layers::{Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::sd::layers::{Conv2d, GroupNorm, LayerNorm, Linear, LinearVisitor};
 
 /// `BasicTransformerBlock` layer-norm epsilon (diffusers' `norm_eps` default there).
 const TRANSFORMER_BLOCK_NORM_EPS: f64 = 1e-5;
@@ -65,6 +65,14 @@ impl CrossAttention {
         }
     }
 
+    /// `to_q`, `to_k`, `to_v`, `to_out.0` under `prefix` (the targets of diffusers' LoRA scripts).
+    pub fn visit_lora_targets(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) {
+        visit(&format!("{prefix}.to_q"), &mut self.to_q);
+        visit(&format!("{prefix}.to_k"), &mut self.to_k);
+        visit(&format!("{prefix}.to_v"), &mut self.to_v);
+        visit(&format!("{prefix}.to_out.0"), &mut self.to_out);
+    }
+
     pub fn forward(&self, hidden: &Tensor, context: Option<&Tensor>) -> Tensor {
         let context = context.unwrap_or(hidden);
         let query = self.to_q.forward(hidden);
@@ -119,6 +127,14 @@ impl BasicTransformerBlock {
             norm3: LayerNorm::new(&path / "norm3", dim, TRANSFORMER_BLOCK_NORM_EPS),
             ff: FeedForward::new(&path / "ff", dim),
         }
+    }
+
+    /// The projections of `attn1` and `attn2`, then the feed-forward's `ff.net.0.proj` and `ff.net.2`.
+    pub fn visit_lora_targets(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) {
+        self.attn1.visit_lora_targets(&format!("{prefix}.attn1"), visit);
+        self.attn2.visit_lora_targets(&format!("{prefix}.attn2"), visit);
+        visit(&format!("{prefix}.ff.net.0.proj"), &mut self.ff.proj);
+        visit(&format!("{prefix}.ff.net.2"), &mut self.ff.out);
     }
 
     pub fn forward(&self, hidden: &Tensor, context: &Tensor) -> Tensor {
@@ -194,6 +210,20 @@ impl Transformer2DModel {
             proj_in: Projection::new(&path / "proj_in", channels, spec.use_linear_projection),
             blocks,
             proj_out: Projection::new(&path / "proj_out", channels, spec.use_linear_projection),
+        }
+    }
+
+    /// The linear layers of every transformer block, and `proj_in` / `proj_out` where they are
+    /// linear (SD 2.x; SD 1.x's are 1x1 convolutions, which take no adapter here).
+    pub fn visit_lora_targets(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) {
+        if let Projection::Linear(linear) = &mut self.proj_in {
+            visit(&format!("{prefix}.proj_in"), linear);
+        }
+        for (index, block) in self.blocks.iter_mut().enumerate() {
+            block.visit_lora_targets(&format!("{prefix}.transformer_blocks.{index}"), visit);
+        }
+        if let Projection::Linear(linear) = &mut self.proj_out {
+            visit(&format!("{prefix}.proj_out"), linear);
         }
     }
 

@@ -4,6 +4,7 @@
 use tch::{Tensor, nn};
 
 use super::attention::{Transformer2DModel, TransformerSpec};
+use crate::sd::layers::LinearVisitor;
 use super::config::{BlockKind, UNetConfig};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetSpec, Upsample2D};
 
@@ -92,6 +93,11 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
+    /// The LoRA targets of this block's attentions, under `prefix.attentions.<i>`.
+    pub fn visit_lora_targets(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) {
+        visit_attentions(&mut self.attentions, prefix, visit);
+    }
+
     pub fn new(path: nn::Path, ctx: &BlockContext, spec: &BlockSpec) -> Self {
         let resnets = (0..spec.layers)
             .map(|i| {
@@ -147,6 +153,11 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
+    /// The LoRA targets of this block's attentions, under `prefix.attentions.<i>`.
+    pub fn visit_lora_targets(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) {
+        visit_attentions(&mut self.attentions, prefix, visit);
+    }
+
     pub fn new(path: nn::Path, ctx: &BlockContext, config: &UNetConfig) -> Self {
         let channels = *config.block_out_channels.last().unwrap_or(&0);
         let heads = *config.attention_heads.last().unwrap_or(&1);
@@ -185,6 +196,11 @@ pub struct UpBlock {
 }
 
 impl UpBlock {
+    /// The LoRA targets of this block's attentions, under `prefix.attentions.<i>`.
+    pub fn visit_lora_targets(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) {
+        visit_attentions(&mut self.attentions, prefix, visit);
+    }
+
     pub fn new(path: nn::Path, ctx: &BlockContext, spec: &BlockSpec) -> Self {
         let resnets = (0..spec.layers)
             .map(|i| {
@@ -237,5 +253,15 @@ impl UpBlock {
             Some(upsampler) => upsampler.forward(&hidden, upsample_size),
             None => hidden,
         }
+    }
+}
+
+fn visit_attentions(
+    attentions: &mut [Transformer2DModel],
+    prefix: &str,
+    visit: &mut LinearVisitor<'_>,
+) {
+    for (index, attention) in attentions.iter_mut().enumerate() {
+        attention.visit_lora_targets(&format!("{prefix}.attentions.{index}"), visit);
     }
 }

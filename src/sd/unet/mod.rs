@@ -11,7 +11,7 @@ pub mod resnet;
 use std::path::Path;
 use tch::{Device, Kind, Tensor, nn, nn::VarStore};
 
-use crate::sd::layers::{Conv2d, GroupNorm};
+use crate::sd::layers::{Conv2d, GroupNorm, LinearVisitor};
 use crate::sd::model_config::ModelError;
 use crate::sd::weights;
 use blocks::{BlockContext, BlockSpec, DownBlock, MidBlock, UpBlock};
@@ -94,6 +94,17 @@ impl UNet2DConditionModel {
 
     pub fn config(&self) -> &UNetConfig {
         &self.config
+    }
+
+    /// Every attention projection LoRA adapters attach to, with its diffusers module path.
+    pub fn visit_lora_targets(&mut self, visit: &mut LinearVisitor<'_>) {
+        for (index, block) in self.down_blocks.iter_mut().enumerate() {
+            block.visit_lora_targets(&format!("down_blocks.{index}"), visit);
+        }
+        self.mid_block.visit_lora_targets("mid_block", visit);
+        for (index, block) in self.up_blocks.iter_mut().enumerate() {
+            block.visit_lora_targets(&format!("up_blocks.{index}"), visit);
+        }
     }
 
     /// Predicts the noise (or v) for `sample` `[b, c, h, w]` at `timesteps` (0-d or `[b]`,
