@@ -53,9 +53,7 @@ fn render(model: &mut StableDiffusion, loras: &[(&LoraWeights, f64)]) -> Tensor 
         })
         .collect();
     let output = model
-        .with_loras(&scaled, |model| {
-            model.txt2img(&request(), &mut |_| {})
-        })
+        .with_loras(&scaled, |model| model.txt2img(&request(), &mut |_| {}))
         .unwrap_or_else(|e: Txt2ImgError| panic!("txt2img: {e}"));
     (output.images / 2.0 + 0.5)
         .clamp(0.0, 1.0)
@@ -102,7 +100,11 @@ fn images_with_loras_match_diffusers_load_lora_weights() {
         &goldens,
     );
     let trained = read("trained_unet_te/pytorch_lora_weights.safetensors");
-    assert_image("trained_unet_te", &render(&mut model, &[(&trained, 1.0)]), &goldens);
+    assert_image(
+        "trained_unet_te",
+        &render(&mut model, &[(&trained, 1.0)]),
+        &goldens,
+    );
     // The adapters are gone again: the pooled model is the base model.
     assert_image("base", &render(&mut model, &[]), &goldens);
 }
@@ -114,11 +116,7 @@ fn every_layout_reads_to_the_same_adapters() {
     assert_eq!(diffusers.modules.len(), kohya.modules.len());
     assert_eq!(diffusers.of(Component::Unet).count(), 48);
     assert_eq!(diffusers.of(Component::TextEncoder).count(), 20);
-    let by_path: HashMap<String, _> = kohya
-        .modules
-        .iter()
-        .map(|m| (m.path.clone(), m))
-        .collect();
+    let by_path: HashMap<String, _> = kohya.modules.iter().map(|m| (m.path.clone(), m)).collect();
     for module in &diffusers.modules {
         let twin = by_path[&module.path.replace('.', "_")];
         assert_eq!(twin.component, module.component);
@@ -129,7 +127,11 @@ fn every_layout_reads_to_the_same_adapters() {
         assert_eq!(twin.alpha, Some(2.0));
     }
     let b = read("strong_b_kohya.safetensors");
-    assert!(b.modules.iter().all(|m| m.alpha == Some(1.0) && m.rank() == 2));
+    assert!(
+        b.modules
+            .iter()
+            .all(|m| m.alpha == Some(1.0) && m.rank() == 2)
+    );
 }
 
 #[test]
@@ -154,7 +156,10 @@ fn files_that_are_not_sd_loras_are_refused_with_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("x.safetensors");
     let write = |tensors: &[(&str, Tensor)]| Tensor::write_safetensors(tensors, &file).unwrap();
-    write(&[("lora_unet_x.hada_w1_a", Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)))]);
+    write(&[(
+        "lora_unet_x.hada_w1_a",
+        Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)),
+    )]);
     let error = LoraWeights::read(&file).unwrap_err().to_string();
     assert!(
         error.starts_with(&format!(
@@ -163,16 +168,28 @@ fn files_that_are_not_sd_loras_are_refused_with_the_key() {
         )),
         "{error}"
     );
-    write(&[("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight", Tensor::zeros([2, 64], (Kind::Float, Device::Cpu)))]);
+    write(&[(
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
+        Tensor::zeros([2, 64], (Kind::Float, Device::Cpu)),
+    )]);
     let error = LoraWeights::read(&file).unwrap_err();
     assert!(matches!(error, LoraError::Incomplete { .. }), "{error}");
     write(&[
-        ("unet.nowhere.to_q.lora_A.weight", Tensor::zeros([2, 64], (Kind::Float, Device::Cpu))),
-        ("unet.nowhere.to_q.lora_B.weight", Tensor::zeros([64, 2], (Kind::Float, Device::Cpu))),
+        (
+            "unet.nowhere.to_q.lora_A.weight",
+            Tensor::zeros([2, 64], (Kind::Float, Device::Cpu)),
+        ),
+        (
+            "unet.nowhere.to_q.lora_B.weight",
+            Tensor::zeros([64, 2], (Kind::Float, Device::Cpu)),
+        ),
     ]);
     let lora = LoraWeights::read(&file).unwrap();
     let mut model = model();
-    let scaled = [ScaledLora { weights: &lora, scale: 1.0 }];
+    let scaled = [ScaledLora {
+        weights: &lora,
+        scale: 1.0,
+    }];
     let error = model
         .with_loras(&scaled, |_| Ok::<(), LoraError>(()))
         .unwrap_err();

@@ -223,7 +223,8 @@ pub(crate) fn loaded_linear() -> nn::LinearConfig {
 
 impl SelfAttention {
     fn new(path: nn::Path, dims: LayerDims) -> Self {
-        let linear = |name: &str| Linear::new(&path / name, dims.hidden_size, dims.hidden_size, true);
+        let linear =
+            |name: &str| Linear::new(&path / name, dims.hidden_size, dims.hidden_size, true);
         Self {
             q_proj: linear("q_proj"),
             k_proj: linear("k_proj"),

@@ -2,9 +2,9 @@
 //! classifier-free guidance, seeded initial latents, the scheduler loop, VAE decode.
 //! On CPU in float32 the latents and image equal diffusers' (within the fixture tolerances) for
 //! the same weights, prompt, seed and scheduler; `tests/sd_pipeline.rs` checks every scheduler.
-use crate::sd::lora::{self, LoraError, ScaledLora};
 use crate::sd::clip::{ClipError, ClipTextModel};
 use crate::sd::folder::{FolderError, ModelFolder};
+use crate::sd::lora::{self, LoraError, ScaledLora};
 use crate::sd::model_config::ModelError;
 use crate::sd::rng;
 use crate::sd::schedulers::{self, Scheduler, SchedulerConfig, SchedulerError, SchedulerKind};

@@ -176,7 +176,10 @@ pub fn write_diffusers(weights: &LoraWeights, file: &Path, kind: Kind) -> Result
         let prefix = module.component.diffusers_prefix();
         let base = format!("{prefix}.{path}.{infix}");
         tensors.push((format!("{base}.down.weight"), module.down.to_kind(kind)));
-        tensors.push((format!("{base}.up.weight"), up_with_scaling(module).to_kind(kind)));
+        tensors.push((
+            format!("{base}.up.weight"),
+            up_with_scaling(module).to_kind(kind),
+        ));
     }
     write(file, &tensors, &BTreeMap::new())
 }
@@ -192,7 +195,10 @@ pub fn write_kohya(weights: &LoraWeights, file: &Path, kind: Kind) -> Result<(),
             super::underscored(&module.path)
         );
         let alpha = module.alpha.unwrap_or(module.rank() as f64);
-        tensors.push((format!("{name}.lora_down.weight"), module.down.to_kind(kind)));
+        tensors.push((
+            format!("{name}.lora_down.weight"),
+            module.down.to_kind(kind),
+        ));
         tensors.push((format!("{name}.lora_up.weight"), module.up.to_kind(kind)));
         tensors.push((
             format!("{name}.alpha"),

@@ -151,7 +151,10 @@ impl LoraWeights {
             names.insert((Component::Unet, underscored(path)), path.to_string());
         });
         text_encoder.visit_lora_targets(&mut |path, _| {
-            names.insert((Component::TextEncoder, underscored(path)), path.to_string());
+            names.insert(
+                (Component::TextEncoder, underscored(path)),
+                path.to_string(),
+            );
         });
         for module in &mut self.modules {
             if let Some(path) = names.get(&(module.component, underscored(&module.path))) {

@@ -21,6 +21,7 @@ use super::common::{
 };
 use super::data::{self, Transform};
 use super::driver::{self, DriverSettings, TrainingMethod};
+use super::lora::{self, LoraSettings};
 use super::loss::PredictionType;
 use super::lr_schedule::LrSchedule;
 use super::optim::{AdamWConfig, clip_grad_norm};
@@ -105,6 +106,11 @@ pub struct DreamBoothConfig {
     pub offset_noise: bool,
     pub snr_gamma: Option<f64>,
     pub device: Device,
+    /// LoRA instead of full fine-tuning (train_dreambooth_lora.py): the base weights stay
+    /// frozen, adapters train, and the output is LoRA files instead of a model folder.
+    pub lora: Option<LoraSettings>,
+    /// dtype of the written LoRA files (the script writes float32).
+    pub lora_save_kind: Kind,
 }
 
 impl DreamBoothConfig {
@@ -156,6 +162,8 @@ impl DreamBoothConfig {
             offset_noise: false,
             snr_gamma: None,
             device: Device::Cpu,
+            lora: None,
+            lora_save_kind: Kind::Float,
         }
     }
 
@@ -184,6 +192,9 @@ impl DreamBoothConfig {
         }
         if self.resolution == 0 || !self.resolution.is_multiple_of(common::RESOLUTION_MULTIPLE) {
             return fail("resolution", "must be a positive multiple of 8");
+        }
+        if self.lora.is_some_and(|lora| lora.rank < 1) {
+            return fail("rank", "must be at least 1");
         }
         self.mixed_precision.weight_kind(self.device).map(|_| ())
     }
@@ -238,17 +249,17 @@ impl DreamBoothTrainer {
         } else {
             weight_kind
         };
-        let (mut text_encoder_store, text_encoder) =
+        let (mut text_encoder_store, mut text_encoder) =
             ClipTextModel::load(&folder.text_encoder_dir(), device, text_kind, None)
                 .map_err(TrainError::model)?;
-        let (unet_store, unet) =
+        let (mut unet_store, mut unet) =
             UNet2DConditionModel::load(&folder.unet_dir(), device, Kind::Float, None)
                 .map_err(TrainError::model)?;
         let (mut vae_store, vae) =
             AutoencoderKL::load(&folder.vae_dir(), device, weight_kind, None)
                 .map_err(TrainError::model)?;
         vae_store.freeze();
-        if !config.train_text_encoder {
+        if !config.train_text_encoder || config.lora.is_some() {
             text_encoder_store.freeze();
         }
         let scheduler_config =
@@ -256,10 +267,17 @@ impl DreamBoothTrainer {
                 .map_err(TrainError::model)?;
         let prediction = common::prediction_type(&scheduler_config)?;
         let scheduler = DdpmScheduler::new(&scheduler_config).map_err(TrainError::model)?;
-        let trainables = named_trainables(
-            &unet_store,
-            config.train_text_encoder.then_some(&text_encoder_store),
-        );
+        let trainables = match config.lora {
+            Some(settings) => {
+                unet_store.freeze();
+                let text = config.train_text_encoder.then_some(&mut text_encoder);
+                lora::add_trainable_adapters(&mut unet, text, settings, config.seed, device)
+            }
+            None => named_trainables(
+                &unet_store,
+                config.train_text_encoder.then_some(&text_encoder_store),
+            ),
+        };
         let lr = config.effective_learning_rate();
         let params: Vec<Tensor> = trainables.iter().map(|(_, t)| t.shallow_clone()).collect();
         let optimizer = Optimizer::new(
@@ -333,6 +351,12 @@ impl DreamBoothTrainer {
 
     pub fn vae(&self) -> &AutoencoderKL {
         &self.vae
+    }
+
+    /// The trainable tensors by name (checkpoint names: `unet.<variable>`, or for LoRA
+    /// PEFT's `unet.<module>.lora_A.weight`).
+    pub fn trainables(&self) -> &[(String, Tensor)] {
+        &self.trainables
     }
 
     /// Token ids `[1, 77]` of a prompt (padded, truncated).
@@ -732,12 +756,16 @@ pub fn train(
     })
 }
 
-/// The base model with the trained UNet (and text encoder) as a diffusers folder at `dir`.
+/// The base model with the trained UNet (and text encoder) as a diffusers folder at `dir`;
+/// for LoRA, the adapters as `pytorch_lora_weights.safetensors` and `lora_kohya.safetensors`.
 fn write_trained_folder(
     config: &DreamBoothConfig,
     trainer: &DreamBoothTrainer,
     dir: &std::path::Path,
 ) -> Result<(), TrainError> {
+    if let Some(settings) = config.lora {
+        return write_lora_files(config, trainer, settings, dir);
+    }
     let base =
         ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
     output::write_model_folder(
@@ -751,4 +779,20 @@ fn write_trained_folder(
             added_tokens: &[],
         },
     )
+}
+
+/// The trained adapters in both layouts (see `sd::lora::files`).
+fn write_lora_files(
+    config: &DreamBoothConfig,
+    trainer: &DreamBoothTrainer,
+    settings: LoraSettings,
+    dir: &std::path::Path,
+) -> Result<(), TrainError> {
+    use crate::sd::lora::files::{self, DIFFUSERS_FILE, KOHYA_FILE};
+    std::fs::create_dir_all(dir).map_err(|e| common::io_error(dir, "create", e))?;
+    let weights = lora::trained_weights(&trainer.trainables, settings, dir);
+    let kind = config.lora_save_kind;
+    files::write_diffusers(&weights, &dir.join(DIFFUSERS_FILE), kind)
+        .and_then(|()| files::write_kohya(&weights, &dir.join(KOHYA_FILE), kind))
+        .map_err(|e| TrainError::Write(e.to_string()))
 }

@@ -11,6 +11,7 @@ pub mod data;
 pub mod dreambooth;
 mod driver;
 pub mod grad_scaler;
+pub mod lora;
 pub mod loss;
 pub mod lr_schedule;
 pub mod optim;

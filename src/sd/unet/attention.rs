@@ -131,8 +131,10 @@ impl BasicTransformerBlock {
 
     /// The projections of `attn1` and `attn2`, then the feed-forward's `ff.net.0.proj` and `ff.net.2`.
     pub fn visit_lora_targets(&mut self, prefix: &str, visit: &mut LinearVisitor<'_>) {
-        self.attn1.visit_lora_targets(&format!("{prefix}.attn1"), visit);
-        self.attn2.visit_lora_targets(&format!("{prefix}.attn2"), visit);
+        self.attn1
+            .visit_lora_targets(&format!("{prefix}.attn1"), visit);
+        self.attn2
+            .visit_lora_targets(&format!("{prefix}.attn2"), visit);
         visit(&format!("{prefix}.ff.net.0.proj"), &mut self.ff.proj);
         visit(&format!("{prefix}.ff.net.2"), &mut self.ff.out);
     }

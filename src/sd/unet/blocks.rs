@@ -4,9 +4,9 @@
 use tch::{Tensor, nn};
 
 use super::attention::{Transformer2DModel, TransformerSpec};
-use crate::sd::layers::LinearVisitor;
 use super::config::{BlockKind, UNetConfig};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetSpec, Upsample2D};
+use crate::sd::layers::LinearVisitor;
 
 /// Settings shared by every block of one UNet.
 #[derive(Debug, Clone, Copy)]
