@@ -13,7 +13,7 @@ const TORCH_THREADS: &str = "1";
 
 /// Each recipe: its file, the stage count before and after sweep expansion, and the stage ids
 /// after expansion in plan order.
-const RECIPES: [(&str, usize, &[&str]); 6] = [
+const RECIPES: [(&str, usize, &[&str]); 7] = [
     (
         "demo.yaml",
         9,
@@ -89,6 +89,21 @@ const RECIPES: [(&str, usize, &[&str]); 6] = [
             "class_images",
             "db[train_text_encoder=false]",
             "db[train_text_encoder=true]",
+            "grid",
+            "clip",
+            "dino",
+            "instance_embeddings",
+            "eval",
+        ],
+    ),
+    (
+        "lora-vs-dreambooth.yaml",
+        9,
+        &[
+            "instance",
+            "class_images",
+            "db",
+            "lora",
             "grid",
             "clip",
             "dino",
@@ -258,7 +273,7 @@ fn shrunk(file: &str) -> Vec<String> {
         let shrunk: Vec<String> = (1..=swept.len()).map(|n| n.to_string()).collect();
         sets.push(format!("params.steps=[{}]", shrunk.join(", ")));
     }
-    for stage in ["db", "db_prior", "db_plain", "ti", "ti_db"] {
+    for stage in ["db", "db_prior", "db_plain", "ti", "ti_db", "lora"] {
         if text.contains(&format!("\n  {stage}:\n")) {
             if swept.is_empty() {
                 sets.push(format!("{stage}.max_train_steps=2"));
@@ -317,6 +332,10 @@ fn every_recipe_runs_on_the_tiny_model_when_shrunk() {
             .collect();
         if file.contains("schedulers") {
             expected = vec!["db".to_string(); 3]; // pndm, lms, ddim at one step count
+        } else if file.contains("lora") {
+            // The LoRA rows: base_model with the adapter at each of lora_scales.
+            expected.extend(["lora ×0.5".to_string(), "lora ×1".to_string()]);
+            expected.push("tiny-sd".to_string());
         } else {
             expected.push("tiny-sd".to_string());
         }

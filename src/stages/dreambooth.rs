@@ -8,11 +8,26 @@ use super::sd_common::field_error;
 use super::training;
 use super::{StageContext, StageError};
 use crate::sd::train::dreambooth::{self, DreamBoothConfig};
+use crate::sd::train::lora::LoraSettings;
 
 /// Runs a `dreambooth` stage (its schema: `dreampipe_core::stages::sd_kinds::dreambooth`).
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let config = config_from(ctx)?;
     training::run_method(ctx, "dreambooth", |callbacks| {
+        dreambooth::train(&config, callbacks)
+    })
+}
+
+/// Runs a `dreambooth_lora` stage (its schema: `dreampipe_core::stages::sd_kinds::dreambooth_lora`).
+pub fn run_lora(ctx: &StageContext<'_>) -> Result<(), StageError> {
+    let mut config = config_from(ctx)?;
+    let rank = training::int(ctx, "rank")? as i64;
+    config.lora = Some(LoraSettings {
+        rank,
+        alpha: ctx.f64_param("lora_alpha").unwrap_or(rank as f64),
+    });
+    config.lora_save_kind = training::save_kind(ctx);
+    training::run_method(ctx, "dreambooth_lora", |callbacks| {
         dreambooth::train(&config, callbacks)
     })
 }

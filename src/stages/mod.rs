@@ -20,4 +20,5 @@ pub fn registry() -> Registry {
         .implement("sample_grid", sample_grid::run)
         .implement("textual_inversion", textual_inversion::run)
         .implement("dreambooth", dreambooth::run)
+        .implement("dreambooth_lora", dreambooth::run_lora)
 }

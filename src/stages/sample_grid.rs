@@ -27,8 +27,12 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let mut rows = Vec::new();
     let mut images = Vec::new();
     let mut done = 0u64;
-    for model_input in &grid.models {
+    for (model_input, lora) in grid.models.iter().zip(&grid.loras) {
         let label = model_label(model_input);
+        if let Some(lora) = lora {
+            grid.sample_lora_rows(ctx, &label, lora, &mut rows, &mut images, &mut done)?;
+            continue;
+        }
         let model_dir = super::training::resolve_model(ctx, model_input)?;
         let shared = load_model(ctx, "models", &model_dir, grid.kind)?;
         let model = shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -98,6 +102,11 @@ impl Row {
 /// The stage's fields, parsed.
 struct Grid {
     models: Vec<ResolvedInput>,
+    /// Per model: its LoRA file when the entry is a LoRA (a `dreambooth_lora` stage or file).
+    loras: Vec<Option<PathBuf>>,
+    /// The model LoRA rows sample on, and the adapter weights of their rows.
+    base_model: Option<ResolvedInput>,
+    lora_scales: Vec<f64>,
     prompts: Vec<String>,
     seeds: Vec<u64>,
     schedulers: Vec<Option<SchedulerKind>>,
@@ -153,8 +162,27 @@ impl Grid {
             height: ctx.i64_param("height"),
             batch: 1,
         };
+        let loras: Vec<Option<PathBuf>> = models
+            .iter()
+            .map(|input| crate::sd::lora::files::lora_file_of(&input.path))
+            .collect();
+        let base_model = ctx
+            .inputs
+            .get("base_model")
+            .and_then(|i| i.first())
+            .cloned();
+        if loras.iter().any(Option::is_some) && base_model.is_none() {
+            return Err(field_error(
+                ctx,
+                "base_model",
+                "is required when `models` lists a LoRA: name the model the LoRA rows sample on",
+            ));
+        }
         Ok(Self {
             models,
+            loras,
+            base_model,
+            lora_scales: ctx.f64_list_param("lora_scales"),
             prompts,
             seeds: seeds_param(ctx)?,
             schedulers,
@@ -193,9 +221,47 @@ impl Grid {
     }
 
     fn total(&self) -> u64 {
-        let rows =
-            self.models.len() * self.schedulers.len() * self.steps.len() * self.guidance.len();
+        let lora_models = self.loras.iter().filter(|l| l.is_some()).count();
+        let model_rows = self.models.len() - lora_models + lora_models * self.lora_scales.len();
+        let rows = model_rows * self.schedulers.len() * self.steps.len() * self.guidance.len();
         (rows * self.prompts.len() * self.seeds.len()) as u64
+    }
+
+    /// The rows of a LoRA entry: `base_model` with the LoRA at each of `lora_scales`,
+    /// labelled `<label> ×<scale>`.
+    fn sample_lora_rows(
+        &self,
+        ctx: &StageContext<'_>,
+        label: &str,
+        lora_file: &std::path::Path,
+        rows: &mut Vec<Row>,
+        images: &mut Vec<Value>,
+        done: &mut u64,
+    ) -> Result<(), StageError> {
+        let weights = crate::sd::lora::LoraWeights::read(lora_file)
+            .map_err(|e| field_error(ctx, "models", e))?;
+        let base = self.base_model.as_ref().ok_or_else(|| {
+            field_error(ctx, "base_model", "is required when `models` lists a LoRA")
+        })?;
+        let base_dir = super::training::resolve_model(ctx, base)?;
+        let shared = load_model(ctx, "base_model", &base_dir, self.kind)?;
+        let mut model = shared.lock().unwrap_or_else(|p| p.into_inner());
+        let hash = model_hash(&base_dir);
+        for &scale in &self.lora_scales {
+            let row_label = format!("{label} ×{scale}");
+            let loras = [crate::sd::lora::ScaledLora {
+                weights: &weights,
+                scale,
+            }];
+            super::sd_common::with_loras(ctx, "models", &mut model, &loras, |model| {
+                for row in self.rows_of(&row_label, &hash) {
+                    self.sample_row(ctx, model, &row, images, done)?;
+                    rows.push(row);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// Samples every prompt × seed of one row; appends manifest entries.

@@ -51,6 +51,32 @@ pub fn load_model(
 
 /// How a model input is named in labels and PNG parameters: the upstream stage's full id
 /// (`db[learning_rate=2e-6]` for a sweep variant), or the folder's name.
+/// [`StableDiffusion::with_loras`] for a stage: a LoRA that does not fit the model is an
+/// error of `field`.
+pub fn with_loras<T>(
+    ctx: &StageContext<'_>,
+    field: &str,
+    model: &mut crate::sd::pipeline::StableDiffusion,
+    loras: &[crate::sd::lora::ScaledLora<'_>],
+    work: impl FnOnce(&crate::sd::pipeline::StableDiffusion) -> Result<T, StageError>,
+) -> Result<T, StageError> {
+    /// A stage error, or the LoRA error attaching failed with.
+    enum Failure {
+        Stage(StageError),
+        Lora(crate::sd::lora::LoraError),
+    }
+    impl From<crate::sd::lora::LoraError> for Failure {
+        fn from(error: crate::sd::lora::LoraError) -> Self {
+            Failure::Lora(error)
+        }
+    }
+    let result = model.with_loras(loras, |model| work(model).map_err(Failure::Stage));
+    result.map_err(|failure| match failure {
+        Failure::Stage(error) => error,
+        Failure::Lora(error) => field_error(ctx, field, error),
+    })
+}
+
 pub fn model_label(input: &ResolvedInput) -> String {
     input.label()
 }

@@ -316,11 +316,7 @@ fn apply_exports(ctx: &StageContext<'_>, out: &Path) -> Result<(), String> {
         return Ok(());
     }
     let folder = model_dir(out);
-    let kind = match ctx.str_param("save_dtype").unwrap_or("f16") {
-        "f32" => tch::Kind::Float,
-        "bf16" => tch::Kind::BFloat16,
-        _ => tch::Kind::Half,
-    };
+    let kind = save_kind(ctx);
     let file = out.join(SINGLE_FILE);
     crate::sd::single_file::export(&folder, &file, kind)
         .map_err(|e| format!("stage `{}`, field `export`: {e}", ctx.stage_id))?;
@@ -328,6 +324,15 @@ fn apply_exports(ctx: &StageContext<'_>, out: &Path) -> Result<(), String> {
         return Ok(());
     }
     remove_model_folder(&folder, out)
+}
+
+/// The dtype `save_dtype` names (f16 when unset).
+pub fn save_kind(ctx: &StageContext<'_>) -> tch::Kind {
+    match ctx.str_param("save_dtype").unwrap_or("f16") {
+        "f32" => tch::Kind::Float,
+        "bf16" => tch::Kind::BFloat16,
+        _ => tch::Kind::Half,
+    }
 }
 
 /// Removes a diffusers folder's files (the folder itself when it is `out/model`).
@@ -450,11 +455,7 @@ impl ValidationSampler {
     }
 
     fn sample(&self, ctx: &StageContext<'_>, step: u64, model_dir: &Path) -> Result<(), String> {
-        let model = StableDiffusion::load(model_dir, crate::device::to_tch(ctx.device), self.kind)
-            .map_err(|e| e.to_string())?;
-        let output = model
-            .txt2img(&self.request, &mut |_| {})
-            .map_err(|e| e.to_string())?;
+        let output = self.render(ctx, model_dir)?;
         let hash = model_hash(model_dir);
         let path = self.dir.join(format!("step-{step}.png"));
         self.write(ctx, &path, &output, &hash, ctx.stage_id, provenance(ctx))?;
@@ -467,6 +468,35 @@ impl ValidationSampler {
         ctx.log
             .line(&format!("validation sample {}", path.display()));
         Ok(())
+    }
+
+    /// The validation image of the model written to `model_dir`: a diffusers folder, or LoRA
+    /// files, which are sampled on the stage's `model`.
+    fn render(&self, ctx: &StageContext<'_>, model_dir: &Path) -> Result<Txt2ImgOutput, String> {
+        let device = crate::device::to_tch(ctx.device);
+        let lora_file = model_dir.join(crate::sd::lora::files::DIFFUSERS_FILE);
+        if !lora_file.is_file() {
+            let model =
+                StableDiffusion::load(model_dir, device, self.kind).map_err(|e| e.to_string())?;
+            return model
+                .txt2img(&self.request, &mut |_| {})
+                .map_err(|e| e.to_string());
+        }
+        let lora = crate::sd::lora::LoraWeights::read(&lora_file).map_err(|e| e.to_string())?;
+        let base = resolve_model(
+            ctx,
+            single_resolved(ctx, "model").map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        let shared = crate::sd::pool::get(&base, device, self.kind).map_err(|e| e.to_string())?;
+        let mut model = shared.lock().unwrap_or_else(|p| p.into_inner());
+        let loras = [crate::sd::lora::ScaledLora {
+            weights: &lora,
+            scale: 1.0,
+        }];
+        model
+            .with_loras(&loras, |model| model.txt2img(&self.request, &mut |_| {}))
+            .map_err(|e| e.to_string())
     }
 
     fn write(

@@ -11,6 +11,40 @@ pub const DIFFUSERS_FILE: &str = "pytorch_lora_weights.safetensors";
 /// The kohya-layout copy dreampipe writes beside it.
 pub const KOHYA_FILE: &str = "lora_kohya.safetensors";
 
+/// The LoRA file an input names: a folder holding [`DIFFUSERS_FILE`] (a `dreambooth_lora`
+/// output), or a `.safetensors` file whose tensor names are LoRA names (read from the header
+/// only); `None` for anything else (a model folder, a single-file checkpoint).
+pub fn lora_file_of(input: &Path) -> Option<PathBuf> {
+    if input.is_dir() {
+        let file = input.join(DIFFUSERS_FILE);
+        return file.is_file().then_some(file);
+    }
+    let names = header_names(input)?;
+    let is_lora = names.iter().any(|name| classify(name).is_some())
+        && names
+            .iter()
+            .all(|name| classify(name).is_some() || name == "__metadata__");
+    is_lora.then(|| input.to_path_buf())
+}
+
+/// The keys of a safetensors header (tensor names and `__metadata__`).
+fn header_names(file: &Path) -> Option<Vec<String>> {
+    use std::io::Read;
+    /// Headers beyond this are not LoRA files worth parsing here.
+    const MAX_HEADER: u64 = 64 << 20;
+    let mut handle = std::fs::File::open(file).ok()?;
+    let mut length = [0u8; 8];
+    handle.read_exact(&mut length).ok()?;
+    let length = u64::from_le_bytes(length);
+    if length > MAX_HEADER {
+        return None;
+    }
+    let mut header = vec![0u8; length as usize];
+    handle.read_exact(&mut header).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    Some(value.as_object()?.keys().cloned().collect())
+}
+
 /// Which half of a pair (or the alpha) a key holds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Part {

@@ -563,6 +563,7 @@ pub fn registry() -> Registry {
         .with(Arc::new(sd_kinds::sample_grid::SampleGridKind))
         .with(Arc::new(sd_kinds::textual_inversion::TextualInversionKind))
         .with(Arc::new(sd_kinds::dreambooth::DreamBoothKind))
+        .with(Arc::new(sd_kinds::dreambooth_lora::DreamBoothLoraKind))
 }
 
 /// The parameter table of a kind's reference page (`stages/<kind>.md`), generated from its

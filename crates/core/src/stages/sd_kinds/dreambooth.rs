@@ -42,82 +42,7 @@ impl Stage for DreamBoothKind {
         "DreamBooth fine-tuning as diffusers' train_dreambooth.py (field names and defaults are its arguments; prior preservation when `class_images` is set). Output: a diffusers folder, `metrics.jsonl` (step, loss, lr, grad_norm), `validation/step-N.png` and `report.json`."
     }
     fn schema(&self) -> Vec<ParamSpec> {
-        let mut schema = vec![
-            ParamSpec::required(
-                "instance_images",
-                ParamType::PathOrStageRef,
-                "folder of instance images, or an `images` stage",
-            ),
-            ParamSpec::required(
-                "instance_prompt",
-                ParamType::String,
-                "prompt of the instance images",
-            ),
-            ParamSpec::optional(
-                "class_images",
-                ParamType::PathOrStageRef,
-                Value::Null,
-                "class images for prior preservation (folder, or a `generate` / `images` stage); unset: none",
-            ),
-            ParamSpec::optional(
-                "with_prior_preservation",
-                ParamType::Bool,
-                json!(false),
-                "require class_images (prior preservation is on whenever class_images is set)",
-            ),
-            ParamSpec::optional(
-                "class_prompt",
-                ParamType::String,
-                Value::Null,
-                "prompt of the class images (required with class_images)",
-            ),
-            ParamSpec::optional(
-                "num_class_images",
-                ParamType::Integer,
-                json!(DEFAULT_CLASS_IMAGES),
-                "class images used (the first N; class_images must hold at least N)",
-            )
-            .range(1.0, MAX_CLASS_IMAGES),
-            ParamSpec::optional(
-                "prior_loss_weight",
-                ParamType::Number,
-                json!(1.0),
-                "weight of the prior-preservation loss",
-            )
-            .range(0.0, MAX_WEIGHT),
-            ParamSpec::optional(
-                "train_text_encoder",
-                ParamType::Bool,
-                json!(false),
-                "train the text encoder too",
-            ),
-            ParamSpec::optional(
-                "random_flip",
-                ParamType::Bool,
-                json!(false),
-                "flip images horizontally at random",
-            ),
-            ParamSpec::optional(
-                "max_grad_norm",
-                ParamType::Number,
-                json!(1.0),
-                "gradient clipping norm",
-            )
-            .range(0.0, MAX_GRAD_NORM),
-            ParamSpec::optional(
-                "offset_noise",
-                ParamType::Bool,
-                json!(false),
-                "add 0.1 × per-channel offset noise",
-            ),
-            ParamSpec::optional(
-                "snr_gamma",
-                ParamType::Number,
-                Value::Null,
-                "min-SNR-gamma loss weighting (5 recommended); unset: plain MSE",
-            )
-            .range(0.0, MAX_WEIGHT),
-        ];
+        let mut schema = dreambooth_fields();
         schema.extend(training::common_schema(&ScriptDefaults {
             learning_rate: DEFAULT_LEARNING_RATE,
             train_batch_size: DEFAULT_BATCH,
@@ -140,18 +65,105 @@ impl Stage for DreamBoothKind {
     }
     /// Prior preservation's rules, before anything runs (the stage checks them again).
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
-        let mut problems = Vec::new();
-        let has_class_images = fields.is_set("class_images");
-        if fields.flag("with_prior_preservation") && !has_class_images {
-            problems.push(("class_images", CLASS_IMAGES_REQUIRED.to_string()));
-        }
-        if has_class_images && !fields.is_set("class_prompt") {
-            problems.push(("class_prompt", CLASS_PROMPT_REQUIRED.to_string()));
-        }
-        problems.extend(too_few_generated_class_images(fields));
+        let mut problems = prior_preservation_problems(fields);
         problems.extend(training::export_problem(fields.params));
         problems
     }
+}
+
+/// The fields of train_dreambooth.py beyond the ones all training kinds share (also
+/// `dreambooth_lora`'s, whose script has the same arguments).
+pub fn dreambooth_fields() -> Vec<ParamSpec> {
+    vec![
+        ParamSpec::required(
+            "instance_images",
+            ParamType::PathOrStageRef,
+            "folder of instance images, or an `images` stage",
+        ),
+        ParamSpec::required(
+            "instance_prompt",
+            ParamType::String,
+            "prompt of the instance images",
+        ),
+        ParamSpec::optional(
+            "class_images",
+            ParamType::PathOrStageRef,
+            Value::Null,
+            "class images for prior preservation (folder, or a `generate` / `images` stage); unset: none",
+        ),
+        ParamSpec::optional(
+            "with_prior_preservation",
+            ParamType::Bool,
+            json!(false),
+            "require class_images (prior preservation is on whenever class_images is set)",
+        ),
+        ParamSpec::optional(
+            "class_prompt",
+            ParamType::String,
+            Value::Null,
+            "prompt of the class images (required with class_images)",
+        ),
+        ParamSpec::optional(
+            "num_class_images",
+            ParamType::Integer,
+            json!(DEFAULT_CLASS_IMAGES),
+            "class images used (the first N; class_images must hold at least N)",
+        )
+        .range(1.0, MAX_CLASS_IMAGES),
+        ParamSpec::optional(
+            "prior_loss_weight",
+            ParamType::Number,
+            json!(1.0),
+            "weight of the prior-preservation loss",
+        )
+        .range(0.0, MAX_WEIGHT),
+        ParamSpec::optional(
+            "train_text_encoder",
+            ParamType::Bool,
+            json!(false),
+            "train the text encoder too",
+        ),
+        ParamSpec::optional(
+            "random_flip",
+            ParamType::Bool,
+            json!(false),
+            "flip images horizontally at random",
+        ),
+        ParamSpec::optional(
+            "max_grad_norm",
+            ParamType::Number,
+            json!(1.0),
+            "gradient clipping norm",
+        )
+        .range(0.0, MAX_GRAD_NORM),
+        ParamSpec::optional(
+            "offset_noise",
+            ParamType::Bool,
+            json!(false),
+            "add 0.1 × per-channel offset noise",
+        ),
+        ParamSpec::optional(
+            "snr_gamma",
+            ParamType::Number,
+            Value::Null,
+            "min-SNR-gamma loss weighting (5 recommended); unset: plain MSE",
+        )
+        .range(0.0, MAX_WEIGHT),
+    ]
+}
+
+/// Prior preservation's rules between fields.
+pub fn prior_preservation_problems(fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
+    let mut problems = Vec::new();
+    let has_class_images = fields.is_set("class_images");
+    if fields.flag("with_prior_preservation") && !has_class_images {
+        problems.push(("class_images", CLASS_IMAGES_REQUIRED.to_string()));
+    }
+    if has_class_images && !fields.is_set("class_prompt") {
+        problems.push(("class_prompt", CLASS_PROMPT_REQUIRED.to_string()));
+    }
+    problems.extend(too_few_generated_class_images(fields));
+    problems
 }
 
 /// The messages shared with the stage's run-time checks.

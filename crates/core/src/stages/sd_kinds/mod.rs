@@ -4,6 +4,7 @@
 //! each kind with its implementation through [`super::Registry::implement`]. Also the field
 //! specs the kinds share.
 pub mod dreambooth;
+pub mod dreambooth_lora;
 pub mod embed;
 pub mod evaluate;
 pub mod generate;

@@ -13,6 +13,8 @@ use super::{
 use crate::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
 use serde_json::json;
 
+/// Largest LoRA weight accepted (A1111 allows up to 2 in its UI; beyond 10 is a typo).
+const MAX_LORA_SCALE: f64 = 10.0;
 /// Default columns: four seeds, as A1111's default batch count of 4 shows.
 const DEFAULT_SEEDS: [u64; 4] = [0, 1, 2, 3];
 
@@ -37,10 +39,23 @@ impl Stage for SampleGridKind {
             ParamSpec::required(
                 "models",
                 ParamType::PathOrStageRefList,
-                "stages producing models and/or diffusers model folders; every variant of a swept stage is a row",
+                "stages producing models and/or diffusers model folders; every variant of a swept stage is a row; a `dreambooth_lora` stage or LoRA file samples `base_model` with the adapter (one row per `lora_scales`)",
             )
             .model_folder()
             .gathers(),
+            ParamSpec::optional(
+                "base_model",
+                ParamType::PathOrStageRef,
+                serde_json::Value::Null,
+                "the model the LoRA entries of `models` sample on (required when `models` lists a `dreambooth_lora` stage or a LoRA file)",
+            ),
+            ParamSpec::optional(
+                "lora_scales",
+                ParamType::NumberList,
+                json!([1.0]),
+                "adapter weights of the LoRA rows: each LoRA entry gets one row per scale (`name ×0.5`)",
+            )
+            .range(0.0, MAX_LORA_SCALE),
             ParamSpec::required("prompts", ParamType::StringList, "one grid per prompt"),
             negative_prompt_spec(),
             ParamSpec::optional(
