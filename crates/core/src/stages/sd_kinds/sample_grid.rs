@@ -10,7 +10,9 @@ use super::{
     MAX_SEED, SCHEDULER_CHOICES, dtype_spec, guidance_spec, negative_prompt_spec, size_specs,
     steps_spec,
 };
-use crate::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use crate::stages::{
+    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
+};
 use serde_json::json;
 
 /// Largest LoRA weight accepted (A1111 allows up to 2 in its UI; beyond 10 is a typo).
@@ -90,5 +92,22 @@ impl Stage for SampleGridKind {
     }
     fn needs_torch(&self) -> bool {
         true
+    }
+    /// A `dreambooth_lora` stage among `models` samples on `base_model`, which must be set.
+    fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
+        let loras = fields.upstream.get("models").into_iter().flatten();
+        let lora = loras
+            .filter(|stage| stage.kind == "dreambooth_lora")
+            .map(|stage| stage.name)
+            .next();
+        match lora {
+            Some(name) if !fields.is_set("base_model") => vec![(
+                "base_model",
+                format!(
+                    "is required: `models` lists the LoRA stage `{name}`, whose rows sample the base model with its adapter"
+                ),
+            )],
+            _ => Vec::new(),
+        }
     }
 }
