@@ -201,3 +201,58 @@ fn files_that_are_not_sd_loras_are_refused_with_the_key() {
         )
     );
 }
+
+fn sample_cli(extra: &[&str], out: &Path) -> std::process::Output {
+    let mut args = vec![
+        "sample",
+        "--model",
+        MODEL,
+        "--prompt",
+        "a photo of sks dog in a bucket",
+        "--seed",
+        "1234",
+        "--steps",
+        "4",
+        "--guidance",
+        "7.5",
+        "--out",
+    ];
+    let out = out.to_str().unwrap();
+    args.push(out);
+    args.extend_from_slice(extra);
+    std::process::Command::new(env!("CARGO_BIN_EXE_dreampipe-torch"))
+        .args(&args)
+        .env("DREAMPIPE_DEVICE", "cpu")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn sample_lora_flag_renders_diffusers_image_and_names_a_bad_file() {
+    let goldens = golden_images();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("a.png");
+    let lora = format!("{}=0.5", fixture("strong_a.safetensors").display());
+    let output = sample_cli(&["--lora", &lora], &out);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let png = image::open(&out).unwrap().to_rgb8();
+    let golden = (&goldens["a_scale_0.5"] * 255.0).round().to_kind(Kind::Int);
+    let golden: Vec<i64> = Vec::<i64>::try_from(golden.flatten(0, -1)).unwrap();
+    let worst = png
+        .as_raw()
+        .iter()
+        .zip(&golden)
+        .map(|(a, b)| (i64::from(*a) - b).abs())
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "PNG differs from diffusers' image by {worst} levels");
+    let bad = sample_cli(&["--lora", MODEL], &dir.path().join("b.png"));
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "--lora {MODEL}: not a LoRA file (a .safetensors of LoRA weights, or a `dreambooth_lora` output folder)"
+        )),
+        "{stderr}"
+    );
+}

@@ -1,5 +1,6 @@
 //! `dreampipe sample`: txt2img from a diffusers folder to PNG files carrying their parameters.
 use super::Context;
+use crate::sd::lora::{LoraWeights, ScaledLora};
 use crate::sd::pipeline::{
     DEFAULT_GUIDANCE, DEFAULT_STEPS, Event, StableDiffusion, Txt2Img, Txt2ImgError, Txt2ImgOutput,
 };
@@ -46,8 +47,37 @@ pub struct SampleArgs {
     pub batch: i64,
     #[arg(long, default_value = "f32")]
     pub dtype: DType,
+    /// A LoRA to apply: a LoRA `.safetensors` file (diffusers, PEFT or kohya layout) or a
+    /// `dreambooth_lora` output folder, optionally `=SCALE` (default 1). Repeat for several.
+    #[arg(long = "lora", value_name = "FILE[=SCALE]", value_parser = parse_lora)]
+    pub loras: Vec<(PathBuf, f64)>,
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// `FILE` or `FILE=SCALE`.
+fn parse_lora(text: &str) -> Result<(PathBuf, f64), String> {
+    if let Some((file, scale)) = text.rsplit_once('=')
+        && let Ok(scale) = scale.parse::<f64>()
+    {
+        return Ok((PathBuf::from(file), scale));
+    }
+    Ok((PathBuf::from(text), 1.0))
+}
+
+/// Reads every `--lora`, naming the argument that is not a LoRA.
+fn read_loras(args: &SampleArgs) -> anyhow::Result<Vec<(LoraWeights, f64)>> {
+    let mut loras = Vec::new();
+    for (path, scale) in &args.loras {
+        let file = crate::sd::lora::files::lora_file_of(path).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--lora {}: not a LoRA file (a .safetensors of LoRA weights, or a `dreambooth_lora` output folder)",
+                path.display()
+            )
+        })?;
+        loras.push((LoraWeights::read(&file)?, *scale));
+    }
+    Ok(loras)
 }
 
 /// Weight precision for inference.
@@ -70,8 +100,17 @@ impl DType {
 
 pub fn run(context: &Context, args: &SampleArgs) -> anyhow::Result<ExitCode> {
     let folder = model_folder(context, args)?;
-    let model = StableDiffusion::load(&folder, context.device, args.dtype.kind())?;
-    let output = sample_with_progress_bar(&model, &request_of(args))?;
+    let mut model = StableDiffusion::load(&folder, context.device, args.dtype.kind())?;
+    let loras = read_loras(args)?;
+    let scaled: Vec<ScaledLora<'_>> = loras
+        .iter()
+        .map(|(weights, scale)| ScaledLora {
+            weights,
+            scale: *scale,
+        })
+        .collect();
+    let request = request_of(args);
+    let output = model.with_loras(&scaled, |model| sample_with_progress_bar(model, &request))?;
     let hash = short_weights_hash(&folder);
     for index in 0..args.batch {
         let path = output_path(&args.out, index, args.batch);
@@ -134,6 +173,13 @@ fn parameters_of(
     } else {
         vec![]
     };
+    let mut extra = extra;
+    if !args.loras.is_empty() {
+        let loras: Vec<String> = (args.loras.iter())
+            .map(|(path, scale)| format!("{}={scale}", model_name(path)))
+            .collect();
+        extra.push(("Loras".to_string(), loras.join(" ")));
+    }
     GenerationParameters {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
