@@ -654,6 +654,28 @@ stages:
     steps: 2
     width: 64
     height: 64
+  lora:
+    kind: dreambooth_lora
+    model: MODEL
+    instance_images: photos
+    instance_prompt: a photo of sks dog
+    class_images: class
+    class_prompt: a photo of a dog
+    num_class_images: 2
+    train_text_encoder: true
+    resolution: 64
+    max_train_steps: 3
+    learning_rate: 1.0e-2
+    lr_warmup_steps: 0
+  lora_grid:
+    kind: sample_grid
+    models: [lora]
+    base_model: MODEL
+    prompts: [a photo of sks dog]
+    seeds: [0]
+    steps: 2
+    width: 64
+    height: 64
   eval:
     kind: evaluate
     generated: EVAL/images/grid
@@ -728,6 +750,9 @@ fn guard_outputs(project: &Project) -> serde_json::Value {
             "bf16_losses": losses(&output(project, "db[mixed_precision=bf16]"))},
         "sample_grid": {"version": version("sample_grid"),
             "thumbnails": [thumbnail(&output(project, "grid").join("grid-0.png"))]},
+        "dreambooth_lora": {"version": version("dreambooth_lora"),
+            "losses": losses(&output(project, "lora")),
+            "thumbnails": [thumbnail(&output(project, "lora_grid").join("grid-0.png"))]},
         "evaluate": {"version": version("evaluate"),
             "means": evaluate_means(&output(project, "eval"))},
     })
@@ -794,6 +819,8 @@ fn kind_versions_guard_their_outputs() {
         ("textual_inversion", "losses", true, GUARD_LOSS_RTOL),
         ("dreambooth", "losses", true, GUARD_LOSS_RTOL),
         ("dreambooth", "bf16_losses", true, GUARD_BF16_LOSS_RTOL),
+        ("dreambooth_lora", "losses", true, GUARD_LOSS_RTOL),
+        ("dreambooth_lora", "thumbnails", false, GUARD_LEVELS),
         ("sample_grid", "thumbnails", false, GUARD_LEVELS),
         ("evaluate", "means", false, GUARD_SCORES),
     ];
