@@ -5,6 +5,7 @@
 //! record is written, so Slurm's own state says why the job ended.
 use super::{Context, Handoff};
 use crate::cache::store::Store;
+use crate::exec::error::JobError;
 use crate::exec::events::{CancelFlag, ProgressReporter};
 use crate::exec::job::{self, ExitRecord, JobSpec, Placement};
 use clap::Args;
@@ -73,7 +74,7 @@ fn finish(
     store: &Store,
     job: &JobSpec,
     exit_path: &Path,
-    staged: Result<job::Staged, String>,
+    staged: Result<job::Staged, JobError>,
     cancel: &CancelFlag,
 ) -> anyhow::Result<ExitCode> {
     let outcome = staged.and_then(|staged| {
@@ -98,7 +99,7 @@ fn finish(
                 eprintln!("{line}");
             }
             eprintln!("dreampipe job: stage `{}` failed: {error}", job.stage_id);
-            write_exit(exit_path, false, Some(error), None, 0.0)?;
+            write_exit(exit_path, false, Some(error.to_string()), None, 0.0)?;
             Ok(ExitCode::FAILURE)
         }
     }

@@ -3,6 +3,7 @@
 //! take a device slot (one stage per device at a time), CPU stages a `--jobs` permit. A
 //! per-key lock makes concurrent runs on one cache compute each key once. A failed stage stops
 //! its dependents only; cancellation stops new stages and signals running ones.
+use super::error::{ExecError, SkipReason};
 use super::events::{CancelFlag, Event, EventSender, ProgressReporter};
 use super::job::{JOB_FORMAT, JobSpec, Placement, SnapshotSpec, commit_staged, run_in_staging};
 use super::lockfile::LockFile;
@@ -69,6 +70,41 @@ struct Shared {
 }
 
 impl Shared {
+    /// The run's shared state: `--devices` (the CPU when none) and the options' stage flags.
+    fn new(
+        plan: &Arc<Plan>,
+        store: Store,
+        memo: Arc<HashMemo>,
+        options: &ExecOptions,
+        events: EventSender,
+        cancel: CancelFlag,
+        run_started: Instant,
+    ) -> Self {
+        let devices = if options.devices.is_empty() {
+            vec![crate::device::Device::Cpu]
+        } else {
+            options.devices.clone()
+        };
+        let slurm = (options.slurm.clone()).map(|o| Arc::new(Slurm::new(o, store.clone())));
+        Self {
+            plan: plan.clone(),
+            store,
+            memo,
+            events,
+            cancel,
+            slots: Slots::new(options.jobs, &devices),
+            key_device: devices[0],
+            forced: options.forced.clone(),
+            locked: options.locked.clone(),
+            verify: options.verify,
+            run_started,
+            pins: Mutex::new(HashMap::new()),
+            slurm,
+            sharing: sharing(&plan.pipeline, &options.selected),
+            ended: (0..plan.len()).map(|_| watch::channel(false).0).collect(),
+        }
+    }
+
     /// Keeps `pin` on `key`'s result until the run ends (a second pin on a key is dropped).
     fn keep_pin(&self, key: &str, pin: KeyLock) {
         let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
@@ -95,97 +131,25 @@ pub async fn execute(
 ) -> RunRecord {
     let started = Instant::now();
     let started_unix = now_unix();
-    let devices = if options.devices.is_empty() {
-        vec![crate::device::Device::Cpu]
-    } else {
-        options.devices.clone()
-    };
-    let store_for_slurm = store.clone();
-    let shared = Arc::new(Shared {
-        plan: plan.clone(),
+    let shared = Shared::new(
+        &plan,
         store,
         memo,
-        events: events.clone(),
-        cancel: cancel.clone(),
-        slots: Slots::new(options.jobs, &devices),
-        key_device: devices[0],
-        forced: options.forced.clone(),
-        locked: options.locked.clone(),
-        verify: options.verify,
-        run_started: started,
-        pins: Mutex::new(HashMap::new()),
-        slurm: (options.slurm.clone()).map(|o| Arc::new(Slurm::new(o, store_for_slurm))),
-        sharing: sharing(&plan.pipeline, &options.selected),
-        ended: (0..plan.len()).map(|_| watch::channel(false).0).collect(),
-    });
+        &options,
+        events,
+        cancel.clone(),
+        started,
+    );
+    let shared = Arc::new(shared);
     let poller = shared.slurm.clone().map(|slurm| {
         let cancel = cancel.clone();
         tokio::spawn(async move { slurm.poll(cancel).await })
     });
-    let active = active_stages(&plan, &options.selected);
-    let _ = events.send(Event::RunStarted {
+    let _ = shared.events.send(Event::RunStarted {
         pipeline: plan.pipeline.name.clone(),
         stages: options.selected.iter().filter(|s| **s).count(),
     });
-    let mut records: Vec<Option<StageRecord>> = vec![None; plan.len()];
-    let mut done: BTreeMap<usize, Done> = BTreeMap::new();
-    let mut waiting: Vec<usize> = (0..plan.len())
-        .map(|i| {
-            plan.upstream(i)
-                .iter()
-                .filter(|u| active.contains(u))
-                .count()
-        })
-        .collect();
-    let mut tasks = JoinSet::new();
-    let mut task_stage: HashMap<tokio::task::Id, usize> = HashMap::new();
-    for &index in &active {
-        if waiting[index] == 0 {
-            let id = spawn_stage(&mut tasks, &shared, index, options.selected[index], &done);
-            task_stage.insert(id, index);
-        }
-    }
-    while let Some(joined) = tasks.join_next_with_id().await {
-        let (index, record, finished) = match joined {
-            Ok((_, result)) => result,
-            Err(error) => {
-                // A panic outside the stage's own code: fail the stage, never report success.
-                let Some(&index) = task_stage.get(&error.id()) else {
-                    continue;
-                };
-                let mut record = base_record(&plan, index, Outcome::Failed);
-                record.error = Some(format!("internal error: {error}"));
-                (index, record, None)
-            }
-        };
-        records[index] = Some(record);
-        let Some(result) = finished else {
-            block_dependents(&plan, index, &mut records, &events, &options.selected);
-            continue;
-        };
-        done.insert(index, result);
-        for dependent in plan.downstream(index) {
-            waiting[dependent] = waiting[dependent].saturating_sub(1);
-            if waiting[dependent] == 0
-                && records[dependent].is_none()
-                && active.contains(&dependent)
-            {
-                if cancel.is_cancelled() {
-                    records[dependent] =
-                        Some(skipped(&plan, dependent, "cancelled".to_string(), &events));
-                } else {
-                    let id = spawn_stage(
-                        &mut tasks,
-                        &shared,
-                        dependent,
-                        options.selected[dependent],
-                        &done,
-                    );
-                    task_stage.insert(id, dependent);
-                }
-            }
-        }
-    }
+    let records = Schedule::new(&shared, options.selected).run().await;
     if let (Some(slurm), Some(poller)) = (&shared.slurm, poller) {
         slurm.close();
         let _ = poller.await;
@@ -213,6 +177,116 @@ pub async fn execute(
     }
 }
 
+/// The scheduling state of one run: each stage's record so far, the finished stages' results,
+/// how many active upstreams each stage still waits for, and the running tasks.
+struct Schedule {
+    shared: Arc<Shared>,
+    selected: Vec<bool>,
+    active: BTreeSet<usize>,
+    records: Vec<Option<StageRecord>>,
+    done: BTreeMap<usize, Done>,
+    waiting: Vec<usize>,
+    tasks: JoinSet<TaskResult>,
+    task_stage: HashMap<tokio::task::Id, usize>,
+}
+
+impl Schedule {
+    fn new(shared: &Arc<Shared>, selected: Vec<bool>) -> Self {
+        let plan = &shared.plan;
+        let active = active_stages(plan, &selected);
+        let waiting = (0..plan.len())
+            .map(|i| {
+                plan.upstream(i)
+                    .iter()
+                    .filter(|u| active.contains(u))
+                    .count()
+            })
+            .collect();
+        Self {
+            shared: shared.clone(),
+            selected,
+            active,
+            records: vec![None; plan.len()],
+            done: BTreeMap::new(),
+            waiting,
+            tasks: JoinSet::new(),
+            task_stage: HashMap::new(),
+        }
+    }
+
+    /// Runs every active stage once its upstreams finished; returns the records (`None`: the
+    /// stage was not selected).
+    async fn run(mut self) -> Vec<Option<StageRecord>> {
+        let ready: Vec<usize> = (self.active.iter())
+            .copied()
+            .filter(|&index| self.waiting[index] == 0)
+            .collect();
+        for index in ready {
+            self.spawn(index);
+        }
+        while let Some(joined) = self.tasks.join_next_with_id().await {
+            let Some((index, record, finished)) = self.task_result(joined) else {
+                continue;
+            };
+            self.records[index] = Some(record);
+            match finished {
+                Some(result) => self.release_dependents(index, result),
+                None => {
+                    let shared = &self.shared;
+                    let (plan, events) = (&shared.plan, &shared.events);
+                    block_dependents(plan, index, &mut self.records, events, &self.selected);
+                }
+            }
+        }
+        self.records
+    }
+
+    fn spawn(&mut self, index: usize) {
+        let (shared, selected) = (&self.shared, self.selected[index]);
+        let id = spawn_stage(&mut self.tasks, shared, index, selected, &self.done);
+        self.task_stage.insert(id, index);
+    }
+
+    /// A finished task's result; a task that panicked outside the stage's own code fails its
+    /// stage (never reported as a success).
+    fn task_result(
+        &self,
+        joined: Result<(tokio::task::Id, TaskResult), tokio::task::JoinError>,
+    ) -> Option<TaskResult> {
+        match joined {
+            Ok((_, result)) => Some(result),
+            Err(error) => {
+                let &index = self.task_stage.get(&error.id())?;
+                let mut record = base_record(&self.shared.plan, index, Outcome::Failed);
+                record.error = Some(ExecError::TaskFailed(error).to_string());
+                Some((index, record, None))
+            }
+        }
+    }
+
+    /// Records stage `index` as done and starts the dependents it was the last wait of
+    /// (skipping them once the run is cancelled).
+    fn release_dependents(&mut self, index: usize, result: Done) {
+        self.done.insert(index, result);
+        for dependent in self.shared.plan.downstream(index) {
+            self.waiting[dependent] = self.waiting[dependent].saturating_sub(1);
+            let ready = self.waiting[dependent] == 0
+                && self.records[dependent].is_none()
+                && self.active.contains(&dependent);
+            if !ready {
+                continue;
+            }
+            if self.shared.cancel.is_cancelled() {
+                let (plan, events) = (&self.shared.plan, &self.shared.events);
+                let skip = skipped(plan, dependent, SkipReason::Cancelled, events);
+                self.records[dependent] = Some(skip);
+            } else {
+                self.spawn(dependent);
+            }
+        }
+    }
+}
+
 /// Selected stages plus every upstream they need (the latter only looked up in the cache).
 fn active_stages(plan: &Plan, selected: &[bool]) -> BTreeSet<usize> {
     let mut active = BTreeSet::new();
@@ -229,26 +303,23 @@ fn block_dependents(
     events: &EventSender,
     selected: &[bool],
 ) {
-    let failed_id = plan.pipeline.stages[failed].id.clone();
+    let reason = SkipReason::UpstreamFailed {
+        id: plan.pipeline.stages[failed].id.clone(),
+    };
     for dependent in plan.descendants(failed) {
         if dependent != failed && records[dependent].is_none() && selected[dependent] {
-            records[dependent] = Some(skipped(
-                plan,
-                dependent,
-                format!("upstream `{failed_id}` did not finish"),
-                events,
-            ));
+            records[dependent] = Some(skipped(plan, dependent, reason.clone(), events));
         }
     }
 }
 
-fn skipped(plan: &Plan, index: usize, reason: String, events: &EventSender) -> StageRecord {
+fn skipped(plan: &Plan, index: usize, reason: SkipReason, events: &EventSender) -> StageRecord {
     let mut record = base_record(plan, index, Outcome::Skipped);
     let _ = events.send(Event::Skipped {
         id: record.id.clone(),
-        reason: reason.clone(),
+        reason: reason.to_string(),
     });
-    record.error = Some(reason);
+    record.error = Some(reason.to_string());
     record
 }
 
@@ -299,10 +370,10 @@ fn spawn_stage(
                 record.status = Outcome::Failed;
                 let _ = shared.events.send(Event::Failed {
                     id: record.id.clone(),
-                    error: error.clone(),
+                    error: error.to_string(),
                     log: record.log.clone(),
                 });
-                record.error = Some(error);
+                record.error = Some(error.to_string());
                 (index, record, None)
             }
         }
@@ -312,10 +383,10 @@ fn spawn_stage(
 
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, String> {
+) -> Result<T, ExecError> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| format!("internal error: the stage's thread panicked ({e})"))
+        .map_err(ExecError::ThreadPanicked)
 }
 
 /// Key → cache hit, or lock → recheck → slot → run → commit.
@@ -325,64 +396,40 @@ async fn run_stage(
     selected: bool,
     upstream: &BTreeMap<usize, Done>,
     record: &mut StageRecord,
-) -> Result<Done, String> {
+) -> Result<Done, ExecError> {
     let stage = shared.plan.pipeline.stages[index].clone();
     let new = compute_material(shared, index, upstream).await?;
     let key = new.key();
     record.key = Some(key.clone());
-    check_locked_key(shared, &stage.id, &key)?;
+    check_locked_key(shared.locked.as_ref(), &stage.id, &key)?;
     let forced = shared.forced[index];
     if !forced && let Some(done) = reuse(shared, index, &key, record, None).await? {
         return Ok(done);
     }
     if let Some(done) = served_by_runner(shared, index, &key, record).await? {
         // Computed by this run (from a longer run's snapshot): `--locked` checks it like any.
-        check_locked_output(shared, &stage.id, &done.1)?;
+        check_locked_output(shared.locked.as_ref(), &stage.id, &done.1)?;
         return Ok(done);
     }
     warn_unreadable_record(shared, &stage.id, &key);
     if !selected {
-        return Err(format!(
-            "not in the cache and not selected by --only/--until (key {}); run it first",
-            short(&key)
-        ));
+        return Err(ExecError::NotSelected { key });
     }
-    let waiting = {
-        let (events, id, key) = (shared.events.clone(), stage.id.clone(), key.clone());
-        move || {
-            let _ = events.send(Event::Waiting { id, key });
-        }
-    };
-    // While waiting: reuse the result once another holder committed it (unless forced), or
-    // when this run pinned it for another stage with the same key (replacing it would pull it
-    // from under that stage's readers, and waiting for our own pin would never end).
-    let reusable = {
-        let (shared, key) = (shared.clone(), key.clone());
-        move || (!forced && shared.store.lookup(&key).is_some()) || shared.is_pinned(&key)
-    };
-    let (store, cancel, lock_key) = (shared.store.clone(), shared.cancel.clone(), key.clone());
-    let lock = blocking(move || store.lock_key(&lock_key, cancel.as_atomic(), waiting, reusable))
-        .await?
-        .map_err(|e| e.to_string())?;
-    let (lock, waited) = match lock {
+    let (lock, waited) = match lock_key(shared, &stage.id, &key, forced).await? {
         Acquired::Immediately(lock) => (lock, false),
         Acquired::AfterWaiting(lock) => (lock, true),
         Acquired::Shared(pin) => {
-            let found = shared.store.lookup(&key).ok_or_else(|| {
-                "its result disappeared right after it was committed (cache gc?); run again"
-                    .to_string()
-            })?;
+            let found = shared
+                .store
+                .lookup(&key)
+                .ok_or(ExecError::ResultDisappeared)?;
             return Ok(adopt(shared, index, &key, pin, found, record, None));
         }
     };
     if (!forced || waited) && shared.store.lookup(&key).is_some() {
         drop(lock); // pinning takes the shared lock
-        return reuse(shared, index, &key, record, None)
-            .await?
-            .ok_or_else(|| {
-                "its result was being replaced by another run (--force?) right now; run again"
-                    .to_string()
-            });
+        return (reuse(shared, index, &key, record, None).await?)
+            .ok_or(ExecError::ResultBeingReplaced);
     }
     let reasons = if forced {
         vec![DirtyReason::Forced]
@@ -393,11 +440,36 @@ async fn run_stage(
     let done = compute(shared, index, upstream, &new, &key, record).await?;
     drop(lock); // pinning takes the shared lock
     let Some((pinned, _)) = pin(shared, &key, Duration::MAX).await? else {
-        return Err("its new result was removed at once (cache gc?); run again".to_string());
+        return Err(ExecError::NewResultRemoved);
     };
     shared.keep_pin(&key, pinned);
-    check_locked_output(shared, &stage.id, &done.1)?;
+    check_locked_output(shared.locked.as_ref(), &stage.id, &done.1)?;
     Ok(done)
+}
+
+/// Takes `key`'s lock to compute it, saying so when another holder makes the stage wait.
+async fn lock_key(
+    shared: &Arc<Shared>,
+    id: &str,
+    key: &str,
+    forced: bool,
+) -> Result<Acquired, ExecError> {
+    let waiting = {
+        let (events, id, key) = (shared.events.clone(), id.to_string(), key.to_string());
+        move || {
+            let _ = events.send(Event::Waiting { id, key });
+        }
+    };
+    // While waiting: reuse the result once another holder committed it (unless forced), or
+    // when this run pinned it for another stage with the same key (replacing it would pull it
+    // from under that stage's readers, and waiting for our own pin would never end).
+    let reusable = {
+        let (shared, key) = (shared.clone(), key.to_string());
+        move || (!forced && shared.store.lookup(&key).is_some()) || shared.is_pinned(&key)
+    };
+    let (store, cancel, key) = (shared.store.clone(), shared.cancel.clone(), key.to_string());
+    let acquired = blocking(move || store.lock_key(&key, cancel.as_atomic(), waiting, reusable));
+    Ok(acquired.await??)
 }
 
 /// For a shorter variant of a steps sweep: waits until the longest variant's task has ended,
@@ -408,7 +480,7 @@ async fn served_by_runner(
     index: usize,
     key: &str,
     record: &mut StageRecord,
-) -> Result<Option<Done>, String> {
+) -> Result<Option<Done>, ExecError> {
     let Some((runner, _)) = shared.sharing.served_by[index] else {
         return Ok(None);
     };
@@ -437,7 +509,7 @@ async fn snapshot_specs(
     shared: &Arc<Shared>,
     index: usize,
     upstream: &BTreeMap<usize, Done>,
-) -> Result<Vec<SnapshotSpec>, String> {
+) -> Result<Vec<SnapshotSpec>, ExecError> {
     let mut specs = Vec::new();
     for &(served, step) in &shared.sharing.serves[index] {
         if shared.forced[served] {
@@ -462,7 +534,7 @@ async fn extension_base(
     shared: &Arc<Shared>,
     index: usize,
     material: &KeyMaterial,
-) -> Result<Option<ExtendFrom>, String> {
+) -> Result<Option<ExtendFrom>, ExecError> {
     let stage = shared.plan.pipeline.stages[index].clone();
     if shared.forced[index] || stage.kind.prefix_problem(&stage.params).is_some() {
         return Ok(None);
@@ -489,7 +561,7 @@ async fn compute_material(
     shared: &Arc<Shared>,
     index: usize,
     upstream: &BTreeMap<usize, Done>,
-) -> Result<KeyMaterial, String> {
+) -> Result<KeyMaterial, ExecError> {
     let (plan, memo, device) = (shared.plan.clone(), shared.memo.clone(), shared.key_device);
     let digests: BTreeMap<usize, String> =
         upstream.iter().map(|(i, (_, d))| (*i, d.clone())).collect();
@@ -502,12 +574,17 @@ async fn compute_material(
         )
     })
     .await?;
+    key_material(built)
+}
+
+/// What [`material`] built, or why not: an upstream without output, or a file that did not hash.
+fn key_material(
+    built: Result<Result<KeyMaterial, String>, CacheError>,
+) -> Result<KeyMaterial, ExecError> {
     match built {
         Ok(Ok(material)) => Ok(material),
-        Ok(Err(upstream)) => Err(format!(
-            "internal error: upstream `{upstream}` has no output"
-        )),
-        Err(error) => Err(format!("hashing inputs: {error}")),
+        Ok(Err(upstream)) => Err(ExecError::UpstreamMissing { upstream }),
+        Err(error) => Err(ExecError::Hashing(error)),
     }
 }
 
@@ -520,7 +597,7 @@ async fn reuse(
     key: &str,
     record: &mut StageRecord,
     served: Option<String>,
-) -> Result<Option<Done>, String> {
+) -> Result<Option<Done>, ExecError> {
     let Some((lock, found)) = pin(shared, key, PIN_PATIENCE).await? else {
         return Ok(None);
     };
@@ -533,7 +610,7 @@ async fn reuse(
             id: id.clone(),
             message: format!("{}; quarantined, recomputing it", damage.problem),
         });
-        verify::quarantine_damaged(&shared.store, key, &damage).map_err(|e| e.to_string())?;
+        verify::quarantine_damaged(&shared.store, key, &damage)?;
         drop(lock);
         return Ok(None);
     }
@@ -588,7 +665,7 @@ async fn pin(
     shared: &Arc<Shared>,
     key: &str,
     patience: Duration,
-) -> Result<Option<(KeyLock, ResultRecord)>, String> {
+) -> Result<Option<(KeyLock, ResultRecord)>, ExecError> {
     let (store, owned_key) = (shared.store.clone(), key.to_string());
     let cancel = shared.cancel.clone();
     blocking(
@@ -609,40 +686,38 @@ async fn pin(
         },
     )
     .await?
-    .map_err(|e| e.to_string())
+    .map_err(ExecError::from)
 }
 
-fn short(key: &str) -> &str {
-    &key[..12.min(key.len())]
-}
-
-fn check_locked_key(shared: &Shared, id: &str, key: &str) -> Result<(), String> {
-    let Some(lock) = &shared.locked else {
+/// With `--locked`: the stage must be in the lock file under the same key.
+fn check_locked_key(locked: Option<&LockFile>, id: &str, key: &str) -> Result<(), ExecError> {
+    let Some(lock) = locked else {
         return Ok(());
     };
     match lock.stages.get(id) {
-        None => Err(format!("--locked: stage `{id}` is not in the lock file")),
-        Some(entry) if entry.key != key => Err(format!(
-            "--locked: stage `{id}` has key {} but the lock file has {}; its inputs or parameters differ (see `dreampipe explain`)",
-            short(key),
-            short(&entry.key)
-        )),
+        None => Err(ExecError::NotLocked { id: id.to_string() }),
+        Some(entry) if entry.key != key => Err(ExecError::LockedKeyMismatch {
+            id: id.to_string(),
+            key: key.to_string(),
+            locked: entry.key.clone(),
+        }),
         Some(_) => Ok(()),
     }
 }
 
-fn check_locked_output(shared: &Shared, id: &str, digest: &str) -> Result<(), String> {
-    let Some(entry) = shared.locked.as_ref().and_then(|l| l.stages.get(id)) else {
+/// With `--locked`: a computed output must have the digest the lock file recorded.
+fn check_locked_output(locked: Option<&LockFile>, id: &str, digest: &str) -> Result<(), ExecError> {
+    let Some(entry) = locked.and_then(|l| l.stages.get(id)) else {
         return Ok(());
     };
     if entry.output == digest {
         return Ok(());
     }
-    Err(format!(
-        "--locked: stage `{id}` produced output {} but the lock file has {}; the stage is not reproducible here",
-        short(digest),
-        short(&entry.output)
-    ))
+    Err(ExecError::LockedOutputMismatch {
+        id: id.to_string(),
+        output: digest.to_string(),
+        locked: entry.output.clone(),
+    })
 }
 
 /// Runs the stage in a staging folder and commits its output.
@@ -653,7 +728,7 @@ async fn compute(
     new: &KeyMaterial,
     key: &str,
     record: &mut StageRecord,
-) -> Result<Done, String> {
+) -> Result<Done, ExecError> {
     if let Some(slurm) = &shared.slurm {
         return compute_on_slurm(shared, slurm, index, upstream, new, key, record).await;
     }
@@ -665,7 +740,7 @@ async fn compute(
         DeviceClass::Cpu => crate::device::Device::Cpu,
     };
     if shared.cancel.is_cancelled() {
-        return Err("cancelled".to_string());
+        return Err(ExecError::Cancelled);
     }
     let job = planned_job(shared, index, upstream, new, key).await?;
     record.log = Some(shared.store.log_path(key));
@@ -717,7 +792,7 @@ async fn compute_on_slurm(
     new: &KeyMaterial,
     key: &str,
     record: &mut StageRecord,
-) -> Result<Done, String> {
+) -> Result<Done, ExecError> {
     let stage = shared.plan.pipeline.stages[index].clone();
     let job = planned_job(shared, index, upstream, new, key).await?;
     let mut resources =
@@ -726,11 +801,13 @@ async fn compute_on_slurm(
     let script = {
         let (slurm, job) = (slurm.clone(), job.clone());
         let needs_torch = stage.kind.needs_torch();
-        blocking(move || slurm.prepare(&job, &resources, needs_torch)).await??
+        blocking(move || slurm.prepare(&job, &resources, needs_torch))
+            .await?
+            .map_err(ExecError::Slurm)?
     };
-    let _place = slurm.place().await?;
+    let _place = slurm.place().await.map_err(ExecError::Slurm)?;
     if shared.cancel.is_cancelled() {
-        return Err("cancelled".to_string());
+        return Err(ExecError::Cancelled);
     }
     record.log = Some(shared.store.log_path(key));
     let _ = shared.events.send(Event::Started {
@@ -744,7 +821,8 @@ async fn compute_on_slurm(
             Some(id) => (id, true),
             None => {
                 let (slurm, script) = (slurm.clone(), script.clone());
-                (blocking(move || slurm.submit(&script)).await??, false)
+                let submitted = blocking(move || slurm.submit(&script)).await?;
+                (submitted.map_err(ExecError::Slurm)?, false)
             }
         };
         let _ = shared.events.send(Event::Submitted {
@@ -758,8 +836,9 @@ async fn compute_on_slurm(
         if let JobEnd::Exited(exit) = &end
             && exit.ok
         {
-            let committed = shared.store.lookup(key).ok_or_else(|| {
-                format!("Slurm job {job_id} reported success but the cache has no result for key {}; is the cache on a filesystem the nodes share?", short(key))
+            let committed = (shared.store.lookup(key)).ok_or_else(|| ExecError::SlurmNoResult {
+                job_id: job_id.clone(),
+                key: key.to_string(),
             })?;
             return finish_computed(shared, &stage.id, key, exit.seconds, &committed, record);
         }
@@ -769,7 +848,7 @@ async fn compute_on_slurm(
             || shared.cancel.is_cancelled()
             || attempt >= slurm.options.retries
         {
-            return Err(failure);
+            return Err(ExecError::Slurm(failure));
         }
         attempt += 1;
         let _ = shared.events.send(Event::Warning {
@@ -791,7 +870,7 @@ fn finish_computed(
     seconds: f64,
     committed: &ResultRecord,
     record: &mut StageRecord,
-) -> Result<Done, String> {
+) -> Result<Done, ExecError> {
     let store = &shared.store;
     let output = store.output_dir(key);
     for (name, digest) in &committed.files {
@@ -817,7 +896,7 @@ async fn planned_job(
     upstream: &BTreeMap<usize, Done>,
     material: &KeyMaterial,
     key: &str,
-) -> Result<JobSpec, String> {
+) -> Result<JobSpec, ExecError> {
     let mut job = job_spec(shared, index, upstream, material, key);
     job.snapshots = snapshot_specs(shared, index, upstream).await?;
     job.extend_from = extension_base(shared, index, material).await?;
@@ -900,4 +979,150 @@ fn absolute_dir(file: &std::path::Path) -> PathBuf {
         _ => PathBuf::from("."),
     };
     std::path::absolute(&dir).unwrap_or(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::lockfile::LockEntry;
+    use crate::pipeline::{LoadOptions, load_str};
+    use std::path::Path;
+
+    fn lock_file(id: &str, key: &str, output: &str) -> LockFile {
+        let entry = LockEntry {
+            key: key.to_string(),
+            output: output.to_string(),
+        };
+        LockFile {
+            pipeline: "p".to_string(),
+            stages: BTreeMap::from([(id.to_string(), entry)]),
+        }
+    }
+
+    #[test]
+    fn a_locked_key_mismatch_names_both_keys_shortened() {
+        let (locked, key) = ("1".repeat(64), "3".repeat(64));
+        let lock = lock_file("a", &locked, &"2".repeat(64));
+        let error = check_locked_key(Some(&lock), "a", &key).unwrap_err();
+        assert!(
+            matches!(&error, ExecError::LockedKeyMismatch { id, key: k, locked: l }
+                if id == "a" && *k == key && *l == locked),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "--locked: stage `a` has key 333333333333 but the lock file has 111111111111; \
+             its inputs or parameters differ (see `dreampipe explain`)"
+        );
+        let missing = check_locked_key(Some(&lock), "b", &key).unwrap_err();
+        assert!(matches!(&missing, ExecError::NotLocked { id } if id == "b"));
+        assert_eq!(
+            missing.to_string(),
+            "--locked: stage `b` is not in the lock file"
+        );
+        assert!(check_locked_key(Some(&lock), "a", &locked).is_ok());
+        assert!(check_locked_key(None, "b", &key).is_ok());
+    }
+
+    #[test]
+    fn a_locked_output_mismatch_says_the_stage_is_not_reproducible() {
+        let lock = lock_file("a", "k", &"2".repeat(64));
+        let error = check_locked_output(Some(&lock), "a", &"4".repeat(64)).unwrap_err();
+        assert!(matches!(&error, ExecError::LockedOutputMismatch { id, .. } if id == "a"));
+        assert_eq!(
+            error.to_string(),
+            "--locked: stage `a` produced output 444444444444 but the lock file has \
+             222222222222; the stage is not reproducible here"
+        );
+        assert!(check_locked_output(Some(&lock), "a", &"2".repeat(64)).is_ok());
+        assert!(check_locked_output(Some(&lock), "other", "x").is_ok());
+    }
+
+    #[test]
+    fn an_upstream_without_output_is_an_internal_error_naming_it() {
+        let error = key_material(Ok(Err("prep".to_string()))).unwrap_err();
+        assert!(matches!(&error, ExecError::UpstreamMissing { upstream } if upstream == "prep"));
+        assert_eq!(
+            error.to_string(),
+            "internal error: upstream `prep` has no output"
+        );
+        let unreadable = CacheError::io("hash", Path::new("data/x.txt"), denied());
+        let error = key_material(Err(unreadable)).unwrap_err();
+        assert!(matches!(error, ExecError::Hashing(CacheError::Io { .. })));
+        assert_eq!(
+            error.to_string(),
+            "hashing inputs: cache: hash `data/x.txt`: permission denied"
+        );
+    }
+
+    fn denied() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::PermissionDenied, "permission denied")
+    }
+
+    /// `a`, and `b` reading it.
+    const CHAIN: &str = "name: chain
+stages:
+  a:
+    kind: command
+    run: echo a > $OUT/a.txt
+  b:
+    kind: command
+    needs: a
+    run: cp $IN_A/a.txt $OUT/b.txt
+";
+
+    /// Runs [`CHAIN`] in a fresh cache with only the stages in `selected`.
+    async fn run_chain(selected: Vec<bool>, cancel: CancelFlag) -> RunRecord {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("p.yaml");
+        let pipeline = load_str(CHAIN, &file, dir.path(), &LoadOptions::default()).expect("valid");
+        let store = Store::open(&dir.path().join("cache")).expect("store");
+        let n = selected.len();
+        let options = ExecOptions {
+            jobs: 1,
+            devices: Vec::new(),
+            selected,
+            forced: vec![false; n],
+            locked: None,
+            verify: false,
+            slurm: None,
+        };
+        let (events, _received) = tokio::sync::mpsc::unbounded_channel();
+        let memo = Arc::new(HashMemo::in_memory());
+        let plan = Arc::new(Plan::new(pipeline));
+        execute(plan, store, memo, options, events, cancel).await
+    }
+
+    #[tokio::test]
+    async fn an_unselected_upstream_missing_from_the_cache_fails_and_skips_its_dependents() {
+        let record = run_chain(vec![false, true], CancelFlag::default()).await;
+        let [a, b] = &record.stages[..] else {
+            panic!("{:?}", record.stages)
+        };
+        assert_eq!(a.status, Outcome::Failed);
+        let key = a.key.clone().expect("keyed");
+        let expected = format!(
+            "not in the cache and not selected by --only/--until (key {}); run it first",
+            &key[..12]
+        );
+        assert_eq!(a.error.as_deref(), Some(expected.as_str()));
+        assert_eq!(ExecError::NotSelected { key }.to_string(), expected);
+        assert_eq!(b.status, Outcome::Skipped);
+        let skip = SkipReason::UpstreamFailed { id: "a".into() };
+        assert_eq!(b.error.as_deref(), Some("upstream `a` did not finish"));
+        assert_eq!(b.error, Some(skip.to_string()));
+        assert!(!record.success);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_run_fails_its_next_stage_as_cancelled() {
+        let cancel = CancelFlag::default();
+        cancel.cancel();
+        let record = run_chain(vec![true, true], cancel).await;
+        assert!(record.cancelled && !record.success);
+        assert_eq!(record.stages[0].status, Outcome::Failed);
+        assert_eq!(record.stages[0].error.as_deref(), Some("cancelled"));
+        assert_eq!(ExecError::Cancelled.to_string(), "cancelled");
+        assert_eq!(record.stages[1].status, Outcome::Skipped);
+    }
 }

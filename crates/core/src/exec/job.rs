@@ -2,6 +2,7 @@
 //! job reads from `<cache>/jobs/<key>/job.json`; running it into a staging folder and
 //! committing it with the store (the same code both ways, so a result a job commits is
 //! indistinguishable from a local one); and the exit record a job leaves for the controller.
+use super::error::JobError;
 use super::events::{CancelFlag, ProgressReporter};
 use crate::cache::store::{Commit, ResultRecord, Store, read_json};
 use crate::device::Device;
@@ -66,8 +67,8 @@ pub struct Staged {
 }
 
 /// Runs the stage into a fresh staging folder (its checkpoints in the key's work folder, its
-/// log at the key's log path). On failure the staging folder is discarded and the error is
-/// one line (`cancelled` when cancelled).
+/// log at the key's log path). On failure the staging folder is discarded; a cancelled stage
+/// fails with [`StageError::Cancelled`].
 pub fn run_in_staging(
     store: &Store,
     stage: &dyn Stage,
@@ -75,10 +76,13 @@ pub fn run_in_staging(
     placement: &Placement<'_>,
     progress: &ProgressReporter,
     cancel: &CancelFlag,
-) -> Result<Staged, String> {
-    let staging = store.create_staging(&job.key).map_err(|e| e.to_string())?;
+) -> Result<Staged, JobError> {
+    let staging = store.create_staging(&job.key)?;
     let work = store.work_dir(&job.key);
-    std::fs::create_dir_all(&work).map_err(|e| format!("creating `{}`: {e}", work.display()))?;
+    std::fs::create_dir_all(&work).map_err(|source| JobError::CreateDir {
+        path: work.clone(),
+        source,
+    })?;
     let log = StageLog::create(&store.log_path(&job.key));
     let shared_root = store.root().join("shared");
     let out = staging.join("out");
@@ -108,11 +112,8 @@ pub fn run_in_staging(
         snapshots: &snapshots,
         extend_from: job.extend_from.as_ref(),
     };
-    let result = crate::panics::catch(|| stage.run(&context)).unwrap_or_else(|problem| {
-        Err(StageError::Failed(format!(
-            "{problem} (the stage panicked; RUST_BACKTRACE=1 shows where)"
-        )))
-    });
+    let result = crate::panics::catch(|| stage.run(&context))
+        .unwrap_or_else(|problem| Err(StageError::Panicked { problem }));
     match result {
         Ok(()) => Ok(Staged {
             staging,
@@ -121,10 +122,7 @@ pub fn run_in_staging(
         Err(error) => {
             log.line(&format!("dreampipe: stage failed: {error}"));
             let _ = store.discard(&staging);
-            Err(match error {
-                StageError::Cancelled => "cancelled".to_string(),
-                other => other.to_string(),
-            })
+            Err(error.into())
         }
     }
 }
@@ -132,7 +130,11 @@ pub fn run_in_staging(
 /// Commits a staged run under its key (nothing partial is kept on failure), first the
 /// snapshots it left for shorter variants (each under its own key), and removes the key's work
 /// folder once the result is in.
-pub fn commit_staged(store: &Store, job: &JobSpec, staged: Staged) -> Result<ResultRecord, String> {
+pub fn commit_staged(
+    store: &Store,
+    job: &JobSpec,
+    staged: Staged,
+) -> Result<ResultRecord, JobError> {
     for snapshot in &job.snapshots {
         commit_snapshot(store, job, snapshot, staged.seconds);
     }
@@ -147,7 +149,7 @@ pub fn commit_staged(store: &Store, job: &JobSpec, staged: Staged) -> Result<Res
     if committed.is_err() {
         let _ = store.discard(&staged.staging);
     }
-    let record = committed.map_err(|e| e.to_string())?;
+    let record = committed?;
     keep_final_state(store, &job.key);
     let _ = std::fs::remove_dir_all(store.work_dir(&job.key));
     Ok(record)
@@ -222,10 +224,13 @@ pub fn exit_path(store: &Store, key: &str, job_id: &str) -> PathBuf {
 
 /// Writes `value` as JSON through a temporary file and a rename, so readers on other nodes
 /// never see half a file.
-pub fn write_atomically(path: &Path, value: &impl Serialize) -> Result<(), String> {
-    let text = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
+pub fn write_atomically(path: &Path, value: &impl Serialize) -> Result<(), JobError> {
+    let text = serde_json::to_vec_pretty(value).map_err(JobError::Encode)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating `{}`: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|source| JobError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let temporary = dir.join(format!(
         ".{}.{}",
         path.file_name().unwrap_or_default().to_string_lossy(),
@@ -233,24 +238,25 @@ pub fn write_atomically(path: &Path, value: &impl Serialize) -> Result<(), Strin
     ));
     std::fs::write(&temporary, text)
         .and_then(|()| std::fs::rename(&temporary, path))
-        .map_err(|e| format!("writing `{}`: {e}", path.display()))
+        .map_err(|source| JobError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Reads a job file, refusing other formats and files whose key does not match their material.
-pub fn read_job(path: &Path) -> Result<JobSpec, String> {
-    let job: JobSpec = read_json(path).map_err(|e| format!("job file: {e}"))?;
+pub fn read_job(path: &Path) -> Result<JobSpec, JobError> {
+    let job: JobSpec = read_json(path).map_err(JobError::JobFile)?;
     if job.format != JOB_FORMAT {
-        return Err(format!(
-            "job file `{}` has format {} but this dreampipe reads format {JOB_FORMAT}; submit it with the same dreampipe build",
-            path.display(),
-            job.format
-        ));
+        return Err(JobError::Format {
+            path: path.to_path_buf(),
+            found: job.format,
+        });
     }
     if job.material.key() != job.key {
-        return Err(format!(
-            "job file `{}` is damaged: its key material does not hash to its key",
-            path.display()
-        ));
+        return Err(JobError::Damaged {
+            path: path.to_path_buf(),
+        });
     }
     Ok(job)
 }
@@ -261,7 +267,7 @@ pub fn job_devices(
     stage: &dyn Stage,
     job: &JobSpec,
     cuda_devices: &[Device],
-) -> Result<Vec<Device>, String> {
+) -> Result<Vec<Device>, JobError> {
     if stage.device_class() == crate::stages::DeviceClass::Cpu {
         return Ok(Vec::new());
     }
@@ -273,11 +279,136 @@ pub fn job_devices(
         .copied()
         .collect();
     if usable.is_empty() {
-        let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into());
-        return Err(format!(
-            "stage `{}` was keyed for CUDA but this node has no usable CUDA device (CUDA_VISIBLE_DEVICES={visible}); give the stage GPUs (`resources: {{gpus: 1}}`) or run with `--device cpu`",
-            job.stage_id
-        ));
+        return Err(JobError::NoCuda {
+            stage_id: job.stage_id.clone(),
+            visible: std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into()),
+        });
     }
     Ok(usable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stages::{ParamSpec, StageContext};
+
+    /// A stage that ends the way its function says.
+    struct Ends(fn(&StageContext<'_>) -> Result<(), StageError>);
+
+    impl Stage for Ends {
+        fn kind(&self) -> &'static str {
+            "ends"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn schema(&self) -> Vec<ParamSpec> {
+            Vec::new()
+        }
+        fn summary(&self) -> &'static str {
+            "test stage"
+        }
+        fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+            (self.0)(ctx)
+        }
+    }
+
+    fn job() -> JobSpec {
+        let material = KeyMaterial {
+            kind: "ends".to_string(),
+            version: 1,
+            device_class: "cpu".to_string(),
+            params: BTreeMap::new(),
+            upstream: BTreeMap::new(),
+            inputs: BTreeMap::new(),
+        };
+        JobSpec {
+            format: JOB_FORMAT,
+            pipeline: "p".to_string(),
+            pipeline_dir: PathBuf::from("."),
+            stage_id: "s".to_string(),
+            kind: "ends".to_string(),
+            params: serde_json::Map::new(),
+            inputs: BTreeMap::new(),
+            key: material.key(),
+            material,
+            replace: false,
+            snapshots: Vec::new(),
+            extend_from: None,
+        }
+    }
+
+    /// Runs `stage` as [`job`] in a fresh cache (in `dir`).
+    fn run(
+        stage: &dyn Stage,
+        cancel: &CancelFlag,
+        dir: &Path,
+    ) -> (Result<Staged, JobError>, Store) {
+        let store = Store::open(&dir.join("cache")).expect("store");
+        let placement = Placement {
+            device: Device::Cpu,
+            devices: &[],
+        };
+        let progress = ProgressReporter::new("s", None);
+        let staged = run_in_staging(&store, stage, &job(), &placement, &progress, cancel);
+        (staged, store)
+    }
+
+    #[test]
+    fn a_cancelled_stage_fails_as_cancelled_and_leaves_no_staging() {
+        let cancel = CancelFlag::default();
+        cancel.cancel();
+        let stage = Ends(|ctx| ctx.check_cancelled());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (staged, store) = run(&stage, &cancel, dir.path());
+        let Err(error) = staged else {
+            panic!("a cancelled stage staged a result");
+        };
+        assert!(matches!(error, JobError::Stage(StageError::Cancelled)));
+        assert_eq!(error.to_string(), "cancelled");
+        assert!(super::super::error::ExecError::from(error).is_cancelled());
+        let staging = std::fs::read_dir(store.root().join("staging")).expect("staging");
+        assert_eq!(staging.count(), 0);
+    }
+
+    #[test]
+    fn a_panicking_stage_fails_with_the_panic_message() {
+        let stage = Ends(|_| panic!("bug in a stage"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (staged, _) = run(&stage, &CancelFlag::default(), dir.path());
+        let Err(error) = staged else {
+            panic!("a panicking stage staged a result");
+        };
+        assert!(
+            matches!(&error, JobError::Stage(StageError::Panicked { problem }) if problem == "bug in a stage"),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "bug in a stage (the stage panicked; RUST_BACKTRACE=1 shows where)"
+        );
+    }
+
+    #[test]
+    fn job_files_of_another_format_or_with_a_wrong_key_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("job.json");
+        let mut old = job();
+        old.format = JOB_FORMAT + 1;
+        write_atomically(&path, &old).expect("write");
+        let error = read_job(&path).unwrap_err();
+        assert!(matches!(error, JobError::Format { found, .. } if found == JOB_FORMAT + 1));
+        let mut damaged = job();
+        damaged.key = "0".repeat(64);
+        write_atomically(&path, &damaged).expect("write");
+        let error = read_job(&path).unwrap_err();
+        assert!(matches!(&error, JobError::Damaged { path: p } if *p == path));
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "job file `{}` is damaged: its key material does not hash to its key",
+                path.display()
+            )
+        );
+    }
 }

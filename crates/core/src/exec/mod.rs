@@ -1,6 +1,8 @@
 //! Execution: the concurrent executor (`executor`), where stages run (`slots` on this machine,
 //! `slurm` on a cluster, each run described by a `job`), the events it
-//! emits (`events`), the run record (`record`) and the recipe lock file (`lockfile`).
+//! emits (`events`), why a stage failed or was skipped (`error`), the run record (`record`) and
+//! the recipe lock file (`lockfile`).
+pub mod error;
 pub mod events;
 pub mod executor;
 pub mod job;

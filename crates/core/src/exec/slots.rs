@@ -1,5 +1,6 @@
 //! Where stages run: `--jobs` CPU permits, and the device slots (`--devices`) that GPU stages
 //! and stages with `resources: {gpus: N}` hold while they run.
+use super::error::SlotError;
 use crate::device::Device;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -62,17 +63,19 @@ pub(super) async fn take_slot(
     slots: &Slots,
     device_slots: usize,
     stage_id: &str,
-) -> Result<(Slot, Vec<Device>), String> {
-    let closed = |_| "internal error: the executor's slots were closed".to_string();
+) -> Result<(Slot, Vec<Device>), SlotError> {
+    let closed = |_| SlotError::Closed;
     if device_slots == 0 {
         let permit = slots.cpu.clone().acquire_owned().await.map_err(closed)?;
         return Ok((Slot::Cpu(permit), Vec::new()));
     }
     let available = slots.gpus.count;
     if device_slots > available {
-        return Err(format!(
-            "stage `{stage_id}` asks for {device_slots} devices (`resources: {{gpus: {device_slots}}}`) but this run has {available} (--devices)"
-        ));
+        return Err(SlotError::TooManyDevices {
+            stage_id: stage_id.to_string(),
+            asked: device_slots,
+            available,
+        });
     }
     let permits = (slots.gpus.permits.clone())
         .acquire_many_owned(device_slots as u32)
@@ -92,4 +95,27 @@ pub(super) async fn take_slot(
         }),
         held,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stage_asking_for_more_devices_than_the_run_has_fails() {
+        let slots = Slots::new(1, &[Device::Cuda(0), Device::Cuda(1)]);
+        let Err(error) = take_slot(&slots, 3, "greedy").await else {
+            panic!("three of two devices");
+        };
+        assert!(matches!(
+            &error,
+            SlotError::TooManyDevices { stage_id, asked: 3, available: 2 } if stage_id == "greedy"
+        ));
+        assert_eq!(
+            error.to_string(),
+            "stage `greedy` asks for 3 devices (`resources: {gpus: 3}`) but this run has 2 (--devices)"
+        );
+        let (_slot, held) = take_slot(&slots, 2, "fits").await.expect("two of two");
+        assert_eq!(held, [Device::Cuda(0), Device::Cuda(1)]);
+    }
 }

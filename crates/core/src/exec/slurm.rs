@@ -153,7 +153,7 @@ impl Slurm {
         needs_torch: bool,
     ) -> Result<PathBuf, String> {
         let job_file = job::job_file(&self.store, &job.key);
-        job::write_atomically(&job_file, job)?;
+        job::write_atomically(&job_file, job).map_err(|e| e.to_string())?;
         let logs = log_dir(&self.store, &job.key);
         // Slurm does not create the --output folder; a job without it fails silently.
         std::fs::create_dir_all(&logs)

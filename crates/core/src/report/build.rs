@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
+use maud::{DOCTYPE, html};
 use serde::Deserialize;
 
 use super::ReportError;
@@ -474,12 +475,18 @@ pub fn write_report_link(store: &Store, pipeline: &str) -> Result<PathBuf, Repor
         "../../{REPORTS_DIR}/{}/{REPORT_PAGE}",
         file_name_for(pipeline)
     );
-    let escaped = super::escape_html(&target);
-    let page = format!(
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta http-equiv=\"refresh\" content=\"0; url={escaped}\"><title>dreampipe report</title></head>\
-         <body><a href=\"{escaped}\">report</a></body></html>\n"
-    );
+    let page = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta http-equiv="refresh" content={ "0; url=" (target) };
+                title { "dreampipe report" }
+            }
+            body { a href=(target) { "report" } }
+        }
+    };
+    let page = page.into_string() + "\n";
     let link = dir.join(REPORT_LINK);
     std::fs::write(&link, page).map_err(|e| ReportError::Io {
         path: link.clone(),

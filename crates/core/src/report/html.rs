@@ -3,16 +3,19 @@
 //! (a Content-Security-Policy forbids them). Images up to [`INLINE_IMAGE_MAX_BYTES`] are inlined
 //! as base64 data URIs; larger ones (big grids) are copied to `images/` next to `index.html` and
 //! referenced by relative path, so the report folder can be moved or zipped as a whole.
+//!
+//! The page is a maud template: every value interpolated into it (stage ids, prompts, captions,
+//! parameters, paths) is escaped by the template engine; nothing is concatenated by hand.
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
+use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde::{Deserialize, Serialize};
 
+use super::ReportError;
 use super::metrics::MetricPoint;
 use super::svg::{ChartSpec, line_chart};
-use super::{ReportError, escape_html};
 
 /// Images up to this many bytes are inlined; a 512×512 PNG sample is typically 300–450 KiB and
 /// a grid several MiB, so samples of small test models are inlined and real outputs copied.
@@ -145,29 +148,40 @@ pub fn write_report(input: &ReportInput, out_dir: &Path) -> Result<ReportSummary
     })
 }
 
-/// Renders the whole page, resolving images through `store`.
+/// Renders the whole page, resolving images through `store`. Every interpolated value goes
+/// through maud, which escapes it; only the page's own constant style and script are inserted
+/// as they are.
 pub fn render_report(input: &ReportInput, store: &mut ImageStore) -> Result<String, ReportError> {
-    let mut page = String::new();
-    let _ = write!(
-        page,
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta http-equiv=\"Content-Security-Policy\" content=\"{CONTENT_SECURITY_POLICY}\">\
-         <meta name=\"viewport\" content=\"width=device-width\"><title>dreampipe: {}</title><style>{STYLE}</style></head>\
-         <body><script>{VERIFY_SCRIPT}</script>",
-        escape_html(&input.pipeline)
-    );
-    page.push_str(&render_header(input));
-    page.push_str(&render_stage_table(&input.stages));
-    page.push_str(&super::scores::render_scores(&input.stages));
-    page.push_str(&render_sweeps(&input.stages, store)?);
-    page.push_str(&render_curves(&input.stages));
-    page.push_str(&render_validation(&input.stages, store)?);
-    page.push_str(&render_outputs(&input.stages, store)?);
-    page.push_str("</body></html>\n");
-    Ok(page)
+    // Images resolve in page order: copies are numbered in that order.
+    let sweeps = render_sweeps(&input.stages, store)?;
+    let validation = render_validation(&input.stages, store)?;
+    let outputs = render_outputs(&input.stages, store)?;
+    let page = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta http-equiv="Content-Security-Policy" content=(CONTENT_SECURITY_POLICY);
+                meta name="viewport" content="width=device-width";
+                title { "dreampipe: " (input.pipeline) }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                script { (PreEscaped(VERIFY_SCRIPT)) }
+                (render_header(input))
+                (render_stage_table(&input.stages))
+                (super::scores::render_scores(&input.stages))
+                (sweeps)
+                (render_curves(&input.stages))
+                (validation)
+                (outputs)
+            }
+        }
+    };
+    Ok(page.into_string() + "\n")
 }
 
-fn render_header(input: &ReportInput) -> String {
+fn render_header(input: &ReportInput) -> Markup {
     let count = |status: StageStatus| input.stages.iter().filter(|s| s.status == status).count();
     let total_s: f64 = input
         .stages
@@ -175,76 +189,71 @@ fn render_header(input: &ReportInput) -> String {
         .map(|s| s.duration_s)
         .filter(|d| d.is_finite())
         .sum();
-    format!(
-        "<header><h1>{}</h1><p>Pipeline file <code>{}</code> · generated {}</p>\
-         <p class=\"totals\">{} stages: {} ran, {} cached, {} failed, {} skipped · total stage time {}</p></header>",
-        escape_html(&input.pipeline),
-        escape_html(&input.pipeline_file),
-        escape_html(&input.generated_at),
+    let totals = format!(
+        "{} stages: {} ran, {} cached, {} failed, {} skipped · total stage time {}",
         input.stages.len(),
         count(StageStatus::Ran),
         count(StageStatus::Cached),
         count(StageStatus::Failed),
         count(StageStatus::Skipped),
         format_duration(total_s)
-    )
+    );
+    html! {
+        header {
+            h1 { (input.pipeline) }
+            p {
+                "Pipeline file " code { (input.pipeline_file) } " · generated " (input.generated_at)
+            }
+            p class="totals" { (totals) }
+        }
+    }
 }
 
-fn render_stage_table(stages: &[StageReport]) -> String {
-    let mut html = String::from(
-        "<h2>Stages</h2><table class=\"stages\"><tr><th>stage</th><th>kind</th><th>status</th>\
-         <th>duration</th><th>parameters</th><th>output</th></tr>",
-    );
-    for stage in stages {
-        let status = stage.status.as_str();
-        let error = stage
-            .error
-            .as_deref()
-            .map(|e| format!("<br>{}", escape_html(e)))
-            .unwrap_or_default();
-        let output = stage
-            .output_dir
-            .as_ref()
-            .map(|p| escape_html(&p.display().to_string()))
-            .unwrap_or_default();
-        let _ = write!(
-            html,
-            "<tr id=\"stage-{}\"><td>{}</td><td>{}</td><td class=\"status-{status}\">{status}{error}</td><td class=\"duration\">{}</td>\
-             <td>{}</td><td><code>{output}</code></td></tr>",
-            escape_html(&stage.id),
-            escape_html(&stage.id),
-            escape_html(&stage.kind),
-            format_duration(stage.duration_s),
-            render_params(&stage.params, &stage.defaulted)
-        );
+fn render_stage_table(stages: &[StageReport]) -> Markup {
+    html! {
+        h2 { "Stages" }
+        table class="stages" {
+            tr {
+                th { "stage" } th { "kind" } th { "status" }
+                th { "duration" } th { "parameters" } th { "output" }
+            }
+            @for stage in stages {
+                @let status = stage.status.as_str();
+                tr id={ "stage-" (stage.id) } {
+                    td { (stage.id) }
+                    td { (stage.kind) }
+                    td class={ "status-" (status) } {
+                        (status)
+                        @if let Some(error) = &stage.error { br; (error) }
+                    }
+                    td class="duration" { (format_duration(stage.duration_s)) }
+                    td { (render_params(&stage.params, &stage.defaulted)) }
+                    td { code { @if let Some(output) = &stage.output_dir { (output.display()) } } }
+                }
+            }
+        }
     }
-    html.push_str("</table>");
-    html
 }
 
 /// The parameters set in the pipeline, then the defaulted ones folded in a `<details>`.
-fn render_params(params: &serde_json::Value, defaulted: &[String]) -> String {
+fn render_params(params: &serde_json::Value, defaulted: &[String]) -> Markup {
     let Some(map) = params.as_object() else {
-        return format!("<code>{}</code>", escape_html(&format_params(params)));
+        return html! { code { (format_params(params)) } };
     };
     let (defaults, set): (serde_json::Map<_, _>, serde_json::Map<_, _>) = map
         .clone()
         .into_iter()
         .partition(|(name, _)| defaulted.contains(name));
-    let mut html = format!(
-        "<code>{}</code>",
-        escape_html(&format_params(&serde_json::Value::Object(set)))
-    );
-    if !defaults.is_empty() {
-        let _ = write!(
-            html,
-            "<details><summary>{} default{}</summary><code>{}</code></details>",
-            defaults.len(),
-            if defaults.len() == 1 { "" } else { "s" },
-            escape_html(&format_params(&serde_json::Value::Object(defaults)))
-        );
+    let plural = if defaults.len() == 1 { "" } else { "s" };
+    html! {
+        code { (format_params(&serde_json::Value::Object(set))) }
+        @if !defaults.is_empty() {
+            details {
+                summary { (defaults.len()) " default" (plural) }
+                code { (format_params(&serde_json::Value::Object(defaults))) }
+            }
+        }
     }
-    html
 }
 
 /// One `key: value` line per top-level parameter; strings without JSON quotes.
@@ -280,59 +289,60 @@ pub fn format_duration(seconds: f64) -> String {
 }
 
 /// Per sweep group: rows = variants, columns = final images matched by caption.
-fn render_sweeps(stages: &[StageReport], store: &mut ImageStore) -> Result<String, ReportError> {
+fn render_sweeps(stages: &[StageReport], store: &mut ImageStore) -> Result<Markup, ReportError> {
     let mut groups: BTreeMap<&str, Vec<&StageReport>> = BTreeMap::new();
     for stage in stages {
         if let Some(group) = &stage.sweep_group {
             groups.entry(group).or_default().push(stage);
         }
     }
-    if groups.is_empty() {
-        return Ok(String::new());
-    }
-    let mut html = String::from("<h2>Sweeps</h2>");
+    let mut tables = Vec::with_capacity(groups.len());
     for (group, variants) in groups {
-        html.push_str(&render_sweep_table(group, &variants, store)?);
+        tables.push(render_sweep_table(group, &variants, store)?);
     }
-    Ok(html)
+    Ok(html! {
+        @if !tables.is_empty() {
+            h2 { "Sweeps" }
+            @for table in &tables { (table) }
+        }
+    })
 }
 
 fn render_sweep_table(
     group: &str,
     variants: &[&StageReport],
     store: &mut ImageStore,
-) -> Result<String, ReportError> {
+) -> Result<Markup, ReportError> {
     let mut columns: Vec<&str> = Vec::new();
     for image in variants.iter().flat_map(|v| final_images(v)) {
         if !columns.contains(&image.caption.as_str()) {
             columns.push(&image.caption);
         }
     }
-    let mut html = format!(
-        "<h3>{}</h3><table class=\"compare\"><tr><th>variant</th>",
-        escape_html(group)
-    );
-    for column in &columns {
-        let _ = write!(html, "<th>{}</th>", escape_html(column));
-    }
-    html.push_str("</tr>");
+    // Per variant: its label and one cell per column (`None`: no image with that caption).
+    let mut rows: Vec<(String, Vec<Option<Markup>>)> = Vec::with_capacity(variants.len());
     for variant in variants {
-        let _ = write!(
-            html,
-            "<tr><th>{}</th>",
-            escape_html(&variant_label(variant))
-        );
+        let mut cells = Vec::with_capacity(columns.len());
         for column in &columns {
-            let cell = match final_images(variant).find(|image| image.caption == *column) {
-                Some(image) => store.img_tag(image)?,
-                None => "—".to_string(),
-            };
-            let _ = write!(html, "<td>{cell}</td>");
+            let image = final_images(variant).find(|image| image.caption == *column);
+            cells.push(image.map(|image| store.img_tag(image)).transpose()?);
         }
-        html.push_str("</tr>");
+        rows.push((variant_label(variant), cells));
     }
-    html.push_str("</table>");
-    Ok(html)
+    Ok(html! {
+        h3 { (group) }
+        table class="compare" {
+            tr { th { "variant" } @for column in &columns { th { (column) } } }
+            @for (label, cells) in &rows {
+                tr {
+                    th { (label) }
+                    @for cell in cells {
+                        td { @match cell { Some(img) => (img), None => "—" } }
+                    }
+                }
+            }
+        }
+    })
 }
 
 fn final_images(stage: &StageReport) -> impl Iterator<Item = &ImageRef> {
@@ -353,32 +363,35 @@ fn variant_label(stage: &StageReport) -> String {
 }
 
 /// Loss and learning-rate charts for every stage with metrics.
-fn render_curves(stages: &[StageReport]) -> String {
+fn render_curves(stages: &[StageReport]) -> Markup {
     let trained: Vec<&StageReport> = stages.iter().filter(|s| !s.metrics.is_empty()).collect();
-    if trained.is_empty() {
-        return String::new();
-    }
-    let mut html = String::from("<h2>Training curves</h2>");
-    for stage in trained {
-        let _ = write!(
-            html,
-            "<h3>{}</h3><div class=\"charts\">",
-            escape_html(&stage.id)
-        );
-        let series = [
-            (
-                "loss",
-                stage.metrics.iter().map(|m| m.loss).collect::<Vec<_>>(),
-            ),
-            (
-                "learning rate",
-                stage.metrics.iter().map(|m| m.lr).collect(),
-            ),
-        ];
-        for (name, values) in series {
-            if values.iter().all(Option::is_none) {
-                continue;
+    html! {
+        @if !trained.is_empty() {
+            h2 { "Training curves" }
+            @for stage in trained {
+                h3 { (stage.id) }
+                div class="charts" { (stage_charts(stage)) }
             }
+        }
+    }
+}
+
+/// The loss and learning-rate charts of one stage (a series never logged is left out).
+fn stage_charts(stage: &StageReport) -> Markup {
+    let series = [
+        (
+            "loss",
+            stage.metrics.iter().map(|m| m.loss).collect::<Vec<_>>(),
+        ),
+        (
+            "learning rate",
+            stage.metrics.iter().map(|m| m.lr).collect(),
+        ),
+    ];
+    let charts = series
+        .into_iter()
+        .filter(|(_, values)| !values.iter().all(Option::is_none))
+        .map(|(name, values)| {
             let points: Vec<(f64, f64)> = stage
                 .metrics
                 .iter()
@@ -392,19 +405,17 @@ fn render_curves(stages: &[StageReport]) -> String {
                 width: CHART_SIZE.0,
                 height: CHART_SIZE.1,
             };
-            html.push_str(&line_chart(&points, &spec));
-        }
-        html.push_str("</div>");
-    }
-    html
+            line_chart(&points, &spec)
+        });
+    html! { @for chart in charts { (chart) } }
 }
 
 /// Validation samples of each stage, in step order.
 fn render_validation(
     stages: &[StageReport],
     store: &mut ImageStore,
-) -> Result<String, ReportError> {
-    let mut html = String::new();
+) -> Result<Markup, ReportError> {
+    let mut sections: Vec<(&str, Vec<Markup>)> = Vec::new();
     for stage in stages {
         let mut samples: Vec<&ImageRef> = stage
             .images
@@ -415,46 +426,45 @@ fn render_validation(
             continue;
         }
         samples.sort_by_key(|image| image.step);
-        let _ = write!(
-            html,
-            "<h3>{}</h3><div class=\"samples\">",
-            escape_html(&stage.id)
-        );
+        let mut figures = Vec::with_capacity(samples.len());
         for sample in samples {
             let step = sample.step.unwrap_or_default();
             let caption = format!("step {step} · {}", sample.caption);
-            html.push_str(&store.figure(sample, &caption)?);
+            figures.push(store.figure(sample, &caption)?);
         }
-        html.push_str("</div>");
+        sections.push((&stage.id, figures));
     }
-    if html.is_empty() {
-        return Ok(html);
-    }
-    Ok(format!("<h2>Validation samples</h2>{html}"))
+    Ok(image_sections("Validation samples", "samples", &sections))
 }
 
 /// Final images (grids, samples) of each stage.
-fn render_outputs(stages: &[StageReport], store: &mut ImageStore) -> Result<String, ReportError> {
-    let mut html = String::new();
+fn render_outputs(stages: &[StageReport], store: &mut ImageStore) -> Result<Markup, ReportError> {
+    let mut sections: Vec<(&str, Vec<Markup>)> = Vec::new();
     for stage in stages {
         let images: Vec<&ImageRef> = final_images(stage).collect();
         if images.is_empty() {
             continue;
         }
-        let _ = write!(
-            html,
-            "<h3>{}</h3><div class=\"outputs\">",
-            escape_html(&stage.id)
-        );
+        let mut figures = Vec::with_capacity(images.len());
         for image in images {
-            html.push_str(&store.figure(image, &image.caption)?);
+            figures.push(store.figure(image, &image.caption)?);
         }
-        html.push_str("</div>");
+        sections.push((&stage.id, figures));
     }
-    if html.is_empty() {
-        return Ok(html);
+    Ok(image_sections("Images", "outputs", &sections))
+}
+
+/// A titled section with one `<div class="{class}">` of figures per stage (nothing without any).
+fn image_sections(title: &str, class: &str, sections: &[(&str, Vec<Markup>)]) -> Markup {
+    html! {
+        @if !sections.is_empty() {
+            h2 { (title) }
+            @for (id, figures) in sections {
+                h3 { (id) }
+                div class=(class) { @for figure in figures { (figure) } }
+            }
+        }
     }
-    Ok(format!("<h2>Images</h2>{html}"))
 }
 
 /// Turns image files into `src` values: inline data URIs or copies under `images/`.
@@ -480,27 +490,20 @@ impl ImageStore {
         }
     }
 
-    fn figure(&mut self, image: &ImageRef, caption: &str) -> Result<String, ReportError> {
+    fn figure(&mut self, image: &ImageRef, caption: &str) -> Result<Markup, ReportError> {
         let img = self.img_tag(image)?;
-        Ok(format!(
-            "<figure>{img}<figcaption>{}</figcaption></figure>",
-            escape_html(caption)
-        ))
+        Ok(html! { figure { (img) figcaption { (caption) } } })
     }
 
     /// An `<img>` for `image`, or a visible note when the file does not exist.
-    fn img_tag(&mut self, image: &ImageRef) -> Result<String, ReportError> {
-        let name = escape_html(&image.path.display().to_string());
-        match self.source(&image.path)? {
-            Some(src) => Ok(format!(
-                "<img src=\"{}\" alt=\"{}\" data-name=\"{name}\" loading=\"eager\">",
-                escape_html(&src),
-                escape_html(&image.caption)
-            )),
-            None => Ok(format!(
-                "<span class=\"missing\">image missing: {name}</span>"
-            )),
-        }
+    fn img_tag(&mut self, image: &ImageRef) -> Result<Markup, ReportError> {
+        let name = image.path.display().to_string();
+        Ok(match self.source(&image.path)? {
+            Some(src) => html! {
+                img src=(src) alt=(image.caption) data-name=(name) loading="eager";
+            },
+            None => html! { span class="missing" { "image missing: " (name) } },
+        })
     }
 
     fn source(&mut self, path: &Path) -> Result<Option<String>, ReportError> {
@@ -628,14 +631,84 @@ mod tests {
         let params = serde_json::json!({"steps": 4, "seed": 0, "dtype": "f32"});
         let defaulted = ["seed".to_string(), "dtype".to_string()];
         assert_eq!(
-            render_params(&params, &defaulted),
+            render_params(&params, &defaulted).into_string(),
             "<code>steps: 4</code><details><summary>2 defaults</summary>\
              <code>dtype: f32\nseed: 0</code></details>"
         );
         assert_eq!(
-            render_params(&params, &[]),
+            render_params(&params, &[]).into_string(),
             "<code>dtype: f32\nseed: 0\nsteps: 4</code>"
         );
+    }
+
+    const SCRIPT: &str = "<script>alert(1)</script>";
+    const ESCAPED_SCRIPT: &str = "&lt;script&gt;alert(1)&lt;/script&gt;";
+
+    /// A stage whose id, prompt, error, caption, sweep and scores all carry markup or quotes.
+    fn hostile_stage(image: PathBuf) -> StageReport {
+        let metric = MetricPoint {
+            step: 1,
+            loss: Some(0.5),
+            lr: None,
+        };
+        let scores = serde_json::json!({"overall": [{"model": SCRIPT, "dino": {"mean": 0.5}}]});
+        StageReport {
+            id: SCRIPT.to_string(),
+            kind: "generate".to_string(),
+            status: StageStatus::Failed,
+            duration_s: 1.0,
+            params: serde_json::json!({ "prompt": SCRIPT }),
+            defaulted: Vec::new(),
+            output_dir: Some(PathBuf::from(format!("out/{SCRIPT}"))),
+            error: Some(SCRIPT.to_string()),
+            metrics: vec![metric],
+            images: vec![ImageRef {
+                path: image,
+                caption: "x\" onerror=\"alert(2)".to_string(),
+                step: None,
+            }],
+            sweep_group: Some(SCRIPT.to_string()),
+            sweep_values: BTreeMap::from([("prompt".to_string(), SCRIPT.to_string())]),
+            scores: Some(scores),
+        }
+    }
+
+    #[test]
+    fn hostile_ids_prompts_and_quotes_are_escaped_in_text_and_attributes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("a\"b.png");
+        image::RgbImage::new(2, 2).save(&image).expect("png");
+        let input = ReportInput {
+            pipeline: SCRIPT.to_string(),
+            pipeline_file: format!("{SCRIPT}.yaml"),
+            generated_at: "now".to_string(),
+            stages: vec![hostile_stage(image)],
+        };
+        let mut store = ImageStore::new(&dir.path().join("report"), 1 << 20);
+        let page = render_report(&input, &mut store).expect("render");
+        // The page's own verify script is the only script element.
+        assert_eq!(page.matches("<script").count(), 1, "{page}");
+        assert!(!page.contains("alert(1)</script>"), "{page}");
+        // Text content: title, heading, table cells, parameters, error, sweep, scores, chart.
+        for context in [
+            format!("<title>dreampipe: {ESCAPED_SCRIPT}</title>"),
+            format!("<td>{ESCAPED_SCRIPT}</td>"),
+            format!("<code>prompt: {ESCAPED_SCRIPT}</code>"),
+            format!("failed<br>{ESCAPED_SCRIPT}</td>"),
+            format!("<h3>{ESCAPED_SCRIPT}</h3>"),
+            format!("<th>prompt={ESCAPED_SCRIPT}</th>"),
+            format!("<title>{ESCAPED_SCRIPT} — loss</title>"),
+        ] {
+            assert!(page.contains(&context), "{context} in {page}");
+        }
+        // Attributes: a quote cannot close them.
+        assert!(page.contains(&format!("<tr id=\"stage-{ESCAPED_SCRIPT}\">")));
+        assert!(
+            page.contains("alt=\"x&quot; onerror=&quot;alert(2)\""),
+            "{page}"
+        );
+        assert!(page.contains("a&quot;b.png\" loading=\"eager\">"), "{page}");
+        assert!(!page.contains("\" onerror="), "{page}");
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! Also the live reporters: `progress` (indicatif bars on a terminal, plain lines otherwise) and
 //! the end-of-run `summary` table; they only consume executor events/records. `build` fills the
 //! report's input from run records and the cache, and knows the default report location.
+//!
+//! Every page (the report, its SVG charts, the redirect page) is a `maud` template: values are
+//! escaped by the template engine, so no interpolation can forget it.
 pub mod browser;
 pub mod build;
 pub mod font;
@@ -57,31 +60,4 @@ pub enum ReportError {
     },
     #[error("headless Chromium on {page}: {reason}")]
     Browser { page: PathBuf, reason: String },
-}
-
-/// Escapes text for HTML element content and quoted attribute values (also valid in SVG).
-pub fn escape_html(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => escaped.push_str("&amp;"),
-            '<' => escaped.push_str("&lt;"),
-            '>' => escaped.push_str("&gt;"),
-            '"' => escaped.push_str("&quot;"),
-            '\'' => escaped.push_str("&#39;"),
-            other => escaped.push(other),
-        }
-    }
-    escaped
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn escapes_markup_and_quotes() {
-        assert_eq!(
-            super::escape_html("<img src=x onerror='a(\"b\")'>&"),
-            "&lt;img src=x onerror=&#39;a(&quot;b&quot;)&#39;&gt;&amp;"
-        );
-    }
 }

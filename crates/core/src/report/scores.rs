@@ -3,12 +3,11 @@
 //! beneath, and one chart per metric — against the swept parameter when the variants differ in
 //! exactly one numeric parameter, else against the variants' rank — with Table 1's values as
 //! labelled reference lines.
-use std::fmt::Write as _;
 use std::path::Path;
 
+use maud::{Markup, html};
 use serde_json::Value;
 
-use super::escape_html;
 use super::html::StageReport;
 use super::svg::{ChartSpec, ReferenceLine, line_chart_with_references};
 
@@ -109,25 +108,28 @@ fn ranked(scores: &Value) -> Vec<Variant<'_>> {
 }
 
 /// The section for every stage with scores (empty without any).
-pub fn render_scores(stages: &[StageReport]) -> String {
+pub fn render_scores(stages: &[StageReport]) -> Markup {
     let scored: Vec<(&StageReport, &Value)> = stages
         .iter()
         .filter_map(|s| s.scores.as_ref().map(|v| (s, v)))
         .collect();
-    if scored.is_empty() {
-        return String::new();
-    }
-    let mut html = String::from("<h2>Scores</h2>");
-    for (stage, scores) in scored {
-        let variants = ranked(scores);
-        let _ = write!(html, "<h3>{}</h3>", escape_html(&stage.id));
-        if scores.get("random_weights").and_then(Value::as_bool) == Some(true) {
-            html.push_str("<p class=\"missing\">The CLIP / DINO folders have random weights (made by <code>dreampipe model init</code>): these numbers mean nothing.</p>");
+    html! {
+        @if !scored.is_empty() {
+            h2 { "Scores" }
+            @for (stage, scores) in scored {
+                @let variants = ranked(scores);
+                h3 { (stage.id) }
+                @if scores.get("random_weights").and_then(Value::as_bool) == Some(true) {
+                    p class="missing" {
+                        "The CLIP / DINO folders have random weights (made by "
+                        code { "dreampipe model init" } "): these numbers mean nothing."
+                    }
+                }
+                (ranking_table(&variants))
+                (charts(&stage.id, &variants))
+            }
         }
-        html.push_str(&ranking_table(&variants));
-        html.push_str(&charts(&stage.id, &variants));
     }
-    html
 }
 
 fn columns(variants: &[Variant]) -> Vec<String> {
@@ -144,47 +146,50 @@ fn cell(value: Option<f64>) -> String {
     value.map_or("—".to_string(), |v| format!("{v:.3}"))
 }
 
-fn ranking_table(variants: &[Variant]) -> String {
+fn ranking_table(variants: &[Variant]) -> Markup {
     let params = columns(variants);
-    let mut html = String::from("<table class=\"scores\"><tr><th>rank</th><th>variant</th>");
-    for name in &params {
-        let _ = write!(html, "<th>{}</th>", escape_html(name));
-    }
-    html.push_str("<th>n</th><th>DINO</th><th>CLIP-I</th><th>CLIP-T</th><th>PRES</th></tr>");
-    for (rank, variant) in variants.iter().enumerate() {
-        let _ = write!(
-            html,
-            "<tr><td>{}</td><th>{}</th>",
-            rank + 1,
-            escape_html(variant.label)
-        );
-        for name in &params {
-            let value = variant
-                .params
-                .iter()
-                .find(|(k, _)| k == name)
-                .map_or("—", |(_, v)| v.as_str());
-            let _ = write!(html, "<td>{}</td>", escape_html(value));
+    html! {
+        table class="scores" {
+            tr {
+                th { "rank" } th { "variant" }
+                @for name in &params { th { (name) } }
+                th { "n" } th { "DINO" } th { "CLIP-I" } th { "CLIP-T" } th { "PRES" }
+            }
+            @for (rank, variant) in variants.iter().enumerate() {
+                (variant_row(rank + 1, variant, &params))
+            }
+            @for (row, dino, clip_i, clip_t) in PAPER_TABLE_1 {
+                tr class="paper" {
+                    td { "paper" }
+                    th { (row) " (Table 1)" }
+                    // The swept parameters' columns and `n` stay blank.
+                    @for _ in 0..=params.len() { td {} }
+                    td { (cell(Some(dino))) } td { (cell(Some(clip_i))) }
+                    td { (cell(clip_t)) } td { "—" }
+                }
+            }
         }
-        let n = variant.entry["n"].as_u64().unwrap_or(0);
-        let _ = write!(html, "<td>{n}</td>");
-        for (metric, _) in METRICS {
-            let _ = write!(html, "<td>{}</td>", cell(variant.mean(metric)));
+    }
+}
+
+/// One variant's row: rank, label, swept values, sample count and the metrics' means.
+fn variant_row(rank: usize, variant: &Variant, params: &[String]) -> Markup {
+    let value = |name: &String| {
+        variant
+            .params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("—", |(_, v)| v.as_str())
+    };
+    html! {
+        tr {
+            td { (rank) }
+            th { (variant.label) }
+            @for name in params { td { (value(name)) } }
+            td { (variant.entry["n"].as_u64().unwrap_or(0)) }
+            @for (metric, _) in METRICS { td { (cell(variant.mean(metric))) } }
         }
-        html.push_str("</tr>");
     }
-    for (row, dino, clip_i, clip_t) in PAPER_TABLE_1 {
-        let blanks = "<td></td>".repeat(params.len() + 1);
-        let _ = write!(
-            html,
-            "<tr class=\"paper\"><td>paper</td><th>{row} (Table 1)</th>{blanks}<td>{}</td><td>{}</td><td>{}</td><td>—</td></tr>",
-            cell(Some(dino)),
-            cell(Some(clip_i)),
-            cell(clip_t)
-        );
-    }
-    html.push_str("</table>");
-    html
 }
 
 /// Table 1's values of `metric` as reference lines.
@@ -228,7 +233,7 @@ fn single_numeric_sweep(variants: &[Variant]) -> Option<(String, Vec<f64>)> {
     (distinct.len() >= 2).then(|| (name.clone(), values))
 }
 
-fn charts(stage: &str, variants: &[Variant]) -> String {
+fn charts(stage: &str, variants: &[Variant]) -> Markup {
     let sweep = single_numeric_sweep(variants);
     let (x_label, xs): (String, Vec<f64>) = match &sweep {
         Some((name, values)) => (name.clone(), values.clone()),
@@ -237,15 +242,14 @@ fn charts(stage: &str, variants: &[Variant]) -> String {
             (1..=variants.len()).map(|r| r as f64).collect(),
         ),
     };
-    let mut html = String::from("<div class=\"charts\">");
-    for (metric, name) in METRICS {
+    let charts = METRICS.into_iter().filter_map(|(metric, name)| {
         let mut points: Vec<(f64, f64)> = xs
             .iter()
             .zip(variants)
             .filter_map(|(x, v)| v.mean(metric).map(|y| (*x, y)))
             .collect();
         if points.is_empty() {
-            continue;
+            return None;
         }
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         let spec = ChartSpec {
@@ -255,14 +259,13 @@ fn charts(stage: &str, variants: &[Variant]) -> String {
             width: CHART_SIZE.0,
             height: CHART_SIZE.1,
         };
-        html.push_str(&line_chart_with_references(
+        Some(line_chart_with_references(
             &points,
             &references(metric),
             &spec,
-        ));
-    }
-    html.push_str("</div>");
-    html
+        ))
+    });
+    html! { div class="charts" { @for chart in charts { (chart) } } }
 }
 
 #[cfg(test)]

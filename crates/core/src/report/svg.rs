@@ -1,9 +1,10 @@
 //! Inline SVG line charts (loss / learning rate over steps): axes with "nice" tick labels and
 //! one polyline per run of finite points, so NaN / missing values leave gaps instead of breaking
-//! the chart. Long series are reduced to the min and max point per pixel column.
+//! the chart. Long series are reduced to the min and max point per pixel column. The SVG is a
+//! maud template like the page around it, so titles and labels are escaped by the engine.
 use std::fmt::Write as _;
 
-use super::escape_html;
+use maud::{Markup, html};
 
 /// Space left of the plot for y tick labels.
 const PAD_LEFT: f64 = 70.0;
@@ -45,7 +46,7 @@ pub struct ReferenceLine {
 }
 
 /// Renders `points` (x, y) as a standalone `<svg>` element.
-pub fn line_chart(points: &[(f64, f64)], spec: &ChartSpec) -> String {
+pub fn line_chart(points: &[(f64, f64)], spec: &ChartSpec) -> Markup {
     line_chart_with_references(points, &[], spec)
 }
 
@@ -54,19 +55,8 @@ pub fn line_chart_with_references(
     points: &[(f64, f64)],
     references: &[ReferenceLine],
     spec: &ChartSpec,
-) -> String {
+) -> Markup {
     let (width, height) = (f64::from(spec.width), f64::from(spec.height));
-    let mut svg = format!(
-        "<svg class=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" role=\"img\">\
-         <title>{}</title><text class=\"chart-title\" x=\"{}\" y=\"18\">{}</text>",
-        spec.width,
-        spec.height,
-        spec.width,
-        spec.height,
-        escape_html(&spec.title),
-        PAD_LEFT,
-        escape_html(&spec.title)
-    );
     let finite: Vec<(f64, f64)> = points
         .iter()
         .copied()
@@ -78,15 +68,29 @@ pub fn line_chart_with_references(
         right: width - PAD_RIGHT,
         bottom: height - PAD_BOTTOM,
     };
-    if finite.is_empty() || plot.right <= plot.left || plot.bottom <= plot.top {
-        let _ = write!(
-            svg,
-            "<text class=\"no-data\" x=\"{}\" y=\"{}\">no finite data</text></svg>",
-            width / 2.0,
-            height / 2.0
-        );
-        return svg;
+    let content = if finite.is_empty() || plot.right <= plot.left || plot.bottom <= plot.top {
+        html! { text class="no-data" x=(width / 2.0) y=(height / 2.0) { "no finite data" } }
+    } else {
+        plotted(points, &finite, references, plot, spec)
+    };
+    html! {
+        svg class="chart" xmlns="http://www.w3.org/2000/svg" width=(spec.width)
+            height=(spec.height) viewBox={ "0 0 " (spec.width) " " (spec.height) } role="img" {
+            title { (spec.title) }
+            text class="chart-title" x=(PAD_LEFT) y="18" { (spec.title) }
+            (content)
+        }
     }
+}
+
+/// Axes, reference lines and the series of a chart with finite data.
+fn plotted(
+    points: &[(f64, f64)],
+    finite: &[(f64, f64)],
+    references: &[ReferenceLine],
+    plot: Plot,
+    spec: &ChartSpec,
+) -> Markup {
     let x_ticks = nice_ticks(value_range(finite.iter().map(|p| p.0)));
     let reference_values = references.iter().map(|r| r.value).filter(|v| v.is_finite());
     let y_ticks = nice_ticks(value_range(
@@ -97,15 +101,20 @@ pub fn line_chart_with_references(
         x: tick_range(&x_ticks),
         y: tick_range(&y_ticks),
     };
-    frame.draw_axes(&mut svg, &x_ticks, &y_ticks, spec);
-    for reference in references.iter().filter(|r| r.value.is_finite()) {
-        frame.draw_reference(&mut svg, reference);
+    html! {
+        (frame.axes(&x_ticks, &y_ticks, spec))
+        @for reference in references.iter().filter(|r| r.value.is_finite()) {
+            (frame.reference(reference))
+        }
+        @for run in finite_runs(points) {
+            (frame.run(&decimate(run, frame.plot.width())))
+        }
     }
-    for run in finite_runs(points) {
-        frame.draw_run(&mut svg, &decimate(run, frame.plot.width()));
-    }
-    svg.push_str("</svg>");
-    svg
+}
+
+/// A coordinate with one decimal, as every position in the charts is written.
+fn coordinate(value: f64) -> String {
+    format!("{value:.1}")
 }
 
 /// The plotting rectangle in SVG coordinates.
@@ -140,81 +149,70 @@ impl Frame {
         )
     }
 
-    fn draw_axes(&self, svg: &mut String, x_ticks: &[f64], y_ticks: &[f64], spec: &ChartSpec) {
+    /// The axis lines, grid lines with tick labels, and the axis labels.
+    fn axes(&self, x_ticks: &[f64], y_ticks: &[f64], spec: &ChartSpec) -> Markup {
         let Plot {
             left,
             top,
             right,
             bottom,
         } = self.plot;
-        let _ = write!(
-            svg,
-            "<path class=\"axis\" d=\"M{left},{top}V{bottom}H{right}\" fill=\"none\" stroke=\"#444\"/>"
-        );
-        let x_step = tick_step(x_ticks);
-        for &tick in x_ticks {
-            let (x, _) = self.to_svg((tick, self.y.min));
-            let _ = write!(
-                svg,
-                "<line class=\"grid\" x1=\"{x:.1}\" y1=\"{top}\" x2=\"{x:.1}\" y2=\"{bottom}\" stroke=\"#ddd\"/>\
-                 <text class=\"tick\" x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
-                bottom + 16.0,
-                format_tick(tick, x_step)
-            );
+        let (x_step, y_step) = (tick_step(x_ticks), tick_step(y_ticks));
+        let middle_y = coordinate((top + bottom) / 2.0);
+        html! {
+            path class="axis" d=(format!("M{left},{top}V{bottom}H{right}")) fill="none"
+                stroke="#444" {}
+            @for &tick in x_ticks {
+                @let x = coordinate(self.to_svg((tick, self.y.min)).0);
+                line class="grid" x1=(x) y1=(top) x2=(x) y2=(bottom) stroke="#ddd" {}
+                text class="tick" x=(x) y=(bottom + 16.0) text-anchor="middle" {
+                    (format_tick(tick, x_step))
+                }
+            }
+            @for &tick in y_ticks {
+                @let y = self.to_svg((self.x.min, tick)).1;
+                line class="grid" x1=(left) y1=(coordinate(y)) x2=(right) y2=(coordinate(y))
+                    stroke="#ddd" {}
+                text class="tick" x=(left - 6.0) y=(coordinate(y + 4.0)) text-anchor="end" {
+                    (format_tick(tick, y_step))
+                }
+            }
+            text class="axis-label" x=(coordinate((left + right) / 2.0)) y=(bottom + 36.0)
+                text-anchor="middle" { (spec.x_label) }
+            text class="axis-label" x="12" y=(middle_y) text-anchor="middle"
+                transform={ "rotate(-90 12 " (middle_y) ")" } { (spec.y_label) }
         }
-        let y_step = tick_step(y_ticks);
-        for &tick in y_ticks {
-            let (_, y) = self.to_svg((self.x.min, tick));
-            let _ = write!(
-                svg,
-                "<line class=\"grid\" x1=\"{left}\" y1=\"{y:.1}\" x2=\"{right}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\
-                 <text class=\"tick\" x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-                left - 6.0,
-                y + 4.0,
-                format_tick(tick, y_step)
-            );
-        }
-        let _ = write!(
-            svg,
-            "<text class=\"axis-label\" x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\
-             <text class=\"axis-label\" x=\"12\" y=\"{:.1}\" text-anchor=\"middle\" transform=\"rotate(-90 12 {:.1})\">{}</text>",
-            (left + right) / 2.0,
-            bottom + 36.0,
-            escape_html(&spec.x_label),
-            (top + bottom) / 2.0,
-            (top + bottom) / 2.0,
-            escape_html(&spec.y_label)
-        );
     }
 
-    fn draw_reference(&self, svg: &mut String, reference: &ReferenceLine) {
-        let (_, y) = self.to_svg((self.x.min, reference.value));
+    /// A dashed horizontal line at the reference's value, labelled at its right end.
+    fn reference(&self, reference: &ReferenceLine) -> Markup {
+        let y = self.to_svg((self.x.min, reference.value)).1;
         let (left, right) = (self.plot.left, self.plot.right);
-        let _ = write!(
-            svg,
-            "<line class=\"reference\" x1=\"{left}\" y1=\"{y:.1}\" x2=\"{right}\" y2=\"{y:.1}\" stroke=\"#b35900\" stroke-dasharray=\"5 3\"/>\
-             <text class=\"reference-label\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#b35900\">{}</text>",
-            right - 2.0,
-            y - 3.0,
-            escape_html(&reference.label)
-        );
+        html! {
+            line class="reference" x1=(left) y1=(coordinate(y)) x2=(right) y2=(coordinate(y))
+                stroke="#b35900" stroke-dasharray="5 3" {}
+            text class="reference-label" x=(coordinate(right - 2.0)) y=(coordinate(y - 3.0))
+                text-anchor="end" fill="#b35900" { (reference.label) }
+        }
     }
 
-    fn draw_run(&self, svg: &mut String, run: &[(f64, f64)]) {
+    /// One run of finite points: a polyline, or a dot for a single point.
+    fn run(&self, run: &[(f64, f64)]) -> Markup {
         if let [single] = run {
             let (x, y) = self.to_svg(*single);
-            let _ = write!(
-                svg,
-                "<circle class=\"series\" cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"2\" fill=\"#1f6feb\"/>"
-            );
-            return;
+            return html! {
+                circle class="series" cx=(coordinate(x)) cy=(coordinate(y)) r="2" fill="#1f6feb" {}
+            };
         }
-        svg.push_str("<polyline class=\"series\" fill=\"none\" stroke=\"#1f6feb\" stroke-width=\"1.5\" points=\"");
+        let mut points = String::new();
         for &point in run {
             let (x, y) = self.to_svg(point);
-            let _ = write!(svg, "{x:.1},{y:.1} ");
+            let _ = write!(points, "{x:.1},{y:.1} ");
         }
-        svg.push_str("\"/>");
+        html! {
+            polyline class="series" fill="none" stroke="#1f6feb" stroke-width="1.5"
+                points=(points) {}
+        }
     }
 }
 
@@ -412,7 +410,7 @@ mod tests {
         let points: Vec<(f64, f64)> = (0..=200)
             .map(|i| (f64::from(i), 1.0 - f64::from(i) / 400.0))
             .collect();
-        let svg = line_chart(&points, &spec());
+        let svg = line_chart(&points, &spec()).into_string();
         let runs = polyline_points(&svg);
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0].len(), 201);
@@ -439,7 +437,7 @@ mod tests {
             (5.0, f64::INFINITY),
             (6.0, 0.5),
         ];
-        let svg = line_chart(&points, &spec());
+        let svg = line_chart(&points, &spec()).into_string();
         assert_eq!(
             polyline_points(&svg)
                 .iter()
@@ -449,9 +447,13 @@ mod tests {
         );
         assert_eq!(svg.matches("<circle").count(), 1);
         assert!(!svg.contains("NaN") && !svg.contains("inf"));
-        let empty = line_chart(&[(0.0, f64::NAN)], &spec());
+        let empty = line_chart(&[(0.0, f64::NAN)], &spec()).into_string();
         assert!(empty.contains("no finite data") && !empty.contains("polyline"));
-        assert!(line_chart(&[], &spec()).contains("no finite data"));
+        assert!(
+            line_chart(&[], &spec())
+                .into_string()
+                .contains("no finite data")
+        );
     }
 
     #[test]
@@ -461,7 +463,7 @@ mod tests {
             .collect();
         // 60 is the top tick of the y axis (-1..60 → ticks -20..60), so it maps onto PAD_TOP.
         points[5_000].1 = 60.0;
-        let svg = line_chart(&points, &spec());
+        let svg = line_chart(&points, &spec()).into_string();
         let runs = polyline_points(&svg);
         assert_eq!(runs.len(), 1);
         let plot_columns = (480.0 - PAD_LEFT - PAD_RIGHT) as usize;
@@ -481,7 +483,8 @@ mod tests {
             label: "paper 0.9".to_string(),
             value: 0.9,
         }];
-        let svg = line_chart_with_references(&[(0.0, 0.1), (1.0, 0.2)], &references, &spec());
+        let svg = line_chart_with_references(&[(0.0, 0.1), (1.0, 0.2)], &references, &spec())
+            .into_string();
         assert_eq!(svg.matches("class=\"reference\"").count(), 1);
         assert!(svg.contains(">paper 0.9</text>"));
         // The y ticks now reach 0.9: nice ticks 0 … 1.0, the line at y 45 of the 28–198 plot.
@@ -491,7 +494,7 @@ mod tests {
 
     #[test]
     fn a_constant_series_still_gets_a_span() {
-        let svg = line_chart(&[(0.0, 0.5), (10.0, 0.5)], &spec());
+        let svg = line_chart(&[(0.0, 0.5), (10.0, 0.5)], &spec()).into_string();
         let runs = polyline_points(&svg);
         assert_eq!(runs[0].len(), 2);
         assert!(runs[0][0].1 > PAD_TOP && runs[0][0].1 < 240.0 - PAD_BOTTOM);

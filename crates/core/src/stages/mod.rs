@@ -174,13 +174,19 @@ pub enum DeviceClass {
     Gpu,
 }
 
-/// Why a stage failed.
+/// Why a stage failed. The `Display` is the one line the run record, the events and a Slurm
+/// job's exit record show (`cancelled` for [`Self::Cancelled`]).
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
+    /// The stage's own one-line message.
     #[error("{0}")]
     Failed(String),
+    /// The run was cancelled (Ctrl-C, `scancel`) and the stage stopped.
     #[error("cancelled")]
     Cancelled,
+    /// The stage's code panicked; `problem` is the panic message.
+    #[error("{problem} (the stage panicked; RUST_BACKTRACE=1 shows where)")]
+    Panicked { problem: String },
     #[error("{action} `{path}`: {source}")]
     Io {
         action: &'static str,
