@@ -234,7 +234,11 @@ fn sample_lora_flag_renders_diffusers_image_and_names_a_bad_file() {
     let out = dir.path().join("a.png");
     let lora = format!("{}=0.5", fixture("strong_a.safetensors").display());
     let output = sample_cli(&["--lora", &lora], &out);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let png = image::open(&out).unwrap().to_rgb8();
     let golden = (&goldens["a_scale_0.5"] * 255.0).round().to_kind(Kind::Int);
     let golden: Vec<i64> = Vec::<i64>::try_from(golden.flatten(0, -1)).unwrap();
@@ -245,7 +249,10 @@ fn sample_lora_flag_renders_diffusers_image_and_names_a_bad_file() {
         .map(|(a, b)| (i64::from(*a) - b).abs())
         .max()
         .unwrap();
-    assert!(worst <= 1, "PNG differs from diffusers' image by {worst} levels");
+    assert!(
+        worst <= 1,
+        "PNG differs from diffusers' image by {worst} levels"
+    );
     let bad = sample_cli(&["--lora", MODEL], &dir.path().join("b.png"));
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);

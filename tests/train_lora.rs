@@ -271,3 +271,59 @@ fn a_run_writes_lora_files_that_change_the_image() {
         .double_value(&[]);
     assert!(between < 1e-5, "layouts render {between} apart");
 }
+
+/// The memory options dreambooth has work on adapters too: gradient checkpointing recomputes
+/// the UNet blocks and gives the same adapters; 8-bit AdamW trains them.
+#[test]
+fn gradient_checkpointing_and_8bit_adam_train_the_adapters() {
+    let golden = tensors(Path::new(
+        "tests/fixtures/sd-tiny/training/dreambooth.safetensors",
+    ));
+    let batch = || StepBatch {
+        latents: golden["latents"].shallow_clone(),
+        noise: golden["noise"].shallow_clone(),
+        timesteps: golden["timesteps"].shallow_clone(),
+        input_ids: golden["input_ids"].shallow_clone(),
+    };
+    let settings = LoraSettings {
+        rank: 4,
+        alpha: 4.0,
+    };
+    let train = |checkpointing: bool, eight_bit: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), settings, true);
+        config.gradient_checkpointing = checkpointing;
+        if eight_bit {
+            config.optimizer = dreampipe::sd::train::common::OptimizerKind::AdamW8bit;
+        }
+        let mut trainer = DreamBoothTrainer::new(&config, 2).unwrap();
+        for _ in 0..2 {
+            trainer.train_step(&[batch()]).unwrap();
+        }
+        trainer
+            .trainables()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach().copy()))
+            .collect::<Vec<_>>()
+    };
+    let plain = train(false, false);
+    let checkpointed = train(true, false);
+    let worst = plain
+        .iter()
+        .zip(&checkpointed)
+        .map(|((_, a), (_, b))| (a - b).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    assert!(worst <= 1e-6, "checkpointed adapters differ by {worst}");
+    let moved = plain
+        .iter()
+        .filter(|(n, _)| n.ends_with("lora_B.weight"))
+        .map(|(_, t)| t.abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    assert!(moved > 1e-4, "the adapters did not train ({moved})");
+    let eight_bit = train(false, true);
+    assert!(
+        eight_bit
+            .iter()
+            .all(|(_, t)| t.isfinite().all().int64_value(&[]) == 1)
+    );
+}

@@ -114,11 +114,12 @@ fn leaf(tensor: &Tensor, requires_grad: bool) -> Tensor {
     tensor.detach().set_requires_grad(requires_grad)
 }
 
-/// `Σ output · grad`, backpropagated.
+/// `Σ output · grad`, backpropagated. Outputs without a graph (frozen layers on inputs that
+/// need no gradient, as LoRA training's `conv_in` and time embedding) have nothing to feed.
 fn backward_pairs(pairs: &[(&Tensor, &Tensor)]) {
     let terms: Vec<Tensor> = pairs
         .iter()
-        .filter(|(_, grad)| grad.defined())
+        .filter(|(output, grad)| grad.defined() && output.requires_grad())
         .map(|(output, grad)| (*output * *grad).sum(output.kind()))
         .collect();
     if let Some(first) = terms.first() {
