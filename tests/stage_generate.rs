@@ -216,3 +216,53 @@ fn missing_model_is_a_validation_error() {
         "pipeline `gen.yaml` is invalid (1 error):\n  gen.yaml:4:5: stage `class`, field `model`: input `no-such-model` does not exist and is not a stage name (paths are relative to the pipeline's folder)"
     );
 }
+
+/// `loras` with `lora_scales`: the image is diffusers' with the LoRA at that weight
+/// (tests/fixtures/lora), and the memo keeps runs with and without the LoRA apart.
+#[test]
+fn loras_apply_at_their_scales_and_enter_the_memo() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lora = repo_path("tests/fixtures/lora/strong_a.safetensors");
+    let pipeline = |loras: &str| {
+        let path = dir.path().join("gen.yaml");
+        let yaml = format!(
+            "stages:\n  class:\n    kind: generate\n    model: {}\n    prompt: a photo of sks dog in a bucket\n    count: 1\n    steps: 4\n    seed: 1234\n{loras}",
+            tiny_model()
+        );
+        std::fs::write(&path, yaml).expect("write pipeline");
+        path
+    };
+    let cache = dir.path().join("cache");
+    run_ok(&cache, &pipeline(""));
+    let plain = stage_output(&cache, "gen", "class").join("images/0000.png");
+    let plain_copy = dir.path().join("plain.png");
+    std::fs::copy(&plain, &plain_copy).expect("copy");
+    let with_lora = format!("    loras: [{}]\n    lora_scales: [0.5]\n", lora.display());
+    run_ok(&cache, &pipeline(&with_lora));
+    let image = stage_output(&cache, "gen", "class").join("images/0000.png");
+    let golden: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(repo_path("tests/fixtures/lora/images.safetensors"))
+            .expect("goldens")
+            .into_iter()
+            .collect();
+    let expected = (&golden["a_scale_0.5"] * 255.0)
+        .round()
+        .to_kind(tch::Kind::Int);
+    let expected: Vec<i64> = Vec::<i64>::try_from(expected.flatten(0, -1)).expect("pixels");
+    let (_, _, found) = pixels(&image);
+    let worst = found
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (i64::from(*a) - b).abs())
+        .max()
+        .expect("pixels");
+    assert!(
+        worst <= 1,
+        "generate with the LoRA at 0.5: {worst} levels from diffusers"
+    );
+    let apart = max_level_difference(&image, &plain_copy);
+    assert!(
+        apart > 10,
+        "the LoRA changed the image by {apart} levels only (memo served the plain image?)"
+    );
+}

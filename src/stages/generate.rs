@@ -13,6 +13,8 @@ use super::sd_common::{
 use super::{StageContext, StageError};
 use crate::cache::hash::{HashMemo, tree_digest};
 use crate::cache::store::reflink_or_copy;
+use crate::sd::lora::files::lora_file_of;
+use crate::sd::lora::{LoraWeights, ScaledLora};
 use crate::sd::pipeline::{DEFAULT_GUIDANCE, DEFAULT_STEPS, StableDiffusion, Txt2Img};
 use crate::sd::schedulers::SchedulerKind;
 use serde_json::{Value, json};
@@ -27,8 +29,59 @@ const MEMO_FOLDER: &str = "generate";
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let job = Job::from_context(ctx)?;
     let model = load_model(ctx, "model", &job.model_dir, job.kind)?;
-    let model = model.lock().unwrap_or_else(|p| p.into_inner());
-    job.run(ctx, &model)
+    let mut model = model.lock().unwrap_or_else(|p| p.into_inner());
+    let weights = job
+        .loras
+        .iter()
+        .map(|lora| LoraWeights::read(&lora.file).map_err(|e| field_error(ctx, "loras", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let scaled: Vec<ScaledLora<'_>> = (weights.iter().zip(&job.loras))
+        .map(|(weights, lora)| ScaledLora {
+            weights,
+            scale: lora.scale,
+        })
+        .collect();
+    super::sd_common::with_loras(ctx, "loras", &mut model, &scaled, |model| {
+        job.run(ctx, model)
+    })
+}
+
+/// One entry of `loras`: its file, content digest (for the memo) and weight.
+struct LoraUse {
+    file: PathBuf,
+    digest: String,
+    scale: f64,
+}
+
+/// `loras` with `lora_scales` (1 each when empty); an entry that is not a LoRA is an error.
+fn loras_of(ctx: &StageContext<'_>) -> Result<Vec<LoraUse>, StageError> {
+    let inputs = ctx.inputs.get("loras").cloned().unwrap_or_default();
+    let scales = ctx.f64_list_param("lora_scales");
+    let mut loras = Vec::new();
+    for (index, input) in inputs.iter().enumerate() {
+        let file = lora_file_of(&input.path).ok_or_else(|| {
+            field_error(
+                ctx,
+                "loras",
+                format!(
+                    "`{}` is not a LoRA: give a `dreambooth_lora` stage or a LoRA .safetensors file",
+                    input.path.display()
+                ),
+            )
+        })?;
+        let digest = match &input.digest {
+            Some(digest) => digest.clone(),
+            None => std::fs::read(&file)
+                .map(|bytes| blake3::hash(&bytes).to_hex().to_string())
+                .map_err(|e| StageError::io("read", &file, e))?,
+        };
+        loras.push(LoraUse {
+            file,
+            digest,
+            scale: scales.get(index).copied().unwrap_or(1.0),
+        });
+    }
+    Ok(loras)
 }
 
 /// One run's fields, parsed.
@@ -42,6 +95,7 @@ struct Job {
     request: Txt2Img,
     count: u64,
     batch_size: usize,
+    loras: Vec<LoraUse>,
 }
 
 impl Job {
@@ -76,6 +130,7 @@ impl Job {
             request,
             count: ctx.i64_param("count").unwrap_or(1).max(1) as u64,
             batch_size: ctx.i64_param("batch_size").unwrap_or(1).max(1) as usize,
+            loras: loras_of(ctx)?,
         })
     }
 
@@ -188,7 +243,7 @@ impl ImageMemo {
                 .map_err(|e| field_error(ctx, "scheduler", e))?,
         };
         let size = model.default_size();
-        let base = json!({
+        let mut base = json!({
             "memo_version": MEMO_VERSION,
             "stage": ctx.stage_id,
             "model": model_digest,
@@ -203,6 +258,13 @@ impl ImageMemo {
             "dtype": job.dtype,
             "device": if matches!(ctx.device, crate::device::Device::Cuda(_)) { "cuda" } else { "cpu" },
         });
+        if !job.loras.is_empty() {
+            // Only with LoRAs, so the entries of runs without them stay valid.
+            let loras: Vec<Value> = (job.loras.iter())
+                .map(|lora| json!([lora.digest, lora.scale]))
+                .collect();
+            base["loras"] = json!(loras);
+        }
         Ok(Self {
             dir: ctx.shared_dir(MEMO_FOLDER)?,
             base,

@@ -10,7 +10,9 @@ use super::{
     MAX_SEED, SCHEDULER_CHOICES, dtype_spec, guidance_spec, negative_prompt_spec, size_specs,
     steps_spec,
 };
-use crate::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use crate::stages::{
+    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
+};
 use serde_json::{Value, json};
 
 /// Largest `count`: 100k class images is far beyond DreamBooth's usual 200–1000.
@@ -42,6 +44,19 @@ impl Stage for GenerateKind {
                 "diffusers model folder, or the stage that produced one",
             )
             .model_folder(),
+            ParamSpec::optional(
+                "loras",
+                ParamType::PathOrStageRefList,
+                json!([]),
+                "LoRAs applied to the model: `dreambooth_lora` stages or LoRA .safetensors files (diffusers, PEFT or kohya layout); several add up",
+            ),
+            ParamSpec::optional(
+                "lora_scales",
+                ParamType::NumberList,
+                json!([]),
+                "the weight of each entry of `loras`, in order; empty: 1 each",
+            )
+            .range(0.0, super::sample_grid::MAX_LORA_SCALE),
             ParamSpec::required("prompt", ParamType::String, "the class prompt"),
             negative_prompt_spec(),
             ParamSpec::required("count", ParamType::Integer, "number of images")
@@ -78,5 +93,25 @@ impl Stage for GenerateKind {
     }
     fn needs_torch(&self) -> bool {
         true
+    }
+    /// `lora_scales`, when given, has one weight per LoRA.
+    fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
+        let count = |name: &str| {
+            fields
+                .params
+                .get(name)
+                .and_then(|v| v.as_array())
+                .map_or(0, Vec::len)
+        };
+        let (loras, scales) = (count("loras"), count("lora_scales"));
+        if scales == 0 || scales == loras {
+            return Vec::new();
+        }
+        vec![(
+            "lora_scales",
+            format!(
+                "has {scales} weights for {loras} LoRAs; give one per entry of `loras` (or none: 1 each)"
+            ),
+        )]
     }
 }

@@ -16,7 +16,7 @@ use crate::stages::{
 use serde_json::json;
 
 /// Largest LoRA weight accepted (A1111 allows up to 2 in its UI; beyond 10 is a typo).
-const MAX_LORA_SCALE: f64 = 10.0;
+pub const MAX_LORA_SCALE: f64 = 10.0;
 /// Default columns: four seeds, as A1111's default batch count of 4 shows.
 const DEFAULT_SEEDS: [u64; 4] = [0, 1, 2, 3];
 
