@@ -72,6 +72,9 @@ pub struct ClipTextConfig {
     pub layer_norm_eps: f64,
     pub hidden_act: Activation,
     pub eos_token_id: i64,
+    /// `CLIPTextModelWithProjection` (SDXL's second text encoder): the width of
+    /// `text_projection`, applied to the pooled output.
+    pub projection_dim: Option<i64>,
 }
 
 /// config.json as written by transformers (defaults = CLIPTextConfig's defaults).
@@ -90,6 +93,10 @@ struct RawConfig {
     hidden_act: String,
     #[serde(default = "default_eos_token_id")]
     eos_token_id: i64,
+    #[serde(default)]
+    architectures: Vec<String>,
+    #[serde(default)]
+    projection_dim: Option<i64>,
 }
 
 /// CLIPTextConfig defaults (transformers).
@@ -161,8 +168,18 @@ impl ClipTextConfig {
             layer_norm_eps: raw.layer_norm_eps,
             hidden_act,
             eos_token_id: raw.eos_token_id,
+            projection_dim: with_projection(&raw),
         })
     }
+}
+
+/// The projection width of a `CLIPTextModelWithProjection` config (transformers' default 512
+/// when the config omits it); `None` for a plain `CLIPTextModel`.
+fn with_projection(raw: &RawConfig) -> Option<i64> {
+    /// CLIPTextConfig's `projection_dim` default.
+    const DEFAULT_PROJECTION_DIM: i64 = 512;
+    let projected = (raw.architectures.iter()).any(|name| name == "CLIPTextModelWithProjection");
+    projected.then(|| raw.projection_dim.unwrap_or(DEFAULT_PROJECTION_DIM))
 }
 
 /// What `CLIPTextModel(input_ids, output_hidden_states=True)` returns.
@@ -174,6 +191,9 @@ pub struct ClipTextOutput {
     pub pooler_output: Tensor,
     /// Embedding output then each layer's output (before the final LayerNorm).
     pub hidden_states: Vec<Tensor>,
+    /// [batch, projection_dim]: `text_projection(pooler_output)` of a
+    /// `CLIPTextModelWithProjection` (its `text_embeds`).
+    pub text_embeds: Option<Tensor>,
 }
 
 /// Multi-head causal self-attention with q/k/v/out projections.
@@ -365,6 +385,7 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: nn::LayerNorm,
+    text_projection: Option<Linear>,
 }
 
 impl ClipTextModel {
@@ -386,12 +407,17 @@ impl ClipTextModel {
             config.hidden_size,
             config.layer_norm_eps,
         );
+        // Stored as `text_projection.weight` at the file's root (see checkpoint_key_to_variable).
+        let text_projection = config
+            .projection_dim
+            .map(|dim| Linear::new(&model / "text_projection", config.hidden_size, dim, false));
         Self {
             config,
             token_embedding,
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
         }
     }
 
@@ -476,10 +502,12 @@ impl ClipTextModel {
         hidden_states.push(state.shallow_clone());
         let last_hidden_state = self.final_layer_norm.forward(&state);
         let pooler_output = self.pool(&last_hidden_state, input_ids);
+        let text_embeds = (self.text_projection.as_ref()).map(|p| p.forward(&pooler_output));
         Ok(ClipTextOutput {
             last_hidden_state,
             pooler_output,
             hidden_states,
+            text_embeds,
         })
     }
 

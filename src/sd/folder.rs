@@ -27,6 +27,16 @@ const REQUIRED_COMPONENTS: [(&str, &[&str], Option<&str>); 5] = [
     ("scheduler", &["scheduler_config.json"], None),
 ];
 
+/// SDXL's second text encoder and tokenizer, checked like the required ones when listed.
+const XL_COMPONENTS: [(&str, &[&str], Option<&str>); 2] = [
+    (
+        "text_encoder_2",
+        &["config.json"],
+        Some(TRANSFORMERS_WEIGHTS_STEM),
+    ),
+    ("tokenizer_2", &["vocab.json", "merges.txt"], None),
+];
+
 /// Why a model folder is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum FolderError {
@@ -67,6 +77,10 @@ pub struct ModelFolder {
     components: BTreeMap<String, ComponentClass>,
     variants: Vec<String>,
     has_plain_weights: bool,
+    /// SDXL: `text_encoder_2` and `tokenizer_2` are listed (and present).
+    xl: bool,
+    /// SDXL's `force_zeros_for_empty_prompt` (diffusers' default true).
+    force_zeros_for_empty_prompt: bool,
 }
 
 impl ModelFolder {
@@ -91,8 +105,26 @@ impl ModelFolder {
                 variant_sets.push(weights.variants);
             }
         }
+        let xl = XL_COMPONENTS
+            .iter()
+            .all(|(name, _, _)| components.contains_key(*name));
+        if xl {
+            for (name, files, stem) in XL_COMPONENTS {
+                check_component_files(dir, name, files)?;
+                if let Some(stem) = stem {
+                    let weights = weight_files(&dir.join(name), name, stem)?;
+                    has_plain_weights &= weights.plain;
+                    variant_sets.push(weights.variants);
+                }
+            }
+        }
         Ok(Self {
             root: dir.to_path_buf(),
+            xl,
+            force_zeros_for_empty_prompt: index
+                .get("force_zeros_for_empty_prompt")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(true),
             pipeline_class: index
                 .get("_class_name")
                 .and_then(|v| v.as_str())
@@ -125,6 +157,24 @@ impl ModelFolder {
 
     pub fn scheduler_dir(&self) -> PathBuf {
         self.root.join("scheduler")
+    }
+
+    /// Whether this is an SDXL folder (`text_encoder_2` and `tokenizer_2` listed).
+    pub fn is_xl(&self) -> bool {
+        self.xl
+    }
+
+    pub fn text_encoder_2_dir(&self) -> PathBuf {
+        self.root.join("text_encoder_2")
+    }
+
+    pub fn tokenizer_2_dir(&self) -> PathBuf {
+        self.root.join("tokenizer_2")
+    }
+
+    /// SDXL: an empty negative prompt means zero embeddings (`force_zeros_for_empty_prompt`).
+    pub fn force_zeros_for_empty_prompt(&self) -> bool {
+        self.force_zeros_for_empty_prompt
     }
 
     /// `_class_name` of model_index.json (e.g. "StableDiffusionPipeline"), if given.

@@ -161,6 +161,17 @@ impl ConfigReader {
         })
     }
 
+    /// A string key that may be missing or `null`.
+    pub fn optional_string(&self, key: &str) -> Result<Option<String>, ModelError> {
+        self.value(key)
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| self.invalid(key, format!("must be a string, found {v}")))
+            })
+            .transpose()
+    }
+
     pub fn string(&self, key: &str, default: &str) -> Result<String, ModelError> {
         self.value(key).map_or(Ok(default.to_string()), |v| {
             v.as_str()

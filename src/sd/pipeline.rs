@@ -1,5 +1,7 @@
 //! txt2img as diffusers' `StableDiffusionPipeline.__call__` computes it: prompt encoding with
-//! classifier-free guidance, seeded initial latents, the scheduler loop, VAE decode.
+//! classifier-free guidance, seeded initial latents, the scheduler loop, VAE decode. SDXL
+//! folders run as `StableDiffusionXLPipeline` (two text encoders, pooled embeddings and
+//! micro-conditioning time ids; see [`XlOptions`]).
 //! On CPU in float32 the latents and image equal diffusers' (within the fixture tolerances) for
 //! the same weights, prompt, seed and scheduler; `tests/sd_pipeline.rs` checks every scheduler.
 use crate::sd::clip::{ClipError, ClipTextModel};
@@ -9,7 +11,7 @@ use crate::sd::model_config::ModelError;
 use crate::sd::rng;
 use crate::sd::schedulers::{self, Scheduler, SchedulerConfig, SchedulerError, SchedulerKind};
 use crate::sd::tokenizer::{ClipTokenizer, TokenizerError};
-use crate::sd::unet::UNet2DConditionModel;
+use crate::sd::unet::{AddedConditions, UNet2DConditionModel};
 use crate::sd::vae::AutoencoderKL;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor, nn::VarStore};
@@ -34,6 +36,35 @@ pub struct StableDiffusion {
     pub kind: Kind,
     /// The variable stores own the weights; the modules hold views into them.
     pub stores: Vec<VarStore>,
+    /// SDXL's second tokenizer and text encoder.
+    pub xl: Option<XlText>,
+}
+
+/// SDXL's second text encoder (`CLIPTextModelWithProjection`) and its tokenizer.
+pub struct XlText {
+    pub tokenizer_2: ClipTokenizer,
+    pub text_encoder_2: ClipTextModel,
+    /// An empty negative prompt is zero embeddings (model_index.json's
+    /// `force_zeros_for_empty_prompt`).
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+/// `StableDiffusionXLPipeline`'s arguments beyond SD's: the second prompts (unset: the first
+/// ones) and the micro-conditioning sizes `(height, width)` / crop `(top, left)` (unset: the
+/// image size and (0, 0)); the negative conditioning uses the same sizes.
+#[derive(Debug, Clone, Default)]
+pub struct XlOptions {
+    pub prompt_2: Option<String>,
+    pub negative_prompt_2: Option<String>,
+    pub original_size: Option<(i64, i64)>,
+    pub crops_coords_top_left: (i64, i64),
+    pub target_size: Option<(i64, i64)>,
+}
+
+/// What the UNet is conditioned on: `encoder_hidden_states`, and SDXL's added conditions.
+struct Conditioning {
+    context: Tensor,
+    added: Option<AddedConditions>,
 }
 
 /// One txt2img request (diffusers' pipeline arguments).
@@ -154,6 +185,20 @@ impl StableDiffusion {
             AutoencoderKL::load(&folder.vae_dir(), device, vae_kind(kind), variant)?;
         let scheduler_config =
             SchedulerConfig::from_file(&folder.scheduler_dir().join("scheduler_config.json"))?;
+        let mut stores = vec![te_store, unet_store, vae_store];
+        let xl = match folder.is_xl() {
+            true => {
+                let (store, text_encoder_2) =
+                    ClipTextModel::load(&folder.text_encoder_2_dir(), device, kind, variant)?;
+                stores.push(store);
+                Some(XlText {
+                    tokenizer_2: ClipTokenizer::from_dir(&folder.tokenizer_2_dir())?,
+                    text_encoder_2,
+                    force_zeros_for_empty_prompt: folder.force_zeros_for_empty_prompt(),
+                })
+            }
+            false => None,
+        };
         Ok(Self {
             dir: dir.to_path_buf(),
             tokenizer,
@@ -163,7 +208,8 @@ impl StableDiffusion {
             scheduler_config,
             device,
             kind,
-            stores: vec![te_store, unet_store, vae_store],
+            stores,
+            xl,
         })
     }
 
@@ -200,11 +246,21 @@ impl StableDiffusion {
         request: &Txt2Img,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Txt2ImgOutput, Txt2ImgError> {
+        self.txt2img_xl(request, &XlOptions::default(), on_event)
+    }
+
+    /// [`txt2img`](Self::txt2img) with SDXL's extra arguments (ignored by SD 1.x/2.x models).
+    pub fn txt2img_xl(
+        &self,
+        request: &Txt2Img,
+        xl: &XlOptions,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Txt2ImgOutput, Txt2ImgError> {
         let _no_grad = tch::no_grad_guard();
         let (width, height) = self.checked_request(request)?;
         let mut scheduler = self.scheduler_for(request)?;
         let guidance = (request.guidance > GUIDANCE_THRESHOLD).then_some(request.guidance);
-        let context = self.conditioning(request, guidance.is_some())?;
+        let context = self.conditioning(request, xl, (width, height), guidance.is_some())?;
         let shape = self.latent_shape(request.batch, width, height);
         let rng_guard = rng::seeded(request.seed);
         let noise = rng::randn(&shape, Kind::Float, Device::Cpu);
@@ -234,7 +290,8 @@ impl StableDiffusion {
         let (width, height) = self.checked_request(&request)?;
         let mut scheduler = self.scheduler_for(&request)?;
         let guidance = (request.guidance > GUIDANCE_THRESHOLD).then_some(request.guidance);
-        let context = self.conditioning(&request, guidance.is_some())?;
+        let xl = XlOptions::default();
+        let context = self.conditioning(&request, &xl, (width, height), guidance.is_some())?;
         let [_, channels, rows, columns] = self.latent_shape(1, width, height);
         let mut draws = Vec::with_capacity(seeds.len());
         let mut last_guard = None;
@@ -286,14 +343,116 @@ impl StableDiffusion {
         latents
     }
 
-    /// The UNet's `encoder_hidden_states`: [negative..., prompt...] with guidance, else the prompt.
-    fn conditioning(&self, request: &Txt2Img, guided: bool) -> Result<Tensor, Txt2ImgError> {
+    /// The UNet's conditioning: [negative..., prompt...] with guidance, else the prompt.
+    fn conditioning(
+        &self,
+        request: &Txt2Img,
+        xl: &XlOptions,
+        size: (i64, i64),
+        guided: bool,
+    ) -> Result<Conditioning, Txt2ImgError> {
+        if let Some(parts) = &self.xl {
+            return self.xl_conditioning(parts, request, xl, size, guided);
+        }
         let cond = self.encode_prompt(&request.prompt, request.batch)?;
         if !guided {
-            return Ok(cond);
+            return Ok(Conditioning {
+                context: cond,
+                added: None,
+            });
         }
         let uncond = self.encode_prompt(&request.negative_prompt, request.batch)?;
-        Ok(Tensor::cat(&[uncond, cond], 0))
+        Ok(Conditioning {
+            context: Tensor::cat(&[uncond, cond], 0),
+            added: None,
+        })
+    }
+
+    /// SDXL's conditioning as `StableDiffusionXLPipeline` builds it: both encoders' penultimate
+    /// hidden states side by side, the second encoder's projected pooled output, and the time
+    /// ids `original_size + crops_coords_top_left + target_size`.
+    fn xl_conditioning(
+        &self,
+        parts: &XlText,
+        request: &Txt2Img,
+        xl: &XlOptions,
+        (width, height): (i64, i64),
+        guided: bool,
+    ) -> Result<Conditioning, Txt2ImgError> {
+        let prompt_2 = xl.prompt_2.as_deref().unwrap_or(&request.prompt);
+        let (mut context, mut pooled) = self.encode_prompt_xl(parts, &request.prompt, prompt_2)?;
+        let original = xl.original_size.unwrap_or((height, width));
+        let target = xl.target_size.unwrap_or((height, width));
+        let (top, left) = xl.crops_coords_top_left;
+        let ids = [original.0, original.1, top, left, target.0, target.1];
+        let one = Tensor::from_slice(&ids.map(|v| v as f64)).unsqueeze(0);
+        let mut time_ids = one.shallow_clone();
+        if guided {
+            let (negative, negative_pooled) = self.negative_xl(parts, request, xl)?;
+            context = Tensor::cat(&[negative, context], 0);
+            pooled = Tensor::cat(&[negative_pooled, pooled], 0);
+            time_ids = Tensor::cat(&[&one, &one], 0);
+        }
+        let repeat = |t: &Tensor| t.repeat_interleave_self_int(request.batch, 0, None);
+        let device_kind = (self.kind, self.device);
+        Ok(Conditioning {
+            context: repeat(&context),
+            added: Some(AddedConditions {
+                text_embeds: repeat(&pooled),
+                time_ids: repeat(&time_ids)
+                    .to_kind(device_kind.0)
+                    .to_device(device_kind.1),
+            }),
+        })
+    }
+
+    /// The negative embeddings: zeros for an empty negative prompt when the model says so,
+    /// else the negative prompts encoded like the prompts.
+    fn negative_xl(
+        &self,
+        parts: &XlText,
+        request: &Txt2Img,
+        xl: &XlOptions,
+    ) -> Result<(Tensor, Tensor), Txt2ImgError> {
+        let negative_2 = xl.negative_prompt_2.as_deref();
+        let empty = request.negative_prompt.is_empty() && negative_2.is_none_or(str::is_empty);
+        let (context, pooled) = self.encode_prompt_xl(
+            parts,
+            &request.negative_prompt,
+            negative_2.unwrap_or(&request.negative_prompt),
+        )?;
+        if empty && parts.force_zeros_for_empty_prompt {
+            return Ok((context.zeros_like(), pooled.zeros_like()));
+        }
+        Ok((context, pooled))
+    }
+
+    /// One prompt pair through both text encoders: `[1, 77, width_1 + width_2]` (penultimate
+    /// hidden states) and the pooled `[1, projection_dim]`, in the model's kind.
+    pub fn encode_prompt_xl(
+        &self,
+        parts: &XlText,
+        prompt: &str,
+        prompt_2: &str,
+    ) -> Result<(Tensor, Tensor), Txt2ImgError> {
+        let ids = |tokenizer: &ClipTokenizer, text: &str| {
+            Tensor::from_slice(&tokenizer.encode(text).ids)
+                .unsqueeze(0)
+                .to_device(self.device)
+        };
+        let first = self.text_encoder.forward(&ids(&self.tokenizer, prompt))?;
+        let second = (parts.text_encoder_2).forward(&ids(&parts.tokenizer_2, prompt_2))?;
+        let penultimate =
+            |states: &[Tensor]| states[states.len().saturating_sub(2)].shallow_clone();
+        let context = Tensor::cat(
+            &[
+                penultimate(&first.hidden_states),
+                penultimate(&second.hidden_states),
+            ],
+            -1,
+        );
+        let pooled = second.text_embeds.unwrap_or(second.pooler_output);
+        Ok((context.to_kind(self.kind), pooled.to_kind(self.kind)))
     }
 
     fn latent_shape(&self, batch: i64, width: i64, height: i64) -> [i64; 4] {
@@ -308,7 +467,7 @@ impl StableDiffusion {
         &self,
         scheduler: &mut dyn Scheduler,
         mut latents: Tensor,
-        context: &Tensor,
+        conditioning: &Conditioning,
         guidance: Option<f64>,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Tensor, Txt2ImgError> {
@@ -321,7 +480,12 @@ impl StableDiffusion {
                 None => latents.shallow_clone(),
             };
             let input = scheduler.scale_model_input(&batch_input, index)?;
-            let output = self.unet.forward(&input, &timestep, context);
+            let output = self.unet.forward_added(
+                &input,
+                &timestep,
+                &conditioning.context,
+                conditioning.added.as_ref(),
+            );
             on_event(Event::UNet {
                 call: index,
                 timestep: &timestep,

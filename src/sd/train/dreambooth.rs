@@ -242,6 +242,7 @@ impl DreamBoothTrainer {
         let weight_kind = config.mixed_precision.weight_kind(device)?;
         let folder =
             ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
+        super::refuse_xl(&folder)?;
         let tokenizer =
             ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(TrainError::model)?;
         let text_kind = if config.train_text_encoder {

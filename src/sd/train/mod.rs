@@ -92,6 +92,17 @@ fn checkpoint_hint(checkpoint: &Option<PathBuf>) -> String {
     }
 }
 
+/// Training runs on SD 1.x/2.x; an SDXL folder (which sampling takes) is refused by name.
+pub(crate) fn refuse_xl(folder: &crate::sd::folder::ModelFolder) -> Result<(), TrainError> {
+    if !folder.is_xl() {
+        return Ok(());
+    }
+    Err(TrainError::Model(format!(
+        "{}: an SDXL model; training SDXL is not supported yet (sample, generate and sample_grid take it): train on an SD 1.x/2.x model",
+        folder.root().display()
+    )))
+}
+
 impl TrainError {
     /// Wraps a model/scheduler/tokenizer error (its message already names the file).
     pub(crate) fn model(error: impl std::fmt::Display) -> Self {

@@ -302,6 +302,7 @@ impl TextualInversionTrainer {
         let weight_kind = config.mixed_precision.weight_kind(device)?;
         let folder =
             ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
+        super::refuse_xl(&folder)?;
         let mut tokenizer =
             ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(TrainError::model)?;
         let initializer_id = single_token_id(&tokenizer, &config.initializer_token)?;

@@ -74,6 +74,19 @@ pub struct UNetConfig {
     pub conv_out_kernel: i64,
     pub time_embed_dim: i64,
     pub sample_size: Option<i64>,
+    /// SDXL's `addition_embed_type: text_time`: pooled text embeddings and micro-conditioning
+    /// time ids added to the time embedding.
+    pub text_time: Option<TextTimeConfig>,
+}
+
+/// The sizes of SDXL's added conditioning (`add_time_proj`, `add_embedding`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TextTimeConfig {
+    /// Width of each time id's sinusoidal embedding (`addition_time_embed_dim`).
+    pub time_embed_dim: i64,
+    /// Input width of `add_embedding`: pooled text width + 6 × `time_embed_dim`
+    /// (`projection_class_embeddings_input_dim`).
+    pub input_dim: i64,
 }
 
 impl UNetConfig {
@@ -134,6 +147,7 @@ impl UNetConfig {
                 .optional_int("time_embedding_dim")?
                 .unwrap_or(block_out_channels[0] * TIME_EMBED_MULTIPLIER),
             sample_size: config.optional_int("sample_size")?,
+            text_time: text_time(config)?,
             block_out_channels,
             down_blocks,
             up_blocks,
@@ -186,12 +200,43 @@ impl UNetConfig {
     }
 }
 
-/// Errors for every config feature of `UNet2DConditionModel` that SD 1.x/2.x do not use.
+/// `addition_embed_type`: none (SD 1.x/2.x) or `text_time` (SDXL) with its two sizes.
+fn text_time(config: &ConfigReader) -> Result<Option<TextTimeConfig>, ModelError> {
+    match config.optional_string("addition_embed_type")?.as_deref() {
+        None => {
+            config.require_null("projection_class_embeddings_input_dim")?;
+            Ok(None)
+        }
+        Some("text_time") => {
+            let time_embed_dim = config.optional_int("addition_time_embed_dim")?;
+            let input_dim = config.optional_int("projection_class_embeddings_input_dim")?;
+            let (Some(time_embed_dim), Some(input_dim)) = (time_embed_dim, input_dim) else {
+                return Err(config.unsupported(
+                    "addition_embed_type",
+                    "text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim",
+                ));
+            };
+            config.check(
+                "addition_time_embed_dim",
+                time_embed_dim >= 2,
+                "must be at least 2",
+            )?;
+            config.check("projection_class_embeddings_input_dim", input_dim > 6 * time_embed_dim,
+                "must exceed 6 × addition_time_embed_dim (the six time ids) by the pooled text width")?;
+            Ok(Some(TextTimeConfig {
+                time_embed_dim,
+                input_dim,
+            }))
+        }
+        Some(_) => Err(config.unsupported("addition_embed_type", "supported: null, text_time")),
+    }
+}
+
+/// Errors for every config feature of `UNet2DConditionModel` that SD 1.x/2.x/XL do not use.
 fn reject_unsupported(config: &ConfigReader) -> Result<(), ModelError> {
     for key in [
         "class_embed_type",
         "num_class_embeds",
-        "addition_embed_type",
         "encoder_hid_dim",
         "encoder_hid_dim_type",
         "time_cond_proj_dim",
@@ -199,7 +244,6 @@ fn reject_unsupported(config: &ConfigReader) -> Result<(), ModelError> {
         "time_embedding_act_fn",
         "cross_attention_norm",
         "reverse_transformer_layers_per_block",
-        "projection_class_embeddings_input_dim",
         "num_attention_heads",
     ] {
         config.require_null(key)?;

@@ -36,6 +36,16 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// SDXL's `add_embedding` (pooled text + time ids → time-embedding width).
+    add_embedding: Option<TimestepEmbedding>,
+}
+
+/// SDXL's `added_cond_kwargs`: the pooled text embeddings `[b, width]` and the six
+/// micro-conditioning time ids `[b, 6]` (original size, crop top-left, target size).
+#[derive(Debug)]
+pub struct AddedConditions {
+    pub text_embeds: Tensor,
+    pub time_ids: Tensor,
 }
 
 impl UNet2DConditionModel {
@@ -88,6 +98,13 @@ impl UNet2DConditionModel {
                 config.out_channels,
                 config.conv_out_kernel,
             ),
+            add_embedding: config.text_time.map(|text_time| {
+                TimestepEmbedding::new(
+                    &path / "add_embedding",
+                    text_time.input_dim,
+                    config.time_embed_dim,
+                )
+            }),
             config,
         }
     }
@@ -117,7 +134,24 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Tensor {
-        self.run(sample, timesteps, encoder_hidden_states, None)
+        self.run(sample, timesteps, encoder_hidden_states, None, None)
+    }
+
+    /// [`forward`](Self::forward) with SDXL's added conditions (required by a `text_time`
+    /// UNet, ignored by others).
+    pub fn forward_added(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditions>,
+    ) -> Tensor {
+        self.run(sample, timesteps, encoder_hidden_states, added, None)
+    }
+
+    /// Whether the model takes SDXL's added conditions.
+    pub fn takes_added_conditions(&self) -> bool {
+        self.add_embedding.is_some()
     }
 
     /// Like [`forward`](Self::forward), also returning the activations diffusers' forward hooks
@@ -134,6 +168,7 @@ impl UNet2DConditionModel {
             sample,
             timesteps,
             encoder_hidden_states,
+            None,
             Some(&mut intermediates),
         );
         (output, intermediates)
@@ -144,6 +179,7 @@ impl UNet2DConditionModel {
         sample: &Tensor,
         timesteps: &Tensor,
         context: &Tensor,
+        added: Option<&AddedConditions>,
         mut record: Option<&mut Intermediates>,
     ) -> Tensor {
         let mut keep = |name: String, tensor: &Tensor| {
@@ -154,6 +190,12 @@ impl UNet2DConditionModel {
         let time_proj = self.time_proj(sample, timesteps);
         keep("time_proj".into(), &time_proj);
         let temb = self.time_embedding.forward(&time_proj);
+        let temb = match (&self.add_embedding, added) {
+            (Some(add_embedding), Some(added)) => {
+                temb.shallow_clone() + add_embedding.forward(&self.added_embeds(added, &temb))
+            }
+            _ => temb,
+        };
         keep("time_embedding".into(), &temb);
         let sample = if self.config.center_input_sample {
             sample * 2.0 - 1.0
@@ -183,6 +225,22 @@ impl UNet2DConditionModel {
         let normed = self.conv_norm_out.forward(&hidden);
         keep("conv_norm_out".into(), &normed);
         self.conv_out.forward(&normed.silu())
+    }
+
+    /// `cat(text_embeds, add_time_proj(time_ids))` in the time embedding's kind, as diffusers'
+    /// `get_aug_embed` for `text_time` builds `add_embedding`'s input.
+    fn added_embeds(&self, added: &AddedConditions, temb: &Tensor) -> Tensor {
+        let width = self.config.text_time.map_or(0, |t| t.time_embed_dim);
+        let batch = added.text_embeds.size()[0];
+        let time_embeds = timestep_embedding(
+            &added.time_ids.flatten(0, -1),
+            width,
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )
+        .reshape([batch, -1]);
+        let text_embeds = added.text_embeds.to_kind(time_embeds.kind());
+        Tensor::cat(&[text_embeds, time_embeds], -1).to_kind(temb.kind())
     }
 
     /// The sinusoidal projection of the timesteps, broadcast to the batch, in the sample's kind.
