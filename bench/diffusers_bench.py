@@ -167,9 +167,12 @@ class DreamBoothTrainer:
         self.unet.train()
         if args.train_text_encoder:
             self.text_encoder.train()
-        self.params = list(self.unet.parameters())
-        if args.train_text_encoder:
-            self.params += list(self.text_encoder.parameters())
+        if args.lora_rank:
+            self.params = self.add_lora(args.lora_rank, args.train_text_encoder)
+        else:
+            self.params = list(self.unet.parameters())
+            if args.train_text_encoder:
+                self.params += list(self.text_encoder.parameters())
         self.optimizer = torch.optim.AdamW(
             self.params,
             lr=LEARNING_RATE,
@@ -188,6 +191,24 @@ class DreamBoothTrainer:
         shape = (1, 3, args.resolution, args.resolution)
         self.pixel_values = (torch.rand(shape) * 2.0 - 1.0).to(device).to(self.weight_dtype)
         self.device = device
+
+    def add_lora(self, rank, train_text_encoder):
+        """train_dreambooth_lora.py: base frozen, PEFT adapters (alpha = rank, gaussian init) on
+        the UNet's attention projections and, with the text encoder, on its q/k/v/out_proj."""
+        from peft import LoraConfig
+        from peft import inject_adapter_in_model
+
+        self.unet.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                         target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        if train_text_encoder:
+            # PEFT's injection directly (transformers' add_adapter wants a newer peft than PyPI has).
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                               target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]),
+                                    self.text_encoder)
+        modules = [self.unet, self.text_encoder] if train_text_encoder else [self.unet]
+        return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     def trained_forward(self, module, *inputs):
         """A prepared (trained) module's forward: under autocast with mixed precision."""
@@ -284,6 +305,7 @@ def dreambooth(args):
         "batch": 1,
         "train_text_encoder": args.train_text_encoder,
         "mixed_precision": args.mixed_precision,
+        "lora_rank": args.lora_rank,
         "steps": args.steps,
         "threads": args.threads,
         "load_s": round(load_s, 4),
@@ -352,6 +374,8 @@ def parse_args(argv):
     train.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     train.add_argument("--train-text-encoder", action="store_true")
     train.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    train.add_argument("--lora-rank", type=int, default=None,
+                       help="train LoRA adapters of this rank (train_dreambooth_lora.py) instead of all weights")
 
     scaled = verbs.add_parser("make-scaled")
     scaled.add_argument("--source", required=True, help="an SD diffusers folder (sd15)")

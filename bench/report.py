@@ -11,7 +11,8 @@ import json
 import sys
 
 TXT2IMG_KEY = ("model", "device", "dtype", "size", "batch", "steps", "threads")
-DREAMBOOTH_KEY = ("model", "device", "dtype", "resolution", "train_text_encoder", "steps", "threads")
+DREAMBOOTH_KEY = ("model", "device", "dtype", "resolution", "train_text_encoder", "lora_rank", "steps",
+                  "threads")
 
 
 def load(path):
@@ -132,8 +133,10 @@ def dreambooth_table(records):
     ]
     for key, by_impl in pairs.items():
         mine, theirs = by_impl.get("dreampipe"), by_impl.get("diffusers")
-        model, device, dtype, resolution, train_te, steps, _ = key
+        model, device, dtype, resolution, train_te, lora_rank, steps, _ = key
         trains = "UNet + text encoder" if train_te else "UNet"
+        if lora_rank:
+            trains = f"LoRA r{lora_rank} on {trains}"
         params = field(mine, "trainable_params") or field(theirs, "trainable_params") or 0
         memory = "peak_memory_mib" if field(mine, "peak_memory_mib") is not None else "peak_rss_mib"
         lines.append(
@@ -167,8 +170,10 @@ def phases_table(records):
         mine, theirs = field(by_impl.get("dreampipe"), name), field(by_impl.get("diffusers"), name)
         if not mine or not theirs:
             continue
-        model, _, _, resolution, train_te, _, _ = key
+        model, _, _, resolution, train_te, lora_rank, _, _ = key
         trains = "UNet + TE" if train_te else "UNet"
+        if lora_rank:
+            trains = f"LoRA r{lora_rank} {trains}"
         cells = [f"{number(mine.get(p))} / {number(theirs.get(p))}" for p in PHASES]
         rows.append(f"| {model} | {resolution} | {trains} | " + " | ".join(cells) + " |")
     if not rows:

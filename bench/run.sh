@@ -44,12 +44,12 @@ log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
 wanted() { [[ " $ONLY " == *" $1 "* ]]; }
 
 ensure_venv() {
-    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch, diffusers, transformers, safetensors" 2>/dev/null; then
+    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch, diffusers, transformers, safetensors, peft" 2>/dev/null; then
         return
     fi
-    log "creating $VENV (torch 2.11.0, diffusers 0.42.1, transformers 5.24.0 from PyPI)"
+    log "creating $VENV (torch 2.11.0, diffusers 0.42.1, transformers 5.24.0, peft 0.21.2 from PyPI)"
     "${PYTHON:-python3}" -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet torch==2.11.0 diffusers==0.42.1 transformers==5.24.0 safetensors
+    "$VENV/bin/pip" install --quiet torch==2.11.0 diffusers==0.42.1 transformers==5.24.0 peft==0.21.2 safetensors
 }
 
 ensure_binary() {
@@ -144,6 +144,7 @@ main() {
     if wanted tiny-dreambooth; then
         both dreambooth --model "$TINY" --label tiny --resolution 64 --steps 10
         both dreambooth --model "$TINY" --label tiny --resolution 64 --steps 10 --train-text-encoder
+        both dreambooth --model "$TINY" --label tiny --resolution 64 --steps 10 --lora-rank 4
     fi
     if wanted sd15-txt2img; then
         both txt2img --model "$SD15" --label sd15 --size 256 --batch 1 --steps 3 --warmup-steps 1
@@ -151,6 +152,7 @@ main() {
     if wanted sd15half-dreambooth; then
         both dreambooth --model "$SD15_HALF" --label sd15-half --resolution 256 --steps 2
         both dreambooth --model "$SD15_HALF" --label sd15-half --resolution 256 --steps 2 --train-text-encoder
+        both dreambooth --model "$SD15_HALF" --label sd15-half --resolution 256 --steps 2 --lora-rank 4
     fi
     if wanted dreambooth-bf16; then
         for te in "" --train-text-encoder; do

@@ -14,6 +14,7 @@ use crate::sd::folder::ModelFolder;
 use crate::sd::schedulers::SchedulerConfig;
 use crate::sd::schedulers::ddpm::DdpmScheduler;
 use crate::sd::tokenizer::ClipTokenizer;
+use crate::sd::train::lora::{self, LoraSettings};
 use crate::sd::train::loss;
 use crate::sd::train::optim::{AdamW, AdamWConfig, clip_grad_norm};
 use crate::sd::unet::UNet2DConditionModel;
@@ -47,6 +48,8 @@ pub struct DreamBoothBench {
     pub train_text_encoder: bool,
     /// bf16 mixed precision (autocast for the trained modules).
     pub mixed_precision: bool,
+    /// LoRA of this rank (alpha = rank) instead of full fine-tuning: the base stays frozen.
+    pub lora_rank: Option<i64>,
     pub threads: i32,
     pub device: Device,
 }
@@ -107,6 +110,7 @@ pub fn run(bench: &DreamBoothBench) -> Result<Value, BenchError> {
         "batch": 1,
         "train_text_encoder": bench.train_text_encoder,
         "mixed_precision": if bench.mixed_precision { "bf16" } else { "no" },
+        "lora_rank": bench.lora_rank,
         "steps": bench.steps,
         "threads": bench.threads,
         "load_s": round4(load_s),
@@ -137,10 +141,10 @@ impl Trainer {
         };
         let tokenizer = ClipTokenizer::from_dir(&folder.tokenizer_dir())
             .map_err(|e| load_error(dir, "tokenizer", e))?;
-        let (mut te_store, text_encoder) =
+        let (mut te_store, mut text_encoder) =
             ClipTextModel::load(&folder.text_encoder_dir(), device, text_kind, None)
                 .map_err(|e| load_error(dir, "text encoder", e))?;
-        let (unet_store, unet) =
+        let (mut unet_store, mut unet) =
             UNet2DConditionModel::load(&folder.unet_dir(), device, Kind::Float, None)
                 .map_err(|e| load_error(dir, "UNet", e))?;
         let (mut vae_store, vae) =
@@ -152,12 +156,28 @@ impl Trainer {
             .map_err(|e| load_error(dir, "scheduler config", e))?;
         let noise_scheduler = DdpmScheduler::new(&scheduler_config)
             .map_err(|e| load_error(dir, "DDPM scheduler", e))?;
-        let mut trainable = unet_store.trainable_variables();
-        if bench.train_text_encoder {
-            trainable.extend(te_store.trainable_variables());
-        } else {
-            te_store.freeze();
-        }
+        let trainable = match bench.lora_rank {
+            Some(rank) => {
+                unet_store.freeze();
+                te_store.freeze();
+                let settings = LoraSettings {
+                    rank,
+                    alpha: rank as f64,
+                };
+                let text = bench.train_text_encoder.then_some(&mut text_encoder);
+                let named = lora::add_trainable_adapters(&mut unet, text, settings, 0, device);
+                named.into_iter().map(|(_, tensor)| tensor).collect()
+            }
+            None => {
+                let mut trainable = unet_store.trainable_variables();
+                if bench.train_text_encoder {
+                    trainable.extend(te_store.trainable_variables());
+                } else {
+                    te_store.freeze();
+                }
+                trainable
+            }
+        };
         let optimizer = AdamW::new(&trainable, adamw_config());
         let ids = tokenizer.encode(INSTANCE_PROMPT).ids;
         let input_ids = Tensor::from_slice(&ids).unsqueeze(0).to_device(device);

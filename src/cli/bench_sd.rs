@@ -54,6 +54,9 @@ pub struct DreamBoothArgs {
     /// `accelerate --mixed_precision bf16`).
     #[arg(long, value_parser = ["no", "bf16"], default_value = "no")]
     pub mixed_precision: String,
+    /// Train LoRA adapters of this rank instead of the full weights (train_dreambooth_lora.py).
+    #[arg(long)]
+    pub lora_rank: Option<i64>,
     /// libtorch intra-op threads.
     #[arg(long, default_value_t = 2)]
     pub threads: i32,
@@ -85,6 +88,7 @@ pub fn run_dreambooth(context: &Context, args: &DreamBoothArgs) -> anyhow::Resul
         steps: args.steps,
         train_text_encoder: args.train_text_encoder,
         mixed_precision: args.mixed_precision == "bf16",
+        lora_rank: args.lora_rank,
         threads: args.threads,
         device: context.device,
     })?;
