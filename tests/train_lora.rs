@@ -273,7 +273,8 @@ fn a_run_writes_lora_files_that_change_the_image() {
 }
 
 /// The memory options dreambooth has work on adapters too: gradient checkpointing recomputes
-/// the UNet blocks and gives the same adapters; 8-bit AdamW trains them.
+/// the UNet blocks and gives the same adapters; 8-bit AdamW trains them, also together with
+/// checkpointing and bf16 mixed precision.
 #[test]
 fn gradient_checkpointing_and_8bit_adam_train_the_adapters() {
     let golden = tensors(Path::new(
@@ -293,6 +294,9 @@ fn gradient_checkpointing_and_8bit_adam_train_the_adapters() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = config(dir.path(), settings, true);
         config.gradient_checkpointing = checkpointing;
+        if checkpointing && eight_bit {
+            config.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
+        }
         if eight_bit {
             config.optimizer = dreampipe::sd::train::common::OptimizerKind::AdamW8bit;
         }
@@ -321,6 +325,12 @@ fn gradient_checkpointing_and_8bit_adam_train_the_adapters() {
         .fold(0.0, f64::max);
     assert!(moved > 1e-4, "the adapters did not train ({moved})");
     let eight_bit = train(false, true);
+    let everything = train(true, true); // + bf16 autocast
+    assert!(
+        everything
+            .iter()
+            .all(|(_, t)| t.isfinite().all().int64_value(&[]) == 1)
+    );
     assert!(
         eight_bit
             .iter()
