@@ -303,6 +303,42 @@ fn sd15_and_sd21_configs_build_the_reference_parameter_counts() {
     }
 }
 
+/// SDXL base 1.0's parameter counts: UNet, VAE, CLIPTextModel, CLIPTextModelWithProjection
+/// built on the meta device by diffusers 0.42.1 / transformers 5.24.0 from
+/// src/sd/architectures/sdxl/*.json.
+const SDXL_COUNTS: [i64; 4] = [2_567_463_684, 83_653_863, 123_060_480, 694_659_840];
+
+#[test]
+fn sdxl_configs_parse_and_the_text_encoders_and_vae_build_the_reference_counts() {
+    let _lock = rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    write_configs(tmp.path(), Architecture::Sdxl).unwrap();
+    assert_eq!(Architecture::Sdxl.components(), Component::ALL_XL);
+    for (&component, expected) in Component::ALL_XL.iter().zip(SDXL_COUNTS).skip(1) {
+        let vs = build_component(tmp.path(), component).unwrap();
+        assert_eq!(parameter_count(&vs), expected, "{component:?}");
+    }
+    let unet =
+        dreampipe::sd::unet::UNetConfig::from_file(&tmp.path().join("unet/config.json")).unwrap();
+    let text_time = unet.text_time.expect("text_time");
+    assert_eq!((text_time.time_embed_dim, text_time.input_dim), (256, 2816));
+    assert_eq!(unet.transformer_layers_per_block, [1, 2, 10]);
+    let tokenizer_2 = ClipTokenizer::from_dir(&tmp.path().join("tokenizer_2")).unwrap();
+    assert_eq!((tokenizer_2.len(), tokenizer_2.pad_id()), (49408, 0));
+    let tokenizer = ClipTokenizer::from_dir(&tmp.path().join("tokenizer")).unwrap();
+    assert_eq!(tokenizer.pad_id(), 49407);
+}
+
+/// The SDXL UNet at full size (10 GB of float32 zeros): run alone with `--ignored`.
+#[test]
+#[ignore = "allocates the 2.6 B-parameter SDXL UNet (10 GB); run alone with --ignored"]
+fn sdxl_unet_builds_the_reference_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_configs(tmp.path(), Architecture::Sdxl).unwrap();
+    let vs = build_component(tmp.path(), Component::Unet).unwrap();
+    assert_eq!(parameter_count(&vs), SDXL_COUNTS[0]);
+}
+
 #[test]
 fn sd_tokenizers_are_the_full_clip_vocabulary() {
     let _lock = rng_lock();
@@ -337,11 +373,11 @@ fn refuses_a_non_empty_output_folder_and_unknown_architectures() {
         )
     );
     assert!(tmp.path().join("keep.txt").is_file());
-    let error = "sdxl".parse::<Architecture>().unwrap_err();
+    let error = "sd3".parse::<Architecture>().unwrap_err();
     assert!(matches!(error, InitError::UnknownArchitecture(_)));
     assert_eq!(
         error.to_string(),
-        "unknown architecture 'sdxl'; supported: tiny, sd15, sd21"
+        "unknown architecture 'sd3'; supported: tiny, sd15, sd21, sdxl"
     );
     assert_eq!("sd21".parse::<Architecture>().unwrap(), Architecture::Sd21);
 }

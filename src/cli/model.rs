@@ -52,8 +52,8 @@ pub struct ExportArgs {
 /// Arguments of `dreampipe model init`.
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {
-    /// Architecture whose real configs are written: tiny (models/tiny-sd), sd15, sd21 (diffusers
-    /// folders); clip-l14, clip-b32 (transformers CLIPModel) and dino-s16 (ViTModel) for the
+    /// Architecture whose real configs are written: tiny (models/tiny-sd), sd15, sd21, sdxl
+    /// (diffusers folders; sdxl needs ~11 GB of memory and 7 GB of disk with --dtype f16); clip-l14, clip-b32 (transformers CLIPModel) and dino-s16 (ViTModel) for the
     /// `evaluate` stage, and their tiny test versions clip-tiny, dino-tiny.
     #[arg(long, value_enum)]
     pub like: LikeArg,
@@ -73,6 +73,7 @@ pub enum LikeArg {
     Tiny,
     Sd15,
     Sd21,
+    Sdxl,
     ClipL14,
     ClipB32,
     DinoS16,
@@ -136,6 +137,7 @@ fn run_init(args: &InitArgs) -> anyhow::Result<ExitCode> {
         LikeArg::Tiny => Architecture::Tiny,
         LikeArg::Sd15 => Architecture::Sd15,
         LikeArg::Sd21 => Architecture::Sd21,
+        LikeArg::Sdxl => Architecture::Sdxl,
         LikeArg::ClipL14 => return run_embed_init(args, EmbedArchitecture::ClipL14, dtype),
         LikeArg::ClipB32 => return run_embed_init(args, EmbedArchitecture::ClipB32, dtype),
         LikeArg::DinoS16 => return run_embed_init(args, EmbedArchitecture::DinoS16, dtype),

@@ -407,10 +407,10 @@ impl ClipTextModel {
             config.hidden_size,
             config.layer_norm_eps,
         );
-        // Stored as `text_projection.weight` at the file's root (see checkpoint_key_to_variable).
+        // At the root, beside `text_model`, as transformers names it.
         let text_projection = config
             .projection_dim
-            .map(|dim| Linear::new(&model / "text_projection", config.hidden_size, dim, false));
+            .map(|dim| Linear::new(root / "text_projection", config.hidden_size, dim, false));
         Self {
             config,
             token_embedding,
@@ -551,6 +551,9 @@ impl ClipTextModel {
 /// Maps a checkpoint key to its variable: keys may lack the `text_model.` prefix (transformers 5
 /// saves them so); the `position_ids` buffer is skipped.
 fn checkpoint_key_to_variable(key: &str) -> Option<String> {
+    if key.starts_with("text_projection.") {
+        return Some(key.to_string());
+    }
     let inner = key
         .strip_prefix(ROOT)
         .and_then(|rest| rest.strip_prefix('.'))

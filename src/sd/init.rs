@@ -1,6 +1,7 @@
 //! Random-weight Stable Diffusion model folders: writes a complete diffusers folder
 //! (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) with the
-//! real configs of a known architecture (the tiny test model, SD 1.5, SD 2.1) and seeded random
+//! real configs of a known architecture (the tiny test model, SD 1.5, SD 2.1, SDXL base 1.0 —
+//! which adds `text_encoder_2/` and `tokenizer_2/`) and seeded random
 //! weights, for benchmarks and end-to-end tests without downloading checkpoints.
 //!
 //! Initialisation follows what the reference libraries do when they build these models from a
@@ -42,10 +43,17 @@ pub enum Architecture {
     Sd15,
     /// Stable Diffusion 2.1 (stabilityai/stable-diffusion-2-1 configs).
     Sd21,
+    /// Stable Diffusion XL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 configs).
+    Sdxl,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 3] = [Architecture::Tiny, Architecture::Sd15, Architecture::Sd21];
+    pub const ALL: [Architecture; 4] = [
+        Architecture::Tiny,
+        Architecture::Sd15,
+        Architecture::Sd21,
+        Architecture::Sdxl,
+    ];
 
     /// The name used on the command line (`tiny`, `sd15`, `sd21`).
     pub fn name(self) -> &'static str {
@@ -53,6 +61,15 @@ impl Architecture {
             Architecture::Tiny => "tiny",
             Architecture::Sd15 => "sd15",
             Architecture::Sd21 => "sd21",
+            Architecture::Sdxl => "sdxl",
+        }
+    }
+
+    /// The components with weights, in the order they are written.
+    pub fn components(self) -> &'static [Component] {
+        match self {
+            Architecture::Sdxl => &Component::ALL_XL,
+            _ => &Component::ALL,
         }
     }
 
@@ -62,6 +79,7 @@ impl Architecture {
             Architecture::Tiny => tiny_files(),
             Architecture::Sd15 => sd15_files(),
             Architecture::Sd21 => sd21_files(),
+            Architecture::Sdxl => sdxl_files(),
         }
     }
 }
@@ -89,6 +107,37 @@ pub struct ArchitectureFiles {
     pub special_tokens_map: &'static str,
     pub vocab: &'static [u8],
     pub merges: &'static [u8],
+    /// SDXL's second text encoder config and tokenizer files.
+    pub xl: Option<XlFiles>,
+}
+
+/// `text_encoder_2/config.json` and `tokenizer_2/`'s configs (the vocabulary is the first's).
+#[derive(Debug, Clone, Copy)]
+pub struct XlFiles {
+    pub text_encoder_2: &'static str,
+    pub tokenizer_2_config: &'static str,
+    pub tokenizer_2_special_tokens_map: &'static str,
+}
+
+fn sdxl_files() -> ArchitectureFiles {
+    ArchitectureFiles {
+        model_index: include_str!("architectures/sdxl/model_index.json"),
+        unet: include_str!("architectures/sdxl/unet.json"),
+        vae: include_str!("architectures/sdxl/vae.json"),
+        text_encoder: include_str!("architectures/sdxl/text_encoder.json"),
+        scheduler: include_str!("architectures/sdxl/scheduler.json"),
+        tokenizer_config: include_str!("architectures/sdxl/tokenizer_config.json"),
+        special_tokens_map: include_str!("architectures/sdxl/special_tokens_map.json"),
+        vocab: CLIP_VOCAB,
+        merges: CLIP_MERGES,
+        xl: Some(XlFiles {
+            text_encoder_2: include_str!("architectures/sdxl/text_encoder_2.json"),
+            tokenizer_2_config: include_str!("architectures/sdxl/tokenizer_2_config.json"),
+            tokenizer_2_special_tokens_map: include_str!(
+                "architectures/sdxl/tokenizer_2_special_tokens_map.json"
+            ),
+        }),
+    }
 }
 
 /// The full CLIP BPE (49,408 tokens, the one SD 1.x and 2.x ship), kept with the test
@@ -109,6 +158,7 @@ fn tiny_files() -> ArchitectureFiles {
         special_tokens_map: include_str!("../../models/tiny-sd/tokenizer/special_tokens_map.json"),
         vocab: include_bytes!("../../models/tiny-sd/tokenizer/vocab.json"),
         merges: include_bytes!("../../models/tiny-sd/tokenizer/merges.txt"),
+        xl: None,
     }
 }
 
@@ -123,6 +173,7 @@ fn sd15_files() -> ArchitectureFiles {
         special_tokens_map: include_str!("architectures/sd15/special_tokens_map.json"),
         vocab: CLIP_VOCAB,
         merges: CLIP_MERGES,
+        xl: None,
     }
 }
 
@@ -137,6 +188,7 @@ fn sd21_files() -> ArchitectureFiles {
         special_tokens_map: include_str!("architectures/sd21/special_tokens_map.json"),
         vocab: CLIP_VOCAB,
         merges: CLIP_MERGES,
+        xl: None,
     }
 }
 
@@ -167,16 +219,26 @@ pub struct InitOptions {
     pub dtype: WeightDtype,
 }
 
-/// The three components with weights, in the order they are written (and seeded).
+/// The components with weights, in the order they are written (and seeded).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Component {
     Unet,
     Vae,
     TextEncoder,
+    /// SDXL's `CLIPTextModelWithProjection`.
+    TextEncoder2,
 }
 
 impl Component {
+    /// SD 1.x / 2.x.
     pub const ALL: [Component; 3] = [Component::Unet, Component::Vae, Component::TextEncoder];
+    /// SDXL.
+    pub const ALL_XL: [Component; 4] = [
+        Component::Unet,
+        Component::Vae,
+        Component::TextEncoder,
+        Component::TextEncoder2,
+    ];
 
     /// Folder name inside the model folder.
     pub fn folder(self) -> &'static str {
@@ -184,6 +246,7 @@ impl Component {
             Component::Unet => "unet",
             Component::Vae => "vae",
             Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
         }
     }
 
@@ -191,15 +254,22 @@ impl Component {
     pub fn weights_stem(self) -> &'static str {
         match self {
             Component::Unet | Component::Vae => DIFFUSERS_WEIGHTS_STEM,
-            Component::TextEncoder => TRANSFORMERS_WEIGHTS_STEM,
+            Component::TextEncoder | Component::TextEncoder2 => TRANSFORMERS_WEIGHTS_STEM,
         }
     }
 
-    /// Seed of this component's draws: distinct per component, so no two share a stream.
+    /// Seed of this component's draws: distinct per component, so no two share a stream (the
+    /// SD components keep the seeds they had before SDXL's was added).
     fn seed(self, seed: u64) -> i64 {
-        let index = Component::ALL.iter().position(|c| *c == self).unwrap_or(0) as u64;
-        seed.wrapping_mul(Component::ALL.len() as u64)
-            .wrapping_add(index) as i64
+        let index = Component::ALL_XL
+            .iter()
+            .position(|c| *c == self)
+            .unwrap_or(0) as u64;
+        let per_seed = match self {
+            Component::TextEncoder2 => Component::ALL_XL.len() as u64,
+            _ => Component::ALL.len() as u64,
+        };
+        seed.wrapping_mul(per_seed).wrapping_add(index) as i64
     }
 }
 
@@ -215,7 +285,7 @@ pub struct ComponentReport {
 /// Why a model folder could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("unknown architecture '{0}'; supported: tiny, sd15, sd21")]
+    #[error("unknown architecture '{0}'; supported: tiny, sd15, sd21, sdxl")]
     UnknownArchitecture(String),
     #[error("{dir}: output folder exists and is not empty; choose a new folder or delete it first")]
     OutputNotEmpty { dir: PathBuf },
@@ -250,9 +320,8 @@ pub fn write_model_folder(
     let staging = staging_dir(out);
     remove_dir_if_present(&staging)?;
     let result = write_configs(&staging, options.architecture).and_then(|()| {
-        Component::ALL
-            .into_iter()
-            .map(|component| write_random_weights(&staging, component, options))
+        (options.architecture.components().iter())
+            .map(|&component| write_random_weights(&staging, component, options))
             .collect::<Result<Vec<_>, _>>()
     });
     let reports = match result {
@@ -301,6 +370,24 @@ pub fn write_configs(out: &Path, architecture: Architecture) -> Result<(), InitE
     for (relative, contents) in entries {
         write_file(&out.join(relative), contents)?;
     }
+    if let Some(xl) = files.xl {
+        let extra: [(&str, &[u8]); 5] = [
+            ("text_encoder_2/config.json", xl.text_encoder_2.as_bytes()),
+            (
+                "tokenizer_2/tokenizer_config.json",
+                xl.tokenizer_2_config.as_bytes(),
+            ),
+            (
+                "tokenizer_2/special_tokens_map.json",
+                xl.tokenizer_2_special_tokens_map.as_bytes(),
+            ),
+            ("tokenizer_2/vocab.json", files.vocab),
+            ("tokenizer_2/merges.txt", files.merges),
+        ];
+        for (relative, contents) in extra {
+            write_file(&out.join(relative), contents)?;
+        }
+    }
     Ok(())
 }
 
@@ -317,7 +404,7 @@ pub fn build_component(root: &Path, component: Component) -> Result<VarStore, In
         Component::Vae => {
             AutoencoderKL::new(vs.root(), VaeConfig::from_file(&config)?);
         }
-        Component::TextEncoder => {
+        Component::TextEncoder | Component::TextEncoder2 => {
             ClipTextModel::new(&vs.root(), ClipTextConfig::from_file(&config)?);
         }
     }
@@ -342,7 +429,7 @@ fn write_random_weights(
         Component::Unet | Component::Vae => fill_variables(&variables, component, |name| {
             torch_default_init(&variables, name)
         })?,
-        Component::TextEncoder => {
+        Component::TextEncoder | Component::TextEncoder2 => {
             let config = root.join(component.folder()).join(CONFIG_FILE);
             let scales = ClipInitScales::from_config(&config)?;
             fill_variables(&variables, component, |name| {
@@ -455,6 +542,8 @@ impl ClipInitScales {
             ("k_proj.weight", self.in_projection),
             ("v_proj.weight", self.in_projection),
             ("out_proj.weight", self.out_projection),
+            // CLIPTextModelWithProjection: hidden^-0.5 * factor, as the attention output.
+            ("text_projection.weight", self.out_projection),
             ("fc1.weight", self.fc1),
             ("fc2.weight", self.in_projection),
         ];

@@ -272,7 +272,9 @@ impl NameMapper {
             Component::Vae => Self::Vae {
                 up_blocks: blocks("up_block_types").len(),
             },
-            Component::TextEncoder => Self::TextEncoder(layout),
+            // SDXL single files are not read yet (their `conditioner.embedders.*` layout);
+            // SD components never include the second encoder.
+            Component::TextEncoder | Component::TextEncoder2 => Self::TextEncoder(layout),
         })
     }
 
