@@ -21,9 +21,13 @@ fn folder_tensors(folder: &Path) -> BTreeMap<String, Tensor> {
         ("unet", "unet/diffusion_pytorch_model.safetensors"),
         ("vae", "vae/diffusion_pytorch_model.safetensors"),
         ("text_encoder", "text_encoder/model.safetensors"),
+        ("text_encoder_2", "text_encoder_2/model.safetensors"),
     ];
     let mut all = BTreeMap::new();
     for (component, file) in files {
+        if !folder.join(file).is_file() {
+            continue; // text_encoder_2: SDXL only
+        }
         for (name, tensor) in read_tensors(&folder.join(file)).expect("weights") {
             let name = name
                 .strip_prefix("text_model.")
@@ -81,9 +85,19 @@ fn an_sd2_open_clip_single_file_reads_to_its_folders_tensors() {
 
 /// Writing a folder gives the converter's file: the same names and the same values (the
 /// VAE's attention as 1×1 convolutions, SD 2.x's q/k/v fused).
+/// SDXL: both text encoders under `conditioner.embedders` (the second's `text_projection`
+/// transposed), the UNet's `label_emb`; the file is diffusers' SDXL script's output.
+#[test]
+fn an_sdxl_single_file_reads_to_its_folders_tensors() {
+    let out = import_with_config("sdxl-shaped");
+    let model = out.path().join("model");
+    assert_same_tensors(&model, &fixture("sdxl-shaped"));
+    assert!(model.join("tokenizer_2/merges.txt").is_file());
+}
+
 #[test]
 fn writing_a_folder_gives_the_converters_single_file() {
-    for stem in ["sd15-shaped", "sd2-shaped"] {
+    for stem in ["sd15-shaped", "sd2-shaped", "sdxl-shaped"] {
         let out = tempfile::tempdir().unwrap();
         let written = out.path().join("model.safetensors");
         single_file::export(&fixture(stem), &written, Kind::Float).expect("export");
@@ -135,6 +149,15 @@ fn a_written_file_reads_back_without_a_config() {
         &out.path().join("back-half"),
     )
     .unwrap();
+
+    // SDXL: the second text encoder's config and tokenizer travel in the metadata too.
+    let xl = out.path().join("xl.safetensors");
+    single_file::export(&fixture("sdxl-shaped"), &xl, Kind::Float).unwrap();
+    let back_xl = out.path().join("back-xl");
+    single_file::import(&xl, &ImportOptions::default(), &back_xl).expect("import SDXL");
+    assert_same_tensors(&back_xl, &fixture("sdxl-shaped"));
+    let index = std::fs::read_to_string(back_xl.join("model_index.json")).unwrap();
+    assert!(index.contains("StableDiffusionXLPipeline"), "{index}");
 }
 
 /// Shapes other than SD 1.x/2.x's need a config folder; the error names the tensor, both

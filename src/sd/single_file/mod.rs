@@ -1,7 +1,8 @@
 //! Single-file Stable Diffusion checkpoints (the `.safetensors` files A1111, ComfyUI and model
 //! sites use, in the original LDM key layout), in and out. [`import`] turns one into a
 //! diffusers folder — the architecture from the file's own dreampipe metadata, else a config
-//! folder, else detected (SD 1.x: CLIP ViT-L; SD 2.x: OpenCLIP ViT-H, fused `in_proj`) with
+//! folder, else detected (SD 1.x: CLIP ViT-L; SD 2.x: OpenCLIP ViT-H, fused `in_proj`; SDXL:
+//! both under `conditioner.embedders`, the second with its `text_projection`) with
 //! the bundled configs and tokenizer; [`export`] writes a folder as one file, its configs and
 //! tokenizer in the header's metadata so it reads back with nothing else. Names: [`names`].
 pub mod names;
@@ -9,7 +10,10 @@ pub mod names;
 use crate::sd::folder::ModelFolder;
 use crate::sd::init::{self, Architecture, Component, InitError};
 use crate::sd::weights;
-use names::{CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, UnetLayout, VAE_PREFIX};
+use names::{
+    CLIP_PREFIX, OPEN_CLIP_PREFIX, TEXT_PROJECTION, UNET_PREFIX, UnetLayout, VAE_PREFIX,
+    XL_CLIP_PREFIX, XL_OPEN_CLIP_PREFIX,
+};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -31,6 +35,14 @@ const CARRIED_FILES: [&str; 8] = [
 ];
 /// The tokenizer's merges, also carried.
 const MERGES: &str = "tokenizer/merges.txt";
+/// SDXL's second text encoder and tokenizer files, also carried for SDXL.
+const XL_CARRIED_FILES: [&str; 5] = [
+    "text_encoder_2/config.json",
+    "tokenizer_2/tokenizer_config.json",
+    "tokenizer_2/special_tokens_map.json",
+    "tokenizer_2/vocab.json",
+    "tokenizer_2/merges.txt",
+];
 /// Headers larger than this are refused before reading (safetensors' own limit).
 const MAX_HEADER_BYTES: u64 = 100 << 20;
 
@@ -43,7 +55,7 @@ pub enum SingleFileError {
     Pickle { file: PathBuf },
     #[error("{file}: cannot read: {reason}")]
     Read { file: PathBuf, reason: String },
-    #[error("{file}: not a Stable Diffusion 1.x/2.x single file (no `{expected}` tensors)")]
+    #[error("{file}: not a Stable Diffusion 1.x/2.x/XL single file (no `{expected}` tensors)")]
     NotStableDiffusion { file: PathBuf, expected: String },
     #[error(
         "{file}: tensor `{tensor}` is missing (needed for the {component}'s `{diffusers}`); a config folder (`--config`) describing this model's shapes may be needed"
@@ -126,6 +138,9 @@ pub enum TextEncoderLayout {
     Clip,
     /// SD 2.x: OpenCLIP names under `cond_stage_model.model.`, q/k/v fused.
     OpenClip,
+    /// SDXL: CLIP names under `conditioner.embedders.0.transformer.` and OpenCLIP names (with
+    /// `text_projection`) under `conditioner.embedders.1.model.`.
+    Xl,
 }
 
 impl TextEncoderLayout {
@@ -137,7 +152,9 @@ impl TextEncoderLayout {
                 expected: UNET_PREFIX.to_string(),
             });
         }
-        if has(&format!("{OPEN_CLIP_PREFIX}transformer.")) {
+        if has(XL_OPEN_CLIP_PREFIX) {
+            Ok(Self::Xl)
+        } else if has(&format!("{OPEN_CLIP_PREFIX}transformer.")) {
             Ok(Self::OpenClip)
         } else if has(CLIP_PREFIX) {
             Ok(Self::Clip)
@@ -149,12 +166,34 @@ impl TextEncoderLayout {
         }
     }
 
-    /// The layout a folder's text encoder is written in: OpenCLIP for SD 2.x's (`gelu`).
-    fn of_config(config: &Value) -> Self {
-        match config.get("hidden_act").and_then(Value::as_str) {
+    /// The layout a folder's text encoders are written in: SDXL's for an SDXL folder,
+    /// OpenCLIP for SD 2.x's (`gelu`).
+    fn of_folder(model: &ModelFolder) -> Result<Self, SingleFileError> {
+        if model.is_xl() {
+            return Ok(Self::Xl);
+        }
+        let config = read_config(&model.text_encoder_dir().join("config.json"))?;
+        Ok(match config.get("hidden_act").and_then(Value::as_str) {
             Some("gelu") => Self::OpenClip,
             _ => Self::Clip,
+        })
+    }
+
+    /// The components with weights of this layout's models.
+    fn components(self) -> &'static [Component] {
+        match self {
+            Self::Xl => &Component::ALL_XL,
+            _ => &Component::ALL,
         }
+    }
+
+    /// The small files a folder of this layout has (configs and tokenizers).
+    fn carried_files(self) -> Vec<&'static str> {
+        let mut files: Vec<&str> = CARRIED_FILES.iter().copied().chain([MERGES]).collect();
+        if self == Self::Xl {
+            files.extend(XL_CARRIED_FILES);
+        }
+        files
     }
 }
 
@@ -177,7 +216,7 @@ fn write_configs(
             write_file(&staging.join(relative), text.as_bytes())?;
         }
     } else if let Some(folder) = &options.config {
-        for relative in CARRIED_FILES.iter().chain([&MERGES]) {
+        for relative in layout.carried_files() {
             let source = folder.join(relative);
             let text = std::fs::read(&source).map_err(|e| SingleFileError::Read {
                 file: source.clone(),
@@ -191,6 +230,7 @@ fn write_configs(
         let architecture = match layout {
             TextEncoderLayout::Clip => Architecture::Sd15,
             TextEncoderLayout::OpenClip => Architecture::Sd21,
+            TextEncoderLayout::Xl => Architecture::Sdxl,
         };
         init::write_configs(staging, architecture)?;
     }
@@ -221,7 +261,7 @@ fn fill_components(
     layout: TextEncoderLayout,
     staging: &Path,
 ) -> Result<(), SingleFileError> {
-    for component in Component::ALL {
+    for &component in layout.components() {
         let vs = init::build_component(staging, component)?;
         let mapper = NameMapper::for_component(staging, component, layout)?;
         let _guard = tch::no_grad_guard();
@@ -239,8 +279,12 @@ fn fill_components(
 /// Maps one component's diffusers names to single-file names, from its config.
 enum NameMapper {
     Unet(UnetLayout),
-    Vae { up_blocks: usize },
+    Vae {
+        up_blocks: usize,
+    },
     TextEncoder(TextEncoderLayout),
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 impl NameMapper {
@@ -272,9 +316,8 @@ impl NameMapper {
             Component::Vae => Self::Vae {
                 up_blocks: blocks("up_block_types").len(),
             },
-            // SDXL single files are not read yet (their `conditioner.embedders.*` layout);
-            // SD components never include the second encoder.
-            Component::TextEncoder | Component::TextEncoder2 => Self::TextEncoder(layout),
+            Component::TextEncoder => Self::TextEncoder(layout),
+            Component::TextEncoder2 => Self::TextEncoder2,
         })
     }
 
@@ -283,6 +326,7 @@ impl NameMapper {
             Self::Unet(_) => "UNet",
             Self::Vae { .. } => "VAE",
             Self::TextEncoder(_) => "text encoder",
+            Self::TextEncoder2 => "second text encoder",
         }
     }
 
@@ -300,6 +344,11 @@ impl NameMapper {
             }
             Self::TextEncoder(TextEncoderLayout::OpenClip) => names::open_clip_name(name)
                 .map(|(n, third)| (format!("{OPEN_CLIP_PREFIX}{n}"), third)),
+            Self::TextEncoder(TextEncoderLayout::Xl) => {
+                Some((format!("{XL_CLIP_PREFIX}{name}"), None))
+            }
+            Self::TextEncoder2 => names::open_clip_name(name)
+                .map(|(n, third)| (format!("{XL_OPEN_CLIP_PREFIX}{n}"), third)),
         }
     }
 
@@ -333,6 +382,9 @@ impl NameMapper {
         {
             value = value.flatten(1, 3);
         }
+        if name == TEXT_PROJECTION {
+            value = value.t_copy();
+        }
         if value.size() != shape {
             return Err(SingleFileError::Shape {
                 file: file.to_path_buf(),
@@ -350,10 +402,9 @@ impl NameMapper {
 /// (Float, Half or BFloat16), its configs and tokenizer in the metadata.
 pub fn export(folder: &Path, file: &Path, kind: Kind) -> Result<(), SingleFileError> {
     let model = ModelFolder::open(folder).map_err(|e| SingleFileError::Write(e.to_string()))?;
-    let text_config = read_config(&model.text_encoder_dir().join("config.json"))?;
-    let layout = TextEncoderLayout::of_config(&text_config);
+    let layout = TextEncoderLayout::of_folder(&model)?;
     let mut out: Vec<(String, Tensor)> = Vec::new();
-    for component in Component::ALL {
+    for &component in layout.components() {
         let dir = folder.join(component.folder());
         let weights_file = weights::find_weights_file(&dir, component.weights_stem(), None)?;
         let mapper = NameMapper::for_component(folder, component, layout)?;
@@ -364,7 +415,9 @@ pub fn export(folder: &Path, file: &Path, kind: Kind) -> Result<(), SingleFileEr
             }
             // transformers 5 writes CLIPTextModel without its `text_model.` prefix.
             let name = match component {
-                Component::TextEncoder if !name.starts_with("text_model.") => {
+                Component::TextEncoder | Component::TextEncoder2
+                    if !name.starts_with("text_model.") && name != TEXT_PROJECTION =>
+                {
                     format!("text_model.{name}")
                 }
                 _ => name,
@@ -375,6 +428,9 @@ pub fn export(folder: &Path, file: &Path, kind: Kind) -> Result<(), SingleFileEr
             let mut value = tensor.to_kind(kind);
             if matches!(mapper, NameMapper::Vae { .. }) && names::is_vae_attention_weight(&name) {
                 value = value.reshape([value.size()[0], value.size()[1], 1, 1]);
+            }
+            if name == TEXT_PROJECTION {
+                value = value.t_copy();
             }
             match third {
                 Some(third) => fused.entry(stored).or_default()[third] = Some(value),
@@ -392,14 +448,17 @@ pub fn export(folder: &Path, file: &Path, kind: Kind) -> Result<(), SingleFileEr
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    let metadata = carried_files(folder)?;
+    let metadata = carried_files(folder, layout)?;
     weights::write_safetensors_with_metadata(&out, file, &metadata).map_err(SingleFileError::Write)
 }
 
 /// `{FILES_METADATA: {relative path: text}}` of the folder's configs and tokenizer.
-fn carried_files(folder: &Path) -> Result<BTreeMap<String, String>, SingleFileError> {
+fn carried_files(
+    folder: &Path,
+    layout: TextEncoderLayout,
+) -> Result<BTreeMap<String, String>, SingleFileError> {
     let mut files = BTreeMap::new();
-    for relative in CARRIED_FILES.iter().chain([&MERGES]) {
+    for relative in layout.carried_files() {
         let path = folder.join(relative);
         let text = std::fs::read_to_string(&path).map_err(|e| SingleFileError::Read {
             file: path.clone(),

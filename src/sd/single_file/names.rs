@@ -12,6 +12,13 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 /// Prefix of an SD 2.x OpenCLIP ViT-H text encoder.
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// Prefix of SDXL's first text encoder (CLIP ViT-L, transformers' names follow it).
+pub const XL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// Prefix of SDXL's second text encoder (OpenCLIP ViT-bigG, with `text_projection`).
+pub const XL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
+/// The projection of `CLIPTextModelWithProjection`: a linear weight `[out, in]` in diffusers,
+/// OpenCLIP's `text_projection` matrix `[in, out]` (the transpose) in a single file.
+pub const TEXT_PROJECTION: &str = "text_projection.weight";
 
 /// What the UNet mapping needs from its config.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +38,9 @@ pub fn unet_name(name: &str, layout: &UnetLayout) -> Option<String> {
         ("conv_in.", "input_blocks.0.0."),
         ("conv_norm_out.", "out.0."),
         ("conv_out.", "out.2."),
+        // SDXL's added conditioning.
+        ("add_embedding.linear_1.", "label_emb.0.0."),
+        ("add_embedding.linear_2.", "label_emb.0.2."),
     ];
     if let Some(mapped) = replace_prefix(name, &fixed) {
         return Some(mapped);
@@ -177,6 +187,7 @@ pub fn open_clip_name(name: &str) -> Option<(String, Option<usize>)> {
             "positional_embedding",
         ),
         ("text_model.final_layer_norm.", "ln_final."),
+        (TEXT_PROJECTION, "text_projection"),
     ];
     if let Some(mapped) = replace_prefix(name, &fixed) {
         return Some((mapped, None));
