@@ -142,7 +142,7 @@ fn written_files_read_back_and_render_like_the_original() {
     let mut model = model();
     // Paths in the model's dotted form, as a trained LoRA has them.
     let mut dotted = b;
-    dotted.resolve_paths(&mut model.unet, &mut model.text_encoder);
+    dotted.resolve_paths(&mut model.lora_targets());
     files::write_diffusers(&dotted, &dir.path().join(DIFFUSERS_FILE), Kind::Float).unwrap();
     files::write_kohya(&dotted, &dir.path().join(KOHYA_FILE), Kind::Float).unwrap();
     for name in [DIFFUSERS_FILE, KOHYA_FILE] {

@@ -253,3 +253,37 @@ fn sample_renders_an_sdxl_folder_as_diffusers() {
         .unwrap();
     assert!(worst <= 1, "PNG {worst} levels from diffusers' image");
 }
+
+/// An SDXL LoRA on the UNet and both text encoders (`text_encoder_2.` / `lora_te2_`), in the
+/// layout diffusers saves and in kohya's: the image equals diffusers' `load_lora_weights` at
+/// scale 0.7.
+#[test]
+fn sdxl_loras_in_both_layouts_render_as_diffusers() {
+    use dreampipe::sd::lora::{Component, LoraWeights, ScaledLora};
+    let golden = goldens("lora_images");
+    let mut model = model();
+    let (request, xl) = request("euler");
+    for file in ["lora_xl.safetensors", "lora_xl_kohya.safetensors"] {
+        let weights = LoraWeights::read(&Path::new(FIXTURES).join(file)).unwrap();
+        assert_eq!(weights.of(Component::TextEncoder2).count(), 20, "{file}");
+        let loras = [ScaledLora {
+            weights: &weights,
+            scale: 0.7,
+        }];
+        let output = model
+            .with_loras(&loras, |model| model.txt2img_xl(&request, &xl, &mut |_| {}))
+            .unwrap();
+        let image = (output.images / 2.0 + 0.5)
+            .clamp(0.0, 1.0)
+            .permute([0, 2, 3, 1]);
+        assert_close(file, &image, &golden["lora_scale_0.7"], IMAGE_ATOL);
+    }
+    let effect = (&golden["lora_scale_0.7"] - &golden["base"])
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(
+        effect > 5.0 * IMAGE_ATOL,
+        "the LoRA moves the image {effect} only"
+    );
+}

@@ -6,7 +6,7 @@
 //! the same weights, prompt, seed and scheduler; `tests/sd_pipeline.rs` checks every scheduler.
 use crate::sd::clip::{ClipError, ClipTextModel};
 use crate::sd::folder::{FolderError, ModelFolder};
-use crate::sd::lora::{self, LoraError, ScaledLora};
+use crate::sd::lora::{self, LoraError, LoraTargets, ScaledLora};
 use crate::sd::model_config::ModelError;
 use crate::sd::rng;
 use crate::sd::schedulers::{self, Scheduler, SchedulerConfig, SchedulerError, SchedulerKind};
@@ -161,10 +161,20 @@ impl StableDiffusion {
         if loras.is_empty() {
             return work(self);
         }
-        lora::attach(&mut self.unet, &mut self.text_encoder, loras, self.kind)?;
+        let kind = self.kind;
+        lora::attach(&mut self.lora_targets(), loras, kind)?;
         let result = work(self);
-        lora::detach(&mut self.unet, &mut self.text_encoder);
+        lora::detach(&mut self.lora_targets());
         result
+    }
+
+    /// The models LoRA adapters attach to: UNet, text encoder(s).
+    pub fn lora_targets(&mut self) -> LoraTargets<'_> {
+        LoraTargets {
+            unet: &mut self.unet,
+            text_encoder: &mut self.text_encoder,
+            text_encoder_2: self.xl.as_mut().map(|xl| &mut xl.text_encoder_2),
+        }
     }
 
     /// Loads every component of a diffusers folder in `kind` on `device`.

@@ -70,7 +70,7 @@ const KOHYA_SUFFIXES: [(&str, Part); 3] = [
     (".alpha", Part::Alpha),
 ];
 
-const KNOWN_LAYOUTS: &str = "known: diffusers/PEFT `unet.…lora_A.weight`, `unet.…lora.down.weight`, kohya `lora_unet_…lora_down.weight`; SD 1.x/2.x LoRA only, no LyCORIS/LoCon/DoRA";
+const KNOWN_LAYOUTS: &str = "known: diffusers/PEFT `unet.…lora_A.weight`, `unet.…lora.down.weight`, kohya `lora_unet_…lora_down.weight`; SD 1.x/2.x/XL LoRA, no LyCORIS/LoCon/DoRA";
 
 /// The three parts of one layer as they are found.
 #[derive(Default)]
@@ -151,6 +151,7 @@ fn classify_kohya(key: &str) -> Option<(Component, String, Part)> {
     let (name, part) = split_suffix(key, &KOHYA_SUFFIXES)?;
     let prefixes = [
         ("lora_unet_", Component::Unet),
+        ("lora_te2_", Component::TextEncoder2),
         ("lora_te1_", Component::TextEncoder),
         ("lora_te_", Component::TextEncoder),
     ];
@@ -165,14 +166,17 @@ fn classify_diffusers(key: &str) -> Option<(Component, String, Part)> {
     if let Some(path) = name.strip_prefix("unet.") {
         return Some((Component::Unet, path.to_string(), part));
     }
-    let path = name.strip_prefix("text_encoder.")?;
+    let (component, path) = match name.strip_prefix("text_encoder_2.") {
+        Some(path) => (Component::TextEncoder2, path),
+        None => (Component::TextEncoder, name.strip_prefix("text_encoder.")?),
+    };
     // transformers 5 names CLIPTextModel's modules without the `text_model.` level.
     let path = if path.starts_with("text_model.") {
         path.to_string()
     } else {
         format!("text_model.{path}")
     };
-    Some((Component::TextEncoder, path, part))
+    Some((component, path, part))
 }
 
 fn split_suffix<'a>(key: &'a str, suffixes: &[(&str, Part)]) -> Option<(&'a str, Part)> {
@@ -199,7 +203,7 @@ pub fn write_diffusers(weights: &LoraWeights, file: &Path, kind: Kind) -> Result
     for module in &weights.modules {
         let (path, infix) = match module.component {
             Component::Unet => (module.path.as_str(), "lora"),
-            Component::TextEncoder => (
+            Component::TextEncoder | Component::TextEncoder2 => (
                 module
                     .path
                     .strip_prefix("text_model.")

@@ -20,6 +20,8 @@ use tch::{Kind, Tensor};
 pub enum Component {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 impl Component {
@@ -28,6 +30,7 @@ impl Component {
         match self {
             Component::Unet => "unet",
             Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
         }
     }
 
@@ -36,6 +39,7 @@ impl Component {
         match self {
             Component::Unet => "lora_unet",
             Component::TextEncoder => "lora_te",
+            Component::TextEncoder2 => "lora_te2",
         }
     }
 }
@@ -141,20 +145,10 @@ impl LoraWeights {
 
     /// Replaces kohya's underscored layer paths by the model's dotted module paths (what the
     /// diffusers layout needs); paths the model lacks stay as they are.
-    pub fn resolve_paths(
-        &mut self,
-        unet: &mut UNet2DConditionModel,
-        text_encoder: &mut ClipTextModel,
-    ) {
+    pub fn resolve_paths(&mut self, targets: &mut LoraTargets<'_>) {
         let mut names: HashMap<(Component, String), String> = HashMap::new();
-        unet.visit_lora_targets(&mut |path, _| {
-            names.insert((Component::Unet, underscored(path)), path.to_string());
-        });
-        text_encoder.visit_lora_targets(&mut |path, _| {
-            names.insert(
-                (Component::TextEncoder, underscored(path)),
-                path.to_string(),
-            );
+        targets.visit_all(&mut |component, path, _| {
+            names.insert((component, underscored(path)), path.to_string());
         });
         for module in &mut self.modules {
             if let Some(path) = names.get(&(module.component, underscored(&module.path))) {
@@ -174,13 +168,33 @@ fn underscored(path: &str) -> String {
     path.replace('.', "_")
 }
 
-/// Attaches every LoRA in `loras` to the UNet and the text encoder, in order (several adapters
-/// on one layer add up, as PEFT's active adapters do). Adapters already attached stay; use
-/// [`detach`] first for a fresh set. Fails, leaving nothing attached, when a layer is unknown
-/// or its shape differs.
+/// The models of a pipeline adapters attach to (SDXL has a second text encoder).
+pub struct LoraTargets<'a> {
+    pub unet: &'a mut UNet2DConditionModel,
+    pub text_encoder: &'a mut ClipTextModel,
+    pub text_encoder_2: Option<&'a mut ClipTextModel>,
+}
+
+impl LoraTargets<'_> {
+    /// Every targetable layer of every model, with its component and module path.
+    fn visit_all(&mut self, visit: &mut dyn FnMut(Component, &str, &mut Linear)) {
+        self.unet
+            .visit_lora_targets(&mut |path, linear| visit(Component::Unet, path, linear));
+        self.text_encoder
+            .visit_lora_targets(&mut |path, linear| visit(Component::TextEncoder, path, linear));
+        if let Some(text_encoder_2) = self.text_encoder_2.as_deref_mut() {
+            text_encoder_2.visit_lora_targets(&mut |path, linear| {
+                visit(Component::TextEncoder2, path, linear)
+            });
+        }
+    }
+}
+
+/// Attaches every LoRA in `loras` to the models, in order (several adapters on one layer add
+/// up, as PEFT's active adapters do). Adapters already attached stay; use [`detach`] first for
+/// a fresh set. Fails, leaving nothing attached, when a layer is unknown or its shape differs.
 pub fn attach(
-    unet: &mut UNet2DConditionModel,
-    text_encoder: &mut ClipTextModel,
+    targets: &mut LoraTargets<'_>,
     loras: &[ScaledLora<'_>],
     kind: Kind,
 ) -> Result<(), LoraError> {
@@ -188,22 +202,16 @@ pub fn attach(
     for lora in loras {
         plan.add(lora, kind);
     }
-    let result = plan.apply_to(Component::Unet, &mut |visit| unet.visit_lora_targets(visit));
-    let result = result.and_then(|()| {
-        plan.apply_to(Component::TextEncoder, &mut |visit| {
-            text_encoder.visit_lora_targets(visit)
-        })
-    });
+    let result = plan.apply(targets);
     if result.is_err() {
-        detach(unet, text_encoder);
+        detach(targets);
     }
     result
 }
 
-/// Removes every adapter from both models.
-pub fn detach(unet: &mut UNet2DConditionModel, text_encoder: &mut ClipTextModel) {
-    unet.visit_lora_targets(&mut |_, linear| linear.adapters_mut().clear());
-    text_encoder.visit_lora_targets(&mut |_, linear| linear.adapters_mut().clear());
+/// Removes every adapter from the models.
+pub fn detach(targets: &mut LoraTargets<'_>) {
+    targets.visit_all(&mut |_, _, linear| linear.adapters_mut().clear());
 }
 
 /// A module of a LoRA file, ready to attach.
@@ -238,15 +246,11 @@ impl AttachPlan {
         }
     }
 
-    /// Moves this component's adapters onto the layers `visit_all` visits; fails on the first
-    /// adapter no layer took or whose shape does not fit.
-    fn apply_to(
-        &mut self,
-        component: Component,
-        visit_all: &mut dyn FnMut(&mut crate::sd::layers::LinearVisitor<'_>),
-    ) -> Result<(), LoraError> {
+    /// Moves the adapters onto the layers of `targets`; fails on the first adapter whose shape
+    /// does not fit, or that no layer took.
+    fn apply(&mut self, targets: &mut LoraTargets<'_>) -> Result<(), LoraError> {
         let mut failure = None;
-        visit_all(&mut |path, linear| {
+        targets.visit_all(&mut |component, path, linear| {
             let Some(pending) = self.pending.remove(&(component, underscored(path))) else {
                 return;
             };
@@ -262,8 +266,11 @@ impl AttachPlan {
         if let Some(error) = failure {
             return Err(error);
         }
-        let left = self.pending.iter().find(|((c, _), _)| *c == component);
-        match left.and_then(|(_, items)| items.first()) {
+        let left = self
+            .pending
+            .values()
+            .min_by_key(|items| items.first().map(|i| i.path.clone()));
+        match left.and_then(|items| items.first()) {
             Some(item) => Err(LoraError::NoSuchLayer {
                 file: item.file.clone(),
                 path: item.path.clone(),

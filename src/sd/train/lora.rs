@@ -51,7 +51,7 @@ fn add_adapters(
 ) -> Vec<(String, Tensor)> {
     let targets: &[&str] = match component {
         Component::Unet => &UNET_TARGETS,
-        Component::TextEncoder => &TEXT_TARGETS,
+        Component::TextEncoder | Component::TextEncoder2 => &TEXT_TARGETS,
     };
     let prefix = component.diffusers_prefix();
     let mut named = Vec::new();
@@ -133,6 +133,7 @@ pub fn trained_weights(
         let name = down_name.trim_end_matches(&format!(".{DOWN}"));
         let (component, path) = match name.split_once('.') {
             Some(("unet", path)) => (Component::Unet, path),
+            Some(("text_encoder_2", path)) => (Component::TextEncoder2, path),
             Some((_, path)) => (Component::TextEncoder, path),
             None => continue,
         };
