@@ -67,16 +67,21 @@ def dtype_label(name):
 
 def txt2img(args):
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     started = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        args.model,
-        torch_dtype=dtype_of(args.dtype),
-        safety_checker=None,
-        requires_safety_checker=False,
-        local_files_only=True,
-    )
+    xl = os.path.isdir(os.path.join(args.model, "text_encoder_2"))
+    if xl:
+        pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=dtype_of(args.dtype),
+                                                         local_files_only=True)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            args.model,
+            torch_dtype=dtype_of(args.dtype),
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=True,
+        )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
@@ -86,7 +91,8 @@ def txt2img(args):
     def generate(steps, callback=None):
         return pipe(
             BENCH_PROMPT,
-            negative_prompt="",
+            # SDXL: no negative prompt means zero negative embeddings, what dreampipe does for "".
+            negative_prompt=None if xl else "",
             height=size,
             width=size,
             num_inference_steps=steps,

@@ -19,7 +19,9 @@
 # busy machine two OpenMP threads wait on each other at every op and the times swing by 5-10x,
 # one thread gives stable ratios; use BENCH_THREADS=$(nproc) on an idle machine), BENCH_MODELS,
 # BENCH_OUT, BENCH_ONLY (space-separated case names to run, e.g. "tiny-txt2img"; default all:
-# tiny-txt2img sd15-txt2img tiny-dreambooth sd15half-dreambooth dreambooth-bf16 runner;
+# tiny-txt2img sd15-txt2img tiny-dreambooth sd15half-dreambooth dreambooth-bf16 runner
+# sdxl-tiny-txt2img; on request only: sdxl-txt2img, SDXL base's shapes at 256 px, which writes a
+# 10 GB random-weight model into BENCH_MODELS and needs ~14 GB of memory per side;
 # dreambooth-bf16 = the two DreamBooth cases with `--mixed-precision bf16` on both sides, i.e.
 # autocast for the trained modules), BENCH_REPEAT (runs of
 # each case per side, alternating; the table shows each side's fastest run; default 1),
@@ -33,7 +35,7 @@ THREADS=${BENCH_THREADS:-1}
 MODELS=${BENCH_MODELS:-$ROOT/bench/.models}
 OUT=${BENCH_OUT:-$ROOT/bench/out}
 VENV=$ROOT/bench/.venv
-ONLY=${BENCH_ONLY:-tiny-txt2img sd15-txt2img tiny-dreambooth sd15half-dreambooth dreambooth-bf16 runner}
+ONLY=${BENCH_ONLY:-tiny-txt2img sd15-txt2img tiny-dreambooth sd15half-dreambooth dreambooth-bf16 runner sdxl-tiny-txt2img}
 REPEAT=${BENCH_REPEAT:-1}
 export LIBTORCH=${LIBTORCH:-$HOME/.cache/dreampipe/libtorch-2.11.0-cpu}
 # Pin every thread pool both libraries might use to the same count.
@@ -162,6 +164,15 @@ main() {
     fi
     if wanted sd15-txt2img; then
         both txt2img --model "$SD15" --label sd15 --size 256 --batch 4 --steps 2 --warmup-steps 1
+    fi
+    if wanted sdxl-tiny-txt2img; then
+        both txt2img --model "$ROOT/tests/fixtures/sdxl-tiny/model" --label sdxl-tiny --batch 1 --steps 20
+    fi
+    if wanted sdxl-txt2img; then   # not in the default list: writes a 10 GB model, ~14 GB per side
+        if ! [ -f "$MODELS/sdxl/unet/diffusion_pytorch_model.safetensors" ]; then
+            "$BIN" --device cpu model init --like sdxl --seed 0 --out "$MODELS/sdxl" >&2
+        fi
+        both txt2img --model "$MODELS/sdxl" --label sdxl --size 256 --batch 1 --steps 3 --warmup-steps 1
     fi
     if wanted runner; then
         runner_overhead
