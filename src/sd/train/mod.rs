@@ -20,7 +20,7 @@ pub mod precision;
 mod state_io;
 pub mod textual_inversion;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Why a training building block could not do its work.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +89,15 @@ fn checkpoint_hint(checkpoint: &Option<PathBuf>) -> String {
             "No checkpoint was written yet; lower learning_rate (or check the data) and start again"
                 .to_string()
         }
+    }
+}
+
+/// An I/O failure on `path`, as a [`TrainError::Io`].
+pub(crate) fn io_error(path: &Path, action: &'static str, reason: impl ToString) -> TrainError {
+    TrainError::Io {
+        path: path.to_path_buf(),
+        action,
+        reason: reason.to_string(),
     }
 }
 
