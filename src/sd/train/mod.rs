@@ -5,8 +5,10 @@
 //! DreamBooth / textual inversion loops are built on these.
 pub mod adamw8bit;
 mod aten_adamw;
+pub mod batch;
 pub mod checkpoint;
 pub mod common;
+pub mod config;
 pub mod data;
 pub mod dreambooth;
 mod driver;
@@ -14,10 +16,15 @@ pub mod grad_scaler;
 pub mod lora;
 pub mod loss;
 pub mod lr_schedule;
+pub mod metrics;
+pub mod objective;
 pub mod optim;
+pub mod optimizer;
 pub mod output;
 pub mod precision;
+pub mod progress;
 mod state_io;
+pub mod streams;
 pub mod textual_inversion;
 
 use std::path::{Path, PathBuf};
