@@ -2,8 +2,9 @@
 //! it: the VAE sample of the latents, the noise (optionally offset) and the timesteps.
 use super::TrainError;
 use super::loss;
+use super::streams::seed_step_tensors;
 use crate::sd::rng;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// train_dreambooth.py adds `0.1 * randn(b, c, 1, 1)` with `--offset_noise`.
 pub const OFFSET_NOISE_SCALE: f64 = 0.1;
@@ -33,4 +34,40 @@ pub fn draw_noise_and_timesteps(
     let batch = latents.size()[0];
     let timesteps = rng::randint(0, num_train_timesteps as i64, &[batch], latents.device());
     Ok((noise, timesteps))
+}
+
+/// Where the draws of one micro-batch come from and what shapes them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LatentDraw {
+    pub seed: u64,
+    pub step: u64,
+    pub micro: u64,
+    /// The VAE's latent scaling factor.
+    pub scaling_factor: f64,
+    /// The dtype the latents (and so the noise) are drawn in: the frozen modules' weight dtype.
+    pub weight_kind: Kind,
+    pub offset_noise: bool,
+    pub num_train_timesteps: usize,
+}
+
+/// The micro-batch of VAE posterior moments `(mean, std)` (float32) with `input_ids`: the
+/// latents `(mean + std * randn) * scaling_factor` in the weight dtype (as the scripts' VAE
+/// sample, and so their noise, are), then the noise and timesteps, all drawn from the
+/// micro-batch's own seeded stream.
+pub(crate) fn draw_batch(
+    (mean, std): (Tensor, Tensor),
+    input_ids: Tensor,
+    draw: &LatentDraw,
+) -> Result<StepBatch, TrainError> {
+    let _rng = seed_step_tensors(draw.seed, draw.step, draw.micro);
+    let epsilon = rng::randn(&mean.size(), Kind::Float, mean.device());
+    let latents = ((&mean + &std * epsilon) * draw.scaling_factor).to_kind(draw.weight_kind);
+    let (noise, timesteps) =
+        draw_noise_and_timesteps(&latents, draw.offset_noise, draw.num_train_timesteps)?;
+    Ok(StepBatch {
+        latents,
+        noise,
+        timesteps,
+        input_ids,
+    })
 }

@@ -1,5 +1,5 @@
 //! The options both training methods take the same way: mixed precision, the optimizer kind,
-//! the resolution rule and diffusers' step count.
+//! the resolution rule, the checks on the loop's sizes, `--scale_lr` and diffusers' step count.
 use super::TrainError;
 use super::grad_scaler::GradScaler;
 use crate::sd::autocast::Autocast;
@@ -77,6 +77,48 @@ impl OptimizerKind {
                 problem: format!("'{other}' is not one of adamw, adamw8bit"),
             }),
         }
+    }
+}
+
+/// The checks on the loop's sizes both methods make, in this order, naming the option.
+pub(crate) fn check_loop_sizes(
+    train_batch_size: usize,
+    gradient_accumulation_steps: u64,
+    checkpointing_steps: u64,
+    resolution: u32,
+) -> Result<(), TrainError> {
+    let fail = |field: &'static str, problem: &str| {
+        Err(TrainError::Config {
+            field,
+            problem: problem.to_string(),
+        })
+    };
+    if train_batch_size == 0 {
+        return fail("train_batch_size", "must be at least 1");
+    }
+    if gradient_accumulation_steps == 0 {
+        return fail("gradient_accumulation_steps", "must be at least 1");
+    }
+    if checkpointing_steps == 0 {
+        return fail("checkpointing_steps", "must be at least 1");
+    }
+    if resolution == 0 || !resolution.is_multiple_of(RESOLUTION_MULTIPLE) {
+        return fail("resolution", "must be a positive multiple of 8");
+    }
+    Ok(())
+}
+
+/// The learning rate after `--scale_lr` (times accumulation and batch size).
+pub(crate) fn scaled_learning_rate(
+    learning_rate: f64,
+    scale_lr: bool,
+    gradient_accumulation_steps: u64,
+    train_batch_size: usize,
+) -> f64 {
+    if scale_lr {
+        learning_rate * gradient_accumulation_steps as f64 * train_batch_size as f64
+    } else {
+        learning_rate
     }
 }
 

@@ -1,10 +1,18 @@
 //! Training building blocks on plain `tch` tensors, matching PyTorch / diffusers / bitsandbytes:
-//! optimizers ([`optim::AdamW`], [`adamw8bit::AdamW8bit`]) with resumable state, gradient
-//! clipping, diffusers' learning-rate schedules, the DreamBooth losses, fp16 loss scaling and
-//! mixed precision (gradient checkpointing of the UNet is in `sd::unet::checkpointed`).
-//! DreamBooth / textual inversion loops are built on these.
+//! optimizers ([`optim::AdamW`], [`adamw8bit::AdamW8bit`]) with resumable state (one save/load
+//! path, `state_io`), gradient clipping, diffusers' learning-rate schedules, the DreamBooth
+//! losses, fp16 loss scaling and mixed precision (gradient checkpointing of the UNet is in
+//! `sd::unet::checkpointed`).
+//!
+//! DreamBooth (with LoRA) and textual inversion are one algorithm: the outer loop (resume,
+//! checkpoints, metrics, cancellation, validation, snapshots) is `driver`, the optimizer step
+//! (accumulation, finite-loss check, mixed-precision backward, unscale, clipping, update, lr
+//! schedule, step count) is `trainer_core`, and the base model they load is `base_model`. Each
+//! method supplies only what differs: which parameters train, the loss of a batch, what runs
+//! after an update, its data and its outputs.
 pub mod adamw8bit;
 mod aten_adamw;
+mod base_model;
 pub mod batch;
 pub mod checkpoint;
 pub mod common;
@@ -26,6 +34,7 @@ pub mod progress;
 mod state_io;
 pub mod streams;
 pub mod textual_inversion;
+mod trainer_core;
 
 use std::path::{Path, PathBuf};
 
