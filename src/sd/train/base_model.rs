@@ -43,9 +43,21 @@ pub(crate) struct BaseModel {
 impl BaseModel {
     /// Loads the diffusers folder at `path` onto `device`.
     pub fn load(path: &Path, device: Device, kinds: ModuleKinds) -> Result<Self, TrainError> {
+        Self::load_with(path, device, kinds, |_| Ok(())).map(|(model, ())| model)
+    }
+
+    /// [`load`](Self::load), with `prepare` run on the tokenizer before the large modules load
+    /// (so what it rejects fails fast); returns what `prepare` returned too.
+    pub fn load_with<R>(
+        path: &Path,
+        device: Device,
+        kinds: ModuleKinds,
+        prepare: impl FnOnce(&mut ClipTokenizer) -> Result<R, TrainError>,
+    ) -> Result<(Self, R), TrainError> {
         let folder = ModelFolder::open(path).map_err(TrainError::model)?;
-        let tokenizer =
+        let mut tokenizer =
             ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(TrainError::model)?;
+        let prepared = prepare(&mut tokenizer)?;
         let (text_encoder_store, text_encoder) =
             ClipTextModel::load(&folder.text_encoder_dir(), device, kinds.text_encoder, None)
                 .map_err(TrainError::model)?;
@@ -61,7 +73,7 @@ impl BaseModel {
                 .map_err(TrainError::model)?;
         let prediction = objective::prediction_type(&scheduler_config)?;
         let scheduler = DdpmScheduler::new(&scheduler_config).map_err(TrainError::model)?;
-        Ok(Self {
+        let model = Self {
             tokenizer,
             text_encoder,
             text_encoder_store,
@@ -72,7 +84,8 @@ impl BaseModel {
             scheduler,
             prediction,
             weight_kind: kinds.weight,
-        })
+        };
+        Ok((model, prepared))
     }
 
     /// Token ids `[1, 77]` of a prompt (padded, truncated).

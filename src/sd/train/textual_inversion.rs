@@ -315,10 +315,15 @@ impl TextualInversionTrainer {
             text_encoder: Kind::Float,
             unet: weight_kind,
         };
-        let mut base =
-            BaseModel::load(&config.pretrained_model_name_or_path, config.device, kinds)?;
         let placeholder_tokens = config.placeholder_tokens();
-        let first_placeholder_id = add_placeholders(&mut base, config, &placeholder_tokens)?;
+        let (mut base, (initializer_id, first_placeholder_id)) = BaseModel::load_with(
+            &config.pretrained_model_name_or_path,
+            config.device,
+            kinds,
+            |tokenizer| add_placeholder_tokens(tokenizer, config, &placeholder_tokens),
+        )?;
+        let count = placeholder_tokens.len() as i64;
+        append_initial_rows(&mut base, initializer_id, count)?;
         base.text_encoder_store.freeze();
         base.unet_store.freeze();
         let embedding = base.text_encoder.token_embedding().set_requires_grad(true);
@@ -434,36 +439,41 @@ impl TextualInversionModel {
     }
 }
 
-/// Adds the placeholder tokens to the tokenizer and their rows, copies of the initializer
-/// token's, to the text encoder's embedding; returns the first placeholder's id.
-fn add_placeholders(
-    base: &mut BaseModel,
+/// Checks the initializer token and adds the placeholder tokens to the tokenizer; returns the
+/// initializer's id and the first placeholder's.
+fn add_placeholder_tokens(
+    tokenizer: &mut ClipTokenizer,
     config: &TextualInversionConfig,
     tokens: &[String],
-) -> Result<i64, TrainError> {
-    let initializer_id = single_token_id(&base.tokenizer, &config.initializer_token)?;
+) -> Result<(i64, i64), TrainError> {
+    let initializer_id = single_token_id(tokenizer, &config.initializer_token)?;
     let mut ids = Vec::with_capacity(tokens.len());
     for token in tokens {
-        ids.push(
-            base.tokenizer
-                .add_token(token)
-                .map_err(|e| TrainError::Config {
-                    field: "placeholder_token",
-                    problem: e.to_string(),
-                })?,
-        );
+        ids.push(tokenizer.add_token(token).map_err(|e| TrainError::Config {
+            field: "placeholder_token",
+            problem: e.to_string(),
+        })?);
     }
+    Ok((initializer_id, ids[0]))
+}
+
+/// Appends `count` embedding rows, copies of the initializer token's, for the placeholders.
+fn append_initial_rows(
+    base: &mut BaseModel,
+    initializer_id: i64,
+    count: i64,
+) -> Result<(), TrainError> {
     let initial_rows = base
         .text_encoder
         .token_embedding()
         .get(initializer_id)
         .detach()
         .unsqueeze(0)
-        .repeat([ids.len() as i64, 1]);
+        .repeat([count, 1]);
     base.text_encoder
         .append_token_embeddings(&initial_rows)
-        .map_err(TrainError::model)?;
-    Ok(ids[0])
+        .map(|_| ())
+        .map_err(TrainError::model)
 }
 
 /// The id of `word` when it encodes to exactly one token.
