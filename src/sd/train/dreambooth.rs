@@ -226,7 +226,7 @@ impl DreamBoothConfig {
 }
 
 /// The models, optimizer and schedule of a DreamBooth run, one optimizer step at a time: the
-/// shared [`TrainerCore`] runs the step, [`DreamBoothModel`] supplies the loss.
+/// shared `TrainerCore` runs the step, `DreamBoothModel` supplies the loss.
 pub struct DreamBoothTrainer {
     model: DreamBoothModel,
     core: TrainerCore,

@@ -24,7 +24,7 @@ pub struct Progress {
 pub struct Callbacks<'a> {
     pub on_progress: &'a mut dyn FnMut(&Progress),
     /// Checked before every step; when set, a checkpoint is written and the loop returns
-    /// [`TrainError::Cancelled`].
+    /// [`TrainError::Cancelled`](super::TrainError::Cancelled).
     pub cancel: &'a AtomicBool,
     /// Sampling with the model being trained every few steps (diffusers' validation_steps).
     pub validation: Option<Validation<'a>>,

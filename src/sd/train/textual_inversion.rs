@@ -285,8 +285,8 @@ impl TextualInversionConfig {
     }
 }
 
-/// The models and optimizer of a textual-inversion run: the shared [`TrainerCore`] runs the
-/// step over the embedding matrix, [`TextualInversionModel`] supplies the loss and restores
+/// The models and optimizer of a textual-inversion run: the shared `TrainerCore` runs the
+/// step over the embedding matrix, `TextualInversionModel` supplies the loss and restores
 /// the rows that must not learn.
 pub struct TextualInversionTrainer {
     model: TextualInversionModel,
