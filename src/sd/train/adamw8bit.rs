@@ -7,7 +7,7 @@
 //! 32-bit path). Written with libtorch ops; the arithmetic mirrors bitsandbytes 0.50's CPU ops.
 use super::TrainError;
 use super::optim::{AdamWConfig, tensor_bytes, zero_grads};
-use super::state_io::{self, LoadedState, ParamMeta, StateMeta};
+use super::state_io::{self, STORAGE_8BIT, STORAGE_F32, SavedMoments, SavedParam};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -280,57 +280,15 @@ impl AdamW8bit {
 
     /// Writes the state into directory `dir` (`optimizer.safetensors` + `optimizer.json`).
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
-        let mut tensors = Vec::new();
-        let mut params = Vec::new();
-        for (index, (param, state)) in self.params.iter().zip(&self.states).enumerate() {
-            let storage = match state.as_ref().map(|s| &s.moments) {
-                None => "none",
-                Some(Moments8::Full {
-                    exp_avg,
-                    exp_avg_sq,
-                }) => {
-                    tensors.push((format!("{index}.exp_avg"), exp_avg.shallow_clone()));
-                    tensors.push((format!("{index}.exp_avg_sq"), exp_avg_sq.shallow_clone()));
-                    "f32"
-                }
-                Some(Moments8::Blockwise {
-                    exp_avg,
-                    exp_avg_sq,
-                }) => {
-                    push_quantized(&mut tensors, index, "exp_avg", exp_avg);
-                    push_quantized(&mut tensors, index, "exp_avg_sq", exp_avg_sq);
-                    "8bit"
-                }
-            };
-            params.push(ParamMeta {
-                shape: param.size(),
-                step: state.as_ref().map_or(0, |s| s.step),
-                storage: storage.to_string(),
-            });
-        }
-        let meta = StateMeta {
-            format: state_io::FORMAT.to_string(),
-            optimizer: ADAMW8BIT_NAME.to_string(),
-            hyperparams: self.config.to_map(),
-            params,
-        };
-        state_io::write_state(dir, &meta, &self.config.to_array(), tensors)
+        state_io::save(dir, ADAMW8BIT_NAME, self.config, &self.params, |index| {
+            let state = self.states[index].as_ref()?;
+            Some(saved_moments(state))
+        })
     }
 
     /// Restores state written by [`AdamW8bit::save`] (hyperparameters included).
     pub fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
-        let shapes: Vec<Vec<i64>> = self.params.iter().map(Tensor::size).collect();
-        let mut loaded = state_io::read_state(dir, ADAMW8BIT_NAME, &shapes)?;
-        let config = AdamWConfig::from_slice(&loaded.hyperparams(AdamWConfig::FIELD_NAMES.len())?);
-        let mut states = Vec::with_capacity(self.params.len());
-        for (index, (param, meta)) in self
-            .params
-            .iter()
-            .zip(loaded.meta.params.clone())
-            .enumerate()
-        {
-            states.push(load_param_state(&mut loaded, index, param, &meta)?);
-        }
+        let (config, states) = state_io::load(dir, ADAMW8BIT_NAME, &self.params, load_param_state)?;
         self.config = config;
         self.states = states;
         Ok(())
@@ -431,58 +389,66 @@ fn quantized_bytes(q: &Quantized) -> usize {
     tensor_bytes(&q.codes) + tensor_bytes(&q.absmax)
 }
 
-fn push_quantized(tensors: &mut Vec<(String, Tensor)>, index: usize, name: &str, q: &Quantized) {
-    tensors.push((format!("{index}.{name}.codes"), q.codes.shallow_clone()));
-    tensors.push((format!("{index}.{name}.absmax"), q.absmax.shallow_clone()));
+/// What one parameter's state saves: f32 moments, or the codes and absmax of both.
+fn saved_moments(state: &ParamState8) -> SavedMoments {
+    match &state.moments {
+        Moments8::Full {
+            exp_avg,
+            exp_avg_sq,
+        } => SavedMoments::f32(state.step, exp_avg, exp_avg_sq),
+        Moments8::Blockwise {
+            exp_avg,
+            exp_avg_sq,
+        } => {
+            let mut tensors = Vec::new();
+            push_quantized(&mut tensors, "exp_avg", exp_avg);
+            push_quantized(&mut tensors, "exp_avg_sq", exp_avg_sq);
+            SavedMoments {
+                step: state.step,
+                storage: STORAGE_8BIT,
+                tensors,
+            }
+        }
+    }
 }
 
-fn load_param_state(
-    loaded: &mut LoadedState,
-    index: usize,
-    param: &Tensor,
-    meta: &ParamMeta,
-) -> Result<Option<ParamState8>, TrainError> {
-    let numel = param.numel();
-    let device = param.device();
-    let expected = match (meta.storage.as_str(), numel >= MIN_8BIT_SIZE) {
-        ("none", _) => return Ok(None),
-        ("f32", false) => "f32",
-        ("8bit", true) => "8bit",
-        (found, quantized) => {
-            return Err(TrainError::StateMismatch {
-                path: loaded.dir.clone(),
-                detail: format!(
-                    "parameter {index} stored as '{found}', expected '{}'",
-                    if quantized { "8bit" } else { "f32" }
-                ),
-            });
-        }
-    };
-    let mut take = |name: String, kind: Kind, count: usize| {
-        loaded.take(&name, kind, count).map(|t| t.to_device(device))
-    };
-    let moments = if expected == "f32" {
-        Moments8::Full {
-            exp_avg: take(format!("{index}.exp_avg"), Kind::Float, numel)?
-                .view(param.size().as_slice()),
-            exp_avg_sq: take(format!("{index}.exp_avg_sq"), Kind::Float, numel)?
-                .view(param.size().as_slice()),
-        }
-    } else {
+fn push_quantized(tensors: &mut Vec<(String, Tensor)>, name: &str, q: &Quantized) {
+    tensors.push((format!("{name}.codes"), q.codes.shallow_clone()));
+    tensors.push((format!("{name}.absmax"), q.absmax.shallow_clone()));
+}
+
+/// A saved parameter's state; its storage must be what the parameter's size calls for.
+fn load_param_state(saved: &mut SavedParam<'_>) -> Result<ParamState8, TrainError> {
+    let numel = saved.param.numel();
+    let quantized = numel >= MIN_8BIT_SIZE;
+    let expected = if quantized { STORAGE_8BIT } else { STORAGE_F32 };
+    if saved.meta.storage != expected {
+        return Err(saved.mismatch(format!(
+            "parameter {} stored as '{}', expected '{expected}'",
+            saved.index, saved.meta.storage
+        )));
+    }
+    let moments = if quantized {
         let blocks = block_count(numel as i64) as usize;
-        let mut quantized = |name: &str| -> Result<Quantized, TrainError> {
+        let mut take = |name: &str| -> Result<Quantized, TrainError> {
             Ok(Quantized {
-                codes: take(format!("{index}.{name}.codes"), Kind::Uint8, numel)?,
-                absmax: take(format!("{index}.{name}.absmax"), Kind::Float, blocks)?,
+                codes: saved.take(&format!("{name}.codes"), Kind::Uint8, numel)?,
+                absmax: saved.take(&format!("{name}.absmax"), Kind::Float, blocks)?,
             })
         };
         Moments8::Blockwise {
-            exp_avg: quantized("exp_avg")?,
-            exp_avg_sq: quantized("exp_avg_sq")?,
+            exp_avg: take("exp_avg")?,
+            exp_avg_sq: take("exp_avg_sq")?,
+        }
+    } else {
+        let (exp_avg, exp_avg_sq) = saved.f32_moments()?;
+        Moments8::Full {
+            exp_avg,
+            exp_avg_sq,
         }
     };
-    Ok(Some(ParamState8 {
-        step: meta.step,
+    Ok(ParamState8 {
+        step: saved.meta.step,
         moments,
-    }))
+    })
 }

@@ -5,8 +5,9 @@
 //! schedule and every random draw are functions of `(seed, step)`, so the step is their whole
 //! position.
 use super::TrainError;
-use super::common::{Optimizer, io_error};
 use super::grad_scaler::GradScalerState;
+use super::io_error;
+use super::optimizer::Optimizer;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
@@ -204,7 +205,7 @@ pub fn restore_into(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sd::train::common::OptimizerKind;
+    use crate::sd::train::config::OptimizerKind;
     use crate::sd::train::optim::AdamWConfig;
 
     fn state(step: u64) -> ResumeState {

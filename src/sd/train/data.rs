@@ -8,7 +8,7 @@
 //! * Textual inversion: optional square center crop of the original, resize to `r x r`
 //!   (bicubic, aspect not kept), horizontal flip with p = 0.5, `x / 127.5 - 1`.
 use super::TrainError;
-use super::common::SampleRng;
+use super::streams::SampleRng;
 use dreampipe_core::imagefile;
 use image::RgbImage;
 use image::imageops::{self, FilterType};

@@ -5,7 +5,7 @@
 //! whole run with data loading, resume, checkpoints, metrics and the output folder.
 //!
 //! Deviations from diffusers, by design:
-//! * every random draw is derived from `(seed, step)` (see `common::seed_step_tensors`) instead
+//! * every random draw is derived from `(seed, step)` (see `streams::seed_step_tensors`) instead
 //!   of one generator stream, so a resumed run is identical to an uninterrupted one;
 //! * `seed` defaults to 0 (diffusers: unseeded);
 //! * class images must already exist in `class_data_dir` (generate them with txt2img first);
@@ -15,26 +15,25 @@
 //! * min-SNR weighting uses the instance half's timesteps (diffusers would broadcast the full
 //!   batch's weights against the instance half).
 use super::TrainError;
-use super::common::{
-    self, Callbacks, DiffusionModel, LossSpec, MixedPrecision, Optimizer, OptimizerKind, SampleRng,
-    StepBatch, StepReport, TrainOutcome,
-};
+use super::base_model::{BaseModel, ModuleKinds};
+use super::batch::StepBatch;
+use super::config::{self, MixedPrecision, OptimizerKind};
 use super::data::{self, Transform};
 use super::driver::{self, DriverSettings, TrainingMethod};
 use super::lora::{self, LoraSettings};
-use super::loss::PredictionType;
-use super::lr_schedule::LrSchedule;
-use super::optim::{AdamWConfig, clip_grad_norm};
+use super::objective::{self, DiffusionModel, LossSpec};
+use super::optim::AdamWConfig;
 use super::output::{self, NewWeights};
 use super::precision::Precision;
-use crate::sd::clip::ClipTextModel;
+use super::progress::{Callbacks, StepReport, TrainOutcome};
+use super::streams::{self, SampleRng};
+use super::trainer_core::{CoreSettings, FinishBackward, MicroBatchLoss, StepMethod, TrainerCore};
 use crate::sd::folder::ModelFolder;
-use crate::sd::schedulers::{DdpmScheduler, SchedulerConfig};
 use crate::sd::tokenizer::ClipTokenizer;
-use crate::sd::unet::UNet2DConditionModel;
 use crate::sd::vae::AutoencoderKL;
 use image::RgbImage;
-use std::path::PathBuf;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
 /// Name recorded in checkpoints.
@@ -181,18 +180,12 @@ impl DreamBoothConfig {
         if self.with_prior_preservation && self.class_prompt.is_none() {
             return fail("class_prompt", "required with with_prior_preservation");
         }
-        if self.train_batch_size == 0 {
-            return fail("train_batch_size", "must be at least 1");
-        }
-        if self.gradient_accumulation_steps == 0 {
-            return fail("gradient_accumulation_steps", "must be at least 1");
-        }
-        if self.checkpointing_steps == 0 {
-            return fail("checkpointing_steps", "must be at least 1");
-        }
-        if self.resolution == 0 || !self.resolution.is_multiple_of(common::RESOLUTION_MULTIPLE) {
-            return fail("resolution", "must be a positive multiple of 8");
-        }
+        config::check_loop_sizes(
+            self.train_batch_size,
+            self.gradient_accumulation_steps,
+            self.checkpointing_steps,
+            self.resolution,
+        )?;
         if self.lora.is_some_and(|lora| lora.rank < 1) {
             return fail("rank", "must be at least 1");
         }
@@ -201,116 +194,77 @@ impl DreamBoothConfig {
 
     /// The learning rate after `--scale_lr` (times accumulation and batch size).
     pub fn effective_learning_rate(&self) -> f64 {
-        if self.scale_lr {
-            self.learning_rate
-                * self.gradient_accumulation_steps as f64
-                * self.train_batch_size as f64
-        } else {
-            self.learning_rate
+        config::scaled_learning_rate(
+            self.learning_rate,
+            self.scale_lr,
+            self.gradient_accumulation_steps,
+            self.train_batch_size,
+        )
+    }
+
+    /// The optimizer, lr schedule and mixed precision of the step core; DreamBooth clips.
+    fn core_settings(&self, total_steps: u64) -> CoreSettings<'_> {
+        CoreSettings {
+            optimizer: self.optimizer,
+            adam: AdamWConfig {
+                lr: self.effective_learning_rate(),
+                beta1: self.adam_beta1,
+                beta2: self.adam_beta2,
+                eps: self.adam_epsilon,
+                weight_decay: self.adam_weight_decay,
+            },
+            lr_scheduler: &self.lr_scheduler,
+            lr_warmup_steps: self.lr_warmup_steps,
+            lr_num_cycles: self.lr_num_cycles,
+            lr_power: self.lr_power,
+            total_steps,
+            mixed_precision: self.mixed_precision,
+            device: self.device,
+            max_grad_norm: Some(self.max_grad_norm),
         }
     }
 }
 
-/// The models, optimizer and schedule of a DreamBooth run, one optimizer step at a time.
+/// The models, optimizer and schedule of a DreamBooth run, one optimizer step at a time: the
+/// shared `TrainerCore` runs the step, `DreamBoothModel` supplies the loss.
 pub struct DreamBoothTrainer {
-    tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    text_encoder_store: VarStore,
-    unet: UNet2DConditionModel,
-    unet_store: VarStore,
-    vae: AutoencoderKL,
-    _vae_store: VarStore,
-    scheduler: DdpmScheduler,
-    prediction: PredictionType,
-    weight_kind: Kind,
+    model: DreamBoothModel,
+    core: TrainerCore,
+}
+
+/// What DreamBooth supplies to the shared step: its modules and the loss of a micro-batch
+/// (UNet in float32 under autocast, text encoder trained or not, prior preservation, min-SNR,
+/// optionally with the UNet gradient-checkpointed).
+struct DreamBoothModel {
+    base: BaseModel,
     train_text_encoder: bool,
     gradient_checkpointing: bool,
     loss_spec: LossSpec,
-    max_grad_norm: f64,
-    trainables: Vec<(String, Tensor)>,
-    optimizer: Optimizer,
-    schedule: LrSchedule,
-    precision: Precision,
-    step: u64,
 }
 
 impl DreamBoothTrainer {
     /// Loads the base model and sets up the optimizer and lr schedule for `total_steps`.
     pub fn new(config: &DreamBoothConfig, total_steps: u64) -> Result<Self, TrainError> {
         config.validate()?;
-        let device = config.device;
-        let weight_kind = config.mixed_precision.weight_kind(device)?;
-        let folder =
-            ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
-        super::refuse_xl(&folder)?;
-        let tokenizer =
-            ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(TrainError::model)?;
-        let text_kind = if config.train_text_encoder {
-            Kind::Float
-        } else {
-            weight_kind
-        };
-        let (mut text_encoder_store, mut text_encoder) =
-            ClipTextModel::load(&folder.text_encoder_dir(), device, text_kind, None)
-                .map_err(TrainError::model)?;
-        let (mut unet_store, mut unet) =
-            UNet2DConditionModel::load(&folder.unet_dir(), device, Kind::Float, None)
-                .map_err(TrainError::model)?;
-        let (mut vae_store, vae) =
-            AutoencoderKL::load(&folder.vae_dir(), device, weight_kind, None)
-                .map_err(TrainError::model)?;
-        vae_store.freeze();
-        if !config.train_text_encoder || config.lora.is_some() {
-            text_encoder_store.freeze();
-        }
-        let scheduler_config =
-            SchedulerConfig::from_file(&folder.scheduler_dir().join("scheduler_config.json"))
-                .map_err(TrainError::model)?;
-        let prediction = common::prediction_type(&scheduler_config)?;
-        let scheduler = DdpmScheduler::new(&scheduler_config).map_err(TrainError::model)?;
-        let trainables = match config.lora {
-            Some(settings) => {
-                unet_store.freeze();
-                let text = config.train_text_encoder.then_some(&mut text_encoder);
-                lora::add_trainable_adapters(&mut unet, text, settings, config.seed, device)
-            }
-            None => named_trainables(
-                &unet_store,
-                config.train_text_encoder.then_some(&text_encoder_store),
-            ),
-        };
-        let lr = config.effective_learning_rate();
-        let params: Vec<Tensor> = trainables.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let optimizer = Optimizer::new(
-            config.optimizer,
-            &params,
-            AdamWConfig {
-                lr,
-                beta1: config.adam_beta1,
-                beta2: config.adam_beta2,
-                eps: config.adam_epsilon,
-                weight_decay: config.adam_weight_decay,
+        let weight_kind = config.mixed_precision.weight_kind(config.device)?;
+        let kinds = ModuleKinds {
+            weight: weight_kind,
+            text_encoder: if config.train_text_encoder {
+                Kind::Float
+            } else {
+                weight_kind
             },
-        );
-        let schedule = LrSchedule::new(
-            &config.lr_scheduler,
-            lr,
-            config.lr_warmup_steps,
-            total_steps,
-            config.lr_num_cycles,
-            config.lr_power,
-        )?;
-        Ok(Self {
-            tokenizer,
-            text_encoder,
-            text_encoder_store,
-            unet,
-            unet_store,
-            vae,
-            _vae_store: vae_store,
-            scheduler,
-            prediction,
-            weight_kind,
+            unet: Kind::Float,
+        };
+        let mut base =
+            BaseModel::load(&config.pretrained_model_name_or_path, config.device, kinds)?;
+        if !config.train_text_encoder || config.lora.is_some() {
+            base.text_encoder_store.freeze();
+        }
+        let trainables = trainables(config, &mut base);
+        let core = TrainerCore::new(trainables, &config.core_settings(total_steps))?;
+        let model = DreamBoothModel {
+            base,
             train_text_encoder: config.train_text_encoder,
             gradient_checkpointing: config.gradient_checkpointing,
             loss_spec: LossSpec {
@@ -319,190 +273,183 @@ impl DreamBoothTrainer {
                     .then_some(config.prior_loss_weight),
                 snr_gamma: config.snr_gamma,
             },
-            max_grad_norm: config.max_grad_norm,
-            trainables,
-            optimizer,
-            schedule,
-            precision: Precision::new(config.mixed_precision, device)?,
-            step: 0,
-        })
+        };
+        Ok(Self { model, core })
     }
 
     /// Mixed precision: autocast of the trained modules and fp16 loss scaling.
     pub fn precision_mut(&mut self) -> &mut Precision {
-        &mut self.precision
+        self.core.precision_mut()
     }
 
     /// Optimizer steps done.
     pub fn step(&self) -> u64 {
-        self.step
+        self.core.step()
     }
 
     pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.tokenizer
+        &self.model.base.tokenizer
     }
 
     pub fn unet_store(&self) -> &VarStore {
-        &self.unet_store
+        &self.model.base.unet_store
     }
 
     pub fn text_encoder_store(&self) -> &VarStore {
-        &self.text_encoder_store
+        &self.model.base.text_encoder_store
     }
 
     pub fn vae(&self) -> &AutoencoderKL {
-        &self.vae
+        &self.model.base.vae
     }
 
     /// The trainable tensors by name (checkpoint names: `unet.<variable>`, or for LoRA
     /// PEFT's `unet.<module>.lora_A.weight`).
     pub fn trainables(&self) -> &[(String, Tensor)] {
-        &self.trainables
+        self.core.trainables()
     }
 
     /// Token ids `[1, 77]` of a prompt (padded, truncated).
     pub fn tokenize(&self, prompt: &str) -> Tensor {
-        Tensor::from_slice(&self.tokenizer.encode(prompt).ids).unsqueeze(0)
+        self.model.base.tokenize(prompt)
     }
 
     /// One optimizer step over `micro_batches` (one per gradient-accumulation step):
     /// [`accumulate_gradients`](Self::accumulate_gradients) then
     /// [`apply_gradients`](Self::apply_gradients) with this step's learning rate.
     pub fn train_step(&mut self, micro_batches: &[StepBatch]) -> Result<StepReport, TrainError> {
-        let lr = self
-            .schedule
-            .lr_at(self.precision.schedule_position(self.step));
-        let loss = self.accumulate_gradients(micro_batches)?;
-        let grad_norm = self.apply_gradients(lr)?;
-        Ok(StepReport {
-            loss,
-            grad_norm: Some(grad_norm),
-            lr,
-            skipped_steps: self.precision.skipped_steps(),
-        })
+        self.core.train_step(&self.model, micro_batches)
     }
 
     /// Loss of each micro-batch and `backward(loss / n)`; returns the mean loss. A NaN/inf
     /// loss zeroes the grads and fails before any update.
     pub fn accumulate_gradients(&mut self, micro_batches: &[StepBatch]) -> Result<f64, TrainError> {
-        let count = micro_batches.len().max(1) as f64;
-        let mut total = 0.0;
-        for batch in micro_batches {
-            let value = if self.gradient_checkpointing {
-                self.checkpointed_backward(batch, count)
-            } else {
-                self.plain_backward(batch, count)
-            };
-            match value {
-                Ok(value) => total += value,
-                Err(error) => {
-                    self.optimizer.zero_grad();
-                    return Err(error);
-                }
-            }
-        }
-        Ok(total / count)
-    }
-
-    /// `backward(loss / count)` of one micro-batch; returns its loss.
-    fn plain_backward(&self, batch: &StepBatch, count: f64) -> Result<f64, TrainError> {
-        let loss = self.batch_loss(batch)?;
-        let value = loss.double_value(&[]);
-        common::check_finite(value, self.step + 1)?;
-        self.precision.backward(&loss, count);
-        Ok(value)
-    }
-
-    /// The same gradients as [`plain_backward`](Self::plain_backward) with the UNet run
-    /// grad-free and recomputed block by block in the backward pass.
-    fn checkpointed_backward(&self, batch: &StepBatch, count: f64) -> Result<f64, TrainError> {
-        let hidden = self.encoder_hidden_states(batch)?;
-        let model = self.diffusion_model();
-        let (noisy, timesteps) = common::noisy_latents(&model, batch)?;
-        let autocast = self.precision.autocast();
-        let run = crate::sd::autocast::maybe(autocast, || {
-            self.unet.forward_checkpointed(&noisy, &timesteps, &hidden)
-        })
-        .map_err(TrainError::Model)?;
-        let pred = run.output().detach().set_requires_grad(true);
-        let loss = common::loss_from_prediction(&model, batch, &pred, &timesteps)?
-            .combine(&self.loss_spec)?;
-        let value = loss.double_value(&[]);
-        common::check_finite(value, self.step + 1)?;
-        self.precision.backward(&loss, count);
-        run.backward(&self.unet, &pred.grad(), &hidden, autocast)
-            .map_err(TrainError::Model)?;
-        Ok(value)
+        self.core.accumulate_gradients(&self.model, micro_batches)
     }
 
     /// Unscales fp16 gradients, clips the global grad norm over the trainable parameters to
     /// `max_grad_norm`, takes an AdamW step with `lr` (skipped when fp16 scaling found an
     /// inf/NaN gradient), zeroes the grads. Returns the norm before clipping.
     pub fn apply_gradients(&mut self, lr: f64) -> Result<f64, TrainError> {
-        let params: Vec<Tensor> = self
-            .trainables
-            .iter()
-            .map(|(_, t)| t.shallow_clone())
-            .collect();
-        let found_inf = self.precision.unscale(&params);
-        let grad_norm = clip_grad_norm(&params, self.max_grad_norm);
-        if !found_inf {
-            self.optimizer.set_lr(lr);
-            self.optimizer.step()?;
-        }
-        self.precision.update(found_inf);
-        self.optimizer.zero_grad();
-        self.step += 1;
-        Ok(grad_norm)
+        let norm = self.core.apply_gradients(&self.model, lr)?;
+        // DreamBooth always clips (`max_grad_norm` is set in `core_settings`).
+        Ok(norm.unwrap_or_default())
     }
 
     /// The loss of one batch (graph attached when something is trainable).
     pub fn batch_loss(&self, batch: &StepBatch) -> Result<Tensor, TrainError> {
-        let hidden = self.encoder_hidden_states(batch)?;
-        common::diffusion_loss(&self.diffusion_model(), batch, &hidden, &self.loss_spec)
+        self.model.batch_loss(batch, self.core.precision())
+    }
+}
+
+impl StepMethod for DreamBoothModel {
+    fn micro_batch_loss<'a>(
+        &'a self,
+        batch: &StepBatch,
+        precision: &'a Precision,
+    ) -> Result<MicroBatchLoss<'a>, TrainError> {
+        if self.gradient_checkpointing {
+            self.checkpointed_loss(batch, precision)
+        } else {
+            self.batch_loss(batch, precision).map(MicroBatchLoss::from)
+        }
+    }
+}
+
+impl DreamBoothModel {
+    /// The loss of one batch (graph attached when something is trainable).
+    fn batch_loss(&self, batch: &StepBatch, precision: &Precision) -> Result<Tensor, TrainError> {
+        let hidden = self.encoder_hidden_states(batch, precision)?;
+        objective::diffusion_loss(
+            &self.diffusion_model(precision),
+            batch,
+            &hidden,
+            &self.loss_spec,
+        )
+    }
+
+    /// The same loss and gradients as [`batch_loss`](Self::batch_loss) with the UNet run
+    /// grad-free: the loss's backward stops at the prediction, and the continuation
+    /// recomputes the UNet block by block to carry it on.
+    fn checkpointed_loss<'a>(
+        &'a self,
+        batch: &StepBatch,
+        precision: &Precision,
+    ) -> Result<MicroBatchLoss<'a>, TrainError> {
+        let hidden = self.encoder_hidden_states(batch, precision)?;
+        let model = self.diffusion_model(precision);
+        let (noisy, timesteps) = objective::noisy_latents(&model, batch)?;
+        let autocast = precision.autocast();
+        let unet = &self.base.unet;
+        let run = crate::sd::autocast::maybe(autocast, || {
+            unet.forward_checkpointed(&noisy, &timesteps, &hidden)
+        })
+        .map_err(TrainError::Model)?;
+        let pred = run.output().detach().set_requires_grad(true);
+        let loss = objective::loss_from_prediction(&model, batch, &pred, &timesteps)?
+            .combine(&self.loss_spec)?;
+        let finish: FinishBackward<'a> = Box::new(move || {
+            run.backward(unet, &pred.grad(), &hidden, autocast)
+                .map_err(TrainError::Model)
+        });
+        Ok(MicroBatchLoss {
+            loss,
+            finish_backward: Some(finish),
+        })
     }
 
     /// The text encoder's output for the batch's tokens (graph attached when it trains).
-    fn encoder_hidden_states(&self, batch: &StepBatch) -> Result<Tensor, TrainError> {
+    fn encoder_hidden_states(
+        &self,
+        batch: &StepBatch,
+        precision: &Precision,
+    ) -> Result<Tensor, TrainError> {
         let ids = batch.input_ids.to_device(batch.latents.device());
+        let text_encoder = &self.base.text_encoder;
         if !self.train_text_encoder {
-            let output = tch::no_grad(|| self.text_encoder.forward(&ids));
+            let output = tch::no_grad(|| text_encoder.forward(&ids));
             return Ok(output.map_err(TrainError::model)?.last_hidden_state);
         }
-        self.precision
-            .forward(|| (self.text_encoder.forward(&ids)).map(|output| output.last_hidden_state))
+        precision.forward(|| (text_encoder.forward(&ids)).map(|output| output.last_hidden_state))
     }
 
-    fn diffusion_model(&self) -> DiffusionModel<'_> {
+    fn diffusion_model(&self, precision: &Precision) -> DiffusionModel<'_> {
         DiffusionModel {
-            unet: &self.unet,
+            unet: &self.base.unet,
             unet_kind: Kind::Float,
-            autocast: self.precision.autocast(),
-            scheduler: &self.scheduler,
-            prediction: self.prediction,
+            autocast: precision.autocast(),
+            scheduler: &self.base.scheduler,
+            prediction: self.base.prediction,
         }
     }
+}
 
-    /// VAE posterior moments (mean, std) of pixel batches, in float32, without grad.
-    fn encode_moments(&self, pixels: &Tensor) -> (Tensor, Tensor) {
-        tch::no_grad(|| {
-            let posterior = self.vae.encode(&pixels.to_kind(self.weight_kind));
-            (
-                posterior.mean.to_kind(Kind::Float),
-                posterior.std.to_kind(Kind::Float),
-            )
-        })
+/// The trained tensors: LoRA adapters on the frozen UNet (and text encoder), or the UNet's
+/// (and text encoder's) own variables.
+fn trainables(config: &DreamBoothConfig, base: &mut BaseModel) -> Vec<(String, Tensor)> {
+    match config.lora {
+        Some(settings) => {
+            base.unet_store.freeze();
+            let text = config.train_text_encoder.then_some(&mut base.text_encoder);
+            lora::add_trainable_adapters(&mut base.unet, text, settings, config.seed, config.device)
+        }
+        None => named_trainables(
+            &base.unet_store,
+            config
+                .train_text_encoder
+                .then_some(&base.text_encoder_store),
+        ),
     }
 }
 
 fn named_trainables(unet: &VarStore, text_encoder: Option<&VarStore>) -> Vec<(String, Tensor)> {
-    let mut named: Vec<(String, Tensor)> = common::trainable_sorted(unet)
+    let mut named: Vec<(String, Tensor)> = super::base_model::trainable_sorted(unet)
         .into_iter()
         .map(|(name, t)| (format!("{UNET_PREFIX}{name}"), t))
         .collect();
     if let Some(vs) = text_encoder {
         named.extend(
-            common::trainable_sorted(vs)
+            super::base_model::trainable_sorted(vs)
                 .into_iter()
                 .map(|(name, t)| (format!("{TEXT_ENCODER_PREFIX}{name}"), t)),
         );
@@ -525,7 +472,7 @@ struct DreamBoothData {
 }
 
 impl DreamBoothData {
-    fn load(config: &DreamBoothConfig, trainer: &DreamBoothTrainer) -> Result<Self, TrainError> {
+    fn load(config: &DreamBoothConfig, base: &BaseModel) -> Result<Self, TrainError> {
         let instances = data::load_folder(&config.instance_data_dir, "instance_data_dir")?;
         let classes = match (&config.class_data_dir, config.with_prior_preservation) {
             (Some(dir), true) => data::load_folder(dir, "class_data_dir")?,
@@ -535,14 +482,14 @@ impl DreamBoothData {
             .class_prompt
             .as_deref()
             .filter(|_| config.with_prior_preservation)
-            .map(|prompt| trainer.tokenize(prompt));
+            .map(|prompt| base.tokenize(prompt));
         let transform = Transform::DreamBooth {
             resolution: config.resolution,
             center_crop: config.center_crop,
             random_flip: config.random_flip,
         };
         let mut loaded = Self {
-            instance_ids: trainer.tokenize(&config.instance_prompt),
+            instance_ids: base.tokenize(&config.instance_prompt),
             instances,
             classes,
             class_ids,
@@ -551,26 +498,21 @@ impl DreamBoothData {
         };
         if !transform.is_random() {
             loaded.cache = Some((
-                loaded.encode_all(&loaded.instances, trainer, config.device),
-                loaded.encode_all(&loaded.classes, trainer, config.device),
+                loaded.encode_all(&loaded.instances, base, config.device),
+                loaded.encode_all(&loaded.classes, base, config.device),
             ));
         }
         Ok(loaded)
     }
 
-    fn encode_all(
-        &self,
-        images: &[RgbImage],
-        trainer: &DreamBoothTrainer,
-        device: Device,
-    ) -> Vec<(Tensor, Tensor)> {
+    fn encode_all(&self, images: &[RgbImage], base: &BaseModel, device: Device) -> Vec<Moments> {
         images
             .iter()
             .map(|image| {
                 let pixels = self
                     .transform
                     .apply(image, &mut SampleRng::for_sample(0, 0));
-                trainer.encode_moments(&pixels.unsqueeze(0).to_device(device))
+                base.encode_moments(&pixels.unsqueeze(0).to_device(device))
             })
             .collect()
     }
@@ -587,64 +529,76 @@ impl DreamBoothData {
     /// The micro-batch `micro` of optimizer step `step`: [instances..., classes...].
     fn batch(
         &self,
-        trainer: &DreamBoothTrainer,
+        base: &BaseModel,
         config: &DreamBoothConfig,
         step: u64,
         micro: u64,
     ) -> Result<StepBatch, TrainError> {
         let size = config.train_batch_size as u64;
         let first = (step * config.gradient_accumulation_steps + micro) * size;
-        let mut instance_moments = Vec::new();
-        let mut class_moments = Vec::new();
-        let mut instance_pixels = Vec::new();
-        let mut class_pixels = Vec::new();
-        for sample in first..first + size {
-            let index = common::dataset_index(config.seed, self.len(), sample);
-            let instance = index % self.instances.len();
-            let class = (!self.classes.is_empty()).then(|| index % self.classes.len());
-            match &self.cache {
-                Some((instances, classes)) => {
-                    instance_moments.push(&instances[instance]);
-                    class_moments.extend(class.map(|c| &classes[c]));
-                }
-                None => {
-                    let mut rng = SampleRng::for_sample(config.seed, sample);
-                    instance_pixels.push(self.transform.apply(&self.instances[instance], &mut rng));
-                    class_pixels
-                        .extend(class.map(|c| self.transform.apply(&self.classes[c], &mut rng)));
-                }
-            }
-        }
-        let (mean, std) = if self.cache.is_some() {
-            let all: Vec<&(Tensor, Tensor)> =
-                instance_moments.into_iter().chain(class_moments).collect();
-            let means: Vec<&Tensor> = all.iter().map(|(m, _)| m).collect();
-            let stds: Vec<&Tensor> = all.iter().map(|(_, s)| s).collect();
-            (Tensor::cat(&means, 0), Tensor::cat(&stds, 0))
-        } else {
-            let pixels: Vec<Tensor> = instance_pixels.into_iter().chain(class_pixels).collect();
-            trainer.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device))
+        let samples = first..first + size;
+        let moments = match &self.cache {
+            Some(cache) => self.cached_moments(cache, config.seed, samples),
+            None => self.encoded_moments(base, config, samples),
         };
-        let _rng = common::seed_step_tensors(config.seed, step, micro);
-        let epsilon = crate::sd::rng::randn(&mean.size(), Kind::Float, mean.device());
-        // In the weight dtype, as the script's VAE sample (and so its noise) is.
-        let latents =
-            ((&mean + &std * epsilon) * trainer.vae.scaling_factor()).to_kind(trainer.weight_kind);
-        let (noise, timesteps) = common::draw_noise_and_timesteps(
-            &latents,
-            config.offset_noise,
-            trainer.scheduler.num_train_timesteps(),
-        )?;
         let mut ids = vec![self.instance_ids.repeat([size as i64, 1])];
         if let Some(class_ids) = &self.class_ids {
             ids.push(class_ids.repeat([size as i64, 1]));
         }
-        Ok(StepBatch {
-            latents,
-            noise,
-            timesteps,
-            input_ids: Tensor::cat(&ids, 0).to_device(config.device),
-        })
+        let input_ids = Tensor::cat(&ids, 0).to_device(config.device);
+        base.draw_batch(
+            moments,
+            input_ids,
+            (config.seed, step, micro),
+            config.offset_noise,
+        )
+    }
+
+    /// The instance (and class) image of run-wide sample number `sample`.
+    fn entries(&self, seed: u64, sample: u64) -> (usize, Option<usize>) {
+        let index = streams::dataset_index(seed, self.len(), sample);
+        let class = (!self.classes.is_empty()).then(|| index % self.classes.len());
+        (index % self.instances.len(), class)
+    }
+
+    /// The cached moments of `samples`: [instances..., classes...].
+    fn cached_moments(
+        &self,
+        (instances, classes): &(Vec<Moments>, Vec<Moments>),
+        seed: u64,
+        samples: Range<u64>,
+    ) -> Moments {
+        let mut instance_moments = Vec::new();
+        let mut class_moments = Vec::new();
+        for sample in samples {
+            let (instance, class) = self.entries(seed, sample);
+            instance_moments.push(&instances[instance]);
+            class_moments.extend(class.map(|c| &classes[c]));
+        }
+        let all: Vec<&Moments> = instance_moments.into_iter().chain(class_moments).collect();
+        let means: Vec<&Tensor> = all.iter().map(|(m, _)| m).collect();
+        let stds: Vec<&Tensor> = all.iter().map(|(_, s)| s).collect();
+        (Tensor::cat(&means, 0), Tensor::cat(&stds, 0))
+    }
+
+    /// The moments of `samples` transformed afresh (random crop or flip): [instances...,
+    /// classes...], one data stream per sample for its instance and class image.
+    fn encoded_moments(
+        &self,
+        base: &BaseModel,
+        config: &DreamBoothConfig,
+        samples: Range<u64>,
+    ) -> Moments {
+        let mut instance_pixels = Vec::new();
+        let mut class_pixels = Vec::new();
+        for sample in samples {
+            let (instance, class) = self.entries(config.seed, sample);
+            let mut rng = SampleRng::for_sample(config.seed, sample);
+            instance_pixels.push(self.transform.apply(&self.instances[instance], &mut rng));
+            class_pixels.extend(class.map(|c| self.transform.apply(&self.classes[c], &mut rng)));
+        }
+        let pixels: Vec<Tensor> = instance_pixels.into_iter().chain(class_pixels).collect();
+        base.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device))
     }
 }
 
@@ -660,50 +614,27 @@ impl TrainingMethod for DreamBoothRun<'_> {
         METHOD
     }
 
-    fn step(&self) -> u64 {
-        self.trainer.step
+    fn core(&self) -> &TrainerCore {
+        &self.trainer.core
     }
 
-    fn set_step(&mut self, step: u64) {
-        self.trainer.step = step;
+    fn core_mut(&mut self) -> &mut TrainerCore {
+        &mut self.trainer.core
     }
 
-    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
-        self.trainer
-            .trainables
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect()
-    }
-
-    fn optimizer(&self) -> &Optimizer {
-        &self.trainer.optimizer
-    }
-
-    fn optimizer_mut(&mut self) -> &mut Optimizer {
-        &mut self.trainer.optimizer
-    }
-
-    fn precision(&self) -> &Precision {
-        &self.trainer.precision
-    }
-
-    fn precision_mut(&mut self) -> &mut Precision {
-        &mut self.trainer.precision
-    }
-
-    fn write_model(&self, dir: &std::path::Path) -> Result<(), TrainError> {
+    fn write_model(&self, dir: &Path) -> Result<(), TrainError> {
         write_trained_folder(self.config, &self.trainer, dir)
     }
 
-    fn write_outputs(&self, dir: &std::path::Path) -> Result<(), TrainError> {
+    fn write_outputs(&self, dir: &Path) -> Result<(), TrainError> {
         write_trained_folder(self.config, &self.trainer, dir)
     }
 
     fn next_step(&mut self) -> Result<StepReport, TrainError> {
-        let step = self.trainer.step;
+        let step = self.trainer.step();
+        let base = &self.trainer.model.base;
         let batches = (0..self.config.gradient_accumulation_steps)
-            .map(|micro| self.data.batch(&self.trainer, self.config, step, micro))
+            .map(|micro| self.data.batch(base, self.config, step, micro))
             .collect::<Result<Vec<_>, _>>()?;
         self.trainer.train_step(&batches)
     }
@@ -721,7 +652,7 @@ pub fn train(
         (Some(dir), true) => data::list_images(dir, "class_data_dir")?.len(),
         _ => 0,
     };
-    let total = common::total_steps(
+    let total = config::total_steps(
         config.max_train_steps,
         config.num_train_epochs,
         instance_count.max(class_count),
@@ -729,10 +660,10 @@ pub fn train(
         config.gradient_accumulation_steps,
     );
     let trainer = DreamBoothTrainer::new(config, total)?;
-    let data = DreamBoothData::load(config, &trainer)?;
+    let data = DreamBoothData::load(config, &trainer.model.base)?;
     let settings = DriverSettings {
         work_dir: &config.work_dir,
-        metrics_dir: &config.output_dir,
+        output_dir: &config.output_dir,
         total_steps: total,
         checkpointing_steps: config.checkpointing_steps,
         checkpoints_total_limit: config.checkpoints_total_limit,
@@ -746,15 +677,7 @@ pub fn train(
         data,
         config,
     };
-    let result = driver::run(&mut run, &settings, callbacks)?;
-    let trainer = &run.trainer;
-    write_trained_folder(config, trainer, &config.output_dir)?;
-    Ok(TrainOutcome {
-        steps: trainer.step,
-        resumed_from: result.resumed_from,
-        final_loss: result.final_loss,
-        output_dir: config.output_dir.clone(),
-    })
+    driver::run(&mut run, &settings, callbacks)
 }
 
 /// The base model with the trained UNet (and text encoder) as a diffusers folder at `dir`;
@@ -762,7 +685,7 @@ pub fn train(
 fn write_trained_folder(
     config: &DreamBoothConfig,
     trainer: &DreamBoothTrainer,
-    dir: &std::path::Path,
+    dir: &Path,
 ) -> Result<(), TrainError> {
     if let Some(settings) = config.lora {
         return write_lora_files(config, trainer, settings, dir);
@@ -773,10 +696,10 @@ fn write_trained_folder(
         &base,
         dir,
         &NewWeights {
-            unet: Some(&trainer.unet_store),
+            unet: Some(trainer.unet_store()),
             text_encoder: config
                 .train_text_encoder
-                .then_some(&trainer.text_encoder_store),
+                .then_some(trainer.text_encoder_store()),
             added_tokens: &[],
         },
     )
@@ -787,11 +710,11 @@ fn write_lora_files(
     config: &DreamBoothConfig,
     trainer: &DreamBoothTrainer,
     settings: LoraSettings,
-    dir: &std::path::Path,
+    dir: &Path,
 ) -> Result<(), TrainError> {
     use crate::sd::lora::files::{self, DIFFUSERS_FILE, KOHYA_FILE};
-    std::fs::create_dir_all(dir).map_err(|e| common::io_error(dir, "create", e))?;
-    let weights = lora::trained_weights(&trainer.trainables, settings, dir);
+    std::fs::create_dir_all(dir).map_err(|e| super::io_error(dir, "create", e))?;
+    let weights = lora::trained_weights(trainer.trainables(), settings, dir);
     let kind = config.lora_save_kind;
     files::write_diffusers(&weights, &dir.join(DIFFUSERS_FILE), kind)
         .and_then(|()| files::write_kohya(&weights, &dir.join(KOHYA_FILE), kind))

@@ -2,26 +2,20 @@
 //! steps until the total, report progress and metrics, write checkpoints every
 //! `checkpointing_steps`, stop cleanly on cancellation (after a checkpoint) or on a non-finite
 //! loss (naming the step and the last good checkpoint).
-use super::TrainError;
 use super::checkpoint::{self, ResumeState};
-use super::common::{Callbacks, MetricsLog, Optimizer, Progress, Snapshots, StepReport};
-use super::precision::Precision;
+use super::metrics::MetricsLog;
+use super::progress::{Callbacks, Progress, Snapshots, StepReport, TrainOutcome};
+use super::trainer_core::TrainerCore;
+use super::{TrainError, io_error};
 use std::path::{Path, PathBuf};
-use tch::Tensor;
 
-/// What the driver needs from a method's trainer.
+/// What the driver needs from a method's trainer: its [`TrainerCore`] (step count, trained
+/// tensors, optimizer, mixed precision) and what only the method knows.
 pub(crate) trait TrainingMethod {
     /// "dreambooth" / "textual_inversion" (recorded in checkpoints).
     fn method(&self) -> &'static str;
-    /// Optimizer steps done.
-    fn step(&self) -> u64;
-    fn set_step(&mut self, step: u64);
-    /// The tensors a checkpoint saves and restores, by name.
-    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)>;
-    fn optimizer(&self) -> &Optimizer;
-    fn optimizer_mut(&mut self) -> &mut Optimizer;
-    fn precision(&self) -> &Precision;
-    fn precision_mut(&mut self) -> &mut Precision;
+    fn core(&self) -> &TrainerCore;
+    fn core_mut(&mut self) -> &mut TrainerCore;
     /// Writes the current model as a complete diffusers folder into `dir`.
     fn write_model(&self, dir: &Path) -> Result<(), TrainError>;
     /// Writes everything a run writes into its output folder when it ends (the model, and
@@ -34,7 +28,8 @@ pub(crate) trait TrainingMethod {
 /// Settings of one run of the driver.
 pub(crate) struct DriverSettings<'a> {
     pub work_dir: &'a Path,
-    pub metrics_dir: &'a Path,
+    /// Where `metrics.jsonl` and, at the end, the method's outputs are written.
+    pub output_dir: &'a Path,
     pub total_steps: u64,
     pub checkpointing_steps: u64,
     pub checkpoints_total_limit: Option<usize>,
@@ -45,31 +40,44 @@ pub(crate) struct DriverSettings<'a> {
     pub dataset_sizes: Vec<usize>,
 }
 
-/// Result of the driver: where it resumed from and the last loss.
-pub(crate) struct DriverResult {
-    pub resumed_from: Option<u64>,
-    pub final_loss: Option<f64>,
-}
-
+/// Runs `trainer` to `settings.total_steps` (resuming first when asked) and writes its outputs
+/// into `settings.output_dir`.
 pub(crate) fn run(
     trainer: &mut dyn TrainingMethod,
     settings: &DriverSettings,
     callbacks: &mut Callbacks,
-) -> Result<DriverResult, TrainError> {
+) -> Result<TrainOutcome, TrainError> {
     let resumed_from = if settings.resume {
         resume(trainer, settings)?
     } else {
         None
     };
+    let final_loss = run_steps(trainer, settings, callbacks, resumed_from)?;
+    trainer.write_outputs(settings.output_dir)?;
+    Ok(TrainOutcome {
+        steps: trainer.core().step(),
+        resumed_from,
+        final_loss,
+        output_dir: settings.output_dir.to_path_buf(),
+    })
+}
+
+/// The steps from the current one to the total; returns the last loss.
+fn run_steps(
+    trainer: &mut dyn TrainingMethod,
+    settings: &DriverSettings,
+    callbacks: &mut Callbacks,
+    resumed_from: Option<u64>,
+) -> Result<Option<f64>, TrainError> {
     let mut last_checkpoint =
         resumed_from.map(|step| checkpoint::checkpoint_dir(settings.work_dir, step));
-    let metrics = MetricsLog::open(settings.metrics_dir, trainer.step())?;
+    let metrics = MetricsLog::open(settings.output_dir, trainer.core().step())?;
     let mut final_loss = None;
-    while trainer.step() < settings.total_steps {
+    while trainer.core().step() < settings.total_steps {
         if callbacks.cancelled() {
             let dir = save_unless_saved(trainer, settings, &last_checkpoint)?;
             return Err(TrainError::Cancelled {
-                step: trainer.step(),
+                step: trainer.core().step(),
                 checkpoint: dir,
             });
         }
@@ -82,7 +90,7 @@ pub(crate) fn run(
             other => other,
         })?;
         let progress = Progress {
-            step: trainer.step(),
+            step: trainer.core().step(),
             total: settings.total_steps,
             loss: report.loss,
             lr: report.lr,
@@ -92,8 +100,8 @@ pub(crate) fn run(
         metrics.append(&progress)?;
         (callbacks.on_progress)(&progress);
         final_loss = Some(report.loss);
-        if trainer
-            .step()
+        if progress
+            .step
             .is_multiple_of(settings.checkpointing_steps.max(1))
         {
             last_checkpoint = Some(save(trainer, settings, Some(report.lr))?);
@@ -101,13 +109,10 @@ pub(crate) fn run(
         validate_if_due(trainer, callbacks)?;
         snapshot_if_due(trainer, callbacks)?;
     }
-    if settings.save_final && trainer.step() > 0 {
+    if settings.save_final && trainer.core().step() > 0 {
         save_unless_saved(trainer, settings, &last_checkpoint)?;
     }
-    Ok(DriverResult {
-        resumed_from,
-        final_loss,
-    })
+    Ok(final_loss)
 }
 
 /// Runs the validation callback when the step is a multiple of its interval.
@@ -115,7 +120,7 @@ fn validate_if_due(
     trainer: &dyn TrainingMethod,
     callbacks: &mut Callbacks,
 ) -> Result<(), TrainError> {
-    let step = trainer.step();
+    let step = trainer.core().step();
     let Some(validation) = callbacks.validation.as_mut() else {
         return Ok(());
     };
@@ -132,7 +137,7 @@ fn snapshot_if_due(
     trainer: &dyn TrainingMethod,
     callbacks: &mut Callbacks,
 ) -> Result<(), TrainError> {
-    let step = trainer.step();
+    let step = trainer.core().step();
     let Some(snapshots) = callbacks.snapshots.as_mut() else {
         return Ok(());
     };
@@ -144,7 +149,7 @@ fn snapshot_if_due(
     let _ = std::fs::remove_dir_all(&partial);
     trainer.write_outputs(&partial)?;
     (snapshots.finish)(step, &partial).map_err(|problem| TrainError::Snapshot { step, problem })?;
-    std::fs::rename(&partial, &folder).map_err(|e| super::common::io_error(&folder, "rename", e))
+    std::fs::rename(&partial, &folder).map_err(|e| io_error(&folder, "rename", e))
 }
 
 fn resume(
@@ -156,12 +161,11 @@ fn resume(
     };
     found.check_matches(trainer.method(), settings.seed, &settings.dataset_sizes)?;
     let saved = found.weights()?;
-    checkpoint::restore_into(&found.dir, &saved, &trainer.checkpoint_tensors())?;
-    found.load_optimizer(trainer.optimizer_mut())?;
-    trainer
-        .precision_mut()
-        .restore_scaler(found.state.grad_scaler);
-    trainer.set_step(found.state.step);
+    let core = trainer.core_mut();
+    checkpoint::restore_into(&found.dir, &saved, &core.checkpoint_tensors())?;
+    found.load_optimizer(core.optimizer_mut())?;
+    core.precision_mut().restore_scaler(found.state.grad_scaler);
+    core.set_step(found.state.step);
     Ok(Some(found.state.step))
 }
 
@@ -172,17 +176,17 @@ fn save(
 ) -> Result<PathBuf, TrainError> {
     let state = ResumeState {
         method: trainer.method().to_string(),
-        step: trainer.step(),
+        step: trainer.core().step(),
         seed: settings.seed,
         dataset_sizes: settings.dataset_sizes.clone(),
         lr,
-        grad_scaler: trainer.precision().scaler_state(),
+        grad_scaler: trainer.core().precision().scaler_state(),
     };
     checkpoint::write(
         settings.work_dir,
         &state,
-        &trainer.checkpoint_tensors(),
-        trainer.optimizer(),
+        &trainer.core().checkpoint_tensors(),
+        trainer.core().optimizer(),
         settings.checkpoints_total_limit,
     )
 }
@@ -192,7 +196,7 @@ fn save_unless_saved(
     settings: &DriverSettings,
     last: &Option<PathBuf>,
 ) -> Result<PathBuf, TrainError> {
-    let current = checkpoint::checkpoint_dir(settings.work_dir, trainer.step());
+    let current = checkpoint::checkpoint_dir(settings.work_dir, trainer.core().step());
     if last.as_ref() == Some(&current) {
         return Ok(current);
     }

@@ -1,12 +1,22 @@
 //! Training building blocks on plain `tch` tensors, matching PyTorch / diffusers / bitsandbytes:
-//! optimizers ([`optim::AdamW`], [`adamw8bit::AdamW8bit`]) with resumable state, gradient
-//! clipping, diffusers' learning-rate schedules, the DreamBooth losses, fp16 loss scaling and
-//! mixed precision (gradient checkpointing of the UNet is in `sd::unet::checkpointed`).
-//! DreamBooth / textual inversion loops are built on these.
+//! optimizers ([`optim::AdamW`], [`adamw8bit::AdamW8bit`]) with resumable state (one save/load
+//! path, `state_io`), gradient clipping, diffusers' learning-rate schedules, the DreamBooth
+//! losses, fp16 loss scaling and mixed precision (gradient checkpointing of the UNet is in
+//! `sd::unet::checkpointed`).
+//!
+//! DreamBooth (with LoRA) and textual inversion are one algorithm: the outer loop (resume,
+//! checkpoints, metrics, cancellation, validation, snapshots) is `driver`, the optimizer step
+//! (accumulation, finite-loss check, mixed-precision backward, unscale, clipping, update, lr
+//! schedule, step count) is `trainer_core`, and the base model they load is `base_model`. Each
+//! method supplies only what differs: which parameters train, the loss of a batch, what runs
+//! after an update, its data and its outputs.
 pub mod adamw8bit;
 mod aten_adamw;
+mod base_model;
+pub mod batch;
 pub mod checkpoint;
 pub mod common;
+pub mod config;
 pub mod data;
 pub mod dreambooth;
 mod driver;
@@ -14,13 +24,19 @@ pub mod grad_scaler;
 pub mod lora;
 pub mod loss;
 pub mod lr_schedule;
+pub mod metrics;
+pub mod objective;
 pub mod optim;
+pub mod optimizer;
 pub mod output;
 pub mod precision;
+pub mod progress;
 mod state_io;
+pub mod streams;
 pub mod textual_inversion;
+mod trainer_core;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Why a training building block could not do its work.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +117,15 @@ pub(crate) fn refuse_xl(folder: &crate::sd::folder::ModelFolder) -> Result<(), T
         "{}: an SDXL model; training SDXL is not supported yet (sample, generate and sample_grid take it): train on an SD 1.x/2.x model",
         folder.root().display()
     )))
+}
+
+/// An I/O failure on `path`, as a [`TrainError::Io`].
+pub(crate) fn io_error(path: &Path, action: &'static str, reason: impl ToString) -> TrainError {
+    TrainError::Io {
+        path: path.to_path_buf(),
+        action,
+        reason: reason.to_string(),
+    }
 }
 
 impl TrainError {

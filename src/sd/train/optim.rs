@@ -4,7 +4,7 @@
 //! `torch.nn.utils.clip_grad_norm_` (norm type 2).
 use super::TrainError;
 use super::aten_adamw::{self, AdamWTensors, AtenError};
-use super::state_io::{self, ParamMeta, StateMeta};
+use super::state_io::{self, SavedMoments};
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -216,70 +216,27 @@ impl AdamW {
 
     /// Writes the state into directory `dir` (`optimizer.safetensors` + `optimizer.json`).
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
-        let mut tensors = Vec::new();
-        let mut params = Vec::new();
-        for (index, (param, moments)) in self.params.iter().zip(&self.moments).enumerate() {
-            let storage = match moments {
-                Some(m) => {
-                    tensors.push((format!("{index}.exp_avg"), m.exp_avg.shallow_clone()));
-                    tensors.push((format!("{index}.exp_avg_sq"), m.exp_avg_sq.shallow_clone()));
-                    "f32"
-                }
-                None => "none",
-            };
-            params.push(ParamMeta {
-                shape: param.size(),
-                step: self.step_count(index),
-                storage: storage.to_string(),
-            });
-        }
-        let meta = StateMeta {
-            format: state_io::FORMAT.to_string(),
-            optimizer: ADAMW_NAME.to_string(),
-            hyperparams: self.config.to_map(),
-            params,
-        };
-        state_io::write_state(dir, &meta, &self.config.to_array(), tensors)
+        state_io::save(dir, ADAMW_NAME, self.config, &self.params, |index| {
+            let m = self.moments[index].as_ref()?;
+            Some(SavedMoments::f32(m.step, &m.exp_avg, &m.exp_avg_sq))
+        })
     }
 
     /// Restores state written by [`AdamW::save`] (hyperparameters included, as torch's
     /// `load_state_dict` restores the param group); parameters must match in order and shape.
     pub fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
-        let shapes: Vec<Vec<i64>> = self.params.iter().map(Tensor::size).collect();
-        let mut loaded = state_io::read_state(dir, ADAMW_NAME, &shapes)?;
-        let config = AdamWConfig::from_slice(&loaded.hyperparams(AdamWConfig::FIELD_NAMES.len())?);
-        let mut moments = Vec::with_capacity(self.params.len());
-        for (index, (param, meta)) in self
-            .params
-            .iter()
-            .zip(loaded.meta.params.clone())
-            .enumerate()
-        {
-            moments.push(match meta.storage.as_str() {
-                "none" => None,
-                _ => Some(Moments {
-                    step: meta.step,
-                    exp_avg: take_like(&mut loaded, &format!("{index}.exp_avg"), param)?,
-                    exp_avg_sq: take_like(&mut loaded, &format!("{index}.exp_avg_sq"), param)?,
-                }),
-            });
-        }
+        let (config, moments) = state_io::load(dir, ADAMW_NAME, &self.params, |saved| {
+            let (exp_avg, exp_avg_sq) = saved.f32_moments()?;
+            Ok(Moments {
+                step: saved.meta.step,
+                exp_avg,
+                exp_avg_sq,
+            })
+        })?;
         self.config = config;
         self.moments = moments;
         Ok(())
     }
-}
-
-/// Takes a saved f32 moment shaped like `param`, on `param`'s device.
-fn take_like(
-    loaded: &mut state_io::LoadedState,
-    name: &str,
-    param: &Tensor,
-) -> Result<Tensor, TrainError> {
-    let tensor = loaded.take(name, Kind::Float, param.numel())?;
-    Ok(tensor
-        .view(param.size().as_slice())
-        .to_device(param.device()))
 }
 
 fn tensors_of<'a>(param: &'a Tensor, grad: &'a Tensor, moments: &'a Moments) -> AdamWTensors<'a> {

@@ -4,7 +4,7 @@
 //! (`learned_embeds.safetensors`) and A1111 / ComfyUI (`<token>.safetensors`, key `emb_params`)
 //! formats, and a tokenizer extended with added tokens.
 use super::TrainError;
-use super::common::io_error;
+use super::io_error;
 use crate::sd::folder::ModelFolder;
 use crate::sd::weights;
 use std::path::Path;

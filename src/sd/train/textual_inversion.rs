@@ -13,25 +13,23 @@
 //! mixed precision on CPU only as bf16, gradient checkpointing rejected. The default
 //! learning rate is 5e-4 (the README's recipe; the script's argparse default is 1e-4).
 use super::TrainError;
-use super::common::{
-    self, Callbacks, DiffusionModel, LossSpec, MixedPrecision, Optimizer, OptimizerKind, SampleRng,
-    StepBatch, StepReport, TrainOutcome,
-};
+use super::base_model::{BaseModel, ModuleKinds};
+use super::batch::StepBatch;
+use super::config::{self, MixedPrecision, OptimizerKind};
 use super::data::{self, Transform};
 use super::driver::{self, DriverSettings, TrainingMethod};
-use super::loss::PredictionType;
-use super::lr_schedule::LrSchedule;
+use super::objective::{self, DiffusionModel, LossSpec};
 use super::optim::AdamWConfig;
 use super::output::{self, NewWeights};
 use super::precision::Precision;
+use super::progress::{Callbacks, StepReport, TrainOutcome};
+use super::streams::{self, SampleRng};
+use super::trainer_core::{CoreSettings, MicroBatchLoss, StepMethod, TrainerCore};
 use crate::sd::clip::ClipTextModel;
 use crate::sd::folder::ModelFolder;
-use crate::sd::schedulers::{DdpmScheduler, SchedulerConfig};
 use crate::sd::tokenizer::ClipTokenizer;
-use crate::sd::unet::UNet2DConditionModel;
-use crate::sd::vae::AutoencoderKL;
 use image::RgbImage;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
 /// Name recorded in checkpoints.
@@ -238,28 +236,44 @@ impl TextualInversionConfig {
         if self.num_vectors == 0 {
             return fail("num_vectors", "must be at least 1");
         }
-        if self.train_batch_size == 0 {
-            return fail("train_batch_size", "must be at least 1");
-        }
-        if self.gradient_accumulation_steps == 0 {
-            return fail("gradient_accumulation_steps", "must be at least 1");
-        }
-        if self.checkpointing_steps == 0 {
-            return fail("checkpointing_steps", "must be at least 1");
-        }
-        if self.resolution == 0 || !self.resolution.is_multiple_of(common::RESOLUTION_MULTIPLE) {
-            return fail("resolution", "must be a positive multiple of 8");
-        }
+        config::check_loop_sizes(
+            self.train_batch_size,
+            self.gradient_accumulation_steps,
+            self.checkpointing_steps,
+            self.resolution,
+        )?;
         self.mixed_precision.weight_kind(self.device).map(|_| ())
     }
 
     pub fn effective_learning_rate(&self) -> f64 {
-        if self.scale_lr {
-            self.learning_rate
-                * self.gradient_accumulation_steps as f64
-                * self.train_batch_size as f64
-        } else {
-            self.learning_rate
+        config::scaled_learning_rate(
+            self.learning_rate,
+            self.scale_lr,
+            self.gradient_accumulation_steps,
+            self.train_batch_size,
+        )
+    }
+
+    /// The optimizer, lr schedule and mixed precision of the step core; no clipping, as the
+    /// script.
+    fn core_settings(&self, total_steps: u64) -> CoreSettings<'_> {
+        CoreSettings {
+            optimizer: self.optimizer,
+            adam: AdamWConfig {
+                lr: self.effective_learning_rate(),
+                beta1: self.adam_beta1,
+                beta2: self.adam_beta2,
+                eps: self.adam_epsilon,
+                weight_decay: self.adam_weight_decay,
+            },
+            lr_scheduler: &self.lr_scheduler,
+            lr_warmup_steps: self.lr_warmup_steps,
+            lr_num_cycles: self.lr_num_cycles,
+            lr_power: self.lr_power,
+            total_steps,
+            mixed_precision: self.mixed_precision,
+            device: self.device,
+            max_grad_norm: None,
         }
     }
 
@@ -271,26 +285,23 @@ impl TextualInversionConfig {
     }
 }
 
-/// The models and optimizer of a textual-inversion run.
+/// The models and optimizer of a textual-inversion run: the shared `TrainerCore` runs the
+/// step over the embedding matrix, `TextualInversionModel` supplies the loss and restores
+/// the rows that must not learn.
 pub struct TextualInversionTrainer {
-    tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    text_encoder_store: VarStore,
-    unet: UNet2DConditionModel,
-    _unet_store: VarStore,
-    vae: AutoencoderKL,
-    _vae_store: VarStore,
-    scheduler: DdpmScheduler,
-    prediction: PredictionType,
-    weight_kind: Kind,
+    model: TextualInversionModel,
+    core: TrainerCore,
+}
+
+/// What textual inversion supplies to the shared step: the loss of a micro-batch (text encoder
+/// in float32 under autocast, frozen UNet in the weight dtype) and, after each update, every
+/// non-placeholder embedding row restored bit for bit.
+struct TextualInversionModel {
+    base: BaseModel,
     placeholder_tokens: Vec<String>,
     /// Id of the first placeholder; the placeholders are the last rows of the embedding.
     first_placeholder_id: i64,
     original_embeddings: Tensor,
-    optimizer: Optimizer,
-    schedule: LrSchedule,
-    precision: Precision,
-    step: u64,
 }
 
 impl TextualInversionTrainer {
@@ -298,127 +309,73 @@ impl TextualInversionTrainer {
     /// token's row) and sets up the optimizer over the whole embedding matrix.
     pub fn new(config: &TextualInversionConfig, total_steps: u64) -> Result<Self, TrainError> {
         config.validate()?;
-        let device = config.device;
-        let weight_kind = config.mixed_precision.weight_kind(device)?;
-        let folder =
-            ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
-        super::refuse_xl(&folder)?;
-        let mut tokenizer =
-            ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(TrainError::model)?;
-        let initializer_id = single_token_id(&tokenizer, &config.initializer_token)?;
+        let weight_kind = config.mixed_precision.weight_kind(config.device)?;
+        let kinds = ModuleKinds {
+            weight: weight_kind,
+            text_encoder: Kind::Float,
+            unet: weight_kind,
+        };
         let placeholder_tokens = config.placeholder_tokens();
-        let mut ids = Vec::with_capacity(placeholder_tokens.len());
-        for token in &placeholder_tokens {
-            ids.push(tokenizer.add_token(token).map_err(|e| TrainError::Config {
-                field: "placeholder_token",
-                problem: e.to_string(),
-            })?);
-        }
-        let (mut text_encoder_store, mut text_encoder) =
-            ClipTextModel::load(&folder.text_encoder_dir(), device, Kind::Float, None)
-                .map_err(TrainError::model)?;
-        let initial_rows = text_encoder
-            .token_embedding()
-            .get(initializer_id)
-            .detach()
-            .unsqueeze(0)
-            .repeat([ids.len() as i64, 1]);
-        text_encoder
-            .append_token_embeddings(&initial_rows)
-            .map_err(TrainError::model)?;
-        text_encoder_store.freeze();
-        let embedding = text_encoder.token_embedding().set_requires_grad(true);
-        let (mut unet_store, unet) =
-            UNet2DConditionModel::load(&folder.unet_dir(), device, weight_kind, None)
-                .map_err(TrainError::model)?;
-        let (mut vae_store, vae) =
-            AutoencoderKL::load(&folder.vae_dir(), device, weight_kind, None)
-                .map_err(TrainError::model)?;
-        unet_store.freeze();
-        vae_store.freeze();
-        let scheduler_config =
-            SchedulerConfig::from_file(&folder.scheduler_dir().join("scheduler_config.json"))
-                .map_err(TrainError::model)?;
-        let prediction = common::prediction_type(&scheduler_config)?;
-        let scheduler = DdpmScheduler::new(&scheduler_config).map_err(TrainError::model)?;
-        let lr = config.effective_learning_rate();
-        let optimizer = Optimizer::new(
-            config.optimizer,
-            &[embedding.shallow_clone()],
-            AdamWConfig {
-                lr,
-                beta1: config.adam_beta1,
-                beta2: config.adam_beta2,
-                eps: config.adam_epsilon,
-                weight_decay: config.adam_weight_decay,
-            },
-        );
-        let schedule = LrSchedule::new(
-            &config.lr_scheduler,
-            lr,
-            config.lr_warmup_steps,
-            total_steps,
-            config.lr_num_cycles,
-            config.lr_power,
+        let (mut base, (initializer_id, first_placeholder_id)) = BaseModel::load_with(
+            &config.pretrained_model_name_or_path,
+            config.device,
+            kinds,
+            |tokenizer| add_placeholder_tokens(tokenizer, config, &placeholder_tokens),
         )?;
-        Ok(Self {
+        let count = placeholder_tokens.len() as i64;
+        append_initial_rows(&mut base, initializer_id, count)?;
+        base.text_encoder_store.freeze();
+        base.unet_store.freeze();
+        let embedding = base.text_encoder.token_embedding().set_requires_grad(true);
+        let trainables = vec![(EMBEDDING_KEY.to_string(), embedding.shallow_clone())];
+        let core = TrainerCore::new(trainables, &config.core_settings(total_steps))?;
+        let model = TextualInversionModel {
             original_embeddings: embedding.detach().copy(),
-            first_placeholder_id: ids[0],
-            tokenizer,
-            text_encoder,
-            text_encoder_store,
-            unet,
-            _unet_store: unet_store,
-            vae,
-            _vae_store: vae_store,
-            scheduler,
-            prediction,
-            weight_kind,
+            base,
             placeholder_tokens,
-            optimizer,
-            schedule,
-            precision: Precision::new(config.mixed_precision, device)?,
-            step: 0,
-        })
+            first_placeholder_id,
+        };
+        Ok(Self { model, core })
     }
 
     pub fn step(&self) -> u64 {
-        self.step
+        self.core.step()
     }
 
     pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.tokenizer
+        &self.model.base.tokenizer
     }
 
     pub fn text_encoder(&self) -> &ClipTextModel {
-        &self.text_encoder
+        &self.model.base.text_encoder
     }
 
     pub fn text_encoder_store(&self) -> &VarStore {
-        &self.text_encoder_store
+        &self.model.base.text_encoder_store
     }
 
     pub fn placeholder_tokens(&self) -> &[String] {
-        &self.placeholder_tokens
+        &self.model.placeholder_tokens
     }
 
     /// (token, id) of every placeholder, in id order.
     pub fn placeholder_ids(&self) -> Vec<(String, i64)> {
-        self.placeholder_tokens
+        self.model
+            .placeholder_tokens
             .iter()
             .enumerate()
-            .map(|(i, token)| (token.clone(), self.first_placeholder_id + i as i64))
+            .map(|(i, token)| (token.clone(), self.model.first_placeholder_id + i as i64))
             .collect()
     }
 
     /// The learned rows `[num_vectors, dim]`.
     pub fn learned_embeddings(&self) -> Tensor {
-        self.text_encoder
+        self.text_encoder()
             .token_embedding()
             .narrow(
                 0,
-                self.first_placeholder_id,
-                self.placeholder_tokens.len() as i64,
+                self.model.first_placeholder_id,
+                self.model.placeholder_tokens.len() as i64,
             )
             .detach()
             .copy()
@@ -428,81 +385,95 @@ impl TextualInversionTrainer {
     /// AdamW over the embedding matrix (no clipping, as the script; skipped when fp16 scaling
     /// found an inf/NaN gradient), zero grads, restore every non-placeholder row bit for bit.
     pub fn train_step(&mut self, micro_batches: &[StepBatch]) -> Result<StepReport, TrainError> {
-        let lr = self
-            .schedule
-            .lr_at(self.precision.schedule_position(self.step));
-        self.optimizer.set_lr(lr);
-        let count = micro_batches.len().max(1) as f64;
-        let mut total = 0.0;
-        for batch in micro_batches {
-            let loss = self.batch_loss(batch)?;
-            let value = loss.double_value(&[]);
-            if let Err(error) = common::check_finite(value, self.step + 1) {
-                self.optimizer.zero_grad();
-                return Err(error);
-            }
-            self.precision.backward(&loss, count);
-            total += value;
-        }
-        let embedding = self.text_encoder.token_embedding().shallow_clone();
-        let found_inf = self.precision.unscale(&[embedding]);
-        if !found_inf {
-            self.optimizer.step()?;
-        }
-        self.precision.update(found_inf);
-        self.optimizer.zero_grad();
-        self.restore_other_rows();
-        self.step += 1;
-        Ok(StepReport {
-            loss: total / count,
-            grad_norm: None,
-            lr,
-            skipped_steps: self.precision.skipped_steps(),
-        })
+        self.core.train_step(&self.model, micro_batches)
     }
 
     /// Mixed precision: autocast of the text encoder and fp16 loss scaling.
     pub fn precision_mut(&mut self) -> &mut Precision {
-        &mut self.precision
+        self.core.precision_mut()
     }
 
     /// The loss of one batch (textual_inversion.py: text encoder with float32 weights, under
     /// autocast with mixed precision; UNet in the weight dtype; loss in float32).
     pub fn batch_loss(&self, batch: &StepBatch) -> Result<Tensor, TrainError> {
+        self.model.batch_loss(batch, self.core.precision())
+    }
+}
+
+impl StepMethod for TextualInversionModel {
+    fn micro_batch_loss<'a>(
+        &'a self,
+        batch: &StepBatch,
+        precision: &'a Precision,
+    ) -> Result<MicroBatchLoss<'a>, TrainError> {
+        self.batch_loss(batch, precision).map(MicroBatchLoss::from)
+    }
+
+    /// Only the placeholder rows learn: every other row goes back to its original value.
+    fn after_update(&self) {
+        let _guard = tch::no_grad_guard();
+        let keep = self.first_placeholder_id;
+        let mut rows = self.base.text_encoder.token_embedding().narrow(0, 0, keep);
+        rows.copy_(&self.original_embeddings.narrow(0, 0, keep));
+    }
+}
+
+impl TextualInversionModel {
+    fn batch_loss(&self, batch: &StepBatch, precision: &Precision) -> Result<Tensor, TrainError> {
         let ids = batch.input_ids.to_device(batch.latents.device());
-        let hidden = self
-            .precision
-            .forward(|| (self.text_encoder.forward(&ids)).map(|output| output.last_hidden_state))?;
+        let text_encoder = &self.base.text_encoder;
+        let hidden = precision
+            .forward(|| (text_encoder.forward(&ids)).map(|output| output.last_hidden_state))?;
         let model = DiffusionModel {
-            unet: &self.unet,
-            unet_kind: self.weight_kind,
+            unet: &self.base.unet,
+            unet_kind: self.base.weight_kind,
             autocast: None,
-            scheduler: &self.scheduler,
-            prediction: self.prediction,
+            scheduler: &self.base.scheduler,
+            prediction: self.base.prediction,
         };
         let spec = LossSpec {
             prior_loss_weight: None,
             snr_gamma: None,
         };
-        common::diffusion_loss(&model, batch, &hidden, &spec)
+        objective::diffusion_loss(&model, batch, &hidden, &spec)
     }
+}
 
-    fn restore_other_rows(&self) {
-        let _guard = tch::no_grad_guard();
-        let keep = self.first_placeholder_id;
-        let mut rows = self.text_encoder.token_embedding().narrow(0, 0, keep);
-        rows.copy_(&self.original_embeddings.narrow(0, 0, keep));
+/// Checks the initializer token and adds the placeholder tokens to the tokenizer; returns the
+/// initializer's id and the first placeholder's.
+fn add_placeholder_tokens(
+    tokenizer: &mut ClipTokenizer,
+    config: &TextualInversionConfig,
+    tokens: &[String],
+) -> Result<(i64, i64), TrainError> {
+    let initializer_id = single_token_id(tokenizer, &config.initializer_token)?;
+    let mut ids = Vec::with_capacity(tokens.len());
+    for token in tokens {
+        ids.push(tokenizer.add_token(token).map_err(|e| TrainError::Config {
+            field: "placeholder_token",
+            problem: e.to_string(),
+        })?);
     }
+    Ok((initializer_id, ids[0]))
+}
 
-    fn encode_moments(&self, pixels: &Tensor) -> (Tensor, Tensor) {
-        tch::no_grad(|| {
-            let posterior = self.vae.encode(&pixels.to_kind(self.weight_kind));
-            (
-                posterior.mean.to_kind(Kind::Float),
-                posterior.std.to_kind(Kind::Float),
-            )
-        })
-    }
+/// Appends `count` embedding rows, copies of the initializer token's, for the placeholders.
+fn append_initial_rows(
+    base: &mut BaseModel,
+    initializer_id: i64,
+    count: i64,
+) -> Result<(), TrainError> {
+    let initial_rows = base
+        .text_encoder
+        .token_embedding()
+        .get(initializer_id)
+        .detach()
+        .unsqueeze(0)
+        .repeat([count, 1]);
+    base.text_encoder
+        .append_token_embeddings(&initial_rows)
+        .map(|_| ())
+        .map_err(TrainError::model)
 }
 
 /// The id of `word` when it encodes to exactly one token.
@@ -535,14 +506,14 @@ impl TiData {
         trainer: &TextualInversionTrainer,
     ) -> Result<Self, TrainError> {
         let images = data::load_folder(&config.train_data_dir, "train_data_dir")?;
-        let placeholder_string = trainer.placeholder_tokens.join(" ");
+        let placeholder_string = trainer.placeholder_tokens().join(" ");
         let template_ids = config
             .learnable_property
             .templates()
             .iter()
             .map(|template| {
                 let text = template.replace("{}", &placeholder_string);
-                Tensor::from_slice(&trainer.tokenizer.encode(&text).ids).unsqueeze(0)
+                trainer.model.base.tokenize(&text)
             })
             .collect();
         Ok(Self {
@@ -560,9 +531,10 @@ impl TiData {
         self.images.len() * self.repeats
     }
 
+    /// The micro-batch `micro` of optimizer step `step`: each sample's image and template.
     fn batch(
         &self,
-        trainer: &TextualInversionTrainer,
+        base: &BaseModel,
         config: &TextualInversionConfig,
         step: u64,
         micro: u64,
@@ -572,30 +544,15 @@ impl TiData {
         let mut pixels = Vec::new();
         let mut ids = Vec::new();
         for sample in first..first + size {
-            let index = common::dataset_index(config.seed, self.len(), sample) % self.images.len();
+            let index = streams::dataset_index(config.seed, self.len(), sample) % self.images.len();
             let mut rng = SampleRng::for_sample(config.seed, sample);
             let template = rng.below(self.template_ids.len() as u64) as usize;
             ids.push(self.template_ids[template].shallow_clone());
             pixels.push(self.transform.apply(&self.images[index], &mut rng));
         }
-        let (mean, std) =
-            trainer.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device));
-        let _rng = common::seed_step_tensors(config.seed, step, micro);
-        let epsilon = crate::sd::rng::randn(&mean.size(), Kind::Float, mean.device());
-        // In the weight dtype, as the script's VAE sample (and so its noise) is.
-        let latents =
-            ((&mean + &std * epsilon) * trainer.vae.scaling_factor()).to_kind(trainer.weight_kind);
-        let (noise, timesteps) = common::draw_noise_and_timesteps(
-            &latents,
-            false,
-            trainer.scheduler.num_train_timesteps(),
-        )?;
-        Ok(StepBatch {
-            latents,
-            noise,
-            timesteps,
-            input_ids: Tensor::cat(&ids, 0).to_device(config.device),
-        })
+        let moments = base.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device));
+        let input_ids = Tensor::cat(&ids, 0).to_device(config.device);
+        base.draw_batch(moments, input_ids, (config.seed, step, micro), false)
     }
 }
 
@@ -610,49 +567,27 @@ impl TrainingMethod for TextualInversionRun<'_> {
         METHOD
     }
 
-    fn step(&self) -> u64 {
-        self.trainer.step
+    fn core(&self) -> &TrainerCore {
+        &self.trainer.core
     }
 
-    fn set_step(&mut self, step: u64) {
-        self.trainer.step = step;
+    fn core_mut(&mut self) -> &mut TrainerCore {
+        &mut self.trainer.core
     }
 
-    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
-        vec![(
-            EMBEDDING_KEY.to_string(),
-            self.trainer.text_encoder.token_embedding().shallow_clone(),
-        )]
-    }
-
-    fn optimizer(&self) -> &Optimizer {
-        &self.trainer.optimizer
-    }
-
-    fn optimizer_mut(&mut self) -> &mut Optimizer {
-        &mut self.trainer.optimizer
-    }
-
-    fn precision(&self) -> &Precision {
-        &self.trainer.precision
-    }
-
-    fn precision_mut(&mut self) -> &mut Precision {
-        &mut self.trainer.precision
-    }
-
-    fn write_model(&self, dir: &std::path::Path) -> Result<(), TrainError> {
+    fn write_model(&self, dir: &Path) -> Result<(), TrainError> {
         write_model_with_placeholders(self.config, &self.trainer, dir)
     }
 
-    fn write_outputs(&self, dir: &std::path::Path) -> Result<(), TrainError> {
+    fn write_outputs(&self, dir: &Path) -> Result<(), TrainError> {
         write_outputs_into(self.config, &self.trainer, dir)
     }
 
     fn next_step(&mut self) -> Result<StepReport, TrainError> {
-        let step = self.trainer.step;
+        let step = self.trainer.step();
+        let base = &self.trainer.model.base;
         let batches = (0..self.config.gradient_accumulation_steps)
-            .map(|micro| self.data.batch(&self.trainer, self.config, step, micro))
+            .map(|micro| self.data.batch(base, self.config, step, micro))
             .collect::<Result<Vec<_>, _>>()?;
         self.trainer.train_step(&batches)
     }
@@ -665,7 +600,7 @@ pub fn train(
 ) -> Result<TrainOutcome, TrainError> {
     config.validate()?;
     let image_count = data::list_images(&config.train_data_dir, "train_data_dir")?.len();
-    let total = common::total_steps(
+    let total = config::total_steps(
         config.max_train_steps,
         config.num_train_epochs,
         image_count * config.repeats.max(1),
@@ -676,7 +611,7 @@ pub fn train(
     let data = TiData::load(config, &trainer)?;
     let settings = DriverSettings {
         work_dir: &config.work_dir,
-        metrics_dir: &config.output_dir,
+        output_dir: &config.output_dir,
         total_steps: total,
         checkpointing_steps: config.checkpointing_steps,
         checkpoints_total_limit: config.checkpoints_total_limit,
@@ -690,14 +625,7 @@ pub fn train(
         data,
         config,
     };
-    let result = driver::run(&mut run, &settings, callbacks)?;
-    write_outputs(config, &run.trainer)?;
-    Ok(TrainOutcome {
-        steps: run.trainer.step,
-        resumed_from: result.resumed_from,
-        final_loss: result.final_loss,
-        output_dir: config.output_dir.clone(),
-    })
+    driver::run(&mut run, &settings, callbacks)
 }
 
 /// The embedding files and the full diffusers folder of a trained placeholder.
@@ -712,9 +640,9 @@ pub fn write_outputs(
 fn write_outputs_into(
     config: &TextualInversionConfig,
     trainer: &TextualInversionTrainer,
-    out: &std::path::Path,
+    out: &Path,
 ) -> Result<(), TrainError> {
-    std::fs::create_dir_all(out).map_err(|e| common::io_error(out, "create the directory", e))?;
+    std::fs::create_dir_all(out).map_err(|e| super::io_error(out, "create the directory", e))?;
     let embeds = trainer.learned_embeddings();
     output::write_learned_embeds(
         &out.join(output::LEARNED_EMBEDS_FILE),
@@ -730,7 +658,7 @@ fn write_outputs_into(
 fn write_model_with_placeholders(
     config: &TextualInversionConfig,
     trainer: &TextualInversionTrainer,
-    dir: &std::path::Path,
+    dir: &Path,
 ) -> Result<(), TrainError> {
     let base =
         ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
@@ -739,7 +667,7 @@ fn write_model_with_placeholders(
         dir,
         &NewWeights {
             unet: None,
-            text_encoder: Some(&trainer.text_encoder_store),
+            text_encoder: Some(trainer.text_encoder_store()),
             added_tokens: &trainer.placeholder_ids(),
         },
     )
