@@ -7,6 +7,7 @@
 //! `ctx.cancel`.
 pub mod command;
 pub mod images;
+pub mod params;
 pub mod sd_kinds;
 
 use crate::exec::events::{CancelFlag, ProgressReporter};
@@ -388,6 +389,15 @@ impl StageContext<'_> {
         let dir = self.shared_root.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| StageError::io("create", &dir, e))?;
         Ok(dir)
+    }
+    /// The kind's typed parameters (its struct beside its schema, e.g.
+    /// `sd_kinds::dreambooth::DreamBoothParams`), parsed from [`Self::params`].
+    pub fn typed<P>(&self) -> Result<P, StageError>
+    where
+        P: serde::de::DeserializeOwned,
+    {
+        params::parse(self.params)
+            .map_err(|e| StageError::Failed(format!("stage `{}`: parameters: {e}", self.stage_id)))
     }
     pub fn check_cancelled(&self) -> Result<(), StageError> {
         if self.cancel.is_cancelled() {

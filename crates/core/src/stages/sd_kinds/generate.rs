@@ -7,10 +7,12 @@
 //! negative prompt, its seed, steps, guidance, scheduler, size, dtype, device type). Raising
 //! `count` changes the stage key, but the images already made are copied from the memo.
 use super::{
-    MAX_SEED, SCHEDULER_CHOICES, dtype_spec, guidance_spec, negative_prompt_spec, size_specs,
-    steps_spec,
+    Dtype, MAX_SEED, SCHEDULER_CHOICES, SchedulerName, dtype_spec, guidance_spec,
+    negative_prompt_spec, size_specs, steps_spec,
 };
+use crate::stages::params::Input;
 use crate::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// Largest `count`: 100k class images is far beyond DreamBooth's usual 200–1000.
@@ -19,6 +21,26 @@ const MAX_COUNT: f64 = 100_000.0;
 const MAX_BATCH: f64 = 256.0;
 
 pub struct GenerateKind;
+
+/// A `generate` stage's fields (its table: [`GenerateKind::schema`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateParams {
+    /// Resolved by the runner: `ctx.inputs["model"]`.
+    pub model: Input,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub count: u64,
+    /// `None`: the model's own.
+    pub scheduler: Option<SchedulerName>,
+    pub steps: usize,
+    pub guidance: f64,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub dtype: Dtype,
+}
 
 impl Stage for GenerateKind {
     fn kind(&self) -> &'static str {
@@ -78,5 +100,15 @@ impl Stage for GenerateKind {
     }
     fn needs_torch(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_the_fields_of_the_struct() {
+        crate::stages::params::check_table::<GenerateParams>(&GenerateKind.schema()).unwrap();
     }
 }
