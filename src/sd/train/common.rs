@@ -29,33 +29,27 @@ const SALT_TENSORS: u64 = 0x7465_6e73_6f72_7321;
 const SALT_SAMPLE: u64 = 0x7361_6d70_6c65_7321;
 const SALT_EPOCH: u64 = 0x6570_6f63_6873_2121;
 
+use dreampipe_core::stages::sd_kinds::training::TrainingParams;
+/// `--mixed_precision` (`no | fp16 | bf16`) and `--use_8bit_adam` (`adamw | adamw8bit`): the
+/// stage schemas' closed sets, parsed where the stage's fields are.
+pub use dreampipe_core::stages::sd_kinds::training::{MixedPrecision, OptimizerKind};
+
 /// `--mixed_precision` as accelerate applies it: the frozen modules run in the lower precision;
 /// the trained modules keep float32 weights and run their forward (so their backward) under
 /// libtorch's autocast; fp16 also scales the loss ([`GradScaler`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MixedPrecision {
-    No,
-    Fp16,
-    Bf16,
-}
-
-impl MixedPrecision {
-    /// Parses diffusers' `no | fp16 | bf16`.
-    pub fn parse(value: &str) -> Result<Self, TrainError> {
-        match value {
-            "no" => Ok(Self::No),
-            "fp16" => Ok(Self::Fp16),
-            "bf16" => Ok(Self::Bf16),
-            other => Err(TrainError::Config {
-                field: "mixed_precision",
-                problem: format!("'{other}' is not one of no, fp16, bf16"),
-            }),
-        }
-    }
-
+pub trait MixedPrecisionExt: Copy {
     /// The dtype frozen modules run in on `device`. fp16 needs CUDA (libtorch's CPU half
     /// kernels are incomplete and slow); bf16 works on both.
-    pub fn weight_kind(self, device: Device) -> Result<Kind, TrainError> {
+    fn weight_kind(self, device: Device) -> Result<Kind, TrainError>;
+    /// The autocast region the trained modules' forward runs in (None without mixed
+    /// precision).
+    fn autocast(self, device: Device) -> Result<Option<Autocast>, TrainError>;
+    /// fp16's dynamic loss scaling (torch.amp.GradScaler's defaults); bf16 needs none.
+    fn grad_scaler(self) -> Option<GradScaler>;
+}
+
+impl MixedPrecisionExt for MixedPrecision {
+    fn weight_kind(self, device: Device) -> Result<Kind, TrainError> {
         match (self, device) {
             (Self::No, _) => Ok(Kind::Float),
             (Self::Bf16, _) => Ok(Kind::BFloat16),
@@ -67,37 +61,54 @@ impl MixedPrecision {
         }
     }
 
-    /// The autocast region the trained modules' forward runs in (None without mixed precision).
-    pub fn autocast(self, device: Device) -> Result<Option<Autocast>, TrainError> {
+    fn autocast(self, device: Device) -> Result<Option<Autocast>, TrainError> {
         let kind = self.weight_kind(device)?;
         Ok((kind != Kind::Float).then_some(Autocast { device, kind }))
     }
 
-    /// fp16's dynamic loss scaling (torch.amp.GradScaler's defaults); bf16 needs none.
-    pub fn grad_scaler(self) -> Option<GradScaler> {
+    fn grad_scaler(self) -> Option<GradScaler> {
         (self == Self::Fp16).then(GradScaler::default)
     }
 }
 
-/// `--use_8bit_adam`: plain AdamW or bitsandbytes-style 8-bit AdamW.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OptimizerKind {
-    AdamW,
-    AdamW8bit,
+/// A kind's typed fields at its schema's defaults but for `given` (the required ones): the
+/// library configs' starting point, so a default is written once, in the stage schema.
+pub fn schema_defaults<P: serde::de::DeserializeOwned>(
+    schema: &[dreampipe_core::stages::ParamSpec],
+    given: serde_json::Value,
+) -> P {
+    let given = given.as_object().cloned().unwrap_or_default();
+    // The kinds' unit tests check that every schema's defaults parse into its struct.
+    dreampipe_core::stages::params::with_defaults(schema, given)
+        .unwrap_or_else(|e| panic!("a stage schema's defaults do not fit its struct: {e}"))
 }
 
-impl OptimizerKind {
-    /// Parses `adamw | adamw8bit`.
-    pub fn parse(value: &str) -> Result<Self, TrainError> {
-        match value {
-            "adamw" => Ok(Self::AdamW),
-            "adamw8bit" => Ok(Self::AdamW8bit),
-            other => Err(TrainError::Config {
-                field: "optimizer",
-                problem: format!("'{other}' is not one of adamw, adamw8bit"),
-            }),
-        }
+/// Rejects shared settings the training loop cannot run, naming the option (the stage schema
+/// refuses them already; library callers build configs by hand).
+pub fn validate_training(training: &TrainingParams, device: Device) -> Result<(), TrainError> {
+    let fail = |field: &'static str| {
+        Err(TrainError::Config {
+            field,
+            problem: "must be at least 1".to_string(),
+        })
+    };
+    if training.train_batch_size == 0 {
+        return fail("train_batch_size");
     }
+    if training.gradient_accumulation_steps == 0 {
+        return fail("gradient_accumulation_steps");
+    }
+    if training.checkpointing_steps == 0 {
+        return fail("checkpointing_steps");
+    }
+    let resolution = training.resolution;
+    if resolution == 0 || !resolution.is_multiple_of(RESOLUTION_MULTIPLE) {
+        return Err(TrainError::Config {
+            field: "resolution",
+            problem: "must be a positive multiple of 8".to_string(),
+        });
+    }
+    training.mixed_precision.weight_kind(device).map(|_| ())
 }
 
 /// The optimizer of a training run (either kind, one interface).

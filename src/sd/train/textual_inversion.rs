@@ -14,8 +14,8 @@
 //! learning rate is 5e-4 (the README's recipe; the script's argparse default is 1e-4).
 use super::TrainError;
 use super::common::{
-    self, Callbacks, DiffusionModel, LossSpec, MixedPrecision, Optimizer, OptimizerKind, SampleRng,
-    StepBatch, StepReport, TrainOutcome,
+    self, Callbacks, DiffusionModel, LossSpec, MixedPrecisionExt, Optimizer, SampleRng, StepBatch,
+    StepReport, TrainOutcome,
 };
 use super::data::{self, Transform};
 use super::driver::{self, DriverSettings, TrainingMethod};
@@ -30,6 +30,10 @@ use crate::sd::schedulers::{DdpmScheduler, SchedulerConfig};
 use crate::sd::tokenizer::ClipTokenizer;
 use crate::sd::unet::UNet2DConditionModel;
 use crate::sd::vae::AutoencoderKL;
+use dreampipe_core::stages::sd_kinds::textual_inversion::{
+    InversionFields, TextualInversionKind, TextualInversionParams,
+};
+use dreampipe_core::stages::sd_kinds::training::TrainingParams;
 use image::RgbImage;
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor, nn::VarStore};
@@ -95,87 +99,40 @@ pub const STYLE_TEMPLATES: [&str; 19] = [
     "a large painting in the style of {}",
 ];
 
-/// `--learnable_property`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LearnableProperty {
-    Object,
-    Style,
-}
+/// `--learnable_property` (the stage schema's closed set) and its prompt templates.
+pub use dreampipe_core::stages::sd_kinds::textual_inversion::LearnableProperty;
 
-impl LearnableProperty {
-    pub fn parse(value: &str) -> Result<Self, TrainError> {
-        match value {
-            "object" => Ok(Self::Object),
-            "style" => Ok(Self::Style),
-            other => Err(TrainError::Config {
-                field: "learnable_property",
-                problem: format!("'{other}' is not one of object, style"),
-            }),
-        }
-    }
-
-    pub fn templates(self) -> &'static [&'static str] {
-        match self {
-            Self::Object => &OBJECT_TEMPLATES,
-            Self::Style => &STYLE_TEMPLATES,
-        }
+/// The prompt templates of `property` (textual_inversion.py's).
+pub fn templates(property: LearnableProperty) -> &'static [&'static str] {
+    match property {
+        LearnableProperty::Object => &OBJECT_TEMPLATES,
+        LearnableProperty::Style => &STYLE_TEMPLATES,
     }
 }
 
-/// textual_inversion.py's arguments (names and defaults as there, except where noted).
+/// textual_inversion.py's arguments: the `textual_inversion` stage's typed fields (names and
+/// defaults as the script's) plus the resolved paths.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextualInversionConfig {
+    /// The hyperparameters every training kind shares (the input fields in it are not read:
+    /// the paths below are). `gradient_checkpointing` is not supported (rejected).
+    pub training: TrainingParams,
+    /// The tokens, vectors, templates and repeats.
+    pub inversion: InversionFields,
     pub pretrained_model_name_or_path: PathBuf,
     pub train_data_dir: PathBuf,
-    pub placeholder_token: String,
-    pub initializer_token: String,
-    /// Default 1.
-    pub num_vectors: usize,
-    pub learnable_property: LearnableProperty,
-    /// Default 100 (the dataset is the images repeated this often per epoch).
-    pub repeats: usize,
     pub output_dir: PathBuf,
     pub work_dir: PathBuf,
     /// Write a checkpoint at the last step even when it is not a multiple of
     /// `checkpointing_steps` (the stage keeps it so a longer run can continue from it).
     pub keep_final_checkpoint: bool,
     pub resume_from_checkpoint: bool,
-    /// Default 0 (diffusers: None).
-    pub seed: u64,
-    /// Default 512.
-    pub resolution: u32,
-    pub center_crop: bool,
-    /// Default 16.
-    pub train_batch_size: usize,
-    /// Default 100 (used when max_train_steps is None).
-    pub num_train_epochs: u64,
-    /// Default 5000.
-    pub max_train_steps: Option<u64>,
-    pub gradient_accumulation_steps: u64,
-    /// Not yet supported (rejected).
-    pub gradient_checkpointing: bool,
-    /// Default 5e-4.
-    pub learning_rate: f64,
-    pub scale_lr: bool,
-    pub lr_scheduler: String,
-    /// Default 500.
-    pub lr_warmup_steps: u64,
-    pub lr_num_cycles: u32,
-    pub lr_power: f64,
-    pub optimizer: OptimizerKind,
-    pub adam_beta1: f64,
-    pub adam_beta2: f64,
-    pub adam_weight_decay: f64,
-    pub adam_epsilon: f64,
-    pub mixed_precision: MixedPrecision,
-    /// Default 500.
-    pub checkpointing_steps: u64,
-    pub checkpoints_total_limit: Option<usize>,
     pub device: Device,
 }
 
 impl TextualInversionConfig {
-    /// A config with the script's defaults for everything but the required fields.
+    /// A config with the `textual_inversion` stage's defaults for everything but the required
+    /// fields.
     pub fn new(
         pretrained_model_name_or_path: PathBuf,
         train_data_dir: PathBuf,
@@ -184,89 +141,48 @@ impl TextualInversionConfig {
         output_dir: PathBuf,
         work_dir: PathBuf,
     ) -> Self {
+        let given = serde_json::json!({
+            "model": pretrained_model_name_or_path.to_string_lossy(),
+            "instance_images": train_data_dir.to_string_lossy(),
+            "placeholder_token": placeholder_token,
+            "initializer_token": initializer_token,
+        });
+        let schema = dreampipe_core::stages::Stage::schema(&TextualInversionKind);
+        let params: TextualInversionParams = common::schema_defaults(&schema, given);
         Self {
+            training: params.training,
+            inversion: params.inversion,
             pretrained_model_name_or_path,
             train_data_dir,
-            placeholder_token: placeholder_token.to_string(),
-            initializer_token: initializer_token.to_string(),
-            num_vectors: 1,
-            learnable_property: LearnableProperty::Object,
-            repeats: 100,
             output_dir,
             work_dir,
-            resume_from_checkpoint: false,
             keep_final_checkpoint: false,
-            seed: 0,
-            resolution: 512,
-            center_crop: false,
-            train_batch_size: 16,
-            num_train_epochs: 100,
-            max_train_steps: Some(5000),
-            gradient_accumulation_steps: 1,
-            gradient_checkpointing: false,
-            learning_rate: 5e-4,
-            scale_lr: false,
-            lr_scheduler: "constant".to_string(),
-            lr_warmup_steps: 500,
-            lr_num_cycles: 1,
-            lr_power: 1.0,
-            optimizer: OptimizerKind::AdamW,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_weight_decay: 1e-2,
-            adam_epsilon: 1e-8,
-            mixed_precision: MixedPrecision::No,
-            checkpointing_steps: 500,
-            checkpoints_total_limit: None,
+            resume_from_checkpoint: false,
             device: Device::Cpu,
         }
     }
 
     pub fn validate(&self) -> Result<(), TrainError> {
-        let fail = |field: &'static str, problem: &str| {
-            Err(TrainError::Config {
-                field,
-                problem: problem.to_string(),
-            })
-        };
-        if self.gradient_checkpointing {
-            return fail(
-                "gradient_checkpointing",
-                "not yet supported for the UNet; train without it (lower train_batch_size or resolution to save memory)",
-            );
+        if self.training.gradient_checkpointing {
+            return Err(TrainError::Config {
+                field: "gradient_checkpointing",
+                problem: "not yet supported for the UNet; train without it (lower train_batch_size or resolution to save memory)".to_string(),
+            });
         }
-        if self.num_vectors == 0 {
-            return fail("num_vectors", "must be at least 1");
+        if self.inversion.num_vectors == 0 {
+            return Err(TrainError::Config {
+                field: "num_vectors",
+                problem: "must be at least 1".to_string(),
+            });
         }
-        if self.train_batch_size == 0 {
-            return fail("train_batch_size", "must be at least 1");
-        }
-        if self.gradient_accumulation_steps == 0 {
-            return fail("gradient_accumulation_steps", "must be at least 1");
-        }
-        if self.checkpointing_steps == 0 {
-            return fail("checkpointing_steps", "must be at least 1");
-        }
-        if self.resolution == 0 || !self.resolution.is_multiple_of(common::RESOLUTION_MULTIPLE) {
-            return fail("resolution", "must be a positive multiple of 8");
-        }
-        self.mixed_precision.weight_kind(self.device).map(|_| ())
-    }
-
-    pub fn effective_learning_rate(&self) -> f64 {
-        if self.scale_lr {
-            self.learning_rate
-                * self.gradient_accumulation_steps as f64
-                * self.train_batch_size as f64
-        } else {
-            self.learning_rate
-        }
+        common::validate_training(&self.training, self.device)
     }
 
     /// `<tok>`, `<tok>_1`, ... `<tok>_{n-1}`.
     pub fn placeholder_tokens(&self) -> Vec<String> {
-        std::iter::once(self.placeholder_token.clone())
-            .chain((1..self.num_vectors).map(|i| format!("{}_{i}", self.placeholder_token)))
+        let token = &self.inversion.placeholder_token;
+        std::iter::once(token.clone())
+            .chain((1..self.inversion.num_vectors).map(|i| format!("{token}_{i}")))
             .collect()
     }
 }
@@ -299,12 +215,12 @@ impl TextualInversionTrainer {
     pub fn new(config: &TextualInversionConfig, total_steps: u64) -> Result<Self, TrainError> {
         config.validate()?;
         let device = config.device;
-        let weight_kind = config.mixed_precision.weight_kind(device)?;
+        let weight_kind = config.training.mixed_precision.weight_kind(device)?;
         let folder =
             ModelFolder::open(&config.pretrained_model_name_or_path).map_err(TrainError::model)?;
         let mut tokenizer =
             ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(TrainError::model)?;
-        let initializer_id = single_token_id(&tokenizer, &config.initializer_token)?;
+        let initializer_id = single_token_id(&tokenizer, &config.inversion.initializer_token)?;
         let placeholder_tokens = config.placeholder_tokens();
         let mut ids = Vec::with_capacity(placeholder_tokens.len());
         for token in &placeholder_tokens {
@@ -340,25 +256,25 @@ impl TextualInversionTrainer {
                 .map_err(TrainError::model)?;
         let prediction = common::prediction_type(&scheduler_config)?;
         let scheduler = DdpmScheduler::new(&scheduler_config).map_err(TrainError::model)?;
-        let lr = config.effective_learning_rate();
+        let lr = config.training.effective_learning_rate();
         let optimizer = Optimizer::new(
-            config.optimizer,
+            config.training.optimizer,
             &[embedding.shallow_clone()],
             AdamWConfig {
                 lr,
-                beta1: config.adam_beta1,
-                beta2: config.adam_beta2,
-                eps: config.adam_epsilon,
-                weight_decay: config.adam_weight_decay,
+                beta1: config.training.adam_beta1,
+                beta2: config.training.adam_beta2,
+                eps: config.training.adam_epsilon,
+                weight_decay: config.training.adam_weight_decay,
             },
         );
         let schedule = LrSchedule::new(
-            &config.lr_scheduler,
+            config.training.lr_scheduler,
             lr,
-            config.lr_warmup_steps,
+            config.training.lr_warmup_steps,
             total_steps,
-            config.lr_num_cycles,
-            config.lr_power,
+            config.training.lr_num_cycles,
+            config.training.lr_power,
         )?;
         Ok(Self {
             original_embeddings: embedding.detach().copy(),
@@ -376,7 +292,7 @@ impl TextualInversionTrainer {
             placeholder_tokens,
             optimizer,
             schedule,
-            precision: Precision::new(config.mixed_precision, device)?,
+            precision: Precision::new(config.training.mixed_precision, device)?,
             step: 0,
         })
     }
@@ -535,9 +451,7 @@ impl TiData {
     ) -> Result<Self, TrainError> {
         let images = data::load_folder(&config.train_data_dir, "train_data_dir")?;
         let placeholder_string = trainer.placeholder_tokens.join(" ");
-        let template_ids = config
-            .learnable_property
-            .templates()
+        let template_ids = templates(config.inversion.learnable_property)
             .iter()
             .map(|template| {
                 let text = template.replace("{}", &placeholder_string);
@@ -547,11 +461,11 @@ impl TiData {
         Ok(Self {
             images,
             transform: Transform::TextualInversion {
-                resolution: config.resolution,
-                center_crop: config.center_crop,
+                resolution: config.training.resolution,
+                center_crop: config.training.center_crop,
             },
             template_ids,
-            repeats: config.repeats.max(1),
+            repeats: config.inversion.repeats.max(1),
         })
     }
 
@@ -566,20 +480,21 @@ impl TiData {
         step: u64,
         micro: u64,
     ) -> Result<StepBatch, TrainError> {
-        let size = config.train_batch_size as u64;
-        let first = (step * config.gradient_accumulation_steps + micro) * size;
+        let size = config.training.train_batch_size as u64;
+        let first = (step * config.training.gradient_accumulation_steps + micro) * size;
         let mut pixels = Vec::new();
         let mut ids = Vec::new();
         for sample in first..first + size {
-            let index = common::dataset_index(config.seed, self.len(), sample) % self.images.len();
-            let mut rng = SampleRng::for_sample(config.seed, sample);
+            let index =
+                common::dataset_index(config.training.seed, self.len(), sample) % self.images.len();
+            let mut rng = SampleRng::for_sample(config.training.seed, sample);
             let template = rng.below(self.template_ids.len() as u64) as usize;
             ids.push(self.template_ids[template].shallow_clone());
             pixels.push(self.transform.apply(&self.images[index], &mut rng));
         }
         let (mean, std) =
             trainer.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device));
-        let _rng = common::seed_step_tensors(config.seed, step, micro);
+        let _rng = common::seed_step_tensors(config.training.seed, step, micro);
         let epsilon = crate::sd::rng::randn(&mean.size(), Kind::Float, mean.device());
         // In the weight dtype, as the script's VAE sample (and so its noise) is.
         let latents =
@@ -650,7 +565,7 @@ impl TrainingMethod for TextualInversionRun<'_> {
 
     fn next_step(&mut self) -> Result<StepReport, TrainError> {
         let step = self.trainer.step;
-        let batches = (0..self.config.gradient_accumulation_steps)
+        let batches = (0..self.config.training.gradient_accumulation_steps)
             .map(|micro| self.data.batch(&self.trainer, self.config, step, micro))
             .collect::<Result<Vec<_>, _>>()?;
         self.trainer.train_step(&batches)
@@ -665,11 +580,11 @@ pub fn train(
     config.validate()?;
     let image_count = data::list_images(&config.train_data_dir, "train_data_dir")?.len();
     let total = common::total_steps(
-        config.max_train_steps,
-        config.num_train_epochs,
-        image_count * config.repeats.max(1),
-        config.train_batch_size,
-        config.gradient_accumulation_steps,
+        config.training.max_train_steps,
+        config.training.num_train_epochs,
+        image_count * config.inversion.repeats.max(1),
+        config.training.train_batch_size,
+        config.training.gradient_accumulation_steps,
     );
     let trainer = TextualInversionTrainer::new(config, total)?;
     let data = TiData::load(config, &trainer)?;
@@ -677,11 +592,11 @@ pub fn train(
         work_dir: &config.work_dir,
         metrics_dir: &config.output_dir,
         total_steps: total,
-        checkpointing_steps: config.checkpointing_steps,
-        checkpoints_total_limit: config.checkpoints_total_limit,
+        checkpointing_steps: config.training.checkpointing_steps,
+        checkpoints_total_limit: config.training.checkpoints_total_limit,
         resume: config.resume_from_checkpoint,
         save_final: config.keep_final_checkpoint,
-        seed: config.seed,
+        seed: config.training.seed,
         dataset_sizes: vec![data.images.len()],
     };
     let mut run = TextualInversionRun {
@@ -717,10 +632,13 @@ fn write_outputs_into(
     let embeds = trainer.learned_embeddings();
     output::write_learned_embeds(
         &out.join(output::LEARNED_EMBEDS_FILE),
-        &config.placeholder_token,
+        &config.inversion.placeholder_token,
         &embeds,
     )?;
-    let a1111_name = format!("{}.safetensors", file_stem_for(&config.placeholder_token));
+    let a1111_name = format!(
+        "{}.safetensors",
+        file_stem_for(&config.inversion.placeholder_token)
+    );
     output::write_a1111_embedding(&out.join(a1111_name), &embeds)?;
     write_model_with_placeholders(config, trainer, &out.join(MODEL_SUBDIR))
 }

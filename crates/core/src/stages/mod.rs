@@ -266,7 +266,8 @@ impl StageLog {
 /// Everything a running stage sees.
 pub struct StageContext<'a> {
     pub stage_id: &'a str,
-    /// Every schema parameter, defaults filled in (inputs as written).
+    /// Every schema parameter, defaults filled in (inputs as written); a kind reads them
+    /// typed, through [`Self::typed`].
     pub params: &'a serde_json::Map<String, Value>,
     /// Resolved paths per input parameter.
     pub inputs: &'a BTreeMap<String, Vec<ResolvedInput>>,
@@ -330,46 +331,6 @@ pub fn snapshot_folder(work_dir: &Path, step: u64) -> PathBuf {
 pub const SNAPSHOTS_DIR: &str = "snapshots";
 
 impl StageContext<'_> {
-    fn missing(&self, name: &str, what: &str) -> StageError {
-        StageError::Failed(format!(
-            "stage `{}`: parameter `{name}` is not {what}",
-            self.stage_id
-        ))
-    }
-    pub fn str_param(&self, name: &str) -> Result<&str, StageError> {
-        self.params
-            .get(name)
-            .and_then(Value::as_str)
-            .ok_or_else(|| self.missing(name, "a string"))
-    }
-    pub fn i64_param(&self, name: &str) -> Option<i64> {
-        self.params.get(name).and_then(Value::as_i64)
-    }
-    pub fn f64_param(&self, name: &str) -> Option<f64> {
-        self.params.get(name).and_then(Value::as_f64)
-    }
-    pub fn bool_param(&self, name: &str) -> Option<bool> {
-        self.params.get(name).and_then(Value::as_bool)
-    }
-    /// An `IntegerList` field (a single value gives one element; unset gives none).
-    pub fn i64_list_param(&self, name: &str) -> Vec<i64> {
-        number_list(self.params.get(name), Value::as_i64)
-    }
-    /// A `NumberList` field (a single value gives one element; unset gives none).
-    pub fn f64_list_param(&self, name: &str) -> Vec<f64> {
-        number_list(self.params.get(name), Value::as_f64)
-    }
-    /// A `StringList` field (unset gives none).
-    pub fn string_list_param(&self, name: &str) -> Vec<String> {
-        match self.params.get(name) {
-            Some(Value::Array(items)) => items
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect(),
-            Some(Value::String(text)) => vec![text.clone()],
-            _ => Vec::new(),
-        }
-    }
     /// The resolved paths of an input parameter (empty when it has none).
     pub fn input_paths(&self, name: &str) -> Vec<&Path> {
         self.inputs
@@ -405,14 +366,6 @@ impl StageContext<'_> {
         } else {
             Ok(())
         }
-    }
-}
-
-fn number_list<T>(value: Option<&Value>, read: impl Fn(&Value) -> Option<T>) -> Vec<T> {
-    match value {
-        Some(Value::Array(items)) => items.iter().filter_map(&read).collect(),
-        Some(single) => read(single).into_iter().collect(),
-        None => Vec::new(),
     }
 }
 
