@@ -9,6 +9,7 @@ use dreampipe::exec::executor::{ExecOptions, RunRecord, execute};
 use dreampipe::pipeline::{LoadOptions, Pipeline, load_str};
 use dreampipe::plan::fingerprint::KeyMaterial;
 use dreampipe::plan::graph::Plan;
+use dreampipe::stages::params::{Input, List};
 use dreampipe::stages::{
     ParamSpec, ParamType, Registry, Stage, StageContext, StageError, registry,
 };
@@ -18,6 +19,18 @@ use std::sync::Arc;
 
 /// Writes what it received: each input (upstream, stage id, digest) and its list fields.
 struct Collect;
+
+/// The test kind's fields, typed as a real kind's are.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CollectParams {
+    models: Input,
+    base: Input,
+    seeds: List<i64>,
+    guidance: List<f64>,
+    sampler: String,
+    samplers: Vec<String>,
+}
 
 impl Stage for Collect {
     fn kind(&self) -> &'static str {
@@ -44,6 +57,7 @@ impl Stage for Collect {
         ]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        let params: CollectParams = ctx.typed()?;
         let inputs: Vec<Value> = ctx
             .inputs
             .iter()
@@ -61,8 +75,8 @@ impl Stage for Collect {
             .collect();
         let report = json!({
             "inputs": inputs,
-            "seeds": ctx.i64_list_param("seeds"),
-            "guidance": ctx.f64_list_param("guidance"),
+            "seeds": params.seeds.0,
+            "guidance": params.guidance.0,
         });
         let path = ctx.out_dir.join("received.json");
         std::fs::write(&path, report.to_string()).map_err(|e| StageError::io("write", &path, e))

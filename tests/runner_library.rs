@@ -75,6 +75,17 @@ impl FakeTrain {
     }
 }
 
+/// The fake kind's fields, typed as a real kind's are.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FakeTrainParams {
+    model: dreampipe::stages::params::Input,
+    learning_rate: f64,
+    steps: u64,
+    seed: i64,
+    log_every: u64,
+}
+
 impl Stage for FakeTrain {
     fn kind(&self) -> &'static str {
         "train"
@@ -107,7 +118,8 @@ impl Stage for FakeTrain {
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let started = Instant::now();
         self.start(ctx.stage_id);
-        let steps = ctx.i64_param("steps").unwrap_or(0) as u64;
+        let params: FakeTrainParams = ctx.typed()?;
+        let steps = params.steps;
         ctx.progress.step_with_metric(steps, steps, "loss", 0.25);
         let model = ctx.input_paths("model")[0].to_path_buf();
         let text = format!(
@@ -116,8 +128,8 @@ impl Stage for FakeTrain {
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default(),
-            ctx.f64_param("learning_rate").unwrap_or(0.0),
-            ctx.i64_param("seed").unwrap_or(-1),
+            params.learning_rate,
+            params.seed,
             ctx.device
         );
         std::fs::write(ctx.out_dir.join("weights.txt"), text)

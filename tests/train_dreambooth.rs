@@ -6,6 +6,7 @@ use dreampipe::sd::pipeline::{StableDiffusion, Txt2Img};
 use dreampipe::sd::train::TrainError;
 use dreampipe::sd::train::common::{Callbacks, Progress, StepBatch};
 use dreampipe::sd::train::dreambooth::{self, DreamBoothConfig, DreamBoothTrainer};
+use dreampipe::sd::train::lr_schedule::LrScheduler;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,11 +61,11 @@ fn golden_config(dir: &Path) -> DreamBoothConfig {
         dir.join("out"),
         dir.join("work"),
     );
-    config.with_prior_preservation = true;
+    config.dreambooth.with_prior_preservation = true;
     config.class_data_dir = Some(dir.join("class"));
-    config.class_prompt = Some("a photo of dog".to_string());
-    config.train_text_encoder = true;
-    config.learning_rate = 1e-3;
+    config.dreambooth.class_prompt = Some("a photo of dog".to_string());
+    config.dreambooth.train_text_encoder = true;
+    config.training.learning_rate = 1e-3;
     config
 }
 
@@ -255,17 +256,17 @@ fn tiny_run_config(data: &Path, out: &Path, steps: u64) -> DreamBoothConfig {
         out.join("model"),
         out.join("work"),
     );
-    config.with_prior_preservation = true;
+    config.dreambooth.with_prior_preservation = true;
     config.class_data_dir = Some(data.join("class"));
-    config.class_prompt = Some("a photo of dog".to_string());
-    config.train_text_encoder = true;
-    config.resolution = 64;
-    config.train_batch_size = 1;
-    config.max_train_steps = Some(steps);
-    config.learning_rate = 1e-4;
-    config.random_flip = true;
-    config.lr_scheduler = "linear".to_string();
-    config.lr_warmup_steps = 2;
+    config.dreambooth.class_prompt = Some("a photo of dog".to_string());
+    config.dreambooth.train_text_encoder = true;
+    config.training.resolution = 64;
+    config.training.train_batch_size = 1;
+    config.training.max_train_steps = Some(steps);
+    config.training.learning_rate = 1e-4;
+    config.dreambooth.random_flip = true;
+    config.training.lr_scheduler = LrScheduler::Linear;
+    config.training.lr_warmup_steps = 2;
     config
 }
 
@@ -371,12 +372,12 @@ fn resuming_after_a_crash_gives_the_uninterrupted_weights() {
     let data = synthetic_data();
     let straight_dir = tempfile::tempdir().unwrap();
     let mut straight = tiny_run_config(data.path(), straight_dir.path(), 6);
-    straight.checkpointing_steps = 3;
+    straight.training.checkpointing_steps = 3;
     let straight_progress = run(&straight, &AtomicBool::new(false), None).unwrap();
 
     let resumed_dir = tempfile::tempdir().unwrap();
     let mut resumed = tiny_run_config(data.path(), resumed_dir.path(), 6);
-    resumed.checkpointing_steps = 3;
+    resumed.training.checkpointing_steps = 3;
     resumed.resume_from_checkpoint = true;
     let cancel = AtomicBool::new(false);
     let error = run(&resumed, &cancel, Some(3)).unwrap_err();
@@ -419,9 +420,9 @@ fn a_non_finite_loss_stops_and_names_the_last_checkpoint() {
     let data = synthetic_data();
     let out = tempfile::tempdir().unwrap();
     let mut config = tiny_run_config(data.path(), out.path(), 4);
-    config.learning_rate = 1e30;
-    config.lr_scheduler = "constant".to_string();
-    config.checkpointing_steps = 1;
+    config.training.learning_rate = 1e30;
+    config.training.lr_scheduler = LrScheduler::Constant;
+    config.training.checkpointing_steps = 1;
     let error = run(&config, &AtomicBool::new(false), None).unwrap_err();
     let checkpoint = config.work_dir.join("checkpoint-1");
     match &error {
@@ -459,7 +460,7 @@ fn gradient_checkpointing_trains_to_the_same_weights() {
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let plain = tiny_run_config(data.path(), plain_out.path(), 3);
     let mut checkpointed = tiny_run_config(data.path(), checkpointed_out.path(), 3);
-    checkpointed.gradient_checkpointing = true;
+    checkpointed.training.gradient_checkpointing = true;
     let plain_progress = run(&plain, &AtomicBool::new(false), None).unwrap();
     let checkpointed_progress = run(&checkpointed, &AtomicBool::new(false), None).unwrap();
     for (a, b) in plain_progress.iter().zip(&checkpointed_progress) {
@@ -494,7 +495,7 @@ fn gradient_checkpointing_trains_to_the_same_weights() {
 fn unsupported_options_are_rejected_with_the_option_name() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = golden_config(dir.path());
-    config.class_prompt = None;
+    config.dreambooth.class_prompt = None;
     let error = DreamBoothTrainer::new(&config, 1).err().unwrap();
     assert_eq!(
         error.to_string(),
@@ -524,9 +525,9 @@ fn benchmark(train_text_encoder: bool) {
     let data = synthetic_data();
     let out = tempfile::tempdir().unwrap();
     let mut config = tiny_run_config(data.path(), out.path(), STEPS);
-    config.train_text_encoder = train_text_encoder;
-    config.random_flip = false;
-    config.center_crop = true;
+    config.dreambooth.train_text_encoder = train_text_encoder;
+    config.dreambooth.random_flip = false;
+    config.training.center_crop = true;
     let mut marks = Vec::new();
     let mut on_progress = |_: &Progress| marks.push((std::time::Instant::now(), cpu_seconds()));
     let cancel = AtomicBool::new(false);
@@ -577,11 +578,11 @@ fn min_snr_weighting_scales_each_sample_by_min_snr_gamma_over_snr() {
         input_ids: golden["input_ids"].narrow(0, start, len),
     };
     let mut plain_config = golden_config(dir.path());
-    plain_config.with_prior_preservation = false;
+    plain_config.dreambooth.with_prior_preservation = false;
     let plain = DreamBoothTrainer::new(&plain_config, 1).unwrap();
     let gamma = 5.0;
     let mut snr_config = plain_config.clone();
-    snr_config.snr_gamma = Some(gamma);
+    snr_config.dreambooth.snr_gamma = Some(gamma);
     let weighted = DreamBoothTrainer::new(&snr_config, 1).unwrap();
     let scheduler_config =
         SchedulerConfig::from_file(Path::new("models/tiny-sd/scheduler/scheduler_config.json"))
@@ -602,7 +603,7 @@ fn min_snr_weighting_scales_each_sample_by_min_snr_gamma_over_snr() {
     assert_rel("min-SNR loss", found, expected, 1e-5);
     // gamma above every SNR: weights are 1, the plain loss.
     let mut huge = plain_config.clone();
-    huge.snr_gamma = Some(1e12);
+    huge.dreambooth.snr_gamma = Some(1e12);
     let unweighted = DreamBoothTrainer::new(&huge, 1).unwrap();
     let a = unweighted
         .batch_loss(&batch(0, 2))
@@ -617,16 +618,16 @@ fn bf16_frozen_modules_8bit_adam_accumulation_offset_noise_and_cached_latents_ru
     let data = synthetic_data();
     let out = tempfile::tempdir().unwrap();
     let mut config = tiny_run_config(data.path(), out.path(), 2);
-    config.train_text_encoder = false;
-    config.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
-    config.optimizer = dreampipe::sd::train::common::OptimizerKind::AdamW8bit;
-    config.gradient_accumulation_steps = 2;
-    config.offset_noise = true;
-    config.snr_gamma = Some(5.0);
-    config.lr_scheduler = "constant".to_string();
+    config.dreambooth.train_text_encoder = false;
+    config.training.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
+    config.training.optimizer = dreampipe::sd::train::common::OptimizerKind::AdamW8bit;
+    config.training.gradient_accumulation_steps = 2;
+    config.dreambooth.offset_noise = true;
+    config.dreambooth.snr_gamma = Some(5.0);
+    config.training.lr_scheduler = LrScheduler::Constant;
     // No random augmentation: the VAE moments are cached once.
-    config.random_flip = false;
-    config.center_crop = true;
+    config.dreambooth.random_flip = false;
+    config.training.center_crop = true;
     let progress = run(&config, &AtomicBool::new(false), None).unwrap();
     assert_eq!(progress.len(), 2);
     assert!(
@@ -684,7 +685,7 @@ fn a_bf16_autocast_step_matches_diffusers() {
     let (golden, json) = mixed_precision_goldens();
     let inputs = tensors(&Path::new(FIXTURES).join("dreambooth.safetensors"));
     let mut config = golden_config(dir.path());
-    config.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
+    config.training.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
     let mut trainer = DreamBoothTrainer::new(&config, 2).unwrap();
     let batch = || fixture_batch(&inputs, Kind::BFloat16);
     let loss = trainer.accumulate_gradients(&[batch()]).unwrap();
@@ -750,9 +751,9 @@ fn an_overflowing_loss_scale_skips_the_update_and_holds_the_schedule() {
     let dir = tempfile::tempdir().unwrap();
     let inputs = tensors(&Path::new(FIXTURES).join("dreambooth.safetensors"));
     let mut config = golden_config(dir.path());
-    config.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
-    config.lr_scheduler = "linear".to_string();
-    config.lr_warmup_steps = 0;
+    config.training.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
+    config.training.lr_scheduler = LrScheduler::Linear;
+    config.training.lr_warmup_steps = 0;
     let mut trainer = DreamBoothTrainer::new(&config, 4).unwrap();
     let batch = || fixture_batch(&inputs, Kind::BFloat16);
     trainer
@@ -762,7 +763,7 @@ fn an_overflowing_loss_scale_skips_the_update_and_holds_the_schedule() {
     let before = weight.detach().copy();
     let skipped = trainer.train_step(&[batch()]).unwrap();
     assert_eq!(skipped.skipped_steps, Some(1));
-    assert_eq!(skipped.lr, config.learning_rate);
+    assert_eq!(skipped.lr, config.training.learning_rate);
     assert!(weight.equal(&before), "a skipped step changed the weights");
     let state = trainer.precision_mut().scaler_state().unwrap();
     assert_eq!((state.scale, state.skipped_steps), (f64::INFINITY, 1));
@@ -775,7 +776,7 @@ fn an_overflowing_loss_scale_skips_the_update_and_holds_the_schedule() {
     let finite = trainer.train_step(&[batch()]).unwrap();
     assert_eq!(finite.skipped_steps, Some(1));
     assert_eq!(
-        finite.lr, config.learning_rate,
+        finite.lr, config.training.learning_rate,
         "the schedule did not advance"
     );
     assert!(!weight.equal(&before), "the finite step did not update");
@@ -795,10 +796,10 @@ fn bf16_gradient_checkpointing_trains_to_the_same_weights() {
     let (plain_out, checkpointed_out) =
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut plain = tiny_run_config(data.path(), plain_out.path(), 2);
-    plain.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
+    plain.training.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
     let mut checkpointed = tiny_run_config(data.path(), checkpointed_out.path(), 2);
-    checkpointed.mixed_precision = plain.mixed_precision;
-    checkpointed.gradient_checkpointing = true;
+    checkpointed.training.mixed_precision = plain.training.mixed_precision;
+    checkpointed.training.gradient_checkpointing = true;
     let plain_progress = run(&plain, &AtomicBool::new(false), None).unwrap();
     let checkpointed_progress = run(&checkpointed, &AtomicBool::new(false), None).unwrap();
     for (a, b) in plain_progress.iter().zip(&checkpointed_progress) {
@@ -832,7 +833,7 @@ fn concurrent_runs_train_what_they_train_alone() {
     let outs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let config = |out: &Path, seed: u64| {
         let mut config = tiny_run_config(data.path(), out, 2);
-        config.seed = seed;
+        config.training.seed = seed;
         config
     };
     let seeds = [5u64, 6];

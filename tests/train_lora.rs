@@ -50,11 +50,11 @@ fn config(dir: &Path, settings: LoraSettings, text: bool) -> DreamBoothConfig {
         dir.join("out"),
         dir.join("work"),
     );
-    config.with_prior_preservation = true;
+    config.dreambooth.with_prior_preservation = true;
     config.class_data_dir = Some(dir.join("class"));
-    config.class_prompt = Some("a photo of dog".to_string());
-    config.train_text_encoder = text;
-    config.learning_rate = 1e-3;
+    config.dreambooth.class_prompt = Some("a photo of dog".to_string());
+    config.dreambooth.train_text_encoder = text;
+    config.training.learning_rate = 1e-3;
     config.lora = Some(settings);
     config
 }
@@ -224,10 +224,10 @@ fn a_run_writes_lora_files_that_change_the_image() {
         },
         true,
     );
-    config.resolution = 32;
-    config.train_batch_size = 1;
-    config.max_train_steps = Some(4);
-    config.learning_rate = 1e-2;
+    config.training.resolution = 32;
+    config.training.train_batch_size = 1;
+    config.training.max_train_steps = Some(4);
+    config.training.learning_rate = 1e-2;
     let cancel = AtomicBool::new(false);
     let mut on_progress = |_: &_| {};
     let mut callbacks = Callbacks {
@@ -293,12 +293,12 @@ fn gradient_checkpointing_and_8bit_adam_train_the_adapters() {
     let train = |checkpointing: bool, eight_bit: bool| {
         let dir = tempfile::tempdir().unwrap();
         let mut config = config(dir.path(), settings, true);
-        config.gradient_checkpointing = checkpointing;
+        config.training.gradient_checkpointing = checkpointing;
         if checkpointing && eight_bit {
-            config.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
+            config.training.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
         }
         if eight_bit {
-            config.optimizer = dreampipe::sd::train::common::OptimizerKind::AdamW8bit;
+            config.training.optimizer = dreampipe::sd::train::common::OptimizerKind::AdamW8bit;
         }
         let mut trainer = DreamBoothTrainer::new(&config, 2).unwrap();
         for _ in 0..2 {

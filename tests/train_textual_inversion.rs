@@ -57,7 +57,7 @@ fn two_steps_match_diffusers() {
     let golden = tensors(&Path::new(FIXTURES).join("textual_inversion.safetensors"));
     let json = fixture_json();
     let mut config = config(dir.path(), "<sks>", "dog");
-    config.learning_rate = json["lr"].as_f64().unwrap();
+    config.training.learning_rate = json["lr"].as_f64().unwrap();
     let mut trainer = TextualInversionTrainer::new(&config, 2).unwrap();
     let placeholder_id = json["placeholder_id"].as_i64().unwrap();
     assert_eq!(
@@ -163,11 +163,11 @@ fn a_run_writes_embeddings_and_a_loadable_model() {
         image.save(images.join(format!("cat{index}.png"))).unwrap();
     }
     let mut config = config(dir.path(), "<cat-toy>", "dog");
-    config.num_vectors = 2;
-    config.resolution = 64;
-    config.train_batch_size = 1;
-    config.max_train_steps = Some(2);
-    config.learning_rate = 5e-3;
+    config.inversion.num_vectors = 2;
+    config.training.resolution = 64;
+    config.training.train_batch_size = 1;
+    config.training.max_train_steps = Some(2);
+    config.training.learning_rate = 5e-3;
     let mut steps = Vec::new();
     let mut on_progress = |p: &Progress| steps.push(p.step);
     let cancel = AtomicBool::new(false);
@@ -257,11 +257,11 @@ fn resuming_textual_inversion_gives_the_uninterrupted_embedding() {
         let mut config = config(data.path(), "<toy>", "dog");
         config.output_dir = data.path().join(name).join("out");
         config.work_dir = data.path().join(name).join("work");
-        config.resolution = 64;
-        config.train_batch_size = 1;
-        config.max_train_steps = Some(4);
-        config.checkpointing_steps = 2;
-        config.learning_rate = 5e-3;
+        config.training.resolution = 64;
+        config.training.train_batch_size = 1;
+        config.training.max_train_steps = Some(4);
+        config.training.checkpointing_steps = 2;
+        config.training.learning_rate = 5e-3;
         config.resume_from_checkpoint = true;
         config
     };
@@ -323,8 +323,8 @@ fn two_bf16_autocast_steps_match_diffusers() {
         "tests/fixtures/train/mixed_precision.safetensors",
     ));
     let mut config = config(dir.path(), "<sks>", "dog");
-    config.learning_rate = 0.005;
-    config.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
+    config.training.learning_rate = 0.005;
+    config.training.mixed_precision = dreampipe::sd::train::common::MixedPrecision::Bf16;
     let mut trainer = TextualInversionTrainer::new(&config, 2).unwrap();
     let placeholder = trainer.placeholder_ids()[0].1;
     for step in 0..2 {

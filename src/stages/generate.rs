@@ -7,16 +7,17 @@
 //! negative prompt, its seed, steps, guidance, scheduler, size, dtype, device type). Raising
 //! `count` changes the stage key, but the images already made are copied from the memo.
 use super::sd_common::{
-    SampleInfo, create_dir, dtype_param, field_error, load_model, model_hash, model_label,
-    parse_scheduler, restamp_sample, write_manifest, write_sample,
+    SampleInfo, create_dir, field_error, kind_of, load_model, model_hash, model_label,
+    restamp_sample, scheduler_kind, write_manifest, write_sample,
 };
 use super::{StageContext, StageError};
 use crate::cache::hash::{HashMemo, tree_digest};
 use crate::cache::store::reflink_or_copy;
 use crate::sd::lora::files::lora_file_of;
 use crate::sd::lora::{LoraWeights, ScaledLora};
-use crate::sd::pipeline::{DEFAULT_GUIDANCE, DEFAULT_STEPS, StableDiffusion, Txt2Img};
+use crate::sd::pipeline::{StableDiffusion, Txt2Img};
 use crate::sd::schedulers::SchedulerKind;
+use dreampipe_core::stages::sd_kinds::generate::GenerateParams;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -27,7 +28,8 @@ const MEMO_FOLDER: &str = "generate";
 
 /// Runs a `generate` stage (its schema: `dreampipe_core::stages::sd_kinds::generate`).
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
-    let job = Job::from_context(ctx)?;
+    let params: GenerateParams = ctx.typed()?;
+    let job = Job::new(ctx, &params)?;
     let model = load_model(ctx, "model", &job.model_dir, job.kind)?;
     let mut model = model.lock().unwrap_or_else(|p| p.into_inner());
     let weights = job
@@ -54,9 +56,8 @@ struct LoraUse {
 }
 
 /// `loras` with `lora_scales` (1 each when empty); an entry that is not a LoRA is an error.
-fn loras_of(ctx: &StageContext<'_>) -> Result<Vec<LoraUse>, StageError> {
+fn loras_of(ctx: &StageContext<'_>, scales: &[f64]) -> Result<Vec<LoraUse>, StageError> {
     let inputs = ctx.inputs.get("loras").cloned().unwrap_or_default();
-    let scales = ctx.f64_list_param("lora_scales");
     let mut loras = Vec::new();
     for (index, input) in inputs.iter().enumerate() {
         let file = lora_file_of(&input.path).ok_or_else(|| {
@@ -99,38 +100,33 @@ struct Job {
 }
 
 impl Job {
-    fn from_context(ctx: &StageContext<'_>) -> Result<Self, StageError> {
+    fn new(ctx: &StageContext<'_>, params: &GenerateParams) -> Result<Self, StageError> {
         let input = ctx
             .inputs
             .get("model")
             .and_then(|inputs| inputs.first())
             .ok_or_else(|| field_error(ctx, "model", "no model folder was resolved"))?;
-        let scheduler = parse_scheduler(
-            ctx,
-            "scheduler",
-            ctx.params.get("scheduler").and_then(Value::as_str),
-        )?;
         let request = Txt2Img {
-            prompt: ctx.str_param("prompt")?.to_string(),
-            negative_prompt: ctx.str_param("negative_prompt")?.to_string(),
-            seed: ctx.i64_param("seed").unwrap_or(0) as u64,
-            steps: ctx.i64_param("steps").unwrap_or(DEFAULT_STEPS as i64) as usize,
-            guidance: ctx.f64_param("guidance").unwrap_or(DEFAULT_GUIDANCE),
-            scheduler,
-            width: ctx.i64_param("width"),
-            height: ctx.i64_param("height"),
+            prompt: params.prompt.clone(),
+            negative_prompt: params.negative_prompt.clone(),
+            seed: params.seed,
+            steps: params.steps,
+            guidance: params.guidance,
+            scheduler: params.scheduler.map(scheduler_kind),
+            width: params.width,
+            height: params.height,
             batch: 1,
         };
         Ok(Self {
             model_dir: super::training::resolve_model(ctx, input)?,
             model_digest: input.digest.clone(),
             model_name: model_label(input),
-            kind: dtype_param(ctx)?,
-            dtype: ctx.str_param("dtype")?.to_string(),
+            kind: kind_of(params.dtype),
+            dtype: params.dtype.name().to_string(),
             request,
-            count: ctx.i64_param("count").unwrap_or(1).max(1) as u64,
-            batch_size: ctx.i64_param("batch_size").unwrap_or(1).max(1) as usize,
-            loras: loras_of(ctx)?,
+            count: params.count.max(1),
+            batch_size: params.batch_size.max(1),
+            loras: loras_of(ctx, &params.lora_scales.0)?,
         })
     }
 

@@ -7,14 +7,15 @@
 //! variant as its own row, labelled with the variant id (`db[learning_rate=2e-6]`), in one grid
 //! stage.
 use super::sd_common::{
-    SampleInfo, create_dir, dtype_param, field_error, load_model, model_hash, model_label,
-    parse_scheduler, stamp_from, write_manifest, write_sample,
+    SampleInfo, create_dir, field_error, kind_of, load_model, model_hash, model_label,
+    scheduler_kind, stamp_from, write_manifest, write_sample,
 };
 use super::{ResolvedInput, StageContext, StageError};
 use crate::cache::store::file_name_for;
 use crate::report::grid::{GridSpec, write_grid_png};
 use crate::sd::pipeline::{StableDiffusion, Txt2Img};
 use crate::sd::schedulers::SchedulerKind;
+use dreampipe_core::stages::sd_kinds::sample_grid::SampleGridParams;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 
@@ -23,7 +24,8 @@ const MAX_SEED_COUNT: usize = 64;
 
 /// Runs a `sample_grid` stage (its schema: `dreampipe_core::stages::sd_kinds::sample_grid`).
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
-    let grid = Grid::from_context(ctx)?;
+    let params: SampleGridParams = ctx.typed()?;
+    let grid = Grid::new(ctx, &params)?;
     let mut rows = Vec::new();
     let mut images = Vec::new();
     let mut done = 0u64;
@@ -117,7 +119,7 @@ struct Grid {
 }
 
 impl Grid {
-    fn from_context(ctx: &StageContext<'_>) -> Result<Self, StageError> {
+    fn new(ctx: &StageContext<'_>, params: &SampleGridParams) -> Result<Self, StageError> {
         let models: Vec<ResolvedInput> = ctx.inputs.get("models").cloned().unwrap_or_default();
         if models.is_empty() {
             return Err(field_error(
@@ -126,23 +128,19 @@ impl Grid {
                 "no model given; list stages or model folders",
             ));
         }
-        let prompts = ctx.string_list_param("prompts");
-        if prompts.is_empty() {
+        if params.prompts.is_empty() {
             return Err(field_error(ctx, "prompts", "give at least one prompt"));
         }
-        let mut schedulers = Vec::new();
-        for name in ctx.string_list_param("schedulers") {
-            schedulers.push(parse_scheduler(ctx, "schedulers", Some(&name))?);
-        }
+        let mut schedulers: Vec<Option<SchedulerKind>> = params
+            .schedulers
+            .iter()
+            .map(|&name| Some(scheduler_kind(name)))
+            .collect();
         if schedulers.is_empty() {
             schedulers.push(None);
         }
-        let steps: Vec<usize> = ctx
-            .i64_list_param("steps")
-            .into_iter()
-            .map(|s| s.max(1) as usize)
-            .collect();
-        let guidance = ctx.f64_list_param("guidance");
+        let steps: Vec<usize> = params.steps.iter().map(|&s| s.max(1)).collect();
+        let guidance = params.guidance.to_vec();
         if steps.is_empty() || guidance.is_empty() {
             let field = if steps.is_empty() {
                 "steps"
@@ -153,43 +151,28 @@ impl Grid {
         }
         let request = Txt2Img {
             prompt: String::new(),
-            negative_prompt: ctx.str_param("negative_prompt")?.to_string(),
+            negative_prompt: params.negative_prompt.clone(),
             seed: 0,
             steps: steps[0],
             guidance: guidance[0],
             scheduler: None,
-            width: ctx.i64_param("width"),
-            height: ctx.i64_param("height"),
+            width: params.width,
+            height: params.height,
             batch: 1,
         };
-        let loras: Vec<Option<PathBuf>> = models
-            .iter()
-            .map(|input| crate::sd::lora::files::lora_file_of(&input.path))
-            .collect();
-        let base_model = ctx
-            .inputs
-            .get("base_model")
-            .and_then(|i| i.first())
-            .cloned();
-        if loras.iter().any(Option::is_some) && base_model.is_none() {
-            return Err(field_error(
-                ctx,
-                "base_model",
-                "is required when `models` lists a LoRA: name the model the LoRA rows sample on",
-            ));
-        }
+        let (loras, base_model) = lora_entries(ctx, &models)?;
         Ok(Self {
             models,
             loras,
             base_model,
-            lora_scales: ctx.f64_list_param("lora_scales"),
-            prompts,
-            seeds: seeds_param(ctx)?,
+            lora_scales: params.lora_scales.to_vec(),
+            prompts: params.prompts.to_vec(),
+            seeds: checked_seeds(ctx, &params.seeds)?,
             schedulers,
             steps,
             guidance,
             request,
-            kind: dtype_param(ctx)?,
+            kind: kind_of(params.dtype),
         })
     }
 
@@ -388,12 +371,34 @@ impl Grid {
 }
 
 /// The `seeds` field: at most [`MAX_SEED_COUNT`], without repeats (each names its files).
-fn seeds_param(ctx: &StageContext<'_>) -> Result<Vec<u64>, StageError> {
-    let seeds: Vec<u64> = ctx
-        .i64_list_param("seeds")
-        .into_iter()
-        .map(|s| s.max(0) as u64)
+/// Per model entry its LoRA file (a `dreambooth_lora` stage or a LoRA file), and the
+/// `base_model` the LoRA rows sample on (required when there is one).
+fn lora_entries(
+    ctx: &StageContext<'_>,
+    models: &[ResolvedInput],
+) -> Result<(Vec<Option<PathBuf>>, Option<ResolvedInput>), StageError> {
+    let loras: Vec<Option<PathBuf>> = models
+        .iter()
+        .map(|input| crate::sd::lora::files::lora_file_of(&input.path))
         .collect();
+    let base_model = ctx
+        .inputs
+        .get("base_model")
+        .and_then(|i| i.first())
+        .cloned();
+    if loras.iter().any(Option::is_some) && base_model.is_none() {
+        return Err(field_error(
+            ctx,
+            "base_model",
+            "is required when `models` lists a LoRA: name the model the LoRA rows sample on",
+        ));
+    }
+    Ok((loras, base_model))
+}
+
+/// The `seeds` field: 1 to [`MAX_SEED_COUNT`] seeds, none repeated.
+fn checked_seeds(ctx: &StageContext<'_>, seeds: &[u64]) -> Result<Vec<u64>, StageError> {
+    let seeds = seeds.to_vec();
     if seeds.is_empty() || seeds.len() > MAX_SEED_COUNT {
         let message = format!("give 1 to {MAX_SEED_COUNT} seeds, not {}", seeds.len());
         return Err(field_error(ctx, "seeds", message));

@@ -1,5 +1,5 @@
-//! What the Stable Diffusion stage kinds (`generate`, `sample_grid`) share: reading the model,
-//! dtype and scheduler fields, loading models from the pool, and writing samples as PNGs that
+//! What the Stable Diffusion stage kinds (`generate`, `sample_grid`) share: the torch side of
+//! the dtype and scheduler fields, loading models from the pool, and writing samples as PNGs that
 //! carry their A1111 parameters plus the dreampipe stage id.
 use super::{ResolvedInput, StageContext, StageError};
 use crate::cli::sample::{a1111_sampler_name, short_weights_hash};
@@ -11,32 +11,30 @@ use std::path::Path;
 use tch::Kind;
 
 pub use dreampipe_core::stages::sd_kinds::{
-    DTYPE_CHOICES, DTYPE_NAMES, KEY_FIELD, PIPELINE_FIELD, SCHEDULER_CHOICES, STAGE_FIELD,
+    DTYPE_CHOICES, Dtype, KEY_FIELD, PIPELINE_FIELD, SCHEDULER_CHOICES, STAGE_FIELD, SchedulerName,
     dtype_spec, field_error, guidance_spec, negative_prompt_spec, size_specs, steps_spec,
 };
 
-/// The libtorch kind of the `dtype` field.
-pub fn dtype_param(ctx: &StageContext<'_>) -> Result<Kind, StageError> {
-    match ctx.str_param("dtype")? {
-        "f32" => Ok(Kind::Float),
-        "f16" => Ok(Kind::Half),
-        "bf16" => Ok(Kind::BFloat16),
-        other => Err(field_error(
-            ctx,
-            "dtype",
-            format!("unknown dtype \"{other}\"; use one of: {DTYPE_NAMES}"),
-        )),
+/// The libtorch kind of a `dtype` / `save_dtype` value.
+pub fn kind_of(dtype: Dtype) -> Kind {
+    match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::Bf16 => Kind::BFloat16,
     }
 }
 
-/// A scheduler name (`None` for an unset field: the model's own scheduler).
-pub fn parse_scheduler(
-    ctx: &StageContext<'_>,
-    field: &str,
-    name: Option<&str>,
-) -> Result<Option<SchedulerKind>, StageError> {
-    name.map(|text| text.parse().map_err(|e| field_error(ctx, field, e)))
-        .transpose()
+/// The sampler a scheduler field names.
+pub fn scheduler_kind(name: SchedulerName) -> SchedulerKind {
+    match name {
+        SchedulerName::Ddim => SchedulerKind::Ddim,
+        SchedulerName::Pndm => SchedulerKind::Pndm,
+        SchedulerName::Lms => SchedulerKind::Lms,
+        SchedulerName::Euler => SchedulerKind::Euler,
+        SchedulerName::EulerAncestral => SchedulerKind::EulerAncestral,
+        SchedulerName::DpmSolver => SchedulerKind::DpmSolverMultistep,
+        SchedulerName::Ddpm => SchedulerKind::Ddpm,
+    }
 }
 
 /// The model from the pool (loaded once per process, device and kind).
@@ -224,10 +222,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn choice_lists_match_the_parsers() {
+    fn closed_sets_match_the_torch_side() {
         let names: Vec<&str> = SchedulerKind::ALL.iter().map(|k| k.name()).collect();
         assert_eq!(SCHEDULER_CHOICES, names.as_slice());
-        assert_eq!(DTYPE_CHOICES.join(", "), DTYPE_NAMES);
+        for name in SchedulerName::ALL {
+            assert_eq!(scheduler_kind(*name).name(), name.name());
+        }
+        let kinds: Vec<Kind> = Dtype::ALL.iter().map(|d| kind_of(*d)).collect();
+        assert_eq!(kinds, [Kind::Float, Kind::Half, Kind::BFloat16]);
+        assert_eq!(DTYPE_CHOICES, ["f32", "f16", "bf16"]);
     }
 
     /// The core's schemas state these without libtorch; the implementation must agree.

@@ -1,9 +1,9 @@
-//! What the training stage kinds (`dreambooth`, `textual_inversion`) share: the parameter
-//! fields common to diffusers' two scripts, how inputs resolve (a model input that holds
+//! What the training stage kinds (`dreambooth`, `dreambooth_lora`, `textual_inversion`) share:
+//! how inputs resolve (a model input that holds
 //! `model/model_index.json` but no `model_index.json` of its own — a `textual_inversion`
 //! output — means its `model/` folder; an image input that holds `images/` — an `images` or
-//! `generate` output — means that folder), early checks of the enum fields, and one run of a
-//! training loop inside a stage: loss progress, cancel, resume from `ctx.work_dir`,
+//! `generate` output — means that folder), the early device check of `mixed_precision`, and
+//! one run of a training loop inside a stage (reading the kind's typed [`TrainingParams`]): loss progress, cancel, resume from `ctx.work_dir`,
 //! validation samples and `report.json`.
 //!
 //! Everything a run writes goes to `<work_dir>/output` first and is moved into `ctx.out_dir`
@@ -11,7 +11,7 @@
 //! crash survive into the resumed run.
 
 use super::sd_common::{
-    SampleInfo, create_dir, dtype_param, field_error, model_hash, provenance, provenance_of,
+    SampleInfo, create_dir, field_error, kind_of, model_hash, provenance, provenance_of,
     restamp_as_this_stage, write_sample_as,
 };
 use super::{ResolvedInput, StageContext, StageError};
@@ -19,11 +19,10 @@ use crate::sd::pipeline::{DEFAULT_GUIDANCE, StableDiffusion, Txt2Img, Txt2ImgOut
 use crate::sd::train::TrainError;
 use crate::sd::train::checkpoint;
 use crate::sd::train::common::{
-    Callbacks, METRICS_FILE, MixedPrecision, OptimizerKind, Progress, Snapshots, TrainOutcome,
-    Validation,
+    Callbacks, METRICS_FILE, MixedPrecisionExt, Progress, Snapshots, TrainOutcome, Validation,
 };
-use crate::sd::train::lr_schedule::SCHEDULE_NAMES;
 use dreampipe_core::imagefile;
+use dreampipe_core::stages::sd_kinds::training::{ExportFormat, TrainingParams};
 use dreampipe_core::stages::{FINAL_STATE_DIR, SNAPSHOTS_DIR};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -128,53 +127,22 @@ pub fn single_resolved<'a>(
         .ok_or_else(|| field_error(ctx, field, "no path was resolved"))
 }
 
-/// A required integer field (the schema filled in its default).
-pub fn int(ctx: &StageContext<'_>, field: &str) -> Result<u64, StageError> {
-    ctx.i64_param(field)
-        .map(|v| v.max(0) as u64)
-        .ok_or_else(|| field_error(ctx, field, "is not an integer"))
+/// What one training run reads of a kind's typed fields: the shared ones, and what `export:`
+/// asks for (empty for a LoRA run, whose output is always its LoRA files).
+pub struct RunSettings<'a> {
+    pub training: &'a TrainingParams,
+    pub export: &'a [ExportFormat],
 }
 
-/// A required number field.
-pub fn number(ctx: &StageContext<'_>, field: &str) -> Result<f64, StageError> {
-    ctx.f64_param(field)
-        .ok_or_else(|| field_error(ctx, field, "is not a number"))
-}
-
-/// A boolean field (false when unset).
-pub fn flag(ctx: &StageContext<'_>, field: &str) -> bool {
-    ctx.bool_param(field).unwrap_or(false)
-}
-
-/// An optional string field.
-pub fn text<'a>(ctx: &'a StageContext<'_>, field: &str) -> Option<&'a str> {
-    ctx.params.get(field).and_then(Value::as_str)
-}
-
-/// The enum fields, checked before anything loads: (lr_scheduler, optimizer, mixed_precision).
-pub fn enum_fields(
+/// `mixed_precision` against the stage's device, before anything loads (fp16 needs CUDA).
+pub fn check_precision(
     ctx: &StageContext<'_>,
-) -> Result<(String, OptimizerKind, MixedPrecision), StageError> {
-    let schedule = ctx.str_param("lr_scheduler")?;
-    if !SCHEDULE_NAMES.contains(&schedule) {
-        return Err(field_error(
-            ctx,
-            "lr_scheduler",
-            format!(
-                "unknown scheduler \"{schedule}\"; use one of: {}",
-                SCHEDULE_NAMES.join(", ")
-            ),
-        ));
-    }
-    let optimizer = OptimizerKind::parse(ctx.str_param("optimizer")?)
-        .map_err(|e| field_error(ctx, "optimizer", config_problem(e)))?;
-    let precision = MixedPrecision::parse(ctx.str_param("mixed_precision")?)
-        .map_err(|e| field_error(ctx, "mixed_precision", config_problem(e)))?;
-    precision
-        .weight_kind(crate::device::to_tch(ctx.device))
-        .map_err(|e| field_error(ctx, "mixed_precision", config_problem(e)))?;
-    dtype_param(ctx)?;
-    Ok((schedule.to_string(), optimizer, precision))
+    training: &TrainingParams,
+) -> Result<(), StageError> {
+    let device = crate::device::to_tch(ctx.device);
+    (training.mixed_precision.weight_kind(device))
+        .map(|_| ())
+        .map_err(|e| field_error(ctx, "mixed_precision", config_problem(e)))
 }
 
 /// The problem text of a library config error (without its own field prefix).
@@ -210,16 +178,17 @@ pub fn stage_error(ctx: &StageContext<'_>, error: TrainError) -> StageError {
 /// how it ended.
 pub fn run_method(
     ctx: &StageContext<'_>,
+    settings: &RunSettings<'_>,
     method: &str,
     train: impl FnOnce(&mut Callbacks) -> Result<TrainOutcome, TrainError>,
 ) -> Result<(), StageError> {
     prepare_extension(ctx)?;
-    let outcome = run_training(ctx, train)?;
-    apply_exports(ctx, ctx.out_dir).map_err(StageError::Failed)?;
+    let outcome = run_training(ctx, settings, train)?;
+    apply_exports(ctx, settings, ctx.out_dir).map_err(StageError::Failed)?;
     if let Some(step) = outcome.resumed_from {
         ctx.log.line(&format!("resumed from step {step}"));
     }
-    if keeps_final_state(ctx) {
+    if keeps_final_state(settings.training) {
         let last = checkpoint::checkpoint_dir(ctx.work_dir, outcome.steps);
         let kept = ctx.work_dir.join(FINAL_STATE_DIR);
         let _ = std::fs::remove_dir_all(&kept);
@@ -234,6 +203,7 @@ pub fn run_method(
 
 pub fn run_training<T>(
     ctx: &StageContext<'_>,
+    settings: &RunSettings<'_>,
     train: impl FnOnce(&mut Callbacks) -> Result<T, TrainError>,
 ) -> Result<T, StageError> {
     let staged = staged_output(ctx);
@@ -244,7 +214,7 @@ pub fn run_training<T>(
         ctx.progress
             .step_with_metric(progress.step, progress.total, "loss", smoothed);
     };
-    let sampler = ValidationSampler::from_context(ctx, &staged)?;
+    let sampler = ValidationSampler::new(settings.training, &staged);
     let mut run_sample = |step: u64, dir: &Path| {
         sampler
             .as_ref()
@@ -259,7 +229,7 @@ pub fn run_training<T>(
         .map(|s| s.request.prompt.clone())
         .unwrap_or_default();
     let mut finish_snapshot =
-        |step: u64, dir: &Path| finish_snapshot(ctx, &staged, step, dir, &prompt);
+        |step: u64, dir: &Path| finish_snapshot(ctx, settings, (&staged, dir), step, &prompt);
     let snapshots = (!ctx.snapshots.is_empty()).then(|| Snapshots {
         steps: ctx.snapshots.iter().map(|t| t.step).collect(),
         dir: ctx.work_dir.join(SNAPSHOTS_DIR),
@@ -282,9 +252,9 @@ pub fn run_training<T>(
 /// for this variant as they were made) and `report.json`.
 fn finish_snapshot(
     ctx: &StageContext<'_>,
-    staged: &Path,
+    settings: &RunSettings<'_>,
+    (staged, dir): (&Path, &Path),
     step: u64,
-    dir: &Path,
     prompt: &str,
 ) -> Result<(), String> {
     let metrics = staged.join(METRICS_FILE);
@@ -304,35 +274,29 @@ fn finish_snapshot(
         }
     }
     write_report(ctx, dir, prompt).map_err(|e| e.to_string())?;
-    apply_exports(ctx, dir)
+    apply_exports(ctx, settings, dir)
 }
 
 /// The single file of the stage's model folder in `out` (the output itself, or `out/model` for
 /// textual inversion) when `export:` names it, and the folder removed when `export:` does not
 /// name `diffusers`. Snapshots get the same, so a served variant's output is its own.
-fn apply_exports(ctx: &StageContext<'_>, out: &Path) -> Result<(), String> {
-    let formats = ctx.string_list_param("export");
-    if !formats.iter().any(|f| f == "single_file") {
+fn apply_exports(
+    ctx: &StageContext<'_>,
+    settings: &RunSettings<'_>,
+    out: &Path,
+) -> Result<(), String> {
+    if !settings.export.contains(&ExportFormat::SingleFile) {
         return Ok(());
     }
     let folder = model_dir(out);
-    let kind = save_kind(ctx);
+    let kind = kind_of(settings.training.save_dtype);
     let file = out.join(SINGLE_FILE);
     crate::sd::single_file::export(&folder, &file, kind)
         .map_err(|e| format!("stage `{}`, field `export`: {e}", ctx.stage_id))?;
-    if formats.iter().any(|f| f == "diffusers") {
+    if settings.export.contains(&ExportFormat::Diffusers) {
         return Ok(());
     }
     remove_model_folder(&folder, out)
-}
-
-/// The dtype `save_dtype` names (f16 when unset).
-pub fn save_kind(ctx: &StageContext<'_>) -> tch::Kind {
-    match ctx.str_param("save_dtype").unwrap_or("f16") {
-        "f32" => tch::Kind::Float,
-        "bf16" => tch::Kind::BFloat16,
-        _ => tch::Kind::Half,
-    }
 }
 
 /// Removes a diffusers folder's files (the folder itself when it is `out/model`).
@@ -362,8 +326,8 @@ fn snapshot_samples(ctx: &StageContext<'_>, step: u64) -> PathBuf {
 /// Whether the run keeps the training state it ends with (weights, optimizer moments) for a
 /// longer run of the same stage to continue from: when its schedule does not depend on the
 /// total steps (docs/cache.md "Extending a run").
-pub fn keeps_final_state(ctx: &StageContext<'_>) -> bool {
-    dreampipe_core::stages::sd_kinds::training::prefix_problem(ctx.params).is_none()
+pub fn keeps_final_state(training: &TrainingParams) -> bool {
+    training.prefix_problem().is_none()
 }
 
 /// Starting from a shorter cached run (`ctx.extend_from`) unless this key already has
@@ -431,27 +395,26 @@ struct ValidationSampler {
 }
 
 impl ValidationSampler {
-    fn from_context(ctx: &StageContext<'_>, staged: &Path) -> Result<Option<Self>, StageError> {
-        let Some(prompt) = text(ctx, "validation_prompt") else {
-            return Ok(None);
-        };
-        let resolution = int(ctx, "resolution")? as i64;
-        Ok(Some(Self {
-            every: int(ctx, "validation_steps")?.max(1),
+    /// The sampler of `validation_prompt` (`None` when it is unset).
+    fn new(training: &TrainingParams, staged: &Path) -> Option<Self> {
+        let prompt = training.validation_prompt.as_ref()?;
+        let resolution = i64::from(training.resolution);
+        Some(Self {
+            every: training.validation_steps.max(1),
             request: Txt2Img {
-                prompt: prompt.to_string(),
+                prompt: prompt.clone(),
                 negative_prompt: String::new(),
-                seed: int(ctx, "seed")?,
-                steps: int(ctx, "validation_inference_steps")?.max(1) as usize,
+                seed: training.seed,
+                steps: training.validation_inference_steps.max(1),
                 guidance: DEFAULT_GUIDANCE,
                 scheduler: None,
                 width: Some(resolution),
                 height: Some(resolution),
                 batch: 1,
             },
-            kind: dtype_param(ctx)?,
+            kind: kind_of(training.dtype),
             dir: staged.join(VALIDATION_DIR),
-        }))
+        })
     }
 
     fn sample(&self, ctx: &StageContext<'_>, step: u64, model_dir: &Path) -> Result<(), String> {

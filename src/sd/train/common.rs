@@ -6,7 +6,10 @@
 //! ([`super::objective`]).
 pub use super::base_model::trainable_sorted;
 pub use super::batch::{OFFSET_NOISE_SCALE, StepBatch, draw_noise_and_timesteps};
-pub use super::config::{MixedPrecision, OptimizerKind, RESOLUTION_MULTIPLE, total_steps};
+pub use super::config::{
+    MixedPrecision, MixedPrecisionExt, OptimizerKind, RESOLUTION_MULTIPLE, schema_defaults,
+    total_steps, validate_training,
+};
 pub use super::metrics::{METRICS_FILE, MetricsLog};
 pub use super::objective::{
     DiffusionModel, LossSpec, PredictionParts, diffusion_loss, loss_from_prediction, noisy_latents,

@@ -9,33 +9,27 @@ use tch::{Device, Kind};
 /// the tiny test model's factor 4).
 pub const RESOLUTION_MULTIPLE: u32 = 8;
 
+use dreampipe_core::stages::sd_kinds::training::TrainingParams;
+/// `--mixed_precision` (`no | fp16 | bf16`) and `--use_8bit_adam` (`adamw | adamw8bit`): the
+/// stage schemas' closed sets, parsed where the stage's fields are.
+pub use dreampipe_core::stages::sd_kinds::training::{MixedPrecision, OptimizerKind};
+
 /// `--mixed_precision` as accelerate applies it: the frozen modules run in the lower precision;
 /// the trained modules keep float32 weights and run their forward (so their backward) under
 /// libtorch's autocast; fp16 also scales the loss ([`GradScaler`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MixedPrecision {
-    No,
-    Fp16,
-    Bf16,
-}
-
-impl MixedPrecision {
-    /// Parses diffusers' `no | fp16 | bf16`.
-    pub fn parse(value: &str) -> Result<Self, TrainError> {
-        match value {
-            "no" => Ok(Self::No),
-            "fp16" => Ok(Self::Fp16),
-            "bf16" => Ok(Self::Bf16),
-            other => Err(TrainError::Config {
-                field: "mixed_precision",
-                problem: format!("'{other}' is not one of no, fp16, bf16"),
-            }),
-        }
-    }
-
+pub trait MixedPrecisionExt: Copy {
     /// The dtype frozen modules run in on `device`. fp16 needs CUDA (libtorch's CPU half
     /// kernels are incomplete and slow); bf16 works on both.
-    pub fn weight_kind(self, device: Device) -> Result<Kind, TrainError> {
+    fn weight_kind(self, device: Device) -> Result<Kind, TrainError>;
+    /// The autocast region the trained modules' forward runs in (None without mixed
+    /// precision).
+    fn autocast(self, device: Device) -> Result<Option<Autocast>, TrainError>;
+    /// fp16's dynamic loss scaling (torch.amp.GradScaler's defaults); bf16 needs none.
+    fn grad_scaler(self) -> Option<GradScaler>;
+}
+
+impl MixedPrecisionExt for MixedPrecision {
+    fn weight_kind(self, device: Device) -> Result<Kind, TrainError> {
         match (self, device) {
             (Self::No, _) => Ok(Kind::Float),
             (Self::Bf16, _) => Ok(Kind::BFloat16),
@@ -47,37 +41,38 @@ impl MixedPrecision {
         }
     }
 
-    /// The autocast region the trained modules' forward runs in (None without mixed precision).
-    pub fn autocast(self, device: Device) -> Result<Option<Autocast>, TrainError> {
+    fn autocast(self, device: Device) -> Result<Option<Autocast>, TrainError> {
         let kind = self.weight_kind(device)?;
         Ok((kind != Kind::Float).then_some(Autocast { device, kind }))
     }
 
-    /// fp16's dynamic loss scaling (torch.amp.GradScaler's defaults); bf16 needs none.
-    pub fn grad_scaler(self) -> Option<GradScaler> {
+    fn grad_scaler(self) -> Option<GradScaler> {
         (self == Self::Fp16).then(GradScaler::default)
     }
 }
 
-/// `--use_8bit_adam`: plain AdamW or bitsandbytes-style 8-bit AdamW.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OptimizerKind {
-    AdamW,
-    AdamW8bit,
+/// A kind's typed fields at its schema's defaults but for `given` (the required ones): the
+/// library configs' starting point, so a default is written once, in the stage schema.
+pub fn schema_defaults<P: serde::de::DeserializeOwned>(
+    schema: &[dreampipe_core::stages::ParamSpec],
+    given: serde_json::Value,
+) -> P {
+    let given = given.as_object().cloned().unwrap_or_default();
+    // The kinds' unit tests check that every schema's defaults parse into its struct.
+    dreampipe_core::stages::params::with_defaults(schema, given)
+        .unwrap_or_else(|e| panic!("a stage schema's defaults do not fit its struct: {e}"))
 }
 
-impl OptimizerKind {
-    /// Parses `adamw | adamw8bit`.
-    pub fn parse(value: &str) -> Result<Self, TrainError> {
-        match value {
-            "adamw" => Ok(Self::AdamW),
-            "adamw8bit" => Ok(Self::AdamW8bit),
-            other => Err(TrainError::Config {
-                field: "optimizer",
-                problem: format!("'{other}' is not one of adamw, adamw8bit"),
-            }),
-        }
-    }
+/// Rejects shared settings the training loop cannot run, naming the option (the stage schema
+/// refuses them already; library callers build configs by hand).
+pub fn validate_training(training: &TrainingParams, device: Device) -> Result<(), TrainError> {
+    check_loop_sizes(
+        training.train_batch_size,
+        training.gradient_accumulation_steps,
+        training.checkpointing_steps,
+        training.resolution,
+    )?;
+    training.mixed_precision.weight_kind(device).map(|_| ())
 }
 
 /// The checks on the loop's sizes both methods make, in this order, naming the option.
@@ -106,20 +101,6 @@ pub(crate) fn check_loop_sizes(
         return fail("resolution", "must be a positive multiple of 8");
     }
     Ok(())
-}
-
-/// The learning rate after `--scale_lr` (times accumulation and batch size).
-pub(crate) fn scaled_learning_rate(
-    learning_rate: f64,
-    scale_lr: bool,
-    gradient_accumulation_steps: u64,
-    train_batch_size: usize,
-) -> f64 {
-    if scale_lr {
-        learning_rate * gradient_accumulation_steps as f64 * train_batch_size as f64
-    } else {
-        learning_rate
-    }
 }
 
 /// `max_train_steps`, or `num_train_epochs * ceil(ceil(len / batch) / accumulation)`.

@@ -17,12 +17,11 @@
 use super::TrainError;
 use super::base_model::{BaseModel, ModuleKinds};
 use super::batch::StepBatch;
-use super::config::{self, MixedPrecision, OptimizerKind};
+use super::config::{self, MixedPrecisionExt};
 use super::data::{self, Transform};
 use super::driver::{self, DriverSettings, TrainingMethod};
 use super::lora::{self, LoraSettings};
 use super::objective::{self, DiffusionModel, LossSpec};
-use super::optim::AdamWConfig;
 use super::output::{self, NewWeights};
 use super::precision::Precision;
 use super::progress::{Callbacks, StepReport, TrainOutcome};
@@ -31,6 +30,10 @@ use super::trainer_core::{CoreSettings, FinishBackward, MicroBatchLoss, StepMeth
 use crate::sd::folder::ModelFolder;
 use crate::sd::tokenizer::ClipTokenizer;
 use crate::sd::vae::AutoencoderKL;
+use dreampipe_core::stages::sd_kinds::dreambooth::{
+    DreamBoothFields, DreamBoothKind, DreamBoothParams,
+};
+use dreampipe_core::stages::sd_kinds::training::TrainingParams;
 use image::RgbImage;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -42,68 +45,29 @@ pub const METHOD: &str = "dreambooth";
 const UNET_PREFIX: &str = "unet.";
 const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
 
-/// train_dreambooth.py's arguments (names and defaults as there, except where noted).
+/// train_dreambooth.py's arguments: the `dreambooth` stage's typed fields (names and defaults
+/// as the script's, except where the stage schema notes otherwise) plus the resolved paths.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DreamBoothConfig {
+    /// The hyperparameters every training kind shares (the input fields in it are not read:
+    /// the paths below are).
+    pub training: TrainingParams,
+    /// DreamBooth's own fields. `with_prior_preservation` switches the prior loss on here
+    /// (the stage sets it whenever class images are given).
+    pub dreambooth: DreamBoothFields,
     /// A diffusers folder.
     pub pretrained_model_name_or_path: PathBuf,
     pub instance_data_dir: PathBuf,
-    pub instance_prompt: String,
     pub class_data_dir: Option<PathBuf>,
-    pub class_prompt: Option<String>,
-    pub with_prior_preservation: bool,
-    /// Default 1.0.
-    pub prior_loss_weight: f64,
     /// Where the diffusers folder and metrics.jsonl are written.
     pub output_dir: PathBuf,
     /// Where resume checkpoints live (diffusers keeps them in output_dir).
     pub work_dir: PathBuf,
-    /// diffusers' `--resume_from_checkpoint latest`.
     /// Write a checkpoint at the last step even when it is not a multiple of
     /// `checkpointing_steps` (the stage keeps it so a longer run can continue from it).
     pub keep_final_checkpoint: bool,
+    /// diffusers' `--resume_from_checkpoint latest`.
     pub resume_from_checkpoint: bool,
-    /// Default 0 (diffusers: None).
-    pub seed: u64,
-    /// Default 512.
-    pub resolution: u32,
-    pub center_crop: bool,
-    pub random_flip: bool,
-    pub train_text_encoder: bool,
-    /// Default 4.
-    pub train_batch_size: usize,
-    /// Default 1 (used when `max_train_steps` is None).
-    pub num_train_epochs: u64,
-    pub max_train_steps: Option<u64>,
-    /// Default 500.
-    pub checkpointing_steps: u64,
-    pub checkpoints_total_limit: Option<usize>,
-    /// Default 1.
-    pub gradient_accumulation_steps: u64,
-    /// Recompute UNet blocks in the backward pass instead of keeping their activations.
-    pub gradient_checkpointing: bool,
-    /// Default 5e-6.
-    pub learning_rate: f64,
-    pub scale_lr: bool,
-    /// Default "constant".
-    pub lr_scheduler: String,
-    /// Default 500.
-    pub lr_warmup_steps: u64,
-    /// Default 1.
-    pub lr_num_cycles: u32,
-    /// Default 1.0.
-    pub lr_power: f64,
-    /// adamw (default) or adamw8bit (`--use_8bit_adam`).
-    pub optimizer: OptimizerKind,
-    pub adam_beta1: f64,
-    pub adam_beta2: f64,
-    pub adam_weight_decay: f64,
-    pub adam_epsilon: f64,
-    /// Default 1.0.
-    pub max_grad_norm: f64,
-    pub mixed_precision: MixedPrecision,
-    pub offset_noise: bool,
-    pub snr_gamma: Option<f64>,
     pub device: Device,
     /// LoRA instead of full fine-tuning (train_dreambooth_lora.py): the base weights stay
     /// frozen, adapters train, and the output is LoRA files instead of a model folder.
@@ -113,7 +77,8 @@ pub struct DreamBoothConfig {
 }
 
 impl DreamBoothConfig {
-    /// A config with diffusers' defaults for everything but the required paths and prompt.
+    /// A config with the `dreambooth` stage's defaults for everything but the required paths
+    /// and prompt.
     pub fn new(
         pretrained_model_name_or_path: PathBuf,
         instance_data_dir: PathBuf,
@@ -121,45 +86,23 @@ impl DreamBoothConfig {
         output_dir: PathBuf,
         work_dir: PathBuf,
     ) -> Self {
+        let given = serde_json::json!({
+            "model": pretrained_model_name_or_path.to_string_lossy(),
+            "instance_images": instance_data_dir.to_string_lossy(),
+            "instance_prompt": instance_prompt,
+        });
+        let schema = dreampipe_core::stages::Stage::schema(&DreamBoothKind);
+        let params: DreamBoothParams = config::schema_defaults(&schema, given);
         Self {
+            training: params.training,
+            dreambooth: params.dreambooth,
             pretrained_model_name_or_path,
             instance_data_dir,
-            instance_prompt: instance_prompt.to_string(),
             class_data_dir: None,
-            class_prompt: None,
-            with_prior_preservation: false,
-            prior_loss_weight: 1.0,
             output_dir,
             work_dir,
-            resume_from_checkpoint: false,
             keep_final_checkpoint: false,
-            seed: 0,
-            resolution: 512,
-            center_crop: false,
-            random_flip: false,
-            train_text_encoder: false,
-            train_batch_size: 4,
-            num_train_epochs: 1,
-            max_train_steps: None,
-            checkpointing_steps: 500,
-            checkpoints_total_limit: None,
-            gradient_accumulation_steps: 1,
-            gradient_checkpointing: false,
-            learning_rate: 5e-6,
-            scale_lr: false,
-            lr_scheduler: "constant".to_string(),
-            lr_warmup_steps: 500,
-            lr_num_cycles: 1,
-            lr_power: 1.0,
-            optimizer: OptimizerKind::AdamW,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_weight_decay: 1e-2,
-            adam_epsilon: 1e-8,
-            max_grad_norm: 1.0,
-            mixed_precision: MixedPrecision::No,
-            offset_noise: false,
-            snr_gamma: None,
+            resume_from_checkpoint: false,
             device: Device::Cpu,
             lora: None,
             lora_save_kind: Kind::Float,
@@ -174,53 +117,27 @@ impl DreamBoothConfig {
                 problem: problem.to_string(),
             })
         };
-        if self.with_prior_preservation && self.class_data_dir.is_none() {
+        let prior = self.dreambooth.with_prior_preservation;
+        if prior && self.class_data_dir.is_none() {
             return fail("class_data_dir", "required with with_prior_preservation");
         }
-        if self.with_prior_preservation && self.class_prompt.is_none() {
+        if prior && self.dreambooth.class_prompt.is_none() {
             return fail("class_prompt", "required with with_prior_preservation");
         }
-        config::check_loop_sizes(
-            self.train_batch_size,
-            self.gradient_accumulation_steps,
-            self.checkpointing_steps,
-            self.resolution,
-        )?;
+        config::validate_training(&self.training, self.device)?;
         if self.lora.is_some_and(|lora| lora.rank < 1) {
             return fail("rank", "must be at least 1");
         }
-        self.mixed_precision.weight_kind(self.device).map(|_| ())
-    }
-
-    /// The learning rate after `--scale_lr` (times accumulation and batch size).
-    pub fn effective_learning_rate(&self) -> f64 {
-        config::scaled_learning_rate(
-            self.learning_rate,
-            self.scale_lr,
-            self.gradient_accumulation_steps,
-            self.train_batch_size,
-        )
+        Ok(())
     }
 
     /// The optimizer, lr schedule and mixed precision of the step core; DreamBooth clips.
     fn core_settings(&self, total_steps: u64) -> CoreSettings<'_> {
         CoreSettings {
-            optimizer: self.optimizer,
-            adam: AdamWConfig {
-                lr: self.effective_learning_rate(),
-                beta1: self.adam_beta1,
-                beta2: self.adam_beta2,
-                eps: self.adam_epsilon,
-                weight_decay: self.adam_weight_decay,
-            },
-            lr_scheduler: &self.lr_scheduler,
-            lr_warmup_steps: self.lr_warmup_steps,
-            lr_num_cycles: self.lr_num_cycles,
-            lr_power: self.lr_power,
+            training: &self.training,
             total_steps,
-            mixed_precision: self.mixed_precision,
             device: self.device,
-            max_grad_norm: Some(self.max_grad_norm),
+            max_grad_norm: Some(self.dreambooth.max_grad_norm),
         }
     }
 }
@@ -246,10 +163,10 @@ impl DreamBoothTrainer {
     /// Loads the base model and sets up the optimizer and lr schedule for `total_steps`.
     pub fn new(config: &DreamBoothConfig, total_steps: u64) -> Result<Self, TrainError> {
         config.validate()?;
-        let weight_kind = config.mixed_precision.weight_kind(config.device)?;
+        let weight_kind = config.training.mixed_precision.weight_kind(config.device)?;
         let kinds = ModuleKinds {
             weight: weight_kind,
-            text_encoder: if config.train_text_encoder {
+            text_encoder: if config.dreambooth.train_text_encoder {
                 Kind::Float
             } else {
                 weight_kind
@@ -258,20 +175,21 @@ impl DreamBoothTrainer {
         };
         let mut base =
             BaseModel::load(&config.pretrained_model_name_or_path, config.device, kinds)?;
-        if !config.train_text_encoder || config.lora.is_some() {
+        if !config.dreambooth.train_text_encoder || config.lora.is_some() {
             base.text_encoder_store.freeze();
         }
         let trainables = trainables(config, &mut base);
         let core = TrainerCore::new(trainables, &config.core_settings(total_steps))?;
         let model = DreamBoothModel {
             base,
-            train_text_encoder: config.train_text_encoder,
-            gradient_checkpointing: config.gradient_checkpointing,
+            train_text_encoder: config.dreambooth.train_text_encoder,
+            gradient_checkpointing: config.training.gradient_checkpointing,
             loss_spec: LossSpec {
                 prior_loss_weight: config
+                    .dreambooth
                     .with_prior_preservation
-                    .then_some(config.prior_loss_weight),
-                snr_gamma: config.snr_gamma,
+                    .then_some(config.dreambooth.prior_loss_weight),
+                snr_gamma: config.dreambooth.snr_gamma,
             },
         };
         Ok(Self { model, core })
@@ -430,12 +348,22 @@ fn trainables(config: &DreamBoothConfig, base: &mut BaseModel) -> Vec<(String, T
     match config.lora {
         Some(settings) => {
             base.unet_store.freeze();
-            let text = config.train_text_encoder.then_some(&mut base.text_encoder);
-            lora::add_trainable_adapters(&mut base.unet, text, settings, config.seed, config.device)
+            let text = config
+                .dreambooth
+                .train_text_encoder
+                .then_some(&mut base.text_encoder);
+            lora::add_trainable_adapters(
+                &mut base.unet,
+                text,
+                settings,
+                config.training.seed,
+                config.device,
+            )
         }
         None => named_trainables(
             &base.unet_store,
             config
+                .dreambooth
                 .train_text_encoder
                 .then_some(&base.text_encoder_store),
         ),
@@ -474,22 +402,26 @@ struct DreamBoothData {
 impl DreamBoothData {
     fn load(config: &DreamBoothConfig, base: &BaseModel) -> Result<Self, TrainError> {
         let instances = data::load_folder(&config.instance_data_dir, "instance_data_dir")?;
-        let classes = match (&config.class_data_dir, config.with_prior_preservation) {
+        let classes = match (
+            &config.class_data_dir,
+            config.dreambooth.with_prior_preservation,
+        ) {
             (Some(dir), true) => data::load_folder(dir, "class_data_dir")?,
             _ => Vec::new(),
         };
         let class_ids = config
+            .dreambooth
             .class_prompt
             .as_deref()
-            .filter(|_| config.with_prior_preservation)
+            .filter(|_| config.dreambooth.with_prior_preservation)
             .map(|prompt| base.tokenize(prompt));
         let transform = Transform::DreamBooth {
-            resolution: config.resolution,
-            center_crop: config.center_crop,
-            random_flip: config.random_flip,
+            resolution: config.training.resolution,
+            center_crop: config.training.center_crop,
+            random_flip: config.dreambooth.random_flip,
         };
         let mut loaded = Self {
-            instance_ids: base.tokenize(&config.instance_prompt),
+            instance_ids: base.tokenize(&config.dreambooth.instance_prompt),
             instances,
             classes,
             class_ids,
@@ -534,11 +466,11 @@ impl DreamBoothData {
         step: u64,
         micro: u64,
     ) -> Result<StepBatch, TrainError> {
-        let size = config.train_batch_size as u64;
-        let first = (step * config.gradient_accumulation_steps + micro) * size;
+        let size = config.training.train_batch_size as u64;
+        let first = (step * config.training.gradient_accumulation_steps + micro) * size;
         let samples = first..first + size;
         let moments = match &self.cache {
-            Some(cache) => self.cached_moments(cache, config.seed, samples),
+            Some(cache) => self.cached_moments(cache, config.training.seed, samples),
             None => self.encoded_moments(base, config, samples),
         };
         let mut ids = vec![self.instance_ids.repeat([size as i64, 1])];
@@ -549,8 +481,8 @@ impl DreamBoothData {
         base.draw_batch(
             moments,
             input_ids,
-            (config.seed, step, micro),
-            config.offset_noise,
+            (config.training.seed, step, micro),
+            config.dreambooth.offset_noise,
         )
     }
 
@@ -592,8 +524,8 @@ impl DreamBoothData {
         let mut instance_pixels = Vec::new();
         let mut class_pixels = Vec::new();
         for sample in samples {
-            let (instance, class) = self.entries(config.seed, sample);
-            let mut rng = SampleRng::for_sample(config.seed, sample);
+            let (instance, class) = self.entries(config.training.seed, sample);
+            let mut rng = SampleRng::for_sample(config.training.seed, sample);
             instance_pixels.push(self.transform.apply(&self.instances[instance], &mut rng));
             class_pixels.extend(class.map(|c| self.transform.apply(&self.classes[c], &mut rng)));
         }
@@ -633,7 +565,7 @@ impl TrainingMethod for DreamBoothRun<'_> {
     fn next_step(&mut self) -> Result<StepReport, TrainError> {
         let step = self.trainer.step();
         let base = &self.trainer.model.base;
-        let batches = (0..self.config.gradient_accumulation_steps)
+        let batches = (0..self.config.training.gradient_accumulation_steps)
             .map(|micro| self.data.batch(base, self.config, step, micro))
             .collect::<Result<Vec<_>, _>>()?;
         self.trainer.train_step(&batches)
@@ -648,16 +580,19 @@ pub fn train(
 ) -> Result<TrainOutcome, TrainError> {
     config.validate()?;
     let instance_count = data::list_images(&config.instance_data_dir, "instance_data_dir")?.len();
-    let class_count = match (&config.class_data_dir, config.with_prior_preservation) {
+    let class_count = match (
+        &config.class_data_dir,
+        config.dreambooth.with_prior_preservation,
+    ) {
         (Some(dir), true) => data::list_images(dir, "class_data_dir")?.len(),
         _ => 0,
     };
     let total = config::total_steps(
-        config.max_train_steps,
-        config.num_train_epochs,
+        config.training.max_train_steps,
+        config.training.num_train_epochs,
         instance_count.max(class_count),
-        config.train_batch_size,
-        config.gradient_accumulation_steps,
+        config.training.train_batch_size,
+        config.training.gradient_accumulation_steps,
     );
     let trainer = DreamBoothTrainer::new(config, total)?;
     let data = DreamBoothData::load(config, &trainer.model.base)?;
@@ -665,11 +600,11 @@ pub fn train(
         work_dir: &config.work_dir,
         output_dir: &config.output_dir,
         total_steps: total,
-        checkpointing_steps: config.checkpointing_steps,
-        checkpoints_total_limit: config.checkpoints_total_limit,
+        checkpointing_steps: config.training.checkpointing_steps,
+        checkpoints_total_limit: config.training.checkpoints_total_limit,
         resume: config.resume_from_checkpoint,
         save_final: config.keep_final_checkpoint,
-        seed: config.seed,
+        seed: config.training.seed,
         dataset_sizes: data.sizes(),
     };
     let mut run = DreamBoothRun {
@@ -698,6 +633,7 @@ fn write_trained_folder(
         &NewWeights {
             unet: Some(trainer.unet_store()),
             text_encoder: config
+                .dreambooth
                 .train_text_encoder
                 .then_some(trainer.text_encoder_store()),
             added_tokens: &[],

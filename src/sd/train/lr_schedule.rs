@@ -10,9 +10,9 @@ pub const POLYNOMIAL_LR_END: f64 = 1e-7;
 /// diffusers `get_cosine_schedule_with_warmup` default `num_cycles` (half a cosine wave);
 /// `get_scheduler` does not forward its `num_cycles` to this schedule.
 pub const COSINE_NUM_CYCLES: f64 = 0.5;
-/// The schedule names `get_scheduler` accepts that are implemented here (the stage schemas'
-/// list, which the front binary validates without libtorch).
-pub use dreampipe_core::stages::sd_kinds::training::LR_SCHEDULE_NAMES as SCHEDULE_NAMES;
+/// The `get_scheduler` names implemented here: the stage schemas' closed set (the front binary
+/// validates the name without libtorch; `LrScheduler::from_name` parses one).
+pub use dreampipe_core::stages::sd_kinds::training::LrScheduler;
 
 /// Which curve the multiplier follows after warmup.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -38,7 +38,7 @@ impl LrSchedule {
     /// Like diffusers `get_scheduler(name, ...)`; `num_cycles` is only used by
     /// `cosine_with_restarts` and `power` only by `polynomial`, as there.
     pub fn new(
-        name: &str,
+        name: LrScheduler,
         base_lr: f64,
         num_warmup_steps: u64,
         num_training_steps: u64,
@@ -46,21 +46,15 @@ impl LrSchedule {
         power: f64,
     ) -> Result<Self, TrainError> {
         let kind = match name {
-            "constant" => ScheduleKind::Constant,
-            "constant_with_warmup" => ScheduleKind::ConstantWithWarmup,
-            "linear" => ScheduleKind::Linear,
-            "cosine" => ScheduleKind::Cosine,
-            "cosine_with_restarts" => ScheduleKind::CosineWithRestarts { num_cycles },
-            "polynomial" => ScheduleKind::Polynomial {
+            LrScheduler::Constant => ScheduleKind::Constant,
+            LrScheduler::ConstantWithWarmup => ScheduleKind::ConstantWithWarmup,
+            LrScheduler::Linear => ScheduleKind::Linear,
+            LrScheduler::Cosine => ScheduleKind::Cosine,
+            LrScheduler::CosineWithRestarts => ScheduleKind::CosineWithRestarts { num_cycles },
+            LrScheduler::Polynomial => ScheduleKind::Polynomial {
                 power,
                 lr_end: POLYNOMIAL_LR_END,
             },
-            _ => {
-                return Err(TrainError::UnknownSchedule {
-                    name: name.to_string(),
-                    valid: SCHEDULE_NAMES.join(", "),
-                });
-            }
         };
         if let ScheduleKind::Polynomial { lr_end, .. } = kind
             && base_lr <= lr_end

@@ -51,8 +51,6 @@ pub enum TrainError {
         "{path}: optimizer state does not fit this optimizer: {detail} (resume with the same optimizer kind and the same trainable parameters, in the same order)"
     )]
     StateMismatch { path: PathBuf, detail: String },
-    #[error("unknown lr scheduler '{name}': valid names are {valid}")]
-    UnknownSchedule { name: String, valid: String },
     #[error("lr scheduler '{name}': {problem}")]
     ScheduleArgs { name: String, problem: String },
     #[error("loss: {0}")]

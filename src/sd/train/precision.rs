@@ -2,7 +2,7 @@
 //! forward under autocast, the (fp16: scaled) backward, and the unscale / skip / scale-update
 //! around the optimizer step, in the order accelerate runs them in diffusers' scripts.
 use super::TrainError;
-use super::config::MixedPrecision;
+use super::config::{MixedPrecision, MixedPrecisionExt};
 use super::grad_scaler::{GradScaler, GradScalerState};
 use crate::sd::autocast::{self, Autocast};
 use tch::{Device, Tensor};

@@ -15,11 +15,10 @@
 use super::TrainError;
 use super::base_model::{BaseModel, ModuleKinds};
 use super::batch::StepBatch;
-use super::config::{self, MixedPrecision, OptimizerKind};
+use super::config::{self, MixedPrecisionExt};
 use super::data::{self, Transform};
 use super::driver::{self, DriverSettings, TrainingMethod};
 use super::objective::{self, DiffusionModel, LossSpec};
-use super::optim::AdamWConfig;
 use super::output::{self, NewWeights};
 use super::precision::Precision;
 use super::progress::{Callbacks, StepReport, TrainOutcome};
@@ -28,6 +27,10 @@ use super::trainer_core::{CoreSettings, MicroBatchLoss, StepMethod, TrainerCore}
 use crate::sd::clip::ClipTextModel;
 use crate::sd::folder::ModelFolder;
 use crate::sd::tokenizer::ClipTokenizer;
+use dreampipe_core::stages::sd_kinds::textual_inversion::{
+    InversionFields, TextualInversionKind, TextualInversionParams,
+};
+use dreampipe_core::stages::sd_kinds::training::TrainingParams;
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor, nn::VarStore};
@@ -93,87 +96,40 @@ pub const STYLE_TEMPLATES: [&str; 19] = [
     "a large painting in the style of {}",
 ];
 
-/// `--learnable_property`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LearnableProperty {
-    Object,
-    Style,
-}
+/// `--learnable_property` (the stage schema's closed set) and its prompt templates.
+pub use dreampipe_core::stages::sd_kinds::textual_inversion::LearnableProperty;
 
-impl LearnableProperty {
-    pub fn parse(value: &str) -> Result<Self, TrainError> {
-        match value {
-            "object" => Ok(Self::Object),
-            "style" => Ok(Self::Style),
-            other => Err(TrainError::Config {
-                field: "learnable_property",
-                problem: format!("'{other}' is not one of object, style"),
-            }),
-        }
-    }
-
-    pub fn templates(self) -> &'static [&'static str] {
-        match self {
-            Self::Object => &OBJECT_TEMPLATES,
-            Self::Style => &STYLE_TEMPLATES,
-        }
+/// The prompt templates of `property` (textual_inversion.py's).
+pub fn templates(property: LearnableProperty) -> &'static [&'static str] {
+    match property {
+        LearnableProperty::Object => &OBJECT_TEMPLATES,
+        LearnableProperty::Style => &STYLE_TEMPLATES,
     }
 }
 
-/// textual_inversion.py's arguments (names and defaults as there, except where noted).
+/// textual_inversion.py's arguments: the `textual_inversion` stage's typed fields (names and
+/// defaults as the script's) plus the resolved paths.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TextualInversionConfig {
+    /// The hyperparameters every training kind shares (the input fields in it are not read:
+    /// the paths below are). `gradient_checkpointing` is not supported (rejected).
+    pub training: TrainingParams,
+    /// The tokens, vectors, templates and repeats.
+    pub inversion: InversionFields,
     pub pretrained_model_name_or_path: PathBuf,
     pub train_data_dir: PathBuf,
-    pub placeholder_token: String,
-    pub initializer_token: String,
-    /// Default 1.
-    pub num_vectors: usize,
-    pub learnable_property: LearnableProperty,
-    /// Default 100 (the dataset is the images repeated this often per epoch).
-    pub repeats: usize,
     pub output_dir: PathBuf,
     pub work_dir: PathBuf,
     /// Write a checkpoint at the last step even when it is not a multiple of
     /// `checkpointing_steps` (the stage keeps it so a longer run can continue from it).
     pub keep_final_checkpoint: bool,
     pub resume_from_checkpoint: bool,
-    /// Default 0 (diffusers: None).
-    pub seed: u64,
-    /// Default 512.
-    pub resolution: u32,
-    pub center_crop: bool,
-    /// Default 16.
-    pub train_batch_size: usize,
-    /// Default 100 (used when max_train_steps is None).
-    pub num_train_epochs: u64,
-    /// Default 5000.
-    pub max_train_steps: Option<u64>,
-    pub gradient_accumulation_steps: u64,
-    /// Not yet supported (rejected).
-    pub gradient_checkpointing: bool,
-    /// Default 5e-4.
-    pub learning_rate: f64,
-    pub scale_lr: bool,
-    pub lr_scheduler: String,
-    /// Default 500.
-    pub lr_warmup_steps: u64,
-    pub lr_num_cycles: u32,
-    pub lr_power: f64,
-    pub optimizer: OptimizerKind,
-    pub adam_beta1: f64,
-    pub adam_beta2: f64,
-    pub adam_weight_decay: f64,
-    pub adam_epsilon: f64,
-    pub mixed_precision: MixedPrecision,
-    /// Default 500.
-    pub checkpointing_steps: u64,
-    pub checkpoints_total_limit: Option<usize>,
     pub device: Device,
 }
 
 impl TextualInversionConfig {
-    /// A config with the script's defaults for everything but the required fields.
+    /// A config with the `textual_inversion` stage's defaults for everything but the required
+    /// fields.
     pub fn new(
         pretrained_model_name_or_path: PathBuf,
         train_data_dir: PathBuf,
@@ -182,96 +138,49 @@ impl TextualInversionConfig {
         output_dir: PathBuf,
         work_dir: PathBuf,
     ) -> Self {
+        let given = serde_json::json!({
+            "model": pretrained_model_name_or_path.to_string_lossy(),
+            "instance_images": train_data_dir.to_string_lossy(),
+            "placeholder_token": placeholder_token,
+            "initializer_token": initializer_token,
+        });
+        let schema = dreampipe_core::stages::Stage::schema(&TextualInversionKind);
+        let params: TextualInversionParams = config::schema_defaults(&schema, given);
         Self {
+            training: params.training,
+            inversion: params.inversion,
             pretrained_model_name_or_path,
             train_data_dir,
-            placeholder_token: placeholder_token.to_string(),
-            initializer_token: initializer_token.to_string(),
-            num_vectors: 1,
-            learnable_property: LearnableProperty::Object,
-            repeats: 100,
             output_dir,
             work_dir,
-            resume_from_checkpoint: false,
             keep_final_checkpoint: false,
-            seed: 0,
-            resolution: 512,
-            center_crop: false,
-            train_batch_size: 16,
-            num_train_epochs: 100,
-            max_train_steps: Some(5000),
-            gradient_accumulation_steps: 1,
-            gradient_checkpointing: false,
-            learning_rate: 5e-4,
-            scale_lr: false,
-            lr_scheduler: "constant".to_string(),
-            lr_warmup_steps: 500,
-            lr_num_cycles: 1,
-            lr_power: 1.0,
-            optimizer: OptimizerKind::AdamW,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_weight_decay: 1e-2,
-            adam_epsilon: 1e-8,
-            mixed_precision: MixedPrecision::No,
-            checkpointing_steps: 500,
-            checkpoints_total_limit: None,
+            resume_from_checkpoint: false,
             device: Device::Cpu,
         }
     }
 
     pub fn validate(&self) -> Result<(), TrainError> {
-        let fail = |field: &'static str, problem: &str| {
-            Err(TrainError::Config {
-                field,
-                problem: problem.to_string(),
-            })
-        };
-        if self.gradient_checkpointing {
-            return fail(
-                "gradient_checkpointing",
-                "not yet supported for the UNet; train without it (lower train_batch_size or resolution to save memory)",
-            );
+        if self.training.gradient_checkpointing {
+            return Err(TrainError::Config {
+                field: "gradient_checkpointing",
+                problem: "not yet supported for the UNet; train without it (lower train_batch_size or resolution to save memory)".to_string(),
+            });
         }
-        if self.num_vectors == 0 {
-            return fail("num_vectors", "must be at least 1");
+        if self.inversion.num_vectors == 0 {
+            return Err(TrainError::Config {
+                field: "num_vectors",
+                problem: "must be at least 1".to_string(),
+            });
         }
-        config::check_loop_sizes(
-            self.train_batch_size,
-            self.gradient_accumulation_steps,
-            self.checkpointing_steps,
-            self.resolution,
-        )?;
-        self.mixed_precision.weight_kind(self.device).map(|_| ())
-    }
-
-    pub fn effective_learning_rate(&self) -> f64 {
-        config::scaled_learning_rate(
-            self.learning_rate,
-            self.scale_lr,
-            self.gradient_accumulation_steps,
-            self.train_batch_size,
-        )
+        config::validate_training(&self.training, self.device)
     }
 
     /// The optimizer, lr schedule and mixed precision of the step core; no clipping, as the
     /// script.
     fn core_settings(&self, total_steps: u64) -> CoreSettings<'_> {
         CoreSettings {
-            optimizer: self.optimizer,
-            adam: AdamWConfig {
-                lr: self.effective_learning_rate(),
-                beta1: self.adam_beta1,
-                beta2: self.adam_beta2,
-                eps: self.adam_epsilon,
-                weight_decay: self.adam_weight_decay,
-            },
-            lr_scheduler: &self.lr_scheduler,
-            lr_warmup_steps: self.lr_warmup_steps,
-            lr_num_cycles: self.lr_num_cycles,
-            lr_power: self.lr_power,
+            training: &self.training,
             total_steps,
-            mixed_precision: self.mixed_precision,
             device: self.device,
             max_grad_norm: None,
         }
@@ -279,8 +188,9 @@ impl TextualInversionConfig {
 
     /// `<tok>`, `<tok>_1`, ... `<tok>_{n-1}`.
     pub fn placeholder_tokens(&self) -> Vec<String> {
-        std::iter::once(self.placeholder_token.clone())
-            .chain((1..self.num_vectors).map(|i| format!("{}_{i}", self.placeholder_token)))
+        let token = &self.inversion.placeholder_token;
+        std::iter::once(token.clone())
+            .chain((1..self.inversion.num_vectors).map(|i| format!("{token}_{i}")))
             .collect()
     }
 }
@@ -309,7 +219,7 @@ impl TextualInversionTrainer {
     /// token's row) and sets up the optimizer over the whole embedding matrix.
     pub fn new(config: &TextualInversionConfig, total_steps: u64) -> Result<Self, TrainError> {
         config.validate()?;
-        let weight_kind = config.mixed_precision.weight_kind(config.device)?;
+        let weight_kind = config.training.mixed_precision.weight_kind(config.device)?;
         let kinds = ModuleKinds {
             weight: weight_kind,
             text_encoder: Kind::Float,
@@ -446,7 +356,7 @@ fn add_placeholder_tokens(
     config: &TextualInversionConfig,
     tokens: &[String],
 ) -> Result<(i64, i64), TrainError> {
-    let initializer_id = single_token_id(tokenizer, &config.initializer_token)?;
+    let initializer_id = single_token_id(tokenizer, &config.inversion.initializer_token)?;
     let mut ids = Vec::with_capacity(tokens.len());
     for token in tokens {
         ids.push(tokenizer.add_token(token).map_err(|e| TrainError::Config {
@@ -507,9 +417,7 @@ impl TiData {
     ) -> Result<Self, TrainError> {
         let images = data::load_folder(&config.train_data_dir, "train_data_dir")?;
         let placeholder_string = trainer.placeholder_tokens().join(" ");
-        let template_ids = config
-            .learnable_property
-            .templates()
+        let template_ids = templates(config.inversion.learnable_property)
             .iter()
             .map(|template| {
                 let text = template.replace("{}", &placeholder_string);
@@ -519,11 +427,11 @@ impl TiData {
         Ok(Self {
             images,
             transform: Transform::TextualInversion {
-                resolution: config.resolution,
-                center_crop: config.center_crop,
+                resolution: config.training.resolution,
+                center_crop: config.training.center_crop,
             },
             template_ids,
-            repeats: config.repeats.max(1),
+            repeats: config.inversion.repeats.max(1),
         })
     }
 
@@ -539,20 +447,26 @@ impl TiData {
         step: u64,
         micro: u64,
     ) -> Result<StepBatch, TrainError> {
-        let size = config.train_batch_size as u64;
-        let first = (step * config.gradient_accumulation_steps + micro) * size;
+        let size = config.training.train_batch_size as u64;
+        let first = (step * config.training.gradient_accumulation_steps + micro) * size;
         let mut pixels = Vec::new();
         let mut ids = Vec::new();
         for sample in first..first + size {
-            let index = streams::dataset_index(config.seed, self.len(), sample) % self.images.len();
-            let mut rng = SampleRng::for_sample(config.seed, sample);
+            let index = streams::dataset_index(config.training.seed, self.len(), sample)
+                % self.images.len();
+            let mut rng = SampleRng::for_sample(config.training.seed, sample);
             let template = rng.below(self.template_ids.len() as u64) as usize;
             ids.push(self.template_ids[template].shallow_clone());
             pixels.push(self.transform.apply(&self.images[index], &mut rng));
         }
         let moments = base.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device));
         let input_ids = Tensor::cat(&ids, 0).to_device(config.device);
-        base.draw_batch(moments, input_ids, (config.seed, step, micro), false)
+        base.draw_batch(
+            moments,
+            input_ids,
+            (config.training.seed, step, micro),
+            false,
+        )
     }
 }
 
@@ -586,7 +500,7 @@ impl TrainingMethod for TextualInversionRun<'_> {
     fn next_step(&mut self) -> Result<StepReport, TrainError> {
         let step = self.trainer.step();
         let base = &self.trainer.model.base;
-        let batches = (0..self.config.gradient_accumulation_steps)
+        let batches = (0..self.config.training.gradient_accumulation_steps)
             .map(|micro| self.data.batch(base, self.config, step, micro))
             .collect::<Result<Vec<_>, _>>()?;
         self.trainer.train_step(&batches)
@@ -601,11 +515,11 @@ pub fn train(
     config.validate()?;
     let image_count = data::list_images(&config.train_data_dir, "train_data_dir")?.len();
     let total = config::total_steps(
-        config.max_train_steps,
-        config.num_train_epochs,
-        image_count * config.repeats.max(1),
-        config.train_batch_size,
-        config.gradient_accumulation_steps,
+        config.training.max_train_steps,
+        config.training.num_train_epochs,
+        image_count * config.inversion.repeats.max(1),
+        config.training.train_batch_size,
+        config.training.gradient_accumulation_steps,
     );
     let trainer = TextualInversionTrainer::new(config, total)?;
     let data = TiData::load(config, &trainer)?;
@@ -613,11 +527,11 @@ pub fn train(
         work_dir: &config.work_dir,
         output_dir: &config.output_dir,
         total_steps: total,
-        checkpointing_steps: config.checkpointing_steps,
-        checkpoints_total_limit: config.checkpoints_total_limit,
+        checkpointing_steps: config.training.checkpointing_steps,
+        checkpoints_total_limit: config.training.checkpoints_total_limit,
         resume: config.resume_from_checkpoint,
         save_final: config.keep_final_checkpoint,
-        seed: config.seed,
+        seed: config.training.seed,
         dataset_sizes: vec![data.images.len()],
     };
     let mut run = TextualInversionRun {
@@ -646,10 +560,13 @@ fn write_outputs_into(
     let embeds = trainer.learned_embeddings();
     output::write_learned_embeds(
         &out.join(output::LEARNED_EMBEDS_FILE),
-        &config.placeholder_token,
+        &config.inversion.placeholder_token,
         &embeds,
     )?;
-    let a1111_name = format!("{}.safetensors", file_stem_for(&config.placeholder_token));
+    let a1111_name = format!(
+        "{}.safetensors",
+        file_stem_for(&config.inversion.placeholder_token)
+    );
     output::write_a1111_embedding(&out.join(a1111_name), &embeds)?;
     write_model_with_placeholders(config, trainer, &out.join(MODEL_SUBDIR))
 }

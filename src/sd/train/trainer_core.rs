@@ -10,12 +10,12 @@
 //! learn). Which parameters train is given to [`TrainerCore::new`].
 use super::TrainError;
 use super::batch::StepBatch;
-use super::config::{MixedPrecision, OptimizerKind};
 use super::lr_schedule::LrSchedule;
 use super::optim::{AdamWConfig, clip_grad_norm};
 use super::optimizer::Optimizer;
 use super::precision::Precision;
 use super::progress::StepReport;
+use dreampipe_core::stages::sd_kinds::training::TrainingParams;
 use tch::{Device, Tensor};
 
 /// What differs between methods inside one optimizer step.
@@ -53,15 +53,10 @@ impl From<Tensor> for MicroBatchLoss<'_> {
 
 /// How the core's optimizer, lr schedule and mixed precision are set up.
 pub(crate) struct CoreSettings<'a> {
-    pub optimizer: OptimizerKind,
-    /// The hyperparameters; `lr` is the base learning rate (after `--scale_lr`).
-    pub adam: AdamWConfig,
-    pub lr_scheduler: &'a str,
-    pub lr_warmup_steps: u64,
-    pub lr_num_cycles: u32,
-    pub lr_power: f64,
+    /// The optimizer, its hyperparameters (the base lr after `--scale_lr`), the lr schedule
+    /// and mixed precision, as every training kind has them.
+    pub training: &'a TrainingParams,
     pub total_steps: u64,
-    pub mixed_precision: MixedPrecision,
     pub device: Device,
     /// Clip the global grad norm to this (None: no clipping, as textual_inversion.py).
     pub max_grad_norm: Option<f64>,
@@ -83,21 +78,29 @@ impl TrainerCore {
         trainables: Vec<(String, Tensor)>,
         settings: &CoreSettings,
     ) -> Result<Self, TrainError> {
+        let training = settings.training;
         let params: Vec<Tensor> = trainables.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let optimizer = Optimizer::new(settings.optimizer, &params, settings.adam);
+        let adam = AdamWConfig {
+            lr: training.effective_learning_rate(),
+            beta1: training.adam_beta1,
+            beta2: training.adam_beta2,
+            eps: training.adam_epsilon,
+            weight_decay: training.adam_weight_decay,
+        };
+        let optimizer = Optimizer::new(training.optimizer, &params, adam);
         let schedule = LrSchedule::new(
-            settings.lr_scheduler,
-            settings.adam.lr,
-            settings.lr_warmup_steps,
+            training.lr_scheduler,
+            adam.lr,
+            training.lr_warmup_steps,
             settings.total_steps,
-            settings.lr_num_cycles,
-            settings.lr_power,
+            training.lr_num_cycles,
+            training.lr_power,
         )?;
         Ok(Self {
             trainables,
             optimizer,
             schedule,
-            precision: Precision::new(settings.mixed_precision, settings.device)?,
+            precision: Precision::new(training.mixed_precision, settings.device)?,
             step: 0,
             max_grad_norm: settings.max_grad_norm,
         })

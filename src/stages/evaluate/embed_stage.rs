@@ -5,6 +5,7 @@ use super::super::sd_common::{field_error, write_manifest};
 use super::super::{StageContext, StageError};
 use super::embedders::{Embedders, Embeddings};
 use super::{inputs, memo};
+use dreampipe_core::stages::sd_kinds::embed::EmbedParams;
 use serde_json::{Value, json};
 use std::path::Path;
 
@@ -19,6 +20,7 @@ fn digest(ctx: &StageContext<'_>, field: &str) -> Option<String> {
 
 /// Runs an `embed` stage.
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
+    let params: EmbedParams = ctx.typed()?;
     let folder = ctx
         .input_paths("images")
         .first()
@@ -31,7 +33,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
             )
         })?;
     let files = inputs::image_files(ctx, "images", &folder)?;
-    let embedders = Embedders::load(ctx)?;
+    let embedders = Embedders::load(ctx, params.batch_size)?;
     let embeddings = embedders.embed(ctx, "images", &files)?;
     memo::write_entry(&ctx.out_dir.join(EMBEDDINGS_FILE), &embeddings)?;
     let names: Vec<String> = files

@@ -58,7 +58,8 @@ fn check_side(
 }
 
 impl Embedders {
-    pub fn load(ctx: &StageContext<'_>) -> Result<Self, StageError> {
+    /// The stage's models on its device; `batch` images per forward pass (`batch_size`).
+    pub fn load(ctx: &StageContext<'_>, batch: usize) -> Result<Self, StageError> {
         let device = crate::device::to_tch(ctx.device);
         let (clip_dir, dino_dir) = (model_dir(ctx, "clip_model")?, model_dir(ctx, "dino_model")?);
         let clip =
@@ -83,16 +84,13 @@ impl Embedders {
             &dino_processor,
             dino.config.image_size,
         )?;
-        let batch = ctx
-            .i64_param("batch_size")
-            .unwrap_or(dreampipe_core::stages::sd_kinds::evaluate::DEFAULT_BATCH);
         Ok(Self {
             clip,
             dino,
             clip_processor,
             dino_processor,
             device,
-            batch: batch.max(1) as usize,
+            batch: batch.max(1),
             random_weights: has_random_weights(&clip_dir) || has_random_weights(&dino_dir),
         })
     }

@@ -20,7 +20,11 @@ pub struct GeneratedImage {
 }
 
 /// Every generated image of the `generated` inputs, in input then manifest order.
-pub fn generated_images(ctx: &StageContext<'_>) -> Result<Vec<GeneratedImage>, StageError> {
+/// `prompt` is the stage's field: the prompt of images whose input records none.
+pub fn generated_images(
+    ctx: &StageContext<'_>,
+    prompt: Option<&str>,
+) -> Result<Vec<GeneratedImage>, StageError> {
     let inputs: Vec<ResolvedInput> = ctx.inputs.get("generated").cloned().unwrap_or_default();
     if inputs.is_empty() {
         return Err(field_error(
@@ -29,19 +33,12 @@ pub fn generated_images(ctx: &StageContext<'_>) -> Result<Vec<GeneratedImage>, S
             "no input given; name a sample_grid, generate or images stage, or a folder",
         ));
     }
-    let prompt = ctx
-        .params
-        .get("prompt")
-        .and_then(Value::as_str)
-        .map(str::to_string);
     let mut images = Vec::new();
     for input in &inputs {
         let prefix = (inputs.len() > 1).then(|| input.label());
         let mut of_input = match input.path.join("manifest.json") {
-            manifest if manifest.is_file() => {
-                from_manifest(ctx, input, &manifest, prompt.as_deref())?
-            }
-            _ => from_folder(ctx, input, prompt.as_deref())?,
+            manifest if manifest.is_file() => from_manifest(ctx, input, &manifest, prompt)?,
+            _ => from_folder(ctx, input, prompt)?,
         };
         if let Some(prefix) = prefix {
             of_input

@@ -9,15 +9,17 @@ pub mod scores;
 
 use super::sd_common::field_error;
 use super::{StageContext, StageError};
+use dreampipe_core::stages::sd_kinds::evaluate::EvaluateParams;
 use embedders::Embedders;
 use scores::{Scored, mean_cosine, scores_json, without_identifier};
 use std::collections::BTreeMap;
 
 /// Runs the stage.
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
-    let generated = inputs::generated_images(ctx)?;
+    let params: EvaluateParams = ctx.typed()?;
+    let generated = inputs::generated_images(ctx, params.prompt.as_deref())?;
     let started = std::time::Instant::now();
-    let embedders = Embedders::load(ctx)?;
+    let embedders = Embedders::load(ctx, params.batch_size)?;
     ctx.log.line(&format!(
         "models loaded in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -31,9 +33,9 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
         "{} generated images embedded in {seconds:.1} s",
         paths.len()
     ));
-    let texts = text_embeddings(ctx, &embedders, &generated)?;
-    let identifier = ctx.str_param("identifier").unwrap_or("");
-    let class_prompt = ctx.str_param("class_prompt").unwrap_or("");
+    let identifier = params.identifier.as_str();
+    let texts = text_embeddings(ctx, &embedders, &generated, identifier)?;
+    let class_prompt = params.class_prompt.as_str();
     let scored: Vec<Scored> = generated
         .iter()
         .enumerate()
@@ -93,8 +95,8 @@ fn text_embeddings(
     ctx: &StageContext<'_>,
     embedders: &Embedders,
     generated: &[inputs::GeneratedImage],
+    identifier: &str,
 ) -> Result<BTreeMap<String, Vec<f32>>, StageError> {
-    let identifier = ctx.str_param("identifier").unwrap_or("");
     let mut texts = BTreeMap::new();
     for image in generated {
         let prompt = without_identifier(&image.prompt, identifier);

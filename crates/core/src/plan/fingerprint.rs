@@ -61,16 +61,25 @@ pub fn material(
     let schema = instance.kind.schema();
     let params = schema
         .iter()
-        .filter(|spec| spec.in_key && !spec.ty.is_input())
+        .filter(|spec| !spec.ty.is_input())
         .filter_map(|spec| {
-            instance
-                .params
-                .get(spec.name)
-                .map(|v| (spec.name.to_string(), v.clone()))
+            let value = instance.params.get(spec.name)?;
+            spec.keys(value)
+                .then(|| (spec.name.to_string(), value.clone()))
         })
         .collect();
+    // Input fields added to a kind later (`keyed_when_set`) enter the key only when they name
+    // something.
+    let later_field = |field: &str| {
+        schema
+            .iter()
+            .any(|spec| spec.name == field && !spec.key_default)
+    };
     let mut upstream = BTreeMap::new();
     for (field, refs) in &instance.refs {
+        if refs.is_empty() && later_field(field) {
+            continue;
+        }
         let mut digests = BTreeMap::new();
         for (name, index) in refs {
             match upstream_digest(*index) {
@@ -82,6 +91,9 @@ pub fn material(
     }
     let mut inputs = BTreeMap::new();
     for (field, paths) in &instance.paths {
+        if paths.is_empty() && later_field(field) {
+            continue;
+        }
         let mut trees = BTreeMap::new();
         for (written, resolved) in paths {
             trees.insert(written.clone(), memo.hash_tree(resolved)?);

@@ -5,7 +5,9 @@
 //! with `resources: {gpus: N}`, `CUDA_VISIBLE_DEVICES` listing the N GPUs it holds (empty on a
 //! run without GPUs); without `resources` the variable is inherited unchanged.
 //! The `run` text enters the key; the environment's values do not.
+use super::params::Input;
 use super::{ParamSpec, ParamType, Stage, StageContext, StageError};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -15,6 +17,17 @@ use std::time::Duration;
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 pub struct CommandStage;
+
+/// A `command` stage's fields (its table: [`CommandStage::schema`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandParams {
+    pub run: String,
+    /// Resolved by the runner (they enter the key by content).
+    pub inputs: Input,
+    /// Resolved by the runner: `ctx.inputs["needs"]` names each upstream.
+    pub needs: Input,
+}
 
 /// `CUDA_VISIBLE_DEVICES` for the held devices: their CUDA indices, comma-separated (a CPU
 /// slot, on a run without GPUs, adds none).
@@ -75,7 +88,8 @@ impl Stage for CommandStage {
         ]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
-        let script = ctx.str_param("run")?;
+        let params: CommandParams = ctx.typed()?;
+        let script = params.run.as_str();
         let mut command = Command::new("sh");
         command
             .arg("-c")
@@ -142,5 +156,15 @@ impl Stage for CommandStage {
             }
             std::thread::sleep(POLL_INTERVAL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_the_fields_of_the_struct() {
+        super::super::params::check_table::<CommandParams>(&CommandStage.schema()).unwrap();
     }
 }

@@ -2,10 +2,12 @@
 //! `imagefile` exactly as the training stages read them (a broken or oversized file fails the
 //! stage, named); optionally resizes the shorter side to `resolution` and
 //! center-crops a square. Output: `images/NNNN.png` (RGB) and `manifest.json`.
+use super::params::Input;
 use super::sd_kinds::field_error;
 use super::{ParamSpec, ParamType, Stage, StageContext, StageError};
 use crate::imagefile;
 use image::imageops::FilterType;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// Largest accepted `resolution` (an SD 2.x image is 768; 4096 leaves room without absurdity).
@@ -14,6 +16,16 @@ const MAX_RESOLUTION: f64 = 4096.0;
 const MIN_RESOLUTION: f64 = 8.0;
 
 pub struct ImagesStage;
+
+/// An `images` stage's fields (its table: [`ImagesStage::schema`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesParams {
+    /// Resolved by the runner: `ctx.inputs["path"]`.
+    pub path: Input,
+    pub resolution: Option<u32>,
+    pub center_crop: bool,
+}
 
 impl Stage for ImagesStage {
     fn kind(&self) -> &'static str {
@@ -48,6 +60,7 @@ impl Stage for ImagesStage {
         ]
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
+        let params: ImagesParams = ctx.typed()?;
         let folder = ctx
             .input_paths("path")
             .first()
@@ -64,8 +77,7 @@ impl Stage for ImagesStage {
         let images_dir = ctx.out_dir.join("images");
         std::fs::create_dir_all(&images_dir)
             .map_err(|e| StageError::io("create", &images_dir, e))?;
-        let resolution = ctx.i64_param("resolution").map(|r| r as u32);
-        let crop = ctx.bool_param("center_crop").unwrap_or(true);
+        let (resolution, crop) = (params.resolution, params.center_crop);
         let mut manifest = Vec::new();
         for (index, source) in files.iter().enumerate() {
             ctx.check_cancelled()?;
@@ -111,6 +123,11 @@ fn transform(image: image::RgbImage, resolution: Option<u32>, crop: bool) -> ima
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_names_the_fields_of_the_struct() {
+        super::super::params::check_table::<ImagesParams>(&ImagesStage.schema()).unwrap();
+    }
 
     #[test]
     fn resize_then_center_crop_gives_square_of_resolution() {

@@ -7,6 +7,7 @@
 //! `ctx.cancel`.
 pub mod command;
 pub mod images;
+pub mod params;
 pub mod sd_kinds;
 
 use crate::exec::events::{CancelFlag, ProgressReporter};
@@ -96,6 +97,10 @@ pub struct ParamSpec {
     pub max: Option<f64>,
     /// False for fields that cannot change the result (progress style, log level).
     pub in_key: bool,
+    /// False for fields added after their kind shipped: at the default value they stay out of
+    /// the key, so results made before the field existed keep their keys. Set with
+    /// [`Self::keyed_when_set`].
+    pub key_default: bool,
     /// For string fields (and each item of string lists): the accepted values, checked by
     /// `validate` with a "did you mean" hint. Set with [`Self::one_of`].
     pub allowed: Option<&'static [&'static str]>,
@@ -119,6 +124,7 @@ impl ParamSpec {
             min: None,
             max: None,
             in_key: true,
+            key_default: true,
             allowed: None,
             gather: false,
             step: None,
@@ -151,6 +157,16 @@ impl ParamSpec {
     pub fn not_in_key(mut self) -> Self {
         self.in_key = false;
         self
+    }
+    /// For a field added to a kind that already has cached results: the key takes it only when
+    /// it is set to something other than its default (an empty input list counts as unset).
+    pub fn keyed_when_set(mut self) -> Self {
+        self.key_default = false;
+        self
+    }
+    /// Whether `value` of this field enters the key.
+    pub fn keys(&self, value: &Value) -> bool {
+        self.in_key && (self.key_default || Some(value) != self.default.as_ref())
     }
     /// Restricts a string (or string list) field to `values`.
     pub fn one_of(mut self, values: &'static [&'static str]) -> Self {
@@ -265,7 +281,8 @@ impl StageLog {
 /// Everything a running stage sees.
 pub struct StageContext<'a> {
     pub stage_id: &'a str,
-    /// Every schema parameter, defaults filled in (inputs as written).
+    /// Every schema parameter, defaults filled in (inputs as written); a kind reads them
+    /// typed, through [`Self::typed`].
     pub params: &'a serde_json::Map<String, Value>,
     /// Resolved paths per input parameter.
     pub inputs: &'a BTreeMap<String, Vec<ResolvedInput>>,
@@ -329,46 +346,6 @@ pub fn snapshot_folder(work_dir: &Path, step: u64) -> PathBuf {
 pub const SNAPSHOTS_DIR: &str = "snapshots";
 
 impl StageContext<'_> {
-    fn missing(&self, name: &str, what: &str) -> StageError {
-        StageError::Failed(format!(
-            "stage `{}`: parameter `{name}` is not {what}",
-            self.stage_id
-        ))
-    }
-    pub fn str_param(&self, name: &str) -> Result<&str, StageError> {
-        self.params
-            .get(name)
-            .and_then(Value::as_str)
-            .ok_or_else(|| self.missing(name, "a string"))
-    }
-    pub fn i64_param(&self, name: &str) -> Option<i64> {
-        self.params.get(name).and_then(Value::as_i64)
-    }
-    pub fn f64_param(&self, name: &str) -> Option<f64> {
-        self.params.get(name).and_then(Value::as_f64)
-    }
-    pub fn bool_param(&self, name: &str) -> Option<bool> {
-        self.params.get(name).and_then(Value::as_bool)
-    }
-    /// An `IntegerList` field (a single value gives one element; unset gives none).
-    pub fn i64_list_param(&self, name: &str) -> Vec<i64> {
-        number_list(self.params.get(name), Value::as_i64)
-    }
-    /// A `NumberList` field (a single value gives one element; unset gives none).
-    pub fn f64_list_param(&self, name: &str) -> Vec<f64> {
-        number_list(self.params.get(name), Value::as_f64)
-    }
-    /// A `StringList` field (unset gives none).
-    pub fn string_list_param(&self, name: &str) -> Vec<String> {
-        match self.params.get(name) {
-            Some(Value::Array(items)) => items
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect(),
-            Some(Value::String(text)) => vec![text.clone()],
-            _ => Vec::new(),
-        }
-    }
     /// The resolved paths of an input parameter (empty when it has none).
     pub fn input_paths(&self, name: &str) -> Vec<&Path> {
         self.inputs
@@ -389,20 +366,21 @@ impl StageContext<'_> {
         std::fs::create_dir_all(&dir).map_err(|e| StageError::io("create", &dir, e))?;
         Ok(dir)
     }
+    /// The kind's typed parameters (its struct beside its schema, e.g.
+    /// `sd_kinds::dreambooth::DreamBoothParams`), parsed from [`Self::params`].
+    pub fn typed<P>(&self) -> Result<P, StageError>
+    where
+        P: serde::de::DeserializeOwned,
+    {
+        params::parse(self.params)
+            .map_err(|e| StageError::Failed(format!("stage `{}`: parameters: {e}", self.stage_id)))
+    }
     pub fn check_cancelled(&self) -> Result<(), StageError> {
         if self.cancel.is_cancelled() {
             Err(StageError::Cancelled)
         } else {
             Ok(())
         }
-    }
-}
-
-fn number_list<T>(value: Option<&Value>, read: impl Fn(&Value) -> Option<T>) -> Vec<T> {
-    match value {
-        Some(Value::Array(items)) => items.iter().filter_map(&read).collect(),
-        Some(single) => read(single).into_iter().collect(),
-        None => Vec::new(),
     }
 }
 
@@ -596,6 +574,8 @@ pub fn reference_table(stage: &dyn Stage) -> String {
         };
         let in_key = if !spec.in_key {
             "no"
+        } else if !spec.key_default {
+            "when set"
         } else if spec.gather {
             "content digest (all variants)"
         } else if spec.ty.is_input() {

@@ -4,10 +4,12 @@
 //! the script's arguments. Output: a diffusers folder (`model_index.json`, `unet/`, …),
 //! `metrics.jsonl`, `validation/step-N.png` and `report.json`. Checkpoints live in the work
 //! folder, so a crashed run resumes from its last checkpoint on the next `dreampipe run`.
-use super::training::{self, ScriptDefaults};
+use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
+use crate::stages::params::Input;
 use crate::stages::{
     DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// train_dreambooth.py's `--learning_rate` default.
@@ -24,6 +26,39 @@ const MAX_WEIGHT: f64 = 1000.0;
 const MAX_GRAD_NORM: f64 = 1.0e6;
 
 pub struct DreamBoothKind;
+
+/// A `dreambooth` stage's fields (its table: [`DreamBoothKind::schema`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DreamBoothParams {
+    #[serde(flatten)]
+    pub dreambooth: DreamBoothFields,
+    #[serde(flatten)]
+    pub training: TrainingParams,
+    pub export: Vec<ExportFormat>,
+}
+
+/// The fields of train_dreambooth.py beyond the ones all training kinds share (also
+/// `dreambooth_lora`'s); their table is [`dreambooth_fields`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DreamBoothFields {
+    /// Resolved by the runner: `ctx.inputs["instance_images"]`.
+    pub instance_images: Input,
+    pub instance_prompt: String,
+    /// Resolved by the runner: `ctx.inputs["class_images"]`; `None`: no prior preservation.
+    pub class_images: Option<Input>,
+    /// Require `class_images` (prior preservation is on whenever they are given).
+    pub with_prior_preservation: bool,
+    pub class_prompt: Option<String>,
+    pub num_class_images: usize,
+    pub prior_loss_weight: f64,
+    pub train_text_encoder: bool,
+    pub random_flip: bool,
+    pub max_grad_norm: f64,
+    pub offset_noise: bool,
+    /// `None`: plain MSE.
+    pub snr_gamma: Option<f64>,
+}
 
 impl Stage for DreamBoothKind {
     fn kind(&self) -> &'static str {
@@ -58,7 +93,7 @@ impl Stage for DreamBoothKind {
         Some("max_train_steps")
     }
     fn prefix_problem(&self, params: &serde_json::Map<String, Value>) -> Option<String> {
-        super::training::prefix_problem(params)
+        training::prefix_problem(params, |p: &DreamBoothParams| &p.training)
     }
     fn needs_torch(&self) -> bool {
         true
@@ -185,4 +220,14 @@ fn too_few_generated_class_images(fields: &FieldView<'_>) -> Option<(&'static st
         );
         ("num_class_images", message)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_the_fields_of_the_struct() {
+        crate::stages::params::check_table::<DreamBoothParams>(&DreamBoothKind.schema()).unwrap();
+    }
 }

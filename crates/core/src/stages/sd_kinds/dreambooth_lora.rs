@@ -5,11 +5,13 @@
 //! `load_lora_weights` reads), `lora_kohya.safetensors` (what A1111 and ComfyUI read),
 //! `metrics.jsonl`, `validation/step-N.png` and `report.json`. Use it through `loras:` of
 //! `generate` / `sample_grid`.
-use super::dreambooth::{dreambooth_fields, prior_preservation_problems};
-use super::training::{self, ScriptDefaults};
+use super::Dtype;
+use super::dreambooth::{DreamBoothFields, dreambooth_fields, prior_preservation_problems};
+use super::training::{self, ScriptDefaults, TrainingParams};
 use crate::stages::{
     DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// train_dreambooth_lora.py's `--learning_rate` default.
@@ -24,6 +26,21 @@ const MAX_RANK: f64 = 1280.0;
 const MAX_ALPHA: f64 = 1.0e4;
 
 pub struct DreamBoothLoraKind;
+
+/// A `dreambooth_lora` stage's fields (its table: [`DreamBoothLoraKind::schema`]): DreamBooth's
+/// and the shared training fields (without `export`; `save_dtype` is the LoRA files'), plus
+/// the adapters' rank and alpha.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DreamBoothLoraParams {
+    #[serde(flatten)]
+    pub dreambooth: DreamBoothFields,
+    pub rank: u32,
+    /// `None`: = rank.
+    pub lora_alpha: Option<f64>,
+    #[serde(flatten)]
+    pub training: TrainingParams,
+}
 
 impl Stage for DreamBoothLoraKind {
     fn kind(&self) -> &'static str {
@@ -74,7 +91,7 @@ impl Stage for DreamBoothLoraKind {
         Some("max_train_steps")
     }
     fn prefix_problem(&self, params: &serde_json::Map<String, Value>) -> Option<String> {
-        training::prefix_problem(params)
+        training::prefix_problem(params, |p: &DreamBoothLoraParams| &p.training)
     }
     fn needs_torch(&self) -> bool {
         true
@@ -96,8 +113,19 @@ fn lora_variant(spec: ParamSpec) -> Option<ParamSpec> {
                 json!("f32"),
                 "precision of the LoRA files (f32, f16, bf16)",
             )
-            .one_of(&["f32", "f16", "bf16"]),
+            .one_of(Dtype::NAMES),
         ),
         _ => Some(spec),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_the_fields_of_the_struct() {
+        let schema = DreamBoothLoraKind.schema();
+        crate::stages::params::check_table::<DreamBoothLoraParams>(&schema).unwrap();
     }
 }

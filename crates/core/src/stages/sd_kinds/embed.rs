@@ -2,13 +2,26 @@
 //! real images), as a cached result an `evaluate` stage's `real:` can name, so they are
 //! computed once per (models, images) key and reused by every evaluate stage and rerun.
 use super::evaluate::DEFAULT_BATCH;
+use crate::stages::params::Input;
 use crate::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// Largest `batch_size`.
 const MAX_BATCH: f64 = 1024.0;
 
 pub struct EmbedKind;
+
+/// An `embed` stage's fields (its table: [`EmbedKind::schema`]); the inputs are resolved by
+/// the runner (`ctx.inputs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedParams {
+    pub images: Input,
+    pub clip_model: Input,
+    pub dino_model: Input,
+    pub batch_size: usize,
+}
 
 impl Stage for EmbedKind {
     fn kind(&self) -> &'static str {
@@ -55,5 +68,15 @@ impl Stage for EmbedKind {
     }
     fn needs_torch(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_the_fields_of_the_struct() {
+        crate::stages::params::check_table::<EmbedParams>(&EmbedKind.schema()).unwrap();
     }
 }

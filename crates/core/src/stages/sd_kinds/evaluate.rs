@@ -3,9 +3,11 @@
 //! (CLIP image-embedding cosine), CLIP-T (prompt-to-image CLIP cosine, the identifier removed
 //! from the prompt) and PRES (DINO of class-prompt images against the subject) — per image, per
 //! (variant, prompt) and per variant, into `scores.json`.
+use crate::stages::params::Input;
 use crate::stages::{
     DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// Default images per forward pass: ViT-L/14 at 224 px holds ~0.3 GB of activations per 16.
@@ -14,6 +16,22 @@ pub const DEFAULT_BATCH: i64 = 16;
 const MAX_BATCH: f64 = 1024.0;
 
 pub struct EvaluateKind;
+
+/// An `evaluate` stage's fields (its table: [`EvaluateKind::schema`]); the inputs are
+/// resolved by the runner (`ctx.inputs`; `generated` one entry per variant).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateParams {
+    pub generated: Input,
+    pub real: Input,
+    pub clip_model: Input,
+    pub dino_model: Input,
+    /// The prompt of images whose input records none.
+    pub prompt: Option<String>,
+    pub identifier: String,
+    pub class_prompt: String,
+    pub batch_size: usize,
+}
 
 impl Stage for EvaluateKind {
     fn kind(&self) -> &'static str {
@@ -135,3 +153,13 @@ impl Stage for EvaluateKind {
 
 /// Kinds whose manifest gives each image its prompt.
 const PROMPTED_KINDS: [&str; 2] = ["sample_grid", "generate"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_the_fields_of_the_struct() {
+        crate::stages::params::check_table::<EvaluateParams>(&EvaluateKind.schema()).unwrap();
+    }
+}

@@ -7,12 +7,14 @@
 //! negative prompt, its seed, steps, guidance, scheduler, size, dtype, device type). Raising
 //! `count` changes the stage key, but the images already made are copied from the memo.
 use super::{
-    MAX_SEED, SCHEDULER_CHOICES, dtype_spec, guidance_spec, negative_prompt_spec, size_specs,
-    steps_spec,
+    Dtype, MAX_SEED, SCHEDULER_CHOICES, SchedulerName, dtype_spec, guidance_spec,
+    negative_prompt_spec, size_specs, steps_spec,
 };
+use crate::stages::params::{Input, List};
 use crate::stages::{
     DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// Largest `count`: 100k class images is far beyond DreamBooth's usual 200–1000.
@@ -21,6 +23,29 @@ const MAX_COUNT: f64 = 100_000.0;
 const MAX_BATCH: f64 = 256.0;
 
 pub struct GenerateKind;
+
+/// A `generate` stage's fields (its table: [`GenerateKind::schema`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateParams {
+    /// Resolved by the runner: `ctx.inputs["model"]`.
+    pub model: Input,
+    /// Resolved by the runner: `ctx.inputs["loras"]`.
+    pub loras: Input,
+    pub lora_scales: List<f64>,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub count: u64,
+    /// `None`: the model's own.
+    pub scheduler: Option<SchedulerName>,
+    pub steps: usize,
+    pub guidance: f64,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub dtype: Dtype,
+}
 
 impl Stage for GenerateKind {
     fn kind(&self) -> &'static str {
@@ -49,14 +74,16 @@ impl Stage for GenerateKind {
                 ParamType::PathOrStageRefList,
                 json!([]),
                 "LoRAs applied to the model: `dreambooth_lora` stages or LoRA .safetensors files (diffusers, PEFT or kohya layout); several add up",
-            ),
+            )
+            .keyed_when_set(),
             ParamSpec::optional(
                 "lora_scales",
                 ParamType::NumberList,
                 json!([]),
                 "the weight of each entry of `loras`, in order; empty: 1 each",
             )
-            .range(0.0, super::sample_grid::MAX_LORA_SCALE),
+            .range(0.0, super::sample_grid::MAX_LORA_SCALE)
+            .keyed_when_set(),
             ParamSpec::required("prompt", ParamType::String, "the class prompt"),
             negative_prompt_spec(),
             ParamSpec::required("count", ParamType::Integer, "number of images")
@@ -113,5 +140,15 @@ impl Stage for GenerateKind {
                 "has {scales} weights for {loras} LoRAs; give one per entry of `loras` (or none: 1 each)"
             ),
         )]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_the_fields_of_the_struct() {
+        crate::stages::params::check_table::<GenerateParams>(&GenerateKind.schema()).unwrap();
     }
 }

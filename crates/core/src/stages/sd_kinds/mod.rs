@@ -22,13 +22,29 @@ pub const DEFAULT_GUIDANCE: f64 = 7.5;
 /// Largest seed: JSON integers are exact up to 2^53 − 1.
 pub const MAX_SEED: f64 = 9_007_199_254_740_991.0;
 
-/// The accepted `dtype` values (those of `dreampipe sample --dtype`).
-pub const DTYPE_NAMES: &str = "f32, f16, bf16";
-/// The same, for [`super::ParamSpec::one_of`].
-pub const DTYPE_CHOICES: &[&str] = &["f32", "f16", "bf16"];
-/// Every `SchedulerKind::name()`, for [`super::ParamSpec::one_of`] (a test keeps it in sync).
-pub const SCHEDULER_CHOICES: &[&str] =
-    &["ddim", "pndm", "lms", "euler", "euler-a", "dpm++", "ddpm"];
+crate::closed_set! {
+    /// A precision of weights or of written files: `dtype`, `save_dtype` (those of
+    /// `dreampipe sample --dtype`).
+    pub enum Dtype { F32 = "f32", F16 = "f16", Bf16 = "bf16" }
+}
+
+crate::closed_set! {
+    /// A sampler: every `SchedulerKind::name()` of the torch side (a test keeps them in sync).
+    pub enum SchedulerName {
+        Ddim = "ddim",
+        Pndm = "pndm",
+        Lms = "lms",
+        Euler = "euler",
+        EulerAncestral = "euler-a",
+        DpmSolver = "dpm++",
+        Ddpm = "ddpm",
+    }
+}
+
+/// The accepted `dtype` values, for [`super::ParamSpec::one_of`].
+pub const DTYPE_CHOICES: &[&str] = Dtype::NAMES;
+/// The accepted scheduler names, for [`super::ParamSpec::one_of`].
+pub const SCHEDULER_CHOICES: &[&str] = SchedulerName::NAMES;
 /// The PNG parameters field naming the stage that wrote an image.
 pub const STAGE_FIELD: &str = "dreampipe stage";
 /// The PNG parameters fields holding the stage key and the pipeline name.

@@ -7,12 +7,14 @@
 //! variant as its own row, labelled with the variant id (`db[learning_rate=2e-6]`), in one grid
 //! stage.
 use super::{
-    MAX_SEED, SCHEDULER_CHOICES, dtype_spec, guidance_spec, negative_prompt_spec, size_specs,
-    steps_spec,
+    Dtype, MAX_SEED, SCHEDULER_CHOICES, SchedulerName, dtype_spec, guidance_spec,
+    negative_prompt_spec, size_specs, steps_spec,
 };
+use crate::stages::params::{Input, List};
 use crate::stages::{
     DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// Largest LoRA weight accepted (A1111 allows up to 2 in its UI; beyond 10 is a typo).
@@ -21,6 +23,27 @@ pub const MAX_LORA_SCALE: f64 = 10.0;
 const DEFAULT_SEEDS: [u64; 4] = [0, 1, 2, 3];
 
 pub struct SampleGridKind;
+
+/// A `sample_grid` stage's fields (its table: [`SampleGridKind::schema`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleGridParams {
+    /// Resolved by the runner: `ctx.inputs["models"]`, one entry per variant.
+    pub models: Input,
+    /// Resolved by the runner: `ctx.inputs["base_model"]`.
+    pub base_model: Option<Input>,
+    pub lora_scales: List<f64>,
+    pub prompts: List<String>,
+    pub negative_prompt: String,
+    pub seeds: List<u64>,
+    /// Empty: the model's own.
+    pub schedulers: List<SchedulerName>,
+    pub steps: List<usize>,
+    pub guidance: List<f64>,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub dtype: Dtype,
+}
 
 impl Stage for SampleGridKind {
     fn kind(&self) -> &'static str {
@@ -50,14 +73,16 @@ impl Stage for SampleGridKind {
                 ParamType::PathOrStageRef,
                 serde_json::Value::Null,
                 "the model the LoRA entries of `models` sample on (required when `models` lists a `dreambooth_lora` stage or a LoRA file)",
-            ),
+            )
+            .keyed_when_set(),
             ParamSpec::optional(
                 "lora_scales",
                 ParamType::NumberList,
                 json!([1.0]),
                 "adapter weights of the LoRA rows: each LoRA entry gets one row per scale (`name ×0.5`)",
             )
-            .range(0.0, MAX_LORA_SCALE),
+            .range(0.0, MAX_LORA_SCALE)
+            .keyed_when_set(),
             ParamSpec::required("prompts", ParamType::StringList, "one grid per prompt"),
             negative_prompt_spec(),
             ParamSpec::optional(
@@ -109,5 +134,15 @@ impl Stage for SampleGridKind {
             )],
             _ => Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_the_fields_of_the_struct() {
+        crate::stages::params::check_table::<SampleGridParams>(&SampleGridKind.schema()).unwrap();
     }
 }

@@ -4,10 +4,12 @@
 //! ComfyUI), `model/` (a diffusers folder with the new token: a `dreambooth` or other stage
 //! whose `model:` names this stage uses it), `metrics.jsonl`, `validation/step-N.png` and
 //! `report.json`. Checkpoints live in the work folder (resumed after a crash).
-use super::training::{self, ScriptDefaults};
+use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
+use crate::stages::params::Input;
 use crate::stages::{
     DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// textual_inversion.py's `--learning_rate` default.
@@ -26,6 +28,35 @@ const MAX_VECTORS: f64 = 75.0;
 const MAX_REPEATS: f64 = 100_000.0;
 
 pub struct TextualInversionKind;
+
+crate::closed_set! {
+    /// `learnable_property`: which prompt templates (textual_inversion.py's).
+    pub enum LearnableProperty { Object = "object", Style = "style" }
+}
+
+/// A `textual_inversion` stage's fields (its table: [`TextualInversionKind::schema`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextualInversionParams {
+    #[serde(flatten)]
+    pub inversion: InversionFields,
+    #[serde(flatten)]
+    pub training: TrainingParams,
+    pub export: Vec<ExportFormat>,
+}
+
+/// The fields of textual_inversion.py beyond the ones the training kinds share.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InversionFields {
+    /// Resolved by the runner: `ctx.inputs["instance_images"]`.
+    pub instance_images: Input,
+    pub placeholder_token: String,
+    pub initializer_token: String,
+    pub num_vectors: usize,
+    pub learnable_property: LearnableProperty,
+    /// Times the images repeat per epoch.
+    pub repeats: usize,
+}
 
 impl Stage for TextualInversionKind {
     fn kind(&self) -> &'static str {
@@ -73,7 +104,7 @@ impl Stage for TextualInversionKind {
                 json!("object"),
                 "which prompt templates: object or style",
             )
-            .one_of(&["object", "style"]),
+            .one_of(LearnableProperty::NAMES),
             ParamSpec::optional(
                 "repeats",
                 ParamType::Integer,
@@ -100,7 +131,7 @@ impl Stage for TextualInversionKind {
         &self,
         params: &serde_json::Map<String, serde_json::Value>,
     ) -> Option<String> {
-        super::training::prefix_problem(params)
+        training::prefix_problem(params, |p: &TextualInversionParams| &p.training)
     }
     fn needs_torch(&self) -> bool {
         true
@@ -117,3 +148,14 @@ impl Stage for TextualInversionKind {
 
 /// Shared with the stage's run-time check.
 pub const NO_CHECKPOINTING: &str = "not supported for textual_inversion (its UNet is frozen; only the text encoder would need it); set it to false";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_the_fields_of_the_struct() {
+        let schema = TextualInversionKind.schema();
+        crate::stages::params::check_table::<TextualInversionParams>(&schema).unwrap();
+    }
+}

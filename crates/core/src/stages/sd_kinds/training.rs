@@ -1,39 +1,135 @@
-//! The fields `dreambooth` and `textual_inversion` share: diffusers' two training scripts'
-//! common arguments, with the defaults that differ between them passed in.
-use super::MAX_SEED;
+//! The fields `dreambooth`, `dreambooth_lora` and `textual_inversion` share: diffusers'
+//! training scripts' common arguments as one struct ([`TrainingParams`], flattened into each
+//! kind's struct) and its table ([`common_schema`], with the defaults that differ between the
+//! scripts passed in), and the closed sets among them.
+use super::{Dtype, MAX_SEED};
+use crate::stages::params::Input;
 use crate::stages::{ParamSpec, ParamType};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-/// diffusers' `get_scheduler` names that `dreampipe::sd::train::lr_schedule` implements.
-pub const LR_SCHEDULE_NAMES: [&str; 6] = [
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-];
-/// Schedules whose learning rate at step k does not depend on the total steps: with them (and
-/// every random draw derived from seed and step), the first k steps of a longer run are a run
-/// of k steps.
-pub const TOTAL_FREE_SCHEDULES: [&str; 2] = ["constant", "constant_with_warmup"];
-
-/// Why a training run with these fields is not the prefix of a longer one, if it is not.
-pub fn prefix_problem(params: &serde_json::Map<String, Value>) -> Option<String> {
-    if !params.get("max_train_steps").is_some_and(Value::is_u64) {
-        return Some("`max_train_steps` is unset (the run counts epochs)".to_string());
+crate::closed_set! {
+    /// `lr_scheduler`: diffusers' `get_scheduler` names that `dreampipe::sd::train::lr_schedule`
+    /// implements.
+    pub enum LrScheduler {
+        Constant = "constant",
+        ConstantWithWarmup = "constant_with_warmup",
+        Linear = "linear",
+        Cosine = "cosine",
+        CosineWithRestarts = "cosine_with_restarts",
+        Polynomial = "polynomial",
     }
-    let schedule = params.get("lr_scheduler").and_then(Value::as_str)?;
-    (!TOTAL_FREE_SCHEDULES.contains(&schedule)).then(|| {
-        format!(
-            "lr_scheduler `{schedule}` depends on the total steps (only {} do not)",
-            TOTAL_FREE_SCHEDULES.join(" and ")
-        )
-    })
 }
 
-/// What `export:` accepts.
-pub const EXPORT_FORMATS: [&str; 2] = ["diffusers", "single_file"];
+impl LrScheduler {
+    /// Whether the learning rate at step k does not depend on the total steps: with such a
+    /// schedule (and every random draw derived from seed and step), the first k steps of a
+    /// longer run are a run of k steps.
+    pub fn is_total_free(self) -> bool {
+        TOTAL_FREE_SCHEDULES.contains(&self)
+    }
+}
+
+/// The schedules of [`LrScheduler::is_total_free`].
+pub const TOTAL_FREE_SCHEDULES: [LrScheduler; 2] =
+    [LrScheduler::Constant, LrScheduler::ConstantWithWarmup];
+
+crate::closed_set! {
+    /// `optimizer`: AdamW, or bitsandbytes' 8-bit AdamW (diffusers' `--use_8bit_adam`).
+    pub enum OptimizerKind { AdamW = "adamw", AdamW8bit = "adamw8bit" }
+}
+
+crate::closed_set! {
+    /// `mixed_precision` as accelerate names it.
+    pub enum MixedPrecision { No = "no", Fp16 = "fp16", Bf16 = "bf16" }
+}
+
+crate::closed_set! {
+    /// What `export:` accepts: the diffusers folder and/or one A1111 / ComfyUI file.
+    pub enum ExportFormat { Diffusers = "diffusers", SingleFile = "single_file" }
+}
+
+/// The fields the training kinds share (diffusers' argument names), flattened into each kind's
+/// struct; its table is [`common_schema`] without `export`, which LoRA runs do not have.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingParams {
+    /// Resolved by the runner: `ctx.inputs["model"]`.
+    pub model: Input,
+    pub seed: u64,
+    pub resolution: u32,
+    pub center_crop: bool,
+    pub train_batch_size: usize,
+    /// `None`: `num_train_epochs` over the data.
+    pub max_train_steps: Option<u64>,
+    pub num_train_epochs: u64,
+    pub gradient_accumulation_steps: u64,
+    pub gradient_checkpointing: bool,
+    pub learning_rate: f64,
+    pub scale_lr: bool,
+    pub lr_scheduler: LrScheduler,
+    pub lr_warmup_steps: u64,
+    pub lr_num_cycles: u32,
+    pub lr_power: f64,
+    pub optimizer: OptimizerKind,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_weight_decay: f64,
+    pub adam_epsilon: f64,
+    pub mixed_precision: MixedPrecision,
+    pub checkpointing_steps: u64,
+    /// `None`: keep every checkpoint.
+    pub checkpoints_total_limit: Option<usize>,
+    /// `None`: no validation samples.
+    pub validation_prompt: Option<String>,
+    pub validation_steps: u64,
+    pub validation_inference_steps: usize,
+    /// Precision of the written single file (a LoRA run: of its LoRA files).
+    pub save_dtype: Dtype,
+    /// Precision of the validation samples.
+    pub dtype: Dtype,
+}
+
+impl TrainingParams {
+    /// Why a run with these fields is not the prefix of a longer one, if it is not.
+    pub fn prefix_problem(&self) -> Option<String> {
+        if self.max_train_steps.is_none() {
+            return Some("`max_train_steps` is unset (the run counts epochs)".to_string());
+        }
+        let schedule = self.lr_scheduler;
+        (!schedule.is_total_free()).then(|| {
+            let names: Vec<&str> = TOTAL_FREE_SCHEDULES.iter().map(|s| s.name()).collect();
+            format!(
+                "lr_scheduler `{schedule}` depends on the total steps (only {} do not)",
+                names.join(" and ")
+            )
+        })
+    }
+
+    /// The learning rate after `scale_lr` (times accumulation and batch size).
+    pub fn effective_learning_rate(&self) -> f64 {
+        if self.scale_lr {
+            self.learning_rate
+                * self.gradient_accumulation_steps as f64
+                * self.train_batch_size as f64
+        } else {
+            self.learning_rate
+        }
+    }
+}
+
+/// [`TrainingParams::prefix_problem`] of a training kind's parameter map, parsed as `P`.
+pub fn prefix_problem<P>(
+    params: &serde_json::Map<String, Value>,
+    training: impl Fn(&P) -> &TrainingParams,
+) -> Option<String>
+where
+    P: serde::de::DeserializeOwned,
+{
+    match crate::stages::params::parse::<P>(params) {
+        Ok(typed) => training(&typed).prefix_problem(),
+        Err(e) => Some(format!("the fields do not parse: {e}")),
+    }
+}
 
 /// `export:` must name at least one format.
 pub fn export_problem(params: &serde_json::Map<String, Value>) -> Option<(&'static str, String)> {
@@ -159,7 +255,7 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             json!("constant"),
             "learning-rate schedule (diffusers' names)",
         )
-        .one_of(&LR_SCHEDULE_NAMES),
+        .one_of(LrScheduler::NAMES),
         ParamSpec::optional(
             "lr_warmup_steps",
             Integer,
@@ -187,7 +283,7 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             json!("adamw"),
             "AdamW, or bitsandbytes' 8-bit AdamW (diffusers' --use_8bit_adam)",
         )
-        .one_of(&["adamw", "adamw8bit"]),
+        .one_of(OptimizerKind::NAMES),
         ParamSpec::optional("adam_beta1", Number, json!(0.9), "AdamW beta1").range(0.0, MAX_BETA),
         ParamSpec::optional("adam_beta2", Number, json!(0.999), "AdamW beta2").range(0.0, MAX_BETA),
         ParamSpec::optional(
@@ -204,7 +300,7 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             json!("no"),
             "mixed precision as accelerate: trained modules under autocast, frozen ones in this dtype; fp16 adds loss scaling (CUDA only)",
         )
-        .one_of(&["no", "fp16", "bf16"]),
+        .one_of(MixedPrecision::NAMES),
         ParamSpec::optional(
             "checkpointing_steps",
             Integer,
@@ -245,20 +341,20 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
             json!(["diffusers"]),
             "what the trained model is written as: `diffusers` (the folder) and/or `single_file` (`model.safetensors` in the A1111 / ComfyUI layout, configs in its metadata)",
         )
-        .one_of(&EXPORT_FORMATS),
+        .one_of(ExportFormat::NAMES),
         ParamSpec::optional(
             "save_dtype",
             Text,
             json!("f16"),
             "precision of `model.safetensors` (f32, f16, bf16)",
         )
-        .one_of(&["f32", "f16", "bf16"]),
+        .one_of(Dtype::NAMES),
         ParamSpec::optional(
             "dtype",
             Text,
             json!("f32"),
             "precision of the validation samples",
         )
-        .one_of(&["f32", "f16", "bf16"]),
+        .one_of(Dtype::NAMES),
     ]
 }
