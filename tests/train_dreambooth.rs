@@ -45,6 +45,7 @@ fn fixture_batch(golden: &HashMap<String, Tensor>, kind: Kind) -> StepBatch {
         noise: golden["noise"].to_kind(kind),
         timesteps: golden["timesteps"].shallow_clone(),
         input_ids: golden["input_ids"].shallow_clone(),
+        xl: None,
     }
 }
 
@@ -576,6 +577,7 @@ fn min_snr_weighting_scales_each_sample_by_min_snr_gamma_over_snr() {
         noise: golden["noise"].narrow(0, start, len),
         timesteps: golden["timesteps"].narrow(0, start, len),
         input_ids: golden["input_ids"].narrow(0, start, len),
+        xl: None,
     };
     let mut plain_config = golden_config(dir.path());
     plain_config.dreambooth.with_prior_preservation = false;

@@ -104,6 +104,7 @@ fn check_case(name: &str) {
         noise: batch_golden["noise"].shallow_clone(),
         timesteps: batch_golden["timesteps"].shallow_clone(),
         input_ids: batch_golden["input_ids"].shallow_clone(),
+        xl: None,
     };
     for (index, step) in case["steps"].as_array().unwrap().iter().enumerate() {
         let report = trainer.train_step(&[batch()]).unwrap();
@@ -285,6 +286,7 @@ fn gradient_checkpointing_and_8bit_adam_train_the_adapters() {
         noise: golden["noise"].shallow_clone(),
         timesteps: golden["timesteps"].shallow_clone(),
         input_ids: golden["input_ids"].shallow_clone(),
+        xl: None,
     };
     let settings = LoraSettings {
         rank: 4,

@@ -84,6 +84,7 @@ fn two_steps_match_diffusers() {
             noise: key("noise"),
             timesteps: key("timesteps"),
             input_ids: golden["input_ids"].shallow_clone(),
+            xl: None,
         };
         let report = trainer.train_step(&[batch]).unwrap();
         assert_rel(
@@ -334,6 +335,7 @@ fn two_bf16_autocast_steps_match_diffusers() {
             noise: input("noise").to_kind(Kind::BFloat16),
             timesteps: input("timesteps"),
             input_ids: inputs["input_ids"].shallow_clone(),
+            xl: None,
         };
         let expected = |name: &str| &golden[&format!("ti.step{step}.{name}")];
         let loss = trainer.batch_loss(&batch).unwrap();

@@ -165,7 +165,11 @@ impl Trainer {
                     alpha: rank as f64,
                 };
                 let text = bench.train_text_encoder.then_some(&mut text_encoder);
-                let named = lora::add_trainable_adapters(&mut unet, text, settings, 0, device);
+                let texts = lora::TextEncoders {
+                    first: text,
+                    second: None,
+                };
+                let named = lora::add_trainable_adapters(&mut unet, texts, settings, 0, device);
                 named.into_iter().map(|(_, tensor)| tensor).collect()
             }
             None => {

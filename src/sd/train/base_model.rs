@@ -38,24 +38,51 @@ pub(crate) struct BaseModel {
     pub prediction: PredictionType,
     /// The frozen modules' dtype (the VAE's, the latents').
     pub weight_kind: Kind,
+    /// SDXL's second tokenizer and text encoder (loaded in the text encoder's dtype).
+    pub xl: Option<XlTextModules>,
+}
+
+/// SDXL's second text encoder (`CLIPTextModelWithProjection`), its store and tokenizer.
+pub(crate) struct XlTextModules {
+    pub tokenizer_2: ClipTokenizer,
+    pub text_encoder_2: ClipTextModel,
+    pub text_encoder_2_store: VarStore,
 }
 
 impl BaseModel {
-    /// Loads the diffusers folder at `path` onto `device`.
+    /// Loads the diffusers folder at `path` onto `device`; SDXL folders with their second text
+    /// encoder.
     pub fn load(path: &Path, device: Device, kinds: ModuleKinds) -> Result<Self, TrainError> {
-        Self::load_with(path, device, kinds, |_| Ok(())).map(|(model, ())| model)
+        Self::load_inner(path, device, kinds, true, |_| Ok(())).map(|(model, ())| model)
     }
 
-    /// [`load`](Self::load), with `prepare` run on the tokenizer before the large modules load
-    /// (so what it rejects fails fast); returns what `prepare` returned too.
+    /// [`load`](Self::load) of an SD 1.x/2.x folder (SDXL refused), with `prepare` run on the
+    /// tokenizer before the large modules load (so what it rejects fails fast); returns what
+    /// `prepare` returned too.
     pub fn load_with<R>(
         path: &Path,
         device: Device,
         kinds: ModuleKinds,
         prepare: impl FnOnce(&mut ClipTokenizer) -> Result<R, TrainError>,
     ) -> Result<(Self, R), TrainError> {
+        Self::load_inner(path, device, kinds, false, prepare)
+    }
+
+    fn load_inner<R>(
+        path: &Path,
+        device: Device,
+        kinds: ModuleKinds,
+        xl_allowed: bool,
+        prepare: impl FnOnce(&mut ClipTokenizer) -> Result<R, TrainError>,
+    ) -> Result<(Self, R), TrainError> {
         let folder = ModelFolder::open(path).map_err(TrainError::model)?;
-        super::refuse_xl(&folder)?;
+        if !xl_allowed {
+            super::refuse_xl(&folder)?;
+        }
+        let xl = match folder.is_xl() {
+            true => Some(XlTextModules::load(&folder, device, kinds.text_encoder)?),
+            false => None,
+        };
         let mut tokenizer =
             ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(TrainError::model)?;
         let prepared = prepare(&mut tokenizer)?;
@@ -85,8 +112,15 @@ impl BaseModel {
             scheduler,
             prediction,
             weight_kind: kinds.weight,
+            xl,
         };
         Ok((model, prepared))
+    }
+
+    /// The second tokenizer's ids `[1, 77]` of a prompt (SDXL), or None.
+    pub fn tokenize_2(&self, prompt: &str) -> Option<Tensor> {
+        let xl = self.xl.as_ref()?;
+        Some(Tensor::from_slice(&xl.tokenizer_2.encode(prompt).ids).unsqueeze(0))
     }
 
     /// Token ids `[1, 77]` of a prompt (padded, truncated).
@@ -136,4 +170,19 @@ pub fn trainable_sorted(vs: &VarStore) -> Vec<(String, Tensor)> {
         .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     named
+}
+
+impl XlTextModules {
+    fn load(folder: &ModelFolder, device: Device, kind: Kind) -> Result<Self, TrainError> {
+        let tokenizer_2 =
+            ClipTokenizer::from_dir(&folder.tokenizer_2_dir()).map_err(TrainError::model)?;
+        let (text_encoder_2_store, text_encoder_2) =
+            ClipTextModel::load(&folder.text_encoder_2_dir(), device, kind, None)
+                .map_err(TrainError::model)?;
+        Ok(Self {
+            tokenizer_2,
+            text_encoder_2,
+            text_encoder_2_store,
+        })
+    }
 }

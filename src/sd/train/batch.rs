@@ -16,6 +16,16 @@ pub struct StepBatch {
     pub noise: Tensor,
     pub timesteps: Tensor,
     pub input_ids: Tensor,
+    /// SDXL: the second tokenizer's ids and each sample's micro-conditioning time ids.
+    pub xl: Option<XlBatch>,
+}
+
+/// What an SDXL micro-batch adds: `input_ids_2` [b, 77] for the second text encoder and
+/// `time_ids` [b, 6] (`original_size + crop_top_left + target_size`, as
+/// train_dreambooth_lora_sdxl.py's `compute_time_ids`).
+pub struct XlBatch {
+    pub input_ids_2: Tensor,
+    pub time_ids: Tensor,
 }
 
 /// The noise and timesteps of a batch of latents, drawn after the latents from the thread's
@@ -69,5 +79,6 @@ pub(crate) fn draw_batch(
         noise,
         timesteps,
         input_ids,
+        xl: None,
     })
 }

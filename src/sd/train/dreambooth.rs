@@ -29,6 +29,7 @@ use super::streams::{self, SampleRng};
 use super::trainer_core::{CoreSettings, FinishBackward, MicroBatchLoss, StepMethod, TrainerCore};
 use crate::sd::folder::ModelFolder;
 use crate::sd::tokenizer::ClipTokenizer;
+use crate::sd::unet::AddedConditions;
 use crate::sd::vae::AutoencoderKL;
 use dreampipe_core::stages::sd_kinds::dreambooth::{
     DreamBoothFields, DreamBoothKind, DreamBoothParams,
@@ -44,6 +45,7 @@ pub const METHOD: &str = "dreambooth";
 /// Prefixes of the trainable tensors in checkpoints.
 const UNET_PREFIX: &str = "unet.";
 const TEXT_ENCODER_PREFIX: &str = "text_encoder.";
+const TEXT_ENCODER_2_PREFIX: &str = "text_encoder_2.";
 
 /// train_dreambooth.py's arguments: the `dreambooth` stage's typed fields (names and defaults
 /// as the script's, except where the stage schema notes otherwise) plus the resolved paths.
@@ -177,6 +179,15 @@ impl DreamBoothTrainer {
             BaseModel::load(&config.pretrained_model_name_or_path, config.device, kinds)?;
         if !config.dreambooth.train_text_encoder || config.lora.is_some() {
             base.text_encoder_store.freeze();
+            if let Some(xl) = base.xl.as_mut() {
+                xl.text_encoder_2_store.freeze();
+            }
+        }
+        if base.xl.is_some() && config.training.gradient_checkpointing {
+            return Err(TrainError::Config {
+                field: "gradient_checkpointing",
+                problem: "not supported for SDXL models yet; train without it".to_string(),
+            });
         }
         let trainables = trainables(config, &mut base);
         let core = TrainerCore::new(trainables, &config.core_settings(total_steps))?;
@@ -277,13 +288,67 @@ impl StepMethod for DreamBoothModel {
 impl DreamBoothModel {
     /// The loss of one batch (graph attached when something is trainable).
     fn batch_loss(&self, batch: &StepBatch, precision: &Precision) -> Result<Tensor, TrainError> {
-        let hidden = self.encoder_hidden_states(batch, precision)?;
+        let (hidden, added) = self.conditioning(batch, precision)?;
         objective::diffusion_loss(
             &self.diffusion_model(precision),
             batch,
-            &hidden,
+            (&hidden, added.as_ref()),
             &self.loss_spec,
         )
+    }
+
+    /// The UNet's conditioning: the text encoder's states, and for SDXL both encoders'
+    /// penultimate states side by side with the second's pooled `text_embeds` and the batch's
+    /// time ids (as train_dreambooth_lora_sdxl.py's `encode_prompt`).
+    fn conditioning(
+        &self,
+        batch: &StepBatch,
+        precision: &Precision,
+    ) -> Result<(Tensor, Option<AddedConditions>), TrainError> {
+        let (Some(xl), Some(extra)) = (&self.base.xl, &batch.xl) else {
+            return Ok((self.encoder_hidden_states(batch, precision)?, None));
+        };
+        let device = batch.latents.device();
+        let (first, _) = self.encode_xl(&self.base.text_encoder, &batch.input_ids, precision)?;
+        let (second, pooled) = self.encode_xl(&xl.text_encoder_2, &extra.input_ids_2, precision)?;
+        let added = AddedConditions {
+            text_embeds: pooled,
+            time_ids: extra.time_ids.to_device(device),
+        };
+        Ok((Tensor::cat(&[first, second], -1), Some(added)))
+    }
+
+    /// One SDXL text encoder's penultimate hidden states and pooled output (`text_embeds` when
+    /// it has a projection), with a graph when the text encoders train (float32 outputs under
+    /// autocast, as accelerate returns them).
+    fn encode_xl(
+        &self,
+        encoder: &crate::sd::clip::ClipTextModel,
+        ids: &Tensor,
+        precision: &Precision,
+    ) -> Result<(Tensor, Tensor), TrainError> {
+        let ids = ids.to_device(self.base.unet_store.device());
+        let run = || {
+            encoder.forward(&ids).map(|output| {
+                let states = &output.hidden_states;
+                let penultimate = states[states.len().saturating_sub(2)].shallow_clone();
+                (
+                    penultimate,
+                    output.text_embeds.unwrap_or(output.pooler_output),
+                )
+            })
+        };
+        if !self.train_text_encoder {
+            return tch::no_grad(run).map_err(TrainError::model);
+        }
+        let autocast = precision.autocast();
+        let (states, pooled) = crate::sd::autocast::maybe(autocast, run)
+            .map_err(TrainError::Model)?
+            .map_err(TrainError::model)?;
+        Ok(match autocast {
+            Some(_) => (states.to_kind(Kind::Float), pooled.to_kind(Kind::Float)),
+            None => (states, pooled),
+        })
     }
 
     /// The same loss and gradients as [`batch_loss`](Self::batch_loss) with the UNet run
@@ -348,25 +413,36 @@ fn trainables(config: &DreamBoothConfig, base: &mut BaseModel) -> Vec<(String, T
     match config.lora {
         Some(settings) => {
             base.unet_store.freeze();
-            let text = config
-                .dreambooth
-                .train_text_encoder
-                .then_some(&mut base.text_encoder);
+            let train_text = config.dreambooth.train_text_encoder;
+            let texts = lora::TextEncoders {
+                first: train_text.then_some(&mut base.text_encoder),
+                second: (base.xl.as_mut())
+                    .filter(|_| train_text)
+                    .map(|xl| &mut xl.text_encoder_2),
+            };
             lora::add_trainable_adapters(
                 &mut base.unet,
-                text,
+                texts,
                 settings,
                 config.training.seed,
                 config.device,
             )
         }
-        None => named_trainables(
-            &base.unet_store,
-            config
-                .dreambooth
-                .train_text_encoder
-                .then_some(&base.text_encoder_store),
-        ),
+        None => {
+            let train_text = config.dreambooth.train_text_encoder;
+            let mut named = named_trainables(
+                &base.unet_store,
+                train_text.then_some(&base.text_encoder_store),
+            );
+            if let Some(xl) = base.xl.as_ref().filter(|_| train_text) {
+                named.extend(
+                    super::base_model::trainable_sorted(&xl.text_encoder_2_store)
+                        .into_iter()
+                        .map(|(name, t)| (format!("{TEXT_ENCODER_2_PREFIX}{name}"), t)),
+                );
+            }
+            named
+        }
     }
 }
 

@@ -80,7 +80,7 @@ fn add_adapters(
 /// Adds trainable adapters to the UNet (and the text encoder when given), seeded by `seed`.
 pub fn add_trainable_adapters(
     unet: &mut UNet2DConditionModel,
-    text_encoder: Option<&mut ClipTextModel>,
+    texts: TextEncoders<'_>,
     settings: LoraSettings,
     seed: u64,
     device: Device,
@@ -93,16 +93,29 @@ pub fn add_trainable_adapters(
         &mut generator,
         device,
     );
-    if let Some(text_encoder) = text_encoder {
-        named.extend(add_adapters(
-            &mut |visit| text_encoder.visit_lora_targets(visit),
-            Component::TextEncoder,
-            settings,
-            &mut generator,
-            device,
-        ));
+    let encoders = [
+        (texts.first, Component::TextEncoder),
+        (texts.second, Component::TextEncoder2),
+    ];
+    for (encoder, component) in encoders {
+        if let Some(encoder) = encoder {
+            named.extend(add_adapters(
+                &mut |visit| encoder.visit_lora_targets(visit),
+                component,
+                settings,
+                &mut generator,
+                device,
+            ));
+        }
     }
     named
+}
+
+/// The text encoders that get adapters (none: the UNet only; SDXL has a second).
+#[derive(Default)]
+pub struct TextEncoders<'a> {
+    pub first: Option<&'a mut ClipTextModel>,
+    pub second: Option<&'a mut ClipTextModel>,
 }
 
 /// Copies `values` (by name) into the adapters' tensors: a run starting from given weights

@@ -6,7 +6,7 @@ use super::batch::StepBatch;
 use super::loss::{self, PredictionType};
 use crate::sd::autocast::{self, Autocast};
 use crate::sd::schedulers::{DdpmScheduler, SchedulerConfig};
-use crate::sd::unet::UNet2DConditionModel;
+use crate::sd::unet::{AddedConditions, UNet2DConditionModel};
 use tch::{Kind, Tensor};
 
 /// How the per-sample squared errors become the loss.
@@ -45,19 +45,21 @@ pub struct DiffusionModel<'a> {
 /// The training loss of one batch (train_dreambooth.py / textual_inversion.py): add noise,
 /// predict, compare with epsilon or v in float32, split instance / prior halves, optional
 /// min-SNR weighting of the instance half.
+/// `conditioning` is the UNet's `encoder_hidden_states` and, for SDXL, its added conditions.
 pub fn diffusion_loss(
     model: &DiffusionModel,
     batch: &StepBatch,
-    encoder_hidden_states: &Tensor,
+    (encoder_hidden_states, added): (&Tensor, Option<&AddedConditions>),
     spec: &LossSpec,
 ) -> Result<Tensor, TrainError> {
     let (noisy, timesteps) = noisy_latents(model, batch)?;
     let kind = model.unet_kind;
     let pred = autocast::maybe(model.autocast, || {
-        model.unet.forward(
+        model.unet.forward_added(
             &noisy.to_kind(kind),
             &timesteps,
             &encoder_hidden_states.to_kind(kind),
+            added,
         )
     })
     .map_err(TrainError::Model)?;

@@ -345,7 +345,7 @@ impl TextualInversionModel {
             prior_loss_weight: None,
             snr_gamma: None,
         };
-        objective::diffusion_loss(&model, batch, &hidden, &spec)
+        objective::diffusion_loss(&model, batch, (&hidden, None), &spec)
     }
 }
 
