@@ -166,7 +166,7 @@ main() {
         both txt2img --model "$SD15" --label sd15 --size 256 --batch 4 --steps 2 --warmup-steps 1
     fi
     if wanted sdxl-tiny-txt2img; then
-        both txt2img --model "$ROOT/tests/fixtures/sdxl-tiny/model" --label sdxl-tiny --batch 1 --steps 20
+        both txt2img --model "$ROOT/models/tiny-sdxl" --label sdxl-tiny --batch 1 --steps 20
     fi
     if wanted sdxl-txt2img; then   # not in the default list: writes a 10 GB model, ~14 GB per side
         if ! [ -f "$MODELS/sdxl/unet/diffusion_pytorch_model.safetensors" ]; then

@@ -11,6 +11,8 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 const FIXTURES: &str = "tests/fixtures/sdxl-tiny";
+/// The bundled tiny random SDXL (made by tests/fixtures/sdxl-tiny/make_sdxl_goldens.py).
+const MODEL: &str = "models/tiny-sdxl";
 /// The SD pipeline goldens' tolerances (tests/fixtures/sd-tiny/README.md): tensors 1e-4,
 /// images atol 2e-3.
 const TENSOR_TOL: f64 = 1e-4;
@@ -24,7 +26,7 @@ fn goldens(name: &str) -> HashMap<String, Tensor> {
 }
 
 fn model() -> StableDiffusion {
-    StableDiffusion::load(&Path::new(FIXTURES).join("model"), Device::Cpu, Kind::Float).unwrap()
+    StableDiffusion::load(Path::new(MODEL), Device::Cpu, Kind::Float).unwrap()
 }
 
 fn assert_close(name: &str, found: &Tensor, expected: &Tensor, tolerance: f64) {
@@ -191,22 +193,27 @@ fn unet_with_added_conditions_matches_diffusers() {
 }
 
 #[test]
-fn training_an_sdxl_folder_is_refused_by_name() {
-    use dreampipe::sd::train::dreambooth::{DreamBoothConfig, DreamBoothTrainer};
+fn textual_inversion_of_an_sdxl_folder_is_refused_by_name() {
+    use dreampipe::sd::train::textual_inversion::{
+        TextualInversionConfig, TextualInversionTrainer,
+    };
     let dir = tempfile::tempdir().unwrap();
-    let model = Path::new(FIXTURES).join("model");
-    let config = DreamBoothConfig::new(
+    let model = Path::new(MODEL).to_path_buf();
+    let config = TextualInversionConfig::new(
         model.clone(),
         dir.path().join("instance"),
-        "a photo of sks dog",
+        "<sks>",
+        "dog",
         dir.path().join("out"),
         dir.path().join("work"),
     );
-    let error = DreamBoothTrainer::new(&config, 1).err().expect("refused");
+    let error = TextualInversionTrainer::new(&config, 1)
+        .err()
+        .expect("refused");
     assert_eq!(
         error.to_string(),
         format!(
-            "{}: an SDXL model; training SDXL is not supported yet (sample, generate and sample_grid take it): train on an SD 1.x/2.x model",
+            "{}: an SDXL model; textual inversion of SDXL (one embedding per text encoder) is not supported yet: use dreambooth or dreambooth_lora, or an SD 1.x/2.x model",
             model.display()
         )
     );
@@ -218,12 +225,7 @@ fn sample_renders_an_sdxl_folder_as_diffusers() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.png");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_dreampipe-torch"))
-        .args([
-            "sample",
-            "--model",
-            &format!("{FIXTURES}/model"),
-            "--prompt",
-        ])
+        .args(["sample", "--model", MODEL, "--prompt"])
         .args([
             "a photo of sks dog in a bucket",
             "--seed",

@@ -49,6 +49,13 @@ impl Transform {
 
     /// Applies the transform; random choices come from `rng`.
     pub fn apply(&self, image: &RgbImage, rng: &mut SampleRng) -> Tensor {
+        self.apply_with_crop(image, rng).0
+    }
+
+    /// [`apply`](Self::apply), also returning SDXL's `crop_top_left` `(top, left)`: where the
+    /// crop sits in the resized image (for a flipped sample, in the flipped image, as
+    /// train_dreambooth_lora_sdxl.py flips before it crops); (0, 0) for textual inversion.
+    pub fn apply_with_crop(&self, image: &RgbImage, rng: &mut SampleRng) -> (Tensor, (u32, u32)) {
         match *self {
             Self::DreamBooth {
                 resolution,
@@ -63,12 +70,13 @@ impl Transform {
                 };
                 let cropped = imageops::crop_imm(&resized, x, y, resolution, resolution).to_image();
                 let flipped = random_flip && rng.unit() < 0.5;
-                let cropped = if flipped {
-                    imageops::flip_horizontal(&cropped)
+                let (cropped, left) = if flipped {
+                    let mirrored = resized.width().saturating_sub(x + resolution);
+                    (imageops::flip_horizontal(&cropped), mirrored)
                 } else {
-                    cropped
+                    (cropped, x)
                 };
-                to_unit_range_tensor(&cropped)
+                (to_unit_range_tensor(&cropped), (y, left))
             }
             Self::TextualInversion {
                 resolution,
@@ -87,7 +95,7 @@ impl Transform {
                 } else {
                     resized
                 };
-                to_unit_range_tensor(&resized)
+                (to_unit_range_tensor(&resized), (0, 0))
             }
         }
     }

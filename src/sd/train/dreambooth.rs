@@ -16,7 +16,7 @@
 //!   batch's weights against the instance half).
 use super::TrainError;
 use super::base_model::{BaseModel, ModuleKinds};
-use super::batch::StepBatch;
+use super::batch::{StepBatch, XlBatch};
 use super::config::{self, MixedPrecisionExt};
 use super::data::{self, Transform};
 use super::driver::{self, DriverSettings, TrainingMethod};
@@ -473,7 +473,15 @@ struct DreamBoothData {
     transform: Transform,
     /// (mean, std) per instance image, then per class image, when the transform is fixed.
     cache: Option<(Vec<Moments>, Vec<Moments>)>,
+    /// SDXL: the second tokenizer's instance (and class) ids.
+    xl_ids: Option<(Tensor, Option<Tensor>)>,
+    /// SDXL: each instance image's crop `(top, left)` when the transform is fixed.
+    instance_crops: Vec<(u32, u32)>,
 }
+
+/// The micro-conditioning of one sample: `original_size` (height, width) of the image and
+/// where it was cropped.
+type SizeAndCrop = ((u32, u32), (u32, u32));
 
 impl DreamBoothData {
     fn load(config: &DreamBoothConfig, base: &BaseModel) -> Result<Self, TrainError> {
@@ -496,6 +504,14 @@ impl DreamBoothData {
             center_crop: config.training.center_crop,
             random_flip: config.dreambooth.random_flip,
         };
+        let xl_ids = base
+            .tokenize_2(&config.dreambooth.instance_prompt)
+            .map(|ids| {
+                let class = (config.dreambooth.class_prompt.as_deref())
+                    .filter(|_| config.dreambooth.with_prior_preservation)
+                    .and_then(|prompt| base.tokenize_2(prompt));
+                (ids, class)
+            });
         let mut loaded = Self {
             instance_ids: base.tokenize(&config.dreambooth.instance_prompt),
             instances,
@@ -503,8 +519,17 @@ impl DreamBoothData {
             class_ids,
             transform,
             cache: None,
+            xl_ids,
+            instance_crops: Vec::new(),
         };
         if !transform.is_random() {
+            loaded.instance_crops = (loaded.instances.iter())
+                .map(|image| {
+                    transform
+                        .apply_with_crop(image, &mut SampleRng::for_sample(0, 0))
+                        .1
+                })
+                .collect();
             loaded.cache = Some((
                 loaded.encode_all(&loaded.instances, base, config.device),
                 loaded.encode_all(&loaded.classes, base, config.device),
@@ -545,21 +570,63 @@ impl DreamBoothData {
         let size = config.training.train_batch_size as u64;
         let first = (step * config.training.gradient_accumulation_steps + micro) * size;
         let samples = first..first + size;
-        let moments = match &self.cache {
-            Some(cache) => self.cached_moments(cache, config.training.seed, samples),
+        let seed = config.training.seed;
+        let (moments, crops) = match &self.cache {
+            Some(cache) => {
+                let crops = samples
+                    .clone()
+                    .map(|s| self.size_and_crop(self.entries(seed, s).0, None))
+                    .collect();
+                (self.cached_moments(cache, seed, samples), crops)
+            }
             None => self.encoded_moments(base, config, samples),
         };
-        let mut ids = vec![self.instance_ids.repeat([size as i64, 1])];
-        if let Some(class_ids) = &self.class_ids {
-            ids.push(class_ids.repeat([size as i64, 1]));
-        }
-        let input_ids = Tensor::cat(&ids, 0).to_device(config.device);
-        base.draw_batch(
+        let input_ids = self.repeated(&self.instance_ids, self.class_ids.as_ref(), size);
+        let mut batch = base.draw_batch(
             moments,
-            input_ids,
-            (config.training.seed, step, micro),
+            input_ids.to_device(config.device),
+            (seed, step, micro),
             config.dreambooth.offset_noise,
-        )
+        )?;
+        if let Some((instance_2, class_2)) = &self.xl_ids {
+            batch.xl = Some(XlBatch {
+                input_ids_2: self.repeated(instance_2, class_2.as_ref(), size),
+                time_ids: self.time_ids(&crops, config.training.resolution),
+            });
+        }
+        Ok(batch)
+    }
+
+    /// `size` rows of the instance ids, then as many of the class ids (prior preservation).
+    fn repeated(&self, instance: &Tensor, class: Option<&Tensor>, size: u64) -> Tensor {
+        let mut ids = vec![instance.repeat([size as i64, 1])];
+        ids.extend(class.map(|class| class.repeat([size as i64, 1])));
+        Tensor::cat(&ids, 0)
+    }
+
+    /// The original size of instance `instance` and its crop (the fixed transform's, unless
+    /// `crop` gives the one drawn).
+    fn size_and_crop(&self, instance: usize, crop: Option<(u32, u32)>) -> SizeAndCrop {
+        let image = &self.instances[instance];
+        let crop = crop.unwrap_or_else(|| self.instance_crops[instance]);
+        ((image.height(), image.width()), crop)
+    }
+
+    /// train_dreambooth_lora_sdxl.py's `compute_time_ids` of the batch's instances, then the
+    /// same rows again for the class half (the script gives class images their instance's
+    /// sizes).
+    fn time_ids(&self, crops: &[SizeAndCrop], resolution: u32) -> Tensor {
+        let row = |((height, width), (top, left)): &SizeAndCrop| {
+            [*height, *width, *top, *left, resolution, resolution].map(f64::from)
+        };
+        let mut rows: Vec<f64> = crops.iter().flat_map(row).collect();
+        if self.class_ids.is_some() {
+            rows.extend_from_within(..);
+        }
+        let count = rows.len() as i64 / 6;
+        Tensor::from_slice(&rows)
+            .to_kind(Kind::Float)
+            .view([count, 6])
     }
 
     /// The instance (and class) image of run-wide sample number `sample`.
@@ -596,17 +663,22 @@ impl DreamBoothData {
         base: &BaseModel,
         config: &DreamBoothConfig,
         samples: Range<u64>,
-    ) -> Moments {
+    ) -> (Moments, Vec<SizeAndCrop>) {
         let mut instance_pixels = Vec::new();
         let mut class_pixels = Vec::new();
+        let mut crops = Vec::new();
         for sample in samples {
             let (instance, class) = self.entries(config.training.seed, sample);
             let mut rng = SampleRng::for_sample(config.training.seed, sample);
-            instance_pixels.push(self.transform.apply(&self.instances[instance], &mut rng));
+            let (pixels, crop) =
+                (self.transform).apply_with_crop(&self.instances[instance], &mut rng);
+            instance_pixels.push(pixels);
+            crops.push(self.size_and_crop(instance, Some(crop)));
             class_pixels.extend(class.map(|c| self.transform.apply(&self.classes[c], &mut rng)));
         }
         let pixels: Vec<Tensor> = instance_pixels.into_iter().chain(class_pixels).collect();
-        base.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device))
+        let moments = base.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device));
+        (moments, crops)
     }
 }
 
@@ -712,6 +784,9 @@ fn write_trained_folder(
                 .dreambooth
                 .train_text_encoder
                 .then_some(trainer.text_encoder_store()),
+            text_encoder_2: (trainer.model.base.xl.as_ref())
+                .filter(|_| config.dreambooth.train_text_encoder)
+                .map(|xl| &xl.text_encoder_2_store),
             added_tokens: &[],
         },
     )

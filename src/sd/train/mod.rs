@@ -106,13 +106,13 @@ fn checkpoint_hint(checkpoint: &Option<PathBuf>) -> String {
     }
 }
 
-/// Training runs on SD 1.x/2.x; an SDXL folder (which sampling takes) is refused by name.
+/// Textual inversion runs on SD 1.x/2.x; an SDXL folder is refused by name.
 pub(crate) fn refuse_xl(folder: &crate::sd::folder::ModelFolder) -> Result<(), TrainError> {
     if !folder.is_xl() {
         return Ok(());
     }
     Err(TrainError::Model(format!(
-        "{}: an SDXL model; training SDXL is not supported yet (sample, generate and sample_grid take it): train on an SD 1.x/2.x model",
+        "{}: an SDXL model; textual inversion of SDXL (one embedding per text encoder) is not supported yet: use dreambooth or dreambooth_lora, or an SD 1.x/2.x model",
         folder.root().display()
     )))
 }

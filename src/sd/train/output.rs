@@ -23,6 +23,8 @@ pub const A1111_EMBEDDING_KEY: &str = "emb_params";
 pub struct NewWeights<'a> {
     pub unet: Option<&'a VarStore>,
     pub text_encoder: Option<&'a VarStore>,
+    /// SDXL's second text encoder, when it trained.
+    pub text_encoder_2: Option<&'a VarStore>,
     /// Tokens appended to the vocabulary, in id order (textual inversion).
     pub added_tokens: &'a [(String, i64)],
 }
@@ -62,6 +64,14 @@ pub fn write_model_folder(
     copy_dir(&base.tokenizer_dir(), &out.join("tokenizer"))?;
     if !new.added_tokens.is_empty() {
         add_tokens_to_tokenizer_dir(&out.join("tokenizer"), new.added_tokens)?;
+    }
+    if base.is_xl() {
+        let (dir, out_dir) = (base.text_encoder_2_dir(), out.join("text_encoder_2"));
+        match new.text_encoder_2 {
+            Some(vs) => write_component(&dir, &out_dir, vs, TEXT_ENCODER_WEIGHTS, None)?,
+            None => copy_dir(&dir, &out_dir)?,
+        }
+        copy_dir(&base.tokenizer_2_dir(), &out.join("tokenizer_2"))?;
     }
     Ok(())
 }

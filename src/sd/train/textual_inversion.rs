@@ -585,6 +585,7 @@ fn write_model_with_placeholders(
         &NewWeights {
             unet: None,
             text_encoder: Some(trainer.text_encoder_store()),
+            text_encoder_2: None,
             added_tokens: &trainer.placeholder_ids(),
         },
     )
