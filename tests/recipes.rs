@@ -13,7 +13,7 @@ const TORCH_THREADS: &str = "1";
 
 /// Each recipe: its file, the stage count before and after sweep expansion, and the stage ids
 /// after expansion in plan order.
-const RECIPES: [(&str, usize, &[&str]); 7] = [
+const RECIPES: [(&str, usize, &[&str]); 8] = [
     (
         "demo.yaml",
         9,
@@ -103,6 +103,20 @@ const RECIPES: [(&str, usize, &[&str]); 7] = [
             "instance",
             "class_images",
             "db",
+            "lora",
+            "grid",
+            "clip",
+            "dino",
+            "instance_embeddings",
+            "eval",
+        ],
+    ),
+    (
+        "sdxl-lora.yaml",
+        8,
+        &[
+            "instance",
+            "class_images",
             "lora",
             "grid",
             "clip",
@@ -332,6 +346,8 @@ fn every_recipe_runs_on_the_tiny_model_when_shrunk() {
             .collect();
         if file.contains("schedulers") {
             expected = vec!["db".to_string(); 3]; // pndm, lms, ddim at one step count
+        } else if file.contains("sdxl") {
+            expected = ["lora ×0.5", "lora ×1", "tiny-sdxl"].map(String::from).to_vec();
         } else if file.contains("lora") {
             // The LoRA rows: base_model with the adapter at each of lora_scales.
             expected.extend(["lora ×0.5".to_string(), "lora ×1".to_string()]);
