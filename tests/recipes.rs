@@ -347,7 +347,9 @@ fn every_recipe_runs_on_the_tiny_model_when_shrunk() {
         if file.contains("schedulers") {
             expected = vec!["db".to_string(); 3]; // pndm, lms, ddim at one step count
         } else if file.contains("sdxl") {
-            expected = ["lora ×0.5", "lora ×1", "tiny-sdxl"].map(String::from).to_vec();
+            expected = ["lora ×0.5", "lora ×1", "tiny-sdxl"]
+                .map(String::from)
+                .to_vec();
         } else if file.contains("lora") {
             // The LoRA rows: base_model with the adapter at each of lora_scales.
             expected.extend(["lora ×0.5".to_string(), "lora ×1".to_string()]);

@@ -286,3 +286,21 @@ fn a_full_sdxl_dreambooth_run_writes_a_loadable_sdxl_folder() {
         "text_encoder_2 did not train"
     );
 }
+
+#[test]
+fn gradient_checkpointing_on_sdxl_is_refused_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = run_config(
+        dir.path(),
+        Some(LoraSettings {
+            rank: 4,
+            alpha: 4.0,
+        }),
+    );
+    config.training.gradient_checkpointing = true;
+    let error = DreamBoothTrainer::new(&config, 1).err().expect("refused");
+    assert_eq!(
+        error.to_string(),
+        "training option 'gradient_checkpointing': not supported for SDXL models yet; train without it"
+    );
+}

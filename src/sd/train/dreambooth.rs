@@ -165,6 +165,7 @@ impl DreamBoothTrainer {
     /// Loads the base model and sets up the optimizer and lr schedule for `total_steps`.
     pub fn new(config: &DreamBoothConfig, total_steps: u64) -> Result<Self, TrainError> {
         config.validate()?;
+        refuse_xl_checkpointing(config)?;
         let weight_kind = config.training.mixed_precision.weight_kind(config.device)?;
         let kinds = ModuleKinds {
             weight: weight_kind,
@@ -182,12 +183,6 @@ impl DreamBoothTrainer {
             if let Some(xl) = base.xl.as_mut() {
                 xl.text_encoder_2_store.freeze();
             }
-        }
-        if base.xl.is_some() && config.training.gradient_checkpointing {
-            return Err(TrainError::Config {
-                field: "gradient_checkpointing",
-                problem: "not supported for SDXL models yet; train without it".to_string(),
-            });
         }
         let trainables = trainables(config, &mut base);
         let core = TrainerCore::new(trainables, &config.core_settings(total_steps))?;
@@ -405,6 +400,19 @@ impl DreamBoothModel {
             prediction: self.base.prediction,
         }
     }
+}
+
+/// Gradient checkpointing does not carry SDXL's added conditions yet: refused before the model
+/// loads.
+fn refuse_xl_checkpointing(config: &DreamBoothConfig) -> Result<(), TrainError> {
+    let xl = ModelFolder::open(&config.pretrained_model_name_or_path).is_ok_and(|f| f.is_xl());
+    if !(xl && config.training.gradient_checkpointing) {
+        return Ok(());
+    }
+    Err(TrainError::Config {
+        field: "gradient_checkpointing",
+        problem: "not supported for SDXL models yet; train without it".to_string(),
+    })
 }
 
 /// The trained tensors: LoRA adapters on the frozen UNet (and text encoder), or the UNet's

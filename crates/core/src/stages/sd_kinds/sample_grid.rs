@@ -125,7 +125,14 @@ impl Stage for SampleGridKind {
             .filter(|stage| stage.kind == "dreambooth_lora")
             .map(|stage| stage.name)
             .next();
+        let no_scales = (fields.params.get("lora_scales"))
+            .and_then(|v| v.as_array())
+            .is_some_and(Vec::is_empty);
         match lora {
+            Some(_) if no_scales => vec![(
+                "lora_scales",
+                "is empty: `models` lists a LoRA stage, which gets one row per weight; give at least one (e.g. [1.0])".to_string(),
+            )],
             Some(name) if !fields.is_set("base_model") => vec![(
                 "base_model",
                 format!(
