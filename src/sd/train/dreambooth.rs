@@ -165,7 +165,6 @@ impl DreamBoothTrainer {
     /// Loads the base model and sets up the optimizer and lr schedule for `total_steps`.
     pub fn new(config: &DreamBoothConfig, total_steps: u64) -> Result<Self, TrainError> {
         config.validate()?;
-        refuse_xl_checkpointing(config)?;
         let weight_kind = config.training.mixed_precision.weight_kind(config.device)?;
         let kinds = ModuleKinds {
             weight: weight_kind,
@@ -354,20 +353,21 @@ impl DreamBoothModel {
         batch: &StepBatch,
         precision: &Precision,
     ) -> Result<MicroBatchLoss<'a>, TrainError> {
-        let hidden = self.encoder_hidden_states(batch, precision)?;
+        let (hidden, added) = self.conditioning(batch, precision)?;
         let model = self.diffusion_model(precision);
         let (noisy, timesteps) = objective::noisy_latents(&model, batch)?;
         let autocast = precision.autocast();
         let unet = &self.base.unet;
         let run = crate::sd::autocast::maybe(autocast, || {
-            unet.forward_checkpointed(&noisy, &timesteps, &hidden)
+            unet.forward_checkpointed(&noisy, &timesteps, &hidden, added.as_ref())
         })
         .map_err(TrainError::Model)?;
         let pred = run.output().detach().set_requires_grad(true);
         let loss = objective::loss_from_prediction(&model, batch, &pred, &timesteps)?
             .combine(&self.loss_spec)?;
         let finish: FinishBackward<'a> = Box::new(move || {
-            run.backward(unet, &pred.grad(), &hidden, autocast)
+            let text_embeds = added.as_ref().map(|a| &a.text_embeds);
+            run.backward(unet, &pred.grad(), (&hidden, text_embeds), autocast)
                 .map_err(TrainError::Model)
         });
         Ok(MicroBatchLoss {
@@ -400,19 +400,6 @@ impl DreamBoothModel {
             prediction: self.base.prediction,
         }
     }
-}
-
-/// Gradient checkpointing does not carry SDXL's added conditions yet: refused before the model
-/// loads.
-fn refuse_xl_checkpointing(config: &DreamBoothConfig) -> Result<(), TrainError> {
-    let xl = ModelFolder::open(&config.pretrained_model_name_or_path).is_ok_and(|f| f.is_xl());
-    if !(xl && config.training.gradient_checkpointing) {
-        return Ok(());
-    }
-    Err(TrainError::Config {
-        field: "gradient_checkpointing",
-        problem: "not supported for SDXL models yet; train without it".to_string(),
-    })
 }
 
 /// The trained tensors: LoRA adapters on the frozen UNet (and text encoder), or the UNet's

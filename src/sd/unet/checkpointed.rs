@@ -14,7 +14,7 @@
 //!
 //! Peak memory holds one block's activations instead of the whole UNet's, at the cost of a
 //! second forward pass. Blocks are deterministic (no dropout), so the recomputation matches.
-use super::UNet2DConditionModel;
+use super::{AddedConditions, UNet2DConditionModel};
 use crate::sd::autocast::{Autocast, AutocastRegion};
 use tch::Tensor;
 
@@ -30,6 +30,8 @@ struct UpInputs {
 pub struct CheckpointedUNet {
     sample: Tensor,
     timesteps: Tensor,
+    /// SDXL's added conditions (their grad-free copies).
+    added: Option<AddedConditions>,
     /// Input of each down block and the skip indices its outputs occupy.
     down: Vec<(Tensor, std::ops::Range<usize>)>,
     mid: Tensor,
@@ -42,18 +44,22 @@ pub struct CheckpointedUNet {
 
 impl UNet2DConditionModel {
     /// Phase 1: the prediction for `sample` (no graph), keeping what the backward recomputes from.
+    /// SDXL's `added` conditions enter the time embedding as in the plain forward.
     pub fn forward_checkpointed(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         context: &Tensor,
+        added: Option<&AddedConditions>,
     ) -> CheckpointedUNet {
         tch::no_grad(|| {
             let sample = sample.detach();
             let context = context.detach();
-            let temb = self
-                .time_embedding
-                .forward(&self.time_proj(&sample, timesteps));
+            let added = added.map(|a| AddedConditions {
+                text_embeds: a.text_embeds.detach(),
+                time_ids: a.time_ids.detach(),
+            });
+            let temb = self.full_time_embedding(&sample, timesteps, added.as_ref());
             let mut hidden = self.conv_in.forward(&self.centered(&sample));
             let mut skips = vec![hidden.shallow_clone()];
             let mut down = Vec::with_capacity(self.down_blocks.len());
@@ -90,6 +96,7 @@ impl UNet2DConditionModel {
             CheckpointedUNet {
                 sample,
                 timesteps: timesteps.shallow_clone(),
+                added,
                 down,
                 mid,
                 up,
@@ -151,20 +158,24 @@ impl CheckpointedUNet {
     /// and into `context` (the tensor given to phase 1, with its graph). With `autocast`, each
     /// recomputed forward runs in the same autocast region phase 1 ran in (as
     /// `torch.utils.checkpoint` restores it); the backward passes run outside it.
+    /// `text_embeds` is the added conditions' pooled embedding with its graph (SDXL, when the
+    /// text encoders train), given the same way as `context`.
     pub fn backward(
         self,
         unet: &UNet2DConditionModel,
         grad_output: &Tensor,
-        context: &Tensor,
+        (context, text_embeds): (&Tensor, Option<&Tensor>),
         autocast: Option<Autocast>,
     ) -> Result<(), String> {
         let region = || autocast.map(AutocastRegion::enter).transpose();
+        let trains_text = text_embeds.is_some_and(Tensor::requires_grad);
+        let added = self.added.as_ref().map(|a| AddedConditions {
+            text_embeds: leaf(&a.text_embeds, trains_text),
+            time_ids: a.time_ids.shallow_clone(),
+        });
         let temb_graph_free = tch::no_grad(|| {
             let _region = region()?;
-            Ok::<_, String>(
-                unet.time_embedding
-                    .forward(&unet.time_proj(&self.sample, &self.timesteps)),
-            )
+            Ok::<_, String>(unet.full_time_embedding(&self.sample, &self.timesteps, added.as_ref()))
         })?;
         let temb = leaf(&temb_graph_free, true);
         let ctx = leaf(context, context.requires_grad());
@@ -226,13 +237,23 @@ impl CheckpointedUNet {
 
         let temb_with_graph = {
             let _region = region()?;
-            unet.time_embedding
-                .forward(&unet.time_proj(&self.sample, &self.timesteps))
+            unet.full_time_embedding(&self.sample, &self.timesteps, added.as_ref())
         };
         backward_pairs(&[(&temb_with_graph, &temb.grad())]);
+        // One backward for the context and the pooled embedding: both come out of the same
+        // text-encoder graph when the encoders train.
+        let mut into_text = Vec::new();
+        let ctx_grad = ctx.grad();
         if context.requires_grad() {
-            backward_pairs(&[(context, &ctx.grad())]);
+            into_text.push((context, &ctx_grad));
         }
+        let pooled_grad = added.as_ref().map(|a| a.text_embeds.grad());
+        if let (Some(original), Some(grad)) = (text_embeds, &pooled_grad)
+            && original.requires_grad()
+        {
+            into_text.push((original, grad));
+        }
+        backward_pairs(&into_text);
         Ok(())
     }
 }
@@ -289,8 +310,9 @@ mod tests {
         let _ = context_grad.zero_();
 
         let context = &context_leaf * 1.5;
-        let run = unet.forward_checkpointed(&sample, &timesteps, &context);
-        run.backward(&unet, &weights, &context, None).unwrap();
+        let run = unet.forward_checkpointed(&sample, &timesteps, &context, None);
+        run.backward(&unet, &weights, (&context, None), None)
+            .unwrap();
         let checkpointed = grads(&vs);
         assert_eq!(plain.len(), checkpointed.len());
         for ((name, a), (_, b)) in plain.iter().zip(&checkpointed) {

@@ -189,13 +189,7 @@ impl UNet2DConditionModel {
         };
         let time_proj = self.time_proj(sample, timesteps);
         keep("time_proj".into(), &time_proj);
-        let temb = self.time_embedding.forward(&time_proj);
-        let temb = match (&self.add_embedding, added) {
-            (Some(add_embedding), Some(added)) => {
-                temb.shallow_clone() + add_embedding.forward(&self.added_embeds(added, &temb))
-            }
-            _ => temb,
-        };
+        let temb = self.with_added(self.time_embedding.forward(&time_proj), added);
         keep("time_embedding".into(), &temb);
         let sample = if self.config.center_input_sample {
             sample * 2.0 - 1.0
@@ -225,6 +219,29 @@ impl UNet2DConditionModel {
         let normed = self.conv_norm_out.forward(&hidden);
         keep("conv_norm_out".into(), &normed);
         self.conv_out.forward(&normed.silu())
+    }
+
+    /// The time embedding every block takes: the timesteps' (and SDXL's added conditions').
+    pub(crate) fn full_time_embedding(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        added: Option<&AddedConditions>,
+    ) -> Tensor {
+        let temb = self
+            .time_embedding
+            .forward(&self.time_proj(sample, timesteps));
+        self.with_added(temb, added)
+    }
+
+    /// `temb + add_embedding(...)` for a `text_time` UNet given added conditions, else `temb`.
+    fn with_added(&self, temb: Tensor, added: Option<&AddedConditions>) -> Tensor {
+        match (&self.add_embedding, added) {
+            (Some(add_embedding), Some(added)) => {
+                temb.shallow_clone() + add_embedding.forward(&self.added_embeds(added, &temb))
+            }
+            _ => temb,
+        }
     }
 
     /// `cat(text_embeds, add_time_proj(time_ids))` in the time embedding's kind, as diffusers'
