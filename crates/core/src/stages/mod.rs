@@ -9,6 +9,7 @@ pub mod command;
 pub mod images;
 pub mod params;
 pub mod sd_kinds;
+pub mod toy_world;
 
 use crate::exec::events::{CancelFlag, ProgressReporter};
 use serde_json::Value;
@@ -541,6 +542,7 @@ pub fn registry() -> Registry {
     Registry::empty()
         .with(Arc::new(command::CommandStage))
         .with(Arc::new(images::ImagesStage))
+        .with(Arc::new(toy_world::ToyWorldKind))
         .with(Arc::new(sd_kinds::generate::GenerateKind))
         .with(Arc::new(sd_kinds::evaluate::EvaluateKind))
         .with(Arc::new(sd_kinds::embed::EmbedKind))
