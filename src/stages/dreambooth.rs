@@ -14,6 +14,7 @@ use dreampipe_core::stages::sd_kinds::dreambooth::{
     CLASS_IMAGES_REQUIRED, CLASS_PROMPT_REQUIRED, DreamBoothFields, DreamBoothParams,
 };
 use dreampipe_core::stages::sd_kinds::dreambooth_lora::DreamBoothLoraParams;
+use dreampipe_core::stages::sd_kinds::finetune::FinetuneParams;
 use dreampipe_core::stages::sd_kinds::training::TrainingParams;
 use std::path::PathBuf;
 
@@ -49,6 +50,40 @@ pub fn run_lora(ctx: &StageContext<'_>) -> Result<(), StageError> {
     })
 }
 
+/// Runs a `finetune` stage (its schema: `dreampipe_core::stages::sd_kinds::finetune`): the
+/// DreamBooth loop with a caption per image, no prior preservation, the UNet trained.
+pub fn run_finetune(ctx: &StageContext<'_>) -> Result<(), StageError> {
+    let params: FinetuneParams = ctx.typed()?;
+    training::check_precision(ctx, &params.training)?;
+    let model = training::resolve_model(ctx, training::single_resolved(ctx, "model")?)?;
+    let images = training::checked_image_dir(ctx, "images")?;
+    let mut config = DreamBoothConfig::new(
+        model,
+        images,
+        "",
+        training::staged_output(ctx),
+        ctx.work_dir.to_path_buf(),
+    );
+    config.training = params.training.clone();
+    config.dreambooth.random_flip = params.random_flip;
+    config.dreambooth.max_grad_norm = params.max_grad_norm;
+    config.dreambooth.snr_gamma = params.snr_gamma;
+    config.captions = true;
+    config.keep_final_checkpoint = training::keeps_final_state(&params.training);
+    config.resume_from_checkpoint = true;
+    config.device = crate::device::to_tch(ctx.device);
+    config
+        .validate()
+        .map_err(|e| training::stage_error(ctx, e))?;
+    let settings = RunSettings {
+        training: &params.training,
+        export: &params.export,
+    };
+    training::run_method(ctx, &settings, "finetune", |callbacks| {
+        dreambooth::train(&config, callbacks)
+    })
+}
+
 /// The library config: the stage's typed fields with the inputs resolved.
 fn config_from(
     ctx: &StageContext<'_>,
@@ -74,6 +109,7 @@ fn config_from(
         device: crate::device::to_tch(ctx.device),
         lora: None,
         lora_save_kind: tch::Kind::Float,
+        captions: false,
     };
     config
         .validate()

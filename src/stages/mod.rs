@@ -21,4 +21,5 @@ pub fn registry() -> Registry {
         .implement("textual_inversion", textual_inversion::run)
         .implement("dreambooth", dreambooth::run)
         .implement("dreambooth_lora", dreambooth::run_lora)
+        .implement("finetune", dreambooth::run_finetune)
 }

@@ -41,7 +41,7 @@ pub fn list_folder(dir: &Path) -> Result<Vec<PathBuf>, String> {
         let entry =
             entry.map_err(|e| format!("cannot read the folder `{}`: {e}", dir.display()))?;
         let path = entry.path();
-        if is_hidden(&entry.file_name()) || !path.is_file() {
+        if is_hidden(&entry.file_name()) || !path.is_file() || is_caption(&path) {
             continue;
         }
         if !has_image_extension(&path) {
@@ -55,6 +55,20 @@ pub fn list_folder(dir: &Path) -> Result<Vec<PathBuf>, String> {
     }
     files.sort();
     Ok(files)
+}
+
+/// The extension of caption files: `name.txt` beside `name.png` (kohya, OneTrainer and
+/// EveryDream2 read captions so).
+pub const CAPTION_EXTENSION: &str = "txt";
+
+/// Whether `path` is the caption of an image beside it (`name.txt` next to `name.<image>`).
+pub fn is_caption(path: &Path) -> bool {
+    if path.extension().and_then(|e| e.to_str()) != Some(CAPTION_EXTENSION) {
+        return false;
+    }
+    EXTENSIONS
+        .iter()
+        .any(|extension| path.with_extension(extension).is_file())
 }
 
 /// Checks the file size and the header's dimensions against the limit; returns (width,

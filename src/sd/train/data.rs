@@ -121,6 +121,24 @@ pub fn list_images(dir: &Path, what: &str) -> Result<Vec<PathBuf>, TrainError> {
     Ok(files)
 }
 
+/// The caption of an image: the text of `name.txt` beside it, trimmed; an error naming the file
+/// when it is missing or empty.
+pub fn read_caption(image: &Path) -> Result<String, TrainError> {
+    let file = image.with_extension(dreampipe_core::imagefile::CAPTION_EXTENSION);
+    let missing = |problem: &str| TrainError::Data {
+        path: file.clone(),
+        problem: format!(
+            "{problem}: captioned fine-tuning needs `name.txt` beside each `name.png`"
+        ),
+    };
+    let text = std::fs::read_to_string(&file).map_err(|_| missing("no caption file"))?;
+    let caption = text.trim();
+    if caption.is_empty() {
+        return Err(missing("the caption is empty"));
+    }
+    Ok(caption.to_string())
+}
+
 /// Decodes one image to RGB within the image limit, applying its EXIF orientation (PIL's
 /// `exif_transpose`).
 pub fn decode_image(path: &Path) -> Result<RgbImage, TrainError> {

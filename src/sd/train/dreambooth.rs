@@ -76,6 +76,9 @@ pub struct DreamBoothConfig {
     pub lora: Option<LoraSettings>,
     /// dtype of the written LoRA files (the script writes float32).
     pub lora_save_kind: Kind,
+    /// Each instance image has its own caption, `name.txt` beside `name.png`
+    /// (train_text_to_image.py's captioned fine-tuning); `instance_prompt` is then unused.
+    pub captions: bool,
 }
 
 impl DreamBoothConfig {
@@ -108,6 +111,7 @@ impl DreamBoothConfig {
             device: Device::Cpu,
             lora: None,
             lora_save_kind: Kind::Float,
+            captions: false,
         }
     }
 
@@ -472,6 +476,8 @@ struct DreamBoothData {
     xl_ids: Option<(Tensor, Option<Tensor>)>,
     /// SDXL: each instance image's crop `(top, left)` when the transform is fixed.
     instance_crops: Vec<(u32, u32)>,
+    /// Captioned fine-tuning: each instance image's caption ids (and SDXL's second ids).
+    captions: Option<Vec<(Tensor, Option<Tensor>)>>,
 }
 
 /// The micro-conditioning of one sample: `original_size` (height, width) of the image and
@@ -516,6 +522,10 @@ impl DreamBoothData {
             cache: None,
             xl_ids,
             instance_crops: Vec::new(),
+            captions: match config.captions {
+                true => Some(caption_ids(&config.instance_data_dir, base)?),
+                false => None,
+            },
         };
         if !transform.is_random() {
             loaded.instance_crops = (loaded.instances.iter())
@@ -576,7 +586,10 @@ impl DreamBoothData {
             }
             None => self.encoded_moments(base, config, samples),
         };
-        let input_ids = self.repeated(&self.instance_ids, self.class_ids.as_ref(), size);
+        let input_ids = match &self.captions {
+            Some(captions) => self.captioned(captions, seed, first..first + size, |c| &c.0),
+            None => self.repeated(&self.instance_ids, self.class_ids.as_ref(), size),
+        };
         let mut batch = base.draw_batch(
             moments,
             input_ids.to_device(config.device),
@@ -584,12 +597,33 @@ impl DreamBoothData {
             config.dreambooth.offset_noise,
         )?;
         if let Some((instance_2, class_2)) = &self.xl_ids {
+            let input_ids_2 = match &self.captions {
+                Some(captions) => self.captioned(captions, seed, first..first + size, |c| {
+                    c.1.as_ref().unwrap_or(&c.0)
+                }),
+                None => self.repeated(instance_2, class_2.as_ref(), size),
+            };
             batch.xl = Some(XlBatch {
-                input_ids_2: self.repeated(instance_2, class_2.as_ref(), size),
+                input_ids_2,
                 time_ids: self.time_ids(&crops, config.training.resolution),
             });
         }
         Ok(batch)
+    }
+
+    /// The caption ids of each sample's instance image, stacked (captioned fine-tuning has no
+    /// class half).
+    fn captioned(
+        &self,
+        captions: &[(Tensor, Option<Tensor>)],
+        seed: u64,
+        samples: Range<u64>,
+        pick: impl Fn(&(Tensor, Option<Tensor>)) -> &Tensor,
+    ) -> Tensor {
+        let rows: Vec<&Tensor> = samples
+            .map(|sample| pick(&captions[self.entries(seed, sample).0]))
+            .collect();
+        Tensor::cat(&rows, 0)
     }
 
     /// `size` rows of the instance ids, then as many of the class ids (prior preservation).
@@ -675,6 +709,18 @@ impl DreamBoothData {
         let moments = base.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device));
         (moments, crops)
     }
+}
+
+/// The caption of every image of `dir` (in `data::list_images` order), tokenized for the
+/// text encoder (and SDXL's second): `name.txt` beside `name.png`, required for each image.
+fn caption_ids(dir: &Path, base: &BaseModel) -> Result<Vec<(Tensor, Option<Tensor>)>, TrainError> {
+    let images = data::list_images(dir, "instance_data_dir")?;
+    let mut ids = Vec::with_capacity(images.len());
+    for image in images {
+        let caption = data::read_caption(&image)?;
+        ids.push((base.tokenize(&caption), base.tokenize_2(&caption)));
+    }
+    Ok(ids)
 }
 
 /// The trainer plus its data, as the driver sees it.

@@ -550,6 +550,7 @@ pub fn registry() -> Registry {
         .with(Arc::new(sd_kinds::textual_inversion::TextualInversionKind))
         .with(Arc::new(sd_kinds::dreambooth::DreamBoothKind))
         .with(Arc::new(sd_kinds::dreambooth_lora::DreamBoothLoraKind))
+        .with(Arc::new(sd_kinds::finetune::FinetuneKind))
 }
 
 /// The parameter table of a kind's reference page (`stages/<kind>.md`), generated from its

@@ -7,6 +7,7 @@ pub mod dreambooth;
 pub mod dreambooth_lora;
 pub mod embed;
 pub mod evaluate;
+pub mod finetune;
 pub mod generate;
 pub mod sample_grid;
 pub mod textual_inversion;

@@ -1,0 +1,116 @@
+//! The `finetune` stage: captioned fine-tuning as diffusers' train_text_to_image.py — the UNet
+//! learns a folder of images, each with its own caption (`name.txt` beside `name.png`, as
+//! kohya, OneTrainer and EveryDream2 read them; a `toy_world` stage's images qualify), with the
+//! memory options, resume and validation of the other training kinds. Output: a diffusers
+//! folder, `metrics.jsonl`, `validation/step-N.png` and `report.json`.
+use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
+use crate::stages::params::Input;
+use crate::stages::{
+    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// train_text_to_image.py's `--learning_rate` default.
+const DEFAULT_LEARNING_RATE: f64 = 1e-4;
+/// train_text_to_image.py's `--train_batch_size` default.
+const DEFAULT_BATCH: u64 = 16;
+/// train_text_to_image.py's `--num_train_epochs` default.
+const DEFAULT_EPOCHS: u64 = 100;
+/// Largest `max_grad_norm` / `snr_gamma` accepted.
+const MAX_GRAD_NORM: f64 = 1.0e6;
+const MAX_WEIGHT: f64 = 1000.0;
+
+pub struct FinetuneKind;
+
+/// A `finetune` stage's fields (its table: [`FinetuneKind::schema`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneParams {
+    /// Resolved by the runner: `ctx.inputs["images"]`.
+    pub images: Input,
+    pub random_flip: bool,
+    pub max_grad_norm: f64,
+    pub snr_gamma: Option<f64>,
+    #[serde(flatten)]
+    pub training: TrainingParams,
+    pub export: Vec<ExportFormat>,
+}
+
+impl Stage for FinetuneKind {
+    fn kind(&self) -> &'static str {
+        "finetune"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn device_class(&self) -> DeviceClass {
+        DeviceClass::Gpu
+    }
+    fn summary(&self) -> &'static str {
+        "Captioned fine-tuning as diffusers' train_text_to_image.py: the UNet learns images with a caption each (`name.txt` beside `name.png`; a folder, or an `images` / `toy_world` stage). Output: a diffusers folder, `metrics.jsonl`, `validation/step-N.png` and `report.json`."
+    }
+    fn schema(&self) -> Vec<ParamSpec> {
+        let mut schema = vec![
+            ParamSpec::required(
+                "images",
+                ParamType::PathOrStageRef,
+                "folder of images with a caption file each (`name.txt`), or a stage making one",
+            ),
+            ParamSpec::optional(
+                "random_flip",
+                ParamType::Bool,
+                json!(false),
+                "flip images horizontally at random",
+            ),
+            ParamSpec::optional(
+                "max_grad_norm",
+                ParamType::Number,
+                json!(1.0),
+                "gradient clipping norm",
+            )
+            .range(0.0, MAX_GRAD_NORM),
+            ParamSpec::optional(
+                "snr_gamma",
+                ParamType::Number,
+                Value::Null,
+                "min-SNR-gamma loss weighting (5 recommended); unset: plain MSE",
+            )
+            .range(0.0, MAX_WEIGHT),
+        ];
+        schema.extend(training::common_schema(&ScriptDefaults {
+            learning_rate: DEFAULT_LEARNING_RATE,
+            train_batch_size: DEFAULT_BATCH,
+            max_train_steps: Value::Null,
+            num_train_epochs: DEFAULT_EPOCHS,
+        }));
+        schema
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
+        Err(crate::stages::needs_torch_worker(self.kind()))
+    }
+    fn steps_field(&self) -> Option<&'static str> {
+        Some("max_train_steps")
+    }
+    fn prefix_problem(&self, params: &serde_json::Map<String, Value>) -> Option<String> {
+        training::prefix_problem(params, |p: &FinetuneParams| &p.training)
+    }
+    fn needs_torch(&self) -> bool {
+        true
+    }
+    fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
+        training::export_problem(fields.params)
+            .into_iter()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_the_fields_of_the_struct() {
+        crate::stages::params::check_table::<FinetuneParams>(&FinetuneKind.schema()).unwrap();
+    }
+}
