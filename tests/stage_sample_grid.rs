@@ -194,3 +194,43 @@ fn a_swept_model_stage_is_gathered_into_one_grid_with_a_row_per_variant() {
     let two_steps = out.join(&rows[3].1);
     assert_eq!(max_level_difference(&two_steps, &reference), 0);
 }
+
+/// `loras` with `lora_weights` apply to every row: the tiny model with two LoRAs at 0.5 and 1.0
+/// renders diffusers' `set_adapters(["a", "b"], [0.5, 1.0])` image (tests/fixtures/lora).
+#[test]
+fn loras_apply_to_every_row_at_their_weights() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = repo_path("tests/fixtures/lora/strong_a.safetensors");
+    let b = repo_path("tests/fixtures/lora/strong_b_kohya.safetensors");
+    let yaml = format!(
+        "name: lg\nstages:\n  grid:\n    kind: sample_grid\n    models: [{}]\n    loras: [{}, {}]\n    lora_weights: [0.5, 1.0]\n    prompts: [a photo of sks dog in a bucket]\n    seeds: [1234]\n    steps: 4\n    guidance: 7.5\n",
+        tiny_model(),
+        a.display(),
+        b.display()
+    );
+    let path = dir.path().join("lg.yaml");
+    std::fs::write(&path, yaml).expect("write pipeline");
+    let cache = dir.path().join("cache");
+    run_ok(&cache, &path);
+    let out = stage_output(&cache, "lg", "grid");
+    let manifest = manifest(&out);
+    let file = manifest["images"][0]["file"].as_str().expect("file");
+    let golden: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(repo_path("tests/fixtures/lora/images.safetensors"))
+            .expect("goldens")
+            .into_iter()
+            .collect();
+    let expected = (&golden["a_0.5_b_1"] * 255.0)
+        .round()
+        .to_kind(tch::Kind::Int);
+    let expected: Vec<i64> = Vec::<i64>::try_from(expected.flatten(0, -1)).expect("pixels");
+    let (_, _, found) = pixels(&out.join(file));
+    let worst = (found.iter().zip(&expected))
+        .map(|(p, e)| (i64::from(*p) - e).abs())
+        .max()
+        .expect("pixels");
+    assert!(
+        worst <= 1,
+        "the grid's image is {worst} levels from diffusers'"
+    );
+}

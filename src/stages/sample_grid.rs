@@ -13,6 +13,7 @@ use super::sd_common::{
 use super::{ResolvedInput, StageContext, StageError};
 use crate::cache::store::file_name_for;
 use crate::report::grid::{GridSpec, write_grid_png};
+use crate::sd::lora::{LoraWeights, ScaledLora};
 use crate::sd::pipeline::{StableDiffusion, Txt2Img};
 use crate::sd::schedulers::SchedulerKind;
 use dreampipe_core::stages::sd_kinds::sample_grid::SampleGridParams;
@@ -29,20 +30,26 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let mut rows = Vec::new();
     let mut images = Vec::new();
     let mut done = 0u64;
-    for (model_input, lora) in grid.models.iter().zip(&grid.loras) {
+    let every_row = every_row_loras(ctx, &params.lora_weights)?;
+    let mut out = Outputs {
+        rows: &mut rows,
+        images: &mut images,
+        done: &mut done,
+    };
+    for (model_input, lora) in grid.models.iter().zip(&grid.entry_loras) {
         let label = model_label(model_input);
         if let Some(lora) = lora {
-            grid.sample_lora_rows(ctx, &label, lora, &mut rows, &mut images, &mut done)?;
+            grid.sample_lora_rows(ctx, &label, lora, &every_row, &mut out)?;
             continue;
         }
         let model_dir = super::training::resolve_model(ctx, model_input)?;
         let shared = load_model(ctx, "models", &model_dir, grid.kind)?;
-        let model = shared.lock().unwrap_or_else(|p| p.into_inner());
+        let mut model = shared.lock().unwrap_or_else(|p| p.into_inner());
         let hash = model_hash(&model_dir);
-        for row in grid.rows_of(&label, &hash) {
-            grid.sample_row(ctx, &model, &row, &mut images, &mut done)?;
-            rows.push(row);
-        }
+        let loras = scaled(&every_row, None);
+        super::sd_common::with_loras(ctx, "loras", &mut model, &loras, |model| {
+            grid.sample_rows(ctx, model, &grid.rows_of(&label, &hash), &mut out)
+        })?;
     }
     grid.write_grids(ctx, &rows)?;
     write_manifest(ctx, &grid.manifest(images))
@@ -53,6 +60,7 @@ const GRID_ROWS_FIELD: &str = "dreampipe grid rows";
 const GRID_COLUMNS_FIELD: &str = "dreampipe grid columns";
 
 /// One grid row: a model with one scheduler (`None`: the model's own), steps and guidance.
+#[derive(Clone)]
 struct Row {
     label: String,
     scheduler: Option<SchedulerKind>,
@@ -105,7 +113,7 @@ impl Row {
 struct Grid {
     models: Vec<ResolvedInput>,
     /// Per model: its LoRA file when the entry is a LoRA (a `dreambooth_lora` stage or file).
-    loras: Vec<Option<PathBuf>>,
+    entry_loras: Vec<Option<PathBuf>>,
     /// The model LoRA rows sample on, and the adapter weights of their rows.
     base_model: Option<ResolvedInput>,
     lora_scales: Vec<f64>,
@@ -160,10 +168,10 @@ impl Grid {
             height: params.height,
             batch: 1,
         };
-        let (loras, base_model) = lora_entries(ctx, &models)?;
+        let (entry_loras, base_model) = lora_entries(ctx, &models)?;
         Ok(Self {
             models,
-            loras,
+            entry_loras,
             base_model,
             lora_scales: params.lora_scales.to_vec(),
             prompts: params.prompts.to_vec(),
@@ -204,7 +212,7 @@ impl Grid {
     }
 
     fn total(&self) -> u64 {
-        let lora_models = self.loras.iter().filter(|l| l.is_some()).count();
+        let lora_models = self.entry_loras.iter().filter(|l| l.is_some()).count();
         let model_rows = self.models.len() - lora_models + lora_models * self.lora_scales.len();
         let rows = model_rows * self.schedulers.len() * self.steps.len() * self.guidance.len();
         (rows * self.prompts.len() * self.seeds.len()) as u64
@@ -217,12 +225,10 @@ impl Grid {
         ctx: &StageContext<'_>,
         label: &str,
         lora_file: &std::path::Path,
-        rows: &mut Vec<Row>,
-        images: &mut Vec<Value>,
-        done: &mut u64,
+        every_row: &[(LoraWeights, f64)],
+        out: &mut Outputs<'_>,
     ) -> Result<(), StageError> {
-        let weights = crate::sd::lora::LoraWeights::read(lora_file)
-            .map_err(|e| field_error(ctx, "models", e))?;
+        let weights = LoraWeights::read(lora_file).map_err(|e| field_error(ctx, "models", e))?;
         let base = self.base_model.as_ref().ok_or_else(|| {
             field_error(ctx, "base_model", "is required when `models` lists a LoRA")
         })?;
@@ -232,17 +238,25 @@ impl Grid {
         let hash = model_hash(&base_dir);
         for &scale in &self.lora_scales {
             let row_label = format!("{label} ×{scale}");
-            let loras = [crate::sd::lora::ScaledLora {
-                weights: &weights,
-                scale,
-            }];
+            let loras = scaled(every_row, Some((&weights, scale)));
             super::sd_common::with_loras(ctx, "models", &mut model, &loras, |model| {
-                for row in self.rows_of(&row_label, &hash) {
-                    self.sample_row(ctx, model, &row, images, done)?;
-                    rows.push(row);
-                }
-                Ok(())
+                self.sample_rows(ctx, model, &self.rows_of(&row_label, &hash), out)
             })?;
+        }
+        Ok(())
+    }
+
+    /// Samples `rows` on `model` (its adapters attached), recording them.
+    fn sample_rows(
+        &self,
+        ctx: &StageContext<'_>,
+        model: &StableDiffusion,
+        rows: &[Row],
+        out: &mut Outputs<'_>,
+    ) -> Result<(), StageError> {
+        for row in rows {
+            self.sample_row(ctx, model, row, out.images, out.done)?;
+            out.rows.push(row.clone());
         }
         Ok(())
     }
@@ -394,6 +408,46 @@ fn lora_entries(
         ));
     }
     Ok((loras, base_model))
+}
+
+/// What a run accumulates: the rows sampled, the manifest entries, the images done.
+struct Outputs<'a> {
+    rows: &'a mut Vec<Row>,
+    images: &'a mut Vec<Value>,
+    done: &'a mut u64,
+}
+
+/// The `loras` applied to every row, with their `lora_weights` (1 each when empty); an entry
+/// that is not a LoRA is an error of `loras`.
+fn every_row_loras(
+    ctx: &StageContext<'_>,
+    weights: &[f64],
+) -> Result<Vec<(LoraWeights, f64)>, StageError> {
+    let inputs = ctx.inputs.get("loras").cloned().unwrap_or_default();
+    let mut loras = Vec::new();
+    for (index, input) in inputs.iter().enumerate() {
+        let file = crate::sd::lora::files::lora_file_of(&input.path).ok_or_else(|| {
+            let message = format!(
+                "`{}` is not a LoRA: give a `dreambooth_lora` stage or a LoRA .safetensors file",
+                input.path.display()
+            );
+            field_error(ctx, "loras", message)
+        })?;
+        let read = LoraWeights::read(&file).map_err(|e| field_error(ctx, "loras", e))?;
+        loras.push((read, weights.get(index).copied().unwrap_or(1.0)));
+    }
+    Ok(loras)
+}
+
+/// The every-row LoRAs at their weights, plus a row's own LoRA entry at its scale.
+fn scaled<'a>(
+    every_row: &'a [(LoraWeights, f64)],
+    entry: Option<(&'a LoraWeights, f64)>,
+) -> Vec<ScaledLora<'a>> {
+    let global = every_row.iter().map(|(weights, scale)| (weights, *scale));
+    (global.chain(entry))
+        .map(|(weights, scale)| ScaledLora { weights, scale })
+        .collect()
 }
 
 /// The `seeds` field: 1 to [`MAX_SEED_COUNT`] seeds, none repeated.

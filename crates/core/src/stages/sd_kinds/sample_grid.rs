@@ -33,6 +33,9 @@ pub struct SampleGridParams {
     /// Resolved by the runner: `ctx.inputs["base_model"]`.
     pub base_model: Option<Input>,
     pub lora_scales: List<f64>,
+    /// Resolved by the runner: `ctx.inputs["loras"]`.
+    pub loras: Input,
+    pub lora_weights: List<f64>,
     pub prompts: List<String>,
     pub negative_prompt: String,
     pub seeds: List<u64>,
@@ -83,6 +86,21 @@ impl Stage for SampleGridKind {
             )
             .range(0.0, MAX_LORA_SCALE)
             .keyed_when_set(),
+            ParamSpec::optional(
+                "loras",
+                ParamType::PathOrStageRefList,
+                json!([]),
+                "LoRAs applied to every row (a style on every model): `dreambooth_lora` stages or LoRA files; several add up",
+            )
+            .keyed_when_set(),
+            ParamSpec::optional(
+                "lora_weights",
+                ParamType::NumberList,
+                json!([]),
+                "the weight of each entry of `loras`, in order; empty: 1 each",
+            )
+            .range(0.0, MAX_LORA_SCALE)
+            .keyed_when_set(),
             ParamSpec::required("prompts", ParamType::StringList, "one grid per prompt"),
             negative_prompt_spec(),
             ParamSpec::optional(
@@ -128,6 +146,20 @@ impl Stage for SampleGridKind {
         let no_scales = (fields.params.get("lora_scales"))
             .and_then(|v| v.as_array())
             .is_some_and(Vec::is_empty);
+        let count = |name: &str| {
+            (fields.params.get(name))
+                .and_then(|v| v.as_array())
+                .map_or(0, Vec::len)
+        };
+        let (loras, weights) = (count("loras"), count("lora_weights"));
+        if weights != 0 && weights != loras {
+            return vec![(
+                "lora_weights",
+                format!(
+                    "has {weights} weights for {loras} LoRAs; give one per entry of `loras` (or none: 1 each)"
+                ),
+            )];
+        }
         match lora {
             Some(_) if no_scales => vec![(
                 "lora_scales",
