@@ -73,6 +73,11 @@ fn request(name: &str) -> (Txt2Img, XlOptions) {
             xl.crops_coords_top_left = (8, 4);
             xl.target_size = Some((64, 64));
         }
+        "guidance_rescale" => {
+            request.prompt = "a photo of sks dog".into();
+            (request.steps, request.guidance, request.seed) = (3, 5.0, 5);
+            xl.guidance_rescale = 0.7;
+        }
         other => panic!("unknown golden {other}"),
     }
     (request, xl)
@@ -148,6 +153,28 @@ fn ddim_with_prompt_2_and_negative_prompt_matches_diffusers() {
 #[test]
 fn micro_conditioning_sizes_match_diffusers() {
     check_run("micro_conditioning");
+}
+
+/// `guidance_rescale` 0.7 (diffusers' `rescale_noise_cfg`); the rescale moves the image, so
+/// the comparison can fail.
+#[test]
+fn guidance_rescale_matches_diffusers() {
+    check_run("guidance_rescale");
+    let model = model();
+    let (request, mut xl) = request("guidance_rescale");
+    xl.guidance_rescale = 0.0;
+    let plain = model.txt2img_xl(&request, &xl, &mut |_| {}).unwrap();
+    let image = (plain.images / 2.0 + 0.5)
+        .clamp(0.0, 1.0)
+        .permute([0, 2, 3, 1]);
+    let moved = (&image - &goldens("guidance_rescale")["image"])
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(
+        moved > 10.0 * IMAGE_ATOL,
+        "the rescale moved the image {moved} only"
+    );
 }
 
 #[test]

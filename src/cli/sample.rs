@@ -3,6 +3,7 @@ use super::Context;
 use crate::sd::lora::{LoraWeights, ScaledLora};
 use crate::sd::pipeline::{
     DEFAULT_GUIDANCE, DEFAULT_STEPS, Event, StableDiffusion, Txt2Img, Txt2ImgError, Txt2ImgOutput,
+    XlOptions,
 };
 use crate::sd::png::{GenerationParameters, tensor_to_rgb_bytes, write_rgb_png};
 use crate::sd::schedulers::SchedulerKind;
@@ -34,6 +35,10 @@ pub struct SampleArgs {
     pub steps: usize,
     #[arg(long, default_value_t = DEFAULT_GUIDANCE)]
     pub guidance: f64,
+    /// diffusers' `guidance_rescale` (0: off): the guided prediction's spread rescaled toward
+    /// the conditional one's.
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f64,
     /// ddim|pndm|lms|euler|euler-a|dpm++|ddpm; default: the model's own scheduler.
     #[arg(long)]
     pub scheduler: Option<SchedulerKind>,
@@ -110,7 +115,13 @@ pub fn run(context: &Context, args: &SampleArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
     let request = request_of(args);
-    let output = model.with_loras(&scaled, |model| sample_with_progress_bar(model, &request))?;
+    let extras = XlOptions {
+        guidance_rescale: args.guidance_rescale,
+        ..XlOptions::default()
+    };
+    let output = model.with_loras(&scaled, |model| {
+        sample_with_progress_bar(model, &request, &extras)
+    })?;
     let hash = short_weights_hash(&folder);
     for index in 0..args.batch {
         let path = output_path(&args.out, index, args.batch);
@@ -141,13 +152,14 @@ fn request_of(args: &SampleArgs) -> Txt2Img {
 fn sample_with_progress_bar(
     model: &StableDiffusion,
     request: &Txt2Img,
+    extras: &XlOptions,
 ) -> Result<Txt2ImgOutput, Txt2ImgError> {
     let bar = ProgressBar::new(request.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("sampling {bar:30} {pos}/{len} steps {per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let output = model.txt2img(request, &mut |event| {
+    let output = model.txt2img_xl(request, extras, &mut |event| {
         if let Event::Step { done, total, .. } = event {
             bar.set_length(total as u64);
             bar.set_position(done as u64);

@@ -59,6 +59,9 @@ pub struct XlOptions {
     pub original_size: Option<(i64, i64)>,
     pub crops_coords_top_left: (i64, i64),
     pub target_size: Option<(i64, i64)>,
+    /// diffusers' `guidance_rescale` (0: off; both pipelines have it): the guided prediction's
+    /// spread rescaled toward the conditional one's (Lin et al. 2023, section 3.4).
+    pub guidance_rescale: f64,
 }
 
 /// What the UNet is conditioned on: `encoder_hidden_states`, and SDXL's added conditions.
@@ -276,7 +279,8 @@ impl StableDiffusion {
         let noise = rng::randn(&shape, Kind::Float, Device::Cpu);
         let latents = self.initial_latents(noise, scheduler.as_ref(), on_event);
         let step_noise_guard = scheduler.kind().draws_step_noise().then_some(rng_guard);
-        let latents = self.denoise(scheduler.as_mut(), latents, &context, guidance, on_event)?;
+        let guided = guidance.map(|scale| (scale, xl.guidance_rescale));
+        let latents = self.denoise(scheduler.as_mut(), latents, &context, guided, on_event)?;
         drop(step_noise_guard);
         Ok(self.output(latents, (width, height), scheduler.kind()))
     }
@@ -319,7 +323,8 @@ impl StableDiffusion {
         if !scheduler.kind().draws_step_noise() {
             drop(last_guard.take());
         }
-        let latents = self.denoise(scheduler.as_mut(), latents, &context, guidance, on_event)?;
+        let guided = guidance.map(|scale| (scale, 0.0));
+        let latents = self.denoise(scheduler.as_mut(), latents, &context, guided, on_event)?;
         drop(last_guard);
         Ok(self.output(latents, (width, height), scheduler.kind()))
     }
@@ -478,7 +483,7 @@ impl StableDiffusion {
         scheduler: &mut dyn Scheduler,
         mut latents: Tensor,
         conditioning: &Conditioning,
-        guidance: Option<f64>,
+        guidance: Option<(f64, f64)>,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Tensor, Txt2ImgError> {
         let timesteps = scheduler.timesteps().shallow_clone();
@@ -503,9 +508,10 @@ impl StableDiffusion {
                 output: &output,
             });
             let prediction = match guidance {
-                Some(scale) => {
+                Some((scale, rescale)) => {
                     let halves = output.chunk(2, 0);
-                    &halves[0] + (&halves[1] - &halves[0]) * scale
+                    let guided = &halves[0] + (&halves[1] - &halves[0]) * scale;
+                    rescale_noise_cfg(guided, &halves[1], rescale)
                 }
                 None => output,
             };
@@ -569,6 +575,19 @@ impl StableDiffusion {
         }
         Ok((width, height))
     }
+}
+
+/// diffusers' `rescale_noise_cfg`: the guided prediction scaled to the conditional prediction's
+/// standard deviation (per sample, over all other dims, unbiased), mixed in with weight
+/// `rescale`; `rescale` 0 returns `guided` unchanged.
+fn rescale_noise_cfg(guided: Tensor, conditional: &Tensor, rescale: f64) -> Tensor {
+    if rescale == 0.0 {
+        return guided;
+    }
+    let dims: Vec<i64> = (1..guided.dim() as i64).collect();
+    let std = |t: &Tensor| t.std_dim(dims.as_slice(), true, true);
+    let rescaled = &guided * (std(conditional) / std(&guided));
+    rescaled * rescale + guided * (1.0 - rescale)
 }
 
 /// The VAE's kind: float16 is decoded in float32 (the SD VAEs can overflow in fp16, which is
