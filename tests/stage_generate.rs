@@ -266,3 +266,43 @@ fn loras_apply_at_their_scales_and_enter_the_memo() {
         "the LoRA changed the image by {apart} levels only (memo served the plain image?)"
     );
 }
+
+/// A `loras` entry that is neither a `dreambooth_lora` output nor a LoRA file fails the stage
+/// naming the field and the entry, in `generate` and `sample_grid` alike.
+#[test]
+fn a_loras_entry_that_is_not_a_lora_fails_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = tiny_model();
+    for (kind, fields) in [
+        ("generate", "prompt: a dog\n    count: 1\n    steps: 1"),
+        (
+            "sample_grid",
+            "models: [{model}]\n    prompts: [a dog]\n    seeds: [1]\n    steps: 1",
+        ),
+    ] {
+        let path = dir.path().join(format!("{kind}.yaml"));
+        let fields = fields.replace("{model}", &model);
+        let model_field = if kind == "generate" {
+            format!("    model: {model}\n")
+        } else {
+            String::new()
+        };
+        let yaml = format!(
+            "stages:\n  s:\n    kind: {kind}\n{model_field}    {fields}\n    width: 64\n    height: 64\n    loras: [{model}]\n"
+        );
+        std::fs::write(&path, yaml).expect("write pipeline");
+        let output = run_pipeline(&dir.path().join("cache"), &path);
+        let all = text(&output);
+        assert!(
+            !output.status.success(),
+            "{kind} ran with a model as a LoRA:\n{all}"
+        );
+        let expected = format!(
+            "stage `s`: field `loras`: `{model}` is not a LoRA: give a `dreambooth_lora` stage or a LoRA .safetensors file"
+        );
+        assert!(
+            all.contains(&expected),
+            "{kind}: expected `{expected}` in:\n{all}"
+        );
+    }
+}

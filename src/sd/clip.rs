@@ -196,6 +196,17 @@ pub struct ClipTextOutput {
     pub text_embeds: Option<Tensor>,
 }
 
+impl ClipTextOutput {
+    /// What SDXL conditions on from one text encoder: the penultimate hidden state
+    /// `[batch, length, hidden]` and the pooled output (`text_embeds` when the encoder has a
+    /// projection, else `pooler_output`).
+    pub fn into_sdxl_parts(self) -> (Tensor, Tensor) {
+        let states = &self.hidden_states;
+        let penultimate = states[states.len().saturating_sub(2)].shallow_clone();
+        (penultimate, self.text_embeds.unwrap_or(self.pooler_output))
+    }
+}
+
 /// Multi-head causal self-attention with q/k/v/out projections.
 #[derive(Debug)]
 struct SelfAttention {

@@ -455,18 +455,12 @@ impl StableDiffusion {
                 .unsqueeze(0)
                 .to_device(self.device)
         };
-        let first = self.text_encoder.forward(&ids(&self.tokenizer, prompt))?;
-        let second = (parts.text_encoder_2).forward(&ids(&parts.tokenizer_2, prompt_2))?;
-        let penultimate =
-            |states: &[Tensor]| states[states.len().saturating_sub(2)].shallow_clone();
-        let context = Tensor::cat(
-            &[
-                penultimate(&first.hidden_states),
-                penultimate(&second.hidden_states),
-            ],
-            -1,
-        );
-        let pooled = second.text_embeds.unwrap_or(second.pooler_output);
+        let (first, _) =
+            (self.text_encoder.forward(&ids(&self.tokenizer, prompt))?).into_sdxl_parts();
+        let (second, pooled) = (parts.text_encoder_2)
+            .forward(&ids(&parts.tokenizer_2, prompt_2))?
+            .into_sdxl_parts();
+        let context = Tensor::cat(&[first, second], -1);
         Ok((context.to_kind(self.kind), pooled.to_kind(self.kind)))
     }
 

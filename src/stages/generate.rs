@@ -13,7 +13,6 @@ use super::sd_common::{
 use super::{StageContext, StageError};
 use crate::cache::hash::{HashMemo, tree_digest};
 use crate::cache::store::reflink_or_copy;
-use crate::sd::lora::files::lora_file_of;
 use crate::sd::lora::{LoraWeights, ScaledLora};
 use crate::sd::pipeline::{StableDiffusion, Txt2Img};
 use crate::sd::schedulers::SchedulerKind;
@@ -57,32 +56,22 @@ struct LoraUse {
 
 /// `loras` with `lora_scales` (1 each when empty); an entry that is not a LoRA is an error.
 fn loras_of(ctx: &StageContext<'_>, scales: &[f64]) -> Result<Vec<LoraUse>, StageError> {
-    let inputs = ctx.inputs.get("loras").cloned().unwrap_or_default();
-    let mut loras = Vec::new();
-    for (index, input) in inputs.iter().enumerate() {
-        let file = lora_file_of(&input.path).ok_or_else(|| {
-            field_error(
-                ctx,
-                "loras",
-                format!(
-                    "`{}` is not a LoRA: give a `dreambooth_lora` stage or a LoRA .safetensors file",
-                    input.path.display()
-                ),
-            )
-        })?;
-        let digest = match &input.digest {
+    let lora_use = |lora: super::sd_common::LoraInput<'_>| {
+        let digest = match &lora.input.digest {
             Some(digest) => digest.clone(),
-            None => std::fs::read(&file)
+            None => std::fs::read(&lora.file)
                 .map(|bytes| blake3::hash(&bytes).to_hex().to_string())
-                .map_err(|e| StageError::io("read", &file, e))?,
+                .map_err(|e| StageError::io("read", &lora.file, e))?,
         };
-        loras.push(LoraUse {
-            file,
+        Ok(LoraUse {
+            file: lora.file,
             digest,
-            scale: scales.get(index).copied().unwrap_or(1.0),
-        });
-    }
-    Ok(loras)
+            scale: lora.scale,
+        })
+    };
+    (super::sd_common::lora_inputs(ctx, scales)?.into_iter())
+        .map(lora_use)
+        .collect()
 }
 
 /// One run's fields, parsed.

@@ -423,20 +423,13 @@ fn every_row_loras(
     ctx: &StageContext<'_>,
     weights: &[f64],
 ) -> Result<Vec<(LoraWeights, f64)>, StageError> {
-    let inputs = ctx.inputs.get("loras").cloned().unwrap_or_default();
-    let mut loras = Vec::new();
-    for (index, input) in inputs.iter().enumerate() {
-        let file = crate::sd::lora::files::lora_file_of(&input.path).ok_or_else(|| {
-            let message = format!(
-                "`{}` is not a LoRA: give a `dreambooth_lora` stage or a LoRA .safetensors file",
-                input.path.display()
-            );
-            field_error(ctx, "loras", message)
-        })?;
-        let read = LoraWeights::read(&file).map_err(|e| field_error(ctx, "loras", e))?;
-        loras.push((read, weights.get(index).copied().unwrap_or(1.0)));
-    }
-    Ok(loras)
+    let read = |lora: super::sd_common::LoraInput<'_>| {
+        let read = LoraWeights::read(&lora.file).map_err(|e| field_error(ctx, "loras", e))?;
+        Ok((read, lora.scale))
+    };
+    (super::sd_common::lora_inputs(ctx, weights)?.into_iter())
+        .map(read)
+        .collect()
 }
 
 /// The every-row LoRAs at their weights, plus a row's own LoRA entry at its scale.

@@ -47,8 +47,6 @@ pub fn load_model(
     pool::get(dir, crate::device::to_tch(ctx.device), kind).map_err(|e| field_error(ctx, field, e))
 }
 
-/// How a model input is named in labels and PNG parameters: the upstream stage's full id
-/// (`db[learning_rate=2e-6]` for a sweep variant), or the folder's name.
 /// [`StableDiffusion::with_loras`] for a stage: a LoRA that does not fit the model is an
 /// error of `field`.
 pub fn with_loras<T>(
@@ -75,6 +73,41 @@ pub fn with_loras<T>(
     })
 }
 
+/// One entry of a stage's `loras` field: the LoRA file it names, its input and its scale.
+pub struct LoraInput<'a> {
+    pub file: std::path::PathBuf,
+    pub input: &'a ResolvedInput,
+    pub scale: f64,
+}
+
+/// The `loras` field's entries with their `scales` (1 each when absent); an entry that is not
+/// a LoRA (neither a `dreambooth_lora` output nor a LoRA .safetensors file) is an error of
+/// `loras`.
+pub fn lora_inputs<'a>(
+    ctx: &'a StageContext<'_>,
+    scales: &[f64],
+) -> Result<Vec<LoraInput<'a>>, StageError> {
+    let inputs = ctx
+        .inputs
+        .get("loras")
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let entry = |(index, input): (usize, &'a ResolvedInput)| {
+        let file = crate::sd::lora::files::lora_file_of(&input.path).ok_or_else(|| {
+            let message = format!(
+                "`{}` is not a LoRA: give a `dreambooth_lora` stage or a LoRA .safetensors file",
+                input.path.display()
+            );
+            field_error(ctx, "loras", message)
+        })?;
+        let scale = scales.get(index).copied().unwrap_or(1.0);
+        Ok(LoraInput { file, input, scale })
+    };
+    inputs.iter().enumerate().map(entry).collect()
+}
+
+/// How a model input is named in labels and PNG parameters: the upstream stage's full id
+/// (`db[learning_rate=2e-6]` for a sweep variant), or the folder's name.
 pub fn model_label(input: &ResolvedInput) -> String {
     input.label()
 }

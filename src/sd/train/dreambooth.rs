@@ -327,14 +327,9 @@ impl DreamBoothModel {
     ) -> Result<(Tensor, Tensor), TrainError> {
         let ids = ids.to_device(self.base.unet_store.device());
         let run = || {
-            encoder.forward(&ids).map(|output| {
-                let states = &output.hidden_states;
-                let penultimate = states[states.len().saturating_sub(2)].shallow_clone();
-                (
-                    penultimate,
-                    output.text_embeds.unwrap_or(output.pooler_output),
-                )
-            })
+            encoder
+                .forward(&ids)
+                .map(crate::sd::clip::ClipTextOutput::into_sdxl_parts)
         };
         if !self.train_text_encoder {
             return tch::no_grad(run).map_err(TrainError::model);
