@@ -220,33 +220,6 @@ fn unet_with_added_conditions_matches_diffusers() {
 }
 
 #[test]
-fn textual_inversion_of_an_sdxl_folder_is_refused_by_name() {
-    use dreampipe::sd::train::textual_inversion::{
-        TextualInversionConfig, TextualInversionTrainer,
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let model = Path::new(MODEL).to_path_buf();
-    let config = TextualInversionConfig::new(
-        model.clone(),
-        dir.path().join("instance"),
-        "<sks>",
-        "dog",
-        dir.path().join("out"),
-        dir.path().join("work"),
-    );
-    let error = TextualInversionTrainer::new(&config, 1)
-        .err()
-        .expect("refused");
-    assert_eq!(
-        error.to_string(),
-        format!(
-            "{}: an SDXL model; textual inversion of SDXL (one embedding per text encoder) is not supported yet: use dreambooth or dreambooth_lora, or an SD 1.x/2.x model",
-            model.display()
-        )
-    );
-}
-
-#[test]
 fn sample_renders_an_sdxl_folder_as_diffusers() {
     let golden = goldens("euler");
     let dir = tempfile::tempdir().unwrap();

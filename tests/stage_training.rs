@@ -1045,3 +1045,41 @@ fn a_locked_rerun_checks_the_served_variants() {
     );
     assert_eq!(steps, 12);
 }
+
+/// A `textual_inversion` stage on the tiny SDXL through `dreampipe run`: both embedding files,
+/// the A1111/ComfyUI `clip_l` + `clip_g` file, a `model/` with both extended tokenizers, a
+/// validation sample rendered from it, and a rerun served from the cache.
+#[test]
+fn an_sdxl_textual_inversion_stage_writes_both_embeddings_and_validates() {
+    let sdxl = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-sdxl");
+    let project = project_with(&format!(
+        "name: train\nstages:\n  photos_in:\n    kind: images\n    path: photos\n  ti:\n    kind: textual_inversion\n    model: {}\n    instance_images: photos_in\n    placeholder_token: <sks>\n    initializer_token: dog\n    num_vectors: 2\n    resolution: 64\n    train_batch_size: 2\n    max_train_steps: 2\n    learning_rate: 1.0e-2\n    validation_prompt: a photo of <sks> <sks>_1\n    validation_steps: 2\n    validation_inference_steps: 2\n",
+        sdxl.display()
+    ));
+    assert_success(&run(&project, "train.yaml", &[]));
+    let out = output(&project, "ti");
+    let names = |file: &str| -> Vec<String> {
+        tensors(&out.join(file))
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    };
+    assert_eq!(names("learned_embeds.safetensors"), ["<sks>"]);
+    assert_eq!(names("learned_embeds_2.safetensors"), ["<sks>"]);
+    assert_eq!(names("sks.safetensors"), ["clip_g", "clip_l"]);
+    for tokenizer in ["tokenizer", "tokenizer_2"] {
+        let config = std::fs::read_to_string(
+            out.join("model")
+                .join(tokenizer)
+                .join("tokenizer_config.json"),
+        )
+        .expect("tokenizer_config.json");
+        assert!(config.contains("\"<sks>_1\""), "{tokenizer}: {config}");
+    }
+    let images = &report(&out)["images"];
+    assert_eq!(images[0]["path"], "validation/step-2.png");
+    assert!(out.join("validation/step-2.png").is_file());
+    let again = run(&project, "train.yaml", &[]);
+    assert_success(&again);
+    assert!(again.stdout.contains("cached"), "{}", again.stdout);
+}

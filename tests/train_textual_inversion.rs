@@ -5,7 +5,7 @@
 use dreampipe::sd::clip::ClipTextModel;
 use dreampipe::sd::pipeline::{StableDiffusion, Txt2Img};
 use dreampipe::sd::tokenizer::ClipTokenizer;
-use dreampipe::sd::train::common::{Callbacks, Progress, StepBatch};
+use dreampipe::sd::train::common::{Callbacks, Progress, StepBatch, XlBatch};
 use dreampipe::sd::train::dreambooth::{DreamBoothConfig, DreamBoothTrainer};
 use dreampipe::sd::train::textual_inversion::{
     self, OBJECT_TEMPLATES, STYLE_TEMPLATES, TextualInversionConfig, TextualInversionTrainer,
@@ -367,4 +367,212 @@ fn two_bf16_autocast_steps_match_diffusers() {
             "step {step}: learned row {row_error:e}"
         );
     }
+}
+
+// ---- SDXL (tests/fixtures/sdxl-tiny/make_sdxl_ti_goldens.py: textual_inversion_sdxl.py) ----
+
+const SDXL_MODEL: &str = "models/tiny-sdxl";
+const SDXL_FIXTURES: &str = "tests/fixtures/sdxl-tiny";
+/// Images rendered with the learned rows against diffusers' `load_textual_inversion` render.
+const IMAGE_ATOL: f64 = 2e-3;
+
+fn sdxl_golden() -> (HashMap<String, Tensor>, serde_json::Value) {
+    let dir = Path::new(SDXL_FIXTURES);
+    let text = std::fs::read_to_string(dir.join("train_ti.json")).unwrap();
+    let json = serde_json::from_str(&text).unwrap();
+    (tensors(&dir.join("train_ti.safetensors")), json)
+}
+
+fn sdxl_config(dir: &Path) -> TextualInversionConfig {
+    let mut config = TextualInversionConfig::new(
+        PathBuf::from(SDXL_MODEL),
+        dir.join("images"),
+        "<sks>",
+        "dog",
+        dir.join("out"),
+        dir.join("work"),
+    );
+    config.inversion.num_vectors = 2;
+    config.training.resolution = 64;
+    config
+}
+
+fn max_difference(found: &Tensor, expected: &Tensor) -> f64 {
+    (found - expected).abs().max().double_value(&[])
+}
+
+/// Both embedding matrices after each of the golden's steps, then every output file: the
+/// diffusers files, the A1111/ComfyUI `clip_l` + `clip_g` file, and `model/`, which renders the
+/// image diffusers renders after `load_textual_inversion` of the same rows into both encoders.
+#[test]
+fn two_sdxl_steps_match_diffusers_and_the_outputs_render_as_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (golden, json) = sdxl_golden();
+    let mut config = sdxl_config(dir.path());
+    config.training.learning_rate = json["lr"].as_f64().unwrap();
+    let mut trainer = TextualInversionTrainer::new(&config, 2).unwrap();
+    let expected_ids = |key: &str| -> Vec<(String, i64)> {
+        let ids = json[key].as_array().unwrap().iter();
+        let tokens = ["<sks>", "<sks>_1"].map(String::from);
+        tokens
+            .into_iter()
+            .zip(ids.map(|id| id.as_i64().unwrap()))
+            .collect()
+    };
+    assert_eq!(trainer.placeholder_ids(), expected_ids("placeholder_ids"));
+    assert_eq!(
+        trainer.placeholder_ids_2(),
+        expected_ids("placeholder_ids_2")
+    );
+    let text = "a photo of a <sks> <sks>_1";
+    let ids = Tensor::from_slice(&trainer.tokenizer().encode(text).ids);
+    assert!(ids.equal(&golden["input_ids"].get(0)));
+    assert!(
+        trainer
+            .learned_embeddings()
+            .equal(&golden["init.text_encoder"])
+    );
+    let second = |trainer: &TextualInversionTrainer| trainer.learned_embeddings_2().unwrap();
+    assert!(second(&trainer).equal(&golden["init.text_encoder_2"]));
+    let before = trainer.text_encoder().token_embedding().detach().copy();
+    for (index, step) in json["steps"].as_array().unwrap().iter().enumerate() {
+        let key = |name: &str| golden[&format!("step{index}.{name}")].shallow_clone();
+        let batch = StepBatch {
+            latents: key("latents"),
+            noise: key("noise"),
+            timesteps: key("timesteps"),
+            input_ids: golden["input_ids"].shallow_clone(),
+            xl: Some(XlBatch {
+                input_ids_2: golden["input_ids_2"].shallow_clone(),
+                time_ids: golden["time_ids"].shallow_clone(),
+            }),
+        };
+        let report = trainer.train_step(&[batch]).unwrap();
+        let loss = step["loss"].as_f64().unwrap();
+        assert_rel(&format!("SDXL step {index} loss"), report.loss, loss);
+        for (name, learned) in [
+            ("text_encoder", trainer.learned_embeddings()),
+            ("text_encoder_2", second(&trainer)),
+        ] {
+            let diff = max_difference(&learned, &key(name));
+            println!("SDXL step {index}: {name} rows within {diff:e}");
+            assert!(
+                diff <= EMBEDDING_ATOL,
+                "step {index}: {name} differs by {diff:e}"
+            );
+        }
+        let now = trainer.text_encoder().token_embedding().detach();
+        assert!(now.narrow(0, 0, 2014).equal(&before.narrow(0, 0, 2014)));
+    }
+    textual_inversion::write_outputs(&config, &trainer).unwrap();
+    let out = &config.output_dir;
+    let learned = tensors(&out.join("learned_embeds.safetensors"));
+    assert!(learned["<sks>"].equal(&trainer.learned_embeddings()));
+    let learned_2 = tensors(&out.join("learned_embeds_2.safetensors"));
+    assert!(learned_2["<sks>"].equal(&second(&trainer)));
+    let a1111 = tensors(&out.join("sks.safetensors"));
+    let mut keys: Vec<&String> = a1111.keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["clip_g", "clip_l"]);
+    assert!(a1111["clip_l"].equal(&learned["<sks>"]));
+    assert!(a1111["clip_g"].equal(&learned_2["<sks>"]));
+    let model = out.join("model");
+    let tokenizer_2 = ClipTokenizer::from_dir(&model.join("tokenizer_2")).unwrap();
+    assert_eq!(
+        tokenizer_2.encode_without_specials("<sks> <sks>_1"),
+        [2014, 2015]
+    );
+    assert_renders_the_golden(&model, &golden, &json);
+}
+
+/// `model/` with the prompt as diffusers expands it (`<sks>` → `<sks> <sks>_1`) renders the
+/// golden image; the learned rows move that image by more than the tolerance.
+fn assert_renders_the_golden(
+    model: &Path,
+    golden: &HashMap<String, Tensor>,
+    json: &serde_json::Value,
+) {
+    let render = &json["render"];
+    let sd = StableDiffusion::load(model, Device::Cpu, Kind::Float).unwrap();
+    let request = Txt2Img {
+        prompt: json["render_prompt_as_tokens"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        negative_prompt: String::new(),
+        seed: render["seed"].as_u64().unwrap(),
+        steps: render["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance: render["guidance_scale"].as_f64().unwrap(),
+        scheduler: None,
+        width: Some(64),
+        height: Some(64),
+        batch: 1,
+    };
+    let result = sd.txt2img(&request, &mut |_| {}).unwrap();
+    let image = (result.images / 2.0 + 0.5)
+        .clamp(0.0, 1.0)
+        .permute([0, 2, 3, 1]);
+    let diff = max_difference(&image, &golden["render.learned"]);
+    println!("SDXL textual inversion render within {diff:e} of diffusers");
+    assert!(diff <= IMAGE_ATOL, "render differs by {diff:e}");
+    let moved = max_difference(&golden["render.learned"], &golden["render.base"]);
+    assert!(
+        moved > 10.0 * IMAGE_ATOL,
+        "the rows moved the image by {moved} only"
+    );
+}
+
+/// A whole SDXL run from an image folder: the second tokenizer's templates and each image's
+/// time ids reach the step, both matrices learn, and only their placeholder rows.
+#[test]
+fn an_sdxl_run_trains_both_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for (index, (width, height)) in [(72u32, 64u32), (64, 80)].into_iter().enumerate() {
+        let image = image::RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([(x * 3) as u8, (y * 3) as u8, (index * 120) as u8])
+        });
+        image.save(images.join(format!("toy{index}.png"))).unwrap();
+    }
+    let mut config = sdxl_config(dir.path());
+    config.training.train_batch_size = 2;
+    config.training.max_train_steps = Some(2);
+    config.training.learning_rate = 1e-2;
+    let cancel = AtomicBool::new(false);
+    let mut on_progress = |_: &Progress| {};
+    let mut callbacks = Callbacks {
+        on_progress: &mut on_progress,
+        cancel: &cancel,
+        validation: None,
+        snapshots: None,
+    };
+    textual_inversion::train(&config, &mut callbacks).unwrap();
+    let out = &config.output_dir;
+    let (golden, _) = sdxl_golden();
+    for (file, initial) in [
+        ("learned_embeds.safetensors", "init.text_encoder"),
+        ("learned_embeds_2.safetensors", "init.text_encoder_2"),
+    ] {
+        let learned = &tensors(&out.join(file))["<sks>"];
+        let moved = max_difference(learned, &golden[initial]);
+        assert!(moved > 1e-3, "{file}: moved {moved} only");
+    }
+    let (_vs, encoder_2) = ClipTextModel::load(
+        &out.join("model/text_encoder_2"),
+        Device::Cpu,
+        Kind::Float,
+        None,
+    )
+    .unwrap();
+    let (_base_vs, base_2) = ClipTextModel::load(
+        &Path::new(SDXL_MODEL).join("text_encoder_2"),
+        Device::Cpu,
+        Kind::Float,
+        None,
+    )
+    .unwrap();
+    let rows = encoder_2.token_embedding();
+    assert_eq!(rows.size()[0], 2016);
+    assert!(rows.narrow(0, 0, 2014).equal(base_2.token_embedding()));
 }

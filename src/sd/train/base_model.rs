@@ -53,39 +53,37 @@ impl BaseModel {
     /// Loads the diffusers folder at `path` onto `device`; SDXL folders with their second text
     /// encoder.
     pub fn load(path: &Path, device: Device, kinds: ModuleKinds) -> Result<Self, TrainError> {
-        Self::load_inner(path, device, kinds, true, |_| Ok(())).map(|(model, ())| model)
+        Self::load_with(path, device, kinds, |_, _| Ok(())).map(|(model, ())| model)
     }
 
-    /// [`load`](Self::load) of an SD 1.x/2.x folder (SDXL refused), with `prepare` run on the
-    /// tokenizer before the large modules load (so what it rejects fails fast); returns what
-    /// `prepare` returned too.
+    /// [`load`](Self::load), with `prepare` run on the tokenizer (and SDXL's second one) before
+    /// the large modules load (so what it rejects fails fast); returns what `prepare` returned
+    /// too.
     pub fn load_with<R>(
         path: &Path,
         device: Device,
         kinds: ModuleKinds,
-        prepare: impl FnOnce(&mut ClipTokenizer) -> Result<R, TrainError>,
-    ) -> Result<(Self, R), TrainError> {
-        Self::load_inner(path, device, kinds, false, prepare)
-    }
-
-    fn load_inner<R>(
-        path: &Path,
-        device: Device,
-        kinds: ModuleKinds,
-        xl_allowed: bool,
-        prepare: impl FnOnce(&mut ClipTokenizer) -> Result<R, TrainError>,
+        prepare: impl FnOnce(&mut ClipTokenizer, Option<&mut ClipTokenizer>) -> Result<R, TrainError>,
     ) -> Result<(Self, R), TrainError> {
         let folder = ModelFolder::open(path).map_err(TrainError::model)?;
-        if !xl_allowed {
-            super::refuse_xl(&folder)?;
-        }
-        let xl = match folder.is_xl() {
-            true => Some(XlTextModules::load(&folder, device, kinds.text_encoder)?),
-            false => None,
-        };
         let mut tokenizer =
             ClipTokenizer::from_dir(&folder.tokenizer_dir()).map_err(TrainError::model)?;
-        let prepared = prepare(&mut tokenizer)?;
+        let mut tokenizer_2 = match folder.is_xl() {
+            true => Some(
+                ClipTokenizer::from_dir(&folder.tokenizer_2_dir()).map_err(TrainError::model)?,
+            ),
+            false => None,
+        };
+        let prepared = prepare(&mut tokenizer, tokenizer_2.as_mut())?;
+        let xl = match tokenizer_2 {
+            Some(tokenizer_2) => Some(XlTextModules::load(
+                &folder,
+                tokenizer_2,
+                device,
+                kinds.text_encoder,
+            )?),
+            None => None,
+        };
         let (text_encoder_store, text_encoder) =
             ClipTextModel::load(&folder.text_encoder_dir(), device, kinds.text_encoder, None)
                 .map_err(TrainError::model)?;
@@ -173,9 +171,12 @@ pub fn trainable_sorted(vs: &VarStore) -> Vec<(String, Tensor)> {
 }
 
 impl XlTextModules {
-    fn load(folder: &ModelFolder, device: Device, kind: Kind) -> Result<Self, TrainError> {
-        let tokenizer_2 =
-            ClipTokenizer::from_dir(&folder.tokenizer_2_dir()).map_err(TrainError::model)?;
+    fn load(
+        folder: &ModelFolder,
+        tokenizer_2: ClipTokenizer,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self, TrainError> {
         let (text_encoder_2_store, text_encoder_2) =
             ClipTextModel::load(&folder.text_encoder_2_dir(), device, kind, None)
                 .map_err(TrainError::model)?;

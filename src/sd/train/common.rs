@@ -5,7 +5,7 @@
 //! ([`super::streams`]), micro-batches ([`super::batch`]) and the loss of a batch
 //! ([`super::objective`]).
 pub use super::base_model::trainable_sorted;
-pub use super::batch::{OFFSET_NOISE_SCALE, StepBatch, draw_noise_and_timesteps};
+pub use super::batch::{OFFSET_NOISE_SCALE, StepBatch, XlBatch, draw_noise_and_timesteps};
 pub use super::config::{
     MixedPrecision, MixedPrecisionExt, OptimizerKind, RESOLUTION_MULTIPLE, schema_defaults,
     total_steps, validate_training,

@@ -334,14 +334,7 @@ impl DreamBoothModel {
         if !self.train_text_encoder {
             return tch::no_grad(run).map_err(TrainError::model);
         }
-        let autocast = precision.autocast();
-        let (states, pooled) = crate::sd::autocast::maybe(autocast, run)
-            .map_err(TrainError::Model)?
-            .map_err(TrainError::model)?;
-        Ok(match autocast {
-            Some(_) => (states.to_kind(Kind::Float), pooled.to_kind(Kind::Float)),
-            None => (states, pooled),
-        })
+        precision.forward_pair(run)
     }
 
     /// The same loss and gradients as [`batch_loss`](Self::batch_loss) with the UNet run
@@ -824,6 +817,7 @@ fn write_trained_folder(
                 .filter(|_| config.dreambooth.train_text_encoder)
                 .map(|xl| &xl.text_encoder_2_store),
             added_tokens: &[],
+            added_tokens_2: &[],
         },
     )
 }

@@ -106,17 +106,6 @@ fn checkpoint_hint(checkpoint: &Option<PathBuf>) -> String {
     }
 }
 
-/// Textual inversion runs on SD 1.x/2.x; an SDXL folder is refused by name.
-pub(crate) fn refuse_xl(folder: &crate::sd::folder::ModelFolder) -> Result<(), TrainError> {
-    if !folder.is_xl() {
-        return Ok(());
-    }
-    Err(TrainError::Model(format!(
-        "{}: an SDXL model; textual inversion of SDXL (one embedding per text encoder) is not supported yet: use dreambooth or dreambooth_lora, or an SD 1.x/2.x model",
-        folder.root().display()
-    )))
-}
-
 /// An I/O failure on `path`, as a [`TrainError::Io`].
 pub(crate) fn io_error(path: &Path, action: &'static str, reason: impl ToString) -> TrainError {
     TrainError::Io {

@@ -1,8 +1,9 @@
 //! Writing training results: a complete diffusers folder (model_index.json; new `unet/` and/or
 //! `text_encoder/` weights as safetensors, the text encoder with `text_model.` keys; the other
 //! components copied from the base model), textual-inversion embedding files in the diffusers
-//! (`learned_embeds.safetensors`) and A1111 / ComfyUI (`<token>.safetensors`, key `emb_params`)
-//! formats, and a tokenizer extended with added tokens.
+//! (`learned_embeds.safetensors`, SDXL's second encoder `learned_embeds_2.safetensors`) and
+//! A1111 / ComfyUI (`<token>.safetensors`, key `emb_params`; SDXL `clip_l` + `clip_g`) formats,
+//! and tokenizers extended with added tokens.
 use super::TrainError;
 use super::io_error;
 use crate::sd::folder::ModelFolder;
@@ -18,6 +19,10 @@ const TEXT_ENCODER_WEIGHTS: &str = "model.safetensors";
 pub const LEARNED_EMBEDS_FILE: &str = "learned_embeds.safetensors";
 /// The key A1111 (kohya-style safetensors) and ComfyUI read from a single-key embedding file.
 pub const A1111_EMBEDDING_KEY: &str = "emb_params";
+/// The keys of an SDXL embedding file for A1111 / ComfyUI: first text encoder, second.
+pub const A1111_SDXL_KEYS: [&str; 2] = ["clip_l", "clip_g"];
+/// diffusers' textual_inversion_sdxl.py's file for the second text encoder.
+pub const LEARNED_EMBEDS_2_FILE: &str = "learned_embeds_2.safetensors";
 
 /// What replaces the base model's components in the written folder.
 pub struct NewWeights<'a> {
@@ -27,6 +32,8 @@ pub struct NewWeights<'a> {
     pub text_encoder_2: Option<&'a VarStore>,
     /// Tokens appended to the vocabulary, in id order (textual inversion).
     pub added_tokens: &'a [(String, i64)],
+    /// Tokens appended to SDXL's second vocabulary, in id order (textual inversion).
+    pub added_tokens_2: &'a [(String, i64)],
 }
 
 /// Writes a diffusers folder at `out` from `base` with `new` weights (float32). Components
@@ -44,13 +51,7 @@ pub fn write_model_folder(
         Some(vs) => write_component(&base.unet_dir(), &out.join("unet"), vs, UNET_WEIGHTS, None)?,
         None => copy_dir(&base.unet_dir(), &out.join("unet"))?,
     }
-    let vocab_size = (!new.added_tokens.is_empty()).then(|| {
-        new.added_tokens
-            .iter()
-            .map(|(_, id)| id + 1)
-            .max()
-            .unwrap_or_default()
-    });
+    let vocab_size = extended_vocab_size(new.added_tokens);
     match new.text_encoder {
         Some(vs) => write_component(
             &base.text_encoder_dir(),
@@ -61,19 +62,36 @@ pub fn write_model_folder(
         )?,
         None => copy_dir(&base.text_encoder_dir(), &out.join("text_encoder"))?,
     }
-    copy_dir(&base.tokenizer_dir(), &out.join("tokenizer"))?;
-    if !new.added_tokens.is_empty() {
-        add_tokens_to_tokenizer_dir(&out.join("tokenizer"), new.added_tokens)?;
-    }
+    copy_tokenizer(
+        &base.tokenizer_dir(),
+        &out.join("tokenizer"),
+        new.added_tokens,
+    )?;
     if base.is_xl() {
         let (dir, out_dir) = (base.text_encoder_2_dir(), out.join("text_encoder_2"));
+        let vocab_size = extended_vocab_size(new.added_tokens_2);
         match new.text_encoder_2 {
-            Some(vs) => write_component(&dir, &out_dir, vs, TEXT_ENCODER_WEIGHTS, None)?,
+            Some(vs) => write_component(&dir, &out_dir, vs, TEXT_ENCODER_WEIGHTS, vocab_size)?,
             None => copy_dir(&dir, &out_dir)?,
         }
-        copy_dir(&base.tokenizer_2_dir(), &out.join("tokenizer_2"))?;
+        let tokenizer_2 = (base.tokenizer_2_dir(), out.join("tokenizer_2"));
+        copy_tokenizer(&tokenizer_2.0, &tokenizer_2.1, new.added_tokens_2)?;
     }
     Ok(())
+}
+
+/// The vocabulary size with `added` tokens appended (None when nothing was added).
+fn extended_vocab_size(added: &[(String, i64)]) -> Option<i64> {
+    added.iter().map(|(_, id)| id + 1).max()
+}
+
+/// A tokenizer folder copied, with `added` tokens appended to it.
+fn copy_tokenizer(from: &Path, to: &Path, added: &[(String, i64)]) -> Result<(), TrainError> {
+    copy_dir(from, to)?;
+    if added.is_empty() {
+        return Ok(());
+    }
+    add_tokens_to_tokenizer_dir(to, added)
 }
 
 /// `config.json` (with `vocab_size` updated when given) plus the weights of `vs`.
@@ -145,6 +163,23 @@ pub fn write_a1111_embedding(file: &Path, embeds: &Tensor) -> Result<(), TrainEr
             A1111_EMBEDDING_KEY.to_string(),
             embeds.detach().to_kind(Kind::Float),
         )],
+    )
+}
+
+/// An SDXL embedding as A1111 and ComfyUI read it: `clip_l` [num_vectors, 768] for the first
+/// text encoder and `clip_g` [num_vectors, 1280] for the second (widths of SDXL base).
+pub fn write_a1111_sdxl_embedding(
+    file: &Path,
+    first: &Tensor,
+    second: &Tensor,
+) -> Result<(), TrainError> {
+    let float = |t: &Tensor| t.detach().to_kind(Kind::Float);
+    write_tensors(
+        file,
+        &[
+            (A1111_SDXL_KEYS[0].to_string(), float(first)),
+            (A1111_SDXL_KEYS[1].to_string(), float(second)),
+        ],
     )
 }
 

@@ -41,6 +41,24 @@ impl Precision {
         })
     }
 
+    /// [`forward`](Self::forward) of a module with two outputs (SDXL's text encoders: the
+    /// penultimate states and the pooled embedding), both converted to float32 under autocast.
+    pub fn forward_pair<E: std::fmt::Display>(
+        &self,
+        f: impl FnOnce() -> Result<(Tensor, Tensor), E>,
+    ) -> Result<(Tensor, Tensor), TrainError> {
+        let (first, second) = autocast::maybe(self.autocast, f)
+            .map_err(TrainError::Model)?
+            .map_err(TrainError::model)?;
+        Ok(match self.autocast {
+            Some(_) => (
+                first.to_kind(tch::Kind::Float),
+                second.to_kind(tch::Kind::Float),
+            ),
+            None => (first, second),
+        })
+    }
+
     /// `backward(loss / count)`, the loss multiplied by the fp16 scale first.
     pub fn backward(&self, loss: &Tensor, count: f64) {
         self.scaled(loss, count).backward();

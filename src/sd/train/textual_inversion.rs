@@ -5,16 +5,21 @@
 //! script. [`TextualInversionTrainer::train_step`] runs one step on explicit latents / noise /
 //! timesteps (the golden tests); [`train`] is the whole run.
 //!
-//! Outputs in `output_dir`: `learned_embeds.safetensors` (diffusers), `<token>.safetensors`
-//! (A1111 / ComfyUI, key `emb_params`), `metrics.jsonl`, and `model/`, a complete diffusers
-//! folder with the extended tokenizer and text encoder (usable as a DreamBooth base).
+//! SDXL as textual_inversion_sdxl.py: the placeholders join both tokenizers and both embedding
+//! matrices learn; the UNet takes both encoders' penultimate states, the second's pooled
+//! embedding and each image's time ids (its original size, crop (0, 0), the resolution).
+//!
+//! Outputs in `output_dir`: `learned_embeds.safetensors` (diffusers; SDXL adds
+//! `learned_embeds_2.safetensors`), `<token>.safetensors` (A1111 / ComfyUI: key `emb_params`;
+//! SDXL `clip_l` + `clip_g`), `metrics.jsonl`, and `model/`, a complete diffusers folder with the
+//! extended tokenizers and text encoders (usable as a DreamBooth base).
 //!
 //! Deviations as in DreamBooth: random draws derived from `(seed, step)`, seed default 0,
 //! mixed precision on CPU only as bf16, gradient checkpointing rejected. The default
 //! learning rate is 5e-4 (the README's recipe; the script's argparse default is 1e-4).
 use super::TrainError;
 use super::base_model::{BaseModel, ModuleKinds};
-use super::batch::StepBatch;
+use super::batch::{StepBatch, XlBatch};
 use super::config::{self, MixedPrecisionExt};
 use super::data::{self, Transform};
 use super::driver::{self, DriverSettings, TrainingMethod};
@@ -24,9 +29,10 @@ use super::precision::Precision;
 use super::progress::{Callbacks, StepReport, TrainOutcome};
 use super::streams::{self, SampleRng};
 use super::trainer_core::{CoreSettings, MicroBatchLoss, StepMethod, TrainerCore};
-use crate::sd::clip::ClipTextModel;
+use crate::sd::clip::{ClipTextModel, ClipTextOutput};
 use crate::sd::folder::ModelFolder;
 use crate::sd::tokenizer::ClipTokenizer;
+use crate::sd::unet::AddedConditions;
 use dreampipe_core::stages::sd_kinds::textual_inversion::{
     InversionFields, TextualInversionKind, TextualInversionParams,
 };
@@ -41,6 +47,8 @@ pub const METHOD: &str = "textual_inversion";
 pub const MODEL_SUBDIR: &str = "model";
 /// Checkpoint name of the embedding matrix.
 const EMBEDDING_KEY: &str = "text_encoder.text_model.embeddings.token_embedding.weight";
+/// Checkpoint name of SDXL's second embedding matrix.
+const EMBEDDING_KEY_2: &str = "text_encoder_2.text_model.embeddings.token_embedding.weight";
 
 /// `imagenet_templates_small` of textual_inversion.py (learnable_property = object).
 pub const OBJECT_TEMPLATES: [&str; 27] = [
@@ -203,15 +211,58 @@ pub struct TextualInversionTrainer {
     core: TrainerCore,
 }
 
-/// What textual inversion supplies to the shared step: the loss of a micro-batch (text encoder
-/// in float32 under autocast, frozen UNet in the weight dtype) and, after each update, every
-/// non-placeholder embedding row restored bit for bit.
+/// What textual inversion supplies to the shared step: the loss of a micro-batch (text
+/// encoders in float32 under autocast, frozen UNet in the weight dtype) and, after each update,
+/// every non-placeholder embedding row restored bit for bit.
 struct TextualInversionModel {
     base: BaseModel,
     placeholder_tokens: Vec<String>,
-    /// Id of the first placeholder; the placeholders are the last rows of the embedding.
-    first_placeholder_id: i64,
-    original_embeddings: Tensor,
+    rows: PlaceholderRows,
+    /// SDXL: the second text encoder's placeholder rows.
+    rows_2: Option<PlaceholderRows>,
+}
+
+/// One text encoder's learned rows: the embedding matrix (trainable), where the placeholders
+/// start (they are its last rows) and the matrix before training.
+struct PlaceholderRows {
+    embedding: Tensor,
+    first_id: i64,
+    original: Tensor,
+}
+
+impl PlaceholderRows {
+    /// Makes `encoder`'s embedding matrix trainable and remembers it.
+    fn track(encoder: &ClipTextModel, first_id: i64) -> Self {
+        let embedding = encoder.token_embedding().set_requires_grad(true);
+        Self {
+            original: embedding.detach().copy(),
+            embedding: embedding.shallow_clone(),
+            first_id,
+        }
+    }
+
+    /// The `count` placeholder rows, detached.
+    fn learned(&self, count: usize) -> Tensor {
+        self.embedding
+            .narrow(0, self.first_id, count as i64)
+            .detach()
+            .copy()
+    }
+
+    /// Every row before the placeholders back to its value before training.
+    fn restore_others(&self) {
+        let _guard = tch::no_grad_guard();
+        let keep = self.first_id;
+        let mut rows = self.embedding.narrow(0, 0, keep);
+        rows.copy_(&self.original.narrow(0, 0, keep));
+    }
+
+    /// (token, id) of every placeholder, in id order.
+    fn ids(&self, tokens: &[String]) -> Vec<(String, i64)> {
+        (tokens.iter().enumerate())
+            .map(|(i, token)| (token.clone(), self.first_id + i as i64))
+            .collect()
+    }
 }
 
 impl TextualInversionTrainer {
@@ -226,24 +277,42 @@ impl TextualInversionTrainer {
             unet: weight_kind,
         };
         let placeholder_tokens = config.placeholder_tokens();
-        let (mut base, (initializer_id, first_placeholder_id)) = BaseModel::load_with(
+        let add = |tokenizer: &mut ClipTokenizer| {
+            add_placeholder_tokens(tokenizer, config, &placeholder_tokens)
+        };
+        let (mut base, (ids, ids_2)) = BaseModel::load_with(
             &config.pretrained_model_name_or_path,
             config.device,
             kinds,
-            |tokenizer| add_placeholder_tokens(tokenizer, config, &placeholder_tokens),
+            |tokenizer, tokenizer_2| Ok((add(tokenizer)?, tokenizer_2.map(add).transpose()?)),
         )?;
         let count = placeholder_tokens.len() as i64;
-        append_initial_rows(&mut base, initializer_id, count)?;
-        base.text_encoder_store.freeze();
         base.unet_store.freeze();
-        let embedding = base.text_encoder.token_embedding().set_requires_grad(true);
-        let trainables = vec![(EMBEDDING_KEY.to_string(), embedding.shallow_clone())];
+        let rows = extend_embedding(
+            &mut base.text_encoder,
+            &mut base.text_encoder_store,
+            ids,
+            count,
+        )?;
+        let rows_2 = match (base.xl.as_mut(), ids_2) {
+            (Some(xl), Some(ids_2)) => Some(extend_embedding(
+                &mut xl.text_encoder_2,
+                &mut xl.text_encoder_2_store,
+                ids_2,
+                count,
+            )?),
+            _ => None,
+        };
+        let mut trainables = vec![(EMBEDDING_KEY.to_string(), rows.embedding.shallow_clone())];
+        trainables.extend(
+            (rows_2.iter()).map(|r| (EMBEDDING_KEY_2.to_string(), r.embedding.shallow_clone())),
+        );
         let core = TrainerCore::new(trainables, &config.core_settings(total_steps))?;
         let model = TextualInversionModel {
-            original_embeddings: embedding.detach().copy(),
             base,
             placeholder_tokens,
-            first_placeholder_id,
+            rows,
+            rows_2,
         };
         Ok(Self { model, core })
     }
@@ -270,25 +339,30 @@ impl TextualInversionTrainer {
 
     /// (token, id) of every placeholder, in id order.
     pub fn placeholder_ids(&self) -> Vec<(String, i64)> {
-        self.model
-            .placeholder_tokens
-            .iter()
-            .enumerate()
-            .map(|(i, token)| (token.clone(), self.model.first_placeholder_id + i as i64))
+        self.model.rows.ids(&self.model.placeholder_tokens)
+    }
+
+    /// SDXL: (token, id) of every placeholder in the second tokenizer; empty otherwise.
+    pub fn placeholder_ids_2(&self) -> Vec<(String, i64)> {
+        (self.model.rows_2.iter())
+            .flat_map(|rows| rows.ids(&self.model.placeholder_tokens))
             .collect()
     }
 
     /// The learned rows `[num_vectors, dim]`.
     pub fn learned_embeddings(&self) -> Tensor {
-        self.text_encoder()
-            .token_embedding()
-            .narrow(
-                0,
-                self.model.first_placeholder_id,
-                self.model.placeholder_tokens.len() as i64,
-            )
-            .detach()
-            .copy()
+        self.model.rows.learned(self.model.placeholder_tokens.len())
+    }
+
+    /// SDXL: the second text encoder's learned rows `[num_vectors, dim_2]`.
+    pub fn learned_embeddings_2(&self) -> Option<Tensor> {
+        let count = self.model.placeholder_tokens.len();
+        self.model.rows_2.as_ref().map(|rows| rows.learned(count))
+    }
+
+    /// SDXL: the second text encoder's store.
+    pub fn text_encoder_2_store(&self) -> Option<&VarStore> {
+        (self.model.base.xl.as_ref()).map(|xl| &xl.text_encoder_2_store)
     }
 
     /// One optimizer step over `micro_batches`: loss, `backward(loss / n)` (fp16: scaled),
@@ -321,19 +395,16 @@ impl StepMethod for TextualInversionModel {
 
     /// Only the placeholder rows learn: every other row goes back to its original value.
     fn after_update(&self) {
-        let _guard = tch::no_grad_guard();
-        let keep = self.first_placeholder_id;
-        let mut rows = self.base.text_encoder.token_embedding().narrow(0, 0, keep);
-        rows.copy_(&self.original_embeddings.narrow(0, 0, keep));
+        self.rows.restore_others();
+        if let Some(rows) = &self.rows_2 {
+            rows.restore_others();
+        }
     }
 }
 
 impl TextualInversionModel {
     fn batch_loss(&self, batch: &StepBatch, precision: &Precision) -> Result<Tensor, TrainError> {
-        let ids = batch.input_ids.to_device(batch.latents.device());
-        let text_encoder = &self.base.text_encoder;
-        let hidden = precision
-            .forward(|| (text_encoder.forward(&ids)).map(|output| output.last_hidden_state))?;
+        let (hidden, added) = self.conditioning(batch, precision)?;
         let model = DiffusionModel {
             unet: &self.base.unet,
             unet_kind: self.base.weight_kind,
@@ -345,7 +416,36 @@ impl TextualInversionModel {
             prior_loss_weight: None,
             snr_gamma: None,
         };
-        objective::diffusion_loss(&model, batch, (&hidden, None), &spec)
+        objective::diffusion_loss(&model, batch, (&hidden, added.as_ref()), &spec)
+    }
+
+    /// The UNet's conditioning with a graph back to the embedding rows: the text encoder's
+    /// last hidden state; for SDXL both encoders' penultimate states side by side, the second's
+    /// pooled embedding and the batch's time ids (textual_inversion_sdxl.py).
+    fn conditioning(
+        &self,
+        batch: &StepBatch,
+        precision: &Precision,
+    ) -> Result<(Tensor, Option<AddedConditions>), TrainError> {
+        let device = batch.latents.device();
+        let ids = batch.input_ids.to_device(device);
+        let text_encoder = &self.base.text_encoder;
+        let (Some(xl), Some(extra)) = (&self.base.xl, &batch.xl) else {
+            let hidden = precision
+                .forward(|| (text_encoder.forward(&ids)).map(|output| output.last_hidden_state))?;
+            return Ok((hidden, None));
+        };
+        let sdxl_parts = |encoder: &ClipTextModel, ids: &Tensor| {
+            precision.forward_pair(|| encoder.forward(ids).map(ClipTextOutput::into_sdxl_parts))
+        };
+        let (first, _) = sdxl_parts(text_encoder, &ids)?;
+        let (second, pooled) =
+            sdxl_parts(&xl.text_encoder_2, &extra.input_ids_2.to_device(device))?;
+        let added = AddedConditions {
+            text_embeds: pooled,
+            time_ids: extra.time_ids.to_device(device),
+        };
+        Ok((Tensor::cat(&[first, second], -1), Some(added)))
     }
 }
 
@@ -367,23 +467,22 @@ fn add_placeholder_tokens(
     Ok((initializer_id, ids[0]))
 }
 
-/// Appends `count` embedding rows, copies of the initializer token's, for the placeholders.
-fn append_initial_rows(
-    base: &mut BaseModel,
-    initializer_id: i64,
+/// Appends `count` embedding rows to `encoder`, copies of the initializer token's (ids:
+/// initializer, first placeholder), freezes everything else and tracks the matrix.
+fn extend_embedding(
+    encoder: &mut ClipTextModel,
+    store: &mut VarStore,
+    (initializer_id, first_id): (i64, i64),
     count: i64,
-) -> Result<(), TrainError> {
-    let initial_rows = base
-        .text_encoder
-        .token_embedding()
-        .get(initializer_id)
-        .detach()
+) -> Result<PlaceholderRows, TrainError> {
+    let initial_rows = (encoder.token_embedding().get(initializer_id).detach())
         .unsqueeze(0)
         .repeat([count, 1]);
-    base.text_encoder
+    encoder
         .append_token_embeddings(&initial_rows)
-        .map(|_| ())
-        .map_err(TrainError::model)
+        .map_err(TrainError::model)?;
+    store.freeze();
+    Ok(PlaceholderRows::track(encoder, first_id))
 }
 
 /// The id of `word` when it encodes to exactly one token.
@@ -407,6 +506,8 @@ struct TiData {
     transform: Transform,
     /// Token ids `[1, 77]` of each template with the placeholder string filled in.
     template_ids: Vec<Tensor>,
+    /// SDXL: the same templates in the second tokenizer's ids.
+    template_ids_2: Option<Vec<Tensor>>,
     repeats: usize,
 }
 
@@ -417,13 +518,17 @@ impl TiData {
     ) -> Result<Self, TrainError> {
         let images = data::load_folder(&config.train_data_dir, "train_data_dir")?;
         let placeholder_string = trainer.placeholder_tokens().join(" ");
-        let template_ids = templates(config.inversion.learnable_property)
-            .iter()
-            .map(|template| {
-                let text = template.replace("{}", &placeholder_string);
-                trainer.model.base.tokenize(&text)
-            })
+        let texts: Vec<String> = (templates(config.inversion.learnable_property).iter())
+            .map(|template| template.replace("{}", &placeholder_string))
             .collect();
+        let base = &trainer.model.base;
+        let template_ids = texts.iter().map(|text| base.tokenize(text)).collect();
+        let template_ids_2 = (base.xl.is_some()).then(|| {
+            texts
+                .iter()
+                .filter_map(|text| base.tokenize_2(text))
+                .collect()
+        });
         Ok(Self {
             images,
             transform: Transform::TextualInversion {
@@ -431,6 +536,7 @@ impl TiData {
                 center_crop: config.training.center_crop,
             },
             template_ids,
+            template_ids_2,
             repeats: config.inversion.repeats.max(1),
         })
     }
@@ -450,24 +556,44 @@ impl TiData {
         let size = config.training.train_batch_size as u64;
         let first = (step * config.training.gradient_accumulation_steps + micro) * size;
         let mut pixels = Vec::new();
-        let mut ids = Vec::new();
+        let mut templates = Vec::new();
+        let mut sizes = Vec::new();
         for sample in first..first + size {
             let index = streams::dataset_index(config.training.seed, self.len(), sample)
                 % self.images.len();
             let mut rng = SampleRng::for_sample(config.training.seed, sample);
-            let template = rng.below(self.template_ids.len() as u64) as usize;
-            ids.push(self.template_ids[template].shallow_clone());
-            pixels.push(self.transform.apply(&self.images[index], &mut rng));
+            templates.push(rng.below(self.template_ids.len() as u64) as usize);
+            let image = &self.images[index];
+            sizes.push((image.height(), image.width()));
+            pixels.push(self.transform.apply(image, &mut rng));
         }
         let moments = base.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device));
-        let input_ids = Tensor::cat(&ids, 0).to_device(config.device);
-        base.draw_batch(
+        let pick = |ids: &[Tensor]| {
+            let rows: Vec<&Tensor> = templates.iter().map(|&t| &ids[t]).collect();
+            Tensor::cat(&rows, 0).to_device(config.device)
+        };
+        let mut batch = base.draw_batch(
             moments,
-            input_ids,
+            pick(&self.template_ids),
             (config.training.seed, step, micro),
             false,
-        )
+        )?;
+        batch.xl = (self.template_ids_2.as_deref()).map(|ids_2| XlBatch {
+            input_ids_2: pick(ids_2),
+            time_ids: time_ids(&sizes, config.training.resolution),
+        });
+        Ok(batch)
     }
+}
+
+/// textual_inversion_sdxl.py's time ids: each image's original `(height, width)`, the crop
+/// `(0, 0)` (the script stretches the whole image to the square), then the resolution twice.
+fn time_ids(sizes: &[(u32, u32)], resolution: u32) -> Tensor {
+    let rows: Vec<f32> = (sizes.iter())
+        .flat_map(|&(height, width)| [height, width, 0, 0, resolution, resolution])
+        .map(|value| value as f32)
+        .collect();
+    Tensor::from_slice(&rows).view([sizes.len() as i64, 6])
 }
 
 struct TextualInversionRun<'a> {
@@ -557,17 +683,18 @@ fn write_outputs_into(
     out: &Path,
 ) -> Result<(), TrainError> {
     std::fs::create_dir_all(out).map_err(|e| super::io_error(out, "create the directory", e))?;
+    let token = &config.inversion.placeholder_token;
     let embeds = trainer.learned_embeddings();
-    output::write_learned_embeds(
-        &out.join(output::LEARNED_EMBEDS_FILE),
-        &config.inversion.placeholder_token,
-        &embeds,
-    )?;
-    let a1111_name = format!(
-        "{}.safetensors",
-        file_stem_for(&config.inversion.placeholder_token)
-    );
-    output::write_a1111_embedding(&out.join(a1111_name), &embeds)?;
+    output::write_learned_embeds(&out.join(output::LEARNED_EMBEDS_FILE), token, &embeds)?;
+    let a1111_file = out.join(format!("{}.safetensors", file_stem_for(token)));
+    match trainer.learned_embeddings_2() {
+        Some(embeds_2) => {
+            let file_2 = out.join(output::LEARNED_EMBEDS_2_FILE);
+            output::write_learned_embeds(&file_2, token, &embeds_2)?;
+            output::write_a1111_sdxl_embedding(&a1111_file, &embeds, &embeds_2)?;
+        }
+        None => output::write_a1111_embedding(&a1111_file, &embeds)?,
+    }
     write_model_with_placeholders(config, trainer, &out.join(MODEL_SUBDIR))
 }
 
@@ -585,8 +712,9 @@ fn write_model_with_placeholders(
         &NewWeights {
             unet: None,
             text_encoder: Some(trainer.text_encoder_store()),
-            text_encoder_2: None,
+            text_encoder_2: trainer.text_encoder_2_store(),
             added_tokens: &trainer.placeholder_ids(),
+            added_tokens_2: &trainer.placeholder_ids_2(),
         },
     )
 }
