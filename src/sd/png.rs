@@ -1,6 +1,6 @@
-//! PNG output of samples: the core's writer and A1111 `parameters` text (re-exported), plus the
-//! conversion of a decoded image tensor to RGB bytes.
-pub use dreampipe_core::png::*;
+//! PNG output of samples: the kinds crate's writer and A1111 `parameters` text (re-exported),
+//! plus the conversion of a decoded image tensor to RGB bytes.
+pub use dreampipe_kinds::png::*;
 
 /// Converts a decoded image tensor in [-1, 1], shape [3, h, w], to RGB bytes the way diffusers
 /// does: `(x / 2 + 0.5).clamp(0, 1)`, then `(x * 255).round()` as uint8.

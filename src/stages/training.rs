@@ -22,8 +22,8 @@ use crate::sd::train::common::{
     Callbacks, METRICS_FILE, MixedPrecisionExt, Progress, Snapshots, TrainOutcome, Validation,
 };
 use dreampipe_core::imagefile;
-use dreampipe_core::stages::sd_kinds::training::{ExportFormat, TrainingParams};
 use dreampipe_core::stages::{FINAL_STATE_DIR, SNAPSHOTS_DIR};
+use dreampipe_kinds::sd::training::{ExportFormat, TrainingParams};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -44,10 +44,10 @@ const MODEL_ENTRIES: [&str; 6] = [
 const SNAPSHOT_SAMPLES: &str = "snapshot-samples";
 /// Subfolder of `work_dir` the model is written to before each validation.
 const VALIDATION_MODEL: &str = "validation-model";
-/// Output subfolder of the validation samples (`step-N.png`).
-pub const VALIDATION_DIR: &str = "validation";
 /// The images file the report reads (docs/pipelines.md: `{"images": [{path, caption, step}]}`).
-pub use dreampipe_core::report::build::IMAGES_FILE;
+pub use dreampipe_kinds::output::IMAGES_FILE;
+/// Output subfolder of the validation samples (`step-N.png`).
+pub use dreampipe_kinds::output::VALIDATION_DIR;
 /// Weight of the previous value in the progress bar's loss average (an exponential moving
 /// average, bias-corrected like Adam's moments; 0.9 ≈ the last ten steps).
 const LOSS_SMOOTHING: f64 = 0.9;

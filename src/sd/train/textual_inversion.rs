@@ -27,10 +27,10 @@ use super::trainer_core::{CoreSettings, MicroBatchLoss, StepMethod, TrainerCore}
 use crate::sd::clip::ClipTextModel;
 use crate::sd::folder::ModelFolder;
 use crate::sd::tokenizer::ClipTokenizer;
-use dreampipe_core::stages::sd_kinds::textual_inversion::{
+use dreampipe_kinds::sd::textual_inversion::{
     InversionFields, TextualInversionKind, TextualInversionParams,
 };
-use dreampipe_core::stages::sd_kinds::training::TrainingParams;
+use dreampipe_kinds::sd::training::TrainingParams;
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor, nn::VarStore};
@@ -97,7 +97,7 @@ pub const STYLE_TEMPLATES: [&str; 19] = [
 ];
 
 /// `--learnable_property` (the stage schema's closed set) and its prompt templates.
-pub use dreampipe_core::stages::sd_kinds::textual_inversion::LearnableProperty;
+pub use dreampipe_kinds::sd::textual_inversion::LearnableProperty;
 
 /// The prompt templates of `property` (textual_inversion.py's).
 pub fn templates(property: LearnableProperty) -> &'static [&'static str] {

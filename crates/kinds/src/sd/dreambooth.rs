@@ -5,8 +5,8 @@
 //! `metrics.jsonl`, `validation/step-N.png` and `report.json`. Checkpoints live in the work
 //! folder, so a crashed run resumes from its last checkpoint on the next `dreampipe run`.
 use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
-use crate::stages::params::Input;
-use crate::stages::{
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{
     DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
 };
 use serde::{Deserialize, Serialize};
@@ -87,7 +87,7 @@ impl Stage for DreamBoothKind {
         schema
     }
     fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
+        Err(dreampipe_core::stages::needs_torch_worker(self.kind()))
     }
     fn steps_field(&self) -> Option<&'static str> {
         Some("max_train_steps")
@@ -228,6 +228,7 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        crate::stages::params::check_table::<DreamBoothParams>(&DreamBoothKind.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<DreamBoothParams>(&DreamBoothKind.schema())
+            .unwrap();
     }
 }

@@ -4,8 +4,8 @@
 //! memory options, resume and validation of the other training kinds. Output: a diffusers
 //! folder, `metrics.jsonl`, `validation/step-N.png` and `report.json`.
 use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
-use crate::stages::params::Input;
-use crate::stages::{
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{
     DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
 };
 use serde::{Deserialize, Serialize};
@@ -87,7 +87,7 @@ impl Stage for FinetuneKind {
         schema
     }
     fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
+        Err(dreampipe_core::stages::needs_torch_worker(self.kind()))
     }
     fn steps_field(&self) -> Option<&'static str> {
         Some("max_train_steps")
@@ -111,6 +111,7 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        crate::stages::params::check_table::<FinetuneParams>(&FinetuneKind.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<FinetuneParams>(&FinetuneKind.schema())
+            .unwrap();
     }
 }

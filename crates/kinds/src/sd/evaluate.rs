@@ -3,8 +3,8 @@
 //! (CLIP image-embedding cosine), CLIP-T (prompt-to-image CLIP cosine, the identifier removed
 //! from the prompt) and PRES (DINO of class-prompt images against the subject) — per image, per
 //! (variant, prompt) and per variant, into `scores.json`.
-use crate::stages::params::Input;
-use crate::stages::{
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{
     DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
 };
 use serde::{Deserialize, Serialize};
@@ -98,7 +98,7 @@ impl Stage for EvaluateKind {
         ]
     }
     fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
+        Err(dreampipe_core::stages::needs_torch_worker(self.kind()))
     }
     fn needs_torch(&self) -> bool {
         true
@@ -160,6 +160,7 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        crate::stages::params::check_table::<EvaluateParams>(&EvaluateKind.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<EvaluateParams>(&EvaluateKind.schema())
+            .unwrap();
     }
 }

@@ -8,7 +8,7 @@
 use super::Dtype;
 use super::dreambooth::{DreamBoothFields, dreambooth_fields, prior_preservation_problems};
 use super::training::{self, ScriptDefaults, TrainingParams};
-use crate::stages::{
+use dreampipe_core::stages::{
     DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
 };
 use serde::{Deserialize, Serialize};
@@ -85,7 +85,7 @@ impl Stage for DreamBoothLoraKind {
         schema
     }
     fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
+        Err(dreampipe_core::stages::needs_torch_worker(self.kind()))
     }
     fn steps_field(&self) -> Option<&'static str> {
         Some("max_train_steps")
@@ -126,6 +126,6 @@ mod tests {
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
         let schema = DreamBoothLoraKind.schema();
-        crate::stages::params::check_table::<DreamBoothLoraParams>(&schema).unwrap();
+        dreampipe_core::stages::params::check_table::<DreamBoothLoraParams>(&schema).unwrap();
     }
 }

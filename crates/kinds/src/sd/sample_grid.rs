@@ -10,8 +10,8 @@ use super::{
     Dtype, MAX_SEED, SCHEDULER_CHOICES, SchedulerName, dtype_spec, guidance_spec,
     negative_prompt_spec, size_specs, steps_spec,
 };
-use crate::stages::params::{Input, List};
-use crate::stages::{
+use dreampipe_core::stages::params::{Input, List};
+use dreampipe_core::stages::{
     DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
 };
 use serde::{Deserialize, Serialize};
@@ -131,7 +131,7 @@ impl Stage for SampleGridKind {
         ]
     }
     fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
+        Err(dreampipe_core::stages::needs_torch_worker(self.kind()))
     }
     fn needs_torch(&self) -> bool {
         true
@@ -182,6 +182,7 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        crate::stages::params::check_table::<SampleGridParams>(&SampleGridKind.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<SampleGridParams>(&SampleGridKind.schema())
+            .unwrap();
     }
 }

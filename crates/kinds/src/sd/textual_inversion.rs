@@ -5,8 +5,8 @@
 //! whose `model:` names this stage uses it), `metrics.jsonl`, `validation/step-N.png` and
 //! `report.json`. Checkpoints live in the work folder (resumed after a crash).
 use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
-use crate::stages::params::Input;
-use crate::stages::{
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{
     DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
 };
 use serde::{Deserialize, Serialize};
@@ -29,7 +29,7 @@ const MAX_REPEATS: f64 = 100_000.0;
 
 pub struct TextualInversionKind;
 
-crate::closed_set! {
+dreampipe_core::closed_set! {
     /// `learnable_property`: which prompt templates (textual_inversion.py's).
     pub enum LearnableProperty { Object = "object", Style = "style" }
 }
@@ -122,7 +122,7 @@ impl Stage for TextualInversionKind {
         schema
     }
     fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
+        Err(dreampipe_core::stages::needs_torch_worker(self.kind()))
     }
     fn steps_field(&self) -> Option<&'static str> {
         Some("max_train_steps")
@@ -156,6 +156,6 @@ mod tests {
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
         let schema = TextualInversionKind.schema();
-        crate::stages::params::check_table::<TextualInversionParams>(&schema).unwrap();
+        dreampipe_core::stages::params::check_table::<TextualInversionParams>(&schema).unwrap();
     }
 }

@@ -1,7 +1,7 @@
 //! The Stable Diffusion stage kinds as the front binary knows them: each kind's schema,
 //! version, device class and summary (plain data), so `validate`, `plan`, `explain` and cached
 //! runs need no libtorch. Running one takes the torch worker (`dreampipe-torch`), which pairs
-//! each kind with its implementation through [`super::Registry::implement`]. Also the field
+//! each kind with its implementation through [`dreampipe_core::stages::Registry::implement`]. Also the field
 //! specs the kinds share.
 pub mod dreambooth;
 pub mod dreambooth_lora;
@@ -13,7 +13,8 @@ pub mod sample_grid;
 pub mod textual_inversion;
 pub mod training;
 
-use super::{ParamSpec, ParamType, StageContext, StageError};
+pub use dreampipe_core::stages::field_error;
+use dreampipe_core::stages::{ParamSpec, ParamType};
 use serde_json::{Value, json};
 
 /// diffusers' `StableDiffusionPipeline.__call__` defaults (`num_inference_steps`,
@@ -23,13 +24,13 @@ pub const DEFAULT_GUIDANCE: f64 = 7.5;
 /// Largest seed: JSON integers are exact up to 2^53 − 1.
 pub const MAX_SEED: f64 = 9_007_199_254_740_991.0;
 
-crate::closed_set! {
+dreampipe_core::closed_set! {
     /// A precision of weights or of written files: `dtype`, `save_dtype` (those of
     /// `dreampipe sample --dtype`).
     pub enum Dtype { F32 = "f32", F16 = "f16", Bf16 = "bf16" }
 }
 
-crate::closed_set! {
+dreampipe_core::closed_set! {
     /// A sampler: every `SchedulerKind::name()` of the torch side (a test keeps them in sync).
     pub enum SchedulerName {
         Ddim = "ddim",
@@ -42,15 +43,11 @@ crate::closed_set! {
     }
 }
 
-/// The accepted `dtype` values, for [`super::ParamSpec::one_of`].
+/// The accepted `dtype` values, for [`ParamSpec::one_of`].
 pub const DTYPE_CHOICES: &[&str] = Dtype::NAMES;
-/// The accepted scheduler names, for [`super::ParamSpec::one_of`].
+/// The accepted scheduler names, for [`ParamSpec::one_of`].
 pub const SCHEDULER_CHOICES: &[&str] = SchedulerName::NAMES;
-/// The PNG parameters field naming the stage that wrote an image.
-pub const STAGE_FIELD: &str = "dreampipe stage";
-/// The PNG parameters fields holding the stage key and the pipeline name.
-pub const KEY_FIELD: &str = "dreampipe key";
-pub const PIPELINE_FIELD: &str = "dreampipe pipeline";
+pub use crate::png::{KEY_FIELD, PIPELINE_FIELD, STAGE_FIELD};
 
 /// Largest `steps` (diffusers schedulers use ≤ 1000 training timesteps).
 const MAX_STEPS: f64 = 1000.0;
@@ -108,16 +105,4 @@ pub fn dtype_spec() -> ParamSpec {
         "weights' precision",
     )
     .one_of(DTYPE_CHOICES)
-}
-
-/// A failure of the stage named in `ctx`, about `field`.
-pub fn field_error(
-    ctx: &StageContext<'_>,
-    field: &str,
-    message: impl std::fmt::Display,
-) -> StageError {
-    StageError::Failed(format!(
-        "stage `{}`: field `{field}`: {message}",
-        ctx.stage_id
-    ))
 }

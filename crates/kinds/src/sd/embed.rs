@@ -2,8 +2,8 @@
 //! real images), as a cached result an `evaluate` stage's `real:` can name, so they are
 //! computed once per (models, images) key and reused by every evaluate stage and rerun.
 use super::evaluate::DEFAULT_BATCH;
-use crate::stages::params::Input;
-use crate::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -64,7 +64,7 @@ impl Stage for EmbedKind {
         ]
     }
     fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
+        Err(dreampipe_core::stages::needs_torch_worker(self.kind()))
     }
     fn needs_torch(&self) -> bool {
         true
@@ -77,6 +77,6 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        crate::stages::params::check_table::<EmbedParams>(&EmbedKind.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<EmbedParams>(&EmbedKind.schema()).unwrap();
     }
 }
