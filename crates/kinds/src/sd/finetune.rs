@@ -5,9 +5,7 @@
 //! folder, `metrics.jsonl`, `validation/step-N.png` and `report.json`.
 use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
 use dreampipe_core::stages::params::Input;
-use dreampipe_core::stages::{
-    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
-};
+use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -38,14 +36,12 @@ pub struct FinetuneParams {
 }
 
 impl Stage for FinetuneKind {
+    super::training_kind_methods!(FinetuneParams);
     fn kind(&self) -> &'static str {
         "finetune"
     }
     fn version(&self) -> u32 {
         1
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
     }
     fn summary(&self) -> &'static str {
         "Captioned fine-tuning as diffusers' train_text_to_image.py: the UNet learns images with a caption each (`name.txt` beside `name.png`; a folder, or an `images` / `toy_world` stage). Output: a diffusers folder, `metrics.jsonl`, `validation/step-N.png` and `report.json`."
@@ -85,18 +81,6 @@ impl Stage for FinetuneKind {
             num_train_epochs: DEFAULT_EPOCHS,
         }));
         schema
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(dreampipe_core::stages::needs_torch_worker(self.kind()))
-    }
-    fn steps_field(&self) -> Option<&'static str> {
-        Some("max_train_steps")
-    }
-    fn prefix_problem(&self, params: &serde_json::Map<String, Value>) -> Option<String> {
-        training::prefix_problem(params, |p: &FinetuneParams| &p.training)
-    }
-    fn needs_torch(&self) -> bool {
-        true
     }
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         training::export_problem(fields.params)

@@ -14,6 +14,49 @@ pub mod textual_inversion;
 pub mod training;
 
 pub use dreampipe_core::stages::field_error;
+
+/// The [`Stage`](dreampipe_core::stages::Stage) methods every Stable Diffusion kind writes
+/// alike, for its `impl Stage` block: it takes a device slot (`DeviceClass::Gpu`), needs
+/// libtorch, and runs in the torch worker only (here its `run` says so; the worker attaches the
+/// real one with `Registry::implement`).
+macro_rules! torch_kind_methods {
+    () => {
+        fn device_class(&self) -> dreampipe_core::stages::DeviceClass {
+            dreampipe_core::stages::DeviceClass::Gpu
+        }
+        fn run(
+            &self,
+            _ctx: &dreampipe_core::stages::StageContext<'_>,
+        ) -> Result<(), dreampipe_core::stages::StageError> {
+            Err(dreampipe_core::stages::needs_torch_worker(self.kind()))
+        }
+        fn needs_torch(&self) -> bool {
+            true
+        }
+    };
+}
+pub(crate) use torch_kind_methods;
+
+/// [`torch_kind_methods!`] plus what every training kind shares: `max_train_steps` sets the
+/// optimizer steps, and a run is the prefix of a longer one unless
+/// [`training::TrainingParams::prefix_problem`] of its fields (parsed as `$params`, whose
+/// flattened `training` field holds them) says otherwise.
+macro_rules! training_kind_methods {
+    ($params:ty) => {
+        $crate::sd::torch_kind_methods!();
+        fn steps_field(&self) -> Option<&'static str> {
+            Some($crate::sd::training::STEPS_FIELD)
+        }
+        fn prefix_problem(
+            &self,
+            params: &serde_json::Map<String, serde_json::Value>,
+        ) -> Option<String> {
+            $crate::sd::training::prefix_problem(params, |p: &$params| &p.training)
+        }
+    };
+}
+pub(crate) use training_kind_methods;
+
 use dreampipe_core::stages::{ParamSpec, ParamType};
 use serde_json::{Value, json};
 
@@ -105,4 +148,45 @@ pub fn dtype_spec() -> ParamSpec {
         "weights' precision",
     )
     .one_of(DTYPE_CHOICES)
+}
+
+#[cfg(test)]
+mod tests {
+    use dreampipe_core::stages::{DeviceClass, Stage};
+
+    /// What [`torch_kind_methods!`] and [`training_kind_methods!`] give each kind.
+    #[test]
+    fn every_sd_kind_is_a_gpu_torch_kind_and_the_training_kinds_share_runs_by_steps() {
+        let registry = crate::registry();
+        let training = [
+            "dreambooth",
+            "dreambooth_lora",
+            "finetune",
+            "textual_inversion",
+        ];
+        let others = ["generate", "evaluate", "embed", "sample_grid"];
+        for name in training.iter().chain(&others) {
+            let kind = registry.get(name).expect("registered");
+            assert!(kind.needs_torch(), "{name}");
+            assert_eq!(kind.device_class(), DeviceClass::Gpu, "{name}");
+            let expected = training.contains(name).then_some("max_train_steps");
+            assert_eq!(kind.steps_field(), expected, "{name}");
+        }
+        for name in ["command", "images", "toy_world"] {
+            assert!(!registry.get(name).expect("registered").needs_torch());
+        }
+        let mut params = serde_json::Map::new();
+        for spec in registry.get("finetune").expect("finetune").schema() {
+            let value = spec.default.clone().unwrap_or(serde_json::json!("x"));
+            params.insert(spec.name.to_string(), value);
+        }
+        let finetune = registry.get("finetune").expect("finetune");
+        assert_eq!(
+            finetune.prefix_problem(&params).as_deref(),
+            Some("`max_train_steps` is unset (the run counts epochs)")
+        );
+        params.insert("max_train_steps".into(), serde_json::json!(10));
+        params.insert("lr_scheduler".into(), serde_json::json!("constant"));
+        assert_eq!(finetune.prefix_problem(&params), None);
+    }
 }

@@ -11,9 +11,7 @@ use super::{
     negative_prompt_spec, size_specs, steps_spec,
 };
 use dreampipe_core::stages::params::{Input, List};
-use dreampipe_core::stages::{
-    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
-};
+use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -49,14 +47,12 @@ pub struct SampleGridParams {
 }
 
 impl Stage for SampleGridKind {
+    super::torch_kind_methods!();
     fn kind(&self) -> &'static str {
         "sample_grid"
     }
     fn version(&self) -> u32 {
         2
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
     }
     fn summary(&self) -> &'static str {
         "Samples every model × scheduler × steps × guidance × prompt × seed. Output: `samples/<model>/<prompt-index>/<seed>[-<scheduler>][-s<steps>][-g<guidance>].png` (A1111 parameters + stage id), `grid-<prompt-index>.png` (rows: models × schedulers × steps × guidance, columns: seeds) and `manifest.json`."
@@ -129,12 +125,6 @@ impl Stage for SampleGridKind {
             height,
             dtype_spec(),
         ]
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(dreampipe_core::stages::needs_torch_worker(self.kind()))
-    }
-    fn needs_torch(&self) -> bool {
-        true
     }
     /// A `dreambooth_lora` stage among `models` samples on `base_model`, which must be set.
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {

@@ -6,9 +6,7 @@
 //! `report.json`. Checkpoints live in the work folder (resumed after a crash).
 use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
 use dreampipe_core::stages::params::Input;
-use dreampipe_core::stages::{
-    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
-};
+use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -59,6 +57,7 @@ pub struct InversionFields {
 }
 
 impl Stage for TextualInversionKind {
+    super::training_kind_methods!(TextualInversionParams);
     fn kind(&self) -> &'static str {
         "textual_inversion"
     }
@@ -67,9 +66,6 @@ impl Stage for TextualInversionKind {
     /// which changed float32 results to rounding under version 1.
     fn version(&self) -> u32 {
         2
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
     }
     fn summary(&self) -> &'static str {
         "Textual inversion as diffusers' textual_inversion.py (field names and defaults are its arguments). Output: `learned_embeds.safetensors`, `<token>.safetensors` (A1111 / ComfyUI), `model/` (diffusers folder with the new token; a stage whose `model:` names this stage uses it), `metrics.jsonl` (step, loss, lr), `validation/step-N.png` and `report.json`."
@@ -120,21 +116,6 @@ impl Stage for TextualInversionKind {
             num_train_epochs: DEFAULT_EPOCHS,
         }));
         schema
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(dreampipe_core::stages::needs_torch_worker(self.kind()))
-    }
-    fn steps_field(&self) -> Option<&'static str> {
-        Some("max_train_steps")
-    }
-    fn prefix_problem(
-        &self,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> Option<String> {
-        training::prefix_problem(params, |p: &TextualInversionParams| &p.training)
-    }
-    fn needs_torch(&self) -> bool {
-        true
     }
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();

@@ -163,6 +163,9 @@ const DEFAULT_VALIDATION_STEPS_INFERENCE: u64 = 25;
 /// diffusers' `--validation_steps` default.
 const DEFAULT_VALIDATION_STEPS: u64 = 100;
 
+/// The field that sets how many optimizer steps a training kind runs (its `steps_field`).
+pub const STEPS_FIELD: &str = "max_train_steps";
+
 /// The defaults that differ between the two scripts.
 pub struct ScriptDefaults {
     pub learning_rate: f64,
@@ -210,7 +213,7 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
         )
         .range(1.0, MAX_BATCH),
         ParamSpec::optional(
-            "max_train_steps",
+            STEPS_FIELD,
             Integer,
             defaults.max_train_steps.clone(),
             "optimizer steps; unset: num_train_epochs over the data",
