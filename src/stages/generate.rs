@@ -120,7 +120,7 @@ impl Job {
     }
 
     fn run(&self, ctx: &StageContext<'_>, model: &StableDiffusion) -> Result<(), StageError> {
-        let images_dir = ctx.out_dir.join("images");
+        let images_dir = ctx.out_dir.join(dreampipe_kinds::output::IMAGES_DIR);
         create_dir(&images_dir)?;
         let memo = ImageMemo::open(ctx, self, model)?;
         let hash = model_hash(&self.model_dir);

@@ -74,7 +74,7 @@ impl Stage for ImagesStage {
                 format!("`{}` holds no image files", folder.display()),
             ));
         }
-        let images_dir = ctx.out_dir.join("images");
+        let images_dir = ctx.out_dir.join(crate::output::IMAGES_DIR);
         std::fs::create_dir_all(&images_dir)
             .map_err(|e| StageError::io("create", &images_dir, e))?;
         let (resolution, crop) = (params.resolution, params.center_crop);

@@ -252,11 +252,9 @@ fn write_world_image(out: &Path, params: &ToyWorldParams, index: u64) -> Result<
     let scene = scene(params, index);
     let image = render(params.size, &scene, &|_, _| scene.colour.1);
     let name = format!("{index:04}");
-    save(&image, &out.join("images").join(format!("{name}.png")))?;
-    write_text(
-        &out.join("images").join(format!("{name}.txt")),
-        &scene.caption(),
-    )?;
+    let images = out.join(crate::output::IMAGES_DIR);
+    save(&image, &images.join(format!("{name}.png")))?;
+    write_text(&images.join(format!("{name}.txt")), &scene.caption())?;
     Ok(json!({
         "file": format!("images/{name}.png"),
         "caption": scene.caption(),

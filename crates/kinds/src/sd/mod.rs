@@ -152,7 +152,7 @@ pub fn dtype_spec() -> ParamSpec {
 
 #[cfg(test)]
 mod tests {
-    use dreampipe_core::stages::{DeviceClass, Stage};
+    use dreampipe_core::stages::DeviceClass;
 
     /// What [`torch_kind_methods!`] and [`training_kind_methods!`] give each kind.
     #[test]
