@@ -4,7 +4,7 @@
 //! per-key lock makes concurrent runs on one cache compute each key once. A failed stage stops
 //! its dependents only; cancellation stops new stages and signals running ones.
 use super::error::{ExecError, SkipReason};
-use super::events::{CancelFlag, Event, EventSender, ProgressReporter};
+use super::events::{CancelFlag, Event, EventSender};
 use super::job::{JOB_FORMAT, JobSpec, Placement, SnapshotSpec, commit_staged, run_in_staging};
 use super::lockfile::LockFile;
 pub use super::record::{Outcome, RunRecord, StageRecord};
@@ -757,7 +757,7 @@ async fn compute(
     );
     let (run_stage, run_job) = (stage.clone(), job.clone());
     let outcome = blocking(move || {
-        let progress = ProgressReporter::new(&run_stage.id, Some(events));
+        let progress = super::events::progress_reporter(&run_stage.id, events);
         let placement = Placement {
             device,
             devices: &devices,

@@ -349,7 +349,7 @@ mod tests {
             device: Device::Cpu,
             devices: &[],
         };
-        let progress = ProgressReporter::new("s", None);
+        let progress = ProgressReporter::new(None);
         let staged = run_in_staging(&store, stage, &job(), &placement, &progress, cancel);
         (staged, store)
     }

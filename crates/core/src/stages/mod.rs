@@ -8,11 +8,12 @@
 //! input paths, writes into `ctx.out_dir`, may keep checkpoints in `ctx.work_dir` (kept across
 //! crashes and handed back on the next run of the same key), reports progress, and checks
 //! `ctx.cancel`.
+pub mod handle;
 pub mod params;
 #[cfg(test)]
 pub(crate) mod test_kinds;
 
-use crate::exec::events::{CancelFlag, ProgressReporter};
+pub use handle::{CancelFlag, ProgressReporter};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::Write;
