@@ -64,7 +64,7 @@ fn images_equal_sample_with_seed_plus_index_for_any_batch_size() {
         parameters,
         format!(
             "{PROMPT}\nSteps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 8, Size: 64x64, Model hash: {}, Model: tiny-sd, dreampipe stage: class, dreampipe key: {}, dreampipe pipeline: gen",
-            dreampipe::cli::sample::short_weights_hash(&repo_path("models/tiny-sd")),
+            dreampipe::sd::png::short_weights_hash(&repo_path("models/tiny-sd")),
             stage_key(&one_by_one, "gen", "class")
         )
     );

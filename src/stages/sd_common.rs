@@ -2,9 +2,11 @@
 //! the dtype and scheduler fields, loading models from the pool, and writing samples as PNGs that
 //! carry their A1111 parameters plus the dreampipe stage id.
 use super::{ResolvedInput, StageContext, StageError};
-use crate::cli::sample::{a1111_sampler_name, short_weights_hash};
 use crate::sd::pipeline::Txt2ImgOutput;
-use crate::sd::png::{GenerationParameters, tensor_to_rgb_bytes, write_rgb_png};
+use crate::sd::png::{
+    GenerationParameters, a1111_sampler_name, short_weights_hash, tensor_to_rgb_bytes,
+    write_rgb_png,
+};
 use crate::sd::pool::{self, SharedModel};
 use crate::sd::schedulers::SchedulerKind;
 use std::path::Path;
