@@ -1,16 +1,21 @@
 //! The `dreampipe` front binary: runs every verb that needs no libtorch (so a cached `run`
 //! starts in milliseconds, not the ~0.4 s libtorch's static initializers take) and re-executes
 //! the rest in the torch worker `dreampipe-torch` beside it, with the same arguments.
-use clap::Parser;
-use dreampipe_core::cli::{self, Backend, Cli, Handoff};
+use dreampipe_core::cli::{self, Backend, Handoff, Parsed};
 use dreampipe_core::device;
+use dreampipe_kinds::worker_verbs::WORKER_VERBS;
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     dreampipe_core::panics::install_hook();
-    let parsed = Cli::parse();
-    let backend = Backend::front(&parsed.global.cache);
+    let matches = cli::command(WORKER_VERBS).get_matches();
+    let parsed = match cli::parse(&matches, WORKER_VERBS) {
+        Ok(Parsed::Core(parsed)) => parsed,
+        Ok(Parsed::External(_)) => return hand_off(),
+        Err(error) => error.exit(),
+    };
+    let backend = Backend::front(&parsed.global.cache, dreampipe_kinds::registry());
     match cli::run(parsed, backend) {
         Ok(code) => code,
         Err(error) if error.is::<Handoff>() => hand_off(),

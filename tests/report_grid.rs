@@ -1,5 +1,5 @@
 //! Labeled grid PNG: exact layout, pixel-exact cells, text only inside label boxes, errors.
-use dreampipe::report::grid::{
+use dreampipe::kinds::grid::{
     BACKGROUND, CELL_GAP, COLUMN_LABEL_HEIGHT, GridSpec, LABEL_GAP, MARGIN, ROW_LABEL_WIDTH,
     TITLE_HEIGHT, write_grid_png,
 };

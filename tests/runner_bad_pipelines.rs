@@ -19,7 +19,7 @@ fn cases() -> Vec<PathBuf> {
 }
 
 fn message_for(path: &Path) -> String {
-    let options = LoadOptions::default();
+    let options = LoadOptions::new(dreampipe::stages::registry());
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         load(path, &options).map(|_| ())
     })) {
@@ -69,7 +69,7 @@ fn set_overrides_with_bad_targets_are_reported() {
             "b.run=x".to_string(),
             "a.rn=x".to_string(),
         ],
-        ..LoadOptions::default()
+        ..LoadOptions::new(dreampipe::stages::registry())
     };
     let error = dreampipe::pipeline::load_str(
         "stages:\n  a:\n    kind: command\n    run: echo\n",
@@ -108,7 +108,7 @@ fn the_binary_prints_the_message_and_exits_non_zero() {
 fn load_error(text: &str, overrides: &[&str]) -> String {
     let options = LoadOptions {
         overrides: overrides.iter().map(|s| s.to_string()).collect(),
-        ..LoadOptions::default()
+        ..LoadOptions::new(dreampipe::stages::registry())
     };
     dreampipe::pipeline::load_str(text, Path::new("p.yaml"), Path::new("."), &options)
         .err()

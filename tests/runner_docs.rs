@@ -60,7 +60,7 @@ fn presets_of_registered_kinds_validate() {
             &pipeline,
             Path::new("p.yaml"),
             Path::new("."),
-            &LoadOptions::default(),
+            &LoadOptions::new(registry()),
         );
         // A preset holds settings; the inputs and prompts are the using stage's to give.
         let problems: Vec<String> = loaded
@@ -86,7 +86,7 @@ fn presets_of_registered_kinds_validate() {
 fn the_runner_tour_example_validates_and_expands() {
     let pipeline = dreampipe::pipeline::load(
         Path::new("pipelines/examples/runner-tour.yaml"),
-        &LoadOptions::default(),
+        &LoadOptions::new(registry()),
     )
     .expect("valid");
     let ids: Vec<&str> = pipeline.stages.iter().map(|s| s.id.as_str()).collect();

@@ -11,7 +11,7 @@ fn check(text: &str) {
         text,
         Path::new("fuzz.yaml"),
         Path::new("."),
-        &LoadOptions::default(),
+        &LoadOptions::new(dreampipe::stages::registry()),
     );
     if let Err(error) = result {
         assert!(!error.diagnostics.is_empty());

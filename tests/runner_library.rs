@@ -412,7 +412,7 @@ fn images_stage_normalizes_a_folder_and_names_a_broken_file() {
         text,
         &dir.path().join("p.yaml"),
         dir.path(),
-        &LoadOptions::default(),
+        &LoadOptions::new(registry()),
     )
     .expect("valid");
     let (record, _) = run(
@@ -441,7 +441,7 @@ fn images_stage_normalizes_a_folder_and_names_a_broken_file() {
         text,
         &dir.path().join("p.yaml"),
         dir.path(),
-        &LoadOptions::default(),
+        &LoadOptions::new(registry()),
     )
     .expect("valid");
     let (record, _) = run(

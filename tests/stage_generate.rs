@@ -64,7 +64,7 @@ fn images_equal_sample_with_seed_plus_index_for_any_batch_size() {
         parameters,
         format!(
             "{PROMPT}\nSteps: 2, Sampler: DDIM, CFG scale: 7.5, Seed: 8, Size: 64x64, Model hash: {}, Model: tiny-sd, dreampipe stage: class, dreampipe key: {}, dreampipe pipeline: gen",
-            dreampipe::cli::sample::short_weights_hash(&repo_path("models/tiny-sd")),
+            dreampipe::sd::png::short_weights_hash(&repo_path("models/tiny-sd")),
             stage_key(&one_by_one, "gen", "class")
         )
     );
@@ -207,10 +207,13 @@ fn missing_model_is_a_validation_error() {
         "stages:\n  class:\n    kind: generate\n    model: no-such-model\n    prompt: a dog\n    count: 1\n",
     )
     .expect("write");
-    let error = dreampipe::pipeline::load(&path, &Default::default())
-        .err()
-        .expect("rejected")
-        .to_string();
+    let error = dreampipe::pipeline::load(
+        &path,
+        &dreampipe::pipeline::LoadOptions::new(dreampipe::stages::registry()),
+    )
+    .err()
+    .expect("rejected")
+    .to_string();
     assert_eq!(
         error.replace(&path.display().to_string(), "gen.yaml"),
         "pipeline `gen.yaml` is invalid (1 error):\n  gen.yaml:4:5: stage `class`, field `model`: input `no-such-model` does not exist and is not a stage name (paths are relative to the pipeline's folder)"

@@ -3,7 +3,7 @@
 //! samples equal to `dreampipe sample`, the manifest, a swept upstream gathered into one grid
 //! (one row per variant), bad scheduler names rejected at validation.
 mod stage_support;
-use dreampipe::report::grid::GridLayout;
+use dreampipe::kinds::grid::GridLayout;
 use dreampipe::sd::png::read_parameters_text;
 use stage_support::*;
 use std::path::Path;
@@ -142,7 +142,8 @@ fn a_swept_model_stage_is_gathered_into_one_grid_with_a_row_per_variant() {
         "stages:\n  db:\n    kind: command\n    matrix:\n      run: [\"cp -r '{model}'/. $OUT/\", \"cp -r '{model}'/. $OUT/ && echo 2 > $OUT/variant.txt\"]\n  grid:\n    kind: sample_grid\n    models: [db]\n    prompts: [a dog]\n    seeds: 5\n    steps: [1, 2]\n    schedulers: [ddim]\n    width: 64\n    height: 64\n"
     );
     std::fs::write(&path, yaml).expect("write");
-    let pipeline = dreampipe::pipeline::load(&path, &Default::default()).expect("valid");
+    let options = dreampipe::pipeline::LoadOptions::new(dreampipe::stages::registry());
+    let pipeline = dreampipe::pipeline::load(&path, &options).expect("valid");
     let grids: Vec<_> = pipeline
         .stages
         .iter()

@@ -835,7 +835,7 @@ fn kind_versions_guard_their_outputs() {
         println!("{kind} {field}: {distance:e} from the reference");
         assert!(
             distance <= tolerance,
-            "{kind} {field} changed by {distance:e} (allowed {tolerance:e}) with version {now} unchanged: bump `version()` in crates/core/src/stages/sd_kinds/{kind}.rs, then run `{bless}`"
+            "{kind} {field} changed by {distance:e} (allowed {tolerance:e}) with version {now} unchanged: bump `version()` in crates/kinds/src/sd/{kind}.rs, then run `{bless}`"
         );
     }
 }

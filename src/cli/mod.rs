@@ -1,10 +1,12 @@
 //! The torch worker's command line: the core's verbs (`dreampipe_core::cli`) with the Stable
 //! Diffusion stages running in this process, plus the verbs that need libtorch (`doctor`,
-//! `sample`, `model`, `bench`), whose real arguments replace the core's stubs. The front
+//! `sample`, `model`, `bench`: `dreampipe_kinds::worker_verbs`), whose real arguments replace
+//! the stubs the core declares for them. The front
 //! binary re-executes commands here with the same arguments, so both parse alike.
 use crate::device::{self, CudaBackend, CudaProbe, DeviceRequest};
-use clap::{Args, CommandFactory, FromArgMatches, Subcommand};
+use clap::{Args, FromArgMatches, Subcommand};
 use dreampipe_core::cli::{Backend, Cli, GlobalArgs};
+use dreampipe_kinds::worker_verbs::WORKER_VERBS;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -24,7 +26,7 @@ pub struct Context {
 
 /// The whole command line: the core's, with the torch verbs' arguments filled in.
 pub fn command() -> clap::Command {
-    Cli::command()
+    dreampipe_core::cli::command(WORKER_VERBS)
         .mut_subcommand("doctor", |stub| real_verb("doctor", &stub, |verb| verb))
         .mut_subcommand("sample", |stub| {
             real_verb("sample", &stub, sample::SampleArgs::augment_args)

@@ -5,7 +5,10 @@ use crate::sd::pipeline::{
     DEFAULT_GUIDANCE, DEFAULT_STEPS, Event, StableDiffusion, Txt2Img, Txt2ImgError, Txt2ImgOutput,
     XlOptions,
 };
-use crate::sd::png::{GenerationParameters, tensor_to_rgb_bytes, write_rgb_png};
+use crate::sd::png::{
+    GenerationParameters, a1111_sampler_name, short_weights_hash, tensor_to_rgb_bytes,
+    write_rgb_png,
+};
 use crate::sd::schedulers::SchedulerKind;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -253,37 +256,4 @@ fn model_folder(context: &Context, args: &SampleArgs) -> anyhow::Result<PathBuf>
         crate::sd::single_file::import(&args.model, &options, &folder)?;
     }
     Ok(folder)
-}
-
-/// A1111-style short model hash: the first 10 hex digits of the blake3 of the UNet weights.
-pub fn short_weights_hash(model: &Path) -> String {
-    let unet = model.join("unet");
-    let file = [
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.fp16.safetensors",
-    ]
-    .iter()
-    .map(|name| unet.join(name))
-    .find(|path| path.is_file());
-    let Some(file) = file else {
-        return String::new();
-    };
-    let mut hasher = blake3::Hasher::new();
-    match hasher.update_mmap_rayon(&file) {
-        Ok(_) => hasher.finalize().to_hex()[..10].to_string(),
-        Err(_) => String::new(),
-    }
-}
-
-/// The sampler names AUTOMATIC1111 writes for these schedulers.
-pub fn a1111_sampler_name(kind: SchedulerKind) -> &'static str {
-    match kind {
-        SchedulerKind::Ddim => "DDIM",
-        SchedulerKind::Pndm => "PLMS",
-        SchedulerKind::Lms => "LMS",
-        SchedulerKind::Euler => "Euler",
-        SchedulerKind::EulerAncestral => "Euler a",
-        SchedulerKind::DpmSolverMultistep => "DPM++ 2M",
-        SchedulerKind::Ddpm => "DDPM",
-    }
 }

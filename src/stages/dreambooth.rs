@@ -10,15 +10,15 @@ use super::training::{self, RunSettings};
 use super::{StageContext, StageError};
 use crate::sd::train::dreambooth::{self, DreamBoothConfig};
 use crate::sd::train::lora::LoraSettings;
-use dreampipe_core::stages::sd_kinds::dreambooth::{
+use dreampipe_kinds::sd::dreambooth::{
     CLASS_IMAGES_REQUIRED, CLASS_PROMPT_REQUIRED, DreamBoothFields, DreamBoothParams,
 };
-use dreampipe_core::stages::sd_kinds::dreambooth_lora::DreamBoothLoraParams;
-use dreampipe_core::stages::sd_kinds::finetune::FinetuneParams;
-use dreampipe_core::stages::sd_kinds::training::TrainingParams;
+use dreampipe_kinds::sd::dreambooth_lora::DreamBoothLoraParams;
+use dreampipe_kinds::sd::finetune::FinetuneParams;
+use dreampipe_kinds::sd::training::TrainingParams;
 use std::path::PathBuf;
 
-/// Runs a `dreambooth` stage (its schema: `dreampipe_core::stages::sd_kinds::dreambooth`).
+/// Runs a `dreambooth` stage (its schema: `dreampipe_kinds::sd::dreambooth`).
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let params: DreamBoothParams = ctx.typed()?;
     let config = config_from(ctx, &params.dreambooth, &params.training)?;
@@ -31,7 +31,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     })
 }
 
-/// Runs a `dreambooth_lora` stage (its schema: `dreampipe_core::stages::sd_kinds::dreambooth_lora`).
+/// Runs a `dreambooth_lora` stage (its schema: `dreampipe_kinds::sd::dreambooth_lora`).
 pub fn run_lora(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let params: DreamBoothLoraParams = ctx.typed()?;
     let mut config = config_from(ctx, &params.dreambooth, &params.training)?;
@@ -50,7 +50,7 @@ pub fn run_lora(ctx: &StageContext<'_>) -> Result<(), StageError> {
     })
 }
 
-/// Runs a `finetune` stage (its schema: `dreampipe_core::stages::sd_kinds::finetune`): the
+/// Runs a `finetune` stage (its schema: `dreampipe_kinds::sd::finetune`): the
 /// DreamBooth loop with a caption per image, no prior preservation, the UNet trained.
 pub fn run_finetune(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let params: FinetuneParams = ctx.typed()?;

@@ -16,7 +16,7 @@ use crate::cache::store::reflink_or_copy;
 use crate::sd::lora::{LoraWeights, ScaledLora};
 use crate::sd::pipeline::{StableDiffusion, Txt2Img};
 use crate::sd::schedulers::SchedulerKind;
-use dreampipe_core::stages::sd_kinds::generate::GenerateParams;
+use dreampipe_kinds::sd::generate::GenerateParams;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -25,7 +25,7 @@ const MEMO_VERSION: u32 = 1;
 /// The `shared_dir` folder of the memo.
 const MEMO_FOLDER: &str = "generate";
 
-/// Runs a `generate` stage (its schema: `dreampipe_core::stages::sd_kinds::generate`).
+/// Runs a `generate` stage (its schema: `dreampipe_kinds::sd::generate`).
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let params: GenerateParams = ctx.typed()?;
     let job = Job::new(ctx, &params)?;
@@ -120,7 +120,7 @@ impl Job {
     }
 
     fn run(&self, ctx: &StageContext<'_>, model: &StableDiffusion) -> Result<(), StageError> {
-        let images_dir = ctx.out_dir.join("images");
+        let images_dir = ctx.out_dir.join(dreampipe_kinds::output::IMAGES_DIR);
         create_dir(&images_dir)?;
         let memo = ImageMemo::open(ctx, self, model)?;
         let hash = model_hash(&self.model_dir);

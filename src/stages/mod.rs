@@ -1,6 +1,7 @@
-//! The stage kinds with their implementations: the core's kinds and trait (re-exported) plus
-//! the Stable Diffusion kinds' `run`s, which need libtorch (their schemas live in
-//! `dreampipe_core::stages::sd_kinds`, so the front binary can validate and plan without it).
+//! The stage kinds with their implementations: the core's stage interface (re-exported), the
+//! kinds of `dreampipe_kinds` and the Stable Diffusion kinds' `run`s, which need libtorch
+//! (their schemas live in `dreampipe_kinds::sd`, so the front binary can validate and plan
+//! without it).
 pub mod dreambooth;
 pub mod evaluate;
 pub mod generate;
@@ -13,7 +14,7 @@ pub use dreampipe_core::stages::*;
 
 /// Every stage kind dreampipe ships, each with its implementation.
 pub fn registry() -> Registry {
-    dreampipe_core::stages::registry()
+    dreampipe_kinds::registry()
         .implement("generate", generate::run)
         .implement("evaluate", evaluate::run)
         .implement("embed", evaluate::embed_stage::run)

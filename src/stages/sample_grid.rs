@@ -12,18 +12,18 @@ use super::sd_common::{
 };
 use super::{ResolvedInput, StageContext, StageError};
 use crate::cache::store::file_name_for;
-use crate::report::grid::{GridSpec, write_grid_png};
 use crate::sd::lora::{LoraWeights, ScaledLora};
 use crate::sd::pipeline::{StableDiffusion, Txt2Img};
 use crate::sd::schedulers::SchedulerKind;
-use dreampipe_core::stages::sd_kinds::sample_grid::SampleGridParams;
+use dreampipe_kinds::grid::{GridSpec, write_grid_png};
+use dreampipe_kinds::sd::sample_grid::SampleGridParams;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 
 /// Most seeds (grid columns) per grid: wider grids stop being readable.
 const MAX_SEED_COUNT: usize = 64;
 
-/// Runs a `sample_grid` stage (its schema: `dreampipe_core::stages::sd_kinds::sample_grid`).
+/// Runs a `sample_grid` stage (its schema: `dreampipe_kinds::sd::sample_grid`).
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let params: SampleGridParams = ctx.typed()?;
     let grid = Grid::new(ctx, &params)?;
@@ -346,7 +346,7 @@ impl Grid {
                         .collect()
                 })
                 .collect();
-            let grid_error = |e: crate::report::ReportError| {
+            let grid_error = |e: dreampipe_kinds::grid::GridPngError| {
                 StageError::Failed(format!(
                     "stage `{}`: grid {prompt_index}: {e}",
                     ctx.stage_id

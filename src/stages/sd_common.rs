@@ -2,15 +2,17 @@
 //! the dtype and scheduler fields, loading models from the pool, and writing samples as PNGs that
 //! carry their A1111 parameters plus the dreampipe stage id.
 use super::{ResolvedInput, StageContext, StageError};
-use crate::cli::sample::{a1111_sampler_name, short_weights_hash};
 use crate::sd::pipeline::Txt2ImgOutput;
-use crate::sd::png::{GenerationParameters, tensor_to_rgb_bytes, write_rgb_png};
+use crate::sd::png::{
+    GenerationParameters, a1111_sampler_name, short_weights_hash, tensor_to_rgb_bytes,
+    write_rgb_png,
+};
 use crate::sd::pool::{self, SharedModel};
 use crate::sd::schedulers::SchedulerKind;
 use std::path::Path;
 use tch::Kind;
 
-pub use dreampipe_core::stages::sd_kinds::{
+pub use dreampipe_kinds::sd::{
     DTYPE_CHOICES, Dtype, KEY_FIELD, PIPELINE_FIELD, SCHEDULER_CHOICES, STAGE_FIELD, SchedulerName,
     dtype_spec, field_error, guidance_spec, negative_prompt_spec, size_specs, steps_spec,
 };
@@ -266,13 +268,13 @@ mod tests {
         assert_eq!(DTYPE_CHOICES, ["f32", "f16", "bf16"]);
     }
 
-    /// The core's schemas state these without libtorch; the implementation must agree.
+    /// The kinds crate's schemas state these without libtorch; the implementation must agree.
     #[test]
     fn schema_defaults_match_the_implementation() {
-        use dreampipe_core::stages::sd_kinds;
-        assert_eq!(sd_kinds::DEFAULT_STEPS, crate::sd::pipeline::DEFAULT_STEPS);
+        use dreampipe_kinds::sd as kinds;
+        assert_eq!(kinds::DEFAULT_STEPS, crate::sd::pipeline::DEFAULT_STEPS);
         assert_eq!(
-            sd_kinds::DEFAULT_GUIDANCE,
+            kinds::DEFAULT_GUIDANCE,
             crate::sd::pipeline::DEFAULT_GUIDANCE
         );
     }

@@ -7,11 +7,9 @@
 use super::training::{self, RunSettings};
 use super::{StageContext, StageError};
 use crate::sd::train::textual_inversion::{self, TextualInversionConfig};
-use dreampipe_core::stages::sd_kinds::textual_inversion::{
-    NO_CHECKPOINTING, TextualInversionParams,
-};
+use dreampipe_kinds::sd::textual_inversion::{NO_CHECKPOINTING, TextualInversionParams};
 
-/// Runs a `textual_inversion` stage (its schema: `dreampipe_core::stages::sd_kinds::textual_inversion`).
+/// Runs a `textual_inversion` stage (its schema: `dreampipe_kinds::sd::textual_inversion`).
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let params: TextualInversionParams = ctx.typed()?;
     let config = config_from(ctx, &params)?;

@@ -22,8 +22,8 @@ use crate::sd::train::common::{
     Callbacks, METRICS_FILE, MixedPrecisionExt, Progress, Snapshots, TrainOutcome, Validation,
 };
 use dreampipe_core::imagefile;
-use dreampipe_core::stages::sd_kinds::training::{ExportFormat, TrainingParams};
 use dreampipe_core::stages::{FINAL_STATE_DIR, SNAPSHOTS_DIR};
+use dreampipe_kinds::sd::training::{ExportFormat, TrainingParams};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -44,10 +44,10 @@ const MODEL_ENTRIES: [&str; 6] = [
 const SNAPSHOT_SAMPLES: &str = "snapshot-samples";
 /// Subfolder of `work_dir` the model is written to before each validation.
 const VALIDATION_MODEL: &str = "validation-model";
-/// Output subfolder of the validation samples (`step-N.png`).
-pub const VALIDATION_DIR: &str = "validation";
 /// The images file the report reads (docs/pipelines.md: `{"images": [{path, caption, step}]}`).
-pub use dreampipe_core::report::build::IMAGES_FILE;
+pub use dreampipe_kinds::output::IMAGES_FILE;
+/// Output subfolder of the validation samples (`step-N.png`).
+pub use dreampipe_kinds::output::VALIDATION_DIR;
 /// Weight of the previous value in the progress bar's loss average (an exponential moving
 /// average, bias-corrected like Adam's moments; 0.9 ≈ the last ten steps).
 const LOSS_SMOOTHING: f64 = 0.9;
@@ -94,7 +94,7 @@ pub fn resolve_model(ctx: &StageContext<'_>, model: &ResolvedInput) -> Result<Pa
 /// The model folder an input names: itself, or its `model/` when only that is a diffusers
 /// folder (the output of a `textual_inversion` stage).
 pub fn model_dir(input: &Path) -> PathBuf {
-    let nested = input.join("model");
+    let nested = input.join(dreampipe_kinds::output::MODEL_DIR);
     if !input.join("model_index.json").is_file() && nested.join("model_index.json").is_file() {
         nested
     } else {
@@ -105,7 +105,7 @@ pub fn model_dir(input: &Path) -> PathBuf {
 /// The image folder an input names: its `images/` when it has one (an `images` or `generate`
 /// output), else itself.
 pub fn image_dir(input: &Path) -> PathBuf {
-    let nested = input.join("images");
+    let nested = input.join(dreampipe_kinds::output::IMAGES_DIR);
     if nested.is_dir() {
         nested
     } else {
@@ -595,6 +595,15 @@ pub fn first_images(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The trainer's name for textual inversion's model folder is the output contract's.
+    #[test]
+    fn the_trainer_writes_the_contract_model_folder() {
+        assert_eq!(
+            crate::sd::train::textual_inversion::MODEL_SUBDIR,
+            dreampipe_kinds::output::MODEL_DIR
+        );
+    }
 
     #[test]
     fn smoothed_loss_is_a_bias_corrected_moving_average() {

@@ -1,9 +1,11 @@
-//! dreampipe's core, without libtorch: pipeline files (`pipeline`: YAML → validated stages),
-//! plans (`plan`: DAG + fingerprints + dirty reasons), the executor (`exec`), the
-//! content-addressed cache (`cache`), reports (`report`, `png`), stage kinds (`stages`: the
-//! trait, the CPU kinds and the Stable Diffusion kinds' schemas), devices without torch
-//! (`device`), image files within one size limit (`imagefile`) and the CLI verbs that need no tensors (`cli`). The `dreampipe` crate adds the
-//! Stable Diffusion implementation and the torch worker binary.
+//! dreampipe's runner, without libtorch and without any stage kind: pipeline files (`pipeline`:
+//! YAML → validated stages), plans (`plan`: DAG + fingerprints + dirty reasons), the executor
+//! (`exec`), the content-addressed cache (`cache`), reports (`report`), the stage-kind interface
+//! (`stages`: the `Stage` trait, typed parameters, the registry the binaries fill), devices
+//! without torch (`device`), image files within one size limit (`imagefile`) and the CLI verbs
+//! that need no tensors (`cli`). It names no stage kind and no torch-worker verb: the binaries
+//! register both (the kinds come from `dreampipe_kinds`, their implementations needing
+//! libtorch from the `dreampipe` crate).
 pub mod cache;
 pub mod cli;
 pub mod device;
@@ -12,6 +14,5 @@ pub mod imagefile;
 pub mod panics;
 pub mod pipeline;
 pub mod plan;
-pub mod png;
 pub mod report;
 pub mod stages;

@@ -9,10 +9,10 @@ use tch::{Device, Kind};
 /// the tiny test model's factor 4).
 pub const RESOLUTION_MULTIPLE: u32 = 8;
 
-use dreampipe_core::stages::sd_kinds::training::TrainingParams;
+use dreampipe_kinds::sd::training::TrainingParams;
 /// `--mixed_precision` (`no | fp16 | bf16`) and `--use_8bit_adam` (`adamw | adamw8bit`): the
 /// stage schemas' closed sets, parsed where the stage's fields are.
-pub use dreampipe_core::stages::sd_kinds::training::{MixedPrecision, OptimizerKind};
+pub use dreampipe_kinds::sd::training::{MixedPrecision, OptimizerKind};
 
 /// `--mixed_precision` as accelerate applies it: the frozen modules run in the lower precision;
 /// the trained modules keep float32 weights and run their forward (so their backward) under

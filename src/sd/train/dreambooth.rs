@@ -31,10 +31,8 @@ use crate::sd::folder::ModelFolder;
 use crate::sd::tokenizer::ClipTokenizer;
 use crate::sd::unet::AddedConditions;
 use crate::sd::vae::AutoencoderKL;
-use dreampipe_core::stages::sd_kinds::dreambooth::{
-    DreamBoothFields, DreamBoothKind, DreamBoothParams,
-};
-use dreampipe_core::stages::sd_kinds::training::TrainingParams;
+use dreampipe_kinds::sd::dreambooth::{DreamBoothFields, DreamBoothKind, DreamBoothParams};
+use dreampipe_kinds::sd::training::TrainingParams;
 use image::RgbImage;
 use std::ops::Range;
 use std::path::{Path, PathBuf};

@@ -12,7 +12,7 @@ pub const POLYNOMIAL_LR_END: f64 = 1e-7;
 pub const COSINE_NUM_CYCLES: f64 = 0.5;
 /// The `get_scheduler` names implemented here: the stage schemas' closed set (the front binary
 /// validates the name without libtorch; `LrScheduler::from_name` parses one).
-pub use dreampipe_core::stages::sd_kinds::training::LrScheduler;
+pub use dreampipe_kinds::sd::training::LrScheduler;
 
 /// Which curve the multiplier follows after warmup.
 #[derive(Debug, Clone, Copy, PartialEq)]

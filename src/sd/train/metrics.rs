@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Name of the per-step metrics file written into the output directory (the stage-output
 /// contract's name, shared with the report that reads it).
-pub use dreampipe_core::report::build::METRICS_FILE;
+pub use dreampipe_kinds::output::METRICS_FILE;
 
 /// Appends one JSON line per optimizer step to `metrics.jsonl`.
 pub struct MetricsLog {

@@ -33,10 +33,10 @@ use crate::sd::clip::{ClipTextModel, ClipTextOutput};
 use crate::sd::folder::ModelFolder;
 use crate::sd::tokenizer::ClipTokenizer;
 use crate::sd::unet::AddedConditions;
-use dreampipe_core::stages::sd_kinds::textual_inversion::{
+use dreampipe_kinds::sd::textual_inversion::{
     InversionFields, TextualInversionKind, TextualInversionParams,
 };
-use dreampipe_core::stages::sd_kinds::training::TrainingParams;
+use dreampipe_kinds::sd::training::TrainingParams;
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor, nn::VarStore};
@@ -105,7 +105,7 @@ pub const STYLE_TEMPLATES: [&str; 19] = [
 ];
 
 /// `--learnable_property` (the stage schema's closed set) and its prompt templates.
-pub use dreampipe_core::stages::sd_kinds::textual_inversion::LearnableProperty;
+pub use dreampipe_kinds::sd::textual_inversion::LearnableProperty;
 
 /// The prompt templates of `property` (textual_inversion.py's).
 pub fn templates(property: LearnableProperty) -> &'static [&'static str] {

@@ -15,7 +15,7 @@ use super::optim::{AdamWConfig, clip_grad_norm};
 use super::optimizer::Optimizer;
 use super::precision::Precision;
 use super::progress::StepReport;
-use dreampipe_core::stages::sd_kinds::training::TrainingParams;
+use dreampipe_kinds::sd::training::TrainingParams;
 use tch::{Device, Tensor};
 
 /// What differs between methods inside one optimizer step.

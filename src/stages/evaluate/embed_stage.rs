@@ -1,11 +1,11 @@
-//! The `embed` stage (schema: `dreampipe_core::stages::sd_kinds::embed`): writes the CLIP and
+//! The `embed` stage (schema: `dreampipe_kinds::sd::embed`): writes the CLIP and
 //! DINO embeddings of a set of images as a cached result, and reads such a result back for an
 //! `evaluate` stage whose `real:` names it — refusing one made with other models.
 use super::super::sd_common::{field_error, write_manifest};
 use super::super::{StageContext, StageError};
 use super::embedders::{Embedders, Embeddings};
 use super::{inputs, memo};
-use dreampipe_core::stages::sd_kinds::embed::EmbedParams;
+use dreampipe_kinds::sd::embed::EmbedParams;
 use serde_json::{Value, json};
 use std::path::Path;
 

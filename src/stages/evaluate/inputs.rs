@@ -168,7 +168,7 @@ pub fn image_files(
     field: &str,
     folder: &Path,
 ) -> Result<Vec<PathBuf>, StageError> {
-    let images = folder.join("images");
+    let images = folder.join(dreampipe_kinds::output::IMAGES_DIR);
     let dir = if images.is_dir() {
         images
     } else {

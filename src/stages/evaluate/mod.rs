@@ -1,4 +1,4 @@
-//! Runs an `evaluate` stage (its schema: `dreampipe_core::stages::sd_kinds::evaluate`): embeds
+//! Runs an `evaluate` stage (its schema: `dreampipe_kinds::sd::evaluate`): embeds
 //! the generated images and the real ones (the latter through the shared-cache memo), scores
 //! every generated image and writes `scores.json`.
 pub mod embed_stage;
@@ -9,7 +9,7 @@ pub mod scores;
 
 use super::sd_common::field_error;
 use super::{StageContext, StageError};
-use dreampipe_core::stages::sd_kinds::evaluate::EvaluateParams;
+use dreampipe_kinds::sd::evaluate::EvaluateParams;
 use embedders::Embedders;
 use scores::{Scored, mean_cosine, scores_json, without_identifier};
 use std::collections::BTreeMap;

@@ -69,7 +69,7 @@ fn bench_all(context: &Context, args: &BenchArgs, root: &Path) -> anyhow::Result
     );
     std::fs::remove_file(&big)?;
     bench_plan(context, args.sweep, root)?;
-    bench_noop_rerun(args.model_gib, root)
+    bench_noop_rerun(context, args.model_gib, root)
 }
 
 fn bench_plan(context: &Context, stages: usize, root: &Path) -> anyhow::Result<()> {
@@ -85,7 +85,7 @@ fn bench_plan(context: &Context, stages: usize, root: &Path) -> anyhow::Result<(
         &text,
         &root.join("sweep.yaml"),
         root,
-        &LoadOptions::default(),
+        &LoadOptions::new(context.registry.clone()),
     )?;
     let plan = Plan::new(pipeline);
     let loaded = started.elapsed();
@@ -108,7 +108,7 @@ fn bench_plan(context: &Context, stages: usize, root: &Path) -> anyhow::Result<(
     Ok(())
 }
 
-fn bench_noop_rerun(model_gib: u64, root: &Path) -> anyhow::Result<()> {
+fn bench_noop_rerun(context: &Context, model_gib: u64, root: &Path) -> anyhow::Result<()> {
     let model = root.join("model");
     std::fs::create_dir_all(&model)?;
     for part in 0..4 {
@@ -135,7 +135,7 @@ fn bench_noop_rerun(model_gib: u64, root: &Path) -> anyhow::Result<()> {
     };
     let first = run()?;
     let second = run()?;
-    let in_process = noop_plan_in_process(root)?;
+    let in_process = noop_plan_in_process(context, root)?;
     let startup = {
         let started = Instant::now();
         std::process::Command::new(std::env::current_exe()?)
@@ -157,13 +157,13 @@ fn bench_noop_rerun(model_gib: u64, root: &Path) -> anyhow::Result<()> {
 
 /// What a no-op `run` does before finding everything fresh: load the memo, validate, hash the
 /// inputs (memoized), look up the keys.
-fn noop_plan_in_process(root: &Path) -> anyhow::Result<Duration> {
+fn noop_plan_in_process(context: &Context, root: &Path) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let store = Store::open(&root.join("cache"))?;
     let memo = HashMemo::load(&store.memo_path());
     let plan = Plan::new(crate::pipeline::load(
         &root.join("p.yaml"),
-        &LoadOptions::default(),
+        &LoadOptions::new(context.registry.clone()),
     )?);
     let statuses = assess(
         &plan,

@@ -166,10 +166,7 @@ fn referenced_keys(
     let memo = HashMemo::load(&store.memo_path());
     let mut keys = BTreeSet::new();
     for path in pipelines {
-        let options = LoadOptions {
-            registry: context.registry.clone(),
-            ..LoadOptions::default()
-        };
+        let options = LoadOptions::new(context.registry.clone());
         let plan = Plan::new(load(path, &options)?);
         let all = vec![true; plan.len()];
         for status in assess(

@@ -64,7 +64,7 @@ pub fn run(context: &Context, args: &JobArgs) -> anyhow::Result<ExitCode> {
         device,
         devices: &devices,
     };
-    let progress = ProgressReporter::new(&job.stage_id, None);
+    let progress = ProgressReporter::new(None);
     let staged = job::run_in_staging(&store, stage.as_ref(), &job, &placement, &progress, &cancel);
     finish(&store, &job, &exit_path, staged, &cancel)
 }

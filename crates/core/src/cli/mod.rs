@@ -1,13 +1,14 @@
 //! Command-line verbs. Each verb lives in its own file; this module holds the global flags and
 //! dispatches. Global flags: `--device`, `--cache`.
 //!
-//! Two binaries share this CLI. The front `dreampipe` (this crate) has no libtorch: every verb
-//! that needs tensors (`sample`, `doctor`, `model`, `bench`, and a `run` with a Stable Diffusion
-//! stage left to compute) fails here with [`Handoff`], and the front re-executes the command in
-//! `dreampipe-torch`, which parses the same flags and runs it whole (docs/startup.md).
+//! Two binaries share this CLI. The front `dreampipe` has no libtorch: the verbs that need
+//! tensors are registered by the binaries as [`ExternalVerb`]s (this crate names none); the
+//! front lists them and hands them off ([`Handoff`], also for a `run` with a torch stage left to
+//! compute) by re-executing the command in `dreampipe-torch`, which gives them their real
+//! arguments and runs it whole (docs/startup.md).
 use crate::device::{self, CudaProbe, Device, DeviceRequest};
 use crate::stages::Registry;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -49,8 +50,8 @@ pub struct GlobalArgs {
     pub cache: PathBuf,
 }
 
-/// Arguments of a verb that only the torch worker parses (it replaces these stubs with the real
-/// arguments; see `dreampipe::cli`).
+/// Arguments of an [`ExternalVerb`] as this crate declares it: anything, passed on unparsed (the
+/// torch worker replaces the stub with the real arguments; see `dreampipe::cli`).
 #[derive(Debug, Args)]
 #[command(disable_help_flag = true)]
 pub struct WorkerArgs {
@@ -60,10 +61,6 @@ pub struct WorkerArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Print libtorch's version and location, CUDA availability and devices, the cache root.
-    Doctor(WorkerArgs),
-    /// Generate images from a prompt (txt2img) with a diffusers model folder.
-    Sample(WorkerArgs),
     /// Run a pipeline: only stages whose inputs changed.
     Run(run::RunArgs),
     /// What a run would do with each stage, and why.
@@ -85,17 +82,63 @@ pub enum Command {
     /// Benchmark hashing, planning and no-op reruns (figures for the docs).
     #[command(hide = true)]
     BenchCache(bench_cache::BenchArgs),
-    /// Model-folder utilities (`model init`: random-weight folders in a known architecture).
-    Model(WorkerArgs),
-    #[command(hide = true)]
-    Bench(WorkerArgs),
     /// Run one stage from a job file (what a Slurm job runs; docs/cluster.md).
     #[command(hide = true)]
     Job(job::JobArgs),
 }
 
-/// The verbs [`Command`] declares as stubs for the torch worker.
-pub const WORKER_VERBS: [&str; 4] = ["doctor", "sample", "model", "bench"];
+/// A verb that another process implements (the torch worker's), registered by the binaries:
+/// [`command`] lists it as a stub taking any arguments ([`WorkerArgs`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ExternalVerb {
+    pub name: &'static str,
+    /// Its line in `--help`.
+    pub about: Option<&'static str>,
+    pub hidden: bool,
+    /// The core verb it is listed before in `--help` (`None`: after the core's verbs).
+    pub before: Option<&'static str>,
+}
+
+/// The whole command line: the core's verbs ([`Cli`]) and `external`, in the `--help` order
+/// the verbs' `before` give.
+pub fn command(external: &[ExternalVerb]) -> clap::Command {
+    let mut command = Cli::command();
+    let mut order: Vec<String> = (command.get_subcommands())
+        .map(|verb| verb.get_name().to_string())
+        .collect();
+    for verb in external {
+        let at = (verb.before)
+            .and_then(|before| order.iter().position(|name| name == before))
+            .unwrap_or(order.len());
+        order.insert(at, verb.name.to_string());
+        let mut stub = WorkerArgs::augment_args(clap::Command::new(verb.name)).hide(verb.hidden);
+        if let Some(about) = verb.about {
+            stub = stub.about(about);
+        }
+        command = command.subcommand(stub);
+    }
+    for (position, name) in order.iter().enumerate() {
+        command = command.mut_subcommand(name, |verb| verb.display_order(position));
+    }
+    command
+}
+
+/// What the command line asks for: a core verb, or one of the registered external verbs.
+pub enum Parsed {
+    Core(Cli),
+    External(String),
+}
+
+/// Reads `matches` (from [`command`] with `external`) into a [`Parsed`].
+pub fn parse(matches: &clap::ArgMatches, external: &[ExternalVerb]) -> clap::error::Result<Parsed> {
+    use clap::FromArgMatches;
+    if let Some(name) = matches.subcommand_name()
+        && external.iter().any(|verb| verb.name == name)
+    {
+        return Ok(Parsed::External(name.to_string()));
+    }
+    Cli::from_arg_matches(matches).map(Parsed::Core)
+}
 
 /// This command needs libtorch, which this process does not have: run it in `dreampipe-torch`.
 #[derive(Debug, thiserror::Error)]
@@ -113,10 +156,11 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// The front binary's: schemas only, the CUDA answer from `<cache>/devices.json`.
-    pub fn front(cache_root: &std::path::Path) -> Self {
+    /// The front binary's: `registry` (kinds that need libtorch as schemas only), the CUDA
+    /// answer from `<cache>/devices.json`.
+    pub fn front(cache_root: &std::path::Path, registry: Registry) -> Self {
         Self {
-            registry: crate::stages::registry(),
+            registry,
             probe: device::read_probe(cache_root),
             torch_in_process: false,
         }
@@ -153,11 +197,6 @@ impl Context {
 
 /// Runs the verb; the returned exit code is success unless the verb says otherwise.
 pub fn run(cli: Cli, backend: Backend) -> anyhow::Result<ExitCode> {
-    if let Command::Doctor(_) | Command::Sample(_) | Command::Model(_) | Command::Bench(_) =
-        cli.command
-    {
-        return Err(Handoff.into());
-    }
     let mut context = Context {
         device: Device::Cpu,
         device_request: cli.global.device,
@@ -179,8 +218,5 @@ pub fn run(cli: Cli, backend: Backend) -> anyhow::Result<ExitCode> {
         Command::Show(args) => show::run(&context, &args),
         Command::BenchCache(args) => bench_cache::run(&context, &args),
         Command::Job(args) => job::run(&context, &args),
-        Command::Doctor(_) | Command::Sample(_) | Command::Model(_) | Command::Bench(_) => {
-            Err(Handoff.into())
-        }
     }
 }

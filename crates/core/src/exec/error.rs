@@ -10,8 +10,6 @@ use std::fmt;
 use std::path::PathBuf;
 use tokio::task::JoinError;
 
-use super::job::JOB_FORMAT;
-
 /// The first 12 hex digits of a key or digest, as messages show them.
 pub(crate) fn short(key: &str) -> &str {
     &key[..12.min(key.len())]
@@ -128,9 +126,14 @@ pub enum JobError {
     #[error("job file: {0}")]
     JobFile(#[source] CacheError),
     #[error(
-        "job file `{path}` has format {found} but this dreampipe reads format {JOB_FORMAT}; submit it with the same dreampipe build"
+        "job file `{path}` has format {found} but this dreampipe reads format {reads}; submit it with the same dreampipe build"
     )]
-    Format { path: PathBuf, found: u32 },
+    Format {
+        path: PathBuf,
+        found: u32,
+        /// The format this build reads (`job::JOB_FORMAT`).
+        reads: u32,
+    },
     #[error("job file `{path}` is damaged: its key material does not hash to its key")]
     Damaged { path: PathBuf },
     /// A stage keyed for CUDA on a node without a usable CUDA device.

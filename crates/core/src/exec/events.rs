@@ -2,8 +2,10 @@
 //! them, so the engine never touches the terminal.
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc::UnboundedSender;
+
+/// A stage's side of a run (defined in `stages`, which needs nothing from `exec`).
+pub use crate::stages::handle::{CancelFlag, Progress, ProgressReporter};
 
 /// Version of the JSON form of events (`run --message-format json`); bumped when a field
 /// changes meaning or disappears (new fields may appear without a bump).
@@ -78,55 +80,15 @@ pub enum Event {
 /// Where events go.
 pub type EventSender = UnboundedSender<Event>;
 
-/// What a stage uses to report its progress (step/total and one metric such as loss).
-#[derive(Clone)]
-pub struct ProgressReporter {
-    id: String,
-    sender: Option<EventSender>,
-}
-
-impl ProgressReporter {
-    pub fn new(id: &str, sender: Option<EventSender>) -> Self {
-        Self {
-            id: id.to_string(),
-            sender,
-        }
-    }
-
-    /// Reports `step` of `total` done.
-    pub fn step(&self, step: u64, total: u64) {
-        self.send(step, total, None);
-    }
-
-    /// Reports `step` of `total` with a named metric (e.g. `loss`).
-    pub fn step_with_metric(&self, step: u64, total: u64, name: &str, value: f64) {
-        self.send(step, total, Some((name.to_string(), value)));
-    }
-
-    fn send(&self, step: u64, total: u64, metric: Option<(String, f64)>) {
-        if let Some(sender) = &self.sender {
-            let _ = sender.send(Event::Progress {
-                id: self.id.clone(),
-                step,
-                total,
-                metric,
-            });
-        }
-    }
-}
-
-/// A cancellation flag shared by the executor, the Ctrl-C handler and running stages.
-#[derive(Clone, Default)]
-pub struct CancelFlag(Arc<AtomicBool>);
-
-impl CancelFlag {
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-    pub fn as_atomic(&self) -> &AtomicBool {
-        &self.0
-    }
+/// A stage's progress reporter whose reports become [`Event::Progress`] of stage `id`.
+pub fn progress_reporter(id: &str, sender: EventSender) -> ProgressReporter {
+    let id = id.to_string();
+    ProgressReporter::new(Some(Arc::new(move |progress: Progress| {
+        let _ = sender.send(Event::Progress {
+            id: id.clone(),
+            step: progress.step,
+            total: progress.total,
+            metric: progress.metric,
+        });
+    })))
 }

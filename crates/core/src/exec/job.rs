@@ -251,6 +251,7 @@ pub fn read_job(path: &Path) -> Result<JobSpec, JobError> {
         return Err(JobError::Format {
             path: path.to_path_buf(),
             found: job.format,
+            reads: JOB_FORMAT,
         });
     }
     if job.material.key() != job.key {
@@ -349,7 +350,7 @@ mod tests {
             device: Device::Cpu,
             devices: &[],
         };
-        let progress = ProgressReporter::new("s", None);
+        let progress = ProgressReporter::new(None);
         let staged = run_in_staging(&store, stage, &job(), &placement, &progress, cancel);
         (staged, store)
     }
@@ -398,6 +399,14 @@ mod tests {
         write_atomically(&path, &old).expect("write");
         let error = read_job(&path).unwrap_err();
         assert!(matches!(error, JobError::Format { found, .. } if found == JOB_FORMAT + 1));
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "job file `{}` has format {} but this dreampipe reads format {JOB_FORMAT}; submit it with the same dreampipe build",
+                path.display(),
+                JOB_FORMAT + 1
+            )
+        );
         let mut damaged = job();
         damaged.key = "0".repeat(64);
         write_atomically(&path, &damaged).expect("write");

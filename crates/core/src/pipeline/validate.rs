@@ -23,11 +23,12 @@ pub struct LoadOptions {
     pub registry: Registry,
 }
 
-impl Default for LoadOptions {
-    fn default() -> Self {
+impl LoadOptions {
+    /// Options with no overrides, checking stages against the kinds of `registry`.
+    pub fn new(registry: Registry) -> Self {
         Self {
             overrides: Vec::new(),
-            registry: crate::stages::registry(),
+            registry,
         }
     }
 }

@@ -170,7 +170,7 @@ pub fn render_report(input: &ReportInput, store: &mut ImageStore) -> Result<Stri
                 script { (PreEscaped(VERIFY_SCRIPT)) }
                 (render_header(input))
                 (render_stage_table(&input.stages))
-                (super::scores::render_scores(&input.stages))
+                (super::scores::render_scores(&scored_stages(&input.stages)))
                 (sweeps)
                 (render_curves(&input.stages))
                 (validation)
@@ -207,6 +207,13 @@ fn render_header(input: &ReportInput) -> Markup {
             p class="totals" { (totals) }
         }
     }
+}
+
+/// Each stage with scores, as (id, scores).
+fn scored_stages(stages: &[StageReport]) -> Vec<(&str, &serde_json::Value)> {
+    (stages.iter())
+        .filter_map(|s| s.scores.as_ref().map(|v| (s.id.as_str(), v)))
+        .collect()
 }
 
 fn render_stage_table(stages: &[StageReport]) -> Markup {

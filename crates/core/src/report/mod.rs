@@ -1,6 +1,6 @@
-//! Seeing results: labeled image grids (PNG), a self-contained static HTML report of a pipeline
-//! run (stage table, loss / learning-rate curves as inline SVG, validation samples, grids, sweep
-//! comparisons), the `metrics.jsonl` reader, and a headless-Chromium check / screenshot of the
+//! Seeing results: a self-contained static HTML report of a pipeline run (stage table, loss /
+//! learning-rate curves as inline SVG, validation samples, grids, sweep comparisons), the
+//! `metrics.jsonl` reader, and a headless-Chromium check / screenshot of the
 //! report. Independent of the runner and the SD code: the runner fills [`html::ReportInput`].
 //! Also the live reporters: `progress` (indicatif bars on a terminal, plain lines otherwise) and
 //! the end-of-run `summary` table; they only consume executor events/records. `build` fills the
@@ -10,8 +10,6 @@
 //! escaped by the template engine, so no interpolation can forget it.
 pub mod browser;
 pub mod build;
-pub mod font;
-pub mod grid;
 pub mod html;
 pub mod metrics;
 pub mod progress;
@@ -21,15 +19,9 @@ pub mod svg;
 
 use std::path::PathBuf;
 
-/// Why a grid, a report or a browser check could not be produced.
+/// Why a report or a browser check could not be produced.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error(transparent)]
-    Font(#[from] font::FontError),
-    #[error(transparent)]
-    Grid(#[from] grid::GridError),
-    #[error(transparent)]
-    Png(#[from] crate::png::PngError),
     #[error("{path}: cannot read image: {reason}; give a PNG, JPEG or WebP file")]
     ImageRead { path: PathBuf, reason: String },
     #[error("{path}: cannot {action}: {reason}")]

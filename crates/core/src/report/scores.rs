@@ -8,7 +8,6 @@ use std::path::Path;
 use maud::{Markup, html};
 use serde_json::Value;
 
-use super::html::StageReport;
 use super::svg::{ChartSpec, ReferenceLine, line_chart_with_references};
 
 /// The file an `evaluate` stage writes.
@@ -107,18 +106,15 @@ fn ranked(scores: &Value) -> Vec<Variant<'_>> {
     variants
 }
 
-/// The section for every stage with scores (empty without any).
-pub fn render_scores(stages: &[StageReport]) -> Markup {
-    let scored: Vec<(&StageReport, &Value)> = stages
-        .iter()
-        .filter_map(|s| s.scores.as_ref().map(|v| (s, v)))
-        .collect();
+/// The section for every stage with scores, given as (stage id, `scores.json`) (empty without
+/// any).
+pub fn render_scores(scored: &[(&str, &Value)]) -> Markup {
     html! {
         @if !scored.is_empty() {
             h2 { "Scores" }
-            @for (stage, scores) in scored {
+            @for &(id, scores) in scored {
                 @let variants = ranked(scores);
-                h3 { (stage.id) }
+                h3 { (id) }
                 @if scores.get("random_weights").and_then(Value::as_bool) == Some(true) {
                     p class="missing" {
                         "The CLIP / DINO folders have random weights (made by "
@@ -126,7 +122,7 @@ pub fn render_scores(stages: &[StageReport]) -> Markup {
                     }
                 }
                 (ranking_table(&variants))
-                (charts(&stage.id, &variants))
+                (charts(id, &variants))
             }
         }
     }

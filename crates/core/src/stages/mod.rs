@@ -1,17 +1,19 @@
-//! Stage kinds: the `Stage` trait every kind implements (its parameter schema, implementation
-//! version, device class and `run`), the context a running stage sees, and the registry.
+//! Stage kinds as the runner sees them: the `Stage` trait every kind implements (its parameter
+//! schema, implementation version, device class and `run`), the context a running stage sees,
+//! and the registry. No kind lives here: the binaries fill the registry
+//! (`dreampipe_kinds::registry()`, and the torch worker's implementations through
+//! [`Registry::implement`]).
 //!
 //! A stage never touches the cache layout, the graph or the terminal: it reads its params and
 //! input paths, writes into `ctx.out_dir`, may keep checkpoints in `ctx.work_dir` (kept across
 //! crashes and handed back on the next run of the same key), reports progress, and checks
 //! `ctx.cancel`.
-pub mod command;
-pub mod images;
+pub mod handle;
 pub mod params;
-pub mod sd_kinds;
-pub mod toy_world;
+#[cfg(test)]
+pub(crate) mod test_kinds;
 
-use crate::exec::events::{CancelFlag, ProgressReporter};
+pub use handle::{CancelFlag, ProgressReporter};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -368,7 +370,7 @@ impl StageContext<'_> {
         Ok(dir)
     }
     /// The kind's typed parameters (its struct beside its schema, e.g.
-    /// `sd_kinds::dreambooth::DreamBoothParams`), parsed from [`Self::params`].
+    /// `dreampipe_kinds::sd::dreambooth::DreamBoothParams`), parsed from [`Self::params`].
     pub fn typed<P>(&self) -> Result<P, StageError>
     where
         P: serde::de::DeserializeOwned,
@@ -450,6 +452,18 @@ impl FieldView<'_> {
     }
 }
 
+/// A failure of the stage named in `ctx`, about `field`.
+pub fn field_error(
+    ctx: &StageContext<'_>,
+    field: &str,
+    message: impl std::fmt::Display,
+) -> StageError {
+    StageError::Failed(format!(
+        "stage `{}`: field `{field}`: {message}",
+        ctx.stage_id
+    ))
+}
+
 /// The failure of a torch kind run where only its schema is known (never reached through the
 /// CLI: the front hands such runs to `dreampipe-torch`).
 pub fn needs_torch_worker(kind: &str) -> StageError {
@@ -507,7 +521,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// An empty registry (tests add their own kinds).
+    /// An empty registry (the binaries and tests add their kinds with [`Self::with`]).
     pub fn empty() -> Self {
         Self {
             kinds: BTreeMap::new(),
@@ -534,23 +548,6 @@ impl Registry {
     pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Stage>> {
         self.kinds.values()
     }
-}
-
-/// Every stage kind dreampipe ships (add new kinds here, one line each). The Stable Diffusion
-/// kinds are schemas only; `dreampipe::stages::registry()` adds their implementations.
-pub fn registry() -> Registry {
-    Registry::empty()
-        .with(Arc::new(command::CommandStage))
-        .with(Arc::new(images::ImagesStage))
-        .with(Arc::new(toy_world::ToyWorldKind))
-        .with(Arc::new(sd_kinds::generate::GenerateKind))
-        .with(Arc::new(sd_kinds::evaluate::EvaluateKind))
-        .with(Arc::new(sd_kinds::embed::EmbedKind))
-        .with(Arc::new(sd_kinds::sample_grid::SampleGridKind))
-        .with(Arc::new(sd_kinds::textual_inversion::TextualInversionKind))
-        .with(Arc::new(sd_kinds::dreambooth::DreamBoothKind))
-        .with(Arc::new(sd_kinds::dreambooth_lora::DreamBoothLoraKind))
-        .with(Arc::new(sd_kinds::finetune::FinetuneKind))
 }
 
 /// The parameter table of a kind's reference page (`stages/<kind>.md`), generated from its

@@ -10,10 +10,8 @@ use super::{
     Dtype, MAX_SEED, SCHEDULER_CHOICES, SchedulerName, dtype_spec, guidance_spec,
     negative_prompt_spec, size_specs, steps_spec,
 };
-use crate::stages::params::{Input, List};
-use crate::stages::{
-    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
-};
+use dreampipe_core::stages::params::{Input, List};
+use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -49,14 +47,12 @@ pub struct SampleGridParams {
 }
 
 impl Stage for SampleGridKind {
+    super::torch_kind_methods!();
     fn kind(&self) -> &'static str {
         "sample_grid"
     }
     fn version(&self) -> u32 {
         2
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
     }
     fn summary(&self) -> &'static str {
         "Samples every model × scheduler × steps × guidance × prompt × seed. Output: `samples/<model>/<prompt-index>/<seed>[-<scheduler>][-s<steps>][-g<guidance>].png` (A1111 parameters + stage id), `grid-<prompt-index>.png` (rows: models × schedulers × steps × guidance, columns: seeds) and `manifest.json`."
@@ -130,12 +126,6 @@ impl Stage for SampleGridKind {
             dtype_spec(),
         ]
     }
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
-    }
-    fn needs_torch(&self) -> bool {
-        true
-    }
     /// A `dreambooth_lora` stage among `models` samples on `base_model`, which must be set.
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         let loras = fields.upstream.get("models").into_iter().flatten();
@@ -182,6 +172,7 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        crate::stages::params::check_table::<SampleGridParams>(&SampleGridKind.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<SampleGridParams>(&SampleGridKind.schema())
+            .unwrap();
     }
 }

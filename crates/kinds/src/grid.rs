@@ -14,9 +14,23 @@ use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
 
-use super::ReportError;
-use super::font::{Align, LabelFont, PixelRect, SizeRange};
-use crate::png::{GenerationParameters, write_rgb_png};
+use crate::font::{Align, FontError, LabelFont, PixelRect, SizeRange};
+use crate::png::{GenerationParameters, PngError, write_rgb_png};
+
+/// Why a grid PNG could not be made from image files: a cell that does not read, a grid of the
+/// wrong shape, the label font, or the PNG write (the wording `dreampipe_core::report::ReportError`
+/// used when the grid lived in the report).
+#[derive(Debug, thiserror::Error)]
+pub enum GridPngError {
+    #[error(transparent)]
+    Font(#[from] FontError),
+    #[error(transparent)]
+    Grid(#[from] GridError),
+    #[error(transparent)]
+    Png(#[from] PngError),
+    #[error("{path}: cannot read image: {reason}; give a PNG, JPEG or WebP file")]
+    ImageRead { path: PathBuf, reason: String },
+}
 
 /// Blank space around the whole grid.
 pub const MARGIN: u32 = 16;
@@ -179,7 +193,7 @@ impl GridSpec {
         row_labels: Vec<String>,
         column_labels: Vec<String>,
         paths: &[Vec<PathBuf>],
-    ) -> Result<Self, ReportError> {
+    ) -> Result<Self, GridPngError> {
         let cells = paths
             .iter()
             .map(|row| {
@@ -288,7 +302,7 @@ pub fn write_grid_png(
     spec: &GridSpec,
     path: &Path,
     parameters: Option<&GenerationParameters>,
-) -> Result<GridLayout, ReportError> {
+) -> Result<GridLayout, GridPngError> {
     let font = LabelFont::embedded()?;
     let (canvas, layout) = compose_grid(spec, &font)?;
     write_rgb_png(
@@ -303,8 +317,8 @@ pub fn write_grid_png(
 
 /// Loads an image file (PNG, JPEG, WebP) within the image limit as 8-bit RGB, e.g. a sample
 /// written by a stage.
-pub fn load_rgb(path: &Path) -> Result<RgbImage, ReportError> {
-    crate::imagefile::decode_rgb(path).map_err(|reason| ReportError::ImageRead {
+pub fn load_rgb(path: &Path) -> Result<RgbImage, GridPngError> {
+    dreampipe_core::imagefile::decode_rgb(path).map_err(|reason| GridPngError::ImageRead {
         path: PathBuf::from(path),
         reason,
     })

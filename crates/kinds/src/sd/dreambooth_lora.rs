@@ -8,9 +8,7 @@
 use super::Dtype;
 use super::dreambooth::{DreamBoothFields, dreambooth_fields, prior_preservation_problems};
 use super::training::{self, ScriptDefaults, TrainingParams};
-use crate::stages::{
-    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
-};
+use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -43,14 +41,12 @@ pub struct DreamBoothLoraParams {
 }
 
 impl Stage for DreamBoothLoraKind {
+    super::training_kind_methods!(DreamBoothLoraParams);
     fn kind(&self) -> &'static str {
         "dreambooth_lora"
     }
     fn version(&self) -> u32 {
         1
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
     }
     fn summary(&self) -> &'static str {
         "LoRA DreamBooth as diffusers' train_dreambooth_lora.py (dreambooth's fields plus `rank` and `lora_alpha`; UNet attention adapters, and the text encoder's with `train_text_encoder`). Output: `pytorch_lora_weights.safetensors` (diffusers), `lora_kohya.safetensors` (A1111 / ComfyUI), `metrics.jsonl`, `validation/step-N.png` and `report.json`."
@@ -84,18 +80,6 @@ impl Stage for DreamBoothLoraKind {
         schema.extend(common.into_iter().filter_map(lora_variant));
         schema
     }
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
-    }
-    fn steps_field(&self) -> Option<&'static str> {
-        Some("max_train_steps")
-    }
-    fn prefix_problem(&self, params: &serde_json::Map<String, Value>) -> Option<String> {
-        training::prefix_problem(params, |p: &DreamBoothLoraParams| &p.training)
-    }
-    fn needs_torch(&self) -> bool {
-        true
-    }
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         prior_preservation_problems(fields)
     }
@@ -126,6 +110,6 @@ mod tests {
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
         let schema = DreamBoothLoraKind.schema();
-        crate::stages::params::check_table::<DreamBoothLoraParams>(&schema).unwrap();
+        dreampipe_core::stages::params::check_table::<DreamBoothLoraParams>(&schema).unwrap();
     }
 }

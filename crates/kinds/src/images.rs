@@ -2,10 +2,10 @@
 //! `imagefile` exactly as the training stages read them (a broken or oversized file fails the
 //! stage, named); optionally resizes the shorter side to `resolution` and
 //! center-crops a square. Output: `images/NNNN.png` (RGB) and `manifest.json`.
-use super::params::Input;
-use super::sd_kinds::field_error;
-use super::{ParamSpec, ParamType, Stage, StageContext, StageError};
-use crate::imagefile;
+use dreampipe_core::imagefile;
+use dreampipe_core::stages::field_error;
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{ParamSpec, ParamType, Stage, StageContext, StageError};
 use image::imageops::FilterType;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -74,7 +74,7 @@ impl Stage for ImagesStage {
                 format!("`{}` holds no image files", folder.display()),
             ));
         }
-        let images_dir = ctx.out_dir.join("images");
+        let images_dir = ctx.out_dir.join(crate::output::IMAGES_DIR);
         std::fs::create_dir_all(&images_dir)
             .map_err(|e| StageError::io("create", &images_dir, e))?;
         let (resolution, crop) = (params.resolution, params.center_crop);
@@ -126,7 +126,7 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        super::super::params::check_table::<ImagesParams>(&ImagesStage.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<ImagesParams>(&ImagesStage.schema()).unwrap();
     }
 
     #[test]

@@ -5,7 +5,7 @@ use image::{Rgb, RgbImage};
 
 /// DejaVu Sans 2.37, copied from Debian's fonts-dejavu-core; license in
 /// assets/fonts/LICENSE-DejaVu.txt (Bitstream Vera license, DejaVu changes public domain).
-const DEJAVU_SANS: &[u8] = include_bytes!("../../../../assets/fonts/DejaVuSans.ttf");
+const DEJAVU_SANS: &[u8] = include_bytes!("../../../assets/fonts/DejaVuSans.ttf");
 
 /// Appended to text that still does not fit at the smallest size.
 const ELLIPSIS: &str = "…";

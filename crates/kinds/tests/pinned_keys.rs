@@ -184,8 +184,13 @@ fn keys_of_every_kind_stay_as_main_computed_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_inputs(dir.path());
     let file = dir.path().join("pinned.yaml");
-    let pipeline =
-        load_str(PIPELINE, &file, dir.path(), &LoadOptions::default()).expect("valid pipeline");
+    let pipeline = load_str(
+        PIPELINE,
+        &file,
+        dir.path(),
+        &LoadOptions::new(dreampipe_kinds::registry()),
+    )
+    .expect("valid pipeline");
     let found = keys(&pipeline);
     let pinned: BTreeMap<String, String> = PINNED
         .iter()

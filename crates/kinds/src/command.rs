@@ -5,8 +5,8 @@
 //! with `resources: {gpus: N}`, `CUDA_VISIBLE_DEVICES` listing the N GPUs it holds (empty on a
 //! run without GPUs); without `resources` the variable is inherited unchanged.
 //! The `run` text enters the key; the environment's values do not.
-use super::params::Input;
-use super::{ParamSpec, ParamType, Stage, StageContext, StageError};
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{ParamSpec, ParamType, Stage, StageContext, StageError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::os::unix::process::CommandExt;
@@ -31,11 +31,11 @@ pub struct CommandParams {
 
 /// `CUDA_VISIBLE_DEVICES` for the held devices: their CUDA indices, comma-separated (a CPU
 /// slot, on a run without GPUs, adds none).
-pub fn visible_devices(devices: &[crate::device::Device]) -> String {
+pub fn visible_devices(devices: &[dreampipe_core::device::Device]) -> String {
     let indices: Vec<String> = (devices.iter())
         .filter_map(|device| match device {
-            crate::device::Device::Cuda(index) => Some(index.to_string()),
-            crate::device::Device::Cpu => None,
+            dreampipe_core::device::Device::Cuda(index) => Some(index.to_string()),
+            dreampipe_core::device::Device::Cpu => None,
         })
         .collect();
     indices.join(",")
@@ -165,6 +165,7 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        super::super::params::check_table::<CommandParams>(&CommandStage.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<CommandParams>(&CommandStage.schema())
+            .unwrap();
     }
 }

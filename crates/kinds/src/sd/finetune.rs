@@ -4,10 +4,8 @@
 //! memory options, resume and validation of the other training kinds. Output: a diffusers
 //! folder, `metrics.jsonl`, `validation/step-N.png` and `report.json`.
 use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
-use crate::stages::params::Input;
-use crate::stages::{
-    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
-};
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -38,14 +36,12 @@ pub struct FinetuneParams {
 }
 
 impl Stage for FinetuneKind {
+    super::training_kind_methods!(FinetuneParams);
     fn kind(&self) -> &'static str {
         "finetune"
     }
     fn version(&self) -> u32 {
         1
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
     }
     fn summary(&self) -> &'static str {
         "Captioned fine-tuning as diffusers' train_text_to_image.py: the UNet learns images with a caption each (`name.txt` beside `name.png`; a folder, or an `images` / `toy_world` stage). Output: a diffusers folder, `metrics.jsonl`, `validation/step-N.png` and `report.json`."
@@ -86,18 +82,6 @@ impl Stage for FinetuneKind {
         }));
         schema
     }
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
-    }
-    fn steps_field(&self) -> Option<&'static str> {
-        Some("max_train_steps")
-    }
-    fn prefix_problem(&self, params: &serde_json::Map<String, Value>) -> Option<String> {
-        training::prefix_problem(params, |p: &FinetuneParams| &p.training)
-    }
-    fn needs_torch(&self) -> bool {
-        true
-    }
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         training::export_problem(fields.params)
             .into_iter()
@@ -111,6 +95,7 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        crate::stages::params::check_table::<FinetuneParams>(&FinetuneKind.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<FinetuneParams>(&FinetuneKind.schema())
+            .unwrap();
     }
 }

@@ -13,6 +13,11 @@ use std::path::{Path, PathBuf};
 
 /// The PNG text keyword A1111 writes and reads.
 pub const PARAMETERS_KEYWORD: &str = "parameters";
+/// The PNG parameters field naming the stage that wrote an image.
+pub const STAGE_FIELD: &str = "dreampipe stage";
+/// The PNG parameters fields holding the stage key and the pipeline name.
+pub const KEY_FIELD: &str = "dreampipe key";
+pub const PIPELINE_FIELD: &str = "dreampipe pipeline";
 
 /// What produced an image.
 #[derive(Debug, Clone, PartialEq)]
@@ -150,7 +155,7 @@ pub fn replace_parameters_text(path: &Path, text: &str) -> Result<(), PngError> 
     {
         return Err(read_error("not an 8-bit RGB PNG".to_string()));
     }
-    crate::imagefile::check(path).map_err(read_error)?; // the image limit, before allocating
+    dreampipe_core::imagefile::check(path).map_err(read_error)?; // the image limit, before allocating
     let mut rgb = vec![0u8; width as usize * height as usize * 3];
     reader
         .next_frame(&mut rgb)

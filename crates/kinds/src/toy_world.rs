@@ -6,8 +6,8 @@
 //! never shows: a star with orange and black diagonal stripes (`subject/NNNN.png`, class `star`),
 //! the instance images of a DreamBooth run. Pure Rust, no downloads; the same seed writes the
 //! same bytes.
-use super::params::List;
-use super::{ParamSpec, ParamType, Stage, StageContext, StageError};
+use dreampipe_core::stages::params::List;
+use dreampipe_core::stages::{ParamSpec, ParamType, Stage, StageContext, StageError};
 use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -81,7 +81,7 @@ impl Stage for ToyWorldKind {
             .range(16.0, 1024.0)
             .multiple_of(8),
             ParamSpec::optional("seed", ParamType::Integer, json!(0), "seed of the world")
-                .range(0.0, super::sd_kinds::MAX_SEED),
+                .range(0.0, crate::sd::MAX_SEED),
             ParamSpec::optional(
                 "subject_images",
                 ParamType::Integer,
@@ -101,7 +101,7 @@ impl Stage for ToyWorldKind {
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let params: ToyWorldParams = ctx.typed()?;
         if params.shapes.is_empty() {
-            return Err(super::sd_kinds::field_error(
+            return Err(dreampipe_core::stages::field_error(
                 ctx,
                 "shapes",
                 "give at least one shape",
@@ -252,11 +252,9 @@ fn write_world_image(out: &Path, params: &ToyWorldParams, index: u64) -> Result<
     let scene = scene(params, index);
     let image = render(params.size, &scene, &|_, _| scene.colour.1);
     let name = format!("{index:04}");
-    save(&image, &out.join("images").join(format!("{name}.png")))?;
-    write_text(
-        &out.join("images").join(format!("{name}.txt")),
-        &scene.caption(),
-    )?;
+    let images = out.join(crate::output::IMAGES_DIR);
+    save(&image, &images.join(format!("{name}.png")))?;
+    write_text(&images.join(format!("{name}.txt")), &scene.caption())?;
     Ok(json!({
         "file": format!("images/{name}.png"),
         "caption": scene.caption(),
@@ -362,7 +360,8 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        super::super::params::check_table::<ToyWorldParams>(&ToyWorldKind.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<ToyWorldParams>(&ToyWorldKind.schema())
+            .unwrap();
     }
 
     /// The caption says what the pixels show: the pixel at the shape's centre has the caption's

@@ -10,10 +10,8 @@ use super::{
     Dtype, MAX_SEED, SCHEDULER_CHOICES, SchedulerName, dtype_spec, guidance_spec,
     negative_prompt_spec, size_specs, steps_spec,
 };
-use crate::stages::params::{Input, List};
-use crate::stages::{
-    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
-};
+use dreampipe_core::stages::params::{Input, List};
+use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -48,14 +46,12 @@ pub struct GenerateParams {
 }
 
 impl Stage for GenerateKind {
+    super::torch_kind_methods!();
     fn kind(&self) -> &'static str {
         "generate"
     }
     fn version(&self) -> u32 {
         1
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
     }
     fn summary(&self) -> &'static str {
         "Generates `count` class images with txt2img (image i uses seed `seed + i`, identical to `dreampipe sample --seed <seed+i>`). Output: `images/0000.png`… (A1111 parameters + stage id) and `manifest.json` (file, seed, prompt per image)."
@@ -115,12 +111,6 @@ impl Stage for GenerateKind {
             dtype_spec(),
         ]
     }
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
-    }
-    fn needs_torch(&self) -> bool {
-        true
-    }
     /// `lora_scales`, when given, has one weight per LoRA.
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         let count = |name: &str| {
@@ -149,6 +139,7 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        crate::stages::params::check_table::<GenerateParams>(&GenerateKind.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<GenerateParams>(&GenerateKind.schema())
+            .unwrap();
     }
 }

@@ -3,10 +3,8 @@
 //! (CLIP image-embedding cosine), CLIP-T (prompt-to-image CLIP cosine, the identifier removed
 //! from the prompt) and PRES (DINO of class-prompt images against the subject) — per image, per
 //! (variant, prompt) and per variant, into `scores.json`.
-use crate::stages::params::Input;
-use crate::stages::{
-    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
-};
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -34,14 +32,12 @@ pub struct EvaluateParams {
 }
 
 impl Stage for EvaluateKind {
+    super::torch_kind_methods!();
     fn kind(&self) -> &'static str {
         "evaluate"
     }
     fn version(&self) -> u32 {
         1
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
     }
     fn summary(&self) -> &'static str {
         "Scores generated images with the DreamBooth paper's metrics: DINO and CLIP-I (mean cosine similarity of ViT-S/16 [CLS] / CLIP image embeddings between each generated image and every real image), CLIP-T (cosine between the CLIP embeddings of the prompt, identifier removed, and the image) and PRES (DINO of the class-prompt images). Output: `scores.json` (`per_image`, `groups` per variant and prompt, `overall` per variant: n, mean and std of each metric)."
@@ -96,12 +92,6 @@ impl Stage for EvaluateKind {
             .range(1.0, MAX_BATCH)
             .not_in_key(),
         ]
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
-    }
-    fn needs_torch(&self) -> bool {
-        true
     }
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
@@ -160,6 +150,7 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        crate::stages::params::check_table::<EvaluateParams>(&EvaluateKind.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<EvaluateParams>(&EvaluateKind.schema())
+            .unwrap();
     }
 }

@@ -5,10 +5,8 @@
 //! whose `model:` names this stage uses it), `metrics.jsonl`, `validation/step-N.png` and
 //! `report.json`. Checkpoints live in the work folder (resumed after a crash).
 use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
-use crate::stages::params::Input;
-use crate::stages::{
-    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
-};
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -29,7 +27,7 @@ const MAX_REPEATS: f64 = 100_000.0;
 
 pub struct TextualInversionKind;
 
-crate::closed_set! {
+dreampipe_core::closed_set! {
     /// `learnable_property`: which prompt templates (textual_inversion.py's).
     pub enum LearnableProperty { Object = "object", Style = "style" }
 }
@@ -59,6 +57,7 @@ pub struct InversionFields {
 }
 
 impl Stage for TextualInversionKind {
+    super::training_kind_methods!(TextualInversionParams);
     fn kind(&self) -> &'static str {
         "textual_inversion"
     }
@@ -67,9 +66,6 @@ impl Stage for TextualInversionKind {
     /// which changed float32 results to rounding under version 1.
     fn version(&self) -> u32 {
         2
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
     }
     fn summary(&self) -> &'static str {
         "Textual inversion as diffusers' textual_inversion.py (field names and defaults are its arguments). Output: `learned_embeds.safetensors`, `<token>.safetensors` (A1111 / ComfyUI), `model/` (diffusers folder with the new token; a stage whose `model:` names this stage uses it), `metrics.jsonl` (step, loss, lr), `validation/step-N.png` and `report.json`."
@@ -121,21 +117,6 @@ impl Stage for TextualInversionKind {
         }));
         schema
     }
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
-    }
-    fn steps_field(&self) -> Option<&'static str> {
-        Some("max_train_steps")
-    }
-    fn prefix_problem(
-        &self,
-        params: &serde_json::Map<String, serde_json::Value>,
-    ) -> Option<String> {
-        training::prefix_problem(params, |p: &TextualInversionParams| &p.training)
-    }
-    fn needs_torch(&self) -> bool {
-        true
-    }
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         if fields.flag("gradient_checkpointing") {
@@ -156,6 +137,6 @@ mod tests {
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
         let schema = TextualInversionKind.schema();
-        crate::stages::params::check_table::<TextualInversionParams>(&schema).unwrap();
+        dreampipe_core::stages::params::check_table::<TextualInversionParams>(&schema).unwrap();
     }
 }

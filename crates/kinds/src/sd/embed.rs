@@ -2,8 +2,8 @@
 //! real images), as a cached result an `evaluate` stage's `real:` can name, so they are
 //! computed once per (models, images) key and reused by every evaluate stage and rerun.
 use super::evaluate::DEFAULT_BATCH;
-use crate::stages::params::Input;
-use crate::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{ParamSpec, ParamType, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -24,14 +24,12 @@ pub struct EmbedParams {
 }
 
 impl Stage for EmbedKind {
+    super::torch_kind_methods!();
     fn kind(&self) -> &'static str {
         "embed"
     }
     fn version(&self) -> u32 {
         1
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
     }
     fn summary(&self) -> &'static str {
         "Embeds images with a CLIP model (image embeddings) and a DINO ViT ([CLS] embeddings), for `evaluate`'s `real`. Output: `embeddings.safetensors` (`clip` [n, d], `dino` [n, d]) and `manifest.json` (the images in order and the models' content digests)."
@@ -63,12 +61,6 @@ impl Stage for EmbedKind {
             .not_in_key(),
         ]
     }
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
-    }
-    fn needs_torch(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]
@@ -77,6 +69,6 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        crate::stages::params::check_table::<EmbedParams>(&EmbedKind.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<EmbedParams>(&EmbedKind.schema()).unwrap();
     }
 }

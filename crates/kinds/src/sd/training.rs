@@ -3,12 +3,12 @@
 //! kind's struct) and its table ([`common_schema`], with the defaults that differ between the
 //! scripts passed in), and the closed sets among them.
 use super::{Dtype, MAX_SEED};
-use crate::stages::params::Input;
-use crate::stages::{ParamSpec, ParamType};
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{ParamSpec, ParamType};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-crate::closed_set! {
+dreampipe_core::closed_set! {
     /// `lr_scheduler`: diffusers' `get_scheduler` names that `dreampipe::sd::train::lr_schedule`
     /// implements.
     pub enum LrScheduler {
@@ -34,17 +34,17 @@ impl LrScheduler {
 pub const TOTAL_FREE_SCHEDULES: [LrScheduler; 2] =
     [LrScheduler::Constant, LrScheduler::ConstantWithWarmup];
 
-crate::closed_set! {
+dreampipe_core::closed_set! {
     /// `optimizer`: AdamW, or bitsandbytes' 8-bit AdamW (diffusers' `--use_8bit_adam`).
     pub enum OptimizerKind { AdamW = "adamw", AdamW8bit = "adamw8bit" }
 }
 
-crate::closed_set! {
+dreampipe_core::closed_set! {
     /// `mixed_precision` as accelerate names it.
     pub enum MixedPrecision { No = "no", Fp16 = "fp16", Bf16 = "bf16" }
 }
 
-crate::closed_set! {
+dreampipe_core::closed_set! {
     /// What `export:` accepts: the diffusers folder and/or one A1111 / ComfyUI file.
     pub enum ExportFormat { Diffusers = "diffusers", SingleFile = "single_file" }
 }
@@ -125,7 +125,7 @@ pub fn prefix_problem<P>(
 where
     P: serde::de::DeserializeOwned,
 {
-    match crate::stages::params::parse::<P>(params) {
+    match dreampipe_core::stages::params::parse::<P>(params) {
         Ok(typed) => training(&typed).prefix_problem(),
         Err(e) => Some(format!("the fields do not parse: {e}")),
     }
@@ -162,6 +162,9 @@ const MAX_INFERENCE_STEPS: f64 = 1000.0;
 const DEFAULT_VALIDATION_STEPS_INFERENCE: u64 = 25;
 /// diffusers' `--validation_steps` default.
 const DEFAULT_VALIDATION_STEPS: u64 = 100;
+
+/// The field that sets how many optimizer steps a training kind runs (its `steps_field`).
+pub const STEPS_FIELD: &str = "max_train_steps";
 
 /// The defaults that differ between the two scripts.
 pub struct ScriptDefaults {
@@ -210,7 +213,7 @@ pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
         )
         .range(1.0, MAX_BATCH),
         ParamSpec::optional(
-            "max_train_steps",
+            STEPS_FIELD,
             Integer,
             defaults.max_train_steps.clone(),
             "optimizer steps; unset: num_train_epochs over the data",

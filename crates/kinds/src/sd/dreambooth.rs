@@ -5,10 +5,8 @@
 //! `metrics.jsonl`, `validation/step-N.png` and `report.json`. Checkpoints live in the work
 //! folder, so a crashed run resumes from its last checkpoint on the next `dreampipe run`.
 use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
-use crate::stages::params::Input;
-use crate::stages::{
-    DeviceClass, FieldView, ParamSpec, ParamType, Stage, StageContext, StageError,
-};
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -61,6 +59,7 @@ pub struct DreamBoothFields {
 }
 
 impl Stage for DreamBoothKind {
+    super::training_kind_methods!(DreamBoothParams);
     fn kind(&self) -> &'static str {
         "dreambooth"
     }
@@ -69,9 +68,6 @@ impl Stage for DreamBoothKind {
     /// which changed float32 results to rounding under version 1.
     fn version(&self) -> u32 {
         2
-    }
-    fn device_class(&self) -> DeviceClass {
-        DeviceClass::Gpu
     }
     fn summary(&self) -> &'static str {
         "DreamBooth fine-tuning as diffusers' train_dreambooth.py (field names and defaults are its arguments; prior preservation when `class_images` is set). Output: a diffusers folder, `metrics.jsonl` (step, loss, lr, grad_norm), `validation/step-N.png` and `report.json`."
@@ -85,18 +81,6 @@ impl Stage for DreamBoothKind {
             num_train_epochs: 1,
         }));
         schema
-    }
-    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
-        Err(crate::stages::needs_torch_worker(self.kind()))
-    }
-    fn steps_field(&self) -> Option<&'static str> {
-        Some("max_train_steps")
-    }
-    fn prefix_problem(&self, params: &serde_json::Map<String, Value>) -> Option<String> {
-        training::prefix_problem(params, |p: &DreamBoothParams| &p.training)
-    }
-    fn needs_torch(&self) -> bool {
-        true
     }
     /// Prior preservation's rules, before anything runs (the stage checks them again).
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
@@ -228,6 +212,7 @@ mod tests {
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {
-        crate::stages::params::check_table::<DreamBoothParams>(&DreamBoothKind.schema()).unwrap();
+        dreampipe_core::stages::params::check_table::<DreamBoothParams>(&DreamBoothKind.schema())
+            .unwrap();
     }
 }
