@@ -32,7 +32,8 @@ test: libtorch
 # sets (ATEN_CPU_CAPABILITY; an older CPU picks `default` or `avx2` by itself). CI runs it.
 GOLDEN_TESTS := sd2_goldens sd_pipeline sd_sample_cli sd_schedulers sd_text_encoder sd_unet \
 	sd_vae train_adamw8bit train_dreambooth train_loss train_optim train_textual_inversion \
-	eval_embeddings stage_evaluate sd_lora train_lora sdxl_pipeline train_lora_sdxl train_finetune
+	eval_embeddings stage_evaluate sd_lora train_lora sdxl_pipeline train_lora_sdxl train_finetune \
+	train_vae
 KERNEL_SETS := default avx2
 test-kernels: libtorch
 	@failed=""; for capability in $(KERNEL_SETS); do \

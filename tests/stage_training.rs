@@ -676,6 +676,28 @@ stages:
     steps: 2
     width: 64
     height: 64
+  world:
+    kind: toy_world
+    count: 4
+    size: 32
+    subject_images: 1
+  ft:
+    kind: finetune
+    model: MODEL
+    images: world
+    resolution: 32
+    train_batch_size: 2
+    max_train_steps: 3
+    learning_rate: 1.0e-3
+  ae:
+    kind: vae
+    model: MODEL
+    images: world
+    resolution: 32
+    train_batch_size: 2
+    max_train_steps: 3
+    learning_rate: 1.0e-3
+    kl_scale: 1.0e-3
   eval:
     kind: evaluate
     generated: EVAL/images/grid
@@ -755,6 +777,10 @@ fn guard_outputs(project: &Project) -> serde_json::Value {
             "thumbnails": [thumbnail(&output(project, "lora_grid").join("grid-0.png"))]},
         "evaluate": {"version": version("evaluate"),
             "means": evaluate_means(&output(project, "eval"))},
+        "finetune": {"version": version("finetune"),
+            "losses": losses(&output(project, "ft"))},
+        "vae": {"version": version("vae"),
+            "losses": losses(&output(project, "ae"))},
     })
 }
 
@@ -823,6 +849,8 @@ fn kind_versions_guard_their_outputs() {
         ("dreambooth_lora", "thumbnails", false, GUARD_LEVELS),
         ("sample_grid", "thumbnails", false, GUARD_LEVELS),
         ("evaluate", "means", false, GUARD_SCORES),
+        ("finetune", "losses", true, GUARD_LOSS_RTOL),
+        ("vae", "losses", true, GUARD_LOSS_RTOL),
     ];
     let bless = "DREAMPIPE_BLESS=1 cargo test --test stage_training kind_versions";
     for (kind, field, relative, tolerance) in checks {

@@ -1,9 +1,11 @@
 //! Captioned fine-tuning against diffusers' train_text_to_image.py (tests/fixtures/finetune,
 //! made by make_finetune_goldens.py): two optimizer steps of the UNet on a fixed batch of two
 //! images with two different captions; plus a `finetune` stage on a `toy_world` stage.
+mod sd_support;
 mod stage_support;
 use dreampipe::sd::train::batch::StepBatch;
 use dreampipe::sd::train::dreambooth::{DreamBoothConfig, DreamBoothTrainer};
+use sd_support::assert_mostly_within;
 use stage_support::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -85,23 +87,6 @@ fn two_captioned_steps_match_train_text_to_image() {
         "loss after",
         after,
         record["loss_after_step2"].as_f64().unwrap(),
-    );
-}
-
-/// AdamW's first steps move a weight by about `lr · g / (|g| + eps)`: where a gradient is near
-/// zero that quotient is ill-conditioned, and float32 summation-order noise (another kernel set,
-/// another backward order) changes the step by up to ~lr (the DreamBooth golden test explains
-/// it). So: every element within `atol`, but for at most one in 10,000 (and at least one), which
-/// must stay within 2·lr.
-fn assert_mostly_within(name: &str, found: &Tensor, expected: &Tensor, atol: f64, lr: f64) {
-    let difference = (found - expected).abs();
-    let worst = difference.max().double_value(&[]);
-    let outside = difference.gt(atol).sum(tch::Kind::Int64).int64_value(&[]);
-    let allowed = ((difference.numel() as f64) * 1e-4).ceil().max(1.0) as i64;
-    eprintln!("{name}: worst {worst:e}, {outside} elements beyond {atol:e}");
-    assert!(
-        outside <= allowed && worst <= 2.0 * lr,
-        "{name}: {outside} elements beyond {atol} (allowed {allowed}), worst {worst}"
     );
 }
 

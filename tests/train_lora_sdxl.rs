@@ -3,9 +3,11 @@
 //! on a fixed prior-preservation batch (one instance, one class image; per-image time ids),
 //! UNet adapters alone (rank 4, alpha 4) and with both text encoders' (rank 2, alpha 3),
 //! starting from PEFT's stored initial draw.
+mod sd_support;
 use dreampipe::sd::train::batch::{StepBatch, XlBatch};
 use dreampipe::sd::train::dreambooth::{DreamBoothConfig, DreamBoothTrainer};
 use dreampipe::sd::train::lora::{self, LoraSettings};
+use sd_support::assert_mostly_within;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
@@ -336,21 +338,4 @@ fn gradient_checkpointing_on_sdxl_trains_to_the_same_weights() {
             "the second text encoder trains"
         );
     }
-}
-
-/// AdamW's first steps move a weight by about `lr · g / (|g| + eps)`: where a gradient is near
-/// zero that quotient is ill-conditioned, and float32 summation-order noise (another kernel set,
-/// another backward order) changes the step by up to ~lr (the DreamBooth golden test explains
-/// it). So: every element within `atol`, but for at most one in 10,000 (and at least one), which
-/// must stay within 2·lr.
-fn assert_mostly_within(name: &str, found: &Tensor, expected: &Tensor, atol: f64, lr: f64) {
-    let difference = (found - expected).abs();
-    let worst = difference.max().double_value(&[]);
-    let outside = difference.gt(atol).sum(tch::Kind::Int64).int64_value(&[]);
-    let allowed = ((difference.numel() as f64) * 1e-4).ceil().max(1.0) as i64;
-    eprintln!("{name}: worst {worst:e}, {outside} elements beyond {atol:e}");
-    assert!(
-        outside <= allowed && worst <= 2.0 * lr,
-        "{name}: {outside} elements beyond {atol} (allowed {allowed}), worst {worst}"
-    );
 }

@@ -9,6 +9,7 @@ pub mod sample_grid;
 pub mod sd_common;
 pub mod textual_inversion;
 pub mod training;
+pub mod vae;
 
 pub use dreampipe_core::stages::*;
 
@@ -23,4 +24,5 @@ pub fn registry() -> Registry {
         .implement("dreambooth", dreambooth::run)
         .implement("dreambooth_lora", dreambooth::run_lora)
         .implement("finetune", dreambooth::run_finetune)
+        .implement("vae", vae::run)
 }

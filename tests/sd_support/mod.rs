@@ -136,3 +136,20 @@ pub fn assert_noise_close(name: &str, actual: &Tensor, expected: &Tensor, scale:
     );
     assert_close(name, &actual, &expected, NOISE_ATOL * scale, NOISE_RTOL);
 }
+
+/// AdamW's first steps move a weight by about `lr · g / (|g| + eps)`: where a gradient is near
+/// zero that quotient is ill-conditioned, and float32 summation-order noise (another kernel set,
+/// another backward order) changes the step by up to ~lr (the DreamBooth golden test explains
+/// it). So: every element within `atol`, but for at most one in 10,000 (and at least one), which
+/// must stay within 2·lr.
+pub fn assert_mostly_within(name: &str, found: &Tensor, expected: &Tensor, atol: f64, lr: f64) {
+    let difference = (found - expected).abs();
+    let worst = difference.max().double_value(&[]);
+    let outside = difference.gt(atol).sum(tch::Kind::Int64).int64_value(&[]);
+    let allowed = ((difference.numel() as f64) * 1e-4).ceil().max(1.0) as i64;
+    eprintln!("{name}: worst {worst:e}, {outside} elements beyond {atol:e}");
+    assert!(
+        outside <= allowed && worst <= 2.0 * lr,
+        "{name}: {outside} elements beyond {atol} (allowed {allowed}), worst {worst}"
+    );
+}

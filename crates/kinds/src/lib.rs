@@ -33,4 +33,5 @@ pub fn registry() -> Registry {
         .with(Arc::new(sd::dreambooth::DreamBoothKind))
         .with(Arc::new(sd::dreambooth_lora::DreamBoothLoraKind))
         .with(Arc::new(sd::finetune::FinetuneKind))
+        .with(Arc::new(sd::vae::VaeKind))
 }

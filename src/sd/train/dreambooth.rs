@@ -268,6 +268,8 @@ impl DreamBoothTrainer {
 }
 
 impl StepMethod for DreamBoothModel {
+    type Batch = StepBatch;
+
     fn micro_batch_loss<'a>(
         &'a self,
         batch: &StepBatch,
@@ -816,6 +818,7 @@ fn write_trained_folder(
                 .map(|xl| &xl.text_encoder_2_store),
             added_tokens: &[],
             added_tokens_2: &[],
+            ..NewWeights::default()
         },
     )
 }

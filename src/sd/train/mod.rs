@@ -35,6 +35,7 @@ mod state_io;
 pub mod streams;
 pub mod textual_inversion;
 mod trainer_core;
+pub mod vae;
 
 use std::path::{Path, PathBuf};
 

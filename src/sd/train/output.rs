@@ -13,7 +13,8 @@ use tch::{Kind, Tensor, nn::VarStore};
 
 const MODEL_INDEX: &str = "model_index.json";
 const CONFIG_FILE: &str = "config.json";
-const UNET_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+/// The weights file of the UNet and the VAE.
+const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 const TEXT_ENCODER_WEIGHTS: &str = "model.safetensors";
 /// diffusers' textual-inversion output file.
 pub const LEARNED_EMBEDS_FILE: &str = "learned_embeds.safetensors";
@@ -25,8 +26,13 @@ pub const A1111_SDXL_KEYS: [&str; 2] = ["clip_l", "clip_g"];
 pub const LEARNED_EMBEDS_2_FILE: &str = "learned_embeds_2.safetensors";
 
 /// What replaces the base model's components in the written folder.
+#[derive(Default)]
 pub struct NewWeights<'a> {
     pub unet: Option<&'a VarStore>,
+    /// A trained VAE.
+    pub vae: Option<&'a VarStore>,
+    /// The VAE config's new `scaling_factor`.
+    pub vae_scaling_factor: Option<f64>,
     pub text_encoder: Option<&'a VarStore>,
     /// SDXL's second text encoder, when it trained.
     pub text_encoder_2: Option<&'a VarStore>,
@@ -45,20 +51,26 @@ pub fn write_model_folder(
 ) -> Result<(), TrainError> {
     create_dir(out)?;
     copy_file(&base.root().join(MODEL_INDEX), &out.join(MODEL_INDEX))?;
-    copy_dir(&base.vae_dir(), &out.join("vae"))?;
+    write_vae(base, out, new)?;
     copy_dir(&base.scheduler_dir(), &out.join("scheduler"))?;
     match new.unet {
-        Some(vs) => write_component(&base.unet_dir(), &out.join("unet"), vs, UNET_WEIGHTS, None)?,
+        Some(vs) => write_component(
+            &base.unet_dir(),
+            &out.join("unet"),
+            vs,
+            DIFFUSERS_WEIGHTS,
+            &[],
+        )?,
         None => copy_dir(&base.unet_dir(), &out.join("unet"))?,
     }
-    let vocab_size = extended_vocab_size(new.added_tokens);
+    let vocab_size = vocab_edit(new.added_tokens);
     match new.text_encoder {
         Some(vs) => write_component(
             &base.text_encoder_dir(),
             &out.join("text_encoder"),
             vs,
             TEXT_ENCODER_WEIGHTS,
-            vocab_size,
+            &vocab_size,
         )?,
         None => copy_dir(&base.text_encoder_dir(), &out.join("text_encoder"))?,
     }
@@ -69,9 +81,9 @@ pub fn write_model_folder(
     )?;
     if base.is_xl() {
         let (dir, out_dir) = (base.text_encoder_2_dir(), out.join("text_encoder_2"));
-        let vocab_size = extended_vocab_size(new.added_tokens_2);
+        let vocab_size = vocab_edit(new.added_tokens_2);
         match new.text_encoder_2 {
-            Some(vs) => write_component(&dir, &out_dir, vs, TEXT_ENCODER_WEIGHTS, vocab_size)?,
+            Some(vs) => write_component(&dir, &out_dir, vs, TEXT_ENCODER_WEIGHTS, &vocab_size)?,
             None => copy_dir(&dir, &out_dir)?,
         }
         let tokenizer_2 = (base.tokenizer_2_dir(), out.join("tokenizer_2"));
@@ -80,9 +92,25 @@ pub fn write_model_folder(
     Ok(())
 }
 
-/// The vocabulary size with `added` tokens appended (None when nothing was added).
-fn extended_vocab_size(added: &[(String, i64)]) -> Option<i64> {
-    added.iter().map(|(_, id)| id + 1).max()
+/// `vae/`: the base's, or the trained weights with the config's scaling factor as given.
+fn write_vae(base: &ModelFolder, out: &Path, new: &NewWeights) -> Result<(), TrainError> {
+    let out_dir = out.join("vae");
+    let Some(vs) = new.vae else {
+        return copy_dir(&base.vae_dir(), &out_dir);
+    };
+    let edits: Vec<(&str, serde_json::Value)> = (new.vae_scaling_factor.iter())
+        .map(|factor| ("scaling_factor", serde_json::Value::from(*factor)))
+        .collect();
+    write_component(&base.vae_dir(), &out_dir, vs, DIFFUSERS_WEIGHTS, &edits)
+}
+
+/// The `vocab_size` edit of a text encoder's config with `added` tokens appended (none when
+/// nothing was added).
+fn vocab_edit(added: &[(String, i64)]) -> Vec<(&'static str, serde_json::Value)> {
+    (added.iter().map(|(_, id)| id + 1).max())
+        .map(|size| ("vocab_size", serde_json::Value::from(size)))
+        .into_iter()
+        .collect()
 }
 
 /// A tokenizer folder copied, with `added` tokens appended to it.
@@ -94,24 +122,25 @@ fn copy_tokenizer(from: &Path, to: &Path, added: &[(String, i64)]) -> Result<(),
     add_tokens_to_tokenizer_dir(to, added)
 }
 
-/// `config.json` (with `vocab_size` updated when given) plus the weights of `vs`.
+/// `config.json` (with `edits` applied) plus the weights of `vs`.
 fn write_component(
     base_dir: &Path,
     out_dir: &Path,
     vs: &VarStore,
     weights_name: &str,
-    vocab_size: Option<i64>,
+    edits: &[(&str, serde_json::Value)],
 ) -> Result<(), TrainError> {
     create_dir(out_dir)?;
     let config_in = base_dir.join(CONFIG_FILE);
     let config_out = out_dir.join(CONFIG_FILE);
-    match vocab_size {
-        None => copy_file(&config_in, &config_out)?,
-        Some(size) => {
-            let mut json = read_json(&config_in)?;
-            json["vocab_size"] = serde_json::Value::from(size);
-            write_json(&config_out, &json)?;
+    if edits.is_empty() {
+        copy_file(&config_in, &config_out)?;
+    } else {
+        let mut json = read_json(&config_in)?;
+        for (key, value) in edits {
+            json[*key] = value.clone();
         }
+        write_json(&config_out, &json)?;
     }
     let file = out_dir.join(weights_name);
     weights::save_var_store(vs, &file, Some(Kind::Float)).map_err(TrainError::model)

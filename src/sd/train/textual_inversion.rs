@@ -385,6 +385,8 @@ impl TextualInversionTrainer {
 }
 
 impl StepMethod for TextualInversionModel {
+    type Batch = StepBatch;
+
     fn micro_batch_loss<'a>(
         &'a self,
         batch: &StepBatch,
@@ -715,6 +717,7 @@ fn write_model_with_placeholders(
             text_encoder_2: trainer.text_encoder_2_store(),
             added_tokens: &trainer.placeholder_ids(),
             added_tokens_2: &trainer.placeholder_ids_2(),
+            ..NewWeights::default()
         },
     )
 }

@@ -9,7 +9,6 @@
 //! happens after each update (textual inversion restores the embedding rows that must not
 //! learn). Which parameters train is given to [`TrainerCore::new`].
 use super::TrainError;
-use super::batch::StepBatch;
 use super::lr_schedule::LrSchedule;
 use super::optim::{AdamWConfig, clip_grad_norm};
 use super::optimizer::Optimizer;
@@ -19,12 +18,17 @@ use dreampipe_kinds::sd::training::TrainingParams;
 use tch::{Device, Tensor};
 
 /// What differs between methods inside one optimizer step.
+///
+/// [`StepBatch`]: super::batch::StepBatch
 pub(crate) trait StepMethod {
+    /// What one micro-batch holds (the diffusion methods': [`StepBatch`]).
+    type Batch;
+
     /// The loss of one micro-batch, its graph attached to what trains; `precision` gives the
     /// autocast region of the trained modules.
     fn micro_batch_loss<'a>(
         &'a self,
-        batch: &StepBatch,
+        batch: &Self::Batch,
         precision: &'a Precision,
     ) -> Result<MicroBatchLoss<'a>, TrainError>;
 
@@ -158,7 +162,7 @@ impl TrainerCore {
     pub fn train_step<M: StepMethod + ?Sized>(
         &mut self,
         method: &M,
-        micro_batches: &[StepBatch],
+        micro_batches: &[M::Batch],
     ) -> Result<StepReport, TrainError> {
         let lr = self.next_lr();
         let loss = self.accumulate_gradients(method, micro_batches)?;
@@ -176,7 +180,7 @@ impl TrainerCore {
     pub fn accumulate_gradients<M: StepMethod + ?Sized>(
         &mut self,
         method: &M,
-        micro_batches: &[StepBatch],
+        micro_batches: &[M::Batch],
     ) -> Result<f64, TrainError> {
         let count = micro_batches.len().max(1) as f64;
         let mut total = 0.0;
@@ -197,7 +201,7 @@ impl TrainerCore {
     fn backward<M: StepMethod + ?Sized>(
         &self,
         method: &M,
-        batch: &StepBatch,
+        batch: &M::Batch,
         count: f64,
     ) -> Result<f64, TrainError> {
         let MicroBatchLoss {

@@ -12,6 +12,7 @@ pub mod generate;
 pub mod sample_grid;
 pub mod textual_inversion;
 pub mod training;
+pub mod vae;
 
 pub use dreampipe_core::stages::field_error;
 
