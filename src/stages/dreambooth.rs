@@ -69,6 +69,7 @@ pub fn run_finetune(ctx: &StageContext<'_>) -> Result<(), StageError> {
     config.dreambooth.max_grad_norm = params.max_grad_norm;
     config.dreambooth.snr_gamma = params.snr_gamma;
     config.captions = true;
+    config.caption_dropout_rate = params.caption_dropout_rate;
     config.keep_final_checkpoint = training::keeps_final_state(&params.training);
     config.resume_from_checkpoint = true;
     config.device = crate::device::to_tch(ctx.device);
@@ -110,6 +111,7 @@ fn config_from(
         lora: None,
         lora_save_kind: tch::Kind::Float,
         captions: false,
+        caption_dropout_rate: 0.0,
     };
     config
         .validate()

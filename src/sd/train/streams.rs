@@ -7,6 +7,7 @@ use crate::sd::rng::{self, SeededScope};
 const SALT_TENSORS: u64 = 0x7465_6e73_6f72_7321;
 const SALT_SAMPLE: u64 = 0x7361_6d70_6c65_7321;
 const SALT_EPOCH: u64 = 0x6570_6f63_6873_2121;
+const SALT_CAPTION: u64 = 0x6361_7074_696f_6e21;
 
 /// splitmix64: a small, well-mixed hash used to derive independent seeds.
 pub(crate) fn splitmix64(mut state: u64) -> u64 {
@@ -36,6 +37,12 @@ impl SampleRng {
     /// The stream of dataset sample number `sample` (counted over the whole run).
     pub fn for_sample(seed: u64, sample: u64) -> Self {
         Self(mix(seed, SALT_SAMPLE, sample, 0))
+    }
+
+    /// The stream of sample `sample`'s caption choice (caption dropout), apart from its crop
+    /// and flip draws so that a rate of 0 draws nothing they see.
+    pub fn for_caption(seed: u64, sample: u64) -> Self {
+        Self(mix(seed, SALT_CAPTION, sample, 0))
     }
 
     pub fn next_u64(&mut self) -> u64 {

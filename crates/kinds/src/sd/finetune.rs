@@ -30,6 +30,7 @@ pub struct FinetuneParams {
     pub random_flip: bool,
     pub max_grad_norm: f64,
     pub snr_gamma: Option<f64>,
+    pub caption_dropout_rate: f64,
     #[serde(flatten)]
     pub training: TrainingParams,
     pub export: Vec<ExportFormat>,
@@ -73,6 +74,14 @@ impl Stage for FinetuneKind {
                 "min-SNR-gamma loss weighting (5 recommended); unset: plain MSE",
             )
             .range(0.0, MAX_WEIGHT),
+            ParamSpec::optional(
+                "caption_dropout_rate",
+                ParamType::Number,
+                json!(0.0),
+                "share of samples trained on the empty caption (kohya's caption_dropout_rate; 0.1 lets classifier-free guidance work on a model trained from scratch)",
+            )
+            .range(0.0, 1.0)
+            .keyed_when_set(),
         ];
         schema.extend(training::common_schema(&ScriptDefaults {
             learning_rate: DEFAULT_LEARNING_RATE,
