@@ -220,3 +220,43 @@ pub fn run(cli: Cli, backend: Backend) -> anyhow::Result<ExitCode> {
         Command::Job(args) => job::run(&context, &args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXTERNAL: &[ExternalVerb] = &[
+        ExternalVerb {
+            name: "first",
+            about: Some("Listed before run"),
+            hidden: false,
+            before: Some("run"),
+        },
+        ExternalVerb {
+            name: "last",
+            about: None,
+            hidden: false,
+            before: None,
+        },
+    ];
+
+    /// External verbs take any arguments, parse as [`Parsed::External`] and sit in `--help`
+    /// where `before` puts them; the core's verbs parse as before.
+    #[test]
+    fn external_verbs_are_listed_in_order_and_handed_back_unparsed() {
+        let help = command(EXTERNAL).render_help().to_string();
+        let at = |verb: &str| help.find(&format!("\n  {verb} ")).expect(verb);
+        assert!(at("first") < at("run") && at("run") < at("show") && at("show") < at("last"));
+        let matches = command(EXTERNAL)
+            .try_get_matches_from(["dreampipe", "first", "--anything", "x"])
+            .expect("parses");
+        assert!(matches!(parse(&matches, EXTERNAL), Ok(Parsed::External(name)) if name == "first"));
+        let matches = command(EXTERNAL)
+            .try_get_matches_from(["dreampipe", "validate", "p.yaml"])
+            .expect("parses");
+        let Ok(Parsed::Core(cli)) = parse(&matches, EXTERNAL) else {
+            panic!("validate is a core verb")
+        };
+        assert!(matches!(cli.command, Command::Validate(_)));
+    }
+}

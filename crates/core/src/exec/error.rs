@@ -85,9 +85,85 @@ pub enum ExecError {
         short(.key)
     )]
     SlurmNoResult { job_id: String, key: String },
-    /// The Slurm controller's one-line message (worded by `exec/slurm.rs`).
+    /// What the Slurm controller (`exec/slurm.rs`) met.
     #[error("{0}")]
-    Slurm(String),
+    Slurm(SlurmError),
+}
+
+/// Why the Slurm controller could not get a stage run by a Slurm job.
+#[derive(Debug, thiserror::Error)]
+pub enum SlurmError {
+    #[error("internal error: the Slurm job limit was closed")]
+    LimitClosed,
+    /// The job file could not be written.
+    #[error("{0}")]
+    JobFile(JobError),
+    /// Slurm does not create the `--output` folder; it could not be made.
+    #[error("creating `{}`: {error}", path.display())]
+    CreateLogs {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("writing `{}`: {error}", path.display())]
+    WriteScript {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("could not run sbatch ({0}); is Slurm installed on this host?")]
+    NoSbatch(std::io::Error),
+    #[error("sbatch refused the job ({status}): {stderr}")]
+    Refused {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    /// The job ran and did not commit a result; `last_lines`: the end of its log (none for a
+    /// cancelled job).
+    #[error("{end}{}", tail(last_lines))]
+    Job {
+        end: SlurmJobFailure,
+        last_lines: Vec<String>,
+    },
+}
+
+/// `; last lines: a | b` after a failed job's message (nothing without lines).
+fn tail(lines: &[String]) -> String {
+    match lines.is_empty() {
+        true => String::new(),
+        false => format!("; last lines: {}", lines.join(" | ")),
+    }
+}
+
+/// How a Slurm job ended without a result.
+#[derive(Debug, thiserror::Error)]
+pub enum SlurmJobFailure {
+    /// The job wrote an exit record with this error.
+    #[error("Slurm job {job_id} failed: {}", error.as_deref().unwrap_or("no error recorded"))]
+    Failed {
+        job_id: String,
+        error: Option<String>,
+    },
+    /// Slurm says it ended in `state` without an exit record; `details`: its exit code and
+    /// reason when Slurm gives them.
+    #[error(
+        "Slurm job {job_id} ended {state}{} before the stage finished",
+        parenthesized(details)
+    )]
+    Ended {
+        job_id: String,
+        state: String,
+        details: Vec<String>,
+    },
+    /// This run cancelled it.
+    #[error("cancelled (Slurm job {job_id} scancel'ed)")]
+    Cancelled { job_id: String },
+}
+
+/// ` (a, b)`, or nothing without items.
+fn parenthesized(items: &[String]) -> String {
+    match items.is_empty() {
+        true => String::new(),
+        false => format!(" ({})", items.join(", ")),
+    }
 }
 
 impl ExecError {
@@ -180,6 +256,47 @@ impl fmt::Display for SkipReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The controller's messages, as they read when they were strings.
+    #[test]
+    fn slurm_errors_read_as_the_controller_worded_them() {
+        let job = |end| SlurmError::Job {
+            end,
+            last_lines: vec!["a".to_string(), "b".to_string()],
+        };
+        let failed = job(SlurmJobFailure::Failed {
+            job_id: "7".to_string(),
+            error: None,
+        });
+        assert_eq!(
+            failed.to_string(),
+            "Slurm job 7 failed: no error recorded; last lines: a | b"
+        );
+        let ended = job(SlurmJobFailure::Ended {
+            job_id: "7".to_string(),
+            state: "TIMEOUT".to_string(),
+            details: vec!["exit code 0:15".to_string(), "TimeLimit".to_string()],
+        });
+        assert_eq!(
+            ended.to_string(),
+            "Slurm job 7 ended TIMEOUT (exit code 0:15, TimeLimit) before the stage finished; last lines: a | b"
+        );
+        let cancelled = SlurmError::Job {
+            end: SlurmJobFailure::Cancelled {
+                job_id: "7".to_string(),
+            },
+            last_lines: Vec::new(),
+        };
+        assert_eq!(
+            ExecError::Slurm(cancelled).to_string(),
+            "cancelled (Slurm job 7 scancel'ed)"
+        );
+        let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "not found");
+        assert_eq!(
+            SlurmError::NoSbatch(missing).to_string(),
+            "could not run sbatch (not found); is Slurm installed on this host?"
+        );
+    }
 
     #[test]
     fn cancellation_reads_the_same_wherever_it_stopped_the_stage() {

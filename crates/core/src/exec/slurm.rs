@@ -6,6 +6,7 @@
 //! backoff; completion is the exit record (with a grace period for NFS attribute caches), never
 //! `sacct`. Cancelling the run `scancel`s every job it submitted. Jobs an earlier, killed
 //! controller left running are found by their comment (`dreampipe:<key>`) and waited for.
+use super::error::{SlurmError, SlurmJobFailure};
 use super::job::{self, ExitRecord, JobSpec};
 use crate::cache::store::Store;
 use crate::pipeline::Resources;
@@ -138,11 +139,11 @@ impl Slurm {
     }
 
     /// One of the `--jobs` places for a job in flight.
-    pub async fn place(&self) -> Result<tokio::sync::SemaphorePermit<'_>, String> {
+    pub async fn place(&self) -> Result<tokio::sync::SemaphorePermit<'_>, SlurmError> {
         self.in_flight
             .acquire()
             .await
-            .map_err(|_| "internal error: the Slurm job limit was closed".to_string())
+            .map_err(|_| SlurmError::LimitClosed)
     }
 
     /// Writes the job file, the log folder and the batch script of `job`; returns the script.
@@ -151,18 +152,22 @@ impl Slurm {
         job: &JobSpec,
         resources: &Resources,
         needs_torch: bool,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, SlurmError> {
         let job_file = job::job_file(&self.store, &job.key);
-        job::write_atomically(&job_file, job).map_err(|e| e.to_string())?;
+        job::write_atomically(&job_file, job).map_err(SlurmError::JobFile)?;
         let logs = log_dir(&self.store, &job.key);
         // Slurm does not create the --output folder; a job without it fails silently.
-        std::fs::create_dir_all(&logs)
-            .map_err(|e| format!("creating `{}`: {e}", logs.display()))?;
+        std::fs::create_dir_all(&logs).map_err(|error| SlurmError::CreateLogs {
+            path: logs.clone(),
+            error,
+        })?;
         let script = script_path(&self.store, &job.key);
         let what = ScriptFor::job(job, needs_torch);
         let text = script_text(&what, resources, &self.options.torch_binary, &self.store);
-        std::fs::write(&script, text)
-            .map_err(|e| format!("writing `{}`: {e}", script.display()))?;
+        std::fs::write(&script, text).map_err(|error| SlurmError::WriteScript {
+            path: script.clone(),
+            error,
+        })?;
         Ok(script)
     }
 
@@ -201,23 +206,22 @@ impl Slurm {
     }
 
     /// Submits `script`; returns the job id.
-    pub fn submit(&self, script: &Path) -> Result<String, String> {
+    pub fn submit(&self, script: &Path) -> Result<String, SlurmError> {
         let output = self
             .options
             .command("sbatch")
             .arg("--parsable")
             .arg(script)
             .output()
-            .map_err(|e| format!("could not run sbatch ({e}); is Slurm installed on this host?"))?;
+            .map_err(SlurmError::NoSbatch)?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         let id = stdout.trim().split(';').next().unwrap_or("").to_string();
         if !output.status.success() || id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            return Err(format!(
-                "sbatch refused the job ({}): {}",
-                output.status,
-                stderr.trim()
-            ));
+            return Err(SlurmError::Refused {
+                status: output.status,
+                stderr: stderr.trim().to_string(),
+            });
         }
         Ok(id)
     }
@@ -378,31 +382,32 @@ impl Slurm {
 
     /// The one-line failure of a job that did not succeed, with its Slurm log's last lines
     /// (a job whose stage failed copies the stage log's last lines there), and that log.
-    pub fn failure(&self, key: &str, job_id: &str, end: &JobEnd) -> (String, PathBuf) {
+    pub fn failure(&self, key: &str, job_id: &str, end: &JobEnd) -> (SlurmError, PathBuf) {
         let log = log_dir(&self.store, key).join(format!("slurm-{job_id}.log"));
-        let what = match end {
-            JobEnd::Exited(record) => format!(
-                "Slurm job {job_id} failed: {}",
-                record.error.as_deref().unwrap_or("no error recorded")
-            ),
+        let job_id = job_id.to_string();
+        let end = match end {
+            JobEnd::Exited(record) => SlurmJobFailure::Failed {
+                job_id,
+                error: record.error.clone(),
+            },
             JobEnd::Ended { state, reason } => {
-                let mut details: Vec<String> = self.exit_code(job_id).into_iter().collect();
+                let mut details: Vec<String> = self.exit_code(&job_id).into_iter().collect();
                 if !matches!(reason.as_str(), "" | "None") {
                     details.push(reason.clone());
                 }
-                let details = match details.is_empty() {
-                    true => String::new(),
-                    false => format!(" ({})", details.join(", ")),
-                };
-                format!("Slurm job {job_id} ended {state}{details} before the stage finished")
+                SlurmJobFailure::Ended {
+                    job_id,
+                    state: state.clone(),
+                    details,
+                }
             }
-            JobEnd::Cancelled => format!("cancelled (Slurm job {job_id} scancel'ed)"),
+            JobEnd::Cancelled => SlurmJobFailure::Cancelled { job_id },
         };
-        let tail = last_lines(&log, 5);
-        if tail.is_empty() || matches!(end, JobEnd::Cancelled) {
-            return (what, log);
-        }
-        (format!("{what}; last lines: {}", tail.join(" | ")), log)
+        let last_lines = match end {
+            SlurmJobFailure::Cancelled { .. } => Vec::new(),
+            _ => last_lines(&log, 5),
+        };
+        (SlurmError::Job { end, last_lines }, log)
     }
 
     /// `exit code N:S` from scontrol while Slurm still knows the job.
