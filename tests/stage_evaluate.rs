@@ -283,3 +283,55 @@ fn an_embed_stage_feeds_real_and_other_models_are_refused() {
         "{all}"
     );
 }
+
+/// `world_score` on the toy world's own pictures (their captions as prompts, from the world's
+/// manifest): the classifier reads them as captioned — the ceiling a generated world can reach,
+/// as the DreamBooth paper's "real images" row is for DINO — and the report ranks it in its
+/// Scores section with the world's metrics.
+#[test]
+fn world_score_reads_the_worlds_own_pictures_as_captioned() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dir.path().join("world.yaml");
+    std::fs::write(
+        &pipeline,
+        "name: world\nstages:\n  world:\n    kind: toy_world\n    count: 24\n    size: 32\n    subject_images: 1\n  score:\n    kind: world_score\n    generated: [world]\n",
+    )
+    .unwrap();
+    let cache = dir.path().join("cache");
+    let output = run_ok(&cache, &pipeline);
+    let scores = read_json(&stage_output(&cache, "world", "score").join("scores.json"));
+    let overall = &scores["overall"][0];
+    assert_eq!(
+        (overall["model"].as_str(), overall["n"].as_u64()),
+        (Some("world"), Some(24))
+    );
+    assert_eq!(overall["caption"]["count"], 24);
+    assert!(
+        overall["caption"]["mean"].as_f64().unwrap() >= 0.95,
+        "{overall}"
+    );
+    assert_eq!(overall["no_stripes"]["mean"], 1.0);
+    assert_eq!(
+        overall["subject"],
+        serde_json::json!({"mean": null, "count": 0})
+    );
+    let first = &scores["per_image"][0];
+    assert_eq!(first["file"], "images/0000.png");
+    assert!(
+        first["prompt"].as_str().unwrap().ends_with("background"),
+        "{first}"
+    );
+    let report = output
+        .lines()
+        .find_map(|line| line.strip_prefix("report: "))
+        .expect("report path");
+    let html = std::fs::read_to_string(report.trim()).unwrap();
+    assert!(
+        html.contains("<h2>Scores</h2>") && html.contains("<th>no stripes</th>"),
+        "{html}"
+    );
+    assert!(
+        !html.contains("Table 1"),
+        "the paper's rows belong to evaluate's metrics only"
+    );
+}

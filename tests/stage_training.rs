@@ -698,6 +698,9 @@ stages:
     max_train_steps: 3
     learning_rate: 1.0e-3
     kl_scale: 1.0e-3
+  world_scores:
+    kind: world_score
+    generated: [world, grid]
   eval:
     kind: evaluate
     generated: EVAL/images/grid
@@ -781,7 +784,19 @@ fn guard_outputs(project: &Project) -> serde_json::Value {
             "losses": losses(&output(project, "ft"))},
         "vae": {"version": version("vae"),
             "losses": losses(&output(project, "ae"))},
+        "world_score": {"version": version("world_score"),
+            "means": world_means(&output(project, "world_scores"))},
     })
+}
+
+/// Every variant's world_score rates (-1 where a metric applies to none of its images).
+fn world_means(dir: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(dir.join("scores.json")).expect("scores.json");
+    let scores: serde_json::Value = serde_json::from_str(&text).expect("scores JSON");
+    let metrics = dreampipe_kinds::sd::world_score::METRICS;
+    (scores["overall"].as_array().expect("overall").iter())
+        .flat_map(|variant| metrics.map(|(m, _)| variant[m]["mean"].as_f64().unwrap_or(-1.0)))
+        .collect()
 }
 
 /// Every variant's mean DINO, CLIP-I, CLIP-T and PRES, in `scores.json` order.
@@ -851,6 +866,7 @@ fn kind_versions_guard_their_outputs() {
         ("evaluate", "means", false, GUARD_SCORES),
         ("finetune", "losses", true, GUARD_LOSS_RTOL),
         ("vae", "losses", true, GUARD_LOSS_RTOL),
+        ("world_score", "means", false, 0.0),
     ];
     let bless = "DREAMPIPE_BLESS=1 cargo test --test stage_training kind_versions";
     for (kind, field, relative, tolerance) in checks {

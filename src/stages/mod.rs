@@ -10,6 +10,7 @@ pub mod sd_common;
 pub mod textual_inversion;
 pub mod training;
 pub mod vae;
+pub mod world_score;
 
 pub use dreampipe_core::stages::*;
 
@@ -25,4 +26,5 @@ pub fn registry() -> Registry {
         .implement("dreambooth_lora", dreambooth::run_lora)
         .implement("finetune", dreambooth::run_finetune)
         .implement("vae", vae::run)
+        .implement("world_score", world_score::run)
 }

@@ -14,6 +14,7 @@ pub mod png;
 pub mod sd;
 pub mod toy_world;
 pub mod worker_verbs;
+pub mod world_check;
 
 use dreampipe_core::stages::Registry;
 use std::sync::Arc;
@@ -34,4 +35,5 @@ pub fn registry() -> Registry {
         .with(Arc::new(sd::dreambooth_lora::DreamBoothLoraKind))
         .with(Arc::new(sd::finetune::FinetuneKind))
         .with(Arc::new(sd::vae::VaeKind))
+        .with(Arc::new(sd::world_score::WorldScoreKind))
 }

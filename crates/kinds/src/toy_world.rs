@@ -180,6 +180,16 @@ fn placement(rng: &mut SplitMix, size: u32) -> ((f64, f64), f64) {
     (centre, radius)
 }
 
+/// The picture of a world scene (its shape in its plain colour).
+pub fn render_scene(params: &ToyWorldParams, scene: &Scene) -> RgbImage {
+    render(params.size, scene, &|_, _| scene.colour.1)
+}
+
+/// The picture of a subject scene (its star in the subject's stripes).
+pub fn render_subject(params: &ToyWorldParams, scene: &Scene) -> RgbImage {
+    render(params.size, scene, &subject_fill(params.size))
+}
+
 /// Renders a scene; `fill` gives the shape's colour at a point (plain, or the subject's stripes).
 fn render(size: u32, scene: &Scene, fill: &dyn Fn(f64, f64) -> [u8; 3]) -> RgbImage {
     let samples = f64::from(SUPERSAMPLE * SUPERSAMPLE);
@@ -250,7 +260,7 @@ fn in_polygon(corners: &[(f64, f64)], x: f64, y: f64) -> bool {
 
 fn write_world_image(out: &Path, params: &ToyWorldParams, index: u64) -> Result<Value, StageError> {
     let scene = scene(params, index);
-    let image = render(params.size, &scene, &|_, _| scene.colour.1);
+    let image = render_scene(params, &scene);
     let name = format!("{index:04}");
     let images = out.join(crate::output::IMAGES_DIR);
     save(&image, &images.join(format!("{name}.png")))?;
@@ -296,7 +306,7 @@ fn write_subject_image(
     index: u64,
 ) -> Result<Value, StageError> {
     let scene = subject_scene(params, index);
-    let image = render(params.size, &scene, &subject_fill(params.size));
+    let image = render_subject(params, &scene);
     let file = format!("subject/{index:04}.png");
     save(&image, &out.join(&file))?;
     Ok(json!({"file": file, "background": scene.background.0}))

@@ -111,12 +111,16 @@ stages:
     max_train_steps: 10
     rec_loss: l1
     fit_scaling_factor: true
+  world_scores:
+    kind: world_score
+    generated: [world, grid]
+    identifier: toy
 "#;
 
-/// The keys main computed for [`PIPELINE`] (stage id → key), on a CUDA device (`world`, `tune`
-/// and `ae` pinned when they were added, after the `vae` kind landed; they sit last because
+/// The keys main computed for [`PIPELINE`] (stage id → key), on a CUDA device (`world`, `tune`,
+/// `ae` and `world_scores` pinned when they were added, after the `vae` kind landed; they sit last because
 /// this test's stand-in upstream digests are the stages' positions).
-const PINNED: [(&str, &str); 14] = [
+const PINNED: [(&str, &str); 15] = [
     (
         "class_images",
         "31d6c95275b11b806971ef7f33147f14ba5ba17335aa773f59a749d3d0827b1e",
@@ -172,6 +176,10 @@ const PINNED: [(&str, &str); 14] = [
     (
         "world",
         "d4e0307b137773360f51a1071ef16bef1e7ad32d14ee8bda3ebf84fcd87248af",
+    ),
+    (
+        "world_scores",
+        "95af9e1d6184be5650ef0d871693e43af483a3112311baaddbcbeb290ca5130b",
     ),
 ];
 

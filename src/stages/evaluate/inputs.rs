@@ -1,5 +1,6 @@
-//! The images an `evaluate` stage scores: generated images with their variant label and prompt
-//! (from each input's `manifest.json` — sample_grid, generate and images stages write one — or,
+//! The images an `evaluate` (or `world_score`) stage scores: generated images with their variant
+//! label and prompt (from each input's `manifest.json` — sample_grid, generate, images and
+//! toy_world stages write one, toy_world's with a `caption` per image — or,
 //! for a plain folder, its image files with the `prompt` field), and the real images (an images
 //! stage's `images/` or a folder).
 use super::super::sd_common::field_error;
@@ -90,7 +91,9 @@ fn from_manifest(
         if Path::new(file).is_absolute() || file.split('/').any(|part| part == "..") {
             return Err(bad(format!("image {index}: `{file}` leaves the folder")));
         }
-        let entry_prompt = entry.get("prompt").and_then(Value::as_str).or(prompt);
+        // A toy_world manifest gives each image's caption: the prompt it answers.
+        let recorded = entry.get("prompt").or_else(|| entry.get("caption"));
+        let entry_prompt = recorded.and_then(Value::as_str).or(prompt);
         images.push(GeneratedImage {
             path: input.path.join(file),
             file: file.to_string(),

@@ -1,8 +1,10 @@
-//! The report's "Scores" section for `evaluate` stages: a table ranking the variants by DINO
-//! (then CLIP-T) with the swept parameters as columns and the DreamBooth paper's Table 1 rows
-//! beneath, and one chart per metric — against the swept parameter when the variants differ in
-//! exactly one numeric parameter, else against the variants' rank — with Table 1's values as
-//! labelled reference lines.
+//! The report's "Scores" section for stages that write `scores.json` (`evaluate`, `world_score`):
+//! a table ranking the variants by the first metric (then the third; for `evaluate` DINO, then
+//! CLIP-T) with the swept parameters as columns, and one chart per metric — against the swept
+//! parameter when the variants differ in exactly one numeric parameter, else against the
+//! variants' rank. The metrics are `scores.json`'s `metrics` list (`[key, display name]` pairs),
+//! else the DreamBooth paper's four, which also get the paper's Table 1 rows beneath the table
+//! and its values as labelled reference lines.
 use std::path::Path;
 
 use maud::{Markup, html};
@@ -48,6 +50,32 @@ pub fn read_scores(path: &Path) -> Result<Value, String> {
     }
 }
 
+/// The metrics of a `scores.json` as (key, display name): its `metrics` list, else the DreamBooth
+/// paper's four.
+fn metrics_of(scores: &Value) -> Vec<(String, String)> {
+    let listed: Option<Vec<(String, String)>> = (scores.get("metrics").and_then(Value::as_array))
+        .map(|pairs| {
+            (pairs.iter())
+                .filter_map(|pair| {
+                    let key = pair.get(0)?.as_str()?;
+                    let name = pair.get(1)?.as_str()?;
+                    Some((key.to_string(), name.to_string()))
+                })
+                .collect()
+        });
+    match listed {
+        Some(metrics) if !metrics.is_empty() => metrics,
+        _ => (METRICS.iter())
+            .map(|(key, name)| (key.to_string(), name.to_string()))
+            .collect(),
+    }
+}
+
+/// Whether `metrics` are the DreamBooth paper's (then its Table 1 is shown beside them).
+fn are_the_papers(metrics: &[(String, String)]) -> bool {
+    metrics.len() == METRICS.len() && (metrics.iter().zip(METRICS)).all(|((k, _), (m, _))| k == m)
+}
+
 /// One variant's row of the ranking.
 struct Variant<'a> {
     entry: &'a Value,
@@ -77,8 +105,9 @@ pub fn swept_params(label: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The variants, best first: DINO mean descending, then CLIP-T; missing values last.
-fn ranked(scores: &Value) -> Vec<Variant<'_>> {
+/// The variants, best first: the first metric's mean descending, then the third's (DINO, then
+/// CLIP-T); missing values last.
+fn ranked<'a>(scores: &'a Value, metrics: &[(String, String)]) -> Vec<Variant<'a>> {
     let mut variants: Vec<Variant> = scores["overall"]
         .as_array()
         .into_iter()
@@ -92,12 +121,17 @@ fn ranked(scores: &Value) -> Vec<Variant<'_>> {
             }
         })
         .collect();
-    let key = |v: &Variant| {
-        (
-            v.mean("dino").unwrap_or(f64::NEG_INFINITY),
-            v.mean("clip_t").unwrap_or(f64::NEG_INFINITY),
-        )
+    let by = |index: usize| {
+        metrics
+            .get(index)
+            .or(metrics.first())
+            .map(|(k, _)| k.as_str())
     };
+    let (first, then) = (by(0), by(2));
+    let mean = |v: &Variant, metric: Option<&str>| {
+        metric.and_then(|m| v.mean(m)).unwrap_or(f64::NEG_INFINITY)
+    };
+    let key = |v: &Variant| (mean(v, first), mean(v, then));
     variants.sort_by(|a, b| {
         key(b)
             .partial_cmp(&key(a))
@@ -113,7 +147,8 @@ pub fn render_scores(scored: &[(&str, &Value)]) -> Markup {
         @if !scored.is_empty() {
             h2 { "Scores" }
             @for &(id, scores) in scored {
-                @let variants = ranked(scores);
+                @let metrics = metrics_of(scores);
+                @let variants = ranked(scores, &metrics);
                 h3 { (id) }
                 @if scores.get("random_weights").and_then(Value::as_bool) == Some(true) {
                     p class="missing" {
@@ -121,8 +156,8 @@ pub fn render_scores(scored: &[(&str, &Value)]) -> Markup {
                         code { "dreampipe model init" } "): these numbers mean nothing."
                     }
                 }
-                (ranking_table(&variants))
-                (charts(id, &variants))
+                (ranking_table(&variants, &metrics))
+                (charts(id, &variants, &metrics))
             }
         }
     }
@@ -142,26 +177,28 @@ fn cell(value: Option<f64>) -> String {
     value.map_or("—".to_string(), |v| format!("{v:.3}"))
 }
 
-fn ranking_table(variants: &[Variant]) -> Markup {
+fn ranking_table(variants: &[Variant], metrics: &[(String, String)]) -> Markup {
     let params = columns(variants);
+    let paper = are_the_papers(metrics);
     html! {
         table class="scores" {
             tr {
                 th { "rank" } th { "variant" }
                 @for name in &params { th { (name) } }
-                th { "n" } th { "DINO" } th { "CLIP-I" } th { "CLIP-T" } th { "PRES" }
+                th { "n" }
+                @for (_, name) in metrics { th { (name) } }
             }
             @for (rank, variant) in variants.iter().enumerate() {
-                (variant_row(rank + 1, variant, &params))
+                (variant_row(rank + 1, variant, &params, metrics))
             }
-            @for (row, dino, clip_i, clip_t) in PAPER_TABLE_1 {
+            @for (row, dino, clip_i, clip_t) in PAPER_TABLE_1.iter().filter(|_| paper) {
                 tr class="paper" {
                     td { "paper" }
                     th { (row) " (Table 1)" }
                     // The swept parameters' columns and `n` stay blank.
                     @for _ in 0..=params.len() { td {} }
-                    td { (cell(Some(dino))) } td { (cell(Some(clip_i))) }
-                    td { (cell(clip_t)) } td { "—" }
+                    td { (cell(Some(*dino))) } td { (cell(Some(*clip_i))) }
+                    td { (cell(*clip_t)) } td { "—" }
                 }
             }
         }
@@ -169,7 +206,12 @@ fn ranking_table(variants: &[Variant]) -> Markup {
 }
 
 /// One variant's row: rank, label, swept values, sample count and the metrics' means.
-fn variant_row(rank: usize, variant: &Variant, params: &[String]) -> Markup {
+fn variant_row(
+    rank: usize,
+    variant: &Variant,
+    params: &[String],
+    metrics: &[(String, String)],
+) -> Markup {
     let value = |name: &String| {
         variant
             .params
@@ -183,7 +225,7 @@ fn variant_row(rank: usize, variant: &Variant, params: &[String]) -> Markup {
             th { (variant.label) }
             @for name in params { td { (value(name)) } }
             td { (variant.entry["n"].as_u64().unwrap_or(0)) }
-            @for (metric, _) in METRICS { td { (cell(variant.mean(metric))) } }
+            @for (metric, _) in metrics { td { (cell(variant.mean(metric))) } }
         }
     }
 }
@@ -229,7 +271,8 @@ fn single_numeric_sweep(variants: &[Variant]) -> Option<(String, Vec<f64>)> {
     (distinct.len() >= 2).then(|| (name.clone(), values))
 }
 
-fn charts(stage: &str, variants: &[Variant]) -> Markup {
+fn charts(stage: &str, variants: &[Variant], metrics: &[(String, String)]) -> Markup {
+    let paper = are_the_papers(metrics);
     let sweep = single_numeric_sweep(variants);
     let (x_label, xs): (String, Vec<f64>) = match &sweep {
         Some((name, values)) => (name.clone(), values.clone()),
@@ -238,7 +281,7 @@ fn charts(stage: &str, variants: &[Variant]) -> Markup {
             (1..=variants.len()).map(|r| r as f64).collect(),
         ),
     };
-    let charts = METRICS.into_iter().filter_map(|(metric, name)| {
+    let charts = metrics.iter().filter_map(|(metric, name)| {
         let mut points: Vec<(f64, f64)> = xs
             .iter()
             .zip(variants)
@@ -255,11 +298,12 @@ fn charts(stage: &str, variants: &[Variant]) -> Markup {
             width: CHART_SIZE.0,
             height: CHART_SIZE.1,
         };
-        Some(line_chart_with_references(
-            &points,
-            &references(metric),
-            &spec,
-        ))
+        let lines = if paper {
+            references(metric)
+        } else {
+            Vec::new()
+        };
+        Some(line_chart_with_references(&points, &lines, &spec))
     });
     html! { div class="charts" { @for chart in charts { (chart) } } }
 }

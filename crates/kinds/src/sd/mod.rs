@@ -13,6 +13,7 @@ pub mod sample_grid;
 pub mod textual_inversion;
 pub mod training;
 pub mod vae;
+pub mod world_score;
 
 pub use dreampipe_core::stages::field_error;
 

@@ -1,0 +1,86 @@
+//! The `world_score` stage: scores generated pictures of the toy world against their prompts
+//! with the world's classifier (`crate::world_check`) — per variant, the share of subject prompts
+//! (those with `identifier`) that show the subject's striped star, the share of world captions
+//! rendered exactly (background, colour and shape), the share of the other prompts free of the
+//! subject's stripes (class drift), and the background and shape rates. Output: `scores.json`
+//! (`metrics`, `overall` per variant, `per_image`), shown in the report's Scores section.
+use dreampipe_core::stages::params::Input;
+use dreampipe_core::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// The metrics of `scores.json`, as (key, display name), ranking by the first, then the third.
+pub const METRICS: [(&str, &str); 5] = [
+    ("subject", "subject"),
+    ("caption", "caption"),
+    ("no_stripes", "no stripes"),
+    ("background", "background"),
+    ("shape", "shape"),
+];
+
+pub struct WorldScoreKind;
+
+/// A `world_score` stage's fields (its table: [`WorldScoreKind::schema`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorldScoreParams {
+    /// Resolved by the runner: `ctx.inputs["generated"]`.
+    pub generated: Input,
+    /// The prompt of images whose input records none.
+    pub prompt: Option<String>,
+    pub identifier: String,
+}
+
+impl Stage for WorldScoreKind {
+    fn kind(&self) -> &'static str {
+        "world_score"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn device_class(&self) -> DeviceClass {
+        DeviceClass::Cpu
+    }
+    fn summary(&self) -> &'static str {
+        "Scores generated pictures of the toy world against their prompts with the world's classifier (background, shape colour and kind, the subject's stripes). Output: `scores.json` (per variant: subject, caption, no stripes, background and shape rates; per image: what was asked and what was seen)."
+    }
+    fn schema(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::required(
+                "generated",
+                ParamType::PathOrStageRefList,
+                "sample_grid or generate stages (variants and prompts from their manifest.json), or images stages / folders (with `prompt`); every variant of a swept stage is scored",
+            )
+            .gathers(),
+            ParamSpec::optional(
+                "prompt",
+                ParamType::String,
+                Value::Null,
+                "the prompt of generated images whose input has none (an images stage or a folder)",
+            ),
+            ParamSpec::optional(
+                "identifier",
+                ParamType::String,
+                json!("sks"),
+                "the subject's rare token: prompts with it ask for the subject (the striped star)",
+            ),
+        ]
+    }
+    fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
+        Err(dreampipe_core::stages::needs_torch_worker(self.kind()))
+    }
+    fn needs_torch(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_names_the_fields_of_the_struct() {
+        dreampipe_core::stages::params::check_table::<WorldScoreParams>(&WorldScoreKind.schema())
+            .unwrap();
+    }
+}
