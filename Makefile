@@ -7,7 +7,7 @@ $(error libtorch setup failed (see the setup-libtorch message above))
 endif
 export LIBTORCH := $(LIBTORCH_DIR)
 
-.PHONY: demo test test-kernels build libtorch lint
+.PHONY: demo demo-tiny test test-kernels build libtorch lint
 
 libtorch:
 	@echo "libtorch: $(LIBTORCH)"
@@ -18,6 +18,11 @@ build: libtorch
 # One torch thread unless OMP_NUM_THREADS says otherwise: the demo's tensors are tiny, and on a
 # busy 2-core machine OpenMP's spinning threads made it 5-10x slower (see tests/recipes.rs).
 demo: build
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} ./target/release/dreampipe --device cpu run pipelines/world/demo.yaml
+
+# The whole chain (class images, textual inversion, DreamBooth, grid, the paper's metrics) on the
+# random-weight tiny model in seconds: the mechanics without the learning.
+demo-tiny: build
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} ./target/release/dreampipe --device cpu run pipelines/demo.yaml
 
 # The whole suite, every failure reported (not just the first failing test binary); exits

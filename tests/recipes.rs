@@ -479,3 +479,58 @@ fn report_path(stdout: &str) -> PathBuf {
     assert!(page.is_file(), "{}", page.display());
     page
 }
+
+/// `pipelines/world/`: the base model's training pipeline validates and plans (its hour of CPU
+/// training is not rerun here; models/toy-world is its output), and the demo on that model runs
+/// shrunk end to end — the base model and both DreamBooth settings at each swept step count are
+/// scored per variant by the world's classifier — then is fully cached.
+#[test]
+fn the_world_pipelines_plan_and_the_world_demo_runs_shrunk() {
+    let work = Workspace::new();
+    let (ok, stdout, stderr) = work.dreampipe(&["validate", "pipelines/world/train-base.yaml"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        stdout,
+        "pipeline `world-base` is valid: 5 stage(s), 5 after sweep expansion\n"
+    );
+    let shrink = [
+        "params.steps=[1, 2, 3]",
+        "class_images.count=4",
+        "class_images.steps=2",
+        "db_prior.num_class_images=4",
+        "grid.steps=2",
+        "grid.seeds=[0]",
+    ];
+    let mut args = vec!["run", "--plain", "pipelines/world/demo.yaml"];
+    for set in &shrink {
+        args.extend(["--set", set]);
+    }
+    let (ok, stdout, stderr) = work.dreampipe(&args);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("10 ran, 0 cached, 0 failed, 0 skipped"),
+        "{stdout}"
+    );
+    let scores = read_json(&work.cache().join("runs/world-demo/scores/scores.json"));
+    let variants: Vec<&str> = (scores["overall"].as_array().unwrap().iter())
+        .map(|v| v["model"].as_str().unwrap())
+        .collect();
+    assert_eq!(variants.len(), 7, "{variants:?}");
+    assert_eq!(variants[0], "toy-world");
+    for setting in ["db_prior", "db_plain"] {
+        for steps in 1..=3 {
+            let id = format!("{setting}[max_train_steps={steps}]");
+            assert!(variants.contains(&id.as_str()), "{id} in {variants:?}");
+        }
+    }
+    for variant in scores["overall"].as_array().unwrap() {
+        // 4 prompts × 1 seed: one subject prompt, three others, two world captions.
+        assert_eq!(variant["n"], 4);
+        assert_eq!(variant["subject"]["count"], 1);
+        assert_eq!(variant["no_stripes"]["count"], 3);
+        assert_eq!(variant["caption"]["count"], 2);
+    }
+    let (ok, again, stderr) = work.dreampipe(&args);
+    assert!(ok, "{stderr}");
+    assert!(again.contains("0 ran, 10 cached"), "{again}");
+}
