@@ -491,7 +491,7 @@ fn the_world_pipelines_plan_and_the_world_demo_runs_shrunk() {
     assert!(ok, "{stderr}");
     assert_eq!(
         stdout,
-        "pipeline `world-base` is valid: 5 stage(s), 5 after sweep expansion\n"
+        "pipeline `world-base` is valid: 7 stage(s), 7 after sweep expansion\n"
     );
     let shrink = [
         "params.steps=[1, 2, 3]",
@@ -516,7 +516,7 @@ fn the_world_pipelines_plan_and_the_world_demo_runs_shrunk() {
         .map(|v| v["model"].as_str().unwrap())
         .collect();
     assert_eq!(variants.len(), 7, "{variants:?}");
-    assert_eq!(variants[0], "toy-world");
+    assert_eq!(variants[6], "toy-world", "the base model is the last row");
     for setting in ["db_prior", "db_plain"] {
         for steps in 1..=3 {
             let id = format!("{setting}[max_train_steps={steps}]");
