@@ -22,9 +22,13 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
         judged.push(Judged::new(image, world_check::read(&picture), expected));
         ctx.progress.step(index as u64 + 1, images.len() as u64);
     }
+    let rates = overall(&judged);
+    for row in &rates {
+        ctx.log.line(&row.to_string());
+    }
     let scores = json!({
         "metrics": METRICS,
-        "overall": overall(&judged),
+        "overall": rates,
         "per_image": judged.iter().map(Judged::to_json).collect::<Vec<_>>(),
     });
     let path = ctx
@@ -32,11 +36,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
         .join(dreampipe_core::report::scores::SCORES_FILE);
     let text = serde_json::to_string_pretty(&scores)
         .map_err(|e| StageError::Failed(format!("stage `{}`: scores: {e}", ctx.stage_id)))?;
-    std::fs::write(&path, text).map_err(|e| StageError::io("write", &path, e))?;
-    for row in overall(&judged) {
-        ctx.log.line(&row.to_string());
-    }
-    Ok(())
+    std::fs::write(&path, text).map_err(|e| StageError::io("write", &path, e))
 }
 
 /// One image: what its prompt asked for, what the classifier saw, and each metric's verdict

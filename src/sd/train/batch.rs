@@ -28,6 +28,22 @@ pub struct XlBatch {
     pub time_ids: Tensor,
 }
 
+/// One sample's micro-conditioning: the image's original `(height, width)` and where it was
+/// cropped, `(top, left)`.
+pub(crate) type SizeAndCrop = ((u32, u32), (u32, u32));
+
+/// SDXL's time ids `original_size + crop_top_left + target_size` (the scripts'
+/// `compute_time_ids`), one row per sample, as float32 `[n, 6]`.
+pub(crate) fn time_ids(samples: &[SizeAndCrop], resolution: u32) -> Tensor {
+    let rows: Vec<f32> = (samples.iter())
+        .flat_map(|&((height, width), (top, left))| {
+            [height, width, top, left, resolution, resolution]
+        })
+        .map(|value| value as f32)
+        .collect();
+    Tensor::from_slice(&rows).view([samples.len() as i64, 6])
+}
+
 /// The noise and timesteps of a batch of latents, drawn after the latents from the thread's
 /// seeded generator: `randn_like`, the optional offset noise, then `randint(0, T, (b,))`.
 pub fn draw_noise_and_timesteps(

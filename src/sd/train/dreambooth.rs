@@ -16,7 +16,7 @@
 //!   batch's weights against the instance half).
 use super::TrainError;
 use super::base_model::{BaseModel, ModuleKinds};
-use super::batch::{StepBatch, XlBatch};
+use super::batch::{self, SizeAndCrop, StepBatch, XlBatch};
 use super::config::{self, MixedPrecisionExt};
 use super::data::{self, Transform};
 use super::driver::{self, DriverSettings, TrainingMethod};
@@ -475,10 +475,6 @@ struct DreamBoothData {
     dropout: Option<((Tensor, Option<Tensor>), f64)>,
 }
 
-/// The micro-conditioning of one sample: `original_size` (height, width) of the image and
-/// where it was cropped.
-type SizeAndCrop = ((u32, u32), (u32, u32));
-
 impl DreamBoothData {
     fn load(config: &DreamBoothConfig, base: &BaseModel) -> Result<Self, TrainError> {
         let instances = data::load_folder(&config.instance_data_dir, "instance_data_dir")?;
@@ -654,17 +650,11 @@ impl DreamBoothData {
     /// same rows again for the class half (the script gives class images their instance's
     /// sizes).
     fn time_ids(&self, crops: &[SizeAndCrop], resolution: u32) -> Tensor {
-        let row = |((height, width), (top, left)): &SizeAndCrop| {
-            [*height, *width, *top, *left, resolution, resolution].map(f64::from)
-        };
-        let mut rows: Vec<f64> = crops.iter().flat_map(row).collect();
+        let mut rows = crops.to_vec();
         if self.class_ids.is_some() {
             rows.extend_from_within(..);
         }
-        let count = rows.len() as i64 / 6;
-        Tensor::from_slice(&rows)
-            .to_kind(Kind::Float)
-            .view([count, 6])
+        batch::time_ids(&rows, resolution)
     }
 
     /// The instance (and class) image of run-wide sample number `sample`.

@@ -19,7 +19,7 @@
 //! learning rate is 5e-4 (the README's recipe; the script's argparse default is 1e-4).
 use super::TrainError;
 use super::base_model::{BaseModel, ModuleKinds};
-use super::batch::{StepBatch, XlBatch};
+use super::batch::{self, StepBatch, XlBatch};
 use super::config::{self, MixedPrecisionExt};
 use super::data::{self, Transform};
 use super::driver::{self, DriverSettings, TrainingMethod};
@@ -566,7 +566,8 @@ impl TiData {
             let mut rng = SampleRng::for_sample(config.training.seed, sample);
             templates.push(rng.below(self.template_ids.len() as u64) as usize);
             let image = &self.images[index];
-            sizes.push((image.height(), image.width()));
+            // textual_inversion_sdxl.py stretches the whole image: its crop is the corner.
+            sizes.push(((image.height(), image.width()), (0, 0)));
             pixels.push(self.transform.apply(image, &mut rng));
         }
         let moments = base.encode_moments(&Tensor::stack(&pixels, 0).to_device(config.device));
@@ -582,20 +583,10 @@ impl TiData {
         )?;
         batch.xl = (self.template_ids_2.as_deref()).map(|ids_2| XlBatch {
             input_ids_2: pick(ids_2),
-            time_ids: time_ids(&sizes, config.training.resolution),
+            time_ids: batch::time_ids(&sizes, config.training.resolution),
         });
         Ok(batch)
     }
-}
-
-/// textual_inversion_sdxl.py's time ids: each image's original `(height, width)`, the crop
-/// `(0, 0)` (the script stretches the whole image to the square), then the resolution twice.
-fn time_ids(sizes: &[(u32, u32)], resolution: u32) -> Tensor {
-    let rows: Vec<f32> = (sizes.iter())
-        .flat_map(|&(height, width)| [height, width, 0, 0, resolution, resolution])
-        .map(|value| value as f32)
-        .collect();
-    Tensor::from_slice(&rows).view([sizes.len() as i64, 6])
 }
 
 struct TextualInversionRun<'a> {
