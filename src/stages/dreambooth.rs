@@ -24,7 +24,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let config = config_from(ctx, &params.dreambooth, &params.training)?;
     let settings = RunSettings {
         training: &params.training,
-        export: &params.export,
+        export: &params.output.export,
     };
     training::run_method(ctx, &settings, "dreambooth", |callbacks| {
         dreambooth::train(&config, callbacks)
@@ -78,7 +78,7 @@ pub fn run_finetune(ctx: &StageContext<'_>) -> Result<(), StageError> {
         .map_err(|e| training::stage_error(ctx, e))?;
     let settings = RunSettings {
         training: &params.training,
-        export: &params.export,
+        export: &params.output.export,
     };
     training::run_method(ctx, &settings, "finetune", |callbacks| {
         dreambooth::train(&config, callbacks)

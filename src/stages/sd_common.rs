@@ -14,7 +14,7 @@ use tch::Kind;
 
 pub use dreampipe_kinds::sd::{
     DTYPE_CHOICES, Dtype, KEY_FIELD, PIPELINE_FIELD, SCHEDULER_CHOICES, STAGE_FIELD, SchedulerName,
-    dtype_spec, field_error, guidance_spec, negative_prompt_spec, size_specs, steps_spec,
+    field_error,
 };
 
 /// The libtorch kind of a `dtype` / `save_dtype` value.

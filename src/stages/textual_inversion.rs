@@ -15,7 +15,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let config = config_from(ctx, &params)?;
     let settings = RunSettings {
         training: &params.training,
-        export: &params.export,
+        export: &params.output.export,
     };
     training::run_method(ctx, &settings, "textual_inversion", |callbacks| {
         textual_inversion::train(&config, callbacks)

@@ -33,7 +33,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
         .map_err(|e| training::stage_error(ctx, e))?;
     let settings = RunSettings {
         training: &params.training,
-        export: &params.export,
+        export: &params.output.export,
     };
     training::run_method(ctx, &settings, "vae", |callbacks| {
         vae::train(&config, callbacks)

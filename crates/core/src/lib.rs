@@ -6,6 +6,9 @@
 //! that need no tensors (`cli`). It names no stage kind and no torch-worker verb: the binaries
 //! register both (the kinds come from `dreampipe_kinds`, their implementations needing
 //! libtorch from the `dreampipe` crate).
+// `#[derive(Params)]` names `::dreampipe_core`, also for the structs core itself declares.
+extern crate self as dreampipe_core;
+
 pub mod cache;
 pub mod cli;
 pub mod device;

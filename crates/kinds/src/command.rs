@@ -5,10 +5,9 @@
 //! with `resources: {gpus: N}`, `CUDA_VISIBLE_DEVICES` listing the N GPUs it holds (empty on a
 //! run without GPUs); without `resources` the variable is inherited unchanged.
 //! The `run` text enters the key; the environment's values do not.
-use dreampipe_core::stages::params::Input;
-use dreampipe_core::stages::{ParamSpec, ParamType, Stage, StageContext, StageError};
+use dreampipe_core::stages::params::{Input, ParamTable, Params};
+use dreampipe_core::stages::{ParamSpec, Stage, StageContext, StageError};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -18,14 +17,18 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 pub struct CommandStage;
 
-/// A `command` stage's fields (its table: [`CommandStage::schema`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A `command` stage's fields (its table is derived: [`Params`]); the inputs are resolved by
+/// the runner (`inputs` enter the key by content; `ctx.inputs` names each of `needs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct CommandParams {
+    /// shell text, run with `sh -c` in `$OUT`
     pub run: String,
-    /// Resolved by the runner (they enter the key by content).
+    /// files/folders whose content enters the key
+    #[param(ty = PathList, default = [])]
     pub inputs: Input,
-    /// Resolved by the runner: `ctx.inputs["needs"]` names each upstream.
+    /// upstream stages; each output folder is `$IN_<NAME>`
+    #[param(ty = StageRefList, default = [])]
     pub needs: Input,
 }
 
@@ -67,25 +70,7 @@ impl Stage for CommandStage {
         "Runs a shell command (`sh -c`) in the stage's output folder. Output: every file the command writes under `$OUT`."
     }
     fn schema(&self) -> Vec<ParamSpec> {
-        vec![
-            ParamSpec::required(
-                "run",
-                ParamType::String,
-                "shell text, run with `sh -c` in `$OUT`",
-            ),
-            ParamSpec::optional(
-                "inputs",
-                ParamType::PathList,
-                json!([]),
-                "files/folders whose content enters the key",
-            ),
-            ParamSpec::optional(
-                "needs",
-                ParamType::StageRefList,
-                json!([]),
-                "upstream stages; each output folder is `$IN_<NAME>`",
-            ),
-        ]
+        CommandParams::param_specs()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let params: CommandParams = ctx.typed()?;

@@ -4,11 +4,11 @@
 //! center-crops a square. Output: `images/NNNN.png` (RGB) and `manifest.json`.
 use dreampipe_core::imagefile;
 use dreampipe_core::stages::field_error;
-use dreampipe_core::stages::params::Input;
-use dreampipe_core::stages::{ParamSpec, ParamType, Stage, StageContext, StageError};
+use dreampipe_core::stages::params::{Input, ParamTable, Params};
+use dreampipe_core::stages::{ParamSpec, Stage, StageContext, StageError};
 use image::imageops::FilterType;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Largest accepted `resolution` (an SD 2.x image is 768; 4096 leaves room without absurdity).
 const MAX_RESOLUTION: f64 = 4096.0;
@@ -17,13 +17,19 @@ const MIN_RESOLUTION: f64 = 8.0;
 
 pub struct ImagesStage;
 
-/// An `images` stage's fields (its table: [`ImagesStage::schema`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// An `images` stage's fields (its table is derived: [`Params`]; `path` is resolved by the
+/// runner: `ctx.inputs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct ImagesParams {
-    /// Resolved by the runner: `ctx.inputs["path"]`.
+    /// folder of images (every non-hidden file must be an image within the image limit)
+    #[param(ty = Path)]
     pub path: Input,
+    /// shorter side after resizing; unset keeps the size
+    #[param(default = null, range(MIN_RESOLUTION, MAX_RESOLUTION))]
     pub resolution: Option<u32>,
+    /// crop a centered square after resizing
+    #[param(default = true)]
     pub center_crop: bool,
 }
 
@@ -38,26 +44,7 @@ impl Stage for ImagesStage {
         "Imports a folder of images: each file must decode; optional resize of the shorter side + center crop. Output: `images/0000.png`… (RGB PNG, sorted by source name) and `manifest.json` (source, width, height per image)."
     }
     fn schema(&self) -> Vec<ParamSpec> {
-        vec![
-            ParamSpec::required(
-                "path",
-                ParamType::Path,
-                "folder of images (every non-hidden file must be an image within the image limit)",
-            ),
-            ParamSpec::optional(
-                "resolution",
-                ParamType::Integer,
-                Value::Null,
-                "shorter side after resizing; unset keeps the size",
-            )
-            .range(MIN_RESOLUTION, MAX_RESOLUTION),
-            ParamSpec::optional(
-                "center_crop",
-                ParamType::Bool,
-                json!(true),
-                "crop a centered square after resizing",
-            ),
-        ]
+        ImagesParams::param_specs()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let params: ImagesParams = ctx.typed()?;

@@ -6,8 +6,8 @@
 //! never shows: a star with orange and black diagonal stripes (`subject/NNNN.png`, class `star`),
 //! the instance images of a DreamBooth run. Pure Rust, no downloads; the same seed writes the
 //! same bytes.
-use dreampipe_core::stages::params::List;
-use dreampipe_core::stages::{ParamSpec, ParamType, Stage, StageContext, StageError};
+use dreampipe_core::stages::params::{List, ParamTable, Params};
+use dreampipe_core::stages::{ParamSpec, Stage, StageContext, StageError};
 use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -46,15 +46,24 @@ const SUBJECT_SALT: u64 = 0x7375_626a_6563_7421;
 
 pub struct ToyWorldKind;
 
-/// A `toy_world` stage's fields (its table: [`ToyWorldKind::schema`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A `toy_world` stage's fields (its table is derived: [`Params`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct ToyWorldParams {
+    /// world images
+    #[param(default = 1000, range(1.0, MAX_COUNT))]
     pub count: u64,
+    /// image side in pixels
+    #[param(default = 64, range(16.0, 1024.0), multiple_of = 8)]
     pub size: u32,
+    /// seed of the world
+    #[param(default = 0, range(0.0, crate::sd::MAX_SEED))]
     pub seed: u64,
+    /// instance images of the held-out subject
+    #[param(default = 5, range(1.0, 100.0))]
     pub subject_images: u64,
-    /// Shapes the world draws (a subset of [`SHAPES`]).
+    /// the shapes the world draws
+    #[param(default = SHAPES, one_of = &SHAPES)]
     pub shapes: List<String>,
 }
 
@@ -69,34 +78,7 @@ impl Stage for ToyWorldKind {
         "Generates a seeded toy world of captioned images (one coloured shape on a plain background: `a red star on a blue background`) and a held-out subject (a star with orange and black stripes, class `star`). Output: `images/NNNN.png` with `NNNN.txt` captions, `subject/NNNN.png`, `manifest.json` (file, caption, shape, colour, background, centre, radius per image)."
     }
     fn schema(&self) -> Vec<ParamSpec> {
-        vec![
-            ParamSpec::optional("count", ParamType::Integer, json!(1000), "world images")
-                .range(1.0, MAX_COUNT),
-            ParamSpec::optional(
-                "size",
-                ParamType::Integer,
-                json!(64),
-                "image side in pixels",
-            )
-            .range(16.0, 1024.0)
-            .multiple_of(8),
-            ParamSpec::optional("seed", ParamType::Integer, json!(0), "seed of the world")
-                .range(0.0, crate::sd::MAX_SEED),
-            ParamSpec::optional(
-                "subject_images",
-                ParamType::Integer,
-                json!(5),
-                "instance images of the held-out subject",
-            )
-            .range(1.0, 100.0),
-            ParamSpec::optional(
-                "shapes",
-                ParamType::StringList,
-                json!(SHAPES),
-                "the shapes the world draws",
-            )
-            .one_of(&SHAPES),
-        ]
+        ToyWorldParams::param_specs()
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let params: ToyWorldParams = ctx.typed()?;

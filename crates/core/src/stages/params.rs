@@ -41,12 +41,117 @@ macro_rules! closed_set {
             }
         }
 
+        impl $crate::stages::params::FieldType for $name {
+            const TYPE: $crate::stages::ParamType = $crate::stages::ParamType::String;
+            const ALLOWED: Option<&'static [&'static str]> = Some(Self::NAMES);
+        }
+
+        impl $crate::stages::params::ItemType for $name {
+            const LIST: $crate::stages::ParamType = $crate::stages::ParamType::StringList;
+        }
+
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(self.name())
             }
         }
     };
+}
+
+pub use dreampipe_derive::Params;
+
+/// A kind's parameter table, derived from its struct by `#[derive(Params)]` (see
+/// `dreampipe_derive`): one [`ParamSpec`] per field, flattened structs' tables spliced in.
+pub trait ParamTable {
+    fn param_specs() -> Vec<ParamSpec>;
+}
+
+/// How a field's Rust type appears in the table: its [`ParamType`] and, for closed sets,
+/// the accepted names.
+pub trait FieldType {
+    const TYPE: ParamType;
+    const ALLOWED: Option<&'static [&'static str]> = None;
+}
+
+/// The list type of an item type (`List<u64>` is an `IntegerList`).
+pub trait ItemType {
+    const LIST: ParamType;
+}
+
+macro_rules! field_types {
+    ($($ty:ty => $param:ident / $list:ident),+ $(,)?) => {
+        $(
+            impl FieldType for $ty {
+                const TYPE: ParamType = ParamType::$param;
+            }
+            impl ItemType for $ty {
+                const LIST: ParamType = ParamType::$list;
+            }
+        )+
+    };
+}
+
+field_types! {
+    u32 => Integer / IntegerList,
+    u64 => Integer / IntegerList,
+    usize => Integer / IntegerList,
+    i64 => Integer / IntegerList,
+    f64 => Number / NumberList,
+    String => String / StringList,
+}
+
+impl FieldType for bool {
+    const TYPE: ParamType = ParamType::Bool;
+}
+
+impl<T: FieldType> FieldType for Option<T> {
+    const TYPE: ParamType = T::TYPE;
+    const ALLOWED: Option<&'static [&'static str]> = T::ALLOWED;
+}
+
+impl<T: FieldType + ItemType> FieldType for List<T> {
+    const TYPE: ParamType = T::LIST;
+    const ALLOWED: Option<&'static [&'static str]> = T::ALLOWED;
+}
+
+impl<T: FieldType + ItemType> FieldType for Vec<T> {
+    const TYPE: ParamType = T::LIST;
+    const ALLOWED: Option<&'static [&'static str]> = T::ALLOWED;
+}
+
+/// Inputs name stages and/or paths; the field says which (`#[param(ty = StageRef)]`, …).
+impl FieldType for Input {
+    const TYPE: ParamType = ParamType::PathOrStageRef;
+}
+
+/// `spec` restricted to `allowed` when the field's type is a closed set.
+pub fn with_choices(spec: ParamSpec, allowed: Option<&'static [&'static str]>) -> ParamSpec {
+    match allowed {
+        Some(names) => spec.one_of(names),
+        None => spec,
+    }
+}
+
+/// The name of field `$field` of struct `$ty`, checked by the compiler: rules between fields
+/// and field errors name fields through it, so a field's name is written once, on the struct.
+#[macro_export]
+macro_rules! field {
+    ($ty:ty, $field:ident) => {{
+        #[allow(dead_code)]
+        fn field_exists(params: &$ty) {
+            let _ = &params.$field;
+        }
+        stringify!($field)
+    }};
+}
+
+/// The spec of field `name` in `specs`, to adjust what a kind's script does differently
+/// (defaults of the shared training fields).
+pub fn spec_mut<'a>(specs: &'a mut [ParamSpec], name: &str) -> &'a mut ParamSpec {
+    specs
+        .iter_mut()
+        .find(|spec| spec.name == name)
+        .unwrap_or_else(|| panic!("no field `{name}` in the table"))
 }
 
 /// An input field as written (a stage name or a path, or a list of them). The runner resolves
@@ -212,28 +317,96 @@ mod tests {
         pub enum Colour { Red = "red", DarkBlue = "dark-blue" }
     }
 
-    #[derive(Debug, Serialize, Deserialize)]
+    #[derive(Debug, Serialize, Deserialize, Params)]
     #[serde(deny_unknown_fields)]
     struct Shared {
+        /// a colour
+        #[param(default = "red")]
         colour: Colour,
+        /// steps
+        #[param(default = 5)]
         steps: List<u32>,
     }
 
-    #[derive(Debug, Serialize, Deserialize)]
+    #[derive(Debug, Serialize, Deserialize, Params)]
     #[serde(deny_unknown_fields)]
     struct Outer {
+        /// a name
         name: String,
         #[serde(flatten)]
         shared: Shared,
     }
 
     fn schema() -> Vec<ParamSpec> {
-        vec![
-            ParamSpec::required("name", ParamType::String, "a name"),
-            ParamSpec::optional("colour", ParamType::String, json!("red"), "a colour")
-                .one_of(Colour::NAMES),
-            ParamSpec::optional("steps", ParamType::IntegerList, json!(5), "steps"),
-        ]
+        Outer::param_specs()
+    }
+
+    /// Every option of `#[param]`, on one struct.
+    #[derive(Serialize, Deserialize, Params)]
+    struct Options {
+        /// a model
+        ///   on two lines
+        #[param(ty = PathOrStageRefList, model_folder, gathers)]
+        models: Input,
+        /// a side
+        #[param(default = null, range(8.0, 64.0), multiple_of = 8)]
+        side: Option<u32>,
+        /// a batch
+        #[param(default = 1, not_in_key)]
+        batch: u64,
+        /// a later field
+        #[param(default = [], keyed_when_set)]
+        later: List<f64>,
+        /// letters
+        #[param(default = ["a"], one_of = &["a", "b"])]
+        letters: List<String>,
+    }
+
+    #[test]
+    fn the_derived_table_follows_the_fields_and_their_options() {
+        let specs = Options::param_specs();
+        let names: Vec<&str> = specs.iter().map(|spec| spec.name).collect();
+        assert_eq!(names, ["models", "side", "batch", "later", "letters"]);
+        let [models, side, batch, later, letters] = &specs[..] else {
+            panic!("five specs")
+        };
+        assert_eq!(
+            (
+                models.ty,
+                models.default.clone(),
+                models.model,
+                models.gather
+            ),
+            (ParamType::PathOrStageRefList, None, true, true)
+        );
+        assert_eq!(models.doc, "a model on two lines");
+        assert_eq!(
+            (side.ty, side.default.clone(), side.min, side.max, side.step),
+            (
+                ParamType::Integer,
+                Some(Value::Null),
+                Some(8.0),
+                Some(64.0),
+                Some(8)
+            )
+        );
+        assert_eq!((batch.ty, batch.in_key), (ParamType::Integer, false));
+        assert_eq!(
+            (later.ty, later.default.clone(), later.key_default),
+            (ParamType::NumberList, Some(json!([])), false)
+        );
+        assert_eq!(
+            (letters.ty, letters.allowed),
+            (ParamType::StringList, Some(&["a", "b"][..]))
+        );
+        let outer = schema();
+        assert_eq!(
+            outer[1].allowed,
+            Some(Colour::NAMES),
+            "a closed set lists its names"
+        );
+        assert_eq!(outer[1].ty, ParamType::String);
+        assert_eq!(field!(Shared, steps), "steps");
     }
 
     #[test]
@@ -283,6 +456,12 @@ mod tests {
         assert!(check_table::<Outer>(&long).is_err());
         let mut wrong = schema();
         wrong[1] = wrong[1].clone().one_of(&["red", "blue"]);
+        let mut required = schema();
+        required[2].default = None;
+        assert!(
+            check_table::<Outer>(&required).is_ok(),
+            "a sample value parses"
+        );
         assert!(check_table::<Outer>(&wrong).is_err());
     }
 }

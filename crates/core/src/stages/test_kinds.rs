@@ -1,11 +1,20 @@
 //! A stage kind for the core's own unit tests (the shipped kinds live in `dreampipe_kinds`,
 //! which depends on this crate): `step` writes `step.txt` into its output and may `needs:`
 //! other stages.
-use super::{ParamSpec, ParamType, Registry, Stage, StageContext, StageError};
-use serde_json::Value;
+use super::params::{Input, ParamTable, Params};
+use super::{ParamSpec, Registry, Stage, StageContext, StageError};
 use std::sync::Arc;
 
 pub(crate) struct StepKind;
+
+/// A `step` stage's fields.
+#[derive(serde::Serialize, serde::Deserialize, Params)]
+#[serde(deny_unknown_fields)]
+struct StepParams {
+    /// stages to run first
+    #[param(ty = StageRefList, default = null)]
+    needs: Input,
+}
 
 impl Stage for StepKind {
     fn kind(&self) -> &'static str {
@@ -15,12 +24,7 @@ impl Stage for StepKind {
         1
     }
     fn schema(&self) -> Vec<ParamSpec> {
-        vec![ParamSpec::optional(
-            "needs",
-            ParamType::StageRefList,
-            Value::Null,
-            "stages to run first",
-        )]
+        StepParams::param_specs()
     }
     fn summary(&self) -> &'static str {
         "a test step"

@@ -4,11 +4,12 @@
 //! the script's arguments. Output: a diffusers folder (`model_index.json`, `unet/`, …),
 //! `metrics.jsonl`, `validation/step-N.png` and `report.json`. Checkpoints live in the work
 //! folder, so a crashed run resumes from its last checkpoint on the next `dreampipe run`.
-use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
-use dreampipe_core::stages::params::Input;
-use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
+use super::generate::{GENERATE, GenerateParams};
+use super::training::{self, ExportParams, ScriptDefaults, TrainingParams};
+use dreampipe_core::field;
+use dreampipe_core::stages::params::{Input, Params};
+use dreampipe_core::stages::{FieldView, Stage};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
 /// train_dreambooth.py's `--learning_rate` default.
 const DEFAULT_LEARNING_RATE: f64 = 5e-6;
@@ -25,36 +26,66 @@ const MAX_GRAD_NORM: f64 = 1.0e6;
 
 pub struct DreamBoothKind;
 
-/// A `dreambooth` stage's fields (its table: [`DreamBoothKind::schema`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// train_dreambooth.py's defaults among the shared training fields.
+const SCRIPT: ScriptDefaults = ScriptDefaults {
+    learning_rate: DEFAULT_LEARNING_RATE,
+    train_batch_size: DEFAULT_BATCH,
+    max_train_steps: None,
+    num_train_epochs: 1,
+};
+
+/// A `dreambooth` stage's fields (its table is derived: [`Params`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct DreamBoothParams {
     #[serde(flatten)]
     pub dreambooth: DreamBoothFields,
     #[serde(flatten)]
+    #[param(table = SCRIPT.table())]
     pub training: TrainingParams,
-    pub export: Vec<ExportFormat>,
+    #[serde(flatten)]
+    pub output: ExportParams,
 }
 
 /// The fields of train_dreambooth.py beyond the ones all training kinds share (also
-/// `dreambooth_lora`'s); their table is [`dreambooth_fields`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `dreambooth_lora`'s, whose script has the same arguments). The inputs are resolved by the
+/// runner (`ctx.inputs`); `class_images` unset: no prior preservation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
 pub struct DreamBoothFields {
-    /// Resolved by the runner: `ctx.inputs["instance_images"]`.
+    /// folder of instance images, or an `images` stage
     pub instance_images: Input,
+    /// prompt of the instance images
     pub instance_prompt: String,
-    /// Resolved by the runner: `ctx.inputs["class_images"]`; `None`: no prior preservation.
+    /// class images for prior preservation (folder, or a `generate` / `images` stage); unset:
+    /// none
+    #[param(default = null)]
     pub class_images: Option<Input>,
-    /// Require `class_images` (prior preservation is on whenever they are given).
+    /// require class_images (prior preservation is on whenever class_images is set)
+    #[param(default = false)]
     pub with_prior_preservation: bool,
+    /// prompt of the class images (required with class_images)
+    #[param(default = null)]
     pub class_prompt: Option<String>,
+    /// class images used (the first N; class_images must hold at least N)
+    #[param(default = DEFAULT_CLASS_IMAGES, range(1.0, MAX_CLASS_IMAGES))]
     pub num_class_images: usize,
+    /// weight of the prior-preservation loss
+    #[param(default = 1.0, range(0.0, MAX_WEIGHT))]
     pub prior_loss_weight: f64,
+    /// train the text encoder too
+    #[param(default = false)]
     pub train_text_encoder: bool,
+    /// flip images horizontally at random
+    #[param(default = false)]
     pub random_flip: bool,
+    /// gradient clipping norm
+    #[param(default = 1.0, range(0.0, MAX_GRAD_NORM))]
     pub max_grad_norm: f64,
+    /// add 0.1 × per-channel offset noise
+    #[param(default = false)]
     pub offset_noise: bool,
-    /// `None`: plain MSE.
+    /// min-SNR-gamma loss weighting (5 recommended); unset: plain MSE
+    #[param(default = null, range(0.0, MAX_WEIGHT))]
     pub snr_gamma: Option<f64>,
 }
 
@@ -72,16 +103,6 @@ impl Stage for DreamBoothKind {
     fn summary(&self) -> &'static str {
         "DreamBooth fine-tuning as diffusers' train_dreambooth.py (field names and defaults are its arguments; prior preservation when `class_images` is set). Output: a diffusers folder, `metrics.jsonl` (step, loss, lr, grad_norm), `validation/step-N.png` and `report.json`."
     }
-    fn schema(&self) -> Vec<ParamSpec> {
-        let mut schema = dreambooth_fields();
-        schema.extend(training::common_schema(&ScriptDefaults {
-            learning_rate: DEFAULT_LEARNING_RATE,
-            train_batch_size: DEFAULT_BATCH,
-            max_train_steps: Value::Null,
-            num_train_epochs: 1,
-        }));
-        schema
-    }
     /// Prior preservation's rules, before anything runs (the stage checks them again).
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         let mut problems = prior_preservation_problems(fields);
@@ -90,96 +111,17 @@ impl Stage for DreamBoothKind {
     }
 }
 
-/// The fields of train_dreambooth.py beyond the ones all training kinds share (also
-/// `dreambooth_lora`'s, whose script has the same arguments).
-pub fn dreambooth_fields() -> Vec<ParamSpec> {
-    vec![
-        ParamSpec::required(
-            "instance_images",
-            ParamType::PathOrStageRef,
-            "folder of instance images, or an `images` stage",
-        ),
-        ParamSpec::required(
-            "instance_prompt",
-            ParamType::String,
-            "prompt of the instance images",
-        ),
-        ParamSpec::optional(
-            "class_images",
-            ParamType::PathOrStageRef,
-            Value::Null,
-            "class images for prior preservation (folder, or a `generate` / `images` stage); unset: none",
-        ),
-        ParamSpec::optional(
-            "with_prior_preservation",
-            ParamType::Bool,
-            json!(false),
-            "require class_images (prior preservation is on whenever class_images is set)",
-        ),
-        ParamSpec::optional(
-            "class_prompt",
-            ParamType::String,
-            Value::Null,
-            "prompt of the class images (required with class_images)",
-        ),
-        ParamSpec::optional(
-            "num_class_images",
-            ParamType::Integer,
-            json!(DEFAULT_CLASS_IMAGES),
-            "class images used (the first N; class_images must hold at least N)",
-        )
-        .range(1.0, MAX_CLASS_IMAGES),
-        ParamSpec::optional(
-            "prior_loss_weight",
-            ParamType::Number,
-            json!(1.0),
-            "weight of the prior-preservation loss",
-        )
-        .range(0.0, MAX_WEIGHT),
-        ParamSpec::optional(
-            "train_text_encoder",
-            ParamType::Bool,
-            json!(false),
-            "train the text encoder too",
-        ),
-        ParamSpec::optional(
-            "random_flip",
-            ParamType::Bool,
-            json!(false),
-            "flip images horizontally at random",
-        ),
-        ParamSpec::optional(
-            "max_grad_norm",
-            ParamType::Number,
-            json!(1.0),
-            "gradient clipping norm",
-        )
-        .range(0.0, MAX_GRAD_NORM),
-        ParamSpec::optional(
-            "offset_noise",
-            ParamType::Bool,
-            json!(false),
-            "add 0.1 × per-channel offset noise",
-        ),
-        ParamSpec::optional(
-            "snr_gamma",
-            ParamType::Number,
-            Value::Null,
-            "min-SNR-gamma loss weighting (5 recommended); unset: plain MSE",
-        )
-        .range(0.0, MAX_WEIGHT),
-    ]
-}
-
 /// Prior preservation's rules between fields.
 pub fn prior_preservation_problems(fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
+    let class_images = field!(DreamBoothFields, class_images);
     let mut problems = Vec::new();
-    let has_class_images = fields.is_set("class_images");
-    if fields.flag("with_prior_preservation") && !has_class_images {
-        problems.push(("class_images", CLASS_IMAGES_REQUIRED.to_string()));
+    let has_class_images = fields.is_set(class_images);
+    if fields.flag(field!(DreamBoothFields, with_prior_preservation)) && !has_class_images {
+        problems.push((class_images, CLASS_IMAGES_REQUIRED.to_string()));
     }
-    if has_class_images && !fields.is_set("class_prompt") {
-        problems.push(("class_prompt", CLASS_PROMPT_REQUIRED.to_string()));
+    let class_prompt = field!(DreamBoothFields, class_prompt);
+    if has_class_images && !fields.is_set(class_prompt) {
+        problems.push((class_prompt, CLASS_PROMPT_REQUIRED.to_string()));
     }
     problems.extend(too_few_generated_class_images(fields));
     problems
@@ -193,16 +135,22 @@ pub const CLASS_PROMPT_REQUIRED: &str = "is required when class_images is set";
 /// `num_class_images` against the `count` of a `generate` stage named by `class_images`, when
 /// that count is not swept.
 fn too_few_generated_class_images(fields: &FieldView<'_>) -> Option<(&'static str, String)> {
-    let wanted = fields.params.get("num_class_images")?.as_u64()?;
-    let upstream = fields.upstream.get("class_images")?;
-    let generate = upstream.iter().find(|stage| stage.kind == "generate")?;
-    let count = generate.params.get("count")?.as_u64()?;
+    let num_class_images = field!(DreamBoothFields, num_class_images);
+    let wanted = fields.params.get(num_class_images)?.as_u64()?;
+    let upstream = fields
+        .upstream
+        .get(field!(DreamBoothFields, class_images))?;
+    let generate = upstream.iter().find(|stage| stage.kind == GENERATE)?;
+    let count = generate
+        .params
+        .get(field!(GenerateParams, count))?
+        .as_u64()?;
     (count < wanted).then(|| {
         let message = format!(
             "is {wanted} but the `generate` stage `{}` makes only {count} images; raise its count or lower num_class_images",
             generate.name
         );
-        ("num_class_images", message)
+        (num_class_images, message)
     })
 }
 

@@ -6,11 +6,13 @@
 //! `metrics.jsonl`, `validation/step-N.png` and `report.json`. Use it through `loras:` of
 //! `generate` / `sample_grid`.
 use super::Dtype;
-use super::dreambooth::{DreamBoothFields, dreambooth_fields, prior_preservation_problems};
-use super::training::{self, ScriptDefaults, TrainingParams};
-use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
+use super::dreambooth::{DreamBoothFields, prior_preservation_problems};
+use super::training::{ScriptDefaults, TrainingParams};
+use dreampipe_core::field;
+use dreampipe_core::stages::params::{Params, spec_mut};
+use dreampipe_core::stages::{FieldView, ParamSpec, Stage};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// train_dreambooth_lora.py's `--learning_rate` default.
 const DEFAULT_LEARNING_RATE: f64 = 5e-4;
@@ -25,25 +27,40 @@ const MAX_ALPHA: f64 = 1.0e4;
 
 pub struct DreamBoothLoraKind;
 
-/// A `dreambooth_lora` stage's fields (its table: [`DreamBoothLoraKind::schema`]): DreamBooth's
-/// and the shared training fields (without `export`; `save_dtype` is the LoRA files'), plus
-/// the adapters' rank and alpha.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The kind's name.
+pub const DREAMBOOTH_LORA: &str = "dreambooth_lora";
+
+/// train_dreambooth_lora.py's defaults among the shared training fields.
+const SCRIPT: ScriptDefaults = ScriptDefaults {
+    learning_rate: DEFAULT_LEARNING_RATE,
+    train_batch_size: DEFAULT_BATCH,
+    max_train_steps: None,
+    num_train_epochs: 1,
+};
+
+/// A `dreambooth_lora` stage's fields (its table is derived: [`Params`]): DreamBooth's and the
+/// shared training fields (without `export`; `save_dtype` is the LoRA files'), plus the
+/// adapters' rank and alpha.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct DreamBoothLoraParams {
     #[serde(flatten)]
     pub dreambooth: DreamBoothFields,
+    /// rank of the LoRA update matrices
+    #[param(default = DEFAULT_RANK, range(1.0, MAX_RANK))]
     pub rank: u32,
-    /// `None`: = rank.
+    /// LoRA alpha: updates are scaled by lora_alpha / rank; unset: = rank (the script's choice)
+    #[param(default = null, range(0.0, MAX_ALPHA))]
     pub lora_alpha: Option<f64>,
     #[serde(flatten)]
+    #[param(table = lora_training_table())]
     pub training: TrainingParams,
 }
 
 impl Stage for DreamBoothLoraKind {
     super::training_kind_methods!(DreamBoothLoraParams);
     fn kind(&self) -> &'static str {
-        "dreambooth_lora"
+        DREAMBOOTH_LORA
     }
     fn version(&self) -> u32 {
         1
@@ -51,56 +68,19 @@ impl Stage for DreamBoothLoraKind {
     fn summary(&self) -> &'static str {
         "LoRA DreamBooth as diffusers' train_dreambooth_lora.py (dreambooth's fields plus `rank` and `lora_alpha`; UNet attention adapters, and the text encoder's with `train_text_encoder`). Output: `pytorch_lora_weights.safetensors` (diffusers), `lora_kohya.safetensors` (A1111 / ComfyUI), `metrics.jsonl`, `validation/step-N.png` and `report.json`."
     }
-    fn schema(&self) -> Vec<ParamSpec> {
-        let mut schema = dreambooth_fields();
-        schema.push(
-            ParamSpec::optional(
-                "rank",
-                ParamType::Integer,
-                json!(DEFAULT_RANK),
-                "rank of the LoRA update matrices",
-            )
-            .range(1.0, MAX_RANK),
-        );
-        schema.push(
-            ParamSpec::optional(
-                "lora_alpha",
-                ParamType::Number,
-                Value::Null,
-                "LoRA alpha: updates are scaled by lora_alpha / rank; unset: = rank (the script's choice)",
-            )
-            .range(0.0, MAX_ALPHA),
-        );
-        let common = training::common_schema(&ScriptDefaults {
-            learning_rate: DEFAULT_LEARNING_RATE,
-            train_batch_size: DEFAULT_BATCH,
-            max_train_steps: Value::Null,
-            num_train_epochs: 1,
-        });
-        schema.extend(common.into_iter().filter_map(lora_variant));
-        schema
-    }
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         prior_preservation_problems(fields)
     }
 }
 
-/// The shared training fields as a LoRA run has them: no `export` (the output is always both
-/// LoRA files), `save_dtype` of those files defaulting to f32 as the script saves them.
-fn lora_variant(spec: ParamSpec) -> Option<ParamSpec> {
-    match spec.name {
-        "export" => None,
-        "save_dtype" => Some(
-            ParamSpec::optional(
-                "save_dtype",
-                ParamType::String,
-                json!("f32"),
-                "precision of the LoRA files (f32, f16, bf16)",
-            )
-            .one_of(Dtype::NAMES),
-        ),
-        _ => Some(spec),
-    }
+/// The shared training fields as a LoRA run has them: `save_dtype` is the precision of the
+/// LoRA files, f32 by default as the script saves them.
+fn lora_training_table() -> Vec<ParamSpec> {
+    let mut specs = SCRIPT.table();
+    let save_dtype = spec_mut(&mut specs, field!(TrainingParams, save_dtype));
+    save_dtype.default = Some(json!(Dtype::F32));
+    save_dtype.doc = "precision of the LoRA files (f32, f16, bf16)";
+    specs
 }
 
 #[cfg(test)]

@@ -3,11 +3,10 @@
 //! kohya, OneTrainer and EveryDream2 read them; a `toy_world` stage's images qualify), with the
 //! memory options, resume and validation of the other training kinds. Output: a diffusers
 //! folder, `metrics.jsonl`, `validation/step-N.png` and `report.json`.
-use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
-use dreampipe_core::stages::params::Input;
-use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
+use super::training::{self, ExportParams, ScriptDefaults, TrainingParams};
+use dreampipe_core::stages::params::{Input, Params};
+use dreampipe_core::stages::{FieldView, Stage};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
 /// train_text_to_image.py's `--learning_rate` default.
 const DEFAULT_LEARNING_RATE: f64 = 1e-4;
@@ -21,19 +20,39 @@ const MAX_WEIGHT: f64 = 1000.0;
 
 pub struct FinetuneKind;
 
-/// A `finetune` stage's fields (its table: [`FinetuneKind::schema`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// train_text_to_image.py's defaults among the shared training fields.
+const SCRIPT: ScriptDefaults = ScriptDefaults {
+    learning_rate: DEFAULT_LEARNING_RATE,
+    train_batch_size: DEFAULT_BATCH,
+    max_train_steps: None,
+    num_train_epochs: DEFAULT_EPOCHS,
+};
+
+/// A `finetune` stage's fields (its table is derived: [`Params`]; `images` is resolved by the
+/// runner: `ctx.inputs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneParams {
-    /// Resolved by the runner: `ctx.inputs["images"]`.
+    /// folder of images with a caption file each (`name.txt`), or a stage making one
     pub images: Input,
+    /// flip images horizontally at random
+    #[param(default = false)]
     pub random_flip: bool,
+    /// gradient clipping norm
+    #[param(default = 1.0, range(0.0, MAX_GRAD_NORM))]
     pub max_grad_norm: f64,
+    /// min-SNR-gamma loss weighting (5 recommended); unset: plain MSE
+    #[param(default = null, range(0.0, MAX_WEIGHT))]
     pub snr_gamma: Option<f64>,
+    /// share of samples trained on the empty caption (kohya's caption_dropout_rate; 0.1 lets
+    /// classifier-free guidance work on a model trained from scratch)
+    #[param(default = 0.0, range(0.0, 1.0), keyed_when_set)]
     pub caption_dropout_rate: f64,
     #[serde(flatten)]
+    #[param(table = SCRIPT.table())]
     pub training: TrainingParams,
-    pub export: Vec<ExportFormat>,
+    #[serde(flatten)]
+    pub output: ExportParams,
 }
 
 impl Stage for FinetuneKind {
@@ -46,50 +65,6 @@ impl Stage for FinetuneKind {
     }
     fn summary(&self) -> &'static str {
         "Captioned fine-tuning as diffusers' train_text_to_image.py: the UNet learns images with a caption each (`name.txt` beside `name.png`; a folder, or an `images` / `toy_world` stage). Output: a diffusers folder, `metrics.jsonl`, `validation/step-N.png` and `report.json`."
-    }
-    fn schema(&self) -> Vec<ParamSpec> {
-        let mut schema = vec![
-            ParamSpec::required(
-                "images",
-                ParamType::PathOrStageRef,
-                "folder of images with a caption file each (`name.txt`), or a stage making one",
-            ),
-            ParamSpec::optional(
-                "random_flip",
-                ParamType::Bool,
-                json!(false),
-                "flip images horizontally at random",
-            ),
-            ParamSpec::optional(
-                "max_grad_norm",
-                ParamType::Number,
-                json!(1.0),
-                "gradient clipping norm",
-            )
-            .range(0.0, MAX_GRAD_NORM),
-            ParamSpec::optional(
-                "snr_gamma",
-                ParamType::Number,
-                Value::Null,
-                "min-SNR-gamma loss weighting (5 recommended); unset: plain MSE",
-            )
-            .range(0.0, MAX_WEIGHT),
-            ParamSpec::optional(
-                "caption_dropout_rate",
-                ParamType::Number,
-                json!(0.0),
-                "share of samples trained on the empty caption (kohya's caption_dropout_rate; 0.1 lets classifier-free guidance work on a model trained from scratch)",
-            )
-            .range(0.0, 1.0)
-            .keyed_when_set(),
-        ];
-        schema.extend(training::common_schema(&ScriptDefaults {
-            learning_rate: DEFAULT_LEARNING_RATE,
-            train_batch_size: DEFAULT_BATCH,
-            max_train_steps: Value::Null,
-            num_train_epochs: DEFAULT_EPOCHS,
-        }));
-        schema
     }
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         training::export_problem(fields.params)

@@ -18,11 +18,15 @@ pub mod world_score;
 pub use dreampipe_core::stages::field_error;
 
 /// The [`Stage`](dreampipe_core::stages::Stage) methods every Stable Diffusion kind writes
-/// alike, for its `impl Stage` block: it takes a device slot (`DeviceClass::Gpu`), needs
-/// libtorch, and runs in the torch worker only (here its `run` says so; the worker attaches the
-/// real one with `Registry::implement`).
+/// alike, for its `impl Stage` block: its schema is the table derived from its parameter
+/// struct `$params`, it takes a device slot (`DeviceClass::Gpu`), needs libtorch, and runs in
+/// the torch worker only (here its `run` says so; the worker attaches the real one with
+/// `Registry::implement`).
 macro_rules! torch_kind_methods {
-    () => {
+    ($params:ty) => {
+        fn schema(&self) -> Vec<dreampipe_core::stages::ParamSpec> {
+            <$params as dreampipe_core::stages::params::ParamTable>::param_specs()
+        }
         fn device_class(&self) -> dreampipe_core::stages::DeviceClass {
             dreampipe_core::stages::DeviceClass::Gpu
         }
@@ -45,7 +49,7 @@ pub(crate) use torch_kind_methods;
 /// flattened `training` field holds them) says otherwise.
 macro_rules! training_kind_methods {
     ($params:ty) => {
-        $crate::sd::torch_kind_methods!();
+        $crate::sd::torch_kind_methods!($params);
         fn steps_field(&self) -> Option<&'static str> {
             Some($crate::sd::training::STEPS_FIELD)
         }
@@ -58,9 +62,6 @@ macro_rules! training_kind_methods {
     };
 }
 pub(crate) use training_kind_methods;
-
-use dreampipe_core::stages::{ParamSpec, ParamType};
-use serde_json::{Value, json};
 
 /// diffusers' `StableDiffusionPipeline.__call__` defaults (`num_inference_steps`,
 /// `guidance_scale`); `sd::pipeline` uses the same values.
@@ -88,69 +89,19 @@ dreampipe_core::closed_set! {
     }
 }
 
-/// The accepted `dtype` values, for [`ParamSpec::one_of`].
+/// The accepted `dtype` values.
 pub const DTYPE_CHOICES: &[&str] = Dtype::NAMES;
-/// The accepted scheduler names, for [`ParamSpec::one_of`].
+/// The accepted scheduler names.
 pub const SCHEDULER_CHOICES: &[&str] = SchedulerName::NAMES;
 pub use crate::png::{KEY_FIELD, PIPELINE_FIELD, STAGE_FIELD};
 
-/// Largest `steps` (diffusers schedulers use ≤ 1000 training timesteps).
-const MAX_STEPS: f64 = 1000.0;
+/// Largest denoising steps (diffusers schedulers use ≤ 1000 training timesteps).
+pub const MAX_INFERENCE_STEPS: f64 = 1000.0;
 /// Largest guidance scale accepted (A1111's slider ends at 30; 100 leaves room).
-const MAX_GUIDANCE: f64 = 100.0;
-/// Image side limits: the VAE downsamples by 8; 4096 as for `images`.
-const MIN_SIZE: f64 = 8.0;
-const MAX_SIZE: f64 = 4096.0;
-
-/// The `negative_prompt` field (default empty).
-pub fn negative_prompt_spec() -> ParamSpec {
-    ParamSpec::optional(
-        "negative_prompt",
-        ParamType::String,
-        json!(""),
-        "negative prompt",
-    )
-}
-
-/// The `steps` field (`Integer`, or `IntegerList` to compare several), 1 to 1000.
-pub fn steps_spec(kind: ParamType, doc: &'static str) -> ParamSpec {
-    ParamSpec::optional("steps", kind, json!(DEFAULT_STEPS), doc).range(1.0, MAX_STEPS)
-}
-
-/// The `guidance` field (`Number`, or `NumberList` to compare several), 0 to 100.
-pub fn guidance_spec(kind: ParamType, doc: &'static str) -> ParamSpec {
-    ParamSpec::optional("guidance", kind, json!(DEFAULT_GUIDANCE), doc).range(0.0, MAX_GUIDANCE)
-}
-
-/// The `width` and `height` fields (unset: the model's default size).
-pub fn size_specs() -> [ParamSpec; 2] {
-    let side = |name: &'static str, doc: &'static str| {
-        ParamSpec::optional(name, ParamType::Integer, Value::Null, doc)
-            .range(MIN_SIZE, MAX_SIZE)
-            .multiple_of(8)
-    };
-    [
-        side(
-            "width",
-            "image width (a multiple of 8); unset: the model's default",
-        ),
-        side(
-            "height",
-            "image height (a multiple of 8); unset: the model's default",
-        ),
-    ]
-}
-
-/// The `dtype` field (default f32).
-pub fn dtype_spec() -> ParamSpec {
-    ParamSpec::optional(
-        "dtype",
-        ParamType::String,
-        json!("f32"),
-        "weights' precision",
-    )
-    .one_of(DTYPE_CHOICES)
-}
+pub const MAX_GUIDANCE: f64 = 100.0;
+/// Image side limits (`width`, `height`): the VAE downsamples by 8; 4096 as for `images`.
+pub const MIN_SIZE: f64 = 8.0;
+pub const MAX_SIZE: f64 = 4096.0;
 
 #[cfg(test)]
 mod tests {

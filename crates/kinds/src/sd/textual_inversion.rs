@@ -4,11 +4,11 @@
 //! ComfyUI), `model/` (a diffusers folder with the new token: a `dreambooth` or other stage
 //! whose `model:` names this stage uses it), `metrics.jsonl`, `validation/step-N.png` and
 //! `report.json`. Checkpoints live in the work folder (resumed after a crash).
-use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
-use dreampipe_core::stages::params::Input;
-use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
+use super::training::{self, ExportParams, ScriptDefaults, TrainingParams};
+use dreampipe_core::field;
+use dreampipe_core::stages::params::{Input, Params};
+use dreampipe_core::stages::{FieldView, Stage};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 /// textual_inversion.py's `--learning_rate` default.
 const DEFAULT_LEARNING_RATE: f64 = 1e-4;
@@ -32,27 +32,45 @@ dreampipe_core::closed_set! {
     pub enum LearnableProperty { Object = "object", Style = "style" }
 }
 
-/// A `textual_inversion` stage's fields (its table: [`TextualInversionKind::schema`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// textual_inversion.py's defaults among the shared training fields.
+const SCRIPT: ScriptDefaults = ScriptDefaults {
+    learning_rate: DEFAULT_LEARNING_RATE,
+    train_batch_size: DEFAULT_BATCH,
+    max_train_steps: Some(DEFAULT_MAX_STEPS),
+    num_train_epochs: DEFAULT_EPOCHS,
+};
+
+/// A `textual_inversion` stage's fields (its table is derived: [`Params`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct TextualInversionParams {
     #[serde(flatten)]
     pub inversion: InversionFields,
     #[serde(flatten)]
+    #[param(table = SCRIPT.table())]
     pub training: TrainingParams,
-    pub export: Vec<ExportFormat>,
+    #[serde(flatten)]
+    pub output: ExportParams,
 }
 
-/// The fields of textual_inversion.py beyond the ones the training kinds share.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The fields of textual_inversion.py beyond the ones the training kinds share
+/// (`instance_images` is resolved by the runner: `ctx.inputs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
 pub struct InversionFields {
-    /// Resolved by the runner: `ctx.inputs["instance_images"]`.
+    /// training images (diffusers' train_data_dir): a folder, or an `images` stage
     pub instance_images: Input,
+    /// the new token, e.g. <cat-toy>
     pub placeholder_token: String,
+    /// one-token word the new vectors start from
     pub initializer_token: String,
+    /// vectors of the new token
+    #[param(default = 1, range(1.0, MAX_VECTORS))]
     pub num_vectors: usize,
+    /// which prompt templates: object or style
+    #[param(default = "object")]
     pub learnable_property: LearnableProperty,
-    /// Times the images repeat per epoch.
+    /// times the images repeat per epoch
+    #[param(default = DEFAULT_REPEATS, range(1.0, MAX_REPEATS))]
     pub repeats: usize,
 }
 
@@ -70,57 +88,11 @@ impl Stage for TextualInversionKind {
     fn summary(&self) -> &'static str {
         "Textual inversion as diffusers' textual_inversion.py (field names and defaults are its arguments). Output: `learned_embeds.safetensors`, `<token>.safetensors` (A1111 / ComfyUI), `model/` (diffusers folder with the new token; a stage whose `model:` names this stage uses it), `metrics.jsonl` (step, loss, lr), `validation/step-N.png` and `report.json`."
     }
-    fn schema(&self) -> Vec<ParamSpec> {
-        let mut schema = vec![
-            ParamSpec::required(
-                "instance_images",
-                ParamType::PathOrStageRef,
-                "training images (diffusers' train_data_dir): a folder, or an `images` stage",
-            ),
-            ParamSpec::required(
-                "placeholder_token",
-                ParamType::String,
-                "the new token, e.g. <cat-toy>",
-            ),
-            ParamSpec::required(
-                "initializer_token",
-                ParamType::String,
-                "one-token word the new vectors start from",
-            ),
-            ParamSpec::optional(
-                "num_vectors",
-                ParamType::Integer,
-                json!(1),
-                "vectors of the new token",
-            )
-            .range(1.0, MAX_VECTORS),
-            ParamSpec::optional(
-                "learnable_property",
-                ParamType::String,
-                json!("object"),
-                "which prompt templates: object or style",
-            )
-            .one_of(LearnableProperty::NAMES),
-            ParamSpec::optional(
-                "repeats",
-                ParamType::Integer,
-                json!(DEFAULT_REPEATS),
-                "times the images repeat per epoch",
-            )
-            .range(1.0, MAX_REPEATS),
-        ];
-        schema.extend(training::common_schema(&ScriptDefaults {
-            learning_rate: DEFAULT_LEARNING_RATE,
-            train_batch_size: DEFAULT_BATCH,
-            max_train_steps: json!(DEFAULT_MAX_STEPS),
-            num_train_epochs: DEFAULT_EPOCHS,
-        }));
-        schema
-    }
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
-        if fields.flag("gradient_checkpointing") {
-            problems.push(("gradient_checkpointing", NO_CHECKPOINTING.to_string()));
+        let checkpointing = field!(TrainingParams, gradient_checkpointing);
+        if fields.flag(checkpointing) {
+            problems.push((checkpointing, NO_CHECKPOINTING.to_string()));
         }
         problems.extend(training::export_problem(fields.params));
         problems

@@ -1,10 +1,11 @@
-//! The fields `dreambooth`, `dreambooth_lora` and `textual_inversion` share: diffusers'
-//! training scripts' common arguments as one struct ([`TrainingParams`], flattened into each
-//! kind's struct) and its table ([`common_schema`], with the defaults that differ between the
-//! scripts passed in), and the closed sets among them.
-use super::{Dtype, MAX_SEED};
-use dreampipe_core::stages::params::Input;
-use dreampipe_core::stages::{ParamSpec, ParamType};
+//! The fields the training kinds share: diffusers' training scripts' common arguments as one
+//! struct ([`TrainingParams`], flattened into each kind's struct; its table derived from it,
+//! with the defaults that differ between the scripts set by [`ScriptDefaults::table`]),
+//! `export` ([`ExportParams`]) and the closed sets among them.
+use super::{Dtype, MAX_INFERENCE_STEPS, MAX_SEED};
+use dreampipe_core::field;
+use dreampipe_core::stages::ParamSpec;
+use dreampipe_core::stages::params::{Input, ParamTable, Params, spec_mut};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -50,43 +51,108 @@ dreampipe_core::closed_set! {
 }
 
 /// The fields the training kinds share (diffusers' argument names), flattened into each kind's
-/// struct; its table is [`common_schema`] without `export`, which LoRA runs do not have.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// struct; their table comes with each script's defaults from [`ScriptDefaults::table`].
+/// (`model` is resolved by the runner: `ctx.inputs["model"]`.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
 pub struct TrainingParams {
-    /// Resolved by the runner: `ctx.inputs["model"]`.
+    /// diffusers folder, or the stage that produced one (a `textual_inversion` stage: its
+    /// `model/`)
+    #[param(model_folder)]
     pub model: Input,
+    /// seed of every random draw (diffusers: unseeded)
+    #[param(default = 0, range(0.0, MAX_SEED))]
     pub seed: u64,
+    /// training image side (a multiple of 8)
+    #[param(default = 512, range(MIN_RESOLUTION, MAX_RESOLUTION), multiple_of = 8)]
     pub resolution: u32,
+    /// center crop instead of a random crop
+    #[param(default = false)]
     pub center_crop: bool,
+    /// images per micro-batch
+    #[param(default = 4, range(1.0, MAX_BATCH))]
     pub train_batch_size: usize,
-    /// `None`: `num_train_epochs` over the data.
+    /// optimizer steps; unset: num_train_epochs over the data
+    #[param(default = null, range(1.0, MAX_STEPS))]
     pub max_train_steps: Option<u64>,
+    /// epochs when max_train_steps is unset
+    #[param(default = 1, range(1.0, MAX_STEPS))]
     pub num_train_epochs: u64,
+    /// micro-batches per optimizer step
+    #[param(default = 1, range(1.0, MAX_BATCH))]
     pub gradient_accumulation_steps: u64,
+    /// recompute UNet blocks in the backward pass to save memory (dreambooth only;
+    /// textual_inversion fails)
+    #[param(default = false)]
     pub gradient_checkpointing: bool,
+    /// AdamW learning rate
+    #[param(default = 5e-6, range(0.0, MAX_LEARNING_RATE))]
     pub learning_rate: f64,
+    /// multiply learning_rate by batch size × accumulation
+    #[param(default = false)]
     pub scale_lr: bool,
+    /// learning-rate schedule (diffusers' names)
+    #[param(default = "constant")]
     pub lr_scheduler: LrScheduler,
+    /// warmup steps of the lr schedule
+    #[param(default = 500, range(0.0, MAX_STEPS))]
     pub lr_warmup_steps: u64,
+    /// cycles of cosine_with_restarts
+    #[param(default = 1, range(1.0, MAX_STEPS))]
     pub lr_num_cycles: u32,
+    /// power of the polynomial schedule
+    #[param(default = 1.0, range(0.0, 100.0))]
     pub lr_power: f64,
+    /// AdamW, or bitsandbytes' 8-bit AdamW (diffusers' --use_8bit_adam)
+    #[param(default = "adamw")]
     pub optimizer: OptimizerKind,
+    /// AdamW beta1
+    #[param(default = 0.9, range(0.0, MAX_BETA))]
     pub adam_beta1: f64,
+    /// AdamW beta2
+    #[param(default = 0.999, range(0.0, MAX_BETA))]
     pub adam_beta2: f64,
+    /// AdamW decoupled weight decay
+    #[param(default = 1e-2, range(0.0, 1.0))]
     pub adam_weight_decay: f64,
+    /// AdamW epsilon
+    #[param(default = 1e-8, range(0.0, 1.0))]
     pub adam_epsilon: f64,
+    /// mixed precision as accelerate: trained modules under autocast, frozen ones in this
+    /// dtype; fp16 adds loss scaling (CUDA only)
+    #[param(default = "no")]
     pub mixed_precision: MixedPrecision,
+    /// resume checkpoint every N steps (kept in the work folder)
+    #[param(default = 500, range(1.0, MAX_STEPS))]
     pub checkpointing_steps: u64,
-    /// `None`: keep every checkpoint.
+    /// keep only the newest N checkpoints; unset: all
+    #[param(default = null, range(1.0, MAX_STEPS))]
     pub checkpoints_total_limit: Option<usize>,
-    /// `None`: no validation samples.
+    /// sample this prompt every validation_steps (seed `seed`) into validation/step-N.png;
+    /// unset: no samples
+    #[param(default = null)]
     pub validation_prompt: Option<String>,
+    /// steps between validation samples
+    #[param(default = DEFAULT_VALIDATION_STEPS, range(1.0, MAX_STEPS))]
     pub validation_steps: u64,
+    /// denoising steps of a validation sample
+    #[param(default = DEFAULT_VALIDATION_STEPS_INFERENCE, range(1.0, MAX_INFERENCE_STEPS))]
     pub validation_inference_steps: usize,
-    /// Precision of the written single file (a LoRA run: of its LoRA files).
+    /// precision of `model.safetensors` (f32, f16, bf16)
+    #[param(default = "f16")]
     pub save_dtype: Dtype,
-    /// Precision of the validation samples.
+    /// precision of the validation samples
+    #[param(default = "f32")]
     pub dtype: Dtype,
+}
+
+/// `export:`, the field of every training kind that writes a whole model (not `dreambooth_lora`,
+/// whose output is always its two LoRA files).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
+pub struct ExportParams {
+    /// what the trained model is written as: `diffusers` (the folder) and/or `single_file`
+    /// (`model.safetensors` in the A1111 / ComfyUI layout, configs in its metadata)
+    #[param(default = ["diffusers"])]
+    pub export: Vec<ExportFormat>,
 }
 
 impl TrainingParams {
@@ -133,13 +199,14 @@ where
 
 /// `export:` must name at least one format.
 pub fn export_problem(params: &serde_json::Map<String, Value>) -> Option<(&'static str, String)> {
+    let name = field!(ExportParams, export);
     let empty = params
-        .get("export")
+        .get(name)
         .and_then(Value::as_array)
         .is_some_and(|formats| formats.is_empty());
     empty.then(|| {
         (
-            "export",
+            name,
             "names no format; give `diffusers`, `single_file` or both".to_string(),
         )
     })
@@ -156,208 +223,43 @@ const MAX_RESOLUTION: f64 = 4096.0;
 const MAX_LEARNING_RATE: f64 = 1.0;
 /// AdamW's betas must lie in [0, 1) (PyTorch rejects 1).
 const MAX_BETA: f64 = 0.999_999_999;
-/// Largest denoising steps of a validation sample (schedulers have 1000 training timesteps).
-const MAX_INFERENCE_STEPS: f64 = 1000.0;
 /// diffusers' validation pipelines run 25 inference steps (textual_inversion.py).
 const DEFAULT_VALIDATION_STEPS_INFERENCE: u64 = 25;
 /// diffusers' `--validation_steps` default.
 const DEFAULT_VALIDATION_STEPS: u64 = 100;
 
 /// The field that sets how many optimizer steps a training kind runs (its `steps_field`).
-pub const STEPS_FIELD: &str = "max_train_steps";
+pub const STEPS_FIELD: &str = field!(TrainingParams, max_train_steps);
 
-/// The defaults that differ between the two scripts.
+/// The defaults that differ between the scripts.
 pub struct ScriptDefaults {
     pub learning_rate: f64,
     pub train_batch_size: u64,
-    pub max_train_steps: Value,
+    pub max_train_steps: Option<u64>,
     pub num_train_epochs: u64,
 }
 
-/// The fields both scripts have, with their defaults (diffusers' argument names).
-pub fn common_schema(defaults: &ScriptDefaults) -> Vec<ParamSpec> {
-    use ParamType::{Bool, Integer, Number, String as Text};
-    vec![
-        ParamSpec::required(
-            "model",
-            ParamType::PathOrStageRef,
-            "diffusers folder, or the stage that produced one (a `textual_inversion` stage: its `model/`)",
-        )
-        .model_folder(),
-        ParamSpec::optional(
-            "seed",
-            Integer,
-            json!(0),
-            "seed of every random draw (diffusers: unseeded)",
-        )
-        .range(0.0, MAX_SEED),
-        ParamSpec::optional(
-            "resolution",
-            Integer,
-            json!(512),
-            "training image side (a multiple of 8)",
-        )
-        .range(MIN_RESOLUTION, MAX_RESOLUTION)
-        .multiple_of(8),
-        ParamSpec::optional(
-            "center_crop",
-            Bool,
-            json!(false),
-            "center crop instead of a random crop",
-        ),
-        ParamSpec::optional(
-            "train_batch_size",
-            Integer,
-            json!(defaults.train_batch_size),
-            "images per micro-batch",
-        )
-        .range(1.0, MAX_BATCH),
-        ParamSpec::optional(
-            STEPS_FIELD,
-            Integer,
-            defaults.max_train_steps.clone(),
-            "optimizer steps; unset: num_train_epochs over the data",
-        )
-        .range(1.0, MAX_STEPS),
-        ParamSpec::optional(
-            "num_train_epochs",
-            Integer,
-            json!(defaults.num_train_epochs),
-            "epochs when max_train_steps is unset",
-        )
-        .range(1.0, MAX_STEPS),
-        ParamSpec::optional(
-            "gradient_accumulation_steps",
-            Integer,
-            json!(1),
-            "micro-batches per optimizer step",
-        )
-        .range(1.0, MAX_BATCH),
-        ParamSpec::optional(
-            "gradient_checkpointing",
-            Bool,
-            json!(false),
-            "recompute UNet blocks in the backward pass to save memory (dreambooth only; textual_inversion fails)",
-        ),
-        ParamSpec::optional(
-            "learning_rate",
-            Number,
-            json!(defaults.learning_rate),
-            "AdamW learning rate",
-        )
-        .range(0.0, MAX_LEARNING_RATE),
-        ParamSpec::optional(
-            "scale_lr",
-            Bool,
-            json!(false),
-            "multiply learning_rate by batch size × accumulation",
-        ),
-        ParamSpec::optional(
-            "lr_scheduler",
-            Text,
-            json!("constant"),
-            "learning-rate schedule (diffusers' names)",
-        )
-        .one_of(LrScheduler::NAMES),
-        ParamSpec::optional(
-            "lr_warmup_steps",
-            Integer,
-            json!(500),
-            "warmup steps of the lr schedule",
-        )
-        .range(0.0, MAX_STEPS),
-        ParamSpec::optional(
-            "lr_num_cycles",
-            Integer,
-            json!(1),
-            "cycles of cosine_with_restarts",
-        )
-        .range(1.0, MAX_STEPS),
-        ParamSpec::optional(
-            "lr_power",
-            Number,
-            json!(1.0),
-            "power of the polynomial schedule",
-        )
-        .range(0.0, 100.0),
-        ParamSpec::optional(
-            "optimizer",
-            Text,
-            json!("adamw"),
-            "AdamW, or bitsandbytes' 8-bit AdamW (diffusers' --use_8bit_adam)",
-        )
-        .one_of(OptimizerKind::NAMES),
-        ParamSpec::optional("adam_beta1", Number, json!(0.9), "AdamW beta1").range(0.0, MAX_BETA),
-        ParamSpec::optional("adam_beta2", Number, json!(0.999), "AdamW beta2").range(0.0, MAX_BETA),
-        ParamSpec::optional(
-            "adam_weight_decay",
-            Number,
-            json!(1e-2),
-            "AdamW decoupled weight decay",
-        )
-        .range(0.0, 1.0),
-        ParamSpec::optional("adam_epsilon", Number, json!(1e-8), "AdamW epsilon").range(0.0, 1.0),
-        ParamSpec::optional(
-            "mixed_precision",
-            Text,
-            json!("no"),
-            "mixed precision as accelerate: trained modules under autocast, frozen ones in this dtype; fp16 adds loss scaling (CUDA only)",
-        )
-        .one_of(MixedPrecision::NAMES),
-        ParamSpec::optional(
-            "checkpointing_steps",
-            Integer,
-            json!(500),
-            "resume checkpoint every N steps (kept in the work folder)",
-        )
-        .range(1.0, MAX_STEPS),
-        ParamSpec::optional(
-            "checkpoints_total_limit",
-            Integer,
-            Value::Null,
-            "keep only the newest N checkpoints; unset: all",
-        )
-        .range(1.0, MAX_STEPS),
-        ParamSpec::optional(
-            "validation_prompt",
-            Text,
-            Value::Null,
-            "sample this prompt every validation_steps (seed `seed`) into validation/step-N.png; unset: no samples",
-        ),
-        ParamSpec::optional(
-            "validation_steps",
-            Integer,
-            json!(DEFAULT_VALIDATION_STEPS),
-            "steps between validation samples",
-        )
-        .range(1.0, MAX_STEPS),
-        ParamSpec::optional(
-            "validation_inference_steps",
-            Integer,
-            json!(DEFAULT_VALIDATION_STEPS_INFERENCE),
-            "denoising steps of a validation sample",
-        )
-        .range(1.0, MAX_INFERENCE_STEPS),
-        ParamSpec::optional(
-            "export",
-            ParamType::StringList,
-            json!(["diffusers"]),
-            "what the trained model is written as: `diffusers` (the folder) and/or `single_file` (`model.safetensors` in the A1111 / ComfyUI layout, configs in its metadata)",
-        )
-        .one_of(ExportFormat::NAMES),
-        ParamSpec::optional(
-            "save_dtype",
-            Text,
-            json!("f16"),
-            "precision of `model.safetensors` (f32, f16, bf16)",
-        )
-        .one_of(Dtype::NAMES),
-        ParamSpec::optional(
-            "dtype",
-            Text,
-            json!("f32"),
-            "precision of the validation samples",
-        )
-        .one_of(Dtype::NAMES),
-    ]
+impl ScriptDefaults {
+    /// The shared training fields' table with this script's defaults.
+    pub fn table(&self) -> Vec<ParamSpec> {
+        let mut specs = TrainingParams::param_specs();
+        let mut set = |name: &str, value: Value| spec_mut(&mut specs, name).default = Some(value);
+        set(
+            field!(TrainingParams, learning_rate),
+            json!(self.learning_rate),
+        );
+        set(
+            field!(TrainingParams, train_batch_size),
+            json!(self.train_batch_size),
+        );
+        set(
+            field!(TrainingParams, max_train_steps),
+            json!(self.max_train_steps),
+        );
+        set(
+            field!(TrainingParams, num_train_epochs),
+            json!(self.num_train_epochs),
+        );
+        specs
+    }
 }

@@ -3,11 +3,11 @@
 //! discriminator terms: reconstruction (L2 or L1, summed per image) plus `kl_scale` times the
 //! posterior's KL divergence. Output: the model with the new VAE as a diffusers folder (the
 //! other components copied), `metrics.jsonl`, `validation/step-N.png` and `report.json`.
-use super::training::{self, ExportFormat, ScriptDefaults, TrainingParams};
-use dreampipe_core::stages::params::Input;
-use dreampipe_core::stages::{FieldView, ParamSpec, ParamType, Stage};
+use super::training::{self, ExportParams, ScriptDefaults, TrainingParams};
+use dreampipe_core::field;
+use dreampipe_core::stages::params::{Input, Params};
+use dreampipe_core::stages::{FieldView, Stage};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
 /// train_autoencoderkl.py's `--learning_rate` default (for fine-tuning a trained VAE).
 const DEFAULT_LEARNING_RATE: f64 = 4.5e-6;
@@ -28,19 +28,39 @@ dreampipe_core::closed_set! {
 
 pub struct VaeKind;
 
-/// A `vae` stage's fields (its table: [`VaeKind::schema`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// train_autoencoderkl.py's defaults among the shared training fields.
+const SCRIPT: ScriptDefaults = ScriptDefaults {
+    learning_rate: DEFAULT_LEARNING_RATE,
+    train_batch_size: DEFAULT_BATCH,
+    max_train_steps: None,
+    num_train_epochs: DEFAULT_EPOCHS,
+};
+
+/// A `vae` stage's fields (its table is derived: [`Params`]; `images` is resolved by the
+/// runner: `ctx.inputs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct VaeParams {
-    /// Resolved by the runner: `ctx.inputs["images"]`.
+    /// folder of training images, or a stage making one (`images`, `generate`, `toy_world`)
     pub images: Input,
+    /// reconstruction loss per pixel, summed over each image: l2 or l1
+    #[param(default = "l2")]
     pub rec_loss: ReconstructionLoss,
+    /// weight of the KL divergence of the latent posterior
+    #[param(default = DEFAULT_KL_SCALE, range(0.0, MAX_KL_SCALE))]
     pub kl_scale: f64,
+    /// gradient clipping norm
+    #[param(default = 1.0, range(0.0, MAX_GRAD_NORM))]
     pub max_grad_norm: f64,
+    /// set the VAE's scaling_factor to 1 / std of the training images' latents (for a VAE
+    /// trained from scratch); false: keep the model's
+    #[param(default = false)]
     pub fit_scaling_factor: bool,
     #[serde(flatten)]
+    #[param(table = SCRIPT.table())]
     pub training: TrainingParams,
-    pub export: Vec<ExportFormat>,
+    #[serde(flatten)]
+    pub output: ExportParams,
 }
 
 impl Stage for VaeKind {
@@ -54,53 +74,11 @@ impl Stage for VaeKind {
     fn summary(&self) -> &'static str {
         "Trains a model's VAE on images as diffusers' train_autoencoderkl.py (reconstruction + KL; no LPIPS or discriminator). Output: the model with the new VAE as a diffusers folder, `metrics.jsonl`, `validation/step-N.png` and `report.json`."
     }
-    fn schema(&self) -> Vec<ParamSpec> {
-        let mut schema = vec![
-            ParamSpec::required(
-                "images",
-                ParamType::PathOrStageRef,
-                "folder of training images, or a stage making one (`images`, `generate`, `toy_world`)",
-            ),
-            ParamSpec::optional(
-                "rec_loss",
-                ParamType::String,
-                json!("l2"),
-                "reconstruction loss per pixel, summed over each image: l2 or l1",
-            )
-            .one_of(ReconstructionLoss::NAMES),
-            ParamSpec::optional(
-                "kl_scale",
-                ParamType::Number,
-                json!(DEFAULT_KL_SCALE),
-                "weight of the KL divergence of the latent posterior",
-            )
-            .range(0.0, MAX_KL_SCALE),
-            ParamSpec::optional(
-                "max_grad_norm",
-                ParamType::Number,
-                json!(1.0),
-                "gradient clipping norm",
-            )
-            .range(0.0, MAX_GRAD_NORM),
-            ParamSpec::optional(
-                "fit_scaling_factor",
-                ParamType::Bool,
-                json!(false),
-                "set the VAE's scaling_factor to 1 / std of the training images' latents (for a VAE trained from scratch); false: keep the model's",
-            ),
-        ];
-        schema.extend(training::common_schema(&ScriptDefaults {
-            learning_rate: DEFAULT_LEARNING_RATE,
-            train_batch_size: DEFAULT_BATCH,
-            max_train_steps: Value::Null,
-            num_train_epochs: DEFAULT_EPOCHS,
-        }));
-        schema
-    }
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
-        if fields.flag("gradient_checkpointing") {
-            problems.push(("gradient_checkpointing", NO_CHECKPOINTING.to_string()));
+        let checkpointing = field!(TrainingParams, gradient_checkpointing);
+        if fields.flag(checkpointing) {
+            problems.push((checkpointing, NO_CHECKPOINTING.to_string()));
         }
         problems.extend(training::export_problem(fields.params));
         problems

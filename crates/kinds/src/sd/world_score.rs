@@ -4,10 +4,9 @@
 //! rendered exactly (background, colour and shape), the share of the other prompts free of the
 //! subject's stripes (class drift), and the background and shape rates. Output: `scores.json`
 //! (`metrics`, `overall` per variant, `per_image`), shown in the report's Scores section.
-use dreampipe_core::stages::params::Input;
-use dreampipe_core::stages::{DeviceClass, ParamSpec, ParamType, Stage, StageContext, StageError};
+use dreampipe_core::stages::params::{Input, ParamTable, Params};
+use dreampipe_core::stages::{DeviceClass, ParamSpec, Stage, StageContext, StageError};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
 /// The metrics of `scores.json`, as (key, display name), ranking by the first, then the third.
 pub const METRICS: [(&str, &str); 5] = [
@@ -20,14 +19,20 @@ pub const METRICS: [(&str, &str); 5] = [
 
 pub struct WorldScoreKind;
 
-/// A `world_score` stage's fields (its table: [`WorldScoreKind::schema`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A `world_score` stage's fields (its table is derived: [`Params`]; `generated` is resolved
+/// by the runner: `ctx.inputs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
 #[serde(deny_unknown_fields)]
 pub struct WorldScoreParams {
-    /// Resolved by the runner: `ctx.inputs["generated"]`.
+    /// sample_grid or generate stages (variants and prompts from their manifest.json), or
+    /// images stages / folders (with `prompt`); every variant of a swept stage is scored
+    #[param(ty = PathOrStageRefList, gathers)]
     pub generated: Input,
-    /// The prompt of images whose input records none.
+    /// the prompt of generated images whose input has none (an images stage or a folder)
+    #[param(default = null)]
     pub prompt: Option<String>,
+    /// the subject's rare token: prompts with it ask for the subject (the striped star)
+    #[param(default = "sks")]
     pub identifier: String,
 }
 
@@ -45,26 +50,7 @@ impl Stage for WorldScoreKind {
         "Scores generated pictures of the toy world against their prompts with the world's classifier (background, shape colour and kind, the subject's stripes). Output: `scores.json` (per variant: subject, caption, no stripes, background and shape rates; per image: what was asked and what was seen)."
     }
     fn schema(&self) -> Vec<ParamSpec> {
-        vec![
-            ParamSpec::required(
-                "generated",
-                ParamType::PathOrStageRefList,
-                "sample_grid or generate stages (variants and prompts from their manifest.json), or images stages / folders (with `prompt`); every variant of a swept stage is scored",
-            )
-            .gathers(),
-            ParamSpec::optional(
-                "prompt",
-                ParamType::String,
-                Value::Null,
-                "the prompt of generated images whose input has none (an images stage or a folder)",
-            ),
-            ParamSpec::optional(
-                "identifier",
-                ParamType::String,
-                json!("sks"),
-                "the subject's rare token: prompts with it ask for the subject (the striped star)",
-            ),
-        ]
+        WorldScoreParams::param_specs()
     }
     fn run(&self, _ctx: &StageContext<'_>) -> Result<(), StageError> {
         Err(dreampipe_core::stages::needs_torch_worker(self.kind()))
