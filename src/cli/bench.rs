@@ -1,7 +1,7 @@
 //! `dreampipe bench ...` (hidden): micro-benchmarks. `bench unet` times the UNet forward of a
 //! model folder on latents of a given size, the way one classifier-free-guidance sampling step
 //! runs it (batch 2 = unconditional + conditional).
-use super::Context;
+use super::TorchContext;
 use crate::sd::unet::UNet2DConditionModel;
 use anyhow::Context as _;
 use std::path::PathBuf;
@@ -48,7 +48,7 @@ pub struct UnetArgs {
     pub threads: i32,
 }
 
-pub fn run(command: BenchCommand, context: &Context) -> anyhow::Result<ExitCode> {
+pub fn run(command: BenchCommand, context: &TorchContext) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Unet(args) => bench_unet(&args, context),
         BenchCommand::Txt2img(args) => super::bench_sd::run_txt2img(context, &args),
@@ -56,7 +56,7 @@ pub fn run(command: BenchCommand, context: &Context) -> anyhow::Result<ExitCode>
     }
 }
 
-fn bench_unet(args: &UnetArgs, context: &Context) -> anyhow::Result<ExitCode> {
+fn bench_unet(args: &UnetArgs, context: &TorchContext) -> anyhow::Result<ExitCode> {
     tch::set_num_threads(args.threads);
     let device = context.device;
     let unet_dir = args.model.join("unet");

@@ -1,6 +1,6 @@
 //! `dreampipe bench txt2img|dreambooth` (hidden): the dreampipe half of `bench/run.sh`'s
 //! comparison with diffusers. Each prints one JSON line (see `crate::bench`).
-use super::Context;
+use super::TorchContext;
 use super::sample::DType;
 use crate::bench::{self, dreambooth::DreamBoothBench, txt2img::Txt2ImgBench};
 use std::path::PathBuf;
@@ -62,7 +62,7 @@ pub struct DreamBoothArgs {
     pub threads: i32,
 }
 
-pub fn run_txt2img(context: &Context, args: &Txt2ImgArgs) -> anyhow::Result<ExitCode> {
+pub fn run_txt2img(context: &TorchContext, args: &Txt2ImgArgs) -> anyhow::Result<ExitCode> {
     bench::pin_threads(args.threads);
     let record = bench::txt2img::run(&Txt2ImgBench {
         model: args.model.clone(),
@@ -79,7 +79,7 @@ pub fn run_txt2img(context: &Context, args: &Txt2ImgArgs) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn run_dreambooth(context: &Context, args: &DreamBoothArgs) -> anyhow::Result<ExitCode> {
+pub fn run_dreambooth(context: &TorchContext, args: &DreamBoothArgs) -> anyhow::Result<ExitCode> {
     bench::pin_threads(args.threads);
     let record = bench::dreambooth::run(&DreamBoothBench {
         model: args.model.clone(),

@@ -1,9 +1,9 @@
 //! `dreampipe doctor`: what this installation runs on.
-use super::Context;
+use super::TorchContext;
 use crate::device::{self, CudaBackend};
 use std::process::ExitCode;
 
-pub fn run(context: &Context) -> anyhow::Result<ExitCode> {
+pub fn run(context: &TorchContext) -> anyhow::Result<ExitCode> {
     println!("dreampipe {}", env!("CARGO_PKG_VERSION"));
     println!("libtorch version: {}", libtorch_version());
     match device::linked_libtorch_dir() {

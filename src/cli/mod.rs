@@ -16,8 +16,9 @@ mod doctor;
 mod model;
 pub mod sample;
 
-/// What the torch verbs need from the global flags, resolved once.
-pub struct Context {
+/// What the torch verbs need from the global flags, resolved once (the core verbs get
+/// `dreampipe_core::cli::Context`).
+pub struct TorchContext {
     pub device: tch::Device,
     pub cuda: CudaBackend,
     pub probe: CudaProbe,
@@ -75,9 +76,9 @@ fn run_verb(
     cuda: CudaBackend,
     probe: &CudaProbe,
 ) -> anyhow::Result<ExitCode> {
-    let torch_context = || -> anyhow::Result<Context> {
+    let torch_context = || -> anyhow::Result<TorchContext> {
         let resolved = device::resolve(global.device, probe).map_err(anyhow::Error::msg)?;
-        Ok(Context {
+        Ok(TorchContext {
             device: device::to_tch(resolved),
             cuda: cuda.clone(),
             probe: probe.clone(),

@@ -2,7 +2,7 @@
 //! seeded random weights in a known architecture (for benchmarks and tests without checkpoints);
 //! `model import` / `model export` turn a single-file checkpoint into a diffusers folder and back
 //! (`sd::single_file`).
-use super::Context;
+use super::TorchContext;
 use crate::embed::init::{EmbedArchitecture, write_folder};
 use crate::sd::init::{self, Architecture, InitOptions, WeightDtype};
 use std::path::PathBuf;
@@ -87,7 +87,7 @@ pub enum DtypeArg {
     F16,
 }
 
-pub fn run(command: ModelCommand, _context: &Context) -> anyhow::Result<ExitCode> {
+pub fn run(command: ModelCommand, _context: &TorchContext) -> anyhow::Result<ExitCode> {
     match command {
         ModelCommand::Init(args) => run_init(&args),
         ModelCommand::Import(args) => run_import(&args),

@@ -1,5 +1,5 @@
 //! `dreampipe sample`: txt2img from a diffusers folder to PNG files carrying their parameters.
-use super::Context;
+use super::TorchContext;
 use crate::sd::lora::{LoraWeights, ScaledLora};
 use crate::sd::pipeline::{
     DEFAULT_GUIDANCE, DEFAULT_STEPS, Event, StableDiffusion, Txt2Img, Txt2ImgError, Txt2ImgOutput,
@@ -106,7 +106,7 @@ impl DType {
     }
 }
 
-pub fn run(context: &Context, args: &SampleArgs) -> anyhow::Result<ExitCode> {
+pub fn run(context: &TorchContext, args: &SampleArgs) -> anyhow::Result<ExitCode> {
     let folder = model_folder(context, args)?;
     let mut model = StableDiffusion::load(&folder, context.device, args.dtype.kind())?;
     let loras = read_loras(args)?;
@@ -235,7 +235,7 @@ fn model_name(dir: &Path) -> String {
 
 /// The diffusers folder of `--model`: itself, or for a single file the folder it is read into
 /// once (`<cache>/shared/single-file/<blake3 of file, config, prediction type>`).
-fn model_folder(context: &Context, args: &SampleArgs) -> anyhow::Result<PathBuf> {
+fn model_folder(context: &TorchContext, args: &SampleArgs) -> anyhow::Result<PathBuf> {
     if !args.model.is_file() {
         return Ok(args.model.clone());
     }
