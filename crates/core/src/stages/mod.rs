@@ -10,6 +10,7 @@
 //! `ctx.cancel`.
 pub mod handle;
 pub mod params;
+pub mod templates;
 #[cfg(test)]
 pub(crate) mod test_kinds;
 
@@ -518,6 +519,7 @@ impl Stage for Implemented {
 #[derive(Clone)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn Stage>>,
+    templates: Option<templates::PipelineTemplates>,
 }
 
 impl Registry {
@@ -525,7 +527,17 @@ impl Registry {
     pub fn empty() -> Self {
         Self {
             kinds: BTreeMap::new(),
+            templates: None,
         }
+    }
+    /// Adds the pipelines `init` writes and `bench-cache` runs (they name the kinds).
+    pub fn with_templates(mut self, templates: templates::PipelineTemplates) -> Self {
+        self.templates = Some(templates);
+        self
+    }
+    /// The registered pipeline templates, if any.
+    pub fn templates(&self) -> Option<&templates::PipelineTemplates> {
+        self.templates.as_ref()
     }
     pub fn with(mut self, stage: Arc<dyn Stage>) -> Self {
         self.kinds.insert(stage.kind(), stage);
