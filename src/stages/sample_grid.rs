@@ -294,7 +294,7 @@ impl Grid {
                 ctx.check_cancelled()?;
                 let output = model
                     .txt2img_per_sample_seeds(&request, seeds, &mut |_| {})
-                    .map_err(|e| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id)))?;
+                    .map_err(|e| StageError::library(ctx.stage_id, e))?;
                 for (position, &seed) in seeds.iter().enumerate() {
                     let path = folder.join(row.file_name(seed, self.varying()));
                     let info = SampleInfo {
@@ -346,11 +346,10 @@ impl Grid {
                         .collect()
                 })
                 .collect();
-            let grid_error = |e: dreampipe_kinds::grid::GridPngError| {
-                StageError::Failed(format!(
-                    "stage `{}`: grid {prompt_index}: {e}",
-                    ctx.stage_id
-                ))
+            let grid_error = |e: dreampipe_kinds::grid::GridPngError| StageError::Grid {
+                stage: ctx.stage_id.to_string(),
+                grid: prompt_index,
+                source: e.into(),
             };
             let spec = GridSpec::from_paths(
                 Some(prompt.clone()),

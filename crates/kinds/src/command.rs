@@ -140,12 +140,8 @@ impl Stage for CommandStage {
             {
                 return match status.code() {
                     Some(0) => Ok(()),
-                    Some(code) => Err(StageError::Failed(format!(
-                        "command exited with status {code}"
-                    ))),
-                    None => Err(StageError::Failed(
-                        "command was killed by a signal".to_string(),
-                    )),
+                    Some(code) => Err(StageError::CommandExited { code }),
+                    None => Err(StageError::CommandKilled),
                 };
             }
             if ctx.cancel.is_cancelled() {
