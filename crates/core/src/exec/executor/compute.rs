@@ -5,11 +5,13 @@ use super::slots::take_slot;
 use super::{Done, Shared, StageRecord, blocking};
 use crate::exec::error::ExecError;
 use crate::exec::events::Event;
-use crate::exec::job::{Placement, commit_staged, run_in_staging};
+use crate::exec::job::{JobSpec, Placement, commit_staged, run_in_staging};
 use crate::exec::slurm::{JobEnd, Slurm};
+use crate::pipeline::StageInstance;
 use crate::plan::fingerprint::KeyMaterial;
 use crate::stages::DeviceClass;
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -88,16 +90,7 @@ pub(super) async fn compute_on_slurm(
 ) -> Result<Done, ExecError> {
     let stage = shared.plan.pipeline.stages[index].clone();
     let job = planned_job(shared, index, upstream, new, key).await?;
-    let mut resources =
-        (shared.plan.pipeline.executor).resources_for(stage.kind.kind(), &stage.resources);
-    resources.gpus = Some(resources.device_slots(stage.kind.device_class()));
-    let script = {
-        let (slurm, job) = (slurm.clone(), job.clone());
-        let needs_torch = stage.kind.needs_torch();
-        blocking(move || slurm.prepare(&job, &resources, needs_torch))
-            .await?
-            .map_err(ExecError::Slurm)?
-    };
+    let script = batch_script(shared, slurm, &stage, &job).await?;
     let _place = slurm.place().await.map_err(ExecError::Slurm)?;
     if shared.cancel.is_cancelled() {
         return Err(ExecError::Cancelled);
@@ -110,19 +103,7 @@ pub(super) async fn compute_on_slurm(
     let started = Instant::now();
     let mut attempt = 0;
     loop {
-        let (job_id, adopted) = match slurm.earlier_job(key) {
-            Some(id) => (id, true),
-            None => {
-                let (slurm, script) = (slurm.clone(), script.clone());
-                let submitted = blocking(move || slurm.submit(&script)).await?;
-                (submitted.map_err(ExecError::Slurm)?, false)
-            }
-        };
-        let _ = shared.events.send(Event::Submitted {
-            id: stage.id.clone(),
-            job_id: job_id.clone(),
-            adopted,
-        });
+        let job_id = submit_or_adopt(shared, slurm, &stage.id, key, &script).await?;
         let end = slurm.wait(&job_id, key).await;
         let since_run_start = |at: Instant| at.duration_since(shared.run_started).as_secs_f64();
         record.ran = Some((since_run_start(started), since_run_start(Instant::now())));
@@ -144,12 +125,53 @@ pub(super) async fn compute_on_slurm(
             return Err(ExecError::Slurm(failure));
         }
         attempt += 1;
+        let retries = slurm.options.retries;
         let _ = shared.events.send(Event::Warning {
             id: stage.id.clone(),
-            message: format!(
-                "{failure}; resubmitting (retry {attempt} of {})",
-                slurm.options.retries
-            ),
+            message: format!("{failure}; resubmitting (retry {attempt} of {retries})"),
         });
     }
+}
+
+/// Writes the job's batch script with the stage's resources (its own over the executor's for
+/// its kind), at least the device slots its class needs.
+async fn batch_script(
+    shared: &Shared,
+    slurm: &Arc<Slurm>,
+    stage: &StageInstance,
+    job: &JobSpec,
+) -> Result<PathBuf, ExecError> {
+    let mut resources =
+        (shared.plan.pipeline.executor).resources_for(stage.kind.kind(), &stage.resources);
+    resources.gpus = Some(resources.device_slots(stage.kind.device_class()));
+    let (slurm, job) = (slurm.clone(), job.clone());
+    let needs_torch = stage.kind.needs_torch();
+    blocking(move || slurm.prepare(&job, &resources, needs_torch))
+        .await?
+        .map_err(ExecError::Slurm)
+}
+
+/// The id of the job computing `key`: one an earlier controller left queued, else a new
+/// submission of `script`; reports which.
+async fn submit_or_adopt(
+    shared: &Shared,
+    slurm: &Arc<Slurm>,
+    id: &str,
+    key: &str,
+    script: &Path,
+) -> Result<String, ExecError> {
+    let (job_id, adopted) = match slurm.earlier_job(key) {
+        Some(id) => (id, true),
+        None => {
+            let (slurm, script) = (slurm.clone(), script.to_path_buf());
+            let submitted = blocking(move || slurm.submit(&script)).await?;
+            (submitted.map_err(ExecError::Slurm)?, false)
+        }
+    };
+    let _ = shared.events.send(Event::Submitted {
+        id: id.to_string(),
+        job_id: job_id.clone(),
+        adopted,
+    });
+    Ok(job_id)
 }

@@ -12,6 +12,29 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+/// A stage's fields as checked so far.
+struct CheckedFields<'r> {
+    values: serde_json::Map<String, Value>,
+    matrix: Vec<(String, Vec<Value>)>,
+    resources: Resources,
+    /// Fields present (even if invalid) or suggested for a typo are not also "missing".
+    accounted: BTreeSet<&'r str>,
+    /// No error so far.
+    ok: bool,
+}
+
+impl Default for CheckedFields<'_> {
+    fn default() -> Self {
+        Self {
+            values: serde_json::Map::new(),
+            matrix: Vec::new(),
+            resources: Resources::default(),
+            accounted: BTreeSet::new(),
+            ok: true,
+        }
+    }
+}
+
 impl Checker<'_> {
     pub(super) fn check_stage(
         &mut self,
@@ -23,78 +46,128 @@ impl Checker<'_> {
         let stage = raw.name.as_str();
         let kind = self.stage_kind(raw)?;
         let schema = kind.schema();
-        let field_names: Vec<&str> = STAGE_KEYS
-            .iter()
-            .copied()
-            .chain(schema.iter().map(|p| p.name))
-            .collect();
-        let mut values = serde_json::Map::new();
-        let mut matrix = Vec::new();
-        let mut resources = Resources::default();
-        let mut ok = true;
-        // Fields present (even if invalid) or suggested for a typo are not also "missing".
-        let mut accounted: BTreeSet<&str> = BTreeSet::new();
+        let mut fields = self.check_own_fields(raw, kind.as_ref(), &schema, params);
+        self.check_set_and_swept(stage, &mut fields);
+        self.fill_missing(stage, &schema, defaults, &mut fields);
+        let (refs, paths) = self.resolve_inputs(stage, &schema, &fields.values, names)?;
+        if !fields.ok {
+            return None;
+        }
+        Some(StageDraft {
+            name: stage.to_string(),
+            kind,
+            params: fields.values,
+            matrix: fields.matrix,
+            refs,
+            paths,
+            resources: fields.resources,
+        })
+    }
+
+    /// The fields the stage sets: `matrix:`, `resources:` and schema fields, each checked.
+    fn check_own_fields<'r>(
+        &mut self,
+        raw: &'r RawStage,
+        kind: &dyn Stage,
+        schema: &[ParamSpec],
+        params: &serde_json::Map<String, Value>,
+    ) -> CheckedFields<'r> {
+        let stage = raw.name.as_str();
+        let mut fields = CheckedFields::default();
         for (field, raw_value) in &raw.fields {
             if field == "kind" || field == "use" {
                 continue;
             }
-            accounted.insert(field.as_str());
+            fields.accounted.insert(field.as_str());
             let value = match yaml_to_json(raw_value).and_then(|v| substitute_params(v, params)) {
                 Ok(value) => value,
                 Err(message) => {
                     self.stage_error(stage, field, message);
-                    ok = false;
+                    fields.ok = false;
                     continue;
                 }
             };
             if field == "matrix" {
-                matrix = self
-                    .check_matrix(stage, &value, &schema)
-                    .unwrap_or_else(|| {
-                        ok = false;
-                        Vec::new()
-                    });
+                match self.check_matrix(stage, &value, schema) {
+                    Some(axes) => fields.matrix = axes,
+                    None => fields.ok = false,
+                }
             } else if field == "resources" {
                 match self.check_resources(stage, &value, kind.device_class()) {
-                    Some(checked) => resources = checked,
-                    None => ok = false,
+                    Some(checked) => fields.resources = checked,
+                    None => fields.ok = false,
                 }
             } else if let Some(spec) = schema.iter().find(|p| p.name == field) {
-                ok &= self.check_value(stage, field, spec, &value);
-                values.insert(field.clone(), value);
+                fields.ok &= self.check_value(stage, field, spec, &value);
+                fields.values.insert(field.clone(), value);
             } else {
-                if let Some(best) = suggest(field, field_names.iter().copied()) {
-                    accounted.insert(best);
-                }
-                let hint = did_you_mean(field, &field_names);
-                self.stage_error(
-                    stage,
-                    field,
-                    format!("unknown field for kind `{}`{hint}", kind.kind()),
-                );
-                ok = false;
+                self.unknown_field(stage, field, kind, schema, &mut fields);
             }
         }
-        for (field, _) in &matrix {
-            if values.contains_key(field) {
+        fields
+    }
+
+    /// Reports a field the kind does not have; the field it most likely means is then not
+    /// also reported missing.
+    fn unknown_field(
+        &mut self,
+        stage: &str,
+        field: &str,
+        kind: &dyn Stage,
+        schema: &[ParamSpec],
+        fields: &mut CheckedFields<'_>,
+    ) {
+        let field_names: Vec<&'static str> = STAGE_KEYS
+            .iter()
+            .copied()
+            .chain(schema.iter().map(|p| p.name))
+            .collect();
+        if let Some(best) = suggest(field, field_names.iter().copied()) {
+            fields.accounted.insert(best);
+        }
+        let hint = did_you_mean(field, &field_names);
+        self.stage_error(
+            stage,
+            field,
+            format!("unknown field for kind `{}`{hint}", kind.kind()),
+        );
+        fields.ok = false;
+    }
+
+    /// A field both set and swept is an error.
+    fn check_set_and_swept(&mut self, stage: &str, fields: &mut CheckedFields<'_>) {
+        for (field, _) in &fields.matrix {
+            if fields.values.contains_key(field) {
                 self.stage_error(
                     stage,
                     field,
                     "is both set and swept in `matrix`; keep one".to_string(),
                 );
-                ok = false;
+                fields.ok = false;
             }
         }
-        for spec in &schema {
-            let swept = matrix.iter().any(|(f, _)| f == spec.name);
-            if values.contains_key(spec.name) || swept || accounted.contains(spec.name) {
+    }
+
+    /// Schema fields the stage does not set: from `defaults:`, the schema's default, or
+    /// reported missing when required.
+    fn fill_missing(
+        &mut self,
+        stage: &str,
+        schema: &[ParamSpec],
+        defaults: &serde_json::Map<String, Value>,
+        fields: &mut CheckedFields<'_>,
+    ) {
+        for spec in schema {
+            let swept = fields.matrix.iter().any(|(f, _)| f == spec.name);
+            let set = fields.values.contains_key(spec.name);
+            if set || swept || fields.accounted.contains(spec.name) {
                 continue;
             }
             if let Some(default) = defaults.get(spec.name) {
-                ok &= self.check_value(stage, spec.name, spec, default);
-                values.insert(spec.name.to_string(), default.clone());
+                fields.ok &= self.check_value(stage, spec.name, spec, default);
+                fields.values.insert(spec.name.to_string(), default.clone());
             } else if let Some(default) = &spec.default {
-                values.insert(spec.name.to_string(), default.clone());
+                fields.values.insert(spec.name.to_string(), default.clone());
             } else {
                 self.report(
                     &["stages", stage],
@@ -102,22 +175,9 @@ impl Checker<'_> {
                     Some(spec.name),
                     format!("missing required field ({})", spec.doc),
                 );
-                ok = false;
+                fields.ok = false;
             }
         }
-        let (refs, paths) = self.resolve_inputs(stage, &schema, &values, names)?;
-        if !ok {
-            return None;
-        }
-        Some(StageDraft {
-            name: stage.to_string(),
-            kind,
-            params: values,
-            matrix,
-            refs,
-            paths,
-            resources,
-        })
     }
 
     /// Each kind's rules between fields and against the stages its fields name

@@ -27,55 +27,51 @@ impl Checker<'_> {
         let mut axes = Vec::new();
         let mut ok = true;
         for (field, values) in map {
-            let path = format!("matrix.{field}");
-            let Some(spec) = schema.iter().find(|p| p.name == field) else {
-                let names: Vec<&str> = schema.iter().map(|p| p.name).collect();
-                self.stage_error(
-                    stage,
-                    &path,
-                    format!(
-                        "cannot sweep unknown field `{field}`{}",
-                        did_you_mean(field, &names)
-                    ),
-                );
-                ok = false;
-                continue;
-            };
-            if spec.ty.is_input() {
-                self.stage_error(
-                    stage,
-                    &path,
-                    "input fields (paths, stage references) cannot be swept".to_string(),
-                );
-                ok = false;
-                continue;
+            match self.check_axis(stage, field, values, schema) {
+                Some(list) => axes.push((field.clone(), list.clone())),
+                None => ok = false,
             }
-            let Value::Array(list) = values else {
-                self.stage_error(
-                    stage,
-                    &path,
-                    format!(
-                        "expected a list of values to sweep, found {}",
-                        describe(values)
-                    ),
-                );
-                ok = false;
-                continue;
-            };
-            if list.is_empty() {
-                self.stage_error(
-                    stage,
-                    &path,
-                    "the list of values to sweep is empty".to_string(),
-                );
-                ok = false;
-                continue;
-            }
-            for item in list {
-                ok &= self.check_value(stage, &path, spec, item);
-            }
-            axes.push((field.clone(), list.clone()));
         }
         ok.then_some(axes)
+    }
+
+    /// One swept field: a known field that is not an input, with a non-empty list of values of
+    /// its type (each value checked, so all are reported).
+    fn check_axis<'v>(
+        &mut self,
+        stage: &str,
+        field: &str,
+        values: &'v Value,
+        schema: &[ParamSpec],
+    ) -> Option<&'v Vec<Value>> {
+        let path = format!("matrix.{field}");
+        let Some(spec) = schema.iter().find(|p| p.name == field) else {
+            let names: Vec<&str> = schema.iter().map(|p| p.name).collect();
+            let hint = did_you_mean(field, &names);
+            let message = format!("cannot sweep unknown field `{field}`{hint}");
+            self.stage_error(stage, &path, message);
+            return None;
+        };
+        if spec.ty.is_input() {
+            let message = "input fields (paths, stage references) cannot be swept".to_string();
+            self.stage_error(stage, &path, message);
+            return None;
+        }
+        let Value::Array(list) = values else {
+            let found = describe(values);
+            let message = format!("expected a list of values to sweep, found {found}");
+            self.stage_error(stage, &path, message);
+            return None;
+        };
+        if list.is_empty() {
+            let message = "the list of values to sweep is empty".to_string();
+            self.stage_error(stage, &path, message);
+            return None;
+        }
+        let mut ok = true;
+        for item in list {
+            ok &= self.check_value(stage, &path, spec, item);
+        }
+        ok.then_some(list)
     }
 }

@@ -20,7 +20,7 @@ mod typecheck;
 
 use super::spec::KeyLocator;
 use super::sweep::MAX_TOTAL_STAGES;
-use super::{Diagnostic, Pipeline, PipelineError, StageDraft, limits, sweep};
+use super::{Diagnostic, Pipeline, PipelineError, StageDraft, StageInstance, limits, sweep};
 use crate::stages::Registry;
 use stages::too_many_stages;
 use std::collections::BTreeSet;
@@ -135,6 +135,38 @@ impl Checker<'_> {
     }
 
     fn check(&mut self, text: &str, overrides: &[String]) -> Option<Pipeline> {
+        let top = self.top_mapping(text)?;
+        self.check_top_keys(&top);
+        let name = self.pipeline_name(&top);
+        let executor = self.executor_section(&top);
+        let mut params = self.section_map(&top, "params");
+        let defaults = self.section_map(&top, "defaults");
+        let mut raw_stages = self.raw_stages(&top)?;
+        self.apply_overrides(overrides, &mut raw_stages, &mut params);
+        let names: BTreeSet<String> = raw_stages.iter().map(|s| s.name.clone()).collect();
+        self.check_defaults_used(&defaults);
+        let drafts: Vec<StageDraft> = raw_stages
+            .iter()
+            .filter_map(|raw| self.check_stage(raw, &names, &params, &defaults))
+            .collect();
+        self.check_cross_fields(&drafts);
+        let stages_valid = self.diagnostics.is_empty() && drafts.len() == raw_stages.len();
+        // Cycles among the stages that did validate are reported with the field errors.
+        let order = self.check_cycles(&drafts);
+        if !stages_valid {
+            return None;
+        }
+        let stages = self.expand(drafts, &order?)?;
+        Some(Pipeline {
+            name,
+            file: self.file.clone(),
+            stages,
+            executor,
+        })
+    }
+
+    /// The file's top-level mapping, after the size limits and the YAML syntax.
+    fn top_mapping(&mut self, text: &str) -> Option<serde_yaml::Mapping> {
         if let Some((location, message)) = limits::check_text(text) {
             self.file_error(location, message);
             return None;
@@ -163,39 +195,19 @@ impl Checker<'_> {
             );
             return None;
         };
-        self.check_top_keys(&top);
-        let name = self.pipeline_name(&top);
-        let executor = self.executor_section(&top);
-        let mut params = self.section_map(&top, "params");
-        let defaults = self.section_map(&top, "defaults");
-        let mut raw_stages = self.raw_stages(&top)?;
-        self.apply_overrides(overrides, &mut raw_stages, &mut params);
-        let names: BTreeSet<String> = raw_stages.iter().map(|s| s.name.clone()).collect();
-        self.check_defaults_used(&defaults);
-        let drafts: Vec<StageDraft> = raw_stages
-            .iter()
-            .filter_map(|raw| self.check_stage(raw, &names, &params, &defaults))
-            .collect();
-        self.check_cross_fields(&drafts);
-        let stages_valid = self.diagnostics.is_empty() && drafts.len() == raw_stages.len();
-        // Cycles among the stages that did validate are reported with the field errors.
-        let order = self.check_cycles(&drafts);
-        if !stages_valid {
-            return None;
-        }
-        let order = order?;
+        Some(top)
+    }
+
+    /// The stage instances of the sweep expansion; a too-large sweep is reported at the
+    /// stage's `matrix` when it has one.
+    fn expand(&mut self, drafts: Vec<StageDraft>, order: &[usize]) -> Option<Vec<StageInstance>> {
         let swept: BTreeSet<String> = drafts
             .iter()
             .filter(|d| !d.matrix.is_empty())
             .map(|d| d.name.clone())
             .collect();
-        match sweep::expand(drafts, &order) {
-            Ok(stages) => Some(Pipeline {
-                name,
-                file: self.file.clone(),
-                stages,
-                executor,
-            }),
+        match sweep::expand(drafts, order) {
+            Ok(stages) => Some(stages),
             Err(error) if swept.contains(&error.stage) => {
                 self.stage_error(&error.stage, "matrix", error.message);
                 None

@@ -6,6 +6,8 @@ use crate::pipeline::suggest::{did_you_mean, suggest};
 use serde_json::Value;
 
 impl Checker<'_> {
+    /// Applies each `--set` in order; a malformed one, or one naming no param or stage, is
+    /// reported and skipped.
     pub(super) fn apply_overrides(
         &mut self,
         overrides: &[String],
@@ -13,66 +15,75 @@ impl Checker<'_> {
         params: &mut serde_json::Map<String, Value>,
     ) {
         for text in overrides {
-            let parsed = text.split_once('=').and_then(|(target, value)| {
-                target
-                    .split_once('.')
-                    .map(|(stage, field)| (stage, field, value))
-            });
-            let Some((stage, field, value_text)) =
-                parsed.filter(|(s, f, _)| !s.is_empty() && !f.is_empty())
-            else {
-                self.report(
-                    &[],
-                    None,
-                    None,
-                    format!("--set `{text}`: expected STAGE.FIELD=VALUE (or params.NAME=VALUE)"),
-                );
+            let Some((stage, field, value_text)) = parse_override(text) else {
+                let message =
+                    format!("--set `{text}`: expected STAGE.FIELD=VALUE (or params.NAME=VALUE)");
+                self.report(&[], None, None, message);
                 continue;
             };
             let value = serde_yaml::from_str::<serde_yaml::Value>(value_text)
                 .unwrap_or_else(|_| serde_yaml::Value::String(value_text.to_string()));
-            if stage == "params" && !params.contains_key(field) {
-                let declared: Vec<&str> = params.keys().map(String::as_str).collect();
-                let hint = match suggest(field, declared.iter().copied()) {
-                    Some(near) => format!("; did you mean `{near}`?"),
-                    None if declared.is_empty() => "; it declares none".to_string(),
-                    None => format!(" (it declares: {})", declared.join(", ")),
-                };
-                self.report(
-                    &[],
-                    None,
-                    None,
-                    format!(
-                        "--set `{text}`: the pipeline has no param `{field}` under `params:`{hint}"
-                    ),
-                );
-                continue;
-            }
             if stage == "params" {
-                match yaml_to_json(&value) {
-                    Ok(json) => {
-                        params.insert(field.to_string(), json);
-                    }
-                    Err(message) => {
-                        self.report(&[], None, None, format!("--set `{text}`: {message}"))
-                    }
-                }
-                continue;
+                self.override_param(text, field, &value, params);
+            } else {
+                self.override_field(text, stage, field, value, stages);
             }
-            let Some(target) = stages.iter_mut().find(|s| s.name == stage) else {
-                let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
-                let hint =
-                    did_you_mean(stage, &names.iter().map(String::as_str).collect::<Vec<_>>());
-                self.report(
-                    &[],
-                    None,
-                    None,
-                    format!("--set `{text}`: no stage named `{stage}`{hint}"),
-                );
-                continue;
-            };
-            target.fields.retain(|(k, _)| k != field);
-            target.fields.push((field.to_string(), value));
         }
     }
+
+    /// `--set params.NAME=VALUE`: the param must be declared under `params:`.
+    fn override_param(
+        &mut self,
+        text: &str,
+        field: &str,
+        value: &serde_yaml::Value,
+        params: &mut serde_json::Map<String, Value>,
+    ) {
+        if !params.contains_key(field) {
+            let declared: Vec<&str> = params.keys().map(String::as_str).collect();
+            let hint = match suggest(field, declared.iter().copied()) {
+                Some(near) => format!("; did you mean `{near}`?"),
+                None if declared.is_empty() => "; it declares none".to_string(),
+                None => format!(" (it declares: {})", declared.join(", ")),
+            };
+            let message = format!(
+                "--set `{text}`: the pipeline has no param `{field}` under `params:`{hint}"
+            );
+            self.report(&[], None, None, message);
+            return;
+        }
+        match yaml_to_json(value) {
+            Ok(json) => {
+                params.insert(field.to_string(), json);
+            }
+            Err(message) => self.report(&[], None, None, format!("--set `{text}`: {message}")),
+        }
+    }
+
+    /// `--set STAGE.FIELD=VALUE`: replaces the field (checked later like any field).
+    fn override_field(
+        &mut self,
+        text: &str,
+        stage: &str,
+        field: &str,
+        value: serde_yaml::Value,
+        stages: &mut [RawStage],
+    ) {
+        let Some(target) = stages.iter_mut().find(|s| s.name == stage) else {
+            let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+            let hint = did_you_mean(stage, &names);
+            let message = format!("--set `{text}`: no stage named `{stage}`{hint}");
+            self.report(&[], None, None, message);
+            return;
+        };
+        target.fields.retain(|(k, _)| k != field);
+        target.fields.push((field.to_string(), value));
+    }
+}
+
+/// `STAGE.FIELD=VALUE` split into its parts (neither STAGE nor FIELD empty).
+fn parse_override(text: &str) -> Option<(&str, &str, &str)> {
+    let (target, value) = text.split_once('=')?;
+    let (stage, field) = target.split_once('.')?;
+    (!stage.is_empty() && !field.is_empty()).then_some((stage, field, value))
 }

@@ -21,66 +21,57 @@ fn short_name(name: &str) -> String {
 
 impl Checker<'_> {
     pub(super) fn raw_stages(&mut self, top: &serde_yaml::Mapping) -> Option<Vec<RawStage>> {
-        let stages = match top.get("stages") {
-            Some(serde_yaml::Value::Mapping(map)) if !map.is_empty() => map,
+        let stages = self.stages_mapping(top)?;
+        let raw = stages
+            .iter()
+            .filter_map(|(key, value)| self.raw_stage(key, value))
+            .collect();
+        Some(raw)
+    }
+
+    /// The `stages:` mapping: present, not empty, and within the stage limit.
+    fn stages_mapping<'t>(
+        &mut self,
+        top: &'t serde_yaml::Mapping,
+    ) -> Option<&'t serde_yaml::Mapping> {
+        let problem = match top.get("stages") {
+            Some(serde_yaml::Value::Mapping(map)) if map.len() > MAX_TOTAL_STAGES => {
+                too_many_stages(map.len())
+            }
+            Some(serde_yaml::Value::Mapping(map)) if !map.is_empty() => return Some(map),
             Some(serde_yaml::Value::Mapping(_)) | Some(serde_yaml::Value::Null) | None => {
-                self.report(
-                    &["stages"],
-                    None,
-                    Some("stages"),
-                    "the pipeline has no stages: add a `stages:` mapping from stage name to stage"
-                        .to_string(),
-                );
-                return None;
+                "the pipeline has no stages: add a `stages:` mapping from stage name to stage"
+                    .to_string()
             }
-            Some(_) => {
-                self.report(
-                    &["stages"],
-                    None,
-                    Some("stages"),
-                    "`stages` must be a mapping from stage name to stage".to_string(),
-                );
-                return None;
-            }
+            Some(_) => "`stages` must be a mapping from stage name to stage".to_string(),
         };
-        if stages.len() > MAX_TOTAL_STAGES {
-            self.report(
-                &["stages"],
-                None,
-                Some("stages"),
-                too_many_stages(stages.len()),
-            );
+        self.report(&["stages"], None, Some("stages"), problem);
+        None
+    }
+
+    /// One stage's name and fields (a `use:` preset merged in); `None` when the name is not
+    /// allowed or the stage is not a mapping.
+    fn raw_stage(
+        &mut self,
+        key: &serde_yaml::Value,
+        value: &serde_yaml::Value,
+    ) -> Option<RawStage> {
+        let name = key_text(key).unwrap_or_default();
+        if let Some(problem) = limits::name_problem(&name) {
+            let message = match problem.starts_with("may only") {
+                true => format!("stage names {problem}"),
+                false => format!("the stage name {problem}"),
+            };
+            self.report(&["stages", &name], Some(&short_name(&name)), None, message);
             return None;
         }
-        let mut raw = Vec::new();
-        for (key, value) in stages {
-            let name = key_text(key).unwrap_or_default();
-            if let Some(problem) = limits::name_problem(&name) {
-                let shown = short_name(&name);
-                self.report(
-                    &["stages", &name],
-                    Some(&shown),
-                    None,
-                    match problem.starts_with("may only") {
-                        true => format!("stage names {problem}"),
-                        false => format!("the stage name {problem}"),
-                    },
-                );
-                continue;
-            }
-            let Some(mapping) = value.as_mapping() else {
-                self.report(
-                    &["stages", &name],
-                    Some(&name),
-                    None,
-                    "a stage must be a mapping with at least `kind:`".to_string(),
-                );
-                continue;
-            };
-            let fields = self.merge_preset(&name, mapping);
-            raw.push(RawStage { name, fields });
-        }
-        Some(raw)
+        let Some(mapping) = value.as_mapping() else {
+            let message = "a stage must be a mapping with at least `kind:`".to_string();
+            self.report(&["stages", &name], Some(&name), None, message);
+            return None;
+        };
+        let fields = self.merge_preset(&name, mapping);
+        Some(RawStage { name, fields })
     }
 
     /// The stage's fields with a `use:` preset's fields underneath.
