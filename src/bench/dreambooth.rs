@@ -126,6 +126,49 @@ pub fn run(bench: &DreamBoothBench) -> Result<Value, BenchError> {
     }))
 }
 
+/// The model's DDPM noise scheduler (from its scheduler config).
+fn ddpm_scheduler(folder: &ModelFolder, dir: &Path) -> Result<DdpmScheduler, BenchError> {
+    let config_file = folder.scheduler_dir().join("scheduler_config.json");
+    let scheduler_config = SchedulerConfig::from_file(&config_file)
+        .map_err(|e| load_error(dir, "scheduler config", e))?;
+    DdpmScheduler::new(&scheduler_config).map_err(|e| load_error(dir, "DDPM scheduler", e))
+}
+
+/// What the benchmark trains: LoRA adapters (UNet, and the text encoder when it trains; the
+/// base weights frozen), or the UNet's (and the text encoder's) own weights.
+fn trainable_tensors(
+    bench: &DreamBoothBench,
+    (unet_store, unet): (&mut VarStore, &mut UNet2DConditionModel),
+    (te_store, text_encoder): (&mut VarStore, &mut ClipTextModel),
+) -> Vec<Tensor> {
+    match bench.lora_rank {
+        Some(rank) => {
+            unet_store.freeze();
+            te_store.freeze();
+            let settings = LoraSettings {
+                rank,
+                alpha: rank as f64,
+            };
+            let text = bench.train_text_encoder.then_some(text_encoder);
+            let texts = lora::TextEncoders {
+                first: text,
+                second: None,
+            };
+            let named = lora::add_trainable_adapters(unet, texts, settings, 0, bench.device);
+            named.into_iter().map(|(_, tensor)| tensor).collect()
+        }
+        None => {
+            let mut trainable = unet_store.trainable_variables();
+            if bench.train_text_encoder {
+                trainable.extend(te_store.trainable_variables());
+            } else {
+                te_store.freeze();
+            }
+            trainable
+        }
+    }
+}
+
 impl Trainer {
     fn load(bench: &DreamBoothBench) -> Result<Self, BenchError> {
         let dir = &bench.model;
@@ -151,37 +194,12 @@ impl Trainer {
             AutoencoderKL::load(&folder.vae_dir(), device, weight_kind, None)
                 .map_err(|e| load_error(dir, "VAE", e))?;
         vae_store.freeze();
-        let config_file = folder.scheduler_dir().join("scheduler_config.json");
-        let scheduler_config = SchedulerConfig::from_file(&config_file)
-            .map_err(|e| load_error(dir, "scheduler config", e))?;
-        let noise_scheduler = DdpmScheduler::new(&scheduler_config)
-            .map_err(|e| load_error(dir, "DDPM scheduler", e))?;
-        let trainable = match bench.lora_rank {
-            Some(rank) => {
-                unet_store.freeze();
-                te_store.freeze();
-                let settings = LoraSettings {
-                    rank,
-                    alpha: rank as f64,
-                };
-                let text = bench.train_text_encoder.then_some(&mut text_encoder);
-                let texts = lora::TextEncoders {
-                    first: text,
-                    second: None,
-                };
-                let named = lora::add_trainable_adapters(&mut unet, texts, settings, 0, device);
-                named.into_iter().map(|(_, tensor)| tensor).collect()
-            }
-            None => {
-                let mut trainable = unet_store.trainable_variables();
-                if bench.train_text_encoder {
-                    trainable.extend(te_store.trainable_variables());
-                } else {
-                    te_store.freeze();
-                }
-                trainable
-            }
-        };
+        let noise_scheduler = ddpm_scheduler(&folder, dir)?;
+        let trainable = trainable_tensors(
+            bench,
+            (&mut unet_store, &mut unet),
+            (&mut te_store, &mut text_encoder),
+        );
         let optimizer = AdamW::new(&trainable, adamw_config());
         let ids = tokenizer.encode(INSTANCE_PROMPT).ids;
         let input_ids = Tensor::from_slice(&ids).unsqueeze(0).to_device(device);

@@ -48,35 +48,12 @@ pub fn run(bench: &Txt2ImgBench) -> Result<Value, BenchError> {
     let model = StableDiffusion::load(&bench.model, bench.device, bench.kind)?;
     let load_s = seconds_since(started);
     let size = bench.size.unwrap_or_else(|| model.default_size());
-    let mut request = Txt2Img {
-        prompt: BENCH_PROMPT.to_string(),
-        negative_prompt: String::new(),
-        seed: 0,
-        steps: bench.warmup_steps,
-        guidance: BENCH_GUIDANCE,
-        scheduler: Some(SchedulerKind::Ddim),
-        width: Some(size),
-        height: Some(size),
-        batch: bench.batch,
-    };
+    let mut request = bench_request(bench, size);
     if bench.warmup_steps > 0 {
         model.txt2img(&request, &mut |_| {})?;
     }
     request.steps = bench.steps;
-    let mut step_ends = Vec::with_capacity(bench.steps);
-    let started = Stamp::now();
-    let output = model.txt2img(&request, &mut |event| {
-        if let Event::Step { latents, .. } = event {
-            synchronize(latents);
-            step_ends.push(Stamp::now());
-        }
-    })?;
-    synchronize(&output.images);
-    let (total_s, total_cpu_s) = started.until(&Stamp::now());
-    let (intervals, cpu_intervals): (Vec<f64>, Vec<f64>) = step_ends
-        .windows(2)
-        .map(|pair| pair[0].until(&pair[1]))
-        .unzip();
+    let (total_s, total_cpu_s, intervals, cpu_intervals) = timed_generation(&model, &request)?;
     let step_s = mean(&intervals);
     let fastest_step_s = intervals.iter().copied().fold(f64::INFINITY, f64::min);
     Ok(json!({
@@ -101,6 +78,44 @@ pub fn run(bench: &Txt2ImgBench) -> Result<Value, BenchError> {
         "e2e_s_per_image": round4(total_s / bench.batch as f64),
         "peak_rss_mib": round4(peak_rss_mib()),
     }))
+}
+
+/// The benchmark's generation at `size` (its steps are the warm-up's).
+fn bench_request(bench: &Txt2ImgBench, size: i64) -> Txt2Img {
+    Txt2Img {
+        prompt: BENCH_PROMPT.to_string(),
+        negative_prompt: String::new(),
+        seed: 0,
+        steps: bench.warmup_steps,
+        guidance: BENCH_GUIDANCE,
+        scheduler: Some(SchedulerKind::Ddim),
+        width: Some(size),
+        height: Some(size),
+        batch: bench.batch,
+    }
+}
+
+/// Runs `request` once, timed: (wall s, CPU s) of the whole generation, then the wall and CPU
+/// seconds between consecutive step callbacks.
+fn timed_generation(
+    model: &StableDiffusion,
+    request: &Txt2Img,
+) -> Result<(f64, f64, Vec<f64>, Vec<f64>), BenchError> {
+    let mut step_ends = Vec::with_capacity(request.steps);
+    let started = Stamp::now();
+    let output = model.txt2img(request, &mut |event| {
+        if let Event::Step { latents, .. } = event {
+            synchronize(latents);
+            step_ends.push(Stamp::now());
+        }
+    })?;
+    synchronize(&output.images);
+    let (total_s, total_cpu_s) = started.until(&Stamp::now());
+    let (intervals, cpu_intervals): (Vec<f64>, Vec<f64>) = step_ends
+        .windows(2)
+        .map(|pair| pair[0].until(&pair[1]))
+        .unzip();
+    Ok((total_s, total_cpu_s, intervals, cpu_intervals))
 }
 
 /// Waits for queued device work touching `tensor` (a no-op cost on the CPU, where ops are

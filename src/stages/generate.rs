@@ -148,7 +148,7 @@ impl Job {
             let seeds: Vec<u64> = indices.iter().map(|&i| self.seed_of(i)).collect();
             let output = model
                 .txt2img_per_sample_seeds(&self.request, &seeds, &mut |_| {})
-                .map_err(|e| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id)))?;
+                .map_err(|e| StageError::library(ctx.stage_id, e))?;
             for (position, (&index, &seed)) in indices.iter().zip(&seeds).enumerate() {
                 let path = image_path(&images_dir, index);
                 let info = SampleInfo {

@@ -270,60 +270,79 @@ impl Grid {
         images: &mut Vec<Value>,
         done: &mut u64,
     ) -> Result<(), StageError> {
-        for (prompt_index, prompt) in self.prompts.iter().enumerate() {
-            let request = Txt2Img {
-                prompt: prompt.clone(),
-                scheduler: row.scheduler,
-                steps: row.steps,
-                guidance: row.guidance,
-                ..self.request.clone()
-            };
-            let folder = ctx
-                .out_dir
-                .join("samples")
-                .join(row.folder())
-                .join(prompt_index.to_string());
-            create_dir(&folder)?;
-            let effective = row
-                .scheduler
-                .or_else(|| SchedulerKind::of_config(&model.scheduler_config).ok());
-            // Step noise comes from one generator: only one-by-one matches `sample`.
-            let one_by_one = effective.is_none_or(SchedulerKind::draws_step_noise);
-            let chunk = if one_by_one { 1 } else { self.seeds.len() };
-            for seeds in self.seeds.chunks(chunk) {
-                ctx.check_cancelled()?;
-                let output = model
-                    .txt2img_per_sample_seeds(&request, seeds, &mut |_| {})
-                    .map_err(|e| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id)))?;
-                for (position, &seed) in seeds.iter().enumerate() {
-                    let path = folder.join(row.file_name(seed, self.varying()));
-                    let info = SampleInfo {
-                        prompt,
-                        negative_prompt: &request.negative_prompt,
-                        steps: request.steps,
-                        guidance: request.guidance,
-                        seed,
-                        model_hash: &row.hash,
-                        model_name: &row.label,
-                    };
-                    write_sample(ctx, &path, &output, position as i64, &info)?;
-                    images.push(json!({
-                        "file": relative(ctx, &path),
-                        "model": row.label,
-                        "prompt": prompt,
-                        "prompt_index": prompt_index,
-                        "seed": seed,
-                        "scheduler": output.scheduler.name(),
-                        "steps": request.steps,
-                        "guidance": request.guidance,
-                    }));
-                    *done += 1;
-                    ctx.progress
-                        .step_with_metric(*done, self.total(), "seed", seed as f64);
-                }
+        for prompt_index in 0..self.prompts.len() {
+            self.sample_prompt(ctx, model, row, prompt_index, images, done)?;
+        }
+        Ok(())
+    }
+
+    /// Samples every seed of prompt `prompt_index` in one row into its folder.
+    fn sample_prompt(
+        &self,
+        ctx: &StageContext<'_>,
+        model: &StableDiffusion,
+        row: &Row,
+        prompt_index: usize,
+        images: &mut Vec<Value>,
+        done: &mut u64,
+    ) -> Result<(), StageError> {
+        let prompt = &self.prompts[prompt_index];
+        let request = Txt2Img {
+            prompt: prompt.clone(),
+            scheduler: row.scheduler,
+            steps: row.steps,
+            guidance: row.guidance,
+            ..self.request.clone()
+        };
+        let folder = ctx
+            .out_dir
+            .join("samples")
+            .join(row.folder())
+            .join(prompt_index.to_string());
+        create_dir(&folder)?;
+        for seeds in self.seeds.chunks(self.seeds_per_call(model, row)) {
+            ctx.check_cancelled()?;
+            let output = model
+                .txt2img_per_sample_seeds(&request, seeds, &mut |_| {})
+                .map_err(|e| StageError::library(ctx.stage_id, e))?;
+            for (position, &seed) in seeds.iter().enumerate() {
+                let path = folder.join(row.file_name(seed, self.varying()));
+                let info = SampleInfo {
+                    prompt,
+                    negative_prompt: &request.negative_prompt,
+                    steps: request.steps,
+                    guidance: request.guidance,
+                    seed,
+                    model_hash: &row.hash,
+                    model_name: &row.label,
+                };
+                write_sample(ctx, &path, &output, position as i64, &info)?;
+                images.push(json!({
+                    "file": relative(ctx, &path),
+                    "model": row.label,
+                    "prompt": prompt,
+                    "prompt_index": prompt_index,
+                    "seed": seed,
+                    "scheduler": output.scheduler.name(),
+                    "steps": request.steps,
+                    "guidance": request.guidance,
+                }));
+                *done += 1;
+                ctx.progress
+                    .step_with_metric(*done, self.total(), "seed", seed as f64);
             }
         }
         Ok(())
+    }
+
+    /// Seeds sampled per call: all at once, or one by one when the row's scheduler draws step
+    /// noise (from one generator: only one-by-one matches `sample`).
+    fn seeds_per_call(&self, model: &StableDiffusion, row: &Row) -> usize {
+        let effective = row
+            .scheduler
+            .or_else(|| SchedulerKind::of_config(&model.scheduler_config).ok());
+        let one_by_one = effective.is_none_or(SchedulerKind::draws_step_noise);
+        if one_by_one { 1 } else { self.seeds.len() }
     }
 
     /// One `grid-<prompt-index>.png` per prompt, composed from the written samples.
@@ -346,11 +365,10 @@ impl Grid {
                         .collect()
                 })
                 .collect();
-            let grid_error = |e: dreampipe_kinds::grid::GridPngError| {
-                StageError::Failed(format!(
-                    "stage `{}`: grid {prompt_index}: {e}",
-                    ctx.stage_id
-                ))
+            let grid_error = |e: dreampipe_kinds::grid::GridPngError| StageError::Grid {
+                stage: ctx.stage_id.to_string(),
+                grid: prompt_index,
+                source: e.into(),
             };
             let spec = GridSpec::from_paths(
                 Some(prompt.clone()),

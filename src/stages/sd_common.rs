@@ -162,7 +162,7 @@ pub fn write_sample_as(
     let rgb = tensor_to_rgb_bytes(&output.images.get(index));
     let (width, height) = (output.width as u32, output.height as u32);
     write_rgb_png(path, &rgb, width, height, Some(&parameters))
-        .map_err(|e| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id)))
+        .map_err(|e| StageError::library(ctx.stage_id, e))
 }
 
 /// dreampipe's fields at the end of the A1111 settings line: stage id, stage key, pipeline.
@@ -193,9 +193,9 @@ pub fn restamp_as_this_stage(
     path: &Path,
     other_id: &str,
 ) -> Result<(), StageError> {
-    let failed = |e: String| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id));
+    let failed = |e| StageError::library(ctx.stage_id, e);
     let text = crate::sd::png::read_parameters_text(path)
-        .map_err(|e| failed(e.to_string()))?
+        .map_err(failed)?
         .unwrap_or_default();
     let marker = format!(", {STAGE_FIELD}: ");
     let base = text.split(&marker).next().unwrap_or_default().replace(
@@ -206,7 +206,7 @@ pub fn restamp_as_this_stage(
         .map(|(k, v)| crate::sd::png::settings_field(k, v))
         .collect();
     let stamped = format!("{base}, {}", fields.join(", "));
-    crate::sd::png::replace_parameters_text(path, &stamped).map_err(|e| failed(e.to_string()))
+    crate::sd::png::replace_parameters_text(path, &stamped).map_err(failed)
 }
 
 /// Writes into `target`'s parameters chunk the generation parameters of `source` (an image
@@ -218,9 +218,9 @@ pub fn stamp_from(
     target: &Path,
     extra: &[(String, String)],
 ) -> Result<(), StageError> {
-    let failed = |e: String| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id));
+    let failed = |e| StageError::library(ctx.stage_id, e);
     let text = crate::sd::png::read_parameters_text(source)
-        .map_err(|e| failed(e.to_string()))?
+        .map_err(failed)?
         .unwrap_or_default();
     let marker = format!(", {STAGE_FIELD}: ");
     let base = text.split(&marker).next().unwrap_or_default();
@@ -228,7 +228,7 @@ pub fn stamp_from(
         .map(|(k, v)| crate::sd::png::settings_field(k, v))
         .collect();
     let stamped = format!("{base}, {}", fields.join(", "));
-    crate::sd::png::replace_parameters_text(target, &stamped).map_err(|e| failed(e.to_string()))
+    crate::sd::png::replace_parameters_text(target, &stamped).map_err(failed)
 }
 
 /// A1111's short model hash of the folder's UNet weights (as `dreampipe sample` writes it).
@@ -243,7 +243,7 @@ pub fn write_manifest(
 ) -> Result<(), StageError> {
     let path = ctx.out_dir.join("manifest.json");
     let text = serde_json::to_string_pretty(manifest)
-        .map_err(|e| StageError::Failed(format!("stage `{}`: manifest: {e}", ctx.stage_id)))?;
+        .map_err(|e| StageError::serialize(ctx.stage_id, "manifest", e))?;
     std::fs::write(&path, text).map_err(|e| StageError::io("write", &path, e))
 }
 

@@ -73,7 +73,7 @@ pub fn resolve_model(ctx: &StageContext<'_>, model: &ResolvedInput) -> Result<Pa
                 .map_err(|e| StageError::io("read", input, e))?
                 .len();
             dreampipe_core::cache::hash::hash_file_uncached(input, size)
-                .map_err(|e| StageError::Failed(format!("stage `{}`: {e}", ctx.stage_id)))?
+                .map_err(|e| StageError::library(ctx.stage_id, e))?
         }
     };
     let folder = ctx.shared_dir("single-file")?.join(digest);
@@ -86,8 +86,13 @@ pub fn resolve_model(ctx: &StageContext<'_>, model: &ResolvedInput) -> Result<Pa
         folder.display()
     ));
     let options = crate::sd::single_file::ImportOptions::default();
-    crate::sd::single_file::import(input, &options, &folder)
-        .map_err(|e| StageError::Failed(format!("stage `{}`, field `model`: {e}", ctx.stage_id)))?;
+    crate::sd::single_file::import(input, &options, &folder).map_err(|e| {
+        StageError::UnreadableInput {
+            stage: ctx.stage_id.to_string(),
+            field: "model",
+            source: e.into(),
+        }
+    })?;
     Ok(folder)
 }
 
@@ -168,7 +173,7 @@ pub fn stage_error(ctx: &StageContext<'_>, error: TrainError) -> StageError {
             ));
             StageError::Cancelled
         }
-        other => StageError::Failed(format!("stage `{}`: {other}", ctx.stage_id)),
+        other => StageError::library(ctx.stage_id, other),
     }
 }
 
@@ -184,7 +189,7 @@ pub fn run_method(
 ) -> Result<(), StageError> {
     prepare_extension(ctx)?;
     let outcome = run_training(ctx, settings, train)?;
-    apply_exports(ctx, settings, ctx.out_dir).map_err(StageError::Failed)?;
+    apply_exports(ctx, settings, ctx.out_dir).map_err(StageError::Message)?;
     if let Some(step) = outcome.resumed_from {
         ctx.log.line(&format!("resumed from step {step}"));
     }
@@ -520,7 +525,7 @@ fn write_report(ctx: &StageContext<'_>, out: &Path, prompt: &str) -> Result<(), 
         .collect();
     let path = out.join(IMAGES_FILE);
     let text = serde_json::to_string_pretty(&json!({ "images": images }))
-        .map_err(|e| StageError::Failed(format!("stage `{}`: report: {e}", ctx.stage_id)))?;
+        .map_err(|e| StageError::serialize(ctx.stage_id, "report", e))?;
     std::fs::write(&path, text).map_err(|e| StageError::io("write", &path, e))
 }
 

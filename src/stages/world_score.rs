@@ -16,7 +16,10 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     for (index, image) in images.iter().enumerate() {
         ctx.check_cancelled()?;
         let picture = image::open(&image.path)
-            .map_err(|e| StageError::Failed(format!("{}: {e}", image.path.display())))?
+            .map_err(|source| StageError::ReadImage {
+                path: image.path.clone(),
+                source,
+            })?
             .to_rgb8();
         let expected = world_check::expectation(&image.prompt, identifier);
         judged.push(Judged::new(image, world_check::read(&picture), expected));
@@ -35,7 +38,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
         .out_dir
         .join(dreampipe_core::report::scores::SCORES_FILE);
     let text = serde_json::to_string_pretty(&scores)
-        .map_err(|e| StageError::Failed(format!("stage `{}`: scores: {e}", ctx.stage_id)))?;
+        .map_err(|e| StageError::serialize(ctx.stage_id, "scores", e))?;
     std::fs::write(&path, text).map_err(|e| StageError::io("write", &path, e))
 }
 

@@ -9,7 +9,7 @@ use dreampipe_core::stages::params::{Input, ParamTable, Params};
 use dreampipe_core::stages::{ParamSpec, Stage, StageContext, StageError};
 use serde::{Deserialize, Serialize};
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// How often the running command is checked for exit and for cancellation.
@@ -75,72 +75,81 @@ impl Stage for CommandStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let params: CommandParams = ctx.typed()?;
         let script = params.run.as_str();
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(script)
-            .current_dir(ctx.out_dir)
-            .env("OUT", ctx.out_dir)
-            .env("WORK", ctx.work_dir)
-            .env("PIPELINE_DIR", ctx.pipeline_dir)
-            .stdin(Stdio::null())
-            .process_group(0);
-        // The running dreampipe, so a command can call its verbs (`"$DREAMPIPE" model init`).
-        if let Ok(exe) = std::env::current_exe() {
-            command.env("DREAMPIPE", exe);
-        }
-        for input in ctx.inputs.get("needs").into_iter().flatten() {
-            if let Some(name) = &input.upstream {
-                command.env(input_env_name(name), &input.path);
-            }
-        }
-        if !ctx.devices.is_empty() {
-            command.env("CUDA_VISIBLE_DEVICES", visible_devices(ctx.devices));
-        }
-        let log_file = std::fs::File::options()
-            .append(true)
-            .create(true)
-            .open(ctx.log.path())
-            .map_err(|e| StageError::io("open log", ctx.log.path(), e))?;
-        let err_file = log_file
-            .try_clone()
-            .map_err(|e| StageError::io("open log", ctx.log.path(), e))?;
-        command.stdout(log_file).stderr(err_file);
-        // SAFETY: prctl is async-signal-safe; it makes the kernel kill the command if this
-        // thread's process dies, so a killed run leaves no orphan writing into staging.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        let mut command = shell_command(ctx, script)?;
         ctx.log.line(&format!("$ {script}"));
-        let mut child = command
+        let child = command
             .spawn()
             .map_err(|e| StageError::io("start `sh`", ctx.out_dir, e))?;
-        loop {
-            if let Some(status) = child
-                .try_wait()
-                .map_err(|e| StageError::io("wait for", ctx.out_dir, e))?
-            {
-                return match status.code() {
-                    Some(0) => Ok(()),
-                    Some(code) => Err(StageError::Failed(format!(
-                        "command exited with status {code}"
-                    ))),
-                    None => Err(StageError::Failed(
-                        "command was killed by a signal".to_string(),
-                    )),
-                };
-            }
-            if ctx.cancel.is_cancelled() {
-                // SAFETY: signals the command's own process group (created by process_group(0)).
-                unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
-                let _ = child.wait();
-                return Err(StageError::Cancelled);
-            }
-            std::thread::sleep(POLL_INTERVAL);
+        wait_or_cancel(ctx, child)
+    }
+}
+
+/// `sh -c script` in `$OUT`, with the stage's environment, output into the stage's log, in
+/// its own process group and killed when this process dies.
+fn shell_command(ctx: &StageContext<'_>, script: &str) -> Result<Command, StageError> {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(script)
+        .current_dir(ctx.out_dir)
+        .env("OUT", ctx.out_dir)
+        .env("WORK", ctx.work_dir)
+        .env("PIPELINE_DIR", ctx.pipeline_dir)
+        .stdin(Stdio::null())
+        .process_group(0);
+    // The running dreampipe, so a command can call its verbs (`"$DREAMPIPE" model init`).
+    if let Ok(exe) = std::env::current_exe() {
+        command.env("DREAMPIPE", exe);
+    }
+    for input in ctx.inputs.get("needs").into_iter().flatten() {
+        if let Some(name) = &input.upstream {
+            command.env(input_env_name(name), &input.path);
         }
+    }
+    if !ctx.devices.is_empty() {
+        command.env("CUDA_VISIBLE_DEVICES", visible_devices(ctx.devices));
+    }
+    let log_file = std::fs::File::options()
+        .append(true)
+        .create(true)
+        .open(ctx.log.path())
+        .map_err(|e| StageError::io("open log", ctx.log.path(), e))?;
+    let err_file = log_file
+        .try_clone()
+        .map_err(|e| StageError::io("open log", ctx.log.path(), e))?;
+    command.stdout(log_file).stderr(err_file);
+    // SAFETY: prctl is async-signal-safe; it makes the kernel kill the command if this
+    // thread's process dies, so a killed run leaves no orphan writing into staging.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    Ok(command)
+}
+
+/// Waits for the command's exit (status 0 is success); on cancellation kills its process
+/// group.
+fn wait_or_cancel(ctx: &StageContext<'_>, mut child: Child) -> Result<(), StageError> {
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| StageError::io("wait for", ctx.out_dir, e))?
+        {
+            return match status.code() {
+                Some(0) => Ok(()),
+                Some(code) => Err(StageError::CommandExited { code }),
+                None => Err(StageError::CommandKilled),
+            };
+        }
+        if ctx.cancel.is_cancelled() {
+            // SAFETY: signals the command's own process group (created by process_group(0)).
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+            let _ = child.wait();
+            return Err(StageError::Cancelled);
+        }
+        std::thread::sleep(POLL_INTERVAL);
     }
 }
 

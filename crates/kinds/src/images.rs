@@ -52,7 +52,7 @@ impl Stage for ImagesStage {
             .input_paths("path")
             .first()
             .map(|p| p.to_path_buf())
-            .ok_or_else(|| StageError::Failed("images: no input folder".to_string()))?;
+            .ok_or(StageError::NoInputFolder { kind: "images" })?;
         let files = imagefile::list_folder(&folder).map_err(|e| field_error(ctx, "path", e))?;
         if files.is_empty() {
             return Err(field_error(
@@ -72,9 +72,13 @@ impl Stage for ImagesStage {
             let converted = transform(decoded, resolution, crop);
             let name = format!("{index:04}.png");
             let target = images_dir.join(&name);
-            converted.save(&target).map_err(|e| {
-                StageError::Failed(format!("images: writing `{}`: {e}", target.display()))
-            })?;
+            converted
+                .save(&target)
+                .map_err(|source| StageError::WriteImage {
+                    kind: "images",
+                    path: target.clone(),
+                    source,
+                })?;
             manifest.push(json!({
                 "file": format!("images/{name}"),
                 "source": source.file_name().map(|n| n.to_string_lossy().to_string()),
@@ -84,8 +88,13 @@ impl Stage for ImagesStage {
             ctx.progress.step(index as u64 + 1, files.len() as u64);
         }
         let manifest_path = ctx.out_dir.join("manifest.json");
-        let text = serde_json::to_string_pretty(&json!({ "images": manifest }))
-            .map_err(|e| StageError::Failed(format!("images: manifest: {e}")))?;
+        let text =
+            serde_json::to_string_pretty(&json!({ "images": manifest })).map_err(|source| {
+                StageError::Manifest {
+                    kind: "images",
+                    source,
+                }
+            })?;
         std::fs::write(&manifest_path, text).map_err(|e| StageError::io("write", &manifest_path, e))
     }
 }

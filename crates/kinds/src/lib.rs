@@ -12,6 +12,7 @@ pub mod images;
 pub mod output;
 pub mod png;
 pub mod sd;
+pub mod templates;
 pub mod toy_world;
 pub mod worker_verbs;
 pub mod world_check;
@@ -36,4 +37,5 @@ pub fn registry() -> Registry {
         .with(Arc::new(sd::finetune::FinetuneKind))
         .with(Arc::new(sd::vae::VaeKind))
         .with(Arc::new(sd::world_score::WorldScoreKind))
+        .with_templates(templates::templates())
 }

@@ -298,9 +298,11 @@ fn save(image: &RgbImage, path: &Path) -> Result<(), StageError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| StageError::io("create", dir, e))?;
     }
-    image
-        .save(path)
-        .map_err(|e| StageError::Failed(format!("toy_world: writing `{}`: {e}", path.display())))
+    image.save(path).map_err(|source| StageError::WriteImage {
+        kind: "toy_world",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn write_text(path: &Path, text: &str) -> Result<(), StageError> {

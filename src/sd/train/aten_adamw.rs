@@ -1,7 +1,7 @@
 //! Safe Rust side of csrc/adamw.cpp: AdamW updates through libtorch ops that tch 0.24 does not
 //! bind (`addcmul_` / `addcdiv_` with a `value` scalar, and the fused kernel `_fused_adamw_`).
 //! The C++ side catches every exception; failures come back here as [`AtenError`].
-use super::optim::AdamWConfig;
+use super::adamw_config::AdamWConfig;
 use std::ffi::{c_char, c_int};
 use tch::Tensor;
 use torch_sys::C_tensor;

@@ -475,6 +475,23 @@ struct DreamBoothData {
     dropout: Option<((Tensor, Option<Tensor>), f64)>,
 }
 
+/// The class prompt, when prior preservation uses one.
+fn class_prompt(config: &DreamBoothConfig) -> Option<&str> {
+    (config.dreambooth.class_prompt.as_deref())
+        .filter(|_| config.dreambooth.with_prior_preservation)
+}
+
+/// SDXL: the second tokenizer's instance (and class) prompt ids.
+fn xl_prompt_ids(config: &DreamBoothConfig, base: &BaseModel) -> Option<(Tensor, Option<Tensor>)> {
+    base.tokenize_2(&config.dreambooth.instance_prompt)
+        .map(|ids| {
+            (
+                ids,
+                class_prompt(config).and_then(|prompt| base.tokenize_2(prompt)),
+            )
+        })
+}
+
 impl DreamBoothData {
     fn load(config: &DreamBoothConfig, base: &BaseModel) -> Result<Self, TrainError> {
         let instances = data::load_folder(&config.instance_data_dir, "instance_data_dir")?;
@@ -485,33 +502,19 @@ impl DreamBoothData {
             (Some(dir), true) => data::load_folder(dir, "class_data_dir")?,
             _ => Vec::new(),
         };
-        let class_ids = config
-            .dreambooth
-            .class_prompt
-            .as_deref()
-            .filter(|_| config.dreambooth.with_prior_preservation)
-            .map(|prompt| base.tokenize(prompt));
         let transform = Transform::DreamBooth {
             resolution: config.training.resolution,
             center_crop: config.training.center_crop,
             random_flip: config.dreambooth.random_flip,
         };
-        let xl_ids = base
-            .tokenize_2(&config.dreambooth.instance_prompt)
-            .map(|ids| {
-                let class = (config.dreambooth.class_prompt.as_deref())
-                    .filter(|_| config.dreambooth.with_prior_preservation)
-                    .and_then(|prompt| base.tokenize_2(prompt));
-                (ids, class)
-            });
         let mut loaded = Self {
             instance_ids: base.tokenize(&config.dreambooth.instance_prompt),
             instances,
             classes,
-            class_ids,
+            class_ids: class_prompt(config).map(|prompt| base.tokenize(prompt)),
             transform,
             cache: None,
-            xl_ids,
+            xl_ids: xl_prompt_ids(config, base),
             instance_crops: Vec::new(),
             captions: match config.captions {
                 true => Some(caption_ids(&config.instance_data_dir, base)?),
@@ -525,19 +528,26 @@ impl DreamBoothData {
             }),
         };
         if !transform.is_random() {
-            loaded.instance_crops = (loaded.instances.iter())
-                .map(|image| {
-                    transform
-                        .apply_with_crop(image, &mut SampleRng::for_sample(0, 0))
-                        .1
-                })
-                .collect();
-            loaded.cache = Some((
-                loaded.encode_all(&loaded.instances, base, config.device),
-                loaded.encode_all(&loaded.classes, base, config.device),
-            ));
+            loaded.cache_fixed_transform(base, config.device);
         }
         Ok(loaded)
+    }
+
+    /// With a fixed transform: each instance image's crop, and every image's VAE moments
+    /// encoded once.
+    fn cache_fixed_transform(&mut self, base: &BaseModel, device: Device) {
+        let transform = self.transform;
+        self.instance_crops = (self.instances.iter())
+            .map(|image| {
+                transform
+                    .apply_with_crop(image, &mut SampleRng::for_sample(0, 0))
+                    .1
+            })
+            .collect();
+        self.cache = Some((
+            self.encode_all(&self.instances, base, device),
+            self.encode_all(&self.classes, base, device),
+        ));
     }
 
     fn encode_all(&self, images: &[RgbImage], base: &BaseModel, device: Device) -> Vec<Moments> {

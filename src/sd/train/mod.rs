@@ -11,6 +11,7 @@
 //! method supplies only what differs: which parameters train, the loss of a batch, what runs
 //! after an update, its data and its outputs.
 pub mod adamw8bit;
+mod adamw_config;
 mod aten_adamw;
 mod base_model;
 pub mod batch;

@@ -4,7 +4,7 @@
 //! shapes, step counts and storage; human-readable). An optimizer says how one parameter's
 //! moments are stored ([`SavedMoments`]) and how they are read back ([`SavedParam`]);
 //! [`save`] and [`load`] do the rest.
-use super::optim::AdamWConfig;
+use super::adamw_config::AdamWConfig;
 use super::{TrainError, io_error};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

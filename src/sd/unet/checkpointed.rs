@@ -73,23 +73,7 @@ impl UNet2DConditionModel {
             let skip_count = skips.len();
             let mid = hidden.shallow_clone();
             hidden = self.mid_block.forward(&hidden, &temb, &context);
-            let mut up = Vec::with_capacity(self.up_blocks.len());
-            for block in &self.up_blocks {
-                let first_skip = skips.len().saturating_sub(block.skip_count());
-                let block_skips = skips.split_off(first_skip);
-                let upsample_size = skips.last().map(|next| {
-                    let size = next.size();
-                    [size[2], size[3]]
-                });
-                let output = block.forward(&hidden, &block_skips, &temb, &context, upsample_size);
-                up.push(UpInputs {
-                    hidden,
-                    skips: block_skips,
-                    first_skip,
-                    upsample_size,
-                });
-                hidden = output;
-            }
+            let (hidden, up) = self.up_blocks_saving_inputs(hidden, skips, &temb, &context);
             let output = self
                 .conv_out
                 .forward(&self.conv_norm_out.forward(&hidden).silu());
@@ -105,6 +89,34 @@ impl UNet2DConditionModel {
                 output,
             }
         })
+    }
+
+    /// The up blocks of phase 1 (no graph): their output, and what each consumed.
+    fn up_blocks_saving_inputs(
+        &self,
+        mut hidden: Tensor,
+        mut skips: Vec<Tensor>,
+        temb: &Tensor,
+        context: &Tensor,
+    ) -> (Tensor, Vec<UpInputs>) {
+        let mut up = Vec::with_capacity(self.up_blocks.len());
+        for block in &self.up_blocks {
+            let first_skip = skips.len().saturating_sub(block.skip_count());
+            let block_skips = skips.split_off(first_skip);
+            let upsample_size = skips.last().map(|next| {
+                let size = next.size();
+                [size[2], size[3]]
+            });
+            let output = block.forward(&hidden, &block_skips, temb, context, upsample_size);
+            up.push(UpInputs {
+                hidden,
+                skips: block_skips,
+                first_skip,
+                upsample_size,
+            });
+            hidden = output;
+        }
+        (hidden, up)
     }
 
     fn centered(&self, sample: &Tensor) -> Tensor {
@@ -167,83 +179,29 @@ impl CheckpointedUNet {
         (context, text_embeds): (&Tensor, Option<&Tensor>),
         autocast: Option<Autocast>,
     ) -> Result<(), String> {
-        let region = || autocast.map(AutocastRegion::enter).transpose();
         let trains_text = text_embeds.is_some_and(Tensor::requires_grad);
         let added = self.added.as_ref().map(|a| AddedConditions {
             text_embeds: leaf(&a.text_embeds, trains_text),
             time_ids: a.time_ids.shallow_clone(),
         });
         let temb_graph_free = tch::no_grad(|| {
-            let _region = region()?;
+            let _region = region(autocast)?;
             Ok::<_, String>(unet.full_time_embedding(&self.sample, &self.timesteps, added.as_ref()))
         })?;
-        let temb = leaf(&temb_graph_free, true);
-        let ctx = leaf(context, context.requires_grad());
+        let blocks = Recompute {
+            unet,
+            temb: leaf(&temb_graph_free, true),
+            ctx: leaf(context, context.requires_grad()),
+            autocast,
+        };
         let mut skip_grads: Vec<Option<Tensor>> = (0..self.skip_count).map(|_| None).collect();
-
-        let post = leaf(&self.post, true);
-        let output = {
-            let _region = region()?;
-            unet.conv_out
-                .forward(&unet.conv_norm_out.forward(&post).silu())
-        };
-        backward_pairs(&[(&output, grad_output)]);
-        let mut grad = post.grad();
-
-        for (block, inputs) in unet.up_blocks.iter().zip(&self.up).rev() {
-            let hidden = leaf(&inputs.hidden, true);
-            let skips: Vec<Tensor> = inputs.skips.iter().map(|s| leaf(s, true)).collect();
-            let output = {
-                let _region = region()?;
-                block.forward(&hidden, &skips, &temb, &ctx, inputs.upsample_size)
-            };
-            backward_pairs(&[(&output, &grad)]);
-            for (offset, skip) in skips.iter().enumerate() {
-                add_grad(&mut skip_grads[inputs.first_skip + offset], skip.grad());
-            }
-            grad = hidden.grad();
-        }
-
-        let hidden = leaf(&self.mid, true);
-        let output = {
-            let _region = region()?;
-            unet.mid_block.forward(&hidden, &temb, &ctx)
-        };
-        backward_pairs(&[(&output, &grad)]);
-        grad = hidden.grad();
-
-        for (block, (input, range)) in unet.down_blocks.iter().zip(&self.down).rev() {
-            let hidden = leaf(input, true);
-            let (output, block_skips) = {
-                let _region = region()?;
-                block.forward(&hidden, &temb, &ctx)
-            };
-            let skip_grads_here: Vec<Tensor> = range
-                .clone()
-                .map(|index| skip_grads[index].take().unwrap_or_default())
-                .collect();
-            let mut pairs = vec![(&output, &grad)];
-            pairs.extend(block_skips.iter().zip(&skip_grads_here));
-            backward_pairs(&pairs);
-            grad = hidden.grad();
-        }
-
-        let first = {
-            let _region = region()?;
-            unet.conv_in.forward(&unet.centered(&self.sample))
-        };
-        let first_skip = skip_grads[0].take().unwrap_or_default();
-        backward_pairs(&[(&first, &grad), (&first, &first_skip)]);
-
-        let temb_with_graph = {
-            let _region = region()?;
-            unet.full_time_embedding(&self.sample, &self.timesteps, added.as_ref())
-        };
-        backward_pairs(&[(&temb_with_graph, &temb.grad())]);
+        let grad = self.backward_up(&blocks, grad_output, &mut skip_grads)?;
+        let grad = self.backward_down(&blocks, grad, &mut skip_grads)?;
+        self.backward_inputs(&blocks, &grad, &mut skip_grads, added.as_ref())?;
         // One backward for the context and the pooled embedding: both come out of the same
         // text-encoder graph when the encoders train.
         let mut into_text = Vec::new();
-        let ctx_grad = ctx.grad();
+        let ctx_grad = blocks.ctx.grad();
         if context.requires_grad() {
             into_text.push((context, &ctx_grad));
         }
@@ -256,6 +214,124 @@ impl CheckpointedUNet {
         backward_pairs(&into_text);
         Ok(())
     }
+
+    /// The output head, then the up blocks from the last; returns d loss / d mid-block output
+    /// and keeps each skip leaf's grads in `skip_grads`.
+    fn backward_up(
+        &self,
+        blocks: &Recompute<'_>,
+        grad_output: &Tensor,
+        skip_grads: &mut [Option<Tensor>],
+    ) -> Result<Tensor, String> {
+        let unet = blocks.unet;
+        let post = leaf(&self.post, true);
+        let output = {
+            let _region = blocks.region()?;
+            unet.conv_out
+                .forward(&unet.conv_norm_out.forward(&post).silu())
+        };
+        backward_pairs(&[(&output, grad_output)]);
+        let mut grad = post.grad();
+        for (block, inputs) in unet.up_blocks.iter().zip(&self.up).rev() {
+            let hidden = leaf(&inputs.hidden, true);
+            let skips: Vec<Tensor> = inputs.skips.iter().map(|s| leaf(s, true)).collect();
+            let output = {
+                let _region = blocks.region()?;
+                block.forward(
+                    &hidden,
+                    &skips,
+                    &blocks.temb,
+                    &blocks.ctx,
+                    inputs.upsample_size,
+                )
+            };
+            backward_pairs(&[(&output, &grad)]);
+            for (offset, skip) in skips.iter().enumerate() {
+                add_grad(&mut skip_grads[inputs.first_skip + offset], skip.grad());
+            }
+            grad = hidden.grad();
+        }
+        Ok(grad)
+    }
+
+    /// The mid block, then the down blocks from the last (each output fed its grad plus its
+    /// skips' grads); returns d loss / d `conv_in` output.
+    fn backward_down(
+        &self,
+        blocks: &Recompute<'_>,
+        grad: Tensor,
+        skip_grads: &mut [Option<Tensor>],
+    ) -> Result<Tensor, String> {
+        let unet = blocks.unet;
+        let hidden = leaf(&self.mid, true);
+        let output = {
+            let _region = blocks.region()?;
+            unet.mid_block.forward(&hidden, &blocks.temb, &blocks.ctx)
+        };
+        backward_pairs(&[(&output, &grad)]);
+        let mut grad = hidden.grad();
+        for (block, (input, range)) in unet.down_blocks.iter().zip(&self.down).rev() {
+            let hidden = leaf(input, true);
+            let (output, block_skips) = {
+                let _region = blocks.region()?;
+                block.forward(&hidden, &blocks.temb, &blocks.ctx)
+            };
+            let skip_grads_here: Vec<Tensor> = range
+                .clone()
+                .map(|index| skip_grads[index].take().unwrap_or_default())
+                .collect();
+            let mut pairs = vec![(&output, &grad)];
+            pairs.extend(block_skips.iter().zip(&skip_grads_here));
+            backward_pairs(&pairs);
+            grad = hidden.grad();
+        }
+        Ok(grad)
+    }
+
+    /// `conv_in` (its output is also the first skip), then the time embedding's own graph with
+    /// the grads every block gave the shared time-embedding leaf.
+    fn backward_inputs(
+        &self,
+        blocks: &Recompute<'_>,
+        grad: &Tensor,
+        skip_grads: &mut [Option<Tensor>],
+        added: Option<&AddedConditions>,
+    ) -> Result<(), String> {
+        let unet = blocks.unet;
+        let first = {
+            let _region = blocks.region()?;
+            unet.conv_in.forward(&unet.centered(&self.sample))
+        };
+        let first_skip = skip_grads[0].take().unwrap_or_default();
+        backward_pairs(&[(&first, grad), (&first, &first_skip)]);
+        let temb_with_graph = {
+            let _region = blocks.region()?;
+            unet.full_time_embedding(&self.sample, &self.timesteps, added)
+        };
+        backward_pairs(&[(&temb_with_graph, &blocks.temb.grad())]);
+        Ok(())
+    }
+}
+
+/// What every block recomputed in phase 2 reads: the UNet, the time embedding and the context
+/// as leaves collecting grads, and the autocast phase 1 ran in.
+struct Recompute<'u> {
+    unet: &'u UNet2DConditionModel,
+    temb: Tensor,
+    ctx: Tensor,
+    autocast: Option<Autocast>,
+}
+
+impl Recompute<'_> {
+    /// Enters the autocast region a recomputed forward runs in (none without autocast).
+    fn region(&self) -> Result<Option<AutocastRegion>, String> {
+        region(self.autocast)
+    }
+}
+
+/// Enters `autocast`'s region, if any.
+fn region(autocast: Option<Autocast>) -> Result<Option<AutocastRegion>, String> {
+    autocast.map(AutocastRegion::enter).transpose()
 }
 
 #[cfg(test)]

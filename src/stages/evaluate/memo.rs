@@ -87,6 +87,6 @@ pub(super) fn write_entry(file: &Path, embeddings: &Embeddings) -> Result<(), St
         ("clip".to_string(), stacked(&embeddings.clip)),
         ("dino".to_string(), stacked(&embeddings.dino)),
     ];
-    crate::sd::weights::write_safetensors(&tensors, &partial).map_err(StageError::Failed)?;
+    crate::sd::weights::write_safetensors(&tensors, &partial).map_err(StageError::Message)?;
     std::fs::rename(&partial, file).map_err(|e| StageError::io("rename", &partial, e))
 }

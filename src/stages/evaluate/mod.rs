@@ -57,7 +57,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     document["random_weights"] = serde_json::json!(embedders.random_weights);
     let path = ctx.out_dir.join("scores.json");
     let text = serde_json::to_string_pretty(&document)
-        .map_err(|e| StageError::Failed(format!("stage `{}`: scores: {e}", ctx.stage_id)))?;
+        .map_err(|e| StageError::serialize(ctx.stage_id, "scores", e))?;
     std::fs::write(&path, text + "\n").map_err(|e| StageError::io("write", &path, e))?;
     Ok(())
 }

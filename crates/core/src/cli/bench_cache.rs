@@ -1,13 +1,15 @@
 //! `dreampipe bench-cache --dir DIR` (hidden): the cache's benchmark figures. blake3 throughput
 //! on a large file (first hash with the file in the page cache, then the memoized rerun), the
 //! time to load + plan a 1,000-stage sweep, and the wall time of a no-op rerun of a pipeline
-//! whose model folder holds several GB. Everything it creates under DIR is deleted at the end.
+//! whose model folder holds several GB (the pipelines come with the kinds: the registry's
+//! [`PipelineTemplates`]). Everything it creates under DIR is deleted at the end.
 use super::Context;
 use crate::cache::hash::{HashMemo, hash_file_uncached};
 use crate::cache::store::Store;
 use crate::pipeline::{LoadOptions, load_str};
 use crate::plan::dirty::assess;
 use crate::plan::graph::Plan;
+use crate::stages::templates::PipelineTemplates;
 use clap::Args;
 use std::io::Write;
 use std::path::Path;
@@ -73,13 +75,7 @@ fn bench_all(context: &Context, args: &BenchArgs, root: &Path) -> anyhow::Result
 }
 
 fn bench_plan(context: &Context, stages: usize, root: &Path) -> anyhow::Result<()> {
-    let values: Vec<String> = (0..stages)
-        .map(|i| format!("'echo {i} > $OUT/x'"))
-        .collect();
-    let text = format!(
-        "stages:\n  sweep:\n    kind: command\n    matrix:\n      run: [{}]\n",
-        values.join(", ")
-    );
+    let text = (templates(context)?.bench_sweep)(stages);
     let started = Instant::now();
     let pipeline = load_str(
         &text,
@@ -117,10 +113,7 @@ fn bench_noop_rerun(context: &Context, model_gib: u64, root: &Path) -> anyhow::R
             model_gib * GIB / 4,
         )?;
     }
-    std::fs::write(
-        root.join("p.yaml"),
-        "stages:\n  train:\n    kind: command\n    inputs: model\n    run: echo trained > $OUT/weights.txt\n",
-    )?;
+    std::fs::write(root.join("p.yaml"), templates(context)?.bench_noop)?;
     let run = || -> anyhow::Result<Duration> {
         let started = Instant::now();
         let status = std::process::Command::new(std::env::current_exe()?)
@@ -178,6 +171,12 @@ fn noop_plan_in_process(context: &Context, root: &Path) -> anyhow::Result<Durati
         "the benchmark stage should be fresh"
     );
     Ok(started.elapsed())
+}
+
+/// The benchmark pipelines, registered with the kinds they name.
+fn templates(context: &Context) -> anyhow::Result<&PipelineTemplates> {
+    (context.registry.templates())
+        .ok_or_else(|| anyhow::anyhow!("no benchmark pipelines are registered"))
 }
 
 /// Writes `size` bytes of varied content and backdates its mtime.

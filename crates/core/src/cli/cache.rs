@@ -1,6 +1,6 @@
 //! `dreampipe cache ls | gc | verify`.
 use super::Context;
-use crate::cache::gc::{GcPolicy, gc};
+use crate::cache::gc::{GcPolicy, GcReport, gc};
 use crate::cache::hash::HashMemo;
 use crate::cache::store::Store;
 use crate::cache::verify::verify;
@@ -70,23 +70,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 pub fn run(context: &Context, args: &CacheArgs) -> anyhow::Result<ExitCode> {
     let store = Store::open(&context.cache_root)?;
     match &args.action {
-        CacheAction::Ls => {
-            let now = crate::cache::store::now_unix();
-            for record in store.results() {
-                let state = store.state_dir(&record.key);
-                let state = match state.is_dir() {
-                    true => format!("  + state {} bytes", crate::cache::gc::folder_bytes(&state)),
-                    false => String::new(),
-                };
-                println!(
-                    "{}  {:30} {:>10} bytes  {:>6}s ago{state}",
-                    record.key.get(..16).unwrap_or(&record.key),
-                    record.stage_id,
-                    record.size_bytes,
-                    now.saturating_sub(record.created_unix)
-                );
-            }
-        }
+        CacheAction::Ls => list(&store),
         CacheAction::Gc {
             pipelines,
             keep_last,
@@ -97,64 +81,89 @@ pub fn run(context: &Context, args: &CacheArgs) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("cache gc: give --keep-last N, --max-size SIZE and/or --drop-states");
             }
             let protected = referenced_keys(context, &store, pipelines)?;
-            let report = gc(
-                &store,
-                &GcPolicy {
-                    keep_last: *keep_last,
-                    max_size: *max_size,
-                    protected,
-                    drop_states: *drop_states,
-                },
-            )?;
-            println!(
-                "removed {} result(s), {} object(s) ({} bytes), {} stale staging folder(s)",
-                report.removed_results.len(),
-                report.removed_objects,
-                report.freed_bytes,
-                report.removed_staging
-            );
-            if report.removed_job_files > 0 {
-                println!(
-                    "removed {} Slurm job/log folder(s) of finished work",
-                    report.removed_job_files
-                );
-            }
-            if report.removed_states > 0 {
-                println!(
-                    "removed {} training state(s) ({} bytes)",
-                    report.removed_states, report.freed_state_bytes
-                );
-            }
-            if report.removed_shared > 0 {
-                println!(
-                    "removed {} shared memo file(s) ({} bytes)",
-                    report.removed_shared, report.freed_shared_bytes
-                );
-            }
-            if !report.in_use.is_empty() {
-                println!(
-                    "kept {} result(s) in use by a running stage",
-                    report.in_use.len()
-                );
-            }
+            let policy = GcPolicy {
+                keep_last: *keep_last,
+                max_size: *max_size,
+                protected,
+                drop_states: *drop_states,
+            };
+            print_gc_report(&gc(&store, &policy)?);
         }
-        CacheAction::Verify => {
-            let report = verify(&store)?;
-            for problem in &report.problems {
-                println!("{problem}");
-            }
-            println!(
-                "checked {} object(s) and {} result(s): {} problem(s)",
-                report.objects_checked,
-                report.results_checked,
-                report.problems.len()
-            );
-            if !report.problems.is_empty() {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
+        CacheAction::Verify => return verify_store(&store),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cache ls`: one line per result (key, stage, size, age, kept training state).
+fn list(store: &Store) {
+    let now = crate::cache::store::now_unix();
+    for record in store.results() {
+        let state = store.state_dir(&record.key);
+        let state = match state.is_dir() {
+            true => format!("  + state {} bytes", crate::cache::gc::folder_bytes(&state)),
+            false => String::new(),
+        };
+        println!(
+            "{}  {:30} {:>10} bytes  {:>6}s ago{state}",
+            record.key.get(..16).unwrap_or(&record.key),
+            record.stage_id,
+            record.size_bytes,
+            now.saturating_sub(record.created_unix)
+        );
+    }
+}
+
+/// What `cache gc` removed (lines for what it did not touch are left out).
+fn print_gc_report(report: &GcReport) {
+    println!(
+        "removed {} result(s), {} object(s) ({} bytes), {} stale staging folder(s)",
+        report.removed_results.len(),
+        report.removed_objects,
+        report.freed_bytes,
+        report.removed_staging
+    );
+    if report.removed_job_files > 0 {
+        println!(
+            "removed {} Slurm job/log folder(s) of finished work",
+            report.removed_job_files
+        );
+    }
+    if report.removed_states > 0 {
+        println!(
+            "removed {} training state(s) ({} bytes)",
+            report.removed_states, report.freed_state_bytes
+        );
+    }
+    if report.removed_shared > 0 {
+        println!(
+            "removed {} shared memo file(s) ({} bytes)",
+            report.removed_shared, report.freed_shared_bytes
+        );
+    }
+    if !report.in_use.is_empty() {
+        println!(
+            "kept {} result(s) in use by a running stage",
+            report.in_use.len()
+        );
+    }
+}
+
+/// `cache verify`: each problem, then the counts; exit code 1 when there is a problem.
+fn verify_store(store: &Store) -> anyhow::Result<ExitCode> {
+    let report = verify(store)?;
+    for problem in &report.problems {
+        println!("{problem}");
+    }
+    println!(
+        "checked {} object(s) and {} result(s): {} problem(s)",
+        report.objects_checked,
+        report.results_checked,
+        report.problems.len()
+    );
+    Ok(match report.problems.is_empty() {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::FAILURE,
+    })
 }
 
 /// Keys of the fresh stages of each pipeline (what a run would reuse).

@@ -1,6 +1,7 @@
 //! `dreampipe init [DIR] [--images PATH] [--class NOUN] [--model PATH]`: writes a starter
 //! DreamBooth pipeline, `DIR/dreampipe.yaml`, for a folder of instance images, asking nothing.
-//! Its comments carry the seed study's findings as defaults. Never overwrites a file.
+//! The template comes with the kinds it names (the registry's
+//! [`PipelineTemplates`](crate::stages::templates::PipelineTemplates)). Never overwrites a file.
 use super::Context;
 use clap::Args;
 use std::io::Write as _;
@@ -13,8 +14,6 @@ pub const STARTER_FILE: &str = "dreampipe.yaml";
 const DEFAULT_IMAGES: &str = "images";
 /// Base model folder when `--model` is not given (relative to DIR).
 const DEFAULT_MODEL: &str = "models/stable-diffusion-v1-5";
-/// Pipeline name when DIR's name has no usable characters.
-const FALLBACK_NAME: &str = "dreambooth";
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
@@ -40,9 +39,11 @@ pub struct StarterSettings {
     pub class_noun: String,
 }
 
-pub fn run(_context: &Context, args: &InitArgs) -> anyhow::Result<ExitCode> {
+pub fn run(context: &Context, args: &InitArgs) -> anyhow::Result<ExitCode> {
+    let templates = (context.registry.templates())
+        .ok_or_else(|| anyhow::anyhow!("no starter pipeline is registered"))?;
     let settings = StarterSettings {
-        name: pipeline_name(&args.dir),
+        name: pipeline_name(&args.dir, templates.starter_fallback_name),
         images: path_from(&args.dir, args.images.as_deref(), DEFAULT_IMAGES),
         model: path_from(&args.dir, args.model.as_deref(), DEFAULT_MODEL),
         class_noun: args.class_noun.clone(),
@@ -50,7 +51,7 @@ pub fn run(_context: &Context, args: &InitArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.dir)
         .map_err(|e| anyhow::anyhow!("cannot create `{}`: {e}", args.dir.display()))?;
     let path = args.dir.join(STARTER_FILE);
-    write_new(&path, &starter_pipeline(&settings))?;
+    write_new(&path, &starter_pipeline(templates.starter, &settings))?;
     println!("wrote {}", path.display());
     let images = args.dir.join(&settings.images);
     if !images.is_dir() {
@@ -96,8 +97,9 @@ fn path_from(dir: &Path, given: Option<&Path>, default: &str) -> String {
     }
 }
 
-/// DIR's name with every character a pipeline name cannot hold replaced by `-`.
-pub fn pipeline_name(dir: &Path) -> String {
+/// DIR's name with every character a pipeline name cannot hold replaced by `-` (`fallback`
+/// when none is left).
+pub fn pipeline_name(dir: &Path, fallback: &str) -> String {
     let folder = std::path::absolute(dir)
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
@@ -114,7 +116,7 @@ pub fn pipeline_name(dir: &Path) -> String {
         .collect();
     let trimmed = cleaned.trim_matches('-');
     if trimmed.is_empty() {
-        FALLBACK_NAME.to_string()
+        fallback.to_string()
     } else {
         trimmed.to_string()
     }
@@ -125,91 +127,14 @@ fn yaml_quoted(text: &str) -> String {
     serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_string())
 }
 
-/// The starter pipeline text.
-pub fn starter_pipeline(settings: &StarterSettings) -> String {
-    STARTER_TEMPLATE
+/// The starter pipeline text: `template` with the settings filled in.
+pub fn starter_pipeline(template: &str, settings: &StarterSettings) -> String {
+    template
         .replace("{name}", &settings.name)
         .replace("{images}", &yaml_quoted(&settings.images))
         .replace("{model}", &yaml_quoted(&settings.model))
         .replace("{class}", &yaml_quoted(&settings.class_noun))
 }
-
-/// Defaults and comments follow the seed study (DreamBooth on SD 1.x, diffusers' training
-/// script and the Hugging Face DreamBooth experiments): see each comment.
-const STARTER_TEMPLATE: &str = r#"# dreampipe starter: DreamBooth fine-tuning on your own subject.
-#   dreampipe validate dreampipe.yaml    # check the file
-#   dreampipe run dreampipe.yaml         # run what changed; prints the HTML report's path
-# Change a value here or per run: --set db.max_train_steps=800, --set params.class=cat
-name: {name}
-params:
-  model: {model}          # base model: a diffusers folder (Stable Diffusion 1.x)
-  class: {class}          # your subject's class noun
-  token: sks              # rare token that names your subject in prompts
-stages:
-  instance:
-    kind: images
-    path: {images}        # 3–20 photos of the subject: varied poses, backgrounds, lighting
-    resolution: 512
-    center_crop: true
-
-  # Class images for prior preservation: the base model's idea of the class, so that training
-  # on your subject does not make every member of the class look like it.
-  class_images:
-    kind: generate
-    model: ${params.model}
-    prompt: a photo of ${params.class}
-    count: 200            # the study's default
-    scheduler: ddim
-    steps: 50
-    guidance: 7.5
-    seed: 0
-
-  db:
-    kind: dreambooth
-    model: ${params.model}
-    instance_images: instance
-    instance_prompt: a photo of ${params.token} ${params.class}
-    class_images: class_images
-    class_prompt: a photo of ${params.class}
-    with_prior_preservation: true
-    prior_loss_weight: 1.0
-    # Text encoder trained too: the best results in the study (faces especially).
-    train_text_encoder: true
-    # Objects and pets: 400 steps at 2e-6.
-    # Faces: about 1200 steps at 1e-6–2e-6, always with prior preservation.
-    # Too many steps or too high a rate overfits: samples copy the training photos.
-    learning_rate: 2e-6
-    max_train_steps: 400
-    lr_scheduler: constant
-    lr_warmup_steps: 0
-    train_batch_size: 1
-    gradient_accumulation_steps: 1
-    # Fits a 16 GB GPU: fp16 mixed precision, 8-bit Adam and gradient checkpointing.
-    # With 24 GB or more: mixed_precision: no, optimizer: adamw, gradient_checkpointing: false.
-    mixed_precision: fp16
-    optimizer: adamw8bit
-    gradient_checkpointing: true
-    seed: 0
-    resolution: 512
-    # Sweep to find your settings (one run per combination, compared side by side in the report):
-    # matrix:
-    #   learning_rate: [1e-6, 2e-6]
-    #   max_train_steps: [400, 800, 1200]
-
-  grid:
-    kind: sample_grid
-    models: db
-    prompts:
-      - a photo of ${params.token} ${params.class}
-      - a photo of ${params.token} ${params.class} on the beach
-      - an oil painting of ${params.token} ${params.class}
-    seeds: [0, 1, 2, 3]
-    # DDIM with 100 steps: on fine-tuned (slightly overfit) models DDIM gave cleaner samples
-    # than PNDM or LMS in the study.
-    schedulers: [ddim]
-    steps: 100
-    guidance: 7.5
-"#;
 
 #[cfg(test)]
 mod tests {
@@ -217,8 +142,11 @@ mod tests {
 
     #[test]
     fn names_come_from_the_folder() {
-        assert_eq!(pipeline_name(Path::new("/data/my dog.v2")), "my-dog-v2");
-        assert_eq!(pipeline_name(Path::new("/data/ü")), FALLBACK_NAME);
+        assert_eq!(
+            pipeline_name(Path::new("/data/my dog.v2"), "p"),
+            "my-dog-v2"
+        );
+        assert_eq!(pipeline_name(Path::new("/data/ü"), "p"), "p");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! the run record and the lock file. Exit code 1 when a stage failed, 130 when interrupted.
 use super::common::{PipelineArgs, flags, open_cache};
 use super::{Context, Handoff};
+use crate::cache::hash::HashMemo;
+use crate::cache::store::Store;
 use crate::device::{Device, DeviceRequest};
 use crate::exec::events::CancelFlag;
 use crate::exec::executor::{ExecOptions, Outcome, RunRecord, execute};
@@ -86,12 +88,56 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let lock_path = lockfile::path_for(&args.pipeline.pipeline);
+    let options = exec_options(context, args, &plan, &lock_path, selected, forced)?;
+    let (store, memo) = open_cache(context)?;
+    // A Slurm controller computes nothing itself: the jobs run the torch worker.
+    if !context.torch_in_process && options.slurm.is_none() {
+        let (selected, forced) = (&options.selected, &options.forced);
+        let statuses = assess(&plan, &store, &memo, options.devices[0], selected, forced)?;
+        if torch_work_left(&plan, &statuses) {
+            let _ = memo.save(); // the worker reuses the digests just computed
+            return Err(Handoff.into());
+        }
+    }
+    let json = args.message_format == MessageFormat::Json;
+    if json {
+        println!(
+            "{}",
+            progress::json_line(&planned(&plan, &options.selected))
+        );
+    }
+    let style = output_style(args);
+    let record = execute_until_interrupted(&plan, &store, &memo, options, style)?;
+    let _ = memo.save();
+    report_run(&plan, &store, &record, json);
+    if !args.locked && record.success {
+        update_lock_file(&lock_path, &record)?;
+    }
+    Ok(if record.cancelled {
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else if record.success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The executor's options from the flags, the pipeline's `executor:` section and, with
+/// `--locked`, the lock file.
+fn exec_options(
+    context: &Context,
+    args: &RunArgs,
+    plan: &Plan,
+    lock_path: &std::path::Path,
+    selected: Vec<bool>,
+    forced: Vec<bool>,
+) -> anyhow::Result<ExecOptions> {
     let locked = if args.locked {
-        Some(lockfile::read(&lock_path)?)
+        Some(lockfile::read(lock_path)?)
     } else {
         None
     };
-    let slurm = slurm_options(&plan, args);
+    let slurm = slurm_options(plan, args);
     let devices = match slurm {
         Some(_) => vec![slurm_key_device(context)],
         None => resolve_devices(context, &args.devices)?,
@@ -101,25 +147,7 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let (store, memo) = open_cache(context)?;
-    // A Slurm controller computes nothing itself: the jobs run the torch worker.
-    if !context.torch_in_process && slurm.is_none() {
-        let statuses = assess(&plan, &store, &memo, devices[0], &selected, &forced)?;
-        if torch_work_left(&plan, &statuses) {
-            let _ = memo.save(); // the worker reuses the digests just computed
-            return Err(Handoff.into());
-        }
-    }
-    let json = args.message_format == MessageFormat::Json;
-    let style = match (json, args.plain) {
-        (true, _) => Style::Json,
-        (false, true) => Style::Plain,
-        (false, false) => progress::style_for_stdout(),
-    };
-    if json {
-        println!("{}", progress::json_line(&planned(&plan, &selected)));
-    }
-    let options = ExecOptions {
+    Ok(ExecOptions {
         verify: args.verify,
         jobs,
         devices,
@@ -127,7 +155,26 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
         forced,
         locked,
         slurm,
-    };
+    })
+}
+
+/// JSON lines with `--message-format json`, plain lines with `--plain`, else what suits stdout.
+fn output_style(args: &RunArgs) -> Style {
+    match (args.message_format == MessageFormat::Json, args.plain) {
+        (true, _) => Style::Json,
+        (false, true) => Style::Plain,
+        (false, false) => progress::style_for_stdout(),
+    }
+}
+
+/// Executes the plan with progress in `style`; Ctrl-C or SIGTERM cancels the running stages.
+fn execute_until_interrupted(
+    plan: &Arc<Plan>,
+    store: &Store,
+    memo: &Arc<HashMemo>,
+    options: ExecOptions,
+    style: Style,
+) -> anyhow::Result<RunRecord> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -155,39 +202,33 @@ pub fn run(context: &Context, args: &RunArgs) -> anyhow::Result<ExitCode> {
         record
     });
     runtime.shutdown_background();
-    let _ = memo.save();
-    // With JSON on stdout, the human summary goes to stderr.
+    Ok(record)
+}
+
+/// The summary table, the run record and the HTML report, each path printed; with JSON on
+/// stdout, the human lines go to stderr and a `run_finished` line ends stdout.
+fn report_run(plan: &Plan, store: &Store, record: &RunRecord, json: bool) {
     let human = |text: String| match json {
         true => eprint!("{text}"),
         false => print!("{text}"),
     };
-    human(summary::table(&record));
+    human(summary::table(record));
     let record_path = written(
-        summary::write_record(store.root(), &record),
+        summary::write_record(store.root(), record),
         "the run record",
     );
     if let Some(path) = &record_path {
         human(format!("run record: {}\n", path.display()));
     }
-    let page = super::report::write(&plan.pipeline, Some(&record), &store, None);
+    let page = super::report::write(&plan.pipeline, Some(record), store, None);
     let page = written(page.map_err(|e| format!("{e:#}")), "the report");
     if let Some(page) = &page {
         human(format!("report: {}\n", page.display()));
     }
     if json {
-        let finished = run_finished(&record, record_path, page);
+        let finished = run_finished(record, record_path, page);
         println!("{}", progress::json_line(&finished));
     }
-    if !args.locked && record.success {
-        update_lock_file(&lock_path, &record)?;
-    }
-    Ok(if record.cancelled {
-        ExitCode::from(EXIT_INTERRUPTED)
-    } else if record.success {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }
 
 /// Waits for Ctrl-C (SIGINT) or SIGTERM (a scheduler or `kill` stopping the run); false when

@@ -317,9 +317,7 @@ mod tests {
             slot.to_string(),
             "internal error: the executor's slots were closed"
         );
-        let failed = ExecError::from(JobError::from(StageError::Failed(
-            "command exited with status 3".to_string(),
-        )));
+        let failed = ExecError::from(JobError::from(StageError::CommandExited { code: 3 }));
         assert_eq!(failed.to_string(), "command exited with status 3");
         let no_cuda = JobError::NoCuda {
             stage_id: "db".to_string(),
@@ -331,6 +329,111 @@ mod tests {
              (CUDA_VISIBLE_DEVICES=unset); give the stage GPUs (`resources: {gpus: 1}`) or run \
              with `--device cpu`"
         );
+    }
+
+    #[test]
+    fn stage_errors_carry_their_cause_and_read_as_one_line() {
+        let bad_json = || serde_json::from_str::<u32>("x").unwrap_err();
+        let bad_png = || image::ImageError::IoError(std::io::Error::other("disk full"));
+        let stage = || "db".to_string();
+        let cases: Vec<(StageError, String)> = vec![
+            (
+                StageError::BadField {
+                    stage: stage(),
+                    field: "path".to_string(),
+                    problem: "`x` holds no image files".to_string(),
+                },
+                "stage `db`: field `path`: `x` holds no image files".to_string(),
+            ),
+            (
+                StageError::UnreadableInput {
+                    stage: stage(),
+                    field: "model",
+                    source: "not a checkpoint".into(),
+                },
+                "stage `db`, field `model`: not a checkpoint".to_string(),
+            ),
+            (
+                StageError::Parameters {
+                    stage: stage(),
+                    source: bad_json(),
+                },
+                format!("stage `db`: parameters: {}", bad_json()),
+            ),
+            (
+                StageError::serialize("db", "scores", bad_json()),
+                format!("stage `db`: scores: {}", bad_json()),
+            ),
+            (
+                StageError::library("db", "out of memory"),
+                "stage `db`: out of memory".to_string(),
+            ),
+            (
+                StageError::Grid {
+                    stage: stage(),
+                    grid: 2,
+                    source: "no images".into(),
+                },
+                "stage `db`: grid 2: no images".to_string(),
+            ),
+            (
+                StageError::CommandExited { code: 3 },
+                "command exited with status 3".to_string(),
+            ),
+            (
+                StageError::CommandKilled,
+                "command was killed by a signal".to_string(),
+            ),
+            (
+                StageError::NoInputFolder { kind: "images" },
+                "images: no input folder".to_string(),
+            ),
+            (
+                StageError::WriteImage {
+                    kind: "images",
+                    path: "out/0000.png".into(),
+                    source: bad_png(),
+                },
+                "images: writing `out/0000.png`: disk full".to_string(),
+            ),
+            (
+                StageError::Manifest {
+                    kind: "images",
+                    source: bad_json(),
+                },
+                format!("images: manifest: {}", bad_json()),
+            ),
+            (
+                StageError::ReadImage {
+                    path: "in/a.png".into(),
+                    source: bad_png(),
+                },
+                "in/a.png: disk full".to_string(),
+            ),
+            (
+                crate::stages::needs_torch_worker("train"),
+                "stage kind `train` runs in the torch worker (dreampipe-torch); this process \
+                 has only its schema"
+                    .to_string(),
+            ),
+            (
+                StageError::Message("writing `w.safetensors`: disk full".to_string()),
+                "writing `w.safetensors`: disk full".to_string(),
+            ),
+        ];
+        for (error, text) in cases {
+            assert_eq!(error.to_string(), text);
+        }
+        use std::error::Error as _;
+        let library = StageError::library("db", std::io::Error::other("gone"));
+        assert_eq!(
+            library.source().map(|s| s.to_string()).as_deref(),
+            Some("gone")
+        );
+        assert!(matches!(
+            crate::stages::needs_torch_worker("x"),
+            StageError::NeedsTorchWorker { kind } if kind == "x"
+        ));
     }
 
     #[test]

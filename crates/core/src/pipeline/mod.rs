@@ -1,18 +1,15 @@
 //! Pipeline files: parsing (`spec`, `limits`), validation reporting every error at once
-//! (`validate`, with `typecheck` for values against their schema, `substitution` for
+//! (`validate`, with its `typecheck` for values against their schema, `substitution` for
 //! `${params.X}`, `cycles`, `suggest` for "did you mean"), sweep expansion (`sweep`) and stage
 //! presets (`presets`), placement (`resources`: a stage's `resources:` and the `executor:`
 //! section). The result is a [`Pipeline`]: a
 //! flat list of concrete stage instances with their upstream edges resolved.
-mod cycles;
 pub mod limits;
 pub mod presets;
 pub mod resources;
 pub mod spec;
-mod substitution;
 pub mod suggest;
 pub mod sweep;
-mod typecheck;
 pub mod validate;
 
 use crate::stages::Stage;

@@ -307,7 +307,7 @@ mod tests {
         let (spec, problems) = parse_executor(&json!({
             "kind": "slurm",
             "resources": {"partition": "gpu", "time": "1:00:00", "sbatch_args": ["--exclusive"]},
-            "kinds": {"dreambooth": {"gpus": 1, "time": "4:00:00"}}
+            "kinds": {"train": {"gpus": 1, "time": "4:00:00"}}
         }));
         assert_eq!(problems, []);
         let stage = parse_resources(
@@ -316,7 +316,7 @@ mod tests {
             1,
         )
         .unwrap();
-        let merged = spec.resources_for("dreambooth", &stage);
+        let merged = spec.resources_for("train", &stage);
         assert_eq!(merged.gpus, Some(1));
         assert_eq!(merged.time.as_deref(), Some("4:00:00"));
         assert_eq!(merged.partition.as_deref(), Some("gpu"));

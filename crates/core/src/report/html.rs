@@ -615,7 +615,7 @@ mod tests {
     #[test]
     fn input_deserializes_from_a_minimal_run_record() {
         let json = r#"{"pipeline":"demo","pipeline_file":"p.yaml","generated_at":"now","stages":[
-            {"id":"db","kind":"dreambooth","status":"cached","duration_s":1.5}]}"#;
+            {"id":"db","kind":"train","status":"cached","duration_s":1.5}]}"#;
         let input: ReportInput = serde_json::from_str(json).unwrap();
         assert_eq!(input.stages[0].status, StageStatus::Cached);
         assert!(input.stages[0].images.is_empty() && input.stages[0].sweep_group.is_none());

@@ -10,6 +10,7 @@
 //! `ctx.cancel`.
 pub mod handle;
 pub mod params;
+pub mod templates;
 #[cfg(test)]
 pub(crate) mod test_kinds;
 
@@ -197,9 +198,80 @@ pub enum DeviceClass {
 /// job's exit record show (`cancelled` for [`Self::Cancelled`]).
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
-    /// The stage's own one-line message.
+    /// A field's value, or the input it names, does not work for the stage.
+    #[error("stage `{stage}`: field `{field}`: {problem}")]
+    BadField {
+        stage: String,
+        field: String,
+        problem: String,
+    },
+    /// The model an input field names could not be read (a single-file checkpoint's import).
+    #[error("stage `{stage}`, field `{field}`: {source}")]
+    UnreadableInput {
+        stage: String,
+        field: &'static str,
+        source: BoxError,
+    },
+    /// The stage's parameters do not parse into its kind's typed parameters.
+    #[error("stage `{stage}`: parameters: {source}")]
+    Parameters {
+        stage: String,
+        source: serde_json::Error,
+    },
+    /// An output document (`scores`, `manifest`, `report`) did not serialize.
+    #[error("stage `{stage}`: {document}: {source}")]
+    Serialize {
+        stage: String,
+        document: &'static str,
+        source: serde_json::Error,
+    },
+    /// Library work the stage called failed: sampling, training, hashing, PNG text chunks.
+    #[error("stage `{stage}`: {source}")]
+    Library { stage: String, source: BoxError },
+    /// Drawing the stage's grid number `grid` failed.
+    #[error("stage `{stage}`: grid {grid}: {source}")]
+    Grid {
+        stage: String,
+        grid: usize,
+        source: BoxError,
+    },
+    /// A command the stage ran exited with a status other than 0.
+    #[error("command exited with status {code}")]
+    CommandExited { code: i32 },
+    /// A command the stage ran was killed by a signal.
+    #[error("command was killed by a signal")]
+    CommandKilled,
+    /// A kind found no folder in its input field.
+    #[error("{kind}: no input folder")]
+    NoInputFolder { kind: &'static str },
+    /// A kind could not encode or write the image `path`.
+    #[error("{kind}: writing `{path}`: {source}", path = .path.display())]
+    WriteImage {
+        kind: &'static str,
+        path: PathBuf,
+        source: image::ImageError,
+    },
+    /// A kind's `manifest.json` did not serialize.
+    #[error("{kind}: manifest: {source}")]
+    Manifest {
+        kind: &'static str,
+        source: serde_json::Error,
+    },
+    /// An input image could not be read.
+    #[error("{path}: {source}", path = .path.display())]
+    ReadImage {
+        path: PathBuf,
+        source: image::ImageError,
+    },
+    /// A torch kind run where this process has only the kind's schema.
+    #[error(
+        "stage kind `{kind}` runs in the torch worker (dreampipe-torch); this process has only its schema"
+    )]
+    NeedsTorchWorker { kind: String },
+    /// A message from a helper that reports nothing more structured (writing safetensors,
+    /// applying a training stage's exports).
     #[error("{0}")]
-    Failed(String),
+    Message(String),
     /// The run was cancelled (Ctrl-C, `scancel`) and the stage stopped.
     #[error("cancelled")]
     Cancelled,
@@ -214,7 +286,25 @@ pub enum StageError {
     },
 }
 
+/// The cause a [`StageError`] carries from library code.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl StageError {
+    /// A library error while running stage `stage`.
+    pub fn library(stage: &str, source: impl Into<BoxError>) -> Self {
+        Self::Library {
+            stage: stage.to_string(),
+            source: source.into(),
+        }
+    }
+    /// An output document of stage `stage` that did not serialize.
+    pub fn serialize(stage: &str, document: &'static str, source: serde_json::Error) -> Self {
+        Self::Serialize {
+            stage: stage.to_string(),
+            document,
+            source,
+        }
+    }
     pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             action,
@@ -375,8 +465,10 @@ impl StageContext<'_> {
     where
         P: serde::de::DeserializeOwned,
     {
-        params::parse(self.params)
-            .map_err(|e| StageError::Failed(format!("stage `{}`: parameters: {e}", self.stage_id)))
+        params::parse(self.params).map_err(|source| StageError::Parameters {
+            stage: self.stage_id.to_string(),
+            source,
+        })
     }
     pub fn check_cancelled(&self) -> Result<(), StageError> {
         if self.cancel.is_cancelled() {
@@ -458,18 +550,19 @@ pub fn field_error(
     field: &str,
     message: impl std::fmt::Display,
 ) -> StageError {
-    StageError::Failed(format!(
-        "stage `{}`: field `{field}`: {message}",
-        ctx.stage_id
-    ))
+    StageError::BadField {
+        stage: ctx.stage_id.to_string(),
+        field: field.to_string(),
+        problem: message.to_string(),
+    }
 }
 
 /// The failure of a torch kind run where only its schema is known (never reached through the
 /// CLI: the front hands such runs to `dreampipe-torch`).
 pub fn needs_torch_worker(kind: &str) -> StageError {
-    StageError::Failed(format!(
-        "stage kind `{kind}` runs in the torch worker (dreampipe-torch); this process has only its schema"
-    ))
+    StageError::NeedsTorchWorker {
+        kind: kind.to_string(),
+    }
 }
 
 /// A stage run: what [`Registry::implement`] pairs with a kind's schema.
@@ -518,6 +611,7 @@ impl Stage for Implemented {
 #[derive(Clone)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn Stage>>,
+    templates: Option<templates::PipelineTemplates>,
 }
 
 impl Registry {
@@ -525,7 +619,17 @@ impl Registry {
     pub fn empty() -> Self {
         Self {
             kinds: BTreeMap::new(),
+            templates: None,
         }
+    }
+    /// Adds the pipelines `init` writes and `bench-cache` runs (they name the kinds).
+    pub fn with_templates(mut self, templates: templates::PipelineTemplates) -> Self {
+        self.templates = Some(templates);
+        self
+    }
+    /// The registered pipeline templates, if any.
+    pub fn templates(&self) -> Option<&templates::PipelineTemplates> {
+        self.templates.as_ref()
     }
     pub fn with(mut self, stage: Arc<dyn Stage>) -> Self {
         self.kinds.insert(stage.kind(), stage);

@@ -1,7 +1,7 @@
 //! Where stages run: `--jobs` CPU permits, and the device slots (`--devices`) that GPU stages
 //! and stages with `resources: {gpus: N}` hold while they run.
-use super::error::SlotError;
 use crate::device::Device;
+use crate::exec::error::SlotError;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 

@@ -1,6 +1,6 @@
 //! A field's value against its schema entry: type, allowed values (with a suggestion), ranges.
-use super::spec::describe;
-use super::suggest::did_you_mean;
+use crate::pipeline::spec::describe;
+use crate::pipeline::suggest::did_you_mean;
 use crate::stages::{ParamSpec, ParamType};
 use serde_json::Value;
 
@@ -129,7 +129,7 @@ fn range_error(spec: &ParamSpec, number: f64, value: &Value) -> Option<String> {
     if let Some(step) = spec.step.filter(|step| number % (*step as f64) != 0.0) {
         return Some(format!(
             "{} is not a multiple of {step} (the VAE works in blocks of 8 pixels); use {}",
-            super::display_value(value),
+            crate::pipeline::display_value(value),
             ((number / step as f64).round() as i64).max(1) * step
         ));
     }
@@ -147,7 +147,7 @@ fn range_error(spec: &ParamSpec, number: f64, value: &Value) -> Option<String> {
         };
         format!(
             "{} is out of range: must be {bounds}",
-            super::display_value(value)
+            crate::pipeline::display_value(value)
         )
     })
 }
@@ -160,6 +160,6 @@ fn display_bound(bound: f64, integral: bool) -> String {
     if integral && bound.fract() == 0.0 && bound.abs() <= EXACT_LIMIT {
         format!("{}", bound as i64)
     } else {
-        super::display_float(bound)
+        crate::pipeline::display_float(bound)
     }
 }

@@ -1,6 +1,6 @@
 //! `${params.NAME}` in stage fields: a field that is exactly a reference takes the parameter's
 //! value with its type; inside longer text it is substituted as text; other `${…}` are left.
-use super::suggest::suggest;
+use crate::pipeline::suggest::suggest;
 use serde_json::Value;
 
 /// Replaces `${params.NAME}`: a whole-string reference keeps the value's type.
@@ -55,7 +55,7 @@ fn substitute_text(text: &str, params: &serde_json::Map<String, Value>) -> Resul
         let Some(end) = after.find('}') else {
             return Err(format!("unclosed `${{params.` in \"{text}\""));
         };
-        out.push_str(&super::display_value(&lookup(&after[..end])?));
+        out.push_str(&crate::pipeline::display_value(&lookup(&after[..end])?));
         rest = &after[end + 1..];
     }
     out.push_str(rest);

@@ -1,6 +1,6 @@
 //! The stage graph's order, or its cycles: stages in an order where every upstream comes first
 //! (following the file where the edges allow), or one message per cycle.
-use super::StageDraft;
+use crate::pipeline::StageDraft;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The declaration-friendly topological order, or (first stage of the cycle, message) for each
@@ -103,4 +103,19 @@ fn cycle_path(
         }
     }
     path
+}
+
+impl super::Checker<'_> {
+    /// Orders stages so every upstream comes first; reports each cycle by its stages.
+    pub(super) fn check_cycles(&mut self, drafts: &[StageDraft]) -> Option<Vec<usize>> {
+        match order(drafts) {
+            Ok(order) => Some(order),
+            Err(found) => {
+                for (first, message) in found {
+                    self.report(&["stages", &first], Some(&first), None, message);
+                }
+                None
+            }
+        }
+    }
 }
