@@ -10,6 +10,7 @@ use super::training::{self, RunSettings};
 use super::{StageContext, StageError};
 use crate::sd::train::dreambooth::{self, DreamBoothConfig};
 use crate::sd::train::lora::LoraSettings;
+use dreampipe_core::field;
 use dreampipe_kinds::sd::dreambooth::{
     CLASS_IMAGES_REQUIRED, CLASS_PROMPT_REQUIRED, DreamBoothFields, DreamBoothParams,
 };
@@ -55,8 +56,11 @@ pub fn run_lora(ctx: &StageContext<'_>) -> Result<(), StageError> {
 pub fn run_finetune(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let params: FinetuneParams = ctx.typed()?;
     training::check_precision(ctx, &params.training)?;
-    let model = training::resolve_model(ctx, training::single_resolved(ctx, "model")?)?;
-    let images = training::checked_image_dir(ctx, "images")?;
+    let model = training::resolve_model(
+        ctx,
+        training::single_resolved(ctx, field!(TrainingParams, model))?,
+    )?;
+    let images = training::checked_image_dir(ctx, field!(FinetuneParams, images))?;
     let mut config = DreamBoothConfig::new(
         model,
         images,
@@ -92,8 +96,11 @@ fn config_from(
     shared: &TrainingParams,
 ) -> Result<DreamBoothConfig, StageError> {
     training::check_precision(ctx, shared)?;
-    let model = training::resolve_model(ctx, training::single_resolved(ctx, "model")?)?;
-    let instances = training::checked_image_dir(ctx, "instance_images")?;
+    let model = training::resolve_model(
+        ctx,
+        training::single_resolved(ctx, field!(TrainingParams, model))?,
+    )?;
+    let instances = training::checked_image_dir(ctx, field!(DreamBoothFields, instance_images))?;
     let class_data_dir = class_images(ctx, fields)?;
     let mut dreambooth = fields.clone();
     dreambooth.with_prior_preservation = class_data_dir.is_some();
@@ -125,23 +132,34 @@ fn class_images(
     ctx: &StageContext<'_>,
     fields: &DreamBoothFields,
 ) -> Result<Option<PathBuf>, StageError> {
-    let given = !ctx.input_paths("class_images").is_empty();
+    let given = !ctx
+        .input_paths(field!(DreamBoothFields, class_images))
+        .is_empty();
     if fields.with_prior_preservation && !given {
-        return Err(field_error(ctx, "class_images", CLASS_IMAGES_REQUIRED));
+        return Err(field_error(
+            ctx,
+            field!(DreamBoothFields, class_images),
+            CLASS_IMAGES_REQUIRED,
+        ));
     }
     if !given {
         return Ok(None);
     }
     if fields.class_prompt.is_none() {
-        return Err(field_error(ctx, "class_prompt", CLASS_PROMPT_REQUIRED));
+        return Err(field_error(
+            ctx,
+            field!(DreamBoothFields, class_prompt),
+            CLASS_PROMPT_REQUIRED,
+        ));
     }
-    let dir = training::checked_image_dir(ctx, "class_images")?;
+    let dir = training::checked_image_dir(ctx, field!(DreamBoothFields, class_images))?;
     let wanted = fields.num_class_images;
-    let (dir, found) = training::first_images(ctx, &dir, wanted, "class_images")?;
+    let (dir, found) =
+        training::first_images(ctx, &dir, wanted, field!(DreamBoothFields, class_images))?;
     if found < wanted {
         return Err(field_error(
             ctx,
-            "class_images",
+            field!(DreamBoothFields, class_images),
             format!(
                 "holds {found} images but num_class_images is {wanted}; generate more (a `generate` stage's count) or lower num_class_images"
             ),

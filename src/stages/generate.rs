@@ -16,6 +16,7 @@ use crate::cache::store::reflink_or_copy;
 use crate::sd::lora::{LoraWeights, ScaledLora};
 use crate::sd::pipeline::{StableDiffusion, Txt2Img};
 use crate::sd::schedulers::SchedulerKind;
+use dreampipe_core::field;
 use dreampipe_kinds::sd::generate::GenerateParams;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -29,12 +30,15 @@ const MEMO_FOLDER: &str = "generate";
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let params: GenerateParams = ctx.typed()?;
     let job = Job::new(ctx, &params)?;
-    let model = load_model(ctx, "model", &job.model_dir, job.kind)?;
+    let model = load_model(ctx, field!(GenerateParams, model), &job.model_dir, job.kind)?;
     let mut model = model.lock().unwrap_or_else(|p| p.into_inner());
     let weights = job
         .loras
         .iter()
-        .map(|lora| LoraWeights::read(&lora.file).map_err(|e| field_error(ctx, "loras", e)))
+        .map(|lora| {
+            LoraWeights::read(&lora.file)
+                .map_err(|e| field_error(ctx, field!(GenerateParams, loras), e))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let scaled: Vec<ScaledLora<'_>> = (weights.iter().zip(&job.loras))
         .map(|(weights, lora)| ScaledLora {
@@ -42,9 +46,13 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
             scale: lora.scale,
         })
         .collect();
-    super::sd_common::with_loras(ctx, "loras", &mut model, &scaled, |model| {
-        job.run(ctx, model)
-    })
+    super::sd_common::with_loras(
+        ctx,
+        field!(GenerateParams, loras),
+        &mut model,
+        &scaled,
+        |model| job.run(ctx, model),
+    )
 }
 
 /// One entry of `loras`: its file, content digest (for the memo) and weight.
@@ -92,9 +100,15 @@ impl Job {
     fn new(ctx: &StageContext<'_>, params: &GenerateParams) -> Result<Self, StageError> {
         let input = ctx
             .inputs
-            .get("model")
+            .get(field!(GenerateParams, model))
             .and_then(|inputs| inputs.first())
-            .ok_or_else(|| field_error(ctx, "model", "no model folder was resolved"))?;
+            .ok_or_else(|| {
+                field_error(
+                    ctx,
+                    field!(GenerateParams, model),
+                    "no model folder was resolved",
+                )
+            })?;
         let request = Txt2Img {
             prompt: params.prompt.clone(),
             negative_prompt: params.negative_prompt.clone(),
@@ -220,12 +234,12 @@ impl ImageMemo {
             None => HashMemo::in_memory()
                 .hash_tree(&job.model_dir)
                 .map(|tree| tree_digest(&tree))
-                .map_err(|e| field_error(ctx, "model", e))?,
+                .map_err(|e| field_error(ctx, field!(GenerateParams, model), e))?,
         };
         let scheduler = match job.request.scheduler {
             Some(kind) => kind,
             None => SchedulerKind::of_config(&model.scheduler_config)
-                .map_err(|e| field_error(ctx, "scheduler", e))?,
+                .map_err(|e| field_error(ctx, field!(GenerateParams, scheduler), e))?,
         };
         let size = model.default_size();
         let mut base = json!({

@@ -15,6 +15,7 @@ use crate::cache::store::file_name_for;
 use crate::sd::lora::{LoraWeights, ScaledLora};
 use crate::sd::pipeline::{StableDiffusion, Txt2Img};
 use crate::sd::schedulers::SchedulerKind;
+use dreampipe_core::field;
 use dreampipe_kinds::grid::{GridSpec, write_grid_png};
 use dreampipe_kinds::sd::sample_grid::SampleGridParams;
 use serde_json::{Value, json};
@@ -43,13 +44,17 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
             continue;
         }
         let model_dir = super::training::resolve_model(ctx, model_input)?;
-        let shared = load_model(ctx, "models", &model_dir, grid.kind)?;
+        let shared = load_model(ctx, field!(SampleGridParams, models), &model_dir, grid.kind)?;
         let mut model = shared.lock().unwrap_or_else(|p| p.into_inner());
         let hash = model_hash(&model_dir);
         let loras = scaled(&every_row, None);
-        super::sd_common::with_loras(ctx, "loras", &mut model, &loras, |model| {
-            grid.sample_rows(ctx, model, &grid.rows_of(&label, &hash), &mut out)
-        })?;
+        super::sd_common::with_loras(
+            ctx,
+            field!(SampleGridParams, loras),
+            &mut model,
+            &loras,
+            |model| grid.sample_rows(ctx, model, &grid.rows_of(&label, &hash), &mut out),
+        )?;
     }
     grid.write_grids(ctx, &rows)?;
     write_manifest(ctx, &grid.manifest(images))
@@ -128,16 +133,24 @@ struct Grid {
 
 impl Grid {
     fn new(ctx: &StageContext<'_>, params: &SampleGridParams) -> Result<Self, StageError> {
-        let models: Vec<ResolvedInput> = ctx.inputs.get("models").cloned().unwrap_or_default();
+        let models: Vec<ResolvedInput> = ctx
+            .inputs
+            .get(field!(SampleGridParams, models))
+            .cloned()
+            .unwrap_or_default();
         if models.is_empty() {
             return Err(field_error(
                 ctx,
-                "models",
+                field!(SampleGridParams, models),
                 "no model given; list stages or model folders",
             ));
         }
         if params.prompts.is_empty() {
-            return Err(field_error(ctx, "prompts", "give at least one prompt"));
+            return Err(field_error(
+                ctx,
+                field!(SampleGridParams, prompts),
+                "give at least one prompt",
+            ));
         }
         let mut schedulers: Vec<Option<SchedulerKind>> = params
             .schedulers
@@ -151,9 +164,9 @@ impl Grid {
         let guidance = params.guidance.to_vec();
         if steps.is_empty() || guidance.is_empty() {
             let field = if steps.is_empty() {
-                "steps"
+                field!(SampleGridParams, steps)
             } else {
-                "guidance"
+                field!(SampleGridParams, guidance)
             };
             return Err(field_error(ctx, field, "give at least one value"));
         }
@@ -228,20 +241,34 @@ impl Grid {
         every_row: &[(LoraWeights, f64)],
         out: &mut Outputs<'_>,
     ) -> Result<(), StageError> {
-        let weights = LoraWeights::read(lora_file).map_err(|e| field_error(ctx, "models", e))?;
+        let weights = LoraWeights::read(lora_file)
+            .map_err(|e| field_error(ctx, field!(SampleGridParams, models), e))?;
         let base = self.base_model.as_ref().ok_or_else(|| {
-            field_error(ctx, "base_model", "is required when `models` lists a LoRA")
+            field_error(
+                ctx,
+                field!(SampleGridParams, base_model),
+                "is required when `models` lists a LoRA",
+            )
         })?;
         let base_dir = super::training::resolve_model(ctx, base)?;
-        let shared = load_model(ctx, "base_model", &base_dir, self.kind)?;
+        let shared = load_model(
+            ctx,
+            field!(SampleGridParams, base_model),
+            &base_dir,
+            self.kind,
+        )?;
         let mut model = shared.lock().unwrap_or_else(|p| p.into_inner());
         let hash = model_hash(&base_dir);
         for &scale in &self.lora_scales {
             let row_label = format!("{label} ×{scale}");
             let loras = scaled(every_row, Some((&weights, scale)));
-            super::sd_common::with_loras(ctx, "models", &mut model, &loras, |model| {
-                self.sample_rows(ctx, model, &self.rows_of(&row_label, &hash), out)
-            })?;
+            super::sd_common::with_loras(
+                ctx,
+                field!(SampleGridParams, models),
+                &mut model,
+                &loras,
+                |model| self.sample_rows(ctx, model, &self.rows_of(&row_label, &hash), out),
+            )?;
         }
         Ok(())
     }
@@ -415,13 +442,13 @@ fn lora_entries(
         .collect();
     let base_model = ctx
         .inputs
-        .get("base_model")
+        .get(field!(SampleGridParams, base_model))
         .and_then(|i| i.first())
         .cloned();
     if loras.iter().any(Option::is_some) && base_model.is_none() {
         return Err(field_error(
             ctx,
-            "base_model",
+            field!(SampleGridParams, base_model),
             "is required when `models` lists a LoRA: name the model the LoRA rows sample on",
         ));
     }
@@ -442,7 +469,8 @@ fn every_row_loras(
     weights: &[f64],
 ) -> Result<Vec<(LoraWeights, f64)>, StageError> {
     let read = |lora: super::sd_common::LoraInput<'_>| {
-        let read = LoraWeights::read(&lora.file).map_err(|e| field_error(ctx, "loras", e))?;
+        let read = LoraWeights::read(&lora.file)
+            .map_err(|e| field_error(ctx, field!(SampleGridParams, loras), e))?;
         Ok((read, lora.scale))
     };
     (super::sd_common::lora_inputs(ctx, weights)?.into_iter())
@@ -466,12 +494,12 @@ fn checked_seeds(ctx: &StageContext<'_>, seeds: &[u64]) -> Result<Vec<u64>, Stag
     let seeds = seeds.to_vec();
     if seeds.is_empty() || seeds.len() > MAX_SEED_COUNT {
         let message = format!("give 1 to {MAX_SEED_COUNT} seeds, not {}", seeds.len());
-        return Err(field_error(ctx, "seeds", message));
+        return Err(field_error(ctx, field!(SampleGridParams, seeds), message));
     }
     let mut seen = std::collections::BTreeSet::new();
     if let Some(repeated) = seeds.iter().find(|s| !seen.insert(**s)) {
         let message = format!("seed {repeated} is listed twice");
-        return Err(field_error(ctx, "seeds", message));
+        return Err(field_error(ctx, field!(SampleGridParams, seeds), message));
     }
     Ok(seeds)
 }

@@ -9,6 +9,8 @@ use crate::sd::png::{
 };
 use crate::sd::pool::{self, SharedModel};
 use crate::sd::schedulers::SchedulerKind;
+use dreampipe_core::field;
+use dreampipe_kinds::sd::generate::GenerateParams;
 use std::path::Path;
 use tch::Kind;
 
@@ -91,7 +93,7 @@ pub fn lora_inputs<'a>(
 ) -> Result<Vec<LoraInput<'a>>, StageError> {
     let inputs = ctx
         .inputs
-        .get("loras")
+        .get(field!(GenerateParams, loras))
         .map(Vec::as_slice)
         .unwrap_or_default();
     let entry = |(index, input): (usize, &'a ResolvedInput)| {
@@ -100,7 +102,7 @@ pub fn lora_inputs<'a>(
                 "`{}` is not a LoRA: give a `dreambooth_lora` stage or a LoRA .safetensors file",
                 input.path.display()
             );
-            field_error(ctx, "loras", message)
+            field_error(ctx, field!(GenerateParams, loras), message)
         })?;
         let scale = scales.get(index).copied().unwrap_or(1.0);
         Ok(LoraInput { file, input, scale })

@@ -7,7 +7,10 @@
 use super::training::{self, RunSettings};
 use super::{StageContext, StageError};
 use crate::sd::train::textual_inversion::{self, TextualInversionConfig};
+use dreampipe_core::field;
+use dreampipe_kinds::sd::textual_inversion::InversionFields;
 use dreampipe_kinds::sd::textual_inversion::{NO_CHECKPOINTING, TextualInversionParams};
+use dreampipe_kinds::sd::training::TrainingParams;
 
 /// Runs a `textual_inversion` stage (its schema: `dreampipe_kinds::sd::textual_inversion`).
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
@@ -29,11 +32,14 @@ fn config_from(
 ) -> Result<TextualInversionConfig, StageError> {
     training::check_precision(ctx, &params.training)?;
     if params.training.gradient_checkpointing {
-        let field = "gradient_checkpointing";
+        let field = field!(TrainingParams, gradient_checkpointing);
         return Err(super::sd_common::field_error(ctx, field, NO_CHECKPOINTING));
     }
-    let model = training::resolve_model(ctx, training::single_resolved(ctx, "model")?)?;
-    let images = training::checked_image_dir(ctx, "instance_images")?;
+    let model = training::resolve_model(
+        ctx,
+        training::single_resolved(ctx, field!(TrainingParams, model))?,
+    )?;
+    let images = training::checked_image_dir(ctx, field!(InversionFields, instance_images))?;
     let config = TextualInversionConfig {
         training: params.training.clone(),
         inversion: params.inversion.clone(),

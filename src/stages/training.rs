@@ -21,6 +21,7 @@ use crate::sd::train::checkpoint;
 use crate::sd::train::common::{
     Callbacks, METRICS_FILE, MixedPrecisionExt, Progress, Snapshots, TrainOutcome, Validation,
 };
+use dreampipe_core::field;
 use dreampipe_core::imagefile;
 use dreampipe_core::stages::{FINAL_STATE_DIR, SNAPSHOTS_DIR};
 use dreampipe_kinds::sd::training::{ExportFormat, TrainingParams};
@@ -89,7 +90,7 @@ pub fn resolve_model(ctx: &StageContext<'_>, model: &ResolvedInput) -> Result<Pa
     crate::sd::single_file::import(input, &options, &folder).map_err(|e| {
         StageError::UnreadableInput {
             stage: ctx.stage_id.to_string(),
-            field: "model",
+            field: field!(TrainingParams, model),
             source: e.into(),
         }
     })?;
@@ -147,7 +148,13 @@ pub fn check_precision(
     let device = crate::device::to_tch(ctx.device);
     (training.mixed_precision.weight_kind(device))
         .map(|_| ())
-        .map_err(|e| field_error(ctx, "mixed_precision", config_problem(e)))
+        .map_err(|e| {
+            field_error(
+                ctx,
+                field!(TrainingParams, mixed_precision),
+                config_problem(e),
+            )
+        })
 }
 
 /// The problem text of a library config error (without its own field prefix).
@@ -453,7 +460,7 @@ impl ValidationSampler {
         let lora = crate::sd::lora::LoraWeights::read(&lora_file).map_err(|e| e.to_string())?;
         let base = resolve_model(
             ctx,
-            single_resolved(ctx, "model").map_err(|e| e.to_string())?,
+            single_resolved(ctx, field!(TrainingParams, model)).map_err(|e| e.to_string())?,
         )
         .map_err(|e| e.to_string())?;
         let shared = crate::sd::pool::get(&base, device, self.kind).map_err(|e| e.to_string())?;

@@ -6,14 +6,19 @@
 use super::training::{self, RunSettings};
 use super::{StageContext, StageError};
 use crate::sd::train::vae::{self, VaeTrainConfig};
+use dreampipe_core::field;
+use dreampipe_kinds::sd::training::TrainingParams;
 use dreampipe_kinds::sd::vae::VaeParams;
 
 /// Runs a `vae` stage (its schema: `dreampipe_kinds::sd::vae`).
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let params: VaeParams = ctx.typed()?;
     training::check_precision(ctx, &params.training)?;
-    let model = training::resolve_model(ctx, training::single_resolved(ctx, "model")?)?;
-    let images = training::checked_image_dir(ctx, "images")?;
+    let model = training::resolve_model(
+        ctx,
+        training::single_resolved(ctx, field!(TrainingParams, model))?,
+    )?;
+    let images = training::checked_image_dir(ctx, field!(VaeParams, images))?;
     let config = VaeTrainConfig {
         training: params.training.clone(),
         rec_loss: params.rec_loss,

@@ -5,6 +5,7 @@
 //! with `resources: {gpus: N}`, `CUDA_VISIBLE_DEVICES` listing the N GPUs it holds (empty on a
 //! run without GPUs); without `resources` the variable is inherited unchanged.
 //! The `run` text enters the key; the environment's values do not.
+use dreampipe_core::field;
 use dreampipe_core::stages::params::{Input, ParamTable, Params};
 use dreampipe_core::stages::{ParamSpec, Stage, StageContext, StageError};
 use serde::{Deserialize, Serialize};
@@ -101,7 +102,12 @@ fn shell_command(ctx: &StageContext<'_>, script: &str) -> Result<Command, StageE
     if let Ok(exe) = std::env::current_exe() {
         command.env("DREAMPIPE", exe);
     }
-    for input in ctx.inputs.get("needs").into_iter().flatten() {
+    for input in ctx
+        .inputs
+        .get(field!(CommandParams, needs))
+        .into_iter()
+        .flatten()
+    {
         if let Some(name) = &input.upstream {
             command.env(input_env_name(name), &input.path);
         }

@@ -2,6 +2,7 @@
 //! `imagefile` exactly as the training stages read them (a broken or oversized file fails the
 //! stage, named); optionally resizes the shorter side to `resolution` and
 //! center-crops a square. Output: `images/NNNN.png` (RGB) and `manifest.json`.
+use dreampipe_core::field;
 use dreampipe_core::imagefile;
 use dreampipe_core::stages::field_error;
 use dreampipe_core::stages::params::{Input, ParamTable, Params};
@@ -49,15 +50,16 @@ impl Stage for ImagesStage {
     fn run(&self, ctx: &StageContext<'_>) -> Result<(), StageError> {
         let params: ImagesParams = ctx.typed()?;
         let folder = ctx
-            .input_paths("path")
+            .input_paths(field!(ImagesParams, path))
             .first()
             .map(|p| p.to_path_buf())
             .ok_or(StageError::NoInputFolder { kind: "images" })?;
-        let files = imagefile::list_folder(&folder).map_err(|e| field_error(ctx, "path", e))?;
+        let files = imagefile::list_folder(&folder)
+            .map_err(|e| field_error(ctx, field!(ImagesParams, path), e))?;
         if files.is_empty() {
             return Err(field_error(
                 ctx,
-                "path",
+                field!(ImagesParams, path),
                 format!("`{}` holds no image files", folder.display()),
             ));
         }
@@ -68,7 +70,8 @@ impl Stage for ImagesStage {
         let mut manifest = Vec::new();
         for (index, source) in files.iter().enumerate() {
             ctx.check_cancelled()?;
-            let decoded = imagefile::decode_rgb(source).map_err(|e| field_error(ctx, "path", e))?;
+            let decoded = imagefile::decode_rgb(source)
+                .map_err(|e| field_error(ctx, field!(ImagesParams, path), e))?;
             let converted = transform(decoded, resolution, crop);
             let name = format!("{index:04}.png");
             let target = images_dir.join(&name);

@@ -6,6 +6,7 @@
 //! never shows: a star with orange and black diagonal stripes (`subject/NNNN.png`, class `star`),
 //! the instance images of a DreamBooth run. Pure Rust, no downloads; the same seed writes the
 //! same bytes.
+use dreampipe_core::field;
 use dreampipe_core::stages::params::{List, ParamTable, Params};
 use dreampipe_core::stages::{ParamSpec, Stage, StageContext, StageError};
 use image::{Rgb, RgbImage};
@@ -85,7 +86,7 @@ impl Stage for ToyWorldKind {
         if params.shapes.is_empty() {
             return Err(dreampipe_core::stages::field_error(
                 ctx,
-                "shapes",
+                field!(ToyWorldParams, shapes),
                 "give at least one shape",
             ));
         }

@@ -3,6 +3,7 @@
 use super::TrainError;
 use super::grad_scaler::GradScaler;
 use crate::sd::autocast::Autocast;
+use dreampipe_core::field;
 use tch::{Device, Kind};
 
 /// Training resolutions must be multiples of this (SD's VAE downsamples by 8; 8 also covers
@@ -35,7 +36,7 @@ impl MixedPrecisionExt for MixedPrecision {
             (Self::Bf16, _) => Ok(Kind::BFloat16),
             (Self::Fp16, Device::Cuda(_)) => Ok(Kind::Half),
             (Self::Fp16, _) => Err(TrainError::Config {
-                field: "mixed_precision",
+                field: field!(TrainingParams, mixed_precision),
                 problem: "fp16 needs a CUDA device; on CPU use 'bf16' or 'no'".to_string(),
             }),
         }
@@ -89,16 +90,28 @@ pub(crate) fn check_loop_sizes(
         })
     };
     if train_batch_size == 0 {
-        return fail("train_batch_size", "must be at least 1");
+        return fail(
+            field!(TrainingParams, train_batch_size),
+            "must be at least 1",
+        );
     }
     if gradient_accumulation_steps == 0 {
-        return fail("gradient_accumulation_steps", "must be at least 1");
+        return fail(
+            field!(TrainingParams, gradient_accumulation_steps),
+            "must be at least 1",
+        );
     }
     if checkpointing_steps == 0 {
-        return fail("checkpointing_steps", "must be at least 1");
+        return fail(
+            field!(TrainingParams, checkpointing_steps),
+            "must be at least 1",
+        );
     }
     if resolution == 0 || !resolution.is_multiple_of(RESOLUTION_MULTIPLE) {
-        return fail("resolution", "must be a positive multiple of 8");
+        return fail(
+            field!(TrainingParams, resolution),
+            "must be a positive multiple of 8",
+        );
     }
     Ok(())
 }

@@ -31,7 +31,9 @@ use crate::sd::folder::ModelFolder;
 use crate::sd::tokenizer::ClipTokenizer;
 use crate::sd::unet::AddedConditions;
 use crate::sd::vae::AutoencoderKL;
+use dreampipe_core::field;
 use dreampipe_kinds::sd::dreambooth::{DreamBoothFields, DreamBoothKind, DreamBoothParams};
+use dreampipe_kinds::sd::dreambooth_lora::DreamBoothLoraParams;
 use dreampipe_kinds::sd::training::TrainingParams;
 use image::RgbImage;
 use std::ops::Range;
@@ -94,9 +96,9 @@ impl DreamBoothConfig {
         work_dir: PathBuf,
     ) -> Self {
         let given = serde_json::json!({
-            "model": pretrained_model_name_or_path.to_string_lossy(),
-            "instance_images": instance_data_dir.to_string_lossy(),
-            "instance_prompt": instance_prompt,
+            (field!(TrainingParams, model)): pretrained_model_name_or_path.to_string_lossy(),
+            (field!(DreamBoothFields, instance_images)): instance_data_dir.to_string_lossy(),
+            (field!(DreamBoothFields, instance_prompt)): instance_prompt,
         });
         let schema = dreampipe_core::stages::Stage::schema(&DreamBoothKind);
         let params: DreamBoothParams = config::schema_defaults(&schema, given);
@@ -131,11 +133,14 @@ impl DreamBoothConfig {
             return fail("class_data_dir", "required with with_prior_preservation");
         }
         if prior && self.dreambooth.class_prompt.is_none() {
-            return fail("class_prompt", "required with with_prior_preservation");
+            return fail(
+                field!(DreamBoothFields, class_prompt),
+                "required with with_prior_preservation",
+            );
         }
         config::validate_training(&self.training, self.device)?;
         if self.lora.is_some_and(|lora| lora.rank < 1) {
-            return fail("rank", "must be at least 1");
+            return fail(field!(DreamBoothLoraParams, rank), "must be at least 1");
         }
         Ok(())
     }

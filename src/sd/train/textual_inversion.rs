@@ -33,6 +33,7 @@ use crate::sd::clip::{ClipTextModel, ClipTextOutput};
 use crate::sd::folder::ModelFolder;
 use crate::sd::tokenizer::ClipTokenizer;
 use crate::sd::unet::AddedConditions;
+use dreampipe_core::field;
 use dreampipe_kinds::sd::textual_inversion::{
     InversionFields, TextualInversionKind, TextualInversionParams,
 };
@@ -147,10 +148,10 @@ impl TextualInversionConfig {
         work_dir: PathBuf,
     ) -> Self {
         let given = serde_json::json!({
-            "model": pretrained_model_name_or_path.to_string_lossy(),
-            "instance_images": train_data_dir.to_string_lossy(),
-            "placeholder_token": placeholder_token,
-            "initializer_token": initializer_token,
+            (field!(TrainingParams, model)): pretrained_model_name_or_path.to_string_lossy(),
+            (field!(InversionFields, instance_images)): train_data_dir.to_string_lossy(),
+            (field!(InversionFields, placeholder_token)): placeholder_token,
+            (field!(InversionFields, initializer_token)): initializer_token,
         });
         let schema = dreampipe_core::stages::Stage::schema(&TextualInversionKind);
         let params: TextualInversionParams = config::schema_defaults(&schema, given);
@@ -170,13 +171,13 @@ impl TextualInversionConfig {
     pub fn validate(&self) -> Result<(), TrainError> {
         if self.training.gradient_checkpointing {
             return Err(TrainError::Config {
-                field: "gradient_checkpointing",
+                field: field!(TrainingParams, gradient_checkpointing),
                 problem: "not yet supported for the UNet; train without it (lower train_batch_size or resolution to save memory)".to_string(),
             });
         }
         if self.inversion.num_vectors == 0 {
             return Err(TrainError::Config {
-                field: "num_vectors",
+                field: field!(InversionFields, num_vectors),
                 problem: "must be at least 1".to_string(),
             });
         }
@@ -462,7 +463,7 @@ fn add_placeholder_tokens(
     let mut ids = Vec::with_capacity(tokens.len());
     for token in tokens {
         ids.push(tokenizer.add_token(token).map_err(|e| TrainError::Config {
-            field: "placeholder_token",
+            field: field!(InversionFields, placeholder_token),
             problem: e.to_string(),
         })?);
     }
@@ -493,7 +494,7 @@ fn single_token_id(tokenizer: &ClipTokenizer, word: &str) -> Result<i64, TrainEr
     match ids.as_slice() {
         [id] => Ok(*id),
         _ => Err(TrainError::Config {
-            field: "initializer_token",
+            field: field!(InversionFields, initializer_token),
             problem: format!(
                 "'{word}' encodes to {} tokens; it must be exactly one token (pick a single common word)",
                 ids.len()

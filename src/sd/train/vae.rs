@@ -23,6 +23,7 @@ use super::trainer_core::{CoreSettings, MicroBatchLoss, StepMethod, TrainerCore}
 use crate::sd::folder::ModelFolder;
 use crate::sd::rng;
 use crate::sd::vae::{AutoencoderKL, DiagonalGaussian};
+use dreampipe_core::field;
 use dreampipe_kinds::sd::training::TrainingParams;
 use dreampipe_kinds::sd::vae::{ReconstructionLoss, VaeKind, VaeParams};
 use image::RgbImage;
@@ -59,8 +60,8 @@ impl VaeTrainConfig {
     /// A config with the `vae` stage's defaults for everything but the paths.
     pub fn new(model: PathBuf, images: PathBuf, output_dir: PathBuf, work_dir: PathBuf) -> Self {
         let given = serde_json::json!({
-            "model": model.to_string_lossy(),
-            "images": images.to_string_lossy(),
+            (field!(TrainingParams, model)): model.to_string_lossy(),
+            (field!(VaeParams, images)): images.to_string_lossy(),
         });
         let schema = dreampipe_core::stages::Stage::schema(&VaeKind);
         let params: VaeParams = config::schema_defaults(&schema, given);
@@ -83,7 +84,7 @@ impl VaeTrainConfig {
     pub fn validate(&self) -> Result<(), TrainError> {
         if self.training.gradient_checkpointing {
             return Err(TrainError::Config {
-                field: "gradient_checkpointing",
+                field: field!(TrainingParams, gradient_checkpointing),
                 problem: dreampipe_kinds::sd::vae::NO_CHECKPOINTING.to_string(),
             });
         }

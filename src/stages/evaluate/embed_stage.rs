@@ -5,7 +5,9 @@ use super::super::sd_common::{field_error, write_manifest};
 use super::super::{StageContext, StageError};
 use super::embedders::{Embedders, Embeddings};
 use super::{inputs, memo};
+use dreampipe_core::field;
 use dreampipe_kinds::sd::embed::EmbedParams;
+use dreampipe_kinds::sd::evaluate::EvaluateParams;
 use serde_json::{Value, json};
 use std::path::Path;
 
@@ -22,19 +24,19 @@ fn digest(ctx: &StageContext<'_>, field: &str) -> Option<String> {
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let params: EmbedParams = ctx.typed()?;
     let folder = ctx
-        .input_paths("images")
+        .input_paths(field!(EmbedParams, images))
         .first()
         .map(|p| p.to_path_buf())
         .ok_or_else(|| {
             field_error(
                 ctx,
-                "images",
+                field!(EmbedParams, images),
                 "no input given; name an images stage or a folder",
             )
         })?;
-    let files = inputs::image_files(ctx, "images", &folder)?;
+    let files = inputs::image_files(ctx, field!(EmbedParams, images), &folder)?;
     let embedders = Embedders::load(ctx, params.batch_size)?;
-    let embeddings = embedders.embed(ctx, "images", &files)?;
+    let embeddings = embedders.embed(ctx, field!(EmbedParams, images), &files)?;
     memo::write_entry(&ctx.out_dir.join(EMBEDDINGS_FILE), &embeddings)?;
     let names: Vec<String> = files
         .iter()
@@ -45,8 +47,8 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
         ctx,
         &json!({
             "images": names,
-            "clip_model": digest(ctx, "clip_model"),
-            "dino_model": digest(ctx, "dino_model"),
+            (field!(EmbedParams, clip_model)): digest(ctx, field!(EmbedParams, clip_model)),
+            (field!(EmbedParams, dino_model)): digest(ctx, field!(EmbedParams, dino_model)),
             "random_weights": embedders.random_weights,
         }),
     )
@@ -62,12 +64,21 @@ pub fn from_output(
     if !file.is_file() || !manifest.is_file() {
         return Ok(None);
     }
-    let bad = |what: String| field_error(ctx, "real", format!("`{}`: {what}", folder.display()));
+    let bad = |what: String| {
+        field_error(
+            ctx,
+            field!(EvaluateParams, real),
+            format!("`{}`: {what}", folder.display()),
+        )
+    };
     let text = std::fs::read_to_string(&manifest)
         .map_err(|e| bad(format!("cannot read {MANIFEST_FILE}: {e}")))?;
     let json: Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("invalid {MANIFEST_FILE}: {e}")))?;
-    for field in ["clip_model", "dino_model"] {
+    for field in [
+        field!(EmbedParams, clip_model),
+        field!(EmbedParams, dino_model),
+    ] {
         let made_with = json.get(field).and_then(Value::as_str).map(str::to_string);
         if made_with != digest(ctx, field) {
             return Err(bad(format!(

@@ -7,6 +7,8 @@ use crate::embed::clip_model::ClipModel;
 use crate::embed::init::has_random_weights;
 use crate::embed::preprocess::{ImageProcessor, read_rgb};
 use crate::embed::vit::VitModel;
+use dreampipe_core::field;
+use dreampipe_kinds::sd::evaluate::EvaluateParams;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
@@ -61,25 +63,28 @@ impl Embedders {
     /// The stage's models on its device; `batch` images per forward pass (`batch_size`).
     pub fn load(ctx: &StageContext<'_>, batch: usize) -> Result<Self, StageError> {
         let device = crate::device::to_tch(ctx.device);
-        let (clip_dir, dino_dir) = (model_dir(ctx, "clip_model")?, model_dir(ctx, "dino_model")?);
-        let clip =
-            ClipModel::load(&clip_dir, device).map_err(|e| field_error(ctx, "clip_model", e))?;
-        let clip_processor =
-            ImageProcessor::from_dir(&clip_dir).map_err(|e| field_error(ctx, "clip_model", e))?;
+        let (clip_dir, dino_dir) = (
+            model_dir(ctx, field!(EvaluateParams, clip_model))?,
+            model_dir(ctx, field!(EvaluateParams, dino_model))?,
+        );
+        let clip = ClipModel::load(&clip_dir, device)
+            .map_err(|e| field_error(ctx, field!(EvaluateParams, clip_model), e))?;
+        let clip_processor = ImageProcessor::from_dir(&clip_dir)
+            .map_err(|e| field_error(ctx, field!(EvaluateParams, clip_model), e))?;
         check_side(
             ctx,
-            "clip_model",
+            field!(EvaluateParams, clip_model),
             &clip_dir,
             &clip_processor,
             clip.image_size(),
         )?;
-        let dino =
-            VitModel::load(&dino_dir, device).map_err(|e| field_error(ctx, "dino_model", e))?;
-        let dino_processor =
-            ImageProcessor::from_dir(&dino_dir).map_err(|e| field_error(ctx, "dino_model", e))?;
+        let dino = VitModel::load(&dino_dir, device)
+            .map_err(|e| field_error(ctx, field!(EvaluateParams, dino_model), e))?;
+        let dino_processor = ImageProcessor::from_dir(&dino_dir)
+            .map_err(|e| field_error(ctx, field!(EvaluateParams, dino_model), e))?;
         check_side(
             ctx,
-            "dino_model",
+            field!(EvaluateParams, dino_model),
             &dino_dir,
             &dino_processor,
             dino.config.image_size,

@@ -5,7 +5,9 @@
 //! stage's `images/` or a folder).
 use super::super::sd_common::field_error;
 use super::super::{ResolvedInput, StageContext, StageError};
+use dreampipe_core::field;
 use dreampipe_core::imagefile;
+use dreampipe_kinds::sd::evaluate::EvaluateParams;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -26,11 +28,15 @@ pub fn generated_images(
     ctx: &StageContext<'_>,
     prompt: Option<&str>,
 ) -> Result<Vec<GeneratedImage>, StageError> {
-    let inputs: Vec<ResolvedInput> = ctx.inputs.get("generated").cloned().unwrap_or_default();
+    let inputs: Vec<ResolvedInput> = ctx
+        .inputs
+        .get(field!(EvaluateParams, generated))
+        .cloned()
+        .unwrap_or_default();
     if inputs.is_empty() {
         return Err(field_error(
             ctx,
-            "generated",
+            field!(EvaluateParams, generated),
             "no input given; name a sample_grid, generate or images stage, or a folder",
         ));
     }
@@ -54,7 +60,7 @@ pub fn generated_images(
 fn missing_prompt(ctx: &StageContext<'_>, input: &ResolvedInput) -> StageError {
     field_error(
         ctx,
-        "prompt",
+        field!(EvaluateParams, prompt),
         format!(
             "the images of `{}` carry no prompt; set `prompt:` to the prompt they were generated with",
             input.label()
@@ -71,7 +77,7 @@ fn from_manifest(
     let bad = |what: String| {
         field_error(
             ctx,
-            "generated",
+            field!(EvaluateParams, generated),
             format!("`{}`: {what}", manifest.display()),
         )
     };
@@ -148,7 +154,7 @@ fn from_folder(
     prompt: Option<&str>,
 ) -> Result<Vec<GeneratedImage>, StageError> {
     let prompt = prompt.ok_or_else(|| missing_prompt(ctx, input))?;
-    let files = image_files(ctx, "generated", &input.path)?;
+    let files = image_files(ctx, field!(EvaluateParams, generated), &input.path)?;
     Ok(files
         .into_iter()
         .map(|path| GeneratedImage {
@@ -190,5 +196,5 @@ pub fn image_files(
 
 /// The real images (`real`) in `folder`, the field's resolved input.
 pub fn real_images(ctx: &StageContext<'_>, folder: &Path) -> Result<Vec<PathBuf>, StageError> {
-    image_files(ctx, "real", folder)
+    image_files(ctx, field!(EvaluateParams, real), folder)
 }

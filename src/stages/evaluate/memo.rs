@@ -5,6 +5,8 @@
 //! written atomically, its mtime refreshed on reuse so `cache gc` keeps it while in use.
 use super::super::{StageContext, StageError};
 use super::embedders::{Embedders, Embeddings, rows};
+use dreampipe_core::field;
+use dreampipe_kinds::sd::evaluate::EvaluateParams;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
@@ -19,7 +21,10 @@ fn memo_key(ctx: &StageContext<'_>, real: &[PathBuf]) -> Result<Option<String>, 
             .and_then(|i| i.first())
             .and_then(|i| i.digest.clone())
     };
-    let (Some(clip), Some(dino)) = (digest("clip_model"), digest("dino_model")) else {
+    let (Some(clip), Some(dino)) = (
+        digest(field!(EvaluateParams, clip_model)),
+        digest(field!(EvaluateParams, dino_model)),
+    ) else {
         return Ok(None);
     };
     let mut hasher = blake3::Hasher::new();
@@ -38,7 +43,7 @@ pub fn real_embeddings(
     real: &[PathBuf],
 ) -> Result<Embeddings, StageError> {
     let Some(key) = memo_key(ctx, real)? else {
-        return embedders.embed(ctx, "real", real);
+        return embedders.embed(ctx, field!(EvaluateParams, real), real);
     };
     let file = ctx
         .shared_dir("evaluate")?
@@ -48,7 +53,7 @@ pub fn real_embeddings(
             .line(&format!("real embeddings: reused {}", file.display()));
         return Ok(found);
     }
-    let computed = embedders.embed(ctx, "real", real)?;
+    let computed = embedders.embed(ctx, field!(EvaluateParams, real), real)?;
     write_entry(&file, &computed)?;
     ctx.log.line(&format!(
         "real embeddings: computed, stored {}",

@@ -9,6 +9,7 @@ pub mod scores;
 
 use super::sd_common::field_error;
 use super::{StageContext, StageError};
+use dreampipe_core::field;
 use dreampipe_kinds::sd::evaluate::EvaluateParams;
 use embedders::Embedders;
 use scores::{Scored, mean_cosine, scores_json, without_identifier};
@@ -27,7 +28,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let real_embeddings = real_embeddings(ctx, &embedders)?;
     let paths: Vec<_> = generated.iter().map(|g| g.path.clone()).collect();
     let started = std::time::Instant::now();
-    let embeddings = embedders.embed(ctx, "generated", &paths)?;
+    let embeddings = embedders.embed(ctx, field!(EvaluateParams, generated), &paths)?;
     let seconds = started.elapsed().as_secs_f64();
     ctx.log.line(&format!(
         "{} generated images embedded in {seconds:.1} s",
@@ -69,13 +70,13 @@ fn real_embeddings(
     embedders: &Embedders,
 ) -> Result<embedders::Embeddings, StageError> {
     let folder = ctx
-        .input_paths("real")
+        .input_paths(field!(EvaluateParams, real))
         .first()
         .map(|p| p.to_path_buf())
         .ok_or_else(|| {
             field_error(
                 ctx,
-                "real",
+                field!(EvaluateParams, real),
                 "no input given; name an images or embed stage, or a folder",
             )
         })?;
@@ -106,7 +107,7 @@ fn text_embeddings(
         let embedding = embedders
             .clip
             .text_embeds(&prompt, embedders.device)
-            .map_err(|e| field_error(ctx, "clip_model", e))?;
+            .map_err(|e| field_error(ctx, field!(EvaluateParams, clip_model), e))?;
         let values = embedders::rows(&embedding.unsqueeze(0)).remove(0);
         texts.insert(prompt, values);
     }
