@@ -110,6 +110,8 @@ pub struct StageDraft {
     pub name: String,
     pub kind: Arc<dyn Stage>,
     pub params: serde_json::Map<String, Value>,
+    /// The fields of `params` the pipeline file does not give (their schema default).
+    pub defaulted: std::collections::BTreeSet<String>,
     pub matrix: Vec<(String, Vec<Value>)>,
     /// Upstream stage names per field.
     pub refs: BTreeMap<String, Vec<String>>,

@@ -519,6 +519,10 @@ pub trait Stage: Send + Sync {
 /// absent) and, per reference field, the stages it names.
 pub struct FieldView<'a> {
     pub params: &'a serde_json::Map<String, Value>,
+    /// The fields of `params` at their schema default (the file does not give them).
+    pub defaulted: &'a std::collections::BTreeSet<String>,
+    /// The swept fields (`matrix:`) and their values.
+    pub matrix: &'a [(String, Vec<Value>)],
     pub upstream: BTreeMap<String, Vec<UpstreamView<'a>>>,
 }
 
@@ -534,6 +538,17 @@ impl FieldView<'_> {
     /// Whether field `name` is set (not null).
     pub fn is_set(&self, name: &str) -> bool {
         self.params.get(name).is_some_and(|v| !v.is_null())
+    }
+    /// The values the file gives field `name`: its value, or every value a sweep gives it;
+    /// none when the field is left at its schema default.
+    pub fn written(&self, name: &str) -> Vec<&Value> {
+        if let Some((_, values)) = self.matrix.iter().find(|(field, _)| field == name) {
+            return values.iter().collect();
+        }
+        match self.params.get(name) {
+            Some(value) if !self.defaulted.contains(name) => vec![value],
+            _ => Vec::new(),
+        }
     }
     /// Field `name` as a bool (false when unset).
     pub fn flag(&self, name: &str) -> bool {

@@ -10,6 +10,7 @@ use dreampipe_core::field;
 use dreampipe_core::stages::params::{Input, Params};
 use dreampipe_core::stages::{FieldView, Stage};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// train_dreambooth.py's `--learning_rate` default.
 const DEFAULT_LEARNING_RATE: f64 = 5e-6;
@@ -123,6 +124,12 @@ pub fn prior_preservation_problems(fields: &FieldView<'_>) -> Vec<(&'static str,
     if has_class_images && !fields.is_set(class_prompt) {
         problems.push((class_prompt, CLASS_PROMPT_REQUIRED.to_string()));
     }
+    let preservation = field!(DreamBoothFields, with_prior_preservation);
+    let written_false =
+        (fields.written(preservation).into_iter()).any(|v| v == &Value::Bool(false));
+    if has_class_images && written_false {
+        problems.push((preservation, PRIOR_PRESERVATION_ALWAYS_ON.to_string()));
+    }
     problems.extend(too_few_generated_class_images(fields));
     problems
 }
@@ -131,6 +138,9 @@ pub fn prior_preservation_problems(fields: &FieldView<'_>) -> Vec<(&'static str,
 pub const CLASS_IMAGES_REQUIRED: &str =
     "is required with with_prior_preservation: give a folder or a `generate` stage";
 pub const CLASS_PROMPT_REQUIRED: &str = "is required when class_images is set";
+/// An explicit `with_prior_preservation: false` beside `class_images` (it would train with
+/// prior preservation all the same).
+pub const PRIOR_PRESERVATION_ALWAYS_ON: &str = "is false, but prior preservation is on whenever class_images is set; remove class_images to train without it (to compare both, use two stages: a sweep over this field cannot)";
 
 /// `num_class_images` against the `count` of a `generate` stage named by `class_images`, when
 /// that count is not swept.
@@ -157,6 +167,48 @@ fn too_few_generated_class_images(fields: &FieldView<'_>) -> Option<(&'static st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fields of a stage with class images and `with_prior_preservation` as given.
+    fn problems_with(preservation: Option<bool>, swept: &[bool]) -> Vec<(&'static str, String)> {
+        let mut params = serde_json::Map::new();
+        params.insert("class_images".into(), serde_json::json!("class"));
+        params.insert("class_prompt".into(), serde_json::json!("a dog"));
+        let value = preservation.unwrap_or(false);
+        params.insert("with_prior_preservation".into(), Value::Bool(value));
+        let mut defaulted = std::collections::BTreeSet::new();
+        if preservation.is_none() {
+            defaulted.insert("with_prior_preservation".to_string());
+        }
+        let values = swept.iter().map(|&b| Value::Bool(b)).collect();
+        let matrix = if swept.is_empty() {
+            Vec::new()
+        } else {
+            vec![("with_prior_preservation".to_string(), values)]
+        };
+        let view = FieldView {
+            params: &params,
+            defaulted: &defaulted,
+            matrix: &matrix,
+            upstream: Default::default(),
+        };
+        prior_preservation_problems(&view)
+    }
+
+    #[test]
+    fn an_explicit_false_beside_class_images_is_refused_naming_the_field() {
+        let refused = vec![(
+            "with_prior_preservation",
+            PRIOR_PRESERVATION_ALWAYS_ON.to_string(),
+        )];
+        assert_eq!(problems_with(Some(false), &[]), refused);
+        assert_eq!(problems_with(None, &[true, false]), refused);
+        assert_eq!(
+            problems_with(None, &[]),
+            vec![],
+            "the default is not a choice"
+        );
+        assert_eq!(problems_with(Some(true), &[]), vec![]);
+    }
 
     #[test]
     fn the_table_names_the_fields_of_the_struct() {

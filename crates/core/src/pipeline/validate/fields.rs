@@ -19,6 +19,8 @@ struct CheckedFields<'r> {
     resources: Resources,
     /// Fields present (even if invalid) or suggested for a typo are not also "missing".
     accounted: BTreeSet<&'r str>,
+    /// Fields the pipeline file does not give, set to their schema default.
+    defaulted: BTreeSet<String>,
     /// No error so far.
     ok: bool,
 }
@@ -30,6 +32,7 @@ impl Default for CheckedFields<'_> {
             matrix: Vec::new(),
             resources: Resources::default(),
             accounted: BTreeSet::new(),
+            defaulted: BTreeSet::new(),
             ok: true,
         }
     }
@@ -57,6 +60,7 @@ impl Checker<'_> {
             name: stage.to_string(),
             kind,
             params: fields.values,
+            defaulted: fields.defaulted,
             matrix: fields.matrix,
             refs,
             paths,
@@ -168,6 +172,7 @@ impl Checker<'_> {
                 fields.values.insert(spec.name.to_string(), default.clone());
             } else if let Some(default) = &spec.default {
                 fields.values.insert(spec.name.to_string(), default.clone());
+                fields.defaulted.insert(spec.name.to_string());
             } else {
                 self.report(
                     &["stages", stage],
@@ -201,6 +206,8 @@ impl Checker<'_> {
                 .collect();
             let view = FieldView {
                 params: &draft.params,
+                defaulted: &draft.defaulted,
+                matrix: &draft.matrix,
                 upstream,
             };
             for (field, message) in draft.kind.check_fields(&view) {
