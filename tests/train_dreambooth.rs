@@ -265,7 +265,7 @@ fn tiny_run_config(data: &Path, out: &Path, steps: u64) -> DreamBoothConfig {
     config.training.train_batch_size = 1;
     config.training.max_train_steps = Some(steps);
     config.training.learning_rate = 1e-4;
-    config.dreambooth.random_flip = true;
+    config.unet.random_flip = true;
     config.training.lr_scheduler = LrScheduler::Linear;
     config.training.lr_warmup_steps = 2;
     config
@@ -527,7 +527,7 @@ fn benchmark(train_text_encoder: bool) {
     let out = tempfile::tempdir().unwrap();
     let mut config = tiny_run_config(data.path(), out.path(), STEPS);
     config.dreambooth.train_text_encoder = train_text_encoder;
-    config.dreambooth.random_flip = false;
+    config.unet.random_flip = false;
     config.training.center_crop = true;
     let mut marks = Vec::new();
     let mut on_progress = |_: &Progress| marks.push((std::time::Instant::now(), cpu_seconds()));
@@ -584,7 +584,7 @@ fn min_snr_weighting_scales_each_sample_by_min_snr_gamma_over_snr() {
     let plain = DreamBoothTrainer::new(&plain_config, 1).unwrap();
     let gamma = 5.0;
     let mut snr_config = plain_config.clone();
-    snr_config.dreambooth.snr_gamma = Some(gamma);
+    snr_config.unet.snr_gamma = Some(gamma);
     let weighted = DreamBoothTrainer::new(&snr_config, 1).unwrap();
     let scheduler_config =
         SchedulerConfig::from_file(Path::new("models/tiny-sd/scheduler/scheduler_config.json"))
@@ -605,7 +605,7 @@ fn min_snr_weighting_scales_each_sample_by_min_snr_gamma_over_snr() {
     assert_rel("min-SNR loss", found, expected, 1e-5);
     // gamma above every SNR: weights are 1, the plain loss.
     let mut huge = plain_config.clone();
-    huge.dreambooth.snr_gamma = Some(1e12);
+    huge.unet.snr_gamma = Some(1e12);
     let unweighted = DreamBoothTrainer::new(&huge, 1).unwrap();
     let a = unweighted
         .batch_loss(&batch(0, 2))
@@ -625,10 +625,10 @@ fn bf16_frozen_modules_8bit_adam_accumulation_offset_noise_and_cached_latents_ru
     config.training.optimizer = dreampipe::sd::train::common::OptimizerKind::AdamW8bit;
     config.training.gradient_accumulation_steps = 2;
     config.dreambooth.offset_noise = true;
-    config.dreambooth.snr_gamma = Some(5.0);
+    config.unet.snr_gamma = Some(5.0);
     config.training.lr_scheduler = LrScheduler::Constant;
     // No random augmentation: the VAE moments are cached once.
-    config.dreambooth.random_flip = false;
+    config.unet.random_flip = false;
     config.training.center_crop = true;
     let progress = run(&config, &AtomicBool::new(false), None).unwrap();
     assert_eq!(progress.len(), 2);

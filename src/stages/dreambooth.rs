@@ -12,7 +12,7 @@ use crate::sd::train::dreambooth::{self, DreamBoothConfig};
 use crate::sd::train::lora::LoraSettings;
 use dreampipe_core::field;
 use dreampipe_kinds::sd::dreambooth::{
-    CLASS_IMAGES_REQUIRED, CLASS_PROMPT_REQUIRED, DreamBoothFields, DreamBoothParams,
+    CLASS_IMAGES_REQUIRED, CLASS_PROMPT_REQUIRED, DreamBoothFields, DreamBoothParams, UnetTuning,
 };
 use dreampipe_kinds::sd::dreambooth_lora::DreamBoothLoraParams;
 use dreampipe_kinds::sd::finetune::FinetuneParams;
@@ -22,7 +22,7 @@ use std::path::PathBuf;
 /// Runs a `dreambooth` stage (its schema: `dreampipe_kinds::sd::dreambooth`).
 pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let params: DreamBoothParams = ctx.typed()?;
-    let config = config_from(ctx, &params.dreambooth, &params.training)?;
+    let config = config_from(ctx, &params.dreambooth, &params.unet, &params.training)?;
     let settings = RunSettings {
         training: &params.training,
         export: &params.output.export,
@@ -35,7 +35,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<(), StageError> {
 /// Runs a `dreambooth_lora` stage (its schema: `dreampipe_kinds::sd::dreambooth_lora`).
 pub fn run_lora(ctx: &StageContext<'_>) -> Result<(), StageError> {
     let params: DreamBoothLoraParams = ctx.typed()?;
-    let mut config = config_from(ctx, &params.dreambooth, &params.training)?;
+    let mut config = config_from(ctx, &params.dreambooth, &params.unet, &params.training)?;
     let rank = i64::from(params.rank);
     config.lora = Some(LoraSettings {
         rank,
@@ -69,9 +69,7 @@ pub fn run_finetune(ctx: &StageContext<'_>) -> Result<(), StageError> {
         ctx.work_dir.to_path_buf(),
     );
     config.training = params.training.clone();
-    config.dreambooth.random_flip = params.random_flip;
-    config.dreambooth.max_grad_norm = params.max_grad_norm;
-    config.dreambooth.snr_gamma = params.snr_gamma;
+    config.unet = params.unet.clone();
     config.captions = true;
     config.caption_dropout_rate = params.caption_dropout_rate;
     config.keep_final_checkpoint = training::keeps_final_state(&params.training);
@@ -93,6 +91,7 @@ pub fn run_finetune(ctx: &StageContext<'_>) -> Result<(), StageError> {
 fn config_from(
     ctx: &StageContext<'_>,
     fields: &DreamBoothFields,
+    unet: &UnetTuning,
     shared: &TrainingParams,
 ) -> Result<DreamBoothConfig, StageError> {
     training::check_precision(ctx, shared)?;
@@ -107,6 +106,7 @@ fn config_from(
     let config = DreamBoothConfig {
         training: shared.clone(),
         dreambooth,
+        unet: unet.clone(),
         pretrained_model_name_or_path: model,
         instance_data_dir: instances,
         class_data_dir,

@@ -32,7 +32,9 @@ use crate::sd::tokenizer::ClipTokenizer;
 use crate::sd::unet::AddedConditions;
 use crate::sd::vae::AutoencoderKL;
 use dreampipe_core::field;
-use dreampipe_kinds::sd::dreambooth::{DreamBoothFields, DreamBoothKind, DreamBoothParams};
+use dreampipe_kinds::sd::dreambooth::{
+    DreamBoothFields, DreamBoothKind, DreamBoothParams, UnetTuning,
+};
 use dreampipe_kinds::sd::dreambooth_lora::DreamBoothLoraParams;
 use dreampipe_kinds::sd::training::TrainingParams;
 use image::RgbImage;
@@ -57,6 +59,8 @@ pub struct DreamBoothConfig {
     /// DreamBooth's own fields. `with_prior_preservation` switches the prior loss on here
     /// (the stage sets it whenever class images are given).
     pub dreambooth: DreamBoothFields,
+    /// Augmentation, clipping and loss weighting of the UNet's training.
+    pub unet: UnetTuning,
     /// A diffusers folder.
     pub pretrained_model_name_or_path: PathBuf,
     pub instance_data_dir: PathBuf,
@@ -105,6 +109,7 @@ impl DreamBoothConfig {
         Self {
             training: params.training,
             dreambooth: params.dreambooth,
+            unet: params.unet,
             pretrained_model_name_or_path,
             instance_data_dir,
             class_data_dir: None,
@@ -151,7 +156,7 @@ impl DreamBoothConfig {
             training: &self.training,
             total_steps,
             device: self.device,
-            max_grad_norm: Some(self.dreambooth.max_grad_norm),
+            max_grad_norm: Some(self.unet.max_grad_norm),
         }
     }
 }
@@ -206,7 +211,7 @@ impl DreamBoothTrainer {
                     .dreambooth
                     .with_prior_preservation
                     .then_some(config.dreambooth.prior_loss_weight),
-                snr_gamma: config.dreambooth.snr_gamma,
+                snr_gamma: config.unet.snr_gamma,
             },
         };
         Ok(Self { model, core })
@@ -510,7 +515,7 @@ impl DreamBoothData {
         let transform = Transform::DreamBooth {
             resolution: config.training.resolution,
             center_crop: config.training.center_crop,
-            random_flip: config.dreambooth.random_flip,
+            random_flip: config.unet.random_flip,
         };
         let mut loaded = Self {
             instance_ids: base.tokenize(&config.dreambooth.instance_prompt),

@@ -21,7 +21,7 @@ const DEFAULT_CLASS_IMAGES: u64 = 100;
 /// Largest `num_class_images` (as `generate`'s `count`).
 const MAX_CLASS_IMAGES: f64 = 100_000.0;
 /// Largest `prior_loss_weight` / `snr_gamma` accepted (the papers use 1 and 5).
-const MAX_WEIGHT: f64 = 1000.0;
+pub const MAX_WEIGHT: f64 = 1000.0;
 /// Largest `max_grad_norm` accepted.
 const MAX_GRAD_NORM: f64 = 1.0e6;
 
@@ -41,6 +41,8 @@ const SCRIPT: ScriptDefaults = ScriptDefaults {
 pub struct DreamBoothParams {
     #[serde(flatten)]
     pub dreambooth: DreamBoothFields,
+    #[serde(flatten)]
+    pub unet: UnetTuning,
     #[serde(flatten)]
     #[param(table = SCRIPT.table())]
     pub training: TrainingParams,
@@ -76,15 +78,23 @@ pub struct DreamBoothFields {
     /// train the text encoder too
     #[param(default = false)]
     pub train_text_encoder: bool,
+    /// add 0.1 × per-channel offset noise
+    #[param(default = false)]
+    pub offset_noise: bool,
+}
+
+/// The fields the scripts that fine-tune the UNet share beyond the common ones
+/// (train_dreambooth.py's and train_text_to_image.py's: also `finetune`'s). Flattened beside
+/// [`DreamBoothFields`], not inside it: serde refuses fields of a flattened struct within a
+/// flattened struct under `deny_unknown_fields`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Params)]
+pub struct UnetTuning {
     /// flip images horizontally at random
     #[param(default = false)]
     pub random_flip: bool,
     /// gradient clipping norm
     #[param(default = 1.0, range(0.0, MAX_GRAD_NORM))]
     pub max_grad_norm: f64,
-    /// add 0.1 × per-channel offset noise
-    #[param(default = false)]
-    pub offset_noise: bool,
     /// min-SNR-gamma loss weighting (5 recommended); unset: plain MSE
     #[param(default = null, range(0.0, MAX_WEIGHT))]
     pub snr_gamma: Option<f64>,

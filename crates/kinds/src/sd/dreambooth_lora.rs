@@ -6,7 +6,7 @@
 //! `metrics.jsonl`, `validation/step-N.png` and `report.json`. Use it through `loras:` of
 //! `generate` / `sample_grid`.
 use super::Dtype;
-use super::dreambooth::{DreamBoothFields, prior_preservation_problems};
+use super::dreambooth::{DreamBoothFields, UnetTuning, prior_preservation_problems};
 use super::training::{ScriptDefaults, TrainingParams};
 use dreampipe_core::field;
 use dreampipe_core::stages::params::{Params, spec_mut};
@@ -46,6 +46,8 @@ const SCRIPT: ScriptDefaults = ScriptDefaults {
 pub struct DreamBoothLoraParams {
     #[serde(flatten)]
     pub dreambooth: DreamBoothFields,
+    #[serde(flatten)]
+    pub unet: UnetTuning,
     /// rank of the LoRA update matrices
     #[param(default = DEFAULT_RANK, range(1.0, MAX_RANK))]
     pub rank: u32,

@@ -3,6 +3,7 @@
 //! kohya, OneTrainer and EveryDream2 read them; a `toy_world` stage's images qualify), with the
 //! memory options, resume and validation of the other training kinds. Output: a diffusers
 //! folder, `metrics.jsonl`, `validation/step-N.png` and `report.json`.
+use super::dreambooth::UnetTuning;
 use super::training::{self, ExportParams, ScriptDefaults, TrainingParams};
 use dreampipe_core::stages::params::{Input, Params};
 use dreampipe_core::stages::{FieldView, Stage};
@@ -14,9 +15,6 @@ const DEFAULT_LEARNING_RATE: f64 = 1e-4;
 const DEFAULT_BATCH: u64 = 16;
 /// train_text_to_image.py's `--num_train_epochs` default.
 const DEFAULT_EPOCHS: u64 = 100;
-/// Largest `max_grad_norm` / `snr_gamma` accepted.
-const MAX_GRAD_NORM: f64 = 1.0e6;
-const MAX_WEIGHT: f64 = 1000.0;
 
 pub struct FinetuneKind;
 
@@ -35,15 +33,8 @@ const SCRIPT: ScriptDefaults = ScriptDefaults {
 pub struct FinetuneParams {
     /// folder of images with a caption file each (`name.txt`), or a stage making one
     pub images: Input,
-    /// flip images horizontally at random
-    #[param(default = false)]
-    pub random_flip: bool,
-    /// gradient clipping norm
-    #[param(default = 1.0, range(0.0, MAX_GRAD_NORM))]
-    pub max_grad_norm: f64,
-    /// min-SNR-gamma loss weighting (5 recommended); unset: plain MSE
-    #[param(default = null, range(0.0, MAX_WEIGHT))]
-    pub snr_gamma: Option<f64>,
+    #[serde(flatten)]
+    pub unet: UnetTuning,
     /// share of samples trained on the empty caption (kohya's caption_dropout_rate; 0.1 lets
     /// classifier-free guidance work on a model trained from scratch)
     #[param(default = 0.0, range(0.0, 1.0), keyed_when_set)]
