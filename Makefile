@@ -16,7 +16,7 @@ build: libtorch
 	cargo build --release
 
 # One torch thread unless OMP_NUM_THREADS says otherwise: the demo's tensors are tiny, and on a
-# busy 2-core machine OpenMP's spinning threads made it 5-10x slower (see tests/recipes.rs).
+# busy 2-core machine OpenMP's spinning threads made it 5-10x slower (see tests/torch/recipes.rs).
 demo: build
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} ./target/release/dreampipe --device cpu run pipelines/world/demo.yaml
 
@@ -26,8 +26,10 @@ demo-tiny: build
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} ./target/release/dreampipe --device cpu run pipelines/demo.yaml
 
 # The whole suite, every failure reported (not just the first failing test binary); exits
-# non-zero if anything failed. The Slurm executor's tests (tests/runner_slurm.rs) run on a real
-# one-node Slurm that scripts/start-slurm.sh installs (Debian packages, root) and starts.
+# non-zero if anything failed. Test binaries: `goldens` and `torch` (root package, libtorch),
+# `cli` (crates/front), `kinds` (crates/kinds), `core` (crates/core), besides the unit tests.
+# The Slurm executor's tests (tests/torch/runner_slurm.rs) run on a real one-node Slurm that
+# scripts/start-slurm.sh installs (Debian packages, root) and starts.
 test: libtorch
 	scripts/setup-chromium.sh
 	scripts/start-slurm.sh
@@ -35,17 +37,14 @@ test: libtorch
 
 # The tests that compare with goldens made on another CPU, again under ATen's other CPU kernel
 # sets (ATEN_CPU_CAPABILITY; an older CPU picks `default` or `avx2` by itself). CI runs it.
-GOLDEN_TESTS := sd2_goldens sd_pipeline sd_sample_cli sd_schedulers sd_text_encoder sd_unet \
-	sd_vae train_adamw8bit train_dreambooth train_loss train_optim train_textual_inversion \
-	eval_embeddings stage_evaluate sd_lora train_lora sdxl_pipeline train_lora_sdxl train_finetune \
-	train_vae
+# They are the test binary `goldens` (tests/goldens/), and the kind-version guard in `torch`.
 KERNEL_SETS := default avx2
 test-kernels: libtorch
 	@failed=""; for capability in $(KERNEL_SETS); do \
 	  echo "== golden tests under ATEN_CPU_CAPABILITY=$$capability"; \
-	  ATEN_CPU_CAPABILITY=$$capability cargo test --no-fail-fast \
-	    $(addprefix --test ,$(GOLDEN_TESTS)) || failed="$$failed $$capability"; \
-	  ATEN_CPU_CAPABILITY=$$capability cargo test --test stage_training kind_versions \
+	  ATEN_CPU_CAPABILITY=$$capability cargo test --test goldens \
+	    || failed="$$failed $$capability"; \
+	  ATEN_CPU_CAPABILITY=$$capability cargo test --test torch kind_versions \
 	    || failed="$$failed $$capability(kind_versions)"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "golden tests failed under:$$failed"; exit 1; fi

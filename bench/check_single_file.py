@@ -8,7 +8,7 @@ For each SD-shaped fixture folder in tests/fixtures/single-file (SD 1.x and SD 2
 folder's, and its DDIM image (CPU generator, seed 3, 2 steps, 64x64, guidance 7.5) must equal
 `dreampipe sample --model F.safetensors --config FOLDER` with the same settings to within one
 8-bit level per channel (the images dreampipe renders match diffusers' to the goldens' tolerances;
-tests/sd_pipeline.rs). Prints one line per model and exits non-zero on a failure.
+tests/goldens/sd_pipeline.rs). Prints one line per model and exits non-zero on a failure.
 """
 import subprocess
 import sys

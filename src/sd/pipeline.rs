@@ -3,7 +3,8 @@
 //! folders run as `StableDiffusionXLPipeline` (two text encoders, pooled embeddings and
 //! micro-conditioning time ids; see [`XlOptions`]).
 //! On CPU in float32 the latents and image equal diffusers' (within the fixture tolerances) for
-//! the same weights, prompt, seed and scheduler; `tests/sd_pipeline.rs` checks every scheduler.
+//! the same weights, prompt, seed and scheduler; `tests/goldens/sd_pipeline.rs` checks every
+//! scheduler.
 use crate::sd::clip::{ClipError, ClipTextModel};
 use crate::sd::folder::{FolderError, ModelFolder};
 use crate::sd::lora::{self, LoraError, LoraTargets, ScaledLora};

@@ -23,12 +23,12 @@ const ADAMW_NAME: &str = "adamw";
 pub enum AdamWKernel {
     /// `torch._fused_adamw_`, what `torch.optim.AdamW(fused=True)` runs: one pass over each
     /// parameter, no temporaries. Same formula and op order as the single-tensor path; on CPU
-    /// the first steps agree with it to float rounding (tests/train_optim.rs).
+    /// the first steps agree with it to float rounding (tests/goldens/train_optim.rs).
     #[default]
     Fused,
     /// torch's `_single_tensor_adam` (decoupled weight decay), what `torch.optim.AdamW()` runs
     /// on CPU by default (`foreach=False`): bit-identical to torch 2.11 on the same CPU and
-    /// kernel set; a golden from another CPU is a few ULPs away (tests/train_optim.rs).
+    /// kernel set; a golden from another CPU is a few ULPs away (tests/goldens/train_optim.rs).
     SingleTensor,
 }
 
