@@ -131,6 +131,40 @@ struct Grid {
     kind: tch::Kind,
 }
 
+/// The lists a grid needs at least one entry of: models, prompts, steps and guidance.
+fn check_not_empty(
+    ctx: &StageContext<'_>,
+    params: &SampleGridParams,
+    models: &[ResolvedInput],
+) -> Result<(), StageError> {
+    let empty = [
+        (
+            models.is_empty(),
+            field!(SampleGridParams, models),
+            "no model given; list stages or model folders",
+        ),
+        (
+            params.prompts.is_empty(),
+            field!(SampleGridParams, prompts),
+            "give at least one prompt",
+        ),
+        (
+            params.steps.is_empty(),
+            field!(SampleGridParams, steps),
+            "give at least one value",
+        ),
+        (
+            params.guidance.is_empty(),
+            field!(SampleGridParams, guidance),
+            "give at least one value",
+        ),
+    ];
+    match empty.into_iter().find(|(is_empty, _, _)| *is_empty) {
+        Some((_, field, message)) => Err(field_error(ctx, field, message)),
+        None => Ok(()),
+    }
+}
+
 impl Grid {
     fn new(ctx: &StageContext<'_>, params: &SampleGridParams) -> Result<Self, StageError> {
         let models: Vec<ResolvedInput> = ctx
@@ -138,20 +172,7 @@ impl Grid {
             .get(field!(SampleGridParams, models))
             .cloned()
             .unwrap_or_default();
-        if models.is_empty() {
-            return Err(field_error(
-                ctx,
-                field!(SampleGridParams, models),
-                "no model given; list stages or model folders",
-            ));
-        }
-        if params.prompts.is_empty() {
-            return Err(field_error(
-                ctx,
-                field!(SampleGridParams, prompts),
-                "give at least one prompt",
-            ));
-        }
+        check_not_empty(ctx, params, &models)?;
         let mut schedulers: Vec<Option<SchedulerKind>> = params
             .schedulers
             .iter()
@@ -162,14 +183,6 @@ impl Grid {
         }
         let steps: Vec<usize> = params.steps.iter().map(|&s| s.max(1)).collect();
         let guidance = params.guidance.to_vec();
-        if steps.is_empty() || guidance.is_empty() {
-            let field = if steps.is_empty() {
-                field!(SampleGridParams, steps)
-            } else {
-                field!(SampleGridParams, guidance)
-            };
-            return Err(field_error(ctx, field, "give at least one value"));
-        }
         let request = Txt2Img {
             prompt: String::new(),
             negative_prompt: params.negative_prompt.clone(),
