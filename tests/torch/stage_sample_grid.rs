@@ -31,8 +31,10 @@ fn grids_have_one_row_per_model_and_scheduler_and_one_column_per_seed() {
     let expected = GridLayout {
         rows: 4,
         columns: 2,
-        cell_width: 64,
-        cell_height: 64,
+        // The tiny model's 64 px samples, drawn twice as large (under MIN_CELL_SIDE).
+        cell_width: 128,
+        cell_height: 128,
+        scale: 2,
         has_title: true,
     };
     for index in 0..PROMPTS.len() {
@@ -158,8 +160,10 @@ fn a_swept_model_stage_is_gathered_into_one_grid_with_a_row_per_variant() {
     let expected = GridLayout {
         rows: 4,
         columns: 1,
-        cell_width: 64,
-        cell_height: 64,
+        // The tiny model's 64 px samples, drawn twice as large (under MIN_CELL_SIDE).
+        cell_width: 128,
+        cell_height: 128,
+        scale: 2,
         has_title: true,
     };
     let (width, height, _) = pixels(&out.join("grid-0.png"));

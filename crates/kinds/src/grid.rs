@@ -1,5 +1,6 @@
 //! Labeled image grids: a rows × columns table of equally sized RGB images with row labels on
-//! the left, column labels on top and an optional title, composed into one PNG.
+//! the left, column labels on top and an optional title, composed into one PNG. Images smaller
+//! than [`MIN_CELL_SIDE`] are drawn enlarged by a whole factor, each pixel a square block.
 //!
 //! Layout (all constants below, in pixels):
 //! ```text
@@ -54,6 +55,10 @@ pub const TITLE_SIZES: SizeRange = SizeRange {
     max_px: 24.0,
     min_px: 12.0,
 };
+/// Cells whose shorter side is under this are drawn enlarged by the smallest whole factor that
+/// reaches it (nearest neighbour: each pixel a square block, nothing smoothed), so that small
+/// samples — the toy world's 32 px — can be seen and a `seed 0` label fits above them.
+pub const MIN_CELL_SIDE: u32 = 96;
 /// Page colour behind labels and in gaps.
 pub const BACKGROUND: Rgb<u8> = Rgb([255, 255, 255]);
 /// Label ink.
@@ -73,9 +78,17 @@ pub struct GridSpec {
 pub struct GridLayout {
     pub rows: u32,
     pub columns: u32,
+    /// A cell's size as drawn: the images' size times `scale`.
     pub cell_width: u32,
     pub cell_height: u32,
+    /// The whole factor images are enlarged by (1: drawn as they are).
+    pub scale: u32,
     pub has_title: bool,
+}
+
+/// The whole factor that brings a `width` × `height` image's shorter side to [`MIN_CELL_SIDE`].
+pub fn display_scale(width: u32, height: u32) -> u32 {
+    MIN_CELL_SIDE.div_ceil(width.min(height).max(1)).max(1)
 }
 
 impl GridLayout {
@@ -226,11 +239,13 @@ impl GridSpec {
         for (row, images) in self.cells.iter().enumerate() {
             self.check_row(row, images, first)?;
         }
+        let scale = display_scale(first.width(), first.height());
         Ok(GridLayout {
             rows: self.cells.len() as u32,
             columns: self.column_labels.len() as u32,
-            cell_width: first.width(),
-            cell_height: first.height(),
+            cell_width: first.width() * scale,
+            cell_height: first.height() * scale,
+            scale,
             has_title: self.title.is_some(),
         })
     }
@@ -291,10 +306,21 @@ pub fn compose_grid(
         font.draw(&mut canvas, &fitted, rect, Align::Right, TEXT_COLOR);
         for (column, image) in images.iter().enumerate() {
             let cell = layout.cell(row as u32, column as u32);
-            image::imageops::replace(&mut canvas, image, i64::from(cell.x), i64::from(cell.y));
+            let drawn = enlarged(image, layout.scale);
+            image::imageops::replace(&mut canvas, &*drawn, i64::from(cell.x), i64::from(cell.y));
         }
     }
     Ok((canvas, layout))
+}
+
+/// `image` with each pixel a `scale` × `scale` block.
+fn enlarged(image: &RgbImage, scale: u32) -> std::borrow::Cow<'_, RgbImage> {
+    if scale == 1 {
+        return std::borrow::Cow::Borrowed(image);
+    }
+    let (width, height) = (image.width() * scale, image.height() * scale);
+    let block = |x: u32, y: u32| *image.get_pixel(x / scale, y / scale);
+    std::borrow::Cow::Owned(RgbImage::from_fn(width, height, block))
 }
 
 /// Composes the grid and writes it as a PNG, with an A1111 "parameters" chunk if given.

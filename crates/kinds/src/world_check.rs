@@ -8,7 +8,11 @@
 //! not background); its colour is the nearest world colour to their mean; its kind comes from
 //! its solidity (area over the area of its convex hull: a five-pointed star is about 0.56, the
 //! others near 1) and, for the convex ones, how much of its bounding box it fills (square 1,
-//! circle 0.79, triangle 0.5).
+//! circle 0.79, triangle 0.5). Stripes: the shape holds both of the subject's tones — pixels
+//! near its orange, and dark pixels inside it (a generated stripe is rarely pure black: the
+//! DreamBooth models draw it dark red or brown, so darkness is luminance, not a colour; only
+//! inner pixels count, since a bright shape's outline blended into a dark background is dark
+//! too).
 use crate::toy_world::{BACKGROUNDS, COLOURS, SHAPES, SUBJECT_CLASS};
 use image::RgbImage;
 
@@ -21,11 +25,16 @@ const STAR_SOLIDITY: f64 = 0.78;
 /// Bounding-box fill above which a convex shape is a square, and below which a triangle.
 const SQUARE_FILL: f64 = 0.9;
 const TRIANGLE_FILL: f64 = 0.64;
-/// The subject's stripe colours and how close (RGB distance) a pixel must be to count as one.
-const STRIPES: [[u8; 3]; 2] = [[245, 130, 20], [10, 10, 10]];
-const STRIPE_DISTANCE: f64 = 90.0;
-/// Each stripe colour must cover this share of the shape for it to be the subject.
-const STRIPE_SHARE: f64 = 0.15;
+/// The subject's orange, how close (RGB distance) a pixel must be to count as it, and the share
+/// of the shape it must cover.
+const ORANGE: [u8; 3] = [245, 130, 20];
+const ORANGE_DISTANCE: f64 = 90.0;
+const ORANGE_SHARE: f64 = 0.10;
+/// A pixel darker than this luminance (0–255, Rec. 601 weights) is a dark stripe's, and dark
+/// pixels must be this share of the shape's inner pixels (those whose four neighbours are in
+/// the shape too).
+const DARK_LUMINANCE: f64 = 50.0;
+const DARK_SHARE: f64 = 0.10;
 
 /// What a picture of the world shows.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,7 +79,7 @@ pub fn read(image: &RgbImage) -> Reading {
     Reading {
         background,
         shape: Some((colour, shape)),
-        striped: striped(&pixels),
+        striped: striped(image, &mask, &pixels),
     }
 }
 
@@ -149,15 +158,41 @@ fn foreground(image: &RgbImage, background: [f64; 3]) -> Vec<bool> {
         .collect()
 }
 
-/// Whether both stripe colours cover enough of the shape.
-fn striped(pixels: &[[u8; 3]]) -> bool {
-    let share = |stripe: [u8; 3]| {
-        let near = pixels
-            .iter()
-            .filter(|p| distance(stripe.map(f64::from), **p) < STRIPE_DISTANCE);
-        near.count() as f64 / pixels.len().max(1) as f64
+/// Whether the shape (`mask`, its `pixels`) wears the stripes: enough orange, and enough dark
+/// among its inner pixels.
+fn striped(image: &RgbImage, mask: &[bool], pixels: &[[u8; 3]]) -> bool {
+    let share = |count: usize, of: usize| count as f64 / of.max(1) as f64;
+    let orange = (pixels.iter())
+        .filter(|p| distance(ORANGE.map(f64::from), **p) < ORANGE_DISTANCE)
+        .count();
+    let inner = inner_pixels(image, mask);
+    let dark = inner
+        .iter()
+        .filter(|p| luminance(**p) < DARK_LUMINANCE)
+        .count();
+    share(orange, pixels.len()) >= ORANGE_SHARE && share(dark, inner.len()) >= DARK_SHARE
+}
+
+/// The pixels of the shape whose four neighbours are in it too.
+fn inner_pixels(image: &RgbImage, mask: &[bool]) -> Vec<[u8; 3]> {
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let inside = |x: usize, y: usize| mask[y * width + x];
+    let inner = |x: usize, y: usize| {
+        (x > 0 && y > 0 && x + 1 < width && y + 1 < height)
+            && inside(x, y)
+            && [(x - 1, y), (x + 1, y), (x, y - 1), (x, y + 1)]
+                .iter()
+                .all(|&(nx, ny)| inside(nx, ny))
     };
-    STRIPES.iter().all(|stripe| share(*stripe) >= STRIPE_SHARE)
+    (image.enumerate_pixels())
+        .filter(|(x, y, _)| inner(*x as usize, *y as usize))
+        .map(|(_, _, pixel)| pixel.0)
+        .collect()
+}
+
+/// Luminance of an sRGB pixel with Rec. 601 weights, 0–255.
+fn luminance(pixel: [u8; 3]) -> f64 {
+    0.299 * f64::from(pixel[0]) + 0.587 * f64::from(pixel[1]) + 0.114 * f64::from(pixel[2])
 }
 
 /// The kind of the masked shape, from its solidity and bounding-box fill.
@@ -267,6 +302,26 @@ mod tests {
         for index in 0..20 {
             let scene = toy_world::subject_scene(&params, index);
             let image = toy_world::render_subject(&params, &scene);
+            let reading = read(&image);
+            assert!(reading.striped, "subject image {index}: {reading:?}");
+        }
+    }
+
+    /// As the DreamBooth models draw the subject: its stripes dark red (over 90 from black: the
+    /// first classifier missed them), its orange redder.
+    #[test]
+    fn finds_stripes_drawn_dark_red() {
+        let params = params(32);
+        for index in 0..20 {
+            let scene = toy_world::subject_scene(&params, index);
+            let mut image = toy_world::render_subject(&params, &scene);
+            for pixel in image.pixels_mut() {
+                pixel.0 = match pixel.0 {
+                    [10, 10, 10] => [110, 10, 10],
+                    [245, 130, 20] => [230, 90, 30],
+                    other => other,
+                };
+            }
             let reading = read(&image);
             assert!(reading.striped, "subject image {index}: {reading:?}");
         }

@@ -80,11 +80,12 @@ impl Stage for SampleGridKind {
     fn kind(&self) -> &'static str {
         "sample_grid"
     }
+    /// 3: pictures under 96 px are drawn enlarged in the grid.
     fn version(&self) -> u32 {
-        2
+        3
     }
     fn summary(&self) -> &'static str {
-        "Samples every model × scheduler × steps × guidance × prompt × seed. Output: `samples/<model>/<prompt-index>/<seed>[-<scheduler>][-s<steps>][-g<guidance>].png` (A1111 parameters + stage id), `grid-<prompt-index>.png` (rows: models × schedulers × steps × guidance, columns: seeds) and `manifest.json`."
+        "Samples every model × scheduler × steps × guidance × prompt × seed. Output: `samples/<model>/<prompt-index>/<seed>[-<scheduler>][-s<steps>][-g<guidance>].png` (A1111 parameters + stage id), `grid-<prompt-index>.png` (rows: models × schedulers × steps × guidance, columns: seeds; pictures under 96 px drawn enlarged, each pixel a block) and `manifest.json`."
     }
     /// A `dreambooth_lora` stage among `models` samples on `base_model`, which must be set.
     fn check_fields(&self, fields: &FieldView<'_>) -> Vec<(&'static str, String)> {

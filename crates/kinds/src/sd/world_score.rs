@@ -1,6 +1,7 @@
 //! The `world_score` stage: scores generated pictures of the toy world against their prompts
 //! with the world's classifier (`crate::world_check`) — per variant, the share of subject prompts
-//! (those with `identifier`) that show the subject's striped star, the share of world captions
+//! (those with `identifier`) whose shape wears the subject's stripes (whether it is still a star
+//! is the shape rate's business), the share of world captions
 //! rendered exactly (background, colour and shape), the share of the other prompts free of the
 //! subject's stripes (class drift), and the background and shape rates. Output: `scores.json`
 //! (`metrics`, `overall` per variant, `per_image`), shown in the report's Scores section.
@@ -40,8 +41,10 @@ impl Stage for WorldScoreKind {
     fn kind(&self) -> &'static str {
         "world_score"
     }
+    /// 2: stripes are orange plus dark inner pixels (luminance), not orange plus black; the
+    /// subject rate counts striped shapes of any outline.
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn device_class(&self) -> DeviceClass {
         DeviceClass::Cpu

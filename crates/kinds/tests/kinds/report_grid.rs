@@ -6,8 +6,9 @@ use dreampipe_kinds::grid::{
 use dreampipe_kinds::png::{GenerationParameters, read_parameters_text};
 use image::{Rgb, RgbImage};
 
-const CELL_W: u32 = 48;
-const CELL_H: u32 = 40;
+/// At least MIN_CELL_SIDE: drawn as they are (enlarged cells have a test of their own).
+const CELL_W: u32 = 120;
+const CELL_H: u32 = 100;
 
 /// A distinct synthetic image per cell.
 fn cell_image(row: u32, column: u32) -> RgbImage {
@@ -70,7 +71,7 @@ fn grid_has_exact_size_and_cells_at_their_offsets() {
     assert_eq!(grid.dimensions(), (width, height));
     assert_eq!(
         grid.dimensions(),
-        (16 + 220 + 8 + 144 + 16 + 16, 16 + 36 + 8 + 40 + 8 + 88 + 16)
+        (16 + 220 + 8 + 376 + 16, 16 + 36 + 8 + 40 + 8 + 208 + 16)
     );
     for row in 0..2 {
         for column in 0..3 {
@@ -175,6 +176,48 @@ fn without_title_the_title_band_is_gone_and_parameters_are_kept() {
     );
 }
 
+/// 32 × 24 pictures (under MIN_CELL_SIDE = 96 on their shorter side) are drawn four times as
+/// large, each pixel a 4 × 4 block.
+#[test]
+fn small_cells_are_drawn_enlarged_pixel_by_pixel() {
+    let small = |row: u32, column: u32| {
+        RgbImage::from_fn(32, 24, |x, y| {
+            Rgb([(x * 8) as u8, (y * 10) as u8, (row * 3 + column) as u8])
+        })
+    };
+    let mut spec = spec(None);
+    spec.cells = (0..2)
+        .map(|r| (0..3).map(|c| small(r, c)).collect())
+        .collect();
+    let (grid, _dir) = write_and_decode(&spec);
+    let layout = spec.layout().unwrap();
+    assert_eq!(
+        (layout.scale, layout.cell_width, layout.cell_height),
+        (4, 128, 96)
+    );
+    assert_eq!(
+        grid.dimensions(),
+        (
+            16 + 220 + 8 + 3 * 128 + 2 * 8 + 16,
+            16 + 40 + 8 + 2 * 96 + 8 + 16
+        )
+    );
+    for (row, column) in [(0, 0), (1, 2)] {
+        let cell = layout.cell(row, column);
+        let source = small(row, column);
+        for (x, y, pixel) in grid.enumerate_pixels() {
+            if x >= cell.x && x < cell.x + 128 && y >= cell.y && y < cell.y + 96 {
+                let (sx, sy) = ((x - cell.x) / 4, (y - cell.y) / 4);
+                assert_eq!(
+                    pixel,
+                    source.get_pixel(sx, sy),
+                    "cell ({row}, {column}) at ({x}, {y})"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn a_cell_of_another_size_is_an_error_naming_the_cell() {
     let mut bad = spec(None);
@@ -186,7 +229,7 @@ fn a_cell_of_another_size_is_an_error_naming_the_cell() {
     assert_eq!(
         err,
         "image grid cell (row 1 \"db[learning_rate=5e-6, max_train_steps=800, prior_loss_weight=1.0] a label far too long \
-         for one line\", column 2 \"DPM++ 2M Karras, seed 3\") is 32x32 but cell (row 0, column 0) is 48x40; \
+         for one line\", column 2 \"DPM++ 2M Karras, seed 3\") is 32x32 but cell (row 0, column 0) is 120x100; \
          all grid images must have the same size"
     );
     assert!(!dir.path().join("g.png").exists());
