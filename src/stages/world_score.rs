@@ -4,6 +4,7 @@
 use super::evaluate::inputs::{self, GeneratedImage};
 use super::{StageContext, StageError};
 use dreampipe_kinds::sd::world_score::{METRICS, WorldScoreParams};
+use dreampipe_kinds::toy_world::SUBJECT_CLASS;
 use dreampipe_kinds::world_check::{self, Expectation, Reading};
 use serde_json::{Value, json};
 
@@ -72,6 +73,11 @@ impl<'a> Judged<'a> {
                     && colour == expected.colour
                     && shape == expected.shape
             }),
+            // The bare class (`a star`: the subject's shape, no colour): did it keep its look?
+            "class" => {
+                let bare = !expected.subject && expected.colour.is_none();
+                (bare && expected.shape == Some(SUBJECT_CLASS)).then_some(!reading.striped)
+            }
             "no_stripes" => (!expected.subject).then_some(!reading.striped),
             "background" => expected.background.map(|b| b == reading.background),
             "shape" => expected.shape.map(|s| shape == Some(s)),
@@ -120,4 +126,59 @@ fn overall(judged: &[Judged]) -> Vec<Value> {
             row
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdicts(prompt: &str, striped: bool) -> Vec<(&'static str, Option<bool>)> {
+        let image = GeneratedImage {
+            path: "x.png".into(),
+            file: "x.png".to_string(),
+            model: "db".to_string(),
+            prompt: prompt.to_string(),
+        };
+        let reading = Reading {
+            background: "gray",
+            shape: Some(("red", "star")),
+            striped,
+        };
+        let judged = Judged::new(
+            &image,
+            reading,
+            world_check::expectation(prompt, Some("sks")),
+        );
+        (METRICS.iter())
+            .map(|(metric, _)| (*metric, judged.verdict(metric)))
+            .collect()
+    }
+
+    /// `class` judges only the bare class prompt; a striped star there is class drift.
+    #[test]
+    fn the_class_is_judged_on_the_bare_class_prompt_only() {
+        let class = |prompt: &str, striped: bool| {
+            verdicts(prompt, striped)
+                .into_iter()
+                .find(|(m, _)| *m == "class")
+                .unwrap()
+                .1
+        };
+        assert_eq!(class("a star", false), Some(true));
+        assert_eq!(class("a star", true), Some(false));
+        assert_eq!(class("a red star on a gray background", true), None);
+        assert_eq!(class("a sks star", true), None);
+        assert_eq!(class("a blue circle on a gray background", false), None);
+        assert_eq!(
+            verdicts("a sks star", true),
+            vec![
+                ("subject", Some(true)),
+                ("caption", None),
+                ("class", None),
+                ("no_stripes", None),
+                ("background", None),
+                ("shape", Some(true)),
+            ]
+        );
+    }
 }

@@ -524,9 +524,11 @@ fn the_world_pipelines_plan_and_the_world_demo_runs_shrunk() {
         }
     }
     for variant in scores["overall"].as_array().unwrap() {
-        // 4 prompts × 1 seed: one subject prompt, three others, two world captions.
+        // 4 prompts × 1 seed: one subject prompt, three others (one the bare class), two
+        // world captions.
         assert_eq!(variant["n"], 4);
         assert_eq!(variant["subject"]["count"], 1);
+        assert_eq!(variant["class"]["count"], 1);
         assert_eq!(variant["no_stripes"]["count"], 3);
         assert_eq!(variant["caption"]["count"], 2);
     }

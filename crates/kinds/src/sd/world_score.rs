@@ -2,17 +2,20 @@
 //! with the world's classifier (`crate::world_check`) — per variant, the share of subject prompts
 //! (those with `identifier`) whose shape wears the subject's stripes (whether it is still a star
 //! is the shape rate's business), the share of world captions
-//! rendered exactly (background, colour and shape), the share of the other prompts free of the
-//! subject's stripes (class drift), and the background and shape rates. Output: `scores.json`
+//! rendered exactly (background, colour and shape), the share of pictures of the bare class
+//! (`a star`) that kept its look (no stripes: DreamBooth's class drift), the share of all other
+//! prompts free of the stripes, and the background and shape rates. Output: `scores.json`
 //! (`metrics`, `overall` per variant, `per_image`), shown in the report's Scores section.
 use dreampipe_core::stages::params::{Input, ParamTable, Params};
 use dreampipe_core::stages::{DeviceClass, ParamSpec, Stage, StageContext, StageError};
 use serde::{Deserialize, Serialize};
 
-/// The metrics of `scores.json`, as (key, display name), ranking by the first, then the third.
-pub const METRICS: [(&str, &str); 5] = [
+/// The metrics of `scores.json`, as (key, display name), ranking by the first, then the third:
+/// the subject learned, then the class kept.
+pub const METRICS: [(&str, &str); 6] = [
     ("subject", "subject"),
     ("caption", "caption"),
+    ("class", "class kept"),
     ("no_stripes", "no stripes"),
     ("background", "background"),
     ("shape", "shape"),
@@ -42,7 +45,7 @@ impl Stage for WorldScoreKind {
         "world_score"
     }
     /// 2: stripes are orange plus dark inner pixels (luminance), not orange plus black; the
-    /// subject rate counts striped shapes of any outline.
+    /// subject rate counts striped shapes of any outline; the class-kept rate.
     fn version(&self) -> u32 {
         2
     }
@@ -50,7 +53,7 @@ impl Stage for WorldScoreKind {
         DeviceClass::Cpu
     }
     fn summary(&self) -> &'static str {
-        "Scores generated pictures of the toy world against their prompts with the world's classifier (background, shape colour and kind, the subject's stripes). Output: `scores.json` (per variant: subject, caption, no stripes, background and shape rates; per image: what was asked and what was seen)."
+        "Scores generated pictures of the toy world against their prompts with the world's classifier (background, shape colour and kind, the subject's stripes). Output: `scores.json` (per variant: subject, caption, class kept, no stripes, background and shape rates; per image: what was asked and what was seen)."
     }
     fn schema(&self) -> Vec<ParamSpec> {
         WorldScoreParams::param_specs()
