@@ -47,21 +47,7 @@ fn ids(value: &Value) -> Vec<i64> {
         .collect()
 }
 
-/// Asserts |actual - expected| <= atol + rtol * |expected| everywhere.
-fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) {
-    assert_eq!(actual.size(), expected.size(), "{name}: shape");
-    let actual = actual.to_kind(Kind::Double);
-    let expected = expected.to_kind(Kind::Double);
-    let difference = (&actual - &expected).abs();
-    let excess = (&difference - (expected.abs() * rtol + atol))
-        .max()
-        .double_value(&[]);
-    let worst = difference.max().double_value(&[]);
-    assert!(
-        excess <= 0.0,
-        "{name}: max |difference| {worst:e} exceeds atol {atol:e} + rtol {rtol:e}"
-    );
-}
+use crate::sd_support::assert_close;
 
 #[test]
 fn tokenizer_with_bang_pad_matches_transformers() {

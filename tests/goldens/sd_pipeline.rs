@@ -48,21 +48,7 @@ fn pipeline_json() -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// Asserts |actual - expected| <= atol + rtol * |expected| everywhere.
-fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) {
-    assert_eq!(actual.size(), expected.size(), "{name}: shape");
-    let actual = actual.to_kind(Kind::Double).to_device(Device::Cpu);
-    let expected = expected.to_kind(Kind::Double);
-    let difference = (&actual - &expected).abs();
-    let excess = (&difference - (expected.abs() * rtol + atol))
-        .max()
-        .double_value(&[]);
-    let worst = difference.max().double_value(&[]);
-    assert!(
-        excess <= 0.0,
-        "{name}: max |difference| {worst:e} exceeds atol {atol:e} + rtol {rtol:e}"
-    );
-}
+use crate::sd_support::assert_close;
 
 /// `assert_close` at `TENSOR_TOL`, the absolute part scaled by the expected tensor's RMS: the
 /// tiny random model's latents grow to an RMS of 2–16 (Euler's and LMS's hold the noise at σ_t),

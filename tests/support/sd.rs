@@ -33,16 +33,22 @@ pub fn read_golden(relative: &str) -> HashMap<String, Tensor> {
 }
 
 /// Asserts equal shapes and `|actual - expected| <= atol + rtol * |expected|` everywhere
-/// (computed in the tensors' own kind).
+/// (computed in float64 on the CPU, whatever the tensors' kind and device).
 pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) {
     assert_eq!(actual.size(), expected.size(), "{name}: shape");
-    let difference = (actual - expected).abs();
+    let actual = actual
+        .to_kind(tch::Kind::Double)
+        .to_device(tch::Device::Cpu);
+    let expected = expected
+        .to_kind(tch::Kind::Double)
+        .to_device(tch::Device::Cpu);
+    let difference = (&actual - &expected).abs();
     let allowed = expected.abs() * rtol + atol;
     let worst = (&difference - &allowed).max().double_value(&[]);
     let max_difference = difference.max().double_value(&[]);
     assert!(
         worst <= 0.0,
-        "{name}: max |difference| {max_difference:e} exceeds atol {atol} + rtol {rtol}"
+        "{name}: max |difference| {max_difference:e} exceeds atol {atol:e} + rtol {rtol:e}"
     );
 }
 
