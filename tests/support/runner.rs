@@ -138,6 +138,16 @@ impl Project {
     }
 }
 
+/// Panics with the run's stdout and stderr unless it succeeded.
+pub fn assert_success(result: &RunResult) {
+    assert!(
+        result.success(),
+        "run failed:\n{}\n{}",
+        result.stdout,
+        result.stderr
+    );
+}
+
 pub fn to_result(output: Output) -> RunResult {
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();

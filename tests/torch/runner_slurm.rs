@@ -1,7 +1,7 @@
 //! The Slurm executor against a real Slurm: the one-node cluster with two fake GPUs that
 //! `scripts/start-slurm.sh` starts (`make test` starts it first; these tests fail, never skip,
 //! when it is not there). The tests share the node's two GPUs, so they run one at a time.
-use crate::runner_support::{Project, RunResult, to_result};
+use crate::runner_support::{Project, RunResult, assert_success, to_result};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -52,15 +52,6 @@ fn run_on_slurm(project: &Project, pipeline: &str, extra: &[&str]) -> RunResult 
             .output()
             .expect("run dreampipe"),
     )
-}
-
-fn assert_success(result: &RunResult) {
-    assert!(
-        result.success(),
-        "run failed:\n{}\n{}",
-        result.stdout,
-        result.stderr
-    );
 }
 
 /// One job as squeue lists it.

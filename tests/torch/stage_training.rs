@@ -3,7 +3,7 @@
 //! and text-encoder training on the TI model → a sample grid of both; the outputs load and
 //! sample; reruns are cached; a changed learning rate reruns only DreamBooth and the grid; a run killed with SIGKILL resumes from its
 //! last checkpoint to the weights of an uninterrupted run; bad enum fields fail, named.
-use crate::runner_support::{Project, RunResult, to_result};
+use crate::runner_support::{Project, RunResult, assert_success, to_result};
 use dreampipe::sd::pipeline::{StableDiffusion, Txt2Img};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,15 +36,6 @@ fn run(project: &Project, pipeline: &str, extra: &[&str]) -> RunResult {
             .output()
             .expect("run dreampipe"),
     )
-}
-
-fn assert_success(result: &RunResult) {
-    assert!(
-        result.success(),
-        "run failed:\n{}\n{}",
-        result.stdout,
-        result.stderr
-    );
 }
 
 /// Three distinct synthetic 64×64 photos in `photos/`.
